@@ -1,0 +1,106 @@
+// AdamW step; the op order follows torch's single-tensor implementation so
+// that results agree to rounding.
+#include "runtime/adamw.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace lathe::runtime {
+namespace {
+
+absl::Status Check(bool ok, const char* field, const char* rule) {
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("adam_params.", field, " ", rule));
+}
+
+}  // namespace
+
+absl::StatusOr<AdamHyper> AdamHyperFromProto(const lathe::v1::AdamParams& p) {
+  AdamHyper h;
+  if (p.has_learning_rate()) h.learning_rate = p.learning_rate();
+  if (p.has_beta1()) h.beta1 = p.beta1();
+  if (p.has_beta2()) h.beta2 = p.beta2();
+  if (p.has_eps()) h.eps = p.eps();
+  if (p.has_weight_decay()) h.weight_decay = p.weight_decay();
+  if (p.has_grad_clip_norm()) h.grad_clip_norm = p.grad_clip_norm();
+  auto finite = [](double v) { return std::isfinite(v); };
+  for (auto [v, name] : {std::pair{h.learning_rate, "learning_rate"}, {h.beta1, "beta1"},
+                         {h.beta2, "beta2"}, {h.eps, "eps"}, {h.weight_decay, "weight_decay"},
+                         {h.grad_clip_norm, "grad_clip_norm"}}) {
+    if (auto s = Check(finite(v), name, "must be finite"); !s.ok()) return s;
+  }
+  if (auto s = Check(h.learning_rate >= 0, "learning_rate", "must be >= 0"); !s.ok()) return s;
+  if (auto s = Check(h.beta1 >= 0 && h.beta1 < 1, "beta1", "must be in [0, 1)"); !s.ok()) return s;
+  if (auto s = Check(h.beta2 >= 0 && h.beta2 < 1, "beta2", "must be in [0, 1)"); !s.ok()) return s;
+  if (auto s = Check(h.eps > 0, "eps", "must be > 0"); !s.ok()) return s;
+  if (auto s = Check(h.weight_decay >= 0, "weight_decay", "must be >= 0"); !s.ok()) return s;
+  if (auto s = Check(h.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0"); !s.ok()) return s;
+  return h;
+}
+
+void AdamW::Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
+                   at::Tensor exp_avg_sq, int64_t step, const AdamHyper& h) {
+  if (h.weight_decay != 0) param.mul_(1 - h.learning_rate * h.weight_decay);
+  exp_avg.lerp_(grad, 1 - h.beta1);
+  exp_avg_sq.mul_(h.beta2).addcmul_(grad, grad, 1 - h.beta2);
+  const double bias1 = 1 - std::pow(h.beta1, static_cast<double>(step));
+  const double bias2 = 1 - std::pow(h.beta2, static_cast<double>(step));
+  const double step_size = h.learning_rate / bias1;
+  at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(h.eps);
+  param.addcdiv_(exp_avg, denom, -step_size);
+}
+
+AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper& h) {
+  at::NoGradGuard no_grad;
+  if (states_.empty()) {
+    for (const TrainableParam& p : params) {
+      State s{at::zeros_like(p.tensor), at::zeros_like(p.tensor),
+              std::vector<int64_t>(p.per_expert ? p.tensor.size(0) : 1, 0)};
+      states_.push_back(std::move(s));
+    }
+  }
+  // Global norm over every defined gradient, as clip_grad_norm_ computes it.
+  std::vector<at::Tensor> norms;
+  for (TrainableParam& p : params) {
+    if (p.tensor.grad().defined()) norms.push_back(at::linalg_vector_norm(p.tensor.grad(), 2));
+  }
+  AdamStepResult result;
+  if (!norms.empty()) {
+    at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+    result.grad_norm = total.item<double>();
+    if (h.grad_clip_norm > 0) {
+      at::Tensor coef = at::clamp_max(h.grad_clip_norm / (total + 1e-6), 1.0);
+      for (TrainableParam& p : params) {
+        if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(coef);
+      }
+    }
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    TrainableParam& p = params[i];
+    State& s = states_[i];
+    at::Tensor grad = p.tensor.grad();
+    if (!grad.defined()) continue;
+    if (!p.per_expert) {
+      Update(p.tensor, grad, s.exp_avg, s.exp_avg_sq, ++s.steps[0], h);
+      continue;
+    }
+    const std::vector<uint8_t>* used = p.expert_used.get();
+    for (int64_t e = 0; e < p.tensor.size(0); ++e) {
+      if (used != nullptr && !(*used)[e]) continue;
+      Update(p.tensor.select(0, e), grad.select(0, e), s.exp_avg.select(0, e),
+             s.exp_avg_sq.select(0, e), ++s.steps[e], h);
+    }
+  }
+  for (TrainableParam& p : params) {
+    p.tensor.mutable_grad() = at::Tensor();
+    if (p.expert_used) std::fill(p.expert_used->begin(), p.expert_used->end(), 0);
+  }
+  result.step = ++step_;
+  return result;
+}
+
+}  // namespace lathe::runtime

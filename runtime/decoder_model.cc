@@ -1,0 +1,240 @@
+// Loading, LoRA attachment and the forward pass of DecoderModel.
+#include "runtime/decoder_model.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "runtime/status.h"
+#include "runtime/weight_source.h"
+
+namespace lathe::runtime {
+
+void ForEachNamed(const TrainableParam& p, const at::Tensor& value,
+                  const std::function<void(const std::string&, const at::Tensor&)>& fn) {
+  if (!p.per_expert) {
+    fn(p.name, value);
+    return;
+  }
+  for (int64_t e = 0; e < value.size(0); ++e) {
+    fn(absl::StrReplaceAll(p.name, {{"{e}", absl::StrCat(e)}}), value.select(0, e));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::string& dir,
+                                                                 const LoraSettings& lora) {
+  std::unique_ptr<DecoderModel> model(new DecoderModel());
+  LATHE_ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
+  model->lora_ = lora;
+  LATHE_ASSIGN_OR_RETURN(WeightSource source, WeightSource::Open(dir));
+  LATHE_RETURN_IF_ERROR(model->Build(source));
+  return model;
+}
+
+absl::Status DecoderModel::Build(const WeightSource& w) {
+  const ModelConfig& c = config_;
+  const int64_t h = c.hidden_size;
+  LATHE_ASSIGN_OR_RETURN(embed_, w.Take("model.embed_tokens.weight", {c.vocab_size, h}));
+  LATHE_ASSIGN_OR_RETURN(final_norm_, w.Take("model.norm.weight", {h}));
+  if (c.tie_word_embeddings) {
+    lm_head_.weight = embed_;
+  } else {
+    LATHE_ASSIGN_OR_RETURN(lm_head_.weight, w.Take("lm_head.weight", {c.vocab_size, h}));
+  }
+  layers_.resize(c.num_hidden_layers);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    DecoderLayer& l = layers_[i];
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    LATHE_ASSIGN_OR_RETURN(l.input_norm, w.Take(p + "input_layernorm.weight", {h}));
+    LATHE_ASSIGN_OR_RETURN(l.post_norm, w.Take(p + "post_attention_layernorm.weight", {h}));
+    LATHE_ASSIGN_OR_RETURN(l.q.weight, w.Take(p + "self_attn.q_proj.weight", {c.q_dim(), h}));
+    LATHE_ASSIGN_OR_RETURN(l.k.weight, w.Take(p + "self_attn.k_proj.weight", {c.kv_dim(), h}));
+    LATHE_ASSIGN_OR_RETURN(l.v.weight, w.Take(p + "self_attn.v_proj.weight", {c.kv_dim(), h}));
+    LATHE_ASSIGN_OR_RETURN(l.o.weight, w.Take(p + "self_attn.o_proj.weight", {h, c.q_dim()}));
+    if (c.qk_norm) {
+      LATHE_ASSIGN_OR_RETURN(l.q_norm, w.Take(p + "self_attn.q_norm.weight", {c.head_dim}));
+      LATHE_ASSIGN_OR_RETURN(l.k_norm, w.Take(p + "self_attn.k_norm.weight", {c.head_dim}));
+    }
+    l.moe = c.IsMoeLayer(i);
+    if (l.moe) {
+      const int64_t inter = c.moe_intermediate_size;
+      LATHE_ASSIGN_OR_RETURN(l.router, w.Take(p + "mlp.gate.weight", {c.num_experts, h}));
+      LATHE_ASSIGN_OR_RETURN(auto experts, w.TakeExperts(p + "mlp", c.num_experts, inter, h));
+      l.experts.gate = experts.gate;
+      l.experts.up = experts.up;
+      l.experts.down = experts.down;
+      l.expert_used = std::make_shared<std::vector<uint8_t>>(c.num_experts, 0);
+    } else {
+      const int64_t inter = c.intermediate_size;
+      LATHE_ASSIGN_OR_RETURN(l.gate.weight, w.Take(p + "mlp.gate_proj.weight", {inter, h}));
+      LATHE_ASSIGN_OR_RETURN(l.up.weight, w.Take(p + "mlp.up_proj.weight", {inter, h}));
+      LATHE_ASSIGN_OR_RETURN(l.down.weight, w.Take(p + "mlp.down_proj.weight", {h, inter}));
+    }
+  }
+  if (lora_.full_finetune()) {
+    RegisterFull();
+    return absl::OkStatus();
+  }
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(lora_.seed);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    DecoderLayer& l = layers_[i];
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    AttachLora(l.q, p + "self_attn.q_proj", lora_.train_attn, gen);
+    AttachLora(l.k, p + "self_attn.k_proj", lora_.train_attn, gen);
+    AttachLora(l.v, p + "self_attn.v_proj", lora_.train_attn, gen);
+    AttachLora(l.o, p + "self_attn.o_proj", lora_.train_attn, gen);
+    if (l.moe && lora_.train_mlp) {
+      AttachExpertLora(l.experts, l.expert_used, p + "mlp.experts.{e}", gen);
+    } else if (!l.moe) {
+      AttachLora(l.gate, p + "mlp.gate_proj", lora_.train_mlp, gen);
+      AttachLora(l.up, p + "mlp.up_proj", lora_.train_mlp, gen);
+      AttachLora(l.down, p + "mlp.down_proj", lora_.train_mlp, gen);
+    }
+  }
+  AttachLora(lm_head_, "lm_head", lora_.train_unembed, gen);
+  return absl::OkStatus();
+}
+
+namespace {
+
+// PEFT's default: A ~ kaiming_uniform(a=√5), i.e. U(±1/√fan_in); B = 0.
+at::Tensor LoraA(std::vector<int64_t> shape, at::Generator& gen) {
+  double bound = 1.0 / std::sqrt(static_cast<double>(shape.back()));
+  return at::empty(shape, at::kFloat).uniform_(-bound, bound, gen).requires_grad_(true);
+}
+
+at::Tensor LoraB(std::vector<int64_t> shape) {
+  return at::zeros(shape, at::kFloat).requires_grad_(true);
+}
+
+}  // namespace
+
+void DecoderModel::AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled,
+                              at::Generator& gen) {
+  if (!enabled) return;
+  const int64_t r = lora_.rank;
+  layer.lora_a = LoraA({r, layer.weight.size(1)}, gen);
+  layer.lora_b = LoraB({layer.weight.size(0), r});
+  layer.scale = lora_.scale();
+  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false});
+  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false});
+}
+
+void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::shared_ptr<std::vector<uint8_t>>& used,
+                                    const std::string& prefix, at::Generator& gen) {
+  const int64_t r = lora_.rank;
+  const int64_t e = bank.gate.size(0), inter = bank.gate.size(1), h = bank.gate.size(2);
+  bank.scale = lora_.scale();
+  auto add = [&](at::Tensor& a, at::Tensor& b, const char* proj, int64_t in, int64_t out) {
+    a = LoraA({e, r, in}, gen);
+    b = LoraB({e, out, r});
+    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_A.weight"), a, true, used});
+    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_B.weight"), b, true, used});
+  };
+  add(bank.gate_a, bank.gate_b, "gate_proj", h, inter);
+  add(bank.up_a, bank.up_b, "up_proj", h, inter);
+  add(bank.down_a, bank.down_b, "down_proj", inter, h);
+}
+
+void DecoderModel::RegisterFull() {
+  auto add = [&](const std::string& name, at::Tensor& t,
+                 std::shared_ptr<std::vector<uint8_t>> used = nullptr) {
+    t.requires_grad_(true);
+    trainable_.push_back({name, t, used != nullptr, used});
+  };
+  add("model.embed_tokens.weight", embed_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    DecoderLayer& l = layers_[i];
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    add(p + "input_layernorm.weight", l.input_norm);
+    add(p + "self_attn.q_proj.weight", l.q.weight);
+    add(p + "self_attn.k_proj.weight", l.k.weight);
+    add(p + "self_attn.v_proj.weight", l.v.weight);
+    add(p + "self_attn.o_proj.weight", l.o.weight);
+    if (l.q_norm.defined()) {
+      add(p + "self_attn.q_norm.weight", l.q_norm);
+      add(p + "self_attn.k_norm.weight", l.k_norm);
+    }
+    add(p + "post_attention_layernorm.weight", l.post_norm);
+    if (l.moe) {
+      add(p + "mlp.gate.weight", l.router);
+      add(p + "mlp.experts.{e}.gate_proj.weight", l.experts.gate, l.expert_used);
+      add(p + "mlp.experts.{e}.up_proj.weight", l.experts.up, l.expert_used);
+      add(p + "mlp.experts.{e}.down_proj.weight", l.experts.down, l.expert_used);
+    } else {
+      add(p + "mlp.gate_proj.weight", l.gate.weight);
+      add(p + "mlp.up_proj.weight", l.up.weight);
+      add(p + "mlp.down_proj.weight", l.down.weight);
+    }
+  }
+  add("model.norm.weight", final_norm_);
+  if (!config_.tie_word_embeddings) add("lm_head.weight", lm_head_.weight);
+}
+
+at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, std::vector<MoeStats>* moe_stats) const {
+  const ModelConfig& c = config_;
+  const int64_t t = tokens.size(0);
+  const double eps = c.rms_norm_eps;
+  at::Tensor h = embed_.index_select(0, tokens);
+  RopeTables rope = MakeRope(t, c.head_dim, c.rope_theta, h);
+  const double softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  const bool gqa = c.num_attention_heads != c.num_key_value_heads;
+  for (const DecoderLayer& l : layers_) {
+    at::Tensor a = RmsNorm(h, l.input_norm, eps);
+    at::Tensor q = l.q.Forward(a).view({t, c.num_attention_heads, c.head_dim});
+    at::Tensor k = l.k.Forward(a).view({t, c.num_key_value_heads, c.head_dim});
+    at::Tensor v = l.v.Forward(a).view({t, c.num_key_value_heads, c.head_dim});
+    if (c.qk_norm) {
+      q = RmsNorm(q, l.q_norm, eps);
+      k = RmsNorm(k, l.k_norm, eps);
+    }
+    q = ApplyRope(q.transpose(0, 1), rope).unsqueeze(0);
+    k = ApplyRope(k.transpose(0, 1), rope).unsqueeze(0);
+    v = v.transpose(0, 1).unsqueeze(0);
+    at::Tensor o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true,
+                                                    softmax_scale, gqa);
+    o = o.squeeze(0).transpose(0, 1).reshape({t, c.q_dim()});
+    h = h + l.o.Forward(o);
+    at::Tensor m = RmsNorm(h, l.post_norm, eps);
+    if (l.moe) {
+      MoeStats stats;
+      h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
+      if (at::GradMode::is_enabled()) {
+        for (size_t e = 0; e < stats.counts.size(); ++e) {
+          if (stats.counts[e] > 0) (*l.expert_used)[e] = 1;
+        }
+      }
+      if (moe_stats != nullptr) moe_stats->push_back(std::move(stats));
+    } else {
+      h = h + l.down.Forward(at::silu(l.gate.Forward(m)) * l.up.Forward(m));
+    }
+  }
+  return RmsNorm(h, final_norm_, eps);
+}
+
+at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
+  return lm_head_.Forward(hidden).to(at::kFloat);
+}
+
+absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>& values) {
+  std::map<std::string, at::Tensor> slots;
+  for (const TrainableParam& p : trainable_) {
+    ForEachNamed(p, p.tensor, [&](const std::string& name, const at::Tensor& t) { slots[name] = t; });
+  }
+  for (const auto& [name, value] : values) {
+    auto it = slots.find(name);
+    if (it == slots.end()) return absl::InvalidArgumentError(absl::StrCat("unknown parameter '", name, "'"));
+    if (it->second.sizes() != value.sizes()) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter '", name, "' has the wrong shape"));
+    }
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& [name, value] : values) slots[name].copy_(value);
+  return absl::OkStatus();
+}
+
+}  // namespace lathe::runtime

@@ -1,0 +1,97 @@
+// Tensor math of the decoder's layers; see layers.h for the contracts.
+#include "runtime/layers.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace lathe::runtime {
+
+at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
+  at::Tensor y = at::matmul(x, weight.t());
+  if (lora_a.defined()) {
+    y = y + at::matmul(at::matmul(x, lora_a.t()), lora_b.t()) * scale;
+  }
+  return y;
+}
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor x32 = x.to(at::kFloat);
+  at::Tensor var = x32.pow(2).mean(-1, /*keepdim=*/true);
+  at::Tensor y = x32 * at::rsqrt(var + eps);
+  return weight * y.to(x.scalar_type());
+}
+
+RopeTables MakeRope(int64_t positions, int64_t head_dim, double theta, const at::Tensor& like) {
+  auto opts = at::TensorOptions().dtype(at::kFloat).device(like.device());
+  at::Tensor exponents =
+      at::arange(0, head_dim, 2, opts.dtype(at::kLong)).to(at::kFloat) / static_cast<double>(head_dim);
+  at::Tensor inv_freq = 1.0 / at::pow(theta, exponents);
+  at::Tensor pos = at::arange(positions, opts.dtype(at::kLong)).to(at::kFloat);
+  at::Tensor freqs = at::outer(pos, inv_freq);
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {emb.cos().to(like.scalar_type()), emb.sin().to(like.scalar_type())};
+}
+
+at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
+  int64_t half = x.size(-1) / 2;
+  at::Tensor x1 = x.narrow(-1, 0, half);
+  at::Tensor x2 = x.narrow(-1, half, half);
+  at::Tensor rotated = at::cat({-x2, x1}, -1);
+  return x * rope.cos + rotated * rope.sin;
+}
+
+namespace {
+
+// x [n, in] through expert e's projection W [E, out, in] with optional LoRA.
+at::Tensor ExpertProject(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a,
+                         const at::Tensor& b, int64_t e, double scale) {
+  at::Tensor y = at::matmul(x, w.select(0, e).t());
+  if (a.defined()) {
+    y = y + at::matmul(at::matmul(x, a.select(0, e).t()), b.select(0, e).t()) * scale;
+  }
+  return y;
+}
+
+}  // namespace
+
+at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const ExpertBank& experts,
+                      int64_t top_k, bool norm_topk_prob, MoeStats* stats) {
+  const int64_t num_experts = router.size(0);
+  at::Tensor logits = at::matmul(x, router.t());
+  at::Tensor probs = at::softmax(logits, -1, at::kFloat);
+  auto [weights, index] = at::topk(probs, top_k, -1);
+  if (norm_topk_prob) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  weights = weights.to(x.scalar_type());
+
+  // Group the (token, slot) pairs by expert with a stable sort.
+  at::Tensor flat_expert = index.reshape({-1});
+  at::Tensor order = std::get<1>(at::sort(flat_expert, /*stable=*/true, 0, false));
+  at::Tensor token_of = at::floor_divide(order, top_k);
+  at::Tensor counts = at::bincount(flat_expert, {}, num_experts).to(at::kCPU);
+  at::Tensor routed = x.index_select(0, token_of);
+
+  const int64_t* count = counts.data_ptr<int64_t>();
+  std::vector<at::Tensor> outputs;
+  int64_t offset = 0;
+  MoeStats local;
+  local.counts.assign(count, count + num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (count[e] == 0) continue;
+    at::Tensor seg = routed.narrow(0, offset, count[e]);
+    at::Tensor g = ExpertProject(seg, experts.gate, experts.gate_a, experts.gate_b, e, experts.scale);
+    at::Tensor u = ExpertProject(seg, experts.up, experts.up_a, experts.up_b, e, experts.scale);
+    at::Tensor h = at::silu(g) * u;
+    outputs.push_back(ExpertProject(h, experts.down, experts.down_a, experts.down_b, e, experts.scale));
+    offset += count[e];
+    local.experts_with_tokens += 1;
+    local.max_load = std::max(local.max_load, count[e]);
+  }
+  local.total_routed = offset;
+  if (stats != nullptr) *stats = local;
+  at::Tensor expert_out = at::cat(outputs, 0);
+  at::Tensor slot_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  return at::zeros_like(x).index_add(0, token_of, expert_out * slot_weight);
+}
+
+}  // namespace lathe::runtime

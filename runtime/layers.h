@@ -1,0 +1,68 @@
+// The building blocks of the decoder: linear layers with an optional LoRA
+// adapter, RMSNorm, rotary embeddings, and the dropless mixture-of-experts
+// block. Pure tensor math; nothing here knows about parallelism or files.
+#ifndef LATHE_RUNTIME_LAYERS_H_
+#define LATHE_RUNTIME_LAYERS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lathe::runtime {
+
+// y = x Wᵀ + scale · (x Aᵀ) Bᵀ. `lora_a` [r, in] and `lora_b` [out, r] are
+// undefined when the layer has no adapter.
+struct LoraLinear {
+  at::Tensor weight;  // [out, in]
+  at::Tensor lora_a;
+  at::Tensor lora_b;
+  double scale = 0.0;
+
+  at::Tensor Forward(const at::Tensor& x) const;
+};
+
+// y = weight · (x / rms(x)), with the normalisation in fp32 and the cast back
+// to x's dtype before the multiplication (as transformers computes it).
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// cos and sin tables [T, head_dim] for positions 0..T-1, non-interleaved
+// (rotate-half) layout, computed in fp32 and cast to `dtype`.
+struct RopeTables {
+  at::Tensor cos;
+  at::Tensor sin;
+};
+RopeTables MakeRope(int64_t positions, int64_t head_dim, double theta, const at::Tensor& like);
+// x: [..., T, head_dim].
+at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
+
+// The experts of one MoE layer, stacked along dim 0. The adapter tensors are
+// undefined when the experts carry no LoRA.
+struct ExpertBank {
+  at::Tensor gate;  // [E, I, H]
+  at::Tensor up;    // [E, I, H]
+  at::Tensor down;  // [E, H, I]
+  at::Tensor gate_a, gate_b;  // [E, r, H], [E, I, r]
+  at::Tensor up_a, up_b;      // [E, r, H], [E, I, r]
+  at::Tensor down_a, down_b;  // [E, r, I], [E, H, r]
+  double scale = 0.0;
+};
+
+// Routing statistics of one MoE forward, for metrics.
+struct MoeStats {
+  int64_t experts_with_tokens = 0;
+  int64_t max_load = 0;      // tokens routed to the busiest expert
+  int64_t total_routed = 0;  // tokens × top-k
+  std::vector<int64_t> counts;  // tokens per expert
+};
+
+// Sparse MoE block: softmax router in fp32 over all experts, top-k, optional
+// renormalisation, every token to its k experts (no capacity, no dropping).
+// Experts are evaluated as one matrix product per expert over the tokens
+// routed to it. x: [T, H].
+at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const ExpertBank& experts,
+                      int64_t top_k, bool norm_topk_prob, MoeStats* stats);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_LAYERS_H_

@@ -1,0 +1,66 @@
+// Loss formulas (see DESIGN.md "Semantics"): cross_entropy, importance
+// sampling, PPO, CISPO and DRO.
+#include "runtime/losses.h"
+
+#include <ATen/ATen.h>
+
+
+namespace lathe::runtime {
+namespace {
+
+// Per-token clip bound: the input tensor when given, else the config value.
+at::Tensor Threshold(const std::map<std::string, at::Tensor>& inputs,
+                     const std::map<std::string, double>& config, const std::string& key,
+                     const at::Tensor& like) {
+  auto it = inputs.find(key);
+  if (it != inputs.end()) return it->second.to(like.scalar_type());
+  return at::full_like(like, config.at(key));
+}
+
+}  // namespace
+
+at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets) {
+  at::Tensor lse = at::logsumexp(logits, -1, /*keepdim=*/true);  // [N, 1]
+  at::Tensor ignored = targets.eq(kIgnoreTarget);
+  at::Tensor safe = targets.masked_fill(ignored, 0);
+  at::Tensor index = safe.dim() == 1 ? safe.unsqueeze(1) : safe;
+  at::Tensor lp = logits.gather(1, index) - lse;
+  if (targets.dim() == 1) lp = lp.squeeze(1);
+  return lp.masked_fill(ignored, 0.0);
+}
+
+at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& lp,
+                           const std::map<std::string, at::Tensor>& inputs,
+                           const std::map<std::string, double>& config) {
+  at::Tensor keep = inputs.at("target_tokens").ne(kIgnoreTarget).to(lp.scalar_type());
+  at::Tensor loss;
+  if (loss_fn == "cross_entropy") {
+    auto w = inputs.find("weights");
+    loss = w == inputs.end() ? -lp : -lp * w->second.to(lp.scalar_type());
+  } else {
+    at::Tensor q = inputs.at("logprobs").to(lp.scalar_type());
+    at::Tensor adv = inputs.at("advantages").to(lp.scalar_type());
+    if (loss_fn == "dro") {
+      double beta = config.at("beta");
+      at::Tensor diff = lp - q;
+      loss = -(lp * adv - 0.5 * beta * diff * diff);
+    } else {
+      at::Tensor ratio = at::exp(lp - q);
+      if (loss_fn == "importance_sampling") {
+        loss = -ratio * adv;
+      } else {
+        at::Tensor lo = Threshold(inputs, config, "clip_low_threshold", lp);
+        at::Tensor hi = Threshold(inputs, config, "clip_high_threshold", lp);
+        at::Tensor clipped = at::min(at::max(ratio, lo), hi);
+        if (loss_fn == "ppo") {
+          loss = -at::minimum(ratio * adv, clipped * adv);
+        } else {  // cispo
+          loss = -clipped.detach() * lp * adv;
+        }
+      }
+    }
+  }
+  return loss * keep;
+}
+
+}  // namespace lathe::runtime

@@ -1,0 +1,29 @@
+// The training losses with Tinker's semantics: per-token elementwise losses
+// whose plain sum (over tokens and datums, never a mean) is the loss.
+#ifndef LATHE_RUNTIME_LOSSES_H_
+#define LATHE_RUNTIME_LOSSES_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+
+#include "runtime/loss_spec.h"
+
+namespace lathe::runtime {
+
+// Per-token log-probabilities of `targets` ([N] or [N, K] int64) under
+// `logits` [N, V] (fp32); ignored targets give 0. Differentiable in logits.
+at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets);
+
+// Elementwise loss shaped like `logprobs`, zero at ignored targets.
+// `inputs` holds every loss_fn_input as a float or int64 tensor; `config`
+// holds the spec's defaults overridden by loss_fn_config.
+// REQUIRES: inputs and config were validated against FindLoss(loss_fn).
+at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& logprobs,
+                           const std::map<std::string, at::Tensor>& inputs,
+                           const std::map<std::string, double>& config);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_LOSSES_H_

@@ -1,0 +1,147 @@
+// Trainer: validation, per-datum forward (and backward), loss outputs and
+// metrics, and the optimizer step.
+#include "runtime/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cstring>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/adamw.h"
+#include "runtime/decoder_model.h"
+#include "runtime/losses.h"
+#include "runtime/status.h"
+#include "runtime/tensor_data.h"
+#include "runtime/validation.h"
+
+namespace lathe::runtime {
+
+struct Trainer::Impl {
+  TrainerOptions options;
+  std::unique_ptr<DecoderModel> model;
+  AdamW adam;
+};
+
+Trainer::Trainer() : impl_(std::make_unique<Impl>()) {}
+Trainer::~Trainer() = default;
+DecoderModel& Trainer::model() { return *impl_->model; }
+AdamW& Trainer::optimizer() { return impl_->adam; }
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options) {
+  std::unique_ptr<Trainer> trainer(new Trainer());
+  trainer->impl_->options = options;
+  try {
+    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("loading ", options.model_dir, ": ", e.what_without_backtrace()));
+  }
+  if (trainer->impl_->options.max_seq_len <= 0) {
+    trainer->impl_->options.max_seq_len = trainer->impl_->model->config().max_position_embeddings;
+  }
+  return trainer;
+}
+
+TrainerInfo Trainer::GetInfo() const {
+  TrainerInfo info;
+  info.model_dir = impl_->options.model_dir;
+  info.architecture = impl_->model->config().architecture;
+  info.lora = impl_->options.lora;
+  info.max_seq_len = impl_->options.max_seq_len;
+  info.step = impl_->adam.step();
+  for (const TrainableParam& p : impl_->model->trainable()) info.trainable_parameters += p.tensor.numel();
+  return info;
+}
+
+absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Forward(
+    const lathe::v1::ForwardBackwardInput& input) {
+  return Run(input, /*backward=*/false);
+}
+
+absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::ForwardBackward(
+    const lathe::v1::ForwardBackwardInput& input) {
+  return Run(input, /*backward=*/true);
+}
+
+namespace {
+
+// Adds the routing metrics of one datum's MoE layers to the running sums.
+void AddMoeMetrics(const std::vector<MoeStats>& stats, int64_t num_experts, double& frac_sum,
+                   double& max_over_mean, int64_t& count) {
+  for (const MoeStats& s : stats) {
+    if (s.total_routed == 0) continue;
+    frac_sum += static_cast<double>(s.experts_with_tokens) / static_cast<double>(num_experts);
+    double mean = static_cast<double>(s.total_routed) / static_cast<double>(num_experts);
+    max_over_mean = std::max(max_over_mean, static_cast<double>(s.max_load) / mean);
+    ++count;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
+    const lathe::v1::ForwardBackwardInput& input, bool backward) {
+  const ModelConfig& config = impl_->model->config();
+  LATHE_RETURN_IF_ERROR(ValidateBatch(input, {config.vocab_size, impl_->options.max_seq_len}));
+  const LossSpec& spec = *FindLoss(input.loss_fn());
+  std::map<std::string, double> loss_config = spec.config_defaults;
+  for (const auto& [key, value] : input.loss_fn_config()) loss_config[key] = value;
+
+  lathe::v1::ForwardBackwardOutput out;
+  out.set_loss_fn_output_type("TensorData");
+  double loss_sum = 0, tokens = 0, loss_tokens = 0, moe_frac = 0, moe_max = 0;
+  int64_t moe_layers = 0;
+  try {
+    at::AutoGradMode grad_mode(backward);
+    for (const lathe::v1::Datum& datum : input.data()) {
+      std::vector<int32_t> ids = *DatumTokens(datum);
+      at::Tensor tokens_t = at::tensor(ids, at::kLong);
+      std::map<std::string, at::Tensor> inputs;
+      for (const auto& [key, t] : datum.loss_fn_inputs()) inputs[key] = TensorFromWire(t);
+      std::vector<MoeStats> moe;
+      at::Tensor hidden = impl_->model->Hidden(tokens_t, &moe);
+      at::Tensor logits = impl_->model->Logits(hidden);
+      at::Tensor lp = TargetLogprobs(logits, inputs.at("target_tokens"));
+      at::Tensor elementwise = ElementwiseLoss(spec.name, lp, inputs, loss_config);
+      at::Tensor loss = elementwise.sum();
+      if (backward) loss.backward();
+      loss_sum += loss.item<double>();
+      tokens += static_cast<double>(ids.size());
+      loss_tokens += inputs.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
+      AddMoeMetrics(moe, config.num_experts, moe_frac, moe_max, moe_layers);
+      auto* record = out.add_loss_fn_outputs()->mutable_tensors();
+      (*record)["logprobs"] = TensorToWire(lp.detach());
+      (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(input.loss_fn(), ": ", e.what_without_backtrace()));
+  }
+  auto& metrics = *out.mutable_metrics();
+  metrics["loss:sum"] = loss_sum;
+  metrics["num_tokens:sum"] = tokens;
+  metrics["num_loss_tokens:sum"] = loss_tokens;
+  if (moe_layers > 0) {
+    metrics["moe_frac_experts_with_tokens:mean"] = moe_frac / static_cast<double>(moe_layers);
+    metrics["moe_max_over_mean_load:max"] = moe_max;
+  }
+  return out;
+}
+
+absl::StatusOr<lathe::v1::OptimStepOutput> Trainer::OptimStep(const lathe::v1::AdamParams& params) {
+  LATHE_ASSIGN_OR_RETURN(AdamHyper hyper, AdamHyperFromProto(params));
+  AdamStepResult result;
+  try {
+    result = impl_->adam.Step(impl_->model->trainable(), hyper);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("optim_step: ", e.what_without_backtrace()));
+  }
+  lathe::v1::OptimStepOutput out;
+  auto& metrics = *out.mutable_metrics();
+  metrics["grad_norm:mean"] = result.grad_norm;
+  metrics["learning_rate:mean"] = hyper.learning_rate;
+  metrics["step:max"] = static_cast<double>(result.step);
+  return out;
+}
+
+}  // namespace lathe::runtime

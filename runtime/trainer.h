@@ -1,0 +1,67 @@
+// The training operations of one run on one process: forward,
+// forward_backward, optim_step, get_info. The parallel and service layers call
+// these with the same wire types the API carries.
+//
+// Not thread-safe: one thread owns a Trainer (and its model) at a time.
+#ifndef LATHE_RUNTIME_TRAINER_H_
+#define LATHE_RUNTIME_TRAINER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "lathe/v1/types.pb.h"
+#include "runtime/lora_settings.h"
+
+namespace lathe::runtime {
+
+class DecoderModel;
+class AdamW;
+
+struct TrainerOptions {
+  std::string model_dir;
+  LoraSettings lora;
+  int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
+};
+
+struct TrainerInfo {
+  std::string model_dir;
+  std::string architecture;
+  LoraSettings lora;
+  int64_t max_seq_len = 0;
+  int64_t step = 0;              // optimizer steps taken
+  int64_t trainable_parameters = 0;  // element count
+};
+
+class Trainer {
+ public:
+  // Loads the model. Errors as DecoderModel::Load.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainerOptions& options);
+  ~Trainer();
+
+  // Logprobs and losses without touching gradients.
+  absl::StatusOr<lathe::v1::ForwardBackwardOutput> Forward(const lathe::v1::ForwardBackwardInput& input);
+  // As Forward, and adds the gradient of the summed loss to the accumulated
+  // gradients. A refused call (InvalidArgument) changes nothing.
+  absl::StatusOr<lathe::v1::ForwardBackwardOutput> ForwardBackward(
+      const lathe::v1::ForwardBackwardInput& input);
+  // Applies AdamW to the accumulated gradients and clears them. Metrics:
+  // "grad_norm:mean", "learning_rate:mean", "step:max".
+  absl::StatusOr<lathe::v1::OptimStepOutput> OptimStep(const lathe::v1::AdamParams& params);
+  TrainerInfo GetInfo() const;
+
+  DecoderModel& model();
+  AdamW& optimizer();
+
+ private:
+  Trainer();
+  absl::StatusOr<lathe::v1::ForwardBackwardOutput> Run(const lathe::v1::ForwardBackwardInput& input,
+                                                       bool backward);
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_TRAINER_H_

@@ -1,0 +1,35 @@
+// Checks a batch of datums before any state changes, so that a refused
+// operation leaves weights, adapters, optimizer state and gradients untouched.
+#ifndef LATHE_RUNTIME_VALIDATION_H_
+#define LATHE_RUNTIME_VALIDATION_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "lathe/v1/types.pb.h"
+
+namespace lathe::runtime {
+
+struct BatchLimits {
+  int64_t vocab_size = 0;
+  int64_t max_seq_len = 0;
+};
+
+// OK, or InvalidArgument naming the datum index and field: an empty batch, an
+// unknown loss or loss_fn_config key, a non-finite config value, an empty or
+// over-long sequence, a token id outside the vocabulary, a missing or unknown
+// loss_fn_inputs key, a tensor of the wrong dtype, shape or byte length, a
+// target outside the vocabulary (other than -100), NaN or Inf in an input.
+absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const BatchLimits& limits);
+
+// The token ids of a datum's model_input (concatenated text chunks).
+// InvalidArgument for a chunk without tokens or a byte length not a multiple of 4.
+absl::StatusOr<std::vector<int32_t>> DatumTokens(const lathe::v1::Datum& datum);
+
+// Bytes per element of a wire dtype; 0 for DTYPE_UNSPECIFIED.
+int64_t WireDtypeSize(lathe::v1::DType dtype);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_VALIDATION_H_

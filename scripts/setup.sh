@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything lathe needs on a fresh Debian 12 / Ubuntu 24.04 machine.
+# Idempotent: a second run finds everything present and changes nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  openmpi-bin libopenmpi-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev
+  python3-venv python3-dev
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${LATHE_PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import torch, transformers, peft, safetensors, pytest' 2>/dev/null; then
+  echo "[setup] installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  # torch first and pinned, so nothing later pulls a different build.
+  .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q "torch==2.13.0" transformers peft safetensors pytest numpy
+fi
+echo "[setup] ok"

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Generate tiny random Qwen3 / Qwen3-MoE checkpoints with the real transformers classes.
+
+Usage:
+    python tests/parity/make_tiny_models.py KIND OUT_DIR [--seed N]
+    python tests/parity/make_tiny_models.py all OUT_ROOT [--seed N]   # one sub-dir per kind
+
+KIND is one of: qwen3, qwen3_tied, qwen3_moe, qwen3_moe_sparse.
+
+The models are float32 and saved with ``save_pretrained`` (safetensors).  Weights are
+re-initialised with a larger spread than the transformers default so that logits are far
+from uniform and MoE routing decisions have comfortable margins.
+
+Note on the on-disk MoE layout (transformers 5.x): in memory the experts of a
+Qwen3-MoE block are fused 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2*Im, H],
+gate rows first, and ``mlp.experts.down_proj`` [E, H, Im]); ``save_pretrained`` reverts
+the weight conversion, so the checkpoint holds the legacy per-expert keys
+``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``.  ``checkpoint_layout``
+below reports which layout a saved directory actually has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse")
+
+# Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
+# to catch shape mix-ups.
+_COMMON = dict(
+    hidden_size=64,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=128,
+    hidden_act="silu",
+    attention_bias=False,
+    attention_dropout=0.0,
+    use_cache=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def _rope_kwargs():
+    # transformers 5 expresses rope_theta through rope_parameters.
+    return dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def build_config(kind: str):
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    if kind == "qwen3":
+        # heads * head_dim == hidden
+        return Qwen3Config(
+            vocab_size=160, num_attention_heads=4, head_dim=16, num_hidden_layers=2,
+            tie_word_embeddings=False, **_COMMON, **_rope_kwargs())
+    if kind == "qwen3_tied":
+        # heads * head_dim (128) != hidden (64)
+        return Qwen3Config(
+            vocab_size=131, num_attention_heads=4, head_dim=32, num_hidden_layers=2,
+            tie_word_embeddings=True, **_COMMON, **_rope_kwargs())
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(
+            vocab_size=192, num_attention_heads=4, head_dim=16, num_hidden_layers=2,
+            tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1,
+            mlp_only_layers=[], output_router_logits=False, **_COMMON, **_rope_kwargs())
+    if kind == "qwen3_moe_sparse":
+        # layers 0, 2 dense (0 via mlp_only_layers, 2 via the sparse step), 1, 3 MoE
+        return Qwen3MoeConfig(
+            vocab_size=144, num_attention_heads=4, head_dim=32, num_hidden_layers=4,
+            tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=2,
+            mlp_only_layers=[0], output_router_logits=False, **_COMMON, **_rope_kwargs())
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def _reinit_(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed + 1234)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)              # RMSNorm gains around 1
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(0.3 * noise)                    # decisive routing
+            elif "embed_tokens" in name or name.startswith("lm_head"):
+                p.copy_(0.15 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def make_model(kind: str, out_dir: str, seed: int = 0):
+    """Build the tiny model ``kind``, save it into ``out_dir`` and return the model (eval mode)."""
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = build_config(kind)
+    cls = Qwen3MoeForCausalLM if kind.startswith("qwen3_moe") else Qwen3ForCausalLM
+    model = cls(config).to(torch.float32)
+    _reinit_(model, seed)
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def checkpoint_layout(out_dir: str) -> str:
+    """'per_expert', 'fused' or 'dense' depending on how the experts were written."""
+    from safetensors import safe_open
+
+    keys = []
+    for fn in sorted(os.listdir(out_dir)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(out_dir, fn), "pt") as f:
+                keys.extend(f.keys())
+    if any(".mlp.experts.gate_up_proj" in k for k in keys):
+        return "fused"
+    if any(".mlp.experts.0.gate_proj.weight" in k for k in keys):
+        return "per_expert"
+    return "dense"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=KINDS + ("all",))
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    for kind in kinds:
+        out = os.path.join(args.out_dir, kind) if args.kind == "all" else args.out_dir
+        make_model(kind, out, seed=args.seed)
+        print(json.dumps({"kind": kind, "dir": out, "layout": checkpoint_layout(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Loss functions and input validation of lathe_harness.
+
+The expected per-token losses are written out here, independently of reference.py's
+``elementwise_loss``, on top of transformers' logprobs of the peft-wrapped model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import reference as R
+
+LORA = dict(rank=4, alpha=8, seed=0, train_attn=True, train_mlp=True, train_unembed=True)
+KINDS = ("qwen3", "qwen3_moe")
+EXIT_REFUSED = 3
+
+
+def _lp(ref, datum):
+    tokens, inputs = R.datum_tensors(datum)
+    return R.gather_logprobs(ref.logits(tokens), inputs["target_tokens"]), inputs
+
+
+def _expected(case, lp, mask, x, cfg):
+    """The formulas, spelled out (Tinker semantics)."""
+    if case.startswith("cross_entropy"):
+        el = -lp * x["weights"]
+    elif case == "importance_sampling":
+        el = -torch.exp(lp - x["logprobs"]) * x["advantages"]
+    elif case.startswith("ppo"):
+        r = torch.exp(lp - x["logprobs"])
+        lo = x.get("clip_low_threshold", torch.full_like(lp, cfg.get("clip_low_threshold", 0.8)))
+        hi = x.get("clip_high_threshold", torch.full_like(lp, cfg.get("clip_high_threshold", 1.2)))
+        a = x["advantages"]
+        el = -torch.minimum(r * a, torch.clamp(r, lo, hi) * a)
+    elif case == "cispo":
+        r = torch.exp(lp - x["logprobs"])
+        lo, hi = cfg.get("clip_low_threshold", 0.0), cfg.get("clip_high_threshold", 4.0)
+        el = -torch.clamp(r, lo, hi).detach() * lp * x["advantages"]
+    elif case == "dro":
+        beta = cfg.get("beta", 0.05)
+        q = x["logprobs"]
+        el = -(lp * x["advantages"] - 0.5 * beta * (lp - q) ** 2)
+    else:
+        raise AssertionError(case)
+    return torch.where(mask, el, torch.zeros_like(el))
+
+
+# case -> (loss_fn, loss_fn_config, datum kwargs)
+CASES = {
+    "cross_entropy": ("cross_entropy", {}, dict(ignore_positions=(2,))),
+    "cross_entropy_2d": ("cross_entropy", {}, dict(k=3)),
+    "importance_sampling": ("importance_sampling", {}, {}),
+    "ppo_config": ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.15}, {}),
+    # per-token thresholds win over the config's
+    "ppo_per_token": ("ppo", {"clip_low_threshold": 0.1, "clip_high_threshold": 10.0}, dict(per_token_clip=True)),
+    "cispo": ("cispo", {}, {}),
+    "dro": ("dro", {"beta": 0.3}, {}),
+}
+
+
+def _batch_for(case, ref, seed):
+    loss_fn, cfg, kw = CASES[case]
+    data = R.pick_batch(ref, seed, lengths=(6, 11, 8), loss_fn=loss_fn, **kw)
+    if loss_fn != "cross_entropy":
+        # sampler logprobs near the model's so ratios straddle the clip ranges
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for datum in data:
+                (lp, _), _ = _lp(ref, datum)
+                q = lp + 0.6 * torch.randn(lp.shape, generator=g)
+                datum["loss_fn_inputs"]["logprobs"] = q.tolist()
+    return data
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_fn_matches_formula(kind, case, tiny_models, harness, tmp_path):
+    d = tiny_models[kind]
+    loss_fn, cfg, _ = CASES[case]
+    ad = R.random_adapter(d, LORA, seed=21)
+    path = R.save_adapter(ad, str(tmp_path / "adapter.safetensors"))
+    ref = R.Reference(d, lora=LORA, adapter=ad)
+    data = _batch_for(case, ref, seed=31 + list(CASES).index(case))
+
+    want_el, total = [], 0.0
+    for datum in data:
+        (lp, mask), x = _lp(ref, datum)
+        el = _expected(case, lp, mask, x, cfg)
+        want_el.append(el.detach())
+        total = total + el.sum()
+    total.backward()
+    g_ref = ref.grads()
+    if case == "ppo_config":  # make sure both branches of the clip are exercised
+        with torch.no_grad():
+            r = torch.cat([torch.exp(_lp(ref, dd)[0][0] - torch.tensor(dd["loss_fn_inputs"]["logprobs"]))
+                           for dd in data])
+        assert bool(((r < 0.9) | (r > 1.15)).any()) and bool(((r >= 0.9) & (r <= 1.15)).any())
+
+    res = harness(d, {"lora": LORA, "adapter": path, "ops": [
+        {"op": "forward_backward", "loss_fn": loss_fn, "loss_fn_config": cfg, "data": data},
+        {"op": "dump", "prefix": "g"}]})
+
+    scale = 0.0
+    for j, want in enumerate(want_el):
+        got = res.elementwise_loss(0, j)
+        if got.dim() == 1 and want.dim() == 2:  # tolerate a per-position (N,) reduction of (N,K)
+            want = want.sum(-1)
+        assert tuple(got.shape) == tuple(want.shape), f"{case} datum {j}: shape {tuple(got.shape)}"
+        diff = float((got - want).abs().max())
+        assert diff <= 1e-4 * max(1.0, float(want.abs().max())), f"{case} datum {j}: elementwise diff {diff:.3g}"
+        scale += float(want.abs().sum())
+    got_sum = res.metrics(0)["loss:sum"]
+    assert abs(got_sum - float(total)) <= 1e-4 * max(1.0, scale), f"{case}: loss:sum {got_sum} vs {float(total)}"
+    R.assert_tensors_rel_close(res.grads("g"), g_ref, 1e-4, f"{kind}/{case}: LoRA grads")
+
+
+# --------------------------------------------------------------------------------------
+# validation: refused requests exit 3 and say which datum / field is wrong
+# --------------------------------------------------------------------------------------
+
+BAD_DATUM = 2  # the defect sits in datum 2 so that "0"/"1" in messages cannot match by chance
+
+
+def _valid(ref, loss_fn="cross_entropy"):
+    return R.random_batch(77, ref.dims["vocab"], lengths=(5, 7, 6, 4), loss_fn=loss_fn)
+
+
+def _corrupt(case, ref):
+    """(loss_fn, loss_fn_config, data, words that stderr must contain, names datum?)."""
+    vocab = ref.dims["vocab"]
+    if case == "token_out_of_vocab":
+        data = _valid(ref)
+        data[BAD_DATUM]["tokens"][3] = vocab
+        return "cross_entropy", {}, data, ["token"], True
+    if case == "target_out_of_vocab":
+        data = _valid(ref)
+        data[BAD_DATUM]["loss_fn_inputs"]["target_tokens"][1] = vocab + 5
+        return "cross_entropy", {}, data, ["target_tokens"], True
+    if case == "missing_advantages":
+        data = _valid(ref, "importance_sampling")
+        del data[BAD_DATUM]["loss_fn_inputs"]["advantages"]
+        return "importance_sampling", {}, data, ["advantages"], True
+    if case == "weights_wrong_length":
+        data = _valid(ref)
+        data[BAD_DATUM]["loss_fn_inputs"]["weights"].pop()
+        return "cross_entropy", {}, data, ["weights"], True
+    if case == "unknown_loss_fn":
+        return "bogus_loss", {}, _valid(ref), ["bogus_loss"], False
+    if case == "unknown_config_key":
+        return "ppo", {"clip_lo_threshold": 0.5}, _valid(ref, "ppo"), ["clip_lo_threshold"], False
+    if case == "nan_weight":
+        # JSON has no NaN: the harness must read the strings "NaN", "Infinity", "-Infinity"
+        # in a float list as those values.
+        data = _valid(ref)
+        data[BAD_DATUM]["loss_fn_inputs"]["weights"][2] = "NaN"
+        return "cross_entropy", {}, data, ["weights"], True
+    if case == "inf_weight":
+        data = _valid(ref)  # 1e39 overflows float32 to +inf
+        data[BAD_DATUM]["loss_fn_inputs"]["weights"][0] = 1e39
+        return "cross_entropy", {}, data, ["weights"], True
+    if case == "empty_batch":
+        return "cross_entropy", {}, [], [], False
+    raise AssertionError(case)
+
+
+VALIDATION_CASES = ["token_out_of_vocab", "target_out_of_vocab", "missing_advantages", "weights_wrong_length",
+                    "unknown_loss_fn", "unknown_config_key", "nan_weight", "inf_weight", "empty_batch"]
+
+
+@pytest.mark.parametrize("case", VALIDATION_CASES)
+def test_invalid_request_is_refused(case, tiny_models, harness):
+    d = tiny_models["qwen3"]
+    ref = R.Reference(d)
+    loss_fn, cfg, data, words, names_datum = _corrupt(case, ref)
+    res = harness(d, {"lora": LORA, "ops": [
+        {"op": "forward_backward", "loss_fn": loss_fn, "loss_fn_config": cfg, "data": data}]}, expect_rc=None)
+    assert res.rc == EXIT_REFUSED, f"{case}: exit {res.rc}, expected {EXIT_REFUSED}; stderr:\n{res.stderr}"
+    msg = res.stderr
+    assert msg.strip(), f"{case}: refused without a message"
+    for w in words:
+        assert w.lower() in msg.lower(), f"{case}: stderr does not name {w!r}:\n{msg}"
+    if names_datum:
+        assert re.search(rf"(?<![\w.]){BAD_DATUM}(?![\w.])", msg), f"{case}: stderr does not name datum {BAD_DATUM}:\n{msg}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_op_leaves_state_untouched(kind, tiny_models, harness, tmp_path):
+    """A refused forward_backward in the middle of a request changes nothing: the datum
+    at fault is the last one, so a runtime that computed the first datums before
+    validating would show different grads in dump "b"."""
+    d = tiny_models[kind]
+    ref = R.Reference(d)
+    good = R.random_batch(5, ref.dims["vocab"], lengths=(6, 9))
+    bad = R.random_batch(6, ref.dims["vocab"], lengths=(7, 8, 5))
+    bad[2]["loss_fn_inputs"]["weights"].append(1.0)
+    ops = [
+        {"op": "forward_backward", "loss_fn": "cross_entropy", "loss_fn_config": {}, "data": good},
+        {"op": "dump", "prefix": "a"},
+        {"op": "forward_backward", "loss_fn": "cross_entropy", "loss_fn_config": {}, "data": bad},
+        {"op": "dump", "prefix": "b"},
+        {"op": "forward", "loss_fn": "cross_entropy", "loss_fn_config": {}, "data": good},
+    ]
+    res = harness(d, {"lora": LORA, "continue_on_error": True, "ops": ops})
+    assert res.error(0) is None and res.error(4) is None, f"unexpected errors: {res.meta}"
+    assert res.error(2), f"op2 should record an error; metadata: {sorted(res.meta)}"
+    assert "weights" in res.error(2).lower()
+    assert not any(k.startswith("op2.datum") for k in res.tensors), "a refused op must not report outputs"
+    R.assert_bit_identical(res.grads("b"), res.grads("a"), f"{kind}: grads after a refused op")
+    R.assert_bit_identical(res.params("b"), res.params("a"), f"{kind}: params after a refused op")
+    for j in range(len(good)):  # the runtime still works after the refusal
+        diff = float((res.logprobs(4, j) - res.logprobs(0, j)).abs().max())
+        assert diff <= 1e-6, f"forward after a refused op differs by {diff:.3g}"
