@@ -1,0 +1,189 @@
+// Trainer behaviour a user sees: refused batches name the datum and field and
+// change nothing; gradients accumulate across calls; AdamW's first step.
+#include "runtime/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "runtime/adamw.h"
+#include "runtime/decoder_model.h"
+#include "runtime/tiny_model.h"
+
+namespace lathe::runtime {
+namespace {
+
+using lathe::v1::Datum;
+using lathe::v1::ForwardBackwardInput;
+
+template <typename T>
+lathe::v1::TensorData Wire(std::vector<T> v, lathe::v1::DType dtype) {
+  lathe::v1::TensorData t;
+  t.set_dtype(dtype);
+  t.add_shape(static_cast<int64_t>(v.size()));
+  t.set_data(v.data(), v.size() * sizeof(T));
+  return t;
+}
+
+Datum MakeDatum(std::vector<int32_t> tokens, std::vector<int64_t> targets, std::vector<float> weights) {
+  Datum d;
+  d.mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(tokens.data(), tokens.size() * 4);
+  (*d.mutable_loss_fn_inputs())["target_tokens"] = Wire(targets, lathe::v1::INT64);
+  (*d.mutable_loss_fn_inputs())["weights"] = Wire(weights, lathe::v1::FLOAT32);
+  return d;
+}
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = ::testing::TempDir() + "/trainer_test_model";
+    TinyModelSpec spec;
+    spec.vocab_size = 64;
+    spec.hidden_size = 32;
+    spec.head_dim = 8;
+    spec.num_experts = 4;
+    ASSERT_TRUE(WriteTinyModel(dir_, spec).ok());
+  }
+  void SetUp() override {
+    LoraSettings lora;
+    lora.rank = 4;
+    auto t = Trainer::Create({dir_, lora, 16});
+    ASSERT_TRUE(t.ok()) << t.status();
+    trainer_ = *std::move(t);
+    // Non-zero B so that every LoRA tensor gets a gradient.
+    for (TrainableParam& p : trainer_->model().trainable()) {
+      at::NoGradGuard g;
+      p.tensor.normal_(0.0, 0.05);
+    }
+  }
+  ForwardBackwardInput Batch() {
+    ForwardBackwardInput in;
+    in.set_loss_fn("cross_entropy");
+    *in.add_data() = MakeDatum({1, 2, 3, 4}, {2, 3, 4, 5}, {1, 1, 1, 1});
+    *in.add_data() = MakeDatum({7, 8, 9}, {8, 9, -100}, {1, -0.5f, 1});
+    return in;
+  }
+  std::vector<at::Tensor> Snapshot() {
+    std::vector<at::Tensor> out;
+    for (TrainableParam& p : trainer_->model().trainable()) {
+      out.push_back(p.tensor.detach().clone());
+      out.push_back(p.tensor.grad().defined() ? p.tensor.grad().clone() : at::Tensor());
+    }
+    return out;
+  }
+  static std::string dir_;
+  std::unique_ptr<Trainer> trainer_;
+};
+std::string TrainerTest::dir_;
+
+void ExpectSame(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].defined(), b[i].defined());
+    if (a[i].defined()) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+  }
+}
+
+void ExpectRefusal(Trainer& t, const ForwardBackwardInput& in, const std::string& needle) {
+  auto r = t.ForwardBackward(in);
+  ASSERT_FALSE(r.ok()) << needle;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status();
+}
+
+TEST_F(TrainerTest, RefusedBatchesNameTheProblemAndChangeNothing) {
+  ASSERT_TRUE(trainer_->ForwardBackward(Batch()).ok());
+  auto before = Snapshot();
+  ForwardBackwardInput in = Batch();
+  *in.mutable_data(1) = MakeDatum({7, 64, 9}, {8, 9, 1}, {1, 1, 1});
+  ExpectRefusal(*trainer_, in, "datum 1: model_input holds token id 64");
+  in = Batch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["target_tokens"] = Wire<int64_t>({2, 3, 4, 99}, lathe::v1::INT64);
+  ExpectRefusal(*trainer_, in, "datum 0: loss_fn_inputs['target_tokens'] holds token id 99");
+  in = Batch();
+  (*in.mutable_data(1)->mutable_loss_fn_inputs())["weights"] = Wire<float>({1, NAN, 1}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs['weights'] holds nan");
+  in = Batch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["weights"] = Wire<float>({1, 1}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "has length 2 but model_input has 4 tokens");
+  in = Batch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["weights"] = Wire<double>({1, 1, 1, 1}, lathe::v1::FLOAT64);
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["target_tokens"] = Wire<float>({1, 1, 1, 1}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "must have dtype int64 or int32");
+  in = Batch();
+  in.set_loss_fn("importance_sampling");
+  ExpectRefusal(*trainer_, in, "datum 0: loss_fn_inputs lacks 'logprobs'");
+  in = Batch();
+  in.set_loss_fn("nll");
+  ExpectRefusal(*trainer_, in, "unknown loss_fn 'nll'");
+  in = Batch();
+  (*in.mutable_loss_fn_config())["clip_low_threshold"] = 0.5;
+  ExpectRefusal(*trainer_, in, "loss_fn_config key 'clip_low_threshold'");
+  in = Batch();
+  *in.mutable_data(1) = MakeDatum(std::vector<int32_t>(17, 1), std::vector<int64_t>(17, 1), std::vector<float>(17, 1));
+  ExpectRefusal(*trainer_, in, "datum 1: model_input has 17 tokens; max_seq_len is 16");
+  in.clear_data();
+  ExpectRefusal(*trainer_, in, "empty batch");
+  lathe::v1::AdamParams bad;
+  bad.set_learning_rate(NAN);
+  EXPECT_EQ(trainer_->OptimStep(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  ExpectSame(before, Snapshot());
+  EXPECT_EQ(trainer_->GetInfo().step, 0);
+}
+
+TEST_F(TrainerTest, GradientsAccumulateAcrossCallsAsOneBatch) {
+  ForwardBackwardInput both = Batch();
+  auto whole = trainer_->ForwardBackward(both);
+  ASSERT_TRUE(whole.ok());
+  auto combined = Snapshot();
+  for (TrainableParam& p : trainer_->model().trainable()) p.tensor.mutable_grad() = at::Tensor();
+  ForwardBackwardInput first = Batch(), second = Batch();
+  first.mutable_data()->RemoveLast();
+  second.mutable_data()->DeleteSubrange(0, 1);
+  auto a = trainer_->ForwardBackward(first);
+  auto b = trainer_->ForwardBackward(second);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NEAR(a->metrics().at("loss:sum") + b->metrics().at("loss:sum"), whole->metrics().at("loss:sum"), 1e-5);
+  auto split = Snapshot();
+  for (size_t i = 1; i < split.size(); i += 2) {
+    EXPECT_TRUE(at::allclose(split[i], combined[i], 1e-5, 1e-6)) << i;
+  }
+  EXPECT_EQ(whole->loss_fn_outputs_size(), 2);
+  EXPECT_EQ(whole->metrics().at("num_loss_tokens:sum"), 6);
+  EXPECT_GT(whole->metrics().at("moe_frac_experts_with_tokens:mean"), 0);
+}
+
+TEST_F(TrainerTest, ForwardLeavesGradientsAlone) {
+  auto before = Snapshot();
+  auto out = trainer_->Forward(Batch());
+  ASSERT_TRUE(out.ok());
+  ExpectSame(before, Snapshot());
+  const auto& lp = out->loss_fn_outputs(1).tensors().at("logprobs");
+  float values[3];
+  std::memcpy(values, lp.data().data(), sizeof(values));
+  EXPECT_LT(values[0], 0.0f);
+  EXPECT_EQ(values[2], 0.0f);  // ignored target
+}
+
+TEST_F(TrainerTest, FirstAdamStepMovesEachWeightByTheLearningRate) {
+  ASSERT_TRUE(trainer_->ForwardBackward(Batch()).ok());
+  auto before = Snapshot();
+  lathe::v1::AdamParams adam;
+  adam.set_learning_rate(0.01);
+  auto out = trainer_->OptimStep(adam);
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(out->metrics().at("step:max"), 1);
+  // Step 1 with zero state: Δ = -lr · g / (|g| + eps·…) = -lr · sign(g).
+  auto& params = trainer_->model().trainable();
+  const TrainableParam& p = params.front();
+  at::Tensor delta = p.tensor.detach() - before[0];
+  at::Tensor expected = -0.01 * at::sign(before[1]);
+  EXPECT_TRUE(at::allclose(delta, expected, 1e-4, 1e-6));
+  EXPECT_FALSE(p.tensor.grad().defined());  // cleared after the step
+}
+
+}  // namespace
+}  // namespace lathe::runtime
