@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs every test: GoogleTest units under
+# ctest, then the parity suite against transformers/peft under pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# Two cores: one math thread per process keeps runs stable and fast.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+(cd build && ctest --output-on-failure --timeout 600)
+LATHE_BUILD_DIR="$PWD/build" .venv/bin/python -m pytest tests/parity -q -p no:cacheprovider
