@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -120,8 +121,8 @@ void DecoderModel::AttachLora(LoraLinear& layer, const std::string& prefix, bool
   layer.lora_a = LoraA({r, layer.weight.size(1)}, gen);
   layer.lora_b = LoraB({layer.weight.size(0), r});
   layer.scale = lora_.scale();
-  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false});
-  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false});
+  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false, nullptr});
+  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false, nullptr});
 }
 
 void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::shared_ptr<std::vector<uint8_t>>& used,
@@ -175,12 +176,46 @@ void DecoderModel::RegisterFull() {
   if (!config_.tie_word_embeddings) add("lm_head.weight", lm_head_.weight);
 }
 
-at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, std::vector<MoeStats>* moe_stats) const {
+namespace {
+
+// Causal attention of packed sequences; q [nH, T, D], k and v [nKV, T, D].
+at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<int64_t>& lengths, double scale, bool gqa) {
+  if (lengths.size() == 1) {
+    return at::scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), {}, 0.0,
+                                            /*is_causal=*/true, scale, gqa).squeeze(0);
+  }
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (int64_t n : lengths) {
+    parts.push_back(at::scaled_dot_product_attention(
+        q.narrow(1, offset, n).unsqueeze(0), k.narrow(1, offset, n).unsqueeze(0),
+        v.narrow(1, offset, n).unsqueeze(0), {}, 0.0, /*is_causal=*/true, scale, gqa).squeeze(0));
+    offset += n;
+  }
+  return at::cat(parts, 1);
+}
+
+RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, double theta,
+                      const at::Tensor& like) {
+  int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  RopeTables rope = MakeRope(longest, head_dim, theta, like);
+  if (lengths.size() == 1) return rope;
+  std::vector<at::Tensor> positions;
+  for (int64_t n : lengths) positions.push_back(at::arange(n, at::TensorOptions().dtype(at::kLong).device(like.device())));
+  at::Tensor index = at::cat(positions);
+  return {rope.cos.index_select(0, index), rope.sin.index_select(0, index)};
+}
+
+}  // namespace
+
+at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
+                                std::vector<MoeStats>* moe_stats) const {
   const ModelConfig& c = config_;
   const int64_t t = tokens.size(0);
   const double eps = c.rms_norm_eps;
   at::Tensor h = embed_.index_select(0, tokens);
-  RopeTables rope = MakeRope(t, c.head_dim, c.rope_theta, h);
+  RopeTables rope = PackedRope(lengths, c.head_dim, c.rope_theta, h);
   const double softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   const bool gqa = c.num_attention_heads != c.num_key_value_heads;
   for (const DecoderLayer& l : layers_) {
@@ -192,12 +227,10 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, std::vector<MoeStats>*
       q = RmsNorm(q, l.q_norm, eps);
       k = RmsNorm(k, l.k_norm, eps);
     }
-    q = ApplyRope(q.transpose(0, 1), rope).unsqueeze(0);
-    k = ApplyRope(k.transpose(0, 1), rope).unsqueeze(0);
-    v = v.transpose(0, 1).unsqueeze(0);
-    at::Tensor o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true,
-                                                    softmax_scale, gqa);
-    o = o.squeeze(0).transpose(0, 1).reshape({t, c.q_dim()});
+    q = ApplyRope(q.transpose(0, 1), rope);
+    k = ApplyRope(k.transpose(0, 1), rope);
+    at::Tensor o = PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
+    o = o.transpose(0, 1).reshape({t, c.q_dim()});
     h = h + l.o.Forward(o);
     at::Tensor m = RmsNorm(h, l.post_norm, eps);
     if (l.moe) {

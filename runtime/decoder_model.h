@@ -57,9 +57,13 @@ class DecoderModel {
   const ModelConfig& config() const { return config_; }
   const LoraSettings& lora() const { return lora_; }
 
-  // tokens: int64 [T]. Returns the final-norm hidden states [T, H]; records
-  // autograd history for the trainable parameters unless grad mode is off.
-  at::Tensor Hidden(const at::Tensor& tokens, std::vector<MoeStats>* moe_stats) const;
+  // tokens: int64 [T], the concatenation of independent sequences of the
+  // given `lengths` (summing to T): each restarts its positions at 0 and
+  // attends only to itself. Returns the final-norm hidden states [T, H];
+  // records autograd history for the trainable parameters unless grad mode
+  // is off.
+  at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
+                    std::vector<MoeStats>* moe_stats) const;
   // Logits [T, V] (fp32) for hidden rows [T, H].
   at::Tensor Logits(const at::Tensor& hidden) const;
 

@@ -105,7 +105,7 @@ absl::Status WriteSyntheticSftData(const std::string& path, int64_t vocab_size, 
 
 absl::StatusOr<SftSummary> RunSft(const SftOptions& o) {
   LATHE_ASSIGN_OR_RETURN(std::vector<lathe::v1::Datum> data, ReadSftJsonl(o.data_path));
-  LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create({o.model_dir, o.lora, 0}));
+  LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create({o.model_dir, o.lora, 0, 0}));
   TrainerInfo info = trainer->GetInfo();
   std::printf("lathe sft: %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
               info.architecture.c_str(), o.lora.full_finetune() ? "full fine-tuning" :

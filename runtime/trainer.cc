@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 
@@ -80,6 +81,34 @@ void AddMoeMetrics(const std::vector<MoeStats>& stats, int64_t num_experts, doub
 
 }  // namespace
 
+namespace {
+
+// Consecutive datums packed up to `budget` tokens; a longer datum is alone.
+std::vector<std::pair<int, int>> MicroBatches(const std::vector<int64_t>& lengths, int64_t budget) {
+  std::vector<std::pair<int, int>> ranges;  // [begin, end)
+  int begin = 0;
+  int64_t tokens = 0;
+  for (int i = 0; i < static_cast<int>(lengths.size()); ++i) {
+    if (i > begin && tokens + lengths[i] > budget) {
+      ranges.emplace_back(begin, i);
+      begin = i;
+      tokens = 0;
+    }
+    tokens += lengths[i];
+  }
+  ranges.emplace_back(begin, static_cast<int>(lengths.size()));
+  return ranges;
+}
+
+}  // namespace
+
+int64_t Trainer::MicroBatchTokens() const {
+  if (impl_->options.micro_batch_tokens > 0) return impl_->options.micro_batch_tokens;
+  // Keep the fp32 logits of a micro-batch near 256 MiB.
+  int64_t by_vocab = (int64_t{1} << 26) / impl_->model->config().vocab_size;
+  return std::clamp<int64_t>(by_vocab, 512, 16384);
+}
+
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     const lathe::v1::ForwardBackwardInput& input, bool backward) {
   const ModelConfig& config = impl_->model->config();
@@ -88,31 +117,44 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
   std::map<std::string, double> loss_config = spec.config_defaults;
   for (const auto& [key, value] : input.loss_fn_config()) loss_config[key] = value;
 
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<int64_t> lengths;
+  for (const lathe::v1::Datum& datum : input.data()) {
+    ids.push_back(*DatumTokens(datum));
+    lengths.push_back(static_cast<int64_t>(ids.back().size()));
+  }
   lathe::v1::ForwardBackwardOutput out;
   out.set_loss_fn_output_type("TensorData");
   double loss_sum = 0, tokens = 0, loss_tokens = 0, moe_frac = 0, moe_max = 0;
   int64_t moe_layers = 0;
   try {
     at::AutoGradMode grad_mode(backward);
-    for (const lathe::v1::Datum& datum : input.data()) {
-      std::vector<int32_t> ids = *DatumTokens(datum);
-      at::Tensor tokens_t = at::tensor(ids, at::kLong);
-      std::map<std::string, at::Tensor> inputs;
-      for (const auto& [key, t] : datum.loss_fn_inputs()) inputs[key] = TensorFromWire(t);
+    for (auto [begin, end] : MicroBatches(lengths, MicroBatchTokens())) {
+      std::vector<int32_t> packed;
+      for (int i = begin; i < end; ++i) packed.insert(packed.end(), ids[i].begin(), ids[i].end());
+      std::vector<int64_t> part(lengths.begin() + begin, lengths.begin() + end);
       std::vector<MoeStats> moe;
-      at::Tensor hidden = impl_->model->Hidden(tokens_t, &moe);
+      at::Tensor hidden = impl_->model->Hidden(at::tensor(packed, at::kLong), part, &moe);
       at::Tensor logits = impl_->model->Logits(hidden);
-      at::Tensor lp = TargetLogprobs(logits, inputs.at("target_tokens"));
-      at::Tensor elementwise = ElementwiseLoss(spec.name, lp, inputs, loss_config);
-      at::Tensor loss = elementwise.sum();
-      if (backward) loss.backward();
-      loss_sum += loss.item<double>();
-      tokens += static_cast<double>(ids.size());
-      loss_tokens += inputs.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
+      at::Tensor total;
+      int64_t offset = 0;
+      for (int i = begin; i < end; ++i) {
+        std::map<std::string, at::Tensor> inputs;
+        for (const auto& [key, t] : input.data(i).loss_fn_inputs()) inputs[key] = TensorFromWire(t);
+        at::Tensor lp = TargetLogprobs(logits.narrow(0, offset, lengths[i]), inputs.at("target_tokens"));
+        at::Tensor elementwise = ElementwiseLoss(spec.name, lp, inputs, loss_config);
+        at::Tensor loss = elementwise.sum();
+        total = total.defined() ? total + loss : loss;
+        loss_tokens += inputs.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
+        auto* record = out.add_loss_fn_outputs()->mutable_tensors();
+        (*record)["logprobs"] = TensorToWire(lp.detach());
+        (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
+        offset += lengths[i];
+      }
+      if (backward) total.backward();
+      loss_sum += total.item<double>();
+      tokens += static_cast<double>(packed.size());
       AddMoeMetrics(moe, config.num_experts, moe_frac, moe_max, moe_layers);
-      auto* record = out.add_loss_fn_outputs()->mutable_tensors();
-      (*record)["logprobs"] = TensorToWire(lp.detach());
-      (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(input.loss_fn(), ": ", e.what_without_backtrace()));

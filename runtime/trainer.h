@@ -23,6 +23,10 @@ struct TrainerOptions {
   std::string model_dir;
   LoraSettings lora;
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
+  // Datums of one call are packed into micro-batches of at most this many
+  // tokens (one forward and backward each). 0: sized so the fp32 logits of a
+  // micro-batch stay near 256 MiB.
+  int64_t micro_batch_tokens = 0;
 };
 
 struct TrainerInfo {
@@ -56,6 +60,7 @@ class Trainer {
 
  private:
   Trainer();
+  int64_t MicroBatchTokens() const;
   absl::StatusOr<lathe::v1::ForwardBackwardOutput> Run(const lathe::v1::ForwardBackwardInput& input,
                                                        bool backward);
   struct Impl;

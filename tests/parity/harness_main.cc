@@ -154,7 +154,8 @@ json MetricsJson(const google::protobuf::Map<std::string, double>& metrics) {
 }
 
 int Run(const std::string& model_dir, const json& req, const std::string& out_path) {
-  TrainerOptions options{model_dir, LoraFromJson(req.value("lora", json())), req.value("max_seq_len", 0)};
+  TrainerOptions options{model_dir, LoraFromJson(req.value("lora", json())), req.value("max_seq_len", 0),
+                         req.value("micro_batch_tokens", 0)};
   auto trainer = Trainer::Create(options);
   if (!trainer.ok()) {
     std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());

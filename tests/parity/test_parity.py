@@ -104,7 +104,10 @@ def test_lora_grads_match_peft(kind, tiny_models, harness, tmp_path):
     data = R.pick_batch(ref, KIND_SEED[kind] + 3, lengths=(6, 13, 9), ignore_positions=(3,))
     want = ref.run(data)
     g_ref = ref.grads()
-    assert all(float(g.norm()) > 0 for g in g_ref.values()), "reference LoRA grads must be nonzero"
+    # every A and B gets a gradient (experts no token was routed to excepted)
+    zero = [k for k, g in g_ref.items() if float(g.norm()) == 0]
+    assert not [k for k in zero if ".mlp.experts." not in k], f"zero reference grads: {zero}"
+    assert len(zero) <= len(g_ref) // 4, f"too many idle experts: {zero}"
 
     res = harness(d, {"lora": LORA, "adapter": path, "ops": [fwd_bwd(data), dump("g")]})
     R.assert_bit_identical(res.params("init"), ad, f"{kind}: init.param vs adapter file")

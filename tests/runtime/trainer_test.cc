@@ -50,7 +50,7 @@ class TrainerTest : public ::testing::Test {
   void SetUp() override {
     LoraSettings lora;
     lora.rank = 4;
-    auto t = Trainer::Create({dir_, lora, 16});
+    auto t = Trainer::Create({dir_, lora, 16, 0});
     ASSERT_TRUE(t.ok()) << t.status();
     trainer_ = *std::move(t);
     // Non-zero B so that every LoRA tensor gets a gradient.
@@ -83,7 +83,9 @@ void ExpectSame(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>&
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     ASSERT_EQ(a[i].defined(), b[i].defined());
-    if (a[i].defined()) EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+    if (a[i].defined()) {
+      EXPECT_TRUE(at::equal(a[i], b[i])) << "tensor " << i;
+    }
   }
 }
 
@@ -183,6 +185,42 @@ TEST_F(TrainerTest, FirstAdamStepMovesEachWeightByTheLearningRate) {
   at::Tensor expected = -0.01 * at::sign(before[1]);
   EXPECT_TRUE(at::allclose(delta, expected, 1e-4, 1e-6));
   EXPECT_FALSE(p.tensor.grad().defined());  // cleared after the step
+}
+
+}  // namespace
+}  // namespace lathe::runtime
+
+namespace lathe::runtime {
+namespace {
+
+TEST_F(TrainerTest, PackedMicroBatchesMatchOneDatumAtATime) {
+  LoraSettings lora;
+  lora.rank = 4;
+  auto single = Trainer::Create({dir_, lora, 16, /*micro_batch_tokens=*/1});
+  ASSERT_TRUE(single.ok());
+  for (size_t i = 0; i < trainer_->model().trainable().size(); ++i) {
+    at::NoGradGuard g;
+    (*single)->model().trainable()[i].tensor.copy_(trainer_->model().trainable()[i].tensor);
+  }
+  auto packed = trainer_->ForwardBackward(Batch());
+  auto alone = (*single)->ForwardBackward(Batch());
+  ASSERT_TRUE(packed.ok() && alone.ok());
+  EXPECT_NEAR(packed->metrics().at("loss:sum"), alone->metrics().at("loss:sum"), 1e-4);
+  for (int d = 0; d < 2; ++d) {
+    const std::string& a = packed->loss_fn_outputs(d).tensors().at("logprobs").data();
+    const std::string& b = alone->loss_fn_outputs(d).tensors().at("logprobs").data();
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size() / 4; ++k) {
+      float x, y;
+      std::memcpy(&x, a.data() + 4 * k, 4);
+      std::memcpy(&y, b.data() + 4 * k, 4);
+      EXPECT_NEAR(x, y, 1e-5) << "datum " << d << " position " << k;
+    }
+  }
+  for (size_t i = 0; i < trainer_->model().trainable().size(); ++i) {
+    EXPECT_TRUE(at::allclose(trainer_->model().trainable()[i].tensor.grad(),
+                             (*single)->model().trainable()[i].tensor.grad(), 1e-4, 1e-6));
+  }
 }
 
 }  // namespace
