@@ -58,9 +58,7 @@ AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper&
   at::NoGradGuard no_grad;
   if (states_.empty()) {
     for (const TrainableParam& p : params) {
-      State s{at::zeros_like(p.tensor), at::zeros_like(p.tensor),
-              std::vector<int64_t>(p.per_expert ? p.tensor.size(0) : 1, 0)};
-      states_.push_back(std::move(s));
+      states_.push_back({at::zeros_like(p.tensor), at::zeros_like(p.tensor), 0});
     }
   }
   // Global norm over every defined gradient, as clip_grad_norm_ computes it.
@@ -84,21 +82,9 @@ AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper&
     State& s = states_[i];
     at::Tensor grad = p.tensor.grad();
     if (!grad.defined()) continue;
-    if (!p.per_expert) {
-      Update(p.tensor, grad, s.exp_avg, s.exp_avg_sq, ++s.steps[0], h);
-      continue;
-    }
-    const std::vector<uint8_t>* used = p.expert_used.get();
-    for (int64_t e = 0; e < p.tensor.size(0); ++e) {
-      if (used != nullptr && !(*used)[e]) continue;
-      Update(p.tensor.select(0, e), grad.select(0, e), s.exp_avg.select(0, e),
-             s.exp_avg_sq.select(0, e), ++s.steps[e], h);
-    }
+    Update(p.tensor, grad, s.exp_avg, s.exp_avg_sq, ++s.step, h);
   }
-  for (TrainableParam& p : params) {
-    p.tensor.mutable_grad() = at::Tensor();
-    if (p.expert_used) std::fill(p.expert_used->begin(), p.expert_used->end(), 0);
-  }
+  for (TrainableParam& p : params) p.tensor.mutable_grad() = at::Tensor();
   result.step = ++step_;
   return result;
 }

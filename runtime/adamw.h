@@ -34,19 +34,19 @@ struct AdamStepResult {
 };
 
 // Optimizer state for a fixed list of trainable parameters. A parameter whose
-// gradient is undefined is skipped, as torch does; a stacked expert tensor
-// keeps one step count per expert and updates only the experts that received
-// tokens since the last step.
+// gradient is undefined is skipped, as torch does. A stacked expert tensor is
+// one parameter, as in transformers 5.x: an expert that received no tokens
+// has a zero gradient and still moves with its momentum.
 class AdamW {
  public:
   AdamStepResult Step(std::vector<TrainableParam>& params, const AdamHyper& hyper);
   int64_t step() const { return step_; }
 
-  // The state of parameter i: exp_avg, exp_avg_sq and per-slice step counts.
+  // The state of parameter i.
   struct State {
     at::Tensor exp_avg;
     at::Tensor exp_avg_sq;
-    std::vector<int64_t> steps;  // one per expert for stacked tensors, else one
+    int64_t step = 0;
   };
   std::vector<State>& states() { return states_; }
 

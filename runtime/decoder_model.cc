@@ -68,7 +68,6 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
       l.experts.gate = experts.gate;
       l.experts.up = experts.up;
       l.experts.down = experts.down;
-      l.expert_used = std::make_shared<std::vector<uint8_t>>(c.num_experts, 0);
     } else {
       const int64_t inter = c.intermediate_size;
       LATHE_ASSIGN_OR_RETURN(l.gate.weight, w.Take(p + "mlp.gate_proj.weight", {inter, h}));
@@ -89,7 +88,7 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
     AttachLora(l.v, p + "self_attn.v_proj", lora_.train_attn, gen);
     AttachLora(l.o, p + "self_attn.o_proj", lora_.train_attn, gen);
     if (l.moe && lora_.train_mlp) {
-      AttachExpertLora(l.experts, l.expert_used, p + "mlp.experts.{e}", gen);
+      AttachExpertLora(l.experts, p + "mlp.experts.{e}", gen);
     } else if (!l.moe) {
       AttachLora(l.gate, p + "mlp.gate_proj", lora_.train_mlp, gen);
       AttachLora(l.up, p + "mlp.up_proj", lora_.train_mlp, gen);
@@ -121,20 +120,19 @@ void DecoderModel::AttachLora(LoraLinear& layer, const std::string& prefix, bool
   layer.lora_a = LoraA({r, layer.weight.size(1)}, gen);
   layer.lora_b = LoraB({layer.weight.size(0), r});
   layer.scale = lora_.scale();
-  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false, nullptr});
-  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false, nullptr});
+  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false});
+  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false});
 }
 
-void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::shared_ptr<std::vector<uint8_t>>& used,
-                                    const std::string& prefix, at::Generator& gen) {
+void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen) {
   const int64_t r = lora_.rank;
   const int64_t e = bank.gate.size(0), inter = bank.gate.size(1), h = bank.gate.size(2);
   bank.scale = lora_.scale();
   auto add = [&](at::Tensor& a, at::Tensor& b, const char* proj, int64_t in, int64_t out) {
     a = LoraA({e, r, in}, gen);
     b = LoraB({e, out, r});
-    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_A.weight"), a, true, used});
-    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_B.weight"), b, true, used});
+    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_A.weight"), a, true});
+    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_B.weight"), b, true});
   };
   add(bank.gate_a, bank.gate_b, "gate_proj", h, inter);
   add(bank.up_a, bank.up_b, "up_proj", h, inter);
@@ -142,10 +140,9 @@ void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::shared_ptr<std:
 }
 
 void DecoderModel::RegisterFull() {
-  auto add = [&](const std::string& name, at::Tensor& t,
-                 std::shared_ptr<std::vector<uint8_t>> used = nullptr) {
+  auto add = [&](const std::string& name, at::Tensor& t, bool per_expert = false) {
     t.requires_grad_(true);
-    trainable_.push_back({name, t, used != nullptr, used});
+    trainable_.push_back({name, t, per_expert});
   };
   add("model.embed_tokens.weight", embed_);
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -163,9 +160,9 @@ void DecoderModel::RegisterFull() {
     add(p + "post_attention_layernorm.weight", l.post_norm);
     if (l.moe) {
       add(p + "mlp.gate.weight", l.router);
-      add(p + "mlp.experts.{e}.gate_proj.weight", l.experts.gate, l.expert_used);
-      add(p + "mlp.experts.{e}.up_proj.weight", l.experts.up, l.expert_used);
-      add(p + "mlp.experts.{e}.down_proj.weight", l.experts.down, l.expert_used);
+      add(p + "mlp.experts.{e}.gate_proj.weight", l.experts.gate, true);
+      add(p + "mlp.experts.{e}.up_proj.weight", l.experts.up, true);
+      add(p + "mlp.experts.{e}.down_proj.weight", l.experts.down, true);
     } else {
       add(p + "mlp.gate_proj.weight", l.gate.weight);
       add(p + "mlp.up_proj.weight", l.up.weight);
@@ -236,11 +233,6 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
     if (l.moe) {
       MoeStats stats;
       h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
-      if (at::GradMode::is_enabled()) {
-        for (size_t e = 0; e < stats.counts.size(); ++e) {
-          if (stats.counts[e] > 0) (*l.expert_used)[e] = 1;
-        }
-      }
       if (moe_stats != nullptr) moe_stats->push_back(std::move(stats));
     } else {
       h = h + l.down.Forward(at::silu(l.gate.Forward(m)) * l.up.Forward(m));

@@ -27,9 +27,6 @@ struct TrainableParam {
   std::string name;
   at::Tensor tensor;
   bool per_expert = false;
-  // Per expert: 1 when the expert received tokens in a forward with grad
-  // since the last optimizer step. Shared by the tensors of one MoE layer.
-  std::shared_ptr<std::vector<uint8_t>> expert_used;
 };
 
 // Calls fn(name, slice) for each named tensor `value` (shaped like p.tensor) holds.
@@ -43,7 +40,6 @@ struct DecoderLayer {
   LoraLinear gate, up, down;  // dense MLP
   at::Tensor router;          // [E, H]
   ExpertBank experts;
-  std::shared_ptr<std::vector<uint8_t>> expert_used;
 };
 
 class DecoderModel {
@@ -78,8 +74,7 @@ class DecoderModel {
   DecoderModel() = default;
   absl::Status Build(const class WeightSource& source);
   void AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled, at::Generator& gen);
-  void AttachExpertLora(ExpertBank& bank, const std::shared_ptr<std::vector<uint8_t>>& used,
-                        const std::string& prefix, at::Generator& gen);
+  void AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen);
   void RegisterFull();
 
   ModelConfig config_;

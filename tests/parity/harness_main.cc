@@ -27,6 +27,17 @@ namespace {
 
 using nlohmann::json;
 
+// JSON has no NaN or infinities: the strings "NaN", "Infinity", "-Infinity" stand for them.
+double Number(const json& x) {
+  if (x.is_string()) {
+    const std::string s = x.get<std::string>();
+    if (s == "NaN") return NAN;
+    if (s == "Infinity") return INFINITY;
+    if (s == "-Infinity") return -INFINITY;
+  }
+  return x.get<double>();
+}
+
 lathe::v1::TensorData WireFromJson(const std::string& key, const json& value) {
   lathe::v1::TensorData t;
   if (value.is_object()) {  // explicit {"dtype", "shape", "data"}
@@ -65,7 +76,7 @@ lathe::v1::TensorData WireFromJson(const std::string& key, const json& value) {
     t.set_data(v.data(), v.size() * 8);
   } else {
     std::vector<float> v;
-    for (const json& x : flat) v.push_back(x.is_null() ? NAN : x.get<float>());
+    for (const json& x : flat) v.push_back(static_cast<float>(Number(x)));
     t.set_dtype(lathe::v1::FLOAT32);
     t.set_data(v.data(), v.size() * 4);
   }
@@ -77,7 +88,7 @@ lathe::v1::ForwardBackwardInput BatchFromJson(const json& op) {
   in.set_loss_fn(op.value("loss_fn", "cross_entropy"));
   if (op.contains("loss_fn_config")) {
     for (const auto& [k, v] : op.at("loss_fn_config").items()) {
-      (*in.mutable_loss_fn_config())[k] = v.is_null() ? NAN : v.get<double>();
+      (*in.mutable_loss_fn_config())[k] = Number(v);
     }
   }
   for (const json& d : op.at("data")) {

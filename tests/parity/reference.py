@@ -37,15 +37,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+# A trainable tensor whose accumulated gradient is all zeros at optim_step (an expert no
+# token was routed to, an embedding row never seen) is stepped like any other: AdamW sees
+# a zero gradient, so its moments decay, it keeps moving on momentum and weight decay
+# applies.  That is what torch.optim.AdamW does on transformers v5's fused expert
+# parameters.  Set to False for the other convention (such tensors have grad None and
+# torch skips them entirely: no moment update, no weight decay, no per-tensor step count).
+STEP_ZERO_GRAD_TENSORS = True
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -74,6 +82,9 @@ def load_hf_model(model_dir: str):
     """The real transformers model, fp32, eager attention and eager (loop) experts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(model_dir)
     kwargs = dict(dtype=torch.float32, attn_implementation="eager")
     if getattr(cfg, "model_type", "").endswith("moe"):
@@ -318,7 +329,12 @@ class Reference:
             from peft import get_peft_model
 
             cfg = lora_target_config(self.base, lora)
-            with _no_peft_v5_config_conversion():
+            with _no_peft_v5_config_conversion(), warnings.catch_warnings():
+                # PEFT warns that the gate_up_proj rank/alpha patterns matched no module although
+                # they did apply (checked in _lora_views), and that lm_head is tied to the
+                # embedding: lathe's LoRA on the unembedding leaves the embedding lookup alone.
+                warnings.filterwarnings("ignore", message=r".*_pattern keys did not match")
+                warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*ensure_weight_tying")
                 self.model = get_peft_model(self.base, cfg)
             self.views = _lora_views(self.model, int(lora["rank"]))
             # PEFT initialises every B to zero; make sure of it, since the off-diagonal
@@ -391,13 +407,19 @@ class Reference:
             self._opt = torch.optim.AdamW(list(self._opt_leaves.values()), **_adamw_kwargs(adam))
         for k, leaf in self._opt_leaves.items():
             leaf.data.copy_(params[k])
-            leaf.grad = grads[k].clone()
+            leaf.grad = _maybe_none(grads[k])
         _set_hparams(self._opt, adam)
         norm = _clip(list(self._opt_leaves.values()), adam)
         self._opt.step()
         self.set_params({k: v.detach() for k, v in self._opt_leaves.items()})
         self.zero_grad()
         return {"grad_norm": norm}
+
+
+def _maybe_none(grad: torch.Tensor) -> torch.Tensor | None:
+    if not STEP_ZERO_GRAD_TENSORS and not bool(grad.any()):
+        return None
+    return grad.clone()
 
 
 def _adamw_kwargs(adam: dict) -> dict:
@@ -414,9 +436,12 @@ def _set_hparams(opt, adam: dict) -> None:
 
 def _clip(leaves: list[torch.nn.Parameter], adam: dict) -> float:
     max_norm = adam.get("grad_clip_norm", 0.0) or 0.0
+    with_grad = [p for p in leaves if p.grad is not None]
+    if not with_grad:
+        return 0.0
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(leaves, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(l.grad) for l in leaves])))
+        return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad])))
 
 
 def adamw_reference(init: dict[str, torch.Tensor], grads_per_step: list[dict[str, torch.Tensor]],
@@ -428,7 +453,7 @@ def adamw_reference(init: dict[str, torch.Tensor], grads_per_step: list[dict[str
     out, norms = [], []
     for grads, adam in zip(grads_per_step, adams):
         for n, leaf in zip(names, leaves):
-            leaf.grad = grads[n].clone().float()
+            leaf.grad = _maybe_none(grads[n].float())
         _set_hparams(opt, adam)
         norms.append(_clip(leaves, adam))
         opt.step()

@@ -1,0 +1,57 @@
+// train_bench: times forward_backward + optim_step of lathe's trainer on a
+// model folder and a JSONL batch file, printing one JSON line with tokens/s.
+// bench/train_throughput.py runs it next to transformers + peft.
+#include <chrono>
+#include <cstdio>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "runtime/sft_job.h"
+#include "runtime/trainer.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
+ABSL_FLAG(std::string, data, "", "JSONL datums; the whole file is one batch");
+ABSL_FLAG(int64_t, lora_rank, 32, "LoRA rank; 0 = full fine-tuning");
+ABSL_FLAG(int64_t, warmup, 1, "untimed steps");
+ABSL_FLAG(int64_t, steps, 3, "timed steps");
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  using namespace lathe::runtime;
+  auto data = ReadSftJsonl(absl::GetFlag(FLAGS_data));
+  if (!data.ok()) {
+    std::fprintf(stderr, "%s\n", data.status().ToString().c_str());
+    return 1;
+  }
+  TrainerOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.lora.rank = absl::GetFlag(FLAGS_lora_rank);
+  auto trainer = Trainer::Create(options);
+  if (!trainer.ok()) {
+    std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());
+    return 1;
+  }
+  lathe::v1::ForwardBackwardInput batch;
+  batch.set_loss_fn("cross_entropy");
+  for (const auto& d : *data) *batch.add_data() = d;
+  lathe::v1::AdamParams adam;
+  double seconds = 0, tokens = 0, loss = 0;
+  const int64_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
+  for (int64_t step = 0; step < warmup + steps; ++step) {
+    auto start = std::chrono::steady_clock::now();
+    auto fb = (*trainer)->ForwardBackward(batch);
+    auto opt = (*trainer)->OptimStep(adam);
+    if (!fb.ok() || !opt.ok()) {
+      std::fprintf(stderr, "%s %s\n", fb.status().ToString().c_str(), opt.status().ToString().c_str());
+      return 1;
+    }
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (step == 0) loss = fb->metrics().at("loss:sum");
+    if (step >= warmup) {
+      seconds += s;
+      tokens += fb->metrics().at("num_tokens:sum");
+    }
+  }
+  std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f}\n", tokens / seconds, seconds, loss);
+  return 0;
+}

@@ -1,0 +1,146 @@
+"""forward_backward + optim_step throughput: lathe vs transformers + peft.
+
+Builds two models with real Qwen3 widths and few layers (random weights,
+written by transformers itself), one batch of token datums, and times the
+same work in both: LoRA rank 32 on attention, MLP/experts and lm_head,
+cross_entropy summed over target tokens, AdamW. Prints tokens/s of each and
+the ratio. Both run in this process's thread budget (--threads).
+
+  .venv/bin/python bench/train_throughput.py [--threads 2] [--model dense|moe|both]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Real widths (Qwen3-0.6B for dense, Qwen3-30B-A3B for MoE), few layers.
+SHAPES = {
+    "dense": dict(arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, num_hidden_layers=2,
+                  tie_word_embeddings=True),
+    "moe": dict(arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=1,
+                num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                tie_word_embeddings=False),
+}
+
+
+def make_model(kind, out_dir):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    shape = dict(SHAPES[kind])
+    arch = shape.pop("arch")
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        config = Qwen3Config(**shape, rope_theta=1e6, max_position_embeddings=4096)
+        model = Qwen3ForCausalLM(config)
+    else:
+        config = Qwen3MoeConfig(**shape, rope_theta=1e6, max_position_embeddings=4096)
+        model = Qwen3MoeForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_batch(lengths, vocab, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n + 1)] for n in lengths]
+
+
+def hf_step_fn(model_dir, batch, rank):
+    """transformers + peft doing one forward_backward + optim_step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    extra = {}
+    if model.config.model_type == "qwen3_moe":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
+        extra["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0,
+                                                  target_modules=targets, **extra))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    longest = max(len(s) - 1 for s in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    mask = torch.zeros(len(batch), longest, dtype=torch.long)
+    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
+    for i, s in enumerate(batch):  # right padding, as transformers' collators do
+        n = len(s) - 1
+        ids[i, :n] = torch.tensor(s[:-1])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(s[1:])
+
+    def step():
+        logits = peft_model(input_ids=ids, attention_mask=mask).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        loss = -(lp * (labels != -100)).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def time_hf(model_dir, batch, rank, warmup, steps):
+    step = hf_step_fn(model_dir, batch, rank)
+    first = None
+    for _ in range(warmup):
+        first = step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s) - 1 for s in batch) * steps
+    return tokens / seconds, first
+
+
+def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads):
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        for s in batch:
+            f.write(json.dumps({"tokens": s}) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([os.path.join(build_dir, "bench", "train_bench"), f"--model={model_dir}",
+                          f"--data={f.name}", f"--lora_rank={rank}", f"--warmup={warmup}",
+                          f"--steps={steps}"], env=env, check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["tokens_per_s"], result["first_loss"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=["dense", "moe", "both"], default="both")
+    ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288",
+                    help="datum lengths of the batch (tokens)")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build")))
+    ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    kinds = ["dense", "moe"] if args.model == "both" else [args.model]
+    for kind in kinds:
+        model_dir = os.path.join(args.cache, kind)
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            print(f"[bench] writing {kind} model to {model_dir}", flush=True)
+            make_model(kind, model_dir)
+        batch = make_batch(lengths, SHAPES[kind]["vocab_size"])
+        lathe_tps, lathe_loss = time_lathe(model_dir, batch, args.rank, args.warmup, args.steps,
+                                           args.build_dir, args.threads)
+        hf_tps, hf_loss = time_hf(model_dir, batch, args.rank, args.warmup, args.steps)
+        print(f"{kind}: lathe {lathe_tps:.1f} tokens/s, transformers+peft {hf_tps:.1f} tokens/s, "
+              f"ratio {lathe_tps / hf_tps:.2f}x  (first-step loss {lathe_loss:.3f} vs {hf_loss:.3f}; "
+              f"threads {args.threads}, lengths {args.lengths})", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
