@@ -8,10 +8,10 @@
 namespace lathe::runtime {
 
 at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
-  at::Tensor y = at::matmul(x, weight.t());
-  if (lora_a.defined()) {
-    y = y + at::matmul(at::matmul(x, lora_a.t()), lora_b.t()) * scale;
-  }
+  // x is [T, in]. The scale goes on the rank-sized product and the adapter
+  // term is added by the GEMM itself, so no extra [T, out] temporaries.
+  at::Tensor y = at::mm(x, weight.t());
+  if (lora_a.defined()) y = at::addmm(y, at::mm(x, lora_a.t()).mul(scale), lora_b.t());
   return y;
 }
 
@@ -46,10 +46,8 @@ namespace {
 // x [n, in] through expert e's projection W [E, out, in] with optional LoRA.
 at::Tensor ExpertProject(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a,
                          const at::Tensor& b, int64_t e, double scale) {
-  at::Tensor y = at::matmul(x, w.select(0, e).t());
-  if (a.defined()) {
-    y = y + at::matmul(at::matmul(x, a.select(0, e).t()), b.select(0, e).t()) * scale;
-  }
+  at::Tensor y = at::mm(x, w.select(0, e).t());
+  if (a.defined()) y = at::addmm(y, at::mm(x, a.select(0, e).t()).mul(scale), b.select(0, e).t());
   return y;
 }
 

@@ -11,8 +11,8 @@
 
 namespace lathe::runtime {
 
-// y = x Wᵀ + scale · (x Aᵀ) Bᵀ. `lora_a` [r, in] and `lora_b` [out, r] are
-// undefined when the layer has no adapter.
+// y = x Wᵀ + scale · (x Aᵀ) Bᵀ for x [T, in]. `lora_a` [r, in] and `lora_b`
+// [out, r] are undefined when the layer has no adapter.
 struct LoraLinear {
   at::Tensor weight;  // [out, in]
   at::Tensor lora_a;

@@ -3,6 +3,7 @@
 #include "runtime/losses.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 
 namespace lathe::runtime {
@@ -19,12 +20,37 @@ at::Tensor Threshold(const std::map<std::string, at::Tensor>& inputs,
 
 }  // namespace
 
+namespace {
+
+// logprob[i, k] = logits[i, t[i, k]] − logsumexp(logits[i]) with a fused
+// backward: one [N, V] buffer, grad = onehot·g − softmax·Σ_k g.
+struct TargetLogprobFn : public torch::autograd::Function<TargetLogprobFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& index) {
+    at::Tensor lse = at::logsumexp(logits, -1, /*keepdim=*/true);
+    ctx->save_for_backward({logits, lse, index});
+    return logits.gather(1, index) - lse;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor& lse = saved[1];
+    const at::Tensor& index = saved[2];
+    at::Tensor g = grads[0];
+    at::Tensor grad = at::sub(logits, lse).exp_().mul_(-g.sum(1, /*keepdim=*/true));
+    grad.scatter_add_(1, index, g);
+    return {grad, at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets) {
-  at::Tensor lse = at::logsumexp(logits, -1, /*keepdim=*/true);  // [N, 1]
   at::Tensor ignored = targets.eq(kIgnoreTarget);
   at::Tensor safe = targets.masked_fill(ignored, 0);
   at::Tensor index = safe.dim() == 1 ? safe.unsqueeze(1) : safe;
-  at::Tensor lp = logits.gather(1, index) - lse;
+  at::Tensor lp = TargetLogprobFn::apply(logits, index);
   if (targets.dim() == 1) lp = lp.squeeze(1);
   return lp.masked_fill(ignored, 0.0);
 }

@@ -136,16 +136,27 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
       std::vector<MoeStats> moe;
       at::Tensor hidden = impl_->model->Hidden(at::tensor(packed, at::kLong), part, &moe);
       at::Tensor logits = impl_->model->Logits(hidden);
+      std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
+      std::vector<at::Tensor> targets;
+      bool flat = true;
+      for (int i = begin; i < end; ++i) {
+        for (const auto& [key, t] : input.data(i).loss_fn_inputs()) inputs[i - begin][key] = TensorFromWire(t);
+        targets.push_back(inputs[i - begin].at("target_tokens"));
+        flat = flat && targets.back().dim() == 1;
+      }
+      // One logprob op over the packed rows when every target is 1-D, so the
+      // backward builds a single [T, V] gradient.
+      at::Tensor packed_lp = flat ? TargetLogprobs(logits, at::cat(targets)) : at::Tensor();
       at::Tensor total;
       int64_t offset = 0;
       for (int i = begin; i < end; ++i) {
-        std::map<std::string, at::Tensor> inputs;
-        for (const auto& [key, t] : input.data(i).loss_fn_inputs()) inputs[key] = TensorFromWire(t);
-        at::Tensor lp = TargetLogprobs(logits.narrow(0, offset, lengths[i]), inputs.at("target_tokens"));
-        at::Tensor elementwise = ElementwiseLoss(spec.name, lp, inputs, loss_config);
+        const auto& in = inputs[i - begin];
+        at::Tensor lp = flat ? packed_lp.narrow(0, offset, lengths[i])
+                             : TargetLogprobs(logits.narrow(0, offset, lengths[i]), in.at("target_tokens"));
+        at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
         at::Tensor loss = elementwise.sum();
         total = total.defined() ? total + loss : loss;
-        loss_tokens += inputs.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
+        loss_tokens += in.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
         auto* record = out.add_loss_fn_outputs()->mutable_tensors();
         (*record)["logprobs"] = TensorToWire(lp.detach());
         (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());

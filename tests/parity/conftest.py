@@ -29,6 +29,11 @@ HARNESS_TIMEOUT_S = float(os.environ.get("LATHE_HARNESS_TIMEOUT", "300"))
 EXIT_REFUSED = 3
 
 
+def pytest_configure(config):
+    # peft probes a deprecated transformers property on every get_peft_model call
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 def harness_path() -> str:
     explicit = os.environ.get("LATHE_HARNESS")
     if explicit:
