@@ -96,7 +96,27 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
     }
   }
   AttachLora(lm_head_, "lm_head", lora_.train_unembed, gen);
+  FuseFrozenWeights();
   return absl::OkStatus();
+}
+
+void DecoderModel::FuseFrozenWeights() {
+  auto fuse = [](std::vector<LoraLinear*> parts) {
+    std::vector<at::Tensor> weights;
+    for (LoraLinear* p : parts) weights.push_back(p->weight);
+    at::Tensor fused = at::cat(weights, 0);
+    int64_t offset = 0;
+    for (LoraLinear* p : parts) {
+      int64_t rows = p->weight.size(0);
+      p->weight = fused.narrow(0, offset, rows);
+      offset += rows;
+    }
+    return fused;
+  };
+  for (DecoderLayer& l : layers_) {
+    l.qkv_weight = fuse({&l.q, &l.k, &l.v});
+    if (!l.moe) l.gate_up_weight = fuse({&l.gate, &l.up});
+  }
 }
 
 namespace {
@@ -217,9 +237,16 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   const bool gqa = c.num_attention_heads != c.num_key_value_heads;
   for (const DecoderLayer& l : layers_) {
     at::Tensor a = RmsNorm(h, l.input_norm, eps);
-    at::Tensor q = l.q.Forward(a).view({t, c.num_attention_heads, c.head_dim});
-    at::Tensor k = l.k.Forward(a).view({t, c.num_key_value_heads, c.head_dim});
-    at::Tensor v = l.v.Forward(a).view({t, c.num_key_value_heads, c.head_dim});
+    at::Tensor q, k, v;
+    if (l.qkv_weight.defined()) {
+      auto qkv = GroupedForward(a, l.qkv_weight, {&l.q, &l.k, &l.v});
+      q = qkv[0], k = qkv[1], v = qkv[2];
+    } else {
+      q = l.q.Forward(a), k = l.k.Forward(a), v = l.v.Forward(a);
+    }
+    q = q.reshape({t, c.num_attention_heads, c.head_dim});
+    k = k.reshape({t, c.num_key_value_heads, c.head_dim});
+    v = v.reshape({t, c.num_key_value_heads, c.head_dim});
     if (c.qk_norm) {
       q = RmsNorm(q, l.q_norm, eps);
       k = RmsNorm(k, l.k_norm, eps);
@@ -235,7 +262,14 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
       h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
       if (moe_stats != nullptr) moe_stats->push_back(std::move(stats));
     } else {
-      h = h + l.down.Forward(at::silu(l.gate.Forward(m)) * l.up.Forward(m));
+      at::Tensor g, u;
+      if (l.gate_up_weight.defined()) {
+        auto gu = GroupedForward(m, l.gate_up_weight, {&l.gate, &l.up});
+        g = gu[0], u = gu[1];
+      } else {
+        g = l.gate.Forward(m), u = l.up.Forward(m);
+      }
+      h = h + l.down.Forward(at::silu(g) * u);
     }
   }
   return RmsNorm(h, final_norm_, eps);

@@ -38,6 +38,9 @@ struct DecoderLayer {
   LoraLinear q, k, v, o;
   bool moe = false;
   LoraLinear gate, up, down;  // dense MLP
+  // With frozen base weights: [q; k; v] and [gate; up] stacked, the parts'
+  // weights being views into them. Undefined in full fine-tuning.
+  at::Tensor qkv_weight, gate_up_weight;
   at::Tensor router;          // [E, H]
   ExpertBank experts;
 };
@@ -76,6 +79,7 @@ class DecoderModel {
   void AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled, at::Generator& gen);
   void AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen);
   void RegisterFull();
+  void FuseFrozenWeights();
 
   ModelConfig config_;
   LoraSettings lora_;

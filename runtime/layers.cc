@@ -15,6 +15,25 @@ at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
   return y;
 }
 
+std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fused,
+                                       const std::vector<const LoraLinear*>& parts) {
+  std::vector<int64_t> sizes;
+  std::vector<at::Tensor> a_parts;
+  for (const LoraLinear* p : parts) {
+    sizes.push_back(p->weight.size(0));
+    if (p->lora_a.defined()) a_parts.push_back(p->lora_a);
+  }
+  std::vector<at::Tensor> outs = at::split_with_sizes(at::mm(x, fused.t()), sizes, 1);
+  if (a_parts.empty()) return outs;
+  std::vector<int64_t> ranks;
+  for (const at::Tensor& a : a_parts) ranks.push_back(a.size(0));
+  std::vector<at::Tensor> xa = at::split_with_sizes(at::mm(x, at::cat(a_parts, 0).t()), ranks, 1);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    outs[i] = at::addmm(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b.t());
+  }
+  return outs;
+}
+
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor x32 = x.to(at::kFloat);
   at::Tensor var = x32.pow(2).mean(-1, /*keepdim=*/true);

@@ -22,6 +22,13 @@ struct LoraLinear {
   at::Tensor Forward(const at::Tensor& x) const;
 };
 
+// Several LoraLinear layers that read the same input, evaluated with one GEMM
+// over their concatenated weights (`fused` [Σ out, in], whose row blocks the
+// parts' weights are views of) and one GEMM for their LoRA A matrices.
+// Returns one output per part. REQUIRES: every part has an adapter or none.
+std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fused,
+                                       const std::vector<const LoraLinear*>& parts);
+
 // y = weight · (x / rms(x)), with the normalisation in fp32 and the cast back
 // to x's dtype before the multiplication (as transformers computes it).
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);

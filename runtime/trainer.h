@@ -27,6 +27,10 @@ struct TrainerOptions {
   // tokens (one forward and backward each). 0: sized so the fp32 logits of a
   // micro-batch stay near 256 MiB.
   int64_t micro_batch_tokens = 0;
+  // Keep freed memory in the process heap instead of returning it to the OS
+  // (glibc mallopt, process-wide): logits-sized buffers are then reused
+  // without page faults, at the cost of a higher resident set.
+  bool retain_freed_memory = true;
 };
 
 struct TrainerInfo {
