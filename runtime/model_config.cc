@@ -50,6 +50,18 @@ absl::StatusOr<bool> Bool(const json& j, const std::string& key, bool fallback) 
 absl::Status RefuseUnsupported(const json& j) {
   LATHE_ASSIGN_OR_RETURN(bool sliding, Bool(j, "use_sliding_window", false));
   if (sliding) return FieldError("use_sliding_window", "is true; sliding-window attention is not supported");
+  auto types = j.find("layer_types");  // transformers 5.x
+  if (types != j.end() && types->is_array()) {
+    for (const auto& t : *types) {
+      if (!t.is_string() || t.get<std::string>() != "full_attention") {
+        return FieldError("layer_types", "lists a layer that is not \"full_attention\"");
+      }
+    }
+  }
+  auto window = j.find("sliding_window");
+  if (window != j.end() && !window->is_null() && j.value("model_type", "") == "mistral") {
+    return FieldError("sliding_window", "is set; sliding-window attention is not supported");
+  }
   LATHE_ASSIGN_OR_RETURN(bool attn_bias, Bool(j, "attention_bias", false));
   if (attn_bias) return FieldError("attention_bias", "is true; attention biases are not supported");
   LATHE_ASSIGN_OR_RETURN(bool mlp_bias, Bool(j, "mlp_bias", false));

@@ -71,6 +71,10 @@ TEST(ModelConfigTest, RefusesWhatItCannotCompute) {
   ExpectRefused(base + R"("hidden_act":"gelu"})", "hidden_act");
   ExpectRefused(base + R"("num_key_value_heads":3})", "num_key_value_heads");
   ExpectRefused(base + R"("attention_bias":true})", "attention_bias");
+  ExpectRefused(base + R"("layer_types":["full_attention","sliding_attention"]})", "layer_types");
+  ExpectRefused(R"({"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":10,
+    "hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,
+    "sliding_window":4096})", "sliding_window");
   ExpectRefused(R"({"architectures":["Qwen3ForCausalLM"],"hidden_size":8})", "vocab_size");
   ExpectRefused(R"({"architectures":["Qwen3ForCausalLM"],"vocab_size":"ten"})", "vocab_size");
   ExpectRefused("not json", "not a JSON object");
