@@ -178,6 +178,8 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(input.loss_fn(), ": ", e.what_without_backtrace()));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat(input.loss_fn(), ": out of memory"));
   }
   auto& metrics = *out.mutable_metrics();
   metrics["loss:sum"] = loss_sum;

@@ -51,7 +51,9 @@ class Trainer {
   // Logprobs and losses without touching gradients.
   absl::StatusOr<lathe::v1::ForwardBackwardOutput> Forward(const lathe::v1::ForwardBackwardInput& input);
   // As Forward, and adds the gradient of the summed loss to the accumulated
-  // gradients. A refused call (InvalidArgument) changes nothing.
+  // gradients. A refused call (InvalidArgument) changes nothing. A failure
+  // inside the computation (Internal, ResourceExhausted) may leave the
+  // gradients of the micro-batches that finished accumulated.
   absl::StatusOr<lathe::v1::ForwardBackwardOutput> ForwardBackward(
       const lathe::v1::ForwardBackwardInput& input);
   // Applies AdamW to the accumulated gradients and clears them. Metrics:
