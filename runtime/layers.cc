@@ -62,12 +62,19 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
 
 namespace {
 
-// x [n, in] through expert e's projection W [E, out, in] with optional LoRA.
+// One expert's projection of x [n, in]: W [out, in] with optional LoRA.
 at::Tensor ExpertProject(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a,
-                         const at::Tensor& b, int64_t e, double scale) {
-  at::Tensor y = at::mm(x, w.select(0, e).t());
-  if (a.defined()) y = at::addmm(y, at::mm(x, a.select(0, e).t()).mul(scale), b.select(0, e).t());
+                         const at::Tensor& b, double scale) {
+  at::Tensor y = at::mm(x, w.t());
+  if (a.defined()) y = at::addmm(y, at::mm(x, a.t()).mul(scale), b.t());
   return y;
+}
+
+// Per-expert views of a stacked tensor. unbind's backward stacks the experts'
+// gradients once, where select would build a full-size gradient per expert.
+std::vector<at::Tensor> PerExpert(const at::Tensor& stacked, int64_t experts) {
+  if (!stacked.defined()) return std::vector<at::Tensor>(experts);
+  return stacked.unbind(0);
 }
 
 }  // namespace
@@ -89,6 +96,11 @@ at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const Exper
   at::Tensor routed = x.index_select(0, token_of);
 
   const int64_t* count = counts.data_ptr<int64_t>();
+  auto gate = PerExpert(experts.gate, num_experts), up = PerExpert(experts.up, num_experts),
+       down = PerExpert(experts.down, num_experts);
+  auto gate_a = PerExpert(experts.gate_a, num_experts), gate_b = PerExpert(experts.gate_b, num_experts);
+  auto up_a = PerExpert(experts.up_a, num_experts), up_b = PerExpert(experts.up_b, num_experts);
+  auto down_a = PerExpert(experts.down_a, num_experts), down_b = PerExpert(experts.down_b, num_experts);
   std::vector<at::Tensor> outputs;
   int64_t offset = 0;
   MoeStats local;
@@ -96,10 +108,10 @@ at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const Exper
   for (int64_t e = 0; e < num_experts; ++e) {
     if (count[e] == 0) continue;
     at::Tensor seg = routed.narrow(0, offset, count[e]);
-    at::Tensor g = ExpertProject(seg, experts.gate, experts.gate_a, experts.gate_b, e, experts.scale);
-    at::Tensor u = ExpertProject(seg, experts.up, experts.up_a, experts.up_b, e, experts.scale);
+    at::Tensor g = ExpertProject(seg, gate[e], gate_a[e], gate_b[e], experts.scale);
+    at::Tensor u = ExpertProject(seg, up[e], up_a[e], up_b[e], experts.scale);
     at::Tensor h = at::silu(g) * u;
-    outputs.push_back(ExpertProject(h, experts.down, experts.down_a, experts.down_b, e, experts.scale));
+    outputs.push_back(ExpertProject(h, down[e], down_a[e], down_b[e], experts.scale));
     offset += count[e];
     local.experts_with_tokens += 1;
     local.max_load = std::max(local.max_load, count[e]);
