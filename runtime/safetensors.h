@@ -28,6 +28,12 @@ struct TensorView {
 // Bytes per element of a safetensors dtype string, 0 for an unknown one. Known: BOOL, U8, I8,
 // F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64.
 // Sub-byte dtypes (F4, F6_*) are not supported.
+// Position of a dtype in the Python library's dtype order (-1 if unknown);
+// its writer sorts tensors by descending position.
+int SafetensorsDtypeRank(const std::string& dtype);
+// Bytes of a tensor of `shape`; false for a negative dim or on overflow.
+bool SafetensorsTensorBytes(const std::vector<int64_t>& shape, size_t elem_size, uint64_t* bytes);
+
 size_t DtypeSize(const std::string& dtype);
 
 // One memory-mapped .safetensors file (mmap PROT_READ, MAP_PRIVATE; unmapped in the dtor).
