@@ -31,6 +31,9 @@ SHAPES = {
                 num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
                 tie_word_embeddings=False),
 }
+# The same MoE widths with two MoE layers, where the experts weigh more
+# against the vocabulary projection.
+SHAPES["moe2"] = dict(SHAPES["moe"], num_hidden_layers=2)
 
 
 def make_model(kind, out_dir):
@@ -116,7 +119,7 @@ def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", choices=["dense", "moe", "both"], default="both")
+    ap.add_argument("--model", choices=["dense", "moe", "moe2", "both"], default="both")
     ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288",
                     help="datum lengths of the batch (tokens)")
     ap.add_argument("--rank", type=int, default=32)
