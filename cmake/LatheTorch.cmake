@@ -1,4 +1,6 @@
-# Finds libtorch and exposes it as the target lathe::torch.
+# Finds libtorch and exposes it as the target lathe::torch: the one in
+# CMAKE_PREFIX_PATH or Torch_DIR when either is set, else the wheel of
+# LATHE_PYTHON (.venv/bin/python by default).
 #
 # The PyTorch wheel ships its own copy of protobuf 3.13 headers under
 # torch/include/google/, which shadow the system protobuf headers that gRPC
@@ -13,7 +15,7 @@ if(NOT TARGET protobuf::libprotobuf)
   message(FATAL_ERROR "find_package(Protobuf) must run before LatheTorch.cmake")
 endif()
 
-if(NOT DEFINED Torch_DIR AND NOT CMAKE_PREFIX_PATH MATCHES "[Tt]orch")
+if(NOT DEFINED Torch_DIR AND NOT CMAKE_PREFIX_PATH)
   find_program(LATHE_PYTHON NAMES python3 PATHS ${CMAKE_SOURCE_DIR}/.venv/bin NO_DEFAULT_PATH)
   if(NOT LATHE_PYTHON)
     find_program(LATHE_PYTHON NAMES python3)

@@ -105,7 +105,12 @@ absl::Status WriteSyntheticSftData(const std::string& path, int64_t vocab_size, 
 
 absl::StatusOr<SftSummary> RunSft(const SftOptions& o) {
   LATHE_ASSIGN_OR_RETURN(std::vector<lathe::v1::Datum> data, ReadSftJsonl(o.data_path));
+  std::printf("lathe sft: loading %s\n", o.model_dir.c_str());
+  std::fflush(stdout);
+  auto load_start = std::chrono::steady_clock::now();
   LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create({o.model_dir, o.lora, 0, 0}));
+  std::printf("lathe sft: loaded in %.1fs\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
   TrainerInfo info = trainer->GetInfo();
   std::printf("lathe sft: %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
               info.architecture.c_str(), o.lora.full_finetune() ? "full fine-tuning" :
