@@ -22,23 +22,23 @@ at::Tensor Threshold(const std::map<std::string, at::Tensor>& inputs,
 
 namespace {
 
-// logprob[i, k] = logits[i, t[i, k]] − logsumexp(logits[i]) with a fused
-// backward: one [N, V] buffer, grad = onehot·g − softmax·Σ_k g.
+// logprob[i, k] = log_softmax(logits[i])[t[i, k]] with a fused backward:
+// one [N, V] buffer, grad = onehot·g − softmax·Σ_k g. Only the log-softmax is
+// kept for the backward, so the logits can be freed after the forward.
 struct TargetLogprobFn : public torch::autograd::Function<TargetLogprobFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& index) {
-    at::Tensor lse = at::logsumexp(logits, -1, /*keepdim=*/true);
-    ctx->save_for_backward({logits, lse, index});
-    return logits.gather(1, index) - lse;
+    at::Tensor log_softmax = at::_log_softmax(logits, 1, /*half_to_float=*/false);
+    ctx->save_for_backward({log_softmax, index});
+    return log_softmax.gather(1, index);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor& logits = saved[0];
-    const at::Tensor& lse = saved[1];
-    const at::Tensor& index = saved[2];
+    const at::Tensor& log_softmax = saved[0];
+    const at::Tensor& index = saved[1];
     at::Tensor g = grads[0];
-    at::Tensor grad = at::sub(logits, lse).exp_().mul_(-g.sum(1, /*keepdim=*/true));
+    at::Tensor grad = at::exp(log_softmax).mul_(-g.sum(1, /*keepdim=*/true));
     grad.scatter_add_(1, index, g);
     return {grad, at::Tensor()};
   }
