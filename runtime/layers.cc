@@ -104,7 +104,6 @@ at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const Exper
   std::vector<at::Tensor> outputs;
   int64_t offset = 0;
   MoeStats local;
-  local.counts.assign(count, count + num_experts);
   for (int64_t e = 0; e < num_experts; ++e) {
     if (count[e] == 0) continue;
     at::Tensor seg = routed.narrow(0, offset, count[e]);

@@ -60,7 +60,6 @@ struct MoeStats {
   int64_t experts_with_tokens = 0;
   int64_t max_load = 0;      // tokens routed to the busiest expert
   int64_t total_routed = 0;  // tokens × top-k
-  std::vector<int64_t> counts;  // tokens per expert
 };
 
 // Sparse MoE block: softmax router in fp32 over all experts, top-k, optional
