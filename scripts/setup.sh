@@ -28,11 +28,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import torch, transformers, peft, safetensors, pytest' 2>/dev/null; then
+# Reinstall only when requirements-dev.txt changed since the last install.
+stamp=.venv/.lathe-requirements
+if ! cmp -s requirements-dev.txt "$stamp"; then
   echo "[setup] installing Python packages into .venv"
-  .venv/bin/pip install -q --upgrade pip
   # torch first and pinned, so nothing later pulls a different build.
-  .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q "torch==2.13.0" transformers peft safetensors pytest numpy
+  .venv/bin/pip install -q "$(grep '^torch==' requirements-dev.txt)"
+  .venv/bin/pip install -q -r requirements-dev.txt
+  cp requirements-dev.txt "$stamp"
 fi
 echo "[setup] ok"
