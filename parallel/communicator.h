@@ -1,0 +1,57 @@
+// Collective communication inside one group of ranks, with a timeout on every
+// call so a dead peer fails the caller instead of hanging it.
+//
+// Cross-rank rule: every member of the group calls the same collectives in the
+// same order with matching sizes. After a call times out the communicator is
+// broken (a collective cannot be withdrawn once posted): every later call
+// returns FailedPrecondition; the process should leave the job.
+#ifndef LATHE_PARALLEL_COMMUNICATOR_H_
+#define LATHE_PARALLEL_COMMUNICATOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace lathe::parallel {
+
+enum class ElemType { kFloat32, kFloat64, kInt32, kInt64 };
+
+// A contiguous host (MPI) or device (NCCL) buffer of `count` elements.
+struct Buffer {
+  void* data = nullptr;
+  int64_t count = 0;
+  ElemType type = ElemType::kFloat32;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;  // in the group
+  virtual int size() const = 0;
+
+  // In place: every member ends with the element-wise sum.
+  virtual absl::Status AllReduceSum(Buffer buf, absl::Duration timeout) = 0;
+  // recv.count == size() × send.count; member i's data lands at i × send.count.
+  virtual absl::Status AllGather(Buffer send, Buffer recv, absl::Duration timeout) = 0;
+  // send.count == size() × recv.count; member i receives the sum of block i.
+  virtual absl::Status ReduceScatterSum(Buffer send, Buffer recv, absl::Duration timeout) = 0;
+  // Uneven all-to-all: send_counts[j] elements go to member j, recv_counts[j]
+  // come from it, both packed in member order.
+  virtual absl::Status AllToAll(Buffer send, const std::vector<int64_t>& send_counts, Buffer recv,
+                                const std::vector<int64_t>& recv_counts, absl::Duration timeout) = 0;
+  virtual absl::Status Broadcast(Buffer buf, int root, absl::Duration timeout) = 0;
+  virtual absl::Status Barrier(absl::Duration timeout) = 0;
+};
+
+// An MPI communicator over the given world ranks (ascending, including this
+// rank). Collective over MPI_COMM_WORLD: every world rank calls it with its
+// own group, in the same order. REQUIRES: MPI is initialised with at least
+// MPI_THREAD_FUNNELED.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(const std::vector<int>& world_ranks);
+
+}  // namespace lathe::parallel
+
+#endif  // LATHE_PARALLEL_COMMUNICATOR_H_
