@@ -62,14 +62,6 @@ at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
 
 namespace {
 
-// One expert's projection of x [n, in]: W [out, in] with optional LoRA.
-at::Tensor ExpertProject(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a,
-                         const at::Tensor& b, double scale) {
-  at::Tensor y = at::mm(x, w.t());
-  if (a.defined()) y = at::addmm(y, at::mm(x, a.t()).mul(scale), b.t());
-  return y;
-}
-
 // Per-expert views of a stacked tensor. unbind's backward stacks the experts'
 // gradients once, where select would build a full-size gradient per expert.
 std::vector<at::Tensor> PerExpert(const at::Tensor& stacked, int64_t experts) {
@@ -107,10 +99,10 @@ at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const Exper
   for (int64_t e = 0; e < num_experts; ++e) {
     if (count[e] == 0) continue;
     at::Tensor seg = routed.narrow(0, offset, count[e]);
-    at::Tensor g = ExpertProject(seg, gate[e], gate_a[e], gate_b[e], experts.scale);
-    at::Tensor u = ExpertProject(seg, up[e], up_a[e], up_b[e], experts.scale);
+    at::Tensor g = LoraLinear{gate[e], gate_a[e], gate_b[e], experts.scale}.Forward(seg);
+    at::Tensor u = LoraLinear{up[e], up_a[e], up_b[e], experts.scale}.Forward(seg);
     at::Tensor h = at::silu(g) * u;
-    outputs.push_back(ExpertProject(h, down[e], down_a[e], down_b[e], experts.scale));
+    outputs.push_back(LoraLinear{down[e], down_a[e], down_b[e], experts.scale}.Forward(h));
     offset += count[e];
     local.experts_with_tokens += 1;
     local.max_load = std::max(local.max_load, count[e]);
