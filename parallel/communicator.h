@@ -34,6 +34,8 @@ class Communicator {
 
   // In place: every member ends with the element-wise sum.
   virtual absl::Status AllReduceSum(Buffer buf, absl::Duration timeout) = 0;
+  // In place: every member ends with the element-wise maximum.
+  virtual absl::Status AllReduceMax(Buffer buf, absl::Duration timeout) = 0;
   // recv.count == size() × send.count; member i's data lands at i × send.count.
   virtual absl::Status AllGather(Buffer send, Buffer recv, absl::Duration timeout) = 0;
   // send.count == size() × recv.count; member i receives the sum of block i.

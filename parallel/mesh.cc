@@ -32,6 +32,9 @@ absl::Status ValidateMesh(const MeshShape& s, int world_size, const ModelDims& m
   if (m.num_key_value_heads > 0 && m.num_key_value_heads % s.tp != 0 && s.tp % m.num_key_value_heads != 0) {
     problems.push_back(absl::StrCat("KV heads ", m.num_key_value_heads, " neither divide nor are divisible by tp ", s.tp));
   }
+  if (m.intermediate_size > 0 && m.intermediate_size % s.tp != 0) {
+    problems.push_back(absl::StrCat("MLP width ", m.intermediate_size, " is not divisible by tp ", s.tp));
+  }
   if (s.ep > 1 && m.num_experts == 0) {
     problems.push_back(absl::StrCat("ep ", s.ep, " needs a mixture-of-experts model"));
   } else if (m.num_experts > 0 && m.num_experts % s.ep != 0) {

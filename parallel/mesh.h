@@ -33,6 +33,7 @@ struct ModelDims {
   int64_t num_attention_heads = 0;
   int64_t num_key_value_heads = 0;
   int64_t num_experts = 0;
+  int64_t intermediate_size = 0;  // dense MLP width, split over tp
 };
 
 // Where one rank sits, and the ranks (ascending) of each group it belongs to.
@@ -57,7 +58,7 @@ struct RankPlace {
 // one message naming each violated rule: world size ≠ replicas × node_count ×
 // devices_per_node, tp not dividing devices_per_node, ep not dividing the
 // group, heads % tp, KV heads neither divisible by nor dividing tp,
-// experts % ep, non-positive degrees.
+// experts % ep, dense MLP width % tp, non-positive degrees.
 absl::Status ValidateMesh(const MeshShape& shape, int world_size, const ModelDims& model);
 
 // The place of `rank`. REQUIRES: ValidateMesh(shape, shape.world_size(), ...) is OK

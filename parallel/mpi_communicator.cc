@@ -74,11 +74,10 @@ class MpiCommunicator : public Communicator {
   int size() const override { return size_; }
 
   absl::Status AllReduceSum(Buffer buf, absl::Duration timeout) override {
-    LATHE_RETURN_IF_BROKEN();
-    MPI_Request req;
-    LATHE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data, static_cast<int>(buf.count), MpiType(buf.type),
-                                   MPI_SUM, comm_, &req));
-    return Wait(req, timeout, "all_reduce");
+    return AllReduce(buf, MPI_SUM, timeout);
+  }
+  absl::Status AllReduceMax(Buffer buf, absl::Duration timeout) override {
+    return AllReduce(buf, MPI_MAX, timeout);
   }
   absl::Status AllGather(Buffer send, Buffer recv, absl::Duration timeout) override {
     LATHE_RETURN_IF_BROKEN();
@@ -129,6 +128,13 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
+  absl::Status AllReduce(Buffer buf, MPI_Op op, absl::Duration timeout) {
+    LATHE_RETURN_IF_BROKEN();
+    MPI_Request req;
+    LATHE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data, static_cast<int>(buf.count), MpiType(buf.type),
+                                   op, comm_, &req));
+    return Wait(req, timeout, "all_reduce");
+  }
   static absl::Status SizeError(const char* what, int64_t got, int64_t want) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": buffer holds ", got, " elements, needs ", want));
   }

@@ -54,7 +54,8 @@ void AdamW::Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
   param.addcdiv_(exp_avg, denom, -step_size);
 }
 
-AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper& h) {
+AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper& h,
+                           const std::function<double()>& global_norm) {
   at::NoGradGuard no_grad;
   if (states_.empty()) {
     for (const TrainableParam& p : params) {
@@ -68,7 +69,8 @@ AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper&
   }
   AdamStepResult result;
   if (!norms.empty()) {
-    at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+    at::Tensor total = global_norm ? at::scalar_tensor(global_norm(), at::kFloat)
+                                   : at::linalg_vector_norm(at::stack(norms), 2);
     result.grad_norm = total.item<double>();
     if (h.grad_clip_norm > 0) {
       at::Tensor coef = at::clamp_max(h.grad_clip_norm / (total + 1e-6), 1.0);

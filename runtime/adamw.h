@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -39,7 +40,10 @@ struct AdamStepResult {
 // has a zero gradient and still moves with its momentum.
 class AdamW {
  public:
-  AdamStepResult Step(std::vector<TrainableParam>& params, const AdamHyper& hyper);
+  // `global_norm`, when given, replaces the local gradient norm (a sharded
+  // model's norm over every rank).
+  AdamStepResult Step(std::vector<TrainableParam>& params, const AdamHyper& hyper,
+                      const std::function<double()>& global_norm = nullptr);
   int64_t step() const { return step_; }
 
   // The state of parameter i.

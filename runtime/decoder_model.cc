@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "parallel/expert_parallel.h"
+#include "runtime/losses.h"
 #include "runtime/status.h"
 #include "runtime/weight_source.h"
 
@@ -21,16 +23,28 @@ void ForEachNamed(const TrainableParam& p, const at::Tensor& value,
     fn(p.name, value);
     return;
   }
+  const int64_t first = p.shard_dim == 0 ? p.shard_begin : 0;
   for (int64_t e = 0; e < value.size(0); ++e) {
-    fn(absl::StrReplaceAll(p.name, {{"{e}", absl::StrCat(e)}}), value.select(0, e));
+    fn(absl::StrReplaceAll(p.name, {{"{e}", absl::StrCat(first + e)}}), value.select(0, e));
   }
 }
 
+// How a linear layer is cut over tp: by output rows (column-parallel) or by
+// input columns (row-parallel), at `begin` of `full`.
+struct DecoderModel::Cut {
+  enum Kind { kColumn, kRow } kind = kColumn;
+  int64_t begin = 0;
+  int64_t full = 0;
+  bool kv_shared = false;
+};
+
 absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::string& dir,
-                                                                 const LoraSettings& lora) {
+                                                                 const LoraSettings& lora,
+                                                                 const ModelShard& shard) {
   std::unique_ptr<DecoderModel> model(new DecoderModel());
   LATHE_ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
   model->lora_ = lora;
+  model->shard_ = shard;
   LATHE_ASSIGN_OR_RETURN(WeightSource source, WeightSource::Open(dir));
   LATHE_RETURN_IF_ERROR(model->Build(source));
   return model;
@@ -38,13 +52,33 @@ absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::stri
 
 absl::Status DecoderModel::Build(const WeightSource& w) {
   const ModelConfig& c = config_;
-  const int64_t h = c.hidden_size;
-  LATHE_ASSIGN_OR_RETURN(embed_, w.Take("model.embed_tokens.weight", {c.vocab_size, h}));
+  const int64_t h = c.hidden_size, d = c.head_dim;
+  const int tp = shard_.tp.size(), tr = shard_.tp.rank();
+  if (c.num_attention_heads % tp != 0 || (c.num_key_value_heads % tp != 0 && tp % c.num_key_value_heads != 0) ||
+      (c.intermediate_size % tp != 0 && c.num_experts == 0) || c.num_experts % shard_.ep.size() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model ", c.architecture, " cannot be cut over tp ", tp,
+                                                   " and ep ", shard_.ep.size()));
+  }
+  vocab_begin_ = parallel::PartBegin(c.vocab_size, tp, tr);
+  const int64_t vocab_local = parallel::PartBegin(c.vocab_size, tp, tr + 1) - vocab_begin_;
+  heads_ = c.num_attention_heads / tp;
+  kv_shared_ = c.num_key_value_heads < tp;
+  kv_heads_ = kv_shared_ ? 1 : c.num_key_value_heads / tp;
+  kv_begin_ = kv_shared_ ? tr / (tp / c.num_key_value_heads) : tr * kv_heads_;
+  const int64_t inter_local = c.intermediate_size / tp;
+  inter_begin_ = tr * inter_local;
+  const int64_t experts_local = c.num_experts / shard_.ep.size();
+  expert_begin_ = shard_.ep.rank() * experts_local;
+  const Slice vocab{0, vocab_begin_, vocab_local}, q_rows{0, tr * heads_ * d, heads_ * d},
+      kv_rows{0, kv_begin_ * d, kv_heads_ * d}, o_cols{1, tr * heads_ * d, heads_ * d},
+      mlp_rows{0, inter_begin_, inter_local}, mlp_cols{1, inter_begin_, inter_local};
+
+  LATHE_ASSIGN_OR_RETURN(embed_, w.Take("model.embed_tokens.weight", {c.vocab_size, h}, vocab));
   LATHE_ASSIGN_OR_RETURN(final_norm_, w.Take("model.norm.weight", {h}));
   if (c.tie_word_embeddings) {
     lm_head_.weight = embed_;
   } else {
-    LATHE_ASSIGN_OR_RETURN(lm_head_.weight, w.Take("lm_head.weight", {c.vocab_size, h}));
+    LATHE_ASSIGN_OR_RETURN(lm_head_.weight, w.Take("lm_head.weight", {c.vocab_size, h}, vocab));
   }
   layers_.resize(c.num_hidden_layers);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -52,50 +86,54 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
     LATHE_ASSIGN_OR_RETURN(l.input_norm, w.Take(p + "input_layernorm.weight", {h}));
     LATHE_ASSIGN_OR_RETURN(l.post_norm, w.Take(p + "post_attention_layernorm.weight", {h}));
-    LATHE_ASSIGN_OR_RETURN(l.q.weight, w.Take(p + "self_attn.q_proj.weight", {c.q_dim(), h}));
-    LATHE_ASSIGN_OR_RETURN(l.k.weight, w.Take(p + "self_attn.k_proj.weight", {c.kv_dim(), h}));
-    LATHE_ASSIGN_OR_RETURN(l.v.weight, w.Take(p + "self_attn.v_proj.weight", {c.kv_dim(), h}));
-    LATHE_ASSIGN_OR_RETURN(l.o.weight, w.Take(p + "self_attn.o_proj.weight", {h, c.q_dim()}));
+    LATHE_ASSIGN_OR_RETURN(l.q.weight, w.Take(p + "self_attn.q_proj.weight", {c.q_dim(), h}, q_rows));
+    LATHE_ASSIGN_OR_RETURN(l.k.weight, w.Take(p + "self_attn.k_proj.weight", {c.kv_dim(), h}, kv_rows));
+    LATHE_ASSIGN_OR_RETURN(l.v.weight, w.Take(p + "self_attn.v_proj.weight", {c.kv_dim(), h}, kv_rows));
+    LATHE_ASSIGN_OR_RETURN(l.o.weight, w.Take(p + "self_attn.o_proj.weight", {h, c.q_dim()}, o_cols));
     if (c.qk_norm) {
-      LATHE_ASSIGN_OR_RETURN(l.q_norm, w.Take(p + "self_attn.q_norm.weight", {c.head_dim}));
-      LATHE_ASSIGN_OR_RETURN(l.k_norm, w.Take(p + "self_attn.k_norm.weight", {c.head_dim}));
+      LATHE_ASSIGN_OR_RETURN(l.q_norm, w.Take(p + "self_attn.q_norm.weight", {d}));
+      LATHE_ASSIGN_OR_RETURN(l.k_norm, w.Take(p + "self_attn.k_norm.weight", {d}));
     }
     l.moe = c.IsMoeLayer(i);
     if (l.moe) {
       const int64_t inter = c.moe_intermediate_size;
       LATHE_ASSIGN_OR_RETURN(l.router, w.Take(p + "mlp.gate.weight", {c.num_experts, h}));
-      LATHE_ASSIGN_OR_RETURN(auto experts, w.TakeExperts(p + "mlp", c.num_experts, inter, h));
+      LATHE_ASSIGN_OR_RETURN(auto experts, w.TakeExperts(p + "mlp", c.num_experts, inter, h, expert_begin_,
+                                                         experts_local));
       l.experts.gate = experts.gate;
       l.experts.up = experts.up;
       l.experts.down = experts.down;
     } else {
       const int64_t inter = c.intermediate_size;
-      LATHE_ASSIGN_OR_RETURN(l.gate.weight, w.Take(p + "mlp.gate_proj.weight", {inter, h}));
-      LATHE_ASSIGN_OR_RETURN(l.up.weight, w.Take(p + "mlp.up_proj.weight", {inter, h}));
-      LATHE_ASSIGN_OR_RETURN(l.down.weight, w.Take(p + "mlp.down_proj.weight", {h, inter}));
+      LATHE_ASSIGN_OR_RETURN(l.gate.weight, w.Take(p + "mlp.gate_proj.weight", {inter, h}, mlp_rows));
+      LATHE_ASSIGN_OR_RETURN(l.up.weight, w.Take(p + "mlp.up_proj.weight", {inter, h}, mlp_rows));
+      LATHE_ASSIGN_OR_RETURN(l.down.weight, w.Take(p + "mlp.down_proj.weight", {h, inter}, mlp_cols));
     }
   }
   if (lora_.full_finetune()) {
     RegisterFull();
     return absl::OkStatus();
   }
+  const Cut q_cut{Cut::kColumn, tr * heads_ * d, c.q_dim()}, kv_cut{Cut::kColumn, kv_begin_ * d, c.kv_dim(), kv_shared_},
+      o_cut{Cut::kRow, tr * heads_ * d, c.q_dim()}, up_cut{Cut::kColumn, inter_begin_, c.intermediate_size},
+      down_cut{Cut::kRow, inter_begin_, c.intermediate_size}, vocab_cut{Cut::kColumn, vocab_begin_, c.vocab_size};
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(lora_.seed);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     DecoderLayer& l = layers_[i];
     const std::string p = absl::StrCat("model.layers.", i, ".");
-    AttachLora(l.q, p + "self_attn.q_proj", lora_.train_attn, gen);
-    AttachLora(l.k, p + "self_attn.k_proj", lora_.train_attn, gen);
-    AttachLora(l.v, p + "self_attn.v_proj", lora_.train_attn, gen);
-    AttachLora(l.o, p + "self_attn.o_proj", lora_.train_attn, gen);
+    AttachLora(l.q, p + "self_attn.q_proj", lora_.train_attn, gen, q_cut);
+    AttachLora(l.k, p + "self_attn.k_proj", lora_.train_attn, gen, kv_cut);
+    AttachLora(l.v, p + "self_attn.v_proj", lora_.train_attn, gen, kv_cut);
+    AttachLora(l.o, p + "self_attn.o_proj", lora_.train_attn, gen, o_cut);
     if (l.moe && lora_.train_mlp) {
       AttachExpertLora(l.experts, p + "mlp.experts.{e}", gen);
     } else if (!l.moe) {
-      AttachLora(l.gate, p + "mlp.gate_proj", lora_.train_mlp, gen);
-      AttachLora(l.up, p + "mlp.up_proj", lora_.train_mlp, gen);
-      AttachLora(l.down, p + "mlp.down_proj", lora_.train_mlp, gen);
+      AttachLora(l.gate, p + "mlp.gate_proj", lora_.train_mlp, gen, up_cut);
+      AttachLora(l.up, p + "mlp.up_proj", lora_.train_mlp, gen, up_cut);
+      AttachLora(l.down, p + "mlp.down_proj", lora_.train_mlp, gen, down_cut);
     }
   }
-  AttachLora(lm_head_, "lm_head", lora_.train_unembed, gen);
+  AttachLora(lm_head_, "lm_head", lora_.train_unembed, gen, vocab_cut);
   FuseFrozenWeights();
   return absl::OkStatus();
 }
@@ -122,9 +160,10 @@ void DecoderModel::FuseFrozenWeights() {
 namespace {
 
 // PEFT's default: A ~ kaiming_uniform(a=√5), i.e. U(±1/√fan_in); B = 0.
+// Drawn at full size so every layout starts from the same adapter.
 at::Tensor LoraA(std::vector<int64_t> shape, at::Generator& gen) {
   double bound = 1.0 / std::sqrt(static_cast<double>(shape.back()));
-  return at::empty(shape, at::kFloat).uniform_(-bound, bound, gen).requires_grad_(true);
+  return at::empty(shape, at::kFloat).uniform_(-bound, bound, gen);
 }
 
 at::Tensor LoraB(std::vector<int64_t> shape) {
@@ -133,26 +172,40 @@ at::Tensor LoraB(std::vector<int64_t> shape) {
 
 }  // namespace
 
-void DecoderModel::AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled,
-                              at::Generator& gen) {
+void DecoderModel::AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled, at::Generator& gen,
+                              const Cut& cut) {
   if (!enabled) return;
   const int64_t r = lora_.rank;
-  layer.lora_a = LoraA({r, layer.weight.size(1)}, gen);
+  const bool row = cut.kind == Cut::kRow;
+  layer.lora_a = LoraA({r, row ? cut.full : layer.weight.size(1)}, gen);
+  if (row) layer.lora_a = layer.lora_a.narrow(1, cut.begin, layer.weight.size(1)).contiguous();
+  layer.lora_a.requires_grad_(true);
   layer.lora_b = LoraB({layer.weight.size(0), r});
   layer.scale = lora_.scale();
-  trainable_.push_back({prefix + ".lora_A.weight", layer.lora_a, false});
-  trainable_.push_back({prefix + ".lora_B.weight", layer.lora_b, false});
+  TrainableParam a{prefix + ".lora_A.weight", layer.lora_a};
+  TrainableParam b{prefix + ".lora_B.weight", layer.lora_b};
+  if (row) {
+    a.sync = GradSync::kTpSharded, a.shard_dim = 1, a.shard_begin = cut.begin, a.full_size = cut.full;
+  } else {
+    b.sync = cut.kv_shared ? GradSync::kKvShared : GradSync::kTpSharded;
+    b.shard_dim = 0, b.shard_begin = cut.begin, b.full_size = cut.full;
+  }
+  trainable_.push_back(a);
+  trainable_.push_back(b);
 }
 
 void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen) {
   const int64_t r = lora_.rank;
   const int64_t e = bank.gate.size(0), inter = bank.gate.size(1), h = bank.gate.size(2);
+  const int64_t all = config_.num_experts;
   bank.scale = lora_.scale();
   auto add = [&](at::Tensor& a, at::Tensor& b, const char* proj, int64_t in, int64_t out) {
-    a = LoraA({e, r, in}, gen);
+    a = LoraA({all, r, in}, gen).narrow(0, expert_begin_, e).contiguous().requires_grad_(true);
     b = LoraB({e, out, r});
-    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_A.weight"), a, true});
-    trainable_.push_back({absl::StrCat(prefix, ".", proj, ".lora_B.weight"), b, true});
+    for (auto [t, kind] : {std::pair{&a, "lora_A"}, {&b, "lora_B"}}) {
+      trainable_.push_back({absl::StrCat(prefix, ".", proj, ".", kind, ".weight"), *t, true, GradSync::kExpert,
+                            0, expert_begin_, all});
+    }
   };
   add(bank.gate_a, bank.gate_b, "gate_proj", h, inter);
   add(bank.up_a, bank.up_b, "up_proj", h, inter);
@@ -160,38 +213,50 @@ void DecoderModel::AttachExpertLora(ExpertBank& bank, const std::string& prefix,
 }
 
 void DecoderModel::RegisterFull() {
-  auto add = [&](const std::string& name, at::Tensor& t, bool per_expert = false) {
+  const ModelConfig& c = config_;
+  auto add = [&](const std::string& name, at::Tensor& t, GradSync sync = GradSync::kReplicated, int dim = -1,
+                 int64_t begin = 0, int64_t full = 0) {
     t.requires_grad_(true);
-    trainable_.push_back({name, t, per_expert});
+    trainable_.push_back({name, t, sync == GradSync::kExpert, sync, dim, begin, full});
   };
-  add("model.embed_tokens.weight", embed_);
+  const int64_t d = c.head_dim;
+  const int tr = shard_.tp.rank();
+  const GradSync kv_sync = kv_shared_ ? GradSync::kKvShared : GradSync::kTpSharded;
+  add("model.embed_tokens.weight", embed_, GradSync::kTpSharded, 0, vocab_begin_, c.vocab_size);
   for (size_t i = 0; i < layers_.size(); ++i) {
     DecoderLayer& l = layers_[i];
     const std::string p = absl::StrCat("model.layers.", i, ".");
     add(p + "input_layernorm.weight", l.input_norm);
-    add(p + "self_attn.q_proj.weight", l.q.weight);
-    add(p + "self_attn.k_proj.weight", l.k.weight);
-    add(p + "self_attn.v_proj.weight", l.v.weight);
-    add(p + "self_attn.o_proj.weight", l.o.weight);
+    add(p + "self_attn.q_proj.weight", l.q.weight, GradSync::kTpSharded, 0, tr * heads_ * d, c.q_dim());
+    add(p + "self_attn.k_proj.weight", l.k.weight, kv_sync, 0, kv_begin_ * d, c.kv_dim());
+    add(p + "self_attn.v_proj.weight", l.v.weight, kv_sync, 0, kv_begin_ * d, c.kv_dim());
+    add(p + "self_attn.o_proj.weight", l.o.weight, GradSync::kTpSharded, 1, tr * heads_ * d, c.q_dim());
     if (l.q_norm.defined()) {
-      add(p + "self_attn.q_norm.weight", l.q_norm);
-      add(p + "self_attn.k_norm.weight", l.k_norm);
+      add(p + "self_attn.q_norm.weight", l.q_norm, GradSync::kTpPartial);
+      add(p + "self_attn.k_norm.weight", l.k_norm, GradSync::kTpPartial);
     }
     add(p + "post_attention_layernorm.weight", l.post_norm);
     if (l.moe) {
-      add(p + "mlp.gate.weight", l.router);
-      add(p + "mlp.experts.{e}.gate_proj.weight", l.experts.gate, true);
-      add(p + "mlp.experts.{e}.up_proj.weight", l.experts.up, true);
-      add(p + "mlp.experts.{e}.down_proj.weight", l.experts.down, true);
+      // Each tp rank routes its own part of the tokens.
+      add(p + "mlp.gate.weight", l.router, GradSync::kTpPartial);
+      for (auto [proj, t] : {std::pair{"gate_proj", &l.experts.gate}, {"up_proj", &l.experts.up},
+                             {"down_proj", &l.experts.down}}) {
+        add(absl::StrCat(p, "mlp.experts.{e}.", proj, ".weight"), *t, GradSync::kExpert, 0, expert_begin_,
+            c.num_experts);
+      }
     } else {
-      add(p + "mlp.gate_proj.weight", l.gate.weight);
-      add(p + "mlp.up_proj.weight", l.up.weight);
-      add(p + "mlp.down_proj.weight", l.down.weight);
+      add(p + "mlp.gate_proj.weight", l.gate.weight, GradSync::kTpSharded, 0, inter_begin_, c.intermediate_size);
+      add(p + "mlp.up_proj.weight", l.up.weight, GradSync::kTpSharded, 0, inter_begin_, c.intermediate_size);
+      add(p + "mlp.down_proj.weight", l.down.weight, GradSync::kTpSharded, 1, inter_begin_, c.intermediate_size);
     }
   }
   add("model.norm.weight", final_norm_);
-  if (!config_.tie_word_embeddings) add("lm_head.weight", lm_head_.weight);
+  if (!c.tie_word_embeddings) {
+    add("lm_head.weight", lm_head_.weight, GradSync::kTpSharded, 0, vocab_begin_, c.vocab_size);
+  }
 }
+
+parallel::Group DecoderModel::MoeStatsGroup() const { return shard_.ep.active() ? shard_.ep : shard_.tp; }
 
 namespace {
 
@@ -231,45 +296,78 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   const ModelConfig& c = config_;
   const int64_t t = tokens.size(0);
   const double eps = c.rms_norm_eps;
-  at::Tensor h = embed_.index_select(0, tokens);
-  RopeTables rope = PackedRope(lengths, c.head_dim, c.rope_theta, h);
+  const parallel::Group& tp = shard_.tp;
+  RegionFn enter, reduce;
+  if (tp.active()) {
+    enter = [&tp](const at::Tensor& x) { return parallel::CopyToGroup(x, tp); };
+    reduce = [&tp](const at::Tensor& x) { return parallel::ReduceFromGroup(x, tp); };
+  }
+  at::Tensor h;
+  if (tp.active()) {
+    // Vocabulary-parallel lookup: rows outside this rank's part are zero.
+    at::Tensor local = tokens - vocab_begin_;
+    at::Tensor mine = local.ge(0).logical_and(local.lt(embed_.size(0)));
+    at::Tensor rows = embed_.index_select(0, local.masked_fill(mine.logical_not(), 0));
+    h = reduce(rows * mine.unsqueeze(1).to(rows.scalar_type()));
+  } else {
+    h = embed_.index_select(0, tokens);
+  }
+  RopeTables rope;
+  if (t > 0) rope = PackedRope(lengths, c.head_dim, c.rope_theta, h);
   const double softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-  const bool gqa = c.num_attention_heads != c.num_key_value_heads;
+  const bool gqa = heads_ != kv_heads_;
+  const int64_t q_width = heads_ * c.head_dim;
   for (const DecoderLayer& l : layers_) {
     at::Tensor a = RmsNorm(h, l.input_norm, eps);
     at::Tensor q, k, v;
     if (l.qkv_weight.defined()) {
-      auto qkv = GroupedForward(a, l.qkv_weight, {&l.q, &l.k, &l.v});
+      auto qkv = GroupedForward(a, l.qkv_weight, {&l.q, &l.k, &l.v}, enter);
       q = qkv[0], k = qkv[1], v = qkv[2];
     } else {
-      q = l.q.Forward(a), k = l.k.Forward(a), v = l.v.Forward(a);
+      at::Tensor in = enter ? enter(a) : a;
+      q = l.q.Forward(in), k = l.k.Forward(in), v = l.v.Forward(in);
     }
-    q = q.reshape({t, c.num_attention_heads, c.head_dim});
-    k = k.reshape({t, c.num_key_value_heads, c.head_dim});
-    v = v.reshape({t, c.num_key_value_heads, c.head_dim});
+    q = q.reshape({t, heads_, c.head_dim});
+    k = k.reshape({t, kv_heads_, c.head_dim});
+    v = v.reshape({t, kv_heads_, c.head_dim});
     if (c.qk_norm) {
       q = RmsNorm(q, l.q_norm, eps);
       k = RmsNorm(k, l.k_norm, eps);
     }
-    q = ApplyRope(q.transpose(0, 1), rope);
-    k = ApplyRope(k.transpose(0, 1), rope);
-    at::Tensor o = PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
-    o = o.transpose(0, 1).reshape({t, c.q_dim()});
-    h = h + l.o.Forward(o);
+    at::Tensor o;
+    if (t > 0) {
+      q = ApplyRope(q.transpose(0, 1), rope);
+      k = ApplyRope(k.transpose(0, 1), rope);
+      o = PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
+      o = o.transpose(0, 1).reshape({t, q_width});
+    } else {
+      // No tokens (a rank without data this round): keep the graph shape.
+      o = (q.sum() + k.sum() + v.sum()).expand({0, q_width});
+    }
+    h = h + RowParallelForward(o, l.o, reduce);
     at::Tensor m = RmsNorm(h, l.post_norm, eps);
     if (l.moe) {
       MoeStats stats;
-      h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
+      if (tp.active() || shard_.ep.active()) {
+        // Each tp rank routes its part of the (replicated) tokens.
+        at::Tensor part = parallel::ScatterRows(m, tp);
+        at::Tensor out = parallel::ExpertParallelMoe(part, l.router, l.experts, c.num_experts_per_tok,
+                                                     c.norm_topk_prob, shard_.ep, MoeStatsGroup(), &stats);
+        h = h + parallel::GatherRows(out, t, tp);
+      } else {
+        h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
+      }
       if (moe_stats != nullptr) moe_stats->push_back(std::move(stats));
     } else {
       at::Tensor g, u;
       if (l.gate_up_weight.defined()) {
-        auto gu = GroupedForward(m, l.gate_up_weight, {&l.gate, &l.up});
+        auto gu = GroupedForward(m, l.gate_up_weight, {&l.gate, &l.up}, enter);
         g = gu[0], u = gu[1];
       } else {
-        g = l.gate.Forward(m), u = l.up.Forward(m);
+        at::Tensor in = enter ? enter(m) : m;
+        g = l.gate.Forward(in), u = l.up.Forward(in);
       }
-      h = h + l.down.Forward(at::silu(g) * u);
+      h = h + RowParallelForward(at::silu(g) * u, l.down, reduce);
     }
   }
   return RmsNorm(h, final_norm_, eps);
@@ -279,12 +377,23 @@ at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
   // Computed as W hᵀ, then transposed: for a vocabulary-sized W, MKL's sgemm
   // runs this orientation about 25% faster than h Wᵀ, more than the copy costs.
   const LoraLinear& head = lm_head_;
-  at::Tensor ht = hidden.t();
+  const parallel::Group& tp = shard_.tp;
+  at::Tensor ht = parallel::CopyToGroup(hidden, tp).t();
   at::Tensor logits_t = at::mm(head.weight, ht);
   if (head.lora_a.defined()) {
-    logits_t = at::addmm(logits_t, head.lora_b, at::mm(head.lora_a, ht).mul(head.scale));
+    at::Tensor xa = parallel::CopyToGroup(at::mm(hidden, head.lora_a.t()), tp);
+    logits_t = at::addmm(logits_t, head.lora_b, xa.t().mul(head.scale));
   }
   return logits_t.t().contiguous().to(at::kFloat);
+}
+
+at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& targets) const {
+  if (!shard_.tp.active()) return TargetLogprobs(logits, targets);
+  const parallel::Group& tp = shard_.tp;
+  const int64_t begin = vocab_begin_;
+  return TargetLogprobs(logits, targets, [&](const at::Tensor& l, const at::Tensor& index) {
+    return parallel::VocabParallelLogprobs(l, index, begin, tp);
+  });
 }
 
 absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>& values) {

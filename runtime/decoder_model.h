@@ -14,22 +14,48 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "parallel/model_parallel.h"
 #include "runtime/layers.h"
 #include "runtime/lora_settings.h"
 #include "runtime/model_config.h"
 
 namespace lathe::runtime {
 
-// One trainable leaf tensor. A stacked expert tensor (per_expert) holds all
+// How the gradient of a trainable tensor is completed across ranks before
+// the optimizer step, and which ranks count it in the global norm.
+enum class GradSync {
+  kReplicated,  // same value on every tp rank, full gradient on each
+  kTpSharded,   // a disjoint part on each tp rank (shard_dim), full gradient
+  kTpPartial,   // replicated, each tp rank holds part of the gradient (sum over tp)
+  kKvShared,    // a KV head held by several tp ranks, each with part of its gradient
+  kExpert,      // experts of this ep rank; sum over the expert-data group
+};
+
+// One trainable leaf tensor. A stacked expert tensor (per_expert) holds the
 // experts of a layer along dim 0 and its name carries "{e}" where the expert
 // index goes, so it expands into one Hugging Face / PEFT name per expert.
+// Under model parallelism a rank holds [shard_begin, shard_begin +
+// tensor.size(shard_dim)) of dimension shard_dim of a tensor of full_size
+// along it (shard_dim -1: the whole tensor).
 struct TrainableParam {
   std::string name;
   at::Tensor tensor;
   bool per_expert = false;
+  GradSync sync = GradSync::kReplicated;
+  int shard_dim = -1;
+  int64_t shard_begin = 0;
+  int64_t full_size = 0;
 };
 
-// Calls fn(name, slice) for each named tensor `value` (shaped like p.tensor) holds.
+// The groups this rank's part of the model is sharded over; inactive groups
+// (the default) load and run the whole model.
+struct ModelShard {
+  parallel::Group tp;  // tensor parallel: heads, MLP width, vocabulary
+  parallel::Group ep;  // expert parallel: experts
+};
+
+// Calls fn(name, slice) for each named tensor `value` (shaped like p.tensor)
+// holds; experts are named by their global index.
 void ForEachNamed(const TrainableParam& p, const at::Tensor& value,
                   const std::function<void(const std::string&, const at::Tensor&)>& fn);
 
@@ -50,8 +76,10 @@ class DecoderModel {
   // Reads config.json and the safetensors weights of `dir` (fp32 compute).
   // NotFound / DataLoss for missing or corrupt files, InvalidArgument for an
   // unsupported config or a tensor of the wrong shape; all name the culprit.
+  // With `shard`, reads only this rank's slices.
   static absl::StatusOr<std::unique_ptr<DecoderModel>> Load(const std::string& dir,
-                                                            const LoraSettings& lora);
+                                                            const LoraSettings& lora,
+                                                            const ModelShard& shard = {});
 
   const ModelConfig& config() const { return config_; }
   const LoraSettings& lora() const { return lora_; }
@@ -63,8 +91,14 @@ class DecoderModel {
   // is off.
   at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
                     std::vector<MoeStats>* moe_stats) const;
-  // Logits [T, V] (fp32) for hidden rows [T, H].
+  // Logits [T, V] (fp32) for hidden rows [T, H]; under tensor parallelism
+  // this rank's vocabulary columns [vocab_begin(), vocab_begin() + Vl).
   at::Tensor Logits(const at::Tensor& hidden) const;
+  int64_t vocab_begin() const { return vocab_begin_; }
+  // Per-token logprobs of `targets` ([N] or [N, K], -100 ignored) under
+  // Logits() rows, never gathering the vocabulary.
+  at::Tensor Logprobs(const at::Tensor& logits, const at::Tensor& targets) const;
+  const ModelShard& shard() const { return shard_; }
 
   std::vector<TrainableParam>& trainable() { return trainable_; }
   const std::vector<TrainableParam>& trainable() const { return trainable_; }
@@ -76,13 +110,21 @@ class DecoderModel {
  private:
   DecoderModel() = default;
   absl::Status Build(const class WeightSource& source);
-  void AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled, at::Generator& gen);
+  struct Cut;
+  void AttachLora(LoraLinear& layer, const std::string& prefix, bool enabled, at::Generator& gen,
+                  const Cut& cut);
   void AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen);
   void RegisterFull();
+  parallel::Group MoeStatsGroup() const;
   void FuseFrozenWeights();
 
   ModelConfig config_;
   LoraSettings lora_;
+  ModelShard shard_;
+  int64_t vocab_begin_ = 0;
+  // This rank's part of each sharded dimension.
+  int64_t heads_ = 0, kv_heads_ = 0, kv_begin_ = 0, inter_begin_ = 0, expert_begin_ = 0;
+  bool kv_shared_ = false;  // fewer KV heads than tp: each rank holds one
   at::Tensor embed_;       // [V, H]
   at::Tensor final_norm_;  // [H]
   LoraLinear lm_head_;     // weight aliases embed_ when tied

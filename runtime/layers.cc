@@ -16,22 +16,34 @@ at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
 }
 
 std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fused,
-                                       const std::vector<const LoraLinear*>& parts) {
+                                       const std::vector<const LoraLinear*>& parts, const RegionFn& enter) {
+  auto in = [&](const at::Tensor& t) { return enter ? enter(t) : t; };
   std::vector<int64_t> sizes;
   std::vector<at::Tensor> a_parts;
   for (const LoraLinear* p : parts) {
     sizes.push_back(p->weight.size(0));
     if (p->lora_a.defined()) a_parts.push_back(p->lora_a);
   }
-  std::vector<at::Tensor> outs = at::split_with_sizes(at::mm(x, fused.t()), sizes, 1);
+  std::vector<at::Tensor> outs = at::split_with_sizes(at::mm(in(x), fused.t()), sizes, 1);
   if (a_parts.empty()) return outs;
   std::vector<int64_t> ranks;
   for (const at::Tensor& a : a_parts) ranks.push_back(a.size(0));
-  std::vector<at::Tensor> xa = at::split_with_sizes(at::mm(x, at::cat(a_parts, 0).t()), ranks, 1);
+  std::vector<at::Tensor> xa = at::split_with_sizes(in(at::mm(x, at::cat(a_parts, 0).t())), ranks, 1);
   for (size_t i = 0; i < parts.size(); ++i) {
     outs[i] = at::addmm(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b.t());
   }
   return outs;
+}
+
+at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, const RegionFn& reduce) {
+  if (!reduce) return layer.Forward(x);
+  at::Tensor y = at::mm(x, layer.weight.t());
+  if (!layer.lora_a.defined()) return reduce(y);
+  // One reduction for the base output and the adapter's rank-sized input.
+  const int64_t out = y.size(1);
+  at::Tensor both = reduce(at::cat({y, at::mm(x, layer.lora_a.t())}, 1));
+  return at::addmm(both.narrow(1, 0, out), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
+                   layer.lora_b.t());
 }
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -71,47 +83,62 @@ std::vector<at::Tensor> PerExpert(const at::Tensor& stacked, int64_t experts) {
 
 }  // namespace
 
-at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const ExpertBank& experts,
-                      int64_t top_k, bool norm_topk_prob, MoeStats* stats) {
+MoeRouting RouteTokens(const at::Tensor& x, const at::Tensor& router, int64_t top_k, bool norm_topk_prob) {
   const int64_t num_experts = router.size(0);
   at::Tensor logits = at::matmul(x, router.t());
   at::Tensor probs = at::softmax(logits, -1, at::kFloat);
   auto [weights, index] = at::topk(probs, top_k, -1);
   if (norm_topk_prob) weights = weights / weights.sum(-1, /*keepdim=*/true);
   weights = weights.to(x.scalar_type());
-
+  MoeRouting r;
   // Group the (token, slot) pairs by expert with a stable sort.
   at::Tensor flat_expert = index.reshape({-1});
   at::Tensor order = std::get<1>(at::sort(flat_expert, /*stable=*/true, 0, false));
-  at::Tensor token_of = at::floor_divide(order, top_k);
+  r.token_of = at::floor_divide(order, top_k);
+  r.slot_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
   at::Tensor counts = at::bincount(flat_expert, {}, num_experts).to(at::kCPU);
-  at::Tensor routed = x.index_select(0, token_of);
+  r.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + num_experts);
+  return r;
+}
 
-  const int64_t* count = counts.data_ptr<int64_t>();
-  auto gate = PerExpert(experts.gate, num_experts), up = PerExpert(experts.up, num_experts),
-       down = PerExpert(experts.down, num_experts);
-  auto gate_a = PerExpert(experts.gate_a, num_experts), gate_b = PerExpert(experts.gate_b, num_experts);
-  auto up_a = PerExpert(experts.up_a, num_experts), up_b = PerExpert(experts.up_b, num_experts);
-  auto down_a = PerExpert(experts.down_a, num_experts), down_b = PerExpert(experts.down_b, num_experts);
+at::Tensor RunExperts(const at::Tensor& rows, const std::vector<int64_t>& counts, const ExpertBank& experts) {
+  const int64_t n = experts.gate.size(0);
+  auto gate = PerExpert(experts.gate, n), up = PerExpert(experts.up, n), down = PerExpert(experts.down, n);
+  auto gate_a = PerExpert(experts.gate_a, n), gate_b = PerExpert(experts.gate_b, n);
+  auto up_a = PerExpert(experts.up_a, n), up_b = PerExpert(experts.up_b, n);
+  auto down_a = PerExpert(experts.down_a, n), down_b = PerExpert(experts.down_b, n);
   std::vector<at::Tensor> outputs;
   int64_t offset = 0;
-  MoeStats local;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (count[e] == 0) continue;
-    at::Tensor seg = routed.narrow(0, offset, count[e]);
+  for (int64_t e = 0; e < n; ++e) {
+    // Without any rows, expert 0 still runs on none: the output stays
+    // connected to the experts' parameters (collective backward passes rely on it).
+    if (counts[e] == 0 && !(e == 0 && rows.size(0) == 0)) continue;
+    at::Tensor seg = rows.narrow(0, offset, counts[e]);
     at::Tensor g = LoraLinear{gate[e], gate_a[e], gate_b[e], experts.scale}.Forward(seg);
     at::Tensor u = LoraLinear{up[e], up_a[e], up_b[e], experts.scale}.Forward(seg);
-    at::Tensor h = at::silu(g) * u;
-    outputs.push_back(LoraLinear{down[e], down_a[e], down_b[e], experts.scale}.Forward(h));
-    offset += count[e];
-    local.experts_with_tokens += 1;
-    local.max_load = std::max(local.max_load, count[e]);
+    outputs.push_back(LoraLinear{down[e], down_a[e], down_b[e], experts.scale}.Forward(at::silu(g) * u));
+    offset += counts[e];
   }
-  local.total_routed = offset;
-  if (stats != nullptr) *stats = local;
-  at::Tensor expert_out = at::cat(outputs, 0);
-  at::Tensor slot_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
-  return at::zeros_like(x).index_add(0, token_of, expert_out * slot_weight);
+  return outputs.size() == 1 ? outputs[0] : at::cat(outputs, 0);
+}
+
+MoeStats StatsOf(const std::vector<int64_t>& counts) {
+  MoeStats s;
+  for (int64_t c : counts) {
+    if (c == 0) continue;
+    s.experts_with_tokens += 1;
+    s.max_load = std::max(s.max_load, c);
+    s.total_routed += c;
+  }
+  return s;
+}
+
+at::Tensor MoeForward(const at::Tensor& x, const at::Tensor& router, const ExpertBank& experts,
+                      int64_t top_k, bool norm_topk_prob, MoeStats* stats) {
+  MoeRouting r = RouteTokens(x, router, top_k, norm_topk_prob);
+  at::Tensor expert_out = RunExperts(x.index_select(0, r.token_of), r.counts, experts);
+  if (stats != nullptr) *stats = StatsOf(r.counts);
+  return at::zeros_like(x).index_add(0, r.token_of, expert_out * r.slot_weight);
 }
 
 }  // namespace lathe::runtime

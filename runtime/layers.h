@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace lathe::runtime {
@@ -22,12 +23,24 @@ struct LoraLinear {
   at::Tensor Forward(const at::Tensor& x) const;
 };
 
+// A hook at the boundary of a tensor-parallel region (null: none, one rank).
+using RegionFn = std::function<at::Tensor(const at::Tensor&)>;
+
 // Several LoraLinear layers that read the same input, evaluated with one GEMM
 // over their concatenated weights (`fused` [Σ out, in], whose row blocks the
 // parts' weights are views of) and one GEMM for their LoRA A matrices.
 // Returns one output per part. REQUIRES: every part has an adapter or none.
+// Column-parallel use: the parts hold this rank's output rows and their
+// (replicated) A matrices; `enter` is applied to the input of the base GEMM
+// and to the rank-sized adapter input, so each gets its gradient summed once.
 std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fused,
-                                       const std::vector<const LoraLinear*>& parts);
+                                       const std::vector<const LoraLinear*>& parts,
+                                       const RegionFn& enter = nullptr);
+
+// Row-parallel evaluation: `x` and the layer's weight and A hold this rank's
+// input columns, B is replicated; `reduce` sums the partial base output and
+// the partial adapter input over the ranks (one call). Null: layer.Forward(x).
+at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, const RegionFn& reduce);
 
 // y = weight · (x / rms(x)), with the normalisation in fp32 and the cast back
 // to x's dtype before the multiplication (as transformers computes it).
@@ -61,6 +74,22 @@ struct MoeStats {
   int64_t max_load = 0;      // tokens routed to the busiest expert
   int64_t total_routed = 0;  // tokens × top-k
 };
+
+// The routing of one MoE forward: the (token, slot) pairs sorted by expert.
+struct MoeRouting {
+  at::Tensor token_of;     // int64 [T·k]: token of each sorted pair
+  at::Tensor slot_weight;  // [T·k, 1]: its routing weight
+  std::vector<int64_t> counts;  // pairs per expert [E]
+};
+// softmax router in fp32 over all experts, top-k, optional renormalisation.
+MoeRouting RouteTokens(const at::Tensor& x, const at::Tensor& router, int64_t top_k, bool norm_topk_prob);
+
+// The experts of `experts` over `rows` grouped by expert (counts[e] rows for
+// expert e, in order): one matrix product per expert with tokens.
+at::Tensor RunExperts(const at::Tensor& rows, const std::vector<int64_t>& counts, const ExpertBank& experts);
+
+// Routing statistics from per-expert counts.
+MoeStats StatsOf(const std::vector<int64_t>& counts);
 
 // Sparse MoE block: softmax router in fp32 over all experts, top-k, optional
 // renormalisation, every token to its k experts (no capacity, no dropping).

@@ -46,11 +46,11 @@ struct TargetLogprobFn : public torch::autograd::Function<TargetLogprobFn> {
 
 }  // namespace
 
-at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets, const GatherLogprobsFn& gather) {
   at::Tensor ignored = targets.eq(kIgnoreTarget);
   at::Tensor safe = targets.masked_fill(ignored, 0);
   at::Tensor index = safe.dim() == 1 ? safe.unsqueeze(1) : safe;
-  at::Tensor lp = TargetLogprobFn::apply(logits, index);
+  at::Tensor lp = gather ? gather(logits, index) : TargetLogprobFn::apply(logits, index);
   if (targets.dim() == 1) lp = lp.squeeze(1);
   return lp.masked_fill(ignored, 0.0);
 }

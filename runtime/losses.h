@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -12,9 +13,15 @@
 
 namespace lathe::runtime {
 
+// log_softmax(logits)[i, index[i, k]] for index [N, K] (no ignored entries).
+using GatherLogprobsFn = std::function<at::Tensor(const at::Tensor& logits, const at::Tensor& index)>;
+
 // Per-token log-probabilities of `targets` ([N] or [N, K] int64) under
 // `logits` [N, V] (fp32); ignored targets give 0. Differentiable in logits.
-at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets);
+// `gather` replaces the single-process log-softmax gather (e.g. by the
+// vocabulary-parallel one).
+at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets,
+                          const GatherLogprobsFn& gather = nullptr);
 
 // Elementwise loss shaped like `logprobs`, zero at ignored targets.
 // `inputs` holds every loss_fn_input as a float or int64 tensor; `config`

@@ -13,6 +13,9 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "parallel/data_parallel.h"
+#include "parallel/grad_sync.h"
+#include "parallel/model_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
 #include "runtime/losses.h"
@@ -43,7 +46,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
   }
   try {
-    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora));
+    ModelShard shard;
+    if (options.parallel != nullptr) {
+      shard.tp = {options.parallel->tp.get(), options.parallel->timeout};
+      shard.ep = {options.parallel->ep.get(), options.parallel->timeout};
+    }
+    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora, shard));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("loading ", options.model_dir, ": ", e.what_without_backtrace()));
   }
@@ -132,36 +140,62 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     ids.push_back(*DatumTokens(datum));
     lengths.push_back(static_cast<int64_t>(ids.back().size()));
   }
+  // The datums this rank runs: all of them, or its data shard's share.
+  parallel::ParallelContext* ctx = impl_->options.parallel;
+  std::vector<int> mine;
+  const std::vector<int> shard_of =
+      ctx == nullptr ? std::vector<int>(lengths.size(), 0) : parallel::SplitByTokens(lengths, ctx->num_data_shards());
+  for (int i = 0; i < static_cast<int>(lengths.size()); ++i) {
+    if (shard_of[i] == (ctx == nullptr ? 0 : ctx->data_shard())) mine.push_back(i);
+  }
+  std::vector<int64_t> my_lengths;
+  for (int i : mine) my_lengths.push_back(lengths[i]);
+  std::vector<std::pair<int, int>> batches;
+  if (!mine.empty()) batches = MicroBatches(my_lengths, MicroBatchTokens());
   lathe::v1::ForwardBackwardOutput out;
   out.set_loss_fn_output_type("TensorData");
   double loss_sum = 0, tokens = 0, loss_tokens = 0, moe_frac = 0, moe_max = 0;
   int64_t moe_layers = 0;
+  const DecoderModel& model = *impl_->model;
   try {
+    // Ranks of a sharded model run the same number of rounds (collectives
+    // inside the model span data shards); a rank out of datums runs empty ones.
+    int64_t rounds = static_cast<int64_t>(batches.size());
+    if (ctx != nullptr) {
+      at::Tensor r = at::scalar_tensor(rounds, at::kLong).reshape({1});
+      parallel::AllReduceMaxInPlace(r, {ctx->world.get(), ctx->timeout});
+      rounds = r.item<int64_t>();
+    }
     at::AutoGradMode grad_mode(backward);
-    for (auto [begin, end] : MicroBatches(lengths, MicroBatchTokens())) {
+    for (int64_t round = 0; round < rounds; ++round) {
+      auto [begin, end] = round < static_cast<int64_t>(batches.size()) ? batches[round] : std::pair<int, int>{0, 0};
       std::vector<int32_t> packed;
-      for (int i = begin; i < end; ++i) packed.insert(packed.end(), ids[i].begin(), ids[i].end());
-      std::vector<int64_t> part(lengths.begin() + begin, lengths.begin() + end);
+      std::vector<int64_t> part;
+      for (int j = begin; j < end; ++j) {
+        packed.insert(packed.end(), ids[mine[j]].begin(), ids[mine[j]].end());
+        part.push_back(my_lengths[j]);
+      }
       std::vector<MoeStats> moe;
-      at::Tensor hidden = impl_->model->Hidden(at::tensor(packed, at::kLong), part, &moe);
-      at::Tensor logits = impl_->model->Logits(hidden);
+      at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
+      at::Tensor logits = model.Logits(hidden);
       std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
       std::vector<at::Tensor> targets;
       bool flat = true;
-      for (int i = begin; i < end; ++i) {
-        for (const auto& [key, t] : input.data(i).loss_fn_inputs()) inputs[i - begin][key] = TensorFromWire(t);
-        targets.push_back(inputs[i - begin].at("target_tokens"));
+      for (int j = begin; j < end; ++j) {
+        for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = TensorFromWire(t);
+        targets.push_back(inputs[j - begin].at("target_tokens"));
         flat = flat && targets.back().dim() == 1;
       }
       // One logprob op over the packed rows when every target is 1-D, so the
       // backward builds a single [T, V] gradient.
-      at::Tensor packed_lp = flat ? TargetLogprobs(logits, at::cat(targets)) : at::Tensor();
+      at::Tensor packed_lp;
+      if (flat) packed_lp = model.Logprobs(logits, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets));
       at::Tensor total;
       int64_t offset = 0;
-      for (int i = begin; i < end; ++i) {
-        const auto& in = inputs[i - begin];
-        at::Tensor lp = flat ? packed_lp.narrow(0, offset, lengths[i])
-                             : TargetLogprobs(logits.narrow(0, offset, lengths[i]), in.at("target_tokens"));
+      for (int j = begin; j < end; ++j) {
+        const auto& in = inputs[j - begin];
+        at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
+                             : model.Logprobs(logits.narrow(0, offset, my_lengths[j]), in.at("target_tokens"));
         at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
         at::Tensor loss = elementwise.sum();
         total = total.defined() ? total + loss : loss;
@@ -169,8 +203,9 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         auto* record = out.add_loss_fn_outputs()->mutable_tensors();
         (*record)["logprobs"] = TensorToWire(lp.detach());
         (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
-        offset += lengths[i];
+        offset += my_lengths[j];
       }
+      if (!total.defined()) total = packed_lp.sum();  // an empty round
       if (backward) total.backward();
       loss_sum += total.item<double>();
       tokens += static_cast<double>(packed.size());
@@ -189,6 +224,9 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     metrics["moe_frac_experts_with_tokens:mean"] = moe_frac / static_cast<double>(moe_layers);
     metrics["moe_max_over_mean_load:max"] = moe_max;
   }
+  if (ctx != nullptr) {
+    return parallel::GatherOutputs(out, mine, input.data_size(), *ctx->data, ctx->timeout);
+  }
   return out;
 }
 
@@ -196,7 +234,14 @@ absl::StatusOr<lathe::v1::OptimStepOutput> Trainer::OptimStep(const lathe::v1::A
   LATHE_ASSIGN_OR_RETURN(AdamHyper hyper, AdamHyperFromProto(params));
   AdamStepResult result;
   try {
-    result = impl_->adam.Step(impl_->model->trainable(), hyper);
+    std::vector<TrainableParam>& params = impl_->model->trainable();
+    const parallel::ParallelContext* ctx = impl_->options.parallel;
+    if (ctx == nullptr) {
+      result = impl_->adam.Step(params, hyper);
+    } else {
+      parallel::SyncGradients(params, *ctx);
+      result = impl_->adam.Step(params, hyper, [&] { return parallel::GlobalGradNorm(params, *ctx); });
+    }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("optim_step: ", e.what_without_backtrace()));
   }

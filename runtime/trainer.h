@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
+#include "parallel/context.h"
 #include "runtime/lora_settings.h"
 
 namespace lathe::runtime {
@@ -31,6 +32,11 @@ struct TrainerOptions {
   // (glibc mallopt, process-wide): logits-sized buffers are then reused
   // without page faults, at the cost of a higher resident set.
   bool retain_freed_memory = true;
+  // Sharded run (not owned; outlives the Trainer): the model is cut over the
+  // context's tp and ep groups, each call's batch is split over its data
+  // shards by token count, and every rank returns the whole batch's output.
+  // Every rank of the world then makes the same calls with the same input.
+  parallel::ParallelContext* parallel = nullptr;
 };
 
 struct TrainerInfo {

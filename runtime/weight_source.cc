@@ -9,7 +9,7 @@
 
 namespace lathe::runtime {
 
-absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view) {
+absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice) {
   at::ScalarType type;
   if (view.dtype == "F32") {
     type = at::kFloat;
@@ -26,7 +26,8 @@ absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view) {
   // from_blob does not take ownership; the copy below detaches from the mapping.
   at::Tensor t = at::from_blob(const_cast<uint8_t*>(view.data), view.shape,
                                at::TensorOptions().dtype(type));
-  return t.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  if (slice.dim >= 0) t = t.narrow(slice.dim, slice.begin, slice.size);
+  return t.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
 absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir) {
@@ -34,8 +35,8 @@ absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir) {
   return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)));
 }
 
-absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name,
-                                              std::vector<int64_t> shape) const {
+absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vector<int64_t> shape,
+                                              Slice slice) const {
   if (!ckpt_->Contains(name)) {
     return absl::DataLossError(absl::StrCat("checkpoint lacks tensor '", name, "'"));
   }
@@ -45,25 +46,28 @@ absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name,
                                                    absl::StrJoin(view.shape, ", "), "], expected [",
                                                    absl::StrJoin(shape, ", "), "]"));
   }
-  return TensorFromView(view);
+  return TensorFromView(view, slice);
 }
 
 absl::StatusOr<WeightSource::Experts> WeightSource::TakeExperts(const std::string& mlp,
                                                                 int64_t experts, int64_t inter,
-                                                                int64_t hidden) const {
+                                                                int64_t hidden, int64_t first,
+                                                                int64_t count) const {
+  if (count < 0) count = experts - first;
+  const Slice mine{0, first, count};
   Experts out;
   for (const char* suffix : {"", ".weight"}) {
     std::string fused = absl::StrCat(mlp, ".experts.gate_up_proj", suffix);
     if (!ckpt_->Contains(fused)) continue;
-    LATHE_ASSIGN_OR_RETURN(at::Tensor gate_up, Take(fused, {experts, 2 * inter, hidden}));
+    LATHE_ASSIGN_OR_RETURN(at::Tensor gate_up, Take(fused, {experts, 2 * inter, hidden}, mine));
     out.gate = gate_up.narrow(1, 0, inter).contiguous();
     out.up = gate_up.narrow(1, inter, inter).contiguous();
     LATHE_ASSIGN_OR_RETURN(out.down,
-                           Take(absl::StrCat(mlp, ".experts.down_proj", suffix), {experts, hidden, inter}));
+                           Take(absl::StrCat(mlp, ".experts.down_proj", suffix), {experts, hidden, inter}, mine));
     return out;
   }
   std::vector<at::Tensor> gate, up, down;
-  for (int64_t e = 0; e < experts; ++e) {
+  for (int64_t e = first; e < first + count; ++e) {
     std::string p = absl::StrCat(mlp, ".experts.", e, ".");
     LATHE_ASSIGN_OR_RETURN(at::Tensor g, Take(p + "gate_proj.weight", {inter, hidden}));
     LATHE_ASSIGN_OR_RETURN(at::Tensor u, Take(p + "up_proj.weight", {inter, hidden}));

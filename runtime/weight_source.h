@@ -15,29 +15,41 @@
 
 namespace lathe::runtime {
 
+// A contiguous range along one dimension of a tensor; dim -1 is the whole tensor.
+struct Slice {
+  int dim = -1;
+  int64_t begin = 0;
+  int64_t size = 0;
+};
+
 class WeightSource {
  public:
   static absl::StatusOr<WeightSource> Open(const std::string& dir);
 
-  // The tensor `name` as fp32 with exactly `shape`. DataLoss when the folder
-  // lacks it, InvalidArgument when its shape differs; both name the tensor.
-  absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape) const;
+  // The tensor `name`, whose full shape must be exactly `shape`, as fp32;
+  // only `slice` of it is converted (and only its bytes read from the
+  // mapping). DataLoss when the folder lacks it, InvalidArgument when its
+  // shape differs; both name the tensor.
+  absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
+                                  Slice slice = {}) const;
 
-  // Experts of the MoE layer whose mlp prefix is `mlp` ("model.layers.3.mlp"):
-  // gate [E, I, H], up [E, I, H], down [E, H, I].
+  // Experts [first, first + count) of the MoE layer whose mlp prefix is `mlp`
+  // ("model.layers.3.mlp") of `experts` in all (count -1: to the end):
+  // gate [count, I, H], up [count, I, H], down [count, H, I].
   struct Experts {
     at::Tensor gate, up, down;
   };
   absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter,
-                                      int64_t hidden) const;
+                                      int64_t hidden, int64_t first = 0, int64_t count = -1) const;
 
  private:
   explicit WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt) : ckpt_(std::move(ckpt)) {}
   std::shared_ptr<SafetensorsCheckpoint> ckpt_;
 };
 
-// An fp32 copy of a safetensors view. InvalidArgument for an unsupported dtype.
-absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view);
+// An fp32 copy of `slice` of a safetensors view. InvalidArgument for an
+// unsupported dtype.
+absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice = {});
 
 }  // namespace lathe::runtime
 

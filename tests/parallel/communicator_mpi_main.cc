@@ -34,6 +34,11 @@ void Collectives(Communicator& c) {
   for (size_t i = 0; i < x.size(); ++i) ok &= x[i] == static_cast<float>(n * (n + 1) / 2 * (i % 13));
   Expect(ok, "all_reduce sum");
 
+  std::vector<double> m(3);
+  for (int i = 0; i < 3; ++i) m[i] = (i == 1) ? -1.0 * r : static_cast<double>((r * 7 + i) % n);
+  Expect(c.AllReduceMax({m.data(), 3, ElemType::kFloat64}, t).ok(), "all_reduce max ran");
+  Expect(m[1] == 0.0 && m[0] == n - 1 && m[2] == n - 1, "all_reduce max");
+
   std::vector<int64_t> mine(5), all(5 * n);
   for (int i = 0; i < 5; ++i) mine[i] = r * 10 + i;
   Expect(c.AllGather({mine.data(), 5, ElemType::kInt64}, {all.data(), 5 * n, ElemType::kInt64}, t).ok(), "all_gather ran");

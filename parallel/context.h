@@ -1,0 +1,45 @@
+// Everything one rank needs to run its part of a sharded model: the mesh
+// shape, this rank's place in it, and a communicator for each group it uses.
+#ifndef LATHE_PARALLEL_CONTEXT_H_
+#define LATHE_PARALLEL_CONTEXT_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "parallel/communicator.h"
+#include "parallel/mesh.h"
+
+namespace lathe::parallel {
+
+struct ParallelContext {
+  MeshShape shape;
+  RankPlace place;
+  ModelDims dims;
+  absl::Duration timeout = absl::Minutes(10);  // for every collective
+  std::unique_ptr<Communicator> world;
+  std::unique_ptr<Communicator> tp;           // place.tp_group
+  std::unique_ptr<Communicator> ep;           // place.ep_group
+  std::unique_ptr<Communicator> data;         // place.dense_grad_group: one rank per data shard
+  std::unique_ptr<Communicator> expert_data;  // place.expert_data_group
+  // The tp ranks that hold the same KV head when there are fewer KV heads
+  // than tp; null otherwise.
+  std::unique_ptr<Communicator> kv_share;
+
+  // The batch of a call is split over every data group of every replica.
+  int num_data_shards() const { return shape.replicas * (shape.group_size() / shape.tp); }
+  int data_shard() const { return place.replica * (shape.group_size() / shape.tp) + place.dp_rank; }
+  // The first tp rank of this rank's KV-sharing block (== tp_rank without sharing).
+  bool kv_block_leader() const;
+};
+
+// Validates the layout (ValidateMesh; the same InvalidArgument on every rank,
+// before any communication) and creates the groups over MPI_COMM_WORLD.
+// Collective: every rank of the world calls it with the same arguments.
+absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape& shape,
+                                                                const ModelDims& dims,
+                                                                absl::Duration timeout);
+
+}  // namespace lathe::parallel
+
+#endif  // LATHE_PARALLEL_CONTEXT_H_
