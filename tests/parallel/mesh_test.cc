@@ -126,7 +126,7 @@ TEST(MeshTest, InvalidLayoutsAreRefusedWithEveryReason) {
   EXPECT_NE(ValidateMesh({1, 1, 2, 1, 2}, 2, {16, 8, 0}).message().find("needs a mixture-of-experts"),
             std::string::npos);
   EXPECT_NE(ValidateMesh({0, 1, 2, 1, 1}, 2, {}).message().find("replicas must be positive"), std::string::npos);
-  EXPECT_NE(ValidateMesh({1, 1, 4, 4, 1}, 4, {16, 8, 0, 1000}).message().find("MLP width 1000 is not divisible by tp 4"),
+  EXPECT_NE(ValidateMesh({1, 1, 4, 4, 1}, 4, {16, 8, 0, 1002}).message().find("MLP width 1002 is not divisible by tp 4"),
             std::string::npos);
   // KV heads fewer than tp are replicated: valid.
   EXPECT_TRUE(ValidateMesh({1, 1, 8, 8, 1}, 8, {32, 4, 0}).ok());
