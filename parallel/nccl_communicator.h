@@ -1,0 +1,37 @@
+// The NCCL backend of Communicator: collectives on CUDA device buffers.
+// Built when CUDA and NCCL headers are found (LATHE_HAVE_NCCL).
+//
+// The world communicator is bootstrapped from an ncclUniqueId that rank 0
+// broadcasts over MPI_COMM_WORLD; groups are split from it. Communicators
+// are non-blocking: every call polls to completion against its timeout, and
+// a timeout aborts the NCCL communicator (then FailedPrecondition, as MPI's).
+#ifndef LATHE_PARALLEL_NCCL_COMMUNICATOR_H_
+#define LATHE_PARALLEL_NCCL_COMMUNICATOR_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "parallel/communicator.h"
+
+namespace lathe::parallel {
+
+class NcclWorld {
+ public:
+  // Collective over MPI_COMM_WORLD; this rank uses CUDA device `device`.
+  // REQUIRES: MPI is initialised. FailedPrecondition without a usable device.
+  static absl::StatusOr<std::unique_ptr<NcclWorld>> Create(int device, absl::Duration timeout);
+  virtual ~NcclWorld() = default;
+
+  // Every world rank (ascending ids, this rank among them).
+  virtual Communicator& world() = 0;
+  // A communicator over `world_ranks` (ascending, this rank among them),
+  // split from the world. Collective over the world: every rank calls it
+  // with its own group, and the groups of one call partition the world.
+  virtual absl::StatusOr<std::unique_ptr<Communicator>> Split(const std::vector<int>& world_ranks) = 0;
+};
+
+}  // namespace lathe::parallel
+
+#endif  // LATHE_PARALLEL_NCCL_COMMUNICATOR_H_
