@@ -1,11 +1,17 @@
 // train_bench: times forward_backward + optim_step of lathe's trainer on a
 // model folder and a JSONL batch file, printing one JSON line with tokens/s.
-// bench/train_throughput.py runs it next to transformers + peft.
+// bench/train_throughput.py runs it next to transformers + peft;
+// bench/data_parallel_throughput.py runs it under mpirun, sharded.
+#include <mpi.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "parallel/context.h"
+#include "runtime/model_config.h"
 #include "runtime/sft_job.h"
 #include "runtime/trainer.h"
 
@@ -14,10 +20,27 @@ ABSL_FLAG(std::string, data, "", "JSONL datums; the whole file is one batch");
 ABSL_FLAG(int64_t, lora_rank, 32, "LoRA rank; 0 = full fine-tuning");
 ABSL_FLAG(int64_t, warmup, 1, "untimed steps");
 ABSL_FLAG(int64_t, steps, 3, "timed steps");
+ABSL_FLAG(int, replicas, 1, "data-parallel replicas (under mpirun)");
+ABSL_FLAG(int, node_count, 1, "nodes per replica");
+ABSL_FLAG(int, tp, 1, "tensor-parallel degree");
+ABSL_FLAG(int, ep, 1, "expert-parallel degree");
+
+int Bench();
 
 int main(int argc, char** argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   absl::ParseCommandLine(argc, argv);
+  int rc = Bench();
+  MPI_Finalize();
+  return rc;
+}
+
+int Bench() {
   using namespace lathe::runtime;
+  int world = 1, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   auto data = ReadSftJsonl(absl::GetFlag(FLAGS_data));
   if (!data.ok()) {
     std::fprintf(stderr, "%s\n", data.status().ToString().c_str());
@@ -26,6 +49,29 @@ int main(int argc, char** argv) {
   TrainerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.lora.rank = absl::GetFlag(FLAGS_lora_rank);
+  std::unique_ptr<lathe::parallel::ParallelContext> ctx;
+  if (world > 1) {
+    lathe::parallel::MeshShape shape;
+    shape.replicas = absl::GetFlag(FLAGS_replicas);
+    shape.node_count = absl::GetFlag(FLAGS_node_count);
+    shape.devices_per_node = world / std::max(1, shape.replicas * shape.node_count);
+    shape.tp = absl::GetFlag(FLAGS_tp);
+    shape.ep = absl::GetFlag(FLAGS_ep);
+    auto config = LoadModelConfig(options.model_dir);
+    if (!config.ok()) {
+      std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
+      return 1;
+    }
+    lathe::parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
+                                    config->num_experts > 0 ? 0 : config->intermediate_size};
+    auto made = lathe::parallel::MakeMpiContext(shape, dims, absl::Minutes(10));
+    if (!made.ok()) {
+      std::fprintf(stderr, "rank %d: %s\n", rank, made.status().ToString().c_str());
+      return 1;
+    }
+    ctx = std::move(*made);
+    options.parallel = ctx.get();
+  }
   auto trainer = Trainer::Create(options);
   if (!trainer.ok()) {
     std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());
@@ -52,6 +98,7 @@ int main(int argc, char** argv) {
       tokens += fb->metrics().at("num_tokens:sum");
     }
   }
+  if (rank != 0) return 0;
   std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f}\n", tokens / seconds, seconds, loss);
   return 0;
 }
