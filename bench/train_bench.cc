@@ -11,7 +11,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "parallel/context.h"
-#include "runtime/model_config.h"
+#include "runtime/parallel_setup.h"
 #include "runtime/sft_job.h"
 #include "runtime/trainer.h"
 
@@ -51,20 +51,8 @@ int Bench() {
   options.lora.rank = absl::GetFlag(FLAGS_lora_rank);
   std::unique_ptr<lathe::parallel::ParallelContext> ctx;
   if (world > 1) {
-    lathe::parallel::MeshShape shape;
-    shape.replicas = absl::GetFlag(FLAGS_replicas);
-    shape.node_count = absl::GetFlag(FLAGS_node_count);
-    shape.devices_per_node = world / std::max(1, shape.replicas * shape.node_count);
-    shape.tp = absl::GetFlag(FLAGS_tp);
-    shape.ep = absl::GetFlag(FLAGS_ep);
-    auto config = LoadModelConfig(options.model_dir);
-    if (!config.ok()) {
-      std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
-      return 1;
-    }
-    lathe::parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
-                                    config->num_experts > 0 ? 0 : config->intermediate_size};
-    auto made = lathe::parallel::MakeMpiContext(shape, dims, absl::Minutes(10));
+    auto made = MakeModelContext(options.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
+                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep), absl::Minutes(10));
     if (!made.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", rank, made.status().ToString().c_str());
       return 1;

@@ -105,14 +105,21 @@ absl::Status WriteSyntheticSftData(const std::string& path, int64_t vocab_size, 
 
 absl::StatusOr<SftSummary> RunSft(const SftOptions& o) {
   LATHE_ASSIGN_OR_RETURN(std::vector<lathe::v1::Datum> data, ReadSftJsonl(o.data_path));
-  std::printf("lathe sft: loading %s\n", o.model_dir.c_str());
-  std::fflush(stdout);
+  // Progress lines go to stdout on reporting ranks only.
+  auto say = [&o](const char* fmt, auto... args) {
+    if (!o.report) return;
+    std::printf(fmt, args...);
+    std::fflush(stdout);
+  };
+  say("lathe sft: loading %s\n", o.model_dir.c_str());
   auto load_start = std::chrono::steady_clock::now();
-  LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create({o.model_dir, o.lora, 0, 0}));
-  std::printf("lathe sft: loaded in %.1fs\n",
+  TrainerOptions options{o.model_dir, o.lora, 0, 0};
+  options.parallel = o.parallel;
+  LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create(options));
+  say("lathe sft: loaded in %.1fs\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
   TrainerInfo info = trainer->GetInfo();
-  std::printf("lathe sft: %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
+  say("lathe sft: %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
               info.architecture.c_str(), o.lora.full_finetune() ? "full fine-tuning" :
               absl::StrCat("LoRA rank ", o.lora.rank).c_str(),
               static_cast<long long>(info.trainable_parameters), data.size(),
@@ -140,10 +147,9 @@ absl::StatusOr<SftSummary> RunSft(const SftOptions& o) {
     if (step == 1) summary.first_loss = loss;
     summary.last_loss = loss;
     double eta = total_seconds / static_cast<double>(step) * static_cast<double>(o.steps - step);
-    std::printf("step %4lld/%lld  loss %.4f  grad_norm %.3f  %.0f tokens/s  eta %.0fs\n",
+    say("step %4lld/%lld  loss %.4f  grad_norm %.3f  %.0f tokens/s  eta %.0fs\n",
                 static_cast<long long>(step), static_cast<long long>(o.steps), loss,
                 opt.metrics().at("grad_norm:mean"), tokens / seconds, eta);
-    std::fflush(stdout);
   }
   summary.tokens_per_second = total_seconds > 0 ? total_tokens / total_seconds : 0;
   return summary;

@@ -1,10 +1,14 @@
-// lathe_sft: single-process SFT of a Hugging Face model folder on a JSONL file
-// of token-id datums; can also generate a tiny model and synthetic data.
+// lathe_sft: SFT of a Hugging Face model folder on a JSONL file of token-id
+// datums, in one process or sharded under mpirun; can also generate a tiny
+// model and synthetic data.
+#include <mpi.h>
+
 #include <cstdio>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "runtime/parallel_setup.h"
 #include "runtime/sft_job.h"
 #include "runtime/tiny_model.h"
 
@@ -19,26 +23,52 @@ ABSL_FLAG(double, lora_alpha, 32.0, "LoRA alpha (scale alpha / rank)");
 ABSL_FLAG(int64_t, seed, 0, "LoRA initialisation seed");
 ABSL_FLAG(std::string, make_tiny_model, "", "write a random tiny Qwen3-MoE model to this folder first");
 ABSL_FLAG(std::string, make_data, "", "write synthetic SFT data to this JSONL file first");
+ABSL_FLAG(int, replicas, 1, "data-parallel replicas (under mpirun; the world size is replicas x node_count x devices per node)");
+ABSL_FLAG(int, node_count, 1, "nodes per replica");
+ABSL_FLAG(int, tp, 1, "tensor-parallel degree inside a node");
+ABSL_FLAG(int, ep, 1, "expert-parallel degree inside a replica");
+ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the run fails");
 ABSL_FLAG(double, min_loss_drop, 0.0, "exit 1 unless the last step's loss is below the first's by this fraction");
 
+int Main();
+
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("single-process supervised fine-tuning; --helpfull lists the flags");
+  absl::SetProgramUsageMessage("supervised fine-tuning, one process or sharded under mpirun; --helpfull lists the flags");
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   absl::ParseCommandLine(argc, argv);
+  int rc = Main();
+  MPI_Finalize();
+  return rc;
+}
+
+int Main() {
   using namespace lathe::runtime;
-  if (std::string dir = absl::GetFlag(FLAGS_make_tiny_model); !dir.empty()) {
-    if (auto s = WriteTinyModel(dir, TinyModelSpec{}); !s.ok()) {
-      std::fprintf(stderr, "lathe_sft: %s\n", s.ToString().c_str());
-      return 1;
+  int world = 1, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  // The tiny model and data are written once, by rank 0, before anyone reads them.
+  int setup_rc = 0;
+  if (rank == 0) {
+    if (std::string dir = absl::GetFlag(FLAGS_make_tiny_model); !dir.empty()) {
+      if (auto s = WriteTinyModel(dir, TinyModelSpec{}); !s.ok()) {
+        std::fprintf(stderr, "lathe_sft: %s\n", s.ToString().c_str());
+        setup_rc = 1;
+      } else {
+        std::printf("wrote tiny Qwen3-MoE model to %s\n", dir.c_str());
+      }
     }
-    std::printf("wrote tiny Qwen3-MoE model to %s\n", dir.c_str());
-  }
-  if (std::string path = absl::GetFlag(FLAGS_make_data); !path.empty()) {
-    if (auto s = WriteSyntheticSftData(path, TinyModelSpec{}.vocab_size, 256, 64, 1); !s.ok()) {
-      std::fprintf(stderr, "lathe_sft: %s\n", s.ToString().c_str());
-      return 1;
+    if (std::string path = absl::GetFlag(FLAGS_make_data); !path.empty() && setup_rc == 0) {
+      if (auto s = WriteSyntheticSftData(path, TinyModelSpec{}.vocab_size, 256, 64, 1); !s.ok()) {
+        std::fprintf(stderr, "lathe_sft: %s\n", s.ToString().c_str());
+        setup_rc = 1;
+      } else {
+        std::printf("wrote synthetic SFT data to %s\n", path.c_str());
+      }
     }
-    std::printf("wrote synthetic SFT data to %s\n", path.c_str());
   }
+  MPI_Bcast(&setup_rc, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  if (setup_rc != 0) return setup_rc;
   if (absl::GetFlag(FLAGS_model).empty() || absl::GetFlag(FLAGS_data).empty()) {
     if (!absl::GetFlag(FLAGS_make_tiny_model).empty() || !absl::GetFlag(FLAGS_make_data).empty()) return 0;
     std::fprintf(stderr, "lathe_sft: --model and --data are required (see --help)\n");
@@ -54,11 +84,30 @@ int main(int argc, char** argv) {
   o.lora.rank = absl::GetFlag(FLAGS_lora_rank);
   o.lora.alpha = absl::GetFlag(FLAGS_lora_alpha);
   o.lora.seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_seed));
+  std::unique_ptr<lathe::parallel::ParallelContext> ctx;
+  if (world > 1) {
+    auto made = MakeModelContext(o.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
+                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep),
+                                 absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s)));
+    if (!made.ok()) {
+      if (rank == 0) std::fprintf(stderr, "lathe_sft: %s\n", made.status().ToString().c_str());
+      return 2;
+    }
+    ctx = std::move(*made);
+    o.parallel = ctx.get();
+    o.report = rank == 0;
+    if (rank == 0) {
+      const auto& s = ctx->shape;
+      std::printf("lathe sft: %d ranks: replicas %d x node_count %d x devices_per_node %d, tp %d, ep %d\n", world,
+                  s.replicas, s.node_count, s.devices_per_node, s.tp, s.ep);
+    }
+  }
   auto summary = RunSft(o);
   if (!summary.ok()) {
     std::fprintf(stderr, "lathe_sft: %s\n", summary.status().ToString().c_str());
     return 1;
   }
+  if (rank != 0) return 0;
   std::printf("done: loss %.4f -> %.4f, %.0f tokens/s\n", summary->first_loss, summary->last_loss,
               summary->tokens_per_second);
   double drop = absl::GetFlag(FLAGS_min_loss_drop);

@@ -1,0 +1,33 @@
+// Mesh and model dimensions for MakeMpiContext.
+#include "runtime/parallel_setup.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/model_config.h"
+
+namespace lathe::runtime {
+
+absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(const std::string& model_dir,
+                                                                            int replicas, int node_count, int tp,
+                                                                            int ep, absl::Duration timeout) {
+  int world = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  auto config = LoadModelConfig(model_dir);
+  if (!config.ok()) return config.status();
+  parallel::MeshShape shape;
+  shape.replicas = replicas;
+  shape.node_count = node_count;
+  shape.devices_per_node = replicas > 0 && node_count > 0 ? std::max(1, world / (replicas * node_count)) : 1;
+  shape.tp = tp;
+  shape.ep = ep;
+  bool dense_mlp = false;
+  for (int64_t i = 0; i < config->num_hidden_layers; ++i) dense_mlp = dense_mlp || !config->IsMoeLayer(i);
+  parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
+                           dense_mlp ? config->intermediate_size : 0};
+  return parallel::MakeMpiContext(shape, dims, timeout);
+}
+
+}  // namespace lathe::runtime
