@@ -137,6 +137,13 @@ void CompareOutputs(const lathe::v1::ForwardBackwardOutput& a, const lathe::v1::
   worst_loss = std::max(worst_loss, Rel(lb, la));
   Expect(Rel(lb, la) <= 1e-5, when + ": loss " + std::to_string(la) + " vs " + std::to_string(lb));
   Expect(a.metrics().at("num_tokens:sum") == b.metrics().at("num_tokens:sum"), when + ": token count");
+  for (const char* moe : {"moe_frac_experts_with_tokens:mean", "moe_max_over_mean_load:max"}) {
+    Expect(a.metrics().count(moe) == b.metrics().count(moe), when + ": metric " + moe);
+    if (b.metrics().count(moe) != 0) {
+      double v = b.metrics().at(moe);
+      Expect(v > 0 && std::isfinite(v), when + ": " + moe + " = " + std::to_string(v));
+    }
+  }
 }
 
 void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::string& dir) {
