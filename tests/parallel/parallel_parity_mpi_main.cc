@@ -68,7 +68,10 @@ lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std
       targets.push_back(i == 1 ? -100 : static_cast<int64_t>((d * 29 + i * 53 + salt) % vocab));
       weights.push_back(i % 3 == 2 ? -0.5f : 1.0f);
       q.push_back(-4.0f - 0.1f * static_cast<float>(i % 5));
-      adv.push_back(static_cast<float>((static_cast<int>(d) + i) % 3) - 1.0f);
+      // Mostly positive, so the summed loss does not cancel to near zero
+      // (a relative check of a cancelled sum measures nothing).
+      const int k = (static_cast<int>(d) + i) % 3;
+      adv.push_back(k == 0 ? -0.5f : static_cast<float>(k));
     }
     lathe::v1::Datum* datum = in.add_data();
     datum->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(tokens.data(), tokens.size() * 4);
@@ -134,6 +137,9 @@ void CompareOutputs(const lathe::v1::ForwardBackwardOutput& a, const lathe::v1::
     Expect(err <= 1e-5, when + ": logprobs of datum " + std::to_string(i) + " abs err " + std::to_string(err));
   }
   double la = a.metrics().at("loss:sum"), lb = b.metrics().at("loss:sum");
+  if (Rel(lb, la) > worst_loss && std::getenv("LATHE_PARITY_VERBOSE") != nullptr) {
+    std::fprintf(stderr, "rank %d: %s loss %.9g vs %.9g rel err %.2e\n", world_rank, when.c_str(), la, lb, Rel(lb, la));
+  }
   worst_loss = std::max(worst_loss, Rel(lb, la));
   Expect(Rel(lb, la) <= 1e-5, when + ": loss " + std::to_string(la) + " vs " + std::to_string(lb));
   Expect(a.metrics().at("num_tokens:sum") == b.metrics().at("num_tokens:sum"), when + ": token count");
@@ -208,7 +214,11 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
     if (!a.ok() || !b.ok()) return;
     CompareOutputs(*a, *b, when);
     lathe::v1::AdamParams adam;
-    adam.set_learning_rate(full_ft ? 1e-4 : 1e-2);  // full: the API default
+    // AdamW moves an element by about lr whatever its gradient's size, so
+    // elements whose gradient is at float noise level differ by up to ~lr
+    // between summation orders: learning rates of real runs (the API default
+    // 1e-4 for full fine-tuning, 1e-3 for LoRA) keep that under the tolerance.
+    adam.set_learning_rate(full_ft ? 1e-4 : 1e-3);
     adam.set_weight_decay(0.01);
     adam.set_grad_clip_norm(0.5);
     auto sa = (*ref)->OptimStep(adam);
