@@ -29,7 +29,7 @@ struct ParallelContext {
   // The batch of a call is split over every data group of every replica.
   int num_data_shards() const { return shape.replicas * (shape.group_size() / shape.tp); }
   int data_shard() const { return place.replica * (shape.group_size() / shape.tp) + place.dp_rank; }
-  // The first tp rank of this rank's KV-sharing block (== tp_rank without sharing).
+  // Whether this rank is the first of its KV-sharing block (always, without sharing).
   bool kv_block_leader() const;
 };
 

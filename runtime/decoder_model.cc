@@ -54,10 +54,8 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
   const ModelConfig& c = config_;
   const int64_t h = c.hidden_size, d = c.head_dim;
   const int tp = shard_.tp.size(), tr = shard_.tp.rank();
-  bool dense_mlp = false;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) dense_mlp = dense_mlp || !c.IsMoeLayer(i);
   if (c.num_attention_heads % tp != 0 || (c.num_key_value_heads % tp != 0 && tp % c.num_key_value_heads != 0) ||
-      (dense_mlp && c.intermediate_size % tp != 0) || c.num_experts % shard_.ep.size() != 0) {
+      (c.HasDenseMlp() && c.intermediate_size % tp != 0) || c.num_experts % shard_.ep.size() != 0) {
     return absl::InvalidArgumentError(absl::StrCat("model ", c.architecture, " cannot be cut over tp ", tp,
                                                    " and ep ", shard_.ep.size()));
   }

@@ -172,6 +172,13 @@ bool ModelConfig::IsMoeLayer(int64_t layer) const {
   return (layer + 1) % decoder_sparse_step == 0;
 }
 
+bool ModelConfig::HasDenseMlp() const {
+  for (int64_t i = 0; i < num_hidden_layers; ++i) {
+    if (!IsMoeLayer(i)) return true;
+  }
+  return false;
+}
+
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {

@@ -38,6 +38,8 @@ struct ModelConfig {
 
   // True when decoder layer `layer` uses the sparse MoE block.
   bool IsMoeLayer(int64_t layer) const;
+  // Whether some layer has a dense MLP (intermediate_size wide).
+  bool HasDenseMlp() const;
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
 };

@@ -23,10 +23,8 @@ absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(cons
   shape.devices_per_node = replicas > 0 && node_count > 0 ? std::max(1, world / (replicas * node_count)) : 1;
   shape.tp = tp;
   shape.ep = ep;
-  bool dense_mlp = false;
-  for (int64_t i = 0; i < config->num_hidden_layers; ++i) dense_mlp = dense_mlp || !config->IsMoeLayer(i);
   parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
-                           dense_mlp ? config->intermediate_size : 0};
+                           config->HasDenseMlp() ? config->intermediate_size : 0};
   return parallel::MakeMpiContext(shape, dims, timeout);
 }
 

@@ -6,7 +6,8 @@
 // parameter shard against the matching slice of the reference after each
 // step, and the adapter's initial values. All ranks agree on the verdict.
 //
-// Usage: parallel_parity_mpi --replicas R --devices_per_node D [--node_count N] [--tp T] [--ep E]
+// Usage: mpirun -np W parallel_parity_mpi [--replicas R] [--node_count N] [--tp T] [--ep E]
+// (devices per node = W / (R · N)).
 #include <mpi.h>
 
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 
 #include "parallel/context.h"
 #include "runtime/decoder_model.h"
+#include "runtime/parallel_setup.h"
 #include "runtime/tensor_data.h"
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
@@ -175,8 +177,7 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   lora.train_unembed = true;
   runtime::TrainerOptions options{model, lora, 64, 16};
   auto ref = runtime::Trainer::Create(options);
-  parallel::ModelDims dims{spec.num_heads, spec.num_kv_heads, moe ? spec.num_experts : 0, moe ? 0 : spec.intermediate_size};
-  auto ctx = parallel::MakeMpiContext(shape, dims, absl::Seconds(60));
+  auto ctx = runtime::MakeModelContext(model, shape.replicas, shape.node_count, shape.tp, shape.ep, absl::Seconds(60));
   if (!ref.ok() || !ctx.ok()) {
     Expect(false, label + ": setup " + (ref.ok() ? std::string(ctx.status().message()) : std::string(ref.status().message())));
     return;
@@ -245,7 +246,6 @@ int main(int argc, char** argv) {
     const int value = std::atoi(argv[i + 1]);
     if (flag == "--replicas") shape.replicas = value;
     else if (flag == "--node_count") shape.node_count = value;
-    else if (flag == "--devices_per_node") shape.devices_per_node = value;
     else if (flag == "--tp") shape.tp = value;
     else if (flag == "--ep") shape.ep = value;
   }
