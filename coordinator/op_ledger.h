@@ -1,0 +1,122 @@
+// The op ledger: every operation the coordinator accepted, per run, from
+// submit to expiry. It orders each run's operations by seq_id (buffering
+// gaps), recognises retries, bounds the queue, keeps results for a TTL and
+// fails what cannot complete. No network, no threads of its own; time comes
+// from a Clock so tests can drive it.
+//
+// Thread-safe: every method may be called from any thread.
+#ifndef LATHE_COORDINATOR_OP_LEDGER_H_
+#define LATHE_COORDINATOR_OP_LEDGER_H_
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "lathe/v1/service.pb.h"
+
+namespace lathe::coordinator {
+
+class Clock {
+ public:
+  virtual ~Clock() = default;
+  virtual absl::Time Now() const = 0;
+};
+
+// absl::Now().
+const Clock& RealClock();
+
+struct LedgerOptions {
+  // How long an operation may wait for a missing earlier seq_id of its run
+  // before it (and every later buffered one) fails.
+  absl::Duration gap_timeout = absl::Minutes(10);
+  // How long a finished operation's result stays retrievable.
+  absl::Duration result_ttl = absl::Hours(1);
+  // Operations accepted but not finished, over all runs; past it Submit
+  // answers ResourceExhausted.
+  int64_t max_unfinished = 1024;
+};
+
+// A finished or unfinished operation as Retrieve reports it.
+struct OpView {
+  std::string op_id;
+  lathe::v1::RetrieveResponse::State state = lathe::v1::RetrieveResponse::PENDING;
+  lathe::v1::OpResult result;  // DONE
+  lathe::v1::OpError error;    // FAILED
+};
+
+// An operation ready to be dispatched, in its run's seq_id order.
+struct ReadyOp {
+  std::string op_id;
+  lathe::v1::SubmitRequest request;
+};
+
+class OpLedger {
+ public:
+  explicit OpLedger(LedgerOptions options, const Clock* clock = &RealClock());
+
+  // Opens a run whose next expected seq_id is `first_seq`. AlreadyExists when
+  // the run is open.
+  absl::Status OpenRun(const std::string& run_id, int64_t first_seq);
+  bool HasRun(const std::string& run_id) const;
+
+  // Accepts an already validated operation and returns its op id,
+  // "<run_id>/<seq_id>". The same (run_id, seq_id) with a byte-identical
+  // request returns the original op id (whatever its state, until it
+  // expires); with another request AlreadyExists. NotFound for an unknown
+  // run; FailedPrecondition for a seq_id below the run's next expected one
+  // that the ledger never saw (or that expired), or for seq_id < 1;
+  // ResourceExhausted past max_unfinished; Unavailable after Close().
+  absl::StatusOr<std::string> Submit(const lathe::v1::SubmitRequest& request);
+
+  // Inserts an operation of the coordinator's own making (a run's
+  // initialisation) at the run's next expected seq_id, as if submitted.
+  absl::StatusOr<std::string> SubmitInternal(lathe::v1::SubmitRequest request);
+
+  // Takes the next operation whose seq_id is its run's next one, marks it
+  // running and advances the run; nullopt when none is ready. Runs are served
+  // in the order their operations became ready.
+  std::optional<ReadyOp> TakeReady();
+  // As TakeReady, but waits up to `timeout` for one.
+  std::optional<ReadyOp> WaitReady(absl::Duration timeout);
+
+  // Finishes a running operation. Ignored for an op that already finished
+  // (a late answer after FailAll).
+  void Complete(const std::string& op_id, lathe::v1::OpResult result);
+  void Fail(const std::string& op_id, lathe::v1::OpError error);
+
+  // Fails every unfinished operation (buffered, ready and running) with the
+  // given error; later Submits still work unless Close() was called.
+  void FailAll(const lathe::v1::OpError& error);
+  // Refuses further Submits with Unavailable (shutdown).
+  void Close();
+
+  // The op's current view. NotFound for an unknown or expired op id.
+  absl::StatusOr<OpView> Lookup(const std::string& op_id) const;
+  // As Lookup, waiting up to `timeout` (real time) for the op to finish.
+  absl::StatusOr<OpView> Wait(const std::string& op_id, absl::Duration timeout) const;
+
+  // Housekeeping by the clock: fails buffered ops that waited longer than
+  // gap_timeout for a missing seq_id (error USER, DEADLINE_EXCEEDED, naming
+  // the missing seq_id) and moves their run's next expected seq_id past them;
+  // forgets finished ops older than result_ttl. Call it periodically.
+  void Sweep();
+
+  int64_t unfinished() const;
+
+ private:
+  struct Op;
+  struct Run;
+  // Implementation state: an absl::Mutex with ABSL_GUARDED_BY members and absl::CondVar.
+};
+
+}  // namespace lathe::coordinator
+
+#endif  // LATHE_COORDINATOR_OP_LEDGER_H_
