@@ -61,6 +61,9 @@ struct ReadyOp {
 class OpLedger {
  public:
   explicit OpLedger(LedgerOptions options, const Clock* clock = &RealClock());
+  ~OpLedger();
+  OpLedger(const OpLedger&) = delete;
+  OpLedger& operator=(const OpLedger&) = delete;
 
   // Opens a run whose next expected seq_id is `first_seq`. AlreadyExists when
   // the run is open.
@@ -114,7 +117,40 @@ class OpLedger {
  private:
   struct Op;
   struct Run;
-  // Implementation state: an absl::Mutex with ABSL_GUARDED_BY members and absl::CondVar.
+
+  // Submit and SubmitInternal once the request is serialized to `bytes`.
+  absl::StatusOr<std::string> SubmitLocked(const std::string& run_id, int64_t seq_id,
+                                           std::string bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves the run's buffered ops that directly follow its released ones to
+  // the ready queue, advancing its next expected seq_id.
+  void ReleaseLocked(Run& run) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<ReadyOp> TakeReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Finishes an unfinished op as DONE or FAILED, its result or error already
+  // set in its view.
+  void FinishLocked(Op& op, lathe::v1::RetrieveResponse::State state)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailLocked(Op& op, const lathe::v1::OpError& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // An op that is running, or null.
+  Op* FindRunningLocked(const std::string& op_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailTimedOutGapsLocked(Run& run, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetExpiredLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<OpView> ViewLocked(const std::string& op_id) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const LedgerOptions options_;
+  const Clock* const clock_;
+  mutable absl::Mutex mu_;
+  mutable absl::CondVar finished_cv_;  // signalled when an op finishes
+  absl::CondVar ready_cv_;             // signalled when ready_ grows
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t unfinished_ ABSL_GUARDED_BY(mu_) = 0;
+  std::unordered_map<std::string, std::unique_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
+  // Every op not yet forgotten, by op id; owns them.
+  std::unordered_map<std::string, std::unique_ptr<Op>> ops_ ABSL_GUARDED_BY(mu_);
+  // Released ops not yet taken, in the order they became ready.
+  std::deque<Op*> ready_ ABSL_GUARDED_BY(mu_);
+  // Finished ops in the order they finished, for the TTL.
+  std::deque<Op*> finished_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lathe::coordinator

@@ -34,7 +34,8 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
     return absl::OkStatus();
   };
   for (auto [ranks, slot] : {std::pair<const std::vector<int>*, std::unique_ptr<Communicator>*>{&all, &ctx->world}, {&p.tp_group, &ctx->tp}, {&p.ep_group, &ctx->ep},
-                             {&p.dense_grad_group, &ctx->data}, {&p.expert_data_group, &ctx->expert_data}}) {
+                             {&p.dense_grad_group, &ctx->data}, {&p.expert_data_group, &ctx->expert_data},
+                             {&p.replica_group, &ctx->replica}, {&p.dp_group, &ctx->replica_data}}) {
     if (absl::Status s = make(*ranks, *slot); !s.ok()) return s;
   }
   const int64_t kv = dims.num_key_value_heads;

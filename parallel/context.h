@@ -22,13 +22,17 @@ struct ParallelContext {
   std::unique_ptr<Communicator> ep;           // place.ep_group
   std::unique_ptr<Communicator> data;         // place.dense_grad_group: one rank per data shard
   std::unique_ptr<Communicator> expert_data;  // place.expert_data_group
+  std::unique_ptr<Communicator> replica;      // place.replica_group: every rank of the replica
+  std::unique_ptr<Communicator> replica_data; // place.dp_group: one rank per data group of the replica
   // The tp ranks that hold the same KV head when there are fewer KV heads
   // than tp; null otherwise.
   std::unique_ptr<Communicator> kv_share;
 
   // The batch of a call is split over every data group of every replica.
-  int num_data_shards() const { return shape.replicas * (shape.group_size() / shape.tp); }
-  int data_shard() const { return place.replica * (shape.group_size() / shape.tp) + place.dp_rank; }
+  int num_data_shards() const { return shape.replicas * data_groups(); }
+  int data_shard() const { return place.replica * data_groups() + place.dp_rank; }
+  // Data groups inside one replica.
+  int data_groups() const { return shape.group_size() / shape.tp; }
   // Whether this rank is the first of its KV-sharing block (always, without sharing).
   bool kv_block_leader() const;
 };

@@ -11,23 +11,10 @@
 
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
+#include "runtime/adam_hyper.h"
 #include "runtime/decoder_model.h"
 
 namespace lathe::runtime {
-
-struct AdamHyper {
-  double learning_rate = 1e-4;
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-12;
-  double weight_decay = 0.0;
-  double grad_clip_norm = 0.0;  // 0 = off
-};
-
-// Defaults for unset fields. InvalidArgument naming the field for a
-// non-finite value, lr < 0, betas outside [0, 1), eps <= 0, decay < 0 or
-// clip < 0.
-absl::StatusOr<AdamHyper> AdamHyperFromProto(const lathe::v1::AdamParams& params);
 
 struct AdamStepResult {
   double grad_norm = 0.0;  // global L2 norm before clipping

@@ -68,7 +68,12 @@ TrainerInfo Trainer::GetInfo() const {
   info.lora = impl_->options.lora;
   info.max_seq_len = impl_->options.max_seq_len;
   info.step = impl_->adam.step();
-  for (const TrainableParam& p : impl_->model->trainable()) info.trainable_parameters += p.tensor.numel();
+  // Whole-model counts: a shard stands for full_size / its extent copies of itself.
+  for (const TrainableParam& p : impl_->model->trainable()) {
+    int64_t n = p.tensor.numel();
+    if (p.shard_dim >= 0 && p.tensor.size(p.shard_dim) > 0) n = n / p.tensor.size(p.shard_dim) * p.full_size;
+    info.trainable_parameters += n;
+  }
   return info;
 }
 
@@ -129,7 +134,9 @@ int64_t Trainer::MicroBatchTokens() const {
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     const lathe::v1::ForwardBackwardInput& input, bool backward) {
   const ModelConfig& config = impl_->model->config();
-  LATHE_RETURN_IF_ERROR(ValidateBatch(input, {config.vocab_size, impl_->options.max_seq_len}));
+  parallel::ParallelContext* ctx = impl_->options.parallel;
+  const bool replica_part = ctx != nullptr && impl_->options.replica_batches;
+  LATHE_RETURN_IF_ERROR(ValidateBatch(input, {config.vocab_size, impl_->options.max_seq_len, replica_part}));
   const LossSpec& spec = *FindLoss(input.loss_fn());
   std::map<std::string, double> loss_config = spec.config_defaults;
   for (const auto& [key, value] : input.loss_fn_config()) loss_config[key] = value;
@@ -140,13 +147,14 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     ids.push_back(*DatumTokens(datum));
     lengths.push_back(static_cast<int64_t>(ids.back().size()));
   }
-  // The datums this rank runs: all of them, or its data shard's share.
-  parallel::ParallelContext* ctx = impl_->options.parallel;
+  // The datums this rank runs: all of them, or its data shard's share (of
+  // the whole batch, or of its replica's part).
   std::vector<int> mine;
-  const std::vector<int> shard_of =
-      ctx == nullptr ? std::vector<int>(lengths.size(), 0) : parallel::SplitByTokens(lengths, ctx->num_data_shards());
+  const int shards = ctx == nullptr ? 1 : replica_part ? ctx->data_groups() : ctx->num_data_shards();
+  const int my_shard = ctx == nullptr ? 0 : replica_part ? ctx->place.dp_rank : ctx->data_shard();
+  const std::vector<int> shard_of = parallel::SplitByTokens(lengths, shards);
   for (int i = 0; i < static_cast<int>(lengths.size()); ++i) {
-    if (shard_of[i] == (ctx == nullptr ? 0 : ctx->data_shard())) mine.push_back(i);
+    if (shard_of[i] == my_shard) mine.push_back(i);
   }
   std::vector<int64_t> my_lengths;
   for (int i : mine) my_lengths.push_back(lengths[i]);
@@ -163,7 +171,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     int64_t rounds = static_cast<int64_t>(batches.size());
     if (ctx != nullptr) {
       at::Tensor r = at::scalar_tensor(rounds, at::kLong).reshape({1});
-      parallel::AllReduceMaxInPlace(r, {ctx->world.get(), ctx->timeout});
+      parallel::AllReduceMaxInPlace(r, {replica_part ? ctx->replica.get() : ctx->world.get(), ctx->timeout});
       rounds = r.item<int64_t>();
     }
     at::AutoGradMode grad_mode(backward);
@@ -225,7 +233,8 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     metrics["moe_max_over_mean_load:max"] = moe_max;
   }
   if (ctx != nullptr) {
-    return parallel::GatherOutputs(out, mine, input.data_size(), *ctx->data, ctx->timeout);
+    return parallel::GatherOutputs(out, mine, input.data_size(), replica_part ? *ctx->replica_data : *ctx->data,
+                                   ctx->timeout);
   }
   return out;
 }

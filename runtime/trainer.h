@@ -37,6 +37,12 @@ struct TrainerOptions {
   // shards by token count, and every rank returns the whole batch's output.
   // Every rank of the world then makes the same calls with the same input.
   parallel::ParallelContext* parallel = nullptr;
+  // With `parallel`: each replica is given its own part of the batch (the
+  // coordinator split it; a part may be empty). The part is split over the
+  // replica's data groups, outputs are gathered inside the replica, and only
+  // optim_step communicates across replicas. The ranks of one replica make
+  // the same calls with the same input.
+  bool replica_batches = false;
 };
 
 struct TrainerInfo {
@@ -45,7 +51,7 @@ struct TrainerInfo {
   LoraSettings lora;
   int64_t max_seq_len = 0;
   int64_t step = 0;              // optimizer steps taken
-  int64_t trainable_parameters = 0;  // element count
+  int64_t trainable_parameters = 0;  // element count of the whole model, whatever the sharding
 };
 
 class Trainer {

@@ -169,7 +169,9 @@ absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const B
       return absl::InvalidArgumentError(absl::StrCat("loss_fn_config['", key, "'] is ", value));
     }
   }
-  if (input.data_size() == 0) return absl::InvalidArgumentError("empty batch: at least one datum is required");
+  if (input.data_size() == 0 && !limits.allow_empty) {
+    return absl::InvalidArgumentError("empty batch: at least one datum is required");
+  }
   for (int i = 0; i < input.data_size(); ++i) {
     LATHE_RETURN_IF_ERROR(CheckDatum(i, input.data(i), *spec, limits));
   }

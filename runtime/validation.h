@@ -14,6 +14,7 @@ namespace lathe::runtime {
 struct BatchLimits {
   int64_t vocab_size = 0;
   int64_t max_seq_len = 0;
+  bool allow_empty = false;  // a replica's part of a batch may hold no datums
 };
 
 // OK, or InvalidArgument naming the datum index and field: an empty batch, an

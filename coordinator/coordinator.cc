@@ -1,0 +1,84 @@
+// Wiring of the coordinator's parts and its lifecycle.
+#include "coordinator/coordinator.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/log.h"
+#include "runtime/op_error.h"
+
+namespace lathe::coordinator {
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
+  if (options.replicas < 1) return absl::InvalidArgumentError("--replicas must be >= 1");
+  if (options.heartbeat_timeout <= options.heartbeat_interval) {
+    return absl::InvalidArgumentError("the heartbeat timeout must exceed the heartbeat interval");
+  }
+  std::unique_ptr<Coordinator> c(new Coordinator());
+  c->options_ = options;
+  absl::StatusOr<ApiKeys> keys = ApiKeys::Load(options.auth, options.listen, options.api_keys_file);
+  if (!keys.ok()) return keys.status();
+  c->keys_ = std::make_unique<ApiKeys>(*std::move(keys));
+  c->ledger_ = std::make_unique<OpLedger>(options.ledger);
+  c->registry_ = std::make_unique<ReplicaRegistry>(options.replicas, options.heartbeat_timeout);
+  c->dispatcher_ = std::make_unique<Dispatcher>(c->ledger_.get(), c->registry_.get(), options.op_timeout);
+  OpLedger* ledger = c->ledger_.get();
+  c->registry_->OnLost([ledger](const std::string& reason) {
+    LATHE_LOG(Error, "deployment lost: %s", reason);
+    ledger->FailAll(runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kUnavailable,
+                                         absl::StrCat("the deployment lost a replica: ", reason)));
+  });
+  c->lathe_service_ = std::make_unique<LatheService>(options.service, c->keys_.get(), c->ledger_.get(),
+                                                     c->registry_.get(), c->dispatcher_.get());
+  c->link_service_ = std::make_unique<LinkService>(c->keys_.get(), c->registry_.get(), options.heartbeat_interval);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &c->port_);
+  builder.RegisterService(c->lathe_service_.get());
+  builder.RegisterService(c->link_service_.get());
+  builder.SetMaxReceiveMessageSize(-1);
+  builder.SetMaxSendMessageSize(-1);
+  c->server_ = builder.BuildAndStart();
+  if (c->server_ == nullptr || c->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  c->dispatcher_->Start();
+  c->housekeeping_ = std::thread([p = c.get()] { p->Housekeeping(); });
+  LATHE_LOG(Info, "coordinator listening on port %d for %d replica(s), API keys %s", c->port_, options.replicas,
+            c->keys_->enabled() ? "required" : "off");
+  return c;
+}
+
+Coordinator::~Coordinator() { Shutdown("coordinator destroyed", absl::Seconds(5)); }
+
+void Coordinator::Housekeeping() {
+  const absl::Duration tick = std::min(absl::Milliseconds(200), options_.heartbeat_interval);
+  absl::MutexLock lock(&mu_);
+  auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
+  while (!mu_.AwaitWithTimeout(absl::Condition(&stopping), tick)) {
+    registry_->CheckHeartbeats();
+    ledger_->Sweep();
+  }
+}
+
+void Coordinator::Shutdown(const std::string& reason, absl::Duration grace) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (housekeeping_.joinable()) housekeeping_.join();
+  ledger_->Close();
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  registry_->Shutdown(reason);
+  ledger_->FailAll(runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kUnavailable,
+                                        absl::StrCat("the coordinator is shutting down: ", reason)));
+  dispatcher_->Stop();
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  server_->Wait();
+}
+
+}  // namespace lathe::coordinator

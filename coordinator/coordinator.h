@@ -1,0 +1,67 @@
+// A running coordinator: the gRPC server (Lathe, ReplicaLink, the standard
+// grpc.health.v1 service and server reflection) with its ledger, replica
+// registry, dispatcher and a housekeeping thread (heartbeats, gap timeouts,
+// result expiry).
+#ifndef LATHE_COORDINATOR_COORDINATOR_H_
+#define LATHE_COORDINATOR_COORDINATOR_H_
+
+#include <grpcpp/server.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "coordinator/auth.h"
+#include "coordinator/dispatcher.h"
+#include "coordinator/lathe_service.h"
+#include "coordinator/link_service.h"
+
+namespace lathe::coordinator {
+
+struct CoordinatorOptions {
+  std::string listen = "127.0.0.1:7777";  // port 0 picks a free one
+  int replicas = 1;
+  absl::Duration heartbeat_interval = absl::Seconds(1);
+  absl::Duration heartbeat_timeout = absl::Seconds(10);
+  absl::Duration op_timeout = absl::Hours(2);
+  LedgerOptions ledger;
+  ServiceOptions service;
+  AuthMode auth = AuthMode::kAuto;
+  std::string api_keys_file;
+};
+
+class Coordinator {
+ public:
+  // Binds and starts serving. InvalidArgument for bad options; Unavailable
+  // when the address cannot be bound; the key loader's errors.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Start(const CoordinatorOptions& options);
+  ~Coordinator();
+
+  int port() const { return port_; }
+  ReplicaRegistry& registry() { return *registry_; }
+  // Refuses new operations, fails the unfinished ones, tells the replicas to
+  // stop and stops the server (waiting up to `grace` for calls in flight).
+  void Shutdown(const std::string& reason, absl::Duration grace);
+
+ private:
+  Coordinator() = default;
+  void Housekeeping();
+
+  CoordinatorOptions options_;
+  std::unique_ptr<ApiKeys> keys_;
+  std::unique_ptr<OpLedger> ledger_;
+  std::unique_ptr<ReplicaRegistry> registry_;
+  std::unique_ptr<Dispatcher> dispatcher_;
+  std::unique_ptr<LatheService> lathe_service_;
+  std::unique_ptr<LinkService> link_service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread housekeeping_;
+};
+
+}  // namespace lathe::coordinator
+
+#endif  // LATHE_COORDINATOR_COORDINATOR_H_

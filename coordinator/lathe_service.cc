@@ -1,0 +1,149 @@
+// Request handling of lathe.v1.Lathe: checks, then the ledger.
+#include "coordinator/lathe_service.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "coordinator/op_validation.h"
+#include "runtime/lora_settings.h"
+
+namespace lathe::coordinator {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+std::string NewRunId() {
+  static std::mt19937_64 rng(std::random_device{}());
+  static absl::Mutex mu;
+  absl::MutexLock lock(&mu);
+  return absl::StrFormat("run-%016x", rng());
+}
+
+}  // namespace
+
+LatheService::LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger,
+                           ReplicaRegistry* registry, Dispatcher* dispatcher)
+    : options_(options), keys_(keys), ledger_(ledger), registry_(registry), dispatcher_(dispatcher) {}
+
+grpc::Status LatheService::Serving() const {
+  switch (registry_->state()) {
+    case DeploymentState::kServing:
+      return grpc::Status::OK;
+    case DeploymentState::kStarting:
+      return {grpc::StatusCode::UNAVAILABLE, "the deployment is starting: " + registry_->detail()};
+    case DeploymentState::kLost:
+      return {grpc::StatusCode::UNAVAILABLE, "the deployment lost a replica: " + registry_->detail()};
+    case DeploymentState::kShuttingDown:
+      return {grpc::StatusCode::UNAVAILABLE, "the deployment is shutting down"};
+  }
+  return {grpc::StatusCode::UNAVAILABLE, "unknown state"};
+}
+
+grpc::Status LatheService::GetCapabilities(grpc::ServerContext* context, const lathe::v1::GetCapabilitiesRequest*,
+                                           lathe::v1::Capabilities* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  const lathe::v1::ModelSummary model = registry_->model();
+  if (!model.base_model().empty()) response->add_base_models(model.base_model());
+  response->set_max_seq_len(model.max_seq_len());
+  *response->mutable_layout() = registry_->layout();
+  response->mutable_layout()->set_replicas(registry_->expected());
+  response->set_architecture(model.architecture());
+  response->set_vocab_size(model.vocab_size());
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::Health(grpc::ServerContext*, const lathe::v1::HealthRequest*,
+                                  lathe::v1::HealthResponse* response) {
+  using H = lathe::v1::HealthResponse;
+  switch (registry_->state()) {
+    case DeploymentState::kStarting: response->set_state(H::STARTING); break;
+    case DeploymentState::kServing: response->set_state(H::SERVING); break;
+    case DeploymentState::kLost: response->set_state(H::UNAVAILABLE); break;
+    case DeploymentState::kShuttingDown: response->set_state(H::SHUTTING_DOWN); break;
+  }
+  response->set_replicas_registered(registry_->registered());
+  response->set_replicas_expected(registry_->expected());
+  response->set_detail(registry_->detail());
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::GetInfo(grpc::ServerContext* context, const lathe::v1::GetInfoRequest* request,
+                                   lathe::v1::RunInfo* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  std::optional<lathe::v1::RunInfo> info = dispatcher_->Run(request->run_id());
+  if (!info.has_value()) return {grpc::StatusCode::NOT_FOUND, "no run " + request->run_id()};
+  *response = *info;
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::CreateRun(grpc::ServerContext* context, const lathe::v1::CreateRunRequest* request,
+                                     lathe::v1::CreateRunResponse* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  if (grpc::Status s = Serving(); !s.ok()) return s;
+  const lathe::v1::ModelSummary model = registry_->model();
+  if (!request->base_model().empty() && request->base_model() != model.base_model()) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            absl::StrCat("this deployment serves ", model.base_model(), ", not ", request->base_model())};
+  }
+  if (auto lora = runtime::LoraSettingsFromProto(request->lora()); !lora.ok()) return ToGrpc(lora.status());
+  absl::MutexLock lock(&create_mu_);
+  if (dispatcher_->runs() >= options_.max_runs) {
+    return {grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrCat("this deployment holds at most ", options_.max_runs,
+                         " run(s) (--max_runs); re-initialise an existing run with an init operation")};
+  }
+  const std::string run_id = NewRunId();
+  lathe::v1::RunInfo info;
+  info.set_run_id(run_id);
+  info.set_base_model(model.base_model());
+  *info.mutable_lora() = request->lora();
+  dispatcher_->AddRun(info);
+  if (absl::Status s = ledger_->OpenRun(run_id, 0); !s.ok()) return ToGrpc(s);
+  lathe::v1::SubmitRequest init;
+  init.set_run_id(run_id);
+  *init.mutable_init()->mutable_lora() = request->lora();
+  absl::StatusOr<std::string> op_id = ledger_->SubmitInternal(init);
+  if (!op_id.ok()) return ToGrpc(op_id.status());
+  response->set_run_id(run_id);
+  response->set_init_op_id(*op_id);
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::Submit(grpc::ServerContext* context, const lathe::v1::SubmitRequest* request,
+                                  lathe::v1::SubmitResponse* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  if (grpc::Status s = Serving(); !s.ok()) return s;
+  if (absl::Status s = ValidateOp(*request, registry_->model()); !s.ok()) return ToGrpc(s);
+  absl::StatusOr<std::string> op_id = ledger_->Submit(*request);
+  if (!op_id.ok()) return ToGrpc(op_id.status());
+  response->set_op_id(*op_id);
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v1::RetrieveRequest* request,
+                                    lathe::v1::RetrieveResponse* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  if (request->wait_ms() < 0) return {grpc::StatusCode::INVALID_ARGUMENT, "wait_ms must not be negative"};
+  absl::Duration wait = std::min(absl::Milliseconds(request->wait_ms()), options_.max_wait);
+  // Never hold a poll past the caller's own deadline.
+  const absl::Time deadline = absl::FromChrono(context->deadline());
+  if (deadline < absl::InfiniteFuture()) wait = std::min(wait, std::max(absl::ZeroDuration(), deadline - absl::Now() - absl::Milliseconds(50)));
+  absl::StatusOr<OpView> view = ledger_->Wait(request->op_id(), wait);
+  if (!view.ok()) return ToGrpc(view.status());
+  response->set_op_id(view->op_id);
+  response->set_state(view->state);
+  if (view->state == lathe::v1::RetrieveResponse::DONE) *response->mutable_result() = std::move(view->result);
+  if (view->state == lathe::v1::RetrieveResponse::FAILED) *response->mutable_error() = std::move(view->error);
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::ListCheckpoints(grpc::ServerContext* context, const lathe::v1::ListCheckpointsRequest*,
+                                           lathe::v1::ListCheckpointsResponse*) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  return {grpc::StatusCode::UNIMPLEMENTED, "checkpoints are not implemented yet"};
+}
+
+}  // namespace lathe::coordinator

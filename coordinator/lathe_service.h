@@ -1,0 +1,55 @@
+// The client-facing lathe.v1.Lathe service on top of the ledger, the replica
+// registry and the dispatcher.
+#ifndef LATHE_COORDINATOR_LATHE_SERVICE_H_
+#define LATHE_COORDINATOR_LATHE_SERVICE_H_
+
+#include "absl/synchronization/mutex.h"
+#include "coordinator/auth.h"
+#include "coordinator/dispatcher.h"
+#include "coordinator/op_ledger.h"
+#include "coordinator/replica_registry.h"
+#include "lathe/v1/service.grpc.pb.h"
+
+namespace lathe::coordinator {
+
+struct ServiceOptions {
+  int max_runs = 1;
+  absl::Duration max_wait = absl::Seconds(40);  // Retrieve's cap
+};
+
+class LatheService final : public lathe::v1::Lathe::Service {
+ public:
+  // None owned; all outlive the service.
+  LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger, ReplicaRegistry* registry,
+               Dispatcher* dispatcher);
+
+  grpc::Status GetCapabilities(grpc::ServerContext* context, const lathe::v1::GetCapabilitiesRequest* request,
+                               lathe::v1::Capabilities* response) override;
+  grpc::Status Health(grpc::ServerContext* context, const lathe::v1::HealthRequest* request,
+                      lathe::v1::HealthResponse* response) override;
+  grpc::Status GetInfo(grpc::ServerContext* context, const lathe::v1::GetInfoRequest* request,
+                       lathe::v1::RunInfo* response) override;
+  grpc::Status CreateRun(grpc::ServerContext* context, const lathe::v1::CreateRunRequest* request,
+                         lathe::v1::CreateRunResponse* response) override;
+  grpc::Status Submit(grpc::ServerContext* context, const lathe::v1::SubmitRequest* request,
+                      lathe::v1::SubmitResponse* response) override;
+  grpc::Status Retrieve(grpc::ServerContext* context, const lathe::v1::RetrieveRequest* request,
+                        lathe::v1::RetrieveResponse* response) override;
+  grpc::Status ListCheckpoints(grpc::ServerContext* context, const lathe::v1::ListCheckpointsRequest* request,
+                               lathe::v1::ListCheckpointsResponse* response) override;
+
+ private:
+  // OK when the deployment serves; UNAVAILABLE saying why not.
+  grpc::Status Serving() const;
+
+  const ServiceOptions options_;
+  const ApiKeys* keys_;
+  OpLedger* ledger_;
+  ReplicaRegistry* registry_;
+  Dispatcher* dispatcher_;
+  absl::Mutex create_mu_;  // one CreateRun at a time, so max_runs holds
+};
+
+}  // namespace lathe::coordinator
+
+#endif  // LATHE_COORDINATOR_LATHE_SERVICE_H_

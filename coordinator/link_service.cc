@@ -1,0 +1,67 @@
+// The coordinator's end of a replica's stream.
+#include "coordinator/link_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "runtime/log.h"
+
+namespace lathe::coordinator {
+namespace {
+
+using Stream = grpc::ServerReaderWriter<lathe::v1::CoordinatorMessage, lathe::v1::WorkerMessage>;
+
+// Writes from the dispatcher and the registry, one at a time.
+class StreamSink : public ReplicaSink {
+ public:
+  StreamSink(grpc::ServerContext* context, Stream* stream) : context_(context), stream_(stream) {}
+  bool Send(const lathe::v1::CoordinatorMessage& message) override {
+    absl::MutexLock lock(&mu_);
+    return stream_->Write(message);
+  }
+  void Cancel() override { context_->TryCancel(); }
+
+ private:
+  grpc::ServerContext* context_;
+  Stream* stream_;
+  absl::Mutex mu_;
+};
+
+}  // namespace
+
+LinkService::LinkService(const ApiKeys* keys, ReplicaRegistry* registry, absl::Duration heartbeat_interval)
+    : keys_(keys), registry_(registry), heartbeat_interval_(heartbeat_interval) {}
+
+grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  lathe::v1::WorkerMessage message;
+  if (!stream->Read(&message) || !message.has_register_()) {
+    return {grpc::StatusCode::INVALID_ARGUMENT, "the first message must register the replica"};
+  }
+  const int replica = message.register_().replica();
+  StreamSink sink(context, stream);
+  if (absl::Status s = registry_->Register(message.register_(), &sink); !s.ok()) {
+    return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+  }
+  LATHE_LOG(Info, "replica %d registered from %s (pid %d)", replica, message.register_().host(),
+            message.register_().pid());
+  lathe::v1::CoordinatorMessage welcome;
+  welcome.mutable_registered()->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(heartbeat_interval_));
+  sink.Send(welcome);
+  std::string reason = "stream broken";
+  while (stream->Read(&message)) {
+    if (message.has_result()) {
+      registry_->Deliver(replica, message.result());
+    } else if (message.has_deregister()) {
+      reason = absl::StrCat("deregistered: ", message.deregister().reason());
+      break;
+    } else {
+      registry_->Heard(replica);
+    }
+  }
+  if (context->IsCancelled() && reason == "stream broken") reason = "stream cancelled";
+  LATHE_LOG(Warning, "replica %d: %s", replica, reason);
+  registry_->Disconnected(replica, reason);
+  return grpc::Status::OK;
+}
+
+}  // namespace lathe::coordinator

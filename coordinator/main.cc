@@ -1,0 +1,60 @@
+// lathe_coordinator: accepts training operations over gRPC and fans them out
+// to the dp_worker replicas that dial in. SIGTERM/SIGINT: stop accepting,
+// fail what is unfinished, tell the replicas to stop, exit 0.
+#include <csignal>
+#include <cstdio>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "coordinator/coordinator.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:7777", "host:port to serve on (port 0: any free port, printed)");
+ABSL_FLAG(int, replicas, 1, "data-parallel replicas the deployment waits for");
+ABSL_FLAG(int, max_runs, 1, "training runs held at once (must not exceed the workers' --max_runs)");
+ABSL_FLAG(double, heartbeat_interval_s, 1.0, "how often replicas send heartbeats");
+ABSL_FLAG(double, heartbeat_timeout_s, 10.0, "silence after which a replica is lost and its operations fail");
+ABSL_FLAG(double, gap_timeout_s, 600.0, "how long an operation waits for a missing earlier seq_id");
+ABSL_FLAG(double, result_ttl_s, 3600.0, "how long results stay retrievable after they finish");
+ABSL_FLAG(int64_t, max_queued, 1024, "operations accepted but unfinished, over all runs");
+ABSL_FLAG(double, op_timeout_s, 7200.0, "longest round trip of one operation to the replicas");
+ABSL_FLAG(std::string, auth, "auto", "API keys: on, off, or auto (off on loopback, on otherwise)");
+ABSL_FLAG(std::string, api_keys_file, "", "file of accepted API keys, one per line (also $LATHE_API_KEYS)");
+ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
+
+namespace {
+volatile std::sig_atomic_t g_stop = 0;
+void OnSignal(int) { g_stop = 1; }
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("lathe coordinator; --helpfull lists the flags");
+  absl::ParseCommandLine(argc, argv);
+  using namespace lathe::coordinator;
+  absl::StatusOr<AuthMode> auth = ParseAuthMode(absl::GetFlag(FLAGS_auth));
+  if (!auth.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", auth.status().ToString().c_str()), 2;
+  CoordinatorOptions o;
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.replicas = absl::GetFlag(FLAGS_replicas);
+  o.service.max_runs = absl::GetFlag(FLAGS_max_runs);
+  o.heartbeat_interval = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_interval_s));
+  o.heartbeat_timeout = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_timeout_s));
+  o.ledger.gap_timeout = absl::Seconds(absl::GetFlag(FLAGS_gap_timeout_s));
+  o.ledger.result_ttl = absl::Seconds(absl::GetFlag(FLAGS_result_ttl_s));
+  o.ledger.max_unfinished = absl::GetFlag(FLAGS_max_queued);
+  o.op_timeout = absl::Seconds(absl::GetFlag(FLAGS_op_timeout_s));
+  o.auth = *auth;
+  o.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(o);
+  if (!c.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", c.status().ToString().c_str()), 1;
+  std::printf("lathe_coordinator serving on port %d\n", (*c)->port());
+  std::fflush(stdout);
+  if (std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
+    if (FILE* f = std::fopen(path.c_str(), "w"); f != nullptr) std::fprintf(f, "%d\n", (*c)->port()), std::fclose(f);
+  }
+  while (!g_stop) absl::SleepFor(absl::Milliseconds(100));
+  (*c)->Shutdown("coordinator stopped by signal", absl::Seconds(5));
+  return 0;
+}

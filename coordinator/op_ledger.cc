@@ -1,0 +1,314 @@
+// The op ledger's bookkeeping: per-run seq_id ordering with gap buffering, a
+// global ready queue, retry identity by deterministic serialization, expiry.
+#include "coordinator/op_ledger.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+
+namespace lathe::coordinator {
+namespace {
+
+using lathe::v1::OpError;
+using lathe::v1::OpResult;
+using lathe::v1::RetrieveResponse;
+using lathe::v1::SubmitRequest;
+
+class SystemClock final : public Clock {
+ public:
+  absl::Time Now() const override { return absl::Now(); }
+};
+
+std::string OpId(const std::string& run_id, int64_t seq_id) {
+  return absl::StrCat(run_id, "/", seq_id);
+}
+
+// Map fields (ForwardBackwardInput::loss_fn_config, Datum::loss_fn_inputs)
+// serialize in hash order unless asked not to, so equal requests could differ
+// byte for byte; deterministic serialization sorts map entries by key.
+std::string DeterministicBytes(const SubmitRequest& request) {
+  std::string bytes;
+  {
+    google::protobuf::io::StringOutputStream stream(&bytes);
+    google::protobuf::io::CodedOutputStream out(&stream);
+    out.SetSerializationDeterministic(true);
+    request.SerializePartialToCodedStream(&out);
+  }  // `out` flushes into `bytes` when it goes
+  return bytes;
+}
+
+OpError MakeError(OpError::Category category, absl::StatusCode code, std::string message) {
+  OpError error;
+  error.set_category(category);
+  error.set_code(static_cast<int32_t>(code));
+  error.set_message(std::move(message));
+  return error;
+}
+
+}  // namespace
+
+const Clock& RealClock() {
+  static const Clock* const clock = new SystemClock();
+  return *clock;
+}
+
+struct OpLedger::Op {
+  enum class Phase { kBuffered, kReady, kRunning, kFinished };
+
+  std::string run_id;
+  int64_t seq_id = 0;
+  // The request's deterministic serialization: the op's identity for retries
+  // and what TakeReady hands out, so the request is stored once.
+  std::string request_bytes;
+  Phase phase = Phase::kBuffered;
+  absl::Time arrived;
+  absl::Time finished;
+  OpView view;  // state PENDING until finished
+};
+
+struct OpLedger::Run {
+  // The lowest seq_id not yet released to the ready queue (or failed); every
+  // op below it was released, failed or never arrived.
+  int64_t next_seq = 0;
+  // Ops at or above next_seq waiting for the gap before them, by seq_id.
+  std::map<int64_t, Op*> buffered;
+};
+
+OpLedger::OpLedger(LedgerOptions options, const Clock* clock)
+    : options_(std::move(options)), clock_(clock) {}
+
+OpLedger::~OpLedger() = default;
+
+absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
+  absl::MutexLock lock(&mu_);
+  auto run = std::make_unique<Run>();
+  run->next_seq = first_seq;
+  if (!runs_.emplace(run_id, std::move(run)).second) {
+    return absl::AlreadyExistsError(absl::StrCat("run '", run_id, "' is already open"));
+  }
+  return absl::OkStatus();
+}
+
+bool OpLedger::HasRun(const std::string& run_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return runs_.count(run_id) > 0;
+}
+
+absl::StatusOr<std::string> OpLedger::Submit(const SubmitRequest& request) {
+  if (request.seq_id() < 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("seq_id must be at least 1, got ", request.seq_id()));
+  }
+  std::string bytes = DeterministicBytes(request);  // outside the lock: requests can be large
+  absl::MutexLock lock(&mu_);
+  return SubmitLocked(request.run_id(), request.seq_id(), std::move(bytes));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {
+  absl::MutexLock lock(&mu_);
+  auto it = runs_.find(request.run_id());
+  if (it != runs_.end()) request.set_seq_id(it->second->next_seq);
+  return SubmitLocked(request.run_id(), request.seq_id(), DeterministicBytes(request));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, int64_t seq_id,
+                                                   std::string bytes) {
+  if (closed_) return absl::UnavailableError("the coordinator is shutting down");
+  auto run_it = runs_.find(run_id);
+  if (run_it == runs_.end()) return absl::NotFoundError(absl::StrCat("unknown run '", run_id, "'"));
+  Run& run = *run_it->second;
+  std::string op_id = OpId(run_id, seq_id);
+  if (auto it = ops_.find(op_id); it != ops_.end()) {
+    if (it->second->request_bytes != bytes) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("op ", op_id, " was submitted before with another request"));
+    }
+    return op_id;  // a retry
+  }
+  if (seq_id < run.next_seq) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "seq_id %d of run %s is below the run's next expected seq_id %d and unknown (it timed "
+        "out, expired or was never submitted)",
+        seq_id, run_id, run.next_seq));
+  }
+  if (unfinished_ >= options_.max_unfinished) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(unfinished_, " operations are unfinished; retry later"));
+  }
+  auto op = std::make_unique<Op>();
+  op->run_id = run_id;
+  op->seq_id = seq_id;
+  op->request_bytes = std::move(bytes);
+  op->arrived = clock_->Now();
+  op->view.op_id = op_id;
+  run.buffered.emplace(seq_id, op.get());
+  ops_.emplace(op_id, std::move(op));
+  ++unfinished_;
+  ReleaseLocked(run);
+  return op_id;
+}
+
+void OpLedger::ReleaseLocked(Run& run) {
+  bool released = false;
+  for (auto it = run.buffered.begin(); it != run.buffered.end() && it->first == run.next_seq;
+       it = run.buffered.erase(it)) {
+    it->second->phase = Op::Phase::kReady;
+    ready_.push_back(it->second);
+    ++run.next_seq;
+    released = true;
+  }
+  if (released) ready_cv_.SignalAll();
+}
+
+std::optional<ReadyOp> OpLedger::TakeReady() {
+  absl::MutexLock lock(&mu_);
+  return TakeReadyLocked();
+}
+
+std::optional<ReadyOp> OpLedger::WaitReady(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
+  bool timed_out = false;
+  while (ready_.empty() && !timed_out) timed_out = ready_cv_.WaitWithDeadline(&mu_, deadline);
+  return TakeReadyLocked();
+}
+
+std::optional<ReadyOp> OpLedger::TakeReadyLocked() {
+  while (!ready_.empty()) {
+    Op& op = *ready_.front();
+    ready_.pop_front();
+    ReadyOp ready;
+    ready.op_id = op.view.op_id;
+    if (!ready.request.ParseFromString(op.request_bytes)) {
+      // Bytes this ledger wrote itself; failing the op beats handing out garbage.
+      FailLocked(op, MakeError(OpError::SERVER, absl::StatusCode::kInternal,
+                               absl::StrCat("the stored request of op ", op.view.op_id,
+                                            " does not parse")));
+      continue;
+    }
+    op.phase = Op::Phase::kRunning;
+    return ready;
+  }
+  return std::nullopt;
+}
+
+OpLedger::Op* OpLedger::FindRunningLocked(const std::string& op_id) {
+  auto it = ops_.find(op_id);
+  if (it == ops_.end() || it->second->phase != Op::Phase::kRunning) return nullptr;
+  return it->second.get();
+}
+
+void OpLedger::Complete(const std::string& op_id, OpResult result) {
+  absl::MutexLock lock(&mu_);
+  Op* op = FindRunningLocked(op_id);
+  if (op == nullptr) return;  // finished already (FailAll) or never dispatched
+  op->view.result = std::move(result);
+  FinishLocked(*op, RetrieveResponse::DONE);
+}
+
+void OpLedger::Fail(const std::string& op_id, OpError error) {
+  absl::MutexLock lock(&mu_);
+  Op* op = FindRunningLocked(op_id);
+  if (op != nullptr) FailLocked(*op, error);
+}
+
+void OpLedger::FailLocked(Op& op, const OpError& error) {
+  op.view.error = error;
+  FinishLocked(op, RetrieveResponse::FAILED);
+}
+
+void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state) {
+  op.phase = Op::Phase::kFinished;
+  op.view.state = state;
+  op.finished = clock_->Now();
+  --unfinished_;
+  finished_.push_back(&op);
+  finished_cv_.SignalAll();
+}
+
+void OpLedger::FailAll(const OpError& error) {
+  absl::MutexLock lock(&mu_);
+  // Buffered ops fail too, so the run continues after the highest of them.
+  for (auto& [run_id, run] : runs_) {
+    if (!run->buffered.empty()) run->next_seq = run->buffered.rbegin()->first + 1;
+    run->buffered.clear();
+  }
+  ready_.clear();
+  for (auto& [op_id, op] : ops_) {
+    if (op->phase != Op::Phase::kFinished) FailLocked(*op, error);
+  }
+}
+
+void OpLedger::Close() {
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
+}
+
+absl::StatusOr<OpView> OpLedger::Lookup(const std::string& op_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return ViewLocked(op_id);
+}
+
+absl::StatusOr<OpView> OpLedger::Wait(const std::string& op_id, absl::Duration timeout) const {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
+  bool timed_out = false;
+  for (;;) {
+    // Looked up again after every wake-up: the op may have expired meanwhile.
+    absl::StatusOr<OpView> view = ViewLocked(op_id);
+    if (!view.ok() || view->state != RetrieveResponse::PENDING || timed_out) return view;
+    timed_out = finished_cv_.WaitWithDeadline(&mu_, deadline);
+  }
+}
+
+absl::StatusOr<OpView> OpLedger::ViewLocked(const std::string& op_id) const {
+  auto it = ops_.find(op_id);
+  if (it == ops_.end()) return absl::NotFoundError(absl::StrCat("unknown or expired op ", op_id));
+  return it->second->view;
+}
+
+void OpLedger::Sweep() {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = clock_->Now();
+  for (auto& [run_id, run] : runs_) FailTimedOutGapsLocked(*run, now);
+  ForgetExpiredLocked(now);
+}
+
+void OpLedger::FailTimedOutGapsLocked(Run& run, absl::Time now) {
+  std::optional<int64_t> last_timed_out;
+  for (const auto& [seq_id, op] : run.buffered) {
+    if (now - op->arrived > options_.gap_timeout) last_timed_out = seq_id;
+  }
+  if (!last_timed_out) return;
+  // Every op up to the last timed-out one waits on the same first gap.
+  const OpError error = MakeError(
+      OpError::USER, absl::StatusCode::kDeadlineExceeded,
+      absl::StrFormat("seq_id %d of run %s did not arrive within %s", run.next_seq,
+                      run.buffered.begin()->second->run_id,
+                      absl::FormatDuration(options_.gap_timeout)));
+  for (auto it = run.buffered.begin(); it != run.buffered.end() && it->first <= *last_timed_out;
+       it = run.buffered.erase(it)) {
+    FailLocked(*it->second, error);
+  }
+  run.next_seq = *last_timed_out + 1;
+  ReleaseLocked(run);
+}
+
+void OpLedger::ForgetExpiredLocked(absl::Time now) {
+  // finished_ is in finish order, so the expired ones are at its front.
+  while (!finished_.empty() && now - finished_.front()->finished > options_.result_ttl) {
+    const std::string op_id = finished_.front()->view.op_id;
+    finished_.pop_front();
+    ops_.erase(op_id);
+  }
+}
+
+int64_t OpLedger::unfinished() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return unfinished_;
+}
+
+}  // namespace lathe::coordinator

@@ -1,0 +1,182 @@
+// Registration, liveness and task round trips of the replicas.
+#include "coordinator/replica_registry.h"
+
+#include <google/protobuf/util/message_differencer.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lathe::coordinator {
+
+ReplicaRegistry::ReplicaRegistry(int expected_replicas, absl::Duration heartbeat_timeout, const Clock* clock)
+    : expected_(expected_replicas), heartbeat_timeout_(heartbeat_timeout), clock_(clock),
+      replicas_(expected_replicas) {}
+
+absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, ReplicaSink* sink) {
+  absl::MutexLock lock(&mu_);
+  if (state_ == DeploymentState::kLost || state_ == DeploymentState::kShuttingDown) {
+    return absl::FailedPreconditionError(absl::StrCat("the deployment no longer accepts replicas: ", lost_reason_));
+  }
+  if (r.replica() < 0 || r.replica() >= expected_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("replica ", r.replica(), " outside the coordinator's ", expected_, " replicas"));
+  }
+  if (r.layout().replicas() != expected_) {
+    return absl::InvalidArgumentError(absl::StrCat("the workers were started with --replicas ", r.layout().replicas(),
+                                                   ", the coordinator with --replicas ", expected_));
+  }
+  Replica& slot = replicas_[r.replica()];
+  if (slot.sink != nullptr) return absl::AlreadyExistsError(absl::StrCat("replica ", r.replica(), " is registered"));
+  if (registered_locked() > 0) {
+    using google::protobuf::util::MessageDifferencer;
+    if (!MessageDifferencer::Equals(model_, r.model()) || !MessageDifferencer::Equals(layout_, r.layout())) {
+      return absl::FailedPreconditionError(absl::StrCat("replica ", r.replica(), " serves ", r.model().ShortDebugString(),
+                                                        " / ", r.layout().ShortDebugString(), ", the others ",
+                                                        model_.ShortDebugString(), " / ", layout_.ShortDebugString()));
+    }
+  }
+  model_ = r.model();
+  layout_ = r.layout();
+  slot.sink = sink;
+  slot.connected = true;
+  slot.last_heard = clock_->Now();
+  if (registered_locked() == expected_) state_ = DeploymentState::kServing;
+  return absl::OkStatus();
+}
+
+void ReplicaRegistry::Heard(int replica) {
+  absl::MutexLock lock(&mu_);
+  if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();
+}
+
+void ReplicaRegistry::Deliver(int replica, const lathe::v1::TaskResult& result) {
+  absl::MutexLock lock(&mu_);
+  if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();
+  answers_[result.task_id()] = result;
+}
+
+void ReplicaRegistry::Disconnected(int replica, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  Replica& slot = replicas_[replica];
+  slot.sink = nullptr;
+  if (!slot.connected) return;
+  slot.connected = false;
+  if (state_ != DeploymentState::kShuttingDown) LoseLocked(absl::StrCat("replica ", replica, " left: ", reason));
+}
+
+void ReplicaRegistry::CheckHeartbeats() {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = clock_->Now();
+  for (int i = 0; i < expected_; ++i) {
+    Replica& slot = replicas_[i];
+    if (!slot.connected || now - slot.last_heard <= heartbeat_timeout_) continue;
+    slot.connected = false;
+    if (slot.sink != nullptr) slot.sink->Cancel();
+    LoseLocked(absl::StrCat("replica ", i, " sent no heartbeat for ", absl::FormatDuration(now - slot.last_heard)));
+  }
+}
+
+void ReplicaRegistry::LoseLocked(const std::string& reason) {
+  if (state_ == DeploymentState::kLost) return;
+  state_ = DeploymentState::kLost;
+  lost_reason_ = reason;
+  if (on_lost_) {
+    auto callback = on_lost_;
+    mu_.Unlock();
+    callback(reason);
+    mu_.Lock();
+  }
+}
+
+absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std::vector<lathe::v1::Task> tasks,
+                                                                             absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  if (state_ != DeploymentState::kServing) {
+    return absl::UnavailableError(absl::StrCat("the deployment is not serving: ", detail_locked()));
+  }
+  std::vector<int64_t> ids;
+  for (int i = 0; i < expected_; ++i) {
+    tasks[i].set_task_id(next_task_id_++);
+    ids.push_back(tasks[i].task_id());
+    lathe::v1::CoordinatorMessage message;
+    *message.mutable_task() = std::move(tasks[i]);
+    // A failed send shows up as the replica's disconnection.
+    replicas_[i].sink->Send(message);
+  }
+  auto done = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    if (state_ != DeploymentState::kServing) return true;
+    for (int64_t id : ids) {
+      if (answers_.count(id) == 0) return false;
+    }
+    return true;
+  };
+  const bool in_time = mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
+  std::vector<lathe::v1::TaskResult> out;
+  for (int64_t id : ids) {
+    auto it = answers_.find(id);
+    if (it != answers_.end()) out.push_back(std::move(it->second)), answers_.erase(it);
+  }
+  if (out.size() == ids.size()) return out;
+  if (state_ != DeploymentState::kServing) return absl::UnavailableError(detail_locked());
+  if (!in_time) return absl::DeadlineExceededError(absl::StrCat("replicas did not answer within ", absl::FormatDuration(timeout)));
+  return absl::InternalError("replica answers missing");
+}
+
+void ReplicaRegistry::Shutdown(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (state_ != DeploymentState::kLost) state_ = DeploymentState::kShuttingDown;
+  if (lost_reason_.empty()) lost_reason_ = reason;
+  lathe::v1::CoordinatorMessage message;
+  message.mutable_shutdown()->set_reason(reason);
+  for (Replica& slot : replicas_) {
+    if (slot.sink != nullptr) slot.sink->Send(message);
+  }
+}
+
+void ReplicaRegistry::OnLost(std::function<void(const std::string&)> callback) {
+  absl::MutexLock lock(&mu_);
+  on_lost_ = std::move(callback);
+}
+
+DeploymentState ReplicaRegistry::state() const {
+  absl::MutexLock lock(&mu_);
+  return state_;
+}
+
+std::string ReplicaRegistry::detail() const {
+  absl::MutexLock lock(&mu_);
+  return detail_locked();
+}
+
+std::string ReplicaRegistry::detail_locked() const {
+  if (!lost_reason_.empty()) return lost_reason_;
+  std::vector<int> missing;
+  for (int i = 0; i < expected_; ++i) {
+    if (replicas_[i].sink == nullptr) missing.push_back(i);
+  }
+  if (missing.empty()) return "every replica registered";
+  return absl::StrCat("waiting for replica(s) ", absl::StrJoin(missing, ", "));
+}
+
+int ReplicaRegistry::registered() const {
+  absl::MutexLock lock(&mu_);
+  return registered_locked();
+}
+
+int ReplicaRegistry::registered_locked() const {
+  int n = 0;
+  for (const Replica& slot : replicas_) n += slot.sink != nullptr;
+  return n;
+}
+
+lathe::v1::ModelSummary ReplicaRegistry::model() const {
+  absl::MutexLock lock(&mu_);
+  return model_;
+}
+
+lathe::v1::Layout ReplicaRegistry::layout() const {
+  absl::MutexLock lock(&mu_);
+  return layout_;
+}
+
+}  // namespace lathe::coordinator

@@ -1,0 +1,108 @@
+// The replicas of a deployment as the coordinator sees them: who registered,
+// what model and layout they serve, whether they are alive, and the tasks
+// each owes an answer for. The deployment is ready when every expected
+// replica has registered; losing one (its stream breaks, its heartbeats stop
+// for longer than the timeout, or it deregisters) makes the deployment
+// unavailable for good: the cross-replica collectives of the survivors cannot
+// complete without it.
+//
+// Thread-safe.
+#ifndef LATHE_COORDINATOR_REPLICA_REGISTRY_H_
+#define LATHE_COORDINATOR_REPLICA_REGISTRY_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "coordinator/op_ledger.h"
+#include "lathe/v1/replica.pb.h"
+
+namespace lathe::coordinator {
+
+// Where the registry sends a replica's messages: the replica's stream.
+class ReplicaSink {
+ public:
+  virtual ~ReplicaSink() = default;
+  // False when the stream is gone.
+  virtual bool Send(const lathe::v1::CoordinatorMessage& message) = 0;
+  // Ends the stream from the coordinator's side (a silent replica).
+  virtual void Cancel() = 0;
+};
+
+enum class DeploymentState { kStarting, kServing, kLost, kShuttingDown };
+
+class ReplicaRegistry {
+ public:
+  ReplicaRegistry(int expected_replicas, absl::Duration heartbeat_timeout, const Clock* clock = &RealClock());
+
+  // A replica leader's registration. InvalidArgument for an index outside
+  // [0, expected) or a layout whose replica count differs from the
+  // coordinator's; AlreadyExists for an index registered before;
+  // FailedPrecondition when its model or layout differs from the replicas
+  // already registered, or once the deployment is lost or shutting down.
+  // `sink` is not owned and stays valid until Disconnected(replica).
+  absl::Status Register(const lathe::v1::RegisterReplica& registration, ReplicaSink* sink);
+  // Any message from the replica counts as a heartbeat.
+  void Heard(int replica);
+  void Deliver(int replica, const lathe::v1::TaskResult& result);
+  // The replica's stream ended (cleanly after a deregistration or not).
+  // The replica is lost unless the deployment is shutting down.
+  void Disconnected(int replica, const std::string& reason);
+  // Loses every replica silent for longer than the heartbeat timeout. Call
+  // it periodically.
+  void CheckHeartbeats();
+
+  // Sends tasks[i] to replica i and waits for every answer. Unavailable when
+  // the deployment is not serving or a replica is lost before it answers;
+  // DeadlineExceeded past `timeout`.
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> RunOnAll(std::vector<lathe::v1::Task> tasks,
+                                                              absl::Duration timeout);
+
+  // Tells every replica to stop and refuses new work.
+  void Shutdown(const std::string& reason);
+
+  // Called once, with the reason, when the deployment is lost.
+  void OnLost(std::function<void(const std::string&)> callback);
+
+  DeploymentState state() const;
+  std::string detail() const;  // why the deployment is lost, or who is missing
+  int registered() const;
+  int expected() const { return expected_; }
+  absl::Duration heartbeat_timeout() const { return heartbeat_timeout_; }
+  // The registered replicas' model and layout (empty before the first).
+  lathe::v1::ModelSummary model() const;
+  lathe::v1::Layout layout() const;
+
+ private:
+  struct Replica {
+    ReplicaSink* sink = nullptr;
+    absl::Time last_heard;
+    bool connected = false;
+  };
+  void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  int registered_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const int expected_;
+  const absl::Duration heartbeat_timeout_;
+  const Clock* clock_;
+  mutable absl::Mutex mu_;
+  std::vector<Replica> replicas_ ABSL_GUARDED_BY(mu_);
+  DeploymentState state_ ABSL_GUARDED_BY(mu_) = DeploymentState::kStarting;
+  std::string lost_reason_ ABSL_GUARDED_BY(mu_);
+  lathe::v1::ModelSummary model_ ABSL_GUARDED_BY(mu_);
+  lathe::v1::Layout layout_ ABSL_GUARDED_BY(mu_);
+  int64_t next_task_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Answers received for the tasks in flight, by task id.
+  std::map<int64_t, lathe::v1::TaskResult> answers_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace lathe::coordinator
+
+#endif  // LATHE_COORDINATOR_REPLICA_REGISTRY_H_

@@ -1,0 +1,70 @@
+// dp_worker: one MPI rank of a lathe deployment. Every replica's first rank
+// dials the coordinator; all ranks serve the replica's operations until
+// SIGTERM (finish the operation in flight, deregister, exit 0).
+#include <mpi.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "dp_worker/serve.h"
+
+ABSL_FLAG(std::string, coordinator, "127.0.0.1:7777", "host:port of the coordinator's ReplicaLink service");
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json + *.safetensors)");
+ABSL_FLAG(std::string, base_model, "", "the model's name for clients; empty: the folder's name");
+ABSL_FLAG(int, replicas, 1, "data-parallel replicas; the world size is replicas x node_count x devices per node");
+ABSL_FLAG(int, node_count, 1, "nodes per replica");
+ABSL_FLAG(int, tp, 1, "tensor-parallel degree inside a node");
+ABSL_FLAG(int, ep, 1, "expert-parallel degree inside a replica");
+ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the model's max_position_embeddings");
+ABSL_FLAG(int64_t, micro_batch_tokens, 0, "tokens per micro-batch; 0: sized for ~256 MiB of logits");
+ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
+ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
+ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
+ABSL_FLAG(std::string, api_key_file, "", "file holding the API key for the coordinator (else $LATHE_API_KEY)");
+
+namespace {
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop.store(true); }
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("lathe dp_worker: serves a replica's training operations; run under mpirun");
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  absl::ParseCommandLine(argc, argv);
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  lathe::dp_worker::ServeOptions o;
+  o.executor.model_dir = absl::GetFlag(FLAGS_model);
+  o.executor.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  o.executor.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
+  o.executor.max_runs = absl::GetFlag(FLAGS_max_runs);
+  o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
+  o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
+  auto key = lathe::dp_worker::ReadApiKey(absl::GetFlag(FLAGS_api_key_file));
+  if (!key.ok()) {
+    std::fprintf(stderr, "dp_worker: %s\n", key.status().ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  o.link.api_key = *key;
+  o.base_model = absl::GetFlag(FLAGS_base_model);
+  o.replicas = absl::GetFlag(FLAGS_replicas);
+  o.node_count = absl::GetFlag(FLAGS_node_count);
+  o.tp = absl::GetFlag(FLAGS_tp);
+  o.ep = absl::GetFlag(FLAGS_ep);
+  o.collective_timeout = absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s));
+  o.loop.control_timeout = o.collective_timeout;
+  absl::Status s = lathe::dp_worker::Serve(o, g_stop);
+  if (!s.ok()) {
+    std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());
+    // A rank that leaves alone would leave its peers waiting: end the job.
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+  return 0;
+}

@@ -1,0 +1,101 @@
+// Task execution on one rank: routes each operation to its run's Trainer.
+#include "dp_worker/op_executor.h"
+
+#include "absl/strings/str_cat.h"
+#include "runtime/lora_settings.h"
+#include "runtime/op_error.h"
+#include "runtime/status.h"
+
+namespace lathe::dp_worker {
+namespace {
+
+lathe::v1::LoraConfig LoraToProto(const runtime::LoraSettings& s) {
+  lathe::v1::LoraConfig c;
+  c.set_rank(static_cast<int32_t>(s.rank));
+  c.set_alpha(s.alpha);
+  c.set_seed(static_cast<int64_t>(s.seed));
+  c.set_train_attn(s.train_attn);
+  c.set_train_mlp(s.train_mlp);
+  c.set_train_unembed(s.train_unembed);
+  return c;
+}
+
+}  // namespace
+
+OpExecutor::OpExecutor(ExecutorOptions options, parallel::ParallelContext* parallel)
+    : options_(std::move(options)), parallel_(parallel) {}
+
+OpExecutor::~OpExecutor() = default;
+
+lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
+  lathe::v1::TaskResult answer;
+  answer.set_task_id(task.task_id());
+  absl::StatusOr<lathe::v1::OpResult> result = Run(task.op());
+  if (result.ok()) {
+    *answer.mutable_result() = std::move(*result);
+  } else {
+    *answer.mutable_error() = runtime::OpErrorFromStatus(result.status());
+  }
+  return answer;
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
+  LATHE_ASSIGN_OR_RETURN(runtime::LoraSettings settings, runtime::LoraSettingsFromProto(lora));
+  // The run's old trainer goes first, so a re-initialisation never holds two
+  // copies of the model.
+  trainers_.erase(run_id);
+  if (static_cast<int>(trainers_.size()) >= options_.max_runs) {
+    return absl::ResourceExhaustedError(absl::StrCat("this deployment holds at most ", options_.max_runs, " runs"));
+  }
+  runtime::TrainerOptions o;
+  o.model_dir = options_.model_dir;
+  o.lora = settings;
+  o.max_seq_len = options_.max_seq_len;
+  o.micro_batch_tokens = options_.micro_batch_tokens;
+  o.parallel = parallel_;
+  o.replica_batches = true;
+  LATHE_ASSIGN_OR_RETURN(std::unique_ptr<runtime::Trainer> trainer, runtime::Trainer::Create(o));
+  const runtime::TrainerInfo info = trainer->GetInfo();
+  trainers_[run_id] = std::move(trainer);
+  lathe::v1::OpResult result;
+  lathe::v1::RunInfo* out = result.mutable_init();
+  out->set_run_id(run_id);
+  out->set_architecture(info.architecture);
+  *out->mutable_lora() = LoraToProto(info.lora);
+  out->set_max_seq_len(info.max_seq_len);
+  out->set_step(info.step);
+  out->set_trainable_parameters(info.trainable_parameters);
+  return result;
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitRequest& op) {
+  if (op.op_case() == lathe::v1::SubmitRequest::kInit) return Init(op.run_id(), op.init().lora());
+  lathe::v1::OpResult result;
+  if (op.op_case() == lathe::v1::SubmitRequest::kNoop) {
+    result.mutable_noop();
+    return result;
+  }
+  auto it = trainers_.find(op.run_id());
+  if (it == trainers_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("run ", op.run_id(), " is not initialised on this replica"));
+  }
+  runtime::Trainer& trainer = *it->second;
+  switch (op.op_case()) {
+    case lathe::v1::SubmitRequest::kForward: {
+      LATHE_ASSIGN_OR_RETURN(*result.mutable_forward_backward(), trainer.Forward(op.forward()));
+      return result;
+    }
+    case lathe::v1::SubmitRequest::kForwardBackward: {
+      LATHE_ASSIGN_OR_RETURN(*result.mutable_forward_backward(), trainer.ForwardBackward(op.forward_backward()));
+      return result;
+    }
+    case lathe::v1::SubmitRequest::kOptimStep: {
+      LATHE_ASSIGN_OR_RETURN(*result.mutable_optim_step(), trainer.OptimStep(op.optim_step()));
+      return result;
+    }
+    default:
+      return absl::UnimplementedError(absl::StrCat("operation ", op.op_case(), " is not served by this worker"));
+  }
+}
+
+}  // namespace lathe::dp_worker

@@ -1,0 +1,48 @@
+// Executes the training operations of a replica's tasks on this rank: one
+// Trainer per run, created by the run's init operation. Every rank of a
+// replica executes the same tasks in the same order (cross-rank rule of the
+// Trainer); a task's answer is the same on every rank of the replica.
+//
+// Not thread-safe: the thread that owns the model calls it.
+#ifndef LATHE_DP_WORKER_OP_EXECUTOR_H_
+#define LATHE_DP_WORKER_OP_EXECUTOR_H_
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "lathe/v1/replica.pb.h"
+#include "parallel/context.h"
+#include "runtime/trainer.h"
+
+namespace lathe::dp_worker {
+
+struct ExecutorOptions {
+  std::string model_dir;
+  int64_t max_seq_len = 0;         // 0: the model's
+  int64_t micro_batch_tokens = 0;  // 0: the Trainer's default
+  int max_runs = 1;                // trainers held at once
+};
+
+class OpExecutor {
+ public:
+  // `parallel` is not owned and outlives the executor.
+  OpExecutor(ExecutorOptions options, parallel::ParallelContext* parallel);
+  ~OpExecutor();
+
+  // Runs the task and returns its answer: a result, or an error with its
+  // category (USER for refused input, SERVER for failures of the replica).
+  lathe::v1::TaskResult Execute(const lathe::v1::Task& task);
+
+ private:
+  absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
+  absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::LoraConfig& lora);
+
+  ExecutorOptions options_;
+  parallel::ParallelContext* parallel_;
+  std::map<std::string, std::unique_ptr<runtime::Trainer>> trainers_;
+};
+
+}  // namespace lathe::dp_worker
+
+#endif  // LATHE_DP_WORKER_OP_EXECUTOR_H_

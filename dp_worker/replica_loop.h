@@ -1,0 +1,40 @@
+// The serving loop of one replica. The leader takes tasks from the
+// coordinator link and broadcasts each to the replica's ranks, which all
+// execute it; when idle it broadcasts a keepalive every tick, so the other
+// ranks notice a dead leader within their control timeout. On a stop request
+// (SIGTERM) the leader finishes the task in flight, tells the ranks to stop
+// and deregisters.
+//
+// Cross-rank rule: every rank of the replica runs the loop (RunLeader on
+// replica rank 0, RunFollower elsewhere) until the leader's stop.
+#ifndef LATHE_DP_WORKER_REPLICA_LOOP_H_
+#define LATHE_DP_WORKER_REPLICA_LOOP_H_
+
+#include <atomic>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "dp_worker/op_executor.h"
+#include "dp_worker/replica_link.h"
+#include "parallel/communicator.h"
+
+namespace lathe::dp_worker {
+
+struct LoopOptions {
+  absl::Duration idle_tick = absl::Seconds(1);
+  // How long a follower waits for the leader's next control message.
+  absl::Duration control_timeout = absl::Minutes(10);
+};
+
+// OK after a requested stop or the coordinator's Shutdown; Unavailable when
+// the coordinator went away; the communicator's error when the replica broke.
+absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Communicator& replica,
+                       const std::atomic<bool>& stop, const LoopOptions& options);
+// Releases the followers when the leader cannot serve (e.g. no coordinator).
+absl::Status StopFollowers(parallel::Communicator& replica, const LoopOptions& options);
+// OK when the leader stopped the replica; an error when the leader is gone.
+absl::Status RunFollower(OpExecutor& executor, parallel::Communicator& replica, const LoopOptions& options);
+
+}  // namespace lathe::dp_worker
+
+#endif  // LATHE_DP_WORKER_REPLICA_LOOP_H_
