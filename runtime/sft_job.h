@@ -11,20 +11,9 @@
 #include "lathe/v1/types.pb.h"
 #include "parallel/context.h"
 #include "runtime/lora_settings.h"
+#include "runtime/sft_data.h"
 
 namespace lathe::runtime {
-
-// One JSON object per line, either
-//   {"tokens": [t0, ..., tn]}               (+ optional "weights": n floats)
-// which trains positions 0..n-1 to predict t1..tn, or the Tinker shape
-//   {"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}.
-// InvalidArgument naming the line for malformed input.
-absl::StatusOr<std::vector<lathe::v1::Datum>> ReadSftJsonl(const std::string& path);
-
-// Writes `count` sequences of `length` tokens that follow a learnable rule
-// (start s, stride d: t[i+1] = (t[i] + d) mod vocab), deterministic in `seed`.
-absl::Status WriteSyntheticSftData(const std::string& path, int64_t vocab_size, int64_t count,
-                                   int64_t length, uint64_t seed);
 
 struct SftOptions {
   std::string model_dir;
