@@ -50,6 +50,14 @@ void Dispatcher::Loop() {
 }
 
 void Dispatcher::Execute(const ReadyOp& op) {
+  // Operations run one at a time, so an ordering point reached here has
+  // every earlier operation finished; the replicas have nothing to do for it.
+  if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) {
+    lathe::v1::OpResult result;
+    result.mutable_noop();
+    ledger_->Complete(op.op_id, std::move(result));
+    return;
+  }
   const FanOut fan_out = SplitOp(op.request, registry_->expected());
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->RunOnAll(fan_out.tasks, op_timeout_);
   if (!answers.ok()) {

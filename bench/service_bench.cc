@@ -1,0 +1,97 @@
+// service_bench: a client of a running deployment that measures
+//   --round_trips N: an empty operation's round trip (Submit noop + Retrieve)
+//     next to a bare unary call (Health), N of each, interleaved;
+//   --data F: forward_backward + optim_step steps on the whole file as one
+//     batch (warmup untimed), as bench/train_bench does in process.
+// Prints one JSON line; bench/service_throughput.py drives it.
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "client/lathe_client.h"
+#include "runtime/sft_data.h"
+
+ABSL_FLAG(std::string, address, "127.0.0.1:7777", "coordinator host:port");
+ABSL_FLAG(int, round_trips, 0, "empty-operation round trips to time (0: skip)");
+ABSL_FLAG(std::string, data, "", "JSONL datums; the whole file is one batch (empty: skip)");
+ABSL_FLAG(int, lora_rank, 32, "LoRA rank; 0 = full fine-tuning");
+ABSL_FLAG(int64_t, warmup, 1, "untimed steps");
+ABSL_FLAG(int64_t, steps, 3, "timed steps");
+
+namespace {
+
+using lathe::client::Client;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "service_bench: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+// Median of the per-call times, in microseconds.
+double MedianUs(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2] * 1e6;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  lathe::client::ClientOptions options;
+  options.address = absl::GetFlag(FLAGS_address);
+  auto client = Client::Connect(options);
+  if (absl::Status s = client->WaitServing(absl::Seconds(120)); !s.ok()) return Fail(s);
+  lathe::v1::LoraConfig lora;
+  lora.set_rank(absl::GetFlag(FLAGS_lora_rank));
+  auto created = client->CreateRun(lora, absl::Minutes(30));
+  if (!created.ok()) return Fail(created.status());
+  lathe::client::TrainingRun& run = created->first;
+  std::printf("{");
+  if (int n = absl::GetFlag(FLAGS_round_trips); n > 0) {
+    std::vector<double> bare, op;
+    for (int i = 0; i < n + 50; ++i) {  // the first 50 of each warm the connection
+      auto start = Clock::now();
+      if (auto h = client->Health(); !h.ok()) return Fail(h.status());
+      if (i >= 50) bare.push_back(Seconds(start));
+      start = Clock::now();
+      auto future = run.Noop();
+      if (!future.ok()) return Fail(future.status());
+      if (auto r = future->result(absl::Seconds(30)); !r.ok()) return Fail(r.status());
+      if (i >= 50) op.push_back(Seconds(start));
+    }
+    std::printf("\"bare_unary_us\": %.1f, \"empty_op_us\": %.1f", MedianUs(bare), MedianUs(op));
+  }
+  if (std::string path = absl::GetFlag(FLAGS_data); !path.empty()) {
+    auto data = lathe::runtime::ReadSftJsonl(path);
+    if (!data.ok()) return Fail(data.status());
+    lathe::v1::ForwardBackwardInput batch;
+    batch.set_loss_fn("cross_entropy");
+    for (const auto& d : *data) *batch.add_data() = d;
+    const int64_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
+    double tokens = 0, loss = 0;
+    Clock::time_point start;
+    // Sequential like train_bench: each step's results before the next submit.
+    for (int64_t step = 0; step < warmup + steps; ++step) {
+      if (step == warmup) start = Clock::now();
+      auto fb = run.ForwardBackward(batch);
+      if (!fb.ok()) return Fail(fb.status());
+      auto opt = run.OptimStep(lathe::v1::AdamParams());
+      if (!opt.ok()) return Fail(opt.status());
+      auto fb_result = fb->result(absl::Minutes(30));
+      if (!fb_result.ok()) return Fail(fb_result.status());
+      if (auto r = opt->result(absl::Minutes(30)); !r.ok()) return Fail(r.status());
+      if (step == 0) loss = fb_result->forward_backward().metrics().at("loss:sum");
+      if (step >= warmup) tokens += fb_result->forward_backward().metrics().at("num_tokens:sum");
+    }
+    const double seconds = Seconds(start);
+    std::printf("%s\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f",
+                absl::GetFlag(FLAGS_round_trips) > 0 ? ", " : "", tokens / seconds, seconds, loss);
+  }
+  std::printf("}\n");
+  return 0;
+}

@@ -1,0 +1,130 @@
+"""The service's overhead, measured against baselines in the same run.
+
+1. An empty operation's round trip (Submit noop + Retrieve through the
+   coordinator and both replicas' leaders) next to a bare gRPC unary call
+   (Health) on the same channel: build/bench/service_bench --round_trips.
+2. forward_backward + optim_step tokens/s through the service (coordinator +
+   mpirun dp_workers) next to the in-process runtime on the same layout
+   (build/bench/train_bench under mpirun with the same mesh flags), same
+   model, batch, LoRA rank, threads and steps.
+
+  .venv/bin/python bench/service_throughput.py [--model tiny|moe2|dense] \\
+      [--layout replicas=2,ep=2] [--round-trips 2000] [--steps 5]
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput as tt  # noqa: E402
+
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
+def model_dir(args):
+    if args.model == "tiny":
+        path = os.path.join(tt.ROOT, "runs", "tiny-qwen3-moe")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            subprocess.run([os.path.join(args.build_dir, "runtime", "lathe_sft"), "--make_tiny_model", path],
+                           check=True)
+        return path, 256
+    path = os.path.join(args.cache, args.model)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"[bench] writing {args.model} model to {path}", flush=True)
+        tt.make_model(args.model, path)
+    return path, tt.SHAPES[args.model]["vocab_size"]
+
+
+def mesh_flags(layout):
+    return [f"--{k}={v}" for k, v in layout.items()]
+
+
+def ranks_of(layout):
+    n = 1
+    for v in layout.values():
+        n *= int(v)
+    return n
+
+
+def through_service(args, model, data, layout, threads, logs):
+    port_file = os.path.join(logs, "port")
+    coord = subprocess.Popen([os.path.join(args.build_dir, "coordinator", "lathe_coordinator"),
+                              "--listen=127.0.0.1:0", f"--port_file={port_file}",
+                              f"--replicas={layout.get('replicas', 1)}"],
+                             stdout=open(os.path.join(logs, "coordinator.log"), "w"), stderr=subprocess.STDOUT)
+    workers = None
+    try:
+        for _ in range(100):
+            if os.path.exists(port_file) and open(port_file).read().strip():
+                break
+            time.sleep(0.1)
+        address = "127.0.0.1:" + open(port_file).read().strip()
+        env = dict(ENV, OMP_NUM_THREADS=str(threads))
+        workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
+                                    "-x", "OMP_NUM_THREADS", os.path.join(args.build_dir, "dp_worker", "dp_worker"),
+                                    f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout),
+                                   env=env, stdout=open(os.path.join(logs, "workers.log"), "w"),
+                                   stderr=subprocess.STDOUT)
+        out = subprocess.run([os.path.join(args.build_dir, "bench", "service_bench"), f"--address={address}",
+                              f"--round_trips={args.round_trips}", f"--data={data}", f"--lora_rank={args.rank}",
+                              f"--warmup={args.warmup}", f"--steps={args.steps}"],
+                             check=True, capture_output=True, text=True, timeout=1800)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        coord.send_signal(signal.SIGTERM)
+        coord.wait(timeout=30)
+        if workers is not None:
+            try:
+                workers.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                workers.kill()
+
+
+def in_process(args, model, data, layout, threads):
+    env = dict(ENV, OMP_NUM_THREADS=str(threads))
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)), "-x", "OMP_NUM_THREADS",
+           os.path.join(args.build_dir, "bench", "train_bench"), f"--model={model}", f"--data={data}",
+           f"--lora_rank={args.rank}", f"--warmup={args.warmup}", f"--steps={args.steps}"] + mesh_flags(layout)
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "dense", "moe", "moe2"], default="tiny")
+    ap.add_argument("--layout", default="replicas=2,ep=2", help="key=value[,…] mesh flags; ranks = their product")
+    ap.add_argument("--threads", type=int, default=2, help="cores shared by all ranks")
+    ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--round-trips", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
+    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    args = ap.parse_args()
+    layout = dict(kv.split("=") for kv in args.layout.split(","))
+    threads = max(1, args.threads // ranks_of(layout))
+    model, vocab = model_dir(args)
+    batch = tt.make_batch([int(x) for x in args.lengths.split(",")], vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "batch.jsonl")
+        with open(data, "w") as f:
+            for s in batch:
+                f.write(json.dumps({"tokens": s}) + "\n")
+        served = through_service(args, model, data, layout, threads, tmp)
+        local = in_process(args, model, data, layout, threads)
+    print(f"empty operation round trip {served['empty_op_us']:.0f} us vs bare unary call "
+          f"{served['bare_unary_us']:.0f} us: ratio {served['empty_op_us'] / served['bare_unary_us']:.2f}x "
+          f"(median of {args.round_trips})")
+    print(f"{args.model} {args.layout}: service {served['tokens_per_s']:.1f} tokens/s vs in-process "
+          f"{local['tokens_per_s']:.1f} tokens/s: ratio {served['tokens_per_s'] / local['tokens_per_s']:.3f}x "
+          f"(first-step loss {served['first_loss']:.4f} / {local['first_loss']:.4f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
