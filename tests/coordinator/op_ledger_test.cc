@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "tests/coordinator/fake_clock.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -17,22 +18,6 @@ using lathe::v1::OpError;
 using lathe::v1::OpResult;
 using lathe::v1::RetrieveResponse;
 using lathe::v1::SubmitRequest;
-
-class FakeClock : public Clock {
- public:
-  absl::Time Now() const override {
-    absl::MutexLock lock(&mu_);
-    return now_;
-  }
-  void Advance(absl::Duration d) {
-    absl::MutexLock lock(&mu_);
-    now_ += d;
-  }
-
- private:
-  mutable absl::Mutex mu_;
-  absl::Time now_ ABSL_GUARDED_BY(mu_) = absl::FromUnixSeconds(1'700'000'000);
-};
 
 SubmitRequest Noop(const std::string& run_id, int64_t seq_id) {
   SubmitRequest request;

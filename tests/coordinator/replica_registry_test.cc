@@ -1,0 +1,149 @@
+// The replica registry: readiness, refused registrations, task round trips,
+// and loss by disconnection or silence (fake clock).
+#include "coordinator/replica_registry.h"
+
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "tests/coordinator/fake_clock.h"
+
+namespace lathe::coordinator {
+namespace {
+
+// Records what the registry sends; answers tasks when asked to.
+class FakeSink : public ReplicaSink {
+ public:
+  bool Send(const lathe::v1::CoordinatorMessage& message) override {
+    absl::MutexLock lock(&mu);
+    sent.push_back(message);
+    return true;
+  }
+  void Cancel() override {
+    absl::MutexLock lock(&mu);
+    cancelled = true;
+  }
+  absl::Mutex mu;
+  std::vector<lathe::v1::CoordinatorMessage> sent;
+  bool cancelled = false;
+};
+
+lathe::v1::RegisterReplica Registration(int replica, int replicas = 2, const std::string& model = "m") {
+  lathe::v1::RegisterReplica r;
+  r.set_replica(replica);
+  r.mutable_layout()->set_replicas(replicas);
+  r.mutable_layout()->set_ep(2);
+  r.mutable_model()->set_base_model(model);
+  r.mutable_model()->set_vocab_size(256);
+  return r;
+}
+
+TEST(ReplicaRegistryTest, ServesOnceEveryReplicaRegistered) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  EXPECT_EQ(registry.state(), DeploymentState::kStarting);
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  EXPECT_EQ(registry.state(), DeploymentState::kStarting);
+  EXPECT_NE(registry.detail().find("waiting for replica(s) 0"), std::string::npos) << registry.detail();
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  EXPECT_EQ(registry.state(), DeploymentState::kServing);
+  EXPECT_EQ(registry.model().base_model(), "m");
+}
+
+TEST(ReplicaRegistryTest, RefusesBadRegistrations) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b, c;
+  EXPECT_EQ(registry.Register(Registration(2), &a).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(registry.Register(Registration(0, 3), &a).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  EXPECT_EQ(registry.Register(Registration(0), &b).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(registry.Register(Registration(1, 2, "other"), &c).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(registry.state(), DeploymentState::kStarting);
+}
+
+TEST(ReplicaRegistryTest, RunOnAllCollectsEveryAnswer) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  std::thread answer([&] {
+    for (FakeSink* sink : {&a, &b}) {
+      auto has_task = [sink]() ABSL_SHARED_LOCKS_REQUIRED(sink->mu) { return !sink->sent.empty(); };
+      lathe::v1::TaskResult r;
+      {
+        absl::MutexLock lock(&sink->mu);
+        sink->mu.Await(absl::Condition(&has_task));
+        r.set_task_id(sink->sent.back().task().task_id());
+      }
+      r.mutable_result()->mutable_noop();
+      registry.Deliver(sink == &a ? 0 : 1, r);
+    }
+  });
+  auto answers = registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(10));
+  answer.join();
+  ASSERT_TRUE(answers.ok()) << answers.status();
+  ASSERT_EQ(answers->size(), 2u);
+  EXPECT_NE((*answers)[0].task_id(), (*answers)[1].task_id());
+}
+
+TEST(ReplicaRegistryTest, DisconnectionLosesTheDeploymentAndFailsTheWaiter) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  std::string lost;
+  registry.OnLost([&](const std::string& reason) { lost = reason; });
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  std::thread leave([&] {
+    absl::SleepFor(absl::Milliseconds(50));
+    registry.Disconnected(1, "stream broken");
+  });
+  auto answers = registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(10));
+  leave.join();
+  EXPECT_EQ(answers.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(registry.state(), DeploymentState::kLost);
+  EXPECT_NE(lost.find("replica 1 left: stream broken"), std::string::npos) << lost;
+  EXPECT_EQ(registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(1)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(registry.Register(Registration(1), &b).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(ReplicaRegistryTest, SilenceBeyondTheHeartbeatTimeoutLosesTheReplica) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  clock.Advance(absl::Seconds(2));
+  registry.Heard(0);
+  registry.CheckHeartbeats();
+  EXPECT_EQ(registry.state(), DeploymentState::kServing);
+  clock.Advance(absl::Seconds(2));  // replica 1 silent for 4 s, replica 0 for 2 s
+  registry.CheckHeartbeats();
+  EXPECT_EQ(registry.state(), DeploymentState::kLost);
+  EXPECT_TRUE(b.cancelled);
+  EXPECT_FALSE(a.cancelled);
+  EXPECT_NE(registry.detail().find("replica 1 sent no heartbeat"), std::string::npos) << registry.detail();
+}
+
+TEST(ReplicaRegistryTest, ShutdownTellsEveryReplicaAndIsNotALoss) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  bool lost = false;
+  registry.OnLost([&](const std::string&) { lost = true; });
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  registry.Shutdown("bye");
+  registry.Disconnected(0, "deregistered");
+  EXPECT_FALSE(lost);
+  EXPECT_EQ(registry.state(), DeploymentState::kShuttingDown);
+  ASSERT_FALSE(b.sent.empty());
+  EXPECT_EQ(b.sent.back().shutdown().reason(), "bye");
+}
+
+}  // namespace
+}  // namespace lathe::coordinator
