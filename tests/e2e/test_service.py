@@ -71,7 +71,7 @@ def test_operations_match_in_process_runtime(deployment, harness):
     lr = 1e-2
     ops = [
         ("forward_backward", batch(ce_wire), {"op": "forward_backward", "loss_fn": "cross_entropy", "data": ce_json}),
-        ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
+        ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr * 1.001}}),
         ("forward_backward", batch(is_wire, "importance_sampling"),
          {"op": "forward_backward", "loss_fn": "importance_sampling", "data": is_json}),
         ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
@@ -122,7 +122,8 @@ def test_out_of_order_submits_execute_in_seq_order(deployment):
     # Reference: a fresh run of the same seed, everything in order, with a forward before training.
     ref = sc.create_run(stub, **LORA)
     before = sc.result(stub, sc.submit(stub, ref, 1, **ops[5])).forward_backward
-    want = {seq: sc.result(stub, sc.submit(stub, ref, seq + 1, **op)) for seq, op in ops.items()}
+    order = {1: 2, 2: 1, 3: 3, 4: 4, 5: 5}
+    want = {seq: sc.result(stub, sc.submit(stub, ref, order[seq] + 1, **op)) for seq, op in ops.items()}
 
     run = sc.create_run(stub, **LORA)
     id3 = sc.submit(stub, run, 3, **ops[3])
