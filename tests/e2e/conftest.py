@@ -144,7 +144,7 @@ def pytest_runtest_makereport(item, call):
     for folder, _, files in os.walk(root):
         for name in sorted(files):
             path = os.path.join(folder, name)
-            if name.endswith(".log") and os.path.getmtime(path) >= started - 1:
+            if name.endswith(".log") and os.path.getmtime(path) >= started:
                 with open(path, errors="replace") as f:
                     tail = "".join(f.readlines()[-40:])
                 rep.sections.append((f"log {path} (tail)", tail))

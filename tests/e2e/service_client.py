@@ -97,6 +97,41 @@ def submit(stub, run_id: str, seq_id: int, **op) -> str:
     return stub.Submit(pb.SubmitRequest(run_id=run_id, seq_id=seq_id, **op), timeout=RPC_TIMEOUT_S).op_id
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def reordered_bytes(request: pb.SubmitRequest) -> bytes:
+    """A forward_backward SubmitRequest encoded by hand in another field order, every
+    loss_fn_inputs map in descending key order: the same message, other bytes."""
+    fb = request.forward_backward
+    assert request.WhichOneof("op") == "forward_backward" and not fb.loss_fn_config
+    data = b""
+    for d in fb.data:
+        entries = b"".join(_field(2, _field(1, k.encode()) + _field(2, d.loss_fn_inputs[k].SerializeToString()))
+                           for k in sorted(d.loss_fn_inputs, reverse=True))
+        data += _field(1, entries + _field(1, d.model_input.SerializeToString()))
+    body = _field(2, fb.loss_fn.encode()) + data
+    return _varint(2 << 3) + _varint(request.seq_id) + _field(12, body) + _field(1, request.run_id.encode())
+
+
+def submit_bytes(channel, raw: bytes) -> str:
+    """Submit with a request already encoded."""
+    call = channel.unary_unary("/lathe.v1.Lathe/Submit", request_serializer=lambda b: b,
+                               response_deserializer=pb.SubmitResponse.FromString)
+    return call(raw, timeout=RPC_TIMEOUT_S).op_id
+
+
 def wait(stub, op_id: str, timeout: float = 60.0) -> pb.RetrieveResponse:
     """Long-polls Retrieve until the op is DONE or FAILED; fails the test after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -196,10 +231,11 @@ class Deployment:
 
     def __init__(self, build_dir: str, model_dir: str, workdir: str, *, replicas: int = 2, ranks: int = 4,
                  ep: int = 2, max_runs: int = 1, workers: bool = True, coordinator_args=(), coordinator_env=None,
-                 worker_env=None, api_key: str | None = None):
+                 worker_env=None, api_key: str | None = None, collective_timeout_s: int = 20):
         self.build_dir, self.model_dir, self.workdir = build_dir, model_dir, workdir
         self.replicas, self.ranks, self.ep, self.max_runs = replicas, ranks, ep, max_runs
         self.with_workers = workers
+        self.collective_timeout_s = collective_timeout_s
         self.coordinator_args, self.api_key = list(coordinator_args), api_key
         self.coordinator_env, self.worker_env = dict(coordinator_env or {}), dict(worker_env or {})
         os.makedirs(workdir, exist_ok=True)
@@ -267,7 +303,8 @@ class Deployment:
         cmd = ["mpirun", "--oversubscribe", "-np", str(self.ranks),
                os.path.join(self.build_dir, "dp_worker", "dp_worker"), "--coordinator", self.address,
                "--model", self.model_dir, "--replicas", str(self.replicas), "--ep", str(self.ep),
-               "--collective_timeout_s", "20", "--max_runs", str(self.max_runs), "--connect_timeout_s", "30"]
+               "--collective_timeout_s", str(self.collective_timeout_s), "--max_runs", str(self.max_runs),
+               "--connect_timeout_s", "30"]
         env = dict(self.worker_env)
         if self.api_key is not None:
             env["LATHE_API_KEY"] = self.api_key

@@ -55,6 +55,23 @@ def _json_datum(tokens, targets, inputs):
                                **{k: [float(x) for x in v] for k, v in inputs.items()}}}
 
 
+def _assert_same(got: pb.OpResult, want: pb.OpResult, what: str) -> None:
+    """Bitwise equality of two results, naming the first differences."""
+    if got == want:
+        return
+    diffs = []
+    if got.HasField("forward_backward") and want.HasField("forward_backward"):
+        for d, (a, b) in enumerate(zip(sc.logprobs(got.forward_backward), sc.logprobs(want.forward_backward))):
+            if a.shape != b.shape or not np.array_equal(a, b):
+                delta = np.max(np.abs(a - b)) if a.shape == b.shape else f"shape {a.shape} vs {b.shape}"
+                diffs.append(f"datum {d} logprobs differ ({delta})")
+        metrics = (got.forward_backward.metrics, want.forward_backward.metrics)
+    else:
+        metrics = (got.optim_step.metrics, want.optim_step.metrics)
+    diffs += [f"{k}: {metrics[0].get(k)} vs {v}" for k, v in metrics[1].items() if metrics[0].get(k) != v]
+    raise AssertionError(f"{what}: {'; '.join(diffs) or 'results differ'}\ngot:  {got}\nwant: {want}"[:4000])
+
+
 def _close(got, want, what):
     np.testing.assert_allclose(got, want, rtol=PARITY_RTOL, atol=PARITY_ATOL, err_msg=what)
 
@@ -71,7 +88,7 @@ def test_operations_match_in_process_runtime(deployment, harness):
     lr = 1e-2
     ops = [
         ("forward_backward", batch(ce_wire), {"op": "forward_backward", "loss_fn": "cross_entropy", "data": ce_json}),
-        ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr * 1.001}}),
+        ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
         ("forward_backward", batch(is_wire, "importance_sampling"),
          {"op": "forward_backward", "loss_fn": "importance_sampling", "data": is_json}),
         ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
@@ -108,7 +125,8 @@ def test_operations_match_in_process_runtime(deployment, harness):
 def _ordering_ops(rng):
     """fb chunk a, b, c, optim_step, forward on held-out data, by seq_id 1..5."""
     chunks = [batch([datum(*sc.random_sequence(rng, n)) for n in lengths])
-              for lengths in ((6, 14), (9, 3, 20), (11,))]
+              for lengths in ((6, 14), (9, 3, 20))]
+    chunks.append(batch([datum(*sc.random_sequence(rng, 11), weights=rng.uniform(0, 1, 11).astype(np.float32))]))
     held_out = batch([datum(*sc.random_sequence(rng, n)) for n in (10, 4)])
     return {1: {"forward_backward": chunks[0]}, 2: {"forward_backward": chunks[1]},
             3: {"forward_backward": chunks[2]}, 4: {"optim_step": adam(learning_rate=5e-2)},
@@ -122,24 +140,25 @@ def test_out_of_order_submits_execute_in_seq_order(deployment):
     # Reference: a fresh run of the same seed, everything in order, with a forward before training.
     ref = sc.create_run(stub, **LORA)
     before = sc.result(stub, sc.submit(stub, ref, 1, **ops[5])).forward_backward
-    order = {1: 2, 2: 1, 3: 3, 4: 4, 5: 5}
-    want = {seq: sc.result(stub, sc.submit(stub, ref, order[seq] + 1, **op)) for seq, op in ops.items()}
+    want = {seq: sc.result(stub, sc.submit(stub, ref, seq + 1, **op)) for seq, op in ops.items()}
 
     run = sc.create_run(stub, **LORA)
     id3 = sc.submit(stub, run, 3, **ops[3])
     id2 = sc.submit(stub, run, 2, **ops[2])
     pending = stub.Retrieve(pb.RetrieveRequest(op_id=id2, wait_ms=500), timeout=sc.RPC_TIMEOUT_S)
     assert pending.state == Retrieve.PENDING, "seq 2 ran before seq 1 was submitted"
+    retry = pb.SubmitRequest(run_id=run, seq_id=3, **ops[3])
+    raw = sc.reordered_bytes(retry)
+    assert raw != retry.SerializeToString() and pb.SubmitRequest.FromString(raw) == retry
+    assert sc.submit_bytes(deployment.channel, raw) == id3, "a retry (same op, other encoding) got another op id"
     assert sc.submit(stub, run, 3, **ops[3]) == id3, "a retried submit got another op id"
     id5 = sc.submit(stub, run, 5, **ops[5])
     id4 = sc.submit(stub, run, 4, **ops[4])
     id1 = sc.submit(stub, run, 1, **ops[1])
     got = {seq: sc.result(stub, op_id) for seq, op_id in zip((1, 2, 3, 4, 5), (id1, id2, id3, id4, id5))}
 
-    for seq in (1, 2, 3, 5):
-        assert got[seq].forward_backward == want[seq].forward_backward, f"seq {seq} differs from in-order run"
-    assert got[4].optim_step.metrics["grad_norm:mean"] == want[4].optim_step.metrics["grad_norm:mean"]
-    assert got[4].optim_step == want[4].optim_step
+    for seq in (1, 2, 3, 4, 5):
+        _assert_same(got[seq], want[seq], f"seq {seq} against the in-order run")
     after = sc.logprobs(got[5].forward_backward)
     assert any(not np.array_equal(a, b) for a, b in zip(after, sc.logprobs(before))), \
         "the forward after optim_step does not reflect the step"
@@ -185,7 +204,8 @@ def _rl_inputs(n=5, **override):
 def _malformed_table():
     """(name, seq_id override or None, op fields) of requests that must get INVALID_ARGUMENT."""
     raw_tokens = types.Datum()
-    raw_tokens.model_input.chunks.append(types.ModelInputChunk(encoded_text=types.EncodedTextChunk(tokens=b"\x01\x00\x00")))
+    raw_tokens.model_input.chunks.append(
+        types.ModelInputChunk(encoded_text=types.EncodedTextChunk(tokens=b"\x01\x00\x00")))
     raw_tokens.loss_fn_inputs["target_tokens"].CopyFrom(sc.tensor(np.zeros(0, "<i8"), shape=[0]))
     no_targets = types.Datum()
     no_targets.model_input.chunks.append(sc.token_chunk([1, 2, 3]))
@@ -193,6 +213,9 @@ def _malformed_table():
     empty_input.loss_fn_inputs["target_tokens"].CopyFrom(sc.tensor(np.zeros(0, "<i8"), shape=[0]))
     long_tokens, long_targets = sc.random_sequence(np.random.default_rng(0), sc.MAX_SEQ_LEN + 1)
     i64 = lambda v: sc.tensor(np.asarray(v, "<i8"))  # noqa: E731
+    rl = _good(**_rl_inputs())
+    short_bytes = sc.tensor(np.ones(5, "<i8"), data=np.ones(4, "<i8").tobytes())
+    nan_advantages = _good(**_rl_inputs(advantages=np.array([0, np.nan, 0, 0, 0], np.float32)))
     return [
         ("no operation", None, {}),
         ("seq_id 0", 0, _fb(_good())),
@@ -201,8 +224,8 @@ def _malformed_table():
         ("unknown loss_fn", None, _fb(_good(), loss_fn="nll")),
         ("empty loss_fn", None, _fb(_good(), loss_fn="")),
         ("loss_fn_config unknown key", None, _fb(_good(), config={"beta": 1.0})),
-        ("loss_fn_config NaN", None, _fb(_good(**_rl_inputs()), loss_fn="ppo", config={"clip_low_threshold": float("nan")})),
-        ("loss_fn_config inf", None, _fb(_good(**_rl_inputs()), loss_fn="cispo", config={"clip_high_threshold": float("inf")})),
+        ("loss_fn_config NaN", None, _fb(rl, loss_fn="ppo", config={"clip_low_threshold": float("nan")})),
+        ("loss_fn_config inf", None, _fb(rl, loss_fn="cispo", config={"clip_high_threshold": float("inf")})),
         ("token id = vocab", None, _fb(datum([1, sc.VOCAB, 2], [1, 2, 3]))),
         ("negative token id", None, _fb(datum([1, -1, 2], [1, 2, 3]))),
         ("target id = vocab", None, _fb(datum([1, 2, 3], [1, sc.VOCAB, 3]))),
@@ -211,7 +234,7 @@ def _malformed_table():
         ("target_tokens dtype unset", None, _fb(_with_input("target_tokens", sc.tensor(np.ones(5, "<i8"), dtype=0)))),
         ("target_tokens too long", None, _fb(_with_input("target_tokens", i64(np.ones(6))))),
         ("target_tokens 3-d", None, _fb(_with_input("target_tokens", i64(np.ones((5, 1, 1)))))),
-        ("target_tokens bytes short", None, _fb(_with_input("target_tokens", sc.tensor(np.ones(5, "<i8"), data=np.ones(4, "<i8").tobytes())))),
+        ("target_tokens bytes short", None, _fb(_with_input("target_tokens", short_bytes))),
         ("missing target_tokens", None, _fb(no_targets)),
         ("unknown loss_fn_inputs key", None, _fb(_good(foo=np.ones(5, np.float32)))),
         ("NaN weights", None, _fb(_good(weights=np.array([1, 1, np.nan, 1, 1], np.float32)))),
@@ -222,8 +245,7 @@ def _malformed_table():
         ("empty model_input", None, _fb(empty_input)),
         ("second datum malformed", None, _fb(_good(), datum([1, 2, 3], [1, 2, 999]))),
         ("forward with unknown loss_fn", None, _fb(_good(), loss_fn="nll", forward=True)),
-        ("forward with NaN advantages", None,
-         _fb(_good(**_rl_inputs(advantages=np.array([0, np.nan, 0, 0, 0], np.float32))), loss_fn="importance_sampling", forward=True)),
+        ("forward with NaN advantages", None, _fb(nan_advantages, loss_fn="importance_sampling", forward=True)),
         ("importance_sampling without advantages", None,
          _fb(_good(**_rl_inputs(advantages=None)), loss_fn="importance_sampling")),
         ("importance_sampling without logprobs", None,
@@ -262,7 +284,8 @@ def test_malformed_requests_are_refused_and_change_nothing(deployment):
     rng = np.random.default_rng(21)
     ops = {1: _fb(*[datum(*sc.random_sequence(rng, n)) for n in (8, 15, 3)]),
            2: {"optim_step": adam(learning_rate=1e-2)},
-           3: _fb(*[datum(*sc.random_sequence(rng, n), **_rl_inputs(n)) for n in (6, 13)], loss_fn="importance_sampling"),
+           3: _fb(*[datum(*sc.random_sequence(rng, n), **_rl_inputs(n)) for n in (6, 13)],
+                  loss_fn="importance_sampling"),
            4: {"optim_step": adam(learning_rate=1e-2, grad_clip_norm=0.5)},
            5: _fb(*[datum(*sc.random_sequence(rng, n)) for n in (9, 4)], forward=True)}
 
@@ -276,7 +299,7 @@ def test_malformed_requests_are_refused_and_change_nothing(deployment):
         got[seq] = sc.result(stub, sc.submit(stub, run, seq, **op))
     assert not wrong, "not INVALID_ARGUMENT:\n" + "\n".join(wrong)
     for seq in ops:
-        assert got[seq] == want[seq], f"seq {seq}: result differs from the run that saw no malformed requests"
+        _assert_same(got[seq], want[seq], f"seq {seq} against the run that saw no malformed requests")
     assert stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S).step == 2
 
 
@@ -309,6 +332,10 @@ def test_other_refusals(deployment):
 # 4. a dead rank fails what is unfinished, and the coordinator keeps answering
 # --------------------------------------------------------------------------------------
 
+def _state(stub, op_id):
+    return stub.Retrieve(pb.RetrieveRequest(op_id=op_id), timeout=sc.RPC_TIMEOUT_S).state
+
+
 def test_killed_rank_fails_operations_with_unavailable(make_deployment):
     d = make_deployment("kill").start()
     stub = d.stub
@@ -322,6 +349,7 @@ def test_killed_rank_fails_operations_with_unavailable(make_deployment):
 
     pids = d.worker_pids()
     assert sorted(pids) == [0, 1, 2, 3], f"dp_worker ranks found: {pids}"
+    assert _state(stub, in_flight) == Retrieve.PENDING, "the big op finished before the kill: make it bigger"
     killed_at = time.monotonic()
     os.kill(pids[3], signal.SIGKILL)
 
@@ -333,7 +361,6 @@ def test_killed_rank_fails_operations_with_unavailable(make_deployment):
         assert r.error.code == Code.UNAVAILABLE.value[0], f"{name} op: {r.error}"
         assert r.error.category == pb.OpError.SERVER, f"{name} op: {r.error}"
         assert elapsed < limit, f"{name} op failed {elapsed:.1f} s after the kill"
-        print("DEBUG", name, elapsed, r.error)
 
     h = d.health()
     assert h.state == Health.UNAVAILABLE, h
@@ -344,6 +371,57 @@ def test_killed_rank_fails_operations_with_unavailable(make_deployment):
     assert stub.GetCapabilities(pb.GetCapabilitiesRequest(), timeout=sc.RPC_TIMEOUT_S).vocab_size == sc.VOCAB
     # No rank is left behind waiting on the dead one.
     assert d.wait_workers(30) is not None, "the dp_worker job still runs 30 s after a rank died"
+
+
+def test_silent_replica_leader_is_lost_after_heartbeat_timeout(make_deployment):
+    """A frozen leader (SIGSTOP) keeps its stream open but stops its heartbeats."""
+    d = make_deployment("frozen_leader").start()
+    stub = d.stub
+    run = sc.create_run(stub, **LORA)
+    leader = d.worker_pids()[2]  # replica 1's first rank
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        op_id = sc.submit(stub, run, 1, **_fb(_good()))
+        r = sc.wait(stub, op_id, timeout=20)
+        elapsed = time.monotonic() - frozen_at
+        assert r.state == Retrieve.FAILED and r.error.code == Code.UNAVAILABLE.value[0], r
+        assert elapsed < 3.0 + 3.0, f"op failed {elapsed:.1f} s after the leader froze (heartbeat timeout 3 s)"
+        assert d.health().state == Health.UNAVAILABLE
+    finally:
+        os.kill(leader, signal.SIGKILL)
+
+
+@pytest.mark.xfail(strict=False, reason="BUG (reported): after a collective timeout inside an operation the replica "
+                   "keeps serving with a broken communicator (Health SERVING, every later op INTERNAL); the rank "
+                   "may also corrupt its heap (the timed-out MPI request still targets the freed buffer)")
+def test_stalled_rank_fails_operation_and_leaves_cleanly(make_deployment):
+    """A follower stalls (SIGSTOP) mid-operation for longer than --collective_timeout_s, then resumes."""
+    d = make_deployment("stalled", collective_timeout_s=4).start()
+    stub = d.stub
+    run = sc.create_run(stub, **LORA)
+    rng = np.random.default_rng(4)
+    op_id = sc.submit(stub, run, 1, **_fb(*[datum(*sc.random_sequence(rng, 4096)) for _ in range(8)]))
+    time.sleep(0.7)
+    follower = d.worker_pids()[3]
+    assert _state(stub, op_id) == Retrieve.PENDING, "the big op finished before the stall: make it bigger"
+    os.kill(follower, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        r = sc.wait(stub, op_id, timeout=30)
+        elapsed = time.monotonic() - stalled_at
+    finally:
+        os.kill(follower, signal.SIGCONT)
+    assert r.state == Retrieve.FAILED and r.error.category == pb.OpError.SERVER, r
+    assert elapsed < 4 + 6, f"op failed {elapsed:.1f} s after the stall (collective timeout 4 s)"
+    # The broken replica leaves the job: the deployment turns UNAVAILABLE, no rank crashes.
+    d.wait_health(Health.UNAVAILABLE, 10)
+    rc = d.wait_workers(30)
+    with open(d.workers_log, errors="replace") as f:
+        log = f.read()
+    assert "Process received signal" not in log, log[-4000:]
+    assert rc is not None and rc != 0 and rc < 128, f"mpirun exited {rc}"
+    assert r.error.code in (Code.DEADLINE_EXCEEDED.value[0], Code.UNAVAILABLE.value[0]), r.error
 
 
 # --------------------------------------------------------------------------------------
