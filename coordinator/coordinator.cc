@@ -45,6 +45,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   if (c->server_ == nullptr || c->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  c->server_->GetHealthCheckService()->SetServingStatus(false);
   c->dispatcher_->Start();
   c->housekeeping_ = std::thread([p = c.get()] { p->Housekeeping(); });
   LATHE_LOG(Info, "coordinator listening on port %d for %d replica(s), API keys %s", c->port_, options.replicas,
@@ -58,9 +59,15 @@ void Coordinator::Housekeeping() {
   const absl::Duration tick = std::min(absl::Milliseconds(200), options_.heartbeat_interval);
   absl::MutexLock lock(&mu_);
   auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
+  bool serving = false;
   while (!mu_.AwaitWithTimeout(absl::Condition(&stopping), tick)) {
     registry_->CheckHeartbeats();
     ledger_->Sweep();
+    // grpc.health.v1 says SERVING exactly while the deployment serves, so
+    // readiness probes see what Health says.
+    const bool now = registry_->state() == DeploymentState::kServing;
+    if (now != serving) server_->GetHealthCheckService()->SetServingStatus(now);
+    serving = now;
   }
 }
 

@@ -2,6 +2,7 @@
 #include "dp_worker/op_executor.h"
 
 #include "absl/strings/str_cat.h"
+#include "parallel/communicator.h"
 #include "runtime/lora_settings.h"
 #include "runtime/op_error.h"
 #include "runtime/status.h"
@@ -31,6 +32,13 @@ lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
   lathe::v1::TaskResult answer;
   answer.set_task_id(task.task_id());
   absl::StatusOr<lathe::v1::OpResult> result = Run(task.op());
+  if (parallel::CommunicationBroken()) {
+    // A collective timed out: this replica cannot compute any more (see
+    // parallel/communicator.h); the job ends after this answer.
+    result = absl::UnavailableError(absl::StrCat(
+        "replica lost: a collective timed out and the replica must restart (",
+        result.ok() ? "after the operation finished" : result.status().message(), ")"));
+  }
   if (result.ok()) {
     *answer.mutable_result() = std::move(*result);
   } else {

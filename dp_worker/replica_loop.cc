@@ -50,7 +50,12 @@ absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Commun
       continue;
     }
     LATHE_RETURN_IF_ERROR(SendControl(replica, kTask, task->SerializeAsString(), options.control_timeout));
-    link.SendResult(executor.Execute(*task));
+    const lathe::v1::TaskResult answer = executor.Execute(*task);
+    link.SendResult(answer);
+    if (parallel::CommunicationBroken()) {
+      link.Deregister(answer.error().message());
+      return absl::UnavailableError(answer.error().message());
+    }
   }
   LATHE_RETURN_IF_ERROR(SendControl(replica, kStop, "", options.control_timeout));
   if (!stop.load() && !link.shut_down()) return absl::UnavailableError(link.close_reason());
@@ -69,7 +74,8 @@ absl::Status RunFollower(OpExecutor& executor, parallel::Communicator& replica, 
     if (control.first != kTask) continue;
     lathe::v1::Task task;
     if (!task.ParseFromString(control.second)) return absl::InternalError("unreadable task from the replica leader");
-    executor.Execute(task);
+    const lathe::v1::TaskResult answer = executor.Execute(task);
+    if (parallel::CommunicationBroken()) return absl::UnavailableError(answer.error().message());
   }
 }
 

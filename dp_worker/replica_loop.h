@@ -27,7 +27,9 @@ struct LoopOptions {
 };
 
 // OK after a requested stop or the coordinator's Shutdown; Unavailable when
-// the coordinator went away; the communicator's error when the replica broke.
+// the coordinator went away or a collective timed out (the replica must then
+// leave the job: parallel::CommunicationBroken); the communicator's error
+// when a control message could not be sent.
 absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Communicator& replica,
                        const std::atomic<bool>& stop, const LoopOptions& options);
 // Releases the followers when the leader cannot serve (e.g. no coordinator).

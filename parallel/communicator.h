@@ -48,6 +48,14 @@ class Communicator {
   virtual absl::Status Barrier(absl::Duration timeout) = 0;
 };
 
+// Process-wide: whether any communicator of this process timed out. MPI can
+// still complete an abandoned collective into memory its caller has since
+// freed, so from then on every communicator refuses calls (no further MPI
+// progress) and the process must leave the job.
+bool CommunicationBroken();
+// Marks the process's communication broken (backends call it on a timeout).
+void MarkCommunicationBroken();
+
 // An MPI communicator over the given world ranks (ascending, including this
 // rank). Collective over MPI_COMM_WORLD: every world rank calls it with its
 // own group, in the same order. REQUIRES: MPI is initialised with at least

@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <atomic>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -54,9 +55,11 @@ std::vector<int> Displacements(const std::vector<int>& counts) {
   return displs;
 }
 
+std::atomic<bool> g_communication_broken{false};
+
 #define LATHE_RETURN_IF_BROKEN()                                                             \
   do {                                                                                       \
-    if (broken_) {                                                                           \
+    if (broken_ || CommunicationBroken()) {                                                  \
       return absl::FailedPreconditionError("communicator is broken by an earlier timeout"); \
     }                                                                                        \
   } while (0)
@@ -156,6 +159,7 @@ class MpiCommunicator : public Communicator {
       pause = std::min(pause * 2, absl::Milliseconds(1));
     }
     broken_ = true;
+    MarkCommunicationBroken();
     return absl::DeadlineExceededError(absl::StrCat(what, " on rank ", rank_, " of ", size_,
                                                     ": peers did not join within ", absl::FormatDuration(timeout)));
   }
@@ -167,6 +171,9 @@ class MpiCommunicator : public Communicator {
 };
 
 }  // namespace
+
+bool CommunicationBroken() { return g_communication_broken.load(); }
+void MarkCommunicationBroken() { g_communication_broken.store(true); }
 
 absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(const std::vector<int>& world_ranks) {
   MPI_Group world_group, group;

@@ -140,7 +140,9 @@ class NcclCommunicator : public Communicator {
   // polls until it finished or the deadline passed (which aborts the comm).
   template <typename Op>
   absl::Status Run(const char* what, absl::Duration timeout, Op op) {
-    if (broken_) return absl::FailedPreconditionError("communicator is broken by an earlier timeout");
+    if (broken_ || CommunicationBroken()) {
+      return absl::FailedPreconditionError("communicator is broken by an earlier timeout");
+    }
     const absl::Time deadline = absl::Now() + timeout;
     if (absl::Status s = CudaStatus(cudaEventRecord(done_, cudaStreamLegacy), what); !s.ok()) return s;
     if (absl::Status s = CudaStatus(cudaStreamWaitEvent(stream_, done_, 0), what); !s.ok()) return s;
@@ -164,6 +166,7 @@ class NcclCommunicator : public Communicator {
     if (absl::IsDeadlineExceeded(s)) {
       ncclCommAbort(comm_);
       broken_ = true;
+      MarkCommunicationBroken();
       return absl::DeadlineExceededError(absl::StrCat(what, " on rank ", rank_, " of ", size_,
                                                       ": peers did not join within ", absl::FormatDuration(timeout)));
     }
