@@ -4,7 +4,9 @@
 //   --data F: forward_backward + optim_step steps on the whole file as one
 //     batch (warmup untimed), as bench/train_bench does in process.
 // Prints one JSON line; bench/service_throughput.py drives it.
+#include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <vector>
 
@@ -19,6 +21,7 @@ ABSL_FLAG(std::string, data, "", "JSONL datums; the whole file is one batch (emp
 ABSL_FLAG(int, lora_rank, 32, "LoRA rank; 0 = full fine-tuning");
 ABSL_FLAG(int64_t, warmup, 1, "untimed steps");
 ABSL_FLAG(int64_t, steps, 3, "timed steps");
+ABSL_FLAG(int, queued_steps, 2, "steps kept submitted ahead of the one awaited (1: strictly one at a time)");
 
 namespace {
 
@@ -73,19 +76,28 @@ int main(int argc, char** argv) {
     batch.set_loss_fn("cross_entropy");
     for (const auto& d : *data) *batch.add_data() = d;
     const int64_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
+    const size_t queued = std::max(1, absl::GetFlag(FLAGS_queued_steps));
     double tokens = 0, loss = 0;
     Clock::time_point start;
-    // Sequential like train_bench: each step's results before the next submit.
+    // As `lathe train` does: keep `queued` steps submitted; time from the
+    // end of the warmup steps to the end of the last.
+    std::deque<std::pair<lathe::client::OpFuture, lathe::client::OpFuture>> pending;
+    int64_t submitted = 0;
     for (int64_t step = 0; step < warmup + steps; ++step) {
-      if (step == warmup) start = Clock::now();
-      auto fb = run.ForwardBackward(batch);
-      if (!fb.ok()) return Fail(fb.status());
-      auto opt = run.OptimStep(lathe::v1::AdamParams());
-      if (!opt.ok()) return Fail(opt.status());
-      auto fb_result = fb->result(absl::Minutes(30));
+      while (submitted < warmup + steps && pending.size() < queued) {
+        auto fb = run.ForwardBackward(batch);
+        if (!fb.ok()) return Fail(fb.status());
+        auto opt = run.OptimStep(lathe::v1::AdamParams());
+        if (!opt.ok()) return Fail(opt.status());
+        pending.emplace_back(*fb, *opt);
+        ++submitted;
+      }
+      auto fb_result = pending.front().first.result(absl::Minutes(30));
       if (!fb_result.ok()) return Fail(fb_result.status());
-      if (auto r = opt->result(absl::Minutes(30)); !r.ok()) return Fail(r.status());
+      if (auto r = pending.front().second.result(absl::Minutes(30)); !r.ok()) return Fail(r.status());
+      pending.pop_front();
       if (step == 0) loss = fb_result->forward_backward().metrics().at("loss:sum");
+      if (step + 1 == warmup) start = Clock::now();
       if (step >= warmup) tokens += fb_result->forward_backward().metrics().at("num_tokens:sum");
     }
     const double seconds = Seconds(start);

@@ -72,7 +72,8 @@ def through_service(args, model, data, layout, threads, logs):
                                    stderr=subprocess.STDOUT)
         out = subprocess.run([os.path.join(args.build_dir, "bench", "service_bench"), f"--address={address}",
                               f"--round_trips={args.round_trips}", f"--data={data}", f"--lora_rank={args.rank}",
-                              f"--warmup={args.warmup}", f"--steps={args.steps}"],
+                              f"--warmup={args.warmup}", f"--steps={args.steps}",
+                              f"--queued_steps={args.queued_steps}"],
                              check=True, capture_output=True, text=True, timeout=1800)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -104,6 +105,8 @@ def main():
     ap.add_argument("--round-trips", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--queued-steps", type=int, default=2,
+                    help="steps the client keeps submitted (lathe train keeps 2; 1 = one at a time)")
     ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
     ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
     args = ap.parse_args()

@@ -1,24 +1,27 @@
 // Dispatch loop: ledger -> replicas -> ledger.
 #include "coordinator/dispatcher.h"
 
-#include "coordinator/fan_out.h"
 #include "runtime/op_error.h"
 
 namespace lathe::coordinator {
 
-Dispatcher::Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout)
-    : ledger_(ledger), registry_(registry), op_timeout_(op_timeout) {}
+Dispatcher::Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth)
+    : ledger_(ledger), registry_(registry), op_timeout_(op_timeout), depth_(std::max(1, depth)) {}
 
 Dispatcher::~Dispatcher() { Stop(); }
 
-void Dispatcher::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Dispatcher::Start() {
+  sender_ = std::thread([this] { SendLoop(); });
+  collector_ = std::thread([this] { CollectLoop(); });
+}
 
 void Dispatcher::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  if (thread_.joinable()) thread_.join();
+  if (sender_.joinable()) sender_.join();
+  if (collector_.joinable()) collector_.join();
 }
 
 void Dispatcher::AddRun(const lathe::v1::RunInfo& info) {
@@ -38,34 +41,78 @@ int Dispatcher::runs() const {
   return static_cast<int>(runs_.size());
 }
 
-void Dispatcher::Loop() {
+void Dispatcher::SendLoop() {
   for (;;) {
     {
+      // Wait for room on the replicas.
       absl::MutexLock lock(&mu_);
-      if (stop_) return;
+      auto room = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stop_ || in_flight_.size() < depth_; };
+      mu_.Await(absl::Condition(&room));
+      if (stop_) {
+        sender_done_ = true;
+        return;
+      }
     }
     std::optional<ReadyOp> op = ledger_->WaitReady(absl::Milliseconds(200));
-    if (op.has_value()) Execute(*op);
+    if (!op.has_value()) continue;
+    InFlight entry;
+    // An ordering point needs no replica work: it completes when every
+    // operation sent before it has been collected (at once when none is out).
+    if (op->request.op_case() == lathe::v1::SubmitRequest::kNoop) {
+      absl::MutexLock lock(&mu_);
+      if (in_flight_.empty()) {
+        Finish(*op);
+        continue;
+      }
+    } else {
+      entry.fan_out = SplitOp(op->request, registry_->expected());
+      absl::StatusOr<std::vector<int64_t>> ids = registry_->Send(entry.fan_out.tasks);
+      if (ids.ok()) entry.task_ids = *std::move(ids);
+      else entry.send_status = ids.status();
+      entry.fan_out.tasks.clear();  // sent; keep only the datum split
+    }
+    entry.op = *std::move(op);
+    absl::MutexLock lock(&mu_);
+    in_flight_.push_back(std::move(entry));
   }
 }
 
-void Dispatcher::Execute(const ReadyOp& op) {
-  // Operations run one at a time, so an ordering point reached here has
-  // every earlier operation finished; the replicas have nothing to do for it.
-  if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) {
-    lathe::v1::OpResult result;
-    result.mutable_noop();
-    ledger_->Complete(op.op_id, std::move(result));
+void Dispatcher::CollectLoop() {
+  for (;;) {
+    InFlight entry;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return !in_flight_.empty() || sender_done_; };
+      mu_.Await(absl::Condition(&ready));
+      if (in_flight_.empty()) return;  // the sender stopped and everything sent was collected
+      entry = std::move(in_flight_.front());
+    }
+    Finish(entry);
+    absl::MutexLock lock(&mu_);
+    in_flight_.pop_front();
+  }
+}
+
+void Dispatcher::Finish(const ReadyOp& op) {
+  lathe::v1::OpResult result;
+  result.mutable_noop();
+  ledger_->Complete(op.op_id, std::move(result));
+}
+
+void Dispatcher::Finish(InFlight& entry) {
+  const ReadyOp& op = entry.op;
+  if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) return Finish(op);
+  if (!entry.send_status.ok()) {
+    ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(entry.send_status));
     return;
   }
-  const FanOut fan_out = SplitOp(op.request, registry_->expected());
-  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->RunOnAll(fan_out.tasks, op_timeout_);
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->Collect(entry.task_ids, op_timeout_);
   if (!answers.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(answers.status()));
     return;
   }
   lathe::v1::OpError error;
-  absl::StatusOr<lathe::v1::OpResult> result = MergeAnswers(op.request, fan_out, *answers, &error);
+  absl::StatusOr<lathe::v1::OpResult> result = MergeAnswers(op.request, entry.fan_out, *answers, &error);
   if (!result.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(result.status()));
   } else if (error.code() != 0) {

@@ -2,16 +2,23 @@
 // order, fans it out to the replicas, merges their answers and records the
 // outcome; keeps each run's RunInfo up to date (step, LoRA config).
 //
-// Thread-safe; one thread of its own dispatches, one operation at a time.
+// Pipelined: up to `depth` operations are on the replicas at once (each
+// replica executes its tasks in the order sent), so a replica starts the next
+// operation without waiting for the coordinator to see the last one's answer.
+// Results are recorded in dispatch order.
+//
+// Thread-safe; two threads of its own (one sends, one collects).
 #ifndef LATHE_COORDINATOR_DISPATCHER_H_
 #define LATHE_COORDINATOR_DISPATCHER_H_
 
+#include <deque>
 #include <map>
 #include <optional>
 #include <string>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
+#include "coordinator/fan_out.h"
 #include "coordinator/op_ledger.h"
 #include "coordinator/replica_registry.h"
 
@@ -21,11 +28,11 @@ class Dispatcher {
  public:
   // Neither is owned; both outlive the dispatcher. `op_timeout` bounds one
   // operation's round trip to the replicas.
-  Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout);
+  Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth = 4);
   ~Dispatcher();
 
   void Start();
-  // Finishes the operation in flight and stops.
+  // Stops taking operations; those on the replicas are collected first.
   void Stop();
 
   // Registers a run created by the service (before its init op runs).
@@ -34,17 +41,30 @@ class Dispatcher {
   int runs() const;
 
  private:
-  void Loop();
-  void Execute(const ReadyOp& op);
+  // An operation sent to the replicas (or an ordering point) awaiting answers.
+  struct InFlight {
+    ReadyOp op;
+    FanOut fan_out;
+    std::vector<int64_t> task_ids;  // empty: nothing was sent
+    absl::Status send_status;
+  };
+  void SendLoop();
+  void CollectLoop();
+  void Finish(InFlight& entry);
+  void Finish(const ReadyOp& noop);
   void Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult* result);
 
   OpLedger* ledger_;
   ReplicaRegistry* registry_;
   const absl::Duration op_timeout_;
+  const size_t depth_;
   mutable absl::Mutex mu_;
   std::map<std::string, lathe::v1::RunInfo> runs_ ABSL_GUARDED_BY(mu_);
+  std::deque<InFlight> in_flight_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread thread_;
+  bool sender_done_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread sender_;
+  std::thread collector_;
 };
 
 }  // namespace lathe::coordinator

@@ -90,6 +90,12 @@ void ReplicaRegistry::LoseLocked(const std::string& reason) {
 
 absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                                              absl::Duration timeout) {
+  absl::StatusOr<std::vector<int64_t>> ids = Send(std::move(tasks));
+  if (!ids.ok()) return ids.status();
+  return Collect(*ids, timeout);
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::Send(std::vector<lathe::v1::Task> tasks) {
   absl::MutexLock lock(&mu_);
   if (state_ != DeploymentState::kServing) {
     return absl::UnavailableError(absl::StrCat("the deployment is not serving: ", detail_locked()));
@@ -103,6 +109,12 @@ absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std
     // A failed send shows up as the replica's disconnection.
     replicas_[i].sink->Send(message);
   }
+  return ids;
+}
+
+absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::Collect(const std::vector<int64_t>& ids,
+                                                                            absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
   auto done = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     if (state_ != DeploymentState::kServing) return true;
     for (int64_t id : ids) {

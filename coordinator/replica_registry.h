@@ -57,9 +57,16 @@ class ReplicaRegistry {
   // it periodically.
   void CheckHeartbeats();
 
-  // Sends tasks[i] to replica i and waits for every answer. Unavailable when
-  // the deployment is not serving or a replica is lost before it answers;
-  // DeadlineExceeded past `timeout`.
+  // Sends tasks[i] to replica i (assigning task ids, returned in replica
+  // order). Replicas execute their tasks in the order sent. Unavailable when
+  // the deployment is not serving.
+  absl::StatusOr<std::vector<int64_t>> Send(std::vector<lathe::v1::Task> tasks);
+  // Waits for the answers of the tasks `ids` (from one Send) and takes them.
+  // Unavailable when a replica is lost before it answers; DeadlineExceeded
+  // past `timeout`.
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> Collect(const std::vector<int64_t>& ids,
+                                                             absl::Duration timeout);
+  // Send, then Collect.
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                               absl::Duration timeout);
 
