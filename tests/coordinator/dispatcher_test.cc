@@ -1,0 +1,167 @@
+// The dispatcher against a registry of fake replicas: pipelined sends, results
+// in order, ordering points, refusals and the loss of a replica.
+#include "coordinator/dispatcher.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+namespace lathe::coordinator {
+namespace {
+
+// A replica that answers each task (a noop result, or an error for
+// optim_step) on its own thread, in order, and records how many tasks it
+// held at once.
+class FakeReplica : public ReplicaSink {
+ public:
+  FakeReplica(ReplicaRegistry* registry, int index) : registry_(registry), index_(index) {
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeReplica() override {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+  bool Send(const lathe::v1::CoordinatorMessage& m) override {
+    absl::MutexLock lock(&mu_);
+    if (m.has_task()) tasks_.push_back(m.task());
+    max_outstanding_ = std::max(max_outstanding_, tasks_.size());
+    return true;
+  }
+  void Cancel() override {}
+  void Release() {  // lets the replica answer
+    absl::MutexLock lock(&mu_);
+    held_ = false;
+  }
+  size_t max_outstanding() {
+    absl::MutexLock lock(&mu_);
+    return max_outstanding_;
+  }
+  std::vector<int64_t> seen_seq_ids() {
+    absl::MutexLock lock(&mu_);
+    return seen_;
+  }
+
+ private:
+  void Serve() {
+    for (;;) {
+      lathe::v1::Task task;
+      {
+        absl::MutexLock lock(&mu_);
+        auto work = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stop_ || (!held_ && !tasks_.empty()); };
+        mu_.Await(absl::Condition(&work));
+        if (stop_) return;
+        task = tasks_.front();
+        tasks_.pop_front();
+        seen_.push_back(task.op().seq_id());
+      }
+      lathe::v1::TaskResult r;
+      r.set_task_id(task.task_id());
+      if (task.op().has_optim_step()) {
+        r.mutable_error()->set_category(lathe::v1::OpError::USER);
+        r.mutable_error()->set_code(3);
+        r.mutable_error()->set_message("refused");
+      } else {
+        r.mutable_result()->mutable_noop();
+      }
+      registry_->Deliver(index_, r);
+    }
+  }
+  ReplicaRegistry* registry_;
+  int index_;
+  absl::Mutex mu_;
+  std::deque<lathe::v1::Task> tasks_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> seen_ ABSL_GUARDED_BY(mu_);
+  size_t max_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  bool held_ ABSL_GUARDED_BY(mu_) = true;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+lathe::v1::RegisterReplica Registration(int replica) {
+  lathe::v1::RegisterReplica r;
+  r.set_replica(replica);
+  r.mutable_layout()->set_replicas(2);
+  r.mutable_model()->set_base_model("m");
+  return r;
+}
+
+lathe::v1::SubmitRequest Op(int64_t seq, bool optim = false) {
+  lathe::v1::SubmitRequest op;
+  op.set_run_id("r");
+  op.set_seq_id(seq);
+  if (optim) op.mutable_optim_step();
+  else op.mutable_init();
+  return op;
+}
+
+class DispatcherTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(registry_.Register(Registration(0), &a_).ok());
+    ASSERT_TRUE(registry_.Register(Registration(1), &b_).ok());
+    ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
+    dispatcher_.Start();
+  }
+  void TearDown() override { dispatcher_.Stop(); }
+  OpView WaitFor(const std::string& id) { return *ledger_.Wait(id, absl::Seconds(10)); }
+
+  OpLedger ledger_{LedgerOptions()};
+  ReplicaRegistry registry_{2, absl::Seconds(30)};
+  FakeReplica a_{&registry_, 0}, b_{&registry_, 1};
+  Dispatcher dispatcher_{&ledger_, &registry_, absl::Seconds(30), /*depth=*/3};
+};
+
+TEST_F(DispatcherTest, KeepsUpToDepthOperationsOnTheReplicasAndFinishesInOrder) {
+  std::vector<std::string> ids;
+  for (int64_t seq = 1; seq <= 6; ++seq) ids.push_back(*ledger_.Submit(Op(seq)));
+  absl::SleepFor(absl::Milliseconds(300));  // the replicas hold their tasks
+  EXPECT_EQ(a_.max_outstanding(), 3u);
+  EXPECT_EQ(ledger_.Lookup(ids[0])->state, lathe::v1::RetrieveResponse::PENDING);
+  a_.Release();
+  b_.Release();
+  for (const std::string& id : ids) EXPECT_EQ(WaitFor(id).state, lathe::v1::RetrieveResponse::DONE) << id;
+  EXPECT_EQ(a_.seen_seq_ids(), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+  EXPECT_LE(b_.max_outstanding(), 3u);
+}
+
+TEST_F(DispatcherTest, AnOrderingPointWaitsForEverythingBeforeIt) {
+  const std::string first = *ledger_.Submit(Op(1));
+  lathe::v1::SubmitRequest noop = Op(2);
+  noop.mutable_noop();
+  const std::string point = *ledger_.Submit(noop);
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(ledger_.Lookup(point)->state, lathe::v1::RetrieveResponse::PENDING);
+  a_.Release();
+  b_.Release();
+  EXPECT_EQ(WaitFor(point).state, lathe::v1::RetrieveResponse::DONE);
+  EXPECT_EQ(ledger_.Lookup(first)->state, lathe::v1::RetrieveResponse::DONE);
+}
+
+TEST_F(DispatcherTest, AReplicaErrorFailsTheOperationAndTheNextOneStillRuns) {
+  a_.Release();
+  b_.Release();
+  const OpView failed = WaitFor(*ledger_.Submit(Op(1, /*optim=*/true)));
+  EXPECT_EQ(failed.state, lathe::v1::RetrieveResponse::FAILED);
+  EXPECT_EQ(failed.error.message(), "refused");
+  EXPECT_EQ(WaitFor(*ledger_.Submit(Op(2))).state, lathe::v1::RetrieveResponse::DONE);
+}
+
+TEST_F(DispatcherTest, LosingAReplicaFailsEveryOperationOnIt) {
+  std::vector<std::string> ids;
+  for (int64_t seq = 1; seq <= 3; ++seq) ids.push_back(*ledger_.Submit(Op(seq)));
+  absl::SleepFor(absl::Milliseconds(100));
+  registry_.Disconnected(1, "killed");
+  for (const std::string& id : ids) {
+    const OpView v = WaitFor(id);
+    EXPECT_EQ(v.state, lathe::v1::RetrieveResponse::FAILED) << id;
+    EXPECT_EQ(v.error.code(), static_cast<int>(absl::StatusCode::kUnavailable)) << id;
+  }
+  a_.Release();
+}
+
+}  // namespace
+}  // namespace lathe::coordinator
