@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   lathe::client::TrainingRun& run = created->first;
   std::printf("{");
   if (int n = absl::GetFlag(FLAGS_round_trips); n > 0) {
-    std::vector<double> bare, op;
+    std::vector<double> bare, op, submit, retrieve;
     for (int i = 0; i < n + 50; ++i) {  // the first 50 of each warm the connection
       auto start = Clock::now();
       if (auto h = client->Health(); !h.ok()) return Fail(h.status());
@@ -64,10 +64,12 @@ int main(int argc, char** argv) {
       start = Clock::now();
       auto future = run.Noop();
       if (!future.ok()) return Fail(future.status());
+      const double submitted = Seconds(start);
       if (auto r = future->result(absl::Seconds(30)); !r.ok()) return Fail(r.status());
-      if (i >= 50) op.push_back(Seconds(start));
+      if (i >= 50) op.push_back(Seconds(start)), submit.push_back(submitted), retrieve.push_back(op.back() - submitted);
     }
-    std::printf("\"bare_unary_us\": %.1f, \"empty_op_us\": %.1f", MedianUs(bare), MedianUs(op));
+    std::printf("\"bare_unary_us\": %.1f, \"empty_op_us\": %.1f, \"submit_us\": %.1f, \"retrieve_us\": %.1f",
+                MedianUs(bare), MedianUs(op), MedianUs(submit), MedianUs(retrieve));
   }
   if (std::string path = absl::GetFlag(FLAGS_data); !path.empty()) {
     auto data = lathe::runtime::ReadSftJsonl(path);

@@ -74,7 +74,10 @@ def through_service(args, model, data, layout, threads, logs):
                               f"--round_trips={args.round_trips}", f"--data={data}", f"--lora_rank={args.rank}",
                               f"--warmup={args.warmup}", f"--steps={args.steps}",
                               f"--queued_steps={args.queued_steps}"],
-                             check=True, capture_output=True, text=True, timeout=1800)
+                             capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            tails = "".join(open(os.path.join(logs, n)).read()[-2000:] for n in ("coordinator.log", "workers.log"))
+            raise SystemExit(f"service_bench failed:\n{out.stderr}\n{tails}")
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         coord.send_signal(signal.SIGTERM)
@@ -123,7 +126,7 @@ def main():
         local = in_process(args, model, data, layout, threads)
     print(f"empty operation round trip {served['empty_op_us']:.0f} us vs bare unary call "
           f"{served['bare_unary_us']:.0f} us: ratio {served['empty_op_us'] / served['bare_unary_us']:.2f}x "
-          f"(median of {args.round_trips})")
+          f"(median of {args.round_trips}; submit {served['submit_us']:.0f} us + retrieve {served['retrieve_us']:.0f} us)")
     print(f"{args.model} {args.layout}: service {served['tokens_per_s']:.1f} tokens/s vs in-process "
           f"{local['tokens_per_s']:.1f} tokens/s: ratio {served['tokens_per_s'] / local['tokens_per_s']:.3f}x "
           f"(first-step loss {served['first_loss']:.4f} / {local['first_loss']:.4f})")
