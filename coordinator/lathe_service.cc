@@ -128,9 +128,11 @@ grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v
   if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   if (request->wait_ms() < 0) return {grpc::StatusCode::INVALID_ARGUMENT, "wait_ms must not be negative"};
   absl::Duration wait = std::min(absl::Milliseconds(request->wait_ms()), options_.max_wait);
-  // Never hold a poll past the caller's own deadline.
-  const absl::Time deadline = absl::FromChrono(context->deadline());
-  if (deadline < absl::InfiniteFuture()) wait = std::min(wait, std::max(absl::ZeroDuration(), deadline - absl::Now() - absl::Milliseconds(50)));
+  // Never hold a poll past the caller's own deadline (none: time_point::max).
+  if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+    const absl::Duration left = absl::FromChrono(context->deadline()) - absl::Now() - absl::Milliseconds(50);
+    wait = std::min(wait, std::max(absl::ZeroDuration(), left));
+  }
   absl::StatusOr<OpView> view = ledger_->Wait(request->op_id(), wait);
   if (!view.ok()) return ToGrpc(view.status());
   response->set_op_id(view->op_id);
