@@ -145,8 +145,14 @@ void ReplicaLink::Deregister(const std::string& reason) {
       writes_done_ = true;
     }
   }
-  // The coordinator ends the stream after a deregistration; do not wait for
-  // a coordinator that is gone.
+  // The coordinator ends the stream once it read the deregistration; wait a
+  // little for that (cancelling at once could overtake the message), but not
+  // for a coordinator that is gone.
+  {
+    auto closed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return closed_; };
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&closed), absl::Seconds(2));
+  }
   context_.TryCancel();
   if (reader_.joinable()) reader_.join();
   stream_->Finish();

@@ -477,6 +477,24 @@ def test_sigterm_stops_coordinator_and_workers(make_deployment):
     assert "dp_worker:" not in log, log[-3000:]
 
 
+def test_sigterm_to_the_ranks_deregisters_every_replica(make_deployment):
+    """As slurm or Kubernetes stop a job: SIGTERM to every rank. Each leader finishes
+    the operation in flight, stops its replica and deregisters; every rank exits 0."""
+    d = make_deployment("sigterm_ranks").start()
+    run = sc.create_run(d.stub, **LORA)
+    in_flight = sc.submit(d.stub, run, 1, **_fb(_good()))
+    for pid in d.worker_pids().values():
+        os.kill(pid, signal.SIGTERM)
+    r = sc.wait(d.stub, in_flight, timeout=20)
+    assert r.state in (Retrieve.DONE, Retrieve.FAILED), r  # finished, or failed as the replicas left
+    assert d.wait_workers(20) == 0, "mpirun did not exit 0 within 20 s of SIGTERM to its ranks"
+    assert d.health().state == Health.UNAVAILABLE
+    with open(d.coordinator_log, errors="replace") as f:
+        log = f.read()
+    for replica in (0, 1):
+        assert f"replica {replica}: deregistered: stopped by signal" in log, log[-3000:]
+
+
 # --------------------------------------------------------------------------------------
 # 7. the standard health service
 # --------------------------------------------------------------------------------------
