@@ -80,12 +80,12 @@ def _close(got, want, what):
 # 1. results equal the in-process runtime's
 # --------------------------------------------------------------------------------------
 
-def test_operations_match_in_process_runtime(deployment, harness):
+@pytest.mark.parametrize("lora_rank,lr", [(LORA["rank"], 1e-2), (0, 1e-3)], ids=["lora", "full"])
+def test_operations_match_in_process_runtime(deployment, harness, lora_rank, lr):
     rng = np.random.default_rng(11)
     ce_wire, ce_json = _cross_entropy_data(rng)
     is_wire, is_json = _importance_sampling_data(rng)
     eval_wire, eval_json = _cross_entropy_data(rng, lengths=(7, 33, 4))
-    lr = 1e-2
     ops = [
         ("forward_backward", batch(ce_wire), {"op": "forward_backward", "loss_fn": "cross_entropy", "data": ce_json}),
         ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
@@ -95,10 +95,10 @@ def test_operations_match_in_process_runtime(deployment, harness):
         ("forward", batch(eval_wire), {"op": "forward", "loss_fn": "cross_entropy", "data": eval_json}),
     ]
     stub = deployment.stub
-    run = sc.create_run(stub, **LORA)
+    run = sc.create_run(stub, **dict(LORA, rank=lora_rank))
     op_ids = [sc.submit(stub, run, i + 1, **{kind: wire}) for i, (kind, wire, _) in enumerate(ops)]
     got = [sc.result(stub, op_id) for op_id in op_ids]
-    meta, want = harness({"lora": {"rank": LORA["rank"], "seed": LORA["seed"]}, "ops": [j for _, _, j in ops]})
+    meta, want = harness({"lora": {"rank": lora_rank, "seed": LORA["seed"]}, "ops": [j for _, _, j in ops]})
 
     for i, (kind, wire, _) in enumerate(ops):
         if kind == "optim_step":
@@ -115,7 +115,7 @@ def test_operations_match_in_process_runtime(deployment, harness):
         _close(out.metrics["loss:sum"], json.loads(meta[f"op{i}.metrics"])["loss:sum"], f"op {i} loss:sum")
 
     info = stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S)
-    assert info.step == 2 and info.lora.rank == LORA["rank"]
+    assert info.step == 2 and info.lora.rank == lora_rank
 
 
 # --------------------------------------------------------------------------------------
