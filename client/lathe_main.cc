@@ -9,7 +9,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "client/train.h"
+#include "client/commands.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7777", "the coordinator's host:port");
 ABSL_FLAG(std::string, api_key_file, "", "file holding the API key (else $LATHE_API_KEY)");
@@ -25,65 +25,12 @@ ABSL_FLAG(double, lora_alpha, 32.0, "train: LoRA alpha");
 ABSL_FLAG(int64_t, seed, 0, "train: LoRA initialisation seed");
 ABSL_FLAG(double, min_loss_drop, 0.0, "train: exit 1 unless the last loss is below the first by this fraction");
 
-namespace {
-
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "lathe: %s\n", s.ToString().c_str());
-  return 1;
-}
-
-int Info(lathe::client::Client& client) {
-  auto health = client.Health();
-  if (!health.ok()) return Fail(health.status());
-  std::printf("health: %s", health->ShortDebugString().c_str());
-  auto caps = client.GetCapabilities();
-  if (!caps.ok()) return Fail(caps.status());
-  std::printf("\ncapabilities: %s\n", caps->ShortDebugString().c_str());
-  if (std::string run = absl::GetFlag(FLAGS_run_id); !run.empty()) {
-    auto info = client.GetInfo(run);
-    if (!info.ok()) return Fail(info.status());
-    std::printf("run: %s\n", info->ShortDebugString().c_str());
-  }
-  return 0;
-}
-
-int Train(lathe::client::Client& client) {
-  lathe::client::TrainOptions o;
-  o.data_path = absl::GetFlag(FLAGS_data);
-  if (o.data_path.empty()) return Fail(absl::InvalidArgumentError("train needs --data"));
-  o.steps = absl::GetFlag(FLAGS_steps);
-  o.batch_size = absl::GetFlag(FLAGS_batch_size);
-  o.learning_rate = absl::GetFlag(FLAGS_learning_rate);
-  o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip_norm);
-  o.lora.set_rank(absl::GetFlag(FLAGS_lora_rank));
-  o.lora.set_alpha(absl::GetFlag(FLAGS_lora_alpha));
-  o.lora.set_seed(absl::GetFlag(FLAGS_seed));
-  auto summary = lathe::client::Train(client, o);
-  if (!summary.ok()) return Fail(summary.status());
-  std::printf("lathe train: loss %.4f -> %.4f, %.0f tokens/s\n", summary->first_loss, summary->last_loss,
-              summary->tokens_per_second);
-  const double drop = absl::GetFlag(FLAGS_min_loss_drop);
-  if (drop > 0 && !(summary->last_loss < summary->first_loss * (1 - drop))) {
-    std::fprintf(stderr, "lathe train: the loss fell by less than %.0f%%\n", drop * 100);
-    return 1;
-  }
-  return 0;
-}
-
-int Checkpoints(lathe::client::Client& client) {
-  auto list = client.ListCheckpoints(absl::GetFlag(FLAGS_run_id));
-  if (!list.ok()) return Fail(list.status());
-  for (const auto& c : list->checkpoints()) std::printf("%s\n", c.ShortDebugString().c_str());
-  return 0;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
+  using namespace lathe::client;
   absl::SetProgramUsageMessage("lathe info|train|checkpoints [flags]; --helpfull lists the flags");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) return std::fprintf(stderr, "usage: lathe info|train|checkpoints [flags]\n"), 2;
-  lathe::client::ClientOptions options;
+  ClientOptions options;
   options.address = absl::GetFlag(FLAGS_address);
   if (std::string path = absl::GetFlag(FLAGS_api_key_file); !path.empty()) {
     std::ifstream in(path);
@@ -91,13 +38,24 @@ int main(int argc, char** argv) {
   } else if (const char* env = std::getenv("LATHE_API_KEY"); env != nullptr) {
     options.api_key = env;
   }
-  auto client = lathe::client::Client::Connect(options);
+  auto client = Client::Connect(options);
   if (double wait = absl::GetFlag(FLAGS_wait_s); wait > 0) {
     if (absl::Status s = client->WaitServing(absl::Seconds(wait)); !s.ok()) return Fail(s);
   }
   const std::string command = args[1];
-  if (command == "info") return Info(*client);
-  if (command == "train") return Train(*client);
-  if (command == "checkpoints") return Checkpoints(*client);
-  return std::fprintf(stderr, "lathe: unknown command '%s' (info, train, checkpoints)\n", command.c_str()), 2;
+  if (command == "info") return InfoCommand(*client, absl::GetFlag(FLAGS_run_id));
+  if (command == "checkpoints") return CheckpointsCommand(*client, absl::GetFlag(FLAGS_run_id));
+  if (command != "train") {
+    return std::fprintf(stderr, "lathe: unknown command '%s' (info, train, checkpoints)\n", command.c_str()), 2;
+  }
+  TrainOptions o;
+  o.data_path = absl::GetFlag(FLAGS_data);
+  o.steps = absl::GetFlag(FLAGS_steps);
+  o.batch_size = absl::GetFlag(FLAGS_batch_size);
+  o.learning_rate = absl::GetFlag(FLAGS_learning_rate);
+  o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip_norm);
+  o.lora.set_rank(absl::GetFlag(FLAGS_lora_rank));
+  o.lora.set_alpha(absl::GetFlag(FLAGS_lora_alpha));
+  o.lora.set_seed(absl::GetFlag(FLAGS_seed));
+  return TrainCommand(*client, o, absl::GetFlag(FLAGS_min_loss_drop));
 }

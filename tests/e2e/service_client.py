@@ -152,6 +152,17 @@ def result(stub, op_id: str, timeout: float = 60.0) -> pb.OpResult:
     return r.result
 
 
+def fb_op(*data, loss_fn="cross_entropy", config=None, forward=False) -> dict:
+    """Submit keyword arguments of a forward_backward (or forward) on `data`."""
+    return {"forward" if forward else "forward_backward": batch(data, loss_fn, config)}
+
+
+def good_datum(n=5, **inputs) -> types.Datum:
+    """A valid cross_entropy datum of n tokens, the same for the same n."""
+    tokens, targets = random_sequence(np.random.default_rng(n), n)
+    return datum(tokens, targets, **inputs)
+
+
 def create_run(stub, rank: int = 8, seed: int = 3) -> str:
     """A LoRA run, initialised."""
     created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=rank, seed=seed)), timeout=RPC_TIMEOUT_S)
