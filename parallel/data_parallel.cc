@@ -51,40 +51,58 @@ absl::Status MergeMetrics(const std::vector<const google::protobuf::Map<std::str
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine, Communicator& group,
+                                                        absl::Duration timeout) {
+  // Lengths first, then every record padded to the longest, in int64 words.
+  const int n = group.size();
+  int64_t len = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> lens(n);
+  absl::Status s = group.AllGather({&len, 1, ElemType::kInt64}, {lens.data(), n, ElemType::kInt64}, timeout);
+  if (!s.ok()) return s;
+  const int64_t words = (*std::max_element(lens.begin(), lens.end()) + 7) / 8;
+  std::vector<int64_t> record(words, 0), all(words * n);
+  std::memcpy(record.data(), mine.data(), mine.size());
+  s = group.AllGather({record.data(), words, ElemType::kInt64}, {all.data(), words * n, ElemType::kInt64}, timeout);
+  if (!s.ok()) return s;
+  std::vector<std::string> out(n);
+  for (int m = 0; m < n; ++m) out[m].assign(reinterpret_cast<const char*>(all.data() + m * words), lens[m]);
+  return out;
+}
+
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> GatherOutputs(const lathe::v1::ForwardBackwardOutput& part,
                                                               const std::vector<int>& mine, int num_datums,
                                                               Communicator& data, absl::Duration timeout) {
-  // Each member's record: [index count, indices..., serialized output], in int64 words.
-  std::string bytes;
-  part.SerializeToString(&bytes);
-  std::vector<int64_t> record(2 + mine.size() + (bytes.size() + 7) / 8, 0);
-  record[0] = static_cast<int64_t>(mine.size());
-  std::copy(mine.begin(), mine.end(), record.begin() + 1);
-  record[1 + mine.size()] = static_cast<int64_t>(bytes.size());
-  std::memcpy(record.data() + 2 + mine.size(), bytes.data(), bytes.size());
+  // Each member's record: [index count, indices..., serialized output].
+  std::string record(8 * (1 + mine.size()), '\0');
+  const int64_t count = static_cast<int64_t>(mine.size());
+  std::memcpy(record.data(), &count, 8);
+  for (size_t i = 0; i < mine.size(); ++i) {
+    const int64_t index = mine[i];
+    std::memcpy(record.data() + 8 * (1 + i), &index, 8);
+  }
+  record += part.SerializeAsString();
+  absl::StatusOr<std::vector<std::string>> all = AllGatherBytes(record, data, timeout);
+  if (!all.ok()) return all.status();
   const int n = data.size();
-  int64_t words = static_cast<int64_t>(record.size());
-  std::vector<int64_t> sizes(n);
-  absl::Status s = data.AllGather({&words, 1, ElemType::kInt64}, {sizes.data(), n, ElemType::kInt64}, timeout);
-  if (!s.ok()) return s;
-  const int64_t widest = *std::max_element(sizes.begin(), sizes.end());
-  record.resize(widest, 0);
-  std::vector<int64_t> all(widest * n);
-  s = data.AllGather({record.data(), widest, ElemType::kInt64}, {all.data(), widest * n, ElemType::kInt64}, timeout);
-  if (!s.ok()) return s;
-
   lathe::v1::ForwardBackwardOutput out;
   out.set_loss_fn_output_type(part.loss_fn_output_type());
   std::vector<lathe::v1::ForwardBackwardOutput> parts(n);
   std::vector<const lathe::v1::LossFnOutput*> slots(num_datums, nullptr);
   std::vector<const google::protobuf::Map<std::string, double>*> metrics;
   for (int m = 0; m < n; ++m) {
-    const int64_t* r = all.data() + m * widest;
-    const int64_t count = r[0], len = r[1 + count];
-    if (!parts[m].ParseFromArray(r + 2 + count, static_cast<int>(len)) || parts[m].loss_fn_outputs_size() != count) {
+    const std::string& r = (*all)[m];
+    int64_t got = 0;
+    if (r.size() >= 8) std::memcpy(&got, r.data(), 8);
+    const size_t head = 8 * (1 + static_cast<size_t>(std::max<int64_t>(got, 0)));
+    if (r.size() < head || !parts[m].ParseFromArray(r.data() + head, static_cast<int>(r.size() - head)) ||
+        parts[m].loss_fn_outputs_size() != got) {
       return absl::InternalError(absl::StrCat("data shard ", m, " sent an unreadable output"));
     }
-    for (int64_t i = 0; i < count; ++i) slots.at(r[1 + i]) = &parts[m].loss_fn_outputs(static_cast<int>(i));
+    for (int64_t i = 0; i < got; ++i) {
+      int64_t index = 0;
+      std::memcpy(&index, r.data() + 8 * (1 + i), 8);
+      slots.at(index) = &parts[m].loss_fn_outputs(static_cast<int>(i));
+    }
     metrics.push_back(&parts[m].metrics());
   }
   for (int i = 0; i < num_datums; ++i) {

@@ -24,6 +24,11 @@ std::vector<int> SplitByTokens(const std::vector<int64_t>& lengths, int parts);
 absl::Status MergeMetrics(const std::vector<const google::protobuf::Map<std::string, double>*>& parts,
                           google::protobuf::Map<std::string, double>* out);
 
+// Every member contributes `mine` and receives every member's bytes, in
+// member order. Collective over `group`.
+absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine, Communicator& group,
+                                                        absl::Duration timeout);
+
 // Every member of `data` (one rank per data shard) contributes the outputs of
 // the datums it ran (`mine`: their indices into the batch, in the order of
 // part.loss_fn_outputs); every member gets the whole batch's output with

@@ -40,6 +40,17 @@ class AdamW {
     int64_t step = 0;
   };
   std::vector<State>& states() { return states_; }
+  // Replaces the whole state (a checkpoint's). REQUIRES: one State per
+  // parameter, shaped like it.
+  void Restore(int64_t step, std::vector<State> states) {
+    step_ = step;
+    states_ = std::move(states);
+  }
+  // Forgets everything: the next Step starts from zero moments at step 1.
+  void Reset() {
+    step_ = 0;
+    states_.clear();
+  }
 
  private:
   void Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,

@@ -252,6 +252,7 @@ absl::Status SafetensorsFile::ParseHeader() {
   const uint8_t* data = base_ + 8 + n;
   for (RawEntry& e : raw) {
     e.view.data = data + e.begin;
+    e.view.offset = 8 + n + e.begin;
     names_.push_back(e.view.name);
     entries_.emplace(e.view.name, std::move(e.view));
   }

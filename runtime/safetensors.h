@@ -23,6 +23,7 @@ struct TensorView {
   std::vector<int64_t> shape;      // [] for a scalar
   const uint8_t* data = nullptr;   // little-endian, row-major; no alignment guarantee
   size_t nbytes = 0;
+  size_t offset = 0;               // of `data` from the start of the file
 };
 
 // Bytes per element of a safetensors dtype string, 0 for an unknown one. Known: BOOL, U8, I8,
