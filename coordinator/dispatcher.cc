@@ -137,6 +137,8 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     *init->mutable_layout() = registry_->layout();
     init->set_policy_version(info.policy_version());
     info = *init;
+  } else if (result->has_load_state()) {
+    info.set_step(result->load_state().step());
   } else if (result->has_optim_step()) {
     info.set_step(info.step() + 1);
   }

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "coordinator/checkpoint_store.h"
 #include "coordinator/op_validation.h"
 #include "runtime/lora_settings.h"
 
@@ -142,10 +143,15 @@ grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::ListCheckpoints(grpc::ServerContext* context, const lathe::v1::ListCheckpointsRequest*,
-                                           lathe::v1::ListCheckpointsResponse*) {
+grpc::Status LatheService::ListCheckpoints(grpc::ServerContext* context,
+                                           const lathe::v1::ListCheckpointsRequest* request,
+                                           lathe::v1::ListCheckpointsResponse* response) {
   if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
-  return {grpc::StatusCode::UNIMPLEMENTED, "checkpoints are not implemented yet"};
+  absl::StatusOr<std::vector<lathe::v1::Checkpoint>> list =
+      coordinator::ListCheckpoints(options_.checkpoint_root, request->run_id());
+  if (!list.ok()) return ToGrpc(list.status());
+  for (auto& c : *list) *response->add_checkpoints() = std::move(c);
+  return grpc::Status::OK;
 }
 
 }  // namespace lathe::coordinator

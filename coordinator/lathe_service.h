@@ -15,6 +15,7 @@ namespace lathe::coordinator {
 struct ServiceOptions {
   int max_runs = 1;
   absl::Duration max_wait = absl::Seconds(40);  // Retrieve's cap
+  std::string checkpoint_root;                  // the workers' --checkpoint_root, for listing
 };
 
 class LatheService final : public lathe::v1::Lathe::Service {

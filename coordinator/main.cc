@@ -20,6 +20,7 @@ ABSL_FLAG(int64_t, max_queued, 1024, "operations accepted but unfinished, over a
 ABSL_FLAG(double, op_timeout_s, 7200.0, "longest round trip of one operation to the replicas");
 ABSL_FLAG(std::string, auth, "auto", "API keys: on, off, or auto (off on loopback, on otherwise)");
 ABSL_FLAG(std::string, api_keys_file, "", "file of accepted API keys, one per line (also $LATHE_API_KEYS)");
+ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (same path), for ListCheckpoints");
 ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
 
 namespace {
@@ -37,6 +38,7 @@ int main(int argc, char** argv) {
   o.listen = absl::GetFlag(FLAGS_listen);
   o.replicas = absl::GetFlag(FLAGS_replicas);
   o.service.max_runs = absl::GetFlag(FLAGS_max_runs);
+  o.service.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.heartbeat_interval = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_interval_s));
   o.heartbeat_timeout = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_timeout_s));
   o.ledger.gap_timeout = absl::Seconds(absl::GetFlag(FLAGS_gap_timeout_s));

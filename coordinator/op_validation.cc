@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/adam_hyper.h"
+#include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
 #include "runtime/validation.h"
 
@@ -29,8 +30,11 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::kNoop:
       return absl::OkStatus();
     case Op::kSaveState:
+      return runtime::ValidateCheckpointName(op.save_state().name(), "save_state.name");
     case Op::kLoadState:
+      return runtime::ParseCheckpointPath(op.load_state().path()).status();
     case Op::kLoadStateWithOptimizer:
+      return runtime::ParseCheckpointPath(op.load_state_with_optimizer().path()).status();
     case Op::kSaveWeightsForSampler:
     case Op::kSample:
     case Op::kComputeLogprobs:

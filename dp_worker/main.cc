@@ -25,6 +25,7 @@ ABSL_FLAG(int64_t, micro_batch_tokens, 0, "tokens per micro-batch; 0: sized for 
 ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
 ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
+ABSL_FLAG(std::string, checkpoint_root, "", "folder (shared by every node) for checkpoints; empty: saving refused");
 ABSL_FLAG(std::string, api_key_file, "", "file holding the API key for the coordinator (else $LATHE_API_KEY)");
 
 namespace {
@@ -44,6 +45,7 @@ int main(int argc, char** argv) {
   o.executor.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   o.executor.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
   o.executor.max_runs = absl::GetFlag(FLAGS_max_runs);
+  o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   auto key = lathe::dp_worker::ReadApiKey(absl::GetFlag(FLAGS_api_key_file));
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
   o.ep = absl::GetFlag(FLAGS_ep);
   o.collective_timeout = absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s));
   o.loop.control_timeout = o.collective_timeout;
+  o.executor.collective_timeout = o.collective_timeout;
   absl::Status s = lathe::dp_worker::Serve(o, g_stop);
   if (!s.ok()) {
     std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());

@@ -3,6 +3,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "parallel/communicator.h"
+#include "runtime/checkpoint.h"
+#include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
 #include "runtime/op_error.h"
 #include "runtime/status.h"
@@ -101,9 +103,59 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
       LATHE_ASSIGN_OR_RETURN(*result.mutable_optim_step(), trainer.OptimStep(op.optim_step()));
       return result;
     }
+    case lathe::v1::SubmitRequest::kSaveState:
+      return Save(trainer, op);
+    case lathe::v1::SubmitRequest::kLoadState:
+      return Load(trainer, op.load_state(), /*with_optimizer=*/false);
+    case lathe::v1::SubmitRequest::kLoadStateWithOptimizer:
+      return Load(trainer, op.load_state_with_optimizer(), /*with_optimizer=*/true);
     default:
       return absl::UnimplementedError(absl::StrCat("operation ", op.op_case(), " is not served by this worker"));
   }
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op) {
+  if (options_.checkpoint_root.empty()) {
+    return absl::FailedPreconditionError("this deployment has no checkpoint root (dp_worker --checkpoint_root)");
+  }
+  const runtime::CheckpointRef ref{op.run_id(), op.save_state().name()};
+  LATHE_RETURN_IF_ERROR(runtime::ValidateCheckpointName(ref.name));
+  lathe::v1::OpResult result;
+  result.mutable_save_state()->set_path(runtime::CheckpointUri(ref));
+  // Replicas hold the same state: the first one writes it.
+  if (parallel_ != nullptr && parallel_->place.replica != 0) return result;
+  runtime::CheckpointMeta meta;
+  meta.run_id = ref.run_id;
+  meta.name = ref.name;
+  meta.base_model = options_.base_model;
+  runtime::ShardPlace place;
+  if (parallel_ != nullptr) {
+    const parallel::MeshShape& s = parallel_->shape;
+    meta.replicas = s.replicas, meta.node_count = s.node_count, meta.devices_per_node = s.devices_per_node;
+    meta.tp = s.tp, meta.ep = s.ep;
+    place = {parallel_->place.node_rank, parallel_->place.local_rank};
+  }
+  LATHE_RETURN_IF_ERROR(runtime::SaveCheckpoint(trainer, runtime::CheckpointDir(options_.checkpoint_root, ref),
+                                                op.save_state().overwrite(), meta, place,
+                                                parallel_ == nullptr ? nullptr : parallel_->replica.get(),
+                                                options_.collective_timeout));
+  return result;
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Load(runtime::Trainer& trainer, const lathe::v1::LoadStateOp& op,
+                                                     bool with_optimizer) {
+  if (options_.checkpoint_root.empty()) {
+    return absl::FailedPreconditionError("this deployment has no checkpoint root (dp_worker --checkpoint_root)");
+  }
+  LATHE_ASSIGN_OR_RETURN(runtime::CheckpointRef ref, runtime::ParseCheckpointPath(op.path()));
+  LATHE_ASSIGN_OR_RETURN(int64_t step, runtime::LoadCheckpoint(trainer, runtime::CheckpointDir(options_.checkpoint_root, ref),
+                                                               with_optimizer,
+                                                               parallel_ == nullptr ? nullptr : parallel_->world.get(),
+                                                               options_.collective_timeout));
+  lathe::v1::OpResult result;
+  result.mutable_load_state()->set_path(op.path());
+  result.mutable_load_state()->set_step(step);
+  return result;
 }
 
 }  // namespace lathe::dp_worker

@@ -22,6 +22,9 @@ struct ExecutorOptions {
   int64_t max_seq_len = 0;         // 0: the model's
   int64_t micro_batch_tokens = 0;  // 0: the Trainer's default
   int max_runs = 1;                // trainers held at once
+  std::string checkpoint_root;     // empty: save/load refused
+  std::string base_model;          // recorded in checkpoints
+  absl::Duration collective_timeout = absl::Minutes(10);
 };
 
 class OpExecutor {
@@ -37,6 +40,9 @@ class OpExecutor {
  private:
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
   absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::LoraConfig& lora);
+  absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
+  absl::StatusOr<lathe::v1::OpResult> Load(runtime::Trainer& trainer, const lathe::v1::LoadStateOp& op,
+                                           bool with_optimizer);
 
   ExecutorOptions options_;
   parallel::ParallelContext* parallel_;

@@ -60,9 +60,11 @@ absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
                                                              options.node_count, options.tp, options.ep,
                                                              options.collective_timeout));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
-  OpExecutor executor(options.executor, ctx.get());
-  if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);
+  ExecutorOptions executor_options = options.executor;
   lathe::v1::RegisterReplica registration = Registration(options, config, ctx->place.replica);
+  executor_options.base_model = registration.model().base_model();
+  OpExecutor executor(executor_options, ctx.get());
+  if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);
   registration.mutable_layout()->set_devices_per_node(ctx->shape.devices_per_node);
   absl::StatusOr<std::unique_ptr<ReplicaLink>> link = ReplicaLink::Connect(options.link, registration);
   if (!link.ok()) {

@@ -2,6 +2,7 @@
 #include "parallel/data_parallel.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -67,6 +68,21 @@ absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine,
   std::vector<std::string> out(n);
   for (int m = 0; m < n; ++m) out[m].assign(reinterpret_cast<const char*>(all.data() + m * words), lens[m]);
   return out;
+}
+
+absl::Status AgreeStatus(const absl::Status& mine, Communicator& group, absl::Duration timeout) {
+  const std::string record = mine.ok() ? "" : absl::StrCat(static_cast<int>(mine.code()), "\t", mine.message());
+  absl::StatusOr<std::vector<std::string>> all = AllGatherBytes(record, group, timeout);
+  if (!all.ok()) return all.status();
+  for (size_t m = 0; m < all->size(); ++m) {
+    const std::string& r = (*all)[m];
+    if (r.empty()) continue;
+    const size_t tab = r.find('\t');
+    const std::string message = tab == std::string::npos ? "" : r.substr(tab + 1);
+    return absl::Status(static_cast<absl::StatusCode>(std::atoi(r.c_str())),
+                        m == static_cast<size_t>(group.rank()) ? message : absl::StrCat(message, " (member ", m, ")"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> GatherOutputs(const lathe::v1::ForwardBackwardOutput& part,

@@ -29,6 +29,11 @@ absl::Status MergeMetrics(const std::vector<const google::protobuf::Map<std::str
 absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine, Communicator& group,
                                                         absl::Duration timeout);
 
+// The same status on every member of `group`: OK when every member's is,
+// else the first failure in member order (its code and message, naming the
+// member). Collective.
+absl::Status AgreeStatus(const absl::Status& mine, Communicator& group, absl::Duration timeout);
+
 // Every member of `data` (one rank per data shard) contributes the outputs of
 // the datums it ran (`mine`: their indices into the batch, in the order of
 // part.loss_fn_outputs); every member gets the whole batch's output with

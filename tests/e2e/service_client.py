@@ -242,9 +242,11 @@ class Deployment:
 
     def __init__(self, build_dir: str, model_dir: str, workdir: str, *, replicas: int = 2, ranks: int = 4,
                  ep: int = 2, max_runs: int = 1, workers: bool = True, coordinator_args=(), coordinator_env=None,
-                 worker_env=None, api_key: str | None = None, collective_timeout_s: int = 20):
+                 worker_env=None, api_key: str | None = None, collective_timeout_s: int = 20, tp: int = 1,
+                 worker_args=()):
         self.build_dir, self.model_dir, self.workdir = build_dir, model_dir, workdir
         self.replicas, self.ranks, self.ep, self.max_runs = replicas, ranks, ep, max_runs
+        self.tp, self.worker_args = tp, list(worker_args)
         self.with_workers = workers
         self.collective_timeout_s = collective_timeout_s
         self.coordinator_args, self.api_key = list(coordinator_args), api_key
@@ -315,7 +317,7 @@ class Deployment:
                os.path.join(self.build_dir, "dp_worker", "dp_worker"), "--coordinator", self.address,
                "--model", self.model_dir, "--replicas", str(self.replicas), "--ep", str(self.ep),
                "--collective_timeout_s", str(self.collective_timeout_s), "--max_runs", str(self.max_runs),
-               "--connect_timeout_s", "30"]
+               "--connect_timeout_s", "30", "--tp", str(self.tp), *self.worker_args]
         env = dict(self.worker_env)
         if self.api_key is not None:
             env["LATHE_API_KEY"] = self.api_key

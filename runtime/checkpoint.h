@@ -1,0 +1,62 @@
+// Training checkpoints: a run's trainable parameters and AdamW state written
+// as shards by the ranks that hold them, described by one manifest, and read
+// back under any layout (each rank takes the slices it needs).
+//
+// A checkpoint folder <dir> holds node_rank-<n>/rank-<local_rank>.safetensors
+// (tensors "param/<name>", "exp_avg/<name>", "exp_avg_sq/<name>") and
+// manifest.json, written last: the format, run, step, layout, LoRA config
+// and, for every tensor slice, its global shape, box, file, byte range and
+// CRC-32. Everything is written under "<dir>.partial" and renamed once the
+// shards and the manifest are on disk, so a folder named <dir> is complete.
+#ifndef LATHE_RUNTIME_CHECKPOINT_H_
+#define LATHE_RUNTIME_CHECKPOINT_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "parallel/communicator.h"
+#include "runtime/lora_settings.h"
+
+namespace lathe::runtime {
+
+class Trainer;
+
+struct CheckpointMeta {
+  std::string run_id;
+  std::string name;
+  std::string base_model;
+  int64_t policy_version = 0;
+  // The layout it was saved under (for information; loading reshards).
+  int replicas = 1, node_count = 1, devices_per_node = 1, tp = 1, ep = 1;
+};
+
+struct ShardPlace {
+  int node_rank = 0;
+  int local_rank = 0;
+};
+
+// Writes `trainer`'s state to `dir`. Collective over `group`, the ranks of
+// one replica (null: a single process); each distinct slice is written once,
+// by the lowest member holding it. AlreadyExists when `dir` exists and
+// `overwrite` is false (nothing written); I/O errors as they happen, with
+// the partial folder left for the next save to clear. Every member returns
+// the same status.
+absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overwrite, const CheckpointMeta& meta,
+                            const ShardPlace& place, parallel::Communicator* group, absl::Duration timeout);
+
+// Replaces `trainer`'s parameters (and with `with_optimizer` its AdamW
+// moments and step; otherwise a fresh optimizer) with the checkpoint's,
+// resharded to this rank's slices, and clears accumulated gradients.
+// Returns the optimizer step after loading. Collective over `world` (null: a
+// single process): either every rank loads or none changes anything.
+// NotFound for a missing checkpoint; FailedPrecondition when its LoRA
+// config or shapes differ from the run's; DataLoss naming the file for a
+// missing, truncated or corrupt shard or manifest.
+absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir, bool with_optimizer,
+                                       parallel::Communicator* world, absl::Duration timeout);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_CHECKPOINT_H_

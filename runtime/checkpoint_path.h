@@ -1,0 +1,32 @@
+// Checkpoint names and paths: lathe://<run_id>/weights/<name> and where such
+// a checkpoint lives under a checkpoint root. Torch-free (the coordinator
+// validates them at submit).
+#ifndef LATHE_RUNTIME_CHECKPOINT_PATH_H_
+#define LATHE_RUNTIME_CHECKPOINT_PATH_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace lathe::runtime {
+
+struct CheckpointRef {
+  std::string run_id;
+  std::string name;
+};
+
+// InvalidArgument unless `name` is 1-128 characters of [A-Za-z0-9._-] not
+// starting with '.' nor ending in .partial or .replaced (so no '/', '..',
+// control characters, hidden folders or names of saves in progress).
+// `what` names the field in the message.
+absl::Status ValidateCheckpointName(const std::string& name, const std::string& what = "name");
+// InvalidArgument unless `path` is lathe://<run_id>/weights/<name> with both
+// parts valid names.
+absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path);
+std::string CheckpointUri(const CheckpointRef& ref);
+// <root>/<run_id>/weights/<name>
+std::string CheckpointDir(const std::string& root, const CheckpointRef& ref);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_CHECKPOINT_PATH_H_

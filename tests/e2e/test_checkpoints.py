@@ -1,0 +1,187 @@
+"""Checkpoints through the service: bit-exact resume across a restart of the whole
+deployment, resharding to other layouts, refusals, and corrupt shards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grpc
+import numpy as np
+from safetensors.numpy import load_file
+
+import service_client as sc
+from service_client import Retrieve, adam, batch, datum, pb
+
+Code = grpc.StatusCode
+LORA = dict(rank=8, seed=5)
+
+
+def _deploy(make_deployment, root, name, **kw):
+    return make_deployment(name, max_runs=2, worker_args=["--checkpoint_root", root],
+                           coordinator_args=["--checkpoint_root", root], **kw).start()
+
+
+def _batches(steps):
+    rng = np.random.default_rng(21)
+    return [batch([datum(*sc.random_sequence(rng, n)) for n in (9, 17, 5, 30)]) for _ in range(steps)]
+
+
+class Run:
+    """A run that numbers its own seq_ids."""
+
+    def __init__(self, stub, **lora):
+        self.stub, self.id, self.seq = stub, sc.create_run(stub, **lora), 0
+
+    def op(self, **kw):
+        self.seq += 1
+        return sc.wait(self.stub, sc.submit(self.stub, self.id, self.seq, **kw), timeout=60)
+
+    def ok(self, **kw):
+        r = self.op(**kw)
+        assert r.state == Retrieve.DONE, r
+        return r.result
+
+    def steps(self, batches, lr=1e-2):
+        losses = []
+        for b in batches:
+            losses.append(self.ok(forward_backward=b).forward_backward.metrics["loss:sum"])
+            self.ok(optim_step=adam(learning_rate=lr))
+        return losses
+
+    def save(self, name, **kw):
+        return self.ok(save_state=pb.SaveStateOp(name=name, **kw)).save_state.path
+
+
+def _assemble(root, path):
+    """{(kind, name): full array} of a checkpoint, built from its manifest's slices."""
+    run_id, _, name = path[len("lathe://"):].split("/")
+    folder = os.path.join(root, run_id, "weights", name)
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
+    files, out = {}, {}
+    for e in manifest["tensors"]:
+        if e["file"] not in files:
+            files[e["file"]] = load_file(os.path.join(folder, e["file"]))
+        src = files[e["file"]][e["tensor"]]
+        full = out.setdefault((e["kind"], e["name"]), np.full(e["global_shape"], np.nan, np.float32))
+        index = [slice(None)] * len(e["global_shape"])
+        if e["shard_dim"] >= 0:
+            index[e["shard_dim"]] = slice(e["begin"], e["begin"] + src.shape[e["shard_dim"]])
+        full[tuple(index)] = src
+    for key, full in out.items():
+        assert not np.isnan(full).any(), f"{path}: {key} not fully covered"
+    return manifest, out
+
+
+def _assert_bitwise_equal(a, b, what):
+    assert a.keys() == b.keys(), f"{what}: tensors differ: {sorted(set(a) ^ set(b))[:5]}"
+    for key in a:
+        assert np.array_equal(a[key].view(np.uint32), b[key].view(np.uint32)), f"{what}: {key} differs"
+
+
+def test_resume_with_optimizer_is_bit_exact_across_a_restart(make_deployment, tmp_path):
+    root = str(tmp_path / "ckpt")
+    batches = _batches(6)
+    first = _deploy(make_deployment, root, "first")
+    straight = Run(first.stub, **LORA)
+    losses = straight.steps(batches)
+    end_straight = straight.save("end")
+    half = Run(first.stub, **LORA)
+    assert half.steps(batches[:3]) == losses[:3]
+    mid = half.save("mid")
+    listed = first.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=half.id), timeout=sc.RPC_TIMEOUT_S)
+    assert [c.id for c in listed.checkpoints] == [mid] and listed.checkpoints[0].size_bytes > 0
+    first.close()
+
+    second = _deploy(make_deployment, root, "second")
+    resumed = Run(second.stub, **LORA)
+    loaded = resumed.ok(load_state_with_optimizer=pb.LoadStateOp(path=mid)).load_state
+    assert loaded.step == 3
+    assert resumed.steps(batches[3:]) == losses[3:], "losses after resuming differ from the straight run"
+    end_resumed = resumed.save("end")
+    info = second.stub.GetInfo(pb.GetInfoRequest(run_id=resumed.id), timeout=sc.RPC_TIMEOUT_S)
+    assert info.step == 6
+
+    # Weights only: the same weights (the first loss matches) but a fresh optimizer, so the
+    # first update is Adam's first step (|update| = lr per element), not the straight run's.
+    fresh = Run(second.stub, **LORA)
+    assert fresh.ok(load_state=pb.LoadStateOp(path=mid)).load_state.step == 0
+    fresh_losses = fresh.steps(batches[3:4])
+    assert fresh_losses[0] == losses[3]
+    end_fresh = fresh.save("fresh")
+
+    m_straight, straight_tensors = _assemble(root, end_straight)
+    m_resumed, resumed_tensors = _assemble(root, end_resumed)
+    assert m_straight["step"] == m_resumed["step"] == 6
+    _assert_bitwise_equal(straight_tensors, resumed_tensors, "straight vs resumed")
+    _, mid_tensors = _assemble(root, mid)
+    _, fresh_tensors = _assemble(root, end_fresh)
+    for (kind, name), after in fresh_tensors.items():
+        if kind != "param" or "lora_B" not in name:
+            continue
+        moved = np.abs(after - mid_tensors[(kind, name)])
+        # Adam's first step moves every element with a gradient by lr (to rounding).
+        assert np.allclose(moved[moved > 0], 1e-2, rtol=1e-3), name
+    assert fresh_tensors[("exp_avg", name)].any()
+
+
+def test_checkpoint_reshards_to_other_layouts(make_deployment, tmp_path):
+    root = str(tmp_path / "ckpt")
+    saver = _deploy(make_deployment, root, "save_r2_tp2", tp=2, ep=1)
+    run = Run(saver.stub, **LORA)
+    run.steps(_batches(2))
+    saved = run.save("s")
+    saver.close()
+    _, want = _assemble(root, saved)
+    for name, layout in (("load_1x1", dict(replicas=1, ranks=1, ep=1)), ("load_ep2", dict(replicas=1, ranks=2, ep=2))):
+        d = _deploy(make_deployment, root, name, **layout)
+        again = Run(d.stub, **LORA)
+        assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=saved)).load_state.step == 2
+        _, got = _assemble(root, again.save("again"))
+        _assert_bitwise_equal(want, got, name)
+        d.close()
+
+
+def test_save_and_load_refusals_and_corruption(make_deployment, tmp_path):
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "refusals")
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(1))
+    path = run.save("a")
+    for bad in ("", "a/b", "..", ".hidden", "x" * 129, "tab\there", "run.partial"):
+        req = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1, save_state=pb.SaveStateOp(name=bad))
+        assert sc.rpc_error(d.stub.Submit, req) == Code.INVALID_ARGUMENT, bad
+    for bad in ("", "a", "lathe://x/y/z", "lathe://r/weights/", "lathe://../weights/a", f"{path}/extra"):
+        req = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1, load_state=pb.LoadStateOp(path=bad))
+        assert sc.rpc_error(d.stub.Submit, req) == Code.INVALID_ARGUMENT, bad
+
+    again = run.op(save_state=pb.SaveStateOp(name="a"))
+    assert again.state == Retrieve.FAILED and again.error.code == Code.ALREADY_EXISTS.value[0], again
+    assert run.save("a", overwrite=True) == path
+    missing = run.op(load_state=pb.LoadStateOp(path=f"lathe://{run.id}/weights/nope"))
+    assert missing.state == Retrieve.FAILED and missing.error.code == Code.NOT_FOUND.value[0], missing
+
+    probe = batch([datum(*sc.random_sequence(np.random.default_rng(3), 12))])
+    before = run.ok(forward=probe)
+    # One flipped byte inside a shard's tensor data.
+    folder = os.path.join(root, run.id, "weights", "a")
+    shard = os.path.join(folder, "node_rank-0", "rank-0.safetensors")
+    with open(shard, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    corrupt = run.op(load_state_with_optimizer=pb.LoadStateOp(path=path))
+    assert corrupt.state == Retrieve.FAILED and corrupt.error.code == Code.DATA_LOSS.value[0], corrupt
+    assert "rank-0.safetensors" in corrupt.error.message, corrupt.error.message
+    os.remove(shard)
+    gone = run.op(load_state=pb.LoadStateOp(path=path))
+    assert gone.state == Retrieve.FAILED and gone.error.code == Code.DATA_LOSS.value[0], gone
+    # Nothing was loaded: the run answers as before.
+    assert run.ok(forward=probe) == before
+
+    # A save that never committed (its rank died mid-way) is neither listed nor loadable.
+    os.makedirs(os.path.join(root, run.id, "weights", "b.partial", "node_rank-0"))
+    listed = d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
+    assert [c.id for c in listed.checkpoints] == [path]
