@@ -42,14 +42,15 @@ trap cleanup EXIT
 
 rm -f "$logs/port"
 build/coordinator/lathe_coordinator --listen 127.0.0.1:0 --port_file "$logs/port" --replicas "$replicas" \
-  >"$logs/coordinator.log" 2>&1 &
+  --checkpoint_root runs/checkpoints >"$logs/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 100); do [ -s "$logs/port" ] && break; sleep 0.1; done
 [ -s "$logs/port" ] || { echo "coordinator did not start; see $logs/coordinator.log" >&2; exit 1; }
 address="127.0.0.1:$(cat "$logs/port")"
 echo "[local] coordinator on $address; starting $replicas x $group dp_worker ranks (logs in $logs)"
 mpirun --oversubscribe -np $((replicas * group)) build/dp_worker/dp_worker --coordinator "$address" \
-  --model runs/tiny-qwen3-moe --replicas "$replicas" --ep "$ep" >"$logs/workers.log" 2>&1 &
+  --model runs/tiny-qwen3-moe --replicas "$replicas" --ep "$ep" --checkpoint_root runs/checkpoints \
+  >"$logs/workers.log" 2>&1 &
 workers_pid=$!
 build/client/lathe info --address "$address" --wait_s 120
 build/client/lathe train --address "$address" --data runs/sft-data.jsonl --steps "$steps" --batch_size 8 \
