@@ -137,6 +137,9 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     *init->mutable_layout() = registry_->layout();
     init->set_policy_version(info.policy_version());
     info = *init;
+  } else if (result->has_save_weights_for_sampler()) {
+    info.set_policy_version(info.policy_version() + 1);
+    result->mutable_save_weights_for_sampler()->set_policy_version(info.policy_version());
   } else if (result->has_load_state()) {
     info.set_step(result->load_state().step());
   } else if (result->has_optim_step()) {

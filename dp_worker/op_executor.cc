@@ -1,11 +1,15 @@
 // Task execution on one rank: routes each operation to its run's Trainer.
 #include "dp_worker/op_executor.h"
 
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
 #include "parallel/communicator.h"
+#include "parallel/data_parallel.h"
 #include "runtime/checkpoint.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
+#include "runtime/peft_export.h"
 #include "runtime/op_error.h"
 #include "runtime/status.h"
 
@@ -105,6 +109,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     }
     case lathe::v1::SubmitRequest::kSaveState:
       return Save(trainer, op);
+    case lathe::v1::SubmitRequest::kSaveWeightsForSampler:
+      return SaveForSampler(trainer, op);
     case lathe::v1::SubmitRequest::kLoadState:
       return Load(trainer, op.load_state(), /*with_optimizer=*/false);
     case lathe::v1::SubmitRequest::kLoadStateWithOptimizer:
@@ -139,6 +145,42 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, 
                                                 op.save_state().overwrite(), meta, place,
                                                 parallel_ == nullptr ? nullptr : parallel_->replica.get(),
                                                 options_.collective_timeout));
+  return result;
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer& trainer,
+                                                               const lathe::v1::SubmitRequest& op) {
+  if (options_.checkpoint_root.empty()) {
+    return absl::FailedPreconditionError("this deployment has no checkpoint root (dp_worker --checkpoint_root)");
+  }
+  const std::string& name = op.save_weights_for_sampler().name();
+  LATHE_RETURN_IF_ERROR(runtime::ValidateCheckpointName(name));
+  const std::string folder = absl::StrCat(options_.checkpoint_root, "/", op.run_id(), "/sampler_weights/", name);
+  lathe::v1::OpResult result;
+  result.mutable_save_weights_for_sampler()->set_path(absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", name));
+  if (parallel_ != nullptr && parallel_->place.replica != 0) return result;
+  // The shards go to a scratch checkpoint; the first rank assembles the adapter from it.
+  runtime::CheckpointMeta meta;
+  meta.run_id = op.run_id();
+  meta.name = name;
+  meta.base_model = options_.base_model;
+  meta.with_optimizer = false;
+  runtime::ShardPlace place;
+  if (parallel_ != nullptr) place = {parallel_->place.node_rank, parallel_->place.local_rank};
+  parallel::Communicator* group = parallel_ == nullptr ? nullptr : parallel_->replica.get();
+  const std::string scratch = folder + ".shards";
+  LATHE_RETURN_IF_ERROR(runtime::SaveCheckpoint(trainer, scratch, /*overwrite=*/true, meta, place, group,
+                                                options_.collective_timeout));
+  absl::Status s;
+  if (group == nullptr || group->rank() == 0) {
+    absl::StatusOr<std::map<std::string, at::Tensor>> params = runtime::ReadCheckpointTensors(scratch, "param");
+    s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, options_.base_model, folder)
+                    : params.status();
+    std::error_code ec;
+    std::filesystem::remove_all(scratch, ec);
+  }
+  if (group != nullptr) s = parallel::AgreeStatus(s, *group, options_.collective_timeout);
+  LATHE_RETURN_IF_ERROR(s);
   return result;
 }
 

@@ -74,7 +74,7 @@ absl::StatusOr<std::vector<bool>> Writers(const std::vector<TrainableParam>& par
 
 // Writes this rank's shard file and returns its manifest entries.
 absl::StatusOr<json> WriteShard(Trainer& trainer, const std::vector<bool>& writes, const std::string& partial,
-                                const ShardPlace& place) {
+                                const ShardPlace& place, bool with_optimizer) {
   std::vector<TrainableParam>& params = trainer.model().trainable();
   std::vector<AdamW::State>& states = trainer.optimizer().states();
   std::vector<at::Tensor> keep;
@@ -83,7 +83,7 @@ absl::StatusOr<json> WriteShard(Trainer& trainer, const std::vector<bool>& write
   for (size_t i = 0; i < params.size(); ++i) {
     if (!writes[i]) continue;
     for (int kind = 0; kind < 3; ++kind) {
-      if (kind > 0 && states.empty()) break;
+      if (kind > 0 && (states.empty() || !with_optimizer)) break;
       at::Tensor t = kind == 0 ? params[i].tensor : kind == 1 ? states[i].exp_avg : states[i].exp_avg_sq;
       keep.push_back(t.detach().to(at::kFloat).contiguous());
       tensors.push_back({absl::StrCat(kKinds[kind], "/", params[i].name), "F32",
@@ -160,7 +160,7 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
   absl::StatusOr<json> entries;
   try {
     LATHE_ASSIGN_OR_RETURN(std::vector<bool> writes, Writers(trainer.model().trainable(), group, timeout));
-    entries = WriteShard(trainer, writes, partial, place);
+    entries = WriteShard(trainer, writes, partial, place, meta.with_optimizer);
   } catch (const c10::Error& e) {
     entries = absl::InternalError(absl::StrCat("save_state: ", e.what_without_backtrace()));
   }

@@ -11,7 +11,10 @@
 #ifndef LATHE_RUNTIME_CHECKPOINT_H_
 #define LATHE_RUNTIME_CHECKPOINT_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -30,6 +33,7 @@ struct CheckpointMeta {
   int64_t policy_version = 0;
   // The layout it was saved under (for information; loading reshards).
   int replicas = 1, node_count = 1, devices_per_node = 1, tp = 1, ep = 1;
+  bool with_optimizer = true;  // false: parameters only
 };
 
 struct ShardPlace {
@@ -56,6 +60,12 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
 // missing, truncated or corrupt shard or manifest.
 absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir, bool with_optimizer,
                                        parallel::Communicator* world, absl::Duration timeout);
+
+// The whole tensors of one kind ("param", "exp_avg", "exp_avg_sq") of a
+// checkpoint, assembled from its slices (CRC-checked), by parameter name.
+// Errors as LoadCheckpoint's.
+absl::StatusOr<std::map<std::string, at::Tensor>> ReadCheckpointTensors(const std::string& dir,
+                                                                       const std::string& kind);
 
 }  // namespace lathe::runtime
 

@@ -178,6 +178,29 @@ absl::StatusOr<Staged> StageAll(Trainer& trainer, const std::string& dir, bool w
 
 }  // namespace
 
+absl::StatusOr<std::map<std::string, at::Tensor>> ReadCheckpointTensors(const std::string& dir,
+                                                                       const std::string& kind) {
+  LATHE_ASSIGN_OR_RETURN(json manifest, ReadManifest(dir));
+  std::map<std::string, std::vector<const json*>> by_name;
+  for (const json& e : manifest.at("tensors")) {
+    if (e.at("kind").get<std::string>() == kind) by_name[e.at("name").get<std::string>()].push_back(&e);
+  }
+  ShardReader reader(dir);
+  std::map<std::string, at::Tensor> out;
+  try {
+    for (const auto& [name, entries] : by_name) {
+      // A whole, unsharded parameter of the global shape stands for the full tensor.
+      TrainableParam whole;
+      whole.name = name;
+      whole.tensor = at::empty(entries.front()->at("global_shape").get<std::vector<int64_t>>(), at::kFloat);
+      LATHE_RETURN_IF_ERROR(Stage(whole, kind, entries, reader, out[name], nullptr));
+    }
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(dir, ": ", e.what()));
+  }
+  return out;
+}
+
 absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir, bool with_optimizer,
                                        parallel::Communicator* world, absl::Duration timeout) {
   absl::StatusOr<Staged> staged;

@@ -185,3 +185,38 @@ def test_save_and_load_refusals_and_corruption(make_deployment, tmp_path):
     os.makedirs(os.path.join(root, run.id, "weights", "b.partial", "node_rank-0"))
     listed = d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
     assert [c.id for c in listed.checkpoints] == [path]
+
+
+def test_sampler_weights_load_with_peft(make_deployment, tmp_path, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "peft")
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(2))  # lora_B away from zero
+    saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s")).save_weights_for_sampler
+    assert saved.path == f"lathe://{run.id}/sampler_weights/s" and saved.policy_version == 1
+    info = d.stub.GetInfo(pb.GetInfoRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
+    assert info.policy_version == 1
+    again = run.op(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s"))
+    assert again.state == Retrieve.FAILED and again.error.code == Code.ALREADY_EXISTS.value[0], again
+    merged = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1,
+                              save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
+    assert sc.rpc_error(d.stub.Submit, merged) == Code.UNIMPLEMENTED
+
+    tokens, targets = sc.random_sequence(np.random.default_rng(8), 24)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(tokens, targets)])).forward_backward)[0]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager",
+                                                experts_implementation="eager")
+    model = PeftModel.from_pretrained(base, os.path.join(root, run.id, "sampler_weights", "s")).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(tokens)])).logits[0].float()
+    peft_lp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy()
+    np.testing.assert_allclose(peft_lp, lathe_lp, atol=1e-4, rtol=0)
+    # The adapter matters: without it the logprobs differ.
+    with torch.no_grad(), model.disable_adapter():
+        plain = torch.log_softmax(model(torch.tensor([list(tokens)])).logits[0].float(), -1)
+    assert np.abs(plain[torch.arange(len(targets)), torch.tensor(targets)].numpy() - lathe_lp).max() > 1e-3

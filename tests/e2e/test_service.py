@@ -301,8 +301,8 @@ def test_other_refusals(deployment):
     checks = {
         "unknown run_id": (stub.Submit, pb.SubmitRequest(run_id="run-nope", seq_id=1, **_fb(_good())), Code.NOT_FOUND),
         "GetInfo unknown run": (stub.GetInfo, pb.GetInfoRequest(run_id="run-nope"), Code.NOT_FOUND),
-        "save_weights_for_sampler": (stub.Submit, pb.SubmitRequest(
-            run_id=run, seq_id=1, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="a")), Code.UNIMPLEMENTED),
+        "compute_logprobs": (stub.Submit, pb.SubmitRequest(
+            run_id=run, seq_id=1, compute_logprobs=pb.ComputeLogprobsOp()), Code.UNIMPLEMENTED),
         "sample": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1, sample=pb.SampleOp(num_samples=1)),
                    Code.UNIMPLEMENTED),
         "Retrieve unknown op": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/99"), Code.NOT_FOUND),
