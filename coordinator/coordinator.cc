@@ -60,9 +60,16 @@ void Coordinator::Housekeeping() {
   absl::MutexLock lock(&mu_);
   auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
   bool serving = false;
+  absl::Time next_expiry = absl::Now();
   while (!mu_.AwaitWithTimeout(absl::Condition(&stopping), tick)) {
     registry_->CheckHeartbeats();
     ledger_->Sweep();
+    if (!options_.service.checkpoint_root.empty() && absl::Now() >= next_expiry) {
+      if (int n = lathe_service_->checkpoints().Expire(absl::Now()); n > 0) {
+        LATHE_LOG(Info, "deleted %d expired checkpoint(s)", n);
+      }
+      next_expiry = absl::Now() + absl::Seconds(1);
+    }
     // grpc.health.v1 says SERVING exactly while the deployment serves, so
     // readiness probes see what Health says.
     const bool now = registry_->state() == DeploymentState::kServing;

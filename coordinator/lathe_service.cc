@@ -27,7 +27,8 @@ std::string NewRunId() {
 
 LatheService::LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger,
                            ReplicaRegistry* registry, Dispatcher* dispatcher)
-    : options_(options), keys_(keys), ledger_(ledger), registry_(registry), dispatcher_(dispatcher) {}
+    : options_(options), keys_(keys), ledger_(ledger), registry_(registry), dispatcher_(dispatcher),
+      store_(options.checkpoint_root) {}
 
 grpc::Status LatheService::Serving() const {
   switch (registry_->state()) {
@@ -147,11 +148,35 @@ grpc::Status LatheService::ListCheckpoints(grpc::ServerContext* context,
                                            const lathe::v1::ListCheckpointsRequest* request,
                                            lathe::v1::ListCheckpointsResponse* response) {
   if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
-  absl::StatusOr<std::vector<lathe::v1::Checkpoint>> list =
-      coordinator::ListCheckpoints(options_.checkpoint_root, request->run_id());
+  absl::StatusOr<std::vector<lathe::v1::Checkpoint>> list = store_.List(request->run_id());
   if (!list.ok()) return ToGrpc(list.status());
   for (auto& c : *list) *response->add_checkpoints() = std::move(c);
   return grpc::Status::OK;
+}
+
+grpc::Status LatheService::GetCheckpointFiles(grpc::ServerContext* context,
+                                              const lathe::v1::GetCheckpointFilesRequest* request,
+                                              lathe::v1::GetCheckpointFilesResponse* response) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> page = store_.Files(*request);
+  if (!page.ok()) return ToGrpc(page.status());
+  *response = *std::move(page);
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::DownloadCheckpointFile(grpc::ServerContext* context,
+                                                  const lathe::v1::DownloadCheckpointFileRequest* request,
+                                                  grpc::ServerWriter<lathe::v1::FileChunk>* writer) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  return ToGrpc(store_.Download(request->checkpoint_id(), request->relative_file_name(),
+                                [&](const lathe::v1::FileChunk& chunk) { return writer->Write(chunk); }));
+}
+
+grpc::Status LatheService::DeleteCheckpoint(grpc::ServerContext* context,
+                                            const lathe::v1::DeleteCheckpointRequest* request,
+                                            lathe::v1::DeleteCheckpointResponse*) {
+  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  return ToGrpc(store_.Delete(request->checkpoint_id()));
 }
 
 }  // namespace lathe::coordinator

@@ -5,6 +5,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "coordinator/auth.h"
+#include "coordinator/checkpoint_store.h"
 #include "coordinator/dispatcher.h"
 #include "coordinator/op_ledger.h"
 #include "coordinator/replica_registry.h"
@@ -38,6 +39,14 @@ class LatheService final : public lathe::v1::Lathe::Service {
                         lathe::v1::RetrieveResponse* response) override;
   grpc::Status ListCheckpoints(grpc::ServerContext* context, const lathe::v1::ListCheckpointsRequest* request,
                                lathe::v1::ListCheckpointsResponse* response) override;
+  grpc::Status GetCheckpointFiles(grpc::ServerContext* context, const lathe::v1::GetCheckpointFilesRequest* request,
+                                  lathe::v1::GetCheckpointFilesResponse* response) override;
+  grpc::Status DownloadCheckpointFile(grpc::ServerContext* context,
+                                      const lathe::v1::DownloadCheckpointFileRequest* request,
+                                      grpc::ServerWriter<lathe::v1::FileChunk>* writer) override;
+  grpc::Status DeleteCheckpoint(grpc::ServerContext* context, const lathe::v1::DeleteCheckpointRequest* request,
+                                lathe::v1::DeleteCheckpointResponse* response) override;
+  const CheckpointStore& checkpoints() const { return store_; }
 
  private:
   // OK when the deployment serves; UNAVAILABLE saying why not.
@@ -49,6 +58,7 @@ class LatheService final : public lathe::v1::Lathe::Service {
   ReplicaRegistry* registry_;
   Dispatcher* dispatcher_;
   absl::Mutex create_mu_;  // one CreateRun at a time, so max_runs holds
+  CheckpointStore store_;
 };
 
 }  // namespace lathe::coordinator

@@ -30,6 +30,7 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::kNoop:
       return absl::OkStatus();
     case Op::kSaveState:
+      if (op.save_state().ttl_seconds() < 0) return absl::InvalidArgumentError("save_state.ttl_seconds must be >= 0");
       return runtime::ValidateCheckpointName(op.save_state().name(), "save_state.name");
     case Op::kLoadState:
       return runtime::ParseCheckpointPath(op.load_state().path()).status();

@@ -134,6 +134,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, 
   meta.run_id = ref.run_id;
   meta.name = ref.name;
   meta.base_model = options_.base_model;
+  meta.ttl_seconds = op.save_state().ttl_seconds();
   runtime::ShardPlace place;
   if (parallel_ != nullptr) {
     const parallel::MeshShape& s = parallel_->shape;

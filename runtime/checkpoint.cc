@@ -179,6 +179,9 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
                      {"base_model", meta.base_model}, {"architecture", info.architecture}, {"step", info.step},
                      {"policy_version", meta.policy_version},
                      {"created_unix_ms", absl::ToUnixMillis(absl::Now())},
+                     {"expires_unix_ms", meta.ttl_seconds > 0
+                                             ? absl::ToUnixMillis(absl::Now() + absl::Seconds(meta.ttl_seconds))
+                                             : int64_t{0}},
                      {"layout", {{"replicas", meta.replicas}, {"node_count", meta.node_count},
                                  {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep}}},
                      {"lora", LoraJson(info.lora)}, {"tensors", std::move(tensors)}};

@@ -30,23 +30,27 @@ absl::Status ValidateCheckpointName(const std::string& name, const std::string& 
   return absl::OkStatus();
 }
 
-absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path) {
+absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool allow_sampler) {
   constexpr absl::string_view kScheme = "lathe://";
   std::vector<std::string> parts;
   if (absl::StartsWith(path, kScheme)) parts = absl::StrSplit(path.substr(kScheme.size()), '/');
-  if (parts.size() != 3 || parts[1] != "weights") {
-    return absl::InvalidArgumentError(absl::StrCat("path must be lathe://<run_id>/weights/<name>, not '", path, "'"));
+  if (parts.size() != 3 || !(parts[1] == "weights" || (allow_sampler && parts[1] == "sampler_weights"))) {
+    return absl::InvalidArgumentError(absl::StrCat("path must be lathe://<run_id>/weights/<name>",
+                                                   allow_sampler ? " or lathe://<run_id>/sampler_weights/<name>" : "",
+                                                   ", not '", path, "'"));
   }
-  CheckpointRef ref{parts[0], parts[2]};
+  CheckpointRef ref{parts[0], parts[2], parts[1]};
   if (absl::Status s = ValidateCheckpointName(ref.run_id, "the path's run_id"); !s.ok()) return s;
   if (absl::Status s = ValidateCheckpointName(ref.name, "the path's name"); !s.ok()) return s;
   return ref;
 }
 
-std::string CheckpointUri(const CheckpointRef& ref) { return absl::StrCat("lathe://", ref.run_id, "/weights/", ref.name); }
+std::string CheckpointUri(const CheckpointRef& ref) {
+  return absl::StrCat("lathe://", ref.run_id, "/", ref.kind, "/", ref.name);
+}
 
 std::string CheckpointDir(const std::string& root, const CheckpointRef& ref) {
-  return absl::StrCat(root, "/", ref.run_id, "/weights/", ref.name);
+  return absl::StrCat(root, "/", ref.run_id, "/", ref.kind, "/", ref.name);
 }
 
 }  // namespace lathe::runtime

@@ -13,6 +13,7 @@ namespace lathe::runtime {
 struct CheckpointRef {
   std::string run_id;
   std::string name;
+  std::string kind = "weights";  // or "sampler_weights"
 };
 
 // InvalidArgument unless `name` is 1-128 characters of [A-Za-z0-9._-] not
@@ -20,11 +21,12 @@ struct CheckpointRef {
 // control characters, hidden folders or names of saves in progress).
 // `what` names the field in the message.
 absl::Status ValidateCheckpointName(const std::string& name, const std::string& what = "name");
-// InvalidArgument unless `path` is lathe://<run_id>/weights/<name> with both
-// parts valid names.
-absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path);
+// InvalidArgument unless `path` is lathe://<run_id>/weights/<name> (or, with
+// `allow_sampler`, lathe://<run_id>/sampler_weights/<name>) with both parts
+// valid names.
+absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool allow_sampler = false);
 std::string CheckpointUri(const CheckpointRef& ref);
-// <root>/<run_id>/weights/<name>
+// <root>/<run_id>/<kind>/<name>
 std::string CheckpointDir(const std::string& root, const CheckpointRef& ref);
 
 }  // namespace lathe::runtime

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import grpc
 import numpy as np
@@ -220,3 +221,58 @@ def test_sampler_weights_load_with_peft(make_deployment, tmp_path, tiny_model):
     with torch.no_grad(), model.disable_adapter():
         plain = torch.log_softmax(model(torch.tensor([list(tokens)])).logits[0].float(), -1)
     assert np.abs(plain[torch.arange(len(targets)), torch.tensor(targets)].numpy() - lathe_lp).max() > 1e-3
+
+
+def test_files_download_delete_and_expiry(make_deployment, tmp_path):
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "files")
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(1))
+    path = run.save("a")
+    folder = os.path.join(root, run.id, "weights", "a")
+    names, token = [], ""
+    while True:  # one file per page
+        page = d.stub.GetCheckpointFiles(pb.GetCheckpointFilesRequest(checkpoint_id=path, page_size=1,
+                                                                      page_token=token), timeout=sc.RPC_TIMEOUT_S)
+        assert page.total_count == 3 and len(page.files) == 1
+        f = page.files[0]
+        names.append(f.relative_file_name)
+        assert f.size_bytes == os.path.getsize(os.path.join(folder, f.relative_file_name))
+        assert f.node_rank == (0 if f.relative_file_name.startswith("node_rank-0/") else -1)
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == ["manifest.json", "node_rank-0/rank-0.safetensors", "node_rank-0/rank-1.safetensors"]
+    for name in names:
+        chunks = d.stub.DownloadCheckpointFile(
+            pb.DownloadCheckpointFileRequest(checkpoint_id=path, relative_file_name=name), timeout=sc.RPC_TIMEOUT_S)
+        with open(os.path.join(folder, name), "rb") as f:
+            assert b"".join(c.data for c in chunks) == f.read(), name
+    for bad in ("../../manifest.json", "/etc/passwd", "node_rank-0"):
+        chunks = d.stub.DownloadCheckpointFile(
+            pb.DownloadCheckpointFileRequest(checkpoint_id=path, relative_file_name=bad), timeout=sc.RPC_TIMEOUT_S)
+        try:
+            list(chunks)
+            raise AssertionError(f"download of {bad} was not refused")
+        except grpc.RpcError as e:
+            assert e.code() == Code.NOT_FOUND, bad
+
+    run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s"))
+    listed = d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
+    kinds = {c.id: c.type for c in listed.checkpoints}
+    assert kinds == {path: "training", f"lathe://{run.id}/sampler_weights/s": "sampler"}, kinds
+    assert all(c.sync_state == "committed" and c.size_bytes > 0 for c in listed.checkpoints)
+
+    d.stub.DeleteCheckpoint(pb.DeleteCheckpointRequest(checkpoint_id=path), timeout=sc.RPC_TIMEOUT_S)
+    assert sc.rpc_error(d.stub.DeleteCheckpoint, pb.DeleteCheckpointRequest(checkpoint_id=path)) == Code.NOT_FOUND
+    gone = run.op(load_state=pb.LoadStateOp(path=path))
+    assert gone.state == Retrieve.FAILED and gone.error.code == Code.NOT_FOUND.value[0], gone
+
+    short = run.save("short", ttl_seconds=1)
+    req = pb.ListCheckpointsRequest(run_id=run.id)
+    assert short in [c.id for c in d.stub.ListCheckpoints(req, timeout=sc.RPC_TIMEOUT_S).checkpoints]
+    deadline = time.monotonic() + 10
+    while short in [c.id for c in d.stub.ListCheckpoints(req, timeout=sc.RPC_TIMEOUT_S).checkpoints]:
+        assert time.monotonic() < deadline, "a checkpoint with a 1 s TTL is still listed after 10 s"
+        time.sleep(0.2)
+    assert not os.path.exists(os.path.join(root, run.id, "weights", "short"))
