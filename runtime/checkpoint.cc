@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <filesystem>
 #include <fstream>
@@ -17,6 +16,7 @@
 #include "nlohmann/json.hpp"
 #include "parallel/data_parallel.h"
 #include "runtime/adamw.h"
+#include "runtime/crc32c.h"
 #include "runtime/decoder_model.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
@@ -108,7 +108,7 @@ absl::StatusOr<json> WriteShard(Trainer& trainer, const std::vector<bool>& write
               {"global_shape", GlobalShape(p)}, {"shard_dim", p.shard_dim},
               {"begin", p.shard_dim < 0 ? 0 : p.shard_begin}, {"file", rel}, {"node_rank", place.node_rank},
               {"offset", view.offset}, {"nbytes", view.nbytes},
-              {"crc32", crc32(0L, view.data, static_cast<uInt>(view.nbytes))}};
+              {"crc32c", Crc32c(view.data, view.nbytes)}};
     if (kind == 1) e["adam_step"] = states[i].step;
     entries.push_back(std::move(e));
   }

@@ -6,7 +6,7 @@
 // (tensors "param/<name>", "exp_avg/<name>", "exp_avg_sq/<name>") and
 // manifest.json, written last: the format, run, step, layout, LoRA config
 // and, for every tensor slice, its global shape, box, file, byte range and
-// CRC-32. Everything is written under "<dir>.partial" and renamed once the
+// CRC-32C. Everything is written under "<dir>.partial" and renamed once the
 // shards and the manifest are on disk, so a folder named <dir> is complete.
 #ifndef LATHE_RUNTIME_CHECKPOINT_H_
 #define LATHE_RUNTIME_CHECKPOINT_H_

@@ -3,8 +3,8 @@
 // run's state changes only when every rank staged everything.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
-#include <zlib.h>
 
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -14,6 +14,7 @@
 #include "parallel/data_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/checkpoint.h"
+#include "runtime/crc32c.h"
 #include "runtime/decoder_model.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
@@ -59,7 +60,7 @@ class ShardReader {
         v->dtype != "F32") {
       return absl::DataLossError(absl::StrCat(dir_, "/", file, ": tensor ", name, " is not where the manifest says"));
     }
-    if (crc32(0L, v->data, static_cast<uInt>(v->nbytes)) != e.at("crc32").get<uint32_t>()) {
+    if (Crc32c(v->data, v->nbytes) != e.at("crc32c").get<uint32_t>()) {
       return absl::DataLossError(absl::StrCat(dir_, "/", file, ": tensor ", name, " fails its checksum"));
     }
     return at::from_blob(const_cast<uint8_t*>(v->data), v->shape, at::kFloat);
@@ -93,16 +94,23 @@ absl::Status CheckLora(const json& saved, const LoraSettings& run) {
   return absl::OkStatus();
 }
 
-// Fills `out` (this rank's part of one tensor kind) from the manifest's slices.
+// One copy from a verified slice (a view of the mapped file) into a region of
+// this rank's tensor.
+struct Copy {
+  at::Tensor from;
+  std::vector<int64_t> to_begin;
+};
+
+// Plans the copies that fill this rank's part of one tensor kind from the
+// manifest's slices (each slice CRC-checked once); copies nothing yet.
 absl::Status Stage(const TrainableParam& p, const std::string& kind, const std::vector<const json*>& entries,
-                   ShardReader& reader, at::Tensor& out, int64_t* adam_step) {
+                   ShardReader& reader, std::vector<Copy>& plan, int64_t* adam_step) {
   const std::vector<int64_t> global = [&] {
     std::vector<int64_t> g(p.tensor.sizes().begin(), p.tensor.sizes().end());
     if (p.shard_dim >= 0) g[p.shard_dim] = p.full_size;
     return g;
   }();
   const Box mine = BoxOf(global, p.shard_dim, p.shard_begin, p.shard_dim < 0 ? 0 : p.tensor.size(p.shard_dim));
-  out = at::empty_like(p.tensor, at::kFloat);
   int64_t covered = 0;
   for (const json* e : entries) {
     if (e->at("global_shape").get<std::vector<int64_t>>() != global) {
@@ -126,12 +134,12 @@ absl::Status Stage(const TrainableParam& p, const std::string& kind, const std::
       both.end[d] = std::min(mine.end[d], slice.end[d]);
     }
     if (both.volume() == 0) continue;
-    at::Tensor from = src, to = out;
+    Copy copy{src, std::vector<int64_t>(global.size())};
     for (size_t d = 0; d < global.size(); ++d) {
-      from = from.narrow(d, both.begin[d] - slice.begin[d], both.end[d] - both.begin[d]);
-      to = to.narrow(d, both.begin[d] - mine.begin[d], both.end[d] - both.begin[d]);
+      copy.from = copy.from.narrow(d, both.begin[d] - slice.begin[d], both.end[d] - both.begin[d]);
+      copy.to_begin[d] = both.begin[d] - mine.begin[d];
     }
-    to.copy_(from);
+    plan.push_back(std::move(copy));
     covered += both.volume();
     if (adam_step != nullptr && e->contains("adam_step")) *adam_step = e->at("adam_step").get<int64_t>();
   }
@@ -142,9 +150,21 @@ absl::Status Stage(const TrainableParam& p, const std::string& kind, const std::
   return absl::OkStatus();
 }
 
+void Apply(const std::vector<Copy>& plan, at::Tensor& to) {
+  for (const Copy& c : plan) {
+    at::Tensor region = to;
+    for (size_t d = 0; d < c.to_begin.size(); ++d) region = region.narrow(d, c.to_begin[d], c.from.size(d));
+    region.copy_(c.from);
+  }
+}
+
+// Everything a rank will copy once every rank verified its slices; the reader
+// keeps the files mapped until then.
 struct Staged {
-  std::vector<at::Tensor> params;
-  std::vector<AdamW::State> states;  // empty: no optimizer state to restore
+  std::unique_ptr<ShardReader> reader;
+  std::vector<std::vector<Copy>> params;
+  std::vector<std::array<std::vector<Copy>, 2>> moments;  // empty: no optimizer state to restore
+  std::vector<int64_t> adam_steps;
   int64_t step = 0;
 };
 
@@ -156,8 +176,9 @@ absl::StatusOr<Staged> StageAll(Trainer& trainer, const std::string& dir, bool w
     by_name[{e.at("kind").get<std::string>(), e.at("name").get<std::string>()}].push_back(&e);
   }
   const std::vector<TrainableParam>& params = trainer.model().trainable();
-  ShardReader reader(dir);
   Staged staged;
+  staged.reader = std::make_unique<ShardReader>(dir);
+  ShardReader& reader = *staged.reader;
   staged.step = with_optimizer ? manifest.at("step").get<int64_t>() : 0;
   const bool moments = with_optimizer && by_name.count({"exp_avg", params.empty() ? "" : params[0].name}) > 0;
   for (const TrainableParam& p : params) {
@@ -165,12 +186,13 @@ absl::StatusOr<Staged> StageAll(Trainer& trainer, const std::string& dir, bool w
     if (it == by_name.end()) return absl::FailedPreconditionError(absl::StrCat("the checkpoint has no ", p.name));
     LATHE_RETURN_IF_ERROR(Stage(p, "param", it->second, reader, staged.params.emplace_back(), nullptr));
     if (!moments) continue;
-    AdamW::State& s = staged.states.emplace_back();
-    for (auto [kind, slot] : {std::pair{"exp_avg", &s.exp_avg}, {"exp_avg_sq", &s.exp_avg_sq}}) {
+    auto& plans = staged.moments.emplace_back();
+    int64_t& adam_step = staged.adam_steps.emplace_back(0);
+    for (int k = 0; k < 2; ++k) {
+      const char* kind = k == 0 ? "exp_avg" : "exp_avg_sq";
       auto m = by_name.find({kind, p.name});
       if (m == by_name.end()) return absl::DataLossError(absl::StrCat(dir, ": no ", kind, " of ", p.name));
-      LATHE_RETURN_IF_ERROR(
-          Stage(p, kind, m->second, reader, *slot, std::string(kind) == "exp_avg" ? &s.step : nullptr));
+      LATHE_RETURN_IF_ERROR(Stage(p, kind, m->second, reader, plans[k], k == 0 ? &adam_step : nullptr));
     }
   }
   return staged;
@@ -193,7 +215,10 @@ absl::StatusOr<std::map<std::string, at::Tensor>> ReadCheckpointTensors(const st
       TrainableParam whole;
       whole.name = name;
       whole.tensor = at::empty(entries.front()->at("global_shape").get<std::vector<int64_t>>(), at::kFloat);
-      LATHE_RETURN_IF_ERROR(Stage(whole, kind, entries, reader, out[name], nullptr));
+      std::vector<Copy> plan;
+      LATHE_RETURN_IF_ERROR(Stage(whole, kind, entries, reader, plan, nullptr));
+      Apply(plan, whole.tensor);
+      out[name] = whole.tensor;
     }
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(dir, ": ", e.what()));
@@ -214,14 +239,22 @@ absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir,
   LATHE_RETURN_IF_ERROR(staged.status());
   at::NoGradGuard no_grad;
   std::vector<TrainableParam>& params = trainer.model().trainable();
+  std::vector<AdamW::State> states;
   for (size_t i = 0; i < params.size(); ++i) {
-    params[i].tensor.copy_(staged->params[i]);
+    Apply(staged->params[i], params[i].tensor);
     params[i].tensor.mutable_grad() = at::Tensor();
+    if (staged->moments.empty()) continue;
+    AdamW::State& s = states.emplace_back();
+    s.exp_avg = at::empty_like(params[i].tensor);
+    s.exp_avg_sq = at::empty_like(params[i].tensor);
+    s.step = staged->adam_steps[i];
+    Apply(staged->moments[i][0], s.exp_avg);
+    Apply(staged->moments[i][1], s.exp_avg_sq);
   }
-  if (staged->states.empty()) {
+  if (states.empty()) {
     trainer.optimizer().Reset();  // without moments (none saved yet, or not asked for) a fresh optimizer
   } else {
-    trainer.optimizer().Restore(staged->step, std::move(staged->states));
+    trainer.optimizer().Restore(staged->step, std::move(states));
   }
   return trainer.optimizer().step();
 }

@@ -207,6 +207,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const int mmap_errno = errno;
   ::close(fd);  // the mapping keeps the file alive
   if (base == MAP_FAILED) return absl::ErrnoToStatus(mmap_errno, absl::StrCat("mmap ", path));
+  // Readers go through the whole file front to back: ask the kernel to read
+  // ahead now rather than fault page by page (a hint; failure is harmless).
+  madvise(base, size, MADV_SEQUENTIAL);
+  madvise(base, size, MADV_WILLNEED);
   std::unique_ptr<SafetensorsFile> file(
       new SafetensorsFile(path, static_cast<const uint8_t*>(base), size));
   absl::Status s = file->ParseHeader();

@@ -8,7 +8,7 @@ DEB_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   openmpi-bin libopenmpi-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev zlib1g-dev
+  libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev
   python3-venv python3-dev
 )
 

@@ -1,0 +1,164 @@
+"""Checkpoint save and load throughput against plain file I/O of the same bytes.
+
+Starts a coordinator and mpirun dp_workers (--layout, default tp=2 on the
+dense bench model, full fine-tuning so the checkpoint holds weights and both
+Adam moments), takes one training step, then times save_state and
+load_state_with_optimizer through the service (op round trip). In the same
+run it writes the same number of bytes to one file sequentially (8 MiB
+writes, fsync, as the checkpoint's shards are) and reads them back. Both reads
+come from the page cache unless the machine is short of memory; the ratio
+compares like with like.
+
+  .venv/bin/python bench/checkpoint_throughput.py [--model dense] [--layout tp=2] [--lora-rank 0]
+"""
+import argparse
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput as tt  # noqa: E402
+
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
+def stubs(tmp):
+    os.makedirs(tmp, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={tmp}",
+                    f"--grpc_python_out={tmp}"] + [f"proto/lathe/v1/{n}.proto" for n in ("types", "service", "replica")],
+                   cwd=tt.ROOT, check=True)
+    sys.path.insert(0, tmp)
+
+
+def wait(stub, pb, op_id):
+    while True:
+        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=30000), timeout=60)
+        if r.state == pb.RetrieveResponse.DONE:
+            return r.result
+        if r.state == pb.RetrieveResponse.FAILED:
+            raise SystemExit(f"operation failed: {r.error}")
+
+
+def drop_caches():
+    """Empties the page cache (root only), so reads come from the disk; False if not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def plain_io(path, nbytes, cold):
+    block = os.urandom(8 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[:min(left, len(block))])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    if cold:
+        drop_caches()
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+    read_s = time.perf_counter() - start
+    os.remove(path)
+    return write_s, read_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["dense", "moe2"], default="dense")
+    ap.add_argument("--layout", default="tp=2")
+    ap.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
+    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    args = ap.parse_args()
+    model = os.path.join(args.cache, args.model)
+    if not os.path.exists(os.path.join(model, "config.json")):
+        tt.make_model(args.model, model)
+    layout = dict(kv.split("=") for kv in args.layout.split(","))
+    ranks = 1
+    for v in layout.values():
+        ranks *= int(v)
+    with tempfile.TemporaryDirectory(dir=os.path.join(tt.ROOT, "runs")) as tmp:
+        stubs(os.path.join(tmp, "stubs"))
+        import grpc
+        from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
+        root, port_file = os.path.join(tmp, "ckpt"), os.path.join(tmp, "port")
+        coord = subprocess.Popen([os.path.join(args.build_dir, "coordinator", "lathe_coordinator"),
+                                  "--listen=127.0.0.1:0", f"--port_file={port_file}",
+                                  f"--replicas={layout.get('replicas', 1)}", f"--checkpoint_root={root}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        workers = None
+        try:
+            while not (os.path.exists(port_file) and open(port_file).read().strip()):
+                time.sleep(0.1)
+            address = "127.0.0.1:" + open(port_file).read().strip()
+            workers = subprocess.Popen(["mpirun", "--oversubscribe", "-np", str(ranks), "-x", "OMP_NUM_THREADS",
+                                        os.path.join(args.build_dir, "dp_worker", "dp_worker"),
+                                        f"--coordinator={address}", f"--model={model}", f"--checkpoint_root={root}"]
+                                       + [f"--{k}={v}" for k, v in layout.items()],
+                                       env=dict(ENV, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            stub = pbg.LatheStub(grpc.insecure_channel(address))
+            while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
+                time.sleep(0.2)
+            created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=args.lora_rank)), timeout=60)
+            wait(stub, pb, created.init_op_id)
+            run = created.run_id
+            d = types.Datum()
+            d.model_input.chunks.add().encoded_text.tokens = struct.pack("<16i", *range(16))
+            for key, dtype, data in (("target_tokens", types.INT64, (1).to_bytes(8, "little") * 16),
+                                     ("weights", types.FLOAT32, b"\x00\x00\x80\x3f" * 16)):
+                t = d.loss_fn_inputs[key]
+                t.dtype, t.data = dtype, data
+                t.shape.append(16)
+            seq = iter(range(1, 100))
+            submit = lambda **op: wait(stub, pb, stub.Submit(pb.SubmitRequest(run_id=run, seq_id=next(seq), **op),
+                                                                timeout=60).op_id)
+            submit(forward_backward=types.ForwardBackwardInput(loss_fn="cross_entropy", data=[d]))
+            submit(optim_step=types.AdamParams(learning_rate=1e-5))
+            start = time.perf_counter()
+            path = submit(save_state=pb.SaveStateOp(name="bench")).save_state.path
+            save_s = time.perf_counter() - start
+            folder = os.path.join(root, run, "weights", "bench")
+            nbytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
+            cold = drop_caches()
+            start = time.perf_counter()
+            submit(load_state_with_optimizer=pb.LoadStateOp(path=path))
+            load_s = time.perf_counter() - start
+            warm_start = time.perf_counter()
+            submit(load_state_with_optimizer=pb.LoadStateOp(path=path))
+            warm_load_s = time.perf_counter() - warm_start
+            write_s, read_s = plain_io(os.path.join(tmp, "plain.bin"), nbytes, cold)
+            _, warm_read_s = plain_io(os.path.join(tmp, "plain.bin"), nbytes, False)
+        finally:
+            coord.send_signal(signal.SIGTERM)
+            coord.wait(timeout=60)
+            if workers is not None:
+                workers.wait(timeout=60)
+    gb = nbytes / 1e9
+    print(f"{args.model} {args.layout} lora_rank {args.lora_rank}: checkpoint {gb:.2f} GB")
+    print(f"save {gb / save_s:.2f} GB/s vs plain sequential write {gb / write_s:.2f} GB/s: "
+          f"ratio {write_s / save_s:.2f}x")
+    where = "from disk (page cache dropped)" if cold else "page cache not droppable: from memory"
+    print(f"load {gb / load_s:.2f} GB/s vs plain sequential read {gb / read_s:.2f} GB/s, {where}: "
+          f"ratio {read_s / load_s:.2f}x")
+    print(f"load from the page cache {gb / warm_load_s:.2f} GB/s vs plain read from it {gb / warm_read_s:.2f} GB/s: "
+          f"ratio {warm_read_s / warm_load_s:.2f}x (CRC-32C of every byte, then one copy)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
