@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -168,6 +169,11 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
   std::vector<std::string> all = {entries->dump()};
   if (group != nullptr) {
     LATHE_ASSIGN_OR_RETURN(all, parallel::AllGatherBytes(entries->dump(), *group, timeout));
+  }
+  // Fault-injection hook for tests: hold the shards on disk uncommitted for a
+  // while, so a test can kill a rank in the middle of a save.
+  if (const char* pause = std::getenv("LATHE_TEST_SAVE_PAUSE_MS"); pause != nullptr) {
+    absl::SleepFor(absl::Milliseconds(std::atoi(pause)));
   }
   if (first) {
     json tensors = json::array();

@@ -276,3 +276,33 @@ def test_files_download_delete_and_expiry(make_deployment, tmp_path):
         assert time.monotonic() < deadline, "a checkpoint with a 1 s TTL is still listed after 10 s"
         time.sleep(0.2)
     assert not os.path.exists(os.path.join(root, run.id, "weights", "short"))
+
+
+def test_a_rank_killed_during_a_save_leaves_earlier_checkpoints_intact(make_deployment, tmp_path):
+    import signal
+
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "kill_save", worker_env={"LATHE_TEST_SAVE_PAUSE_MS": "4000"})
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(1))
+    good = run.save("good")
+    run.seq += 1
+    op_id = sc.submit(d.stub, run.id, run.seq, save_state=pb.SaveStateOp(name="bad"))
+    partial = os.path.join(root, run.id, "weights", "bad.partial")
+    deadline = time.monotonic() + 20
+    while not (os.path.isdir(partial) and any(f.endswith(".safetensors")
+                                              for _, _, fs in os.walk(partial) for f in fs)):
+        assert time.monotonic() < deadline, "the save wrote no shard within 20 s"
+        time.sleep(0.05)
+    os.kill(d.worker_pids()[1], signal.SIGKILL)  # while the save waits to commit
+    r = sc.wait(d.stub, op_id, timeout=20)
+    assert r.state == Retrieve.FAILED and r.error.code == Code.UNAVAILABLE.value[0], r
+    d.close()
+
+    fresh = _deploy(make_deployment, root, "after_kill")
+    listed = fresh.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
+    assert [c.id for c in listed.checkpoints] == [good]
+    again = Run(fresh.stub, **LORA)
+    assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=good)).load_state.step == 1
+    bad = again.op(load_state=pb.LoadStateOp(path=f"lathe://{run.id}/weights/bad"))
+    assert bad.state == Retrieve.FAILED and bad.error.code == Code.NOT_FOUND.value[0], bad
