@@ -37,9 +37,6 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::kLoadStateWithOptimizer:
       return runtime::ParseCheckpointPath(op.load_state_with_optimizer().path()).status();
     case Op::kSaveWeightsForSampler:
-      if (op.save_weights_for_sampler().merged()) {
-        return absl::UnimplementedError("save_weights_for_sampler with merged is not implemented yet");
-      }
       return runtime::ValidateCheckpointName(op.save_weights_for_sampler().name(), "save_weights_for_sampler.name");
     case Op::kSample:
     case Op::kComputeLogprobs:

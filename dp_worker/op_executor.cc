@@ -175,7 +175,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
   absl::Status s;
   if (group == nullptr || group->rank() == 0) {
     absl::StatusOr<std::map<std::string, at::Tensor>> params = runtime::ReadCheckpointTensors(scratch, "param");
-    s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, options_.base_model, folder)
+    s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, options_.base_model, folder,
+                                                op.save_weights_for_sampler().merged() ? options_.model_dir : "")
                     : params.status();
     std::error_code ec;
     std::filesystem::remove_all(scratch, ec);

@@ -18,11 +18,16 @@ namespace lathe::runtime {
 
 // Writes the adapter of `params` (whole LoRA tensors by lathe name; stacked
 // expert tensors named with "{e}") to `dir`, atomically: under
-// "<dir>.partial", renamed when complete. AlreadyExists when `dir` exists;
-// FailedPrecondition for full fine-tuning (no adapter); I/O errors as they
-// happen.
+// "<dir>.partial", renamed when complete. With `merge_base_dir` (the base
+// model's Hugging Face folder) it also writes <dir>/merged/: the base model
+// with W + (alpha / r)·B·A folded into every adapted weight, in the base's
+// files, names and dtypes, plus its other files (config, tokenizer).
+// AlreadyExists when `dir` exists; FailedPrecondition for full fine-tuning
+// (no adapter) or an adapted weight the base files do not hold by name (e.g.
+// experts stored fused); I/O errors as they happen.
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
-                              const std::string& base_model, const std::string& dir);
+                              const std::string& base_model, const std::string& dir,
+                              const std::string& merge_base_dir = "");
 
 }  // namespace lathe::runtime
 

@@ -203,9 +203,8 @@ def test_sampler_weights_load_with_peft(make_deployment, tmp_path, tiny_model):
     assert info.policy_version == 1
     again = run.op(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s"))
     assert again.state == Retrieve.FAILED and again.error.code == Code.ALREADY_EXISTS.value[0], again
-    merged = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1,
-                              save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
-    assert sc.rpc_error(d.stub.Submit, merged) == Code.UNIMPLEMENTED
+    with_merged = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
+    assert with_merged.save_weights_for_sampler.policy_version == 2
 
     tokens, targets = sc.random_sequence(np.random.default_rng(8), 24)
     lathe_lp = sc.logprobs(run.ok(forward=batch([datum(tokens, targets)])).forward_backward)[0]
@@ -221,6 +220,15 @@ def test_sampler_weights_load_with_peft(make_deployment, tmp_path, tiny_model):
     with torch.no_grad(), model.disable_adapter():
         plain = torch.log_softmax(model(torch.tensor([list(tokens)])).logits[0].float(), -1)
     assert np.abs(plain[torch.arange(len(targets)), torch.tensor(targets)].numpy() - lathe_lp).max() > 1e-3
+
+    # The merged model loads as a plain transformers model and gives the same logprobs.
+    merged_dir = os.path.join(root, run.id, "sampler_weights", "m", "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, attn_implementation="eager",
+                                                  experts_implementation="eager").eval()
+    with torch.no_grad():
+        logits = merged(torch.tensor([list(tokens)])).logits[0].float()
+    merged_lp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy()
+    np.testing.assert_allclose(merged_lp, lathe_lp, atol=1e-4, rtol=0)
 
 
 def test_files_download_delete_and_expiry(make_deployment, tmp_path):
