@@ -23,8 +23,9 @@ bool Committed(const fs::path& folder, const std::string& kind) {
   return fs::is_regular_file(folder / (kind == "weights" ? "manifest.json" : "adapter_config.json"), ec);
 }
 
+// The manifest of a training checkpoint, the sidecar of a sampler one.
 nlohmann::json Manifest(const fs::path& folder) {
-  std::ifstream in(folder / "manifest.json");
+  std::ifstream in(folder / (fs::exists(folder / "manifest.json") ? "manifest.json" : "lathe_sampler.json"));
   nlohmann::json m = in ? nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
   return m.is_object() ? m : nlohmann::json::object();
 }

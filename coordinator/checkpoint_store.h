@@ -35,7 +35,7 @@ class CheckpointStore {
                         const std::function<bool(const lathe::v1::FileChunk&)>& sink) const;
   // NotFound for an unknown checkpoint.
   absl::Status Delete(const std::string& checkpoint_id) const;
-  // Deletes every training checkpoint whose expiry passed; returns how many.
+  // Deletes every checkpoint whose expiry passed; returns how many.
   int Expire(absl::Time now) const;
 
  private:

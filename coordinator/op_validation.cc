@@ -37,6 +37,9 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::kLoadStateWithOptimizer:
       return runtime::ParseCheckpointPath(op.load_state_with_optimizer().path()).status();
     case Op::kSaveWeightsForSampler:
+      if (op.save_weights_for_sampler().ttl_seconds() < 0) {
+        return absl::InvalidArgumentError("save_weights_for_sampler.ttl_seconds must be >= 0");
+      }
       return runtime::ValidateCheckpointName(op.save_weights_for_sampler().name(), "save_weights_for_sampler.name");
     case Op::kSample:
     case Op::kComputeLogprobs:

@@ -176,7 +176,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
   if (group == nullptr || group->rank() == 0) {
     absl::StatusOr<std::map<std::string, at::Tensor>> params = runtime::ReadCheckpointTensors(scratch, "param");
     s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, options_.base_model, folder,
-                                                op.save_weights_for_sampler().merged() ? options_.model_dir : "")
+                                                op.save_weights_for_sampler().merged() ? options_.model_dir : "",
+                                                op.save_weights_for_sampler().ttl_seconds())
                     : params.status();
     std::error_code ec;
     std::filesystem::remove_all(scratch, ec);

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
@@ -97,7 +98,7 @@ absl::Status WriteMerged(const std::map<std::string, at::Tensor>& params, const 
 
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
                               const std::string& base_model, const std::string& dir,
-                              const std::string& merge_base_dir) {
+                              const std::string& merge_base_dir, int64_t ttl_seconds) {
   if (lora.full_finetune()) {
     return absl::FailedPreconditionError("a full fine-tuning run has no adapter to export");
   }
@@ -133,6 +134,13 @@ absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, c
     std::ofstream out(partial + "/adapter_config.json");
     out << config.dump(2);
     if (!out) return absl::InternalError(absl::StrCat("cannot write ", partial, "/adapter_config.json"));
+  }
+  {
+    const int64_t now = absl::ToUnixMillis(absl::Now());
+    std::ofstream out(partial + "/lathe_sampler.json");
+    out << nlohmann::json{{"created_unix_ms", now},
+                          {"expires_unix_ms", ttl_seconds > 0 ? now + ttl_seconds * 1000 : int64_t{0}}}.dump();
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", partial, "/lathe_sampler.json"));
   }
   if (!merge_base_dir.empty()) LATHE_RETURN_IF_ERROR(WriteMerged(params, lora, merge_base_dir, partial + "/merged"));
   fs::rename(partial, dir, ec);

@@ -22,12 +22,13 @@ namespace lathe::runtime {
 // model's Hugging Face folder) it also writes <dir>/merged/: the base model
 // with W + (alpha / r)·B·A folded into every adapted weight, in the base's
 // files, names and dtypes, plus its other files (config, tokenizer).
-// AlreadyExists when `dir` exists; FailedPrecondition for full fine-tuning
+// <dir>/lathe_sampler.json records when it was made and, with ttl_seconds >
+// 0, when the coordinator deletes it. AlreadyExists when `dir` exists; FailedPrecondition for full fine-tuning
 // (no adapter) or an adapted weight the base files do not hold by name (e.g.
 // experts stored fused); I/O errors as they happen.
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
                               const std::string& base_model, const std::string& dir,
-                              const std::string& merge_base_dir = "");
+                              const std::string& merge_base_dir = "", int64_t ttl_seconds = 0);
 
 }  // namespace lathe::runtime
 

@@ -277,13 +277,18 @@ def test_files_download_delete_and_expiry(make_deployment, tmp_path):
     assert gone.state == Retrieve.FAILED and gone.error.code == Code.NOT_FOUND.value[0], gone
 
     short = run.save("short", ttl_seconds=1)
+    short_sampler = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(
+        name="short", ttl_seconds=1)).save_weights_for_sampler.path
     req = pb.ListCheckpointsRequest(run_id=run.id)
-    assert short in [c.id for c in d.stub.ListCheckpoints(req, timeout=sc.RPC_TIMEOUT_S).checkpoints]
+    ids = lambda: [c.id for c in d.stub.ListCheckpoints(req, timeout=sc.RPC_TIMEOUT_S).checkpoints]  # noqa: E731
+    assert short in ids() and short_sampler in ids()
     deadline = time.monotonic() + 10
-    while short in [c.id for c in d.stub.ListCheckpoints(req, timeout=sc.RPC_TIMEOUT_S).checkpoints]:
-        assert time.monotonic() < deadline, "a checkpoint with a 1 s TTL is still listed after 10 s"
+    while short in ids() or short_sampler in ids():
+        assert time.monotonic() < deadline, "checkpoints with a 1 s TTL are still listed after 10 s"
         time.sleep(0.2)
     assert not os.path.exists(os.path.join(root, run.id, "weights", "short"))
+    assert not os.path.exists(os.path.join(root, run.id, "sampler_weights", "short"))
+    assert f"lathe://{run.id}/sampler_weights/s" in ids()  # no TTL: kept
 
 
 def test_a_rank_killed_during_a_save_leaves_earlier_checkpoints_intact(make_deployment, tmp_path):
