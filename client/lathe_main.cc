@@ -23,6 +23,7 @@ ABSL_FLAG(double, grad_clip_norm, 0.0, "train: global gradient-norm clip; 0 = of
 ABSL_FLAG(int, lora_rank, 32, "train: LoRA rank; 0 = full fine-tuning");
 ABSL_FLAG(double, lora_alpha, 32.0, "train: LoRA alpha");
 ABSL_FLAG(int64_t, seed, 0, "train: LoRA initialisation seed");
+ABSL_FLAG(std::string, save, "", "train: save_state under this name after the last step");
 ABSL_FLAG(double, min_loss_drop, 0.0, "train: exit 1 unless the last loss is below the first by this fraction");
 
 int main(int argc, char** argv) {
@@ -57,5 +58,6 @@ int main(int argc, char** argv) {
   o.lora.set_rank(absl::GetFlag(FLAGS_lora_rank));
   o.lora.set_alpha(absl::GetFlag(FLAGS_lora_alpha));
   o.lora.set_seed(absl::GetFlag(FLAGS_seed));
+  o.save_name = absl::GetFlag(FLAGS_save);
   return TrainCommand(*client, o, absl::GetFlag(FLAGS_min_loss_drop));
 }

@@ -82,6 +82,14 @@ absl::StatusOr<TrainSummary> Train(Client& client, const TrainOptions& o) {
                         per_step * static_cast<double>(o.steps - step.index)));
   }
   summary.tokens_per_second = o.steps > 1 ? tokens / absl::ToDoubleSeconds(last_done - first_done) : 0;
+  if (!o.save_name.empty()) {
+    lathe::v1::SubmitRequest save;
+    save.mutable_save_state()->set_name(o.save_name);
+    LATHE_ASSIGN_OR_RETURN(OpFuture future, run.Submit(std::move(save)));
+    LATHE_ASSIGN_OR_RETURN(lathe::v1::OpResult saved, future.result(o.op_timeout));
+    summary.checkpoint = saved.save_state().path();
+    say(absl::StrCat("lathe train: saved ", summary.checkpoint));
+  }
   return summary;
 }
 

@@ -20,6 +20,7 @@ struct TrainOptions {
   double grad_clip_norm = 0.0;
   absl::Duration op_timeout = absl::Hours(1);  // per operation
   bool print = true;
+  std::string save_name;  // non-empty: save_state under this name after the last step
 };
 
 struct TrainSummary {
@@ -27,6 +28,7 @@ struct TrainSummary {
   double first_loss = 0;  // mean per-token loss of the first step
   double last_loss = 0;
   double tokens_per_second = 0;  // over every step after the first
+  std::string checkpoint;        // lathe://… when saved
 };
 
 // Creates a run and trains it. Submits step k+1 before waiting for step k, so

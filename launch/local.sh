@@ -4,7 +4,8 @@
 # starts a coordinator and 2 replicas x a group of 2 dp_worker ranks under
 # mpirun (expert parallel over the group), waits until the deployment serves,
 # runs a short LoRA SFT job through it with the `lathe` CLI (one progress
-# line per step; exits 1 unless the loss falls), then shuts everything down.
+# line per step; exits 1 unless the loss falls), saves a checkpoint under
+# runs/checkpoints and lists it, then shuts everything down.
 #
 # Environment: LATHE_REPLICAS (2), LATHE_GROUP (2 ranks per replica), LATHE_EP
 # (2), LATHE_STEPS (30), LATHE_LOG_DIR (runs/local-logs). Extra arguments go
@@ -54,4 +55,5 @@ mpirun --oversubscribe -np $((replicas * group)) build/dp_worker/dp_worker --coo
 workers_pid=$!
 build/client/lathe info --address "$address" --wait_s 120
 build/client/lathe train --address "$address" --data runs/sft-data.jsonl --steps "$steps" --batch_size 8 \
-  --learning_rate 5e-3 --lora_rank 32 --min_loss_drop 0.05 "$@"
+  --learning_rate 5e-3 --lora_rank 32 --min_loss_drop 0.05 --save final "$@"
+build/client/lathe checkpoints --address "$address"

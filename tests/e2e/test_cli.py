@@ -50,8 +50,10 @@ def test_info_train_and_checkpoints(deployment, build_dir, tmp_path):
     assert "step: 12" in described.stdout and "rank: 16" in described.stdout, described.stdout
 
     checkpoints = _lathe(build_dir, "checkpoints", "--address", address, "--run_id", run_id)
-    # This deployment was started without a checkpoint root: a clear refusal.
+    # This deployment was started without a checkpoint root: a clear refusal, at save and at listing.
     assert checkpoints.returncode == 1 and "--checkpoint_root" in checkpoints.stderr, checkpoints.stderr
+    unsaved = _lathe(build_dir, "train", "--address", address, "--data", data, "--steps", "1", "--save", "x")
+    assert unsaved.returncode == 1 and "--checkpoint_root" in unsaved.stderr, unsaved.stderr
 
 
 def test_cli_refusals(deployment, build_dir, tmp_path):
