@@ -68,7 +68,7 @@ void Coordinator::Housekeeping() {
       if (int n = lathe_service_->checkpoints().Expire(absl::Now()); n > 0) {
         LATHE_LOG(Info, "deleted %d expired checkpoint(s)", n);
       }
-      next_expiry = absl::Now() + absl::Seconds(1);
+      next_expiry = absl::Now() + absl::Seconds(5);
     }
     // grpc.health.v1 says SERVING exactly while the deployment serves, so
     // readiness probes see what Health says.
