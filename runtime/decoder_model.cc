@@ -278,21 +278,54 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   return at::cat(parts, 1);
 }
 
-RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, double theta,
-                      const at::Tensor& like) {
-  int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+// RoPE rows of packed sequences whose positions start at `starts` (0 without).
+RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, double theta, const at::Tensor& like,
+                      const std::vector<int64_t>& starts = {}) {
+  int64_t longest = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) longest = std::max(longest, (starts.empty() ? 0 : starts[i]) + lengths[i]);
   RopeTables rope = MakeRope(longest, head_dim, theta, like);
-  if (lengths.size() == 1) return rope;
+  if (lengths.size() == 1 && starts.empty()) return rope;
   std::vector<at::Tensor> positions;
-  for (int64_t n : lengths) positions.push_back(at::arange(n, at::TensorOptions().dtype(at::kLong).device(like.device())));
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(like.device());
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t s = starts.empty() ? 0 : starts[i];
+    positions.push_back(at::arange(s, s + lengths[i], opts));
+  }
   at::Tensor index = at::cat(positions);
   return {rope.cos.index_select(0, index), rope.sin.index_select(0, index)};
+}
+
+// Attention of packed sequences that continue their caches: q [nH, T, D],
+// k and v [nKV, T, D] (the new tokens); appends k, v to each cache.
+at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<int64_t>& lengths, double scale, bool gqa, size_t layer,
+                           std::vector<KvCache>& caches) {
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t n = lengths[i];
+    KvCache& cache = caches[i];
+    at::Tensor kn = k.narrow(1, offset, n), vn = v.narrow(1, offset, n);
+    const int64_t past = cache.k.size() > layer ? cache.k[layer].size(1) : 0;
+    at::Tensor ka = past > 0 ? at::cat({cache.k[layer], kn}, 1) : kn;
+    at::Tensor va = past > 0 ? at::cat({cache.v[layer], vn}, 1) : vn;
+    if (cache.k.size() <= layer) cache.k.resize(layer + 1), cache.v.resize(layer + 1);
+    cache.k[layer] = ka, cache.v[layer] = va;
+    // New token j sees the past and the new tokens up to itself.
+    at::Tensor mask = at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device()))
+                          .tril(past);
+    parts.push_back(at::scaled_dot_product_attention(q.narrow(1, offset, n).unsqueeze(0), ka.unsqueeze(0),
+                                                     va.unsqueeze(0), mask, 0.0, /*is_causal=*/false, scale, gqa)
+                        .squeeze(0));
+    offset += n;
+  }
+  return at::cat(parts, 1);
 }
 
 }  // namespace
 
 at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
-                                std::vector<MoeStats>* moe_stats) const {
+                                std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches) const {
   const ModelConfig& c = config_;
   const int64_t t = tokens.size(0);
   const double eps = c.rms_norm_eps;
@@ -313,11 +346,16 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
     h = embed_.index_select(0, tokens);
   }
   RopeTables rope;
-  if (t > 0) rope = PackedRope(lengths, c.head_dim, c.rope_theta, h);
+  std::vector<int64_t> starts;
+  if (caches != nullptr) {
+    for (const KvCache& cache : *caches) starts.push_back(cache.length());
+  }
+  if (t > 0) rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
   const double softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   const bool gqa = heads_ != kv_heads_;
   const int64_t q_width = heads_ * c.head_dim;
-  for (const DecoderLayer& l : layers_) {
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    const DecoderLayer& l = layers_[layer];
     at::Tensor a = RmsNorm(h, l.input_norm, eps);
     at::Tensor q, k, v;
     if (l.qkv_weight.defined()) {
@@ -338,7 +376,9 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
     if (t > 0) {
       q = ApplyRope(q.transpose(0, 1), rope);
       k = ApplyRope(k.transpose(0, 1), rope);
-      o = PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
+      o = caches != nullptr
+              ? CachedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa, layer, *caches)
+              : PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
       o = o.transpose(0, 1).reshape({t, q_width});
     } else {
       // No tokens (a rank without data this round): keep the graph shape.

@@ -71,6 +71,14 @@ struct DecoderLayer {
   ExpertBank experts;
 };
 
+// The keys and values of one sequence's past tokens, per layer (this rank's
+// KV heads, after RoPE): k[l], v[l] are [kv_heads, length, head_dim]. Empty
+// before the sequence's first tokens.
+struct KvCache {
+  std::vector<at::Tensor> k, v;
+  int64_t length() const { return k.empty() ? 0 : k[0].size(1); }
+};
+
 class DecoderModel {
  public:
   // Reads config.json and the safetensors weights of `dir` (fp32 compute).
@@ -89,8 +97,12 @@ class DecoderModel {
   // attends only to itself. Returns the final-norm hidden states [T, H];
   // records autograd history for the trainable parameters unless grad mode
   // is off.
+  //
+  // With `caches` (one per sequence): each sequence continues its cache — its
+  // positions start at the cache's length, it attends to the cached tokens
+  // too, and its new keys and values are appended (no autograd: generation).
   at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
-                    std::vector<MoeStats>* moe_stats) const;
+                    std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches = nullptr) const;
   // Logits [T, V] (fp32) for hidden rows [T, H]; under tensor parallelism
   // this rank's vocabulary columns [vocab_begin(), vocab_begin() + Vl).
   at::Tensor Logits(const at::Tensor& hidden) const;

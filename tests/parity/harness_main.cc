@@ -17,6 +17,7 @@
 #include "nlohmann/json.hpp"
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
+#include "runtime/generate.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
 #include "runtime/trainer.h"
@@ -214,6 +215,28 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       if (result.ok()) out.metadata[tag + ".metrics"] = MetricsJson(result->metrics()).dump();
     } else if (kind == "dump") {
       out.DumpTrainable(op.at("prefix"), model);
+    } else if (kind == "generate") {
+      // {"prompt": [...], "num_samples": n, "max_tokens", "temperature", "top_k", "top_p", "seed", "stop": [[...]]}
+      SamplingSettings s;
+      s.max_tokens = op.value("max_tokens", 16);
+      s.temperature = op.value("temperature", 1.0);
+      s.top_k = op.value("top_k", -1);
+      s.top_p = op.value("top_p", 1.0);
+      s.seed = op.value("seed", 0);
+      if (op.contains("stop")) s.stop = op.at("stop").get<std::vector<std::vector<int32_t>>>();
+      auto result = Generate(model, op.at("prompt").get<std::vector<int32_t>>(), op.value("num_samples", 1), s,
+                             /*prompt_logprobs=*/true, 0);
+      status = result.status();
+      if (result.ok()) {
+        out.Add(tag + ".prompt_logprobs", at::tensor(result->prompt_logprobs));
+        for (size_t n = 0; n < result->sequences.size(); ++n) {
+          const GeneratedSequence& seq = result->sequences[n];
+          out.Add(tag + ".sample" + std::to_string(n) + ".tokens",
+                  at::tensor(std::vector<float>(seq.tokens.begin(), seq.tokens.end())));
+          out.Add(tag + ".sample" + std::to_string(n) + ".logprobs", at::tensor(seq.logprobs));
+          out.metadata[tag + ".sample" + std::to_string(n) + ".stopped"] = seq.stopped ? "1" : "0";
+        }
+      }
     } else {
       status = absl::InvalidArgumentError("unknown op " + kind);
     }

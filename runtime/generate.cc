@@ -1,0 +1,127 @@
+// Prefill + batched decode over per-sample KV caches.
+#include "runtime/generate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "parallel/model_parallel.h"
+#include "runtime/decoder_model.h"
+
+namespace lathe::runtime {
+namespace {
+
+absl::Status Check(const std::vector<int32_t>& prompt, int n, const SamplingSettings& s, int64_t max_seq_len) {
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", n, ")"));
+  if (s.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be >= 1");
+  if (!(s.temperature >= 0) || !std::isfinite(s.temperature)) {
+    return absl::InvalidArgumentError("temperature must be a finite number >= 0");
+  }
+  if (s.top_k == 0 || s.top_k < -1) return absl::InvalidArgumentError("top_k must be -1 (off) or >= 1");
+  if (!(s.top_p > 0 && s.top_p <= 1)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  if (max_seq_len > 0 && static_cast<int64_t>(prompt.size()) + s.max_tokens > max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt.size(), ") + max_tokens (", s.max_tokens,
+                                                   ") exceeds max_seq_len ", max_seq_len));
+  }
+  for (const auto& stop : s.stop) {
+    if (stop.empty()) return absl::InvalidArgumentError("a stop sequence is empty");
+  }
+  return absl::OkStatus();
+}
+
+// The whole vocabulary's logits [N, V] of hidden rows (gathered over tp).
+at::Tensor FullLogits(const DecoderModel& model, const at::Tensor& hidden) {
+  at::Tensor logits = model.Logits(hidden).to(at::kFloat);
+  const parallel::Group& tp = model.shard().tp;
+  if (!tp.active()) return logits;
+  return parallel::GatherRows(logits.t().contiguous(), model.config().vocab_size, tp).t();
+}
+
+uint64_t Mix(uint64_t x) {  // splitmix64
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+int32_t Draw(const at::Tensor& logits, const SamplingSettings& s, at::Generator& gen) {
+  if (s.temperature == 0) return static_cast<int32_t>(logits.argmax().item<int64_t>());
+  at::Tensor scaled = logits / s.temperature;
+  if (s.top_k > 0 && s.top_k < scaled.size(0)) {
+    const double kth = std::get<0>(at::topk(scaled, s.top_k)).min().item<double>();
+    scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
+  }
+  if (s.top_p < 1) {
+    auto [sorted, order] = at::sort(scaled, /*dim=*/0, /*descending=*/true);
+    at::Tensor cum = at::softmax(sorted, 0).cumsum(0);
+    // Keep the smallest prefix whose mass reaches top_p (the first token always).
+    at::Tensor drop = (cum - at::softmax(sorted, 0)) >= s.top_p;
+    scaled = scaled.index_fill(0, order.masked_select(drop), -std::numeric_limits<double>::infinity());
+  }
+  return static_cast<int32_t>(at::multinomial(at::softmax(scaled, 0), 1, false, gen).item<int64_t>());
+}
+
+bool EndsWithStop(const std::vector<int32_t>& tokens, const SamplingSettings& s) {
+  for (const auto& stop : s.stop) {
+    if (tokens.size() >= stop.size() && std::equal(stop.rbegin(), stop.rend(), tokens.rbegin())) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
+                                    const SamplingSettings& s, bool prompt_logprobs, int64_t max_seq_len) {
+  if (absl::Status st = Check(prompt, num_samples, s, max_seq_len); !st.ok()) return st;
+  at::NoGradGuard no_grad;
+  Generation out;
+  std::vector<KvCache> prefill(1);
+  const int64_t p = static_cast<int64_t>(prompt.size());
+  at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong);
+  at::Tensor hidden = model.Hidden(ids, {p}, nullptr, &prefill);
+  if (prompt_logprobs) {
+    out.prompt_logprobs.assign(1, std::numeric_limits<float>::quiet_NaN());
+    if (p > 1) {
+      at::Tensor lp = model.Logprobs(model.Logits(hidden.narrow(0, 0, p - 1)), ids.narrow(0, 1, p - 1));
+      at::Tensor c = lp.to(at::kFloat).contiguous();
+      out.prompt_logprobs.insert(out.prompt_logprobs.end(), c.data_ptr<float>(), c.data_ptr<float>() + p - 1);
+    }
+  }
+  std::vector<KvCache> caches(num_samples, prefill[0]);
+  std::vector<at::Generator> gens;
+  for (int i = 0; i < num_samples; ++i) gens.push_back(at::make_generator<at::CPUGeneratorImpl>(Mix(s.seed ^ Mix(i))));
+  out.sequences.resize(num_samples);
+  at::Tensor last = FullLogits(model, hidden.narrow(0, p - 1, 1)).expand({num_samples, -1});
+  std::vector<int> active(num_samples);
+  for (int i = 0; i < num_samples; ++i) active[i] = i;
+  while (!active.empty()) {
+    at::Tensor lps = at::log_softmax(last, -1);
+    std::vector<int64_t> next;
+    std::vector<int> still;
+    for (size_t j = 0; j < active.size(); ++j) {
+      GeneratedSequence& seq = out.sequences[active[j]];
+      const int32_t token = Draw(last[j], s, gens[active[j]]);
+      seq.tokens.push_back(token);
+      seq.logprobs.push_back(lps[j][token].item<float>());
+      seq.stopped = EndsWithStop(seq.tokens, s);
+      if (seq.stopped || static_cast<int64_t>(seq.tokens.size()) >= s.max_tokens) continue;
+      next.push_back(token);
+      still.push_back(active[j]);
+    }
+    active = std::move(still);
+    if (active.empty()) break;
+    std::vector<KvCache> batch;
+    for (int i : active) batch.push_back(std::move(caches[i]));
+    at::Tensor h = model.Hidden(at::tensor(next, at::kLong), std::vector<int64_t>(active.size(), 1), nullptr, &batch);
+    for (size_t j = 0; j < active.size(); ++j) caches[active[j]] = std::move(batch[j]);
+    last = FullLogits(model, h);
+  }
+  return out;
+}
+
+}  // namespace lathe::runtime

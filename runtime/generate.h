@@ -1,0 +1,51 @@
+// Generation from a loaded model with a KV cache: prefill the prompt once,
+// then decode every sample one token per step, batched; sampling with
+// temperature, top-k, top-p, a seed and stop sequences. Under tensor
+// parallelism each rank gathers the whole vocabulary's logits, so every rank
+// of a replica draws the same tokens; all of them must call Generate with
+// the same arguments (cross-rank rule of DecoderModel).
+#ifndef LATHE_RUNTIME_GENERATE_H_
+#define LATHE_RUNTIME_GENERATE_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace lathe::runtime {
+
+class DecoderModel;
+
+struct SamplingSettings {
+  int64_t max_tokens = 16;
+  double temperature = 1.0;  // 0: greedy
+  int64_t top_k = -1;        // -1: off
+  double top_p = 1.0;        // (0, 1]
+  uint64_t seed = 0;
+  std::vector<std::vector<int32_t>> stop;  // token sequences that end a sample
+};
+
+struct GeneratedSequence {
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;  // of each token under the model (temperature 1)
+  bool stopped = false;         // a stop sequence ended it (else max_tokens)
+};
+
+struct Generation {
+  std::vector<GeneratedSequence> sequences;
+  // With prompt logprobs: [P], position 0 NaN (no context), position i the
+  // logprob of prompt[i] after prompt[0..i-1].
+  std::vector<float> prompt_logprobs;
+};
+
+// InvalidArgument for an empty prompt, num_samples < 1, max_tokens < 1,
+// temperature < 0, top_k < -1 or 0, top_p outside (0, 1], a prompt plus
+// max_tokens beyond `max_seq_len` (0: no limit). Sample s draws from its own
+// generator seeded by (seed, s), so a request gives the same tokens wherever
+// it runs and the samples of one request differ.
+absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
+                                    const SamplingSettings& settings, bool prompt_logprobs, int64_t max_seq_len);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_GENERATE_H_
