@@ -23,6 +23,20 @@ lathe::v1::ForwardBackwardInput* MutableBatchOf(lathe::v1::SubmitRequest& op) {
 
 FanOut SplitOp(const lathe::v1::SubmitRequest& op, int replicas) {
   FanOut out;
+  if (op.op_case() == lathe::v1::SubmitRequest::kSample || op.op_case() == lathe::v1::SubmitRequest::kComputeLogprobs) {
+    out.only = static_cast<int>(op.seq_id() % replicas);
+    for (int r = 0; r < replicas; ++r) {
+      lathe::v1::SubmitRequest& task = *out.tasks.emplace_back().mutable_op();
+      if (r == out.only) {
+        task = op;
+      } else {
+        task.set_run_id(op.run_id());
+        task.set_seq_id(op.seq_id());
+        task.mutable_noop();
+      }
+    }
+    return out;
+  }
   const lathe::v1::ForwardBackwardInput* batch = BatchOf(op);
   if (batch == nullptr) {
     for (int r = 0; r < replicas; ++r) *out.tasks.emplace_back().mutable_op() = op;
@@ -61,6 +75,7 @@ absl::StatusOr<lathe::v1::OpResult> MergeAnswers(const lathe::v1::SubmitRequest&
     *error = failed->error();
     return lathe::v1::OpResult();
   }
+  if (fan_out.only >= 0) return answers.at(fan_out.only).result();
   if (BatchOf(op) == nullptr) return answers.at(0).result();
   const int n = BatchOf(op)->data_size();
   lathe::v1::OpResult merged;

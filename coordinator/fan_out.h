@@ -1,6 +1,7 @@
 // An operation's journey across replicas: one task per replica (a forward or
-// forward_backward batch split by token count, everything else whole), and
-// the replicas' answers merged back into one result.
+// forward_backward batch split by token count; sample and compute_logprobs
+// to one replica, spread by seq_id; everything else whole), and the
+// replicas' answers merged back into one result.
 #ifndef LATHE_COORDINATOR_FAN_OUT_H_
 #define LATHE_COORDINATOR_FAN_OUT_H_
 
@@ -15,6 +16,9 @@ struct FanOut {
   std::vector<lathe::v1::Task> tasks;  // one per replica, task ids unset
   // For a split batch: the original datum indices each replica received.
   std::vector<std::vector<int>> datums;
+  // For an operation one replica serves (sample, compute_logprobs): which;
+  // the others get a noop. -1: every replica takes part.
+  int only = -1;
 };
 
 // REQUIRES: `op` passed validation (its batch's token ids are readable).

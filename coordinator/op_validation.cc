@@ -1,6 +1,8 @@
 // Operation checks shared with the runtime (batch, Adam, LoRA rules).
 #include "coordinator/op_validation.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "runtime/adam_hyper.h"
 #include "runtime/checkpoint_path.h"
@@ -8,6 +10,59 @@
 #include "runtime/validation.h"
 
 namespace lathe::coordinator {
+namespace {
+
+// The prompt's token count; InvalidArgument for an empty prompt, an id outside
+// the vocabulary, or a prompt that leaves no room for `max_tokens`.
+absl::StatusOr<int64_t> ValidatePrompt(const lathe::v1::ModelInput& prompt, const lathe::v1::ModelSummary& model,
+                                       int64_t max_tokens) {
+  lathe::v1::Datum d;
+  *d.mutable_model_input() = prompt;
+  absl::StatusOr<std::vector<int32_t>> tokens = runtime::DatumTokens(d);
+  if (!tokens.ok()) return tokens.status();
+  if (tokens->empty()) return absl::InvalidArgumentError("the prompt is empty");
+  for (size_t i = 0; i < tokens->size(); ++i) {
+    if ((*tokens)[i] < 0 || (*tokens)[i] >= model.vocab_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", (*tokens)[i], ", outside [0, ",
+                                                     model.vocab_size(), ")"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(tokens->size());
+  if (n + max_tokens > model.max_seq_len()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", n, " tokens + max_tokens ", max_tokens,
+                                                   " exceeds max_seq_len ", model.max_seq_len()));
+  }
+  return n;
+}
+
+absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::ModelSummary& model) {
+  if (!s.model_path().empty() || s.policy_version() != 0) {
+    return absl::UnimplementedError("sampling from a pinned policy version or sampler checkpoint is not implemented yet");
+  }
+  if (s.topk_prompt_logprobs() != 0) return absl::UnimplementedError("topk_prompt_logprobs is not implemented yet");
+  if (s.num_samples() < 1 || s.num_samples() > 128) {
+    return absl::InvalidArgumentError(absl::StrCat("num_samples must be in [1, 128] (got ", s.num_samples(), ")"));
+  }
+  const lathe::v1::SamplingParams& p = s.params();
+  const int64_t max_tokens = p.has_max_tokens() ? p.max_tokens() : 16;
+  if (max_tokens < 1) return absl::InvalidArgumentError("params.max_tokens must be >= 1");
+  if (p.has_temperature() && !(p.temperature() >= 0 && std::isfinite(p.temperature()))) {
+    return absl::InvalidArgumentError("params.temperature must be a finite number >= 0");
+  }
+  if (p.has_top_k() && (p.top_k() == 0 || p.top_k() < -1)) {
+    return absl::InvalidArgumentError("params.top_k must be -1 (off) or >= 1");
+  }
+  if (p.has_top_p() && !(p.top_p() > 0 && p.top_p() <= 1)) return absl::InvalidArgumentError("params.top_p must be in (0, 1]");
+  for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
+    lathe::v1::Datum d;
+    *d.mutable_model_input() = stop;
+    absl::StatusOr<std::vector<int32_t>> tokens = runtime::DatumTokens(d);
+    if (!tokens.ok() || tokens->empty()) return absl::InvalidArgumentError("a stop sequence is empty or unreadable");
+  }
+  return ValidatePrompt(s.prompt(), model, max_tokens).status();
+}
+
+}  // namespace
 
 absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::ModelSummary& model) {
   using Op = lathe::v1::SubmitRequest;
@@ -42,9 +97,13 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
       }
       return runtime::ValidateCheckpointName(op.save_weights_for_sampler().name(), "save_weights_for_sampler.name");
     case Op::kSample:
-    case Op::kComputeLogprobs:
-      return absl::UnimplementedError(
-          absl::StrCat(Op::descriptor()->FindFieldByNumber(op.op_case())->name(), " is not implemented yet"));
+      return ValidateSample(op.sample(), model);
+    case Op::kComputeLogprobs: {
+      if (!op.compute_logprobs().model_path().empty() || op.compute_logprobs().policy_version() != 0) {
+        return absl::UnimplementedError("compute_logprobs from a pinned policy version is not implemented yet");
+      }
+      return ValidatePrompt(op.compute_logprobs().prompt(), model, 0).status();
+    }
   }
   return absl::InvalidArgumentError("unknown operation");
 }

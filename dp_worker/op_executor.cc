@@ -9,7 +9,9 @@
 #include "runtime/checkpoint.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
+#include "runtime/generate.h"
 #include "runtime/peft_export.h"
+#include "runtime/validation.h"
 #include "runtime/op_error.h"
 #include "runtime/status.h"
 
@@ -109,6 +111,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     }
     case lathe::v1::SubmitRequest::kSaveState:
       return Save(trainer, op);
+    case lathe::v1::SubmitRequest::kSample:
+      return Sample(trainer, op.sample());
+    case lathe::v1::SubmitRequest::kComputeLogprobs:
+      return ComputeLogprobs(trainer, op.compute_logprobs());
     case lathe::v1::SubmitRequest::kSaveWeightsForSampler:
       return SaveForSampler(trainer, op);
     case lathe::v1::SubmitRequest::kLoadState:
@@ -146,6 +152,72 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, 
                                                 op.save_state().overwrite(), meta, place,
                                                 parallel_ == nullptr ? nullptr : parallel_->replica.get(),
                                                 options_.collective_timeout));
+  return result;
+}
+
+namespace {
+
+absl::StatusOr<std::vector<int32_t>> Tokens(const lathe::v1::ModelInput& input) {
+  lathe::v1::Datum d;
+  *d.mutable_model_input() = input;
+  return runtime::DatumTokens(d);
+}
+
+template <typename T>
+std::string Bytes(const std::vector<T>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+}  // namespace
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op) {
+  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
+  const lathe::v1::SamplingParams& p = op.params();
+  runtime::SamplingSettings s;
+  if (p.has_max_tokens()) s.max_tokens = p.max_tokens();
+  if (p.has_temperature()) s.temperature = p.temperature();
+  if (p.has_top_k()) s.top_k = p.top_k();
+  if (p.has_top_p()) s.top_p = p.top_p();
+  if (p.has_seed()) s.seed = p.seed();
+  for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
+    LATHE_ASSIGN_OR_RETURN(s.stop.emplace_back(), Tokens(stop));
+  }
+  absl::StatusOr<runtime::Generation> g;
+  try {
+    g = runtime::Generate(trainer.model(), prompt, op.num_samples(), s, op.include_prompt_logprobs(),
+                          trainer.GetInfo().max_seq_len);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace()));
+  }
+  if (!g.ok()) return g.status();
+  lathe::v1::OpResult result;
+  lathe::v1::SampleResult* out = result.mutable_sample();
+  for (const runtime::GeneratedSequence& seq : g->sequences) {
+    lathe::v1::SampledSequence* s_out = out->add_sequences();
+    s_out->set_tokens(Bytes(seq.tokens));
+    s_out->set_logprobs(Bytes(seq.logprobs));
+    s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
+  }
+  if (op.include_prompt_logprobs()) out->set_prompt_logprobs(Bytes(g->prompt_logprobs));
+  return result;
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer,
+                                                                const lathe::v1::ComputeLogprobsOp& op) {
+  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
+  // The prompt logprobs of a one-token greedy sample; the token itself is dropped.
+  runtime::SamplingSettings s;
+  s.max_tokens = 1;
+  s.temperature = 0;
+  absl::StatusOr<runtime::Generation> g;
+  try {
+    g = runtime::Generate(trainer.model(), prompt, 1, s, /*prompt_logprobs=*/true, 0);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("compute_logprobs: ", e.what_without_backtrace()));
+  }
+  if (!g.ok()) return g.status();
+  lathe::v1::OpResult result;
+  result.mutable_compute_logprobs()->set_logprobs(Bytes(g->prompt_logprobs));
   return result;
 }
 

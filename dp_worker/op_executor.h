@@ -41,6 +41,9 @@ class OpExecutor {
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
   absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::LoraConfig& lora);
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
+  absl::StatusOr<lathe::v1::OpResult> Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op);
+  absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer,
+                                                      const lathe::v1::ComputeLogprobsOp& op);
   absl::StatusOr<lathe::v1::OpResult> SaveForSampler(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   absl::StatusOr<lathe::v1::OpResult> Load(runtime::Trainer& trainer, const lathe::v1::LoadStateOp& op,
                                            bool with_optimizer);

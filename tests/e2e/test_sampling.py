@@ -1,0 +1,101 @@
+"""Sampling through the service: the sampler's logprobs equal the trainer's forward,
+seeds decide the tokens whichever replica serves them, greedy is greedy, and bad
+requests are refused at submit."""
+
+from __future__ import annotations
+
+import struct
+
+import grpc
+import numpy as np
+
+import service_client as sc
+from service_client import Retrieve, adam, batch, datum, pb, types
+
+Code = grpc.StatusCode
+PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
+
+
+def _input(tokens):
+    m = types.ModelInput()
+    m.chunks.add().encoded_text.tokens = struct.pack(f"<{len(tokens)}i", *tokens)
+    return m
+
+
+def _ints(b):
+    return list(struct.unpack(f"<{len(b) // 4}i", b))
+
+
+def _floats(b):
+    return np.frombuffer(b, dtype="<f4")
+
+
+class Run:
+    def __init__(self, stub):
+        self.stub, self.id, self.seq = stub, sc.create_run(stub, rank=8, seed=4), 0
+
+    def ok(self, **kw):
+        self.seq += 1
+        r = sc.wait(self.stub, sc.submit(self.stub, self.id, self.seq, **kw), timeout=60)
+        assert r.state == Retrieve.DONE, r
+        return r.result
+
+    def sample(self, n=1, prompt_logprobs=False, **params):
+        return self.ok(sample=pb.SampleOp(prompt=_input(PROMPT), num_samples=n, include_prompt_logprobs=prompt_logprobs,
+                                          params=pb.SamplingParams(**params))).sample
+
+
+def test_sampler_logprobs_equal_forward_and_seeds_decide(deployment):
+    run = Run(deployment.stub)
+    rng = np.random.default_rng(2)
+    train = batch([datum(*sc.random_sequence(rng, n)) for n in (12, 20, 7)])
+    run.ok(forward_backward=train)
+    run.ok(optim_step=adam(learning_rate=1e-2))  # away from the base model
+
+    first = run.sample(n=3, prompt_logprobs=True, max_tokens=10, seed=11, temperature=1.0, top_k=40)
+    second = run.sample(n=3, max_tokens=10, seed=11, temperature=1.0, top_k=40)  # served by the other replica
+    samples = [_ints(s.tokens) for s in first.sequences]
+    assert [_ints(s.tokens) for s in second.sequences] == samples, "the same seed gave other tokens"
+    assert len({tuple(s) for s in samples}) == 3, f"samples of one request should differ: {samples}"
+    assert all(s.stop_reason == pb.LENGTH and len(_ints(s.tokens)) == 10 for s in first.sequences)
+
+    for seq in first.sequences:
+        tokens = PROMPT + _ints(seq.tokens)
+        fwd = run.ok(forward=batch([datum(tokens[:-1], tokens[1:])])).forward_backward
+        lp = sc.logprobs(fwd)[0]
+        np.testing.assert_allclose(_floats(seq.logprobs), lp[len(PROMPT) - 1:], atol=1e-4, rtol=0)
+        prompt_lp = _floats(first.prompt_logprobs)
+        assert np.isnan(prompt_lp[0])
+        np.testing.assert_allclose(prompt_lp[1:], lp[:len(PROMPT) - 1], atol=1e-4, rtol=0)
+
+    computed = _floats(run.ok(compute_logprobs=pb.ComputeLogprobsOp(prompt=_input(PROMPT))).compute_logprobs.logprobs)
+    np.testing.assert_allclose(computed[1:], _floats(first.prompt_logprobs)[1:], atol=1e-6, rtol=0)
+
+    greedy = [run.sample(n=2, max_tokens=6, temperature=0.0, seed=s) for s in (1, 2)]
+    tokens = {tuple(_ints(seq.tokens)) for g in greedy for seq in g.sequences}
+    assert len(tokens) == 1, f"greedy depends on the seed or the sample: {tokens}"
+    stop = list(next(iter(tokens))[2:4])
+    stopped = run.sample(max_tokens=6, temperature=0.0, stop_tokens=[_input(stop)]).sequences[0]
+    assert stopped.stop_reason == pb.STOP and _ints(stopped.tokens)[-2:] == stop
+
+
+def test_bad_sampling_requests_are_refused(deployment):
+    stub = deployment.stub
+    run = sc.create_run(stub, rank=8, seed=4)
+    good = dict(prompt=_input(PROMPT), num_samples=1)
+    bad = {
+        "top_p 0": dict(good, params=pb.SamplingParams(top_p=0.0)),
+        "top_p 1.5": dict(good, params=pb.SamplingParams(top_p=1.5)),
+        "top_k 0": dict(good, params=pb.SamplingParams(top_k=0)),
+        "top_k -2": dict(good, params=pb.SamplingParams(top_k=-2)),
+        "temperature -1": dict(good, params=pb.SamplingParams(temperature=-1.0)),
+        "max_tokens 0": dict(good, params=pb.SamplingParams(max_tokens=0)),
+        "num_samples 0": dict(good, num_samples=0),
+        "empty prompt": dict(good, prompt=types.ModelInput()),
+        "token outside vocabulary": dict(good, prompt=_input([1, 2, sc.VOCAB])),
+        "prompt too long": dict(good, prompt=_input([1] * (sc.MAX_SEQ_LEN - 3)), params=pb.SamplingParams(max_tokens=4)),
+        "empty stop sequence": dict(good, params=pb.SamplingParams(stop_tokens=[types.ModelInput()])),
+    }
+    for what, op in bad.items():
+        req = pb.SubmitRequest(run_id=run, seq_id=1, sample=pb.SampleOp(**op))
+        assert sc.rpc_error(stub.Submit, req) == Code.INVALID_ARGUMENT, what
