@@ -36,6 +36,13 @@ std::optional<lathe::v1::RunInfo> Dispatcher::Run(const std::string& run_id) con
   return it->second;
 }
 
+std::optional<std::string> Dispatcher::PolicyPath(const std::string& run_id, int64_t version) const {
+  absl::MutexLock lock(&mu_);
+  auto it = policy_paths_.find(run_id);
+  if (it == policy_paths_.end() || version < 1 || version > static_cast<int64_t>(it->second.size())) return std::nullopt;
+  return it->second[version - 1];
+}
+
 int Dispatcher::runs() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int>(runs_.size());
@@ -138,6 +145,7 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     init->set_policy_version(info.policy_version());
     info = *init;
   } else if (result->has_save_weights_for_sampler()) {
+    policy_paths_[op.run_id()].push_back(result->save_weights_for_sampler().path());
     info.set_policy_version(info.policy_version() + 1);
     result->mutable_save_weights_for_sampler()->set_policy_version(info.policy_version());
   } else if (result->has_load_state()) {

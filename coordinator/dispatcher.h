@@ -38,6 +38,9 @@ class Dispatcher {
   // Registers a run created by the service (before its init op runs).
   void AddRun(const lathe::v1::RunInfo& info);
   std::optional<lathe::v1::RunInfo> Run(const std::string& run_id) const;
+  // The sampler weights a run published as `version` (1, 2, …); nullopt when
+  // it has not (yet).
+  std::optional<std::string> PolicyPath(const std::string& run_id, int64_t version) const;
   int runs() const;
 
  private:
@@ -60,6 +63,7 @@ class Dispatcher {
   const size_t depth_;
   mutable absl::Mutex mu_;
   std::map<std::string, lathe::v1::RunInfo> runs_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::vector<std::string>> policy_paths_ ABSL_GUARDED_BY(mu_);
   std::deque<InFlight> in_flight_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool sender_done_ ABSL_GUARDED_BY(mu_) = false;

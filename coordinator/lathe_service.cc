@@ -119,9 +119,36 @@ grpc::Status LatheService::Submit(grpc::ServerContext* context, const lathe::v1:
   if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   if (grpc::Status s = Serving(); !s.ok()) return s;
   if (absl::Status s = ValidateOp(*request, registry_->model()); !s.ok()) return ToGrpc(s);
-  absl::StatusOr<std::string> op_id = ledger_->Submit(*request);
+  lathe::v1::SubmitRequest op = *request;
+  if (grpc::Status s = ResolveWeights(op); !s.ok()) return s;
+  absl::StatusOr<std::string> op_id = ledger_->Submit(op);
   if (!op_id.ok()) return ToGrpc(op_id.status());
   response->set_op_id(*op_id);
+  return grpc::Status::OK;
+}
+
+grpc::Status LatheService::ResolveWeights(lathe::v1::SubmitRequest& op) const {
+  std::string* path = nullptr;
+  int64_t version = 0;
+  if (op.has_sample()) path = op.mutable_sample()->mutable_model_path(), version = op.sample().policy_version();
+  if (op.has_compute_logprobs()) {
+    path = op.mutable_compute_logprobs()->mutable_model_path(), version = op.compute_logprobs().policy_version();
+  }
+  if (path == nullptr) return grpc::Status::OK;
+  if (version > 0) {
+    // A pinned version becomes the path it was published under.
+    std::optional<std::string> published = dispatcher_->PolicyPath(op.run_id(), version);
+    if (!published.has_value()) {
+      return {grpc::StatusCode::INVALID_ARGUMENT,
+              absl::StrCat("run ", op.run_id(), " has not published policy version ", version)};
+    }
+    *path = *published;
+  } else if (!path->empty() && !options_.checkpoint_root.empty()) {
+    lathe::v1::GetCheckpointFilesRequest probe;
+    probe.set_checkpoint_id(*path);
+    probe.set_page_size(1);
+    if (!store_.Files(probe).ok()) return {grpc::StatusCode::INVALID_ARGUMENT, "no sampler weights " + *path};
+  }
   return grpc::Status::OK;
 }
 

@@ -51,6 +51,9 @@ class LatheService final : public lathe::v1::Lathe::Service {
  private:
   // OK when the deployment serves; UNAVAILABLE saying why not.
   grpc::Status Serving() const;
+  // Turns a sample's or compute_logprobs' policy_version into the path it was
+  // published under; INVALID_ARGUMENT for an unknown version or checkpoint.
+  grpc::Status ResolveWeights(lathe::v1::SubmitRequest& op) const;
 
   const ServiceOptions options_;
   const ApiKeys* keys_;

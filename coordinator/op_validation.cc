@@ -35,10 +35,24 @@ absl::StatusOr<int64_t> ValidatePrompt(const lathe::v1::ModelInput& prompt, cons
   return n;
 }
 
-absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::ModelSummary& model) {
-  if (!s.model_path().empty() || s.policy_version() != 0) {
-    return absl::UnimplementedError("sampling from a pinned policy version or sampler checkpoint is not implemented yet");
+// At most one of model_path, policy_version and base; a model_path must name
+// sampler weights.
+absl::Status ValidateWeights(const std::string& model_path, int64_t policy_version, bool base) {
+  if ((!model_path.empty()) + (policy_version != 0) + base > 1) {
+    return absl::InvalidArgumentError("give at most one of model_path, policy_version and base");
   }
+  if (policy_version < 0) return absl::InvalidArgumentError("policy_version must be >= 1 (0: not pinned)");
+  if (model_path.empty()) return absl::OkStatus();
+  absl::StatusOr<runtime::CheckpointRef> ref = runtime::ParseCheckpointPath(model_path, /*allow_sampler=*/true);
+  if (!ref.ok()) return ref.status();
+  if (ref->kind != "sampler_weights") {
+    return absl::InvalidArgumentError("model_path must be lathe://<run_id>/sampler_weights/<name>");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::ModelSummary& model) {
+  if (absl::Status st = ValidateWeights(s.model_path(), s.policy_version(), s.base()); !st.ok()) return st;
   if (s.topk_prompt_logprobs() != 0) return absl::UnimplementedError("topk_prompt_logprobs is not implemented yet");
   if (s.num_samples() < 1 || s.num_samples() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("num_samples must be in [1, 128] (got ", s.num_samples(), ")"));
@@ -99,9 +113,8 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::kSample:
       return ValidateSample(op.sample(), model);
     case Op::kComputeLogprobs: {
-      if (!op.compute_logprobs().model_path().empty() || op.compute_logprobs().policy_version() != 0) {
-        return absl::UnimplementedError("compute_logprobs from a pinned policy version is not implemented yet");
-      }
+      const lathe::v1::ComputeLogprobsOp& c = op.compute_logprobs();
+      if (absl::Status st = ValidateWeights(c.model_path(), c.policy_version(), c.base()); !st.ok()) return st;
       return ValidatePrompt(op.compute_logprobs().prompt(), model, 0).status();
     }
   }

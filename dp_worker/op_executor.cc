@@ -1,6 +1,9 @@
 // Task execution on one rank: routes each operation to its run's Trainer.
 #include "dp_worker/op_executor.h"
 
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -9,6 +12,7 @@
 #include "runtime/checkpoint.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
+#include "runtime/decoder_model.h"
 #include "runtime/generate.h"
 #include "runtime/peft_export.h"
 #include "runtime/validation.h"
@@ -168,7 +172,64 @@ std::string Bytes(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
 
+// Puts other values into the trainable parameters for its lifetime.
+class WeightSwap {
+ public:
+  WeightSwap(std::vector<runtime::TrainableParam>& params, const std::vector<at::Tensor>* values) : params_(params) {
+    if (values == nullptr) return;
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      saved_.push_back(params_[i].tensor.detach().clone());
+      params_[i].tensor.detach().copy_((*values)[i]);
+    }
+  }
+  ~WeightSwap() {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < saved_.size(); ++i) params_[i].tensor.detach().copy_(saved_[i]);
+  }
+
+ private:
+  std::vector<runtime::TrainableParam>& params_;
+  std::vector<at::Tensor> saved_;
+};
+
+std::vector<at::Tensor> Snapshot(const std::vector<runtime::TrainableParam>& params) {
+  std::vector<at::Tensor> out;
+  for (const runtime::TrainableParam& p : params) out.push_back(p.tensor.detach().clone());
+  return out;
+}
+
 }  // namespace
+
+absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runtime::Trainer& trainer,
+                                                                           const std::string& model_path, bool base) {
+  const std::vector<runtime::TrainableParam>& params = trainer.model().trainable();
+  if (base) {
+    if (trainer.GetInfo().lora.full_finetune()) {
+      return absl::FailedPreconditionError("a full fine-tuning run has no adapter to turn off");
+    }
+    auto [it, fresh] = snapshots_.try_emplace("base:" + params.front().name);
+    if (fresh) {
+      for (const runtime::TrainableParam& p : params) {
+        // lora_B at zero: the adapter adds nothing.
+        const bool b = p.name.find("lora_B") != std::string::npos;
+        it->second.push_back(b ? at::zeros_like(p.tensor).detach() : p.tensor.detach().clone());
+      }
+    }
+    return &it->second;
+  }
+  if (model_path.empty()) return nullptr;
+  auto it = snapshots_.find(model_path);
+  if (it != snapshots_.end()) return &it->second;
+  LATHE_ASSIGN_OR_RETURN(runtime::CheckpointRef ref, runtime::ParseCheckpointPath(model_path, /*allow_sampler=*/true));
+  const std::string dir = runtime::CheckpointDir(options_.checkpoint_root, ref) + "/lathe";
+  absl::StatusOr<std::vector<at::Tensor>> values = runtime::ReadCheckpointParams(trainer, dir);
+  if (absl::IsNotFound(values.status())) {
+    return absl::NotFoundError(absl::StrCat("no sampler weights ", model_path));
+  }
+  if (!values.ok()) return values.status();
+  return &(snapshots_[model_path] = *std::move(values));
+}
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op) {
   LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
@@ -182,8 +243,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
   for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
     LATHE_ASSIGN_OR_RETURN(s.stop.emplace_back(), Tokens(stop));
   }
+  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights, SamplingWeights(trainer, op.model_path(), op.base()));
   absl::StatusOr<runtime::Generation> g;
   try {
+    WeightSwap swap(trainer.model().trainable(), weights);
     g = runtime::Generate(trainer.model(), prompt, op.num_samples(), s, op.include_prompt_logprobs(),
                           trainer.GetInfo().max_seq_len);
   } catch (const c10::Error& e) {
@@ -209,8 +272,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer
   runtime::SamplingSettings s;
   s.max_tokens = 1;
   s.temperature = 0;
+  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights, SamplingWeights(trainer, op.model_path(), op.base()));
   absl::StatusOr<runtime::Generation> g;
   try {
+    WeightSwap swap(trainer.model().trainable(), weights);
     g = runtime::Generate(trainer.model(), prompt, 1, s, /*prompt_logprobs=*/true, 0);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("compute_logprobs: ", e.what_without_backtrace()));
@@ -230,7 +295,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
   LATHE_RETURN_IF_ERROR(runtime::ValidateCheckpointName(name));
   const std::string folder = absl::StrCat(options_.checkpoint_root, "/", op.run_id(), "/sampler_weights/", name);
   lathe::v1::OpResult result;
-  result.mutable_save_weights_for_sampler()->set_path(absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", name));
+  const std::string uri = absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", name);
+  result.mutable_save_weights_for_sampler()->set_path(uri);
+  // Every replica keeps these weights for sampling pinned to them.
+  snapshots_[uri] = Snapshot(trainer.model().trainable());
   if (parallel_ != nullptr && parallel_->place.replica != 0) return result;
   // The shards go to a scratch checkpoint; the first rank assembles the adapter from it.
   runtime::CheckpointMeta meta;
@@ -251,10 +319,13 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
                                                 op.save_weights_for_sampler().merged() ? options_.model_dir : "",
                                                 op.save_weights_for_sampler().ttl_seconds())
                     : params.status();
+    // The shards stay as <folder>/lathe, so any layout can sample from them later.
     std::error_code ec;
-    std::filesystem::remove_all(scratch, ec);
+    if (s.ok()) std::filesystem::rename(scratch, folder + "/lathe", ec);
+    if (!s.ok() || ec) std::filesystem::remove_all(scratch, ec);
   }
   if (group != nullptr) s = parallel::AgreeStatus(s, *group, options_.collective_timeout);
+  if (!s.ok()) snapshots_.erase(uri);
   LATHE_RETURN_IF_ERROR(s);
   return result;
 }

@@ -7,6 +7,8 @@
 #ifndef LATHE_DP_WORKER_OP_EXECUTOR_H_
 #define LATHE_DP_WORKER_OP_EXECUTOR_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <map>
 #include <memory>
 #include <string>
@@ -41,6 +43,10 @@ class OpExecutor {
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
   absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::LoraConfig& lora);
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
+  // The weights a sampling request names (see SampleOp): null for the run's
+  // current weights, else values for every trainable parameter.
+  absl::StatusOr<const std::vector<at::Tensor>*> SamplingWeights(runtime::Trainer& trainer,
+                                                                 const std::string& model_path, bool base);
   absl::StatusOr<lathe::v1::OpResult> Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op);
   absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer,
                                                       const lathe::v1::ComputeLogprobsOp& op);
@@ -51,6 +57,10 @@ class OpExecutor {
   ExecutorOptions options_;
   parallel::ParallelContext* parallel_;
   std::map<std::string, std::unique_ptr<runtime::Trainer>> trainers_;
+  // Published sampler weights by lathe://…/sampler_weights/<name> (kept from
+  // save_weights_for_sampler, or read from the checkpoint on first use), and
+  // the adapter-off weights of each run ("base:<run_id>").
+  std::map<std::string, std::vector<at::Tensor>> snapshots_;
 };
 
 }  // namespace lathe::dp_worker

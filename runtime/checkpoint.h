@@ -62,6 +62,11 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
 absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir, bool with_optimizer,
                                        parallel::Communicator* world, absl::Duration timeout);
 
+// This rank's parts of the checkpoint's parameters, shaped like (and in the
+// order of) trainer's trainable parameters; the trainer is not changed.
+// Errors as LoadCheckpoint's. Not collective.
+absl::StatusOr<std::vector<at::Tensor>> ReadCheckpointParams(const Trainer& trainer, const std::string& dir);
+
 // The whole tensors of one kind ("param", "exp_avg", "exp_avg_sq") of a
 // checkpoint, assembled from its slices (CRC-checked), by parameter name.
 // Errors as LoadCheckpoint's.

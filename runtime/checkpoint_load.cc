@@ -168,7 +168,7 @@ struct Staged {
   int64_t step = 0;
 };
 
-absl::StatusOr<Staged> StageAll(Trainer& trainer, const std::string& dir, bool with_optimizer) {
+absl::StatusOr<Staged> StageAll(const Trainer& trainer, const std::string& dir, bool with_optimizer) {
   LATHE_ASSIGN_OR_RETURN(json manifest, ReadManifest(dir));
   LATHE_RETURN_IF_ERROR(CheckLora(manifest.at("lora"), trainer.GetInfo().lora));
   std::map<std::pair<std::string, std::string>, std::vector<const json*>> by_name;
@@ -199,6 +199,21 @@ absl::StatusOr<Staged> StageAll(Trainer& trainer, const std::string& dir, bool w
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<at::Tensor>> ReadCheckpointParams(const Trainer& trainer, const std::string& dir) {
+  try {
+    LATHE_ASSIGN_OR_RETURN(Staged staged, StageAll(trainer, dir, /*with_optimizer=*/false));
+    std::vector<at::Tensor> out;
+    const std::vector<TrainableParam>& params = trainer.model().trainable();
+    for (size_t i = 0; i < params.size(); ++i) {
+      out.push_back(at::empty_like(params[i].tensor).detach());
+      Apply(staged.params[i], out.back());
+    }
+    return out;
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(dir, ": ", e.what()));
+  }
+}
 
 absl::StatusOr<std::map<std::string, at::Tensor>> ReadCheckpointTensors(const std::string& dir,
                                                                        const std::string& kind) {

@@ -34,6 +34,7 @@ struct Trainer::Impl {
 Trainer::Trainer() : impl_(std::make_unique<Impl>()) {}
 Trainer::~Trainer() = default;
 DecoderModel& Trainer::model() { return *impl_->model; }
+const DecoderModel& Trainer::model() const { return *impl_->model; }
 AdamW& Trainer::optimizer() { return impl_->adam; }
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options) {

@@ -74,6 +74,7 @@ class Trainer {
   TrainerInfo GetInfo() const;
 
   DecoderModel& model();
+  const DecoderModel& model() const;
   AdamW& optimizer();
 
  private:

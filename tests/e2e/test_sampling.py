@@ -40,8 +40,9 @@ class Run:
         assert r.state == Retrieve.DONE, r
         return r.result
 
-    def sample(self, n=1, prompt_logprobs=False, **params):
+    def sample(self, n=1, prompt_logprobs=False, policy_version=0, model_path="", base=False, **params):
         return self.ok(sample=pb.SampleOp(prompt=_input(PROMPT), num_samples=n, include_prompt_logprobs=prompt_logprobs,
+                                          policy_version=policy_version, model_path=model_path, base=base,
                                           params=pb.SamplingParams(**params))).sample
 
 
@@ -99,3 +100,55 @@ def test_bad_sampling_requests_are_refused(deployment):
     for what, op in bad.items():
         req = pb.SubmitRequest(run_id=run, seq_id=1, sample=pb.SampleOp(**op))
         assert sc.rpc_error(stub.Submit, req) == Code.INVALID_ARGUMENT, what
+
+
+def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
+    root = str(tmp_path / "ckpt")
+    args = ["--checkpoint_root", root]
+    d = make_deployment("pinning", max_runs=2, worker_args=args, coordinator_args=args).start()
+    run = Run(d.stub)
+    rng = np.random.default_rng(6)
+    train = [batch([datum(*sc.random_sequence(rng, n)) for n in (12, 20, 7)]) for _ in range(3)]
+    run.ok(forward_backward=train[0])
+    run.ok(optim_step=adam(learning_rate=2e-2))
+    v1 = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="v1")).save_weights_for_sampler
+    assert v1.policy_version == 1
+    pinned = run.sample(max_tokens=8, seed=3, policy_version=1)
+    for b in train[1:]:
+        run.ok(forward_backward=b)
+        run.ok(optim_step=adam(learning_rate=2e-2))
+    again = run.sample(max_tokens=8, seed=3, policy_version=1)
+    live = run.sample(max_tokens=8, seed=3)
+    by_path = run.sample(max_tokens=8, seed=3, model_path=v1.path)
+    for other in (again, by_path):
+        assert _ints(other.sequences[0].tokens) == _ints(pinned.sequences[0].tokens)
+        assert other.sequences[0].logprobs == pinned.sequences[0].logprobs, "pinned weights moved"
+    assert live.sequences[0].logprobs != pinned.sequences[0].logprobs, "training did not change the live weights"
+
+    # The base model: an untrained run (lora_B = 0) gives exactly the adapter-off answer.
+    base = run.sample(max_tokens=8, seed=3, base=True)
+    fresh = Run(d.stub)
+    untrained = fresh.sample(max_tokens=8, seed=3)
+    assert _ints(base.sequences[0].tokens) == _ints(untrained.sequences[0].tokens)
+    assert base.sequences[0].logprobs == untrained.sequences[0].logprobs
+
+    refusals = {
+        "unknown version": pb.SampleOp(prompt=_input(PROMPT), num_samples=1, policy_version=5),
+        "unknown checkpoint": pb.SampleOp(prompt=_input(PROMPT), num_samples=1,
+                                          model_path=f"lathe://{run.id}/sampler_weights/nope"),
+        "training checkpoint path": pb.SampleOp(prompt=_input(PROMPT), num_samples=1,
+                                                model_path=f"lathe://{run.id}/weights/v1"),
+        "two sources": pb.SampleOp(prompt=_input(PROMPT), num_samples=1, policy_version=1, base=True),
+    }
+    for what, op in refusals.items():
+        req = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1, sample=op)
+        assert sc.rpc_error(d.stub.Submit, req) == Code.INVALID_ARGUMENT, what
+    d.close()
+
+    # A fresh deployment samples from the sampler checkpoint on disk.
+    d2 = make_deployment("pinning_again", worker_args=args, coordinator_args=args).start()
+    later = Run(d2.stub)
+    from_disk = later.sample(max_tokens=8, seed=3, model_path=v1.path)
+    assert _ints(from_disk.sequences[0].tokens) == _ints(pinned.sequences[0].tokens)
+    np.testing.assert_allclose(_floats(from_disk.sequences[0].logprobs), _floats(pinned.sequences[0].logprobs),
+                               atol=1e-6, rtol=0)
