@@ -105,7 +105,8 @@ def test_bad_sampling_requests_are_refused(deployment):
 def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
     root = str(tmp_path / "ckpt")
     args = ["--checkpoint_root", root]
-    d = make_deployment("pinning", max_runs=2, worker_args=args, coordinator_args=args).start()
+    # 2 replicas x tp 2: every rank gathers the vocabulary and draws the same tokens.
+    d = make_deployment("pinning", max_runs=2, tp=2, ep=1, worker_args=args, coordinator_args=args).start()
     run = Run(d.stub)
     rng = np.random.default_rng(6)
     train = [batch([datum(*sc.random_sequence(rng, n)) for n in (12, 20, 7)]) for _ in range(3)]
@@ -124,6 +125,10 @@ def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
         assert _ints(other.sequences[0].tokens) == _ints(pinned.sequences[0].tokens)
         assert other.sequences[0].logprobs == pinned.sequences[0].logprobs, "pinned weights moved"
     assert live.sequences[0].logprobs != pinned.sequences[0].logprobs, "training did not change the live weights"
+    # Seeds decide, whichever replica serves (consecutive seq_ids alternate replicas).
+    twice = [run.sample(n=4, max_tokens=8, seed=9, policy_version=1) for _ in range(2)]
+    assert [_ints(s.tokens) for s in twice[0].sequences] == [_ints(s.tokens) for s in twice[1].sequences]
+    assert len({tuple(_ints(s.tokens)) for s in twice[0].sequences}) == 4
 
     # The base model: an untrained run (lora_B = 0) gives exactly the adapter-off answer.
     base = run.sample(max_tokens=8, seed=3, base=True)
