@@ -53,7 +53,9 @@ absl::Status ValidateWeights(const std::string& model_path, int64_t policy_versi
 
 absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::ModelSummary& model) {
   if (absl::Status st = ValidateWeights(s.model_path(), s.policy_version(), s.base()); !st.ok()) return st;
-  if (s.topk_prompt_logprobs() != 0) return absl::UnimplementedError("topk_prompt_logprobs is not implemented yet");
+  if (s.topk_prompt_logprobs() < 0 || s.topk_prompt_logprobs() > model.vocab_size()) {
+    return absl::InvalidArgumentError("topk_prompt_logprobs must be in [0, vocab_size]");
+  }
   if (s.num_samples() < 1 || s.num_samples() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("num_samples must be in [1, 128] (got ", s.num_samples(), ")"));
   }

@@ -248,7 +248,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
   try {
     WeightSwap swap(trainer.model().trainable(), weights);
     g = runtime::Generate(trainer.model(), prompt, op.num_samples(), s, op.include_prompt_logprobs(),
-                          trainer.GetInfo().max_seq_len);
+                          trainer.GetInfo().max_seq_len, op.topk_prompt_logprobs());
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace()));
   }
@@ -262,6 +262,13 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
     s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
   }
   if (op.include_prompt_logprobs()) out->set_prompt_logprobs(Bytes(g->prompt_logprobs));
+  if (op.topk_prompt_logprobs() > 0) {
+    lathe::v1::TopkPromptLogprobs* topk = out->mutable_topk_prompt_logprobs();
+    topk->set_token_ids(Bytes(g->topk_ids));
+    topk->set_logprobs(Bytes(g->topk_logprobs));
+    topk->set_k(static_cast<uint32_t>(op.topk_prompt_logprobs()));
+    topk->set_prompt_length(static_cast<uint32_t>(prompt.size()));
+  }
   return result;
 }
 

@@ -76,8 +76,12 @@ bool EndsWithStop(const std::vector<int32_t>& tokens, const SamplingSettings& s)
 }  // namespace
 
 absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
-                                    const SamplingSettings& s, bool prompt_logprobs, int64_t max_seq_len) {
+                                    const SamplingSettings& s, bool prompt_logprobs, int64_t max_seq_len,
+                                    int64_t topk) {
   if (absl::Status st = Check(prompt, num_samples, s, max_seq_len); !st.ok()) return st;
+  if (topk < 0 || topk > model.config().vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("topk_prompt_logprobs must be in [0, vocab_size] (got ", topk, ")"));
+  }
   at::NoGradGuard no_grad;
   Generation out;
   std::vector<KvCache> prefill(1);
@@ -90,6 +94,16 @@ absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector
       at::Tensor lp = model.Logprobs(model.Logits(hidden.narrow(0, 0, p - 1)), ids.narrow(0, 1, p - 1));
       at::Tensor c = lp.to(at::kFloat).contiguous();
       out.prompt_logprobs.insert(out.prompt_logprobs.end(), c.data_ptr<float>(), c.data_ptr<float>() + p - 1);
+    }
+  }
+  if (topk > 0) {
+    out.topk_ids.assign(topk, 0);
+    out.topk_logprobs.assign(topk, -99999.0f);
+    if (p > 1) {
+      auto [values, indices] = at::topk(at::log_softmax(FullLogits(model, hidden.narrow(0, 0, p - 1)), -1), topk);
+      at::Tensor v = values.contiguous(), i = indices.to(at::kInt).contiguous();
+      out.topk_logprobs.insert(out.topk_logprobs.end(), v.data_ptr<float>(), v.data_ptr<float>() + v.numel());
+      out.topk_ids.insert(out.topk_ids.end(), i.data_ptr<int32_t>(), i.data_ptr<int32_t>() + i.numel());
     }
   }
   std::vector<KvCache> caches(num_samples, prefill[0]);

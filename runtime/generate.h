@@ -36,6 +36,11 @@ struct Generation {
   // With prompt logprobs: [P], position 0 NaN (no context), position i the
   // logprob of prompt[i] after prompt[0..i-1].
   std::vector<float> prompt_logprobs;
+  // With topk_prompt_logprobs k > 0: [P, k] row-major, the k likeliest tokens
+  // at each prompt position and their logprobs; row 0 (no context) is empty
+  // cells (token 0, logprob -99999).
+  std::vector<int32_t> topk_ids;
+  std::vector<float> topk_logprobs;
 };
 
 // InvalidArgument for an empty prompt, num_samples < 1, max_tokens < 1,
@@ -44,7 +49,8 @@ struct Generation {
 // generator seeded by (seed, s), so a request gives the same tokens wherever
 // it runs and the samples of one request differ.
 absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
-                                    const SamplingSettings& settings, bool prompt_logprobs, int64_t max_seq_len);
+                                    const SamplingSettings& settings, bool prompt_logprobs, int64_t max_seq_len,
+                                    int64_t topk_prompt_logprobs = 0);
 
 }  // namespace lathe::runtime
 

@@ -69,6 +69,16 @@ def test_sampler_logprobs_equal_forward_and_seeds_decide(deployment):
         assert np.isnan(prompt_lp[0])
         np.testing.assert_allclose(prompt_lp[1:], lp[:len(PROMPT) - 1], atol=1e-4, rtol=0)
 
+    topk = run.ok(sample=pb.SampleOp(prompt=_input(PROMPT), num_samples=1, topk_prompt_logprobs=5,
+                                      params=pb.SamplingParams(max_tokens=1))).sample.topk_prompt_logprobs
+    assert (topk.k, topk.prompt_length) == (5, len(PROMPT))
+    ids, lps = np.array(_ints(topk.token_ids)).reshape(-1, 5), _floats(topk.logprobs).reshape(-1, 5)
+    assert (ids[0] == 0).all() and (lps[0] == -99999).all()
+    assert (np.diff(lps[1:], axis=1) <= 0).all(), "top-k logprobs should come sorted"
+    prompt_lp = _floats(first.prompt_logprobs)
+    for i in range(1, len(PROMPT)):  # the prompt's own token is in the top 5 exactly when it is likely enough
+        if prompt_lp[i] > lps[i, -1] + 1e-4:
+            assert PROMPT[i] in ids[i] and abs(lps[i][list(ids[i]).index(PROMPT[i])] - prompt_lp[i]) < 1e-4
     computed = _floats(run.ok(compute_logprobs=pb.ComputeLogprobsOp(prompt=_input(PROMPT))).compute_logprobs.logprobs)
     np.testing.assert_allclose(computed[1:], _floats(first.prompt_logprobs)[1:], atol=1e-6, rtol=0)
 

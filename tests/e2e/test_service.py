@@ -303,8 +303,8 @@ def test_other_refusals(deployment):
         "GetInfo unknown run": (stub.GetInfo, pb.GetInfoRequest(run_id="run-nope"), Code.NOT_FOUND),
         "compute_logprobs of an unpublished version": (stub.Submit, pb.SubmitRequest(
             run_id=run, seq_id=1, compute_logprobs=pb.ComputeLogprobsOp(policy_version=1)), Code.INVALID_ARGUMENT),
-        "sample topk_prompt_logprobs": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1, sample=pb.SampleOp(
-            num_samples=1, topk_prompt_logprobs=3)), Code.UNIMPLEMENTED),
+        "sample topk_prompt_logprobs -1": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1, sample=pb.SampleOp(
+            num_samples=1, topk_prompt_logprobs=-1)), Code.INVALID_ARGUMENT),
         "Retrieve unknown op": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/99"), Code.NOT_FOUND),
         "Retrieve garbage op": (stub.Retrieve, pb.RetrieveRequest(op_id="nonsense"), Code.NOT_FOUND),
         "Retrieve negative wait_ms": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/0", wait_ms=-1),
