@@ -167,3 +167,34 @@ def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
     assert _ints(from_disk.sequences[0].tokens) == _ints(pinned.sequences[0].tokens)
     np.testing.assert_allclose(_floats(from_disk.sequences[0].logprobs), _floats(pinned.sequences[0].logprobs),
                                atol=1e-6, rtol=0)
+
+
+def test_greedy_with_the_adapter_equals_transformers_peft_generate(make_deployment, tmp_path, tiny_model):
+    import os
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = str(tmp_path / "ckpt")
+    args = ["--checkpoint_root", root]
+    d = make_deployment("greedy_peft", worker_args=args, coordinator_args=args).start()
+    run = Run(d.stub)
+    rng = np.random.default_rng(9)
+    for _ in range(2):
+        run.ok(forward_backward=batch([datum(*sc.random_sequence(rng, n)) for n in (14, 9)]))
+        run.ok(optim_step=adam(learning_rate=3e-2))
+    saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g")).save_weights_for_sampler
+    got = _ints(run.sample(max_tokens=12, temperature=0.0, policy_version=saved.policy_version).sequences[0].tokens)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager",
+                                                experts_implementation="eager")
+    model = PeftModel.from_pretrained(base, os.path.join(root, run.id, "sampler_weights", "g")).eval()
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
+    assert got == want
+    with torch.no_grad(), model.disable_adapter():
+        plain = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
+    assert plain != want, "the adapter should change the greedy continuation (train it harder)"
