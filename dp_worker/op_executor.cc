@@ -62,8 +62,13 @@ lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
   LATHE_ASSIGN_OR_RETURN(runtime::LoraSettings settings, runtime::LoraSettingsFromProto(lora));
   // The run's old trainer goes first, so a re-initialisation never holds two
-  // copies of the model.
+  // copies of the model; its kept sampling weights may not fit the new
+  // config (published ones are read back from disk, and checked, if asked).
   trainers_.erase(run_id);
+  for (auto it = snapshots_.begin(); it != snapshots_.end();) {
+    const bool mine = it->first == "base:" + run_id || it->first.rfind("lathe://" + run_id + "/", 0) == 0;
+    it = mine ? snapshots_.erase(it) : std::next(it);
+  }
   if (static_cast<int>(trainers_.size()) >= options_.max_runs) {
     return absl::ResourceExhaustedError(absl::StrCat("this deployment holds at most ", options_.max_runs, " runs"));
   }
@@ -116,9 +121,9 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     case lathe::v1::SubmitRequest::kSaveState:
       return Save(trainer, op);
     case lathe::v1::SubmitRequest::kSample:
-      return Sample(trainer, op.sample());
+      return Sample(trainer, op.run_id(), op.sample());
     case lathe::v1::SubmitRequest::kComputeLogprobs:
-      return ComputeLogprobs(trainer, op.compute_logprobs());
+      return ComputeLogprobs(trainer, op.run_id(), op.compute_logprobs());
     case lathe::v1::SubmitRequest::kSaveWeightsForSampler:
       return SaveForSampler(trainer, op);
     case lathe::v1::SubmitRequest::kLoadState:
@@ -202,13 +207,14 @@ std::vector<at::Tensor> Snapshot(const std::vector<runtime::TrainableParam>& par
 }  // namespace
 
 absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runtime::Trainer& trainer,
+                                                                           const std::string& run_id,
                                                                            const std::string& model_path, bool base) {
   const std::vector<runtime::TrainableParam>& params = trainer.model().trainable();
   if (base) {
     if (trainer.GetInfo().lora.full_finetune()) {
       return absl::FailedPreconditionError("a full fine-tuning run has no adapter to turn off");
     }
-    auto [it, fresh] = snapshots_.try_emplace("base:" + params.front().name);
+    auto [it, fresh] = snapshots_.try_emplace("base:" + run_id);
     if (fresh) {
       for (const runtime::TrainableParam& p : params) {
         // lora_B at zero: the adapter adds nothing.
@@ -220,7 +226,11 @@ absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runti
   }
   if (model_path.empty()) return nullptr;
   auto it = snapshots_.find(model_path);
-  if (it != snapshots_.end()) return &it->second;
+  // Kept weights of another run serve only if they fit this run's parameters;
+  // otherwise the checkpoint on disk is read (its LoRA config checked).
+  bool fits = it != snapshots_.end() && it->second.size() == params.size();
+  for (size_t i = 0; fits && i < params.size(); ++i) fits = it->second[i].sizes() == params[i].tensor.sizes();
+  if (fits) return &it->second;
   LATHE_ASSIGN_OR_RETURN(runtime::CheckpointRef ref, runtime::ParseCheckpointPath(model_path, /*allow_sampler=*/true));
   const std::string dir = runtime::CheckpointDir(options_.checkpoint_root, ref) + "/lathe";
   absl::StatusOr<std::vector<at::Tensor>> values = runtime::ReadCheckpointParams(trainer, dir);
@@ -231,7 +241,8 @@ absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runti
   return &(snapshots_[model_path] = *std::move(values));
 }
 
-absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op) {
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
+                                                       const lathe::v1::SampleOp& op) {
   LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
   const lathe::v1::SamplingParams& p = op.params();
   runtime::SamplingSettings s;
@@ -243,7 +254,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
   for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
     LATHE_ASSIGN_OR_RETURN(s.stop.emplace_back(), Tokens(stop));
   }
-  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights, SamplingWeights(trainer, op.model_path(), op.base()));
+  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
+                         SamplingWeights(trainer, run_id, op.model_path(), op.base()));
   absl::StatusOr<runtime::Generation> g;
   try {
     WeightSwap swap(trainer.model().trainable(), weights);
@@ -272,14 +284,15 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
   return result;
 }
 
-absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer,
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                                 const lathe::v1::ComputeLogprobsOp& op) {
   LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
   // The prompt logprobs of a one-token greedy sample; the token itself is dropped.
   runtime::SamplingSettings s;
   s.max_tokens = 1;
   s.temperature = 0;
-  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights, SamplingWeights(trainer, op.model_path(), op.base()));
+  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
+                         SamplingWeights(trainer, run_id, op.model_path(), op.base()));
   absl::StatusOr<runtime::Generation> g;
   try {
     WeightSwap swap(trainer.model().trainable(), weights);

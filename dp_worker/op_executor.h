@@ -45,10 +45,11 @@ class OpExecutor {
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   // The weights a sampling request names (see SampleOp): null for the run's
   // current weights, else values for every trainable parameter.
-  absl::StatusOr<const std::vector<at::Tensor>*> SamplingWeights(runtime::Trainer& trainer,
+  absl::StatusOr<const std::vector<at::Tensor>*> SamplingWeights(runtime::Trainer& trainer, const std::string& run_id,
                                                                  const std::string& model_path, bool base);
-  absl::StatusOr<lathe::v1::OpResult> Sample(runtime::Trainer& trainer, const lathe::v1::SampleOp& op);
-  absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer,
+  absl::StatusOr<lathe::v1::OpResult> Sample(runtime::Trainer& trainer, const std::string& run_id,
+                                             const lathe::v1::SampleOp& op);
+  absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                       const lathe::v1::ComputeLogprobsOp& op);
   absl::StatusOr<lathe::v1::OpResult> SaveForSampler(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   absl::StatusOr<lathe::v1::OpResult> Load(runtime::Trainer& trainer, const lathe::v1::LoadStateOp& op,

@@ -158,6 +158,14 @@ def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
     for what, op in refusals.items():
         req = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1, sample=op)
         assert sc.rpc_error(d.stub.Submit, req) == Code.INVALID_ARGUMENT, what
+
+    # Re-initialised with another LoRA rank, the run cannot take version 1's weights: a clear refusal.
+    run.ok(init=pb.InitOp(lora=types.LoraConfig(rank=4, seed=4)))
+    run.seq += 1
+    r = sc.wait(d.stub, sc.submit(d.stub, run.id, run.seq, sample=pb.SampleOp(
+        prompt=_input(PROMPT), num_samples=1, policy_version=1)), timeout=60)
+    assert r.state == Retrieve.FAILED and r.error.code == Code.FAILED_PRECONDITION.value[0], r
+    assert run.sample(max_tokens=4, seed=3).sequences  # the run itself still samples
     d.close()
 
     # A fresh deployment samples from the sampler checkpoint on disk.
