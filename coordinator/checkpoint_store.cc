@@ -56,26 +56,26 @@ std::vector<lathe::v1::CheckpointFile> FilesOf(const fs::path& folder) {
   return files;
 }
 
-void AddRun(const fs::path& run_dir, std::vector<lathe::v1::Checkpoint>* out) {
+// Calls fn(folder, id, kind, manifest) for every committed checkpoint of
+// `run_id` (empty: of every run) under `root`.
+void ForEachCommitted(const std::string& root, const std::string& run_id,
+                      const std::function<void(const fs::path&, const std::string&, const std::string&,
+                                               const nlohmann::json&)>& fn) {
   std::error_code ec;
-  for (const std::string kind : kKinds) {
-    for (const fs::directory_entry& entry : fs::directory_iterator(run_dir / kind, ec)) {
-      const std::string name = entry.path().filename().string();
-      if (!runtime::ValidateCheckpointName(name).ok() || !Committed(entry.path(), kind)) continue;
-      lathe::v1::Checkpoint c;
-      c.set_id(runtime::CheckpointUri({run_dir.filename().string(), name, kind}));
-      c.set_type(kind == "weights" ? "training" : "sampler");
-      const nlohmann::json m = Manifest(entry.path());
-      int64_t bytes = 0, newest = 0;
-      for (const auto& f : FilesOf(entry.path())) {
-        bytes += f.size_bytes();
-        newest = std::max(newest, f.last_modified_unix_ms());
+  std::vector<fs::path> runs;
+  if (!run_id.empty()) {
+    runs.push_back(fs::path(root) / run_id);
+  } else {
+    for (const fs::directory_entry& run : fs::directory_iterator(root, ec)) runs.push_back(run.path());
+  }
+  for (const fs::path& run_dir : runs) {
+    for (const std::string kind : kKinds) {
+      for (const fs::directory_entry& entry : fs::directory_iterator(run_dir / kind, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (!runtime::ValidateCheckpointName(name).ok() || !Committed(entry.path(), kind)) continue;
+        fn(entry.path(), runtime::CheckpointUri({run_dir.filename().string(), name, kind}), kind,
+           Manifest(entry.path()));
       }
-      c.set_created_unix_ms(m.value("created_unix_ms", newest));
-      c.set_expires_unix_ms(m.value("expires_unix_ms", int64_t{0}));
-      c.set_size_bytes(bytes);
-      c.set_sync_state("committed");
-      out->push_back(std::move(c));
     }
   }
 }
@@ -93,14 +93,25 @@ absl::StatusOr<std::string> CheckpointStore::Folder(const std::string& checkpoin
 
 absl::StatusOr<std::vector<lathe::v1::Checkpoint>> CheckpointStore::List(const std::string& run_id) const {
   if (root_.empty()) return absl::FailedPreconditionError("the coordinator has no --checkpoint_root");
-  std::vector<lathe::v1::Checkpoint> out;
   if (!run_id.empty()) {
     if (absl::Status s = runtime::ValidateCheckpointName(run_id, "run_id"); !s.ok()) return s;
-    AddRun(fs::path(root_) / run_id, &out);
-  } else {
-    std::error_code ec;
-    for (const fs::directory_entry& run : fs::directory_iterator(root_, ec)) AddRun(run.path(), &out);
   }
+  std::vector<lathe::v1::Checkpoint> out;
+  ForEachCommitted(root_, run_id, [&](const fs::path& folder, const std::string& id, const std::string& kind,
+                                      const nlohmann::json& m) {
+    lathe::v1::Checkpoint& c = out.emplace_back();
+    c.set_id(id);
+    c.set_type(kind == "weights" ? "training" : "sampler");
+    int64_t bytes = 0, newest = 0;
+    for (const auto& f : FilesOf(folder)) {
+      bytes += f.size_bytes();
+      newest = std::max(newest, f.last_modified_unix_ms());
+    }
+    c.set_created_unix_ms(m.value("created_unix_ms", newest));
+    c.set_expires_unix_ms(m.value("expires_unix_ms", int64_t{0}));
+    c.set_size_bytes(bytes);
+    c.set_sync_state("committed");
+  });
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
     return a.created_unix_ms() != b.created_unix_ms() ? a.created_unix_ms() > b.created_unix_ms() : a.id() < b.id();
   });
@@ -162,12 +173,15 @@ absl::Status CheckpointStore::Delete(const std::string& checkpoint_id) const {
 }
 
 int CheckpointStore::Expire(absl::Time now) const {
-  absl::StatusOr<std::vector<lathe::v1::Checkpoint>> all = List("");
+  if (root_.empty()) return 0;
+  // Only manifests are read here, no file sizes: this runs every few seconds.
+  std::vector<std::string> due;
+  ForEachCommitted(root_, "", [&](const fs::path&, const std::string& id, const std::string&, const nlohmann::json& m) {
+    const int64_t expires = m.value("expires_unix_ms", int64_t{0});
+    if (expires > 0 && expires <= absl::ToUnixMillis(now)) due.push_back(id);
+  });
   int removed = 0;
-  if (!all.ok()) return 0;
-  for (const lathe::v1::Checkpoint& c : *all) {
-    if (c.expires_unix_ms() > 0 && c.expires_unix_ms() <= absl::ToUnixMillis(now) && Delete(c.id()).ok()) ++removed;
-  }
+  for (const std::string& id : due) removed += Delete(id).ok();
   return removed;
 }
 

@@ -1,12 +1,12 @@
 // Operation checks shared with the runtime (batch, Adam, LoRA rules).
 #include "coordinator/op_validation.h"
 
-#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/adam_hyper.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
+#include "runtime/sampling_settings.h"
 #include "runtime/validation.h"
 
 namespace lathe::coordinator {
@@ -16,9 +16,7 @@ namespace {
 // the vocabulary, or a prompt that leaves no room for `max_tokens`.
 absl::StatusOr<int64_t> ValidatePrompt(const lathe::v1::ModelInput& prompt, const lathe::v1::ModelSummary& model,
                                        int64_t max_tokens) {
-  lathe::v1::Datum d;
-  *d.mutable_model_input() = prompt;
-  absl::StatusOr<std::vector<int32_t>> tokens = runtime::DatumTokens(d);
+  absl::StatusOr<std::vector<int32_t>> tokens = runtime::InputTokens(prompt);
   if (!tokens.ok()) return tokens.status();
   if (tokens->empty()) return absl::InvalidArgumentError("the prompt is empty");
   for (size_t i = 0; i < tokens->size(); ++i) {
@@ -59,23 +57,9 @@ absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::Model
   if (s.num_samples() < 1 || s.num_samples() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("num_samples must be in [1, 128] (got ", s.num_samples(), ")"));
   }
-  const lathe::v1::SamplingParams& p = s.params();
-  const int64_t max_tokens = p.has_max_tokens() ? p.max_tokens() : 16;
-  if (max_tokens < 1) return absl::InvalidArgumentError("params.max_tokens must be >= 1");
-  if (p.has_temperature() && !(p.temperature() >= 0 && std::isfinite(p.temperature()))) {
-    return absl::InvalidArgumentError("params.temperature must be a finite number >= 0");
-  }
-  if (p.has_top_k() && (p.top_k() == 0 || p.top_k() < -1)) {
-    return absl::InvalidArgumentError("params.top_k must be -1 (off) or >= 1");
-  }
-  if (p.has_top_p() && !(p.top_p() > 0 && p.top_p() <= 1)) return absl::InvalidArgumentError("params.top_p must be in (0, 1]");
-  for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
-    lathe::v1::Datum d;
-    *d.mutable_model_input() = stop;
-    absl::StatusOr<std::vector<int32_t>> tokens = runtime::DatumTokens(d);
-    if (!tokens.ok() || tokens->empty()) return absl::InvalidArgumentError("a stop sequence is empty or unreadable");
-  }
-  return ValidatePrompt(s.prompt(), model, max_tokens).status();
+  absl::StatusOr<runtime::SamplingSettings> settings = runtime::SamplingSettingsFromProto(s.params());
+  if (!settings.ok()) return settings.status();
+  return ValidatePrompt(s.prompt(), model, settings->max_tokens).status();
 }
 
 }  // namespace

@@ -166,12 +166,6 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, 
 
 namespace {
 
-absl::StatusOr<std::vector<int32_t>> Tokens(const lathe::v1::ModelInput& input) {
-  lathe::v1::Datum d;
-  *d.mutable_model_input() = input;
-  return runtime::DatumTokens(d);
-}
-
 template <typename T>
 std::string Bytes(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
@@ -243,17 +237,8 @@ absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runti
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
                                                        const lathe::v1::SampleOp& op) {
-  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
-  const lathe::v1::SamplingParams& p = op.params();
-  runtime::SamplingSettings s;
-  if (p.has_max_tokens()) s.max_tokens = p.max_tokens();
-  if (p.has_temperature()) s.temperature = p.temperature();
-  if (p.has_top_k()) s.top_k = p.top_k();
-  if (p.has_top_p()) s.top_p = p.top_p();
-  if (p.has_seed()) s.seed = p.seed();
-  for (const lathe::v1::ModelInput& stop : p.stop_tokens()) {
-    LATHE_ASSIGN_OR_RETURN(s.stop.emplace_back(), Tokens(stop));
-  }
+  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, runtime::InputTokens(op.prompt()));
+  LATHE_ASSIGN_OR_RETURN(runtime::SamplingSettings s, runtime::SamplingSettingsFromProto(op.params()));
   LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
                          SamplingWeights(trainer, run_id, op.model_path(), op.base()));
   absl::StatusOr<runtime::Generation> g;
@@ -286,23 +271,19 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                                 const lathe::v1::ComputeLogprobsOp& op) {
-  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Tokens(op.prompt()));
-  // The prompt logprobs of a one-token greedy sample; the token itself is dropped.
-  runtime::SamplingSettings s;
-  s.max_tokens = 1;
-  s.temperature = 0;
+  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, runtime::InputTokens(op.prompt()));
   LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
                          SamplingWeights(trainer, run_id, op.model_path(), op.base()));
-  absl::StatusOr<runtime::Generation> g;
+  absl::StatusOr<std::vector<float>> logprobs;
   try {
     WeightSwap swap(trainer.model().trainable(), weights);
-    g = runtime::Generate(trainer.model(), prompt, 1, s, /*prompt_logprobs=*/true, 0);
+    logprobs = runtime::PromptLogprobs(trainer.model(), prompt);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("compute_logprobs: ", e.what_without_backtrace()));
   }
-  if (!g.ok()) return g.status();
+  if (!logprobs.ok()) return logprobs.status();
   lathe::v1::OpResult result;
-  result.mutable_compute_logprobs()->set_logprobs(Bytes(g->prompt_logprobs));
+  result.mutable_compute_logprobs()->set_logprobs(Bytes(*logprobs));
   return result;
 }
 

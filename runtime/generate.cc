@@ -18,18 +18,10 @@ namespace {
 absl::Status Check(const std::vector<int32_t>& prompt, int n, const SamplingSettings& s, int64_t max_seq_len) {
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
   if (n < 1) return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", n, ")"));
-  if (s.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be >= 1");
-  if (!(s.temperature >= 0) || !std::isfinite(s.temperature)) {
-    return absl::InvalidArgumentError("temperature must be a finite number >= 0");
-  }
-  if (s.top_k == 0 || s.top_k < -1) return absl::InvalidArgumentError("top_k must be -1 (off) or >= 1");
-  if (!(s.top_p > 0 && s.top_p <= 1)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  if (absl::Status st = ValidateSamplingSettings(s); !st.ok()) return st;
   if (max_seq_len > 0 && static_cast<int64_t>(prompt.size()) + s.max_tokens > max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt.size(), ") + max_tokens (", s.max_tokens,
                                                    ") exceeds max_seq_len ", max_seq_len));
-  }
-  for (const auto& stop : s.stop) {
-    if (stop.empty()) return absl::InvalidArgumentError("a stop sequence is empty");
   }
   return absl::OkStatus();
 }
@@ -66,6 +58,18 @@ int32_t Draw(const at::Tensor& logits, const SamplingSettings& s, at::Generator&
   return static_cast<int32_t>(at::multinomial(at::softmax(scaled, 0), 1, false, gen).item<int64_t>());
 }
 
+// Generation::prompt_logprobs from the prompt's hidden rows.
+std::vector<float> OfPrompt(const DecoderModel& model, const at::Tensor& hidden, const at::Tensor& ids) {
+  const int64_t p = ids.size(0);
+  std::vector<float> out(1, std::numeric_limits<float>::quiet_NaN());
+  if (p > 1) {
+    at::Tensor lp = model.Logprobs(model.Logits(hidden.narrow(0, 0, p - 1)), ids.narrow(0, 1, p - 1));
+    at::Tensor c = lp.to(at::kFloat).contiguous();
+    out.insert(out.end(), c.data_ptr<float>(), c.data_ptr<float>() + p - 1);
+  }
+  return out;
+}
+
 bool EndsWithStop(const std::vector<int32_t>& tokens, const SamplingSettings& s) {
   for (const auto& stop : s.stop) {
     if (tokens.size() >= stop.size() && std::equal(stop.rbegin(), stop.rend(), tokens.rbegin())) return true;
@@ -88,14 +92,7 @@ absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector
   const int64_t p = static_cast<int64_t>(prompt.size());
   at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong);
   at::Tensor hidden = model.Hidden(ids, {p}, nullptr, &prefill);
-  if (prompt_logprobs) {
-    out.prompt_logprobs.assign(1, std::numeric_limits<float>::quiet_NaN());
-    if (p > 1) {
-      at::Tensor lp = model.Logprobs(model.Logits(hidden.narrow(0, 0, p - 1)), ids.narrow(0, 1, p - 1));
-      at::Tensor c = lp.to(at::kFloat).contiguous();
-      out.prompt_logprobs.insert(out.prompt_logprobs.end(), c.data_ptr<float>(), c.data_ptr<float>() + p - 1);
-    }
-  }
+  if (prompt_logprobs) out.prompt_logprobs = OfPrompt(model, hidden, ids);
   if (topk > 0) {
     out.topk_ids.assign(topk, 0);
     out.topk_logprobs.assign(topk, -99999.0f);
@@ -136,6 +133,13 @@ absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector
     last = FullLogits(model, h);
   }
   return out;
+}
+
+absl::StatusOr<std::vector<float>> PromptLogprobs(const DecoderModel& model, const std::vector<int32_t>& prompt) {
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  at::NoGradGuard no_grad;
+  at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong);
+  return OfPrompt(model, model.Hidden(ids, {ids.size(0)}, nullptr), ids);
 }
 
 }  // namespace lathe::runtime

@@ -11,19 +11,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "runtime/sampling_settings.h"
 
 namespace lathe::runtime {
 
 class DecoderModel;
-
-struct SamplingSettings {
-  int64_t max_tokens = 16;
-  double temperature = 1.0;  // 0: greedy
-  int64_t top_k = -1;        // -1: off
-  double top_p = 1.0;        // (0, 1]
-  uint64_t seed = 0;
-  std::vector<std::vector<int32_t>> stop;  // token sequences that end a sample
-};
 
 struct GeneratedSequence {
   std::vector<int32_t> tokens;
@@ -43,14 +35,18 @@ struct Generation {
   std::vector<float> topk_logprobs;
 };
 
-// InvalidArgument for an empty prompt, num_samples < 1, max_tokens < 1,
-// temperature < 0, top_k < -1 or 0, top_p outside (0, 1], a prompt plus
-// max_tokens beyond `max_seq_len` (0: no limit). Sample s draws from its own
+// InvalidArgument for an empty prompt, num_samples < 1, settings that break
+// ValidateSamplingSettings, a prompt plus max_tokens beyond `max_seq_len`
+// (0: no limit). Sample s draws from its own
 // generator seeded by (seed, s), so a request gives the same tokens wherever
 // it runs and the samples of one request differ.
 absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
                                     const SamplingSettings& settings, bool prompt_logprobs, int64_t max_seq_len,
                                     int64_t topk_prompt_logprobs = 0);
+
+// Generation::prompt_logprobs alone: one forward, no cache, no decoding.
+// InvalidArgument for an empty prompt. Cross-rank rule as Generate.
+absl::StatusOr<std::vector<float>> PromptLogprobs(const DecoderModel& model, const std::vector<int32_t>& prompt);
 
 }  // namespace lathe::runtime
 

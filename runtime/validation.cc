@@ -140,8 +140,12 @@ int64_t WireDtypeSize(DType dtype) {
 }
 
 absl::StatusOr<std::vector<int32_t>> DatumTokens(const lathe::v1::Datum& datum) {
+  return InputTokens(datum.model_input());
+}
+
+absl::StatusOr<std::vector<int32_t>> InputTokens(const lathe::v1::ModelInput& input) {
   std::vector<int32_t> tokens;
-  for (const auto& chunk : datum.model_input().chunks()) {
+  for (const auto& chunk : input.chunks()) {
     if (!chunk.has_encoded_text()) return absl::InvalidArgumentError("has a chunk that is not encoded text");
     const std::string& bytes = chunk.encoded_text().tokens();
     if (bytes.size() % 4 != 0) return absl::InvalidArgumentError("has a token chunk whose byte length is not a multiple of 4");

@@ -24,6 +24,9 @@ struct BatchLimits {
 // target outside the vocabulary (other than -100), NaN or Inf in an input.
 absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const BatchLimits& limits);
 
+// The token ids of a model input (concatenated text chunks).
+// InvalidArgument for a chunk without tokens or a byte length not a multiple of 4.
+absl::StatusOr<std::vector<int32_t>> InputTokens(const lathe::v1::ModelInput& input);
 // The token ids of a datum's model_input (concatenated text chunks).
 // InvalidArgument for a chunk without tokens or a byte length not a multiple of 4.
 absl::StatusOr<std::vector<int32_t>> DatumTokens(const lathe::v1::Datum& datum);
