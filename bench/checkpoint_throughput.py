@@ -12,9 +12,7 @@ compares like with like.
   .venv/bin/python bench/checkpoint_throughput.py [--model dense] [--layout tp=2] [--lora-rank 0]
 """
 import argparse
-import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -23,8 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+from deployment import deployment  # noqa: E402
 
 
 def stubs(tmp):
@@ -89,29 +86,12 @@ def main():
     if not os.path.exists(os.path.join(model, "config.json")):
         tt.make_model(args.model, model)
     layout = dict(kv.split("=") for kv in args.layout.split(","))
-    ranks = 1
-    for v in layout.values():
-        ranks *= int(v)
     with tempfile.TemporaryDirectory(dir=os.path.join(tt.ROOT, "runs")) as tmp:
         stubs(os.path.join(tmp, "stubs"))
         import grpc
         from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
-        root, port_file = os.path.join(tmp, "ckpt"), os.path.join(tmp, "port")
-        coord = subprocess.Popen([os.path.join(args.build_dir, "coordinator", "lathe_coordinator"),
-                                  "--listen=127.0.0.1:0", f"--port_file={port_file}",
-                                  f"--replicas={layout.get('replicas', 1)}", f"--checkpoint_root={root}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        workers = None
-        try:
-            while not (os.path.exists(port_file) and open(port_file).read().strip()):
-                time.sleep(0.1)
-            address = "127.0.0.1:" + open(port_file).read().strip()
-            workers = subprocess.Popen(["mpirun", "--oversubscribe", "-np", str(ranks), "-x", "OMP_NUM_THREADS",
-                                        os.path.join(args.build_dir, "dp_worker", "dp_worker"),
-                                        f"--coordinator={address}", f"--model={model}", f"--checkpoint_root={root}"]
-                                       + [f"--{k}={v}" for k, v in layout.items()],
-                                       env=dict(ENV, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+        root = os.path.join(tmp, "ckpt")
+        with deployment(args.build_dir, model, layout, 1, tmp, checkpoint_root=root) as address:
             stub = pbg.LatheStub(grpc.insecure_channel(address))
             while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
                 time.sleep(0.2)
@@ -144,11 +124,6 @@ def main():
             warm_load_s = time.perf_counter() - warm_start
             write_s, read_s = plain_io(os.path.join(tmp, "plain.bin"), nbytes, cold)
             _, warm_read_s = plain_io(os.path.join(tmp, "plain.bin"), nbytes, False)
-        finally:
-            coord.send_signal(signal.SIGTERM)
-            coord.wait(timeout=60)
-            if workers is not None:
-                workers.wait(timeout=60)
     gb = nbytes / 1e9
     print(f"{args.model} {args.layout} lora_rank {args.lora_rank}: checkpoint {gb:.2f} GB")
     print(f"save {gb / save_s:.2f} GB/s vs plain sequential write {gb / write_s:.2f} GB/s: "

@@ -14,16 +14,13 @@
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+from deployment import ENV, deployment, log_tails, mesh_flags, ranks_of  # noqa: E402
 
 
 def model_dir(args):
@@ -40,53 +37,16 @@ def model_dir(args):
     return path, tt.SHAPES[args.model]["vocab_size"]
 
 
-def mesh_flags(layout):
-    return [f"--{k}={v}" for k, v in layout.items()]
-
-
-def ranks_of(layout):
-    n = 1
-    for v in layout.values():
-        n *= int(v)
-    return n
-
-
 def through_service(args, model, data, layout, threads, logs):
-    port_file = os.path.join(logs, "port")
-    coord = subprocess.Popen([os.path.join(args.build_dir, "coordinator", "lathe_coordinator"),
-                              "--listen=127.0.0.1:0", f"--port_file={port_file}",
-                              f"--replicas={layout.get('replicas', 1)}"],
-                             stdout=open(os.path.join(logs, "coordinator.log"), "w"), stderr=subprocess.STDOUT)
-    workers = None
-    try:
-        for _ in range(100):
-            if os.path.exists(port_file) and open(port_file).read().strip():
-                break
-            time.sleep(0.1)
-        address = "127.0.0.1:" + open(port_file).read().strip()
-        env = dict(ENV, OMP_NUM_THREADS=str(threads))
-        workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
-                                    "-x", "OMP_NUM_THREADS", os.path.join(args.build_dir, "dp_worker", "dp_worker"),
-                                    f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout),
-                                   env=env, stdout=open(os.path.join(logs, "workers.log"), "w"),
-                                   stderr=subprocess.STDOUT)
+    with deployment(args.build_dir, model, layout, threads, logs) as address:
         out = subprocess.run([os.path.join(args.build_dir, "bench", "service_bench"), f"--address={address}",
                               f"--round_trips={args.round_trips}", f"--data={data}", f"--lora_rank={args.rank}",
                               f"--warmup={args.warmup}", f"--steps={args.steps}",
                               f"--queued_steps={args.queued_steps}"],
                              capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
-            tails = "".join(open(os.path.join(logs, n)).read()[-2000:] for n in ("coordinator.log", "workers.log"))
-            raise SystemExit(f"service_bench failed:\n{out.stderr}\n{tails}")
+            raise SystemExit(f"service_bench failed:\n{out.stderr}\n{log_tails(logs)}")
         return json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        coord.send_signal(signal.SIGTERM)
-        coord.wait(timeout=30)
-        if workers is not None:
-            try:
-                workers.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                workers.kill()
 
 
 def in_process(args, model, data, layout, threads):

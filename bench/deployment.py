@@ -1,0 +1,61 @@
+"""A local deployment for benchmarks: a coordinator on a free loopback port and
+``mpirun`` dp_workers with the given mesh flags; stopped (SIGTERM to the
+coordinator, which stops the workers) on leaving the ``with`` block.
+
+    with deployment(build_dir, model, {"replicas": "2", "ep": "2"}, threads=1, logs=tmp) as address:
+        ...
+"""
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
+def ranks_of(layout):
+    n = 1
+    for v in layout.values():
+        n *= int(v)
+    return n
+
+
+def mesh_flags(layout):
+    return [f"--{k}={v}" for k, v in layout.items()]
+
+
+def log_tails(logs):
+    return "".join(open(os.path.join(logs, n)).read()[-2000:] for n in ("coordinator.log", "workers.log")
+                   if os.path.exists(os.path.join(logs, n)))
+
+
+@contextlib.contextmanager
+def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
+    port_file = os.path.join(logs, "port")
+    root = [f"--checkpoint_root={checkpoint_root}"] if checkpoint_root else []
+    coord = subprocess.Popen([os.path.join(build_dir, "coordinator", "lathe_coordinator"), "--listen=127.0.0.1:0",
+                              f"--port_file={port_file}", f"--replicas={layout.get('replicas', 1)}"] + root,
+                             stdout=open(os.path.join(logs, "coordinator.log"), "w"), stderr=subprocess.STDOUT)
+    workers = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if time.monotonic() > deadline or coord.poll() is not None:
+                raise SystemExit("the coordinator did not start:\n" + log_tails(logs))
+            time.sleep(0.1)
+        address = "127.0.0.1:" + open(port_file).read().strip()
+        workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
+                                    "-x", "OMP_NUM_THREADS", os.path.join(build_dir, "dp_worker", "dp_worker"),
+                                    f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout) + root,
+                                   env=dict(ENV, OMP_NUM_THREADS=str(threads)),
+                                   stdout=open(os.path.join(logs, "workers.log"), "w"), stderr=subprocess.STDOUT)
+        yield address
+    finally:
+        coord.send_signal(signal.SIGTERM)
+        coord.wait(timeout=60)
+        if workers is not None:
+            try:
+                workers.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                workers.kill()
