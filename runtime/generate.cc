@@ -11,17 +11,22 @@
 #include "absl/strings/str_cat.h"
 #include "parallel/model_parallel.h"
 #include "runtime/decoder_model.h"
+#include "runtime/layers.h"
 
 namespace lathe::runtime {
 namespace {
 
-absl::Status Check(const std::vector<int32_t>& prompt, int n, const SamplingSettings& s, int64_t max_seq_len) {
-  if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", n, ")"));
-  if (absl::Status st = ValidateSamplingSettings(s); !st.ok()) return st;
-  if (max_seq_len > 0 && static_cast<int64_t>(prompt.size()) + s.max_tokens > max_seq_len) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt.size(), ") + max_tokens (", s.max_tokens,
-                                                   ") exceeds max_seq_len ", max_seq_len));
+absl::Status Check(const DecoderModel& model, const SampleRequest& r, int64_t max_seq_len) {
+  if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  if (r.num_samples < 1) return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", r.num_samples, ")"));
+  if (absl::Status st = ValidateSamplingSettings(r.settings); !st.ok()) return st;
+  if (max_seq_len > 0 && static_cast<int64_t>(r.prompt.size()) + r.settings.max_tokens > max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt (", r.prompt.size(), ") + max_tokens (",
+                                                   r.settings.max_tokens, ") exceeds max_seq_len ", max_seq_len));
+  }
+  if (r.topk_prompt_logprobs < 0 || r.topk_prompt_logprobs > model.config().vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("topk_prompt_logprobs must be in [0, vocab_size] (got ", r.topk_prompt_logprobs, ")"));
   }
   return absl::OkStatus();
 }
@@ -77,22 +82,24 @@ bool EndsWithStop(const std::vector<int32_t>& tokens, const SamplingSettings& s)
   return false;
 }
 
-}  // namespace
 
-absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
-                                    const SamplingSettings& s, bool prompt_logprobs, int64_t max_seq_len,
-                                    int64_t topk) {
-  if (absl::Status st = Check(prompt, num_samples, s, max_seq_len); !st.ok()) return st;
-  if (topk < 0 || topk > model.config().vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("topk_prompt_logprobs must be in [0, vocab_size] (got ", topk, ")"));
-  }
-  at::NoGradGuard no_grad;
-  Generation out;
+// One sequence being decoded.
+struct Decoding {
+  size_t request;
+  GeneratedSequence* out;
+  at::Generator gen;
+  KvCache cache;
+};
+
+// Prefills r's prompt: fills `out`'s prompt logprobs and returns the cache
+// and the logits [V] of the token after the prompt.
+std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRequest& r, Generation& out) {
   std::vector<KvCache> prefill(1);
-  const int64_t p = static_cast<int64_t>(prompt.size());
-  at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong);
+  const int64_t p = static_cast<int64_t>(r.prompt.size());
+  at::Tensor ids = at::tensor(std::vector<int64_t>(r.prompt.begin(), r.prompt.end()), at::kLong);
   at::Tensor hidden = model.Hidden(ids, {p}, nullptr, &prefill);
-  if (prompt_logprobs) out.prompt_logprobs = OfPrompt(model, hidden, ids);
+  if (r.prompt_logprobs) out.prompt_logprobs = OfPrompt(model, hidden, ids);
+  const int64_t topk = r.topk_prompt_logprobs;
   if (topk > 0) {
     out.topk_ids.assign(topk, 0);
     out.topk_logprobs.assign(topk, -99999.0f);
@@ -103,36 +110,78 @@ absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector
       out.topk_ids.insert(out.topk_ids.end(), i.data_ptr<int32_t>(), i.data_ptr<int32_t>() + i.numel());
     }
   }
-  std::vector<KvCache> caches(num_samples, prefill[0]);
-  std::vector<at::Generator> gens;
-  for (int i = 0; i < num_samples; ++i) gens.push_back(at::make_generator<at::CPUGeneratorImpl>(Mix(s.seed ^ Mix(i))));
-  out.sequences.resize(num_samples);
-  at::Tensor last = FullLogits(model, hidden.narrow(0, p - 1, 1)).expand({num_samples, -1});
-  std::vector<int> active(num_samples);
-  for (int i = 0; i < num_samples; ++i) active[i] = i;
+  return {std::move(prefill[0]), FullLogits(model, hidden.narrow(0, p - 1, 1))[0]};
+}
+
+}  // namespace
+
+std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
+                                                      const std::vector<SampleRequest>& requests,
+                                                      int64_t max_seq_len) {
+  at::NoGradGuard no_grad;
+  std::vector<absl::StatusOr<Generation>> results;
+  std::vector<Decoding> active;
+  std::vector<at::Tensor> first_logits;  // one row per active sequence
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const SampleRequest& req = requests[r];
+    if (absl::Status st = Check(model, req, max_seq_len); !st.ok()) {
+      results.push_back(st);
+      continue;
+    }
+    results.push_back(Generation{});
+  }
+  // Sequences point into the results: no reallocation from here on.
+  for (size_t r = 0; r < requests.size(); ++r) {
+    if (!results[r].ok()) continue;
+    const SampleRequest& req = requests[r];
+    Generation& out = *results[r];
+    auto [cache, logits] = Prefill(model, req, out);
+    out.sequences.resize(req.num_samples);
+    for (int i = 0; i < req.num_samples; ++i) {
+      active.push_back({r, &out.sequences[i],
+                        at::make_generator<at::CPUGeneratorImpl>(Mix(req.settings.seed ^ Mix(i))), cache});
+      first_logits.push_back(logits);
+    }
+  }
+  if (active.empty()) return results;
+  BatchInvariantScope invariant;
+  at::Tensor last = at::stack(first_logits);
   while (!active.empty()) {
     at::Tensor lps = at::log_softmax(last, -1);
     std::vector<int64_t> next;
-    std::vector<int> still;
+    std::vector<Decoding> still;
     for (size_t j = 0; j < active.size(); ++j) {
-      GeneratedSequence& seq = out.sequences[active[j]];
-      const int32_t token = Draw(last[j], s, gens[active[j]]);
-      seq.tokens.push_back(token);
-      seq.logprobs.push_back(lps[j][token].item<float>());
-      seq.stopped = EndsWithStop(seq.tokens, s);
-      if (seq.stopped || static_cast<int64_t>(seq.tokens.size()) >= s.max_tokens) continue;
+      Decoding& d = active[j];
+      const SamplingSettings& s = requests[d.request].settings;
+      const int32_t token = Draw(last[j], s, d.gen);
+      d.out->tokens.push_back(token);
+      d.out->logprobs.push_back(lps[j][token].item<float>());
+      d.out->stopped = EndsWithStop(d.out->tokens, s);
+      if (d.out->stopped || static_cast<int64_t>(d.out->tokens.size()) >= s.max_tokens) continue;
       next.push_back(token);
-      still.push_back(active[j]);
+      still.push_back(std::move(d));
     }
     active = std::move(still);
     if (active.empty()) break;
     std::vector<KvCache> batch;
-    for (int i : active) batch.push_back(std::move(caches[i]));
+    for (Decoding& d : active) batch.push_back(std::move(d.cache));
     at::Tensor h = model.Hidden(at::tensor(next, at::kLong), std::vector<int64_t>(active.size(), 1), nullptr, &batch);
-    for (size_t j = 0; j < active.size(); ++j) caches[active[j]] = std::move(batch[j]);
+    for (size_t j = 0; j < active.size(); ++j) active[j].cache = std::move(batch[j]);
     last = FullLogits(model, h);
   }
-  return out;
+  return results;
+}
+
+absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
+                                    const SamplingSettings& s, bool prompt_logprobs, int64_t max_seq_len,
+                                    int64_t topk) {
+  SampleRequest r;
+  r.prompt = prompt;
+  r.num_samples = num_samples;
+  r.settings = s;
+  r.prompt_logprobs = prompt_logprobs;
+  r.topk_prompt_logprobs = topk;
+  return std::move(GenerateBatch(model, {r}, max_seq_len)[0]);
 }
 
 absl::StatusOr<std::vector<float>> PromptLogprobs(const DecoderModel& model, const std::vector<int32_t>& prompt) {

@@ -1,5 +1,5 @@
-// Generation from a loaded model with a KV cache: prefill the prompt once,
-// then decode every sample one token per step, batched; sampling with
+// Generation from a loaded model with a KV cache: prefill each prompt once,
+// then decode every sample of every request one token per step, batched; sampling with
 // temperature, top-k, top-p, a seed and stop sequences. Under tensor
 // parallelism each rank gathers the whole vocabulary's logits, so every rank
 // of a replica draws the same tokens; all of them must call Generate with
@@ -35,11 +35,30 @@ struct Generation {
   std::vector<float> topk_logprobs;
 };
 
-// InvalidArgument for an empty prompt, num_samples < 1, settings that break
-// ValidateSamplingSettings, a prompt plus max_tokens beyond `max_seq_len`
-// (0: no limit). Sample s draws from its own
-// generator seeded by (seed, s), so a request gives the same tokens wherever
-// it runs and the samples of one request differ.
+// One sampling request.
+struct SampleRequest {
+  std::vector<int32_t> prompt;
+  int num_samples = 1;
+  SamplingSettings settings;
+  bool prompt_logprobs = false;
+  int64_t topk_prompt_logprobs = 0;
+};
+
+// Generates every request: each prompt is prefilled alone, then the samples
+// of all requests decode together, one token per step, in a
+// BatchInvariantScope, so a request's tokens and logprobs are bitwise the
+// same whichever requests share its batch (and equal to Generate's).
+// Sample s of a request draws from its own generator seeded by (seed, s):
+// a request gives the same tokens wherever it runs and its samples differ.
+// A request gets InvalidArgument for an empty prompt, num_samples < 1,
+// settings that break ValidateSamplingSettings, a prompt plus max_tokens
+// beyond `max_seq_len` (0: no limit), topk_prompt_logprobs outside
+// [0, vocab_size]; the other requests still run.
+std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
+                                                      const std::vector<SampleRequest>& requests,
+                                                      int64_t max_seq_len);
+
+// One request: GenerateBatch({request})[0].
 absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector<int32_t>& prompt, int num_samples,
                                     const SamplingSettings& settings, bool prompt_logprobs, int64_t max_seq_len,
                                     int64_t topk_prompt_logprobs = 0);

@@ -2,16 +2,38 @@
 #include "runtime/layers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <vector>
 
+#include "runtime/invariant_linear.h"
+
 namespace lathe::runtime {
+namespace {
+thread_local bool t_batch_invariant = false;
+}  // namespace
+
+BatchInvariantScope::BatchInvariantScope() : previous_(t_batch_invariant) { t_batch_invariant = true; }
+BatchInvariantScope::~BatchInvariantScope() { t_batch_invariant = previous_; }
+bool InBatchInvariantScope() { return t_batch_invariant; }
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w) {
+  if (!t_batch_invariant) return at::mm(x, w.t());
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || w.requires_grad()),
+              "batch-invariant products are for inference only");
+  return InvariantLinear(x, w);
+}
+
+at::Tensor AddLinear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w) {
+  if (!t_batch_invariant) return at::addmm(y, x, w.t());
+  return y + Linear(x, w);
+}
 
 at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
   // x is [T, in]. The scale goes on the rank-sized product and the adapter
   // term is added by the GEMM itself, so no extra [T, out] temporaries.
-  at::Tensor y = at::mm(x, weight.t());
-  if (lora_a.defined()) y = at::addmm(y, at::mm(x, lora_a.t()).mul(scale), lora_b.t());
+  at::Tensor y = Linear(x, weight);
+  if (lora_a.defined()) y = AddLinear(y, Linear(x, lora_a).mul(scale), lora_b);
   return y;
 }
 
@@ -24,26 +46,26 @@ std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fu
     sizes.push_back(p->weight.size(0));
     if (p->lora_a.defined()) a_parts.push_back(p->lora_a);
   }
-  std::vector<at::Tensor> outs = at::split_with_sizes(at::mm(in(x), fused.t()), sizes, 1);
+  std::vector<at::Tensor> outs = at::split_with_sizes(Linear(in(x), fused), sizes, 1);
   if (a_parts.empty()) return outs;
   std::vector<int64_t> ranks;
   for (const at::Tensor& a : a_parts) ranks.push_back(a.size(0));
-  std::vector<at::Tensor> xa = at::split_with_sizes(in(at::mm(x, at::cat(a_parts, 0).t())), ranks, 1);
+  std::vector<at::Tensor> xa = at::split_with_sizes(in(Linear(x, at::cat(a_parts, 0))), ranks, 1);
   for (size_t i = 0; i < parts.size(); ++i) {
-    outs[i] = at::addmm(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b.t());
+    outs[i] = AddLinear(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b);
   }
   return outs;
 }
 
 at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, const RegionFn& reduce) {
   if (!reduce) return layer.Forward(x);
-  at::Tensor y = at::mm(x, layer.weight.t());
+  at::Tensor y = Linear(x, layer.weight);
   if (!layer.lora_a.defined()) return reduce(y);
   // One reduction for the base output and the adapter's rank-sized input.
   const int64_t out = y.size(1);
-  at::Tensor both = reduce(at::cat({y, at::mm(x, layer.lora_a.t())}, 1));
-  return at::addmm(both.narrow(1, 0, out), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
-                   layer.lora_b.t());
+  at::Tensor both = reduce(at::cat({y, Linear(x, layer.lora_a)}, 1));
+  return AddLinear(both.narrow(1, 0, out), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
+                   layer.lora_b);
 }
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -85,7 +107,7 @@ std::vector<at::Tensor> PerExpert(const at::Tensor& stacked, int64_t experts) {
 
 MoeRouting RouteTokens(const at::Tensor& x, const at::Tensor& router, int64_t top_k, bool norm_topk_prob) {
   const int64_t num_experts = router.size(0);
-  at::Tensor logits = at::matmul(x, router.t());
+  at::Tensor logits = Linear(x, router);
   at::Tensor probs = at::softmax(logits, -1, at::kFloat);
   auto [weights, index] = at::topk(probs, top_k, -1);
   if (norm_topk_prob) weights = weights / weights.sum(-1, /*keepdim=*/true);

@@ -12,6 +12,30 @@
 
 namespace lathe::runtime {
 
+// While one lives on a thread, the products below (and DecoderModel's) use
+// InvariantLinear: each row's result is independent of the other rows in the
+// batch, so a decoded request gets the same tokens whatever shares its batch.
+// Inference only (no autograd through those products).
+class BatchInvariantScope {
+ public:
+  BatchInvariantScope();
+  ~BatchInvariantScope();
+  BatchInvariantScope(const BatchInvariantScope&) = delete;
+  BatchInvariantScope& operator=(const BatchInvariantScope&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// Whether a BatchInvariantScope lives on this thread.
+bool InBatchInvariantScope();
+
+// x wᵀ for x [T, in], w [out, in]: at::mm, or InvariantLinear inside a
+// BatchInvariantScope.
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w);
+// y + x wᵀ, the same way.
+at::Tensor AddLinear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w);
+
 // y = x Wᵀ + scale · (x Aᵀ) Bᵀ for x [T, in]. `lora_a` [r, in] and `lora_b`
 // [out, r] are undefined when the layer has no adapter.
 struct LoraLinear {

@@ -1,0 +1,20 @@
+// Batch-invariant linear layer: y = x wᵀ where every output element is
+// summed in one fixed order that depends only on the reduction length, never
+// on how many rows x has, which rows sit beside it, the thread count or the
+// CPU's vector width. Decoding uses it so that a request's tokens do not
+// depend on which other requests share its batch (BLAS kernels pick their
+// blocking, and so their rounding, by the row count).
+#ifndef LATHE_RUNTIME_INVARIANT_LINEAR_H_
+#define LATHE_RUNTIME_INVARIANT_LINEAR_H_
+
+#include <ATen/core/Tensor.h>
+
+namespace lathe::runtime {
+
+// x [M, K], w [N, K] (float32, CPU) → [M, N]. Other dtypes or devices fall
+// back to at::mm on rows padded to a multiple of 16 (no invariance promise).
+at::Tensor InvariantLinear(const at::Tensor& x, const at::Tensor& w);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_INVARIANT_LINEAR_H_
