@@ -23,7 +23,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   c->keys_ = std::make_unique<ApiKeys>(*std::move(keys));
   c->ledger_ = std::make_unique<OpLedger>(options.ledger);
   c->registry_ = std::make_unique<ReplicaRegistry>(options.replicas, options.heartbeat_timeout);
-  c->dispatcher_ = std::make_unique<Dispatcher>(c->ledger_.get(), c->registry_.get(), options.op_timeout);
+  c->dispatcher_ = std::make_unique<Dispatcher>(c->ledger_.get(), c->registry_.get(), options.op_timeout,
+                                                  /*depth=*/4, options.max_inflight_samples);
   OpLedger* ledger = c->ledger_.get();
   c->registry_->OnLost([ledger](const std::string& reason) {
     LATHE_LOG(Error, "deployment lost: %s", reason);

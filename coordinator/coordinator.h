@@ -25,6 +25,8 @@ struct CoordinatorOptions {
   absl::Duration heartbeat_interval = absl::Seconds(1);
   absl::Duration heartbeat_timeout = absl::Seconds(10);
   absl::Duration op_timeout = absl::Hours(2);
+  // Sampling requests on the replicas at once (Dispatcher's sampling_depth).
+  int max_inflight_samples = 64;
   LedgerOptions ledger;
   ServiceOptions service;
   AuthMode auth = AuthMode::kAuto;

@@ -5,8 +5,13 @@
 
 namespace lathe::coordinator {
 
-Dispatcher::Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth)
-    : ledger_(ledger), registry_(registry), op_timeout_(op_timeout), depth_(std::max(1, depth)) {}
+Dispatcher::Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth,
+                       int sampling_depth)
+    : ledger_(ledger),
+      registry_(registry),
+      op_timeout_(op_timeout),
+      depth_(std::max(1, depth)),
+      sampling_depth_(std::max<size_t>(depth_, sampling_depth)) {}
 
 Dispatcher::~Dispatcher() { Stop(); }
 
@@ -48,20 +53,27 @@ int Dispatcher::runs() const {
   return static_cast<int>(runs_.size());
 }
 
+bool Dispatcher::WaitForRoom(size_t limit) {
+  absl::MutexLock lock(&mu_);
+  auto room = [this, limit]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stop_ || in_flight_.size() < limit; };
+  mu_.Await(absl::Condition(&room));
+  if (stop_) sender_done_ = true;
+  return !stop_;
+}
+
 void Dispatcher::SendLoop() {
   for (;;) {
-    {
-      // Wait for room on the replicas.
-      absl::MutexLock lock(&mu_);
-      auto room = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stop_ || in_flight_.size() < depth_; };
-      mu_.Await(absl::Condition(&room));
-      if (stop_) {
-        sender_done_ = true;
-        return;
-      }
-    }
+    // Room for a sampling request; another operation waits for more below.
+    if (!WaitForRoom(sampling_depth_)) return;
     std::optional<ReadyOp> op = ledger_->WaitReady(absl::Milliseconds(200));
     if (!op.has_value()) continue;
+    const auto kind = op->request.op_case();
+    const bool sampling =
+        kind == lathe::v1::SubmitRequest::kSample || kind == lathe::v1::SubmitRequest::kComputeLogprobs;
+    if (!sampling && !WaitForRoom(depth_)) {
+      ledger_->Fail(op->op_id, runtime::OpErrorFromStatus(absl::UnavailableError("the coordinator is stopping")));
+      return;
+    }
     InFlight entry;
     // An ordering point needs no replica work: it completes when every
     // operation sent before it has been collected (at once when none is out).

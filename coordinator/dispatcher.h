@@ -4,8 +4,10 @@
 //
 // Pipelined: up to `depth` operations are on the replicas at once (each
 // replica executes its tasks in the order sent), so a replica starts the next
-// operation without waiting for the coordinator to see the last one's answer.
-// Results are recorded in dispatch order.
+// operation without waiting for the coordinator to see the last one's answer;
+// up to `sampling_depth` when the ones beyond `depth` are sampling requests
+// (sample, compute_logprobs), so that concurrent requests reach a replica
+// together and decode in one batch. Results are recorded in dispatch order.
 //
 // Thread-safe; two threads of its own (one sends, one collects).
 #ifndef LATHE_COORDINATOR_DISPATCHER_H_
@@ -28,7 +30,8 @@ class Dispatcher {
  public:
   // Neither is owned; both outlive the dispatcher. `op_timeout` bounds one
   // operation's round trip to the replicas.
-  Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth = 4);
+  Dispatcher(OpLedger* ledger, ReplicaRegistry* registry, absl::Duration op_timeout, int depth = 4,
+             int sampling_depth = 64);
   ~Dispatcher();
 
   void Start();
@@ -51,6 +54,8 @@ class Dispatcher {
     std::vector<int64_t> task_ids;  // empty: nothing was sent
     absl::Status send_status;
   };
+  // Waits until fewer than `limit` operations are out; false when stopping.
+  bool WaitForRoom(size_t limit);
   void SendLoop();
   void CollectLoop();
   void Finish(InFlight& entry);
@@ -61,6 +66,7 @@ class Dispatcher {
   ReplicaRegistry* registry_;
   const absl::Duration op_timeout_;
   const size_t depth_;
+  const size_t sampling_depth_;  // >= depth_
   mutable absl::Mutex mu_;
   std::map<std::string, lathe::v1::RunInfo> runs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::vector<std::string>> policy_paths_ ABSL_GUARDED_BY(mu_);

@@ -18,6 +18,8 @@ ABSL_FLAG(double, gap_timeout_s, 600.0, "how long an operation waits for a missi
 ABSL_FLAG(double, result_ttl_s, 3600.0, "how long results stay retrievable after they finish");
 ABSL_FLAG(int64_t, max_queued, 1024, "operations accepted but unfinished, over all runs");
 ABSL_FLAG(double, op_timeout_s, 7200.0, "longest round trip of one operation to the replicas");
+ABSL_FLAG(int, max_inflight_samples, 64,
+          "sampling requests on the replicas at once (other operations: 4), so concurrent ones batch");
 ABSL_FLAG(std::string, auth, "auto", "API keys: on, off, or auto (off on loopback, on otherwise)");
 ABSL_FLAG(std::string, api_keys_file, "", "file of accepted API keys, one per line (also $LATHE_API_KEYS)");
 ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (same path), for ListCheckpoints");
@@ -45,6 +47,7 @@ int main(int argc, char** argv) {
   o.ledger.result_ttl = absl::Seconds(absl::GetFlag(FLAGS_result_ttl_s));
   o.ledger.max_unfinished = absl::GetFlag(FLAGS_max_queued);
   o.op_timeout = absl::Seconds(absl::GetFlag(FLAGS_op_timeout_s));
+  o.max_inflight_samples = absl::GetFlag(FLAGS_max_inflight_samples);
   o.auth = *auth;
   o.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
   std::signal(SIGTERM, OnSignal);

@@ -33,6 +33,10 @@ lathe::v1::LoraConfig LoraToProto(const runtime::LoraSettings& s) {
   return c;
 }
 
+absl::Status NotInitialised(const std::string& run_id) {
+  return absl::FailedPreconditionError(absl::StrCat("run ", run_id, " is not initialised on this replica"));
+}
+
 }  // namespace
 
 OpExecutor::OpExecutor(ExecutorOptions options, parallel::ParallelContext* parallel)
@@ -40,10 +44,14 @@ OpExecutor::OpExecutor(ExecutorOptions options, parallel::ParallelContext* paral
 
 OpExecutor::~OpExecutor() = default;
 
-lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
+std::optional<std::string> SampleBatchKey(const lathe::v1::SubmitRequest& op) {
+  if (op.op_case() != lathe::v1::SubmitRequest::kSample) return std::nullopt;
+  return absl::StrCat(op.run_id(), "\n", op.sample().model_path(), "\n", op.sample().base() ? "base" : "");
+}
+
+lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::v1::OpResult> result) const {
   lathe::v1::TaskResult answer;
-  answer.set_task_id(task.task_id());
-  absl::StatusOr<lathe::v1::OpResult> result = Run(task.op());
+  answer.set_task_id(task_id);
   if (parallel::CommunicationBroken()) {
     // A collective timed out: this replica cannot compute any more (see
     // parallel/communicator.h); the job ends after this answer.
@@ -57,6 +65,31 @@ lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
     *answer.mutable_error() = runtime::OpErrorFromStatus(result.status());
   }
   return answer;
+}
+
+lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) { return Answer(task.task_id(), Run(task.op())); }
+
+std::vector<lathe::v1::TaskResult> OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch) {
+  std::vector<lathe::v1::TaskResult> answers;
+  const std::optional<std::string> key = SampleBatchKey(batch.tasks(0).op());
+  bool together = batch.tasks_size() > 1 && key.has_value();
+  for (const lathe::v1::Task& task : batch.tasks()) together = together && SampleBatchKey(task.op()) == key;
+  if (!together) {
+    for (const lathe::v1::Task& task : batch.tasks()) answers.push_back(Execute(task));
+    return answers;
+  }
+  const std::string& run_id = batch.tasks(0).op().run_id();
+  auto it = trainers_.find(run_id);
+  std::vector<absl::StatusOr<lathe::v1::OpResult>> results;
+  if (it == trainers_.end()) {
+    results.assign(batch.tasks_size(), NotInitialised(run_id));
+  } else {
+    std::vector<const lathe::v1::SampleOp*> ops;
+    for (const lathe::v1::Task& task : batch.tasks()) ops.push_back(&task.op().sample());
+    results = Sample(*it->second, run_id, ops);
+  }
+  for (int i = 0; i < batch.tasks_size(); ++i) answers.push_back(Answer(batch.tasks(i).task_id(), std::move(results[i])));
+  return answers;
 }
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
@@ -101,9 +134,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     return result;
   }
   auto it = trainers_.find(op.run_id());
-  if (it == trainers_.end()) {
-    return absl::FailedPreconditionError(absl::StrCat("run ", op.run_id(), " is not initialised on this replica"));
-  }
+  if (it == trainers_.end()) return NotInitialised(op.run_id());
   runtime::Trainer& trainer = *it->second;
   switch (op.op_case()) {
     case lathe::v1::SubmitRequest::kForward: {
@@ -121,7 +152,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     case lathe::v1::SubmitRequest::kSaveState:
       return Save(trainer, op);
     case lathe::v1::SubmitRequest::kSample:
-      return Sample(trainer, op.run_id(), op.sample());
+      return std::move(Sample(trainer, op.run_id(), {&op.sample()})[0]);
     case lathe::v1::SubmitRequest::kComputeLogprobs:
       return ComputeLogprobs(trainer, op.run_id(), op.compute_logprobs());
     case lathe::v1::SubmitRequest::kSaveWeightsForSampler:
@@ -235,38 +266,68 @@ absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runti
   return &(snapshots_[model_path] = *std::move(values));
 }
 
-absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
-                                                       const lathe::v1::SampleOp& op) {
-  LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, runtime::InputTokens(op.prompt()));
-  LATHE_ASSIGN_OR_RETURN(runtime::SamplingSettings s, runtime::SamplingSettingsFromProto(op.params()));
-  LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
-                         SamplingWeights(trainer, run_id, op.model_path(), op.base()));
-  absl::StatusOr<runtime::Generation> g;
+std::vector<absl::StatusOr<lathe::v1::OpResult>> OpExecutor::Sample(
+    runtime::Trainer& trainer, const std::string& run_id, const std::vector<const lathe::v1::SampleOp*>& ops) {
+  std::vector<absl::StatusOr<lathe::v1::OpResult>> results(ops.size(), absl::InternalError("not sampled"));
+  absl::StatusOr<const std::vector<at::Tensor>*> weights =
+      SamplingWeights(trainer, run_id, ops[0]->model_path(), ops[0]->base());
+  if (!weights.ok()) {
+    results.assign(ops.size(), weights.status());
+    return results;
+  }
+  std::vector<runtime::SampleRequest> requests;
+  std::vector<size_t> of_request;  // index into ops
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const lathe::v1::SampleOp& op = *ops[i];
+    runtime::SampleRequest r;
+    absl::StatusOr<std::vector<int32_t>> prompt = runtime::InputTokens(op.prompt());
+    absl::StatusOr<runtime::SamplingSettings> settings = runtime::SamplingSettingsFromProto(op.params());
+    if (!prompt.ok() || !settings.ok()) {
+      results[i] = prompt.ok() ? settings.status() : prompt.status();
+      continue;
+    }
+    r.prompt = *std::move(prompt);
+    r.settings = *std::move(settings);
+    r.num_samples = op.num_samples();
+    r.prompt_logprobs = op.include_prompt_logprobs();
+    r.topk_prompt_logprobs = op.topk_prompt_logprobs();
+    requests.push_back(std::move(r));
+    of_request.push_back(i);
+  }
+  std::vector<absl::StatusOr<runtime::Generation>> generations;
   try {
-    WeightSwap swap(trainer.model().trainable(), weights);
-    g = runtime::Generate(trainer.model(), prompt, op.num_samples(), s, op.include_prompt_logprobs(),
-                          trainer.GetInfo().max_seq_len, op.topk_prompt_logprobs());
+    WeightSwap swap(trainer.model().trainable(), *weights);
+    generations = runtime::GenerateBatch(trainer.model(), requests, trainer.GetInfo().max_seq_len);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace()));
+    generations.assign(requests.size(), absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace())));
   }
-  if (!g.ok()) return g.status();
-  lathe::v1::OpResult result;
-  lathe::v1::SampleResult* out = result.mutable_sample();
-  for (const runtime::GeneratedSequence& seq : g->sequences) {
-    lathe::v1::SampledSequence* s_out = out->add_sequences();
-    s_out->set_tokens(Bytes(seq.tokens));
-    s_out->set_logprobs(Bytes(seq.logprobs));
-    s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
+  for (size_t j = 0; j < requests.size(); ++j) {
+    const size_t i = of_request[j];
+    if (!generations[j].ok()) {
+      results[i] = generations[j].status();
+      continue;
+    }
+    const runtime::Generation& g = *generations[j];
+    lathe::v1::OpResult result;
+    lathe::v1::SampleResult* out = result.mutable_sample();
+    out->set_batched_requests(static_cast<int32_t>(requests.size()));
+    for (const runtime::GeneratedSequence& seq : g.sequences) {
+      lathe::v1::SampledSequence* s_out = out->add_sequences();
+      s_out->set_tokens(Bytes(seq.tokens));
+      s_out->set_logprobs(Bytes(seq.logprobs));
+      s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
+    }
+    if (requests[j].prompt_logprobs) out->set_prompt_logprobs(Bytes(g.prompt_logprobs));
+    if (requests[j].topk_prompt_logprobs > 0) {
+      lathe::v1::TopkPromptLogprobs* topk = out->mutable_topk_prompt_logprobs();
+      topk->set_token_ids(Bytes(g.topk_ids));
+      topk->set_logprobs(Bytes(g.topk_logprobs));
+      topk->set_k(static_cast<uint32_t>(requests[j].topk_prompt_logprobs));
+      topk->set_prompt_length(static_cast<uint32_t>(requests[j].prompt.size()));
+    }
+    results[i] = std::move(result);
   }
-  if (op.include_prompt_logprobs()) out->set_prompt_logprobs(Bytes(g->prompt_logprobs));
-  if (op.topk_prompt_logprobs() > 0) {
-    lathe::v1::TopkPromptLogprobs* topk = out->mutable_topk_prompt_logprobs();
-    topk->set_token_ids(Bytes(g->topk_ids));
-    topk->set_logprobs(Bytes(g->topk_logprobs));
-    topk->set_k(static_cast<uint32_t>(op.topk_prompt_logprobs()));
-    topk->set_prompt_length(static_cast<uint32_t>(prompt.size()));
-  }
-  return result;
+  return results;
 }
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,

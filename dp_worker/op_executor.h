@@ -11,7 +11,9 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "lathe/v1/replica.pb.h"
 #include "parallel/context.h"
@@ -29,6 +31,10 @@ struct ExecutorOptions {
   absl::Duration collective_timeout = absl::Minutes(10);
 };
 
+// Sampling requests with equal keys may decode in one batch: the same run
+// and the same weights. nullopt for other operations.
+std::optional<std::string> SampleBatchKey(const lathe::v1::SubmitRequest& op);
+
 class OpExecutor {
  public:
   // `parallel` is not owned and outlives the executor.
@@ -38,6 +44,9 @@ class OpExecutor {
   // Runs the task and returns its answer: a result, or an error with its
   // category (USER for refused input, SERVER for failures of the replica).
   lathe::v1::TaskResult Execute(const lathe::v1::Task& task);
+  // One answer per task, in order. Sampling requests of one SampleBatchKey
+  // decode together (runtime::GenerateBatch); other tasks run one by one.
+  std::vector<lathe::v1::TaskResult> ExecuteBatch(const lathe::v1::TaskBatch& batch);
 
  private:
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
@@ -47,8 +56,10 @@ class OpExecutor {
   // current weights, else values for every trainable parameter.
   absl::StatusOr<const std::vector<at::Tensor>*> SamplingWeights(runtime::Trainer& trainer, const std::string& run_id,
                                                                  const std::string& model_path, bool base);
-  absl::StatusOr<lathe::v1::OpResult> Sample(runtime::Trainer& trainer, const std::string& run_id,
-                                             const lathe::v1::SampleOp& op);
+  // The answers to sampling requests that share their weights.
+  std::vector<absl::StatusOr<lathe::v1::OpResult>> Sample(runtime::Trainer& trainer, const std::string& run_id,
+                                                          const std::vector<const lathe::v1::SampleOp*>& ops);
+  lathe::v1::TaskResult Answer(int64_t task_id, absl::StatusOr<lathe::v1::OpResult> result) const;
   absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                       const lathe::v1::ComputeLogprobsOp& op);
   absl::StatusOr<lathe::v1::OpResult> SaveForSampler(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);

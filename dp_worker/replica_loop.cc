@@ -1,8 +1,9 @@
 // Control messages inside a replica: a header {kind, byte length} then the
-// serialized task packed in int64 words, broadcast from the leader.
+// serialized TaskBatch packed in int64 words, broadcast from the leader.
 #include "dp_worker/replica_loop.h"
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,7 @@
 namespace lathe::dp_worker {
 namespace {
 
-enum Kind : int64_t { kKeepalive = 0, kTask = 1, kStop = 2 };
+enum Kind : int64_t { kKeepalive = 0, kTasks = 1, kStop = 2 };
 
 absl::Status SendControl(parallel::Communicator& replica, Kind kind, const std::string& bytes,
                          absl::Duration timeout) {
@@ -39,22 +40,69 @@ absl::StatusOr<std::pair<Kind, std::string>> ReceiveControl(parallel::Communicat
   return std::make_pair(static_cast<Kind>(header[0]), std::move(bytes));
 }
 
+// A noop needs no rank's work: the leader answers it at once.
+bool AnswerNoop(const lathe::v1::Task& task, ReplicaLink& link) {
+  if (task.op().op_case() != lathe::v1::SubmitRequest::kNoop) return false;
+  lathe::v1::TaskResult answer;
+  answer.set_task_id(task.task_id());
+  answer.mutable_result()->mutable_noop();
+  link.SendResult(answer);
+  return true;
+}
+
+// The next batch: `first`, then the tasks already queued behind it that can
+// decode with it (noops between them are answered on the way). The first
+// task that cannot is kept in `held` for the next batch.
+lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::optional<lathe::v1::Task>& held,
+                               int max_rows) {
+  lathe::v1::TaskBatch batch;
+  const std::optional<std::string> key = SampleBatchKey(first.op());
+  int rows = key.has_value() ? first.op().sample().num_samples() : 0;
+  *batch.add_tasks() = std::move(first);
+  if (!key.has_value()) return batch;
+  while (std::optional<lathe::v1::Task> next = link.NextTask(absl::ZeroDuration())) {
+    if (AnswerNoop(*next, link)) continue;
+    const int more = next->op().sample().num_samples();
+    if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
+      held = std::move(next);
+      break;
+    }
+    rows += more;
+    *batch.add_tasks() = *std::move(next);
+  }
+  return batch;
+}
+
 }  // namespace
 
 absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Communicator& replica,
                        const std::atomic<bool>& stop, const LoopOptions& options) {
-  while (!stop.load() && !link.closed()) {
-    std::optional<lathe::v1::Task> task = link.NextTask(options.idle_tick);
+  std::optional<lathe::v1::Task> held;
+  absl::Time last_control = absl::Now();
+  while (!stop.load() && (held.has_value() || !link.closed())) {
+    std::optional<lathe::v1::Task> task = std::move(held);
+    held.reset();
+    if (!task.has_value()) task = link.NextTask(options.idle_tick);
+    if (task.has_value() && AnswerNoop(*task, link)) {
+      // Noops never reach the other ranks; a steady stream of them must not
+      // starve the ranks of keepalives.
+      if (absl::Now() - last_control < options.idle_tick) continue;
+      task.reset();
+    }
     if (!task.has_value()) {
       LATHE_RETURN_IF_ERROR(SendControl(replica, kKeepalive, "", options.control_timeout));
+      last_control = absl::Now();
       continue;
     }
-    LATHE_RETURN_IF_ERROR(SendControl(replica, kTask, task->SerializeAsString(), options.control_timeout));
-    const lathe::v1::TaskResult answer = executor.Execute(*task);
-    link.SendResult(answer);
+    const lathe::v1::TaskBatch batch = NextBatch(*std::move(task), link, held, options.max_sample_rows);
+    LATHE_RETURN_IF_ERROR(SendControl(replica, kTasks, batch.SerializeAsString(), options.control_timeout));
+    last_control = absl::Now();
+    const std::vector<lathe::v1::TaskResult> answers = executor.ExecuteBatch(batch);
+    for (const lathe::v1::TaskResult& answer : answers) link.SendResult(answer);
     if (parallel::CommunicationBroken()) {
-      link.Deregister(answer.error().message());
-      return absl::UnavailableError(answer.error().message());
+      const std::string why = answers.back().error().message();
+      link.Deregister(why);
+      return absl::UnavailableError(why);
     }
   }
   LATHE_RETURN_IF_ERROR(SendControl(replica, kStop, "", options.control_timeout));
@@ -71,11 +119,13 @@ absl::Status RunFollower(OpExecutor& executor, parallel::Communicator& replica, 
   for (;;) {
     LATHE_ASSIGN_OR_RETURN(auto control, ReceiveControl(replica, options.control_timeout));
     if (control.first == kStop) return absl::OkStatus();
-    if (control.first != kTask) continue;
-    lathe::v1::Task task;
-    if (!task.ParseFromString(control.second)) return absl::InternalError("unreadable task from the replica leader");
-    const lathe::v1::TaskResult answer = executor.Execute(task);
-    if (parallel::CommunicationBroken()) return absl::UnavailableError(answer.error().message());
+    if (control.first != kTasks) continue;
+    lathe::v1::TaskBatch batch;
+    if (!batch.ParseFromString(control.second) || batch.tasks().empty()) {
+      return absl::InternalError("unreadable tasks from the replica leader");
+    }
+    const std::vector<lathe::v1::TaskResult> answers = executor.ExecuteBatch(batch);
+    if (parallel::CommunicationBroken()) return absl::UnavailableError(answers.back().error().message());
   }
 }
 

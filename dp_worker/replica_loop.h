@@ -1,6 +1,9 @@
 // The serving loop of one replica. The leader takes tasks from the
 // coordinator link and broadcasts each to the replica's ranks, which all
-// execute it; when idle it broadcasts a keepalive every tick, so the other
+// execute it. Sampling requests queued one after another that use the same
+// weights go as one batch (up to `max_sample_rows` samples), decoded
+// together; a batch never reaches past a task of another kind, so tasks keep
+// their order; when idle it broadcasts a keepalive every tick, so the other
 // ranks notice a dead leader within their control timeout. On a stop request
 // (SIGTERM) the leader finishes the task in flight, tells the ranks to stop
 // and deregisters.
@@ -24,6 +27,8 @@ struct LoopOptions {
   absl::Duration idle_tick = absl::Seconds(1);
   // How long a follower waits for the leader's next control message.
   absl::Duration control_timeout = absl::Minutes(10);
+  // Samples (Σ num_samples) decoded in one batch; a larger request runs alone.
+  int max_sample_rows = 64;
 };
 
 // OK after a requested stop or the coordinator's Shutdown; Unavailable when

@@ -64,6 +64,8 @@ class FakeReplica : public ReplicaSink {
         r.mutable_error()->set_category(lathe::v1::OpError::USER);
         r.mutable_error()->set_code(3);
         r.mutable_error()->set_message("refused");
+      } else if (task.op().has_sample()) {
+        r.mutable_result()->mutable_sample();
       } else {
         r.mutable_result()->mutable_noop();
       }
@@ -98,6 +100,12 @@ lathe::v1::SubmitRequest Op(int64_t seq, bool optim = false) {
   return op;
 }
 
+lathe::v1::SubmitRequest SampleOp(int64_t seq) {
+  lathe::v1::SubmitRequest op = Op(seq);
+  op.mutable_sample()->set_num_samples(1);
+  return op;
+}
+
 class DispatcherTest : public testing::Test {
  protected:
   void SetUp() override {
@@ -126,6 +134,22 @@ TEST_F(DispatcherTest, KeepsUpToDepthOperationsOnTheReplicasAndFinishesInOrder) 
   for (const std::string& id : ids) EXPECT_EQ(WaitFor(id).state, lathe::v1::RetrieveResponse::DONE) << id;
   EXPECT_EQ(a_.seen_seq_ids(), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
   EXPECT_LE(b_.max_outstanding(), 3u);
+}
+
+TEST_F(DispatcherTest, SamplingRequestsGoOutBeyondTheDepthAndTheNextTrainingOpWaits) {
+  std::vector<std::string> ids;
+  for (int64_t seq = 1; seq <= 10; ++seq) ids.push_back(*ledger_.Submit(SampleOp(seq)));
+  ids.push_back(*ledger_.Submit(Op(11)));  // a training operation after them
+  absl::SleepFor(absl::Milliseconds(300));
+  // All ten out at once (depth is 3; each replica holds a task per request,
+  // a noop where the other replica samples); the training operation is not
+  // sent yet.
+  EXPECT_EQ(a_.max_outstanding(), 10u);
+  EXPECT_EQ(b_.max_outstanding(), 10u);
+  a_.Release();
+  b_.Release();
+  for (const std::string& id : ids) EXPECT_EQ(WaitFor(id).state, lathe::v1::RetrieveResponse::DONE) << id;
+  EXPECT_EQ(a_.seen_seq_ids(), (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}));
 }
 
 TEST_F(DispatcherTest, AnOrderingPointWaitsForEverythingBeforeIt) {

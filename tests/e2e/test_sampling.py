@@ -90,6 +90,34 @@ def test_sampler_logprobs_equal_forward_and_seeds_decide(deployment):
     assert stopped.stop_reason == pb.STOP and _ints(stopped.tokens)[-2:] == stop
 
 
+def test_concurrent_requests_decode_together_and_answer_as_alone(deployment):
+    run = Run(deployment.stub)
+    rng = np.random.default_rng(5)
+    run.ok(forward_backward=batch([datum(*sc.random_sequence(rng, n)) for n in (9, 14)]))
+    run.ok(optim_step=adam(learning_rate=1e-2))
+    requests = [pb.SampleOp(prompt=_input(PROMPT[: 2 + i % 6] + [i]), num_samples=1 + i % 3,
+                            include_prompt_logprobs=i % 4 == 0,
+                            params=pb.SamplingParams(max_tokens=3 + i, seed=100 + i,
+                                                     temperature=0.0 if i % 5 == 0 else 1.0))
+                for i in range(10)]
+    alone = [run.ok(sample=r).sample for r in requests]
+    # All submitted before any is collected: each replica finds several queued.
+    ids = []
+    for r in requests:
+        run.seq += 1
+        ids.append(sc.submit(run.stub, run.id, run.seq, sample=r))
+    together = [sc.wait(run.stub, op_id, timeout=60) for op_id in ids]
+    assert all(t.state == Retrieve.DONE for t in together), together
+    together = [t.result.sample for t in together]
+    assert max(t.batched_requests for t in together) > 1, "no two requests were decoded together"
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert len(a.sequences) == len(b.sequences) == requests[i].num_samples
+        for sa, sb in zip(a.sequences, b.sequences):
+            # Bitwise: the batch (and the replica) changes nothing.
+            assert (sa.tokens, sa.logprobs, sa.stop_reason) == (sb.tokens, sb.logprobs, sb.stop_reason), i
+        assert a.prompt_logprobs == b.prompt_logprobs, i
+
+
 def test_bad_sampling_requests_are_refused(deployment):
     stub = deployment.stub
     run = sc.create_run(stub, rank=8, seed=4)
