@@ -2,6 +2,7 @@
 //   lathe info [--run_id R] [--wait_s S]   health, capabilities, a run's info
 //   lathe train --data F.jsonl [...]        SFT through the deployment
 //   lathe checkpoints [--run_id R]          a run's (or the base model's) checkpoints
+//   lathe plan --model M [--replicas R ...]  rank placement and memory per device (no deployment needed)
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "client/commands.h"
+#include "client/plan.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7777", "the coordinator's host:port");
 ABSL_FLAG(std::string, api_key_file, "", "file holding the API key (else $LATHE_API_KEY)");
@@ -24,13 +26,49 @@ ABSL_FLAG(int, lora_rank, 32, "train: LoRA rank; 0 = full fine-tuning");
 ABSL_FLAG(double, lora_alpha, 32.0, "train: LoRA alpha");
 ABSL_FLAG(int64_t, seed, 0, "train: LoRA initialisation seed");
 ABSL_FLAG(std::string, save, "", "train: save_state under this name after the last step");
+ABSL_FLAG(std::string, model, "", "plan: the base model (preset name, or any name with an explicit layout)");
+ABSL_FLAG(int, replicas, 0, "plan: data-parallel replicas; 0: 1 (and no layout of its own)");
+ABSL_FLAG(int, node_count, 0, "plan: nodes per replica; 0: the preset's, else 1");
+ABSL_FLAG(int, devices_per_node, 0, "plan: devices per node; 0: the preset's (required without one)");
+ABSL_FLAG(int, tp, 0, "plan: tensor-parallel degree; 0: the preset's, else 1");
+ABSL_FLAG(int, ep, 0, "plan: expert-parallel degree; 0: the preset's, else 1");
+ABSL_FLAG(int64_t, max_seq_len, 0, "plan: tokens of the longest datum; 0: the preset's");
+ABSL_FLAG(double, device_memory_gib, 80, "plan: memory of one device; exit 3 when the estimate exceeds it");
+ABSL_FLAG(std::string, format, "table", "plan: table, or env (shell assignments used by launch/)");
+ABSL_FLAG(bool, list, false, "plan: list the preset table instead");
+ABSL_FLAG(std::string, presets, "", "plan: preset table; empty: $LATHE_PRESETS, installed or source-tree");
 ABSL_FLAG(double, min_loss_drop, 0.0, "train: exit 1 unless the last loss is below the first by this fraction");
+
+namespace {
+
+int Plan() {
+  std::string path = absl::GetFlag(FLAGS_presets);
+  if (path.empty()) path = lathe::presets::DefaultPresetsPath();
+  auto table = lathe::presets::LoadPresets(path.empty() ? "presets/models.json" : path);
+  if (!table.ok()) return lathe::client::Fail(table.status());
+  if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table);
+  lathe::client::PlanOptions o;
+  o.layout.model = absl::GetFlag(FLAGS_model);
+  o.layout.replicas = absl::GetFlag(FLAGS_replicas);
+  o.layout.node_count = absl::GetFlag(FLAGS_node_count);
+  o.layout.devices_per_node = absl::GetFlag(FLAGS_devices_per_node);
+  o.layout.tp = absl::GetFlag(FLAGS_tp);
+  o.layout.ep = absl::GetFlag(FLAGS_ep);
+  o.layout.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  o.lora_rank = absl::GetFlag(FLAGS_lora_rank);
+  o.device_memory_gib = absl::GetFlag(FLAGS_device_memory_gib);
+  o.format = absl::GetFlag(FLAGS_format);
+  return lathe::client::PlanCommand(*table, o);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace lathe::client;
-  absl::SetProgramUsageMessage("lathe info|train|checkpoints [flags]; --helpfull lists the flags");
+  absl::SetProgramUsageMessage("lathe info|train|checkpoints|plan [flags]; --helpfull lists the flags");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  if (args.size() != 2) return std::fprintf(stderr, "usage: lathe info|train|checkpoints [flags]\n"), 2;
+  if (args.size() != 2) return std::fprintf(stderr, "usage: lathe info|train|checkpoints|plan [flags]\n"), 2;
+  if (std::string(args[1]) == "plan") return Plan();
   ClientOptions options;
   options.address = absl::GetFlag(FLAGS_address);
   if (std::string path = absl::GetFlag(FLAGS_api_key_file); !path.empty()) {

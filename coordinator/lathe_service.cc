@@ -54,6 +54,7 @@ grpc::Status LatheService::GetCapabilities(grpc::ServerContext* context, const l
   response->mutable_layout()->set_replicas(registry_->expected());
   response->set_architecture(model.architecture());
   response->set_vocab_size(model.vocab_size());
+  for (const lathe::v1::ModelPreset& p : options_.presets) *response->add_presets() = p;
   return grpc::Status::OK;
 }
 

@@ -3,6 +3,8 @@
 #ifndef LATHE_COORDINATOR_LATHE_SERVICE_H_
 #define LATHE_COORDINATOR_LATHE_SERVICE_H_
 
+#include <vector>
+
 #include "absl/synchronization/mutex.h"
 #include "coordinator/auth.h"
 #include "coordinator/checkpoint_store.h"
@@ -17,6 +19,7 @@ struct ServiceOptions {
   int max_runs = 1;
   absl::Duration max_wait = absl::Seconds(40);  // Retrieve's cap
   std::string checkpoint_root;                  // the workers' --checkpoint_root, for listing
+  std::vector<lathe::v1::ModelPreset> presets;  // served by GetCapabilities
 };
 
 class LatheService final : public lathe::v1::Lathe::Service {

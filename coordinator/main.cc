@@ -8,6 +8,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "coordinator/coordinator.h"
+#include "presets/preset_table.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7777", "host:port to serve on (port 0: any free port, printed)");
 ABSL_FLAG(int, replicas, 1, "data-parallel replicas the deployment waits for");
@@ -23,6 +24,8 @@ ABSL_FLAG(int, max_inflight_samples, 64,
 ABSL_FLAG(std::string, auth, "auto", "API keys: on, off, or auto (off on loopback, on otherwise)");
 ABSL_FLAG(std::string, api_keys_file, "", "file of accepted API keys, one per line (also $LATHE_API_KEYS)");
 ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (same path), for ListCheckpoints");
+ABSL_FLAG(std::string, presets, "",
+          "preset table served by GetCapabilities; empty: $LATHE_PRESETS, the installed or source-tree one");
 ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
 
 namespace {
@@ -50,6 +53,13 @@ int main(int argc, char** argv) {
   o.max_inflight_samples = absl::GetFlag(FLAGS_max_inflight_samples);
   o.auth = *auth;
   o.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
+  std::string presets_path = absl::GetFlag(FLAGS_presets);
+  if (presets_path.empty()) presets_path = lathe::presets::DefaultPresetsPath();
+  if (!presets_path.empty()) {
+    auto table = lathe::presets::LoadPresets(presets_path);
+    if (!table.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", table.status().ToString().c_str()), 2;
+    for (const auto& p : *table) o.service.presets.push_back(lathe::presets::ToProto(p));
+  }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(o);

@@ -16,11 +16,14 @@
 ABSL_FLAG(std::string, coordinator, "127.0.0.1:7777", "host:port of the coordinator's ReplicaLink service");
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json + *.safetensors)");
 ABSL_FLAG(std::string, base_model, "", "the model's name for clients; empty: the folder's name");
-ABSL_FLAG(int, replicas, 1, "data-parallel replicas; the world size is replicas x node_count x devices per node");
-ABSL_FLAG(int, node_count, 1, "nodes per replica");
-ABSL_FLAG(int, tp, 1, "tensor-parallel degree inside a node");
-ABSL_FLAG(int, ep, 1, "expert-parallel degree inside a replica");
-ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the model's max_position_embeddings");
+ABSL_FLAG(int, replicas, 0, "data-parallel replicas (0: 1); the world size is replicas x node_count x devices per node");
+ABSL_FLAG(int, node_count, 0, "nodes per replica; 0: the preset's, else 1");
+ABSL_FLAG(int, devices_per_node, 0, "ranks per node; 0: the preset's, else world size / (replicas x node_count)");
+ABSL_FLAG(int, tp, 0, "tensor-parallel degree inside a node; 0: the preset's, else 1");
+ABSL_FLAG(int, ep, 0, "expert-parallel degree inside a replica; 0: the preset's, else 1");
+ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the preset's, else the model's max_position_embeddings");
+ABSL_FLAG(std::string, presets, "", "preset table (JSON); empty: $LATHE_PRESETS, the installed or source-tree presets/models.json");
+ABSL_FLAG(bool, dry_run, false, "print each rank's place, node and device for the resolved layout, then exit");
 ABSL_FLAG(int64_t, micro_batch_tokens, 0, "tokens per micro-batch; 0: sized for ~256 MiB of logits");
 ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
 ABSL_FLAG(int, max_sample_rows, 64,
@@ -44,7 +47,6 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   lathe::dp_worker::ServeOptions o;
   o.executor.model_dir = absl::GetFlag(FLAGS_model);
-  o.executor.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   o.executor.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
   o.executor.max_runs = absl::GetFlag(FLAGS_max_runs);
   o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
@@ -57,10 +59,14 @@ int main(int argc, char** argv) {
   }
   o.link.api_key = *key;
   o.base_model = absl::GetFlag(FLAGS_base_model);
-  o.replicas = absl::GetFlag(FLAGS_replicas);
-  o.node_count = absl::GetFlag(FLAGS_node_count);
-  o.tp = absl::GetFlag(FLAGS_tp);
-  o.ep = absl::GetFlag(FLAGS_ep);
+  o.layout.replicas = absl::GetFlag(FLAGS_replicas);
+  o.layout.node_count = absl::GetFlag(FLAGS_node_count);
+  o.layout.devices_per_node = absl::GetFlag(FLAGS_devices_per_node);
+  o.layout.tp = absl::GetFlag(FLAGS_tp);
+  o.layout.ep = absl::GetFlag(FLAGS_ep);
+  o.layout.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  o.presets_path = absl::GetFlag(FLAGS_presets);
+  o.dry_run = absl::GetFlag(FLAGS_dry_run);
   o.collective_timeout = absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s));
   o.loop.control_timeout = o.collective_timeout;
   o.loop.max_sample_rows = absl::GetFlag(FLAGS_max_sample_rows);

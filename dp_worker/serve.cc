@@ -8,6 +8,10 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "parallel/device.h"
+#include "parallel/rank_info.h"
+#include "presets/preset_table.h"
 #include "runtime/log.h"
 #include "runtime/model_config.h"
 #include "runtime/parallel_setup.h"
@@ -16,19 +20,24 @@
 namespace lathe::dp_worker {
 namespace {
 
-lathe::v1::RegisterReplica Registration(const ServeOptions& o, const runtime::ModelConfig& config, int replica) {
-  lathe::v1::RegisterReplica r;
-  r.set_replica(replica);
-  lathe::v1::Layout* layout = r.mutable_layout();
-  layout->set_replicas(o.replicas);
-  layout->set_node_count(o.node_count);
-  layout->set_tp(o.tp);
-  layout->set_ep(o.ep);
-  lathe::v1::ModelSummary* model = r.mutable_model();
+std::string BaseModelName(const ServeOptions& o) {
   std::string name = o.base_model;
   if (name.empty()) name = std::filesystem::path(o.executor.model_dir).lexically_normal().filename().string();
   if (name.empty()) name = std::filesystem::path(o.executor.model_dir).parent_path().filename().string();
-  model->set_base_model(name);
+  return name;
+}
+
+lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::MeshShape& shape,
+                                        const runtime::ModelConfig& config, int replica) {
+  lathe::v1::RegisterReplica r;
+  r.set_replica(replica);
+  lathe::v1::Layout* layout = r.mutable_layout();
+  layout->set_replicas(shape.replicas);
+  layout->set_node_count(shape.node_count);
+  layout->set_tp(shape.tp);
+  layout->set_ep(shape.ep);
+  lathe::v1::ModelSummary* model = r.mutable_model();
+  model->set_base_model(BaseModelName(o));
   model->set_architecture(config.architecture);
   model->set_vocab_size(config.vocab_size);
   model->set_max_seq_len(o.executor.max_seq_len > 0 ? o.executor.max_seq_len : config.max_position_embeddings);
@@ -37,6 +46,47 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const runtime::Mo
   gethostname(host, sizeof(host) - 1);
   r.set_host(host);
   return r;
+}
+
+// The preset table, or an empty one when none is found and the layout is explicit.
+absl::StatusOr<std::vector<presets::Preset>> Presets(const ServeOptions& o) {
+  std::string path = o.presets_path.empty() ? presets::DefaultPresetsPath() : o.presets_path;
+  if (path.empty()) {
+    if (o.layout.Explicit()) return std::vector<presets::Preset>();
+    return absl::NotFoundError("no preset table found (--presets, $LATHE_PRESETS); give the layout explicitly");
+  }
+  return presets::LoadPresets(path);
+}
+
+// The mesh for this job: the preset's node group (or the flags), with
+// devices_per_node from the world, which must match the preset's.
+absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world_size) {
+  LATHE_ASSIGN_OR_RETURN(std::vector<presets::Preset> table, Presets(o));
+  presets::LayoutRequest request = o.layout;
+  request.model = BaseModelName(o);
+  LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, presets::ResolveLayout(table, request, false));
+  parallel::MeshShape& s = layout.shape;
+  const int nodes = s.replicas * s.node_count;
+  if (world_size % nodes != 0 || (s.devices_per_node > 0 && world_size != nodes * s.devices_per_node)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the job has %d ranks but the layout%s wants replicas %d x node_count %d x %s devices per node",
+        world_size, layout.preset ? " of preset " + layout.preset->base_model : "", s.replicas, s.node_count,
+        s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
+  }
+  s.devices_per_node = world_size / nodes;
+  return layout;
+}
+
+std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoice& device,
+                      const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout) {
+  const parallel::RankPlace& p = ctx.place;
+  return absl::StrFormat(
+      "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d ep_rank=%d device=%d "
+      "layout=%dx%dx%d tp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
+      info.rank, info.world_size, p.replica, p.node_rank, info.local_rank, p.tp_rank, p.ep_rank, device.index,
+      ctx.shape.replicas, ctx.shape.node_count, ctx.shape.devices_per_node, ctx.shape.tp, ctx.shape.ep,
+      layout.max_seq_len, layout.preset ? layout.preset->base_model : "none", info.source, info.node_rank,
+      device.why);
 }
 
 }  // namespace
@@ -55,13 +105,35 @@ absl::StatusOr<std::string> ReadApiKey(const std::string& path) {
 }
 
 absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
+  auto env = [](const char* name) -> const char* { return std::getenv(name); };
+  LATHE_ASSIGN_OR_RETURN(parallel::RankInfo info, parallel::DiscoverRankInfo(env));
+  LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, Resolve(options, info.world_size));
+  LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
+                         parallel::ChooseDevice(info, env, parallel::CountNvidiaDevices()));
+  const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
-  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, options.replicas,
-                                                             options.node_count, options.tp, options.ep,
+  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
+                                                             shape.node_count, shape.tp, shape.ep,
                                                              options.collective_timeout));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
+  const std::string place = PlaceLine(info, device, *ctx, layout);
+  if (options.dry_run) {
+    std::printf("%s\n", place.c_str());
+    std::fflush(stdout);
+    return absl::OkStatus();
+  }
+  LATHE_LOG(Info, "%s", place);
+  if (info.node_count > 1 && info.node_rank != ctx->place.node_rank) {
+    LATHE_LOG(Warning, "the mesh puts this rank on node %d but it runs on the launcher's node %d: place ranks "
+              "in blocks of %d per node (mpirun --map-by ppr:%d:node, srun --ntasks-per-node=%d)",
+              ctx->place.node_rank, info.node_rank, shape.devices_per_node, shape.devices_per_node,
+              shape.devices_per_node);
+  }
   ExecutorOptions executor_options = options.executor;
-  lathe::v1::RegisterReplica registration = Registration(options, config, ctx->place.replica);
+  executor_options.max_seq_len = layout.max_seq_len;
+  ServeOptions resolved = options;
+  resolved.executor.max_seq_len = layout.max_seq_len;
+  lathe::v1::RegisterReplica registration = Registration(resolved, shape, config, ctx->place.replica);
   executor_options.base_model = registration.model().base_model();
   OpExecutor executor(executor_options, ctx.get());
   if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);

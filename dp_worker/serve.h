@@ -10,6 +10,7 @@
 #include "dp_worker/op_executor.h"
 #include "dp_worker/replica_link.h"
 #include "dp_worker/replica_loop.h"
+#include "presets/layout.h"
 
 namespace lathe::dp_worker {
 
@@ -18,10 +19,12 @@ struct ServeOptions {
   LinkOptions link;
   LoopOptions loop;
   std::string base_model;  // the name clients use; empty: the model folder's name
-  int replicas = 1;
-  int node_count = 1;
-  int tp = 1;
-  int ep = 1;
+  // Degrees as given (0: from the model's preset); layout.model is ignored
+  // (the base model's name is looked up) and layout.max_seq_len overrides
+  // the preset's (executor.max_seq_len is set from the result).
+  presets::LayoutRequest layout;
+  std::string presets_path;  // empty: presets::DefaultPresetsPath()
+  bool dry_run = false;      // print this rank's place and device, then return without dialing
   absl::Duration collective_timeout = absl::Minutes(10);
 };
 
@@ -30,8 +33,10 @@ struct ServeOptions {
 absl::StatusOr<std::string> ReadApiKey(const std::string& path);
 
 // Collective over MPI_COMM_WORLD. OK after a stop requested through `stop`
-// (SIGTERM); an error when the layout is invalid, the coordinator cannot be
-// reached or goes away, or the replica breaks.
+// (SIGTERM), or once the place is printed under dry_run; an error when the
+// model has neither a preset nor an explicit layout, the layout is invalid or
+// does not match the world, the rank's place or device cannot be told, the
+// coordinator cannot be reached or goes away, or the replica breaks.
 absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop);
 
 }  // namespace lathe::dp_worker

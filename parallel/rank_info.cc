@@ -84,7 +84,49 @@ absl::StatusOr<RankInfo> RankInfoFromEnv(const EnvLookup& env) {
     }
     return info;
   }
-  return absl::NotFoundError("no launcher variables (OMPI_COMM_WORLD_*, SLURM_*, PMIX_RANK) are set");
+  // LeaderWorkerSet without MPI: one process per pod, the pod's index is its rank.
+  auto index = IntVar(env, "LWS_WORKER_INDEX");
+  auto group = IntVar(env, "LWS_GROUP_SIZE");
+  if (!index.ok()) return index.status();
+  if (!group.ok()) return group.status();
+  if (*index >= 0 && *group > 0) {
+    if (*index >= *group) {
+      return absl::InvalidArgumentError(absl::StrCat("LWS_WORKER_INDEX ", *index, " is not below LWS_GROUP_SIZE ",
+                                                     *group));
+    }
+    RankInfo info;
+    info.source = "lws";
+    info.rank = info.node_rank = *index;
+    info.world_size = info.node_count = *group;
+    return info;
+  }
+  return absl::NotFoundError(
+      "no launcher variables (OMPI_COMM_WORLD_*, SLURM_*, PMIX_RANK, LWS_WORKER_INDEX) are set");
+}
+
+absl::StatusOr<RankInfo> ReconcileRankInfo(const absl::StatusOr<RankInfo>& from_mpi,
+                                           const absl::StatusOr<RankInfo>& from_env) {
+  if (!from_mpi.ok()) {
+    if (from_env.ok()) return from_env;
+    return absl::FailedPreconditionError(absl::StrCat("cannot tell this rank's place: MPI: ",
+                                                      from_mpi.status().message(),
+                                                      "; launcher: ", from_env.status().message()));
+  }
+  if (from_env.ok() && from_mpi->world_size == 1 && from_env->world_size > 1 && from_env->source != "lws") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "MPI sees a world of 1 rank but the launcher (", from_env->source, ") started ", from_env->world_size,
+        " tasks: each came up alone; under slurm launch with srun --mpi=pmix (srun --mpi=list shows the "
+        "plugins), under Kubernetes start the ranks with mpirun"));
+  }
+  return from_mpi;
+}
+
+absl::StatusOr<RankInfo> DiscoverRankInfo(const EnvLookup& env) {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  absl::StatusOr<RankInfo> from_mpi =
+      initialised ? RankInfoFromMpi() : absl::StatusOr<RankInfo>(absl::FailedPreconditionError("not initialised"));
+  return ReconcileRankInfo(from_mpi, RankInfoFromEnv(env));
 }
 
 absl::StatusOr<RankInfo> RankInfoFromMpi() {

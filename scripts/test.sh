@@ -11,4 +11,4 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # Two cores: one math thread per process keeps runs stable and fast.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 (cd build && ctest --output-on-failure --timeout 600)
-LATHE_BUILD_DIR="$PWD/build" .venv/bin/python -m pytest tests/parity tests/e2e -q -p no:cacheprovider
+LATHE_BUILD_DIR="$PWD/build" .venv/bin/python -m pytest tests/parity tests/e2e tests/launch -q -p no:cacheprovider

@@ -1,0 +1,48 @@
+// `lathe plan`: where each rank of a deployment sits (replica, node_rank,
+// local rank, tp and ep shard) and an estimate of the memory each device
+// needs, from a preset or an explicit layout — before any GPU is spent.
+#ifndef LATHE_CLIENT_PLAN_H_
+#define LATHE_CLIENT_PLAN_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "parallel/mesh.h"
+#include "presets/layout.h"
+#include "presets/preset_table.h"
+
+namespace lathe::client {
+
+// Bytes one device holds; see docs/launching.md for the assumptions.
+struct MemoryEstimate {
+  double weights = 0;          // bf16 base weights of this device's shard
+  double trainable_state = 0;  // LoRA: fp32 adapter + gradient + Adam m, v; full: fp32 master + gradient + m, v
+  double activations = 0;      // kept for backward over one max_seq_len sequence, with its logits
+  double total() const { return weights + trainable_state + activations; }
+};
+
+// Per-device estimate for `facts` cut by `shape` (tp, ep) at `max_seq_len`
+// tokens; lora_rank 0 = full fine-tuning. FailedPrecondition naming what is
+// missing when the facts are incomplete.
+absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& facts, const parallel::MeshShape& shape,
+                                              int64_t max_seq_len, int lora_rank);
+
+struct PlanOptions {
+  presets::LayoutRequest layout;  // devices_per_node required when the model has no preset
+  int lora_rank = 32;
+  double device_memory_gib = 80;
+  std::string format = "table";  // "table" or "env" (shell assignments for the launch scripts)
+};
+
+// Prints the plan to stdout; returns the exit code (0; 1 with the reason on
+// stderr for a layout the model or the mesh refuses; 3 when the estimate
+// exceeds device_memory_gib). Unverified presets are planned, marked as such.
+int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
+
+// Prints the preset table; returns 0.
+int ListPresetsCommand(const std::vector<presets::Preset>& table);
+
+}  // namespace lathe::client
+
+#endif  // LATHE_CLIENT_PLAN_H_

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Prints a Kubernetes manifest for a deployment: `render.sh mpijob` (Kubeflow
+# MPI Operator, kubeflow.org/v2beta1) or `render.sh lws` (LeaderWorkerSet,
+# leaderworkerset.x-k8s.io/v1), each with a Service for the coordinator.
+# Sized from the plan of $LATHE_MODEL x $LATHE_REPLICAS; every other
+# variable is listed in docs/launching.md. Usage: render.sh mpijob | kubectl apply -f -
+set -euo pipefail
+here=$(dirname "$0")
+source "$here/../plan_env.sh"
+kind=${1:?usage: render.sh mpijob|lws}
+[ -f "$here/$kind.yaml" ] || { echo "render.sh: no template $kind (mpijob, lws)" >&2; exit 2; }
+export LATHE_NAME=${LATHE_NAME:-lathe}
+export LATHE_IMAGE=${LATHE_IMAGE:-lathe:latest}
+export LATHE_MODEL_DIR=${LATHE_MODEL_DIR:-/models/$(basename "$LATHE_PLAN_MODEL")}
+export LATHE_MODEL_PVC=${LATHE_MODEL_PVC:-lathe-models}
+export LATHE_CHECKPOINT_PVC=${LATHE_CHECKPOINT_PVC:-lathe-checkpoints}
+export LATHE_API_KEY_SECRET=${LATHE_API_KEY_SECRET:-lathe-api-key}
+export LATHE_SSH_SECRET=${LATHE_SSH_SECRET:-lathe-ssh}
+export LATHE_PORT=${LATHE_PORT:-7777}
+export LATHE_LAYOUT_FLAGS=${LATHE_LAYOUT_FLAGS:-}
+export LATHE_PLAN_MODEL LATHE_PLAN_REPLICAS LATHE_PLAN_NODES LATHE_PLAN_RANKS LATHE_PLAN_DEVICES_PER_NODE
+export LATHE_PLAN_WORKER_NODES=$((LATHE_PLAN_NODES - 1))
+# ${VAR} placeholders only; everything else passes through unchanged.
+perl -pe 's/\$\{(LATHE_[A-Z_]+)\}/exists $ENV{$1} ? $ENV{$1} : die "render.sh: $1 is not set\n"/ge' \
+  "$here/$kind.yaml"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Submits launch/slurm.sbatch with an allocation sized from the plan of
+# $LATHE_MODEL x $LATHE_REPLICAS: nodes = replicas x node_count, one task and
+# one GPU per device. Extra arguments go to sbatch (--partition, --time, ...).
+# LATHE_DRY_RUN=1 prints the sbatch command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/plan_env.sh
+cmd=(sbatch --nodes="$LATHE_PLAN_NODES" --ntasks-per-node="$LATHE_PLAN_DEVICES_PER_NODE"
+  --gpus-per-node="$LATHE_PLAN_DEVICES_PER_NODE" --export=ALL,LATHE_HOME="$PWD" "$@" launch/slurm.sbatch)
+if [ "${LATHE_DRY_RUN:-0}" = 1 ]; then echo "${cmd[*]}"; exit 0; fi
+"${cmd[@]}"

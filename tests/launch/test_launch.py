@@ -1,0 +1,172 @@
+"""launch/: the Kubernetes manifests render to valid YAML with the fields a
+deployment needs; the mpirun and slurm scripts print the commands of the
+plan; mpirun.sh serves a real training run on the tiny model; srun's
+command line runs under mpirun; a task that MPI started alone is refused."""
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build"))
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+           LATHE_BIN=BUILD)
+CLI = os.path.join(BUILD, "client", "lathe")
+
+
+def run(args, timeout=60, **env):
+    return subprocess.run(args, cwd=ROOT, env=dict(ENV, **env), capture_output=True, text=True, timeout=timeout)
+
+
+def render(kind, **env):
+    r = run(["bash", "launch/k8s/render.sh", kind], **env)
+    assert r.returncode == 0, r.stderr
+    return list(yaml.safe_load_all(r.stdout))
+
+
+def service_for(docs, labels):
+    [svc] = [d for d in docs if d["kind"] == "Service"]
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), (svc["spec"]["selector"], labels)
+    return svc
+
+
+def test_mpijob_is_sized_from_the_preset():
+    docs = render("mpijob", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2", LATHE_NAME="q30",
+                  LATHE_CHECKPOINT_PVC="ckpt", LATHE_API_KEY_SECRET="keys")
+    job = docs[0]
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v2beta1", "MPIJob")
+    spec = job["spec"]
+    assert spec["slotsPerWorker"] == 8
+    worker = spec["mpiReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 2  # 2 replicas x 1 node
+    wpod = worker["template"]["spec"]
+    assert wpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert {"claimName": "ckpt"} in [v.get("persistentVolumeClaim") for v in wpod["volumes"]]
+    assert {"medium": "Memory"} in [v.get("emptyDir") for v in wpod["volumes"]]
+    launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]
+    container = launcher["spec"]["containers"][0]
+    args = shlex.split(container["args"][0])
+    assert args[args.index("-np") + 1] == "16"
+    assert args[args.index("--replicas") + 1] == "2"
+    assert args[args.index("--coordinator") + 1] == "q30-coordinator:7777"
+    assert args[args.index("--base_model") + 1] == "Qwen/Qwen3-30B-A3B"
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e} == \
+        {"LATHE_API_KEYS": "keys", "LATHE_API_KEY": "keys"}
+    svc = service_for(docs, launcher["metadata"]["labels"])
+    assert svc["metadata"]["name"] == "q30-coordinator"
+
+
+def test_leaderworkerset_is_one_group_of_every_node():
+    docs = render("lws", LATHE_MODEL="Qwen3-8B", LATHE_REPLICAS="3", LATHE_NAME="q8")
+    lws = docs[0]
+    assert (lws["apiVersion"], lws["kind"]) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
+    assert lws["spec"]["replicas"] == 1
+    tmpl = lws["spec"]["leaderWorkerTemplate"]
+    assert tmpl["size"] == 3  # 3 replicas x 1 node
+    leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
+    worker = tmpl["workerTemplate"]["spec"]["containers"][0]
+    assert leader["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 4
+    script = leader["args"][0]
+    assert "seq 1 2" in script and "-np 12" in script and "--replicas 3" in script
+    assert [m["mountPath"] for m in worker["volumeMounts"]] == [m["mountPath"] for m in leader["volumeMounts"]]
+    service_for(docs, {"leaderworkerset.sigs.k8s.io/name": "q8", "leaderworkerset.sigs.k8s.io/worker-index": "0"})
+
+
+def test_model_outside_the_presets_needs_a_layout():
+    r = run(["bash", "launch/k8s/render.sh", "mpijob"], LATHE_MODEL="my-model")
+    assert r.returncode != 0 and "not in the preset table" in r.stderr, r.stderr
+    docs = render("mpijob", LATHE_MODEL="my-model", LATHE_LAYOUT_FLAGS="--devices_per_node 4 --tp 2")
+    assert docs[0]["spec"]["slotsPerWorker"] == 4
+
+
+def test_unverified_preset_renders_for_planning():
+    docs = render("mpijob", LATHE_MODEL="deepseek-ai/DeepSeek-V3.1")
+    assert docs[0]["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] > 1
+
+
+def test_slurm_batch_script_prints_srun_with_pmix_and_nccl(tmp_path):
+    r = run(["bash", "launch/slurm.sbatch"], LATHE_DRY_RUN="1", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2",
+            LATHE_MODEL_DIR="/m/q30", LATHE_HOME=ROOT, SLURM_JOB_ID="42", NCCL_SOCKET_IFNAME="ib0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "srun --mpi=pmix" in out and "--ntasks=16" in out and "--ntasks-per-node=8" in out, out
+    assert "export NCCL_SOCKET_IFNAME=ib0" in out and "export NCCL_DEBUG=WARN" in out, out
+    assert ":20042 " in out.split("workers:")[1]  # the coordinator's port on the first node
+    sub = run(["bash", "launch/slurm_submit.sh", "--partition", "gpu"], LATHE_DRY_RUN="1",
+              LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2")
+    assert sub.returncode == 0, sub.stderr
+    assert "--nodes=2 --ntasks-per-node=8 --gpus-per-node=8" in sub.stdout and "--partition gpu" in sub.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("launch")
+    model = str(d / "tiny-qwen3-moe")
+    r = run([os.path.join(BUILD, "runtime", "lathe_sft"), "--make_tiny_model", model, "--make_data",
+             str(d / "data.jsonl")], timeout=120)
+    assert r.returncode == 0, r.stderr
+    return model, str(d / "data.jsonl")
+
+
+def test_srun_command_line_runs_under_mpirun(tiny_model):
+    model, _ = tiny_model
+    r = run(["bash", "launch/slurm.sbatch"], LATHE_DRY_RUN="1", LATHE_MODEL="tiny", LATHE_REPLICAS="2",
+            LATHE_LAYOUT_FLAGS="--devices_per_node 2 --ep 2", LATHE_MODEL_DIR=model, LATHE_HOME=ROOT)
+    assert r.returncode == 0, r.stderr
+    srun = shlex.split(r.stdout.split("workers: ")[1].splitlines()[0])
+    worker = next(i for i, a in enumerate(srun) if a.endswith("dp_worker"))
+    ntasks = int(next(a for a in srun if a.startswith("--ntasks=")).split("=")[1])
+    args = srun[worker:]
+    p = run(["mpirun", "--oversubscribe", "-np", str(ntasks)] + args + ["--dry_run"], timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    places = sorted(l for l in p.stdout.splitlines() if l.startswith("place "))
+    assert len(places) == 4
+    assert "rank=3 world_size=4 replica=1" in "\n".join(places) and "ep=2" in places[0]
+
+
+def test_a_task_mpi_started_alone_is_refused(tiny_model):
+    model, _ = tiny_model
+    # srun without --mpi=pmix: the task is an MPI world of one, slurm says 2.
+    r = run([os.path.join(BUILD, "dp_worker", "dp_worker"), "--model", model, "--replicas", "1", "--dry_run"],
+            SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1", SLURM_NODEID="0", SLURM_NNODES="1")
+    assert r.returncode != 0
+    assert "--mpi=pmix" in r.stderr, r.stderr
+
+
+def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
+    model, data = tiny_model
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=8\n")
+    env = dict(LATHE_MODEL="tiny-qwen3-moe", LATHE_REPLICAS="2", LATHE_LAYOUT_FLAGS="--devices_per_node 2 --ep 2",
+               LATHE_MODEL_DIR=model, LATHE_HOSTFILE=str(hostfile), LATHE_PORT="0", LATHE_COORDINATOR_HOST="127.0.0.1",
+               LATHE_MAP_BY="slot", LATHE_MPIRUN_ARGS="--oversubscribe", LATHE_LOG_DIR=str(tmp_path / "logs"),
+               LATHE_AUTH="off")
+    dry = run(["bash", "launch/mpirun.sh"], LATHE_DRY_RUN="1", **env)
+    assert dry.returncode == 0, dry.stderr
+    assert "mpirun -np 4 --map-by slot --bind-to none --hostfile" in dry.stdout, dry.stdout
+    env["LATHE_MPIRUN_ARGS"] = "--oversubscribe -x OMP_NUM_THREADS"
+    launcher = subprocess.Popen(["bash", "launch/mpirun.sh"], cwd=ROOT, env=dict(ENV, **env),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        port_file = tmp_path / "logs" / "port"
+        deadline = time.time() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert time.time() < deadline and launcher.poll() is None, "coordinator did not start"
+            time.sleep(0.2)
+        address = "127.0.0.1:" + port_file.read_text().strip()
+        train = run([CLI, "train", "--address", address, "--wait_s", "90", "--data", data, "--steps", "3",
+                     "--batch_size", "4", "--learning_rate", "5e-3"], timeout=240)
+        assert train.returncode == 0, train.stdout + train.stderr
+        assert "step 3" in train.stdout or "3/3" in train.stdout, train.stdout
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            raise

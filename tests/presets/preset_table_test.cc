@@ -1,0 +1,139 @@
+// The shipped preset table parses and every row's layout fits its facts;
+// malformed rows are refused with their name; lookup and layout resolution.
+#include "presets/preset_table.h"
+
+#include <gtest/gtest.h>
+
+#include "presets/layout.h"
+
+namespace lathe::presets {
+namespace {
+
+std::vector<Preset> Shipped() {
+  auto table = LoadPresets(LATHE_PRESETS_FILE);
+  EXPECT_TRUE(table.ok()) << table.status();
+  return table.ok() ? *table : std::vector<Preset>();
+}
+
+TEST(PresetTableTest, ShippedTableHasTheVerifiedQwen3FamilyAndDeclaredMoeModels) {
+  std::vector<Preset> table = Shipped();
+  for (const char* name : {"Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B", "Qwen/Qwen3-30B-A3B"}) {
+    const Preset* p = FindPreset(table, name);
+    ASSERT_NE(p, nullptr) << name;
+    EXPECT_TRUE(p->verified) << name;
+    EXPECT_TRUE(p->facts.Complete()) << name;
+    EXPECT_TRUE(p->architecture == "Qwen3ForCausalLM" || p->architecture == "Qwen3MoeForCausalLM") << name;
+  }
+  int declared = 0;
+  for (const Preset& p : table) declared += p.verified ? 0 : 1;
+  EXPECT_GE(declared, 5);
+  const Preset* moe = FindPreset(table, "Qwen3-30B-A3B");
+  ASSERT_NE(moe, nullptr);
+  EXPECT_EQ(moe->facts.num_experts, 128);
+  EXPECT_EQ(moe->facts.num_experts % moe->ep, 0);
+  EXPECT_EQ(moe->devices_per_node % moe->tp, 0);
+}
+
+TEST(PresetTableTest, LookupByFullIdOrLastPartIgnoringCase) {
+  std::vector<Preset> table = Shipped();
+  ASSERT_NE(FindPreset(table, "qwen/qwen3-8b"), nullptr);
+  EXPECT_EQ(FindPreset(table, "Qwen3-8B")->base_model, "Qwen/Qwen3-8B");
+  EXPECT_EQ(FindPreset(table, "Other/Qwen3-8B"), nullptr);
+  EXPECT_EQ(FindPreset(table, "tiny-qwen3-moe"), nullptr);
+}
+
+const char* kRow = R"({"presets": [{"base_model": "Org/M", "architecture": "Qwen3ForCausalLM", "node_count": 1,
+  "devices_per_node": 4, "tp": %TP%, "ep": 1, "max_seq_len": 4096, "verified": true,
+  "facts": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+            "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000}}]})";
+
+std::string Row(const std::string& tp) {
+  std::string s = kRow;
+  s.replace(s.find("%TP%"), 4, tp);
+  return s;
+}
+
+TEST(PresetTableTest, RefusesRowsWithTheirName) {
+  EXPECT_TRUE(ParsePresets(Row("2")).ok());
+  auto heads = ParsePresets(Row("4"));  // 6 heads over tp 4
+  ASSERT_FALSE(heads.ok());
+  EXPECT_NE(heads.status().message().find("preset 'Org/M'"), std::string::npos) << heads.status();
+  EXPECT_NE(heads.status().message().find("heads"), std::string::npos) << heads.status();
+  EXPECT_FALSE(ParsePresets(Row("\"2\"")).ok());
+  EXPECT_FALSE(ParsePresets(Row("0")).ok());
+  EXPECT_FALSE(ParsePresets("{\"presets\": 3}").ok());
+  EXPECT_FALSE(ParsePresets("not json").ok());
+  std::string twice = Row("2");
+  std::string row = twice.substr(twice.find('[') + 1, twice.rfind(']') - twice.find('[') - 1);
+  auto dup = ParsePresets("{\"presets\": [" + row + "," + row + "]}");
+  ASSERT_FALSE(dup.ok());
+  EXPECT_NE(dup.status().message().find("twice"), std::string::npos);
+  std::string incomplete = Row("2");
+  incomplete.replace(incomplete.find("\"vocab_size\": 1000"), 18, "\"vocab_size\": 0");
+  EXPECT_FALSE(ParsePresets(incomplete).ok()) << "a verified row needs every fact";
+  EXPECT_EQ(LoadPresets("/nonexistent/models.json").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(LayoutTest, PresetFillsWhatTheRequestLeavesOut) {
+  std::vector<Preset> table = Shipped();
+  LayoutRequest r;
+  r.model = "Qwen3-30B-A3B";
+  r.replicas = 2;
+  auto l = ResolveLayout(table, r, false);
+  ASSERT_TRUE(l.ok()) << l.status();
+  const Preset* p = FindPreset(table, "Qwen/Qwen3-30B-A3B");
+  EXPECT_EQ(l->shape.replicas, 2);
+  EXPECT_EQ(l->shape.node_count, p->node_count);
+  EXPECT_EQ(l->shape.devices_per_node, p->devices_per_node);
+  EXPECT_EQ(l->shape.tp, p->tp);
+  EXPECT_EQ(l->shape.ep, p->ep);
+  EXPECT_EQ(l->max_seq_len, p->max_seq_len);
+  ASSERT_TRUE(l->preset.has_value());
+  EXPECT_EQ(l->preset->base_model, "Qwen/Qwen3-30B-A3B");
+  r.ep = 4;
+  r.max_seq_len = 1024;
+  l = ResolveLayout(table, r, false);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->shape.ep, 4);
+  EXPECT_EQ(l->max_seq_len, 1024);
+}
+
+TEST(LayoutTest, ModelOutsideThePresetsNeedsAnExplicitLayout) {
+  std::vector<Preset> table = Shipped();
+  LayoutRequest r;
+  r.model = "my-model";
+  auto refused = ResolveLayout(table, r, false);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("not in the preset table"), std::string::npos);
+  EXPECT_NE(refused.status().message().find("--tp"), std::string::npos);
+  r.tp = 2;
+  auto l = ResolveLayout(table, r, false);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->shape.tp, 2);
+  EXPECT_EQ(l->shape.node_count, 1);
+  EXPECT_EQ(l->shape.devices_per_node, 0);  // from the world
+  EXPECT_FALSE(l->preset.has_value());
+}
+
+TEST(LayoutTest, UnverifiedPresetsAreRefusedUnlessPlanning) {
+  std::vector<Preset> table = Shipped();
+  LayoutRequest r;
+  r.model = "deepseek-ai/DeepSeek-V3.1";
+  EXPECT_EQ(ResolveLayout(table, r, false).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto planned = ResolveLayout(table, r, true);
+  ASSERT_TRUE(planned.ok());
+  EXPECT_EQ(planned->shape.node_count, FindPreset(table, r.model)->node_count);
+  EXPECT_GT(planned->shape.node_count, 1);
+}
+
+TEST(PresetTableTest, ProtoCarriesTheLayout) {
+  std::vector<Preset> table = Shipped();
+  lathe::v1::ModelPreset m = ToProto(*FindPreset(table, "Qwen3-8B"));
+  EXPECT_EQ(m.base_model(), "Qwen/Qwen3-8B");
+  EXPECT_EQ(m.layout().tp(), 4);
+  EXPECT_EQ(m.layout().devices_per_node(), 4);
+  EXPECT_TRUE(m.verified());
+}
+
+}  // namespace
+}  // namespace lathe::presets
