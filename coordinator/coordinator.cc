@@ -16,10 +16,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   if (options.heartbeat_timeout <= options.heartbeat_interval) {
     return absl::InvalidArgumentError("the heartbeat timeout must exceed the heartbeat interval");
   }
-  std::unique_ptr<Coordinator> c(new Coordinator());
-  c->options_ = options;
   absl::StatusOr<ApiKeys> keys = ApiKeys::Load(options.auth, options.listen, options.api_keys_file);
   if (!keys.ok()) return keys.status();
+  std::unique_ptr<Coordinator> c(new Coordinator());
+  c->options_ = options;
   c->keys_ = std::make_unique<ApiKeys>(*std::move(keys));
   c->ledger_ = std::make_unique<OpLedger>(options.ledger);
   c->registry_ = std::make_unique<ReplicaRegistry>(options.replicas, options.heartbeat_timeout);
@@ -47,6 +47,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
   c->server_->GetHealthCheckService()->SetServingStatus(false);
+  {
+    absl::MutexLock lock(&c->mu_);
+    c->started_ = true;
+  }
   c->dispatcher_->Start();
   c->housekeeping_ = std::thread([p = c.get()] { p->Housekeeping(); });
   LATHE_LOG(Info, "coordinator listening on port %d for %d replica(s), API keys %s", c->port_, options.replicas,
@@ -82,7 +86,9 @@ void Coordinator::Housekeeping() {
 void Coordinator::Shutdown(const std::string& reason, absl::Duration grace) {
   {
     absl::MutexLock lock(&mu_);
-    if (stopping_) return;
+    // A Start that failed half way leaves nothing running: its parts only
+    // need their destructors, and some of them were never built.
+    if (stopping_ || !started_) return;
     stopping_ = true;
   }
   if (housekeeping_.joinable()) housekeeping_.join();

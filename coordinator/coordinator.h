@@ -60,6 +60,7 @@ class Coordinator {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   absl::Mutex mu_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;  // Start got to the end
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread housekeeping_;
 };
