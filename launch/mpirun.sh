@@ -43,8 +43,15 @@ trap stop EXIT
 trap 'exit 0' TERM INT
 "${coordinator[@]}" >"$logs/coordinator.log" 2>&1 &
 coordinator_pid=$!
-for _ in $(seq 100); do [ -s "$logs/port" ] && break; sleep 0.1; done
-[ -s "$logs/port" ] || { echo "coordinator did not start; see $logs/coordinator.log" >&2; exit 1; }
+for _ in $(seq 300); do
+  [ -s "$logs/port" ] || ! kill -0 "$coordinator_pid" 2>/dev/null && break
+  sleep 0.1
+done
+if [ ! -s "$logs/port" ]; then
+  echo "coordinator did not start ($logs/coordinator.log):" >&2
+  tail -n 5 "$logs/coordinator.log" >&2
+  exit 1
+fi
 port=$(cat "$logs/port")
 echo "[mpirun] coordinator on $host:$port; $LATHE_PLAN_RANKS dp_worker ranks (logs in $logs)"
 "${workers[@]//@PORT@/$port}" >"$logs/workers.log" 2>&1 &

@@ -144,11 +144,18 @@ def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
     hostfile.write_text("localhost slots=8\n")
     env = dict(LATHE_MODEL="tiny-qwen3-moe", LATHE_REPLICAS="2", LATHE_LAYOUT_FLAGS="--devices_per_node 2 --ep 2",
                LATHE_MODEL_DIR=model, LATHE_HOSTFILE=str(hostfile), LATHE_PORT="0", LATHE_COORDINATOR_HOST="127.0.0.1",
-               LATHE_MAP_BY="slot", LATHE_MPIRUN_ARGS="--oversubscribe", LATHE_LOG_DIR=str(tmp_path / "logs"),
-               LATHE_AUTH="off")
+               LATHE_MAP_BY="slot", LATHE_MPIRUN_ARGS="--oversubscribe", LATHE_LOG_DIR=str(tmp_path / "logs"))
     dry = run(["bash", "launch/mpirun.sh"], LATHE_DRY_RUN="1", **env)
     assert dry.returncode == 0, dry.stderr
     assert "mpirun -np 4 --map-by slot --bind-to none --hostfile" in dry.stdout, dry.stdout
+    # The coordinator listens on 0.0.0.0, so API keys are required: without
+    # any it refuses to start and the script says where to look.
+    keyless = run(["bash", "launch/mpirun.sh"], timeout=60, **env)
+    assert keyless.returncode != 0 and "coordinator did not start" in keyless.stderr, keyless.stderr
+    assert "API keys are required" in keyless.stderr, keyless.stderr
+    key_file = tmp_path / "key"
+    key_file.write_text("k-launch\n")
+    env["LATHE_API_KEY_FILE"] = str(key_file)
     env["LATHE_MPIRUN_ARGS"] = "--oversubscribe -x OMP_NUM_THREADS"
     launcher = subprocess.Popen(["bash", "launch/mpirun.sh"], cwd=ROOT, env=dict(ENV, **env),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -159,8 +166,10 @@ def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
             assert time.time() < deadline and launcher.poll() is None, "coordinator did not start"
             time.sleep(0.2)
         address = "127.0.0.1:" + port_file.read_text().strip()
-        train = run([CLI, "train", "--address", address, "--wait_s", "90", "--data", data, "--steps", "3",
-                     "--batch_size", "4", "--learning_rate", "5e-3"], timeout=240)
+        refused = run([CLI, "info", "--address", address, "--wait_s", "5"], timeout=60)
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stdout + refused.stderr
+        train = run([CLI, "train", "--address", address, "--api_key_file", str(key_file), "--wait_s", "90",
+                     "--data", data, "--steps", "3", "--batch_size", "4", "--learning_rate", "5e-3"], timeout=240)
         assert train.returncode == 0, train.stdout + train.stderr
         assert "step 3" in train.stdout or "3/3" in train.stdout, train.stdout
     finally:
