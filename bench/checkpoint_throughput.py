@@ -21,24 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-from deployment import deployment  # noqa: E402
-
-
-def stubs(tmp):
-    os.makedirs(tmp, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={tmp}",
-                    f"--grpc_python_out={tmp}"] + [f"proto/lathe/v1/{n}.proto" for n in ("types", "service", "replica")],
-                   cwd=tt.ROOT, check=True)
-    sys.path.insert(0, tmp)
-
-
-def wait(stub, pb, op_id):
-    while True:
-        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=30000), timeout=60)
-        if r.state == pb.RetrieveResponse.DONE:
-            return r.result
-        if r.state == pb.RetrieveResponse.FAILED:
-            raise SystemExit(f"operation failed: {r.error}")
+from deployment import deployment, stubs, wait  # noqa: E402
 
 
 def drop_caches():

@@ -9,8 +9,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
@@ -59,3 +61,22 @@ def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
                 workers.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 workers.kill()
+
+
+def stubs(tmp):
+    """Generates the Python gRPC modules of lathe's protos into `tmp` and makes them importable."""
+    os.makedirs(tmp, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={tmp}",
+                    f"--grpc_python_out={tmp}"] + [f"proto/lathe/v1/{n}.proto" for n in ("types", "service", "replica")],
+                   cwd=ROOT, check=True)
+    sys.path.insert(0, tmp)
+
+
+def wait(stub, pb, op_id):
+    """The result of operation `op_id` once it is done; exits on a failed one."""
+    while True:
+        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=30000), timeout=60)
+        if r.state == pb.RetrieveResponse.DONE:
+            return r.result
+        if r.state == pb.RetrieveResponse.FAILED:
+            raise SystemExit(f"operation failed: {r.error}")

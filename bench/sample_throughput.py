@@ -1,21 +1,35 @@
-"""Decode throughput of lathe's generation (KV cache, batched samples) next to
-transformers' generate on the same model, threads and run: 1 and 16 sequences
-decoded together from one prompt, sampling at temperature 1.
+"""Decode throughput at 1 and 16 concurrent sampling requests, next to
+transformers' generate on the same model, threads and run.
+
+lathe: a local deployment (one dp_worker rank by default), the requests
+submitted at once through the service (one prompt each, one sample each,
+temperature 1), tokens/s = generated tokens / wall time from the first submit
+to the last answer. transformers: generate on the same prompts as one batch
+(do_sample, temperature 1), timed around the call. With --in-process, lathe's
+side is bench/generate_bench instead (the samples of one request, no service).
 
   .venv/bin/python bench/sample_throughput.py [--model dense|moe2] [--threads 2] [--max-tokens 64]
+      [--concurrency 1,16] [--layout replicas=1] [--in-process]
 """
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
+from deployment import deployment, stubs, wait  # noqa: E402
 
 
-def hf_tokens_per_s(model_dir, samples, prompt_tokens, max_tokens):
+def prompts(count, length):
+    return [[(7 + 13 * i + 31 * r) % 1000 + 1 for i in range(length)] for r in range(count)]
+
+
+def hf_tokens_per_s(model_dir, batch, max_tokens):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -23,15 +37,42 @@ def hf_tokens_per_s(model_dir, samples, prompt_tokens, max_tokens):
     if "moe" in model_dir:
         kwargs["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-    prompt = torch.tensor([[7 + 13 * i for i in range(prompt_tokens)]])
-    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples, pad_token_id=0,
-               eos_token_id=None)
+    ids = torch.tensor(batch)
+    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **gen)
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **gen)
         start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **gen)
+        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **gen)
         seconds = time.perf_counter() - start
-    return (out.shape[1] - prompt_tokens) * out.shape[0] / seconds
+    return (out.shape[1] - ids.shape[1]) * out.shape[0] / seconds
+
+
+def service_tokens_per_s(stub, pb, types, run, seq, batch, max_tokens, rounds=2):
+    """Best of `rounds`: all requests submitted, then all collected."""
+    best, batched = 0.0, 0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        ids = []
+        for i, prompt in enumerate(batch):
+            m = types.ModelInput()
+            m.chunks.add().encoded_text.tokens = struct.pack(f"<{len(prompt)}i", *prompt)
+            op = pb.SampleOp(prompt=m, num_samples=1,
+                             params=pb.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i))
+            ids.append(stub.Submit(pb.SubmitRequest(run_id=run, seq_id=next(seq), sample=op), timeout=60).op_id)
+        results = [wait(stub, pb, op_id).sample for op_id in ids]
+        seconds = time.perf_counter() - start
+        tokens = sum(len(s.tokens) // 4 for r in results for s in r.sequences)
+        if tokens / seconds > best:
+            best, batched = tokens / seconds, max(r.batched_requests for r in results)
+    return best, batched
+
+
+def in_process_tokens_per_s(args, model, samples):
+    out = subprocess.run([os.path.join(args.build_dir, "bench", "generate_bench"), f"--model={model}",
+                          f"--samples={samples}", f"--max_tokens={args.max_tokens}",
+                          f"--prompt_tokens={args.prompt_tokens}"],
+                         check=True, capture_output=True, text=True, env=dict(os.environ))
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
 def main():
@@ -40,6 +81,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", default="1,16", help="comma-separated request counts")
+    ap.add_argument("--layout", default="replicas=1", help="the deployment's mesh flags, e.g. replicas=2 or tp=2")
+    ap.add_argument("--in-process", action="store_true", help="time generate_bench (one request's samples) instead")
     ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
     ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
     args = ap.parse_args()
@@ -49,16 +93,36 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     torch.set_num_threads(args.threads)
-    for samples in (1, 16):
-        out = subprocess.run([os.path.join(args.build_dir, "bench", "generate_bench"), f"--model={model}",
-                              f"--samples={samples}", f"--max_tokens={args.max_tokens}",
-                              f"--prompt_tokens={args.prompt_tokens}"],
-                             check=True, capture_output=True, text=True, env=dict(os.environ))
-        lathe = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
-        hf = hf_tokens_per_s(model, samples, args.prompt_tokens, args.max_tokens)
-        print(f"{args.model}, {samples} sequence(s) x {args.max_tokens} tokens, {args.threads} threads: "
-              f"lathe {lathe:.1f} tokens/s vs transformers generate {hf:.1f} tokens/s: ratio {lathe / hf:.2f}x",
-              flush=True)
+    counts = [int(c) for c in args.concurrency.split(",")]
+    lathe = {}
+    if args.in_process:
+        lathe = {c: (in_process_tokens_per_s(args, model, c), c) for c in counts}
+    else:
+        layout = dict(kv.split("=") for kv in args.layout.split(","))
+        os.makedirs(os.path.join(tt.ROOT, "runs"), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.join(tt.ROOT, "runs")) as tmp:
+            stubs(os.path.join(tmp, "stubs"))
+            import grpc
+            from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
+            with deployment(args.build_dir, model, layout, args.threads, tmp) as address:
+                stub = pbg.LatheStub(grpc.insecure_channel(address))
+                while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
+                    time.sleep(0.2)
+                created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=8)), timeout=60)
+                wait(stub, pb, created.init_op_id)
+                seq = iter(range(1, 1 << 30))
+                warm = prompts(1, args.prompt_tokens)
+                service_tokens_per_s(stub, pb, types, created.run_id, seq, warm, 4, rounds=1)
+                for c in counts:
+                    lathe[c] = service_tokens_per_s(stub, pb, types, created.run_id, seq,
+                                                    prompts(c, args.prompt_tokens), args.max_tokens)
+    for c in counts:
+        tokens_per_s, batched = lathe[c]
+        hf = hf_tokens_per_s(model, prompts(c, args.prompt_tokens), args.max_tokens)
+        what = f"{c} sequence(s) of one request" if args.in_process else f"{c} concurrent request(s)"
+        print(f"{args.model}, {what} x {args.max_tokens} tokens, {args.threads} threads: lathe {tokens_per_s:.1f} "
+              f"tokens/s (largest batch {batched}) vs transformers generate {hf:.1f} tokens/s: "
+              f"ratio {tokens_per_s / hf:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ struct Decoding {
 };
 
 // Prefills r's prompt: fills `out`'s prompt logprobs and returns the cache
-// and the logits [V] of the token after the prompt.
+// and the last prompt token's hidden row [1, H].
 std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRequest& r, Generation& out) {
   std::vector<KvCache> prefill(1);
   const int64_t p = static_cast<int64_t>(r.prompt.size());
@@ -110,7 +110,7 @@ std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRe
       out.topk_ids.insert(out.topk_ids.end(), i.data_ptr<int32_t>(), i.data_ptr<int32_t>() + i.numel());
     }
   }
-  return {std::move(prefill[0]), FullLogits(model, hidden.narrow(0, p - 1, 1))[0]};
+  return {std::move(prefill[0]), hidden.narrow(0, p - 1, 1)};
 }
 
 }  // namespace
@@ -121,7 +121,8 @@ std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
   at::NoGradGuard no_grad;
   std::vector<absl::StatusOr<Generation>> results;
   std::vector<Decoding> active;
-  std::vector<at::Tensor> first_logits;  // one row per active sequence
+  std::vector<at::Tensor> last_rows;  // the last prompt row of each prefilled request
+  std::vector<int64_t> row_of;       // each sequence's row in last_rows
   for (size_t r = 0; r < requests.size(); ++r) {
     const SampleRequest& req = requests[r];
     if (absl::Status st = Check(model, req, max_seq_len); !st.ok()) {
@@ -135,17 +136,19 @@ std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
     if (!results[r].ok()) continue;
     const SampleRequest& req = requests[r];
     Generation& out = *results[r];
-    auto [cache, logits] = Prefill(model, req, out);
+    auto [cache, row] = Prefill(model, req, out);
     out.sequences.resize(req.num_samples);
     for (int i = 0; i < req.num_samples; ++i) {
       active.push_back({r, &out.sequences[i],
                         at::make_generator<at::CPUGeneratorImpl>(Mix(req.settings.seed ^ Mix(i))), cache});
-      first_logits.push_back(logits);
+      row_of.push_back(static_cast<int64_t>(last_rows.size()));
     }
+    last_rows.push_back(row);
   }
   if (active.empty()) return results;
+  // The first tokens' logits too are batch-invariant products.
   BatchInvariantScope invariant;
-  at::Tensor last = at::stack(first_logits);
+  at::Tensor last = FullLogits(model, at::cat(last_rows)).index_select(0, at::tensor(row_of, at::kLong));
   while (!active.empty()) {
     at::Tensor lps = at::log_softmax(last, -1);
     std::vector<int64_t> next;

@@ -9,11 +9,19 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace lathe::runtime {
 
-// x [M, K], w [N, K] (float32, CPU) → [M, N]. Other dtypes or devices fall
-// back to at::mm on rows padded to a multiple of 16 (no invariance promise).
-at::Tensor InvariantLinear(const at::Tensor& x, const at::Tensor& w);
+// The implementations of the one summation order (identical results).
+enum class InvariantKernel { kPortable, kAvx2, kAvx512 };
+bool InvariantKernelSupported(InvariantKernel kernel);
+
+// x [M, K], w [N, K] (float32, CPU) → [M, N], with `kernel` or the fastest
+// this CPU has. Other dtypes or devices fall back to at::mm on rows padded
+// to a multiple of 16 (no invariance promise).
+at::Tensor InvariantLinear(const at::Tensor& x, const at::Tensor& w,
+                           std::optional<InvariantKernel> kernel = std::nullopt);
 
 }  // namespace lathe::runtime
 

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <array>
+
 namespace lathe::runtime {
 namespace {
 
@@ -26,6 +28,18 @@ TEST(InvariantLinearTest, RowsDoNotDependOnTheBatch) {
     at::Tensor other = x.clone();
     other.narrow(0, 1, 69).normal_();
     EXPECT_TRUE(at::equal(InvariantLinear(other, w)[0], whole[0]));
+  }
+}
+
+TEST(InvariantLinearTest, EveryKernelGivesTheSameBits) {
+  at::manual_seed(6);
+  for (auto [m, k, n] : std::vector<std::array<int64_t, 3>>{{1, 64, 9}, {7, 100, 13}, {16, 1024, 40}, {3, 5, 4}}) {
+    at::Tensor x = at::randn({m, k}), w = at::randn({n, k});
+    at::Tensor portable = InvariantLinear(x, w, InvariantKernel::kPortable);
+    for (InvariantKernel kernel : {InvariantKernel::kAvx2, InvariantKernel::kAvx512}) {
+      if (!InvariantKernelSupported(kernel)) continue;
+      EXPECT_TRUE(at::equal(InvariantLinear(x, w, kernel), portable)) << static_cast<int>(kernel) << " " << m << "x" << k;
+    }
   }
 }
 
