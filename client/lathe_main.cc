@@ -33,7 +33,7 @@ ABSL_FLAG(int, devices_per_node, 0, "plan: devices per node; 0: the preset's (re
 ABSL_FLAG(int, tp, 0, "plan: tensor-parallel degree; 0: the preset's, else 1");
 ABSL_FLAG(int, ep, 0, "plan: expert-parallel degree; 0: the preset's, else 1");
 ABSL_FLAG(int64_t, max_seq_len, 0, "plan: tokens of the longest datum; 0: the preset's");
-ABSL_FLAG(double, device_memory_gib, 80, "plan: memory of one device; exit 3 when the estimate exceeds it");
+ABSL_FLAG(double, device_memory_gib, 80, "plan: memory of one device; exit 3 when the estimate exceeds 90% of it");
 ABSL_FLAG(std::string, format, "table", "plan: table, or env (shell assignments used by launch/)");
 ABSL_FLAG(bool, list, false, "plan: list the preset table instead");
 ABSL_FLAG(std::string, presets, "", "plan: preset table; empty: $LATHE_PRESETS, installed or source-tree");

@@ -11,6 +11,18 @@ namespace lathe::client {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+// The runtime converts every checkpoint to fp32 on load and computes in fp32.
+constexpr double kWeightBytes = 4;
+constexpr double kActivationBytes = 4;
+// Adam keeps m and v shaped (and typed) like the parameter; the gradient too.
+// LoRA: the adapter's value, gradient, m, v. Full fine-tuning trains the fp32
+// weights in place (no separate master copy): gradient, m, v on top.
+constexpr double kLoraStateBytes = 16;
+constexpr double kFullStateBytes = 12;
+// Share of the device the estimate may fill before `plan` says it does not
+// fit: what the estimate leaves out (the backward's transient buffers, the
+// allocator's fragmentation, the CUDA and NCCL contexts) needs the rest.
+constexpr double kUsableFraction = 0.9;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -30,6 +42,8 @@ ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
   ShardParams s;
   const int64_t vocab = CeilDiv(f.vocab_size, tp);
   s.base += double(vocab) * h * (f.tie_word_embeddings ? 1 : 2);
+  // lm_head's adapter (train_unembed, on the embedding when tied): A whole, B cut by vocabulary.
+  s.lora += double(r) * (h + vocab);
   // Attention: q, k, v column-parallel (A replicated, B cut), o row-parallel (A cut, B replicated).
   s.base += f.num_hidden_layers * (2.0 * h * q + 2.0 * h * kv + 4.0 * h);
   s.lora += f.num_hidden_layers * double(r) * ((h + q) + 2 * (h + kv) + (q + h));
@@ -74,13 +88,13 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, cons
   if (max_seq_len <= 0) return absl::InvalidArgumentError("max_seq_len must be positive");
   ShardParams p = Shard(f, shape.tp, shape.ep, lora_rank);
   MemoryEstimate m;
-  m.weights = 2 * p.base;  // bf16
-  // LoRA: fp32 adapter, fp32 gradient, Adam m and v. Full: fp32 master copy, gradient, m and v.
-  m.trainable_state = 16 * (lora_rank > 0 ? p.lora : p.base);
+  m.weights = kWeightBytes * p.base;
+  m.trainable_state = lora_rank > 0 ? kLoraStateBytes * p.lora : kFullStateBytes * p.base;
   const double tokens = double(max_seq_len);
   const double vocab = double(CeilDiv(f.vocab_size, shape.tp));
-  // bf16 activations; fp32 logits over this rank's vocabulary slice and their gradient.
-  m.activations = 2 * tokens * ActivationElementsPerToken(f, shape.tp) + 2 * 4 * tokens * vocab;
+  // The loss keeps the log-softmax over this rank's vocabulary slice and
+  // builds the logits' gradient beside it: two fp32 [T, V/tp] buffers.
+  m.activations = kActivationBytes * tokens * ActivationElementsPerToken(f, shape.tp) + 2 * 4 * tokens * vocab;
   return m;
 }
 
@@ -137,14 +151,15 @@ int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& o)
     std::printf("memory per device: no estimate: %s\n", std::string(m.status().message()).c_str());
     return 0;
   }
-  std::printf("memory per device (%s, bf16 weights, one %lld-token sequence):\n",
+  std::printf("memory per device (%s, fp32 weights and activations, one %lld-token sequence):\n",
               o.lora_rank > 0 ? absl::StrCat("LoRA rank ", o.lora_rank).c_str() : "full fine-tuning",
               static_cast<long long>(l->max_seq_len));
   std::printf("  %-16s %9.2f GiB\n  %-16s %9.2f GiB\n  %-16s %9.2f GiB\n", "weights", m->weights / kGiB,
               "trainable state", m->trainable_state / kGiB, "activations", m->activations / kGiB);
-  const bool fits = m->total() / kGiB <= o.device_memory_gib;
-  std::printf("  %-16s %9.2f GiB of %.0f GiB: %s\n", "total", m->total() / kGiB, o.device_memory_gib,
-              fits ? "fits" : "does NOT fit");
+  const double usable = kUsableFraction * o.device_memory_gib;
+  const bool fits = m->total() / kGiB <= usable;
+  std::printf("  %-16s %9.2f GiB of %.1f GiB usable (%.0f%% of %.0f GiB): %s\n", "total", m->total() / kGiB,
+              usable, 100 * kUsableFraction, o.device_memory_gib, fits ? "fits" : "does NOT fit");
   return fits ? 0 : 3;
 }
 

@@ -16,9 +16,9 @@ namespace lathe::client {
 
 // Bytes one device holds; see docs/launching.md for the assumptions.
 struct MemoryEstimate {
-  double weights = 0;          // bf16 base weights of this device's shard
-  double trainable_state = 0;  // LoRA: fp32 adapter + gradient + Adam m, v; full: fp32 master + gradient + m, v
-  double activations = 0;      // kept for backward over one max_seq_len sequence, with its logits
+  double weights = 0;          // fp32 base weights of this device's shard (the runtime converts on load)
+  double trainable_state = 0;  // LoRA: adapter + gradient + Adam m, v; full: gradient + m, v (all fp32)
+  double activations = 0;      // fp32, kept for backward over one max_seq_len sequence, with its logits
   double total() const { return weights + trainable_state + activations; }
 };
 
@@ -37,7 +37,7 @@ struct PlanOptions {
 
 // Prints the plan to stdout; returns the exit code (0; 1 with the reason on
 // stderr for a layout the model or the mesh refuses; 3 when the estimate
-// exceeds device_memory_gib). Unverified presets are planned, marked as such.
+// exceeds 90% of device_memory_gib, the rest left for what it does not count). Unverified presets are planned, marked as such.
 int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 // Prints the preset table; returns 0.

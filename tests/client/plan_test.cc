@@ -28,19 +28,22 @@ TEST(PlanTest, DenseModelOverTp2ByHand) {
   ASSERT_TRUE(m.ok()) << m.status();
   // Per rank: q/o 32 wide, one KV head (16), MLP 64, vocabulary 500.
   // embed + lm_head 2*500*64 = 64000; attention 2*(2*64*32 + 2*64*16 + 4*64) = 12800; MLP 2*3*64*64 = 24576.
-  EXPECT_DOUBLE_EQ(m->weights, 2.0 * (64000 + 12800 + 24576));
-  // LoRA r=8: attention 2*8*((64+32) + 2*(64+16) + (32+64)) = 5632; MLP 2*8*3*(64+64) = 6144; 16 B each.
-  EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144));
-  // Per token: 2 layers * (attention 288 + MLP 384) + final norm 64 = 1408 bf16 elements;
-  // logits and their gradient: 2 * 4 B * 500 per token.
-  EXPECT_DOUBLE_EQ(m->activations, 2.0 * 100 * 1408 + 8.0 * 100 * 500);
+  // fp32, as the runtime holds them.
+  EXPECT_DOUBLE_EQ(m->weights, 4.0 * (64000 + 12800 + 24576));
+  // LoRA r=8: attention 2*8*((64+32) + 2*(64+16) + (32+64)) = 5632; MLP 2*8*3*(64+64) = 6144;
+  // lm_head 8*(64+500) = 4512; value, gradient, m and v: 16 B each.
+  EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144 + 4512));
+  // Per token: 2 layers * (attention 288 + MLP 384) + final norm 64 = 1408 fp32 elements;
+  // log-softmax and the logits' gradient: 2 * 4 B * 500 per token.
+  EXPECT_DOUBLE_EQ(m->activations, 4.0 * 100 * 1408 + 8.0 * 100 * 500);
   EXPECT_DOUBLE_EQ(m->total(), m->weights + m->trainable_state + m->activations);
 }
 
-TEST(PlanTest, FullFineTuningKeepsSixteenBytesPerParameter) {
+TEST(PlanTest, FullFineTuningKeepsGradientAndMomentsBesideTheFp32Weights) {
   auto full = EstimateMemory(Dense(), Shape(2, 1), 100, 0);
   ASSERT_TRUE(full.ok());
-  EXPECT_DOUBLE_EQ(full->trainable_state, 8 * full->weights);
+  // 4 B weight (trained in place) + 4 B gradient + 8 B Adam m and v = 16 B per parameter.
+  EXPECT_DOUBLE_EQ(full->weights + full->trainable_state, 4 * full->weights);
 }
 
 TEST(PlanTest, TiedEmbeddingsAndKvReplicationPastTheKvHeads) {
@@ -49,15 +52,14 @@ TEST(PlanTest, TiedEmbeddingsAndKvReplicationPastTheKvHeads) {
   f.tie_word_embeddings = true;
   auto tied = EstimateMemory(f, Shape(4, 1), 10, 8);
   ASSERT_TRUE(untied.ok() && tied.ok());
-  EXPECT_DOUBLE_EQ(untied->weights - tied->weights, 2.0 * 250 * 64);
+  EXPECT_DOUBLE_EQ(untied->weights - tied->weights, 4.0 * 250 * 64);
   // tp 4 > 2 KV heads: each rank still holds a whole KV head (16 wide), as at tp 2.
   auto tp2 = EstimateMemory(Dense(), Shape(2, 1), 10, 8);
-  const double kv_tp4 = 2.0 * 2 * (2 * 64 * 16);
-  const double q_tp4 = 2.0 * 2 * (2 * 64 * 16);
-  const double q_tp2 = 2.0 * 2 * (2 * 64 * 32);
+  // So going from tp 2 to tp 4 halves q, o, the MLP and the vocabulary slice, not k and v.
+  const double q_tp4 = 4.0 * 2 * (2 * 64 * 16);
+  const double q_tp2 = 4.0 * 2 * (2 * 64 * 32);
   EXPECT_DOUBLE_EQ(tp2->weights - untied->weights,
-                   (q_tp2 - q_tp4) + 2.0 * 2 * 3 * 64 * (64 - 32) + 2.0 * 2 * (500 - 250) * 64);
-  (void)kv_tp4;
+                   (q_tp2 - q_tp4) + 4.0 * 2 * 3 * 64 * (64 - 32) + 4.0 * 2 * (500 - 250) * 64);
 }
 
 TEST(PlanTest, ExpertsSplitOverEp) {
@@ -68,8 +70,8 @@ TEST(PlanTest, ExpertsSplitOverEp) {
   auto ep1 = EstimateMemory(f, Shape(1, 1), 10, 0);
   auto ep4 = EstimateMemory(f, Shape(1, 4), 10, 0);
   ASSERT_TRUE(ep1.ok() && ep4.ok());
-  // Expert weights 2 layers * 8 experts * 3*64*32 bf16; ep 4 keeps a quarter.
-  const double experts = 2.0 * 2 * 8 * 3 * 64 * 32;
+  // Expert weights 2 layers * 8 experts * 3*64*32 fp32; ep 4 keeps a quarter.
+  const double experts = 4.0 * 2 * 8 * 3 * 64 * 32;
   EXPECT_DOUBLE_EQ(ep1->weights - ep4->weights, experts * 3 / 4);
 }
 
@@ -79,14 +81,16 @@ TEST(PlanTest, IncompleteFactsGiveNoEstimate) {
   EXPECT_EQ(EstimateMemory(f, Shape(1, 1), 10, 8).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
-TEST(PlanTest, EveryShippedPresetWithFactsFitsWithLoraAtItsMaxSeqLen) {
+// Declared (unverified) rows are sized for a runtime with bf16 weights and
+// activations and are not held to today's fp32 estimate.
+TEST(PlanTest, EveryVerifiedPresetFitsWithLoraAtItsMaxSeqLen) {
   auto table = presets::LoadPresets(LATHE_PRESETS_FILE);
   ASSERT_TRUE(table.ok()) << table.status();
   for (const presets::Preset& p : *table) {
-    if (!p.facts.Complete()) continue;
+    if (!p.verified) continue;
     auto m = EstimateMemory(p.facts, {1, p.node_count, p.devices_per_node, p.tp, p.ep}, p.max_seq_len, 32);
     ASSERT_TRUE(m.ok()) << p.base_model;
-    EXPECT_LT(m->total(), 80.0 * (1 << 30)) << p.base_model << " needs " << m->total() / (1 << 30) << " GiB";
+    EXPECT_LT(m->total(), 0.9 * 80.0 * (1 << 30)) << p.base_model << " needs " << m->total() / (1 << 30) << " GiB";
   }
 }
 
