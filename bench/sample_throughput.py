@@ -6,7 +6,8 @@ submitted at once through the service (one prompt each, one sample each,
 temperature 1), tokens/s = generated tokens / wall time from the first submit
 to the last answer. transformers: generate on the same prompts as one batch
 (do_sample, temperature 1), timed around the call. With --in-process, lathe's
-side is bench/generate_bench instead (the samples of one request, no service).
+side is bench/generate_bench instead (the same requests given to
+runtime::GenerateBatch at once, no service).
 
   .venv/bin/python bench/sample_throughput.py [--model dense|moe2] [--threads 2] [--max-tokens 64]
       [--concurrency 1,16] [--layout replicas=1] [--in-process]
@@ -67,9 +68,9 @@ def service_tokens_per_s(stub, pb, types, run, seq, batch, max_tokens, rounds=2)
     return best, batched
 
 
-def in_process_tokens_per_s(args, model, samples):
+def in_process_tokens_per_s(args, model, requests):
     out = subprocess.run([os.path.join(args.build_dir, "bench", "generate_bench"), f"--model={model}",
-                          f"--samples={samples}", f"--max_tokens={args.max_tokens}",
+                          f"--requests={requests}", f"--max_tokens={args.max_tokens}",
                           f"--prompt_tokens={args.prompt_tokens}"],
                          check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -83,7 +84,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,16", help="comma-separated request counts")
     ap.add_argument("--layout", default="replicas=1", help="the deployment's mesh flags, e.g. replicas=2 or tp=2")
-    ap.add_argument("--in-process", action="store_true", help="time generate_bench (one request's samples) instead")
+    ap.add_argument("--in-process", action="store_true", help="time generate_bench (no service) instead")
     ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
     ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
     args = ap.parse_args()
@@ -119,7 +120,7 @@ def main():
     for c in counts:
         tokens_per_s, batched = lathe[c]
         hf = hf_tokens_per_s(model, prompts(c, args.prompt_tokens), args.max_tokens)
-        what = f"{c} sequence(s) of one request" if args.in_process else f"{c} concurrent request(s)"
+        what = f"{c} request(s) in-process" if args.in_process else f"{c} concurrent request(s)"
         print(f"{args.model}, {what} x {args.max_tokens} tokens, {args.threads} threads: lathe {tokens_per_s:.1f} "
               f"tokens/s (largest batch {batched}) vs transformers generate {hf:.1f} tokens/s: "
               f"ratio {tokens_per_s / hf:.2f}x", flush=True)

@@ -28,6 +28,8 @@ ABSL_FLAG(int64_t, micro_batch_tokens, 0, "tokens per micro-batch; 0: sized for 
 ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
 ABSL_FLAG(int, max_sample_rows, 64,
           "samples (sum of num_samples) of queued sampling requests decoded in one batch");
+ABSL_FLAG(double, sample_batch_window_ms, 2,
+          "how long a sampling batch waits after each arriving request for another before it starts");
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
 ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
 ABSL_FLAG(std::string, checkpoint_root, "", "folder (shared by every node) for checkpoints; empty: saving refused");
@@ -70,6 +72,7 @@ int main(int argc, char** argv) {
   o.collective_timeout = absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s));
   o.loop.control_timeout = o.collective_timeout;
   o.loop.max_sample_rows = absl::GetFlag(FLAGS_max_sample_rows);
+  o.loop.sample_batch_window = absl::Milliseconds(absl::GetFlag(FLAGS_sample_batch_window_ms));
   o.executor.collective_timeout = o.collective_timeout;
   absl::Status s = lathe::dp_worker::Serve(o, g_stop);
   if (!s.ok()) {

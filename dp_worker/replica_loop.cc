@@ -50,17 +50,21 @@ bool AnswerNoop(const lathe::v1::Task& task, ReplicaLink& link) {
   return true;
 }
 
-// The next batch: `first`, then the tasks already queued behind it that can
-// decode with it (noops between them are answered on the way). The first
-// task that cannot is kept in `held` for the next batch.
+// The next batch: `first`, then the tasks queued behind it that can decode
+// with it (noops between them are answered on the way), waiting up to
+// `window` after each arrival for the rest of a burst (the batch's row limit
+// bounds the wait). The first task that cannot join is kept in `held` for
+// the next batch.
 lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::optional<lathe::v1::Task>& held,
-                               int max_rows) {
+                               int max_rows, absl::Duration window) {
   lathe::v1::TaskBatch batch;
   const std::optional<std::string> key = SampleBatchKey(first.op());
   int rows = key.has_value() ? first.op().sample().num_samples() : 0;
   *batch.add_tasks() = std::move(first);
   if (!key.has_value()) return batch;
-  while (std::optional<lathe::v1::Task> next = link.NextTask(absl::ZeroDuration())) {
+  while (rows < max_rows) {
+    std::optional<lathe::v1::Task> next = link.NextTask(window);
+    if (!next.has_value()) break;
     if (AnswerNoop(*next, link)) continue;
     const int more = next->op().sample().num_samples();
     if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
@@ -94,7 +98,8 @@ absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Commun
       last_control = absl::Now();
       continue;
     }
-    const lathe::v1::TaskBatch batch = NextBatch(*std::move(task), link, held, options.max_sample_rows);
+    const lathe::v1::TaskBatch batch = NextBatch(*std::move(task), link, held, options.max_sample_rows,
+                                                 options.sample_batch_window);
     LATHE_RETURN_IF_ERROR(SendControl(replica, kTasks, batch.SerializeAsString(), options.control_timeout));
     last_control = absl::Now();
     const std::vector<lathe::v1::TaskResult> answers = executor.ExecuteBatch(batch);

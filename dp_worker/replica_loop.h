@@ -1,8 +1,8 @@
 // The serving loop of one replica. The leader takes tasks from the
 // coordinator link and broadcasts each to the replica's ranks, which all
 // execute it. Sampling requests queued one after another that use the same
-// weights go as one batch (up to `max_sample_rows` samples), decoded
-// together; a batch never reaches past a task of another kind, so tasks keep
+// weights go as one batch (up to `max_sample_rows` samples, gathered for up
+// to `sample_batch_window` after each arrival), decoded together; a batch never reaches past a task of another kind, so tasks keep
 // their order; when idle it broadcasts a keepalive every tick, so the other
 // ranks notice a dead leader within their control timeout. On a stop request
 // (SIGTERM) the leader finishes the task in flight, tells the ranks to stop
@@ -29,6 +29,9 @@ struct LoopOptions {
   absl::Duration control_timeout = absl::Minutes(10);
   // Samples (Σ num_samples) decoded in one batch; a larger request runs alone.
   int max_sample_rows = 64;
+  // How long a sampling batch waits after each arrival for more requests of
+  // a burst before it starts.
+  absl::Duration sample_batch_window = absl::Milliseconds(2);
 };
 
 // OK after a requested stop or the coordinator's Shutdown; Unavailable when
