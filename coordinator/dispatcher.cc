@@ -91,24 +91,53 @@ void Dispatcher::SendLoop() {
       entry.fan_out.tasks.clear();  // sent; keep only the datum split
     }
     entry.op = *std::move(op);
+    entry.sent = absl::Now();
+    entry.sampling = sampling;
     absl::MutexLock lock(&mu_);
     in_flight_.push_back(std::move(entry));
   }
 }
 
-void Dispatcher::CollectLoop() {
+std::optional<Dispatcher::InFlight> Dispatcher::NextToFinish() {
   for (;;) {
-    InFlight entry;
+    std::vector<std::vector<int64_t>> sets;  // [0]: the oldest's; then sampling ones'
+    std::vector<size_t> at;
+    absl::Time deadline;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return !in_flight_.empty() || sender_done_; };
       mu_.Await(absl::Condition(&ready));
-      if (in_flight_.empty()) return;  // the sender stopped and everything sent was collected
-      entry = std::move(in_flight_.front());
+      if (in_flight_.empty()) return std::nullopt;  // the sender stopped and everything sent was collected
+      // Nothing sent (an ordering point, a failed send): due now.
+      if (in_flight_.front().task_ids.empty()) {
+        InFlight entry = std::move(in_flight_.front());
+        in_flight_.pop_front();
+        return entry;
+      }
+      deadline = in_flight_.front().sent + op_timeout_;
+      for (size_t i = 0; i < in_flight_.size(); ++i) {
+        if (i == 0 || (in_flight_[i].sampling && !in_flight_[i].task_ids.empty())) {
+          sets.push_back(in_flight_[i].task_ids);
+          at.push_back(i);
+        }
+      }
     }
-    Finish(entry);
+    const absl::Duration wait = std::min(absl::Milliseconds(100), std::max(absl::ZeroDuration(), deadline - absl::Now()));
+    const int found = registry_->AwaitAnswered(sets, wait);
+    if (found < 0 && absl::Now() < deadline) continue;  // look again: more may have been sent
+    // Only this thread removes entries, so `at` still points where it did.
     absl::MutexLock lock(&mu_);
-    in_flight_.pop_front();
+    const size_t index = at[std::max(found, 0)];
+    InFlight entry = std::move(in_flight_[index]);
+    in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(index));
+    return entry;
+  }
+}
+
+void Dispatcher::CollectLoop() {
+  while (std::optional<InFlight> entry = NextToFinish()) {
+    // Answers are in (or the oldest's time is up: DeadlineExceeded at once).
+    Finish(*entry, absl::ZeroDuration());
   }
 }
 
@@ -118,14 +147,14 @@ void Dispatcher::Finish(const ReadyOp& op) {
   ledger_->Complete(op.op_id, std::move(result));
 }
 
-void Dispatcher::Finish(InFlight& entry) {
+void Dispatcher::Finish(InFlight& entry, absl::Duration timeout) {
   const ReadyOp& op = entry.op;
   if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) return Finish(op);
   if (!entry.send_status.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(entry.send_status));
     return;
   }
-  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->Collect(entry.task_ids, op_timeout_);
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->Collect(entry.task_ids, timeout);
   if (!answers.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(answers.status()));
     return;

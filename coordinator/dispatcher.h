@@ -7,7 +7,9 @@
 // operation without waiting for the coordinator to see the last one's answer;
 // up to `sampling_depth` when the ones beyond `depth` are sampling requests
 // (sample, compute_logprobs), so that concurrent requests reach a replica
-// together and decode in one batch. Results are recorded in dispatch order.
+// together and decode in one batch. Results are recorded in dispatch order,
+// except that a sampling request completes as soon as its answer is in (a
+// short request that joined a long decode need not wait for it).
 //
 // Thread-safe; two threads of its own (one sends, one collects).
 #ifndef LATHE_COORDINATOR_DISPATCHER_H_
@@ -53,12 +55,18 @@ class Dispatcher {
     FanOut fan_out;
     std::vector<int64_t> task_ids;  // empty: nothing was sent
     absl::Status send_status;
+    absl::Time sent;
+    bool sampling = false;  // may complete before operations sent earlier
   };
   // Waits until fewer than `limit` operations are out; false when stopping.
   bool WaitForRoom(size_t limit);
   void SendLoop();
   void CollectLoop();
-  void Finish(InFlight& entry);
+  // Takes the next entry to finish: a sampling one whose answers are in, or
+  // the oldest once its answers are in or its time is up; nullopt when the
+  // sender stopped and nothing is left.
+  std::optional<InFlight> NextToFinish();
+  void Finish(InFlight& entry, absl::Duration timeout);
   void Finish(const ReadyOp& noop);
   void Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult* result);
 

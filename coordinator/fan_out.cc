@@ -25,16 +25,8 @@ FanOut SplitOp(const lathe::v1::SubmitRequest& op, int replicas) {
   FanOut out;
   if (op.op_case() == lathe::v1::SubmitRequest::kSample || op.op_case() == lathe::v1::SubmitRequest::kComputeLogprobs) {
     out.only = static_cast<int>(op.seq_id() % replicas);
-    for (int r = 0; r < replicas; ++r) {
-      lathe::v1::SubmitRequest& task = *out.tasks.emplace_back().mutable_op();
-      if (r == out.only) {
-        task = op;
-      } else {
-        task.set_run_id(op.run_id());
-        task.set_seq_id(op.seq_id());
-        task.mutable_noop();
-      }
-    }
+    out.tasks.resize(replicas);  // the others get nothing (no op)
+    *out.tasks[out.only].mutable_op() = op;
     return out;
   }
   const lathe::v1::ForwardBackwardInput* batch = BatchOf(op);

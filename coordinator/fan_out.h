@@ -13,11 +13,11 @@
 namespace lathe::coordinator {
 
 struct FanOut {
-  std::vector<lathe::v1::Task> tasks;  // one per replica, task ids unset
+  std::vector<lathe::v1::Task> tasks;  // one per replica, task ids unset; no op: nothing to send
   // For a split batch: the original datum indices each replica received.
   std::vector<std::vector<int>> datums;
   // For an operation one replica serves (sample, compute_logprobs): which;
-  // the others get a noop. -1: every replica takes part.
+  // the others get nothing. -1: every replica takes part.
   int only = -1;
 };
 

@@ -53,6 +53,7 @@ void ReplicaRegistry::Deliver(int replica, const lathe::v1::TaskResult& result) 
   absl::MutexLock lock(&mu_);
   if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();
   answers_[result.task_id()] = result;
+  ++delivered_;
 }
 
 void ReplicaRegistry::Disconnected(int replica, const std::string& reason) {
@@ -102,6 +103,10 @@ absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::Send(std::vector<lathe::v1
   }
   std::vector<int64_t> ids;
   for (int i = 0; i < expected_; ++i) {
+    if (tasks[i].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
+      ids.push_back(-1);
+      continue;
+    }
     tasks[i].set_task_id(next_task_id_++);
     ids.push_back(tasks[i].task_id());
     lathe::v1::CoordinatorMessage message;
@@ -118,13 +123,17 @@ absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::Collect(cons
   auto done = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     if (state_ != DeploymentState::kServing) return true;
     for (int64_t id : ids) {
-      if (answers_.count(id) == 0) return false;
+      if (id >= 0 && answers_.count(id) == 0) return false;
     }
     return true;
   };
   const bool in_time = mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
   std::vector<lathe::v1::TaskResult> out;
   for (int64_t id : ids) {
+    if (id < 0) {
+      out.emplace_back().set_task_id(id);
+      continue;
+    }
     auto it = answers_.find(id);
     if (it != answers_.end()) out.push_back(std::move(it->second)), answers_.erase(it);
   }
@@ -132,6 +141,25 @@ absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::Collect(cons
   if (state_ != DeploymentState::kServing) return absl::UnavailableError(detail_locked());
   if (!in_time) return absl::DeadlineExceededError(absl::StrCat("replicas did not answer within ", absl::FormatDuration(timeout)));
   return absl::InternalError("replica answers missing");
+}
+
+int ReplicaRegistry::AwaitAnswered(const std::vector<std::vector<int64_t>>& sets, absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  int found = -1;
+  const int64_t seen = delivered_;
+  auto any = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    for (size_t i = 0; i < sets.size(); ++i) {
+      bool all = true;
+      for (int64_t id : sets[i]) all = all && (id < 0 || answers_.count(id) > 0);
+      if (all || state_ != DeploymentState::kServing) {
+        found = static_cast<int>(i);
+        return true;
+      }
+    }
+    return delivered_ != seen;  // another answer: the caller's sets may have changed
+  };
+  mu_.AwaitWithTimeout(absl::Condition(&any), timeout);
+  return found;
 }
 
 void ReplicaRegistry::Shutdown(const std::string& reason) {

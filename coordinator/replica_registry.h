@@ -58,14 +58,21 @@ class ReplicaRegistry {
   void CheckHeartbeats();
 
   // Sends tasks[i] to replica i (assigning task ids, returned in replica
-  // order). Replicas execute their tasks in the order sent. Unavailable when
-  // the deployment is not serving.
+  // order; a task without an op is not sent and its id is -1). Replicas
+  // execute their tasks in the order sent. Unavailable when the deployment
+  // is not serving.
   absl::StatusOr<std::vector<int64_t>> Send(std::vector<lathe::v1::Task> tasks);
-  // Waits for the answers of the tasks `ids` (from one Send) and takes them.
+  // Waits for the answers of the tasks `ids` (from one Send) and takes them
+  // (an empty answer for id -1).
   // Unavailable when a replica is lost before it answers; DeadlineExceeded
   // past `timeout`.
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> Collect(const std::vector<int64_t>& ids,
                                                              absl::Duration timeout);
+  // Waits up to `timeout` until every answer of one of `sets` (task ids of
+  // one Send each) has arrived, or the deployment stops serving; the index
+  // of the first such set, or -1 (also early, when another answer arrived:
+  // the caller's sets may have changed).
+  int AwaitAnswered(const std::vector<std::vector<int64_t>>& sets, absl::Duration timeout);
   // Send, then Collect.
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                               absl::Duration timeout);
@@ -107,6 +114,7 @@ class ReplicaRegistry {
   int64_t next_task_id_ ABSL_GUARDED_BY(mu_) = 1;
   // Answers received for the tasks in flight, by task id.
   std::map<int64_t, lathe::v1::TaskResult> answers_ ABSL_GUARDED_BY(mu_);
+  int64_t delivered_ ABSL_GUARDED_BY(mu_) = 0;  // answers ever delivered
   std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);
 };
 

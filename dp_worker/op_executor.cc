@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <deque>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -69,27 +70,37 @@ lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::
 
 lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) { return Answer(task.task_id(), Run(task.op())); }
 
-std::vector<lathe::v1::TaskResult> OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch) {
-  std::vector<lathe::v1::TaskResult> answers;
+void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer) {
   const std::optional<std::string> key = SampleBatchKey(batch.tasks(0).op());
-  bool together = batch.tasks_size() > 1 && key.has_value();
+  bool together = key.has_value();
   for (const lathe::v1::Task& task : batch.tasks()) together = together && SampleBatchKey(task.op()) == key;
   if (!together) {
-    for (const lathe::v1::Task& task : batch.tasks()) answers.push_back(Execute(task));
-    return answers;
+    for (const lathe::v1::Task& task : batch.tasks()) answer(Execute(task));
+    return;
   }
   const std::string& run_id = batch.tasks(0).op().run_id();
   auto it = trainers_.find(run_id);
-  std::vector<absl::StatusOr<lathe::v1::OpResult>> results;
   if (it == trainers_.end()) {
-    results.assign(batch.tasks_size(), NotInitialised(run_id));
-  } else {
-    std::vector<const lathe::v1::SampleOp*> ops;
-    for (const lathe::v1::Task& task : batch.tasks()) ops.push_back(&task.op().sample());
-    results = Sample(*it->second, run_id, ops);
+    for (const lathe::v1::Task& task : batch.tasks()) answer(Answer(task.task_id(), NotInitialised(run_id)));
+    return;
   }
-  for (int i = 0; i < batch.tasks_size(); ++i) answers.push_back(Answer(batch.tasks(i).task_id(), std::move(results[i])));
-  return answers;
+  std::deque<lathe::v1::Task> tasks(batch.tasks().begin(), batch.tasks().end());  // stable addresses
+  std::vector<const lathe::v1::SampleOp*> ops;
+  for (const lathe::v1::Task& task : tasks) ops.push_back(&task.op().sample());
+  MoreSamples joining;
+  if (more) {
+    joining = [&](int decoding) {
+      std::vector<const lathe::v1::SampleOp*> added;
+      for (lathe::v1::Task& task : more(decoding)) {
+        tasks.push_back(std::move(task));
+        added.push_back(&tasks.back().op().sample());
+      }
+      return added;
+    };
+  }
+  Sample(*it->second, run_id, ops, joining, [&](size_t k, absl::StatusOr<lathe::v1::OpResult> result) {
+    answer(Answer(tasks[k].task_id(), std::move(result)));
+  });
 }
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
@@ -151,8 +162,12 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
     }
     case lathe::v1::SubmitRequest::kSaveState:
       return Save(trainer, op);
-    case lathe::v1::SubmitRequest::kSample:
-      return std::move(Sample(trainer, op.run_id(), {&op.sample()})[0]);
+    case lathe::v1::SubmitRequest::kSample: {
+      absl::StatusOr<lathe::v1::OpResult> answer = absl::InternalError("not sampled");
+      Sample(trainer, op.run_id(), {&op.sample()}, nullptr,
+             [&](size_t, absl::StatusOr<lathe::v1::OpResult> r) { answer = std::move(r); });
+      return answer;
+    }
     case lathe::v1::SubmitRequest::kComputeLogprobs:
       return ComputeLogprobs(trainer, op.run_id(), op.compute_logprobs());
     case lathe::v1::SubmitRequest::kSaveWeightsForSampler:
@@ -200,6 +215,27 @@ namespace {
 template <typename T>
 std::string Bytes(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+lathe::v1::OpResult SampleResultOf(const runtime::Generation& g, const lathe::v1::SampleOp& op) {
+  lathe::v1::OpResult result;
+  lathe::v1::SampleResult* out = result.mutable_sample();
+  out->set_batched_requests(g.batched_requests);
+  for (const runtime::GeneratedSequence& seq : g.sequences) {
+    lathe::v1::SampledSequence* s_out = out->add_sequences();
+    s_out->set_tokens(Bytes(seq.tokens));
+    s_out->set_logprobs(Bytes(seq.logprobs));
+    s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
+  }
+  if (op.include_prompt_logprobs()) out->set_prompt_logprobs(Bytes(g.prompt_logprobs));
+  if (op.topk_prompt_logprobs() > 0) {
+    lathe::v1::TopkPromptLogprobs* topk = out->mutable_topk_prompt_logprobs();
+    topk->set_token_ids(Bytes(g.topk_ids));
+    topk->set_logprobs(Bytes(g.topk_logprobs));
+    topk->set_k(static_cast<uint32_t>(op.topk_prompt_logprobs()));
+    topk->set_prompt_length(static_cast<uint32_t>(g.topk_ids.size() / op.topk_prompt_logprobs()));
+  }
+  return result;
 }
 
 // Puts other values into the trainable parameters for its lifetime.
@@ -266,68 +302,62 @@ absl::StatusOr<const std::vector<at::Tensor>*> OpExecutor::SamplingWeights(runti
   return &(snapshots_[model_path] = *std::move(values));
 }
 
-std::vector<absl::StatusOr<lathe::v1::OpResult>> OpExecutor::Sample(
-    runtime::Trainer& trainer, const std::string& run_id, const std::vector<const lathe::v1::SampleOp*>& ops) {
-  std::vector<absl::StatusOr<lathe::v1::OpResult>> results(ops.size(), absl::InternalError("not sampled"));
+void OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
+                        const std::vector<const lathe::v1::SampleOp*>& ops, const MoreSamples& more,
+                        const SampleAnswer& answer) {
   absl::StatusOr<const std::vector<at::Tensor>*> weights =
       SamplingWeights(trainer, run_id, ops[0]->model_path(), ops[0]->base());
   if (!weights.ok()) {
-    results.assign(ops.size(), weights.status());
-    return results;
+    for (size_t k = 0; k < ops.size(); ++k) answer(k, weights.status());
+    return;
   }
-  std::vector<runtime::SampleRequest> requests;
-  std::vector<size_t> of_request;  // index into ops
-  for (size_t i = 0; i < ops.size(); ++i) {
-    const lathe::v1::SampleOp& op = *ops[i];
-    runtime::SampleRequest r;
-    absl::StatusOr<std::vector<int32_t>> prompt = runtime::InputTokens(op.prompt());
-    absl::StatusOr<runtime::SamplingSettings> settings = runtime::SamplingSettingsFromProto(op.params());
-    if (!prompt.ok() || !settings.ok()) {
-      results[i] = prompt.ok() ? settings.status() : prompt.status();
-      continue;
+  // Requests as the decoder numbers them: their number here and their op.
+  std::vector<size_t> ours;
+  std::vector<const lathe::v1::SampleOp*> specs;
+  size_t numbered = 0;
+  std::vector<bool> answered;
+  auto reply = [&](size_t k, absl::StatusOr<lathe::v1::OpResult> result) {
+    answered[k] = true;
+    answer(k, std::move(result));
+  };
+  // The decoder's requests from ops; refused ones are answered at once.
+  auto requests = [&](const std::vector<const lathe::v1::SampleOp*>& batch) {
+    std::vector<runtime::SampleRequest> out;
+    for (const lathe::v1::SampleOp* op : batch) {
+      const size_t k = numbered++;
+      answered.push_back(false);
+      absl::StatusOr<std::vector<int32_t>> prompt = runtime::InputTokens(op->prompt());
+      absl::StatusOr<runtime::SamplingSettings> settings = runtime::SamplingSettingsFromProto(op->params());
+      if (!prompt.ok() || !settings.ok()) {
+        reply(k, prompt.ok() ? settings.status() : prompt.status());
+        continue;
+      }
+      runtime::SampleRequest r;
+      r.prompt = *std::move(prompt);
+      r.settings = *std::move(settings);
+      r.num_samples = op->num_samples();
+      r.prompt_logprobs = op->include_prompt_logprobs();
+      r.topk_prompt_logprobs = op->topk_prompt_logprobs();
+      out.push_back(std::move(r));
+      ours.push_back(k);
+      specs.push_back(op);
     }
-    r.prompt = *std::move(prompt);
-    r.settings = *std::move(settings);
-    r.num_samples = op.num_samples();
-    r.prompt_logprobs = op.include_prompt_logprobs();
-    r.topk_prompt_logprobs = op.topk_prompt_logprobs();
-    requests.push_back(std::move(r));
-    of_request.push_back(i);
-  }
-  std::vector<absl::StatusOr<runtime::Generation>> generations;
+    return out;
+  };
+  runtime::DecodeHooks hooks;
+  if (more) hooks.join = [&](int decoding) { return requests(more(decoding)); };
+  hooks.done = [&](size_t j, absl::StatusOr<runtime::Generation> g) {
+    reply(ours[j], g.ok() ? SampleResultOf(*g, *specs[j]) : absl::StatusOr<lathe::v1::OpResult>(g.status()));
+  };
   try {
     WeightSwap swap(trainer.model().trainable(), *weights);
-    generations = runtime::GenerateBatch(trainer.model(), requests, trainer.GetInfo().max_seq_len);
+    runtime::Decode(trainer.model(), requests(ops), trainer.GetInfo().max_seq_len, hooks);
   } catch (const c10::Error& e) {
-    generations.assign(requests.size(), absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace())));
+    const absl::Status failed = absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace()));
+    for (size_t k = 0; k < answered.size(); ++k) {
+      if (!answered[k]) reply(k, failed);
+    }
   }
-  for (size_t j = 0; j < requests.size(); ++j) {
-    const size_t i = of_request[j];
-    if (!generations[j].ok()) {
-      results[i] = generations[j].status();
-      continue;
-    }
-    const runtime::Generation& g = *generations[j];
-    lathe::v1::OpResult result;
-    lathe::v1::SampleResult* out = result.mutable_sample();
-    out->set_batched_requests(static_cast<int32_t>(requests.size()));
-    for (const runtime::GeneratedSequence& seq : g.sequences) {
-      lathe::v1::SampledSequence* s_out = out->add_sequences();
-      s_out->set_tokens(Bytes(seq.tokens));
-      s_out->set_logprobs(Bytes(seq.logprobs));
-      s_out->set_stop_reason(seq.stopped ? lathe::v1::STOP : lathe::v1::LENGTH);
-    }
-    if (requests[j].prompt_logprobs) out->set_prompt_logprobs(Bytes(g.prompt_logprobs));
-    if (requests[j].topk_prompt_logprobs > 0) {
-      lathe::v1::TopkPromptLogprobs* topk = out->mutable_topk_prompt_logprobs();
-      topk->set_token_ids(Bytes(g.topk_ids));
-      topk->set_logprobs(Bytes(g.topk_logprobs));
-      topk->set_k(static_cast<uint32_t>(requests[j].topk_prompt_logprobs));
-      topk->set_prompt_length(static_cast<uint32_t>(requests[j].prompt.size()));
-    }
-    results[i] = std::move(result);
-  }
-  return results;
 }
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -44,9 +45,15 @@ class OpExecutor {
   // Runs the task and returns its answer: a result, or an error with its
   // category (USER for refused input, SERVER for failures of the replica).
   lathe::v1::TaskResult Execute(const lathe::v1::Task& task);
-  // One answer per task, in order. Sampling requests of one SampleBatchKey
-  // decode together (runtime::GenerateBatch); other tasks run one by one.
-  std::vector<lathe::v1::TaskResult> ExecuteBatch(const lathe::v1::TaskBatch& batch);
+  // Tasks that join a running decode, given the samples still decoding
+  // (every rank of the replica must get the same ones at the same step).
+  using MoreTasks = std::function<std::vector<lathe::v1::Task>(int decoding)>;
+  using Answers = std::function<void(lathe::v1::TaskResult)>;
+  // Runs the batch, answering each task through `answer` as soon as it is
+  // finished. Sampling requests of one SampleBatchKey decode together
+  // (runtime::Decode), and `more` (may be null) is asked after every decode
+  // step for tasks of the same key that join; other tasks run one by one.
+  void ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer);
 
  private:
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
@@ -56,9 +63,13 @@ class OpExecutor {
   // current weights, else values for every trainable parameter.
   absl::StatusOr<const std::vector<at::Tensor>*> SamplingWeights(runtime::Trainer& trainer, const std::string& run_id,
                                                                  const std::string& model_path, bool base);
-  // The answers to sampling requests that share their weights.
-  std::vector<absl::StatusOr<lathe::v1::OpResult>> Sample(runtime::Trainer& trainer, const std::string& run_id,
-                                                          const std::vector<const lathe::v1::SampleOp*>& ops);
+  // Decodes sampling requests that share their weights, and those `more`
+  // adds while they decode; request k (given first, then joined) is answered
+  // through `answer` when it is finished.
+  using MoreSamples = std::function<std::vector<const lathe::v1::SampleOp*>(int decoding)>;
+  using SampleAnswer = std::function<void(size_t k, absl::StatusOr<lathe::v1::OpResult>)>;
+  void Sample(runtime::Trainer& trainer, const std::string& run_id, const std::vector<const lathe::v1::SampleOp*>& ops,
+              const MoreSamples& more, const SampleAnswer& answer);
   lathe::v1::TaskResult Answer(int64_t task_id, absl::StatusOr<lathe::v1::OpResult> result) const;
   absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                       const lathe::v1::ComputeLogprobsOp& op);

@@ -40,18 +40,8 @@ absl::StatusOr<std::pair<Kind, std::string>> ReceiveControl(parallel::Communicat
   return std::make_pair(static_cast<Kind>(header[0]), std::move(bytes));
 }
 
-// A noop needs no rank's work: the leader answers it at once.
-bool AnswerNoop(const lathe::v1::Task& task, ReplicaLink& link) {
-  if (task.op().op_case() != lathe::v1::SubmitRequest::kNoop) return false;
-  lathe::v1::TaskResult answer;
-  answer.set_task_id(task.task_id());
-  answer.mutable_result()->mutable_noop();
-  link.SendResult(answer);
-  return true;
-}
-
 // The next batch: `first`, then the tasks queued behind it that can decode
-// with it (noops between them are answered on the way), waiting up to
+// with it, waiting up to
 // `window` after each arrival for the rest of a burst (the batch's row limit
 // bounds the wait). The first task that cannot join is kept in `held` for
 // the next batch.
@@ -65,7 +55,6 @@ lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::op
   while (rows < max_rows) {
     std::optional<lathe::v1::Task> next = link.NextTask(window);
     if (!next.has_value()) break;
-    if (AnswerNoop(*next, link)) continue;
     const int more = next->op().sample().num_samples();
     if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
       held = std::move(next);
@@ -77,38 +66,65 @@ lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::op
   return batch;
 }
 
+// The tasks that join a running decode of `key` now: those already queued,
+// while the samples fit in `max_rows` (the first task that cannot join goes
+// to `held` and ends joining, so tasks keep their order). Sent to the other ranks (also when there are none) so that
+// every rank adds the same tasks at the same step.
+std::vector<lathe::v1::Task> Joining(ReplicaLink& link, const std::string& key, int decoding, int max_rows,
+                                     std::optional<lathe::v1::Task>& held, parallel::Communicator& replica,
+                                     absl::Duration timeout, absl::Status& failed) {
+  lathe::v1::TaskBatch joining;
+  int rows = decoding;
+  while (!held.has_value() && failed.ok()) {
+    std::optional<lathe::v1::Task> next = link.NextTask(absl::ZeroDuration());
+    if (!next.has_value()) break;
+    const int more = next->op().sample().num_samples();
+    if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
+      held = std::move(next);
+      break;
+    }
+    rows += more;
+    *joining.add_tasks() = *std::move(next);
+  }
+  if (failed.ok()) failed = SendControl(replica, kTasks, joining.SerializeAsString(), timeout);
+  if (!failed.ok()) return {};
+  return {joining.tasks().begin(), joining.tasks().end()};
+}
+
 }  // namespace
 
 absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Communicator& replica,
                        const std::atomic<bool>& stop, const LoopOptions& options) {
   std::optional<lathe::v1::Task> held;
-  absl::Time last_control = absl::Now();
   while (!stop.load() && (held.has_value() || !link.closed())) {
     std::optional<lathe::v1::Task> task = std::move(held);
     held.reset();
     if (!task.has_value()) task = link.NextTask(options.idle_tick);
-    if (task.has_value() && AnswerNoop(*task, link)) {
-      // Noops never reach the other ranks; a steady stream of them must not
-      // starve the ranks of keepalives.
-      if (absl::Now() - last_control < options.idle_tick) continue;
-      task.reset();
-    }
     if (!task.has_value()) {
       LATHE_RETURN_IF_ERROR(SendControl(replica, kKeepalive, "", options.control_timeout));
-      last_control = absl::Now();
       continue;
     }
     const lathe::v1::TaskBatch batch = NextBatch(*std::move(task), link, held, options.max_sample_rows,
                                                  options.sample_batch_window);
     LATHE_RETURN_IF_ERROR(SendControl(replica, kTasks, batch.SerializeAsString(), options.control_timeout));
-    last_control = absl::Now();
-    const std::vector<lathe::v1::TaskResult> answers = executor.ExecuteBatch(batch);
-    for (const lathe::v1::TaskResult& answer : answers) link.SendResult(answer);
+    const std::optional<std::string> key = SampleBatchKey(batch.tasks(0).op());
+    absl::Status failed;
+    OpExecutor::MoreTasks more;
+    if (key.has_value()) {
+      more = [&](int decoding) {
+        return Joining(link, *key, decoding, options.max_sample_rows, held, replica, options.control_timeout, failed);
+      };
+    }
+    std::string why;
+    executor.ExecuteBatch(batch, more, [&](const lathe::v1::TaskResult& answer) {
+      if (answer.has_error()) why = answer.error().message();
+      link.SendResult(answer);
+    });
     if (parallel::CommunicationBroken()) {
-      const std::string why = answers.back().error().message();
       link.Deregister(why);
       return absl::UnavailableError(why);
     }
+    LATHE_RETURN_IF_ERROR(failed);
   }
   LATHE_RETURN_IF_ERROR(SendControl(replica, kStop, "", options.control_timeout));
   if (!stop.load() && !link.shut_down()) return absl::UnavailableError(link.close_reason());
@@ -129,8 +145,25 @@ absl::Status RunFollower(OpExecutor& executor, parallel::Communicator& replica, 
     if (!batch.ParseFromString(control.second) || batch.tasks().empty()) {
       return absl::InternalError("unreadable tasks from the replica leader");
     }
-    const std::vector<lathe::v1::TaskResult> answers = executor.ExecuteBatch(batch);
-    if (parallel::CommunicationBroken()) return absl::UnavailableError(answers.back().error().message());
+    // Tasks that join a decode come from the leader after every step.
+    absl::Status failed;
+    OpExecutor::MoreTasks more = [&](int) -> std::vector<lathe::v1::Task> {
+      if (!failed.ok()) return {};
+      absl::StatusOr<std::pair<Kind, std::string>> joining = ReceiveControl(replica, options.control_timeout);
+      lathe::v1::TaskBatch tasks;
+      if (!joining.ok()) {
+        failed = joining.status();
+      } else if (joining->first != kTasks || !tasks.ParseFromString(joining->second)) {
+        failed = absl::InternalError("unreadable joining tasks from the replica leader");
+      }
+      return {tasks.tasks().begin(), tasks.tasks().end()};
+    };
+    std::string why;
+    executor.ExecuteBatch(batch, more, [&](const lathe::v1::TaskResult& answer) {
+      if (answer.has_error()) why = answer.error().message();
+    });
+    if (parallel::CommunicationBroken()) return absl::UnavailableError(why);
+    LATHE_RETURN_IF_ERROR(failed);
   }
 }
 

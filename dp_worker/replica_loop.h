@@ -2,7 +2,9 @@
 // coordinator link and broadcasts each to the replica's ranks, which all
 // execute it. Sampling requests queued one after another that use the same
 // weights go as one batch (up to `max_sample_rows` samples, gathered for up
-// to `sample_batch_window` after each arrival), decoded together; a batch never reaches past a task of another kind, so tasks keep
+// to `sample_batch_window` after each arrival), decoded together; requests
+// of the same weights that arrive while it decodes join it between steps
+// (the leader sends the joining tasks, maybe none, after every step); a batch never reaches past a task of another kind, so tasks keep
 // their order; when idle it broadcasts a keepalive every tick, so the other
 // ranks notice a dead leader within their control timeout. On a stop request
 // (SIGTERM) the leader finishes the task in flight, tells the ranks to stop

@@ -5,7 +5,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -113,65 +115,137 @@ std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRe
   return {std::move(prefill[0]), hidden.narrow(0, p - 1, 1)};
 }
 
+// The state of one Decode: requests, their results and the sequences still
+// decoding (with the logits row each draws its next token from).
+class Decoder {
+ public:
+  Decoder(const DecoderModel& model, int64_t max_seq_len, const DecodeHooks& hooks)
+      : model_(model), max_seq_len_(max_seq_len), hooks_(hooks) {}
+
+  void Run(std::vector<SampleRequest> requests) {
+    Admit(std::move(requests));
+    while (!active_.empty()) {
+      Step();
+      std::vector<SampleRequest> joining;
+      if (hooks_.join) joining = hooks_.join(static_cast<int>(active_.size()));
+      Admit(std::move(joining));
+    }
+  }
+
+ private:
+  struct Request {
+    SampleRequest spec;
+    absl::StatusOr<Generation> result;
+    int decoding = 0;  // its sequences still decoding
+  };
+
+  // Prefills each new request alone (BLAS), then computes their first
+  // logits rows in one batch-invariant product and appends their sequences.
+  void Admit(std::vector<SampleRequest> requests) {
+    std::vector<at::Tensor> rows;
+    std::vector<int64_t> row_of;
+    for (SampleRequest& spec : requests) {
+      const size_t k = requests_.size();
+      absl::Status st = Check(model_, spec, max_seq_len_);
+      requests_.push_back({std::move(spec), st.ok() ? absl::StatusOr<Generation>(Generation{}) : st, 0});
+      Request& r = requests_.back();
+      if (!st.ok()) {
+        Finish(k);
+        continue;
+      }
+      auto [cache, row] = Prefill(model_, r.spec, *r.result);
+      r.result->sequences.resize(r.spec.num_samples);
+      r.decoding = r.spec.num_samples;
+      for (int i = 0; i < r.spec.num_samples; ++i) {
+        active_.push_back({k, &r.result->sequences[i],
+                           at::make_generator<at::CPUGeneratorImpl>(Mix(r.spec.settings.seed ^ Mix(i))), cache});
+        row_of.push_back(static_cast<int64_t>(rows.size()));
+      }
+      rows.push_back(row);
+    }
+    if (rows.empty()) return;
+    BatchInvariantScope invariant;
+    at::Tensor first = FullLogits(model_, at::cat(rows)).index_select(0, at::tensor(row_of, at::kLong));
+    last_ = last_.defined() && last_.size(0) > 0 ? at::cat({last_, first}) : first;
+    CountCompany();
+  }
+
+  // Draws a token for every sequence; finished requests are reported; the
+  // rest run one batch-invariant forward step for their next logits.
+  void Step() {
+    at::Tensor lps = at::log_softmax(last_, -1);
+    std::vector<int64_t> next;
+    std::vector<Decoding> still;
+    for (size_t j = 0; j < active_.size(); ++j) {
+      Decoding& d = active_[j];
+      const SamplingSettings& s = requests_[d.request].spec.settings;
+      const int32_t token = Draw(last_[j], s, d.gen);
+      d.out->tokens.push_back(token);
+      d.out->logprobs.push_back(lps[j][token].item<float>());
+      d.out->stopped = EndsWithStop(d.out->tokens, s);
+      if (d.out->stopped || static_cast<int64_t>(d.out->tokens.size()) >= s.max_tokens) {
+        if (--requests_[d.request].decoding == 0) Finish(d.request);
+        continue;
+      }
+      next.push_back(token);
+      still.push_back(std::move(d));
+    }
+    active_ = std::move(still);
+    if (active_.empty()) {
+      last_ = at::Tensor();
+      return;
+    }
+    BatchInvariantScope invariant;
+    std::vector<KvCache> batch;
+    for (Decoding& d : active_) batch.push_back(std::move(d.cache));
+    at::Tensor h =
+        model_.Hidden(at::tensor(next, at::kLong), std::vector<int64_t>(active_.size(), 1), nullptr, &batch);
+    for (size_t j = 0; j < active_.size(); ++j) active_[j].cache = std::move(batch[j]);
+    last_ = FullLogits(model_, h);
+    CountCompany();
+  }
+
+  // Each decoding request notes how many requests decode beside it.
+  void CountCompany() {
+    std::vector<size_t> live;
+    for (const Decoding& d : active_) {
+      if (live.empty() || live.back() != d.request) live.push_back(d.request);
+    }
+    std::sort(live.begin(), live.end());
+    live.erase(std::unique(live.begin(), live.end()), live.end());
+    for (size_t k : live) {
+      Generation& g = *requests_[k].result;
+      g.batched_requests = std::max(g.batched_requests, static_cast<int>(live.size()));
+    }
+  }
+
+  void Finish(size_t k) {
+    if (hooks_.done) hooks_.done(k, std::move(requests_[k].result));
+  }
+
+  const DecoderModel& model_;
+  const int64_t max_seq_len_;
+  const DecodeHooks& hooks_;
+  std::deque<Request> requests_;  // stable addresses: sequences point into results
+  std::vector<Decoding> active_;
+  at::Tensor last_;  // [active, V]
+};
+
 }  // namespace
+
+void Decode(const DecoderModel& model, std::vector<SampleRequest> requests, int64_t max_seq_len,
+            const DecodeHooks& hooks) {
+  at::NoGradGuard no_grad;
+  Decoder(model, max_seq_len, hooks).Run(std::move(requests));
+}
 
 std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
                                                       const std::vector<SampleRequest>& requests,
                                                       int64_t max_seq_len) {
-  at::NoGradGuard no_grad;
-  std::vector<absl::StatusOr<Generation>> results;
-  std::vector<Decoding> active;
-  std::vector<at::Tensor> last_rows;  // the last prompt row of each prefilled request
-  std::vector<int64_t> row_of;       // each sequence's row in last_rows
-  for (size_t r = 0; r < requests.size(); ++r) {
-    const SampleRequest& req = requests[r];
-    if (absl::Status st = Check(model, req, max_seq_len); !st.ok()) {
-      results.push_back(st);
-      continue;
-    }
-    results.push_back(Generation{});
-  }
-  // Sequences point into the results: no reallocation from here on.
-  for (size_t r = 0; r < requests.size(); ++r) {
-    if (!results[r].ok()) continue;
-    const SampleRequest& req = requests[r];
-    Generation& out = *results[r];
-    auto [cache, row] = Prefill(model, req, out);
-    out.sequences.resize(req.num_samples);
-    for (int i = 0; i < req.num_samples; ++i) {
-      active.push_back({r, &out.sequences[i],
-                        at::make_generator<at::CPUGeneratorImpl>(Mix(req.settings.seed ^ Mix(i))), cache});
-      row_of.push_back(static_cast<int64_t>(last_rows.size()));
-    }
-    last_rows.push_back(row);
-  }
-  if (active.empty()) return results;
-  // The first tokens' logits too are batch-invariant products.
-  BatchInvariantScope invariant;
-  at::Tensor last = FullLogits(model, at::cat(last_rows)).index_select(0, at::tensor(row_of, at::kLong));
-  while (!active.empty()) {
-    at::Tensor lps = at::log_softmax(last, -1);
-    std::vector<int64_t> next;
-    std::vector<Decoding> still;
-    for (size_t j = 0; j < active.size(); ++j) {
-      Decoding& d = active[j];
-      const SamplingSettings& s = requests[d.request].settings;
-      const int32_t token = Draw(last[j], s, d.gen);
-      d.out->tokens.push_back(token);
-      d.out->logprobs.push_back(lps[j][token].item<float>());
-      d.out->stopped = EndsWithStop(d.out->tokens, s);
-      if (d.out->stopped || static_cast<int64_t>(d.out->tokens.size()) >= s.max_tokens) continue;
-      next.push_back(token);
-      still.push_back(std::move(d));
-    }
-    active = std::move(still);
-    if (active.empty()) break;
-    std::vector<KvCache> batch;
-    for (Decoding& d : active) batch.push_back(std::move(d.cache));
-    at::Tensor h = model.Hidden(at::tensor(next, at::kLong), std::vector<int64_t>(active.size(), 1), nullptr, &batch);
-    for (size_t j = 0; j < active.size(); ++j) active[j].cache = std::move(batch[j]);
-    last = FullLogits(model, h);
-  }
+  std::vector<absl::StatusOr<Generation>> results(requests.size(), absl::InternalError("not generated"));
+  DecodeHooks hooks;
+  hooks.done = [&](size_t k, absl::StatusOr<Generation> result) { results[k] = std::move(result); };
+  Decode(model, requests, max_seq_len, hooks);
   return results;
 }
 

@@ -8,6 +8,7 @@
 #define LATHE_RUNTIME_GENERATE_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +34,8 @@ struct Generation {
   // cells (token 0, logprob -99999).
   std::vector<int32_t> topk_ids;
   std::vector<float> topk_logprobs;
+  // The most requests that decoded together while this one did (itself included).
+  int batched_requests = 0;
 };
 
 // One sampling request.
@@ -44,16 +47,32 @@ struct SampleRequest {
   int64_t topk_prompt_logprobs = 0;
 };
 
-// Generates every request: each prompt is prefilled alone, then the samples
-// of all requests decode together, one token per step, in a
-// BatchInvariantScope, so a request's tokens and logprobs are bitwise the
-// same whichever requests share its batch (and equal to Generate's).
-// Sample s of a request draws from its own generator seeded by (seed, s):
-// a request gives the same tokens wherever it runs and its samples differ.
-// A request gets InvalidArgument for an empty prompt, num_samples < 1,
-// settings that break ValidateSamplingSettings, a prompt plus max_tokens
-// beyond `max_seq_len` (0: no limit), topk_prompt_logprobs outside
-// [0, vocab_size]; the other requests still run.
+// How a Decode learns of requests that join it and reports finished ones.
+struct DecodeHooks {
+  // Called after every decode step on every rank of the replica, which must
+  // all get the same requests: the requests that join now. The argument is
+  // the number of samples still decoding. Null: nobody joins.
+  std::function<std::vector<SampleRequest>(int decoding)> join;
+  // Request k (numbered in the order given, then joined) is finished, or
+  // refused (InvalidArgument, see GenerateBatch).
+  std::function<void(size_t k, absl::StatusOr<Generation> result)> done;
+};
+
+// Decodes `requests` and whatever joins them until every sample is finished:
+// each prompt is prefilled alone, then the samples of all requests decode
+// together, one token per step, with batch-invariant products
+// (BatchInvariantScope), so a request's tokens and logprobs are bitwise the
+// same whichever requests share its batch, whenever they join or leave (and
+// equal to Generate's). Sample s of a request draws from its own generator
+// seeded by (seed, s): a request gives the same tokens wherever it runs and
+// its samples differ. A request gets InvalidArgument for an empty prompt,
+// num_samples < 1, settings that break ValidateSamplingSettings, a prompt
+// plus max_tokens beyond `max_seq_len` (0: no limit), topk_prompt_logprobs
+// outside [0, vocab_size]; the other requests still run.
+void Decode(const DecoderModel& model, std::vector<SampleRequest> requests, int64_t max_seq_len,
+            const DecodeHooks& hooks);
+
+// Decode without joiners; the results in request order.
 std::vector<absl::StatusOr<Generation>> GenerateBatch(const DecoderModel& model,
                                                       const std::vector<SampleRequest>& requests,
                                                       int64_t max_seq_len);

@@ -141,15 +141,28 @@ TEST_F(DispatcherTest, SamplingRequestsGoOutBeyondTheDepthAndTheNextTrainingOpWa
   for (int64_t seq = 1; seq <= 10; ++seq) ids.push_back(*ledger_.Submit(SampleOp(seq)));
   ids.push_back(*ledger_.Submit(Op(11)));  // a training operation after them
   absl::SleepFor(absl::Milliseconds(300));
-  // All ten out at once (depth is 3; each replica holds a task per request,
-  // a noop where the other replica samples); the training operation is not
-  // sent yet.
-  EXPECT_EQ(a_.max_outstanding(), 10u);
-  EXPECT_EQ(b_.max_outstanding(), 10u);
+  // Sampling requests are spread by seq_id: five on each replica (the other
+  // replica gets nothing), all out at once (depth is 3); the training
+  // operation is not sent yet.
+  EXPECT_EQ(a_.max_outstanding(), 5u);
+  EXPECT_EQ(b_.max_outstanding(), 5u);
   a_.Release();
   b_.Release();
   for (const std::string& id : ids) EXPECT_EQ(WaitFor(id).state, lathe::v1::RetrieveResponse::DONE) << id;
-  EXPECT_EQ(a_.seen_seq_ids(), (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}));
+  EXPECT_EQ(a_.seen_seq_ids(), (std::vector<int64_t>{2, 4, 6, 8, 10, 11}));
+}
+
+TEST_F(DispatcherTest, ASamplingRequestCompletesBeforeAnEarlierOperationThatIsStillOut) {
+  b_.Release();  // replica a holds its tasks
+  const std::string training = *ledger_.Submit(Op(1));      // on both replicas
+  const std::string on_a = *ledger_.Submit(SampleOp(2));    // replica 0
+  const std::string on_b = *ledger_.Submit(SampleOp(3));    // replica 1
+  EXPECT_EQ(WaitFor(on_b).state, lathe::v1::RetrieveResponse::DONE);
+  EXPECT_EQ(ledger_.Lookup(training)->state, lathe::v1::RetrieveResponse::PENDING);
+  EXPECT_EQ(ledger_.Lookup(on_a)->state, lathe::v1::RetrieveResponse::PENDING);
+  a_.Release();
+  EXPECT_EQ(WaitFor(training).state, lathe::v1::RetrieveResponse::DONE);
+  EXPECT_EQ(WaitFor(on_a).state, lathe::v1::RetrieveResponse::DONE);
 }
 
 TEST_F(DispatcherTest, AnOrderingPointWaitsForEverythingBeforeIt) {

@@ -63,6 +63,12 @@ TEST(ReplicaRegistryTest, RefusesBadRegistrations) {
   EXPECT_EQ(registry.state(), DeploymentState::kStarting);
 }
 
+std::vector<lathe::v1::Task> NoopTasks(int n) {
+  std::vector<lathe::v1::Task> tasks(n);
+  for (lathe::v1::Task& t : tasks) t.mutable_op()->mutable_noop();
+  return tasks;
+}
+
 TEST(ReplicaRegistryTest, RunOnAllCollectsEveryAnswer) {
   FakeClock clock;
   ReplicaRegistry registry(2, absl::Seconds(3), &clock);
@@ -82,11 +88,38 @@ TEST(ReplicaRegistryTest, RunOnAllCollectsEveryAnswer) {
       registry.Deliver(sink == &a ? 0 : 1, r);
     }
   });
-  auto answers = registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(10));
+  auto answers = registry.RunOnAll(NoopTasks(2), absl::Seconds(10));
   answer.join();
   ASSERT_TRUE(answers.ok()) << answers.status();
   ASSERT_EQ(answers->size(), 2u);
   EXPECT_NE((*answers)[0].task_id(), (*answers)[1].task_id());
+}
+
+TEST(ReplicaRegistryTest, ATaskWithoutAnOpIsNotSentAndNeedsNoAnswer) {
+  FakeClock clock;
+  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  FakeSink a, b;
+  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  std::vector<lathe::v1::Task> tasks = NoopTasks(2);
+  tasks[0].clear_op();
+  auto ids = registry.Send(tasks);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ((*ids)[0], -1);
+  {
+    absl::MutexLock lock(&a.mu);
+    EXPECT_TRUE(a.sent.empty());
+  }
+  EXPECT_EQ(registry.AwaitAnswered({*ids}, absl::Milliseconds(10)), -1);
+  lathe::v1::TaskResult r;
+  r.set_task_id((*ids)[1]);
+  r.mutable_result()->mutable_noop();
+  registry.Deliver(1, r);
+  EXPECT_EQ(registry.AwaitAnswered({{12345}, *ids}, absl::Seconds(5)), 1);
+  auto answers = registry.Collect(*ids, absl::Seconds(1));
+  ASSERT_TRUE(answers.ok()) << answers.status();
+  EXPECT_FALSE((*answers)[0].has_result());
+  EXPECT_TRUE((*answers)[1].has_result());
 }
 
 TEST(ReplicaRegistryTest, DisconnectionLosesTheDeploymentAndFailsTheWaiter) {
@@ -101,12 +134,12 @@ TEST(ReplicaRegistryTest, DisconnectionLosesTheDeploymentAndFailsTheWaiter) {
     absl::SleepFor(absl::Milliseconds(50));
     registry.Disconnected(1, "stream broken");
   });
-  auto answers = registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(10));
+  auto answers = registry.RunOnAll(NoopTasks(2), absl::Seconds(10));
   leave.join();
   EXPECT_EQ(answers.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(registry.state(), DeploymentState::kLost);
   EXPECT_NE(lost.find("replica 1 left: stream broken"), std::string::npos) << lost;
-  EXPECT_EQ(registry.RunOnAll(std::vector<lathe::v1::Task>(2), absl::Seconds(1)).status().code(),
+  EXPECT_EQ(registry.RunOnAll(NoopTasks(2), absl::Seconds(1)).status().code(),
             absl::StatusCode::kUnavailable);
   EXPECT_EQ(registry.Register(Registration(1), &b).code(), absl::StatusCode::kFailedPrecondition);
 }

@@ -5,6 +5,7 @@ requests are refused at submit."""
 from __future__ import annotations
 
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -116,6 +117,34 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(deployment):
             # Bitwise: the batch (and the replica) changes nothing.
             assert (sa.tokens, sa.logprobs, sa.stop_reason) == (sb.tokens, sb.logprobs, sb.stop_reason), i
         assert a.prompt_logprobs == b.prompt_logprobs, i
+
+
+def test_a_request_joins_a_running_decode_and_answers_first(deployment):
+    run = Run(deployment.stub)
+    long = pb.SampleOp(prompt=_input(PROMPT), num_samples=2,
+                       params=pb.SamplingParams(max_tokens=1000, seed=1, temperature=1.0))
+    short = pb.SampleOp(prompt=_input([3, 1, 4]), num_samples=1,
+                        params=pb.SamplingParams(max_tokens=4, seed=2, temperature=1.0))
+    # seq_ids 1 and 3 go to replica 1, seq_id 2 to replica 0.
+    run.seq += 1
+    long_id = sc.submit(run.stub, run.id, run.seq, sample=long)
+    run.seq += 1
+    other_id = sc.submit(run.stub, run.id, run.seq, sample=short)
+    time.sleep(0.2)  # the long request is decoding (for seconds)
+    run.seq += 1
+    short_id = sc.submit(run.stub, run.id, run.seq, sample=short)
+    joined = sc.wait(run.stub, short_id, timeout=60)
+    assert joined.state == Retrieve.DONE, joined
+    assert run.stub.Retrieve(pb.RetrieveRequest(op_id=long_id), timeout=10).state == Retrieve.PENDING, \
+        "the short request should be answered while the long one still decodes"
+    assert joined.result.sample.batched_requests == 2, joined.result.sample
+    first = sc.wait(run.stub, long_id, timeout=120).result.sample
+    assert all(len(_ints(s.tokens)) == 1000 for s in first.sequences)
+    # Bitwise what it gets alone, on the other replica.
+    alone = sc.wait(run.stub, other_id, timeout=60).result.sample
+    assert alone.batched_requests == 1
+    assert [(s.tokens, s.logprobs) for s in joined.result.sample.sequences] == \
+        [(s.tokens, s.logprobs) for s in alone.sequences]
 
 
 def test_bad_sampling_requests_are_refused(deployment):

@@ -6,6 +6,9 @@
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+
 #include "runtime/decoder_model.h"
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
@@ -83,6 +86,60 @@ TEST_P(GenerateBatchTest, BatchedRequestsEqualLoneRequests) {
   ExpectSame(*again[0], *together[5], "reordered 5");
   ExpectSame(*again[1], *together[1], "reordered 1");
   ExpectSame(*again[2], *together[0], "reordered 0");
+}
+
+TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
+  const std::string dir = ::testing::TempDir() + "/decode_test_moe";
+  TinyModelSpec spec;
+  spec.vocab_size = 96;
+  ASSERT_TRUE(WriteTinyModel(dir, spec).ok());
+  LoraSettings lora;
+  lora.rank = 4;
+  auto trainer = Trainer::Create({dir, lora, 64, 0});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const DecoderModel& model = (*trainer)->model();
+  std::vector<SampleRequest> first = {Request({1, 2, 3}, 2, 1.0, 12, 1)};
+  // After steps 2 and 5: two more, then an invalid one and a short one.
+  std::map<int, std::vector<SampleRequest>> later = {
+      {2, {Request({7, 8}, 1, 0.0, 6, 2), Request({4, 5, 6, 7}, 3, 1.0, 20, 3)}},
+      {5, {Request({}, 1, 1.0, 3, 4), Request({11}, 1, 1.0, 2, 5)}}};
+  std::vector<SampleRequest> all = first;
+  for (auto& [step, reqs] : later) all.insert(all.end(), reqs.begin(), reqs.end());
+  int step = 0;
+  std::vector<int> decoding_seen;
+  std::map<size_t, absl::StatusOr<Generation>> results;
+  std::vector<size_t> finish_order;
+  DecodeHooks hooks;
+  hooks.join = [&](int decoding) {
+    decoding_seen.push_back(decoding);
+    auto it = later.find(++step);
+    return it == later.end() ? std::vector<SampleRequest>() : it->second;
+  };
+  hooks.done = [&](size_t k, absl::StatusOr<Generation> g) {
+    finish_order.push_back(k);
+    results.emplace(k, std::move(g));
+  };
+  Decode(model, first, 64, hooks);
+  ASSERT_EQ(results.size(), all.size());
+  EXPECT_EQ(decoding_seen[0], 2);  // the first request's two samples
+  EXPECT_EQ(decoding_seen[2], 6);  // then four more joined
+  EXPECT_TRUE(absl::IsInvalidArgument(results.at(3).status()));
+  // The two-token request finished before the first one: answers go out as
+  // requests finish.
+  EXPECT_LT(std::find(finish_order.begin(), finish_order.end(), 4), std::find(finish_order.begin(), finish_order.end(), 0));
+  for (size_t k = 0; k < all.size(); ++k) {
+    if (k == 3) continue;
+    ASSERT_TRUE(results.at(k).ok()) << k << " " << results.at(k).status();
+    const SampleRequest& q = all[k];
+    absl::StatusOr<Generation> alone = Generate(model, q.prompt, q.num_samples, q.settings, false, 64);
+    ASSERT_TRUE(alone.ok());
+    ExpectSame(*results.at(k), *alone, "request " + std::to_string(k));
+    EXPECT_EQ(alone->batched_requests, 1);
+  }
+  // Requests 0, 1, 2 and 4 decoded together at steps 6 and 7 (3 was refused).
+  EXPECT_EQ(results.at(1)->batched_requests, 4);
+  EXPECT_EQ(results.at(4)->batched_requests, 4);
+  EXPECT_EQ(results.at(0)->batched_requests, 4);
 }
 
 INSTANTIATE_TEST_SUITE_P(DenseAndMoe, GenerateBatchTest, ::testing::Bool());
