@@ -40,53 +40,47 @@ absl::StatusOr<std::pair<Kind, std::string>> ReceiveControl(parallel::Communicat
   return std::make_pair(static_cast<Kind>(header[0]), std::move(bytes));
 }
 
-// The next batch: `first`, then the tasks queued behind it that can decode
-// with it, waiting up to
-// `window` after each arrival for the rest of a burst (the batch's row limit
-// bounds the wait). The first task that cannot join is kept in `held` for
-// the next batch.
-lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::optional<lathe::v1::Task>& held,
-                               int max_rows, absl::Duration window) {
-  lathe::v1::TaskBatch batch;
-  const std::optional<std::string> key = SampleBatchKey(first.op());
-  int rows = key.has_value() ? first.op().sample().num_samples() : 0;
-  *batch.add_tasks() = std::move(first);
-  if (!key.has_value()) return batch;
-  while (rows < max_rows) {
-    std::optional<lathe::v1::Task> next = link.NextTask(window);
-    if (!next.has_value()) break;
+// Moves the sampling tasks of `key` queued on the link into `batch` while
+// the samples fit in `max_rows` (`rows` already taken), waiting up to `wait`
+// for each next one. The first task that cannot join goes to `held` and ends
+// the drain, so tasks keep their order.
+void Drain(ReplicaLink& link, const std::string& key, int rows, int max_rows, absl::Duration wait,
+           std::optional<lathe::v1::Task>& held, lathe::v1::TaskBatch& batch) {
+  while (!held.has_value() && rows < max_rows) {
+    std::optional<lathe::v1::Task> next = link.NextTask(wait);
+    if (!next.has_value()) return;
     const int more = next->op().sample().num_samples();
     if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
       held = std::move(next);
-      break;
+      return;
     }
     rows += more;
     *batch.add_tasks() = *std::move(next);
   }
+}
+
+// The next batch: `first`, then, for a sampling task, those of its key that
+// arrive within `window` of each other (a burst).
+lathe::v1::TaskBatch NextBatch(lathe::v1::Task first, ReplicaLink& link, std::optional<lathe::v1::Task>& held,
+                               int max_rows, absl::Duration window) {
+  lathe::v1::TaskBatch batch;
+  const std::optional<std::string> key = SampleBatchKey(first.op());
+  const int rows = key.has_value() ? first.op().sample().num_samples() : 0;
+  *batch.add_tasks() = std::move(first);
+  if (key.has_value()) Drain(link, *key, rows, max_rows, window, held, batch);
   return batch;
 }
 
-// The tasks that join a running decode of `key` now: those already queued,
-// while the samples fit in `max_rows` (the first task that cannot join goes
-// to `held` and ends joining, so tasks keep their order). Sent to the other ranks (also when there are none) so that
-// every rank adds the same tasks at the same step.
+// The tasks that join a running decode of `key` now (those already queued),
+// sent to the other ranks, also when there are none, so that every rank adds
+// the same tasks at the same step.
 std::vector<lathe::v1::Task> Joining(ReplicaLink& link, const std::string& key, int decoding, int max_rows,
                                      std::optional<lathe::v1::Task>& held, parallel::Communicator& replica,
                                      absl::Duration timeout, absl::Status& failed) {
+  if (!failed.ok()) return {};
   lathe::v1::TaskBatch joining;
-  int rows = decoding;
-  while (!held.has_value() && failed.ok()) {
-    std::optional<lathe::v1::Task> next = link.NextTask(absl::ZeroDuration());
-    if (!next.has_value()) break;
-    const int more = next->op().sample().num_samples();
-    if (SampleBatchKey(next->op()) != key || rows + more > max_rows) {
-      held = std::move(next);
-      break;
-    }
-    rows += more;
-    *joining.add_tasks() = *std::move(next);
-  }
-  if (failed.ok()) failed = SendControl(replica, kTasks, joining.SerializeAsString(), timeout);
+  Drain(link, key, decoding, max_rows, absl::ZeroDuration(), held, joining);
+  failed = SendControl(replica, kTasks, joining.SerializeAsString(), timeout);
   if (!failed.ok()) return {};
   return {joining.tasks().begin(), joining.tasks().end()};
 }
