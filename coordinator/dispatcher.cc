@@ -61,6 +61,36 @@ bool Dispatcher::WaitForRoom(size_t limit) {
   return !stop_;
 }
 
+bool Dispatcher::FollowNewestVersion(lathe::v1::SubmitRequest& op) {
+  std::string* path = nullptr;
+  if (op.has_sample()) {
+    const lathe::v1::SampleOp& s = op.sample();
+    if (s.model_path().empty() && s.policy_version() == 0 && !s.base() && !s.current_weights()) {
+      path = op.mutable_sample()->mutable_model_path();
+    }
+  } else if (op.has_compute_logprobs()) {
+    const lathe::v1::ComputeLogprobsOp& c = op.compute_logprobs();
+    if (c.model_path().empty() && c.policy_version() == 0 && !c.base() && !c.current_weights()) {
+      path = op.mutable_compute_logprobs()->mutable_model_path();
+    }
+  }
+  if (path == nullptr) return true;
+  absl::MutexLock lock(&mu_);
+  const std::string& run = op.run_id();
+  auto settled = [this, &run]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    auto it = publishing_.find(run);
+    return stop_ || it == publishing_.end() || it->second == 0;
+  };
+  mu_.Await(absl::Condition(&settled));
+  if (stop_) {
+    sender_done_ = true;
+    return false;
+  }
+  auto it = policy_paths_.find(run);
+  if (it != policy_paths_.end() && it->second.size() > followed_from_[run]) *path = it->second.back();
+  return true;
+}
+
 void Dispatcher::SendLoop() {
   for (;;) {
     // Room for a sampling request; another operation waits for more below.
@@ -70,9 +100,13 @@ void Dispatcher::SendLoop() {
     const auto kind = op->request.op_case();
     const bool sampling =
         kind == lathe::v1::SubmitRequest::kSample || kind == lathe::v1::SubmitRequest::kComputeLogprobs;
-    if (!sampling && !WaitForRoom(depth_)) {
+    if ((!sampling && !WaitForRoom(depth_)) || (sampling && !FollowNewestVersion(op->request))) {
       ledger_->Fail(op->op_id, runtime::OpErrorFromStatus(absl::UnavailableError("the coordinator is stopping")));
       return;
+    }
+    if (kind == lathe::v1::SubmitRequest::kSaveWeightsForSampler) {
+      absl::MutexLock lock(&mu_);
+      ++publishing_[op->request.run_id()];
     }
     InFlight entry;
     // An ordering point needs no replica work: it completes when every
@@ -148,6 +182,14 @@ void Dispatcher::Finish(const ReadyOp& op) {
 }
 
 void Dispatcher::Finish(InFlight& entry, absl::Duration timeout) {
+  FinishEntry(entry, timeout);
+  if (entry.op.request.op_case() == lathe::v1::SubmitRequest::kSaveWeightsForSampler) {
+    absl::MutexLock lock(&mu_);
+    --publishing_[entry.op.request.run_id()];  // recorded (or failed): later requests may follow it
+  }
+}
+
+void Dispatcher::FinishEntry(InFlight& entry, absl::Duration timeout) {
   const ReadyOp& op = entry.op;
   if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) return Finish(op);
   if (!entry.send_status.ok()) {
@@ -185,6 +227,7 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     *init->mutable_layout() = registry_->layout();
     init->set_policy_version(info.policy_version());
     info = *init;
+    followed_from_[op.run_id()] = policy_paths_[op.run_id()].size();
   } else if (result->has_save_weights_for_sampler()) {
     policy_paths_[op.run_id()].push_back(result->save_weights_for_sampler().path());
     info.set_policy_version(info.policy_version() + 1);

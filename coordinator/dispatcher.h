@@ -11,6 +11,12 @@
 // except that a sampling request completes as soon as its answer is in (a
 // short request that joined a long decode need not wait for it).
 //
+// A sampling request that names no weights samples the newest version its
+// run published before it: the dispatcher holds it until the run's earlier
+// save_weights_for_sampler operations are recorded, then sends it with that
+// version's path (none published since the run's last init: its current
+// weights).
+//
 // Thread-safe; two threads of its own (one sends, one collects).
 #ifndef LATHE_COORDINATOR_DISPATCHER_H_
 #define LATHE_COORDINATOR_DISPATCHER_H_
@@ -60,6 +66,10 @@ class Dispatcher {
   };
   // Waits until fewer than `limit` operations are out; false when stopping.
   bool WaitForRoom(size_t limit);
+  // For a sampling request that names no weights: waits for the run's
+  // publications out, then names the newest. False when stopping.
+  bool FollowNewestVersion(lathe::v1::SubmitRequest& op);
+  void FinishEntry(InFlight& entry, absl::Duration timeout);
   void SendLoop();
   void CollectLoop();
   // Takes the next entry to finish: a sampling one whose answers are in, or
@@ -78,6 +88,9 @@ class Dispatcher {
   mutable absl::Mutex mu_;
   std::map<std::string, lathe::v1::RunInfo> runs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::vector<std::string>> policy_paths_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int> publishing_ ABSL_GUARDED_BY(mu_);  // save_weights_for_sampler out, per run
+  // Versions published before a run's latest init are not followed.
+  std::map<std::string, size_t> followed_from_ ABSL_GUARDED_BY(mu_);
   std::deque<InFlight> in_flight_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool sender_done_ ABSL_GUARDED_BY(mu_) = false;

@@ -35,9 +35,9 @@ absl::StatusOr<int64_t> ValidatePrompt(const lathe::v1::ModelInput& prompt, cons
 
 // At most one of model_path, policy_version and base; a model_path must name
 // sampler weights.
-absl::Status ValidateWeights(const std::string& model_path, int64_t policy_version, bool base) {
-  if ((!model_path.empty()) + (policy_version != 0) + base > 1) {
-    return absl::InvalidArgumentError("give at most one of model_path, policy_version and base");
+absl::Status ValidateWeights(const std::string& model_path, int64_t policy_version, bool base, bool current) {
+  if ((!model_path.empty()) + (policy_version != 0) + base + current > 1) {
+    return absl::InvalidArgumentError("give at most one of model_path, policy_version, base and current_weights");
   }
   if (policy_version < 0) return absl::InvalidArgumentError("policy_version must be >= 1 (0: not pinned)");
   if (model_path.empty()) return absl::OkStatus();
@@ -50,7 +50,10 @@ absl::Status ValidateWeights(const std::string& model_path, int64_t policy_versi
 }
 
 absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::ModelSummary& model) {
-  if (absl::Status st = ValidateWeights(s.model_path(), s.policy_version(), s.base()); !st.ok()) return st;
+  if (absl::Status st = ValidateWeights(s.model_path(), s.policy_version(), s.base(), s.current_weights());
+      !st.ok()) {
+    return st;
+  }
   if (s.topk_prompt_logprobs() < 0 || s.topk_prompt_logprobs() > model.vocab_size()) {
     return absl::InvalidArgumentError("topk_prompt_logprobs must be in [0, vocab_size]");
   }
@@ -100,7 +103,10 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
       return ValidateSample(op.sample(), model);
     case Op::kComputeLogprobs: {
       const lathe::v1::ComputeLogprobsOp& c = op.compute_logprobs();
-      if (absl::Status st = ValidateWeights(c.model_path(), c.policy_version(), c.base()); !st.ok()) return st;
+      if (absl::Status st = ValidateWeights(c.model_path(), c.policy_version(), c.base(), c.current_weights());
+          !st.ok()) {
+        return st;
+      }
       return ValidatePrompt(op.compute_logprobs().prompt(), model, 0).status();
     }
   }

@@ -44,6 +44,10 @@ class FakeReplica : public ReplicaSink {
     absl::MutexLock lock(&mu_);
     return seen_;
   }
+  std::vector<std::string> sampled_from() {  // model_path of each sample task answered
+    absl::MutexLock lock(&mu_);
+    return sampled_from_;
+  }
 
  private:
   void Serve() {
@@ -66,6 +70,11 @@ class FakeReplica : public ReplicaSink {
         r.mutable_error()->set_message("refused");
       } else if (task.op().has_sample()) {
         r.mutable_result()->mutable_sample();
+        absl::MutexLock lock(&mu_);
+        sampled_from_.push_back(task.op().sample().model_path());
+      } else if (task.op().has_save_weights_for_sampler()) {
+        r.mutable_result()->mutable_save_weights_for_sampler()->set_path(
+            "lathe://r/sampler_weights/" + task.op().save_weights_for_sampler().name());
       } else {
         r.mutable_result()->mutable_noop();
       }
@@ -77,6 +86,7 @@ class FakeReplica : public ReplicaSink {
   absl::Mutex mu_;
   std::deque<lathe::v1::Task> tasks_ ABSL_GUARDED_BY(mu_);
   std::vector<int64_t> seen_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> sampled_from_ ABSL_GUARDED_BY(mu_);
   size_t max_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
   bool held_ ABSL_GUARDED_BY(mu_) = true;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -163,6 +173,32 @@ TEST_F(DispatcherTest, ASamplingRequestCompletesBeforeAnEarlierOperationThatIsSt
   a_.Release();
   EXPECT_EQ(WaitFor(training).state, lathe::v1::RetrieveResponse::DONE);
   EXPECT_EQ(WaitFor(on_a).state, lathe::v1::RetrieveResponse::DONE);
+}
+
+TEST_F(DispatcherTest, AnUnpinnedSampleFollowsTheNewestVersionPublishedBeforeIt) {
+  lathe::v1::RunInfo run;
+  run.set_run_id("r");
+  dispatcher_.AddRun(run);
+  a_.Release();
+  b_.Release();
+  auto publish = [](int64_t seq, const std::string& name) {
+    lathe::v1::SubmitRequest op = Op(seq);
+    op.mutable_save_weights_for_sampler()->set_name(name);
+    return op;
+  };
+  lathe::v1::SubmitRequest base = SampleOp(5);
+  base.mutable_sample()->set_base(true);
+  // Odd seq_ids sample on replica 1. Each is submitted right behind the
+  // publication before it, before that one's answer is in.
+  std::vector<std::string> ids;
+  for (const lathe::v1::SubmitRequest& op :
+       {SampleOp(1), publish(2, "v1"), SampleOp(3), publish(4, "v2"), base, SampleOp(6), SampleOp(7)}) {
+    ids.push_back(*ledger_.Submit(op));
+  }
+  for (const std::string& id : ids) EXPECT_EQ(WaitFor(id).state, lathe::v1::RetrieveResponse::DONE) << id;
+  EXPECT_EQ(b_.sampled_from(), (std::vector<std::string>{"", "lathe://r/sampler_weights/v1", "",
+                                                         "lathe://r/sampler_weights/v2"}));
+  EXPECT_EQ(a_.sampled_from(), (std::vector<std::string>{"lathe://r/sampler_weights/v2"}));
 }
 
 TEST_F(DispatcherTest, AnOrderingPointWaitsForEverythingBeforeIt) {

@@ -41,10 +41,15 @@ class Run:
         assert r.state == Retrieve.DONE, r
         return r.result
 
-    def sample(self, n=1, prompt_logprobs=False, policy_version=0, model_path="", base=False, **params):
-        return self.ok(sample=pb.SampleOp(prompt=_input(PROMPT), num_samples=n, include_prompt_logprobs=prompt_logprobs,
-                                          policy_version=policy_version, model_path=model_path, base=base,
-                                          params=pb.SamplingParams(**params))).sample
+    def sample(self, n=1, prompt_logprobs=False, policy_version=0, model_path="", base=False, current=False,
+               **params):
+        return self.ok(sample=self.op(n, prompt_logprobs, policy_version, model_path, base, current, **params)).sample
+
+    @staticmethod
+    def op(n=1, prompt_logprobs=False, policy_version=0, model_path="", base=False, current=False, **params):
+        return pb.SampleOp(prompt=_input(PROMPT), num_samples=n, include_prompt_logprobs=prompt_logprobs,
+                           policy_version=policy_version, model_path=model_path, base=base, current_weights=current,
+                           params=pb.SamplingParams(**params))
 
 
 def test_sampler_logprobs_equal_forward_and_seeds_decide(deployment):
@@ -186,12 +191,23 @@ def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
         run.ok(forward_backward=b)
         run.ok(optim_step=adam(learning_rate=2e-2))
     again = run.sample(max_tokens=8, seed=3, policy_version=1)
-    live = run.sample(max_tokens=8, seed=3)
+    live = run.sample(max_tokens=8, seed=3, current=True)
     by_path = run.sample(max_tokens=8, seed=3, model_path=v1.path)
-    for other in (again, by_path):
+    newest = run.sample(max_tokens=8, seed=3)  # unpinned: the newest published version, still 1
+    for other in (again, by_path, newest):
         assert _ints(other.sequences[0].tokens) == _ints(pinned.sequences[0].tokens)
         assert other.sequences[0].logprobs == pinned.sequences[0].logprobs, "pinned weights moved"
     assert live.sequences[0].logprobs != pinned.sequences[0].logprobs, "training did not change the live weights"
+    # Publishing version 2 with an unpinned request right behind it (not waited
+    # for): the request follows version 2, which is the live weights of then.
+    run.seq += 1
+    publish = sc.submit(d.stub, run.id, run.seq, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="v2"))
+    run.seq += 1
+    follows = sc.submit(d.stub, run.id, run.seq, sample=Run.op(max_tokens=8, seed=3))
+    assert sc.wait(d.stub, publish, timeout=60).result.save_weights_for_sampler.policy_version == 2
+    follows = sc.wait(d.stub, follows, timeout=60).result.sample
+    v2 = run.sample(max_tokens=8, seed=3, policy_version=2)
+    assert follows.sequences[0].logprobs == v2.sequences[0].logprobs == live.sequences[0].logprobs
     # Seeds decide, whichever replica serves (consecutive seq_ids alternate replicas).
     twice = [run.sample(n=4, max_tokens=8, seed=9, policy_version=1) for _ in range(2)]
     assert [_ints(s.tokens) for s in twice[0].sequences] == [_ints(s.tokens) for s in twice[1].sequences]
@@ -211,6 +227,8 @@ def test_pinned_versions_checkpoints_and_base(make_deployment, tmp_path):
         "training checkpoint path": pb.SampleOp(prompt=_input(PROMPT), num_samples=1,
                                                 model_path=f"lathe://{run.id}/weights/v1"),
         "two sources": pb.SampleOp(prompt=_input(PROMPT), num_samples=1, policy_version=1, base=True),
+        "pinned and current": pb.SampleOp(prompt=_input(PROMPT), num_samples=1, policy_version=1,
+                                          current_weights=True),
     }
     for what, op in refusals.items():
         req = pb.SubmitRequest(run_id=run.id, seq_id=run.seq + 1, sample=op)
