@@ -156,7 +156,8 @@ std::optional<Dispatcher::InFlight> Dispatcher::NextToFinish() {
         }
       }
     }
-    const absl::Duration wait = std::min(absl::Milliseconds(100), std::max(absl::ZeroDuration(), deadline - absl::Now()));
+    const absl::Duration wait =
+        std::min(absl::Milliseconds(100), std::max(absl::ZeroDuration(), deadline - absl::Now()));
     const int found = registry_->AwaitAnswered(sets, wait);
     if (found < 0 && absl::Now() < deadline) continue;  // look again: more may have been sent
     // Only this thread removes entries, so `at` still points where it did.

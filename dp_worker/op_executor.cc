@@ -68,7 +68,9 @@ lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::
   return answer;
 }
 
-lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) { return Answer(task.task_id(), Run(task.op())); }
+lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
+  return Answer(task.task_id(), Run(task.op()));
+}
 
 void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer) {
   const std::optional<std::string> key = SampleBatchKey(batch.tasks(0).op());

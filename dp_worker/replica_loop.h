@@ -4,11 +4,12 @@
 // weights go as one batch (up to `max_sample_rows` samples, gathered for up
 // to `sample_batch_window` after each arrival), decoded together; requests
 // of the same weights that arrive while it decodes join it between steps
-// (the leader sends the joining tasks, maybe none, after every step); a batch never reaches past a task of another kind, so tasks keep
-// their order; when idle it broadcasts a keepalive every tick, so the other
-// ranks notice a dead leader within their control timeout. On a stop request
-// (SIGTERM) the leader finishes the task in flight, tells the ranks to stop
-// and deregisters.
+// (the leader sends the joining tasks, maybe none, after every step). A
+// batch never reaches past a task of another kind, so tasks keep their
+// order. When idle the leader broadcasts a keepalive every tick, so the
+// other ranks notice a dead leader within their control timeout. On a stop
+// request (SIGTERM) the leader finishes the task in flight, tells the ranks
+// to stop and deregisters.
 //
 // Cross-rank rule: every rank of the replica runs the loop (RunLeader on
 // replica rank 0, RunFollower elsewhere) until the leader's stop.

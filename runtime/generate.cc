@@ -20,7 +20,9 @@ namespace {
 
 absl::Status Check(const DecoderModel& model, const SampleRequest& r, int64_t max_seq_len) {
   if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  if (r.num_samples < 1) return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", r.num_samples, ")"));
+  if (r.num_samples < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", r.num_samples, ")"));
+  }
   if (absl::Status st = ValidateSamplingSettings(r.settings); !st.ok()) return st;
   if (max_seq_len > 0 && static_cast<int64_t>(r.prompt.size()) + r.settings.max_tokens > max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("prompt (", r.prompt.size(), ") + max_tokens (",

@@ -54,7 +54,9 @@ struct Portable {
     for (int64_t k = 0; k < main; k += kLanes) {
       for (int i = 0; i < MB; ++i) {
         for (int j = 0; j < NB; ++j) {
-          for (int l = 0; l < kLanes; ++l) acc[i][j][l] = std::fma(x[i * k_dim + k + l], w[j * k_dim + k + l], acc[i][j][l]);
+          const float* xr = x + i * k_dim + k;
+          const float* wr = w + j * k_dim + k;
+          for (int l = 0; l < kLanes; ++l) acc[i][j][l] = std::fma(xr[l], wr[l], acc[i][j][l]);
         }
       }
     }
@@ -131,7 +133,9 @@ void Columns(const float* x, int64_t m_dim, const float* w, int64_t n_dim, int64
     for (; m < m_dim; ++m) Arch::template Tile<1, kNb>(x + m * k_dim, w + n * k_dim, k_dim, y + m * n_dim + n, n_dim);
   }
   for (; n < n1; ++n) {
-    for (int64_t m = 0; m < m_dim; ++m) Arch::template Tile<1, 1>(x + m * k_dim, w + n * k_dim, k_dim, y + m * n_dim + n, n_dim);
+    for (int64_t m = 0; m < m_dim; ++m) {
+      Arch::template Tile<1, 1>(x + m * k_dim, w + n * k_dim, k_dim, y + m * n_dim + n, n_dim);
+    }
   }
 }
 

@@ -126,7 +126,8 @@ TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
   EXPECT_TRUE(absl::IsInvalidArgument(results.at(3).status()));
   // The two-token request finished before the first one: answers go out as
   // requests finish.
-  EXPECT_LT(std::find(finish_order.begin(), finish_order.end(), 4), std::find(finish_order.begin(), finish_order.end(), 0));
+  auto finished = [&](size_t k) { return std::find(finish_order.begin(), finish_order.end(), k); };
+  EXPECT_LT(finished(4), finished(0));
   for (size_t k = 0; k < all.size(); ++k) {
     if (k == 3) continue;
     ASSERT_TRUE(results.at(k).ok()) << k << " " << results.at(k).status();

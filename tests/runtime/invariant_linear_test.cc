@@ -38,7 +38,8 @@ TEST(InvariantLinearTest, EveryKernelGivesTheSameBits) {
     at::Tensor portable = InvariantLinear(x, w, InvariantKernel::kPortable);
     for (InvariantKernel kernel : {InvariantKernel::kAvx2, InvariantKernel::kAvx512}) {
       if (!InvariantKernelSupported(kernel)) continue;
-      EXPECT_TRUE(at::equal(InvariantLinear(x, w, kernel), portable)) << static_cast<int>(kernel) << " " << m << "x" << k;
+      EXPECT_TRUE(at::equal(InvariantLinear(x, w, kernel), portable))
+          << static_cast<int>(kernel) << " " << m << "x" << k;
     }
   }
 }
