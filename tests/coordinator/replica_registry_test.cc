@@ -69,12 +69,19 @@ std::vector<lathe::v1::Task> NoopTasks(int n) {
   return tasks;
 }
 
-TEST(ReplicaRegistryTest, RunOnAllCollectsEveryAnswer) {
+// Two replicas registered; the deployment serves.
+class ServingTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
+    ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+  }
   FakeClock clock;
-  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
+  ReplicaRegistry registry{2, absl::Seconds(3), &clock};
   FakeSink a, b;
-  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
-  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+};
+
+TEST_F(ServingTest, RunOnAllCollectsEveryAnswer) {
   std::thread answer([&] {
     for (FakeSink* sink : {&a, &b}) {
       auto has_task = [sink]() ABSL_SHARED_LOCKS_REQUIRED(sink->mu) { return !sink->sent.empty(); };
@@ -95,12 +102,7 @@ TEST(ReplicaRegistryTest, RunOnAllCollectsEveryAnswer) {
   EXPECT_NE((*answers)[0].task_id(), (*answers)[1].task_id());
 }
 
-TEST(ReplicaRegistryTest, ATaskWithoutAnOpIsNotSentAndNeedsNoAnswer) {
-  FakeClock clock;
-  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
-  FakeSink a, b;
-  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
-  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+TEST_F(ServingTest, ATaskWithoutAnOpIsNotSentAndNeedsNoAnswer) {
   std::vector<lathe::v1::Task> tasks = NoopTasks(2);
   tasks[0].clear_op();
   auto ids = registry.Send(tasks);
@@ -144,12 +146,7 @@ TEST(ReplicaRegistryTest, DisconnectionLosesTheDeploymentAndFailsTheWaiter) {
   EXPECT_EQ(registry.Register(Registration(1), &b).code(), absl::StatusCode::kFailedPrecondition);
 }
 
-TEST(ReplicaRegistryTest, SilenceBeyondTheHeartbeatTimeoutLosesTheReplica) {
-  FakeClock clock;
-  ReplicaRegistry registry(2, absl::Seconds(3), &clock);
-  FakeSink a, b;
-  ASSERT_TRUE(registry.Register(Registration(0), &a).ok());
-  ASSERT_TRUE(registry.Register(Registration(1), &b).ok());
+TEST_F(ServingTest, SilenceBeyondTheHeartbeatTimeoutLosesTheReplica) {
   clock.Advance(absl::Seconds(2));
   registry.Heard(0);
   registry.CheckHeartbeats();
