@@ -14,14 +14,13 @@ compares like with like.
 import argparse
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-from deployment import deployment, stubs, wait  # noqa: E402
+from deployment import deployment, serving_run, stubs, wait  # noqa: E402
 
 
 def drop_caches():
@@ -62,25 +61,15 @@ def main():
     ap.add_argument("--model", choices=["dense", "moe2"], default="dense")
     ap.add_argument("--layout", default="tp=2")
     ap.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
-    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
-    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    tt.add_path_args(ap)
     args = ap.parse_args()
-    model = os.path.join(args.cache, args.model)
-    if not os.path.exists(os.path.join(model, "config.json")):
-        tt.make_model(args.model, model)
+    model = tt.cached_model(args.cache, args.model)
     layout = dict(kv.split("=") for kv in args.layout.split(","))
     with tempfile.TemporaryDirectory(dir=os.path.join(tt.ROOT, "runs")) as tmp:
         stubs(os.path.join(tmp, "stubs"))
-        import grpc
-        from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
         root = os.path.join(tmp, "ckpt")
         with deployment(args.build_dir, model, layout, 1, tmp, checkpoint_root=root) as address:
-            stub = pbg.LatheStub(grpc.insecure_channel(address))
-            while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
-                time.sleep(0.2)
-            created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=args.lora_rank)), timeout=60)
-            wait(stub, pb, created.init_op_id)
-            run = created.run_id
+            stub, pb, types, run = serving_run(address, args.lora_rank)
             d = types.Datum()
             d.model_input.chunks.add().encoded_text.tokens = struct.pack("<16i", *range(16))
             for key, dtype, data in (("target_tokens", types.INT64, (1).to_bytes(8, "little") * 16),

@@ -42,13 +42,9 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
-    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    tt.add_path_args(ap)
     args = ap.parse_args()
-    model_dir = os.path.join(args.cache, args.model)
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        print(f"[bench] writing {args.model} model to {model_dir}", flush=True)
-        tt.make_model(args.model, model_dir)
+    model_dir = tt.cached_model(args.cache, args.model)
     batch = tt.make_batch([int(x) for x in args.lengths.split(",")], tt.SHAPES[args.model]["vocab_size"])
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for s in batch:

@@ -72,6 +72,19 @@ def stubs(tmp):
     sys.path.insert(0, tmp)
 
 
+def serving_run(address, lora_rank):
+    """(stub, pb, types, run_id): a client of the deployment at `address` once it serves, and a
+    new run with LoRA rank `lora_rank` (0: full fine-tuning), initialised. Needs stubs() first."""
+    import grpc
+    from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
+    stub = pbg.LatheStub(grpc.insecure_channel(address))
+    while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
+        time.sleep(0.2)
+    created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=lora_rank)), timeout=60)
+    wait(stub, pb, created.init_op_id)
+    return stub, pb, types, created.run_id
+
+
 def wait(stub, pb, op_id):
     """The result of operation `op_id` once it is done; exits on a failed one."""
     while True:

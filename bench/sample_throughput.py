@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-from deployment import deployment, stubs, wait  # noqa: E402
+from deployment import deployment, serving_run, stubs, wait  # noqa: E402
 
 
 def prompts(count, length):
@@ -85,12 +85,9 @@ def main():
     ap.add_argument("--concurrency", default="1,16", help="comma-separated request counts")
     ap.add_argument("--layout", default="replicas=1", help="the deployment's mesh flags, e.g. replicas=2 or tp=2")
     ap.add_argument("--in-process", action="store_true", help="time generate_bench (no service) instead")
-    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
-    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    tt.add_path_args(ap)
     args = ap.parse_args()
-    model = os.path.join(args.cache, args.model)
-    if not os.path.exists(os.path.join(model, "config.json")):
-        tt.make_model(args.model, model)
+    model = tt.cached_model(args.cache, args.model)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     torch.set_num_threads(args.threads)
@@ -103,19 +100,13 @@ def main():
         os.makedirs(os.path.join(tt.ROOT, "runs"), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.join(tt.ROOT, "runs")) as tmp:
             stubs(os.path.join(tmp, "stubs"))
-            import grpc
-            from lathe.v1 import service_pb2 as pb, service_pb2_grpc as pbg, types_pb2 as types
             with deployment(args.build_dir, model, layout, args.threads, tmp) as address:
-                stub = pbg.LatheStub(grpc.insecure_channel(address))
-                while stub.Health(pb.HealthRequest(), timeout=10).state != pb.HealthResponse.SERVING:
-                    time.sleep(0.2)
-                created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=8)), timeout=60)
-                wait(stub, pb, created.init_op_id)
+                stub, pb, types, run = serving_run(address, lora_rank=8)
                 seq = iter(range(1, 1 << 30))
                 warm = prompts(1, args.prompt_tokens)
-                service_tokens_per_s(stub, pb, types, created.run_id, seq, warm, 4, rounds=1)
+                service_tokens_per_s(stub, pb, types, run, seq, warm, 4, rounds=1)
                 for c in counts:
-                    lathe[c] = service_tokens_per_s(stub, pb, types, created.run_id, seq,
+                    lathe[c] = service_tokens_per_s(stub, pb, types, run, seq,
                                                     prompts(c, args.prompt_tokens), args.max_tokens)
     for c in counts:
         tokens_per_s, batched = lathe[c]

@@ -30,11 +30,7 @@ def model_dir(args):
             subprocess.run([os.path.join(args.build_dir, "runtime", "lathe_sft"), "--make_tiny_model", path],
                            check=True)
         return path, 256
-    path = os.path.join(args.cache, args.model)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        print(f"[bench] writing {args.model} model to {path}", flush=True)
-        tt.make_model(args.model, path)
-    return path, tt.SHAPES[args.model]["vocab_size"]
+    return tt.cached_model(args.cache, args.model), tt.SHAPES[args.model]["vocab_size"]
 
 
 def through_service(args, model, data, layout, threads, logs):
@@ -70,8 +66,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--queued-steps", type=int, default=2,
                     help="steps the client keeps submitted (lathe train keeps 2; 1 = one at a time)")
-    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(tt.ROOT, "build")))
-    ap.add_argument("--cache", default=os.path.join(tt.ROOT, "runs", "bench-models"))
+    tt.add_path_args(ap)
     args = ap.parse_args()
     layout = dict(kv.split("=") for kv in args.layout.split(","))
     threads = max(1, args.threads // ranks_of(layout))

@@ -36,6 +36,21 @@ SHAPES = {
 SHAPES["moe2"] = dict(SHAPES["moe"], num_hidden_layers=2)
 
 
+def add_path_args(ap):
+    """--build-dir and --cache (bench models), as every benchmark takes them."""
+    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build")))
+    ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
+
+
+def cached_model(cache, kind):
+    """The folder of bench model `kind` under `cache`, written on first use."""
+    path = os.path.join(cache, kind)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"[bench] writing {kind} model to {path}", flush=True)
+        make_model(kind, path)
+    return path
+
+
 def make_model(kind, out_dir):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     shape = dict(SHAPES[kind])
@@ -125,17 +140,13 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build")))
-    ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
+    add_path_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = ["dense", "moe"] if args.model == "both" else [args.model]
     for kind in kinds:
-        model_dir = os.path.join(args.cache, kind)
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            print(f"[bench] writing {kind} model to {model_dir}", flush=True)
-            make_model(kind, model_dir)
+        model_dir = cached_model(args.cache, kind)
         batch = make_batch(lengths, SHAPES[kind]["vocab_size"])
         lathe_tps, lathe_loss = time_lathe(model_dir, batch, args.rank, args.warmup, args.steps,
                                            args.build_dir, args.threads)
