@@ -316,8 +316,7 @@ void OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
   // Requests as the decoder numbers them: their number here and their op.
   std::vector<size_t> ours;
   std::vector<const lathe::v1::SampleOp*> specs;
-  size_t numbered = 0;
-  std::vector<bool> answered;
+  std::vector<bool> answered;  // by request number
   auto reply = [&](size_t k, absl::StatusOr<lathe::v1::OpResult> result) {
     answered[k] = true;
     answer(k, std::move(result));
@@ -326,7 +325,7 @@ void OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
   auto requests = [&](const std::vector<const lathe::v1::SampleOp*>& batch) {
     std::vector<runtime::SampleRequest> out;
     for (const lathe::v1::SampleOp* op : batch) {
-      const size_t k = numbered++;
+      const size_t k = answered.size();
       answered.push_back(false);
       absl::StatusOr<std::vector<int32_t>> prompt = runtime::InputTokens(op->prompt());
       absl::StatusOr<runtime::SamplingSettings> settings = runtime::SamplingSettingsFromProto(op->params());

@@ -210,9 +210,7 @@ class Decoder {
   // Each decoding request notes how many requests decode beside it.
   void CountCompany() {
     std::vector<size_t> live;
-    for (const Decoding& d : active_) {
-      if (live.empty() || live.back() != d.request) live.push_back(d.request);
-    }
+    for (const Decoding& d : active_) live.push_back(d.request);
     std::sort(live.begin(), live.end());
     live.erase(std::unique(live.begin(), live.end()), live.end());
     for (size_t k : live) {
