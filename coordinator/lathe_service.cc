@@ -7,7 +7,6 @@
 #include "absl/strings/str_format.h"
 #include "coordinator/checkpoint_store.h"
 #include "coordinator/op_validation.h"
-#include "runtime/lora_settings.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -91,7 +90,7 @@ grpc::Status LatheService::CreateRun(grpc::ServerContext* context, const lathe::
     return {grpc::StatusCode::INVALID_ARGUMENT,
             absl::StrCat("this deployment serves ", model.base_model(), ", not ", request->base_model())};
   }
-  if (auto lora = runtime::LoraSettingsFromProto(request->lora()); !lora.ok()) return ToGrpc(lora.status());
+  if (absl::Status s = ValidateLora(request->lora(), model); !s.ok()) return ToGrpc(s);
   absl::MutexLock lock(&create_mu_);
   if (dispatcher_->runs() >= options_.max_runs) {
     return {grpc::StatusCode::RESOURCE_EXHAUSTED,

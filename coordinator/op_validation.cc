@@ -67,6 +67,16 @@ absl::Status ValidateSample(const lathe::v1::SampleOp& s, const lathe::v1::Model
 
 }  // namespace
 
+absl::Status ValidateLora(const lathe::v1::LoraConfig& lora, const lathe::v1::ModelSummary& model) {
+  absl::StatusOr<runtime::LoraSettings> settings = runtime::LoraSettingsFromProto(lora);
+  if (!settings.ok()) return settings.status();
+  if (model.max_lora_rank() > 0 && settings->rank > model.max_lora_rank()) {
+    return absl::InvalidArgumentError(absl::StrCat("lora_config.rank ", settings->rank, " exceeds ",
+                                                   model.max_lora_rank(), ", the model's hidden size"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::ModelSummary& model) {
   using Op = lathe::v1::SubmitRequest;
   if (op.run_id().empty()) return absl::InvalidArgumentError("run_id is required");
@@ -78,7 +88,7 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::OP_NOT_SET:
       return absl::InvalidArgumentError("no operation given");
     case Op::kInit:
-      return runtime::LoraSettingsFromProto(op.init().lora()).status();
+      return ValidateLora(op.init().lora(), model);
     case Op::kForward:
       return runtime::ValidateBatch(op.forward(), limits);
     case Op::kForwardBackward:

@@ -12,6 +12,10 @@ namespace lathe::coordinator {
 // operation this deployment does not serve yet.
 absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::ModelSummary& model);
 
+// OK, or InvalidArgument for a LoRA config runtime::LoraSettingsFromProto
+// refuses or a rank above the model's max_lora_rank.
+absl::Status ValidateLora(const lathe::v1::LoraConfig& lora, const lathe::v1::ModelSummary& model);
+
 }  // namespace lathe::coordinator
 
 #endif  // LATHE_COORDINATOR_OP_VALIDATION_H_

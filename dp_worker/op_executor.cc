@@ -15,6 +15,8 @@
 #include "runtime/lora_settings.h"
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
+#include "runtime/guarded.h"
+#include "dp_worker/op_outcome.h"
 #include "runtime/peft_export.h"
 #include "runtime/validation.h"
 #include "runtime/op_error.h"
@@ -32,6 +34,12 @@ lathe::v1::LoraConfig LoraToProto(const runtime::LoraSettings& s) {
   c.set_train_mlp(s.train_mlp);
   c.set_train_unembed(s.train_unembed);
   return c;
+}
+
+std::string OpName(const lathe::v1::SubmitRequest& op) {
+  const google::protobuf::FieldDescriptor* field =
+      op.GetDescriptor()->FindFieldByNumber(static_cast<int>(op.op_case()));
+  return field == nullptr ? "operation" : field->name();
 }
 
 absl::Status NotInitialised(const std::string& run_id) {
@@ -69,7 +77,20 @@ lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::
 }
 
 lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
-  return Answer(task.task_id(), Run(task.op()));
+  const lathe::v1::SubmitRequest& op = task.op();
+  absl::StatusOr<lathe::v1::OpResult> result = runtime::Guarded(OpName(op), [&] { return Run(op); });
+  // The op boundary: the replica's ranks report one outcome. A failure on
+  // some ranks only, of an operation that changes the run, leaves the ranks'
+  // states apart: the run then refuses work until it is re-initialised.
+  const Outcome outcome = AgreeOutcome(result.status(), parallel_ == nullptr ? nullptr : parallel_->replica.get(),
+                                       options_.collective_timeout);
+  if (!outcome.status.ok()) {
+    if (outcome.mixed && ChangesRunState(op)) {
+      diverged_[op.run_id()] = absl::StrCat(OpName(op), " failed on some ranks only: ", outcome.status.message());
+    }
+    result = outcome.status;
+  }
+  return Answer(task.task_id(), std::move(result));
 }
 
 void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer) {
@@ -107,17 +128,16 @@ void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
   LATHE_ASSIGN_OR_RETURN(runtime::LoraSettings settings, runtime::LoraSettingsFromProto(lora));
-  // The run's old trainer goes first, so a re-initialisation never holds two
-  // copies of the model; its kept sampling weights may not fit the new
-  // config (published ones are read back from disk, and checked, if asked).
-  trainers_.erase(run_id);
-  for (auto it = snapshots_.begin(); it != snapshots_.end();) {
-    const bool mine = it->first == "base:" + run_id || it->first.rfind("lathe://" + run_id + "/", 0) == 0;
-    it = mine ? snapshots_.erase(it) : std::next(it);
+  if (options_.max_lora_rank > 0 && settings.rank > options_.max_lora_rank) {
+    return absl::InvalidArgumentError(absl::StrCat("lora_config.rank ", settings.rank, " exceeds ",
+                                                   options_.max_lora_rank, ", the model's hidden size"));
   }
-  if (static_cast<int>(trainers_.size()) >= options_.max_runs) {
+  const int others = static_cast<int>(trainers_.size()) - static_cast<int>(trainers_.count(run_id));
+  if (others >= options_.max_runs) {
     return absl::ResourceExhaustedError(absl::StrCat("this deployment holds at most ", options_.max_runs, " runs"));
   }
+  // All or nothing: the new trainer is built beside the run's current one,
+  // which stays (with its kept sampling weights) if the build fails.
   runtime::TrainerOptions o;
   o.model_dir = options_.model_dir;
   o.lora = settings;
@@ -125,9 +145,23 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.micro_batch_tokens = options_.micro_batch_tokens;
   o.parallel = parallel_;
   o.replica_batches = true;
-  LATHE_ASSIGN_OR_RETURN(std::unique_ptr<runtime::Trainer> trainer, runtime::Trainer::Create(o));
-  const runtime::TrainerInfo info = trainer->GetInfo();
-  trainers_[run_id] = std::move(trainer);
+  absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);
+  if (!trainer.ok()) {
+    if (!trainers_.count(run_id)) return trainer.status();
+    return absl::Status(trainer.status().code(),
+                        absl::StrCat(trainer.status().message(),
+                                     "; the run is unchanged (a re-initialisation builds its new state beside the "
+                                     "current one: to free the memory first, delete the run and create a new one)"));
+  }
+  const runtime::TrainerInfo info = (*trainer)->GetInfo();
+  trainers_[run_id] = *std::move(trainer);
+  diverged_.erase(run_id);
+  // Its kept sampling weights may not fit the new config (published ones are
+  // read back from disk, and checked, if asked).
+  for (auto it = snapshots_.begin(); it != snapshots_.end();) {
+    const bool mine = it->first == "base:" + run_id || it->first.rfind("lathe://" + run_id + "/", 0) == 0;
+    it = mine ? snapshots_.erase(it) : std::next(it);
+  }
   lathe::v1::OpResult result;
   lathe::v1::RunInfo* out = result.mutable_init();
   out->set_run_id(run_id);
@@ -148,6 +182,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
   }
   auto it = trainers_.find(op.run_id());
   if (it == trainers_.end()) return NotInitialised(op.run_id());
+  if (auto d = diverged_.find(op.run_id()); d != diverged_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("run ", op.run_id(), " must be re-initialised (init): ",
+                                                      d->second));
+  }
   runtime::Trainer& trainer = *it->second;
   switch (op.op_case()) {
     case lathe::v1::SubmitRequest::kForward: {
@@ -350,14 +388,13 @@ void OpExecutor::Sample(runtime::Trainer& trainer, const std::string& run_id,
   hooks.done = [&](size_t j, absl::StatusOr<runtime::Generation> g) {
     reply(ours[j], g.ok() ? SampleResultOf(*g, *specs[j]) : absl::StatusOr<lathe::v1::OpResult>(g.status()));
   };
-  try {
+  const absl::Status failed = runtime::Guarded("sample", [&] {
     WeightSwap swap(trainer.model().trainable(), *weights);
     runtime::Decode(trainer.model(), requests(ops), trainer.GetInfo().max_seq_len, hooks);
-  } catch (const c10::Error& e) {
-    const absl::Status failed = absl::InternalError(absl::StrCat("sample: ", e.what_without_backtrace()));
-    for (size_t k = 0; k < answered.size(); ++k) {
-      if (!answered[k]) reply(k, failed);
-    }
+    return absl::OkStatus();
+  });
+  for (size_t k = 0; k < answered.size(); ++k) {
+    if (!answered[k]) reply(k, failed.ok() ? absl::InternalError("sample: the decode ended without an answer") : failed);
   }
 }
 
@@ -366,13 +403,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::ComputeLogprobs(runtime::Trainer
   LATHE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, runtime::InputTokens(op.prompt()));
   LATHE_ASSIGN_OR_RETURN(const std::vector<at::Tensor>* weights,
                          SamplingWeights(trainer, run_id, op.model_path(), op.base()));
-  absl::StatusOr<std::vector<float>> logprobs;
-  try {
+  absl::StatusOr<std::vector<float>> logprobs = runtime::Guarded("compute_logprobs", [&] {
     WeightSwap swap(trainer.model().trainable(), weights);
-    logprobs = runtime::PromptLogprobs(trainer.model(), prompt);
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("compute_logprobs: ", e.what_without_backtrace()));
-  }
+    return runtime::PromptLogprobs(trainer.model(), prompt);
+  });
   if (!logprobs.ok()) return logprobs.status();
   lathe::v1::OpResult result;
   result.mutable_compute_logprobs()->set_logprobs(Bytes(*logprobs));

@@ -30,6 +30,7 @@ struct ExecutorOptions {
   std::string checkpoint_root;     // empty: save/load refused
   std::string base_model;          // recorded in checkpoints
   absl::Duration collective_timeout = absl::Minutes(10);
+  int64_t max_lora_rank = 0;       // 0: no bound beyond LoraSettingsFromProto's
 };
 
 // Sampling requests with equal keys may decode in one batch: the same run
@@ -44,6 +45,8 @@ class OpExecutor {
 
   // Runs the task and returns its answer: a result, or an error with its
   // category (USER for refused input, SERVER for failures of the replica).
+  // No exception leaves it, and every rank of the replica returns the same
+  // outcome (collective over the replica, see op_outcome.h).
   lathe::v1::TaskResult Execute(const lathe::v1::Task& task);
   // Tasks that join a running decode, given the samples still decoding
   // (every rank of the replica must get the same ones at the same step).
@@ -84,6 +87,9 @@ class OpExecutor {
   // save_weights_for_sampler, or read from the checkpoint on first use), and
   // the adapter-off weights of each run ("base:<run_id>").
   std::map<std::string, std::vector<at::Tensor>> snapshots_;
+  // Runs whose ranks may hold different states after an operation that
+  // failed on some of them only, with why; cleared by a successful init.
+  std::map<std::string, std::string> diverged_;
 };
 
 }  // namespace lathe::dp_worker

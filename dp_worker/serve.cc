@@ -41,6 +41,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
   model->set_architecture(config.architecture);
   model->set_vocab_size(config.vocab_size);
   model->set_max_seq_len(o.executor.max_seq_len > 0 ? o.executor.max_seq_len : config.max_position_embeddings);
+  model->set_max_lora_rank(config.hidden_size);
   r.set_pid(getpid());
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
@@ -131,6 +132,7 @@ absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
   }
   ExecutorOptions executor_options = options.executor;
   executor_options.max_seq_len = layout.max_seq_len;
+  executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;
   lathe::v1::RegisterReplica registration = Registration(resolved, shape, config, ctx->place.replica);

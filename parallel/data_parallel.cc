@@ -70,17 +70,29 @@ absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine,
   return out;
 }
 
-absl::Status AgreeStatus(const absl::Status& mine, Communicator& group, absl::Duration timeout) {
+absl::StatusOr<std::vector<absl::Status>> AllGatherStatus(const absl::Status& mine, Communicator& group,
+                                                          absl::Duration timeout) {
   const std::string record = mine.ok() ? "" : absl::StrCat(static_cast<int>(mine.code()), "\t", mine.message());
   absl::StatusOr<std::vector<std::string>> all = AllGatherBytes(record, group, timeout);
   if (!all.ok()) return all.status();
-  for (size_t m = 0; m < all->size(); ++m) {
-    const std::string& r = (*all)[m];
-    if (r.empty()) continue;
+  std::vector<absl::Status> out;
+  for (const std::string& r : *all) {
     const size_t tab = r.find('\t');
-    const std::string message = tab == std::string::npos ? "" : r.substr(tab + 1);
-    return absl::Status(static_cast<absl::StatusCode>(std::atoi(r.c_str())),
-                        m == static_cast<size_t>(group.rank()) ? message : absl::StrCat(message, " (member ", m, ")"));
+    out.push_back(r.empty() ? absl::OkStatus()
+                            : absl::Status(static_cast<absl::StatusCode>(std::atoi(r.c_str())),
+                                           tab == std::string::npos ? "" : r.substr(tab + 1)));
+  }
+  return out;
+}
+
+absl::Status AgreeStatus(const absl::Status& mine, Communicator& group, absl::Duration timeout) {
+  absl::StatusOr<std::vector<absl::Status>> all = AllGatherStatus(mine, group, timeout);
+  if (!all.ok()) return all.status();
+  for (size_t m = 0; m < all->size(); ++m) {
+    const absl::Status& s = (*all)[m];
+    if (s.ok()) continue;
+    return m == static_cast<size_t>(group.rank()) ? s
+                                                  : absl::Status(s.code(), absl::StrCat(s.message(), " (member ", m, ")"));
   }
   return absl::OkStatus();
 }

@@ -29,6 +29,10 @@ absl::Status MergeMetrics(const std::vector<const google::protobuf::Map<std::str
 absl::StatusOr<std::vector<std::string>> AllGatherBytes(const std::string& mine, Communicator& group,
                                                         absl::Duration timeout);
 
+// Every member's status, in member order. Collective over `group`.
+absl::StatusOr<std::vector<absl::Status>> AllGatherStatus(const absl::Status& mine, Communicator& group,
+                                                          absl::Duration timeout);
+
 // The same status on every member of `group`: OK when every member's is,
 // else the first failure in member order (its code and message, naming the
 // member). Collective.

@@ -43,9 +43,12 @@ void AllReduceBucketed(const std::vector<at::Tensor>& grads, const Group& g, int
 
 void SyncGradients(std::vector<TrainableParam>& params, const ParallelContext& ctx, int64_t bucket_bytes) {
   at::NoGradGuard no_grad;
-  bool any = false;
-  for (const TrainableParam& p : params) any = any || p.tensor.grad().defined();
-  if (!any) return;
+  // A rank without gradients (its replica got no datums) still joins the
+  // sums with zeros whenever any rank has some; only when no rank of the
+  // world has a gradient is nothing sent.
+  bool none = true;
+  for (const TrainableParam& p : params) none = none && !p.tensor.grad().defined();
+  if (AllAgree(none, Group{ctx.world.get(), ctx.timeout})) return;
   const Group tp{ctx.tp.get(), ctx.timeout}, kv{ctx.kv_share.get(), ctx.timeout},
       data{ctx.data.get(), ctx.timeout}, expert{ctx.expert_data.get(), ctx.timeout};
   std::vector<at::Tensor> tp_partial, kv_partial, dense, experts;

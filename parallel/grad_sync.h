@@ -15,10 +15,10 @@ namespace lathe::parallel {
 // partial sums over tp (or the KV-sharing ranks) first, then dense
 // gradients over the data group and expert gradients over the expert-data
 // group (Tinker semantics: a sum, never a mean). Gradients travel in flat
-// buckets of at most `bucket_bytes`. Undefined gradients count as zero; with
-// no gradient defined anywhere on this rank nothing is sent (collective:
-// every rank is in the same state after the same calls). Throws c10::Error
-// when a collective fails.
+// buckets of at most `bucket_bytes`. Undefined gradients count as zero, also
+// on a rank that has none at all (a replica that got no datums); only when no
+// rank of the world has a gradient is nothing sent. Collective over the
+// world. Throws c10::Error when a collective fails.
 void SyncGradients(std::vector<runtime::TrainableParam>& params, const ParallelContext& ctx,
                    int64_t bucket_bytes = 32 << 20);
 

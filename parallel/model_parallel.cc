@@ -196,6 +196,12 @@ void AllReduceMaxInPlace(at::Tensor& t, const Group& g) {
   Check(g.comm->AllReduceMax(BufferOf(t), g.timeout));
 }
 
+bool AllAgree(bool mine, const Group& g) {
+  at::Tensor dissent = at::scalar_tensor(mine ? 0 : 1, at::kLong).reshape({1});
+  AllReduceMaxInPlace(dissent, g);
+  return dissent.item<int64_t>() == 0;
+}
+
 at::Tensor AllToAllFlat(const at::Tensor& x, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& recv_counts, const Group& g) {
   if (!g.active()) return x.clone();

@@ -59,6 +59,8 @@ at::Tensor VocabParallelLogprobs(const at::Tensor& logits, const at::Tensor& ind
 // Eager (no autograd) in-place sum over the group; throws like the rest.
 void AllReduceSumInPlace(at::Tensor& t, const Group& g);
 void AllReduceMaxInPlace(at::Tensor& t, const Group& g);
+// Whether `mine` holds on every member of the group (true alone). Collective.
+bool AllAgree(bool mine, const Group& g);
 // Eager uneven all-to-all of a flat int64/float tensor (element counts).
 at::Tensor AllToAllFlat(const at::Tensor& x, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& recv_counts, const Group& g);

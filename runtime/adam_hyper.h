@@ -17,9 +17,9 @@ struct AdamHyper {
   double grad_clip_norm = 0.0;  // 0 = off
 };
 
-// Defaults for unset fields. InvalidArgument naming the field for a
-// non-finite value, lr < 0, betas outside [0, 1), eps <= 0, decay < 0 or
-// clip < 0.
+// Defaults for unset fields. InvalidArgument naming the field for a value
+// that is not a finite, normal float32 (runtime::CheckFloat32), lr < 0,
+// betas outside [0, 1), eps <= 0, decay < 0, lr * decay > 1 or clip < 0.
 absl::StatusOr<AdamHyper> AdamHyperFromProto(const lathe::v1::AdamParams& params);
 
 }  // namespace lathe::runtime

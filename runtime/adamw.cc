@@ -6,6 +6,9 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
 
 namespace lathe::runtime {
 void AdamW::Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
@@ -20,8 +23,34 @@ void AdamW::Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
   param.addcdiv_(exp_avg, denom, -step_size);
 }
 
-AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper& h,
-                           const std::function<double()>& global_norm) {
+namespace {
+
+void DropGradients(std::vector<TrainableParam>& params) {
+  for (TrainableParam& p : params) p.tensor.mutable_grad() = at::Tensor();
+}
+
+bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
+}  // namespace
+
+bool AdamW::UpdateIsFinite(const std::vector<TrainableParam>& params, const AdamHyper& h) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& grad = params[i].tensor.grad();
+    if (!grad.defined()) continue;
+    const State& s = states_[i];
+    // The bias-corrected step size is a float32 scalar of the update.
+    const double bias1 = 1 - std::pow(h.beta1, static_cast<double>(s.step + 1));
+    if (!(h.learning_rate / bias1 <= std::numeric_limits<float>::max())) return false;
+    at::Tensor param = params[i].tensor.detach().clone(), exp_avg = s.exp_avg.clone(),
+               exp_avg_sq = s.exp_avg_sq.clone();
+    Update(param, grad, exp_avg, exp_avg_sq, s.step + 1, h);
+    if (!AllFinite(param) || !AllFinite(exp_avg) || !AllFinite(exp_avg_sq)) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<AdamStepResult> AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper& h,
+                                           const StepHooks& hooks) {
   at::NoGradGuard no_grad;
   if (states_.empty()) {
     for (const TrainableParam& p : params) {
@@ -35,15 +64,32 @@ AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper&
   }
   AdamStepResult result;
   if (!norms.empty()) {
-    at::Tensor total = global_norm ? at::scalar_tensor(global_norm(), at::kFloat)
-                                   : at::linalg_vector_norm(at::stack(norms), 2);
+    at::Tensor total = hooks.global_norm ? at::scalar_tensor(hooks.global_norm(), at::kFloat)
+                                         : at::linalg_vector_norm(at::stack(norms), 2);
     result.grad_norm = total.item<double>();
+    if (!std::isfinite(result.grad_norm)) {
+      DropGradients(params);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "optim_step refused: the gradient norm is ", result.grad_norm,
+          "; the weights and optimizer state are unchanged and the accumulated gradients were discarded"));
+    }
     if (h.grad_clip_norm > 0) {
       at::Tensor coef = at::clamp_max(h.grad_clip_norm / (total + 1e-6), 1.0);
       for (TrainableParam& p : params) {
         if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(coef);
       }
     }
+  }
+  // The step is computed aside first: a non-finite weight or moment anywhere
+  // (on any rank) refuses the whole step, so the run keeps its last state.
+  bool finite = UpdateIsFinite(params, h);
+  if (hooks.all_agree) finite = hooks.all_agree(finite);
+  if (!finite) {
+    DropGradients(params);
+    return absl::FailedPreconditionError(
+        "optim_step refused: the update would make weights or optimizer moments non-finite in float32 (learning "
+        "rate, eps or gradients too large); the weights and optimizer state are unchanged and the accumulated "
+        "gradients were discarded");
   }
   for (size_t i = 0; i < params.size(); ++i) {
     TrainableParam& p = params[i];
@@ -52,7 +98,7 @@ AdamStepResult AdamW::Step(std::vector<TrainableParam>& params, const AdamHyper&
     if (!grad.defined()) continue;
     Update(p.tensor, grad, s.exp_avg, s.exp_avg_sq, ++s.step, h);
   }
-  for (TrainableParam& p : params) p.tensor.mutable_grad() = at::Tensor();
+  DropGradients(params);
   result.step = ++step_;
   return result;
 }

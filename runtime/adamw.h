@@ -27,10 +27,19 @@ struct AdamStepResult {
 // has a zero gradient and still moves with its momentum.
 class AdamW {
  public:
-  // `global_norm`, when given, replaces the local gradient norm (a sharded
-  // model's norm over every rank).
-  AdamStepResult Step(std::vector<TrainableParam>& params, const AdamHyper& hyper,
-                      const std::function<double()>& global_norm = nullptr);
+  struct StepHooks {
+    // Replaces the local gradient norm (a sharded model's norm over every rank).
+    std::function<double()> global_norm;
+    // Given whether this rank's update is finite, whether every rank's is
+    // (collective); null: this rank alone.
+    std::function<bool(bool)> all_agree;
+  };
+  // Applies one step and clears the gradients. A step that would leave a
+  // weight or moment non-finite, or whose gradient norm is not finite, is
+  // refused (FailedPrecondition): weights, moments and the step count are
+  // unchanged and the gradients are cleared.
+  absl::StatusOr<AdamStepResult> Step(std::vector<TrainableParam>& params, const AdamHyper& hyper,
+                                      const StepHooks& hooks = {});
   int64_t step() const { return step_; }
 
   // The state of parameter i.
@@ -53,6 +62,7 @@ class AdamW {
   }
 
  private:
+  bool UpdateIsFinite(const std::vector<TrainableParam>& params, const AdamHyper& hyper);
   void Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
               int64_t step, const AdamHyper& hyper);
   std::vector<State> states_;

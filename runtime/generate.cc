@@ -9,6 +9,7 @@
 #include <cmath>
 #include <deque>
 #include <limits>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "parallel/model_parallel.h"
@@ -50,9 +51,13 @@ uint64_t Mix(uint64_t x) {  // splitmix64
   return x ^ (x >> 31);
 }
 
-int32_t Draw(const at::Tensor& logits, const SamplingSettings& s, at::Generator& gen) {
+// The next token from one logits row; nullopt when the row, divided by the
+// temperature, is not finite (no distribution to draw from).
+std::optional<int32_t> Draw(const at::Tensor& logits, const SamplingSettings& s, at::Generator& gen) {
+  at::Tensor scaled = s.temperature == 0 ? logits : logits / s.temperature;
+  // NaN and +inf propagate into the maximum; all -inf leaves nothing to draw.
+  if (!std::isfinite(scaled.max().item<float>())) return std::nullopt;
   if (s.temperature == 0) return static_cast<int32_t>(logits.argmax().item<int64_t>());
-  at::Tensor scaled = logits / s.temperature;
   if (s.top_k > 0 && s.top_k < scaled.size(0)) {
     const double kth = std::get<0>(at::topk(scaled, s.top_k)).min().item<double>();
     scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
@@ -65,6 +70,13 @@ int32_t Draw(const at::Tensor& logits, const SamplingSettings& s, at::Generator&
     scaled = scaled.index_fill(0, order.masked_select(drop), -std::numeric_limits<double>::infinity());
   }
   return static_cast<int32_t>(at::multinomial(at::softmax(scaled, 0), 1, false, gen).item<int64_t>());
+}
+
+absl::Status NotDrawable(const SamplingSettings& s) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "the next-token distribution is not finite in float32 at temperature ", s.temperature,
+      " (logits / temperature overflow, or the weights give non-finite logits); use temperature 0 for greedy "
+      "decoding"));
 }
 
 // Generation::prompt_logprobs from the prompt's hidden rows.
@@ -139,6 +151,7 @@ class Decoder {
     SampleRequest spec;
     absl::StatusOr<Generation> result;
     int decoding = 0;  // its sequences still decoding
+    bool finished = false;  // answered
   };
 
   // Prefills each new request alone (BLAS), then computes their first
@@ -180,8 +193,17 @@ class Decoder {
     std::vector<Decoding> still;
     for (size_t j = 0; j < active_.size(); ++j) {
       Decoding& d = active_[j];
-      const SamplingSettings& s = requests_[d.request].spec.settings;
-      const int32_t token = Draw(last_[j], s, d.gen);
+      Request& r = requests_[d.request];
+      if (r.finished) continue;  // failed at an earlier sequence of this step
+      const SamplingSettings& s = r.spec.settings;
+      const std::optional<int32_t> drawn = Draw(last_[j], s, d.gen);
+      if (!drawn.has_value()) {
+        // Only this request fails; the others decode on.
+        r.result = NotDrawable(s);
+        Finish(d.request);
+        continue;
+      }
+      const int32_t token = *drawn;
       d.out->tokens.push_back(token);
       d.out->logprobs.push_back(lps[j][token].item<float>());
       d.out->stopped = EndsWithStop(d.out->tokens, s);
@@ -192,7 +214,16 @@ class Decoder {
       next.push_back(token);
       still.push_back(std::move(d));
     }
-    active_ = std::move(still);
+    // A request that failed after some of its sequences moved on drops them.
+    std::vector<int64_t> kept_next;
+    std::vector<Decoding> kept;
+    for (size_t j = 0; j < still.size(); ++j) {
+      if (requests_[still[j].request].finished) continue;
+      kept_next.push_back(next[j]);
+      kept.push_back(std::move(still[j]));
+    }
+    next = std::move(kept_next);
+    active_ = std::move(kept);
     if (active_.empty()) {
       last_ = at::Tensor();
       return;
@@ -220,6 +251,7 @@ class Decoder {
   }
 
   void Finish(size_t k) {
+    requests_[k].finished = true;
     if (hooks_.done) hooks_.done(k, std::move(requests_[k].result));
   }
 

@@ -13,6 +13,8 @@ absl::Status ValidateSamplingSettings(const SamplingSettings& s) {
   if (!(s.temperature >= 0) || !std::isfinite(s.temperature)) {
     return absl::InvalidArgumentError("temperature must be a finite number >= 0");
   }
+  // Logits are divided by it in float32: a denormal one overflows them.
+  LATHE_RETURN_IF_ERROR(CheckFloat32(s.temperature, "temperature", /*normal=*/true));
   if (s.top_k == 0 || s.top_k < -1) return absl::InvalidArgumentError("top_k must be -1 (off) or >= 1");
   if (!(s.top_p > 0 && s.top_p <= 1)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
   for (const auto& stop : s.stop) {

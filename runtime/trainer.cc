@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <malloc.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -18,6 +19,7 @@
 #include "parallel/model_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
+#include "runtime/guarded.h"
 #include "runtime/losses.h"
 #include "runtime/status.h"
 #include "runtime/tensor_data.h"
@@ -46,16 +48,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
   }
-  try {
+  LATHE_RETURN_IF_ERROR(Guarded(absl::StrCat("loading ", options.model_dir), [&]() -> absl::Status {
     ModelShard shard;
     if (options.parallel != nullptr) {
       shard.tp = {options.parallel->tp.get(), options.parallel->timeout};
       shard.ep = {options.parallel->ep.get(), options.parallel->timeout};
     }
     LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora, shard));
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("loading ", options.model_dir, ": ", e.what_without_backtrace()));
-  }
+    return absl::OkStatus();
+  }));
   if (trainer->impl_->options.max_seq_len <= 0) {
     trainer->impl_->options.max_seq_len = trainer->impl_->model->config().max_position_embeddings;
   }
@@ -132,6 +133,39 @@ int64_t Trainer::MicroBatchTokens() const {
   return std::clamp<int64_t>(by_vocab, 512, 16384);
 }
 
+namespace {
+
+// The same verdict on every member of `g`: OK when every member's is, else
+// the first failure (one small collective when all succeed).
+absl::Status Agree(const absl::Status& mine, const parallel::Group& g) {
+  if (!g.active()) return mine;
+  if (parallel::AllAgree(mine.ok(), g)) return absl::OkStatus();
+  return parallel::AgreeStatus(mine, *g.comm, g.timeout);
+}
+
+// Moves the accumulated gradients out of the parameters (undefined stays so).
+std::vector<at::Tensor> TakeGradients(std::vector<TrainableParam>& params) {
+  std::vector<at::Tensor> out;
+  for (TrainableParam& p : params) {
+    out.push_back(p.tensor.grad());
+    p.tensor.mutable_grad() = at::Tensor();
+  }
+  return out;
+}
+
+// Adds `earlier` back under the gradients just computed, or, when the call
+// failed, puts them back alone.
+void ReturnGradients(std::vector<TrainableParam>& params, std::vector<at::Tensor> earlier, bool keep_new) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor fresh = params[i].tensor.grad();
+    if (keep_new && fresh.defined() && earlier[i].defined()) earlier[i].add_(fresh);
+    params[i].tensor.mutable_grad() = keep_new && !earlier[i].defined() ? fresh : earlier[i];
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     const lathe::v1::ForwardBackwardInput& input, bool backward) {
   const ModelConfig& config = impl_->model->config();
@@ -166,65 +200,105 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
   double loss_sum = 0, tokens = 0, loss_tokens = 0, moe_frac = 0, moe_max = 0;
   int64_t moe_layers = 0;
   const DecoderModel& model = *impl_->model;
-  try {
-    // Ranks of a sharded model run the same number of rounds (collectives
-    // inside the model span data shards); a rank out of datums runs empty ones.
+  // The ranks that run rounds together (collectives inside the model span
+  // data shards), and every rank that accumulates gradients for one step.
+  const parallel::Group rounds_group =
+      ctx == nullptr ? parallel::Group{} : parallel::Group{replica_part ? ctx->replica.get() : ctx->world.get(), ctx->timeout};
+  const parallel::Group step_group = ctx == nullptr ? parallel::Group{} : parallel::Group{ctx->world.get(), ctx->timeout};
+  // This call's gradients accumulate apart from earlier ones, so a failed
+  // call leaves the run's gradients as they were (on every rank).
+  std::vector<at::Tensor> earlier;
+  if (backward) earlier = TakeGradients(impl_->model->trainable());
+  absl::Status status = Guarded(input.loss_fn(), [&]() -> absl::Status {
+    // Ranks of a sharded model run the same number of rounds; a rank out of
+    // datums runs empty ones.
     int64_t rounds = static_cast<int64_t>(batches.size());
-    if (ctx != nullptr) {
+    if (rounds_group.active()) {
       at::Tensor r = at::scalar_tensor(rounds, at::kLong).reshape({1});
-      parallel::AllReduceMaxInPlace(r, {replica_part ? ctx->replica.get() : ctx->world.get(), ctx->timeout});
+      parallel::AllReduceMaxInPlace(r, rounds_group);
       rounds = r.item<int64_t>();
     }
     at::AutoGradMode grad_mode(backward);
     for (int64_t round = 0; round < rounds; ++round) {
       auto [begin, end] = round < static_cast<int64_t>(batches.size()) ? batches[round] : std::pair<int, int>{0, 0};
-      std::vector<int32_t> packed;
-      std::vector<int64_t> part;
-      for (int j = begin; j < end; ++j) {
-        packed.insert(packed.end(), ids[mine[j]].begin(), ids[mine[j]].end());
-        part.push_back(my_lengths[j]);
-      }
-      std::vector<MoeStats> moe;
-      at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
-      at::Tensor logits = model.Logits(hidden);
-      std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
-      std::vector<at::Tensor> targets;
-      bool flat = true;
-      for (int j = begin; j < end; ++j) {
-        for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = TensorFromWire(t);
-        targets.push_back(inputs[j - begin].at("target_tokens"));
-        flat = flat && targets.back().dim() == 1;
-      }
-      // One logprob op over the packed rows when every target is 1-D, so the
-      // backward builds a single [T, V] gradient.
-      at::Tensor packed_lp;
-      if (flat) packed_lp = model.Logprobs(logits, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets));
       at::Tensor total;
-      int64_t offset = 0;
-      for (int j = begin; j < end; ++j) {
-        const auto& in = inputs[j - begin];
-        at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
-                             : model.Logprobs(logits.narrow(0, offset, my_lengths[j]), in.at("target_tokens"));
-        at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
-        at::Tensor loss = elementwise.sum();
-        total = total.defined() ? total + loss : loss;
-        loss_tokens += in.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
-        auto* record = out.add_loss_fn_outputs()->mutable_tensors();
-        (*record)["logprobs"] = TensorToWire(lp.detach());
-        (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
-        offset += my_lengths[j];
-      }
-      if (!total.defined()) total = packed_lp.sum();  // an empty round
+      std::vector<MoeStats> moe;
+      int64_t packed_tokens = 0;
+      // Everything up to the loss may fail on one rank alone (an exception, a
+      // non-finite loss from its datums): the round's ranks agree before any
+      // of them starts the backward, whose collectives all must join.
+      absl::Status round_status = Guarded(input.loss_fn(), [&]() -> absl::Status {
+        std::vector<int32_t> packed;
+        std::vector<int64_t> part;
+        for (int j = begin; j < end; ++j) {
+          packed.insert(packed.end(), ids[mine[j]].begin(), ids[mine[j]].end());
+          part.push_back(my_lengths[j]);
+        }
+        packed_tokens = static_cast<int64_t>(packed.size());
+        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
+        at::Tensor logits = model.Logits(hidden);
+        std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
+        std::vector<at::Tensor> targets;
+        bool flat = true;
+        for (int j = begin; j < end; ++j) {
+          for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = TensorFromWire(t);
+          targets.push_back(inputs[j - begin].at("target_tokens"));
+          flat = flat && targets.back().dim() == 1;
+        }
+        // One logprob op over the packed rows when every target is 1-D, so the
+        // backward builds a single [T, V] gradient.
+        at::Tensor packed_lp;
+        if (flat) packed_lp = model.Logprobs(logits, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets));
+        int64_t offset = 0;
+        std::vector<at::Tensor> losses;
+        for (int j = begin; j < end; ++j) {
+          const auto& in = inputs[j - begin];
+          at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
+                               : model.Logprobs(logits.narrow(0, offset, my_lengths[j]), in.at("target_tokens"));
+          at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
+          losses.push_back(elementwise.sum());
+          total = total.defined() ? total + losses.back() : losses.back();
+          loss_tokens += in.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
+          auto* record = out.add_loss_fn_outputs()->mutable_tensors();
+          (*record)["logprobs"] = TensorToWire(lp.detach());
+          (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
+          offset += my_lengths[j];
+        }
+        if (!total.defined()) total = packed_lp.sum();  // an empty round
+        if (!std::isfinite(total.item<double>())) {
+          for (size_t k = 0; k < losses.size(); ++k) {
+            const double v = losses[k].item<double>();
+            if (!std::isfinite(v)) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "datum ", mine[begin + static_cast<int>(k)], ": the loss is ", v,
+                  " in float32; check its weights, advantages and logprobs"));
+            }
+          }
+          return absl::InvalidArgumentError("the batch's loss is not finite in float32");
+        }
+        return absl::OkStatus();
+      });
+      LATHE_RETURN_IF_ERROR(Agree(round_status, rounds_group));
       if (backward) total.backward();
       loss_sum += total.item<double>();
-      tokens += static_cast<double>(packed.size());
+      tokens += static_cast<double>(packed_tokens);
       AddMoeMetrics(moe, config.num_experts, moe_frac, moe_max, moe_layers);
     }
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(input.loss_fn(), ": ", e.what_without_backtrace()));
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat(input.loss_fn(), ": out of memory"));
+    return absl::OkStatus();
+  });
+  if (backward) {
+    // Every replica's part of one batch goes into the same step: if one part
+    // failed, every replica drops what this call added.
+    if (replica_part && !parallel::CommunicationBroken()) {
+      status = Guarded(input.loss_fn(), [&] {
+        if (parallel::AllAgree(status.ok(), step_group)) return absl::OkStatus();
+        return status.ok() ? absl::AbortedError("another replica's part of this batch failed; nothing was accumulated")
+                           : status;
+      });
+    }
+    ReturnGradients(impl_->model->trainable(), std::move(earlier), status.ok());
   }
+  LATHE_RETURN_IF_ERROR(status);
   auto& metrics = *out.mutable_metrics();
   metrics["loss:sum"] = loss_sum;
   metrics["num_tokens:sum"] = tokens;
@@ -243,18 +317,18 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
 absl::StatusOr<lathe::v1::OptimStepOutput> Trainer::OptimStep(const lathe::v1::AdamParams& params) {
   LATHE_ASSIGN_OR_RETURN(AdamHyper hyper, AdamHyperFromProto(params));
   AdamStepResult result;
-  try {
+  LATHE_RETURN_IF_ERROR(Guarded("optim_step", [&]() -> absl::Status {
     std::vector<TrainableParam>& params = impl_->model->trainable();
     const parallel::ParallelContext* ctx = impl_->options.parallel;
-    if (ctx == nullptr) {
-      result = impl_->adam.Step(params, hyper);
-    } else {
+    AdamW::StepHooks hooks;
+    if (ctx != nullptr) {
       parallel::SyncGradients(params, *ctx);
-      result = impl_->adam.Step(params, hyper, [&] { return parallel::GlobalGradNorm(params, *ctx); });
+      hooks.global_norm = [&] { return parallel::GlobalGradNorm(params, *ctx); };
+      hooks.all_agree = [&](bool mine) { return parallel::AllAgree(mine, {ctx->world.get(), ctx->timeout}); };
     }
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("optim_step: ", e.what_without_backtrace()));
-  }
+    LATHE_ASSIGN_OR_RETURN(result, impl_->adam.Step(params, hyper, hooks));
+    return absl::OkStatus();
+  }));
   lathe::v1::OptimStepOutput out;
   auto& metrics = *out.mutable_metrics();
   metrics["grad_norm:mean"] = result.grad_norm;

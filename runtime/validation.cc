@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -23,26 +24,12 @@ std::vector<T> Values(const TensorData& t) {
   return out;
 }
 
-// Every element of an integer or float tensor as double.
-std::vector<double> AsDoubles(const TensorData& t) {
-  std::vector<double> out;
-  auto append = [&](auto values) { out.assign(values.begin(), values.end()); };
-  switch (t.dtype()) {
-    case lathe::v1::INT64: append(Values<int64_t>(t)); break;
-    case lathe::v1::INT32: append(Values<int32_t>(t)); break;
-    case lathe::v1::FLOAT32: append(Values<float>(t)); break;
-    case lathe::v1::FLOAT64: append(Values<double>(t)); break;
-    default: break;
-  }
-  return out;
-}
-
 absl::Status DatumError(int index, const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("datum ", index, ": ", field, " ", what));
 }
 
 absl::Status CheckTensorShape(int index, const std::string& key, const TensorData& t, int64_t n,
-                              bool allow_2d) {
+                              bool allow_2d, int64_t vocab) {
   const std::string field = absl::StrCat("loss_fn_inputs['", key, "']");
   const bool is_target = key == "target_tokens";
   const bool int_ok = t.dtype() == lathe::v1::INT64 || t.dtype() == lathe::v1::INT32;
@@ -58,29 +45,56 @@ absl::Status CheckTensorShape(int index, const std::string& key, const TensorDat
   if (shape[0] != n) {
     return DatumError(index, field, absl::StrCat("has length ", shape[0], " but model_input has ", n, " tokens"));
   }
-  int64_t count = 1;
   for (int64_t d : shape) {
     if (d <= 0) return DatumError(index, field, "has an empty dimension");
-    count *= d;
   }
+  // A second dimension picks K tokens per position, at most the vocabulary;
+  // with it bounded (and N <= max_seq_len) the element count cannot overflow.
+  if (shape.size() == 2 && shape[1] > vocab) {
+    return DatumError(index, field, absl::StrCat("has ", shape[1], " entries per position; at most ", vocab,
+                                                 " (the vocabulary size) are allowed"));
+  }
+  const int64_t count = shape.size() == 2 ? shape[0] * shape[1] : shape[0];
   if (static_cast<int64_t>(t.data().size()) != count * WireDtypeSize(t.dtype())) {
     return DatumError(index, field, "has a byte length that does not match its shape and dtype");
   }
   return absl::OkStatus();
 }
 
-absl::Status CheckValues(int index, const std::string& key, const TensorData& t, int64_t vocab) {
-  const std::string field = absl::StrCat("loss_fn_inputs['", key, "']");
-  std::vector<double> values = AsDoubles(t);
+// Integer tensors are read as integers: a double cannot hold every int64.
+template <typename T>
+absl::Status CheckTokens(int index, const std::string& field, const TensorData& t, int64_t vocab) {
+  const std::vector<T> values = Values<T>(t);
   for (size_t i = 0; i < values.size(); ++i) {
-    double v = values[i];
-    if (!std::isfinite(v)) return DatumError(index, field, absl::StrCat("holds ", v, " at element ", i));
-    if (key == "target_tokens" && v != kIgnoreTarget && (v < 0 || v >= vocab)) {
-      return DatumError(index, field, absl::StrCat("holds token id ", static_cast<int64_t>(v), " at element ", i,
+    const int64_t v = values[i];
+    if (v != kIgnoreTarget && (v < 0 || v >= vocab)) {
+      return DatumError(index, field, absl::StrCat("holds token id ", v, " at element ", i,
                                                    "; the vocabulary has ", vocab, " tokens"));
     }
   }
   return absl::OkStatus();
+}
+
+// Float inputs are computed in float32: each must be finite there.
+template <typename T>
+absl::Status CheckFloats(int index, const std::string& field, const TensorData& t) {
+  const std::vector<T> values = Values<T>(t);
+  for (size_t i = 0; i < values.size(); ++i) {
+    absl::Status s = CheckFloat32(static_cast<double>(values[i]), absl::StrCat(field, " element ", i));
+    if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("datum ", index, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckValues(int index, const std::string& key, const TensorData& t, int64_t vocab) {
+  const std::string field = absl::StrCat("loss_fn_inputs['", key, "']");
+  switch (t.dtype()) {
+    case lathe::v1::INT64: return CheckTokens<int64_t>(index, field, t, vocab);
+    case lathe::v1::INT32: return CheckTokens<int32_t>(index, field, t, vocab);
+    case lathe::v1::FLOAT32: return CheckFloats<float>(index, field, t);
+    case lathe::v1::FLOAT64: return CheckFloats<double>(index, field, t);
+    default: return DatumError(index, field, "has an unsupported dtype");
+  }
 }
 
 absl::Status CheckDatum(int index, const lathe::v1::Datum& datum, const LossSpec& spec,
@@ -116,7 +130,8 @@ absl::Status CheckDatum(int index, const lathe::v1::Datum& datum, const LossSpec
                                                               absl::StrJoin(req, ", "),
                                                               opt.empty() ? "" : ", ", absl::StrJoin(opt, ", "), ")"));
     }
-    LATHE_RETURN_IF_ERROR(CheckTensorShape(index, key, tensor, n, allow_2d && (key == "target_tokens" || key == "weights")));
+    LATHE_RETURN_IF_ERROR(CheckTensorShape(index, key, tensor, n, allow_2d && (key == "target_tokens" || key == "weights"),
+                                           limits.vocab_size));
     LATHE_RETURN_IF_ERROR(CheckValues(index, key, tensor, limits.vocab_size));
   }
   auto w = inputs.find("weights");
@@ -129,6 +144,20 @@ absl::Status CheckDatum(int index, const lathe::v1::Datum& datum, const LossSpec
 }
 
 }  // namespace
+
+absl::Status CheckFloat32(double value, absl::string_view field, bool normal) {
+  const double magnitude = std::fabs(value);
+  if (!std::isfinite(value) || magnitude > std::numeric_limits<float>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", value, "; it must be finite in float32 (|x| <= ",
+                                                   std::numeric_limits<float>::max(), ")"));
+  }
+  if (normal && value != 0 && magnitude < std::numeric_limits<float>::min()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", value, "; it must be 0 or at least ",
+                                                   std::numeric_limits<float>::min(),
+                                                   " in magnitude (a normal float32)"));
+  }
+  return absl::OkStatus();
+}
 
 int64_t WireDtypeSize(DType dtype) {
   switch (dtype) {
@@ -169,9 +198,7 @@ absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const B
                                                      known.empty() ? " (it takes no config)"
                                                                    : absl::StrCat(" (it takes ", absl::StrJoin(known, ", "), ")")));
     }
-    if (!std::isfinite(value)) {
-      return absl::InvalidArgumentError(absl::StrCat("loss_fn_config['", key, "'] is ", value));
-    }
+    LATHE_RETURN_IF_ERROR(CheckFloat32(value, absl::StrCat("loss_fn_config['", key, "']")));
   }
   if (input.data_size() == 0 && !limits.allow_empty) {
     return absl::InvalidArgumentError("empty batch: at least one datum is required");

@@ -4,6 +4,7 @@
 #define LATHE_RUNTIME_VALIDATION_H_
 
 #include <cstdint>
+#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -21,7 +22,9 @@ struct BatchLimits {
 // unknown loss or loss_fn_config key, a non-finite config value, an empty or
 // over-long sequence, a token id outside the vocabulary, a missing or unknown
 // loss_fn_inputs key, a tensor of the wrong dtype, shape or byte length, a
-// target outside the vocabulary (other than -100), NaN or Inf in an input.
+// target outside the vocabulary (other than -100), a second dimension longer
+// than the vocabulary, a float input or config value that is not finite in
+// float32 (see CheckFloat32).
 absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const BatchLimits& limits);
 
 // The token ids of a model input (concatenated text chunks).
@@ -30,6 +33,12 @@ absl::StatusOr<std::vector<int32_t>> InputTokens(const lathe::v1::ModelInput& in
 // The token ids of a datum's model_input (concatenated text chunks).
 // InvalidArgument for a chunk without tokens or a byte length not a multiple of 4.
 absl::StatusOr<std::vector<int32_t>> DatumTokens(const lathe::v1::Datum& datum);
+
+// OK when `value` is finite and within float32's range (|x| <= FLT_MAX), so
+// the computation, which holds it as a float, sees the same finite number.
+// With `normal`, a nonzero value must also be at least FLT_MIN in magnitude
+// (a denormal divisor or scale overflows). InvalidArgument naming `field`.
+absl::Status CheckFloat32(double value, absl::string_view field, bool normal = false);
 
 // Bytes per element of a wire dtype; 0 for DTYPE_UNSPECIFIED.
 int64_t WireDtypeSize(lathe::v1::DType dtype);

@@ -206,6 +206,7 @@ def _malformed_table():
     long_tokens, long_targets = sc.random_sequence(np.random.default_rng(0), sc.MAX_SEQ_LEN + 1)
     i64 = lambda v: sc.tensor(np.asarray(v, "<i8"))  # noqa: E731
     rl = _good(**_rl_inputs())
+    f64 = lambda v: sc.tensor(np.asarray(v, "<f8"))  # noqa: E731
     short_bytes = sc.tensor(np.ones(5, "<i8"), data=np.ones(4, "<i8").tobytes())
     nan_advantages = _good(**_rl_inputs(advantages=np.array([0, np.nan, 0, 0, 0], np.float32)))
     return [
@@ -253,6 +254,30 @@ def _malformed_table():
         ("init LoRA alpha 0", None, {"init": pb.InitOp(lora=types.LoraConfig(rank=8, alpha=0.0))}),
         ("init LoRA trains nothing", None, {"init": pb.InitOp(lora=types.LoraConfig(
             rank=8, train_attn=False, train_mlp=False, train_unembed=False))}),
+        # Values a double holds but the float32 computation cannot, and shapes whose
+        # element count overflows int64.
+        ("float64 weights 1e300", None, _fb(_good(weights=f64([1, 1e300, 1, 1, 1])))),
+        ("float64 logprobs -1e300", None,
+         _fb(_good(**_rl_inputs(logprobs=f64([-1, -1e300, -1, -1, -1]))), loss_fn="importance_sampling")),
+        ("float64 advantages 1e300", None,
+         _fb(_good(**_rl_inputs(advantages=f64([1, 1, 1e300, 1, 1]))), loss_fn="ppo")),
+        ("dro beta -1e308", None, _fb(rl, loss_fn="dro", config={"beta": -1e308})),
+        ("ppo clip_high_threshold 1e39", None, _fb(rl, loss_fn="ppo", config={"clip_high_threshold": 1e39})),
+        ("target_tokens [5, 2^58+1] with 5 values", None,
+         _fb(_with_input("target_tokens", sc.tensor(np.ones(5, "<i8"), shape=[5, 2**58 + 1])))),
+        ("target_tokens [5, 2^62] with 5 values", None,
+         _fb(_with_input("target_tokens", sc.tensor(np.ones(5, "<i8"), shape=[5, 2**62])))),
+        ("target id INT64_MAX", None, _fb(datum([1, 2, 3], np.array([1, 2**63 - 1, 3], "<i8")))),
+        ("adam learning_rate 1e308", None, {"optim_step": adam(learning_rate=1e308)}),
+        ("adam weight_decay 1e308", None, {"optim_step": adam(weight_decay=1e308)}),
+        ("adam eps 5e-324", None, {"optim_step": adam(eps=5e-324)}),
+        ("adam learning_rate x weight_decay > 1", None, {"optim_step": adam(learning_rate=0.5, weight_decay=4.0)}),
+        ("init LoRA alpha 1e308", None, {"init": pb.InitOp(lora=types.LoraConfig(rank=8, alpha=1e308))}),
+        ("init LoRA rank INT32_MAX", None, {"init": pb.InitOp(lora=types.LoraConfig(rank=2**31 - 1))}),
+        ("init LoRA rank above the hidden size", None, {"init": pb.InitOp(lora=types.LoraConfig(rank=65))}),
+        ("sample temperature 1e-45", None, {"sample": pb.SampleOp(
+            prompt=types.ModelInput(chunks=[sc.token_chunk([1, 2, 3])]), num_samples=1,
+            params=pb.SamplingParams(max_tokens=4, temperature=1e-45))}),
     ]
 
 
@@ -312,6 +337,10 @@ def test_other_refusals(deployment):
         "CreateRun other base model": (stub.CreateRun, pb.CreateRunRequest(base_model="other"), Code.INVALID_ARGUMENT),
         "CreateRun negative rank": (stub.CreateRun, pb.CreateRunRequest(lora=types.LoraConfig(rank=-2)),
                                     Code.INVALID_ARGUMENT),
+        "CreateRun rank INT32_MAX": (stub.CreateRun, pb.CreateRunRequest(lora=types.LoraConfig(rank=2**31 - 1)),
+                                     Code.INVALID_ARGUMENT),
+        "CreateRun alpha 1e308": (stub.CreateRun, pb.CreateRunRequest(lora=types.LoraConfig(rank=8, alpha=1e308)),
+                                  Code.INVALID_ARGUMENT),
     }
     got = {name: sc.rpc_error(call, req) for name, (call, req, _) in checks.items()}
     wrong = [f"{name}: {got[name]} (want {want})" for name, (_, _, want) in checks.items() if got[name] != want]

@@ -143,6 +143,42 @@ TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
   EXPECT_EQ(results.at(0)->batched_requests, 4);
 }
 
+// A request whose next-token distribution is not finite (logits / temperature
+// overflow float32) fails alone; the requests decoding beside it finish.
+TEST(DecodeTest, ARequestWithoutAFiniteDistributionFailsAlone) {
+  const std::string dir = ::testing::TempDir() + "/generate_test_overflow";
+  ASSERT_TRUE(WriteTinyModel(dir, TinyModelSpec{}).ok());
+  LoraSettings lora;
+  lora.rank = 4;
+  lora.train_unembed = true;
+  auto trainer = Trainer::Create({dir, lora, 64, 0});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  at::manual_seed(3);
+  bool unembed = false;
+  for (TrainableParam& p : (*trainer)->model().trainable()) {
+    at::NoGradGuard g;
+    p.tensor.normal_(0.0, 0.05);
+    // Logits near 1e31: finite, but not once divided by 1e-8.
+    if (p.name.find("lm_head") != std::string::npos && p.name.find("lora_B") != std::string::npos) {
+      p.tensor.normal_(0.0, 1e32);
+      unembed = true;
+    }
+  }
+  ASSERT_TRUE(unembed);
+  const DecoderModel& model = (*trainer)->model();
+  std::vector<SampleRequest> requests = {Request({1, 2, 3}, 2, 1.0, 6, 1), Request({4, 5}, 2, 1e-8, 6, 2),
+                                         Request({7, 8, 9}, 1, 0.0, 6, 3)};
+  std::vector<absl::StatusOr<Generation>> out = GenerateBatch(model, requests, 64);
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_TRUE(absl::IsInvalidArgument(out[1].status())) << out[1].status();
+  EXPECT_NE(out[1].status().message().find("not finite in float32 at temperature 1e-08"), std::string::npos)
+      << out[1].status();
+  for (size_t r : {size_t{0}, size_t{2}}) {
+    ASSERT_TRUE(out[r].ok()) << r << ": " << out[r].status();
+    for (const GeneratedSequence& s : out[r]->sequences) EXPECT_EQ(s.tokens.size(), 6u);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(DenseAndMoe, GenerateBatchTest, ::testing::Bool());
 
 }  // namespace

@@ -110,7 +110,39 @@ TEST_F(TrainerTest, RefusedBatchesNameTheProblemAndChangeNothing) {
   ExpectRefusal(*trainer_, in, "datum 0: loss_fn_inputs['target_tokens'] holds token id 99");
   in = Batch();
   (*in.mutable_data(1)->mutable_loss_fn_inputs())["weights"] = Wire<float>({1, NAN, 1}, lathe::v1::FLOAT32);
-  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs['weights'] holds nan");
+  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs['weights'] element 1 is nan");
+  // Values a double holds but the float32 computation cannot.
+  in = Batch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["weights"] = Wire<double>({1, 1e300, 1, 1}, lathe::v1::FLOAT64);
+  ExpectRefusal(*trainer_, in, "datum 0: loss_fn_inputs['weights'] element 1 is 1e+300; it must be finite in float32");
+  in = Batch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["target_tokens"] =
+      Wire<int64_t>({2, INT64_MAX, 4, 5}, lathe::v1::INT64);
+  ExpectRefusal(*trainer_, in, "holds token id 9223372036854775807 at element 1");
+  // A shape whose element count overflows int64 with a handful of values.
+  in = Batch();
+  lathe::v1::TensorData wide = Wire<int64_t>({1, 2, 3, 4, 5, 6, 7, 8}, lathe::v1::INT64);
+  wide.clear_shape();
+  wide.add_shape(4);
+  wide.add_shape((int64_t{1} << 62) + 1);
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["target_tokens"] = wide;
+  in.mutable_data(0)->mutable_loss_fn_inputs()->erase("weights");
+  ExpectRefusal(*trainer_, in, "entries per position; at most 64");
+  in = Batch();
+  in.set_loss_fn("dro");
+  for (int d = 0; d < 2; ++d) {
+    const int n = d == 0 ? 4 : 3;
+    auto& inputs = *in.mutable_data(d)->mutable_loss_fn_inputs();
+    inputs.erase("weights");
+    inputs["logprobs"] = Wire<float>(std::vector<float>(n, -1), lathe::v1::FLOAT32);
+    inputs["advantages"] = Wire<float>(std::vector<float>(n, 1), lathe::v1::FLOAT32);
+  }
+  (*in.mutable_loss_fn_config())["beta"] = -1e308;
+  ExpectRefusal(*trainer_, in, "loss_fn_config['beta'] is -1e+308");
+  in.set_loss_fn("ppo");
+  in.clear_loss_fn_config();
+  (*in.mutable_loss_fn_config())["clip_high_threshold"] = 1e39;
+  ExpectRefusal(*trainer_, in, "loss_fn_config['clip_high_threshold'] is 1e+39");
   in = Batch();
   (*in.mutable_data(0)->mutable_loss_fn_inputs())["weights"] = Wire<float>({1, 1}, lathe::v1::FLOAT32);
   ExpectRefusal(*trainer_, in, "has length 2 but model_input has 4 tokens");
@@ -135,8 +167,80 @@ TEST_F(TrainerTest, RefusedBatchesNameTheProblemAndChangeNothing) {
   lathe::v1::AdamParams bad;
   bad.set_learning_rate(NAN);
   EXPECT_EQ(trainer_->OptimStep(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  for (auto [field, value] : {std::pair<std::string, double>{"learning_rate", 1e308}, {"weight_decay", 1e308},
+                              {"eps", 5e-324}, {"grad_clip_norm", 1e39}, {"weight_decay", 2000.0}}) {
+    lathe::v1::AdamParams p;
+    p.set_learning_rate(1e-3);
+    if (field == "learning_rate") p.set_learning_rate(value);
+    if (field == "weight_decay") p.set_weight_decay(value);
+    if (field == "eps") p.set_eps(value);
+    if (field == "grad_clip_norm") p.set_grad_clip_norm(value);
+    absl::StatusOr<lathe::v1::OptimStepOutput> r = trainer_->OptimStep(p);
+    ASSERT_FALSE(r.ok()) << field << " " << value;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("adam_params." + field), std::string::npos) << r.status();
+  }
   ExpectSame(before, Snapshot());
   EXPECT_EQ(trainer_->GetInfo().step, 0);
+}
+
+// A loss that overflows float32 (weights at float32's edge) fails the call on
+// its datum, and the gradients accumulated before it stay as they were.
+TEST_F(TrainerTest, NonFiniteLossFailsTheCallAndKeepsEarlierGradients) {
+  ASSERT_TRUE(trainer_->ForwardBackward(Batch()).ok());
+  auto before = Snapshot();
+  ForwardBackwardInput in = Batch();
+  (*in.mutable_data(1)->mutable_loss_fn_inputs())["weights"] = Wire<float>({3e38f, 3e38f, 3e38f}, lathe::v1::FLOAT32);
+  auto r = trainer_->ForwardBackward(in);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("datum 1: the loss is"), std::string::npos) << r.status();
+  ExpectSame(before, Snapshot());
+  lathe::v1::AdamParams adam;
+  auto step = trainer_->OptimStep(adam);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_TRUE(std::isfinite(step->metrics().at("grad_norm:mean")));
+}
+
+// optim_step never applies a non-finite update: the run keeps its weights,
+// moments and step, and the poisoned gradients are dropped.
+TEST_F(TrainerTest, OptimStepRefusesANonFiniteUpdate) {
+  ASSERT_TRUE(trainer_->ForwardBackward(Batch()).ok());
+  ASSERT_TRUE(trainer_->OptimStep(lathe::v1::AdamParams()).ok());
+  {
+    // Finite gradients and a finite learning rate whose step overflows a
+    // weight near float32's edge.
+    at::NoGradGuard g;
+    for (TrainableParam& p : trainer_->model().trainable()) p.tensor.mutable_grad() = -at::ones_like(p.tensor);
+    trainer_->model().trainable().front().tensor.fill_(3e38);
+  }
+  lathe::v1::AdamParams huge;
+  huge.set_learning_rate(1e38);
+  std::vector<at::Tensor> weights, moments;
+  for (TrainableParam& p : trainer_->model().trainable()) weights.push_back(p.tensor.detach().clone());
+  for (AdamW::State& s : trainer_->optimizer().states()) moments.push_back(s.exp_avg_sq.clone());
+  auto r = trainer_->OptimStep(huge);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.status().message().find("non-finite"), std::string::npos) << r.status();
+  EXPECT_EQ(trainer_->GetInfo().step, 1);
+  ASSERT_EQ(trainer_->optimizer().states().size(), weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const TrainableParam& p = trainer_->model().trainable()[i];
+    EXPECT_TRUE(at::equal(p.tensor.detach(), weights[i])) << p.name;
+    EXPECT_TRUE(at::equal(trainer_->optimizer().states()[i].exp_avg_sq, moments[i])) << p.name;
+    EXPECT_FALSE(p.tensor.grad().defined()) << p.name;
+  }
+  // A gradient that is not finite is refused before any arithmetic.
+  {
+    at::NoGradGuard g;
+    for (TrainableParam& p : trainer_->model().trainable()) p.tensor.mutable_grad() = at::ones_like(p.tensor);
+    trainer_->model().trainable().back().tensor.mutable_grad().fill_(INFINITY);
+  }
+  r = trainer_->OptimStep(lathe::v1::AdamParams());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("the gradient norm is inf"), std::string::npos) << r.status();
+  EXPECT_EQ(trainer_->GetInfo().step, 1);
 }
 
 TEST_F(TrainerTest, GradientsAccumulateAcrossCallsAsOneBatch) {

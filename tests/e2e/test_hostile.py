@@ -1,0 +1,87 @@
+"""Requests that are valid or nearly so but once took a deployment down or poisoned a run:
+fewer datums than replicas, a loss that overflows float32, an update that would. Each must
+leave every replica in step, and the run's next step bitwise what an untouched run gets.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import service_client as sc
+from service_client import Retrieve, adam, datum, pb, types
+
+LORA = dict(rank=8, seed=11)
+
+
+def _run_ops(stub, run, ops, first_seq=1):
+    """Submits ops in order; returns their Retrieve answers."""
+    ids = [sc.submit(stub, run, first_seq + i, **op) for i, op in enumerate(ops)]
+    return [sc.wait(stub, op_id) for op_id in ids]
+
+
+def test_a_batch_smaller_than_the_replica_count_steps(deployment):
+    """One datum, two replicas: the replica that got none still joins the gradient sum, so
+    optim_step finishes at once (not after the collective timeout) and both replicas hold
+    the same weights afterwards."""
+    stub = deployment.stub
+    run = sc.create_run(stub, **LORA)
+    tokens, targets = sc.random_sequence(np.random.default_rng(5), 12)
+    started = time.monotonic()
+    answers = _run_ops(stub, run, [sc.fb_op(datum(tokens, targets)), {"optim_step": adam(learning_rate=1e-2)}])
+    elapsed = time.monotonic() - started
+    assert [a.state for a in answers] == [Retrieve.DONE] * 2, answers
+    assert elapsed < deployment.collective_timeout_s / 2, f"the step took {elapsed:.1f} s"
+    assert answers[1].result.optim_step.metrics["grad_norm:mean"] > 0
+    # The same datum twice in one forward: one copy runs on each replica.
+    fwd = sc.result(stub, sc.submit(stub, run, 3, **sc.fb_op(datum(tokens, targets), datum(tokens, targets),
+                                                              forward=True)))
+    a, b = sc.logprobs(fwd.forward_backward)
+    np.testing.assert_array_equal(a, b, err_msg="the replicas' weights differ after the step")
+
+
+def test_a_loss_that_overflows_fails_alone_and_the_run_goes_on(deployment):
+    """float32 weights near the float32 maximum make the loss infinite: that forward_backward
+    fails (USER, INVALID_ARGUMENT, naming the datum) on every replica, adds nothing, and the
+    run's later steps equal a run that never saw it."""
+    stub = deployment.stub
+    rng = np.random.default_rng(9)
+    data = [datum(*sc.random_sequence(rng, n)) for n in (7, 12, 4)]
+    good = [sc.fb_op(*data), {"optim_step": adam(learning_rate=1e-2)}, sc.fb_op(*data[:2]),
+            {"optim_step": adam(learning_rate=1e-2)}]
+    clean = sc.create_run(stub, **LORA)
+    want = [a.result for a in _run_ops(stub, clean, good)]
+
+    run = sc.create_run(stub, **LORA)
+    n = 12
+    tokens, targets = sc.random_sequence(rng, n)
+    overflow = datum(tokens, targets, weights=np.full(n, 3e38, np.float32))
+    got = _run_ops(stub, run, [good[0], sc.fb_op(data[0], overflow)] + good[1:])
+    bad = got.pop(1)
+    assert bad.state == Retrieve.FAILED, bad
+    assert bad.error.category == pb.OpError.USER and "the loss is" in bad.error.message, bad.error
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.state == Retrieve.DONE, (i, g.error)
+        assert g.result == w, f"op {i} differs from the run that saw no overflowing batch"
+
+
+def test_an_update_that_would_overflow_is_refused(deployment):
+    """A learning rate at the float32 maximum passes validation, but the step it would take
+    overflows the weights: optim_step fails (USER, FAILED_PRECONDITION) and the run keeps its
+    weights; the next ordinary step equals that of a run that never sent it."""
+    stub = deployment.stub
+    rng = np.random.default_rng(4)
+    data = [datum(*sc.random_sequence(rng, n)) for n in (9, 5)]
+    clean = sc.create_run(stub, **LORA)
+    want = [a.result for a in _run_ops(stub, clean, [sc.fb_op(*data), {"optim_step": adam(learning_rate=1e-2)}])]
+    run = sc.create_run(stub, **LORA)
+    got = _run_ops(stub, run, [sc.fb_op(*data), {"optim_step": adam(learning_rate=3e38, beta1=0.99)},
+                               sc.fb_op(*data), {"optim_step": adam(learning_rate=1e-2)}])
+    refused = got[1]
+    assert refused.state == Retrieve.FAILED, refused
+    assert refused.error.category == pb.OpError.USER and "optim_step refused" in refused.error.message, \
+        refused.error
+    assert got[2].state == got[3].state == Retrieve.DONE, (got[2].error, got[3].error)
+    assert got[2].result == want[0] and got[3].result == want[1], "the refused step changed the run"
+    assert stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S).step == 1
