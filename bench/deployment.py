@@ -7,6 +7,7 @@ coordinator, which stops the workers) on leaving the ``with`` block.
 """
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,8 +37,10 @@ def log_tails(logs):
 def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
     port_file = os.path.join(logs, "port")
     root = [f"--checkpoint_root={checkpoint_root}"] if checkpoint_root else []
+    token = {"LATHE_WORKER_TOKEN": secrets.token_hex(32)}  # the replicas' credential, for both sides
     coord = subprocess.Popen([os.path.join(build_dir, "coordinator", "lathe_coordinator"), "--listen=127.0.0.1:0",
                               f"--port_file={port_file}", f"--replicas={layout.get('replicas', 1)}"] + root,
+                             env=dict(os.environ, **token),
                              stdout=open(os.path.join(logs, "coordinator.log"), "w"), stderr=subprocess.STDOUT)
     workers = None
     try:
@@ -50,7 +53,7 @@ def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
         workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
                                     "-x", "OMP_NUM_THREADS", os.path.join(build_dir, "dp_worker", "dp_worker"),
                                     f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout) + root,
-                                   env=dict(ENV, OMP_NUM_THREADS=str(threads)),
+                                   env=dict(ENV, OMP_NUM_THREADS=str(threads), **token),
                                    stdout=open(os.path.join(logs, "workers.log"), "w"), stderr=subprocess.STDOUT)
         yield address
     finally:

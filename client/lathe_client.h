@@ -22,6 +22,14 @@ namespace lathe::client {
 struct ClientOptions {
   std::string address = "127.0.0.1:7777";
   std::string api_key;                          // sent as "authorization: Bearer <key>"
+  // PEM root certificates; set: TLS, the coordinator's certificate verified
+  // against them (and its name against the host of `address`). Empty:
+  // plaintext.
+  std::string tls_root_certs;
+  // Largest message sent or received (the coordinator's default
+  // --max_request_bytes); a larger request fails with ResourceExhausted
+  // before it is sent.
+  int64_t max_message_bytes = int64_t{64} << 20;
   absl::Duration rpc_timeout = absl::Seconds(60);  // of each unary call
   int submit_attempts = 3;                      // tries per submit on a transport failure
 };

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -15,6 +16,9 @@
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7777", "the coordinator's host:port");
 ABSL_FLAG(std::string, api_key_file, "", "file holding the API key (else $LATHE_API_KEY)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM root certificates to verify the coordinator's TLS with (else $LATHE_TLS_CA); empty: plaintext");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{64} << 20, "largest message sent to or received from the coordinator");
 ABSL_FLAG(double, wait_s, 0, "first wait up to this long for the deployment to serve");
 ABSL_FLAG(std::string, run_id, "", "info/checkpoints: the run to describe");
 ABSL_FLAG(std::string, data, "", "train: JSONL file of token-id datums");
@@ -77,6 +81,14 @@ int main(int argc, char** argv) {
   } else if (const char* env = std::getenv("LATHE_API_KEY"); env != nullptr) {
     options.api_key = env;
   }
+  std::string ca = absl::GetFlag(FLAGS_tls_ca);
+  if (const char* env = std::getenv("LATHE_TLS_CA"); ca.empty() && env != nullptr) ca = env;
+  if (!ca.empty()) {
+    std::ifstream in(ca, std::ios::binary);
+    if (!in) return Fail(absl::NotFoundError("cannot read " + ca));
+    options.tls_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   auto client = Client::Connect(options);
   if (double wait = absl::GetFlag(FLAGS_wait_s); wait > 0) {
     if (absl::Status s = client->WaitServing(absl::Seconds(wait)); !s.ok()) return Fail(s);

@@ -3,24 +3,69 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
+
+#include <fstream>
+#include <limits>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/log.h"
 #include "runtime/op_error.h"
+#include "runtime/status.h"
 
 namespace lathe::coordinator {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", what, " ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// TLS from the certificate and key files; plaintext only on loopback or
+// when asked for.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ListenCredentials(const CoordinatorOptions& o) {
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
+  if (o.tls_cert_file.empty()) {
+    if (IsLoopback(o.listen) || o.insecure_listen) return grpc::InsecureServerCredentials();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "refusing to serve plaintext on ", o.listen, ": API keys and training data would cross the network "
+        "unencrypted; give --tls_cert and --tls_key, or --insecure_listen on a network you trust"));
+  }
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  LATHE_ASSIGN_OR_RETURN(pair.cert_chain, ReadFile(o.tls_cert_file, "TLS certificate"));
+  LATHE_ASSIGN_OR_RETURN(pair.private_key, ReadFile(o.tls_key_file, "TLS key"));
+  grpc::SslServerCredentialsOptions ssl;
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  return grpc::SslServerCredentials(ssl);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
   if (options.replicas < 1) return absl::InvalidArgumentError("--replicas must be >= 1");
   if (options.heartbeat_timeout <= options.heartbeat_interval) {
     return absl::InvalidArgumentError("the heartbeat timeout must exceed the heartbeat interval");
   }
-  absl::StatusOr<ApiKeys> keys = ApiKeys::Load(options.auth, options.listen, options.api_keys_file);
-  if (!keys.ok()) return keys.status();
+  if (options.max_request_bytes < 1024 || options.max_request_bytes > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError("--max_request_bytes must be between 1 KiB and 2 GiB");
+  }
+  LATHE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, ListenCredentials(options));
+  LATHE_ASSIGN_OR_RETURN(ApiKeys keys, ApiKeys::Load(options.auth, options.listen, options.api_keys_file));
+  LATHE_ASSIGN_OR_RETURN(WorkerToken token, WorkerToken::Load(options.worker_token_file));
+  if (keys.Contains(token.value())) {
+    return absl::InvalidArgumentError("the worker token is also an API key: give the workers their own");
+  }
   std::unique_ptr<Coordinator> c(new Coordinator());
   c->options_ = options;
-  c->keys_ = std::make_unique<ApiKeys>(*std::move(keys));
+  c->keys_ = std::make_unique<ApiKeys>(std::move(keys));
+  c->worker_token_ = std::make_unique<WorkerToken>(std::move(token));
   c->ledger_ = std::make_unique<OpLedger>(options.ledger);
   c->registry_ = std::make_unique<ReplicaRegistry>(options.replicas, options.heartbeat_timeout);
   c->dispatcher_ = std::make_unique<Dispatcher>(c->ledger_.get(), c->registry_.get(), options.op_timeout,
@@ -33,14 +78,17 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   });
   c->lathe_service_ = std::make_unique<LatheService>(options.service, c->keys_.get(), c->ledger_.get(),
                                                      c->registry_.get(), c->dispatcher_.get());
-  c->link_service_ = std::make_unique<LinkService>(c->keys_.get(), c->registry_.get(), options.heartbeat_interval);
+  c->link_service_ =
+      std::make_unique<LinkService>(c->worker_token_.get(), c->registry_.get(), options.heartbeat_interval);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &c->port_);
+  builder.AddListeningPort(options.listen, credentials, &c->port_);
   builder.RegisterService(c->lathe_service_.get());
   builder.RegisterService(c->link_service_.get());
-  builder.SetMaxReceiveMessageSize(-1);
+  // Larger messages fail with RESOURCE_EXHAUSTED. What is sent is bounded by
+  // what was received (results, tasks), so sending stays unlimited.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_request_bytes));
   builder.SetMaxSendMessageSize(-1);
   c->server_ = builder.BuildAndStart();
   if (c->server_ == nullptr || c->port_ == 0) {
@@ -53,7 +101,8 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   }
   c->dispatcher_->Start();
   c->housekeeping_ = std::thread([p = c.get()] { p->Housekeeping(); });
-  LATHE_LOG(Info, "coordinator listening on port %d for %d replica(s), API keys %s", c->port_, options.replicas,
+  LATHE_LOG(Info, "coordinator listening on port %d (%s) for %d replica(s), API keys %s", c->port_,
+            options.tls_cert_file.empty() ? "plaintext" : "TLS", options.replicas,
             c->keys_->enabled() ? "required" : "off");
   return c;
 }

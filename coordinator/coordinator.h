@@ -19,6 +19,10 @@
 
 namespace lathe::coordinator {
 
+// 64 MiB: the largest preset max_seq_len (16384 tokens) x 128 datums x 32
+// bytes per token (int32 token, int64 target, up to four float32 inputs).
+inline constexpr int64_t kDefaultMaxRequestBytes = int64_t{64} << 20;
+
 struct CoordinatorOptions {
   std::string listen = "127.0.0.1:7777";  // port 0 picks a free one
   int replicas = 1;
@@ -31,11 +35,25 @@ struct CoordinatorOptions {
   ServiceOptions service;
   AuthMode auth = AuthMode::kAuto;
   std::string api_keys_file;
+  // The replica leaders' credential (WorkerToken::Load: this file, else
+  // $LATHE_WORKER_TOKEN); required.
+  std::string worker_token_file;
+  // PEM files of the server certificate (chain) and its key: serve TLS.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // Serve plaintext on an address other than loopback (else refused).
+  bool insecure_listen = false;
+  // Largest message accepted from a client or a replica
+  // (kDefaultMaxRequestBytes: docs/service.md derives it).
+  int64_t max_request_bytes = kDefaultMaxRequestBytes;
 };
 
 class Coordinator {
  public:
-  // Binds and starts serving. InvalidArgument for bad options; Unavailable
+  // Binds and starts serving. InvalidArgument for bad options (half a TLS
+  // pair, a worker token that is also an API key); FailedPrecondition for a
+  // plaintext listen off loopback without insecure_listen, or no worker
+  // token; NotFound for an unreadable TLS, token or key file; Unavailable
   // when the address cannot be bound; the key loader's errors.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Start(const CoordinatorOptions& options);
   ~Coordinator();
@@ -52,6 +70,7 @@ class Coordinator {
 
   CoordinatorOptions options_;
   std::unique_ptr<ApiKeys> keys_;
+  std::unique_ptr<WorkerToken> worker_token_;
   std::unique_ptr<OpLedger> ledger_;
   std::unique_ptr<ReplicaRegistry> registry_;
   std::unique_ptr<Dispatcher> dispatcher_;

@@ -1,12 +1,15 @@
 // Request handling of lathe.v1.Lathe: checks, then the ledger.
 #include "coordinator/lathe_service.h"
 
+#include <google/protobuf/descriptor.h>
+
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "coordinator/checkpoint_store.h"
 #include "coordinator/op_validation.h"
+#include "runtime/status.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -22,12 +25,62 @@ std::string NewRunId() {
   return absl::StrFormat("run-%016x", rng());
 }
 
+// The index gRPC gives a method: its position in the service's descriptor.
+int MethodIndex(const char* method) {
+  const google::protobuf::ServiceDescriptor* service =
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(lathe::v1::Lathe::service_full_name());
+  LATHE_CHECK(service != nullptr && service->FindMethodByName(method) != nullptr);
+  return service->FindMethodByName(method)->index();
+}
+
+// A stream whose one request could not be read: the transport already ended
+// the call (e.g. RESOURCE_EXHAUSTED for a message over the receive limit),
+// or the client sent none.
+grpc::Status NoRequest() { return {grpc::StatusCode::INVALID_ARGUMENT, "no request message"}; }
+
 }  // namespace
 
 LatheService::LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger,
                            ReplicaRegistry* registry, Dispatcher* dispatcher)
     : options_(options), keys_(keys), ledger_(ledger), registry_(registry), dispatcher_(dispatcher),
-      store_(options.checkpoint_root) {}
+      store_(options.checkpoint_root) {
+  ReadAfterKeyCheck("GetCapabilities", &LatheService::GetCapabilities);
+  ReadAfterKeyCheck("GetInfo", &LatheService::GetInfo);
+  ReadAfterKeyCheck("CreateRun", &LatheService::CreateRun);
+  ReadAfterKeyCheck("Submit", &LatheService::Submit);
+  ReadAfterKeyCheck("Retrieve", &LatheService::Retrieve);
+  ReadAfterKeyCheck("ListCheckpoints", &LatheService::ListCheckpoints);
+  ReadAfterKeyCheck("GetCheckpointFiles", &LatheService::GetCheckpointFiles);
+  ReadAfterKeyCheck("DeleteCheckpoint", &LatheService::DeleteCheckpoint);
+  using Request = lathe::v1::DownloadCheckpointFileRequest;
+  using Chunk = lathe::v1::FileChunk;
+  auto download = [this](grpc::ServerContext* context, grpc::ServerSplitStreamer<Request, Chunk>* stream) {
+    // Before Read: nothing of the request is read for a caller without a key.
+    if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+    Request request;
+    if (!stream->Read(&request)) return NoRequest();
+    return ToGrpc(store_.Download(request.checkpoint_id(), request.relative_file_name(),
+                                  [stream](const Chunk& chunk) { return stream->Write(chunk); }));
+  };
+  MarkMethodStreamed(MethodIndex("DownloadCheckpointFile"),
+                     new grpc::internal::SplitServerStreamingHandler<Request, Chunk>(download));
+}
+
+template <class Request, class Response>
+void LatheService::ReadAfterKeyCheck(
+    const char* method, grpc::Status (LatheService::*handler)(grpc::ServerContext*, const Request*, Response*)) {
+  auto unary = [this, handler](grpc::ServerContext* context, grpc::ServerUnaryStreamer<Request, Response>* stream) {
+    // Before Read: nothing of the request is read for a caller without a key.
+    if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+    Request request;
+    if (!stream->Read(&request)) return NoRequest();
+    Response response;
+    grpc::Status s = (this->*handler)(context, &request, &response);
+    if (s.ok()) stream->Write(response);
+    return s;
+  };
+  MarkMethodStreamed(MethodIndex(method), new grpc::internal::StreamedUnaryHandler<Request, Response>(unary));
+}
 
 grpc::Status LatheService::Serving() const {
   switch (registry_->state()) {
@@ -43,9 +96,8 @@ grpc::Status LatheService::Serving() const {
   return {grpc::StatusCode::UNAVAILABLE, "unknown state"};
 }
 
-grpc::Status LatheService::GetCapabilities(grpc::ServerContext* context, const lathe::v1::GetCapabilitiesRequest*,
+grpc::Status LatheService::GetCapabilities(grpc::ServerContext*, const lathe::v1::GetCapabilitiesRequest*,
                                            lathe::v1::Capabilities* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   const lathe::v1::ModelSummary model = registry_->model();
   if (!model.base_model().empty()) response->add_base_models(model.base_model());
   response->set_max_seq_len(model.max_seq_len());
@@ -72,18 +124,16 @@ grpc::Status LatheService::Health(grpc::ServerContext*, const lathe::v1::HealthR
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::GetInfo(grpc::ServerContext* context, const lathe::v1::GetInfoRequest* request,
+grpc::Status LatheService::GetInfo(grpc::ServerContext*, const lathe::v1::GetInfoRequest* request,
                                    lathe::v1::RunInfo* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   std::optional<lathe::v1::RunInfo> info = dispatcher_->Run(request->run_id());
   if (!info.has_value()) return {grpc::StatusCode::NOT_FOUND, "no run " + request->run_id()};
   *response = *info;
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::CreateRun(grpc::ServerContext* context, const lathe::v1::CreateRunRequest* request,
+grpc::Status LatheService::CreateRun(grpc::ServerContext*, const lathe::v1::CreateRunRequest* request,
                                      lathe::v1::CreateRunResponse* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   if (grpc::Status s = Serving(); !s.ok()) return s;
   const lathe::v1::ModelSummary model = registry_->model();
   if (!request->base_model().empty() && request->base_model() != model.base_model()) {
@@ -114,9 +164,8 @@ grpc::Status LatheService::CreateRun(grpc::ServerContext* context, const lathe::
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::Submit(grpc::ServerContext* context, const lathe::v1::SubmitRequest* request,
+grpc::Status LatheService::Submit(grpc::ServerContext*, const lathe::v1::SubmitRequest* request,
                                   lathe::v1::SubmitResponse* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   if (grpc::Status s = Serving(); !s.ok()) return s;
   if (absl::Status s = ValidateOp(*request, registry_->model()); !s.ok()) return ToGrpc(s);
   lathe::v1::SubmitRequest op = *request;
@@ -154,7 +203,6 @@ grpc::Status LatheService::ResolveWeights(lathe::v1::SubmitRequest& op) const {
 
 grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v1::RetrieveRequest* request,
                                     lathe::v1::RetrieveResponse* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   if (request->wait_ms() < 0) return {grpc::StatusCode::INVALID_ARGUMENT, "wait_ms must not be negative"};
   absl::Duration wait = std::min(absl::Milliseconds(request->wait_ms()), options_.max_wait);
   // Never hold a poll past the caller's own deadline (none: time_point::max).
@@ -171,38 +219,27 @@ grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::ListCheckpoints(grpc::ServerContext* context,
+grpc::Status LatheService::ListCheckpoints(grpc::ServerContext*,
                                            const lathe::v1::ListCheckpointsRequest* request,
                                            lathe::v1::ListCheckpointsResponse* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   absl::StatusOr<std::vector<lathe::v1::Checkpoint>> list = store_.List(request->run_id());
   if (!list.ok()) return ToGrpc(list.status());
   for (auto& c : *list) *response->add_checkpoints() = std::move(c);
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::GetCheckpointFiles(grpc::ServerContext* context,
+grpc::Status LatheService::GetCheckpointFiles(grpc::ServerContext*,
                                               const lathe::v1::GetCheckpointFilesRequest* request,
                                               lathe::v1::GetCheckpointFilesResponse* response) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> page = store_.Files(*request);
   if (!page.ok()) return ToGrpc(page.status());
   *response = *std::move(page);
   return grpc::Status::OK;
 }
 
-grpc::Status LatheService::DownloadCheckpointFile(grpc::ServerContext* context,
-                                                  const lathe::v1::DownloadCheckpointFileRequest* request,
-                                                  grpc::ServerWriter<lathe::v1::FileChunk>* writer) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
-  return ToGrpc(store_.Download(request->checkpoint_id(), request->relative_file_name(),
-                                [&](const lathe::v1::FileChunk& chunk) { return writer->Write(chunk); }));
-}
-
-grpc::Status LatheService::DeleteCheckpoint(grpc::ServerContext* context,
+grpc::Status LatheService::DeleteCheckpoint(grpc::ServerContext*,
                                             const lathe::v1::DeleteCheckpointRequest* request,
                                             lathe::v1::DeleteCheckpointResponse*) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
   return ToGrpc(store_.Delete(request->checkpoint_id()));
 }
 

@@ -22,6 +22,12 @@ struct ServiceOptions {
   std::vector<lathe::v1::ModelPreset> presets;  // served by GetCapabilities
 };
 
+// Every method but Health needs an API key (when keys are on). The key is
+// checked on the call's metadata before its request message is read: each
+// such method is served as a stream (one message in, one or more out, the
+// same bytes on the wire), because gRPC reads a unary request whole before
+// any handler runs, so an unauthenticated caller could otherwise make the
+// coordinator buffer up to the receive limit.
 class LatheService final : public lathe::v1::Lathe::Service {
  public:
   // None owned; all outlive the service.
@@ -44,9 +50,6 @@ class LatheService final : public lathe::v1::Lathe::Service {
                                lathe::v1::ListCheckpointsResponse* response) override;
   grpc::Status GetCheckpointFiles(grpc::ServerContext* context, const lathe::v1::GetCheckpointFilesRequest* request,
                                   lathe::v1::GetCheckpointFilesResponse* response) override;
-  grpc::Status DownloadCheckpointFile(grpc::ServerContext* context,
-                                      const lathe::v1::DownloadCheckpointFileRequest* request,
-                                      grpc::ServerWriter<lathe::v1::FileChunk>* writer) override;
   grpc::Status DeleteCheckpoint(grpc::ServerContext* context, const lathe::v1::DeleteCheckpointRequest* request,
                                 lathe::v1::DeleteCheckpointResponse* response) override;
   const CheckpointStore& checkpoints() const { return store_; }
@@ -54,6 +57,11 @@ class LatheService final : public lathe::v1::Lathe::Service {
  private:
   // OK when the deployment serves; UNAVAILABLE saying why not.
   grpc::Status Serving() const;
+  // Serves `method` as a stream whose request is read after the key check,
+  // then handled by `handler`.
+  template <class Request, class Response>
+  void ReadAfterKeyCheck(const char* method,
+                         grpc::Status (LatheService::*handler)(grpc::ServerContext*, const Request*, Response*));
   // Turns a sample's or compute_logprobs' policy_version into the path it was
   // published under; INVALID_ARGUMENT for an unknown version or checkpoint.
   grpc::Status ResolveWeights(lathe::v1::SubmitRequest& op) const;

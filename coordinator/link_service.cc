@@ -28,11 +28,16 @@ class StreamSink : public ReplicaSink {
 
 }  // namespace
 
-LinkService::LinkService(const ApiKeys* keys, ReplicaRegistry* registry, absl::Duration heartbeat_interval)
-    : keys_(keys), registry_(registry), heartbeat_interval_(heartbeat_interval) {}
+LinkService::LinkService(const WorkerToken* token, ReplicaRegistry* registry, absl::Duration heartbeat_interval)
+    : token_(token), registry_(registry), heartbeat_interval_(heartbeat_interval) {}
 
 grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) {
-  if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
+  // Checked on the metadata alone: a stream method's messages are read only
+  // when asked for, so a caller without the token gets nothing read.
+  if (grpc::Status s = token_->Check(*context); !s.ok()) {
+    LATHE_LOG(Warning, "ReplicaLink refused from %s: %s", context->peer(), s.error_message());
+    return s;
+  }
   lathe::v1::WorkerMessage message;
   if (!stream->Read(&message) || !message.has_register_()) {
     return {grpc::StatusCode::INVALID_ARGUMENT, "the first message must register the replica"};

@@ -11,16 +11,18 @@ namespace lathe::coordinator {
 
 class LinkService final : public lathe::v1::ReplicaLink::Service {
  public:
-  // Neither owned; both outlive the service. Replicas are told to send a
-  // heartbeat every `heartbeat_interval`.
-  LinkService(const ApiKeys* keys, ReplicaRegistry* registry, absl::Duration heartbeat_interval);
+  // Neither owned; both outlive the service. A stream without `token` is
+  // refused (UNAUTHENTICATED) before its first message is read; API keys
+  // open nothing here. Replicas are told to send a heartbeat every
+  // `heartbeat_interval`.
+  LinkService(const WorkerToken* token, ReplicaRegistry* registry, absl::Duration heartbeat_interval);
 
   grpc::Status Connect(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<lathe::v1::CoordinatorMessage, lathe::v1::WorkerMessage>* stream)
       override;
 
  private:
-  const ApiKeys* keys_;
+  const WorkerToken* token_;
   ReplicaRegistry* registry_;
   const absl::Duration heartbeat_interval_;
 };

@@ -23,6 +23,13 @@ ABSL_FLAG(int, max_inflight_samples, 64,
           "sampling requests on the replicas at once (other operations: 4), so concurrent ones batch");
 ABSL_FLAG(std::string, auth, "auto", "API keys: on, off, or auto (off on loopback, on otherwise)");
 ABSL_FLAG(std::string, api_keys_file, "", "file of accepted API keys, one per line (also $LATHE_API_KEYS)");
+ABSL_FLAG(std::string, worker_token_file, "",
+          "file whose first line is the token replica leaders must present (else $LATHE_WORKER_TOKEN); required");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate (chain) to serve TLS with; needs --tls_key");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(bool, insecure_listen, false, "allow plaintext on an address other than loopback (trusted networks only)");
+ABSL_FLAG(int64_t, max_request_bytes, lathe::coordinator::kDefaultMaxRequestBytes,
+          "largest message accepted from a client or replica; larger ones fail with RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (same path), for ListCheckpoints");
 ABSL_FLAG(std::string, presets, "",
           "preset table served by GetCapabilities; empty: $LATHE_PRESETS, the installed or source-tree one");
@@ -53,6 +60,11 @@ int main(int argc, char** argv) {
   o.max_inflight_samples = absl::GetFlag(FLAGS_max_inflight_samples);
   o.auth = *auth;
   o.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
+  o.worker_token_file = absl::GetFlag(FLAGS_worker_token_file);
+  o.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  o.insecure_listen = absl::GetFlag(FLAGS_insecure_listen);
+  o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   std::string presets_path = absl::GetFlag(FLAGS_presets);
   if (presets_path.empty()) presets_path = lathe::presets::DefaultPresetsPath();
   if (!presets_path.empty()) {

@@ -33,11 +33,28 @@ ABSL_FLAG(double, sample_batch_window_ms, 2,
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
 ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
 ABSL_FLAG(std::string, checkpoint_root, "", "folder (shared by every node) for checkpoints; empty: saving refused");
-ABSL_FLAG(std::string, api_key_file, "", "file holding the API key for the coordinator (else $LATHE_API_KEY)");
+ABSL_FLAG(std::string, worker_token_file, "",
+          "file whose first line is the coordinator's worker token (else $LATHE_WORKER_TOKEN); required");
+ABSL_FLAG(std::string, tls_ca, "", "PEM root certificates to verify the coordinator's TLS with (else $LATHE_TLS_CA)");
+ABSL_FLAG(int64_t, max_message_bytes, int64_t{65} << 20, "largest task accepted from the coordinator");
 
 namespace {
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
+
+// The worker token and, when given, the CA of the coordinator's TLS.
+absl::Status ReadLinkCredentials(lathe::dp_worker::LinkOptions& link) {
+  absl::StatusOr<std::string> token = lathe::dp_worker::ReadWorkerToken(absl::GetFlag(FLAGS_worker_token_file));
+  if (!token.ok()) return token.status();
+  link.worker_token = *token;
+  std::string ca = absl::GetFlag(FLAGS_tls_ca);
+  if (const char* env = std::getenv("LATHE_TLS_CA"); ca.empty() && env != nullptr) ca = env;
+  if (ca.empty()) return absl::OkStatus();
+  absl::StatusOr<std::string> pem = lathe::dp_worker::ReadPemFile(ca);
+  if (!pem.ok()) return pem.status();
+  link.tls_root_certs = *pem;
+  return absl::OkStatus();
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -54,12 +71,11 @@ int main(int argc, char** argv) {
   o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
-  auto key = lathe::dp_worker::ReadApiKey(absl::GetFlag(FLAGS_api_key_file));
-  if (!key.ok()) {
-    std::fprintf(stderr, "dp_worker: %s\n", key.status().ToString().c_str());
+  o.link.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  if (absl::Status s = ReadLinkCredentials(o.link); !s.ok() && !absl::GetFlag(FLAGS_dry_run)) {
+    std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
-  o.link.api_key = *key;
   o.base_model = absl::GetFlag(FLAGS_base_model);
   o.layout.replicas = absl::GetFlag(FLAGS_replicas);
   o.layout.node_count = absl::GetFlag(FLAGS_node_count);

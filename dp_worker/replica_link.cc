@@ -4,7 +4,13 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 
 namespace lathe::dp_worker {
 namespace {
@@ -15,13 +21,44 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 }  // namespace
 
+absl::StatusOr<std::string> ReadWorkerToken(const std::string& path) {
+  std::string token;
+  if (!path.empty()) {
+    std::ifstream in(path);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read worker token file ", path));
+    std::getline(in, token);
+  } else if (const char* env = std::getenv("LATHE_WORKER_TOKEN"); env != nullptr) {
+    token = env;
+  }
+  token = std::string(absl::StripAsciiWhitespace(token));
+  if (token.empty()) {
+    return absl::FailedPreconditionError(
+        "no worker token: give --worker_token_file or $LATHE_WORKER_TOKEN (the coordinator's)");
+  }
+  return token;
+}
+
+absl::StatusOr<std::string> ReadPemFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 absl::StatusOr<std::unique_ptr<ReplicaLink>> ReplicaLink::Connect(const LinkOptions& options,
                                                                   const lathe::v1::RegisterReplica& registration) {
   std::unique_ptr<ReplicaLink> link(new ReplicaLink());
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  link->channel_ = grpc::CreateCustomChannel(options.coordinator, grpc::InsecureChannelCredentials(), args);
+  args.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT32_MAX)));
+  args.SetMaxSendMessageSize(-1);  // the coordinator enforces its own receive limit
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options.tls_root_certs.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_root_certs;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  link->channel_ = grpc::CreateCustomChannel(options.coordinator, credentials, args);
   const absl::Time deadline = absl::Now() + options.connect_timeout;
   while (!link->channel_->WaitForConnected(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(1))))) {
     if (absl::Now() >= deadline) {
@@ -30,7 +67,7 @@ absl::StatusOr<std::unique_ptr<ReplicaLink>> ReplicaLink::Connect(const LinkOpti
     }
   }
   link->stub_ = lathe::v1::ReplicaLink::NewStub(link->channel_);
-  if (!options.api_key.empty()) link->context_.AddMetadata("authorization", "Bearer " + options.api_key);
+  link->context_.AddMetadata("lathe-worker-token", options.worker_token);
   link->stream_ = link->stub_->Connect(&link->context_);
   lathe::v1::WorkerMessage hello;
   *hello.mutable_register_() = registration;
@@ -38,6 +75,11 @@ absl::StatusOr<std::unique_ptr<ReplicaLink>> ReplicaLink::Connect(const LinkOpti
   if (!link->stream_->Write(hello) || !link->stream_->Read(&answer) || !answer.has_registered()) {
     link->stream_->WritesDone();
     grpc::Status s = link->stream_->Finish();
+    {
+      // The stream is finished: the destructor must not deregister on it.
+      absl::MutexLock lock(&link->mu_);
+      link->stopping_ = true;
+    }
     if (s.ok()) return absl::UnavailableError("coordinator closed the stream during registration");
     return FromGrpc(s);
   }

@@ -21,10 +21,23 @@
 namespace lathe::dp_worker {
 
 struct LinkOptions {
-  std::string coordinator;     // host:port
-  std::string api_key;         // sent as "authorization: Bearer <key>" when set
+  std::string coordinator;   // host:port
+  std::string worker_token;  // sent as "lathe-worker-token: <token>"
+  // PEM root certificates; set: TLS, the coordinator's certificate verified
+  // against them (and its name against the host of `coordinator`).
+  std::string tls_root_certs;
+  // Largest task accepted: the coordinator's default --max_request_bytes
+  // (64 MiB) plus room for a task's envelope.
+  int64_t max_message_bytes = int64_t{65} << 20;
   absl::Duration connect_timeout = absl::Minutes(5);
 };
+
+// The worker token: the first line of `path`, else $LATHE_WORKER_TOKEN.
+// NotFound when `path` cannot be read; FailedPrecondition when neither gives
+// a token.
+absl::StatusOr<std::string> ReadWorkerToken(const std::string& path);
+// The contents of a PEM file; NotFound when it cannot be read.
+absl::StatusOr<std::string> ReadPemFile(const std::string& path);
 
 class ReplicaLink {
  public:

@@ -22,6 +22,9 @@ logs=${LATHE_LOG_DIR:-runs/local-logs}
 mkdir -p runs "$logs"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The replicas' credential on the coordinator (read by both from the environment).
+LATHE_WORKER_TOKEN=${LATHE_WORKER_TOKEN:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}
+export LATHE_WORKER_TOKEN
 make_args=()
 [ -f runs/tiny-qwen3-moe/config.json ] || make_args+=(--make_tiny_model runs/tiny-qwen3-moe)
 [ -f runs/sft-data.jsonl ] || make_args+=(--make_data runs/sft-data.jsonl)

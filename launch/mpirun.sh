@@ -2,8 +2,12 @@
 # A deployment with mpirun over a hostfile: the coordinator on this machine,
 # the dp_worker ranks on the hosts of $LATHE_HOSTFILE (one line per node,
 # "host slots=<devices>"), devices_per_node ranks per node. Stops everything
-# on SIGTERM/SIGINT (the coordinator stops the workers). docs/launching.md
-# lists every variable; LATHE_DRY_RUN=1 prints the two commands and exits.
+# on SIGTERM/SIGINT (the coordinator stops the workers). The coordinator
+# serves TLS with LATHE_TLS_CERT/LATHE_TLS_KEY (workers verify with
+# LATHE_TLS_CA), or plaintext with LATHE_INSECURE_LISTEN=1; the workers
+# register with LATHE_WORKER_TOKEN (a fresh random one unless set).
+# docs/launching.md lists every variable; LATHE_DRY_RUN=1 prints the two
+# commands and exits.
 set -euo pipefail
 source "$(dirname "$0")/plan_env.sh"
 : "${LATHE_MODEL_DIR:?set LATHE_MODEL_DIR to the model folder (same path on every host)}"
@@ -16,16 +20,24 @@ coordinator=("$LATHE_COORDINATOR_BIN" --listen "0.0.0.0:$port" --replicas "$LATH
   --port_file "$logs/port" --auth "${LATHE_AUTH:-auto}")
 [ -n "${LATHE_CHECKPOINT_ROOT:-}" ] && coordinator+=(--checkpoint_root "$LATHE_CHECKPOINT_ROOT")
 [ -n "${LATHE_API_KEY_FILE:-}" ] && coordinator+=(--api_keys_file "$LATHE_API_KEY_FILE")
+# The token travels in the environment (mpirun -x), never on a command line.
+LATHE_WORKER_TOKEN=${LATHE_WORKER_TOKEN:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}
+export LATHE_WORKER_TOKEN
 workers=(mpirun -np "$LATHE_PLAN_RANKS" --map-by "$map_by" --bind-to none)
 [ -n "$hostfile" ] && workers+=(--hostfile "$hostfile")
-for v in NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG OMP_NUM_THREADS LD_LIBRARY_PATH PATH; do
+for v in LATHE_WORKER_TOKEN NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG OMP_NUM_THREADS LD_LIBRARY_PATH PATH; do
   [ -n "${!v:-}" ] && workers+=(-x "$v")
 done
 # shellcheck disable=SC2206
 workers+=(${LATHE_MPIRUN_ARGS:-} "$LATHE_WORKER_BIN" --coordinator "$host:@PORT@" --model "$LATHE_MODEL_DIR"
   --base_model "$LATHE_PLAN_MODEL" --replicas "$LATHE_PLAN_REPLICAS" ${LATHE_LAYOUT_FLAGS:-})
 [ -n "${LATHE_CHECKPOINT_ROOT:-}" ] && workers+=(--checkpoint_root "$LATHE_CHECKPOINT_ROOT")
-[ -n "${LATHE_API_KEY_FILE:-}" ] && workers+=(--api_key_file "$LATHE_API_KEY_FILE")
+if [ -n "${LATHE_TLS_CERT:-}" ]; then
+  coordinator+=(--tls_cert "$LATHE_TLS_CERT" --tls_key "${LATHE_TLS_KEY:?set LATHE_TLS_KEY with LATHE_TLS_CERT}")
+  workers+=(--tls_ca "${LATHE_TLS_CA:?set LATHE_TLS_CA (same path on every host) with LATHE_TLS_CERT}")
+elif [ "${LATHE_INSECURE_LISTEN:-0}" = 1 ]; then
+  coordinator+=(--insecure_listen)
+fi
 if [ "${LATHE_DRY_RUN:-0}" = 1 ]; then
   echo "coordinator: ${coordinator[*]}"
   echo "workers: ${workers[*]//@PORT@/$port}"

@@ -19,6 +19,17 @@ export LATHE_SSH_SECRET=${LATHE_SSH_SECRET:-lathe-ssh}
 export LATHE_PORT=${LATHE_PORT:-7777}
 export LATHE_NCCL_SOCKET_IFNAME=${LATHE_NCCL_SOCKET_IFNAME:-eth0}
 export LATHE_LAYOUT_FLAGS=${LATHE_LAYOUT_FLAGS:-}
+# TLS from the Secret $LATHE_TLS_SECRET (tls.crt, tls.key, ca.crt; its
+# certificate names ${LATHE_NAME}-coordinator), unless LATHE_INSECURE_LISTEN=1.
+# Kubernetes' gRPC probe speaks plaintext only: under TLS the readiness probe
+# checks that the port accepts connections.
+export LATHE_TLS_SECRET=${LATHE_TLS_SECRET:-lathe-tls}
+if [ "${LATHE_INSECURE_LISTEN:-0}" = 1 ]; then
+  export LATHE_COORDINATOR_TLS_FLAGS="--insecure_listen" LATHE_WORKER_TLS_FLAGS="" LATHE_PROBE=grpc
+else
+  export LATHE_COORDINATOR_TLS_FLAGS="--tls_cert /etc/lathe/tls/tls.crt --tls_key /etc/lathe/tls/tls.key"
+  export LATHE_WORKER_TLS_FLAGS="--tls_ca /etc/lathe/tls/ca.crt" LATHE_PROBE=tcpSocket
+fi
 export LATHE_PLAN_MODEL LATHE_PLAN_REPLICAS LATHE_PLAN_NODES LATHE_PLAN_RANKS LATHE_PLAN_DEVICES_PER_NODE
 export LATHE_PLAN_WORKER_NODES=$((LATHE_PLAN_NODES - 1))
 # ${VAR} placeholders only; everything else passes through unchanged.

@@ -1,4 +1,5 @@
-// API-key modes and the loopback rule.
+// API-key modes, the loopback rule, the worker token and the constant-time
+// comparison.
 #include "coordinator/auth.h"
 
 #include <gtest/gtest.h>
@@ -38,8 +39,37 @@ TEST(AuthTest, KeysFromFileAndEnvironment) {
   unsetenv("LATHE_API_KEYS");
   ASSERT_TRUE(keys.ok()) << keys.status();
   EXPECT_TRUE(keys->enabled());
+  for (const char* key : {"k1", "k2", "k3", "k4"}) EXPECT_TRUE(keys->Contains(key)) << key;
+  for (const char* key : {"k", "k5", "# team keys", ""}) EXPECT_FALSE(keys->Contains(key)) << key;
   EXPECT_EQ(ApiKeys::Load(AuthMode::kOn, "127.0.0.1:1", path + ".missing").status().code(),
             absl::StatusCode::kNotFound);
+}
+
+TEST(AuthTest, ConstantTimeEquals) {
+  EXPECT_TRUE(ConstantTimeEquals("secret-token", "secret-token"));
+  EXPECT_FALSE(ConstantTimeEquals("secret-tokeN", "secret-token"));
+  EXPECT_FALSE(ConstantTimeEquals("secret-token-and-more", "secret-token"));
+  EXPECT_FALSE(ConstantTimeEquals("secret", "secret-token"));
+  // A value repeating the expected one is no match.
+  EXPECT_FALSE(ConstantTimeEquals("abab", "ab"));
+  EXPECT_FALSE(ConstantTimeEquals("", ""));
+  EXPECT_FALSE(ConstantTimeEquals("x", ""));
+}
+
+TEST(AuthTest, WorkerTokenFromFileOrEnvironment) {
+  unsetenv("LATHE_WORKER_TOKEN");
+  EXPECT_EQ(WorkerToken::Load("").status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(WorkerToken::Load(testing::TempDir() + "/missing").status().code(), absl::StatusCode::kNotFound);
+  const std::string path = testing::TempDir() + "/token";
+  std::ofstream(path) << "  0123456789abcdef0123  \nsecond line\n";
+  auto from_file = WorkerToken::Load(path);
+  ASSERT_TRUE(from_file.ok()) << from_file.status();
+  EXPECT_EQ(from_file->value(), "0123456789abcdef0123");
+  setenv("LATHE_WORKER_TOKEN", "fedcba9876543210fedc", 1);
+  EXPECT_EQ(WorkerToken::Load("")->value(), "fedcba9876543210fedc");
+  setenv("LATHE_WORKER_TOKEN", "too-short", 1);
+  EXPECT_EQ(WorkerToken::Load("").status().code(), absl::StatusCode::kInvalidArgument);
+  unsetenv("LATHE_WORKER_TOKEN");
 }
 
 TEST(AuthTest, ParsesModes) {

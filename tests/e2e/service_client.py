@@ -8,6 +8,7 @@ them on sys.path before this module is imported.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -243,7 +244,10 @@ class Deployment:
     def __init__(self, build_dir: str, model_dir: str, workdir: str, *, replicas: int = 2, ranks: int = 4,
                  ep: int = 2, max_runs: int = 1, workers: bool = True, coordinator_args=(), coordinator_env=None,
                  worker_env=None, api_key: str | None = None, collective_timeout_s: int = 20, tp: int = 1,
-                 worker_args=()):
+                 worker_args=(), worker_token: str | None = None, tls: dict | None = None):
+        """``worker_token``: the token both sides get (default: a fresh random one); ``tls``:
+        ``{"cert", "key", "ca"}`` PEM paths (the coordinator serves TLS, the workers and
+        ``self.channel`` verify it with ``ca``)."""
         self.build_dir, self.model_dir, self.workdir = build_dir, model_dir, workdir
         self.replicas, self.ranks, self.ep, self.max_runs = replicas, ranks, ep, max_runs
         self.tp, self.worker_args = tp, list(worker_args)
@@ -251,6 +255,8 @@ class Deployment:
         self.collective_timeout_s = collective_timeout_s
         self.coordinator_args, self.api_key = list(coordinator_args), api_key
         self.coordinator_env, self.worker_env = dict(coordinator_env or {}), dict(worker_env or {})
+        self.worker_token = secrets.token_hex(32) if worker_token is None else worker_token
+        self.tls = dict(tls) if tls else None
         os.makedirs(workdir, exist_ok=True)
         self.coordinator_log = os.path.join(workdir, "coordinator.log")
         self.workers_log = os.path.join(workdir, "workers.log")
@@ -287,9 +293,12 @@ class Deployment:
         cmd = [os.path.join(self.build_dir, "coordinator", "lathe_coordinator"), "--listen", "127.0.0.1:0",
                "--port_file", port_file, "--replicas", str(self.replicas), "--heartbeat_interval_s", "0.5",
                "--heartbeat_timeout_s", "3", "--max_runs", str(self.max_runs), *self.coordinator_args]
+        if self.tls:
+            cmd += ["--tls_cert", self.tls["cert"], "--tls_key", self.tls["key"]]
+        env = self._env({"LATHE_WORKER_TOKEN": self.worker_token, **self.coordinator_env})
         with open(self.coordinator_log, "ab") as log:
             self.coordinator = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=self._env(self.coordinator_env), start_new_session=True)
+                                                env=env, start_new_session=True)
         deadline = time.monotonic() + 20
         while not self._read_port(port_file):
             if self.coordinator.poll() is not None:
@@ -298,7 +307,11 @@ class Deployment:
             if time.monotonic() > deadline:
                 raise AssertionError("lathe_coordinator wrote no port file within 20 s\n" + self.log_tails())
             time.sleep(0.05)
-        self.channel = grpc.insecure_channel(self.address)
+        if self.tls:
+            with open(self.tls["ca"], "rb") as f:
+                self.channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(f.read()))
+        else:
+            self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.LatheStub(self.channel)
 
     def _read_port(self, port_file: str) -> bool:
@@ -318,9 +331,9 @@ class Deployment:
                "--model", self.model_dir, "--replicas", str(self.replicas), "--ep", str(self.ep),
                "--collective_timeout_s", str(self.collective_timeout_s), "--max_runs", str(self.max_runs),
                "--connect_timeout_s", "30", "--tp", str(self.tp), *self.worker_args]
-        env = dict(self.worker_env)
-        if self.api_key is not None:
-            env["LATHE_API_KEY"] = self.api_key
+        if self.tls:
+            cmd += ["--tls_ca", self.tls["ca"]]
+        env = {"LATHE_WORKER_TOKEN": self.worker_token, **self.worker_env}
         with open(self.workers_log, "ab") as log:
             self.workers = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self._env(env), start_new_session=True)

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 import service_client as sc
 from service_client import Health, Retrieve, adam, datum, pb, types
@@ -129,7 +130,7 @@ def test_api_keys(make_deployment):
     for metadata in ((("authorization", "Bearer k1"),), (("authorization", "Api-Key k1"),),
                      (("authorization", "Bearer k0"),)):
         assert stub.GetCapabilities(caps, metadata=metadata, timeout=sc.RPC_TIMEOUT_S).vocab_size == sc.VOCAB
-    assert d.health().state == Health.SERVING  # open, and the workers registered with their key
+    assert d.health().state == Health.SERVING  # open, and the workers registered with the worker token
 
     assert sc.rpc_error(stub.CreateRun, pb.CreateRunRequest()) == Code.UNAUTHENTICATED
     key = (("authorization", "Api-Key k1"),)
@@ -142,14 +143,18 @@ def test_api_keys(make_deployment):
     assert r.state == Retrieve.DONE, r
 
 
-def test_worker_with_wrong_key_is_refused(make_deployment):
+@pytest.mark.parametrize("token", ["wrong-token-0123456789", "k1"], ids=["wrong_token", "api_key"])
+def test_worker_without_the_worker_token_is_refused(make_deployment, token):
+    # A valid API key is no worker credential (the workers carry one as well).
     d = make_deployment("auth_wrong", coordinator_args=["--auth", "on"], coordinator_env={"LATHE_API_KEYS": "k1"},
-                        api_key="nope").start(wait_serving=False)
+                        worker_env={"LATHE_WORKER_TOKEN": token, "LATHE_API_KEY": "k1"}).start(wait_serving=False)
     rc = d.wait_workers(40)
-    assert rc is not None, "dp_worker job with a wrong key still runs after 40 s"
-    assert rc != 0, "dp_worker job with a wrong key exited 0"
+    assert rc is not None, "dp_worker job with a wrong token still runs after 40 s"
+    assert rc != 0, "dp_worker job with a wrong token exited 0"
     h = d.health()
     assert h.state == Health.STARTING and h.replicas_registered == 0, h
+    with open(d.workers_log, errors="replace") as f:
+        assert "UNAUTHENTICATED" in f.read()
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """launch/: the Kubernetes manifests render to valid YAML with the fields a
 deployment needs; the mpirun and slurm scripts print the commands of the
-plan; mpirun.sh serves a real training run on the tiny model; srun's
+plan; mpirun.sh serves a real training run on the tiny model over TLS; srun's
 command line runs under mpirun; a task that MPI started alone is refused."""
 import os
 import shlex
@@ -16,6 +16,23 @@ BUILD = os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build"))
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
            LATHE_BIN=BUILD)
 CLI = os.path.join(BUILD, "client", "lathe")
+
+
+def tls_files(folder):
+    """LATHE_TLS_* of a fresh CA and a server certificate it signed for 127.0.0.1/localhost."""
+    def openssl(*args):
+        r = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=lathe test ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return dict(LATHE_TLS_CERT=str(folder / "server.pem"), LATHE_TLS_KEY=str(folder / "server.key"),
+                LATHE_TLS_CA=str(folder / "ca.pem"))
 
 
 def run(args, timeout=60, **env):
@@ -56,9 +73,23 @@ def test_mpijob_is_sized_from_the_preset():
     assert args[args.index("--coordinator") + 1] == "q30-coordinator:7777"
     assert args[args.index("--base_model") + 1] == "Qwen/Qwen3-30B-A3B"
     assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e} == \
-        {"LATHE_API_KEYS": "keys", "LATHE_API_KEY": "keys"}
+        {"LATHE_API_KEYS": "keys"}
     svc = service_for(docs, launcher["metadata"]["labels"])
     assert svc["metadata"]["name"] == "q30-coordinator"
+    # TLS by default: the coordinator holds the key, the worker pods only the CA; the
+    # workers' token is made in the pod and passed to the ranks in their environment.
+    script = container["args"][0]
+    assert "--tls_cert /etc/lathe/tls/tls.crt --tls_key /etc/lathe/tls/tls.key" in script, script
+    assert args[args.index("--tls_ca") + 1] == "/etc/lathe/tls/ca.crt"
+    assert "export LATHE_WORKER_TOKEN=" in script and "-x LATHE_WORKER_TOKEN" in script, script
+    assert "tcpSocket" in container["readinessProbe"]
+    [ca] = [v for v in wpod["volumes"] if v["name"] == "tls-ca"]
+    assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert {"name": "tls-ca", "mountPath": "/etc/lathe/tls", "readOnly": True} in wpod["containers"][0]["volumeMounts"]
+    plain = render("mpijob", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_INSECURE_LISTEN="1")
+    plain_launcher = plain[0]["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    assert "--insecure_listen" in plain_launcher["args"][0] and "--tls" not in plain_launcher["args"][0]
+    assert "grpc" in plain_launcher["readinessProbe"]
 
 
 def test_leaderworkerset_is_one_group_of_every_node():
@@ -77,6 +108,9 @@ def test_leaderworkerset_is_one_group_of_every_node():
     assert '--mca plm_rsh_args "$ssh_opts"' in script and "StrictHostKeyChecking=no" in script, script
     assert script.index("until ssh $ssh_opts q8-0-$i.q8 true") < script.index("mpirun"), script
     assert [m["mountPath"] for m in worker["volumeMounts"]] == [m["mountPath"] for m in leader["volumeMounts"]]
+    assert "--tls_cert /etc/lathe/tls/tls.crt" in script and "--tls_ca /etc/lathe/tls/ca.crt" in script, script
+    assert script.index("export LATHE_WORKER_TOKEN=") < script.index("lathe_coordinator"), script
+    assert {m["name"] for m in leader["volumeMounts"]} - {m["name"] for m in worker["volumeMounts"]} == {"tls"}
     service_for(docs, {"leaderworkerset.sigs.k8s.io/name": "q8", "leaderworkerset.sigs.k8s.io/worker-index": "0"})
 
 
@@ -100,6 +134,16 @@ def test_slurm_batch_script_prints_srun_with_pmix_and_nccl(tmp_path):
     assert "srun --mpi=pmix" in out and "--ntasks=16" in out and "--ntasks-per-node=8" in out, out
     assert "export NCCL_SOCKET_IFNAME=ib0" in out and "export NCCL_DEBUG=WARN" in out, out
     assert ":20042 " in out.split("workers:")[1]  # the coordinator's port on the first node
+    assert "--insecure_listen" not in out and "--tls" not in out, out  # neither: the coordinator will refuse
+    assert "LATHE_WORKER_TOKEN" not in out and "--worker_token" not in out, out  # environment only
+    tls = run(["bash", "launch/slurm.sbatch"], LATHE_DRY_RUN="1", LATHE_MODEL="Qwen/Qwen3-30B-A3B",
+              LATHE_MODEL_DIR="/m/q30", LATHE_HOME=ROOT, LATHE_TLS_CERT="/etc/c.pem", LATHE_TLS_KEY="/etc/k.pem",
+              LATHE_TLS_CA="/etc/ca.pem")
+    assert "--tls_cert /etc/c.pem --tls_key /etc/k.pem" in tls.stdout.split("workers:")[0], tls.stdout
+    assert "--tls_ca /etc/ca.pem" in tls.stdout.split("workers:")[1], tls.stdout
+    plain = run(["bash", "launch/slurm.sbatch"], LATHE_DRY_RUN="1", LATHE_MODEL="Qwen/Qwen3-30B-A3B",
+                LATHE_MODEL_DIR="/m/q30", LATHE_HOME=ROOT, LATHE_INSECURE_LISTEN="1")
+    assert "--insecure_listen" in plain.stdout, plain.stdout
     sub = run(["bash", "launch/slurm_submit.sh", "--partition", "gpu"], LATHE_DRY_RUN="1",
               LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2")
     assert sub.returncode == 0, sub.stderr
@@ -151,11 +195,16 @@ def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
     dry = run(["bash", "launch/mpirun.sh"], LATHE_DRY_RUN="1", **env)
     assert dry.returncode == 0, dry.stderr
     assert "mpirun -np 4 --map-by slot --bind-to none --hostfile" in dry.stdout, dry.stdout
-    # The coordinator listens on 0.0.0.0, so API keys are required: without
-    # any it refuses to start and the script says where to look.
+    assert "-x LATHE_WORKER_TOKEN" in dry.stdout, dry.stdout
+    # The coordinator listens on 0.0.0.0: without TLS (or the explicit
+    # insecure flag) it refuses to start, and the script says where to look.
+    plaintext = run(["bash", "launch/mpirun.sh"], timeout=60, **env)
+    assert plaintext.returncode != 0 and "coordinator did not start" in plaintext.stderr, plaintext.stderr
+    assert "--insecure_listen" in plaintext.stderr, plaintext.stderr
+    env.update(tls_files(tmp_path))
+    # With TLS, API keys are still required off loopback.
     keyless = run(["bash", "launch/mpirun.sh"], timeout=60, **env)
-    assert keyless.returncode != 0 and "coordinator did not start" in keyless.stderr, keyless.stderr
-    assert "API keys are required" in keyless.stderr, keyless.stderr
+    assert keyless.returncode != 0 and "API keys are required" in keyless.stderr, keyless.stderr
     key_file = tmp_path / "key"
     key_file.write_text("k-launch\n")
     env["LATHE_API_KEY_FILE"] = str(key_file)
@@ -169,9 +218,12 @@ def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
             assert time.time() < deadline and launcher.poll() is None, "coordinator did not start"
             time.sleep(0.2)
         address = "127.0.0.1:" + port_file.read_text().strip()
-        refused = run([CLI, "info", "--address", address, "--wait_s", "5"], timeout=60)
+        ca = ["--tls_ca", env["LATHE_TLS_CA"]]
+        refused = run([CLI, "info", "--address", address, "--wait_s", "5", *ca], timeout=60)
         assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stdout + refused.stderr
-        train = run([CLI, "train", "--address", address, "--api_key_file", str(key_file), "--wait_s", "90",
+        plain = run([CLI, "info", "--address", address, "--api_key_file", str(key_file)], timeout=60)
+        assert plain.returncode != 0, plain.stdout  # TLS only
+        train = run([CLI, "train", "--address", address, "--api_key_file", str(key_file), "--wait_s", "90", *ca,
                      "--data", data, "--steps", "3", "--batch_size", "4", "--learning_rate", "5e-3"], timeout=240)
         assert train.returncode == 0, train.stdout + train.stderr
         assert "step 3" in train.stdout or "3/3" in train.stdout, train.stdout

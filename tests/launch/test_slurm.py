@@ -117,7 +117,7 @@ def test_batch_script_serves_a_training_run(slurm, tiny_model, tmp_path):
     key.write_text("k-slurm\n")
     port = free_port()
     env = dict(slurm_env, LATHE_MODEL="tiny", LATHE_REPLICAS="1", LATHE_LAYOUT_FLAGS="--devices_per_node 2 --ep 2",
-               LATHE_MODEL_DIR=model, LATHE_API_KEY_FILE=str(key), LATHE_PORT=str(port))
+               LATHE_MODEL_DIR=model, LATHE_API_KEY_FILE=str(key), LATHE_PORT=str(port), LATHE_INSECURE_LISTEN="1")
     submit = subprocess.run(["bash", "launch/slurm_submit.sh", f"--output={tmp_path}/job-%j.log", "--parsable"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stdout + submit.stderr
