@@ -3,14 +3,17 @@
 
 #include <google/protobuf/util/message_differencer.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "runtime/log.h"
 
 namespace lathe::coordinator {
 
 ReplicaRegistry::ReplicaRegistry(int expected_replicas, absl::Duration heartbeat_timeout, const Clock* clock)
     : expected_(expected_replicas), heartbeat_timeout_(heartbeat_timeout), clock_(clock),
-      replicas_(expected_replicas) {}
+      last_check_(clock->Now()), replicas_(expected_replicas) {}
 
 absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, ReplicaSink* sink) {
   absl::MutexLock lock(&mu_);
@@ -68,6 +71,17 @@ void ReplicaRegistry::Disconnected(int replica, const std::string& reason) {
 void ReplicaRegistry::CheckHeartbeats() {
   absl::MutexLock lock(&mu_);
   const absl::Time now = clock_->Now();
+  const absl::Duration gap = now - last_check_;
+  last_check_ = now;
+  if (gap > heartbeat_timeout_ / 2) {
+    // The coordinator itself did not run (paused, starved): the replicas'
+    // heartbeats of that time may still sit unread in its sockets. Its own
+    // silence is not theirs: every replica gets a fresh window.
+    LATHE_LOG(Warning, "the coordinator did not check heartbeats for %s; every replica gets a new window",
+              absl::FormatDuration(gap));
+    for (Replica& slot : replicas_) slot.last_heard = std::max(slot.last_heard, now);
+    return;
+  }
   for (int i = 0; i < expected_; ++i) {
     Replica& slot = replicas_[i];
     if (!slot.connected || now - slot.last_heard <= heartbeat_timeout_) continue;

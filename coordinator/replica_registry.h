@@ -54,7 +54,9 @@ class ReplicaRegistry {
   // The replica is lost unless the deployment is shutting down.
   void Disconnected(int replica, const std::string& reason);
   // Loses every replica silent for longer than the heartbeat timeout. Call
-  // it periodically.
+  // it periodically, well within half the timeout: a longer gap since the
+  // last call means the coordinator itself stalled (SIGSTOP, starvation),
+  // and every replica then gets a fresh window instead of being lost.
   void CheckHeartbeats();
 
   // Sends tasks[i] to replica i (assigning task ids, returned in replica
@@ -106,6 +108,7 @@ class ReplicaRegistry {
   const absl::Duration heartbeat_timeout_;
   const Clock* clock_;
   mutable absl::Mutex mu_;
+  absl::Time last_check_ ABSL_GUARDED_BY(mu_);  // of CheckHeartbeats
   std::vector<Replica> replicas_ ABSL_GUARDED_BY(mu_);
   DeploymentState state_ ABSL_GUARDED_BY(mu_) = DeploymentState::kStarting;
   std::string lost_reason_ ABSL_GUARDED_BY(mu_);

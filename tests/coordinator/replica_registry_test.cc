@@ -146,16 +146,41 @@ TEST(ReplicaRegistryTest, DisconnectionLosesTheDeploymentAndFailsTheWaiter) {
   EXPECT_EQ(registry.Register(Registration(1), &b).code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// The coordinator checks every 200 ms or so.
+void AdvanceChecking(FakeClock& clock, ReplicaRegistry& registry, absl::Duration d) {
+  for (absl::Duration t; t < d; t += absl::Milliseconds(200)) {
+    clock.Advance(absl::Milliseconds(200));
+    registry.CheckHeartbeats();
+  }
+}
+
 TEST_F(ServingTest, SilenceBeyondTheHeartbeatTimeoutLosesTheReplica) {
-  clock.Advance(absl::Seconds(2));
+  AdvanceChecking(clock, registry, absl::Seconds(2));
   registry.Heard(0);
   registry.CheckHeartbeats();
   EXPECT_EQ(registry.state(), DeploymentState::kServing);
-  clock.Advance(absl::Seconds(2));  // replica 1 silent for 4 s, replica 0 for 2 s
-  registry.CheckHeartbeats();
+  AdvanceChecking(clock, registry, absl::Seconds(2));  // replica 1 silent for 4 s, replica 0 for 2 s
   EXPECT_EQ(registry.state(), DeploymentState::kLost);
   EXPECT_TRUE(b.cancelled);
   EXPECT_FALSE(a.cancelled);
+  EXPECT_NE(registry.detail().find("replica 1 sent no heartbeat"), std::string::npos) << registry.detail();
+}
+
+// A coordinator paused (SIGSTOP) past the heartbeat timeout blames nobody on
+// resuming: the replicas get a fresh window, and a replica that stays silent
+// through it is still lost.
+TEST_F(ServingTest, ACoordinatorThatStalledDoesNotBlameTheReplicas) {
+  AdvanceChecking(clock, registry, absl::Seconds(1));
+  clock.Advance(absl::Seconds(30));  // nothing ran
+  registry.CheckHeartbeats();
+  EXPECT_EQ(registry.state(), DeploymentState::kServing);
+  EXPECT_FALSE(a.cancelled || b.cancelled);
+  registry.Heard(0);  // its buffered heartbeats arrive
+  AdvanceChecking(clock, registry, absl::Seconds(2));
+  registry.Heard(0);
+  EXPECT_EQ(registry.state(), DeploymentState::kServing);
+  AdvanceChecking(clock, registry, absl::Seconds(2));
+  EXPECT_EQ(registry.state(), DeploymentState::kLost);
   EXPECT_NE(registry.detail().find("replica 1 sent no heartbeat"), std::string::npos) << registry.detail();
 }
 

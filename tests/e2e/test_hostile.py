@@ -5,6 +5,8 @@ leave every replica in step, and the run's next step bitwise what an untouched r
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -85,3 +87,21 @@ def test_an_update_that_would_overflow_is_refused(deployment):
     assert got[2].state == got[3].state == Retrieve.DONE, (got[2].error, got[3].error)
     assert got[2].result == want[0] and got[3].result == want[1], "the refused step changed the run"
     assert stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S).step == 1
+
+
+def test_a_paused_coordinator_keeps_its_replicas(make_deployment):
+    """SIGSTOP for twice the heartbeat timeout: on SIGCONT the coordinator counts the pause as
+    its own silence, keeps both replicas, and the deployment serves a step."""
+    dep = make_deployment("paused").start()
+    run = sc.create_run(dep.stub, **LORA)
+    os.kill(dep.coordinator.pid, signal.SIGSTOP)
+    try:
+        time.sleep(7)  # the fixture's heartbeat timeout is 3 s
+    finally:
+        os.kill(dep.coordinator.pid, signal.SIGCONT)
+    time.sleep(1)
+    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    assert health.state == sc.Health.SERVING, f"{health}\n{dep.log_tails()}"
+    tokens, targets = sc.random_sequence(np.random.default_rng(2), 6)
+    answers = _run_ops(dep.stub, run, [sc.fb_op(datum(tokens, targets)), {"optim_step": adam(learning_rate=1e-2)}])
+    assert [a.state for a in answers] == [Retrieve.DONE] * 2, answers
