@@ -307,6 +307,11 @@ def test_other_refusals(deployment):
             num_samples=1, topk_prompt_logprobs=-1)), Code.INVALID_ARGUMENT),
         "Retrieve unknown op": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/99"), Code.NOT_FOUND),
         "Retrieve garbage op": (stub.Retrieve, pb.RetrieveRequest(op_id="nonsense"), Code.NOT_FOUND),
+        # The window is --max_queued (1024) past the run's next expected seq_id (1).
+        "seq_id INT64_MAX": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=2**63 - 1, noop=pb.NoopOp()),
+                             Code.FAILED_PRECONDITION),
+        "seq_id past the window": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1 + 1024, noop=pb.NoopOp()),
+                                   Code.FAILED_PRECONDITION),
         "Retrieve negative wait_ms": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/0", wait_ms=-1),
                                       Code.INVALID_ARGUMENT),
         "CreateRun other base model": (stub.CreateRun, pb.CreateRunRequest(base_model="other"), Code.INVALID_ARGUMENT),
@@ -318,3 +323,4 @@ def test_other_refusals(deployment):
     assert not wrong, "\n".join(wrong)
     # Nothing was queued: seq 1 is still free.
     assert sc.wait(stub, sc.submit(stub, run, 1, noop=pb.NoopOp())).state == Retrieve.DONE
+
