@@ -128,6 +128,16 @@ TEST_F(ServedCoordinatorTest, AMegabyteIdentifierIsInvalidArgumentWithAShortMess
     lathe::v1::DeleteCheckpointResponse response;
     return stub_->DeleteCheckpoint(ctx, request, &response);
   };
+  calls["DownloadCheckpointFile"] = [&](grpc::ClientContext* ctx) {
+    lathe::v1::DownloadCheckpointFileRequest request;
+    request.set_checkpoint_id("lathe://run-a/weights/c");
+    request.set_relative_file_name(huge);
+    auto reader = stub_->DownloadCheckpointFile(ctx, request);
+    lathe::v1::FileChunk chunk;
+    while (reader->Read(&chunk)) {
+    }
+    return reader->Finish();
+  };
   for (const auto& [name, call] : calls) {
     grpc::ClientContext ctx;
     const grpc::Status s = call(&ctx);
