@@ -24,7 +24,9 @@ struct CheckpointMeta {
 // with format "lathe-checkpoint-1") or a sampler checkpoint's sidecar (kind
 // "sampler_weights": a JSON object). created_unix_ms and expires_unix_ms are
 // optional, and must be non-negative integers when present (null counts as
-// absent). DataLoss, saying what is wrong, for anything else.
+// absent). Only those fields are kept while parsing, so memory does not grow
+// with the text. DataLoss, saying what is wrong, for anything else (JSON
+// nested more than 64 deep included).
 absl::StatusOr<CheckpointMeta> ParseCheckpointMeta(absl::string_view text, const std::string& kind);
 
 // Reads and parses the manifest or sidecar of the checkpoint `ref` under
