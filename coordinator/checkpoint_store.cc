@@ -14,6 +14,7 @@
 #include "coordinator/request_limits.h"
 #include "runtime/log.h"
 #include "runtime/quote.h"
+#include "runtime/saturating.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -92,7 +93,7 @@ absl::StatusOr<std::vector<lathe::v1::Checkpoint>> CheckpointStore::List(const s
     c.set_type(ref.kind == "weights" ? "training" : "sampler");
     int64_t bytes = 0, newest = 0;
     for (const auto& f : ListRealFiles(folder)) {
-      bytes += f.size_bytes();
+      bytes = runtime::SaturatingAdd(bytes, f.size_bytes());
       newest = std::max(newest, f.last_modified_unix_ms());
     }
     c.set_created_unix_ms(meta->created_unix_ms.value_or(newest));
@@ -136,8 +137,9 @@ absl::Status CheckpointStore::Download(const std::string& checkpoint_id, const s
   for (absl::string_view part : absl::StrSplit(relative_file_name, '/')) parts.emplace_back(part);
   absl::StatusOr<FileHandle> file = OpenBeneath(root_, parts);
   if (!file.ok()) {
-    return absl::NotFoundError(absl::StrCat(checkpoint_id, " has no file ", runtime::QuoteForMessage(relative_file_name),
-                                            " (", file.status().message(), ")"));
+    return absl::NotFoundError(absl::StrCat(checkpoint_id, " has no file ",
+                                            runtime::QuoteForMessage(relative_file_name), " (",
+                                            file.status().message(), ")"));
   }
   std::string buffer(1 << 20, '\0');
   lathe::v1::FileChunk chunk;

@@ -14,9 +14,17 @@ namespace lathe::coordinator {
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
   if (options.replicas < 1) return absl::InvalidArgumentError("--replicas must be >= 1");
-  if (options.heartbeat_timeout <= options.heartbeat_interval) {
-    return absl::InvalidArgumentError("the heartbeat timeout must exceed the heartbeat interval");
+  if (options.heartbeat_interval <= absl::ZeroDuration() || options.heartbeat_timeout <= options.heartbeat_interval) {
+    return absl::InvalidArgumentError("the heartbeat interval must be positive and the timeout must exceed it");
   }
+  // A duration that is not positive would fail or forget everything at once;
+  // a huge one saturates (absl::Duration) and means never.
+  for (const auto& [name, d] : {std::pair<const char*, absl::Duration>{"--gap_timeout_s", options.ledger.gap_timeout},
+                                {"--result_ttl_s", options.ledger.result_ttl},
+                                {"--op_timeout_s", options.op_timeout}}) {
+    if (d <= absl::ZeroDuration()) return absl::InvalidArgumentError(absl::StrCat(name, " must be positive"));
+  }
+  if (options.ledger.max_unfinished < 1) return absl::InvalidArgumentError("--max_queued must be >= 1");
   absl::StatusOr<ApiKeys> keys = ApiKeys::Load(options.auth, options.listen, options.api_keys_file);
   if (!keys.ok()) return keys.status();
   std::unique_ptr<Coordinator> c(new Coordinator());

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <vector>
 
 #include "absl/synchronization/notification.h"
 #include "coordinator/request_limits.h"
@@ -33,6 +34,24 @@ TEST(CoordinatorTest, RequiredKeysMissingIsAnErrorNotACrash) {
   EXPECT_EQ(open.status().code(), absl::StatusCode::kFailedPrecondition) << open.status();
   auto on = Coordinator::Start(Options("127.0.0.1:0", AuthMode::kOn));
   EXPECT_EQ(on.status().code(), absl::StatusCode::kFailedPrecondition) << on.status();
+}
+
+TEST(CoordinatorTest, RefusesDurationsAndBoundsThatAreNotPositive) {
+  std::vector<std::function<void(CoordinatorOptions&)>> bad = {
+      [](CoordinatorOptions& o) { o.ledger.gap_timeout = absl::ZeroDuration(); },
+      [](CoordinatorOptions& o) { o.ledger.result_ttl = -absl::Seconds(1); },
+      [](CoordinatorOptions& o) { o.op_timeout = -absl::InfiniteDuration(); },
+      [](CoordinatorOptions& o) { o.heartbeat_interval = absl::ZeroDuration(); },
+      [](CoordinatorOptions& o) { o.ledger.max_unfinished = 0; },
+  };
+  for (size_t i = 0; i < bad.size(); ++i) {
+    CoordinatorOptions o = Options("127.0.0.1:0", AuthMode::kOff);
+    bad[i](o);
+    EXPECT_EQ(Coordinator::Start(o).status().code(), absl::StatusCode::kInvalidArgument) << i;
+  }
+  CoordinatorOptions o = Options("127.0.0.1:0", AuthMode::kOff);
+  o.ledger.gap_timeout = absl::Seconds(1e300);  // saturates to "never"
+  EXPECT_TRUE(Coordinator::Start(o).ok());
 }
 
 TEST(CoordinatorTest, AnAddressThatCannotBeBoundIsUnavailable) {
@@ -70,7 +89,8 @@ class ServedCoordinatorTest : public ::testing::Test {
     r.mutable_model()->set_vocab_size(16);
     r.mutable_model()->set_max_seq_len(8);
     ASSERT_TRUE(coordinator_->registry().Register(r, &replica_).ok());
-    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->port()), grpc::InsecureChannelCredentials());
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->port()),
+                                   grpc::InsecureChannelCredentials());
     stub_ = lathe::v1::Lathe::NewStub(channel_);
   }
 
