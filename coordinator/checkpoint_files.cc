@@ -74,7 +74,9 @@ FileHandle& FileHandle::operator=(FileHandle&& other) noexcept {
 
 absl::StatusOr<FileHandle> OpenBeneath(const std::string& root, const std::vector<std::string>& parts) {
   FileHandle dir(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.get() < 0) return absl::NotFoundError(absl::StrCat("cannot open the checkpoint root: ", std::strerror(errno)));
+  if (dir.get() < 0) {
+    return absl::NotFoundError(absl::StrCat("cannot open the checkpoint root: ", std::strerror(errno)));
+  }
   for (size_t i = 0; i < parts.size(); ++i) {
     const bool last = i + 1 == parts.size();
     // O_NOFOLLOW fails a link with ELOOP; O_DIRECTORY fails anything else

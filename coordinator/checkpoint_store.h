@@ -43,7 +43,8 @@ class CheckpointStore {
   // One page of a checkpoint's files, sorted by name. InvalidArgument for a
   // bad id or page token (see ParsePageToken); NotFound for an unknown
   // checkpoint; DataLoss for a corrupt one.
-  absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> Files(const lathe::v1::GetCheckpointFilesRequest& request) const;
+  absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> Files(
+      const lathe::v1::GetCheckpointFilesRequest& request) const;
   // Calls `sink` with consecutive chunks of one file until it returns false
   // or the file ends. InvalidArgument for a bad id or file name (see
   // ValidateRelativeFileName); NotFound for an unknown checkpoint, or a name

@@ -210,9 +210,9 @@ TEST_F(CheckpointStoreTest, LinksInsideACheckpointAreNeitherListedNorServed) {
 TEST_F(CheckpointStoreTest, DownloadRefusesPathsThatCouldLeaveTheCheckpoint) {
   Training("run-a", "c", Manifest(""));
   const std::string id = "lathe://run-a/weights/c";
-  for (const std::string& name : std::vector<std::string>{"../c/manifest.json", "node_rank-0/../manifest.json", "/etc/hostname",
-                                 "./manifest.json", "node_rank-0//rank-0.safetensors", "", "a\nb",
-                                 std::string(2000, 'a')}) {
+  for (const std::string& name : std::vector<std::string>{
+           "../c/manifest.json", "node_rank-0/../manifest.json", "/etc/hostname", "./manifest.json",
+           "node_rank-0//rank-0.safetensors", "", "a\nb", std::string(2000, 'a')}) {
     EXPECT_EQ(Download(id, name).status().code(), absl::StatusCode::kInvalidArgument) << name;
   }
   EXPECT_EQ(Download(id, "node_rank-0").status().code(), absl::StatusCode::kNotFound);  // a folder
@@ -265,8 +265,9 @@ TEST_F(CheckpointStoreTest, PageTokensAreCheckedAndNextTokensNeverWrap) {
   }
   EXPECT_EQ(all.size(), 7u);
   EXPECT_EQ(FilesCode(id, "7"), absl::StatusCode::kOk);  // the end: an empty page
-  for (const std::string& token : std::vector<std::string>{"2147483600", "2147483647", "8", "-1", "+1", " 1", "1 ", "abc", "0x1",
-                                  "99999999999", std::string(1 << 20, '1')}) {
+  for (const std::string& token : std::vector<std::string>{
+           "2147483600", "2147483647", "8", "-1", "+1", " 1", "1 ", "abc", "0x1", "99999999999",
+           std::string(1 << 20, '1')}) {
     EXPECT_EQ(FilesCode(id, token), absl::StatusCode::kInvalidArgument) << token.substr(0, 20);
   }
   request.set_page_token("");
