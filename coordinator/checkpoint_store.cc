@@ -1,14 +1,20 @@
 // Checkpoint folders on the shared filesystem.
 #include "coordinator/checkpoint_store.h"
 
-#include <algorithm>
-#include <filesystem>
-#include <fstream>
+#include <unistd.h>
 
-#include "absl/strings/numbers.h"
+#include <algorithm>
+#include <cerrno>
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
-#include "nlohmann/json.hpp"
-#include "runtime/checkpoint_path.h"
+#include "absl/strings/str_split.h"
+#include "coordinator/checkpoint_files.h"
+#include "coordinator/checkpoint_meta.h"
+#include "coordinator/request_limits.h"
+#include "runtime/log.h"
+#include "runtime/quote.h"
+#include "runtime/saturating.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -17,64 +23,36 @@ namespace fs = std::filesystem;
 
 constexpr const char* kKinds[] = {"weights", "sampler_weights"};
 
-// A committed checkpoint folder: a training one with its manifest, a sampler one with its adapter.
-bool Committed(const fs::path& folder, const std::string& kind) {
+// The file whose presence commits a checkpoint: renamed into place last.
+const char* Marker(const std::string& kind) {
+  return kind == "weights" ? "manifest.json" : "adapter_config.json";
+}
+
+// Names under `dir` that are valid checkpoint names of real directories.
+std::vector<std::string> RealSubfolders(const fs::path& dir) {
+  std::vector<std::string> names;
+  if (!IsRealDirectory(dir)) return names;
   std::error_code ec;
-  return fs::is_regular_file(folder / (kind == "weights" ? "manifest.json" : "adapter_config.json"), ec);
-}
-
-// The manifest of a training checkpoint, the sidecar of a sampler one.
-nlohmann::json Manifest(const fs::path& folder) {
-  std::ifstream in(folder / (fs::exists(folder / "manifest.json") ? "manifest.json" : "lathe_sampler.json"));
-  nlohmann::json m = in ? nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
-  return m.is_object() ? m : nlohmann::json::object();
-}
-
-int64_t UnixMillis(fs::file_time_type t) {
-  const auto sys = std::chrono::time_point_cast<std::chrono::milliseconds>(
-      t - fs::file_time_type::clock::now() + std::chrono::system_clock::now());
-  return sys.time_since_epoch().count();
-}
-
-std::vector<lathe::v1::CheckpointFile> FilesOf(const fs::path& folder) {
-  std::vector<lathe::v1::CheckpointFile> files;
-  std::error_code ec;
-  for (const fs::directory_entry& f : fs::recursive_directory_iterator(folder, ec)) {
-    if (!f.is_regular_file(ec)) continue;
-    lathe::v1::CheckpointFile file;
-    const std::string rel = fs::relative(f.path(), folder, ec).string();
-    file.set_relative_file_name(rel);
-    int node = -1;
-    if (rel.rfind("node_rank-", 0) == 0) absl::SimpleAtoi(rel.substr(10, rel.find('/') - 10), &node);
-    file.set_node_rank(node);
-    file.set_size_bytes(static_cast<int64_t>(f.file_size(ec)));
-    file.set_last_modified_unix_ms(UnixMillis(f.last_write_time(ec)));
-    files.push_back(std::move(file));
+  for (fs::directory_iterator it(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (runtime::ValidateCheckpointName(name).ok() && IsRealDirectory(it->path())) names.push_back(std::move(name));
   }
-  std::sort(files.begin(), files.end(),
-            [](const auto& a, const auto& b) { return a.relative_file_name() < b.relative_file_name(); });
-  return files;
+  return names;
 }
 
-// Calls fn(folder, id, kind, manifest) for every committed checkpoint of
-// `run_id` (empty: of every run) under `root`.
+// Calls fn(ref, folder) for every committed checkpoint of `run_id` (empty: of
+// every run) under `root`, reached without following a link.
 void ForEachCommitted(const std::string& root, const std::string& run_id,
-                      const std::function<void(const fs::path&, const std::string&, const std::string&,
-                                               const nlohmann::json&)>& fn) {
-  std::error_code ec;
-  std::vector<fs::path> runs;
-  if (!run_id.empty()) {
-    runs.push_back(fs::path(root) / run_id);
-  } else {
-    for (const fs::directory_entry& run : fs::directory_iterator(root, ec)) runs.push_back(run.path());
-  }
-  for (const fs::path& run_dir : runs) {
+                      const std::function<void(const runtime::CheckpointRef&, const std::string&)>& fn) {
+  std::vector<std::string> runs;
+  if (run_id.empty()) runs = RealSubfolders(root);
+  else if (IsRealDirectory(fs::path(root) / run_id)) runs.push_back(run_id);
+  for (const std::string& run : runs) {
     for (const std::string kind : kKinds) {
-      for (const fs::directory_entry& entry : fs::directory_iterator(run_dir / kind, ec)) {
-        const std::string name = entry.path().filename().string();
-        if (!runtime::ValidateCheckpointName(name).ok() || !Committed(entry.path(), kind)) continue;
-        fn(entry.path(), runtime::CheckpointUri({run_dir.filename().string(), name, kind}), kind,
-           Manifest(entry.path()));
+      for (const std::string& name : RealSubfolders(fs::path(root) / run / kind)) {
+        const runtime::CheckpointRef ref{run, name, kind};
+        const std::string folder = runtime::CheckpointDir(root, ref);
+        if (IsRealFile(fs::path(folder) / Marker(kind))) fn(ref, folder);
       }
     }
   }
@@ -82,33 +60,44 @@ void ForEachCommitted(const std::string& root, const std::string& run_id,
 
 }  // namespace
 
-absl::StatusOr<std::string> CheckpointStore::Folder(const std::string& checkpoint_id) const {
+absl::StatusOr<CheckpointStore::Located> CheckpointStore::Locate(const std::string& checkpoint_id) const {
   if (root_.empty()) return absl::FailedPreconditionError("the coordinator has no --checkpoint_root");
   absl::StatusOr<runtime::CheckpointRef> ref = runtime::ParseCheckpointPath(checkpoint_id, /*allow_sampler=*/true);
   if (!ref.ok()) return ref.status();
+  const fs::path run = fs::path(root_) / ref->run_id;
   const std::string folder = runtime::CheckpointDir(root_, *ref);
-  if (!Committed(folder, ref->kind)) return absl::NotFoundError(absl::StrCat("no checkpoint ", checkpoint_id));
-  return folder;
+  if (!IsRealDirectory(run) || !IsRealDirectory(run / ref->kind) || !IsRealDirectory(folder) ||
+      !IsRealFile(fs::path(folder) / Marker(ref->kind))) {
+    return absl::NotFoundError(absl::StrCat("no checkpoint ", runtime::QuoteForMessage(checkpoint_id)));
+  }
+  return Located{*std::move(ref), folder};
+}
+
+void CheckpointStore::ReportCorrupt(const std::string& id, const absl::Status& status) const {
+  absl::MutexLock lock(&mu_);
+  if (reported_.insert(id).second) LATHE_LOG(Warning, "skipping a corrupt checkpoint: %s", status.message());
 }
 
 absl::StatusOr<std::vector<lathe::v1::Checkpoint>> CheckpointStore::List(const std::string& run_id) const {
   if (root_.empty()) return absl::FailedPreconditionError("the coordinator has no --checkpoint_root");
   if (!run_id.empty()) {
-    if (absl::Status s = runtime::ValidateCheckpointName(run_id, "run_id"); !s.ok()) return s;
+    if (absl::Status s = ValidateRunId(run_id); !s.ok()) return s;
   }
   std::vector<lathe::v1::Checkpoint> out;
-  ForEachCommitted(root_, run_id, [&](const fs::path& folder, const std::string& id, const std::string& kind,
-                                      const nlohmann::json& m) {
+  ForEachCommitted(root_, run_id, [&](const runtime::CheckpointRef& ref, const std::string& folder) {
+    const std::string id = runtime::CheckpointUri(ref);
+    absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(root_, ref, kMaxManifestBytes);
+    if (!meta.ok()) return ReportCorrupt(id, meta.status());
     lathe::v1::Checkpoint& c = out.emplace_back();
     c.set_id(id);
-    c.set_type(kind == "weights" ? "training" : "sampler");
+    c.set_type(ref.kind == "weights" ? "training" : "sampler");
     int64_t bytes = 0, newest = 0;
-    for (const auto& f : FilesOf(folder)) {
-      bytes += f.size_bytes();
+    for (const auto& f : ListRealFiles(folder)) {
+      bytes = runtime::SaturatingAdd(bytes, f.size_bytes());
       newest = std::max(newest, f.last_modified_unix_ms());
     }
-    c.set_created_unix_ms(m.value("created_unix_ms", newest));
-    c.set_expires_unix_ms(m.value("expires_unix_ms", int64_t{0}));
+    c.set_created_unix_ms(meta->created_unix_ms.value_or(newest));
+    c.set_expires_unix_ms(meta->expires_unix_ms);
     c.set_size_bytes(bytes);
     c.set_sync_state("committed");
   });
@@ -120,38 +109,46 @@ absl::StatusOr<std::vector<lathe::v1::Checkpoint>> CheckpointStore::List(const s
 
 absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> CheckpointStore::Files(
     const lathe::v1::GetCheckpointFilesRequest& request) const {
-  absl::StatusOr<std::string> folder = Folder(request.checkpoint_id());
-  if (!folder.ok()) return folder.status();
-  const int size = request.page_size() <= 0 ? 100 : std::min(request.page_size(), 1000);
-  int start = 0;
-  if (!request.page_token().empty() && (!absl::SimpleAtoi(request.page_token(), &start) || start < 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("bad page_token '", request.page_token(), "'"));
-  }
-  const std::vector<lathe::v1::CheckpointFile> files = FilesOf(*folder);
+  absl::StatusOr<Located> at = Locate(request.checkpoint_id());
+  if (!at.ok()) return at.status();
+  if (absl::Status s = ReadCheckpointMeta(root_, at->ref, kMaxManifestBytes).status(); !s.ok()) return s;
+  const std::vector<lathe::v1::CheckpointFile> files = ListRealFiles(at->folder);
+  const int64_t total = static_cast<int64_t>(files.size());
+  absl::StatusOr<int64_t> start = ParsePageToken(request.page_token(), total);
+  if (!start.ok()) return start.status();
+  const int64_t size = request.page_size() <= 0 ? 100 : std::min(request.page_size(), 1000);
+  const int64_t end = std::min(total, *start + size);  // both below 2^31: no overflow
   lathe::v1::GetCheckpointFilesResponse page;
-  page.set_total_count(static_cast<int>(files.size()));
-  for (int i = start; i < std::min<int>(start + size, files.size()); ++i) *page.add_files() = files[i];
-  if (start + size < static_cast<int>(files.size())) page.set_next_page_token(absl::StrCat(start + size));
+  page.set_total_count(static_cast<int32_t>(std::min<int64_t>(total, INT32_MAX)));
+  for (int64_t i = *start; i < end; ++i) *page.add_files() = files[i];
+  if (end < total) page.set_next_page_token(absl::StrCat(end));
   return page;
 }
 
 absl::Status CheckpointStore::Download(const std::string& checkpoint_id, const std::string& relative_file_name,
                                        const std::function<bool(const lathe::v1::FileChunk&)>& sink) const {
-  absl::StatusOr<std::string> folder = Folder(checkpoint_id);
-  if (!folder.ok()) return folder.status();
-  // Only names the listing gives: nothing outside the checkpoint is reachable.
-  bool listed = false;
-  for (const auto& f : FilesOf(*folder)) listed = listed || f.relative_file_name() == relative_file_name;
-  if (!listed) return absl::NotFoundError(absl::StrCat(checkpoint_id, " has no file ", relative_file_name));
-  std::ifstream in(*folder + "/" + relative_file_name, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", relative_file_name));
+  if (absl::Status s = ValidateRelativeFileName(relative_file_name); !s.ok()) return s;
+  absl::StatusOr<Located> at = Locate(checkpoint_id);
+  if (!at.ok()) return at.status();
+  if (absl::Status s = ReadCheckpointMeta(root_, at->ref, kMaxManifestBytes).status(); !s.ok()) return s;
+  // Opened part by part beneath the root, never through a link: whatever the
+  // folder holds, nothing outside the checkpoint is reachable.
+  std::vector<std::string> parts = {at->ref.run_id, at->ref.kind, at->ref.name};
+  for (absl::string_view part : absl::StrSplit(relative_file_name, '/')) parts.emplace_back(part);
+  absl::StatusOr<FileHandle> file = OpenBeneath(root_, parts);
+  if (!file.ok()) {
+    return absl::NotFoundError(absl::StrCat(checkpoint_id, " has no file ",
+                                            runtime::QuoteForMessage(relative_file_name), " (",
+                                            file.status().message(), ")"));
+  }
   std::string buffer(1 << 20, '\0');
   lathe::v1::FileChunk chunk;
   int64_t offset = 0;
-  while (in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    const std::streamsize n = in.gcount();
-    if (n <= 0) break;
+  for (;;) {
+    const ssize_t n = ::read(file->get(), buffer.data(), buffer.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return absl::DataLossError(absl::StrCat("cannot read ", runtime::QuoteForMessage(relative_file_name)));
+    if (n == 0) break;
     chunk.set_offset(offset);
     chunk.set_data(buffer.data(), static_cast<size_t>(n));
     offset += n;
@@ -161,12 +158,14 @@ absl::Status CheckpointStore::Download(const std::string& checkpoint_id, const s
 }
 
 absl::Status CheckpointStore::Delete(const std::string& checkpoint_id) const {
-  absl::StatusOr<std::string> folder = Folder(checkpoint_id);
-  if (!folder.ok()) return folder.status();
+  absl::StatusOr<Located> at = Locate(checkpoint_id);
+  if (!at.ok()) return at.status();
   // Renamed first, so a concurrent listing never sees a half-deleted folder.
+  // Locate saw real folders all the way down; remove_all removes links
+  // inside the folder without following them.
   std::error_code ec;
-  const std::string doomed = *folder + ".replaced";
-  fs::rename(*folder, doomed, ec);
+  const std::string doomed = at->folder + ".replaced";
+  fs::rename(at->folder, doomed, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot delete ", checkpoint_id, ": ", ec.message()));
   fs::remove_all(doomed, ec);
   return absl::OkStatus();
@@ -175,10 +174,13 @@ absl::Status CheckpointStore::Delete(const std::string& checkpoint_id) const {
 int CheckpointStore::Expire(absl::Time now) const {
   if (root_.empty()) return 0;
   // Only manifests are read here, no file sizes: this runs every few seconds.
+  const int64_t now_ms = absl::ToUnixMillis(now);
   std::vector<std::string> due;
-  ForEachCommitted(root_, "", [&](const fs::path&, const std::string& id, const std::string&, const nlohmann::json& m) {
-    const int64_t expires = m.value("expires_unix_ms", int64_t{0});
-    if (expires > 0 && expires <= absl::ToUnixMillis(now)) due.push_back(id);
+  ForEachCommitted(root_, "", [&](const runtime::CheckpointRef& ref, const std::string&) {
+    const std::string id = runtime::CheckpointUri(ref);
+    absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(root_, ref, kMaxManifestBytes);
+    if (!meta.ok()) return ReportCorrupt(id, meta.status());
+    if (meta->expires_unix_ms > 0 && meta->expires_unix_ms <= now_ms) due.push_back(id);
   });
   int removed = 0;
   for (const std::string& id : due) removed += Delete(id).ok();

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/parse_error_interceptor.h"
 #include "runtime/log.h"
 #include "runtime/op_error.h"
 #include "runtime/status.h"
@@ -50,9 +51,17 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ListenCredentials(const
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
   if (options.replicas < 1) return absl::InvalidArgumentError("--replicas must be >= 1");
-  if (options.heartbeat_timeout <= options.heartbeat_interval) {
-    return absl::InvalidArgumentError("the heartbeat timeout must exceed the heartbeat interval");
+  if (options.heartbeat_interval <= absl::ZeroDuration() || options.heartbeat_timeout <= options.heartbeat_interval) {
+    return absl::InvalidArgumentError("the heartbeat interval must be positive and the timeout must exceed it");
   }
+  // A duration that is not positive would fail or forget everything at once;
+  // a huge one saturates (absl::Duration) and means never.
+  for (const auto& [name, d] : {std::pair<const char*, absl::Duration>{"--gap_timeout_s", options.ledger.gap_timeout},
+                                {"--result_ttl_s", options.ledger.result_ttl},
+                                {"--op_timeout_s", options.op_timeout}}) {
+    if (d <= absl::ZeroDuration()) return absl::InvalidArgumentError(absl::StrCat(name, " must be positive"));
+  }
+  if (options.ledger.max_unfinished < 1) return absl::InvalidArgumentError("--max_queued must be >= 1");
   if (options.max_request_bytes < 1024 || options.max_request_bytes > std::numeric_limits<int>::max()) {
     return absl::InvalidArgumentError("--max_request_bytes must be between 1 KiB and 2 GiB");
   }
@@ -90,6 +99,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   // what was received (results, tasks), so sending stays unlimited.
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_request_bytes));
   builder.SetMaxSendMessageSize(-1);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MakeParseErrorInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   c->server_ = builder.BuildAndStart();
   if (c->server_ == nullptr || c->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));

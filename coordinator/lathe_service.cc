@@ -9,13 +9,23 @@
 #include "absl/strings/str_format.h"
 #include "coordinator/checkpoint_store.h"
 #include "coordinator/op_validation.h"
+#include "coordinator/request_limits.h"
+#include "runtime/quote.h"
 #include "runtime/status.h"
 
 namespace lathe::coordinator {
 namespace {
 
+using runtime::QuoteForMessage;
+
+// Every status message that is not a constant goes through one of these two,
+// so none, whatever it quotes, exceeds kMaxStatusMessageBytes.
+grpc::Status Answer(grpc::StatusCode code, absl::string_view message) {
+  return grpc::Status(code, runtime::TruncateMessage(message, kMaxStatusMessageBytes));
+}
+
 grpc::Status ToGrpc(const absl::Status& s) {
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+  return Answer(static_cast<grpc::StatusCode>(s.code()), s.message());
 }
 
 std::string NewRunId() {
@@ -36,7 +46,13 @@ int MethodIndex(const char* method) {
 // A stream whose one request could not be read: the transport already ended
 // the call (e.g. RESOURCE_EXHAUSTED for a message over the receive limit),
 // or the client sent none.
-grpc::Status NoRequest() { return {grpc::StatusCode::INVALID_ARGUMENT, "no request message"}; }
+// The one request of a call could not be read: the client sent none, or its
+// bytes do not parse as the method's message. (When the transport itself
+// ended the call, e.g. past the receive limit, its status stands.)
+grpc::Status NoRequest(const char* method) {
+  return {grpc::StatusCode::INVALID_ARGUMENT,
+          absl::StrCat("the request of /lathe.v1.Lathe/", method, " is missing or does not parse as its message")};
+}
 
 }  // namespace
 
@@ -58,7 +74,7 @@ LatheService::LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger
     // Before Read: nothing of the request is read for a caller without a key.
     if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
     Request request;
-    if (!stream->Read(&request)) return NoRequest();
+    if (!stream->Read(&request)) return NoRequest("DownloadCheckpointFile");
     return ToGrpc(store_.Download(request.checkpoint_id(), request.relative_file_name(),
                                   [stream](const Chunk& chunk) { return stream->Write(chunk); }));
   };
@@ -69,11 +85,12 @@ LatheService::LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger
 template <class Request, class Response>
 void LatheService::ReadAfterKeyCheck(
     const char* method, grpc::Status (LatheService::*handler)(grpc::ServerContext*, const Request*, Response*)) {
-  auto unary = [this, handler](grpc::ServerContext* context, grpc::ServerUnaryStreamer<Request, Response>* stream) {
+  auto unary = [this, handler, method](grpc::ServerContext* context,
+                                       grpc::ServerUnaryStreamer<Request, Response>* stream) {
     // Before Read: nothing of the request is read for a caller without a key.
     if (grpc::Status s = keys_->Check(*context); !s.ok()) return s;
     Request request;
-    if (!stream->Read(&request)) return NoRequest();
+    if (!stream->Read(&request)) return NoRequest(method);
     Response response;
     grpc::Status s = (this->*handler)(context, &request, &response);
     if (s.ok()) stream->Write(response);
@@ -87,9 +104,9 @@ grpc::Status LatheService::Serving() const {
     case DeploymentState::kServing:
       return grpc::Status::OK;
     case DeploymentState::kStarting:
-      return {grpc::StatusCode::UNAVAILABLE, "the deployment is starting: " + registry_->detail()};
+      return Answer(grpc::StatusCode::UNAVAILABLE, "the deployment is starting: " + registry_->detail());
     case DeploymentState::kLost:
-      return {grpc::StatusCode::UNAVAILABLE, "the deployment lost a replica: " + registry_->detail()};
+      return Answer(grpc::StatusCode::UNAVAILABLE, "the deployment lost a replica: " + registry_->detail());
     case DeploymentState::kShuttingDown:
       return {grpc::StatusCode::UNAVAILABLE, "the deployment is shutting down"};
   }
@@ -126,8 +143,9 @@ grpc::Status LatheService::Health(grpc::ServerContext*, const lathe::v1::HealthR
 
 grpc::Status LatheService::GetInfo(grpc::ServerContext*, const lathe::v1::GetInfoRequest* request,
                                    lathe::v1::RunInfo* response) {
+  if (absl::Status s = ValidateRunId(request->run_id()); !s.ok()) return ToGrpc(s);
   std::optional<lathe::v1::RunInfo> info = dispatcher_->Run(request->run_id());
-  if (!info.has_value()) return {grpc::StatusCode::NOT_FOUND, "no run " + request->run_id()};
+  if (!info.has_value()) return Answer(grpc::StatusCode::NOT_FOUND, "no run " + QuoteForMessage(request->run_id()));
   *response = *info;
   return grpc::Status::OK;
 }
@@ -135,17 +153,18 @@ grpc::Status LatheService::GetInfo(grpc::ServerContext*, const lathe::v1::GetInf
 grpc::Status LatheService::CreateRun(grpc::ServerContext*, const lathe::v1::CreateRunRequest* request,
                                      lathe::v1::CreateRunResponse* response) {
   if (grpc::Status s = Serving(); !s.ok()) return s;
+  if (absl::Status s = ValidateBaseModel(request->base_model()); !s.ok()) return ToGrpc(s);
   const lathe::v1::ModelSummary model = registry_->model();
   if (!request->base_model().empty() && request->base_model() != model.base_model()) {
-    return {grpc::StatusCode::INVALID_ARGUMENT,
-            absl::StrCat("this deployment serves ", model.base_model(), ", not ", request->base_model())};
+    return Answer(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("this deployment serves ", model.base_model(),
+                                                                   ", not ", QuoteForMessage(request->base_model())));
   }
   if (absl::Status s = ValidateLora(request->lora(), model); !s.ok()) return ToGrpc(s);
   absl::MutexLock lock(&create_mu_);
   if (dispatcher_->runs() >= options_.max_runs) {
-    return {grpc::StatusCode::RESOURCE_EXHAUSTED,
-            absl::StrCat("this deployment holds at most ", options_.max_runs,
-                         " run(s) (--max_runs); re-initialise an existing run with an init operation")};
+    return Answer(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                  absl::StrCat("this deployment holds at most ", options_.max_runs,
+                               " run(s) (--max_runs); re-initialise an existing run with an init operation"));
   }
   const std::string run_id = NewRunId();
   lathe::v1::RunInfo info;
@@ -167,6 +186,7 @@ grpc::Status LatheService::CreateRun(grpc::ServerContext*, const lathe::v1::Crea
 grpc::Status LatheService::Submit(grpc::ServerContext*, const lathe::v1::SubmitRequest* request,
                                   lathe::v1::SubmitResponse* response) {
   if (grpc::Status s = Serving(); !s.ok()) return s;
+  if (absl::Status s = ValidateRunId(request->run_id()); !s.ok()) return ToGrpc(s);
   if (absl::Status s = ValidateOp(*request, registry_->model()); !s.ok()) return ToGrpc(s);
   lathe::v1::SubmitRequest op = *request;
   if (grpc::Status s = ResolveWeights(op); !s.ok()) return s;
@@ -188,21 +208,24 @@ grpc::Status LatheService::ResolveWeights(lathe::v1::SubmitRequest& op) const {
     // A pinned version becomes the path it was published under.
     std::optional<std::string> published = dispatcher_->PolicyPath(op.run_id(), version);
     if (!published.has_value()) {
-      return {grpc::StatusCode::INVALID_ARGUMENT,
-              absl::StrCat("run ", op.run_id(), " has not published policy version ", version)};
+      return Answer(grpc::StatusCode::INVALID_ARGUMENT,
+                    absl::StrCat("run ", op.run_id(), " has not published policy version ", version));
     }
     *path = *published;
   } else if (!path->empty() && !options_.checkpoint_root.empty()) {
     lathe::v1::GetCheckpointFilesRequest probe;
     probe.set_checkpoint_id(*path);
     probe.set_page_size(1);
-    if (!store_.Files(probe).ok()) return {grpc::StatusCode::INVALID_ARGUMENT, "no sampler weights " + *path};
+    if (!store_.Files(probe).ok()) {
+      return Answer(grpc::StatusCode::INVALID_ARGUMENT, "no sampler weights " + QuoteForMessage(*path));
+    }
   }
   return grpc::Status::OK;
 }
 
 grpc::Status LatheService::Retrieve(grpc::ServerContext* context, const lathe::v1::RetrieveRequest* request,
                                     lathe::v1::RetrieveResponse* response) {
+  if (absl::Status s = ValidateOpId(request->op_id()); !s.ok()) return ToGrpc(s);
   if (request->wait_ms() < 0) return {grpc::StatusCode::INVALID_ARGUMENT, "wait_ms must not be negative"};
   absl::Duration wait = std::min(absl::Milliseconds(request->wait_ms()), options_.max_wait);
   // Never hold a poll past the caller's own deadline (none: time_point::max).

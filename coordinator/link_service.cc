@@ -3,7 +3,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "coordinator/request_limits.h"
 #include "runtime/log.h"
+#include "runtime/quote.h"
 
 namespace lathe::coordinator {
 namespace {
@@ -45,7 +47,8 @@ grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) 
   const int replica = message.register_().replica();
   StreamSink sink(context, stream);
   if (absl::Status s = registry_->Register(message.register_(), &sink); !s.ok()) {
-    return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+    return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
+                        runtime::TruncateMessage(s.message(), kMaxStatusMessageBytes));
   }
   LATHE_LOG(Info, "replica %d registered from %s (pid %d)", replica, message.register_().host(),
             message.register_().pid());
@@ -57,7 +60,8 @@ grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) 
     if (message.has_result()) {
       registry_->Deliver(replica, message.result());
     } else if (message.has_deregister()) {
-      reason = absl::StrCat("deregistered: ", message.deregister().reason());
+      // The reason ends up in Health's detail and in every error while lost.
+      reason = absl::StrCat("deregistered: ", runtime::TruncateMessage(message.deregister().reason(), 512));
       break;
     } else {
       registry_->Heard(replica);

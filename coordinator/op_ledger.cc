@@ -2,17 +2,20 @@
 // global ready queue, retry identity by deterministic serialization, expiry.
 #include "coordinator/op_ledger.h"
 
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "runtime/quote.h"
 
 namespace lathe::coordinator {
 namespace {
 
 using lathe::v1::OpError;
+using runtime::QuoteForMessage;
 using lathe::v1::OpResult;
 using lathe::v1::RetrieveResponse;
 using lathe::v1::SubmitRequest;
@@ -87,7 +90,7 @@ absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
   auto run = std::make_unique<Run>();
   run->next_seq = first_seq;
   if (!runs_.emplace(run_id, std::move(run)).second) {
-    return absl::AlreadyExistsError(absl::StrCat("run '", run_id, "' is already open"));
+    return absl::AlreadyExistsError(absl::StrCat("run ", QuoteForMessage(run_id), " is already open"));
   }
   return absl::OkStatus();
 }
@@ -118,13 +121,13 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
                                                    std::string bytes) {
   if (closed_) return absl::UnavailableError("the coordinator is shutting down");
   auto run_it = runs_.find(run_id);
-  if (run_it == runs_.end()) return absl::NotFoundError(absl::StrCat("unknown run '", run_id, "'"));
+  if (run_it == runs_.end()) return absl::NotFoundError(absl::StrCat("unknown run ", QuoteForMessage(run_id)));
   Run& run = *run_it->second;
   std::string op_id = OpId(run_id, seq_id);
   if (auto it = ops_.find(op_id); it != ops_.end()) {
     if (it->second->request_bytes != bytes) {
       return absl::AlreadyExistsError(
-          absl::StrCat("op ", op_id, " was submitted before with another request"));
+          absl::StrCat("op ", QuoteForMessage(op_id), " was submitted before with another request"));
     }
     return op_id;  // a retry
   }
@@ -133,6 +136,19 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
         "seq_id %d of run %s is below the run's next expected seq_id %d and unknown (it timed "
         "out, expired or was never submitted)",
         seq_id, run_id, run.next_seq));
+  }
+  // The run is open, so run_id is one the coordinator made (bounded) from
+  // here on. Both seq_ids are non-negative: the difference cannot overflow.
+  if (seq_id - run.next_seq >= options_.max_unfinished) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "seq_id %d of run %s is too far ahead: the run expects seq_id %d next and accepts seq_ids "
+        "below %d + %d (the window is --max_queued)",
+        seq_id, run_id, run.next_seq, run.next_seq, options_.max_unfinished));
+  }
+  // The largest seq_id stays one below INT64_MAX, so the run's next expected
+  // seq_id (at most one past an accepted one) always fits.
+  if (seq_id == std::numeric_limits<int64_t>::max()) {
+    return absl::FailedPreconditionError(absl::StrCat("seq_id must be below ", seq_id));
   }
   if (unfinished_ >= options_.max_unfinished) {
     return absl::ResourceExhaustedError(
@@ -266,7 +282,7 @@ absl::StatusOr<OpView> OpLedger::Wait(const std::string& op_id, absl::Duration t
 
 absl::StatusOr<OpView> OpLedger::ViewLocked(const std::string& op_id) const {
   auto it = ops_.find(op_id);
-  if (it == ops_.end()) return absl::NotFoundError(absl::StrCat("unknown or expired op ", op_id));
+  if (it == ops_.end()) return absl::NotFoundError(absl::StrCat("unknown or expired op ", QuoteForMessage(op_id)));
   return it->second->view;
 }
 

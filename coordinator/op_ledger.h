@@ -40,7 +40,9 @@ struct LedgerOptions {
   // How long a finished operation's result stays retrievable.
   absl::Duration result_ttl = absl::Hours(1);
   // Operations accepted but not finished, over all runs; past it Submit
-  // answers ResourceExhausted.
+  // answers ResourceExhausted. Also the seq_id window: a seq_id at or past
+  // the run's next expected one + max_unfinished could only run after more
+  // operations than may be unfinished at once, so Submit refuses it.
   int64_t max_unfinished = 1024;
 };
 
@@ -75,8 +77,11 @@ class OpLedger {
   // request returns the original op id (whatever its state, until it
   // expires); with another request AlreadyExists. NotFound for an unknown
   // run; FailedPrecondition for a seq_id below the run's next expected one
-  // that the ledger never saw (or that expired), or for seq_id < 1;
-  // ResourceExhausted past max_unfinished; Unavailable after Close().
+  // that the ledger never saw (or that expired), for seq_id < 1 or
+  // INT64_MAX, or for a seq_id max_unfinished or more past the run's next
+  // expected one (the message names the window); ResourceExhausted past
+  // max_unfinished;
+  // Unavailable after Close().
   absl::StatusOr<std::string> Submit(const lathe::v1::SubmitRequest& request);
 
   // Inserts an operation of the coordinator's own making (a run's

@@ -20,6 +20,7 @@
 #include "runtime/crc32c.h"
 #include "runtime/decoder_model.h"
 #include "runtime/safetensors.h"
+#include "runtime/saturating.h"
 #include "runtime/status.h"
 #include "runtime/trainer.h"
 
@@ -181,13 +182,12 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
       for (auto& e : json::parse(part)) tensors.push_back(std::move(e));
     }
     const TrainerInfo info = trainer.GetInfo();
+    const int64_t created = absl::ToUnixMillis(absl::Now());
     json manifest = {{"format", kFormat}, {"run_id", meta.run_id}, {"name", meta.name},
                      {"base_model", meta.base_model}, {"architecture", info.architecture}, {"step", info.step},
                      {"policy_version", meta.policy_version},
-                     {"created_unix_ms", absl::ToUnixMillis(absl::Now())},
-                     {"expires_unix_ms", meta.ttl_seconds > 0
-                                             ? absl::ToUnixMillis(absl::Now() + absl::Seconds(meta.ttl_seconds))
-                                             : int64_t{0}},
+                     {"created_unix_ms", created},
+                     {"expires_unix_ms", ExpiryUnixMillis(created, meta.ttl_seconds)},
                      {"layout", {{"replicas", meta.replicas}, {"node_count", meta.node_count},
                                  {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep}}},
                      {"lora", LoraJson(info.lora)}, {"tensors", std::move(tensors)}};

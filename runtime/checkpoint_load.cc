@@ -77,8 +77,11 @@ absl::StatusOr<json> ReadManifest(const std::string& dir) {
   std::ifstream in(dir + "/manifest.json");
   if (!in) return absl::DataLossError(absl::StrCat(dir, "/manifest.json is missing"));
   json m = json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (m.is_discarded() || !m.is_object() || m.value("format", "") != "lathe-checkpoint-1" ||
-      !m.contains("tensors") || !m.contains("lora")) {
+  // Checked by type before any value is read: json::value() throws on a
+  // "format" that is not a string.
+  const auto format = m.is_object() ? m.find("format") : m.end();
+  if (!m.is_object() || format == m.end() || !format->is_string() || *format != "lathe-checkpoint-1" ||
+      !m.contains("tensors") || !m["tensors"].is_array() || !m.contains("lora") || !m["lora"].is_object()) {
     return absl::DataLossError(absl::StrCat(dir, "/manifest.json is not a lathe checkpoint manifest"));
   }
   return m;
@@ -218,13 +221,14 @@ absl::StatusOr<std::vector<at::Tensor>> ReadCheckpointParams(const Trainer& trai
 absl::StatusOr<std::map<std::string, at::Tensor>> ReadCheckpointTensors(const std::string& dir,
                                                                        const std::string& kind) {
   LATHE_ASSIGN_OR_RETURN(json manifest, ReadManifest(dir));
-  std::map<std::string, std::vector<const json*>> by_name;
-  for (const json& e : manifest.at("tensors")) {
-    if (e.at("kind").get<std::string>() == kind) by_name[e.at("name").get<std::string>()].push_back(&e);
-  }
-  ShardReader reader(dir);
   std::map<std::string, at::Tensor> out;
+  // Every manifest read is inside: a field of the wrong type throws json::type_error.
   try {
+    std::map<std::string, std::vector<const json*>> by_name;
+    for (const json& e : manifest.at("tensors")) {
+      if (e.at("kind").get<std::string>() == kind) by_name[e.at("name").get<std::string>()].push_back(&e);
+    }
+    ShardReader reader(dir);
     for (const auto& [name, entries] : by_name) {
       // A whole, unsharded parameter of the global shape stands for the full tensor.
       TrainableParam whole;

@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "runtime/quote.h"
 
 namespace lathe::runtime {
 
@@ -37,7 +38,7 @@ absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool 
   if (parts.size() != 3 || !(parts[1] == "weights" || (allow_sampler && parts[1] == "sampler_weights"))) {
     return absl::InvalidArgumentError(absl::StrCat("path must be lathe://<run_id>/weights/<name>",
                                                    allow_sampler ? " or lathe://<run_id>/sampler_weights/<name>" : "",
-                                                   ", not '", path, "'"));
+                                                   ", not ", QuoteForMessage(path)));
   }
   CheckpointRef ref{parts[0], parts[2], parts[1]};
   if (absl::Status s = ValidateCheckpointName(ref.run_id, "the path's run_id"); !s.ok()) return s;

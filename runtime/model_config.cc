@@ -46,6 +46,14 @@ absl::StatusOr<bool> Bool(const json& j, const std::string& key, bool fallback) 
   return it->get<bool>();
 }
 
+// Reads a string field (json::value() would throw on another type).
+absl::StatusOr<std::string> Str(const json& j, const std::string& key, const std::string& fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_string()) return FieldError(key, "must be a string");
+  return it->get<std::string>();
+}
+
 // Features whose presence changes the math; refused rather than ignored.
 absl::Status RefuseUnsupported(const json& j) {
   LATHE_ASSIGN_OR_RETURN(bool sliding, Bool(j, "use_sliding_window", false));
@@ -59,7 +67,8 @@ absl::Status RefuseUnsupported(const json& j) {
     }
   }
   auto window = j.find("sliding_window");
-  if (window != j.end() && !window->is_null() && j.value("model_type", "") == "mistral") {
+  LATHE_ASSIGN_OR_RETURN(const std::string model_type, Str(j, "model_type", ""));
+  if (window != j.end() && !window->is_null() && model_type == "mistral") {
     return FieldError("sliding_window", "is set; sliding-window attention is not supported");
   }
   LATHE_ASSIGN_OR_RETURN(bool attn_bias, Bool(j, "attention_bias", false));
@@ -72,12 +81,16 @@ absl::Status RefuseUnsupported(const json& j) {
   }
   auto scaling = j.find("rope_scaling");
   if (scaling != j.end() && !scaling->is_null()) {
-    std::string type = scaling->is_object() ? scaling->value("rope_type", scaling->value("type", "")) : "";
+    std::string type;
+    if (scaling->is_object()) {
+      LATHE_ASSIGN_OR_RETURN(const std::string legacy, Str(*scaling, "type", ""));
+      LATHE_ASSIGN_OR_RETURN(type, Str(*scaling, "rope_type", legacy));
+    }
     if (type != "default") return FieldError("rope_scaling", "is set; only default RoPE is supported");
   }
   auto params = j.find("rope_parameters");
   if (params != j.end() && params->is_object()) {
-    std::string type = params->value("rope_type", "default");
+    LATHE_ASSIGN_OR_RETURN(const std::string type, Str(*params, "rope_type", "default"));
     if (type != "default") {
       return FieldError("rope_parameters.rope_type", absl::StrCat("is \"", type, "\"; only default RoPE is supported"));
     }
@@ -101,7 +114,7 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
     return FieldError("architectures", absl::StrCat("names unsupported architecture '", c.architecture,
                                                     "' (supported: ", absl::StrJoin(kSupported, ", "), ")"));
   }
-  c.model_type = j.value("model_type", "");
+  LATHE_ASSIGN_OR_RETURN(c.model_type, Str(j, "model_type", ""));
   c.qk_norm = c.architecture.rfind("Qwen3", 0) == 0;
   return absl::OkStatus();
 }

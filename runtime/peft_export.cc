@@ -14,6 +14,7 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "runtime/safetensors.h"
+#include "runtime/saturating.h"
 #include "runtime/status.h"
 
 namespace lathe::runtime {
@@ -139,7 +140,7 @@ absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, c
     const int64_t now = absl::ToUnixMillis(absl::Now());
     std::ofstream out(partial + "/lathe_sampler.json");
     out << nlohmann::json{{"created_unix_ms", now},
-                          {"expires_unix_ms", ttl_seconds > 0 ? now + ttl_seconds * 1000 : int64_t{0}}}.dump();
+                          {"expires_unix_ms", ExpiryUnixMillis(now, ttl_seconds)}}.dump();
     if (!out) return absl::InternalError(absl::StrCat("cannot write ", partial, "/lathe_sampler.json"));
   }
   if (!merge_base_dir.empty()) LATHE_RETURN_IF_ERROR(WriteMerged(params, lora, merge_base_dir, partial + "/merged"));

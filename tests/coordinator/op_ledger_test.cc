@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -248,11 +249,11 @@ TEST_F(OpLedgerTest, FinishedOpsExpireAfterTheTtl) {
 TEST_F(OpLedgerTest, RefusesNewOpsPastMaxUnfinished) {
   ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
   for (int seq_id = 1; seq_id <= 4; ++seq_id) MustSubmit(Noop("r", seq_id));
-  for (int seq_id = 10; seq_id <= 13; ++seq_id) MustSubmit(Noop("r", seq_id));  // buffered
+  for (int seq_id = 7; seq_id <= 10; ++seq_id) MustSubmit(Noop("r", seq_id));  // buffered
   EXPECT_EQ(ledger_.unfinished(), 8);
   EXPECT_EQ(ledger_.Submit(Noop("r", 5)).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(MustSubmit(Noop("r", 4)), "r/4");    // retries still answer
-  EXPECT_EQ(MustSubmit(Noop("r", 12)), "r/12");
+  EXPECT_EQ(MustSubmit(Noop("r", 9)), "r/9");
   ledger_.Complete(ledger_.TakeReady()->op_id, NoopResult());
   EXPECT_EQ(ledger_.unfinished(), 7);
   EXPECT_EQ(MustSubmit(Noop("r", 5)), "r/5");
@@ -367,6 +368,65 @@ TEST_F(OpLedgerTest, RunsAreServedInTheOrderTheirOpsBecameReady) {
   MustSubmit(Noop("a", 1));  // releases a/1 and a/2 after b/1
   MustSubmit(Noop("b", 2));
   EXPECT_EQ(DrainReady(), (Ids{"b/1", "a/1", "a/2", "b/2"}));
+}
+
+TEST_F(OpLedgerTest, ASeqIdFarAheadIsRefusedNamingTheWindowAndLeavesTheRunIntact) {
+  ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
+  for (int64_t seq_id : {int64_t{9}, int64_t{1} << 40, std::numeric_limits<int64_t>::max()}) {
+    absl::StatusOr<std::string> far = ledger_.Submit(Noop("r", seq_id));
+    EXPECT_EQ(far.status().code(), absl::StatusCode::kFailedPrecondition) << seq_id;
+    EXPECT_NE(far.status().message().find("window"), std::string::npos) << far.status();
+  }
+  EXPECT_EQ(ledger_.unfinished(), 0);
+  EXPECT_EQ(MustSubmit(Noop("r", 8)), "r/8");  // the last seq_id inside the window (1 + 8 - 1)
+  // Past the gap timeout the run moves on to 9; seq_id 1 was never seen, so it
+  // is below the position: refused naming a sane seq_id, not a wrapped one.
+  clock_.Advance(absl::Minutes(11));
+  ledger_.Sweep();
+  EXPECT_EQ(StateOf("r/8"), RetrieveResponse::FAILED);
+  absl::StatusOr<std::string> late = ledger_.Submit(Noop("r", 1));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(late.status().message().find("next expected seq_id 9"), std::string::npos) << late.status();
+  EXPECT_EQ(MustSubmit(Noop("r", 9)), "r/9");
+  EXPECT_EQ(DrainReady(), (Ids{"r/9"}));
+}
+
+TEST_F(OpLedgerTest, TheWindowMovesWithTheRun) {
+  ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
+  EXPECT_EQ(ledger_.Submit(Noop("r", 10)).status().code(), absl::StatusCode::kFailedPrecondition);
+  for (int seq_id = 1; seq_id <= 3; ++seq_id) MustSubmit(Noop("r", seq_id));
+  for (const std::string& op_id : DrainReady()) ledger_.Complete(op_id, NoopResult());
+  EXPECT_EQ(MustSubmit(Noop("r", 10)), "r/10");  // position 4: 10 is inside [4, 12)
+  EXPECT_EQ(ledger_.Submit(Noop("r", 12)).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(OpLedgerTest, SeqIdsNearInt64MaxNeverWrapThePosition) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  ASSERT_TRUE(ledger_.OpenRun("r", kMax - 2).ok());
+  MustSubmit(Noop("r", kMax - 1));
+  absl::StatusOr<std::string> top = ledger_.Submit(Noop("r", kMax));
+  EXPECT_EQ(top.status().code(), absl::StatusCode::kFailedPrecondition) << top.status();
+  MustSubmit(Noop("r", kMax - 2));
+  EXPECT_EQ(DrainReady(), (Ids{absl::StrCat("r/", kMax - 2), absl::StrCat("r/", kMax - 1)}));
+  // The position is now INT64_MAX; nothing at or past it is accepted and
+  // nothing below it is unknown-but-accepted.
+  EXPECT_EQ(ledger_.Submit(Noop("r", kMax)).status().code(), absl::StatusCode::kFailedPrecondition);
+  absl::StatusOr<std::string> low = ledger_.Submit(Noop("r", 1));
+  EXPECT_EQ(low.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(low.status().message().find("-9223372036854775808"), std::string::npos) << low.status();
+  clock_.Advance(absl::Hours(2));
+  ledger_.Sweep();
+  EXPECT_EQ(ledger_.unfinished(), 2);  // the two running ones; nothing wrapped into view
+}
+
+TEST_F(OpLedgerTest, MessagesQuoteUnknownIdsShortened) {
+  const std::string huge(1 << 20, 'x');
+  absl::StatusOr<std::string> submit = ledger_.Submit(Noop(huge, 1));
+  EXPECT_EQ(submit.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_LT(submit.status().message().size(), 1024u);
+  absl::Status lookup = ledger_.Lookup(huge).status();
+  EXPECT_EQ(lookup.code(), absl::StatusCode::kNotFound);
+  EXPECT_LT(lookup.message().size(), 1024u);
 }
 
 }  // namespace

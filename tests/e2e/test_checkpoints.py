@@ -28,6 +28,17 @@ def _batches(steps):
     return [batch([datum(*sc.random_sequence(rng, n)) for n in (9, 17, 5, 30)]) for _ in range(steps)]
 
 
+def _download_error(stub, checkpoint_id, name):
+    """The status code DownloadCheckpointFile fails with (AssertionError when it succeeds)."""
+    chunks = stub.DownloadCheckpointFile(pb.DownloadCheckpointFileRequest(
+        checkpoint_id=checkpoint_id, relative_file_name=name), timeout=sc.RPC_TIMEOUT_S)
+    try:
+        list(chunks)
+    except grpc.RpcError as e:
+        return e.code()
+    raise AssertionError(f"download of {name} from {checkpoint_id} was not refused")
+
+
 class Run:
     """A run that numbers its own seq_ids."""
 
@@ -256,14 +267,9 @@ def test_files_download_delete_and_expiry(make_deployment, tmp_path):
             pb.DownloadCheckpointFileRequest(checkpoint_id=path, relative_file_name=name), timeout=sc.RPC_TIMEOUT_S)
         with open(os.path.join(folder, name), "rb") as f:
             assert b"".join(c.data for c in chunks) == f.read(), name
-    for bad in ("../../manifest.json", "/etc/passwd", "node_rank-0"):
-        chunks = d.stub.DownloadCheckpointFile(
-            pb.DownloadCheckpointFileRequest(checkpoint_id=path, relative_file_name=bad), timeout=sc.RPC_TIMEOUT_S)
-        try:
-            list(chunks)
-            raise AssertionError(f"download of {bad} was not refused")
-        except grpc.RpcError as e:
-            assert e.code() == Code.NOT_FOUND, bad
+    for bad, code in (("../../manifest.json", Code.INVALID_ARGUMENT), ("/etc/passwd", Code.INVALID_ARGUMENT),
+                      ("node_rank-0", Code.NOT_FOUND)):
+        assert _download_error(d.stub, path, bad) == code, bad
 
     run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s"))
     listed = d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id), timeout=sc.RPC_TIMEOUT_S)
@@ -319,3 +325,55 @@ def test_a_rank_killed_during_a_save_leaves_earlier_checkpoints_intact(make_depl
     assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=good)).load_state.step == 1
     bad = again.op(load_state=pb.LoadStateOp(path=f"lathe://{run.id}/weights/bad"))
     assert bad.state == Retrieve.FAILED and bad.error.code == Code.NOT_FOUND.value[0], bad
+
+
+def test_links_corrupt_manifests_and_huge_ttls(make_deployment, tmp_path):
+    """Links in the checkpoint root lead nowhere, a corrupt manifest is skipped (the
+    coordinator survives its expiry sweeps), and a TTL of INT64_MAX means never."""
+    int64_max = 2**63 - 1
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "links")
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(1))
+    forever = run.save("forever", ttl_seconds=int64_max)
+    forever_sampler = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(
+        name="forever", ttl_seconds=int64_max)).save_weights_for_sampler.path
+    nearly = run.save("nearly", ttl_seconds=int64_max // 1000 - 1)
+    path = run.save("c")
+    bad = run.save("bad")
+
+    folder = os.path.join(root, run.id, "weights", "c")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not part of any checkpoint")
+    os.symlink(outside / "secret.txt", os.path.join(folder, "hostname"))
+    os.symlink(outside, os.path.join(folder, "node_rank-7"))
+    os.symlink(outside, os.path.join(root, run.id, "weights", "linked"))
+    manifest = os.path.join(root, run.id, "weights", "bad", "manifest.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["expires_unix_ms"] = "never"
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+
+    files = d.stub.GetCheckpointFiles(pb.GetCheckpointFilesRequest(checkpoint_id=path), timeout=sc.RPC_TIMEOUT_S)
+    assert [f.relative_file_name for f in files.files] == [
+        "manifest.json", "node_rank-0/rank-0.safetensors", "node_rank-0/rank-1.safetensors"]
+    for name in ("hostname", "node_rank-7/secret.txt"):
+        assert _download_error(d.stub, path, name) == Code.NOT_FOUND, name
+    assert _download_error(d.stub, f"lathe://{run.id}/weights/linked", "secret.txt") == Code.NOT_FOUND
+    assert sc.rpc_error(d.stub.GetCheckpointFiles, pb.GetCheckpointFilesRequest(checkpoint_id=bad)) == Code.DATA_LOSS
+    assert _download_error(d.stub, bad, "manifest.json") == Code.DATA_LOSS
+
+    time.sleep(6)  # at least one expiry sweep (every 5 s) over the corrupt manifest and the huge TTLs
+    assert d.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S).state == pb.HealthResponse.SERVING
+    listed = {c.id: c for c in d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run.id),
+                                                      timeout=sc.RPC_TIMEOUT_S).checkpoints}
+    assert set(listed) == {forever, forever_sampler, nearly, path}, sorted(listed)
+    assert listed[forever].expires_unix_ms == int64_max
+    assert listed[forever_sampler].expires_unix_ms == int64_max
+    assert listed[nearly].expires_unix_ms > time.time() * 1000 + 1e15
+    assert listed[path].expires_unix_ms == 0
+    assert (outside / "secret.txt").exists()
+    d.stub.DeleteCheckpoint(pb.DeleteCheckpointRequest(checkpoint_id=bad), timeout=sc.RPC_TIMEOUT_S)
+    assert not os.path.exists(os.path.dirname(manifest))

@@ -163,8 +163,9 @@ def _raw_call(channel, rpc: str):
 
 def test_mutated_requests_leave_the_deployment_up_and_other_runs_untouched(make_deployment, tmp_path):
     root = str(tmp_path / "checkpoints")
+    # Mutated seq_ids leave gaps: short gap timeouts let what waits behind them finish.
     dep = make_deployment("fuzz", max_runs=3, worker_args=["--checkpoint_root", root],
-                          coordinator_args=["--checkpoint_root", root]).start()
+                          coordinator_args=["--checkpoint_root", root, "--gap_timeout_s", "3"]).start()
     stub = dep.stub
     rng = np.random.default_rng(SEED)
     data = [datum(*sc.random_sequence(rng, n)) for n in (11, 4, 8)]

@@ -332,6 +332,11 @@ def test_other_refusals(deployment):
             num_samples=1, topk_prompt_logprobs=-1)), Code.INVALID_ARGUMENT),
         "Retrieve unknown op": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/99"), Code.NOT_FOUND),
         "Retrieve garbage op": (stub.Retrieve, pb.RetrieveRequest(op_id="nonsense"), Code.NOT_FOUND),
+        # The window is --max_queued (1024) past the run's next expected seq_id (1).
+        "seq_id INT64_MAX": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=2**63 - 1, noop=pb.NoopOp()),
+                             Code.FAILED_PRECONDITION),
+        "seq_id past the window": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1 + 1024, noop=pb.NoopOp()),
+                                   Code.FAILED_PRECONDITION),
         "Retrieve negative wait_ms": (stub.Retrieve, pb.RetrieveRequest(op_id=f"{run}/0", wait_ms=-1),
                                       Code.INVALID_ARGUMENT),
         "CreateRun other base model": (stub.CreateRun, pb.CreateRunRequest(base_model="other"), Code.INVALID_ARGUMENT),
@@ -345,5 +350,43 @@ def test_other_refusals(deployment):
     got = {name: sc.rpc_error(call, req) for name, (call, req, _) in checks.items()}
     wrong = [f"{name}: {got[name]} (want {want})" for name, (_, _, want) in checks.items() if got[name] != want]
     assert not wrong, "\n".join(wrong)
+    # Nothing was queued: seq 1 is still free.
+    assert sc.wait(stub, sc.submit(stub, run, 1, noop=pb.NoopOp())).state == Retrieve.DONE
+
+
+def test_oversized_identifiers_and_unparseable_requests_are_invalid_argument(deployment):
+    stub = deployment.stub
+    run = sc.create_run(stub, **LORA)
+    huge = "r" * (1 << 20)
+    calls = {
+        "Submit run_id": (stub.Submit, pb.SubmitRequest(run_id=huge, seq_id=1, noop=pb.NoopOp())),
+        "Submit load_state path": (stub.Submit, pb.SubmitRequest(run_id=run, seq_id=1, load_state=pb.LoadStateOp(
+            path="lathe://" + huge))),
+        "GetInfo run_id": (stub.GetInfo, pb.GetInfoRequest(run_id=huge)),
+        "Retrieve op_id": (stub.Retrieve, pb.RetrieveRequest(op_id=huge)),
+        "CreateRun base_model": (stub.CreateRun, pb.CreateRunRequest(base_model=huge)),
+    }
+    wrong = []
+    for name, (call, req) in calls.items():
+        try:
+            call(req, timeout=sc.RPC_TIMEOUT_S)
+            wrong.append(f"{name}: accepted")
+        except grpc.RpcError as e:
+            # A message echoing the whole input would exceed gRPC's metadata limit and
+            # reach the client as RESOURCE_EXHAUSTED instead of the error.
+            if e.code() != Code.INVALID_ARGUMENT or len(e.details()) > 2048:
+                wrong.append(f"{name}: {e.code()} {e.details()[:200]!r} ({len(e.details())} bytes)")
+    assert not wrong, "\n".join(wrong)
+
+    # Bytes that are no SubmitRequest (a field tag whose varint never ends).
+    for method in ("/lathe.v1.Lathe/Submit", "/lathe.v1.Lathe/GetInfo"):
+        raw = deployment.channel.unary_unary(method)
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff\xff", timeout=sc.RPC_TIMEOUT_S)
+        assert e.value.code() == Code.INVALID_ARGUMENT and method in e.value.details(), (method, e.value)
+    raw = deployment.channel.unary_stream("/lathe.v1.Lathe/DownloadCheckpointFile")
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw(b"\xff\xff\xff\xff", timeout=sc.RPC_TIMEOUT_S))
+    assert e.value.code() == Code.INVALID_ARGUMENT, e.value
     # Nothing was queued: seq 1 is still free.
     assert sc.wait(stub, sc.submit(stub, run, 1, noop=pb.NoopOp())).state == Retrieve.DONE

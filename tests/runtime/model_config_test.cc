@@ -80,5 +80,14 @@ TEST(ModelConfigTest, RefusesWhatItCannotCompute) {
   ExpectRefused("not json", "not a JSON object");
 }
 
+TEST(ModelConfigTest, FieldsOfTheWrongTypeAreRefusedNotThrown) {
+  std::string base = R"({"architectures":["Qwen3ForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,)";
+  ExpectRefused(base + R"("model_type":7})", "model_type");
+  ExpectRefused(base + R"("rope_scaling":{"rope_type":["yarn"]}})", "rope_type");
+  ExpectRefused(base + R"("rope_scaling":{"type":1.5}})", "type");
+  ExpectRefused(base + R"("rope_parameters":{"rope_type":{}}})", "rope_type");
+}
+
 }  // namespace
 }  // namespace lathe::runtime
