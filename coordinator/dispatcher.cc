@@ -237,6 +237,11 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     info.set_step(result->load_state().step());
   } else if (result->has_optim_step()) {
     info.set_step(info.step() + 1);
+  } else if (result->has_delete_run()) {
+    // The run is gone; its finished results stay retrievable in the ledger.
+    runs_.erase(it);
+    policy_paths_.erase(op.run_id());
+    followed_from_.erase(op.run_id());
   }
 }
 

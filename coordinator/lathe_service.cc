@@ -192,6 +192,7 @@ grpc::Status LatheService::Submit(grpc::ServerContext*, const lathe::v1::SubmitR
   if (grpc::Status s = ResolveWeights(op); !s.ok()) return s;
   absl::StatusOr<std::string> op_id = ledger_->Submit(op);
   if (!op_id.ok()) return ToGrpc(op_id.status());
+  if (op.has_delete_run()) ledger_->CloseRun(op.run_id(), op.seq_id());
   response->set_op_id(*op_id);
   return grpc::Status::OK;
 }

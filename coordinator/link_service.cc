@@ -45,6 +45,12 @@ grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) 
     return {grpc::StatusCode::INVALID_ARGUMENT, "the first message must register the replica"};
   }
   const int replica = message.register_().replica();
+  if (!message.register_().refused().empty()) {
+    const std::string why = runtime::TruncateMessage(message.register_().refused(), 1024);
+    LATHE_LOG(Error, "replica %d refused to start: %s", replica, why);
+    registry_->Refused(replica, why);
+    return {grpc::StatusCode::FAILED_PRECONDITION, "the refusal is recorded"};
+  }
   StreamSink sink(context, stream);
   if (absl::Status s = registry_->Register(message.register_(), &sink); !s.ok()) {
     return grpc::Status(static_cast<grpc::StatusCode>(s.code()),

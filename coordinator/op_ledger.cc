@@ -2,6 +2,7 @@
 // global ready queue, retry identity by deterministic serialization, expiry.
 #include "coordinator/op_ledger.h"
 
+#include <algorithm>
 #include <limits>
 #include <utility>
 
@@ -78,6 +79,8 @@ struct OpLedger::Run {
   int64_t next_seq = 0;
   // Ops at or above next_seq waiting for the gap before them, by seq_id.
   std::map<int64_t, Op*> buffered;
+  // The seq_id of the run's delete_run once accepted: no later one is.
+  int64_t deleted_at = std::numeric_limits<int64_t>::max();
 };
 
 OpLedger::OpLedger(LedgerOptions options, const Clock* clock)
@@ -93,6 +96,12 @@ absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
     return absl::AlreadyExistsError(absl::StrCat("run ", QuoteForMessage(run_id), " is already open"));
   }
   return absl::OkStatus();
+}
+
+void OpLedger::CloseRun(const std::string& run_id, int64_t last_seq) {
+  absl::MutexLock lock(&mu_);
+  auto it = runs_.find(run_id);
+  if (it != runs_.end()) it->second->deleted_at = std::min(it->second->deleted_at, last_seq);
 }
 
 bool OpLedger::HasRun(const std::string& run_id) const {
@@ -130,6 +139,10 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
           absl::StrCat("op ", QuoteForMessage(op_id), " was submitted before with another request"));
     }
     return op_id;  // a retry
+  }
+  if (seq_id > run.deleted_at) {
+    return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(run_id), " is deleted (delete_run at seq_id ",
+                                            run.deleted_at, ")"));
   }
   if (seq_id < run.next_seq) {
     return absl::FailedPreconditionError(absl::StrFormat(

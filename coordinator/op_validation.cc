@@ -95,6 +95,7 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
       return runtime::ValidateBatch(op.forward_backward(), limits);
     case Op::kOptimStep:
       return runtime::AdamHyperFromProto(op.optim_step()).status();
+    case Op::kDeleteRun:
     case Op::kNoop:
       return absl::OkStatus();
     case Op::kSaveState:

@@ -47,6 +47,12 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   return absl::OkStatus();
 }
 
+void ReplicaRegistry::Refused(int replica, const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (state_ == DeploymentState::kShuttingDown) return;
+  LoseLocked(absl::StrCat("replica ", replica, " refused to start: ", why));
+}
+
 void ReplicaRegistry::Heard(int replica) {
   absl::MutexLock lock(&mu_);
   if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();

@@ -47,6 +47,10 @@ class ReplicaRegistry {
   // already registered, or once the deployment is lost or shutting down.
   // `sink` is not owned and stays valid until Disconnected(replica).
   absl::Status Register(const lathe::v1::RegisterReplica& registration, ReplicaSink* sink);
+  // Replica `replica` cannot serve (`why`, e.g. its model was refused): the
+  // deployment cannot start and says why (kLost, detail "replica N refused
+  // to start: why"). Ignored while shutting down.
+  void Refused(int replica, const std::string& why);
   // Any message from the replica counts as a heartbeat.
   void Heard(int replica);
   void Deliver(int replica, const lathe::v1::TaskResult& result);

@@ -158,10 +158,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   diverged_.erase(run_id);
   // Its kept sampling weights may not fit the new config (published ones are
   // read back from disk, and checked, if asked).
-  for (auto it = snapshots_.begin(); it != snapshots_.end();) {
-    const bool mine = it->first == "base:" + run_id || it->first.rfind("lathe://" + run_id + "/", 0) == 0;
-    it = mine ? snapshots_.erase(it) : std::next(it);
-  }
+  DropSnapshots(run_id);
   lathe::v1::OpResult result;
   lathe::v1::RunInfo* out = result.mutable_init();
   out->set_run_id(run_id);
@@ -173,11 +170,26 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   return result;
 }
 
+void OpExecutor::DropSnapshots(const std::string& run_id) {
+  for (auto it = snapshots_.begin(); it != snapshots_.end();) {
+    const bool mine = it->first == "base:" + run_id || it->first.rfind("lathe://" + run_id + "/", 0) == 0;
+    it = mine ? snapshots_.erase(it) : std::next(it);
+  }
+}
+
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitRequest& op) {
   if (op.op_case() == lathe::v1::SubmitRequest::kInit) return Init(op.run_id(), op.init().lora());
   lathe::v1::OpResult result;
   if (op.op_case() == lathe::v1::SubmitRequest::kNoop) {
     result.mutable_noop();
+    return result;
+  }
+  if (op.op_case() == lathe::v1::SubmitRequest::kDeleteRun) {
+    // Also for a run whose init failed (it holds no trainer).
+    trainers_.erase(op.run_id());
+    diverged_.erase(op.run_id());
+    DropSnapshots(op.run_id());
+    result.mutable_delete_run();
     return result;
   }
   auto it = trainers_.find(op.run_id());

@@ -73,6 +73,8 @@ class OpExecutor {
   using SampleAnswer = std::function<void(size_t k, absl::StatusOr<lathe::v1::OpResult>)>;
   void Sample(runtime::Trainer& trainer, const std::string& run_id, const std::vector<const lathe::v1::SampleOp*>& ops,
               const MoreSamples& more, const SampleAnswer& answer);
+  // Forgets the sampling weights kept for `run_id`.
+  void DropSnapshots(const std::string& run_id);
   lathe::v1::TaskResult Answer(int64_t task_id, absl::StatusOr<lathe::v1::OpResult> result) const;
   absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
                                                       const lathe::v1::ComputeLogprobsOp& op);

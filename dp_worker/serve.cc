@@ -5,7 +5,7 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
+#include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -90,25 +90,32 @@ std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoi
       device.why);
 }
 
-}  // namespace
 
-absl::StatusOr<std::string> ReadApiKey(const std::string& path) {
-  if (path.empty()) {
-    const char* env = std::getenv("LATHE_API_KEY");
-    return std::string(env == nullptr ? "" : env);
-  }
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read API key file ", path));
-  std::string key;
-  std::getline(in, key);
-  while (!key.empty() && (key.back() == '\r' || key.back() == ' ')) key.pop_back();
-  return key;
+// Tells the coordinator that replica `replica` cannot serve, and why, so
+// that Health (and every client) learns it; best effort.
+void ReportRefusal(const ServeOptions& o, int replica, const absl::Status& why) {
+  lathe::v1::RegisterReplica r;
+  r.set_replica(replica);
+  r.set_refused(std::string(why.message()));
+  r.set_pid(getpid());
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  r.set_host(host);
+  LinkOptions link = o.link;
+  link.connect_timeout = std::min(link.connect_timeout, absl::Seconds(30));
+  absl::Status s = ReplicaLink::Connect(link, r).status();
+  LATHE_LOG(Info, "told the coordinator that replica %d refused to start (%s)", replica, s.message());
 }
 
-absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
+// Serve, with `report_as` set to the replica this rank speaks for until it
+// registers (-1: none), so a failure before then reaches the coordinator.
+absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& stop, int& report_as) {
   auto env = [](const char* name) -> const char* { return std::getenv(name); };
   LATHE_ASSIGN_OR_RETURN(parallel::RankInfo info, parallel::DiscoverRankInfo(env));
+  report_as = info.rank == 0 ? 0 : -1;
   LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, Resolve(options, info.world_size));
+  const int ranks_per_replica = info.world_size / layout.shape.replicas;
+  report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
                          parallel::ChooseDevice(info, env, parallel::CountNvidiaDevices()));
   const parallel::MeshShape& shape = layout.shape;
@@ -140,6 +147,7 @@ absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
   OpExecutor executor(executor_options, ctx.get());
   if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);
   registration.mutable_layout()->set_devices_per_node(ctx->shape.devices_per_node);
+  report_as = -1;  // from here on the link itself tells the coordinator
   absl::StatusOr<std::unique_ptr<ReplicaLink>> link = ReplicaLink::Connect(options.link, registration);
   if (!link.ok()) {
     StopFollowers(*ctx->replica, options.loop).IgnoreError();
@@ -147,6 +155,15 @@ absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
   }
   LATHE_LOG(Info, "replica %d registered with %s", ctx->place.replica, options.link.coordinator);
   return RunLeader(**link, executor, *ctx->replica, stop, options.loop);
+}
+
+}  // namespace
+
+absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop) {
+  int report_as = -1;
+  absl::Status s = ServeReplica(options, stop, report_as);
+  if (!s.ok() && report_as >= 0 && !options.dry_run) ReportRefusal(options, report_as, s);
+  return s;
 }
 
 }  // namespace lathe::dp_worker

@@ -28,15 +28,14 @@ struct ServeOptions {
   absl::Duration collective_timeout = absl::Minutes(10);
 };
 
-// The API key: the first line of `path`, else $LATHE_API_KEY, else empty.
-// NotFound / PermissionDenied when `path` is given and cannot be read.
-absl::StatusOr<std::string> ReadApiKey(const std::string& path);
-
 // Collective over MPI_COMM_WORLD. OK after a stop requested through `stop`
 // (SIGTERM), or once the place is printed under dry_run; an error when the
 // model has neither a preset nor an explicit layout, the layout is invalid or
 // does not match the world, the rank's place or device cannot be told, the
-// coordinator cannot be reached or goes away, or the replica breaks.
+// coordinator cannot be reached or goes away, or the replica breaks. A
+// failure before the replica registered (its model or layout refused) is
+// also reported to the coordinator by the replica's first rank, so Health
+// says why the deployment cannot start.
 absl::Status Serve(const ServeOptions& options, const std::atomic<bool>& stop);
 
 }  // namespace lathe::dp_worker

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "nlohmann/json.hpp"
 #include "runtime/status.h"
 
@@ -213,7 +214,10 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir) {
   ss << in.rdbuf();
   auto config = ParseModelConfig(ss.str());
   if (!config.ok()) {
-    return absl::Status(config.status().code(), absl::StrCat(path, ": ", config.status().message()));
+    // The parser names the file "config.json"; name the path instead, once.
+    absl::string_view why = config.status().message();
+    absl::ConsumePrefix(&why, "config.json: ");
+    return absl::Status(config.status().code(), absl::StrCat(path, ": ", why));
   }
   return config;
 }

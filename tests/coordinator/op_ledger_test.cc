@@ -105,6 +105,23 @@ TEST_F(OpLedgerTest, InOrderSubmitsAreReadyInOrder) {
   EXPECT_EQ(ledger_.unfinished(), 2);
 }
 
+// After a run's delete_run is accepted, later seq_ids are NotFound while
+// earlier ones still run and every accepted op id still answers a retry.
+TEST_F(OpLedgerTest, AClosedRunRefusesLaterSeqIdsButAnswersRetries) {
+  ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
+  MustSubmit(Noop("r", 1));
+  SubmitRequest del = Noop("r", 3);
+  del.mutable_delete_run();
+  MustSubmit(del);
+  ledger_.CloseRun("r", 3);
+  EXPECT_EQ(MustSubmit(Noop("r", 2)), "r/2");  // before the deletion: still runs
+  absl::StatusOr<std::string> later = ledger_.Submit(Noop("r", 4));
+  EXPECT_EQ(later.status().code(), absl::StatusCode::kNotFound) << later.status();
+  EXPECT_NE(later.status().message().find("deleted (delete_run at seq_id 3)"), std::string::npos);
+  EXPECT_EQ(MustSubmit(del), "r/3");  // a retry
+  EXPECT_EQ(DrainReady(), (Ids{"r/1", "r/2", "r/3"}));
+}
+
 TEST_F(OpLedgerTest, OutOfOrderSubmitsAreReleasedInSeqOrder) {
   ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
   MustSubmit(Noop("r", 3));

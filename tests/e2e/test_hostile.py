@@ -1,14 +1,19 @@
 """Requests that are valid or nearly so but once took a deployment down or poisoned a run:
 fewer datums than replicas, a loss that overflows float32, an update that would. Each must
 leave every replica in step, and the run's next step bitwise what an untouched run gets.
+Also what an operator meets: a paused coordinator, a run to delete, a refused model.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 
+import grpc
 import numpy as np
 
 import service_client as sc
@@ -105,3 +110,49 @@ def test_a_paused_coordinator_keeps_its_replicas(make_deployment):
     tokens, targets = sc.random_sequence(np.random.default_rng(2), 6)
     answers = _run_ops(dep.stub, run, [sc.fb_op(datum(tokens, targets)), {"optim_step": adam(learning_rate=1e-2)}])
     assert [a.state for a in answers] == [Retrieve.DONE] * 2, answers
+
+
+def test_a_deleted_run_frees_its_slot(make_deployment):
+    """delete_run runs after the run's earlier operations, releases the run on every replica
+    and frees its --max_runs slot; the run's later seq_ids are NOT_FOUND, its results stay."""
+    dep = make_deployment("delete", max_runs=1).start()
+    stub = dep.stub
+    run = sc.create_run(stub, **LORA)
+    tokens, targets = sc.random_sequence(np.random.default_rng(3), 8)
+    fb = sc.submit(stub, run, 1, **sc.fb_op(datum(tokens, targets)))
+    assert sc.rpc_error(stub.CreateRun, pb.CreateRunRequest(lora=types.LoraConfig(rank=4))) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    deleted = sc.submit(stub, run, 2, delete_run=pb.DeleteRunOp())
+    assert sc.rpc_error(stub.Submit, pb.SubmitRequest(run_id=run, seq_id=3, noop=pb.NoopOp())) == \
+        grpc.StatusCode.NOT_FOUND
+    assert sc.result(stub, deleted).HasField("delete_run")
+    assert sc.wait(stub, fb).state == Retrieve.DONE
+    assert sc.submit(stub, run, 2, delete_run=pb.DeleteRunOp()) == deleted  # a retry
+    assert sc.rpc_error(stub.GetInfo, pb.GetInfoRequest(run_id=run)) == grpc.StatusCode.NOT_FOUND
+    other = sc.create_run(stub, rank=4, seed=1)
+    answers = _run_ops(stub, other, [sc.fb_op(datum(tokens, targets)), {"optim_step": adam(learning_rate=1e-2)}])
+    assert [a.state for a in answers] == [Retrieve.DONE] * 2, answers
+
+
+def test_a_refused_model_reaches_health_and_the_cli(make_deployment, tiny_model, tmp_path, build_dir):
+    """Workers that refuse their model tell the coordinator: Health says UNAVAILABLE with the
+    reason (naming the file once), and `lathe info --wait_s` prints it instead of waiting."""
+    refused = tmp_path / "refused-model"
+    shutil.copytree(tiny_model, refused)
+    config = json.loads((refused / "config.json").read_text())
+    config["use_sliding_window"] = True
+    (refused / "config.json").write_text(json.dumps(config))
+    dep = make_deployment("refused")
+    dep.model_dir = str(refused)
+    dep.start(wait_serving=False)
+    deadline = time.monotonic() + 60
+    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    while health.state != sc.Health.UNAVAILABLE and time.monotonic() < deadline:
+        time.sleep(0.2)
+        health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    assert health.state == sc.Health.UNAVAILABLE, f"{health}\n{dep.log_tails()}"
+    assert "replica 0 refused to start" in health.detail and "use_sliding_window" in health.detail, health.detail
+    assert health.detail.count("config.json") == 1, health.detail
+    cli = subprocess.run([os.path.join(build_dir, "client", "lathe"), "info", "--address", dep.address,
+                          "--wait_s", "30"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode != 0 and "use_sliding_window" in cli.stderr, cli
