@@ -40,16 +40,50 @@ std::string Leaf(const std::string& module) {
   return dot == std::string::npos ? module : module.substr(dot + 1);
 }
 
-// adapter_config.json.
+bool IsMlp(const std::string& leaf) { return leaf == "gate_proj" || leaf == "up_proj" || leaf == "down_proj"; }
+
+// adapter_config.json. transformers 5 holds a Qwen3-MoE model's experts fused
+// (mlp.experts.gate_up_proj, mlp.experts.down_proj), and peft 0.21 rewrites
+// every gate_proj/up_proj/down_proj of target_modules into those fused
+// parameters, so the dense MLPs of layers without experts would silently lose
+// their adapters. On a model with experts the MLP targets are therefore
+// target_parameters: the fused experts (gate_up_proj at rank 2r and alpha 2α,
+// gate and up side by side, the scale unchanged) and every dense MLP weight
+// by its full name. peft fuses the per-expert tensors of the adapter file
+// itself while loading.
 json AdapterConfig(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
                    const std::string& base_model) {
-  std::set<std::string> target_modules;
-  for (const auto& [name, t] : params) target_modules.insert(Leaf(Module(name)));
+  bool experts = false;
+  std::set<std::string> target_modules, dense_mlp;
+  for (const auto& [name, t] : params) {
+    const std::string module = Module(name);
+    if (module.find("{e}") != std::string::npos) {
+      experts = true;
+    } else if (IsMlp(Leaf(module))) {
+      dense_mlp.insert(module);
+    } else {
+      target_modules.insert(Leaf(module));
+    }
+  }
+  std::set<std::string> target_parameters;
+  for (const std::string& m : dense_mlp) {
+    if (experts) {
+      target_parameters.insert(m + ".weight");
+    } else {
+      target_modules.insert(Leaf(m));
+    }
+  }
   json config = {{"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model},
                  {"r", lora.rank}, {"lora_alpha", lora.alpha}, {"lora_dropout", 0.0}, {"bias", "none"},
                  {"fan_in_fan_out", false}, {"inference_mode", true}, {"use_rslora", false},
                  {"init_lora_weights", true}};
-  config["target_modules"] = target_modules;
+  config["target_modules"] = target_modules.empty() ? json(nullptr) : json(target_modules);
+  if (experts) {
+    target_parameters.insert({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"});
+    config["target_parameters"] = target_parameters;
+    config["rank_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.rank}};
+    config["alpha_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.alpha}};
+  }
   return config;
 }
 

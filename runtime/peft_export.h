@@ -2,7 +2,9 @@
 // adapter_model.safetensors, keys "base_model.model.<module>.lora_A.weight" /
 // "...lora_B.weight", experts one by one ("...mlp.experts.<e>.gate_proj..."),
 // as the Hub's adapters are; PeftModel.from_pretrained (peft 0.21) loads it
-// onto the transformers 5 model, fusing the expert adapters itself.
+// onto the transformers 5 model, fusing the expert adapters itself. On a
+// model with experts adapter_config.json names the MLP targets as
+// target_parameters, which peft applies as they are (see peft_export.cc).
 #ifndef LATHE_RUNTIME_PEFT_EXPORT_H_
 #define LATHE_RUNTIME_PEFT_EXPORT_H_
 

@@ -1,7 +1,8 @@
 """The PEFT export (what save_weights_for_sampler writes, through the harness's
 ``export_peft``) after a few lathe training steps: ``PeftModel.from_pretrained`` on the
 transformers model, and transformers alone on the merged folder, give lathe's logprobs.
-Dense and MoE models, tied and untied embeddings, a sharded base."""
+Dense and MoE models, tied and untied embeddings, MoE models with dense layers
+(``mlp_only_layers`` / ``decoder_sparse_step``), a sharded base."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from reference import load_hf_model, min_routing_margin, random_batch
 LORA = {"rank": 4, "alpha": 8.0, "seed": 3}
 ADAM = {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
 ATOL = 1e-4
-KINDS = ("qwen3", "qwen3_tied", "qwen3_moe")
+KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,31 @@ def test_exported_adapter_and_merged_model_give_lathe_logprobs(kind, tiny_models
     assert plain_diff > 1e-2, "the adapter barely changes the logprobs: the comparison proves nothing"
     assert peft_diff <= ATOL, f"{kind}: PeftModel on the exported adapter is off lathe by {peft_diff}"
     assert merged_diff <= ATOL, f"{kind}: the merged model is off lathe by {merged_diff}"
+
+
+def test_every_dense_mlp_of_a_moe_model_gets_its_adapter(tiny_models, harness, tmp_path):
+    """peft wraps each dense layer's gate/up/down projection and each MoE layer's experts,
+    with the per-expert tensors in place, not only close logprobs."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model_dir = tiny_models["qwen3_moe_sparse"]
+    out = str(tmp_path / "export")
+    res = harness(model_dir, {"lora": LORA, "ops": [
+        {"op": "forward_backward", "loss_fn": "cross_entropy", "data": random_batch(0, 144)},
+        {"op": "optim_step", "adam": ADAM}, {"op": "dump", "prefix": "p"}, {"op": "export_peft", "dir": out}]})
+    lathe = res.params("p")
+    model = _load_peft(model_dir, out)
+    base = model.get_base_model()
+    for i, layer in enumerate(base.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            assert isinstance(layer.mlp.experts, ParamWrapper), i
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            wrapped = getattr(layer.mlp, proj)
+            assert isinstance(wrapped, ParamWrapper), f"layer {i} {proj} has no adapter: {type(wrapped)}"
+            for ab in ("lora_A", "lora_B"):
+                got = getattr(wrapped, ab)["default"].weight
+                assert torch.equal(got, lathe[f"model.layers.{i}.mlp.{proj}.{ab}.weight"]), (i, proj, ab)
 
 
 def test_merged_tied_model_gets_its_own_lm_head(sharded_sparse_tied, harness, tmp_path):
