@@ -458,10 +458,15 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
                                                 op.save_weights_for_sampler().merged() ? options_.model_dir : "",
                                                 op.save_weights_for_sampler().ttl_seconds())
                     : params.status();
-    // The shards stay as <folder>/lathe, so any layout can sample from them later.
+    // The shards stay as <folder>/lathe, so any layout can sample from them later;
+    // without them the export is incomplete and goes.
     std::error_code ec;
     if (s.ok()) std::filesystem::rename(scratch, folder + "/lathe", ec);
-    if (!s.ok() || ec) std::filesystem::remove_all(scratch, ec);
+    if (ec) {
+      s = absl::InternalError(absl::StrCat("cannot move ", scratch, " into ", folder, ": ", ec.message()));
+      std::filesystem::remove_all(folder, ec);
+    }
+    if (!s.ok()) std::filesystem::remove_all(scratch, ec);
   }
   if (group != nullptr) s = parallel::AgreeStatus(s, *group, options_.collective_timeout);
   if (!s.ok()) snapshots_.erase(uri);

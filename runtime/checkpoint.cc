@@ -129,9 +129,17 @@ absl::Status Commit(const json& manifest, const std::string& partial, const std:
   LATHE_RETURN_IF_ERROR(FsyncPath(partial));
   std::error_code ec;
   const std::string old = dir + ".replaced";
-  if (overwrite && fs::exists(dir)) fs::rename(dir, old, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot move ", dir, " aside: ", ec.message()));
-  if (::rename(partial.c_str(), dir.c_str()) != 0) return Errno("rename " + partial);
+  const bool replace = overwrite && fs::exists(dir, ec);
+  if (replace) {
+    fs::remove_all(old, ec);  // left by an overwrite that died before removing it
+    fs::rename(dir, old, ec);
+    if (ec) return absl::InternalError(absl::StrCat("cannot move ", dir, " aside: ", ec.message()));
+  }
+  if (::rename(partial.c_str(), dir.c_str()) != 0) {
+    const absl::Status s = Errno("rename " + partial);
+    if (replace) fs::rename(old, dir, ec);  // the previous checkpoint stays in place
+    return s;
+  }
   fs::remove_all(old, ec);
   return FsyncPath(fs::path(dir).parent_path().string());
 }
@@ -141,24 +149,12 @@ json LoraJson(const LoraSettings& l) {
           {"train_mlp", l.train_mlp}, {"train_unembed", l.train_unembed}};
 }
 
-}  // namespace
-
-absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overwrite, const CheckpointMeta& meta,
-                            const ShardPlace& place, parallel::Communicator* group, absl::Duration timeout) {
-  const std::string partial = dir + ".partial";
+// Writes the shards into `partial` and commits it as `dir`; every member returns the same status.
+absl::Status WriteAndCommit(Trainer& trainer, const std::string& dir, const std::string& partial, bool overwrite,
+                            const CheckpointMeta& meta, const ShardPlace& place, parallel::Communicator* group,
+                            absl::Duration timeout) {
   const bool first = group == nullptr || group->rank() == 0;
   absl::Status s;
-  if (first) {
-    std::error_code ec;
-    if (fs::exists(dir, ec) && !overwrite) {
-      s = absl::AlreadyExistsError(absl::StrCat("checkpoint ", meta.name, " exists (ask for overwrite)"));
-    } else {
-      fs::remove_all(partial, ec);
-      fs::create_directories(partial, ec);
-      if (ec) s = absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()));
-    }
-  }
-  LATHE_RETURN_IF_ERROR(Agree(s, group, timeout));
   absl::StatusOr<json> entries;
   try {
     LATHE_ASSIGN_OR_RETURN(std::vector<bool> writes, Writers(trainer.model().trainable(), group, timeout));
@@ -194,6 +190,33 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
     s = Commit(manifest, partial, dir, overwrite);
   }
   return Agree(s, group, timeout);
+}
+
+}  // namespace
+
+absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overwrite, const CheckpointMeta& meta,
+                            const ShardPlace& place, parallel::Communicator* group, absl::Duration timeout) {
+  const std::string partial = dir + ".partial";
+  const bool first = group == nullptr || group->rank() == 0;
+  absl::Status s;
+  if (first) {
+    std::error_code ec;
+    if (fs::exists(dir, ec) && !overwrite) {
+      s = absl::AlreadyExistsError(absl::StrCat("checkpoint ", meta.name, " exists (ask for overwrite)"));
+    } else {
+      fs::remove_all(partial, ec);
+      fs::create_directories(partial, ec);
+      if (ec) s = absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()));
+    }
+  }
+  LATHE_RETURN_IF_ERROR(Agree(s, group, timeout));
+  s = WriteAndCommit(trainer, dir, partial, overwrite, meta, place, group, timeout);
+  if (!s.ok() && first) {
+    // Every member has stopped writing (they agreed on the failure) unless one died or stalls.
+    std::error_code ec;
+    fs::remove_all(partial, ec);
+  }
+  return s;
 }
 
 }  // namespace lathe::runtime

@@ -45,9 +45,11 @@ struct ShardPlace {
 // Writes `trainer`'s state to `dir`. Collective over `group`, the ranks of
 // one replica (null: a single process); each distinct slice is written once,
 // by the lowest member holding it. AlreadyExists when `dir` exists and
-// `overwrite` is false (nothing written); I/O errors as they happen, with
-// the partial folder left for the next save to clear. Every member returns
-// the same status.
+// `overwrite` is false (nothing written); I/O errors as they happen, after
+// which the first member removes the partial folder (one a member leaves by
+// dying or stalling mid-save is cleared by the next save of the name). An
+// overwrite keeps the old checkpoint when the new one cannot be renamed in.
+// Every member returns the same status.
 absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overwrite, const CheckpointMeta& meta,
                             const ShardPlace& place, parallel::Communicator* group, absl::Duration timeout);
 

@@ -3,16 +3,20 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "runtime/guarded.h"
+#include "runtime/peft_merge.h"
 #include "runtime/safetensors.h"
 #include "runtime/saturating.h"
 #include "runtime/status.h"
@@ -21,78 +25,101 @@ namespace lathe::runtime {
 namespace {
 
 namespace fs = std::filesystem;
+using nlohmann::json;
 
-// "model.layers.0.self_attn.q_proj.lora_A.weight" -> "q_proj".
-std::string TargetModule(const std::string& name) {
-  std::vector<std::string> parts = absl::StrSplit(name, '.');
-  return parts.size() >= 3 ? parts[parts.size() - 3] : name;
+// "model.layers.0.self_attn.q_proj.lora_A.weight" -> "model.layers.0.self_attn.q_proj".
+std::string Module(const std::string& name) {
+  for (const char* suffix : {".lora_A.weight", ".lora_B.weight"}) {
+    if (absl::EndsWith(name, suffix)) return name.substr(0, name.size() - std::strlen(suffix));
+  }
+  return name;
 }
 
-// Per adapted weight ("...q_proj.weight"): its (A, B), experts one by one.
-std::map<std::string, std::pair<at::Tensor, at::Tensor>> Pairs(const std::map<std::string, at::Tensor>& params) {
-  std::map<std::string, std::pair<at::Tensor, at::Tensor>> pairs;
+// "model.layers.0.self_attn.q_proj" -> "q_proj".
+std::string Leaf(const std::string& module) {
+  const size_t dot = module.rfind('.');
+  return dot == std::string::npos ? module : module.substr(dot + 1);
+}
+
+bool IsMlp(const std::string& leaf) { return leaf == "gate_proj" || leaf == "up_proj" || leaf == "down_proj"; }
+
+// adapter_config.json. transformers 5 holds a Qwen3-MoE model's experts fused
+// (mlp.experts.gate_up_proj, mlp.experts.down_proj), and peft 0.21 rewrites
+// every gate_proj/up_proj/down_proj of target_modules into those fused
+// parameters, so the dense MLPs of layers without experts would silently lose
+// their adapters. On a model with experts the MLP targets are therefore
+// target_parameters: the fused experts (gate_up_proj at rank 2r and alpha 2α,
+// gate and up side by side, the scale unchanged) and every dense MLP weight
+// by its full name. peft fuses the per-expert tensors of the adapter file
+// itself while loading.
+json AdapterConfig(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
+                   const std::string& base_model) {
+  bool experts = false;
+  std::set<std::string> target_modules, dense_mlp;
   for (const auto& [name, t] : params) {
-    const bool is_a = name.find(".lora_A.weight") != std::string::npos;
-    auto put = [&](const std::string& n, const at::Tensor& v) {
-      const std::string base = absl::StrReplaceAll(n, {{is_a ? ".lora_A.weight" : ".lora_B.weight", ".weight"}});
-      (is_a ? pairs[base].first : pairs[base].second) = v;
-    };
-    if (name.find("{e}") == std::string::npos) {
-      put(name, t);
+    const std::string module = Module(name);
+    if (module.find("{e}") != std::string::npos) {
+      experts = true;
+    } else if (IsMlp(Leaf(module))) {
+      dense_mlp.insert(module);
     } else {
-      for (int64_t e = 0; e < t.size(0); ++e) put(absl::StrReplaceAll(name, {{"{e}", absl::StrCat(e)}}), t.select(0, e));
+      target_modules.insert(Leaf(module));
     }
   }
-  return pairs;
+  std::set<std::string> target_parameters;
+  for (const std::string& m : dense_mlp) {
+    if (experts) {
+      target_parameters.insert(m + ".weight");
+    } else {
+      target_modules.insert(Leaf(m));
+    }
+  }
+  json config = {{"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model},
+                 {"r", lora.rank}, {"lora_alpha", lora.alpha}, {"lora_dropout", 0.0}, {"bias", "none"},
+                 {"fan_in_fan_out", false}, {"inference_mode", true}, {"use_rslora", false},
+                 {"init_lora_weights", true}};
+  config["target_modules"] = target_modules.empty() ? json(nullptr) : json(target_modules);
+  if (experts) {
+    target_parameters.insert({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"});
+    config["target_parameters"] = target_parameters;
+    config["rank_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.rank}};
+    config["alpha_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.alpha}};
+  }
+  return config;
 }
 
-absl::StatusOr<at::ScalarType> TorchType(const std::string& dtype) {
-  if (dtype == "F32") return at::kFloat;
-  if (dtype == "BF16") return at::kBFloat16;
-  if (dtype == "F16") return at::kHalf;
-  return absl::FailedPreconditionError(absl::StrCat("cannot merge into a ", dtype, " tensor"));
+absl::Status WriteText(const std::string& path, const std::string& text) {
+  std::ofstream out(path);
+  out << text;
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
 }
 
-absl::Status WriteMerged(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
-                         const std::string& base_dir, const std::string& out) {
-  std::map<std::string, std::pair<at::Tensor, at::Tensor>> pairs = Pairs(params);
-  std::error_code ec;
-  fs::create_directories(out, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()));
-  for (const fs::directory_entry& f : fs::directory_iterator(base_dir, ec)) {
-    const std::string file = f.path().filename().string();
-    if (!f.is_regular_file()) continue;
-    if (f.path().extension() != ".safetensors") {
-      fs::copy_file(f.path(), fs::path(out) / file, fs::copy_options::overwrite_existing, ec);
-      if (ec) return absl::InternalError(absl::StrCat("cannot copy ", file, ": ", ec.message()));
+// Everything the export holds, into `folder`.
+absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
+                                const std::string& base_model, const std::string& merge_base_dir,
+                                int64_t ttl_seconds, const std::string& folder) {
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  auto add = [&](const std::string& name, const at::Tensor& t) {
+    keep.push_back(t.to(at::kFloat).contiguous());
+    tensors.push_back({"base_model.model." + name, "F32", std::vector<int64_t>(t.sizes().begin(), t.sizes().end()),
+                       keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
+  };
+  for (const auto& [name, t] : params) {
+    if (name.find("{e}") == std::string::npos) {
+      add(name, t);
       continue;
     }
-    LATHE_ASSIGN_OR_RETURN(auto in, SafetensorsFile::Open(f.path().string()));
-    std::vector<at::Tensor> keep;
-    std::vector<TensorToWrite> tensors;
-    for (const std::string& name : in->names()) {
-      LATHE_ASSIGN_OR_RETURN(TensorView v, in->Get(name));
-      const void* data = v.data;
-      size_t nbytes = v.nbytes;
-      auto it = pairs.find(name);
-      if (it != pairs.end()) {
-        LATHE_ASSIGN_OR_RETURN(at::ScalarType type, TorchType(v.dtype));
-        // A copy: the mapping is read-only, and .to() of an F32 tensor would alias it.
-        at::Tensor w = at::from_blob(const_cast<uint8_t*>(v.data), v.shape, type).to(at::kFloat, false, true);
-        w.add_(at::matmul(it->second.second, it->second.first), lora.scale());
-        keep.push_back(w.to(type).contiguous());
-        data = keep.back().data_ptr(), nbytes = static_cast<size_t>(keep.back().nbytes());
-        pairs.erase(it);
-      }
-      tensors.push_back({name, v.dtype, v.shape, data, nbytes});
-    }
-    LATHE_RETURN_IF_ERROR(WriteSafetensors((fs::path(out) / file).string(), tensors, in->metadata()));
+    for (int64_t e = 0; e < t.size(0); ++e) add(absl::StrReplaceAll(name, {{"{e}", absl::StrCat(e)}}), t.select(0, e));
   }
-  if (!pairs.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat("the base model has no tensor ", pairs.begin()->first,
-                                                      " to merge into (experts stored fused are not supported)"));
-  }
-  return absl::OkStatus();
+  LATHE_RETURN_IF_ERROR(WriteSafetensors(folder + "/adapter_model.safetensors", tensors));
+  LATHE_RETURN_IF_ERROR(WriteText(folder + "/adapter_config.json", AdapterConfig(params, lora, base_model).dump(2)));
+  const int64_t now = absl::ToUnixMillis(absl::Now());
+  const json sampler = {{"created_unix_ms", now}, {"expires_unix_ms", ExpiryUnixMillis(now, ttl_seconds)}};
+  LATHE_RETURN_IF_ERROR(WriteText(folder + "/lathe_sampler.json", sampler.dump()));
+  if (merge_base_dir.empty()) return absl::OkStatus();
+  return WriteMergedModel(params, lora.scale(), merge_base_dir, folder + "/merged");
 }
 
 }  // namespace
@@ -105,48 +132,19 @@ absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, c
   }
   std::error_code ec;
   if (fs::exists(dir, ec)) return absl::AlreadyExistsError(absl::StrCat(dir, " exists"));
-  std::vector<at::Tensor> keep;
-  std::vector<TensorToWrite> tensors;
-  std::set<std::string> targets;
-  auto add = [&](const std::string& name, const at::Tensor& t) {
-    keep.push_back(t.contiguous());
-    tensors.push_back({"base_model.model." + name, "F32", std::vector<int64_t>(t.sizes().begin(), t.sizes().end()),
-                       keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
-    targets.insert(TargetModule(name));
-  };
-  for (const auto& [name, t] : params) {
-    if (name.find("{e}") == std::string::npos) {
-      add(name, t);
-      continue;
-    }
-    for (int64_t e = 0; e < t.size(0); ++e) add(absl::StrReplaceAll(name, {{"{e}", absl::StrCat(e)}}), t.select(0, e));
-  }
   const std::string partial = dir + ".partial";
   fs::remove_all(partial, ec);
   fs::create_directories(partial, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()));
-  LATHE_RETURN_IF_ERROR(WriteSafetensors(partial + "/adapter_model.safetensors", tensors));
-  const nlohmann::json config = {
-      {"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model},
-      {"r", lora.rank}, {"lora_alpha", lora.alpha}, {"lora_dropout", 0.0}, {"bias", "none"},
-      {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
-      {"fan_in_fan_out", false}, {"inference_mode", true}, {"use_rslora", false}, {"init_lora_weights", true}};
-  {
-    std::ofstream out(partial + "/adapter_config.json");
-    out << config.dump(2);
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", partial, "/adapter_config.json"));
+  absl::Status s = ec ? absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()))
+                      : Guarded("save_weights_for_sampler", [&] {
+                          return WriteAdapterFolder(params, lora, base_model, merge_base_dir, ttl_seconds, partial);
+                        });
+  if (s.ok()) {
+    fs::rename(partial, dir, ec);
+    if (ec) s = absl::InternalError(absl::StrCat("cannot rename ", partial, ": ", ec.message()));
   }
-  {
-    const int64_t now = absl::ToUnixMillis(absl::Now());
-    std::ofstream out(partial + "/lathe_sampler.json");
-    out << nlohmann::json{{"created_unix_ms", now},
-                          {"expires_unix_ms", ExpiryUnixMillis(now, ttl_seconds)}}.dump();
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", partial, "/lathe_sampler.json"));
-  }
-  if (!merge_base_dir.empty()) LATHE_RETURN_IF_ERROR(WriteMerged(params, lora, merge_base_dir, partial + "/merged"));
-  fs::rename(partial, dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot rename ", partial, ": ", ec.message()));
-  return absl::OkStatus();
+  if (!s.ok()) fs::remove_all(partial, ec);
+  return s;
 }
 
 }  // namespace lathe::runtime

@@ -1,8 +1,10 @@
 // A LoRA run's adapter in PEFT's format: adapter_config.json +
 // adapter_model.safetensors, keys "base_model.model.<module>.lora_A.weight" /
 // "...lora_B.weight", experts one by one ("...mlp.experts.<e>.gate_proj..."),
-// as the Hub's adapters are; PeftModel.from_pretrained loads it onto the
-// transformers model (converting expert adapters for fused experts itself).
+// as the Hub's adapters are; PeftModel.from_pretrained (peft 0.21) loads it
+// onto the transformers 5 model, fusing the expert adapters itself. On a
+// model with experts adapter_config.json names the MLP targets as
+// target_parameters, which peft applies as they are (see peft_export.cc).
 #ifndef LATHE_RUNTIME_PEFT_EXPORT_H_
 #define LATHE_RUNTIME_PEFT_EXPORT_H_
 
@@ -18,14 +20,15 @@ namespace lathe::runtime {
 
 // Writes the adapter of `params` (whole LoRA tensors by lathe name; stacked
 // expert tensors named with "{e}") to `dir`, atomically: under
-// "<dir>.partial", renamed when complete. With `merge_base_dir` (the base
-// model's Hugging Face folder) it also writes <dir>/merged/: the base model
-// with W + (alpha / r)·B·A folded into every adapted weight, in the base's
-// files, names and dtypes, plus its other files (config, tokenizer).
-// <dir>/lathe_sampler.json records when it was made and, with ttl_seconds >
-// 0, when the coordinator deletes it. AlreadyExists when `dir` exists; FailedPrecondition for full fine-tuning
-// (no adapter) or an adapted weight the base files do not hold by name (e.g.
-// experts stored fused); I/O errors as they happen.
+// "<dir>.partial", renamed when complete, removed on any failure. With
+// `merge_base_dir` (the base model's Hugging Face folder) it also writes
+// <dir>/merged/, the base model with the adapter folded in (see
+// WriteMergedModel). <dir>/lathe_sampler.json records when it was made and,
+// with ttl_seconds > 0, when the coordinator deletes it (saturating at the
+// largest int64 milliseconds). AlreadyExists when `dir` exists;
+// FailedPrecondition for full fine-tuning (no adapter) or an adapted weight
+// the base files cannot take (WriteMergedModel's refusals); I/O errors as they
+// happen. Never throws.
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
                               const std::string& base_model, const std::string& dir,
                               const std::string& merge_base_dir = "", int64_t ttl_seconds = 0);

@@ -242,6 +242,71 @@ def test_sampler_weights_load_with_peft(make_deployment, tmp_path, tiny_model):
     np.testing.assert_allclose(merged_lp, lathe_lp, atol=1e-4, rtol=0)
 
 
+def _tied_moe_with_a_dense_layer(out):
+    """A sharded Qwen3-MoE folder with tied embeddings whose layer 1 is dense (mlp_only_layers)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=sc.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                            num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                            mlp_only_layers=[1], norm_topk_prob=True, tie_word_embeddings=True,
+                            max_position_embeddings=128, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.3 if name.endswith("mlp.gate.weight") else 0.1)
+    model.save_pretrained(out, max_shard_size="200KB")
+    return out
+
+
+def test_sampler_weights_of_a_tied_moe_with_a_dense_layer(make_deployment, tmp_path):
+    """save_weights_for_sampler on a tied model with dense and MoE layers: the adapter loads
+    with peft and the merged folder with transformers, both with lathe's logprobs, and the
+    save leaves nothing but its folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _tied_moe_with_a_dense_layer(str(tmp_path / "model"))
+    root = str(tmp_path / "ckpt")
+    d = _deploy(make_deployment, root, "peft_tied", model_dir=model_dir)
+    run = Run(d.stub, **LORA)
+    run.steps(_batches(2))
+    run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="s", merged=True))
+    folder = os.path.join(root, run.id, "sampler_weights")
+    assert sorted(os.listdir(folder)) == ["s"]
+    assert sorted(os.listdir(os.path.join(folder, "s"))) == [
+        "adapter_config.json", "adapter_model.safetensors", "lathe", "lathe_sampler.json", "merged"]
+
+    rng = np.random.default_rng(8)
+    probes = [sc.random_sequence(rng, n) for n in (24, 11)]
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(t, y) for t, y in probes])).forward_backward)
+
+    def logprobs(model):
+        out = []
+        with torch.no_grad():
+            for tokens, targets in probes:
+                logits = model(torch.tensor([list(tokens)])).logits[0].float()
+                out.append(torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy())
+        return out
+
+    kw = dict(dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, **kw),
+                                           os.path.join(folder, "s")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "s", "merged"), **kw).eval()
+    for name, got in (("peft", logprobs(peft_model)), ("merged", logprobs(merged))):
+        for g, want in zip(got, lathe_lp):
+            np.testing.assert_allclose(g, want, atol=1e-4, rtol=0, err_msg=name)
+    with peft_model.disable_adapter():
+        plain = logprobs(peft_model)
+    assert max(np.abs(p - w).max() for p, w in zip(plain, lathe_lp)) > 1e-3
+
+
 def test_files_download_delete_and_expiry(make_deployment, tmp_path):
     root = str(tmp_path / "ckpt")
     d = _deploy(make_deployment, root, "files")

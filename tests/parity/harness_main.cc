@@ -4,6 +4,9 @@
 //
 //   lathe_harness --model DIR --request REQ.json --out OUT.safetensors
 //
+// Besides the training operations, "export_peft" writes the PEFT export
+// (runtime/peft_export.h) of the current adapter.
+//
 // Exit 0 on success, 3 when an operation is refused (message on stderr), 1 on
 // any other failure. See tests/parity/conftest.py for the request format.
 #include <ATen/ATen.h>
@@ -18,6 +21,7 @@
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
+#include "runtime/peft_export.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
 #include "runtime/trainer.h"
@@ -213,6 +217,12 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       auto result = (*trainer)->OptimStep(adam);
       status = result.status();
       if (result.ok()) out.metadata[tag + ".metrics"] = MetricsJson(result->metrics()).dump();
+    } else if (kind == "export_peft") {
+      // {"dir": folder, "merged": bool, "ttl_seconds": n}: what save_weights_for_sampler writes.
+      std::map<std::string, at::Tensor> params;
+      for (const TrainableParam& p : model.trainable()) params[p.name] = p.tensor.detach();
+      status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, "lathe_harness", op.at("dir"),
+                                op.value("merged", false) ? model_dir : "", op.value("ttl_seconds", int64_t{0}));
     } else if (kind == "dump") {
       out.DumpTrainable(op.at("prefix"), model);
     } else if (kind == "generate") {

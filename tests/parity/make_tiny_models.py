@@ -5,7 +5,8 @@ Usage:
     python tests/parity/make_tiny_models.py KIND OUT_DIR [--seed N]
     python tests/parity/make_tiny_models.py all OUT_ROOT [--seed N]   # one sub-dir per kind
 
-KIND is one of: qwen3, qwen3_tied, qwen3_moe, qwen3_moe_sparse.
+KIND is one of: qwen3, qwen3_tied, qwen3_moe, qwen3_moe_sparse (the session's ``tiny_models``),
+or qwen3_moe_sparse_tied (qwen3_moe_sparse with tied embeddings, for the export tests).
 
 The models are float32 and saved with ``save_pretrained`` (safetensors).  Weights are
 re-initialised with a larger spread than the transformers default so that logits are far
@@ -29,6 +30,7 @@ import sys
 import torch
 
 KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse")
+EXTRA_KINDS = ("qwen3_moe_sparse_tied",)
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
 # to catch shape mix-ups.
@@ -72,11 +74,11 @@ def build_config(kind: str):
             tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
             moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1,
             mlp_only_layers=[], output_router_logits=False, **_COMMON, **_rope_kwargs())
-    if kind == "qwen3_moe_sparse":
+    if kind in ("qwen3_moe_sparse", "qwen3_moe_sparse_tied"):
         # layers 0, 2 dense (0 via mlp_only_layers, 2 via the sparse step), 1, 3 MoE
         return Qwen3MoeConfig(
             vocab_size=144, num_attention_heads=4, head_dim=32, num_hidden_layers=4,
-            tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+            tie_word_embeddings=kind.endswith("_tied"), num_experts=8, num_experts_per_tok=2,
             moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=2,
             mlp_only_layers=[0], output_router_logits=False, **_COMMON, **_rope_kwargs())
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -97,8 +99,9 @@ def _reinit_(model, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def make_model(kind: str, out_dir: str, seed: int = 0):
-    """Build the tiny model ``kind``, save it into ``out_dir`` and return the model (eval mode)."""
+def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | None = None):
+    """Build the tiny model ``kind``, save it into ``out_dir`` (in shards of at most
+    ``max_shard_size`` with an index, when given) and return the model (eval mode)."""
     from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
@@ -108,7 +111,8 @@ def make_model(kind: str, out_dir: str, seed: int = 0):
     _reinit_(model, seed)
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     return model
 
 
@@ -130,7 +134,7 @@ def checkpoint_layout(out_dir: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=KINDS + ("all",))
+    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + ("all",))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

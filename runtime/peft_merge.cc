@@ -1,0 +1,251 @@
+// Folds a LoRA adapter into a copy of the base model's files; see peft_merge.h.
+#include "runtime/peft_merge.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "nlohmann/json.hpp"
+#include "runtime/safetensors.h"
+#include "runtime/status.h"
+
+namespace lathe::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using LoraPair = std::pair<at::Tensor, at::Tensor>;  // (A, B)
+
+constexpr char kEmbed[] = "model.embed_tokens.weight";
+constexpr char kLmHead[] = "lm_head.weight";
+constexpr char kConfig[] = "config.json";
+constexpr char kIndex[] = "model.safetensors.index.json";
+
+// Per adapted weight ("...q_proj.weight"): its (A, B), experts one by one.
+std::map<std::string, LoraPair> Pairs(const std::map<std::string, at::Tensor>& params) {
+  std::map<std::string, LoraPair> pairs;
+  for (const auto& [name, t] : params) {
+    const bool is_a = name.find(".lora_A.weight") != std::string::npos;
+    auto put = [&](const std::string& n, const at::Tensor& v) {
+      const std::string base = absl::StrReplaceAll(n, {{is_a ? ".lora_A.weight" : ".lora_B.weight", ".weight"}});
+      (is_a ? pairs[base].first : pairs[base].second) = v;
+    };
+    if (name.find("{e}") == std::string::npos) {
+      put(name, t);
+    } else {
+      for (int64_t e = 0; e < t.size(0); ++e) {
+        put(absl::StrReplaceAll(name, {{"{e}", absl::StrCat(e)}}), t.select(0, e));
+      }
+    }
+  }
+  return pairs;
+}
+
+absl::StatusOr<at::ScalarType> TorchType(const TensorView& v) {
+  if (v.dtype == "F32") return at::kFloat;
+  if (v.dtype == "BF16") return at::kBFloat16;
+  if (v.dtype == "F16") return at::kHalf;
+  return absl::FailedPreconditionError(absl::StrCat("cannot merge into ", v.name, ", a ", v.dtype, " tensor"));
+}
+
+absl::StatusOr<json> ReadJson(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
+  json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::DataLossError(absl::StrCat(path.string(), " is not a JSON object"));
+  }
+  return j;
+}
+
+absl::Status WriteJson(const fs::path& path, const json& j) {
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+  return absl::OkStatus();
+}
+
+// The base folder: its safetensors files (mapped), the file holding each
+// tensor, its other files, and whether its config ties lm_head to the embedding.
+struct BaseModel {
+  std::vector<std::unique_ptr<SafetensorsFile>> files;
+  std::map<std::string, const SafetensorsFile*> holder;
+  std::vector<fs::path> others;
+  bool tied = false;
+};
+
+absl::StatusOr<BaseModel> OpenBase(const std::string& dir) {
+  BaseModel base;
+  std::vector<fs::path> tensor_files;
+  std::error_code ec, type_ec;
+  for (const fs::directory_entry& f : fs::directory_iterator(dir, ec)) {
+    if (!f.is_regular_file(type_ec)) continue;
+    (f.path().extension() == ".safetensors" ? tensor_files : base.others).push_back(f.path());
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
+  std::sort(tensor_files.begin(), tensor_files.end());
+  for (const fs::path& p : tensor_files) {
+    LATHE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(p.string()));
+    for (const std::string& name : file->names()) base.holder.emplace(name, file.get());
+    base.files.push_back(std::move(file));
+  }
+  if (fs::exists(fs::path(dir) / kConfig, ec)) {
+    LATHE_ASSIGN_OR_RETURN(json config, ReadJson(fs::path(dir) / kConfig));
+    auto tie = config.find("tie_word_embeddings");
+    base.tied = tie != config.end() && tie->is_boolean() && tie->get<bool>();
+  }
+  return base;
+}
+
+// The base tensor `name` (the adapted weight) starts from: the embedding for
+// the head of a tied model that gets its own head.
+std::string Source(const std::string& name, bool untie) { return untie && name == kLmHead ? kEmbed : name; }
+
+// Why the base has nothing to merge `name` into: its experts are stored fused, or it lacks the tensor.
+absl::Status NoTensor(const std::string& name, const BaseModel& base, const std::string& dir) {
+  const size_t at = name.find(".mlp.experts.");
+  if (at != std::string::npos) {
+    const std::string experts = name.substr(0, at + std::strlen(".mlp.experts"));
+    for (const char* fused : {".gate_up_proj", ".gate_up_proj.weight"}) {
+      if (base.holder.count(experts + fused) == 0) continue;
+      return absl::FailedPreconditionError(absl::StrCat("the base model in ", dir, " stores ", experts, " fused (",
+                                                        experts, fused,
+                                                        "); merging into fused experts is not supported"));
+    }
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("the base model in ", dir, " has no tensor ", name, " to merge into"));
+}
+
+// Every adapted weight has a base tensor of its shape and a dtype we merge into.
+absl::Status CheckTargets(const std::map<std::string, LoraPair>& pairs, const BaseModel& base, bool untie,
+                          const std::string& dir) {
+  for (const auto& [name, ab] : pairs) {
+    const std::string source = Source(name, untie);
+    auto it = base.holder.find(source);
+    if (it == base.holder.end()) return NoTensor(source, base, dir);
+    LATHE_ASSIGN_OR_RETURN(TensorView v, it->second->Get(source));
+    LATHE_RETURN_IF_ERROR(TorchType(v).status());
+    const std::vector<int64_t> want = {ab.second.size(0), ab.first.size(1)};
+    if (v.shape != want) {
+      return absl::FailedPreconditionError(absl::StrCat("the base model's ", source, " is [",
+                                                        absl::StrJoin(v.shape, ", "), "], the adapter's ", name,
+                                                        " [", absl::StrJoin(want, ", "), "]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// base + scale·B·A, in the base's dtype (checked by CheckTargets).
+at::Tensor Merge(const TensorView& base, const LoraPair& ab, double scale) {
+  const at::ScalarType type = *TorchType(base);
+  // A copy: the mapping is read-only, and .to() of an F32 tensor would alias it.
+  at::Tensor w = at::from_blob(const_cast<uint8_t*>(base.data), base.shape, type).to(at::kFloat, false, true);
+  w.add_(at::matmul(ab.second, ab.first), scale);
+  return w.to(type).contiguous();
+}
+
+// Writes `in` to `out` with the adapted weights merged; with `untie`, the
+// file holding the embedding also gets the model's own lm_head.
+absl::Status WriteMergedFile(const SafetensorsFile& in, const std::map<std::string, LoraPair>& pairs, double scale,
+                             bool untie, const fs::path& out) {
+  std::vector<at::Tensor> keep;
+  std::vector<TensorToWrite> tensors;
+  auto put = [&](const std::string& name, const TensorView& v) {
+    auto it = pairs.find(name);
+    if (it == pairs.end()) {
+      tensors.push_back({name, v.dtype, v.shape, v.data, v.nbytes});
+      return;
+    }
+    keep.push_back(Merge(v, it->second, scale));
+    tensors.push_back({name, v.dtype, v.shape, keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
+  };
+  for (const std::string& name : in.names()) {
+    if (untie && name == kLmHead) continue;  // a stored copy of the tied head: replaced below
+    LATHE_ASSIGN_OR_RETURN(TensorView v, in.Get(name));
+    put(name, v);
+  }
+  if (untie && in.Contains(kEmbed)) {
+    LATHE_ASSIGN_OR_RETURN(TensorView embed, in.Get(kEmbed));
+    put(kLmHead, embed);
+  }
+  return WriteSafetensors(out.string(), tensors, in.metadata());
+}
+
+int64_t Numel(const TensorView& v) {
+  int64_t n = 1;
+  for (int64_t d : v.shape) n *= d;
+  return n;
+}
+
+// The sharded base's index with lm_head in `head_file` and its totals (bytes,
+// parameters) counting the new head.
+absl::Status WriteUntiedIndex(const fs::path& from, const fs::path& to, const BaseModel& base,
+                              const std::string& head_file) {
+  LATHE_ASSIGN_OR_RETURN(json index, ReadJson(from));
+  if (!index.contains("weight_map") || !index["weight_map"].is_object()) {
+    return absl::DataLossError(absl::StrCat(from.string(), " has no weight_map"));
+  }
+  index["weight_map"][kLmHead] = head_file;
+  const TensorView embed = *base.holder.at(kEmbed)->Get(kEmbed);
+  int64_t bytes = static_cast<int64_t>(embed.nbytes), numel = Numel(embed);
+  if (auto old = base.holder.find(kLmHead); old != base.holder.end()) {
+    const TensorView head = *old->second->Get(kLmHead);
+    bytes -= static_cast<int64_t>(head.nbytes);
+    numel -= Numel(head);
+  }
+  auto meta = index.find("metadata");
+  for (const auto& [key, added] : {std::pair{"total_size", bytes}, {"total_parameters", numel}}) {
+    if (meta == index.end() || !meta->is_object()) break;
+    auto total = meta->find(key);
+    if (total != meta->end() && total->is_number_integer()) *total = total->get<int64_t>() + added;
+  }
+  return WriteJson(to, index);
+}
+
+absl::Status WriteUntiedConfig(const fs::path& from, const fs::path& to) {
+  LATHE_ASSIGN_OR_RETURN(json config, ReadJson(from));
+  config["tie_word_embeddings"] = false;
+  return WriteJson(to, config);
+}
+
+}  // namespace
+
+absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, double scale,
+                              const std::string& base_dir, const std::string& out) {
+  const std::map<std::string, LoraPair> pairs = Pairs(params);
+  LATHE_ASSIGN_OR_RETURN(BaseModel base, OpenBase(base_dir));
+  const bool untie = base.tied && pairs.count(kLmHead) > 0;
+  LATHE_RETURN_IF_ERROR(CheckTargets(pairs, base, untie, base_dir));
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()));
+  for (const std::unique_ptr<SafetensorsFile>& file : base.files) {
+    const fs::path name = fs::path(file->path()).filename();
+    LATHE_RETURN_IF_ERROR(WriteMergedFile(*file, pairs, scale, untie, fs::path(out) / name));
+  }
+  for (const fs::path& from : base.others) {
+    const fs::path to = fs::path(out) / from.filename();
+    if (untie && from.filename() == kConfig) {
+      LATHE_RETURN_IF_ERROR(WriteUntiedConfig(from, to));
+    } else if (untie && from.filename() == kIndex) {
+      const std::string head_file = fs::path(base.holder.at(kEmbed)->path()).filename().string();
+      LATHE_RETURN_IF_ERROR(WriteUntiedIndex(from, to, base, head_file));
+    } else {
+      fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
+      if (ec) return absl::InternalError(absl::StrCat("cannot copy ", from.string(), ": ", ec.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lathe::runtime

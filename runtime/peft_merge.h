@@ -1,0 +1,33 @@
+// The merged export: a Hugging Face model folder with a LoRA adapter folded
+// into its weights, loadable by transformers alone.
+#ifndef LATHE_RUNTIME_PEFT_MERGE_H_
+#define LATHE_RUNTIME_PEFT_MERGE_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace lathe::runtime {
+
+// Writes into `out` (created if missing) the model of `base_dir` with
+// W + scale·B·A folded into every weight `params` adapts (whole LoRA tensors by
+// lathe name, stacked experts named with "{e}"): the base's safetensors files
+// with their own names, dtypes and metadata, and its other files copied.
+// A tied model whose lm_head is adapted gets its own "lm_head.weight"
+// (embedding + scale·B·A, in the file holding the embedding, entered in
+// model.safetensors.index.json when the base is sharded) and
+// "tie_word_embeddings": false in config.json.
+// FailedPrecondition naming the tensor when the base holds no weight to merge
+// into (and saying so when it stores those experts fused) or holds it in a
+// dtype other than F32/BF16/F16; checked before anything is written. I/O and
+// format errors as they happen, with `out` partly written (the caller owns
+// its removal). libtorch may throw c10::Error.
+absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, double scale,
+                              const std::string& base_dir, const std::string& out);
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_PEFT_MERGE_H_
