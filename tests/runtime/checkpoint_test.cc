@@ -12,29 +12,19 @@
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
 #include "tests/runtime/file_size_limit.h"
+#include "tests/runtime/tiny_model_test.h"
 
 namespace lathe::runtime {
 namespace {
 
 namespace fs = std::filesystem;
 
-class CheckpointTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    TinyModelSpec spec;
-    spec.vocab_size = 64;
-    spec.hidden_size = 32;
-    spec.head_dim = 8;
-    spec.num_experts = 4;
-    ASSERT_TRUE(WriteTinyModel(Model(), spec).ok());
-  }
-  static std::string Model() { return ::testing::TempDir() + "/checkpoint_test_model"; }
+constexpr char kCheckpointTestName[] = "checkpoint_test";
 
+class CheckpointTest : public TinyModelTest<kCheckpointTestName> {
+ protected:
   void SetUp() override {
-    root_ = ::testing::TempDir() + "/checkpoint_test/" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    fs::remove_all(root_);
-    fs::create_directories(root_);
+    TinyModelTest::SetUp();
     LoraSettings lora;
     lora.rank = 4;
     auto trainer = Trainer::Create({Model(), lora, 16, 0});
@@ -48,14 +38,7 @@ class CheckpointTest : public ::testing::Test {
     meta.name = name;
     return SaveCheckpoint(*trainer_, root_ + "/" + name, overwrite, meta, {}, nullptr, absl::Seconds(10));
   }
-  std::vector<std::string> Entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(root_)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
 
-  std::string root_;
   std::unique_ptr<Trainer> trainer_;
 };
 

@@ -16,29 +16,19 @@
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
 #include "tests/runtime/file_size_limit.h"
+#include "tests/runtime/tiny_model_test.h"
 
 namespace lathe::runtime {
 namespace {
 
 namespace fs = std::filesystem;
 
-class PeftExportTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    TinyModelSpec spec;
-    spec.vocab_size = 64;
-    spec.hidden_size = 32;
-    spec.head_dim = 8;
-    spec.num_experts = 4;
-    ASSERT_TRUE(WriteTinyModel(Model(), spec).ok());
-  }
-  static std::string Model() { return ::testing::TempDir() + "/peft_export_test_model"; }
+constexpr char kPeftExportTestName[] = "peft_export_test";
 
+class PeftExportTest : public TinyModelTest<kPeftExportTestName> {
+ protected:
   void SetUp() override {
-    root_ = ::testing::TempDir() + "/peft_export_test/" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    fs::remove_all(root_);
-    fs::create_directories(root_);
+    TinyModelTest::SetUp();
     lora_.rank = 4;
     lora_.alpha = 8.0;
     auto trainer = Trainer::Create({Model(), lora_, 16, 0});
@@ -49,19 +39,11 @@ class PeftExportTest : public ::testing::Test {
   absl::Status Export(const std::string& name, const std::string& base = "", int64_t ttl_seconds = 0) {
     return WritePeftAdapter(params_, lora_, "tiny", root_ + "/" + name, base, ttl_seconds);
   }
-  // The names in the test's folder, sorted.
-  std::vector<std::string> Entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(root_)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
   nlohmann::json Sampler(const std::string& name) const {
     std::ifstream in(root_ + "/" + name + "/lathe_sampler.json");
     return nlohmann::json::parse(in);
   }
 
-  std::string root_;
   LoraSettings lora_;
   std::map<std::string, at::Tensor> params_;
 };
