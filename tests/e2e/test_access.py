@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 import service_client as sc
-from service_client import Health, pb
+from service_client import Health
 
 Code = grpc.StatusCode
 MIB = 1 << 20

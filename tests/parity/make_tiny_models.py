@@ -132,6 +132,30 @@ def checkpoint_layout(out_dir: str) -> str:
     return "dense"
 
 
+def write_fused_experts(src: str, dst) -> dict:
+    """Writes the model of folder `src` to folder `dst` with each MoE layer's experts stored
+    fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]), as
+    some checkpoints hold them; returns its config."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    fused = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for layer in sorted({k.split(".")[2] for k in tensors if ".mlp.experts." in k}):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate = torch.stack([tensors[f"{p}.{e}.gate_proj.weight"] for e in range(experts)])
+        up = torch.stack([tensors[f"{p}.{e}.up_proj.weight"] for e in range(experts)])
+        fused[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+        fused[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in range(experts)])
+    os.makedirs(dst, exist_ok=True)
+    save_file(fused, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return config
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + ("all",))

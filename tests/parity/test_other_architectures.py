@@ -1,12 +1,10 @@
 """Llama- and Mistral-style decoders (no QK-norm): logprobs and full fine-tuning
 gradients equal transformers', and a model folder whose experts are stored fused
 (transformers 5.x in-memory names) loads like the per-expert one."""
-import json
-import os
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+
+import make_tiny_models
 
 ARCHS = ("llama", "mistral")
 
@@ -68,24 +66,8 @@ def test_logprobs_and_full_grads_match_transformers(kind, tmp_path, harness):
 
 def test_fused_expert_layout_loads_like_per_expert(tiny_models, harness, tmp_path):
     src = tiny_models["qwen3_moe"]
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    config = json.load(open(os.path.join(src, "config.json")))
-    experts = config.get("num_experts") or config.get("num_local_experts")
-    fused = {}
-    layers = {k.split(".")[2] for k in tensors if ".mlp.experts." in k}
-    for k, v in tensors.items():
-        if ".mlp.experts." not in k:
-            fused[k] = v
-    for layer in layers:
-        p = f"model.layers.{layer}.mlp.experts"
-        gate = torch.stack([tensors[f"{p}.{e}.gate_proj.weight"] for e in range(experts)])
-        up = torch.stack([tensors[f"{p}.{e}.up_proj.weight"] for e in range(experts)])
-        fused[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
-        fused[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in range(experts)])
     dst = tmp_path / "fused"
-    dst.mkdir()
-    save_file(fused, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config))
+    config = make_tiny_models.write_fused_experts(src, dst)
     data = batch(config["vocab_size"], seed=5)
     req = {"lora": None, "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]}
     a, b = harness(src, req), harness(str(dst), req)

@@ -153,23 +153,8 @@ def test_merged_tied_model_gets_its_own_lm_head(sharded_sparse_tied, harness, tm
 def test_a_refused_merge_leaves_nothing_behind(tiny_models, harness, tmp_path):
     """A base whose experts are stored fused cannot be merged into: the export says so and
     leaves neither the folder nor its .partial."""
-    from safetensors.torch import load_file, save_file
-
-    src = tiny_models["qwen3_moe"]
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    config = json.load(open(os.path.join(src, "config.json")))
-    fused = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
-    for layer in range(config["num_hidden_layers"]):
-        p = f"model.layers.{layer}.mlp.experts"
-        n = config.get("num_experts") or config["num_local_experts"]
-        gate = torch.stack([tensors[f"{p}.{e}.gate_proj.weight"] for e in range(n)])
-        up = torch.stack([tensors[f"{p}.{e}.up_proj.weight"] for e in range(n)])
-        fused[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
-        fused[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in range(n)])
     base = tmp_path / "fused"
-    base.mkdir()
-    save_file(fused, str(base / "model.safetensors"), metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps(config))
+    make_tiny_models.write_fused_experts(tiny_models["qwen3_moe"], base)
     out = str(tmp_path / "exports" / "m")
     res = harness(str(base), {"lora": LORA, "continue_on_error": True,
                               "ops": [{"op": "export_peft", "dir": out, "merged": True}]})
