@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/loss_spec.h"
+#include "runtime/quote.h"
 #include "runtime/status.h"
 
 namespace lathe::runtime {
@@ -125,7 +126,7 @@ absl::Status CheckDatum(int index, const lathe::v1::Datum& datum, const LossSpec
     const auto& opt = spec.optional_inputs;
     if (std::find(req.begin(), req.end(), key) == req.end() &&
         std::find(opt.begin(), opt.end(), key) == opt.end()) {
-      return DatumError(index, "loss_fn_inputs", absl::StrCat("has key '", key, "', which ", spec.name,
+      return DatumError(index, "loss_fn_inputs", absl::StrCat("has key ", QuoteForMessage(key), ", which ", spec.name,
                                                               " does not take (it takes ",
                                                               absl::StrJoin(req, ", "),
                                                               opt.empty() ? "" : ", ", absl::StrJoin(opt, ", "), ")"));
@@ -188,13 +189,13 @@ absl::StatusOr<std::vector<int32_t>> InputTokens(const lathe::v1::ModelInput& in
 absl::Status ValidateBatch(const lathe::v1::ForwardBackwardInput& input, const BatchLimits& limits) {
   const LossSpec* spec = FindLoss(input.loss_fn());
   if (spec == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown loss_fn '", input.loss_fn(), "' (known: ", LossNames(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("unknown loss_fn ", QuoteForMessage(input.loss_fn()), " (known: ", LossNames(), ")"));
   }
   for (const auto& [key, value] : input.loss_fn_config()) {
     if (spec->config_defaults.count(key) == 0) {
       std::vector<std::string> known;
       for (const auto& [k, v] : spec->config_defaults) known.push_back(k);
-      return absl::InvalidArgumentError(absl::StrCat("loss_fn_config key '", key, "' is not accepted by ", spec->name,
+      return absl::InvalidArgumentError(absl::StrCat("loss_fn_config key ", QuoteForMessage(key), " is not accepted by ", spec->name,
                                                      known.empty() ? " (it takes no config)"
                                                                    : absl::StrCat(" (it takes ", absl::StrJoin(known, ", "), ")")));
     }
