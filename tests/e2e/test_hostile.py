@@ -158,3 +158,32 @@ def test_a_refused_model_reaches_health_and_the_cli(make_deployment, tiny_model,
     cli = subprocess.run([os.path.join(build_dir, "client", "lathe"), "info", "--address", dep.address,
                           "--wait_s", "30"], capture_output=True, text=True, timeout=60)
     assert cli.returncode != 0 and "use_sliding_window" in cli.stderr, cli
+
+
+def test_a_failed_init_leaves_the_run_as_it_was(make_deployment, tiny_model, tmp_path):
+    """init builds the new state beside the run's current one: when the build fails (here the
+    model folder changed under the deployment), the run keeps its adapter, optimizer and
+    step, and a later init that can succeed does."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    dep = make_deployment("reinit")
+    dep.model_dir = str(model)
+    dep.start()
+    stub = dep.stub
+    run = sc.create_run(stub, **LORA)
+    tokens, targets = sc.random_sequence(np.random.default_rng(8), 10)
+    probe = sc.fb_op(datum(tokens, targets), datum(tokens, targets), forward=True)
+    answers = _run_ops(stub, run, [sc.fb_op(datum(tokens, targets)), {"optim_step": adam(learning_rate=1e-2)},
+                                   probe])
+    before = answers[2].result
+    good_config = (model / "config.json").read_text()
+    (model / "config.json").write_text(json.dumps({**json.loads(good_config), "use_sliding_window": True}))
+    failed = sc.wait(stub, sc.submit(stub, run, 4, init=pb.InitOp(lora=types.LoraConfig(rank=4, seed=2))))
+    assert failed.state == Retrieve.FAILED and "the run is unchanged" in failed.error.message, failed
+    after = _run_ops(stub, run, [probe], first_seq=5)[0]
+    assert after.state == Retrieve.DONE and after.result == before, "the failed init changed the run"
+    info = stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S)
+    assert info.lora.rank == LORA["rank"] and info.step == 1, info
+    (model / "config.json").write_text(good_config)
+    again = sc.result(stub, sc.submit(stub, run, 6, init=pb.InitOp(lora=types.LoraConfig(rank=4, seed=2))))
+    assert again.init.lora.rank == 4 and again.init.step == 0
