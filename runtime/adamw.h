@@ -47,6 +47,10 @@ class AdamW {
     at::Tensor exp_avg;
     at::Tensor exp_avg_sq;
     int64_t step = 0;
+    // Upper bounds of |param|, |exp_avg| and exp_avg_sq, kept across steps
+    // so that most steps are proven finite without touching the tensors; < 0:
+    // not known (a fresh or restored state), measured when next needed.
+    double param_bound = -1, exp_avg_bound = -1, exp_avg_sq_bound = -1;
   };
   std::vector<State>& states() { return states_; }
   // Replaces the whole state (a checkpoint's). REQUIRES: one State per
@@ -62,6 +66,11 @@ class AdamW {
   }
 
  private:
+  // Whether the step is proven finite by the states' bounds and `grad_bound`
+  // (>= every |gradient| element); on true the bounds hold the step's. False
+  // means only "not proven".
+  bool BoundsProveFinite(const std::vector<TrainableParam>& params, const AdamHyper& hyper, double grad_bound);
+  // Whether the step is finite, computed aside (exact, costs a step).
   bool UpdateIsFinite(const std::vector<TrainableParam>& params, const AdamHyper& hyper);
   void Update(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
               int64_t step, const AdamHyper& hyper);
