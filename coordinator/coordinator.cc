@@ -126,9 +126,13 @@ void Coordinator::Housekeeping() {
   absl::MutexLock lock(&mu_);
   auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
   bool serving = false;
-  absl::Time next_expiry = absl::Now();
+  absl::Time next_expiry = absl::Now(), next_heartbeat = absl::Now();
   while (!mu_.AwaitWithTimeout(absl::Condition(&stopping), tick)) {
     registry_->CheckHeartbeats();
+    if (absl::Now() >= next_heartbeat) {
+      registry_->SendHeartbeats();
+      next_heartbeat = absl::Now() + options_.heartbeat_interval;
+    }
     ledger_->Sweep();
     if (!options_.service.checkpoint_root.empty() && absl::Now() >= next_expiry) {
       if (int n = lathe_service_->checkpoints().Expire(absl::Now()); n > 0) {

@@ -47,6 +47,16 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   return absl::OkStatus();
 }
 
+void ReplicaRegistry::SendHeartbeats() {
+  lathe::v1::CoordinatorMessage beat;
+  beat.mutable_heartbeat();
+  absl::MutexLock lock(&mu_);
+  for (Replica& slot : replicas_) {
+    // A failed send shows up as the replica's disconnection.
+    if (slot.connected && slot.sink != nullptr) slot.sink->Send(beat);
+  }
+}
+
 void ReplicaRegistry::Refused(int replica, const std::string& why) {
   absl::MutexLock lock(&mu_);
   if (state_ == DeploymentState::kShuttingDown) return;

@@ -47,6 +47,9 @@ class ReplicaRegistry {
   // already registered, or once the deployment is lost or shutting down.
   // `sink` is not owned and stays valid until Disconnected(replica).
   absl::Status Register(const lathe::v1::RegisterReplica& registration, ReplicaSink* sink);
+  // Sends a heartbeat to every connected replica (so each can tell a silent
+  // coordinator). Call it every heartbeat interval.
+  void SendHeartbeats();
   // Replica `replica` cannot serve (`why`, e.g. its model was refused): the
   // deployment cannot start and says why (kLost, detail "replica N refused
   // to start: why"). Ignored while shutting down.

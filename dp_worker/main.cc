@@ -32,6 +32,9 @@ ABSL_FLAG(double, sample_batch_window_ms, 2,
           "how long a sampling batch waits after each arriving request for another before it starts");
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
 ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
+ABSL_FLAG(int, coordinator_timeout_s, 300,
+          "seconds of silence (no heartbeat, no task) after which the coordinator is taken for gone and the replica "
+          "stops");
 ABSL_FLAG(std::string, checkpoint_root, "", "folder (shared by every node) for checkpoints; empty: saving refused");
 ABSL_FLAG(std::string, worker_token_file, "",
           "file whose first line is the coordinator's worker token (else $LATHE_WORKER_TOKEN); required");
@@ -71,6 +74,7 @@ int main(int argc, char** argv) {
   o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
+  o.link.coordinator_timeout = absl::Seconds(absl::GetFlag(FLAGS_coordinator_timeout_s));
   o.link.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   if (absl::Status s = ReadLinkCredentials(o.link); !s.ok() && !absl::GetFlag(FLAGS_dry_run)) {
     std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());

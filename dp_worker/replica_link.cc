@@ -86,6 +86,11 @@ absl::StatusOr<std::unique_ptr<ReplicaLink>> ReplicaLink::Connect(const LinkOpti
   if (answer.registered().heartbeat_interval_ms() > 0) {
     link->heartbeat_interval_ = absl::Milliseconds(answer.registered().heartbeat_interval_ms());
   }
+  link->coordinator_timeout_ = options.coordinator_timeout;
+  {
+    absl::MutexLock lock(&link->mu_);
+    link->last_heard_ = absl::Now();
+  }
   link->reader_ = std::thread([l = link.get()] { l->ReadLoop(); });
   link->heartbeat_ = std::thread([l = link.get()] { l->HeartbeatLoop(); });
   return link;
@@ -102,6 +107,10 @@ void ReplicaLink::ReadLoop() {
   std::string reason = "coordinator closed the stream";
   bool shut_down = false;
   while (stream_->Read(&message)) {
+    {
+      absl::MutexLock lock(&mu_);
+      last_heard_ = absl::Now();
+    }
     if (message.has_shutdown()) {
       reason = absl::StrCat("coordinator shut down: ", message.shutdown().reason());
       shut_down = true;
@@ -127,6 +136,13 @@ void ReplicaLink::HeartbeatLoop() {
   auto stop_or_closed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_ || closed_; };
   absl::MutexLock lock(&mu_);
   while (!mu_.AwaitWithTimeout(absl::Condition(&stop_or_closed), heartbeat_interval_)) {
+    if (const absl::Duration silent = absl::Now() - last_heard_; silent > coordinator_timeout_) {
+      // The reader still waits on the stream: cancelling it ends the wait.
+      close_reason_ = absl::StrCat("the coordinator sent nothing for ", absl::FormatDuration(silent),
+                                   " (--coordinator_timeout_s)");
+      context_.TryCancel();
+      break;
+    }
     lathe::v1::WorkerMessage beat;
     beat.mutable_heartbeat()->set_tasks_done(tasks_done_);
     mu_.Unlock();

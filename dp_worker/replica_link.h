@@ -30,6 +30,9 @@ struct LinkOptions {
   // (64 MiB) plus room for a task's envelope.
   int64_t max_message_bytes = int64_t{65} << 20;
   absl::Duration connect_timeout = absl::Minutes(5);
+  // A coordinator silent this long (no heartbeat, no task) is gone: the link
+  // closes and the replica stops.
+  absl::Duration coordinator_timeout = absl::Minutes(5);
 };
 
 // The worker token: the first line of `path`, else $LATHE_WORKER_TOKEN.
@@ -75,6 +78,7 @@ class ReplicaLink {
   grpc::ClientContext context_;
   std::unique_ptr<grpc::ClientReaderWriter<lathe::v1::WorkerMessage, lathe::v1::CoordinatorMessage>> stream_;
   absl::Duration heartbeat_interval_ = absl::Seconds(1);
+  absl::Duration coordinator_timeout_ = absl::Minutes(5);
 
   mutable absl::Mutex mu_;
   std::deque<lathe::v1::Task> tasks_ ABSL_GUARDED_BY(mu_);
@@ -82,6 +86,7 @@ class ReplicaLink {
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::string close_reason_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_heard_ ABSL_GUARDED_BY(mu_);  // from the coordinator
   int64_t tasks_done_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Mutex write_mu_;  // one writer at a time on the stream
   bool writes_done_ ABSL_GUARDED_BY(write_mu_) = false;

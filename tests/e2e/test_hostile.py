@@ -187,3 +187,23 @@ def test_a_failed_init_leaves_the_run_as_it_was(make_deployment, tiny_model, tmp
     (model / "config.json").write_text(good_config)
     again = sc.result(stub, sc.submit(stub, run, 6, init=pb.InitOp(lora=types.LoraConfig(rank=4, seed=2))))
     assert again.init.lora.rank == 4 and again.init.step == 0
+
+
+def test_replicas_stop_when_the_coordinator_stays_silent(make_deployment):
+    """Liveness both ways: the coordinator sends heartbeats too, so replicas whose coordinator
+    stays silent past --coordinator_timeout_s stop (instead of holding their devices forever),
+    and the coordinator, once it runs again, reports the deployment UNAVAILABLE."""
+    dep = make_deployment("silent", worker_args=["--coordinator_timeout_s", "3"]).start()
+    os.kill(dep.coordinator.pid, signal.SIGSTOP)
+    try:
+        dep.workers.wait(timeout=60)
+    finally:
+        os.kill(dep.coordinator.pid, signal.SIGCONT)
+    with open(dep.workers_log, errors="replace") as f:
+        assert "the coordinator sent nothing for" in f.read(), dep.log_tails()
+    deadline = time.monotonic() + 30
+    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    while health.state != sc.Health.UNAVAILABLE and time.monotonic() < deadline:
+        time.sleep(0.2)
+        health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    assert health.state == sc.Health.UNAVAILABLE, f"{health}\n{dep.log_tails()}"
