@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dp_worker/op_outcome.h"
+#include "tests/mpi_verdict.h"
 
 namespace lathe::dp_worker {
 namespace {
@@ -63,9 +64,5 @@ int main(int argc, char** argv) {
     Expect(c.ok(), "replica communicator");
     if (c.ok()) Agreement(**c);
   }
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank == 0) std::printf("%s: %d failure(s) over %d ranks\n", total == 0 ? "PASS" : "FAIL", total, world);
-  MPI_Finalize();
-  return total == 0 ? 0 : 1;
+  return lathe::tests::MpiVerdict(failures);
 }

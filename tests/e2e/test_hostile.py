@@ -23,6 +23,17 @@ from service_client import Retrieve, adam, datum, pb, types
 LORA = dict(rank=8, seed=11)
 
 
+def _await_unavailable(dep, timeout: float) -> pb.HealthResponse:
+    """Health once it says UNAVAILABLE (whatever became of the workers); fails after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    while health.state != sc.Health.UNAVAILABLE and time.monotonic() < deadline:
+        time.sleep(0.2)
+        health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
+    assert health.state == sc.Health.UNAVAILABLE, f"{health}\n{dep.log_tails()}"
+    return health
+
+
 def _run_ops(stub, run, ops, first_seq=1):
     """Submits ops in order; returns their Retrieve answers."""
     ids = [sc.submit(stub, run, first_seq + i, **op) for i, op in enumerate(ops)]
@@ -146,12 +157,7 @@ def test_a_refused_model_reaches_health_and_the_cli(make_deployment, tiny_model,
     dep = make_deployment("refused")
     dep.model_dir = str(refused)
     dep.start(wait_serving=False)
-    deadline = time.monotonic() + 60
-    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
-    while health.state != sc.Health.UNAVAILABLE and time.monotonic() < deadline:
-        time.sleep(0.2)
-        health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
-    assert health.state == sc.Health.UNAVAILABLE, f"{health}\n{dep.log_tails()}"
+    health = _await_unavailable(dep, 60)
     assert re.search(r"replica [01] refused to start", health.detail) and "use_sliding_window" in health.detail, \
         health.detail
     assert health.detail.count("config.json") == 1, health.detail
@@ -201,9 +207,4 @@ def test_replicas_stop_when_the_coordinator_stays_silent(make_deployment):
         os.kill(dep.coordinator.pid, signal.SIGCONT)
     with open(dep.workers_log, errors="replace") as f:
         assert "the coordinator sent nothing for" in f.read(), dep.log_tails()
-    deadline = time.monotonic() + 30
-    health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
-    while health.state != sc.Health.UNAVAILABLE and time.monotonic() < deadline:
-        time.sleep(0.2)
-        health = dep.stub.Health(pb.HealthRequest(), timeout=sc.RPC_TIMEOUT_S)
-    assert health.state == sc.Health.UNAVAILABLE, f"{health}\n{dep.log_tails()}"
+    _await_unavailable(dep, 30)

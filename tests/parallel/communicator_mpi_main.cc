@@ -10,6 +10,7 @@
 
 #include "parallel/communicator.h"
 #include "parallel/mesh.h"
+#include "tests/mpi_verdict.h"
 
 namespace lathe::parallel {
 namespace {
@@ -124,9 +125,5 @@ int main(int argc, char** argv) {
     if (c.ok()) Collectives(**c);
   }
   LatePeer(world);
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank == 0) std::printf("%s: %d failure(s) over %d ranks\n", total == 0 ? "PASS" : "FAIL", total, world);
-  MPI_Finalize();
-  return total == 0 ? 0 : 1;
+  return lathe::tests::MpiVerdict(failures);
 }

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "parallel/rank_info.h"
+#include "tests/mpi_verdict.h"
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
@@ -21,11 +22,5 @@ int main(int argc, char** argv) {
                  from_env->node_count);
     ++failures;
   }
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank == 0) std::printf("%s: %d rank(s) disagree\n", total == 0 ? "PASS" : "FAIL", total);
-  MPI_Finalize();
-  return total == 0 ? 0 : 1;
+  return lathe::tests::MpiVerdict(failures);
 }
