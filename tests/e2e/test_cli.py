@@ -34,6 +34,11 @@ def test_info_train_and_checkpoints(deployment, build_dir, tmp_path):
     info = _lathe(build_dir, "info", "--address", address, "--wait_s", "30")
     assert info.returncode == 0, info.stderr
     assert "SERVING" in info.stdout and "tiny" in info.stdout, info.stdout
+    # A readable summary, one fact per line, not a protobuf dump.
+    assert re.search(r"^deployment: SERVING, 2 of 2 replica\(s\) registered$", info.stdout, re.M), info.stdout
+    assert re.search(r"^layout: 2 replica\(s\) x 1 node\(s\) x 2 device\(s\) per node, tp 1, ep 2$", info.stdout,
+                     re.M), info.stdout
+    assert "{" not in info.stdout, info.stdout
 
     data = str(tmp_path / "sft.jsonl")
     _sft_data(data)
@@ -47,7 +52,7 @@ def test_info_train_and_checkpoints(deployment, build_dir, tmp_path):
 
     described = _lathe(build_dir, "info", "--address", address, "--run_id", run_id)
     assert described.returncode == 0, described.stderr
-    assert "step: 12" in described.stdout and "rank: 16" in described.stdout, described.stdout
+    assert "step: 12" in described.stdout and "LoRA rank: 16" in described.stdout, described.stdout
 
     checkpoints = _lathe(build_dir, "checkpoints", "--address", address, "--run_id", run_id)
     # This deployment was started without a checkpoint root: a clear refusal, at save and at listing.
