@@ -25,8 +25,8 @@ at::Tensor Threshold(const std::map<std::string, at::Tensor>& inputs,
 // sequence log-ratio is taken as 0 (ratio 1) rather than the 0/0 of a mean.
 at::Tensor SequenceRatio(const at::Tensor& lp, const at::Tensor& q, const at::Tensor& in_ratio) {
   at::Tensor lp_value = lp.detach();
-  at::Tensor log_ratio =
-      at::where(in_ratio, lp_value - q, at::zeros_like(lp_value)).sum() / in_ratio.sum().clamp_min(1).to(lp.scalar_type());
+  at::Tensor marked = in_ratio.sum().clamp_min(1).to(lp.scalar_type());
+  at::Tensor log_ratio = at::where(in_ratio, lp_value - q, at::zeros_like(lp_value)).sum() / marked;
   return at::exp(log_ratio + (lp - lp_value));
 }
 

@@ -208,7 +208,10 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   Expect(fwd_a.ok() && fwd_b.ok(), label + ": forward ran");
   if (fwd_a.ok() && fwd_b.ok()) CompareOutputs(*fwd_a, *fwd_b, label + " forward");
   const std::vector<std::pair<std::vector<int>, std::string>> steps = {
-      {{7, 12, 3, 9, 5, 1, 20}, "cross_entropy"}, {{11, 4, 6}, "importance_sampling"}, {{13}, "ppo"}, {{6, 10}, "gspo"}};
+      {{7, 12, 3, 9, 5, 1, 20}, "cross_entropy"},
+      {{11, 4, 6}, "importance_sampling"},
+      {{13}, "ppo"},
+      {{6, 10}, "gspo"}};
   for (size_t step = 0; step < steps.size(); ++step) {
     const std::string when = label + " step " + std::to_string(step);
     auto in = Batch(steps[step].first, steps[step].second, vocab, static_cast<int>(step));
