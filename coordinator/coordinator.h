@@ -20,7 +20,7 @@
 namespace lathe::coordinator {
 
 // 64 MiB: the largest preset max_seq_len (16384 tokens) x 128 datums x 32
-// bytes per token (int32 token, int64 target, up to four float32 inputs).
+// bytes per token (int32 token, int64 target, up to five float32 inputs).
 inline constexpr int64_t kDefaultMaxRequestBytes = int64_t{64} << 20;
 
 struct CoordinatorOptions {

@@ -19,6 +19,12 @@ const std::vector<LossSpec>& Specs() {
        {"clip_low_threshold", "clip_high_threshold"},
        {{"clip_low_threshold", 0.0}, {"clip_high_threshold", 4.0}}},
       {"dro", {"target_tokens", "logprobs", "advantages"}, {}, {{"beta", 0.05}}},
+      // GSPO-token: the ratio of PPO replaced by the sequence's geometric-mean
+      // ratio over the tokens sequence_ratio_mask marks (nonzero).
+      {"gspo",
+       {"target_tokens", "logprobs", "advantages", "sequence_ratio_mask"},
+       {"clip_low_threshold", "clip_high_threshold"},
+       {{"clip_low_threshold", 0.8}, {"clip_high_threshold", 1.2}}},
   };
   return specs;
 }

@@ -1,5 +1,5 @@
 // Loss formulas (see DESIGN.md "Semantics"): cross_entropy, importance
-// sampling, PPO, CISPO and DRO.
+// sampling, PPO, CISPO, DRO and GSPO.
 #include "runtime/losses.h"
 
 #include <ATen/ATen.h>
@@ -16,6 +16,18 @@ at::Tensor Threshold(const std::map<std::string, at::Tensor>& inputs,
   auto it = inputs.find(key);
   if (it != inputs.end()) return it->second.to(like.scalar_type());
   return at::full_like(like, config.at(key));
+}
+
+// GSPO-token's per-token ratio: every token carries the value of the sequence
+// ratio exp(mean over M of (lp - q)), M the tokens sequence_ratio_mask marks
+// whose target is not ignored, and the gradient of its own logprob. The mean
+// is detached (the sequence ratio is a stop-gradient factor); with M empty the
+// sequence log-ratio is taken as 0 (ratio 1) rather than the 0/0 of a mean.
+at::Tensor SequenceRatio(const at::Tensor& lp, const at::Tensor& q, const at::Tensor& in_ratio) {
+  at::Tensor lp_value = lp.detach();
+  at::Tensor marked = in_ratio.sum().clamp_min(1).to(lp.scalar_type());
+  at::Tensor log_ratio = at::where(in_ratio, lp_value - q, at::zeros_like(lp_value)).sum() / marked;
+  return at::exp(log_ratio + (lp - lp_value));
 }
 
 }  // namespace
@@ -71,14 +83,20 @@ at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& lp,
       at::Tensor diff = lp - q;
       loss = -(lp * adv - 0.5 * beta * diff * diff);
     } else {
-      at::Tensor ratio = at::exp(lp - q);
+      at::Tensor ratio;
+      if (loss_fn == "gspo") {
+        at::Tensor in_ratio = inputs.at("sequence_ratio_mask").ne(0) & keep.ne(0);
+        ratio = SequenceRatio(lp, q, in_ratio);
+      } else {
+        ratio = at::exp(lp - q);
+      }
       if (loss_fn == "importance_sampling") {
         loss = -ratio * adv;
       } else {
         at::Tensor lo = Threshold(inputs, config, "clip_low_threshold", lp);
         at::Tensor hi = Threshold(inputs, config, "clip_high_threshold", lp);
         at::Tensor clipped = at::min(at::max(ratio, lo), hi);
-        if (loss_fn == "ppo") {
+        if (loss_fn == "ppo" || loss_fn == "gspo") {
           loss = -at::minimum(ratio * adv, clipped * adv);
         } else {  // cispo
           loss = -clipped.detach() * lp * adv;

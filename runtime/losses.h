@@ -23,10 +23,12 @@ using GatherLogprobsFn = std::function<at::Tensor(const at::Tensor& logits, cons
 at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets,
                           const GatherLogprobsFn& gather = nullptr);
 
-// Elementwise loss shaped like `logprobs`, zero at ignored targets.
-// `inputs` holds every loss_fn_input as a float or int64 tensor; `config`
-// holds the spec's defaults overridden by loss_fn_config.
-// REQUIRES: inputs and config were validated against FindLoss(loss_fn).
+// Elementwise loss shaped like `logprobs`, zero at ignored targets; its sum is
+// the datum's loss. `inputs` holds every loss_fn_input as a float or int64
+// tensor; `config` holds the spec's defaults overridden by loss_fn_config.
+// REQUIRES: inputs and config were validated against FindLoss(loss_fn), and
+// `logprobs` and `inputs` cover one whole datum (gspo's sequence ratio is a
+// mean over the datum's tokens).
 at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& logprobs,
                            const std::map<std::string, at::Tensor>& inputs,
                            const std::map<std::string, double>& config);

@@ -35,12 +35,14 @@ def _cross_entropy_data(rng, lengths=(3, 17, 9, 40, 1, 25)):
     return wire, js
 
 
-def _importance_sampling_data(rng, lengths=(12, 5, 30, 2, 21, 8)):
+def _importance_sampling_data(rng, lengths=(12, 5, 30, 2, 21, 8), ratio_mask=False):
     wire, js = [], []
     for n in lengths:
         tokens, targets = sc.random_sequence(rng, n)
         inputs = {"logprobs": rng.uniform(-6.0, -0.05, size=n).astype(np.float32),
                   "advantages": rng.normal(size=n).astype(np.float32)}
+        if ratio_mask:  # gspo
+            inputs["sequence_ratio_mask"] = (rng.uniform(size=n) < 0.7).astype(np.float32)
         wire.append(datum(tokens, targets, **inputs))
         js.append(_json_datum(tokens, targets, inputs))
     return wire, js
@@ -83,11 +85,15 @@ def test_operations_match_in_process_runtime(deployment, harness, lora_rank, lr)
     ce_wire, ce_json = _cross_entropy_data(rng)
     is_wire, is_json = _importance_sampling_data(rng)
     eval_wire, eval_json = _cross_entropy_data(rng, lengths=(7, 33, 4))
+    gspo_wire, gspo_json = _importance_sampling_data(rng, lengths=(9, 17, 3), ratio_mask=True)
+    gspo_cfg = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
     ops = [
         ("forward_backward", batch(ce_wire), {"op": "forward_backward", "loss_fn": "cross_entropy", "data": ce_json}),
         ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
         ("forward_backward", batch(is_wire, "importance_sampling"),
          {"op": "forward_backward", "loss_fn": "importance_sampling", "data": is_json}),
+        ("forward_backward", batch(gspo_wire, "gspo", gspo_cfg),
+         {"op": "forward_backward", "loss_fn": "gspo", "loss_fn_config": gspo_cfg, "data": gspo_json}),
         ("optim_step", adam(learning_rate=lr), {"op": "optim_step", "adam": {"learning_rate": lr}}),
         ("forward", batch(eval_wire), {"op": "forward", "loss_fn": "cross_entropy", "data": eval_json}),
     ]

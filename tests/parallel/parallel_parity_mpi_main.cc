@@ -1,7 +1,8 @@
 // Under mpirun: a sharded run (replicas × node group, tp, ep) of tiny Qwen3
 // and Qwen3-MoE models against the single-process runtime, computed on every
 // rank. LoRA and full fine-tuning; forward, forward_backward with several
-// losses and batches that leave data shards empty, three clipped optim_steps.
+// losses (gspo's per-datum sequence ratio included) and batches that leave
+// data shards empty, four clipped optim_steps.
 // Checks per-datum logprobs (abs), losses and grad norms (rel), every
 // parameter shard against the matching slice of the reference after each
 // step, and the adapter's initial values. All ranks agree on the verdict.
@@ -64,7 +65,7 @@ lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std
   for (size_t d = 0; d < lengths.size(); ++d) {
     std::vector<int32_t> tokens;
     std::vector<int64_t> targets;
-    std::vector<float> weights, q, adv;
+    std::vector<float> weights, q, adv, ratio_mask;
     for (int i = 0; i < lengths[d]; ++i) {
       tokens.push_back(static_cast<int32_t>((d * 131 + i * 17 + salt * 7) % vocab));
       targets.push_back(i == 1 ? -100 : static_cast<int64_t>((d * 29 + i * 53 + salt) % vocab));
@@ -74,6 +75,7 @@ lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std
       // (a relative check of a cancelled sum measures nothing).
       const int k = (static_cast<int>(d) + i) % 3;
       adv.push_back(k == 0 ? -0.5f : static_cast<float>(k));
+      ratio_mask.push_back(i % 4 == 3 ? 0.0f : 1.0f);  // marks the ignored target 1 too
     }
     lathe::v1::Datum* datum = in.add_data();
     datum->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(tokens.data(), tokens.size() * 4);
@@ -84,6 +86,7 @@ lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std
     } else {
       inputs["logprobs"] = Wire(q, lathe::v1::FLOAT32);
       inputs["advantages"] = Wire(adv, lathe::v1::FLOAT32);
+      if (loss == "gspo") inputs["sequence_ratio_mask"] = Wire(ratio_mask, lathe::v1::FLOAT32);
     }
   }
   return in;
@@ -205,7 +208,10 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   Expect(fwd_a.ok() && fwd_b.ok(), label + ": forward ran");
   if (fwd_a.ok() && fwd_b.ok()) CompareOutputs(*fwd_a, *fwd_b, label + " forward");
   const std::vector<std::pair<std::vector<int>, std::string>> steps = {
-      {{7, 12, 3, 9, 5, 1, 20}, "cross_entropy"}, {{11, 4, 6}, "importance_sampling"}, {{13}, "ppo"}};
+      {{7, 12, 3, 9, 5, 1, 20}, "cross_entropy"},
+      {{11, 4, 6}, "importance_sampling"},
+      {{13}, "ppo"},
+      {{6, 10}, "gspo"}};
   for (size_t step = 0; step < steps.size(); ++step) {
     const std::string when = label + " step " + std::to_string(step);
     auto in = Batch(steps[step].first, steps[step].second, vocab, static_cast<int>(step));

@@ -64,6 +64,7 @@ LOSS_CONFIG_DEFAULTS = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05},
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 LOSS_REQUIRED_INPUTS = {
     "cross_entropy": ("target_tokens", "weights"),
@@ -71,6 +72,7 @@ LOSS_REQUIRED_INPUTS = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
 }
 
 
@@ -297,12 +299,33 @@ def elementwise_loss(loss_fn: str, lp: torch.Tensor, mask: torch.Tensor, inputs:
                 out = -torch.minimum(ratio * adv, clipped * adv)
             else:
                 out = -clipped.detach() * lp * adv
+        elif loss_fn == "gspo":
+            out = _gspo_elementwise(lp, mask, q, adv, inputs, cfg)
         elif loss_fn == "dro":
             beta = cfg["beta"]
             out = -(lp * adv - 0.5 * beta * (lp - q) ** 2)
         else:
             raise ValueError(f"unknown loss_fn {loss_fn!r}")
     return torch.where(mask, out, zero)
+
+
+def _gspo_elementwise(lp, mask, q, adv, inputs, cfg):
+    """GSPO-token (Zheng et al. 2025, as Tinker defines it).
+
+    M = tokens with sequence_ratio_mask != 0 (and a real target).  The sequence ratio
+    s = exp(mean_{t in M} (log p(x_t) - log q(x_t))) is a geometric mean of token ratios;
+    token t's ratio is sg(s) * p(x_t) / sg(p(x_t)): value s, gradient of its own logprob.
+    Loss_t = -min(s_t A_t, clip(s_t, lo, hi) A_t).  An empty M counts as log s = 0."""
+    marked = (inputs["sequence_ratio_mask"] != 0) & mask
+    if bool(marked.any()):
+        log_s = (lp.detach() - q)[marked].mean()
+    else:
+        log_s = torch.zeros((), dtype=lp.dtype)
+    token_ratio = torch.exp(log_s) * torch.exp(lp - lp.detach())
+    lo = inputs.get("clip_low_threshold", torch.full_like(lp, cfg["clip_low_threshold"]))
+    hi = inputs.get("clip_high_threshold", torch.full_like(lp, cfg["clip_high_threshold"]))
+    clipped = torch.clamp(token_ratio, lo, hi)
+    return -torch.minimum(token_ratio * adv, clipped * adv)
 
 
 # --------------------------------------------------------------------------------------
@@ -577,6 +600,8 @@ def random_datum(g: torch.Generator, vocab: int, n: int, *, loss_fn: str = "cros
         # sampler logprobs: plausible values in [-6, -0.05]; advantages of both signs
         inputs["logprobs"] = (-(torch.rand(shape, generator=g) * 5.95 + 0.05)).tolist()
         inputs["advantages"] = (torch.randn(shape, generator=g)).tolist()
+        if loss_fn == "gspo":  # about two thirds of the tokens in the ratio
+            inputs["sequence_ratio_mask"] = (torch.rand(shape, generator=g) < 0.67).float().tolist()
         if per_token_clip:
             inputs["clip_low_threshold"] = (0.5 + 0.4 * torch.rand(shape, generator=g)).tolist()
             inputs["clip_high_threshold"] = (1.1 + 0.9 * torch.rand(shape, generator=g)).tolist()

@@ -43,6 +43,17 @@ def _expected(case, lp, mask, x, cfg):
         beta = cfg.get("beta", 0.05)
         q = x["logprobs"]
         el = -(lp * x["advantages"] - 0.5 * beta * (lp - q) ** 2)
+    elif case.startswith("gspo"):
+        # the geometric mean of the token ratios over the marked loss tokens (1 if none),
+        # as a constant, times p/sg(p) for each token's own gradient
+        marked = (x["sequence_ratio_mask"] != 0) & mask
+        token_ratios = torch.exp(lp.detach() - x["logprobs"])[marked]
+        s = torch.prod(token_ratios) ** (1.0 / len(token_ratios)) if len(token_ratios) else torch.tensor(1.0)
+        r = s * torch.exp(lp - lp.detach())
+        lo = x.get("clip_low_threshold", torch.full_like(lp, cfg.get("clip_low_threshold", 0.8)))
+        hi = x.get("clip_high_threshold", torch.full_like(lp, cfg.get("clip_high_threshold", 1.2)))
+        a = x["advantages"]
+        el = -torch.minimum(r * a, torch.clamp(r, lo, hi) * a)
     else:
         raise AssertionError(case)
     return torch.where(mask, el, torch.zeros_like(el))
@@ -58,7 +69,16 @@ CASES = {
     "ppo_per_token": ("ppo", {"clip_low_threshold": 0.1, "clip_high_threshold": 10.0}, dict(per_token_clip=True)),
     "cispo": ("cispo", {}, {}),
     "dro": ("dro", {"beta": 0.3}, {}),
+    "gspo": ("gspo", {}, {}),
+    "gspo_config": ("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05}, dict(ignore_positions=(3,))),
+    "gspo_per_token": ("gspo", {"clip_low_threshold": 0.1, "clip_high_threshold": 10.0}, dict(per_token_clip=True)),
+    # datum 0 has no token in the ratio, datum 1 no loss token at all
+    "gspo_empty": ("gspo", {}, {}),
 }
+
+# Per datum, the mean log-ratio over the marked tokens that a gspo batch is shifted to:
+# one sequence ratio inside [0.8, 1.2], one above, one below.
+GSPO_LOG_RATIOS = (0.01, 0.3, -0.3)
 
 
 def _batch_for(case, ref, seed):
@@ -72,7 +92,26 @@ def _batch_for(case, ref, seed):
                 (lp, _), _ = _lp(ref, datum)
                 q = lp + 0.6 * torch.randn(lp.shape, generator=g)
                 datum["loss_fn_inputs"]["logprobs"] = q.tolist()
+    if loss_fn == "gspo":
+        _place_sequence_ratios(ref, data, case)
     return data
+
+
+def _place_sequence_ratios(ref, data, case):
+    """Shift each datum's sampler logprobs so that its sequence log-ratio is
+    GSPO_LOG_RATIOS[j] (the token ratios keep their spread); for "gspo_empty", empty the
+    ratio mask of datum 0 and ignore every target of datum 1."""
+    if case == "gspo_empty":
+        data[0]["loss_fn_inputs"]["sequence_ratio_mask"] = [0.0] * len(data[0]["tokens"])
+        data[1]["loss_fn_inputs"]["target_tokens"] = [R.IGNORE_INDEX] * len(data[1]["tokens"])
+    with torch.no_grad():
+        for j, datum in enumerate(data):
+            (lp, mask), x = _lp(ref, datum)
+            marked = (x["sequence_ratio_mask"] != 0) & mask
+            if not bool(marked.any()):
+                continue
+            shift = float((lp - x["logprobs"])[marked].mean()) - GSPO_LOG_RATIOS[j]
+            datum["loss_fn_inputs"]["logprobs"] = (x["logprobs"] + shift).tolist()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -99,6 +138,9 @@ def test_loss_fn_matches_formula(kind, case, tiny_models, harness, tmp_path):
             r = torch.cat([torch.exp(_lp(ref, dd)[0][0] - torch.tensor(dd["loss_fn_inputs"]["logprobs"]))
                            for dd in data])
         assert bool(((r < 0.9) | (r > 1.15)).any()) and bool(((r >= 0.9) & (r <= 1.15)).any())
+    if case.startswith("gspo"):  # the masks leave tokens out of the ratio, and tokens in it
+        marks = torch.cat([torch.tensor(dd["loss_fn_inputs"]["sequence_ratio_mask"]) for dd in data])
+        assert bool((marks == 0).any()) and bool((marks != 0).any())
 
     res = harness(d, {"lora": LORA, "adapter": path, "ops": [
         {"op": "forward_backward", "loss_fn": loss_fn, "loss_fn_config": cfg, "data": data},
@@ -160,13 +202,37 @@ def _corrupt(case, ref):
         data = _valid(ref)  # 1e39 overflows float32 to +inf
         data[BAD_DATUM]["loss_fn_inputs"]["weights"][0] = 1e39
         return "cross_entropy", {}, data, ["weights"], True
+    if case == "gspo_missing_mask":
+        data = _valid(ref, "gspo")
+        del data[BAD_DATUM]["loss_fn_inputs"]["sequence_ratio_mask"]
+        return "gspo", {}, data, ["sequence_ratio_mask"], True
+    if case == "gspo_nan_mask":
+        data = _valid(ref, "gspo")
+        data[BAD_DATUM]["loss_fn_inputs"]["sequence_ratio_mask"][1] = "NaN"
+        return "gspo", {}, data, ["sequence_ratio_mask"], True
+    if case == "gspo_inf_logprob":
+        data = _valid(ref, "gspo")
+        data[BAD_DATUM]["loss_fn_inputs"]["logprobs"][0] = "-Infinity"
+        return "gspo", {}, data, ["logprobs"], True
+    if case == "gspo_mask_beyond_float32":
+        data = _valid(ref, "gspo")  # 3.5e38 is a double but not a float32
+        data[BAD_DATUM]["loss_fn_inputs"]["sequence_ratio_mask"][2] = 3.5e38
+        return "gspo", {}, data, ["sequence_ratio_mask"], True
+    if case == "gspo_mask_wrong_length":
+        data = _valid(ref, "gspo")
+        data[BAD_DATUM]["loss_fn_inputs"]["sequence_ratio_mask"].append(1.0)
+        return "gspo", {}, data, ["sequence_ratio_mask"], True
+    if case == "gspo_config_beyond_float32":
+        return "gspo", {"clip_high_threshold": 1e39}, _valid(ref, "gspo"), ["clip_high_threshold"], False
     if case == "empty_batch":
         return "cross_entropy", {}, [], [], False
     raise AssertionError(case)
 
 
 VALIDATION_CASES = ["token_out_of_vocab", "target_out_of_vocab", "missing_advantages", "weights_wrong_length",
-                    "unknown_loss_fn", "unknown_config_key", "nan_weight", "inf_weight", "empty_batch"]
+                    "unknown_loss_fn", "unknown_config_key", "nan_weight", "inf_weight", "empty_batch",
+                    "gspo_missing_mask", "gspo_nan_mask", "gspo_inf_logprob", "gspo_mask_beyond_float32",
+                    "gspo_mask_wrong_length", "gspo_config_beyond_float32"]
 
 
 @pytest.mark.parametrize("case", VALIDATION_CASES)
@@ -212,3 +278,36 @@ def test_refused_op_leaves_state_untouched(kind, tiny_models, harness, tmp_path)
     for j in range(len(good)):  # the runtime still works after the refusal
         diff = float((res.logprobs(4, j) - res.logprobs(0, j)).abs().max())
         assert diff <= 1e-6, f"forward after a refused op differs by {diff:.3g}"
+
+
+# --------------------------------------------------------------------------------------
+# gspo: reference.py against the formula above and the closed-form gradient; no harness
+# --------------------------------------------------------------------------------------
+
+def test_reference_gspo_matches_formula_and_gradient():
+    g = torch.Generator().manual_seed(5)
+    for trial in range(6):
+        n = 10
+        targets = torch.randint(0, 50, (n,), generator=g)
+        targets[trial % n] = R.IGNORE_INDEX
+        mask = targets != R.IGNORE_INDEX
+        lp0 = -(torch.rand(n, generator=g) * 3 + 0.05)
+        x = {"target_tokens": targets, "logprobs": lp0 + 0.4 * torch.randn(n, generator=g),
+             "advantages": torch.randn(n, generator=g),
+             "sequence_ratio_mask": (torch.rand(n, generator=g) < 0.5).float() * (trial != 5)}
+        cfg = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+        lps = [lp0.clone().requires_grad_(True) for _ in range(2)]
+        got = R.elementwise_loss("gspo", torch.where(mask, lps[0], 0.0), mask, x, cfg)
+        want = _expected("gspo", torch.where(mask, lps[1], 0.0), mask, x, cfg)
+        got.sum().backward()
+        want.sum().backward()
+        got, want = got.detach(), want.detach()
+        assert torch.isfinite(got).all() and float((got - want).abs().max()) <= 1e-6, trial
+        # d loss_t / d lp_t = -s A_t where the unclipped term is the minimum, else 0
+        marked = (x["sequence_ratio_mask"] != 0) & mask
+        s = float(torch.exp((lp0 - x["logprobs"])[marked].mean())) if bool(marked.any()) else 1.0
+        a = x["advantages"]
+        unclipped = (s * a <= min(max(s, 0.9), 1.1) * a) & mask
+        grad = torch.where(unclipped, -s * a, torch.zeros_like(a))
+        for lp in lps:
+            assert float((lp.grad - grad).abs().max()) <= 1e-5, trial

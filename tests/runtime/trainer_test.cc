@@ -12,6 +12,7 @@
 
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
+#include "runtime/tensor_data.h"
 #include "runtime/tiny_model.h"
 
 namespace lathe::runtime {
@@ -182,6 +183,68 @@ TEST_F(TrainerTest, RefusedBatchesNameTheProblemAndChangeNothing) {
   }
   ExpectSame(before, Snapshot());
   EXPECT_EQ(trainer_->GetInfo().step, 0);
+}
+
+ForwardBackwardInput GspoBatch() {
+  ForwardBackwardInput in;
+  in.set_loss_fn("gspo");
+  *in.add_data() = MakeDatum({1, 2, 3, 4}, {2, 3, 4, 5}, {});
+  *in.add_data() = MakeDatum({7, 8, 9}, {8, 9, -100}, {});
+  for (int d = 0; d < 2; ++d) {
+    const size_t n = d == 0 ? 4 : 3;
+    auto& inputs = *in.mutable_data(d)->mutable_loss_fn_inputs();
+    inputs.erase("weights");
+    inputs["logprobs"] = Wire<float>(std::vector<float>(n, -4), lathe::v1::FLOAT32);
+    inputs["advantages"] = Wire<float>(std::vector<float>(n, 1), lathe::v1::FLOAT32);
+    inputs["sequence_ratio_mask"] = Wire<float>(std::vector<float>(n, 1), lathe::v1::FLOAT32);
+  }
+  return in;
+}
+
+TEST_F(TrainerTest, GspoRefusesHostileInputsAndSurvivesSequencesWithoutRatioOrLossTokens) {
+  ASSERT_TRUE(trainer_->ForwardBackward(Batch()).ok());
+  auto before = Snapshot();
+  ForwardBackwardInput in = GspoBatch();
+  in.mutable_data(1)->mutable_loss_fn_inputs()->erase("sequence_ratio_mask");
+  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs lacks 'sequence_ratio_mask'");
+  in = GspoBatch();
+  (*in.mutable_data(1)->mutable_loss_fn_inputs())["sequence_ratio_mask"] = Wire<float>({1, 1, NAN}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs['sequence_ratio_mask'] element 2 is nan");
+  in = GspoBatch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["sequence_ratio_mask"] =
+      Wire<double>({1, -1e300, 1, 1}, lathe::v1::FLOAT64);
+  ExpectRefusal(*trainer_, in, "datum 0: loss_fn_inputs['sequence_ratio_mask'] element 1 is -1e+300; it must be finite");
+  in = GspoBatch();
+  (*in.mutable_data(1)->mutable_loss_fn_inputs())["advantages"] = Wire<float>({1, INFINITY, 1}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "datum 1: loss_fn_inputs['advantages'] element 1 is inf");
+  in = GspoBatch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["sequence_ratio_mask"] = Wire<float>({1, 1}, lathe::v1::FLOAT32);
+  ExpectRefusal(*trainer_, in, "loss_fn_inputs['sequence_ratio_mask'] has length 2 but model_input has 4 tokens");
+  in = GspoBatch();
+  (*in.mutable_loss_fn_config())["clip_low_threshold"] = 1e39;
+  ExpectRefusal(*trainer_, in, "loss_fn_config['clip_low_threshold'] is 1e+39");
+  in = GspoBatch();
+  (*in.mutable_loss_fn_config())["beta"] = 0.1;
+  ExpectRefusal(*trainer_, in, "loss_fn_config key 'beta' is not accepted by gspo");
+  ExpectSame(before, Snapshot());
+  // No token in the ratio (datum 0) and no loss token at all (datum 1): a
+  // finite loss and finite gradients, no NaN from an empty mean.
+  in = GspoBatch();
+  (*in.mutable_data(0)->mutable_loss_fn_inputs())["sequence_ratio_mask"] = Wire<float>({0, 0, 0, 0}, lathe::v1::FLOAT32);
+  (*in.mutable_data(1)->mutable_loss_fn_inputs())["target_tokens"] = Wire<int64_t>({-100, -100, -100}, lathe::v1::INT64);
+  auto r = trainer_->ForwardBackward(in);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(std::isfinite(r->metrics().at("loss:sum")));
+  ASSERT_EQ(r->loss_fn_outputs_size(), 2);
+  at::Tensor el0 = TensorFromWire(r->loss_fn_outputs(0).tensors().at("elementwise_loss"));
+  at::Tensor el1 = TensorFromWire(r->loss_fn_outputs(1).tensors().at("elementwise_loss"));
+  // Ratio 1 inside the clip range: each token's loss is -A = -1.
+  EXPECT_TRUE(at::allclose(el0, at::full_like(el0, -1.0f))) << el0;
+  EXPECT_EQ(el1.abs().sum().item<float>(), 0.0f);
+  for (TrainableParam& p : trainer_->model().trainable()) {
+    ASSERT_TRUE(p.tensor.grad().defined()) << p.name;
+    EXPECT_TRUE(p.tensor.grad().isfinite().all().item<bool>()) << p.name;
+  }
 }
 
 // A loss that overflows float32 (weights at float32's edge) fails the call on
