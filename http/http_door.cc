@@ -322,6 +322,10 @@ absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& opt
   const int threads = options.threads;
   impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   impl->server.set_payload_max_length(static_cast<size_t>(options.max_request_bytes));
+  // An idle keep-alive connection holds a pool thread, and Stop waits for it:
+  // 2 s (cpp-httplib's default is 5) bounds both while the SDK's polls and
+  // submits, which follow each other closely, still reuse connections.
+  impl->server.set_keep_alive_timeout(2);
   impl->Routes();
   impl->port = options.port == 0 ? impl->server.bind_to_any_port(options.host)
                                  : (impl->server.bind_to_port(options.host, options.port) ? options.port : -1);
