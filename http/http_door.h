@@ -38,9 +38,8 @@ class HttpDoor {
   int port() const;
   void Stop();
 
-  struct Impl;
-
  private:
+  struct Impl;
   explicit HttpDoor(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
