@@ -57,8 +57,9 @@ def _over_http(url: str, base_model: str):
     first = training.forward_backward(data, "cross_entropy").result()
     training.optim_step(tinker.types.AdamParams(learning_rate=LR)).result()
     second = training.forward_backward(data, "cross_entropy").result()
+    forward = training.forward(data, "cross_entropy").result()  # the protobuf's forward_only
     return [(fb.metrics["loss:sum"], [np.asarray(o["logprobs"].to_numpy(), np.float32) for o in fb.loss_fn_outputs])
-            for fb in (first, second)]
+            for fb in (first, second, forward)]
 
 
 def _over_grpc(d: sc.Deployment):
@@ -94,6 +95,9 @@ def test_tinker_sdk_trains_like_grpc(door):
     base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
                                         timeout=sc.RPC_TIMEOUT_S).base_models[0]
     http, grpc_ = _over_http(url, base_model), _over_grpc(d)
+    assert len(http) == 3 and len(grpc_) == 2
+    # forward after the second forward_backward: the same weights, so the same numbers.
+    grpc_.append(grpc_[1])
     for (loss_h, lp_h), (loss_g, lp_g) in zip(http, grpc_):
         assert loss_h == loss_g  # bitwise: the same ops on the same ledger and replicas
         assert len(lp_h) == len(lp_g) == 3
