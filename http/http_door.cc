@@ -159,6 +159,10 @@ void HttpDoor::Impl::Routes() {
   });
   PostJson("/api/v1/session_heartbeat",
            [](auto&, auto&, httplib::Response& res) { Reply(res, {{"type", "session_heartbeat"}}); });
+  // Sessions hold no state yet: finishing one only acknowledges it (the SDK's
+  // close() and the end of a `with ServiceClient()` block).
+  PostJson(R"(/api/v1/sessions/[A-Za-z0-9._-]{1,128}/finish)",
+           [](auto&, auto&, httplib::Response& res) { Reply(res, json::object()); });
   PostJson("/api/v1/telemetry", [](auto&, auto&, httplib::Response& res) { Reply(res, {{"status", "accepted"}}); });
   server.Get("/api/v1/healthz", [this](const httplib::Request&, httplib::Response& res) {
     lathe::v1::HealthResponse health;

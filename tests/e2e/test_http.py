@@ -58,6 +58,7 @@ def _over_http(url: str, base_model: str):
     training.optim_step(tinker.types.AdamParams(learning_rate=LR)).result()
     second = training.forward_backward(data, "cross_entropy").result()
     forward = training.forward(data, "cross_entropy").result()  # the protobuf's forward_only
+    client.close("success").result()  # sessions/{id}/finish
     return [(fb.metrics["loss:sum"], [np.asarray(o["logprobs"].to_numpy(), np.float32) for o in fb.loss_fn_outputs])
             for fb in (first, second, forward)]
 
@@ -139,6 +140,7 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
         got, reply = _post(url, path, body, headers)
         assert (got, reply["error"]["code"]) == (status, code), (path, body[:40], reply)
         assert reply["error"]["message"], reply
+    assert _post(url, "/api/v1/sessions/session-1/finish", b'{"reason": {"type": "success"}}', key) == (200, {})
     # Nothing took seq_id 1: a different operation there is a fresh one, not ALREADY_EXISTS.
     op = stub.Submit(pb.SubmitRequest(run_id=run, seq_id=1, noop=pb.NoopOp()), metadata=md, timeout=sc.RPC_TIMEOUT_S)
     assert _wait(stub, md, op.op_id).state == sc.Retrieve.DONE
