@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
 #include "http/tinker_convert.h"
@@ -68,6 +69,13 @@ std::string Authorization(const httplib::Request& req) {
   return req.get_header_value("Authorization");
 }
 
+// lathe://<run>/<kind>/<name> as the SDK parses checkpoint paths:
+// tinker://<run>/<kind>/<name>.
+std::string TinkerPath(absl::string_view lathe_path) {
+  if (absl::ConsumePrefix(&lathe_path, "lathe://")) return absl::StrCat("tinker://", lathe_path);
+  return std::string(lathe_path);
+}
+
 std::string NewId(const char* prefix) {
   static std::mt19937_64 rng(std::random_device{}());
   static absl::Mutex mu;
@@ -96,6 +104,8 @@ struct HttpDoor::Impl {
   void GetInfo(const httplib::Request& req, const json& body, httplib::Response& res);
   void ForwardBackward(const httplib::Request& req, httplib::Response& res);
   void OptimStep(const httplib::Request& req, const json& body, httplib::Response& res);
+  void SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res);
+  void SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res);
   void RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res);
   void Capabilities(const httplib::Request& req, httplib::Response& res);
   // Submits `op` and answers Tinker's future {request_id, model_id}.
@@ -178,6 +188,9 @@ void HttpDoor::Impl::Routes() {
   server.Post("/api/v1/forward_backward", [this](auto& req, auto& res) { ForwardBackward(req, res); });
   server.Post("/api/v1/forward", [this](auto& req, auto& res) { ForwardBackward(req, res); });
   PostJson("/api/v1/optim_step", [this](auto& req, auto& body, auto& res) { OptimStep(req, body, res); });
+  PostJson("/api/v1/save_weights", [this](auto& req, auto& body, auto& res) { SaveWeights(req, body, res); });
+  PostJson("/api/v1/save_weights_for_sampler",
+           [this](auto& req, auto& body, auto& res) { SaveWeightsForSampler(req, body, res); });
   PostJson("/api/v1/retrieve_future", [this](auto& req, auto& body, auto& res) { RetrieveFuture(req, body, res); });
 }
 
@@ -268,6 +281,36 @@ void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, ht
   SubmitOp(req, op, res);
 }
 
+void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
+  lathe::v1::SubmitRequest op;
+  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  lathe::v1::SaveStateOp* save = op.mutable_save_state();
+  save->set_name(body.at("path").get<std::string>());
+  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
+    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+  }
+  save->set_overwrite(body.value("overwrite", false));
+  SubmitOp(req, op, res);
+}
+
+void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
+  if (!body.contains("path") || body.at("path").is_null()) {
+    return Fail(res, 501, "UNIMPLEMENTED",
+                "save_weights_for_sampler without a path (save_weights_and_get_sampling_client) needs sampling "
+                "sessions, which the HTTP door does not serve yet; give a name");
+  }
+  lathe::v1::SubmitRequest op;
+  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
+  save->set_name(body.at("path").get<std::string>());
+  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
+    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+  }
+  SubmitOp(req, op, res);
+}
+
 void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::RetrieveRequest request;
   request.set_op_id(body.at("request_id").get<std::string>());
@@ -299,6 +342,11 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
       for (const auto& [key, value] : result.optim_step().metrics()) metrics[key] = value;
       return Reply(res, {{"metrics", std::move(metrics)}});
     }
+    case lathe::v1::OpResult::kSaveState:
+      return Reply(res, {{"path", TinkerPath(result.save_state().path())}, {"type", "save_weights"}});
+    case lathe::v1::OpResult::kSaveWeightsForSampler:
+      return Reply(res, {{"path", TinkerPath(result.save_weights_for_sampler().path())},
+                         {"type", "save_weights_for_sampler"}});
     default:
       return Fail(res, 501, "UNIMPLEMENTED", "this operation's result is not served over HTTP yet");
   }

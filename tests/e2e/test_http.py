@@ -26,9 +26,11 @@ LR = 1e-2
 def door(tmp_path_factory, build_dir, tiny_model):
     """A deployment with API keys on and the HTTP door on a free port: (deployment, base_url)."""
     workdir = str(tmp_path_factory.mktemp("http"))
-    port_file = os.path.join(workdir, "http_port")
-    d = sc.Deployment(build_dir, tiny_model, workdir, max_runs=3, api_key=KEY, coordinator_env={"LATHE_API_KEYS": KEY},
-                      coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file])
+    port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
+    d = sc.Deployment(build_dir, tiny_model, workdir, max_runs=4, api_key=KEY, coordinator_env={"LATHE_API_KEYS": KEY},
+                      worker_args=["--checkpoint_root", root],
+                      coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
+                                        "--checkpoint_root", root])
     d.start()
     try:
         with open(port_file) as f:
@@ -148,3 +150,21 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
     retry = json.dumps({"model_id": run, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}).encode()
     first, second = _post(url, "/api/v1/optim_step", retry, key), _post(url, "/api/v1/optim_step", retry, key)
     assert first == second and first[0] == 200 and first[1]["request_id"] == f"{run}/2"
+
+
+def test_save_state_and_sampler_weights_over_http(door):
+    d, url = door
+    base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
+                                        timeout=sc.RPC_TIMEOUT_S).base_models[0]
+    client = tinker.ServiceClient(base_url=url, api_key=KEY)
+    training = client.create_lora_training_client(base_model=base_model, rank=4).result()
+    run = training.model_id
+    assert training.save_state("s1").result().path == f"tinker://{run}/weights/s1"
+    assert training.save_weights_for_sampler("p1").result().path == f"tinker://{run}/sampler_weights/p1"
+    listed = d.stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), metadata=d.metadata(),
+                                    timeout=sc.RPC_TIMEOUT_S).checkpoints
+    assert {c.id for c in listed} >= {f"lathe://{run}/weights/s1", f"lathe://{run}/sampler_weights/p1"}
+    # A name lathe refuses fails at once with the validation's message.
+    with pytest.raises(Exception, match="save_state.name"):
+        training.save_state("../escape").result()
+    client.close("success").result()
