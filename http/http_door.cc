@@ -39,7 +39,7 @@ int HttpStatus(absl::StatusCode code) {
     case absl::StatusCode::kUnauthenticated: return 401;
     case absl::StatusCode::kPermissionDenied: return 403;
     case absl::StatusCode::kResourceExhausted: return 429;
-    case absl::StatusCode::kUnimplemented: return 501;
+    case absl::StatusCode::kUnimplemented: return 422;  // 501 would be retried (5xx)
     case absl::StatusCode::kUnavailable: return 503;
     case absl::StatusCode::kDeadlineExceeded: return 504;
     default: return 500;
@@ -296,7 +296,7 @@ void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, 
 
 void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
   if (!body.contains("path") || body.at("path").is_null()) {
-    return Fail(res, 501, "UNIMPLEMENTED",
+    return Fail(res, 422, "UNIMPLEMENTED",
                 "save_weights_for_sampler without a path (save_weights_and_get_sampling_client) needs sampling "
                 "sessions, which the HTTP door does not serve yet; give a name");
   }
@@ -348,7 +348,7 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
       return Reply(res, {{"path", TinkerPath(result.save_weights_for_sampler().path())},
                          {"type", "save_weights_for_sampler"}});
     default:
-      return Fail(res, 501, "UNIMPLEMENTED", "this operation's result is not served over HTTP yet");
+      return Fail(res, 422, "UNIMPLEMENTED", "this operation's result is not served over HTTP yet");
   }
 }
 
