@@ -152,7 +152,14 @@ absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe:
         return absl::InvalidArgumentError("only encoded_text chunks are supported (no image input)");
       }
       std::string tokens;
-      for (const json& t : chunk.at("tokens")) Append<int32_t>(&tokens, t.get<int32_t>());
+      for (const json& t : chunk.at("tokens")) {
+        // Read wide and check, so an id past int32 cannot wrap into the vocabulary.
+        const int64_t id = t.get<int64_t>();
+        if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max()) {
+          return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is not an int32"));
+        }
+        Append<int32_t>(&tokens, static_cast<int32_t>(id));
+      }
       out->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
     }
     for (const auto& [name, tensor] : datum.at("loss_fn_inputs").items()) {

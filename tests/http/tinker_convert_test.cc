@@ -93,6 +93,11 @@ TEST(TinkerConvert, JsonRequestAndAdamParams) {
   EXPECT_EQ(op.forward_backward().data(0).loss_fn_inputs().at("target_tokens").shape(0), 2);
   EXPECT_THROW(ForwardBackwardFromJson(nlohmann::json::parse(R"({"model_id": 1})"), false, &op),
                nlohmann::json::exception);
+  auto wide = nlohmann::json::parse(R"({"model_id": "r", "seq_id": 2, "forward_backward_input": {
+      "loss_fn": "cross_entropy", "data": [{"model_input": {"chunks": [{"tokens": [4294967297]}]},
+      "loss_fn_inputs": {}}]}})");
+  lathe::v1::SubmitRequest wrapped;
+  EXPECT_EQ(ForwardBackwardFromJson(wide, false, &wrapped).code(), absl::StatusCode::kInvalidArgument);
   lathe::v1::AdamParams adam = AdamFromJson(nlohmann::json::parse(R"({"learning_rate": 0.01, "eps": null})"));
   EXPECT_EQ(adam.learning_rate(), 0.01);
   EXPECT_FALSE(adam.has_eps());
