@@ -53,7 +53,8 @@ void WritePort(const std::string& path, int port) {
 absl::StatusOr<std::unique_ptr<lathe::http::HttpDoor>> StartHttp(const lathe::coordinator::CoordinatorOptions& o,
                                                                    int port, lathe::coordinator::FrontEnd* front_end) {
   if (!lathe::coordinator::IsLoopback(o.listen) && !o.insecure_listen) {
-    return absl::FailedPreconditionError("the HTTP door serves plaintext only: off loopback it needs --insecure_listen");
+    return absl::FailedPreconditionError(
+        "the HTTP door serves plaintext only: off loopback it needs --insecure_listen");
   }
   lathe::http::HttpOptions h;
   h.host = o.listen.substr(0, o.listen.rfind(':'));

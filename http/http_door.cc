@@ -210,7 +210,8 @@ void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, 
     return Fail(res, 422, "INVALID_ARGUMENT", "only the adamw optimizer is supported");
   }
   if (!body.contains("lora_config") || body.at("lora_config").is_null()) {
-    return Fail(res, 422, "INVALID_ARGUMENT", "create_model needs lora_config (full fine-tuning is not served over HTTP yet)");
+    return Fail(res, 422, "INVALID_ARGUMENT",
+                "create_model needs lora_config (full fine-tuning is not served over HTTP yet)");
   }
   lathe::v1::CreateRunRequest create;
   create.set_base_model(body.value("base_model", ""));
@@ -234,7 +235,9 @@ void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, http
   if (absl::Status s = front_end->GetInfo(Authorization(req), request, &info); !s.ok()) return Fail(res, s);
   json reply = {{"model_id", info.run_id()},
                 {"model_data",
-                 {{"arch", info.architecture()}, {"model_name", info.base_model()}, {"tokenizer_id", info.base_model()}}},
+                 {{"arch", info.architecture()},
+                  {"model_name", info.base_model()},
+                  {"tokenizer_id", info.base_model()}}},
                 {"optimizer_config", {{"type", "adamw"}}},
                 {"is_lora", info.lora().rank() > 0},
                 {"model_name", info.base_model()},

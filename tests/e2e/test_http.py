@@ -132,7 +132,8 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
         ("/api/v1/optim_step", b'{"model_id": "' + run.encode(), key, 422, "INVALID_ARGUMENT"),  # bad JSON
         ("/api/v1/optim_step", b'{"model_id": 5}', key, 422, "INVALID_ARGUMENT"),        # wrong shape
         ("/api/v1/no_such_route", step, key, 404, "NOT_FOUND"),
-        ("/api/v1/optim_step", json.dumps({"model_id": run, "seq_id": 1, "adam_params": {"learning_rate": -1}}).encode(),
+        ("/api/v1/optim_step",
+         json.dumps({"model_id": run, "seq_id": 1, "adam_params": {"learning_rate": -1}}).encode(),
          key, 422, "INVALID_ARGUMENT"),                                                  # refused by validation
         ("/api/v1/forward_backward", b"\xff\xff\xff", {**key, "Content-Type": "application/x-protobuf"}, 422,
          "INVALID_ARGUMENT"),
