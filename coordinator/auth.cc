@@ -77,17 +77,21 @@ bool ApiKeys::Contains(absl::string_view secret) const {
   return found;
 }
 
-grpc::Status ApiKeys::Check(const grpc::ServerContext& context) const {
-  if (!enabled_) return grpc::Status::OK;
-  absl::string_view value;
-  if (!FindMetadata(context, "authorization", &value)) {
-    return {grpc::StatusCode::UNAUTHENTICATED, "missing authorization metadata"};
-  }
+absl::Status ApiKeys::CheckAuthorization(absl::string_view value) const {
+  if (!enabled_) return absl::OkStatus();
+  if (value.empty()) return absl::UnauthenticatedError("missing API key (authorization)");
   if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "Api-Key ")) {
-    return {grpc::StatusCode::UNAUTHENTICATED, "authorization must be 'Bearer <key>' or 'Api-Key <key>'"};
+    return absl::UnauthenticatedError("authorization must be 'Bearer <key>' or 'Api-Key <key>'");
   }
-  if (!Contains(absl::StripAsciiWhitespace(value))) return {grpc::StatusCode::UNAUTHENTICATED, "unknown API key"};
-  return grpc::Status::OK;
+  if (!Contains(absl::StripAsciiWhitespace(value))) return absl::UnauthenticatedError("unknown API key");
+  return absl::OkStatus();
+}
+
+grpc::Status ApiKeys::Check(const grpc::ServerContext& context) const {
+  absl::string_view value;
+  FindMetadata(context, "authorization", &value);
+  absl::Status s = CheckAuthorization(value);
+  return s.ok() ? grpc::Status::OK : grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(s.message()));
 }
 
 absl::StatusOr<WorkerToken> WorkerToken::Load(const std::string& path) {

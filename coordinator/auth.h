@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
@@ -45,8 +46,11 @@ class ApiKeys {
   bool enabled() const { return enabled_; }
   // Whether `secret` is one of the keys (constant time per key).
   bool Contains(absl::string_view secret) const;
-  // OK, or UNAUTHENTICATED naming what is wrong (never the expected key).
-  // Reads only the call's metadata. Thread-safe.
+  // OK, or UNAUTHENTICATED naming what is wrong (never the expected key),
+  // for the value of an authorization header: "Bearer <key>" or
+  // "Api-Key <key>" (empty: none was sent). Thread-safe.
+  absl::Status CheckAuthorization(absl::string_view authorization) const;
+  // CheckAuthorization on the call's "authorization" metadata. Thread-safe.
   grpc::Status Check(const grpc::ServerContext& context) const;
 
  private:

@@ -85,8 +85,9 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
     ledger->FailAll(runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kUnavailable,
                                          absl::StrCat("the deployment lost a replica: ", reason)));
   });
-  c->lathe_service_ = std::make_unique<LatheService>(options.service, c->keys_.get(), c->ledger_.get(),
-                                                     c->registry_.get(), c->dispatcher_.get());
+  c->front_end_ = std::make_unique<FrontEnd>(options.service, c->keys_.get(), c->ledger_.get(),
+                                             c->registry_.get(), c->dispatcher_.get());
+  c->lathe_service_ = std::make_unique<LatheService>(c->front_end_.get());
   c->link_service_ =
       std::make_unique<LinkService>(c->worker_token_.get(), c->registry_.get(), options.heartbeat_interval);
   grpc::EnableDefaultHealthCheckService(true);
@@ -135,7 +136,7 @@ void Coordinator::Housekeeping() {
     }
     ledger_->Sweep();
     if (!options_.service.checkpoint_root.empty() && absl::Now() >= next_expiry) {
-      if (int n = lathe_service_->checkpoints().Expire(absl::Now()); n > 0) {
+      if (int n = front_end_->checkpoints().Expire(absl::Now()); n > 0) {
         LATHE_LOG(Info, "deleted %d expired checkpoint(s)", n);
       }
       next_expiry = absl::Now() + absl::Seconds(5);

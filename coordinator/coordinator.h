@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "coordinator/auth.h"
 #include "coordinator/dispatcher.h"
+#include "coordinator/front_end.h"
 #include "coordinator/lathe_service.h"
 #include "coordinator/link_service.h"
 
@@ -60,6 +61,8 @@ class Coordinator {
 
   int port() const { return port_; }
   ReplicaRegistry& registry() { return *registry_; }
+  // The request handling every door shares (the gRPC service, the HTTP door).
+  FrontEnd& front_end() { return *front_end_; }
   // Refuses new operations, fails the unfinished ones, tells the replicas to
   // stop and stops the server (waiting up to `grace` for calls in flight).
   void Shutdown(const std::string& reason, absl::Duration grace);
@@ -74,6 +77,7 @@ class Coordinator {
   std::unique_ptr<OpLedger> ledger_;
   std::unique_ptr<ReplicaRegistry> registry_;
   std::unique_ptr<Dispatcher> dispatcher_;
+  std::unique_ptr<FrontEnd> front_end_;
   std::unique_ptr<LatheService> lathe_service_;
   std::unique_ptr<LinkService> link_service_;
   std::unique_ptr<grpc::Server> server_;

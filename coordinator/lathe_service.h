@@ -1,26 +1,12 @@
-// The client-facing lathe.v1.Lathe service on top of the ledger, the replica
-// registry and the dispatcher.
+// The client-facing lathe.v1.Lathe gRPC service: a thin shell over the
+// coordinator's FrontEnd (coordinator/front_end.h).
 #ifndef LATHE_COORDINATOR_LATHE_SERVICE_H_
 #define LATHE_COORDINATOR_LATHE_SERVICE_H_
 
-#include <vector>
-
-#include "absl/synchronization/mutex.h"
-#include "coordinator/auth.h"
-#include "coordinator/checkpoint_store.h"
-#include "coordinator/dispatcher.h"
-#include "coordinator/op_ledger.h"
-#include "coordinator/replica_registry.h"
+#include "coordinator/front_end.h"
 #include "lathe/v1/service.grpc.pb.h"
 
 namespace lathe::coordinator {
-
-struct ServiceOptions {
-  int max_runs = 1;
-  absl::Duration max_wait = absl::Seconds(40);  // Retrieve's cap
-  std::string checkpoint_root;                  // the workers' --checkpoint_root, for listing
-  std::vector<lathe::v1::ModelPreset> presets;  // served by GetCapabilities
-};
 
 // Every method but Health needs an API key (when keys are on). The key is
 // checked on the call's metadata before its request message is read: each
@@ -30,9 +16,8 @@ struct ServiceOptions {
 // coordinator buffer up to the receive limit.
 class LatheService final : public lathe::v1::Lathe::Service {
  public:
-  // None owned; all outlive the service.
-  LatheService(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger, ReplicaRegistry* registry,
-               Dispatcher* dispatcher);
+  // Not owned; outlives the service.
+  explicit LatheService(FrontEnd* front_end);
 
   grpc::Status GetCapabilities(grpc::ServerContext* context, const lathe::v1::GetCapabilitiesRequest* request,
                                lathe::v1::Capabilities* response) override;
@@ -52,27 +37,15 @@ class LatheService final : public lathe::v1::Lathe::Service {
                                   lathe::v1::GetCheckpointFilesResponse* response) override;
   grpc::Status DeleteCheckpoint(grpc::ServerContext* context, const lathe::v1::DeleteCheckpointRequest* request,
                                 lathe::v1::DeleteCheckpointResponse* response) override;
-  const CheckpointStore& checkpoints() const { return store_; }
 
  private:
-  // OK when the deployment serves; UNAVAILABLE saying why not.
-  grpc::Status Serving() const;
   // Serves `method` as a stream whose request is read after the key check,
   // then handled by `handler`.
   template <class Request, class Response>
   void ReadAfterKeyCheck(const char* method,
                          grpc::Status (LatheService::*handler)(grpc::ServerContext*, const Request*, Response*));
-  // Turns a sample's or compute_logprobs' policy_version into the path it was
-  // published under; INVALID_ARGUMENT for an unknown version or checkpoint.
-  grpc::Status ResolveWeights(lathe::v1::SubmitRequest& op) const;
 
-  const ServiceOptions options_;
-  const ApiKeys* keys_;
-  OpLedger* ledger_;
-  ReplicaRegistry* registry_;
-  Dispatcher* dispatcher_;
-  absl::Mutex create_mu_;  // one CreateRun at a time, so max_runs holds
-  CheckpointStore store_;
+  FrontEnd* front_end_;
 };
 
 }  // namespace lathe::coordinator

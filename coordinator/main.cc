@@ -8,6 +8,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "coordinator/coordinator.h"
+#include "http/http_door.h"
 #include "presets/preset_table.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7777", "host:port to serve on (port 0: any free port, printed)");
@@ -34,10 +35,39 @@ ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (sam
 ABSL_FLAG(std::string, presets, "",
           "preset table served by GetCapabilities; empty: $LATHE_PRESETS, the installed or source-tree one");
 ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
+ABSL_FLAG(int, http_port, -1, "serve Tinker's REST API on this port of --listen's host (0: any free port; -1: off)");
+ABSL_FLAG(std::string, http_port_file, "", "write the HTTP door's bound port to this file once serving");
+ABSL_FLAG(int, http_threads, 128, "HTTP requests handled at once (each waiting retrieve_future holds one)");
 
 namespace {
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
+
+void WritePort(const std::string& path, int port) {
+  if (path.empty()) return;
+  if (FILE* f = std::fopen(path.c_str(), "w"); f != nullptr) std::fprintf(f, "%d\n", port), std::fclose(f);
+}
+
+// The HTTP door on --listen's host. It serves plaintext only, so off
+// loopback it needs --insecure_listen like the gRPC port without TLS.
+absl::StatusOr<std::unique_ptr<lathe::http::HttpDoor>> StartHttp(const lathe::coordinator::CoordinatorOptions& o,
+                                                                   int port, lathe::coordinator::FrontEnd* front_end) {
+  if (!lathe::coordinator::IsLoopback(o.listen) && !o.insecure_listen) {
+    return absl::FailedPreconditionError(
+        "the HTTP door serves plaintext only: off loopback it needs --insecure_listen");
+  }
+  lathe::http::HttpOptions h;
+  h.host = o.listen.substr(0, o.listen.rfind(':'));
+  h.port = port;
+  h.threads = absl::GetFlag(FLAGS_http_threads);
+  h.max_request_bytes = o.max_request_bytes;
+  auto door = lathe::http::HttpDoor::Start(h, front_end);
+  if (!door.ok()) return door.status();
+  std::printf("lathe_coordinator serving HTTP on port %d\n", (*door)->port());
+  std::fflush(stdout);
+  WritePort(absl::GetFlag(FLAGS_http_port_file), (*door)->port());
+  return door;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -78,10 +108,15 @@ int main(int argc, char** argv) {
   if (!c.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", c.status().ToString().c_str()), 1;
   std::printf("lathe_coordinator serving on port %d\n", (*c)->port());
   std::fflush(stdout);
-  if (std::string path = absl::GetFlag(FLAGS_port_file); !path.empty()) {
-    if (FILE* f = std::fopen(path.c_str(), "w"); f != nullptr) std::fprintf(f, "%d\n", (*c)->port()), std::fclose(f);
+  WritePort(absl::GetFlag(FLAGS_port_file), (*c)->port());
+  std::unique_ptr<lathe::http::HttpDoor> http;
+  if (int port = absl::GetFlag(FLAGS_http_port); port >= 0) {
+    auto door = StartHttp(o, port, &(*c)->front_end());
+    if (!door.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", door.status().ToString().c_str()), 1;
+    http = *std::move(door);
   }
   while (!g_stop) absl::SleepFor(absl::Milliseconds(100));
   (*c)->Shutdown("coordinator stopped by signal", absl::Seconds(5));
+  if (http != nullptr) http->Stop();  // after the ledger closed: no poll still waits
   return 0;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job as a service on one machine: installs what is missing, builds,
 # generates a tiny random Qwen3-MoE model and synthetic SFT data under runs/,
-# starts a coordinator and 2 replicas x a group of 2 dp_worker ranks under
+# starts a coordinator (with Tinker's REST API on a free port, docs/http-api.md)
+# and 2 replicas x a group of 2 dp_worker ranks under
 # mpirun (expert parallel over the group), waits until the deployment serves,
 # runs a short LoRA SFT job through it with the `lathe` CLI (one progress
 # line per step; exits 1 unless the loss falls), saves a checkpoint under
@@ -44,13 +45,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rm -f "$logs/port"
+rm -f "$logs/port" "$logs/http_port"
 build/coordinator/lathe_coordinator --listen 127.0.0.1:0 --port_file "$logs/port" --replicas "$replicas" \
+  --http_port 0 --http_port_file "$logs/http_port" \
   --checkpoint_root runs/checkpoints >"$logs/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 100); do [ -s "$logs/port" ] && break; sleep 0.1; done
 [ -s "$logs/port" ] || { echo "coordinator did not start; see $logs/coordinator.log" >&2; exit 1; }
 address="127.0.0.1:$(cat "$logs/port")"
+echo "[local] Tinker REST API on http://127.0.0.1:$(cat "$logs/http_port") (TINKER_BASE_URL; docs/http-api.md)"
 echo "[local] coordinator on $address; starting $replicas x $group dp_worker ranks (logs in $logs)"
 mpirun --oversubscribe -np $((replicas * group)) build/dp_worker/dp_worker --coordinator "$address" \
   --model runs/tiny-qwen3-moe --replicas "$replicas" --ep "$ep" --checkpoint_root runs/checkpoints \

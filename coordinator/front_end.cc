@@ -1,0 +1,206 @@
+// Request handling shared by the coordinator's doors: checks, then the ledger.
+#include "coordinator/front_end.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "coordinator/op_validation.h"
+#include "coordinator/request_limits.h"
+#include "runtime/quote.h"
+#include "runtime/status.h"
+
+namespace lathe::coordinator {
+namespace {
+
+using runtime::QuoteForMessage;
+
+std::string NewRunId() {
+  static std::mt19937_64 rng(std::random_device{}());
+  static absl::Mutex mu;
+  absl::MutexLock lock(&mu);
+  return absl::StrFormat("run-%016x", rng());
+}
+
+}  // namespace
+
+FrontEnd::FrontEnd(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger, ReplicaRegistry* registry,
+                   Dispatcher* dispatcher)
+    : options_(options), keys_(keys), ledger_(ledger), registry_(registry), dispatcher_(dispatcher),
+      store_(options.checkpoint_root) {}
+
+absl::Status FrontEnd::Authorize(absl::string_view authorization) const {
+  return keys_->CheckAuthorization(authorization);
+}
+
+absl::Status FrontEnd::Serving() const {
+  switch (registry_->state()) {
+    case DeploymentState::kServing:
+      return absl::OkStatus();
+    case DeploymentState::kStarting:
+      return absl::UnavailableError("the deployment is starting: " + registry_->detail());
+    case DeploymentState::kLost:
+      return absl::UnavailableError("the deployment lost a replica: " + registry_->detail());
+    case DeploymentState::kShuttingDown:
+      return absl::UnavailableError("the deployment is shutting down");
+  }
+  return absl::UnavailableError("unknown state");
+}
+
+absl::Status FrontEnd::GetCapabilities(absl::string_view authorization, lathe::v1::Capabilities* response) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  const lathe::v1::ModelSummary model = registry_->model();
+  if (!model.base_model().empty()) response->add_base_models(model.base_model());
+  response->set_max_seq_len(model.max_seq_len());
+  *response->mutable_layout() = registry_->layout();
+  response->mutable_layout()->set_replicas(registry_->expected());
+  response->set_architecture(model.architecture());
+  response->set_vocab_size(model.vocab_size());
+  for (const lathe::v1::ModelPreset& p : options_.presets) *response->add_presets() = p;
+  return absl::OkStatus();
+}
+
+void FrontEnd::Health(lathe::v1::HealthResponse* response) const {
+  using H = lathe::v1::HealthResponse;
+  switch (registry_->state()) {
+    case DeploymentState::kStarting: response->set_state(H::STARTING); break;
+    case DeploymentState::kServing: response->set_state(H::SERVING); break;
+    case DeploymentState::kLost: response->set_state(H::UNAVAILABLE); break;
+    case DeploymentState::kShuttingDown: response->set_state(H::SHUTTING_DOWN); break;
+  }
+  response->set_replicas_registered(registry_->registered());
+  response->set_replicas_expected(registry_->expected());
+  response->set_detail(registry_->detail());
+}
+
+absl::Status FrontEnd::GetInfo(absl::string_view authorization, const lathe::v1::GetInfoRequest& request,
+                               lathe::v1::RunInfo* response) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
+  std::optional<lathe::v1::RunInfo> info = dispatcher_->Run(request.run_id());
+  if (!info.has_value()) return absl::NotFoundError("no run " + QuoteForMessage(request.run_id()));
+  *response = *info;
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::CreateRun(absl::string_view authorization, const lathe::v1::CreateRunRequest& request,
+                                 lathe::v1::CreateRunResponse* response) {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(Serving());
+  LATHE_RETURN_IF_ERROR(ValidateBaseModel(request.base_model()));
+  const lathe::v1::ModelSummary model = registry_->model();
+  if (!request.base_model().empty() && request.base_model() != model.base_model()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("this deployment serves ", model.base_model(), ", not ", QuoteForMessage(request.base_model())));
+  }
+  LATHE_RETURN_IF_ERROR(ValidateLora(request.lora(), model));
+  absl::MutexLock lock(&create_mu_);
+  if (dispatcher_->runs() >= options_.max_runs) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this deployment holds at most ", options_.max_runs,
+                     " run(s) (--max_runs); re-initialise an existing run with an init operation"));
+  }
+  const std::string run_id = NewRunId();
+  lathe::v1::RunInfo info;
+  info.set_run_id(run_id);
+  info.set_base_model(model.base_model());
+  *info.mutable_lora() = request.lora();
+  dispatcher_->AddRun(info);
+  LATHE_RETURN_IF_ERROR(ledger_->OpenRun(run_id, 0));
+  lathe::v1::SubmitRequest init;
+  init.set_run_id(run_id);
+  *init.mutable_init()->mutable_lora() = request.lora();
+  LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->SubmitInternal(init));
+  response->set_run_id(run_id);
+  response->set_init_op_id(op_id);
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
+                              lathe::v1::SubmitResponse* response) {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(Serving());
+  LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
+  LATHE_RETURN_IF_ERROR(ValidateOp(request, registry_->model()));
+  lathe::v1::SubmitRequest op = request;
+  LATHE_RETURN_IF_ERROR(ResolveWeights(op));
+  LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->Submit(op));
+  if (op.has_delete_run()) ledger_->CloseRun(op.run_id(), op.seq_id());
+  response->set_op_id(op_id);
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::ResolveWeights(lathe::v1::SubmitRequest& op) const {
+  std::string* path = nullptr;
+  int64_t version = 0;
+  if (op.has_sample()) path = op.mutable_sample()->mutable_model_path(), version = op.sample().policy_version();
+  if (op.has_compute_logprobs()) {
+    path = op.mutable_compute_logprobs()->mutable_model_path(), version = op.compute_logprobs().policy_version();
+  }
+  if (path == nullptr) return absl::OkStatus();
+  if (version > 0) {
+    // A pinned version becomes the path it was published under.
+    std::optional<std::string> published = dispatcher_->PolicyPath(op.run_id(), version);
+    if (!published.has_value()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("run ", op.run_id(), " has not published policy version ", version));
+    }
+    *path = *published;
+  } else if (!path->empty() && !options_.checkpoint_root.empty()) {
+    lathe::v1::GetCheckpointFilesRequest probe;
+    probe.set_checkpoint_id(*path);
+    probe.set_page_size(1);
+    if (!store_.Files(probe).ok()) return absl::InvalidArgumentError("no sampler weights " + QuoteForMessage(*path));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::Retrieve(absl::string_view authorization, const lathe::v1::RetrieveRequest& request,
+                                absl::Time deadline, lathe::v1::RetrieveResponse* response) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(ValidateOpId(request.op_id()));
+  if (request.wait_ms() < 0) return absl::InvalidArgumentError("wait_ms must not be negative");
+  absl::Duration wait = std::min(absl::Milliseconds(request.wait_ms()), options_.max_wait);
+  // Never hold a poll past the caller's own deadline.
+  if (deadline != absl::InfiniteFuture()) {
+    wait = std::min(wait, std::max(absl::ZeroDuration(), deadline - absl::Now() - absl::Milliseconds(50)));
+  }
+  LATHE_ASSIGN_OR_RETURN(OpView view, ledger_->Wait(request.op_id(), wait));
+  response->set_op_id(view.op_id);
+  response->set_state(view.state);
+  if (view.state == lathe::v1::RetrieveResponse::DONE) *response->mutable_result() = std::move(view.result);
+  if (view.state == lathe::v1::RetrieveResponse::FAILED) *response->mutable_error() = std::move(view.error);
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::ListCheckpoints(absl::string_view authorization,
+                                       const lathe::v1::ListCheckpointsRequest& request,
+                                       lathe::v1::ListCheckpointsResponse* response) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_ASSIGN_OR_RETURN(std::vector<lathe::v1::Checkpoint> list, store_.List(request.run_id()));
+  for (auto& c : list) *response->add_checkpoints() = std::move(c);
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::GetCheckpointFiles(absl::string_view authorization,
+                                          const lathe::v1::GetCheckpointFilesRequest& request,
+                                          lathe::v1::GetCheckpointFilesResponse* response) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_ASSIGN_OR_RETURN(*response, store_.Files(request));
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::DownloadCheckpointFile(absl::string_view authorization,
+                                              const lathe::v1::DownloadCheckpointFileRequest& request,
+                                              const std::function<bool(const lathe::v1::FileChunk&)>& write) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  return store_.Download(request.checkpoint_id(), request.relative_file_name(), write);
+}
+
+absl::Status FrontEnd::DeleteCheckpoint(absl::string_view authorization,
+                                        const lathe::v1::DeleteCheckpointRequest& request) {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  return store_.Delete(request.checkpoint_id());
+}
+
+}  // namespace lathe::coordinator

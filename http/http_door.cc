@@ -1,0 +1,395 @@
+// Tinker REST routes on cpp-httplib: parse the body, call the FrontEnd,
+// answer in the shape and with the status the SDK acts on correctly.
+#include "http/http_door.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
+#include "coordinator/request_limits.h"
+#include "http/tinker_convert.h"
+#include "runtime/quote.h"
+
+namespace lathe::http {
+namespace {
+
+using nlohmann::json;
+constexpr char kJson[] = "application/json";
+constexpr char kProto[] = "application/x-protobuf";
+
+// HTTP statuses chosen by what the SDKs do with them: the Tinker SDK retries
+// 408/409/429/5xx (for minutes) and gives up at once on other 4xx, so every
+// permanent error is a non-retried 4xx, and 503 only means "not now".
+int HttpStatus(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kInvalidArgument: return 422;
+    case absl::StatusCode::kAlreadyExists: return 422;  // 409 would be retried
+    case absl::StatusCode::kNotFound: return 404;
+    case absl::StatusCode::kFailedPrecondition: return 412;
+    case absl::StatusCode::kUnauthenticated: return 401;
+    case absl::StatusCode::kPermissionDenied: return 403;
+    case absl::StatusCode::kResourceExhausted: return 429;
+    case absl::StatusCode::kUnimplemented: return 422;  // 501 would be retried (5xx)
+    case absl::StatusCode::kUnavailable: return 503;
+    case absl::StatusCode::kDeadlineExceeded: return 504;
+    default: return 500;
+  }
+}
+
+// Every error body: {"error": {"type", "code", "message"}, "detail"}; never
+// empty (the SDK takes an empty 4xx for a proxy's and retries it).
+void Fail(httplib::Response& res, int http_status, absl::string_view code, absl::string_view message) {
+  const std::string text = runtime::TruncateMessage(message, coordinator::kMaxStatusMessageBytes);
+  const char* type = http_status == 401 ? "AuthenticationError" : http_status < 500 ? "BadRequestError" : "ServerError";
+  json body = {{"error", {{"type", type}, {"code", code}, {"message", text}}}, {"detail", text}};
+  res.status = http_status;
+  res.set_content(body.dump(), kJson);
+}
+
+void Fail(httplib::Response& res, const absl::Status& s) {
+  Fail(res, HttpStatus(s.code()), absl::StatusCodeToString(s.code()), s.message());
+}
+
+void Reply(httplib::Response& res, const json& body) { res.set_content(body.dump(), kJson); }
+
+// The caller's credential as an authorization header value: Tinker's
+// X-API-Key, else Authorization ("Bearer <key>" / "Api-Key <key>").
+std::string Authorization(const httplib::Request& req) {
+  if (req.has_header("X-API-Key")) return "Api-Key " + req.get_header_value("X-API-Key");
+  return req.get_header_value("Authorization");
+}
+
+// lathe://<run>/<kind>/<name> as the SDK parses checkpoint paths:
+// tinker://<run>/<kind>/<name>.
+std::string TinkerPath(absl::string_view lathe_path) {
+  if (absl::ConsumePrefix(&lathe_path, "lathe://")) return absl::StrCat("tinker://", lathe_path);
+  return std::string(lathe_path);
+}
+
+std::string NewId(const char* prefix) {
+  static std::mt19937_64 rng(std::random_device{}());
+  static absl::Mutex mu;
+  absl::MutexLock lock(&mu);
+  return absl::StrFormat("%s-%016x", prefix, rng());
+}
+
+}  // namespace
+
+struct HttpDoor::Impl {
+  HttpOptions options;
+  coordinator::FrontEnd* front_end = nullptr;
+  httplib::Server server;
+  std::thread thread;
+  int port = 0;
+  // create_model retried with the same (session_id, model_seq_id) gets the
+  // run it created; CreateRun itself has no idempotency key.
+  absl::Mutex create_mu;
+  std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
+
+  void Routes();
+  // Wraps a JSON route: the body must be a JSON object; a body of the wrong
+  // shape is answered 422 naming what is wrong.
+  void PostJson(const char* path, std::function<void(const httplib::Request&, const json&, httplib::Response&)> f);
+  void CreateModel(const httplib::Request& req, const json& body, httplib::Response& res);
+  void GetInfo(const httplib::Request& req, const json& body, httplib::Response& res);
+  void ForwardBackward(const httplib::Request& req, httplib::Response& res);
+  void OptimStep(const httplib::Request& req, const json& body, httplib::Response& res);
+  void SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res);
+  void SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res);
+  void RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res);
+  void Capabilities(const httplib::Request& req, httplib::Response& res);
+  // Submits `op` and answers Tinker's future {request_id, model_id}.
+  void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
+};
+
+void HttpDoor::Impl::PostJson(const char* path,
+                              std::function<void(const httplib::Request&, const json&, httplib::Response&)> f) {
+  server.Post(path, [f](const httplib::Request& req, httplib::Response& res) {
+    json body;
+    try {
+      body = json::parse(req.body);
+    } catch (const json::exception& e) {
+      return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not JSON: ", e.what()));
+    }
+    if (!body.is_object()) return Fail(res, 422, "INVALID_ARGUMENT", "the body must be a JSON object");
+    try {
+      f(req, body, res);
+    } catch (const json::exception& e) {
+      Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body does not have the route's shape: ", e.what()));
+    }
+  });
+}
+
+void HttpDoor::Impl::Routes() {
+  // Keys before bodies: the pre-routing handler runs once the headers are
+  // read and before any body is, so a caller without a key makes the door
+  // read nothing more.
+  server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (req.path == "/api/v1/healthz") return httplib::Server::HandlerResponse::Unhandled;
+    absl::Status s = front_end->Authorize(Authorization(req));
+    if (s.ok()) return httplib::Server::HandlerResponse::Unhandled;
+    Fail(res, s);
+    res.set_header("Connection", "close");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  // Statuses httplib sets itself (unknown route 404, 413, a bad request
+  // line) get a JSON body too.
+  server.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& req,
+                                                                  httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    if (res.status == 404) {
+      Fail(res, 404, "NOT_FOUND",
+           absl::StrCat("no route ", req.method, " ", runtime::QuoteForMessage(req.path),
+                        " (docs/http-api.md lists the routes)"));
+    } else if (res.status == 413) {
+      Fail(res, 413, "RESOURCE_EXHAUSTED", "the body is larger than --max_request_bytes");
+    } else {
+      Fail(res, res.status, "INVALID_ARGUMENT", "the request is not well-formed HTTP");
+    }
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+  PostJson("/api/v1/client/config", [](auto&, auto&, httplib::Response& res) {
+    Reply(res, {{"pjwt_auth_enabled", false}, {"proto_compress_fwdbwd", false}});
+  });
+  PostJson("/api/v1/client/dynamic_config", [](auto&, auto&, httplib::Response& res) {
+    Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
+  });
+  PostJson("/api/v1/create_session", [](auto&, auto&, httplib::Response& res) {
+    Reply(res, {{"session_id", NewId("session")}});
+  });
+  PostJson("/api/v1/session_heartbeat",
+           [](auto&, auto&, httplib::Response& res) { Reply(res, {{"type", "session_heartbeat"}}); });
+  // Sessions hold no state yet: finishing one only acknowledges it (the SDK's
+  // close() and the end of a `with ServiceClient()` block).
+  PostJson(R"(/api/v1/sessions/[A-Za-z0-9._-]{1,128}/finish)",
+           [](auto&, auto&, httplib::Response& res) { Reply(res, json::object()); });
+  PostJson("/api/v1/telemetry", [](auto&, auto&, httplib::Response& res) { Reply(res, {{"status", "accepted"}}); });
+  server.Get("/api/v1/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    lathe::v1::HealthResponse health;
+    front_end->Health(&health);
+    const bool serving = health.state() == lathe::v1::HealthResponse::SERVING;
+    res.status = serving ? 200 : 503;
+    Reply(res, {{"status", serving ? "ok" : "unavailable"}, {"detail", health.detail()}});
+  });
+  server.Get("/api/v1/get_server_capabilities",
+             [this](const httplib::Request& req, httplib::Response& res) { Capabilities(req, res); });
+  PostJson("/api/v1/create_model", [this](auto& req, auto& body, auto& res) { CreateModel(req, body, res); });
+  PostJson("/api/v1/get_info", [this](auto& req, auto& body, auto& res) { GetInfo(req, body, res); });
+  server.Post("/api/v1/forward_backward", [this](auto& req, auto& res) { ForwardBackward(req, res); });
+  server.Post("/api/v1/forward", [this](auto& req, auto& res) { ForwardBackward(req, res); });
+  PostJson("/api/v1/optim_step", [this](auto& req, auto& body, auto& res) { OptimStep(req, body, res); });
+  PostJson("/api/v1/save_weights", [this](auto& req, auto& body, auto& res) { SaveWeights(req, body, res); });
+  PostJson("/api/v1/save_weights_for_sampler",
+           [this](auto& req, auto& body, auto& res) { SaveWeightsForSampler(req, body, res); });
+  PostJson("/api/v1/retrieve_future", [this](auto& req, auto& body, auto& res) { RetrieveFuture(req, body, res); });
+}
+
+void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {
+  lathe::v1::Capabilities caps;
+  if (absl::Status s = front_end->GetCapabilities(Authorization(req), &caps); !s.ok()) return Fail(res, s);
+  json models = json::array();
+  for (const std::string& name : caps.base_models()) {
+    models.push_back({{"model_name", name}, {"max_context_length", caps.max_seq_len()}, {"trainable", true},
+                      {"sampleable", false}});
+  }
+  Reply(res, {{"supported_models", std::move(models)}});
+}
+
+void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, httplib::Response& res) {
+  if (body.contains("optimizer_config") && body.at("optimizer_config").value("type", "adamw") != "adamw") {
+    return Fail(res, 422, "INVALID_ARGUMENT", "only the adamw optimizer is supported");
+  }
+  if (!body.contains("lora_config") || body.at("lora_config").is_null()) {
+    return Fail(res, 422, "INVALID_ARGUMENT",
+                "create_model needs lora_config (full fine-tuning is not served over HTTP yet)");
+  }
+  lathe::v1::CreateRunRequest create;
+  create.set_base_model(body.value("base_model", ""));
+  *create.mutable_lora() = LoraFromJson(body.at("lora_config"));
+  if (create.lora().rank() < 1) return Fail(res, 422, "INVALID_ARGUMENT", "lora_config.rank must be at least 1");
+  const auto key = std::make_pair(body.value("session_id", ""), body.value("model_seq_id", int64_t{-1}));
+  absl::MutexLock lock(&create_mu);
+  auto it = created.find(key);
+  if (it == created.end()) {
+    lathe::v1::CreateRunResponse response;
+    if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
+    it = created.emplace(key, response).first;
+  }
+  Reply(res, {{"request_id", it->second.init_op_id()}, {"model_id", it->second.run_id()}});
+}
+
+void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, httplib::Response& res) {
+  lathe::v1::GetInfoRequest request;
+  request.set_run_id(body.at("model_id").get<std::string>());
+  lathe::v1::RunInfo info;
+  if (absl::Status s = front_end->GetInfo(Authorization(req), request, &info); !s.ok()) return Fail(res, s);
+  json reply = {{"model_id", info.run_id()},
+                {"model_data",
+                 {{"arch", info.architecture()},
+                  {"model_name", info.base_model()},
+                  {"tokenizer_id", info.base_model()}}},
+                {"optimizer_config", {{"type", "adamw"}}},
+                {"is_lora", info.lora().rank() > 0},
+                {"model_name", info.base_model()},
+                {"type", "get_info"}};
+  if (info.lora().rank() > 0) reply["lora_rank"] = info.lora().rank();
+  Reply(res, reply);
+}
+
+void HttpDoor::Impl::SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op,
+                              httplib::Response& res) {
+  lathe::v1::SubmitResponse response;
+  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Fail(res, s);
+  Reply(res, {{"request_id", response.op_id()}, {"model_id", op.run_id()}});
+}
+
+void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Response& res) {
+  lathe::v1::SubmitRequest op;
+  absl::Status s;
+  if (absl::StrContains(req.get_header_value("Content-Type"), kProto)) {
+    if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
+      return Fail(res, 415, "INVALID_ARGUMENT", "compressed bodies are not supported (proto_compress_fwdbwd is off)");
+    }
+    tinker::ForwardBackwardRequest request;
+    if (!request.ParseFromString(req.body)) {
+      return Fail(res, 422, "INVALID_ARGUMENT", "the body does not parse as a ForwardBackwardRequest");
+    }
+    s = ForwardBackwardFromProto(request, &op);
+  } else {
+    try {
+      s = ForwardBackwardFromJson(json::parse(req.body), req.path == "/api/v1/forward", &op);
+    } catch (const json::exception& e) {
+      return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not a forward_backward request: ", e.what()));
+    }
+  }
+  if (!s.ok()) return Fail(res, s);
+  SubmitOp(req, op, res);
+}
+
+void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, httplib::Response& res) {
+  lathe::v1::SubmitRequest op;
+  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  *op.mutable_optim_step() = AdamFromJson(body.value("adam_params", json::object()));
+  SubmitOp(req, op, res);
+}
+
+void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
+  lathe::v1::SubmitRequest op;
+  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  lathe::v1::SaveStateOp* save = op.mutable_save_state();
+  save->set_name(body.at("path").get<std::string>());
+  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
+    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+  }
+  save->set_overwrite(body.value("overwrite", false));
+  SubmitOp(req, op, res);
+}
+
+void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
+  if (!body.contains("path") || body.at("path").is_null()) {
+    return Fail(res, 422, "UNIMPLEMENTED",
+                "save_weights_for_sampler without a path (save_weights_and_get_sampling_client) needs sampling "
+                "sessions, which the HTTP door does not serve yet; give a name");
+  }
+  lathe::v1::SubmitRequest op;
+  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
+  save->set_name(body.at("path").get<std::string>());
+  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
+    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+  }
+  SubmitOp(req, op, res);
+}
+
+void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res) {
+  lathe::v1::RetrieveRequest request;
+  request.set_op_id(body.at("request_id").get<std::string>());
+  request.set_wait_ms(absl::ToInt64Milliseconds(options.poll_hold));
+  lathe::v1::RetrieveResponse view;
+  if (absl::Status s = front_end->Retrieve(Authorization(req), request, absl::InfiniteFuture(), &view); !s.ok()) {
+    return Fail(res, s);
+  }
+  using State = lathe::v1::RetrieveResponse;
+  if (view.state() == State::PENDING) {
+    return Reply(res, {{"type", "try_again"}, {"request_id", view.op_id()}, {"queue_state", "active"}});
+  }
+  if (view.state() == State::FAILED) {
+    const bool user = view.error().category() == lathe::v1::OpError::USER;
+    return Reply(res, {{"error", runtime::TruncateMessage(view.error().message(), coordinator::kMaxStatusMessageBytes)},
+                       {"category", user ? "user" : "server"}});
+  }
+  const lathe::v1::OpResult& result = view.result();
+  switch (result.result_case()) {
+    case lathe::v1::OpResult::kInit:
+      return Reply(res, {{"model_id", result.init().run_id()}, {"type", "create_model"}});
+    case lathe::v1::OpResult::kForwardBackward:
+      if (absl::StrContains(req.get_header_value("Accept"), kProto)) {
+        return res.set_content(ForwardBackwardOutputToProto(result.forward_backward()), kProto);
+      }
+      return Reply(res, ForwardBackwardOutputToJson(result.forward_backward()));
+    case lathe::v1::OpResult::kOptimStep: {
+      json metrics = json::object();
+      for (const auto& [key, value] : result.optim_step().metrics()) metrics[key] = value;
+      return Reply(res, {{"metrics", std::move(metrics)}});
+    }
+    case lathe::v1::OpResult::kSaveState:
+      return Reply(res, {{"path", TinkerPath(result.save_state().path())}, {"type", "save_weights"}});
+    case lathe::v1::OpResult::kSaveWeightsForSampler:
+      return Reply(res, {{"path", TinkerPath(result.save_weights_for_sampler().path())},
+                         {"type", "save_weights_for_sampler"}});
+    default:
+      return Fail(res, 422, "UNIMPLEMENTED", "this operation's result is not served over HTTP yet");
+  }
+}
+
+HttpDoor::HttpDoor(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+HttpDoor::~HttpDoor() { Stop(); }
+
+int HttpDoor::port() const { return impl_->port; }
+
+void HttpDoor::Stop() {
+  if (!impl_->thread.joinable()) return;
+  impl_->server.stop();
+  impl_->thread.join();
+}
+
+absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& options,
+                                                          coordinator::FrontEnd* front_end) {
+  if (options.threads < 1) return absl::InvalidArgumentError("--http_threads must be >= 1");
+  if (options.port < 0 || options.port > 65535) return absl::InvalidArgumentError("--http_port must be 0..65535");
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->front_end = front_end;
+  const int threads = options.threads;
+  impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  impl->server.set_payload_max_length(static_cast<size_t>(options.max_request_bytes));
+  // An idle keep-alive connection holds a pool thread, and Stop waits for it:
+  // 2 s (cpp-httplib's default is 5) bounds both while the SDK's polls and
+  // submits, which follow each other closely, still reuse connections.
+  impl->server.set_keep_alive_timeout(2);
+  impl->Routes();
+  impl->port = options.port == 0 ? impl->server.bind_to_any_port(options.host)
+                                 : (impl->server.bind_to_port(options.host, options.port) ? options.port : -1);
+  if (impl->port <= 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for HTTP on ", options.host, ":", options.port));
+  }
+  httplib::Server* server = &impl->server;
+  impl->thread = std::thread([server] { server->listen_after_bind(); });
+  return std::unique_ptr<HttpDoor>(new HttpDoor(std::move(impl)));
+}
+
+}  // namespace lathe::http

@@ -1,0 +1,245 @@
+// Tinker wire bodies <-> lathe.v1: tokens and tensors travel as packed
+// little-endian bytes on both sides, so most of this is copying.
+#include "http/tinker_convert.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/quote.h"
+
+namespace lathe::http {
+namespace {
+
+using nlohmann::json;
+
+template <class T>
+void Append(std::string* bytes, T value) {
+  char raw[sizeof(T)];
+  std::memcpy(raw, &value, sizeof(T));
+  bytes->append(raw, sizeof(T));
+}
+
+template <class T>
+T Read(const std::string& bytes, size_t i) {
+  T value;
+  std::memcpy(&value, bytes.data() + i * sizeof(T), sizeof(T));
+  return value;
+}
+
+absl::Status TensorFromProto(const std::string& name, const tinker::Tensor& in, lathe::v1::TensorData* out) {
+  if (in.has_sparse_csr()) {
+    return absl::InvalidArgumentError(absl::StrCat("loss_fn_inputs ", runtime::QuoteForMessage(name),
+                                                   ": sparse tensors are not supported yet; send it dense"));
+  }
+  if (in.dtype() < tinker::DTYPE_FLOAT32 || in.dtype() > tinker::DTYPE_BFLOAT16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("loss_fn_inputs ", runtime::QuoteForMessage(name), ": unknown dtype ", in.dtype()));
+  }
+  // The two enums share their numbers (FLOAT32 1, INT64 2, INT32 3, BFLOAT16 4).
+  out->set_dtype(static_cast<lathe::v1::DType>(in.dtype()));
+  out->mutable_shape()->Add(in.shape().begin(), in.shape().end());
+  out->set_data(in.dense());
+  return absl::OkStatus();
+}
+
+absl::Status DatumFromProto(const tinker::Datum& in, lathe::v1::Datum* out) {
+  if (in.model_input_spans_size() > 0 || in.loss_fn_input_spans_size() > 0) {
+    return absl::InvalidArgumentError("provenance spans (stable_reinforce) are not supported");
+  }
+  for (const tinker::Chunk& chunk : in.model_input()) {
+    if (!chunk.has_encoded_text()) {
+      return absl::InvalidArgumentError("only encoded_text chunks are supported (no image or dmel input)");
+    }
+    out->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(chunk.encoded_text().tokens());
+  }
+  for (const auto& [name, tensor] : in.loss_fn_inputs()) {
+    lathe::v1::TensorData converted;
+    if (absl::Status s = TensorFromProto(name, tensor, &converted); !s.ok()) return s;
+    (*out->mutable_loss_fn_inputs())[name] = std::move(converted);
+  }
+  return absl::OkStatus();
+}
+
+lathe::v1::ForwardBackwardInput* OpInput(bool forward_only, lathe::v1::SubmitRequest* op) {
+  return forward_only ? op->mutable_forward() : op->mutable_forward_backward();
+}
+
+lathe::v1::TensorData TensorFromJson(const json& in) {
+  lathe::v1::TensorData out;
+  const std::string dtype = in.at("dtype").get<std::string>();
+  const json& data = in.at("data");
+  std::string bytes;
+  if (dtype == "int64") {
+    out.set_dtype(lathe::v1::INT64);
+    for (const json& v : data) Append<int64_t>(&bytes, v.get<int64_t>());
+  } else if (dtype == "float32") {
+    out.set_dtype(lathe::v1::FLOAT32);
+    for (const json& v : data) Append<float>(&bytes, v.is_null() ? NAN : v.get<float>());
+  } else {
+    throw json::type_error::create(302, "dtype must be \"int64\" or \"float32\"", &in);
+  }
+  if (in.contains("shape") && !in.at("shape").is_null()) {
+    for (const json& d : in.at("shape")) out.add_shape(d.get<int64_t>());
+  } else {
+    out.add_shape(static_cast<int64_t>(data.size()));
+  }
+  out.set_data(std::move(bytes));
+  return out;
+}
+
+// Values of `bytes` in `dtype` as JSON numbers (NaN as null).
+json ValuesToJson(lathe::v1::DType dtype, const std::string& bytes) {
+  json out = json::array();
+  auto number = [](double v) { return std::isfinite(v) ? json(v) : json(nullptr); };
+  switch (dtype) {
+    case lathe::v1::FLOAT32:
+      for (size_t i = 0; i < bytes.size() / 4; ++i) out.push_back(number(Read<float>(bytes, i)));
+      break;
+    case lathe::v1::INT64:
+      for (size_t i = 0; i < bytes.size() / 8; ++i) out.push_back(Read<int64_t>(bytes, i));
+      break;
+    case lathe::v1::INT32:
+      for (size_t i = 0; i < bytes.size() / 4; ++i) out.push_back(Read<int32_t>(bytes, i));
+      break;
+    default:
+      break;
+  }
+  return out;
+}
+
+const char* DtypeName(lathe::v1::DType dtype) {
+  switch (dtype) {
+    case lathe::v1::INT64: return "int64";
+    case lathe::v1::INT32: return "int32";
+    default: return "float32";
+  }
+}
+
+}  // namespace
+
+absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& request, lathe::v1::SubmitRequest* op) {
+  op->set_run_id(request.model_id());
+  op->set_seq_id(request.seq_id());
+  lathe::v1::ForwardBackwardInput* input = OpInput(request.forward_only(), op);
+  input->set_loss_fn(request.loss_fn());
+  for (const tinker::Datum& datum : request.data()) {
+    if (absl::Status s = DatumFromProto(datum, input->add_data()); !s.ok()) return s;
+  }
+  // The SDK writes numbers to both maps and text only to v2; v2 wins.
+  for (const auto& [key, value] : request.loss_fn_config()) (*input->mutable_loss_fn_config())[key] = value;
+  for (const auto& [key, value] : request.loss_fn_config_v2()) {
+    if (value.has_text()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("loss_fn_config ", runtime::QuoteForMessage(key), ": text values are not supported"));
+    }
+    (*input->mutable_loss_fn_config())[key] = value.number();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe::v1::SubmitRequest* op) {
+  op->set_run_id(body.at("model_id").get<std::string>());
+  op->set_seq_id(body.at("seq_id").get<int64_t>());
+  const json& fb = body.at("forward_backward_input");
+  lathe::v1::ForwardBackwardInput* input = OpInput(forward_only, op);
+  input->set_loss_fn(fb.at("loss_fn").get<std::string>());
+  for (const json& datum : fb.at("data")) {
+    lathe::v1::Datum* out = input->add_data();
+    for (const json& chunk : datum.at("model_input").at("chunks")) {
+      if (chunk.value("type", "encoded_text") != "encoded_text") {
+        return absl::InvalidArgumentError("only encoded_text chunks are supported (no image input)");
+      }
+      std::string tokens;
+      for (const json& t : chunk.at("tokens")) {
+        // Read wide and check, so an id past int32 cannot wrap into the vocabulary.
+        const int64_t id = t.get<int64_t>();
+        if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max()) {
+          return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is not an int32"));
+        }
+        Append<int32_t>(&tokens, static_cast<int32_t>(id));
+      }
+      out->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
+    }
+    for (const auto& [name, tensor] : datum.at("loss_fn_inputs").items()) {
+      (*out->mutable_loss_fn_inputs())[name] = TensorFromJson(tensor);
+    }
+  }
+  if (fb.contains("loss_fn_config") && !fb.at("loss_fn_config").is_null()) {
+    for (const auto& [key, value] : fb.at("loss_fn_config").items()) {
+      if (value.is_string()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("loss_fn_config ", runtime::QuoteForMessage(key), ": text values are not supported"));
+      }
+      (*input->mutable_loss_fn_config())[key] = value.get<double>();
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string ForwardBackwardOutputToProto(const lathe::v1::ForwardBackwardOutput& output) {
+  tinker::ForwardBackwardOutput out;
+  out.set_loss_fn_output_type(output.loss_fn_output_type().empty() ? "ArrayRecord" : output.loss_fn_output_type());
+  // One record per datum: each datum's tensors may have their own shape.
+  for (const lathe::v1::LossFnOutput& datum : output.loss_fn_outputs()) {
+    tinker::ArrayRecord* record = out.add_loss_fn_outputs();
+    record->set_num_datums(1);
+    for (const auto& [name, tensor] : datum.tensors()) {
+      tinker::BatchedTensor& batched = (*record->mutable_fields())[name];
+      batched.set_data(tensor.data());
+      std::string offsets;
+      Append<int64_t>(&offsets, 0);
+      Append<int64_t>(&offsets, static_cast<int64_t>(tensor.data().size()));
+      batched.set_offsets(std::move(offsets));
+      batched.set_dtype(static_cast<tinker::DType>(tensor.dtype()));
+      for (int d = 1; d < tensor.shape_size(); ++d) batched.add_trailing_shape(tensor.shape(d));
+    }
+  }
+  for (const auto& [key, value] : output.metrics()) (*out.mutable_metrics())[key] = value;
+  return out.SerializeAsString();
+}
+
+json ForwardBackwardOutputToJson(const lathe::v1::ForwardBackwardOutput& output) {
+  json outputs = json::array();
+  for (const lathe::v1::LossFnOutput& datum : output.loss_fn_outputs()) {
+    json tensors = json::object();
+    for (const auto& [name, tensor] : datum.tensors()) {
+      tensors[name] = {{"data", ValuesToJson(tensor.dtype(), tensor.data())},
+                       {"dtype", DtypeName(tensor.dtype())},
+                       {"shape", json(std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end()))}};
+    }
+    outputs.push_back(std::move(tensors));
+  }
+  json metrics = json::object();
+  for (const auto& [key, value] : output.metrics()) metrics[key] = value;
+  return {{"loss_fn_output_type", output.loss_fn_output_type().empty() ? "ArrayRecord" : output.loss_fn_output_type()},
+          {"loss_fn_outputs", std::move(outputs)},
+          {"metrics", std::move(metrics)}};
+}
+
+lathe::v1::AdamParams AdamFromJson(const json& adam) {
+  lathe::v1::AdamParams out;
+  auto take = [&adam](const char* key, auto setter) {
+    if (adam.contains(key) && !adam.at(key).is_null()) setter(adam.at(key).get<double>());
+  };
+  take("learning_rate", [&out](double v) { out.set_learning_rate(v); });
+  take("beta1", [&out](double v) { out.set_beta1(v); });
+  take("beta2", [&out](double v) { out.set_beta2(v); });
+  take("eps", [&out](double v) { out.set_eps(v); });
+  take("weight_decay", [&out](double v) { out.set_weight_decay(v); });
+  take("grad_clip_norm", [&out](double v) { out.set_grad_clip_norm(v); });
+  return out;
+}
+
+lathe::v1::LoraConfig LoraFromJson(const json& lora) {
+  lathe::v1::LoraConfig out;
+  out.set_rank(lora.at("rank").get<int32_t>());
+  if (lora.contains("seed") && !lora.at("seed").is_null()) out.set_seed(lora.at("seed").get<int64_t>());
+  if (lora.contains("train_attn")) out.set_train_attn(lora.at("train_attn").get<bool>());
+  if (lora.contains("train_mlp")) out.set_train_mlp(lora.at("train_mlp").get<bool>());
+  if (lora.contains("train_unembed")) out.set_train_unembed(lora.at("train_unembed").get<bool>());
+  return out;
+}
+
+}  // namespace lathe::http

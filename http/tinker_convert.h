@@ -1,0 +1,40 @@
+// Translation between Tinker's wire bodies (JSON, and the protobuf of
+// forward / forward_backward) and lathe.v1 messages. Pure functions, no I/O.
+#ifndef LATHE_HTTP_TINKER_CONVERT_H_
+#define LATHE_HTTP_TINKER_CONVERT_H_
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "lathe/v1/service.pb.h"
+#include "tinker_wire.pb.h"
+
+namespace lathe::http {
+
+// A Tinker ForwardBackwardRequest (protobuf) as a lathe forward or
+// forward_backward op. InvalidArgument for what lathe cannot run as sent:
+// image or dmel chunks, sparse tensors, provenance spans, text-valued loss
+// config, a dtype lathe does not read.
+absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& request,
+                                      lathe::v1::SubmitRequest* op);
+// The JSON form ({model_id, seq_id, forward_backward_input: {data, loss_fn,
+// loss_fn_config}}) sent by SDKs before 0.25 and by hand. Throws
+// nlohmann::json::exception for a body of the wrong shape; InvalidArgument
+// as above.
+absl::Status ForwardBackwardFromJson(const nlohmann::json& body, bool forward_only, lathe::v1::SubmitRequest* op);
+// A lathe forward / forward_backward result as Tinker's protobuf
+// ForwardBackwardOutput (one ArrayRecord per datum), serialized.
+std::string ForwardBackwardOutputToProto(const lathe::v1::ForwardBackwardOutput& output);
+// The same as Tinker's JSON ForwardBackwardOutput (NaN as null).
+nlohmann::json ForwardBackwardOutputToJson(const lathe::v1::ForwardBackwardOutput& output);
+// Tinker's adam_params object; absent keys keep lathe's defaults. Throws
+// nlohmann::json::exception for a value that is not a number.
+lathe::v1::AdamParams AdamFromJson(const nlohmann::json& adam);
+// Tinker's lora_config object. Throws as above.
+lathe::v1::LoraConfig LoraFromJson(const nlohmann::json& lora);
+
+}  // namespace lathe::http
+
+#endif  // LATHE_HTTP_TINKER_CONVERT_H_
