@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -83,13 +84,38 @@ struct BaseModel {
   bool tied = false;
 };
 
+// The safetensors files the model loads from, as SafetensorsCheckpoint reads
+// them: the shards the index names, else model.safetensors.
+absl::StatusOr<std::set<fs::path>> LoadedFiles(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(fs::path(dir) / kIndex, ec)) return std::set<fs::path>{fs::path(dir) / "model.safetensors"};
+  LATHE_ASSIGN_OR_RETURN(json index, ReadJson(fs::path(dir) / kIndex));
+  auto map = index.find("weight_map");
+  if (map == index.end() || !map->is_object()) {
+    return absl::DataLossError(absl::StrCat(dir, "/", kIndex, " has no weight_map object"));
+  }
+  std::set<fs::path> files;
+  for (const auto& [tensor, shard] : map->items()) {
+    if (!shard.is_string()) return absl::DataLossError(absl::StrCat(dir, "/", kIndex, ": ", tensor, " names no file"));
+    files.insert(fs::path(dir) / shard.get<std::string>());
+  }
+  return files;
+}
+
 absl::StatusOr<BaseModel> OpenBase(const std::string& dir) {
   BaseModel base;
+  LATHE_ASSIGN_OR_RETURN(const std::set<fs::path> loaded, LoadedFiles(dir));
   std::vector<fs::path> tensor_files;
   std::error_code ec, type_ec;
   for (const fs::directory_entry& f : fs::directory_iterator(dir, ec)) {
     if (!f.is_regular_file(type_ec)) continue;
-    (f.path().extension() == ".safetensors" ? tensor_files : base.others).push_back(f.path());
+    // Other safetensors files (e.g. a consolidated copy in another naming)
+    // are not the model: neither merged nor copied.
+    if (f.path().extension() == ".safetensors") {
+      if (loaded.count(f.path())) tensor_files.push_back(f.path());
+      continue;
+    }
+    base.others.push_back(f.path());
   }
   if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
   std::sort(tensor_files.begin(), tensor_files.end());

@@ -83,6 +83,20 @@ TEST_F(PeftExportTest, AMissingBaseTensorIsNamedAndLeavesNothing) {
   EXPECT_EQ(Entries(), std::vector<std::string>{"base"});
 }
 
+// A safetensors file the model does not load from (a consolidated copy in
+// another naming, as some repositories ship) is neither merged nor copied.
+TEST_F(PeftExportTest, TheMergedModelHoldsOnlyTheFilesTheModelLoads) {
+  const std::string base = root_ + "/base";
+  fs::create_directories(base);
+  for (const char* f : {"model.safetensors", "config.json"}) fs::copy_file(Model() + "/" + f, base + "/" + f);
+  fs::copy_file(Model() + "/model.safetensors", base + "/consolidated.safetensors");
+  ASSERT_TRUE(Export("out", base).ok());
+  std::vector<std::string> merged;
+  for (const auto& e : fs::directory_iterator(root_ + "/out/merged")) merged.push_back(e.path().filename().string());
+  std::sort(merged.begin(), merged.end());
+  EXPECT_EQ(merged, (std::vector<std::string>{"config.json", "model.safetensors"}));
+}
+
 TEST_F(PeftExportTest, AWriteThatFailsMidwayLeavesNothing) {
   ASSERT_TRUE(Export("whole", Model()).ok());
   const auto adapter = fs::file_size(root_ + "/whole/adapter_model.safetensors");
