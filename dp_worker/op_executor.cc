@@ -454,18 +454,16 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
   absl::Status s;
   if (group == nullptr || group->rank() == 0) {
     absl::StatusOr<std::map<std::string, at::Tensor>> params = runtime::ReadCheckpointTensors(scratch, "param");
-    s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, options_.base_model, folder,
-                                                op.save_weights_for_sampler().merged() ? options_.model_dir : "",
-                                                op.save_weights_for_sampler().ttl_seconds())
+    // The shards go in as <folder>/lathe before the export appears, so any
+    // layout can sample from them later.
+    runtime::PeftExportOptions export_options;
+    export_options.base_model = options_.base_model;
+    export_options.merge_base_dir = op.save_weights_for_sampler().merged() ? options_.model_dir : "";
+    export_options.ttl_seconds = op.save_weights_for_sampler().ttl_seconds();
+    export_options.shards_dir = scratch;
+    s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, folder, export_options)
                     : params.status();
-    // The shards stay as <folder>/lathe, so any layout can sample from them later;
-    // without them the export is incomplete and goes.
     std::error_code ec;
-    if (s.ok()) std::filesystem::rename(scratch, folder + "/lathe", ec);
-    if (ec) {
-      s = absl::InternalError(absl::StrCat("cannot move ", scratch, " into ", folder, ": ", ec.message()));
-      std::filesystem::remove_all(folder, ec);
-    }
     if (!s.ok()) std::filesystem::remove_all(scratch, ec);
   }
   if (group != nullptr) s = parallel::AgreeStatus(s, *group, options_.collective_timeout);

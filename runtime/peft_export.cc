@@ -125,8 +125,7 @@ absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& params,
 }  // namespace
 
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
-                              const std::string& base_model, const std::string& dir,
-                              const std::string& merge_base_dir, int64_t ttl_seconds) {
+                              const std::string& dir, const PeftExportOptions& options) {
   if (lora.full_finetune()) {
     return absl::FailedPreconditionError("a full fine-tuning run has no adapter to export");
   }
@@ -137,11 +136,19 @@ absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, c
   fs::create_directories(partial, ec);
   absl::Status s = ec ? absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()))
                       : Guarded("save_weights_for_sampler", [&] {
-                          return WriteAdapterFolder(params, lora, base_model, merge_base_dir, ttl_seconds, partial);
+                          return WriteAdapterFolder(params, lora, options.base_model, options.merge_base_dir,
+                                                    options.ttl_seconds, partial);
                         });
+  if (s.ok() && !options.shards_dir.empty()) {
+    fs::rename(options.shards_dir, partial + "/lathe", ec);
+    if (ec) s = absl::InternalError(absl::StrCat("cannot move ", options.shards_dir, " in: ", ec.message()));
+  }
   if (s.ok()) {
     fs::rename(partial, dir, ec);
     if (ec) s = absl::InternalError(absl::StrCat("cannot rename ", partial, ": ", ec.message()));
+  }
+  if (!s.ok() && !options.shards_dir.empty() && fs::exists(partial + "/lathe", ec)) {
+    fs::rename(partial + "/lathe", options.shards_dir, ec);  // back where it was, for the caller
   }
   if (!s.ok()) fs::remove_all(partial, ec);
   return s;

@@ -18,10 +18,19 @@
 
 namespace lathe::runtime {
 
+struct PeftExportOptions {
+  std::string base_model;      // recorded as base_model_name_or_path
+  std::string merge_base_dir;  // set: also write <dir>/merged/ from this base folder
+  int64_t ttl_seconds = 0;     // > 0: when the coordinator deletes the export
+  // Set: a folder moved in as <dir>/lathe before <dir> appears (lathe's own
+  // shards of the weights), so the export is published whole or not at all.
+  std::string shards_dir;
+};
+
 // Writes the adapter of `params` (whole LoRA tensors by lathe name; stacked
 // expert tensors named with "{e}") to `dir`, atomically: under
-// "<dir>.partial", renamed when complete, removed on any failure. With
-// `merge_base_dir` (the base model's Hugging Face folder) it also writes
+// "<dir>.partial", renamed when complete, removed on any failure (the
+// shards_dir then stays where it was). With merge_base_dir it also writes
 // <dir>/merged/, the base model with the adapter folded in (see
 // WriteMergedModel). <dir>/lathe_sampler.json records when it was made and,
 // with ttl_seconds > 0, when the coordinator deletes it (saturating at the
@@ -30,8 +39,7 @@ namespace lathe::runtime {
 // the base files cannot take (WriteMergedModel's refusals); I/O errors as they
 // happen. Never throws.
 absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
-                              const std::string& base_model, const std::string& dir,
-                              const std::string& merge_base_dir = "", int64_t ttl_seconds = 0);
+                              const std::string& dir, const PeftExportOptions& options);
 
 }  // namespace lathe::runtime
 

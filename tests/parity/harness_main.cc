@@ -221,8 +221,11 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       // {"dir": folder, "merged": bool, "ttl_seconds": n}: what save_weights_for_sampler writes.
       std::map<std::string, at::Tensor> params;
       for (const TrainableParam& p : model.trainable()) params[p.name] = p.tensor.detach();
-      status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, "lathe_harness", op.at("dir"),
-                                op.value("merged", false) ? model_dir : "", op.value("ttl_seconds", int64_t{0}));
+      PeftExportOptions options;
+      options.base_model = "lathe_harness";
+      options.merge_base_dir = op.value("merged", false) ? model_dir : "";
+      options.ttl_seconds = op.value("ttl_seconds", int64_t{0});
+      status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, op.at("dir"), options);
     } else if (kind == "dump") {
       out.DumpTrainable(op.at("prefix"), model);
     } else if (kind == "generate") {

@@ -37,7 +37,7 @@ class PeftExportTest : public TinyModelTest<kPeftExportTestName> {
   }
 
   absl::Status Export(const std::string& name, const std::string& base = "", int64_t ttl_seconds = 0) {
-    return WritePeftAdapter(params_, lora_, "tiny", root_ + "/" + name, base, ttl_seconds);
+    return WritePeftAdapter(params_, lora_, root_ + "/" + name, {"tiny", base, ttl_seconds, ""});
   }
   nlohmann::json Sampler(const std::string& name) const {
     std::ifstream in(root_ + "/" + name + "/lathe_sampler.json");
@@ -95,6 +95,23 @@ TEST_F(PeftExportTest, TheMergedModelHoldsOnlyTheFilesTheModelLoads) {
   for (const auto& e : fs::directory_iterator(root_ + "/out/merged")) merged.push_back(e.path().filename().string());
   std::sort(merged.begin(), merged.end());
   EXPECT_EQ(merged, (std::vector<std::string>{"config.json", "model.safetensors"}));
+}
+
+// lathe's shards move in before the export appears; when the export fails
+// they stay where they were.
+TEST_F(PeftExportTest, ShardsMoveInWithTheExportOrStayPut) {
+  const std::string shards = root_ + "/shards";
+  fs::create_directories(shards);
+  std::ofstream(shards + "/rank-0.safetensors") << "x";
+  ASSERT_TRUE(WritePeftAdapter(params_, lora_, root_ + "/out", {"tiny", "", 0, shards}).ok());
+  EXPECT_TRUE(fs::exists(root_ + "/out/lathe/rank-0.safetensors"));
+  EXPECT_EQ(Entries(), std::vector<std::string>{"out"});
+  fs::create_directories(shards);
+  std::ofstream(shards + "/rank-0.safetensors") << "x";
+  const absl::Status s = WritePeftAdapter(params_, lora_, root_ + "/bad", {"tiny", root_ + "/nowhere", 0, shards});
+  EXPECT_FALSE(s.ok());
+  EXPECT_TRUE(fs::exists(shards + "/rank-0.safetensors")) << s;
+  EXPECT_EQ(Entries(), (std::vector<std::string>{"out", "shards"})) << s;
 }
 
 TEST_F(PeftExportTest, AWriteThatFailsMidwayLeavesNothing) {
