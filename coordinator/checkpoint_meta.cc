@@ -110,10 +110,12 @@ absl::StatusOr<CheckpointMeta> ParseCheckpointMeta(absl::string_view text, const
   return meta;
 }
 
+const char* CheckpointMetaFile(const std::string& kind) { return kind == "weights" ? kManifest : kSidecar; }
+
 absl::StatusOr<CheckpointMeta> ReadCheckpointMeta(const std::string& root, const runtime::CheckpointRef& ref,
                                                   int64_t max_bytes) {
   const bool training = ref.kind == "weights";
-  const char* file = training ? kManifest : kSidecar;
+  const char* file = CheckpointMetaFile(ref.kind);
   if (!training) {
     // Sampler checkpoints written before the sidecar existed have none.
     struct stat st;

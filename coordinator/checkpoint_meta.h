@@ -29,6 +29,10 @@ struct CheckpointMeta {
 // nested more than 64 deep included).
 absl::StatusOr<CheckpointMeta> ParseCheckpointMeta(absl::string_view text, const std::string& kind);
 
+// The file a checkpoint of `kind` keeps its times in: manifest.json for
+// "weights", lathe_sampler.json for "sampler_weights".
+const char* CheckpointMetaFile(const std::string& kind);
+
 // Reads and parses the manifest or sidecar of the checkpoint `ref` under
 // `root` without following links (a sampler checkpoint without a sidecar has
 // empty metadata). DataLoss when it is unreadable, a link, larger than

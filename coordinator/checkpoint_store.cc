@@ -1,6 +1,7 @@
 // Checkpoint folders on the shared filesystem.
 #include "coordinator/checkpoint_store.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -86,7 +87,7 @@ absl::StatusOr<std::vector<lathe::v1::Checkpoint>> CheckpointStore::List(const s
   std::vector<lathe::v1::Checkpoint> out;
   ForEachCommitted(root_, run_id, [&](const runtime::CheckpointRef& ref, const std::string& folder) {
     const std::string id = runtime::CheckpointUri(ref);
-    absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(root_, ref, kMaxManifestBytes);
+    absl::StatusOr<CheckpointMeta> meta = Meta(ref);
     if (!meta.ok()) return ReportCorrupt(id, meta.status());
     lathe::v1::Checkpoint& c = out.emplace_back();
     c.set_id(id);
@@ -171,17 +172,55 @@ absl::Status CheckpointStore::Delete(const std::string& checkpoint_id) const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<CheckpointMeta> CheckpointStore::Meta(const runtime::CheckpointRef& ref) const {
+  const std::string id = runtime::CheckpointUri(ref);
+  const std::string path = absl::StrCat(runtime::CheckpointDir(root_, ref), "/", CheckpointMetaFile(ref.kind));
+  struct stat st;
+  const bool seen = ::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  CachedMeta now;
+  if (seen) {
+    now.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+    now.size = st.st_size;
+    now.inode = static_cast<int64_t>(st.st_ino);
+    absl::MutexLock lock(&mu_);
+    auto it = meta_cache_.find(id);
+    if (it != meta_cache_.end() && it->second.mtime_ns == now.mtime_ns && it->second.size == now.size &&
+        it->second.inode == now.inode && absl::Now() - it->second.read_at < absl::Minutes(1)) {
+      return it->second.meta;
+    }
+  }
+  absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(root_, ref, kMaxManifestBytes);
+  if (meta.ok() && seen) {
+    now.meta = *meta;
+    now.read_at = absl::Now();
+    absl::MutexLock lock(&mu_);
+    meta_cache_[id] = now;
+  }
+  return meta;
+}
+
+void CheckpointStore::PruneMeta(const std::set<std::string>& live) const {
+  absl::MutexLock lock(&mu_);
+  for (auto it = meta_cache_.begin(); it != meta_cache_.end();) {
+    it = live.count(it->first) ? std::next(it) : meta_cache_.erase(it);
+  }
+}
+
 int CheckpointStore::Expire(absl::Time now) const {
   if (root_.empty()) return 0;
-  // Only manifests are read here, no file sizes: this runs every few seconds.
+  // Only manifests are read here (and only those that changed), no file
+  // sizes: this runs every few seconds.
   const int64_t now_ms = absl::ToUnixMillis(now);
   std::vector<std::string> due;
+  std::set<std::string> live;
   ForEachCommitted(root_, "", [&](const runtime::CheckpointRef& ref, const std::string&) {
     const std::string id = runtime::CheckpointUri(ref);
-    absl::StatusOr<CheckpointMeta> meta = ReadCheckpointMeta(root_, ref, kMaxManifestBytes);
+    live.insert(id);
+    absl::StatusOr<CheckpointMeta> meta = Meta(ref);
     if (!meta.ok()) return ReportCorrupt(id, meta.status());
     if (meta->expires_unix_ms > 0 && meta->expires_unix_ms <= now_ms) due.push_back(id);
   });
+  PruneMeta(live);
   int removed = 0;
   for (const std::string& id : due) removed += Delete(id).ok();
   return removed;

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "coordinator/checkpoint_meta.h"
 #include "lathe/v1/service.pb.h"
 #include "runtime/checkpoint_path.h"
 
@@ -69,10 +71,26 @@ class CheckpointStore {
   absl::StatusOr<Located> Locate(const std::string& checkpoint_id) const;
   // Logs a corrupt checkpoint the first time this store meets it.
   void ReportCorrupt(const std::string& id, const absl::Status& status) const;
+  // The checkpoint's times, read again only when its manifest (or sidecar)
+  // changed since the last read: the expiry sweep runs every few seconds
+  // and a large model's manifest is megabytes. Errors as ReadCheckpointMeta.
+  absl::StatusOr<CheckpointMeta> Meta(const runtime::CheckpointRef& ref) const;
+  // Forgets the cached times of checkpoints not in `live` (ids).
+  void PruneMeta(const std::set<std::string>& live) const;
+
+  // What Meta read, the file's identity then, and when (an entry is read
+  // again after a minute whatever its identity: an in-place edit within the
+  // file system's timestamp granularity keeps size, inode and mtime).
+  struct CachedMeta {
+    int64_t mtime_ns = 0, size = 0, inode = 0;
+    absl::Time read_at;
+    CheckpointMeta meta;
+  };
 
   const std::string root_;
   mutable absl::Mutex mu_;
   mutable std::set<std::string> reported_ ABSL_GUARDED_BY(mu_);
+  mutable std::map<std::string, CachedMeta> meta_cache_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lathe::coordinator

@@ -194,6 +194,21 @@ TEST_F(CheckpointStoreTest, ExpiryNearInt64MaxIsNotInThePast) {
   EXPECT_EQ(store_.Expire(absl::InfiniteFuture()), 3);
 }
 
+// The sweep keeps what it read of each manifest, and reads a manifest again
+// once it changed: replaced by a rename (as lathe writes them) or rewritten.
+TEST_F(CheckpointStoreTest, AChangedManifestIsReadAgain) {
+  const int64_t now = absl::ToUnixMillis(absl::Now());
+  const fs::path a = Training("run-a", "a", Manifest(absl::StrCat(R"("expires_unix_ms": )", now + 3600000)));
+  const fs::path b = Training("run-a", "b", Manifest(absl::StrCat(R"("expires_unix_ms": )", now + 3600000)));
+  EXPECT_EQ(store_.Expire(absl::Now()), 0);
+  EXPECT_EQ(store_.Expire(absl::Now()), 0);
+  Write(a / "manifest.json.new", Manifest(absl::StrCat(R"("expires_unix_ms": )", now - 1)));
+  fs::rename(a / "manifest.json.new", a / "manifest.json");
+  Write(b / "manifest.json", Manifest(absl::StrCat(R"("expires_unix_ms": )", 1)));  // in place, shorter
+  EXPECT_EQ(store_.Expire(absl::Now()), 2);
+  EXPECT_EQ(ListedIds(), Ids{});
+}
+
 TEST_F(CheckpointStoreTest, LinksInsideACheckpointAreNeitherListedNorServed) {
   const fs::path dir = Training("run-a", "c", Manifest(""));
   fs::create_symlink(outside_ / "secret.txt", dir / "hostname");
