@@ -58,6 +58,15 @@ class FileHandle {
 // regular file, the others folders). REQUIRES: no part is empty, "." or "..".
 absl::StatusOr<FileHandle> OpenBeneath(const std::string& root, const std::vector<std::string>& parts);
 
+// Removes root/folder[0]/.../name (a folder and everything in it, or a
+// file), opening the folders one part at a time beneath `root` and removing
+// through the open folders, so nothing outside `root` is touched whatever is
+// swapped meanwhile: the entry is first renamed to "<name>.replaced" (one
+// left by a removal that died is removed first), then removed. Links inside
+// are removed, never followed. NotFound when a folder part is missing or a
+// link, or `name` is gone; Internal for other I/O errors.
+absl::Status RemoveBeneath(const std::string& root, const std::vector<std::string>& folder, const std::string& name);
+
 // Up to `max_bytes` of an open file from its start; DataLoss when it holds
 // more or cannot be read.
 absl::StatusOr<std::string> ReadAll(const FileHandle& file, int64_t max_bytes);

@@ -161,14 +161,8 @@ absl::Status CheckpointStore::Download(const std::string& checkpoint_id, const s
 absl::Status CheckpointStore::Delete(const std::string& checkpoint_id) const {
   absl::StatusOr<Located> at = Locate(checkpoint_id);
   if (!at.ok()) return at.status();
-  // Renamed first, so a concurrent listing never sees a half-deleted folder.
-  // Locate saw real folders all the way down; remove_all removes links
-  // inside the folder without following them.
-  std::error_code ec;
-  const std::string doomed = at->folder + ".replaced";
-  fs::rename(at->folder, doomed, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot delete ", checkpoint_id, ": ", ec.message()));
-  fs::remove_all(doomed, ec);
+  absl::Status s = RemoveBeneath(root_, {at->ref.run_id, at->ref.kind}, at->ref.name);
+  if (!s.ok()) return absl::Status(s.code(), absl::StrCat("cannot delete ", checkpoint_id, ": ", s.message()));
   return absl::OkStatus();
 }
 

@@ -262,6 +262,20 @@ TEST_F(CheckpointStoreTest, DeletingACheckpointRemovesLinksInsideItNotTheirTarge
   EXPECT_TRUE(fs::exists(outside_ / "secret.txt"));
 }
 
+// A ".replaced" folder left by a removal that died (with a link in it) does
+// not block the next delete of the same name, and nothing it links to goes.
+TEST_F(CheckpointStoreTest, ALeftoverReplacedFolderDoesNotBlockADelete) {
+  const fs::path dir = Training("run-a", "c", Manifest(""));
+  const fs::path leftover = root_ / "run-a" / "weights" / "c.replaced";
+  Write(leftover / "node_rank-0" / "rank-0.safetensors", "old");
+  fs::create_symlink(outside_, leftover / "escape");
+  EXPECT_TRUE(store_.Delete("lathe://run-a/weights/c").ok());
+  EXPECT_FALSE(fs::exists(dir));
+  EXPECT_FALSE(fs::exists(leftover));
+  EXPECT_TRUE(fs::exists(outside_ / "secret.txt"));
+  EXPECT_EQ(store_.Delete("lathe://run-a/weights/c").code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(CheckpointStoreTest, PageTokensAreCheckedAndNextTokensNeverWrap) {
   const fs::path dir = Training("run-a", "c", Manifest(""));
   for (int i = 0; i < 5; ++i) Write(dir / absl::StrCat("f", i), "x");
