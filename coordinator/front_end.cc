@@ -130,6 +130,27 @@ absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::
   return absl::OkStatus();
 }
 
+absl::Status FrontEnd::SubmitSampling(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
+                                      const std::string& lane, lathe::v1::SubmitResponse* response) {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(Serving());
+  LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
+  LATHE_RETURN_IF_ERROR(ValidateOp(request, registry_->model()));
+  lathe::v1::SubmitRequest op = request;
+  LATHE_RETURN_IF_ERROR(ResolveWeights(op));
+  // Outside the run's order only weights that cannot change may be read.
+  const bool pinned = op.has_sample() ? !op.sample().model_path().empty() || op.sample().base()
+                      : op.has_compute_logprobs()
+                          ? !op.compute_logprobs().model_path().empty() || op.compute_logprobs().base()
+                          : false;
+  if (!pinned) {
+    return absl::InvalidArgumentError("an unordered operation must be a sample or compute_logprobs of pinned weights");
+  }
+  LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->SubmitUnordered(op, lane));
+  response->set_op_id(op_id);
+  return absl::OkStatus();
+}
+
 absl::Status FrontEnd::ResolveWeights(lathe::v1::SubmitRequest& op) const {
   std::string* path = nullptr;
   int64_t version = 0;
