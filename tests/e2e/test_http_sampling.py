@@ -1,0 +1,133 @@
+"""Sampling through the HTTP door (docs/http-api.md) with the real Tinker SDK (``tinker`` 0.38.0):
+save_weights_and_get_sampling_client and create_sampling_client(model_path=...) sample the
+same tokens and logprobs, bit for bit, as the same sample ops over gRPC on the same published
+weights, and bad sampling parameters fail at once."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+
+import service_client as sc
+from lathe.v1 import service_pb2 as pb
+
+tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 (requirements-dev.txt) is not installed")
+
+KEY = "tml-lathe-http-sampling-key"
+PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory, build_dir, tiny_model):
+    """A deployment with API keys on and the HTTP door on a free port: (deployment, base_url)."""
+    workdir = str(tmp_path_factory.mktemp("http_sampling"))
+    port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
+    d = sc.Deployment(build_dir, tiny_model, workdir, max_runs=2, api_key=KEY, coordinator_env={"LATHE_API_KEYS": KEY},
+                      worker_args=["--checkpoint_root", root],
+                      coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
+                                        "--checkpoint_root", root])
+    d.start()
+    try:
+        with open(port_file) as f:
+            url = f"http://127.0.0.1:{int(f.read())}"
+        yield d, url
+    finally:
+        d.close()
+
+
+def _bits(values) -> np.ndarray:
+    return np.asarray(values, np.float32).view(np.uint32)
+
+
+def _grpc(d, run: str, seq: int, **op) -> pb.OpResult:
+    """Submits one op over gRPC (with the deployment's key) and waits for its result."""
+    md = d.metadata()
+    op_id = d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, **op), metadata=md, timeout=sc.RPC_TIMEOUT_S).op_id
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = d.stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=5000), metadata=md, timeout=15)
+        if r.state != sc.Retrieve.PENDING:
+            assert r.state == sc.Retrieve.DONE, r.error
+            return r.result
+    raise AssertionError(f"{op_id} still pending")
+
+
+def _grpc_sample(d, run: str, seq: int, model_path: str, n: int, **params) -> pb.SampleResult:
+    prompt = sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)])
+    op = pb.SampleOp(prompt=prompt, num_samples=n, model_path=model_path, params=pb.SamplingParams(**params))
+    return _grpc(d, run, seq, sample=op).sample
+
+
+def _same(http, grpc_result: pb.SampleResult):
+    assert len(http.sequences) == len(grpc_result.sequences)
+    for h, g in zip(http.sequences, grpc_result.sequences):
+        tokens = list(struct.unpack(f"<{len(g.tokens) // 4}i", g.tokens))
+        assert list(h.tokens) == tokens
+        assert np.array_equal(_bits(h.logprobs), np.frombuffer(g.logprobs, "<f4").view(np.uint32))
+        assert h.stop_reason == ("stop" if g.stop_reason == pb.STOP else "length")
+
+
+def test_sdk_samples_like_grpc(door):
+    d, url = door
+    base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
+                                        timeout=sc.RPC_TIMEOUT_S).base_models[0]
+    client = tinker.ServiceClient(base_url=url, api_key=KEY)
+    training = client.create_lora_training_client(base_model=base_model, rank=8, seed=3).result()
+    run = training.model_id
+    rng = np.random.default_rng(7)
+    tokens, targets = sc.random_sequence(rng, 12)
+    datum = tinker.types.Datum(
+        model_input=tinker.types.ModelInput.from_ints([int(t) for t in tokens]),
+        loss_fn_inputs={"target_tokens": tinker.types.TensorData.from_numpy(np.asarray(targets, np.int64))})
+    training.forward_backward([datum], "cross_entropy").result()       # seq 1
+    training.optim_step(tinker.types.AdamParams(learning_rate=1e-2)).result()  # seq 2
+    sampler = training.save_weights_and_get_sampling_client().result()  # seq 3, ephemeral
+    prompt = tinker.types.ModelInput.from_ints(PROMPT)
+    SP = tinker.types.SamplingParams
+    greedy = sampler.sample(prompt, 2, SP(max_tokens=8, temperature=0.0)).result()
+    seeded = sampler.sample(prompt, 3, SP(max_tokens=8, temperature=1.0, seed=11)).result()
+    assert all(len(s.sequence_id) > 0 for s in seeded.sequences)
+    assert len({s.sequence_id for s in seeded.sequences}) == 3
+    first = greedy.sequences[0].tokens[0]
+    stopped = sampler.sample(prompt, 1, SP(max_tokens=8, temperature=0.0, stop=[first])).result()
+    assert list(stopped.sequences[0].tokens) == [first] and stopped.sequences[0].stop_reason == "stop"
+    logprobs = sampler.compute_logprobs(prompt).result()
+    path = training.save_weights_for_sampler("named").result().path    # seq 4
+    assert path == f"tinker://{run}/sampler_weights/named"
+    named = client.create_sampling_client(model_path=path).result()
+    named_out = named.sample(prompt, 2, SP(max_tokens=6, temperature=1.0, seed=5, top_k=20, top_p=0.9)).result()
+
+    # The same requests over gRPC, on the weights the SDK's sessions read.
+    ephemeral = f"lathe://{run}/sampler_weights/ephemeral-3"
+    _same(greedy, _grpc_sample(d, run, 5, ephemeral, 2, max_tokens=8, temperature=0.0))
+    _same(seeded, _grpc_sample(d, run, 6, ephemeral, 3, max_tokens=8, temperature=1.0, seed=11))
+    _same(named_out, _grpc_sample(d, run, 7, f"lathe://{run}/sampler_weights/named", 2, max_tokens=6,
+                                  temperature=1.0, seed=5, top_k=20, top_p=0.9))
+    prompt_op = pb.ComputeLogprobsOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), model_path=ephemeral)
+    expected = np.frombuffer(_grpc(d, run, 8, compute_logprobs=prompt_op).compute_logprobs.logprobs, "<f4")
+    assert logprobs[0] is None and np.isnan(expected[0])
+    assert np.array_equal(_bits(logprobs[1:]), expected[1:].view(np.uint32))
+    # The sampling session is one; the trained weights differ from the base model's greedy tokens.
+    assert len(seeded.sequences) == 3 and len({tuple(s.tokens) for s in seeded.sequences}) > 1
+    client.close("success").result()
+
+
+@pytest.mark.parametrize("params, word", [({"temperature": -1.0}, "temperature"), ({"max_tokens": 0}, "max_tokens")])
+def test_bad_sampling_params_fail_at_once(door, params, word):
+    d, url = door
+    base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
+                                        timeout=sc.RPC_TIMEOUT_S).base_models[0]
+    client = tinker.ServiceClient(base_url=url, api_key=KEY)
+    training = client.create_lora_training_client(base_model=base_model, rank=4).result()
+    path = training.save_weights_for_sampler("p").result().path
+    sampler = client.create_sampling_client(model_path=path).result()
+    started = time.monotonic()
+    with pytest.raises(Exception, match=word):
+        sampler.sample(tinker.types.ModelInput.from_ints(PROMPT), 1, tinker.types.SamplingParams(**params)).result()
+    assert time.monotonic() - started < 20, "a permanent error was retried"
+    client.close("success").result()
+    d.stub.Submit(pb.SubmitRequest(run_id=training.model_id, seq_id=2, delete_run=pb.DeleteRunOp()),
+                  metadata=d.metadata(), timeout=sc.RPC_TIMEOUT_S)
