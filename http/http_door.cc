@@ -2,16 +2,8 @@
 // answer in the shape and with the status the SDK acts on correctly.
 #include "http/http_door.h"
 
-#include <httplib.h>
-
-#include <atomic>
-#include <deque>
-#include <map>
 #include <optional>
 #include <random>
-#include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -19,6 +11,7 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
+#include "http/door_impl.h"
 #include "http/tinker_convert.h"
 #include "runtime/quote.h"
 
@@ -26,8 +19,6 @@ namespace lathe::http {
 namespace {
 
 using nlohmann::json;
-constexpr char kJson[] = "application/json";
-constexpr char kProto[] = "application/x-protobuf";
 
 // HTTP statuses chosen by what the SDKs do with them: the Tinker SDK retries
 // 408/409/429/5xx (for minutes) and gives up at once on other 4xx, so every
@@ -47,6 +38,8 @@ int HttpStatus(absl::StatusCode code) {
     default: return 500;
   }
 }
+
+}  // namespace
 
 // Every error body: {"error": {"type", "code", "message"}, "detail"}; never
 // empty (the SDK takes an empty 4xx for a proxy's and retries it).
@@ -90,97 +83,11 @@ std::string RunOfPath(absl::string_view lathe_path) {
   return std::string(lathe_path.substr(0, lathe_path.find('/')));
 }
 
-// Sampling sessions the door remembers; older ones are forgotten first.
-constexpr size_t kMaxSamplers = 4096;
-
 std::string NewId(const char* prefix) {
   static std::mt19937_64 rng(std::random_device{}());
   static absl::Mutex mu;
   absl::MutexLock lock(&mu);
   return absl::StrFormat("%s-%016x", prefix, rng());
-}
-
-}  // namespace
-
-struct HttpDoor::Impl {
-  HttpOptions options;
-  coordinator::FrontEnd* front_end = nullptr;
-  httplib::Server server;
-  std::thread thread;
-  int port = 0;
-  // create_model retried with the same (session_id, model_seq_id) gets the
-  // run it created; CreateRun itself has no idempotency key.
-  absl::Mutex create_mu;
-  std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
-
-  // Sampling sessions: a sampling_session_id names a run and the sampler
-  // weights its requests read. Created by create_sampling_session and by the
-  // ephemeral save_weights_for_sampler; the newest kMaxSamplers are kept.
-  struct Sampler {
-    std::string run_id;
-    std::string lathe_path;  // lathe://<run>/sampler_weights/<name>
-  };
-  absl::Mutex sampler_mu;
-  std::map<std::string, Sampler> samplers ABSL_GUARDED_BY(sampler_mu);
-  // What created each session ("create <session> <seq>", "save <op_id>") →
-  // its id, so retries find the same one; oldest first in sampler_order.
-  std::map<std::string, std::string> sampler_keys ABSL_GUARDED_BY(sampler_mu);
-  std::deque<std::string> sampler_order ABSL_GUARDED_BY(sampler_mu);
-
-  // The id of the session created by `key`, making it with `sampler` if new.
-  std::string AddSampler(const std::string& key, Sampler sampler);
-  std::optional<Sampler> FindSampler(const std::string& id);
-  std::optional<std::string> SamplerOfKey(const std::string& key);
-
-  void Routes();
-  // Wraps a JSON route: the body must be a JSON object; a body of the wrong
-  // shape is answered 422 naming what is wrong.
-  void PostJson(const char* path, std::function<void(const httplib::Request&, const json&, httplib::Response&)> f);
-  void CreateModel(const httplib::Request& req, const json& body, httplib::Response& res);
-  void GetInfo(const httplib::Request& req, const json& body, httplib::Response& res);
-  void ForwardBackward(const httplib::Request& req, httplib::Response& res);
-  void OptimStep(const httplib::Request& req, const json& body, httplib::Response& res);
-  void SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res);
-  void SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res);
-  void RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res);
-  void CreateSamplingSession(const httplib::Request& req, const json& body, httplib::Response& res);
-  void GetSampler(const httplib::Request& req, httplib::Response& res);
-  void ASample(const httplib::Request& req, const json& body, httplib::Response& res);
-  void Capabilities(const httplib::Request& req, httplib::Response& res);
-  // Submits `op` and answers Tinker's future {request_id, model_id}.
-  void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
-};
-
-std::string HttpDoor::Impl::AddSampler(const std::string& key, Sampler sampler) {
-  absl::MutexLock lock(&sampler_mu);
-  if (auto it = sampler_keys.find(key); it != sampler_keys.end()) return it->second;
-  while (sampler_order.size() >= kMaxSamplers) {
-    auto old = sampler_keys.find(sampler_order.front());
-    if (old != sampler_keys.end()) {
-      samplers.erase(old->second);
-      sampler_keys.erase(old);
-    }
-    sampler_order.pop_front();
-  }
-  std::string id = NewId("sampler");
-  samplers.emplace(id, std::move(sampler));
-  sampler_keys.emplace(key, id);
-  sampler_order.push_back(key);
-  return id;
-}
-
-std::optional<HttpDoor::Impl::Sampler> HttpDoor::Impl::FindSampler(const std::string& id) {
-  absl::MutexLock lock(&sampler_mu);
-  auto it = samplers.find(id);
-  if (it == samplers.end()) return std::nullopt;
-  return it->second;
-}
-
-std::optional<std::string> HttpDoor::Impl::SamplerOfKey(const std::string& key) {
-  absl::MutexLock lock(&sampler_mu);
-  auto it = sampler_keys.find(key);
-  if (it == sampler_keys.end()) return std::nullopt;
-  return it->second;
 }
 
 void HttpDoor::Impl::PostJson(const char* path,
@@ -267,60 +174,6 @@ void HttpDoor::Impl::Routes() {
            [this](auto& req, auto& body, auto& res) { CreateSamplingSession(req, body, res); });
   server.Get(R"(/api/v1/samplers/[A-Za-z0-9_-]{1,64})", [this](auto& req, auto& res) { GetSampler(req, res); });
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
-}
-
-void HttpDoor::Impl::CreateSamplingSession(const httplib::Request&, const json& body, httplib::Response& res) {
-  if (!body.contains("model_path") || body.at("model_path").is_null()) {
-    return Fail(res, 422, "UNIMPLEMENTED",
-                "a sampling session of the base model alone is not served over HTTP yet; give a model_path "
-                "(tinker://<run>/sampler_weights/<name>)");
-  }
-  const std::string tinker_path = body.at("model_path").get<std::string>();
-  const std::string path = LathePath(tinker_path);
-  if (!absl::StartsWith(tinker_path, "tinker://") || !absl::StrContains(path, "/sampler_weights/")) {
-    return Fail(res, 422, "INVALID_ARGUMENT",
-                "model_path must be tinker://<run>/sampler_weights/<name>, not " + runtime::QuoteForMessage(tinker_path));
-  }
-  // Checked against the checkpoints when it is first sampled (the front end's rule for model_path).
-  const std::string key = absl::StrCat("create ", body.value("session_id", ""), " ",
-                                       body.value("sampling_session_seq_id", int64_t{-1}), " ", path);
-  Reply(res, {{"sampling_session_id", AddSampler(key, {RunOfPath(path), path})}});
-}
-
-void HttpDoor::Impl::GetSampler(const httplib::Request& req, httplib::Response& res) {
-  const std::string id(absl::StripPrefix(req.path, "/api/v1/samplers/"));
-  std::optional<Sampler> sampler = FindSampler(id);
-  if (!sampler.has_value()) {
-    return Fail(res, 404, "NOT_FOUND", "no sampling session " + runtime::QuoteForMessage(id));
-  }
-  lathe::v1::Capabilities caps;
-  if (absl::Status s = front_end->GetCapabilities(Authorization(req), &caps); !s.ok()) return Fail(res, s);
-  Reply(res, {{"sampler_id", id},
-              {"base_model", caps.base_models_size() > 0 ? caps.base_models(0) : ""},
-              {"model_path", TinkerPath(sampler->lathe_path)}});
-}
-
-void HttpDoor::Impl::ASample(const httplib::Request& req, const json& body, httplib::Response& res) {
-  const std::string id = body.at("sampling_session_id").get<std::string>();
-  std::optional<Sampler> sampler = FindSampler(id);
-  if (!sampler.has_value()) {
-    return Fail(res, 404, "NOT_FOUND", "no sampling session " + runtime::QuoteForMessage(id) +
-                                           " (forgotten, or made by another coordinator)");
-  }
-  lathe::v1::SubmitRequest op;
-  op.set_run_id(sampler->run_id);
-  // The SDK counts a sampling client's requests from 0; the ledger from 1.
-  op.set_seq_id(body.at("seq_id").get<int64_t>() + 1);
-  if (absl::Status s = SampleFromJson(body, sampler->lathe_path, op.mutable_sample()); !s.ok()) return Fail(res, s);
-  lathe::v1::SubmitResponse response;
-  if (absl::Status s = front_end->SubmitSampling(Authorization(req), op, id, &response); !s.ok()) {
-    return Fail(res, s);
-  }
-  json sequence_ids = json::array();
-  for (int i = 0; i < op.sample().num_samples(); ++i) sequence_ids.push_back(absl::StrCat(response.op_id(), "/", i));
-  Reply(res, {{"request_id", response.op_id()},
-              {"model_id", op.run_id()},
-              {"sample_sequence_ids", std::move(sequence_ids)}});
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {
@@ -426,27 +279,6 @@ void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, 
   SubmitOp(req, op, res);
 }
 
-void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
-  lathe::v1::SubmitRequest op;
-  op.set_run_id(body.at("model_id").get<std::string>());
-  op.set_seq_id(body.at("seq_id").get<int64_t>());
-  lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
-  const bool ephemeral = !body.contains("path") || body.at("path").is_null();
-  // save_weights_and_get_sampling_client names no checkpoint: it gets one
-  // named by its seq_id, so a retry is the same operation.
-  save->set_name(ephemeral ? absl::StrCat("ephemeral-", op.seq_id()) : body.at("path").get<std::string>());
-  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
-    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
-  }
-  lathe::v1::SubmitResponse response;
-  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Fail(res, s);
-  if (ephemeral) {
-    AddSampler("save " + response.op_id(),
-               {op.run_id(), absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", save->name())});
-  }
-  Reply(res, {{"request_id", response.op_id()}, {"model_id", op.run_id()}});
-}
-
 void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::RetrieveRequest request;
   request.set_op_id(body.at("request_id").get<std::string>());
@@ -481,7 +313,7 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
     case lathe::v1::OpResult::kSaveState:
       return Reply(res, {{"path", TinkerPath(result.save_state().path())}, {"type", "save_weights"}});
     case lathe::v1::OpResult::kSaveWeightsForSampler:
-      if (std::optional<std::string> id = SamplerOfKey("save " + view.op_id()); id.has_value()) {
+      if (std::optional<std::string> id = samplers.IdOf("save " + view.op_id()); id.has_value()) {
         return Reply(res, {{"sampling_session_id", *id}, {"type", "save_weights_for_sampler"}});
       }
       return Reply(res, {{"path", TinkerPath(result.save_weights_for_sampler().path())},
