@@ -95,6 +95,8 @@ def test_sdk_samples_like_grpc(door):
     stopped = sampler.sample(prompt, 1, SP(max_tokens=8, temperature=0.0, stop=[first])).result()
     assert list(stopped.sequences[0].tokens) == [first] and stopped.sequences[0].stop_reason == "stop"
     logprobs = sampler.compute_logprobs(prompt).result()
+    topk = sampler.sample(prompt, 1, SP(max_tokens=1, temperature=0.0), include_prompt_logprobs=True,
+                          topk_prompt_logprobs=3).result()
     path = training.save_weights_for_sampler("named").result().path    # seq 4
     assert path == f"tinker://{run}/sampler_weights/named"
     named = client.create_sampling_client(model_path=path).result()
@@ -110,6 +112,18 @@ def test_sdk_samples_like_grpc(door):
     expected = np.frombuffer(_grpc(d, run, 8, compute_logprobs=prompt_op).compute_logprobs.logprobs, "<f4")
     assert logprobs[0] is None and np.isnan(expected[0])
     assert np.array_equal(_bits(logprobs[1:]), expected[1:].view(np.uint32))
+    topk_op = pb.SampleOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), num_samples=1,
+                          model_path=ephemeral, include_prompt_logprobs=True, topk_prompt_logprobs=3,
+                          params=pb.SamplingParams(max_tokens=1, temperature=0.0))
+    want = _grpc(d, run, 9, sample=topk_op).sample
+    _same(topk, want)
+    assert np.array_equal(_bits(topk.prompt_logprobs_np), np.frombuffer(want.prompt_logprobs, "<f4").view(np.uint32))
+    got_topk = topk.topk_prompt_logprobs_np
+    assert got_topk.token_ids.shape == (len(PROMPT), 3)
+    assert np.array_equal(got_topk.token_ids.ravel(), np.frombuffer(want.topk_prompt_logprobs.token_ids, "<i4"))
+    assert np.array_equal(_bits(got_topk.logprobs.ravel()),
+                          np.frombuffer(want.topk_prompt_logprobs.logprobs, "<f4").view(np.uint32))
+    assert topk.topk_prompt_logprobs[0] is None and len(topk.topk_prompt_logprobs[1]) == 3
     # The samples of one seeded request differ from each other.
     assert len({tuple(s.tokens) for s in seeded.sequences}) > 1
     client.close("success").result()
