@@ -4,9 +4,12 @@ same tokens and logprobs, bit for bit, as the same sample ops over gRPC on the s
 weights, and bad sampling parameters fail at once."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -185,3 +188,58 @@ def test_bad_sampling_params_fail_at_once(door, params, word):
     client.close("success").result()
     d.stub.Submit(pb.SubmitRequest(run_id=training.model_id, seq_id=2, delete_run=pb.DeleteRunOp()),
                   metadata=d.metadata(), timeout=sc.RPC_TIMEOUT_S)
+
+
+def _call(url: str, path: str, body: dict | None = None):
+    """POST (with a body) or GET over plain HTTP with the key: (status, JSON reply)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "application/json", "X-API-Key": KEY})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_sampling_session_routes(door):
+    d, url = door
+    run = d.stub.CreateRun(pb.CreateRunRequest(lora=sc.types.LoraConfig(rank=4)), metadata=d.metadata(),
+                           timeout=sc.RPC_TIMEOUT_S).run_id
+    _grpc(d, run, 1, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="w"))
+    create = {"session_id": "session-1", "sampling_session_seq_id": 0,
+              "model_path": f"tinker://{run}/sampler_weights/w"}
+    status, made = _call(url, "/api/v1/create_sampling_session", create)
+    assert status == 200, made
+    assert _call(url, "/api/v1/create_sampling_session", create) == (200, made)  # a retry: the same session
+    sid = made["sampling_session_id"]
+    status, info = _call(url, f"/api/v1/samplers/{sid}")
+    assert status == 200 and info["sampler_id"] == sid and info["model_path"] == create["model_path"], info
+    assert info["base_model"]
+    sample = {"sampling_session_id": sid, "seq_id": 0, "num_samples": 2, "prompt": {"chunks": [{"tokens": PROMPT}]},
+              "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+    status, future = _call(url, "/api/v1/asample", sample)
+    assert status == 200, future
+    assert future["request_id"] == f"{run}/{sid}.1" and future["model_id"] == run
+    assert future["sample_sequence_ids"] == [f"{run}/{sid}.1/0", f"{run}/{sid}.1/1"]
+    assert _call(url, "/api/v1/asample", sample) == (200, future)  # a resubmit is the same op
+    # Retrievable over gRPC like any op.
+    r = d.stub.Retrieve(pb.RetrieveRequest(op_id=future["request_id"], wait_ms=20000), metadata=d.metadata(),
+                        timeout=30)
+    assert r.state == sc.Retrieve.DONE and len(r.result.sample.sequences) == 2, r
+    cases = [
+        ("/api/v1/asample", {**sample, "sampling_session_id": "sampler-0000000000000000"}, 404, "NOT_FOUND"),
+        ("/api/v1/asample", {**sample, "sampling_params": {"stop": ["\n"]}}, 422, "INVALID_ARGUMENT"),
+        ("/api/v1/asample", {**sample, "seq_id": 1, "num_samples": 0}, 422, "INVALID_ARGUMENT"),
+        ("/api/v1/create_sampling_session", {"session_id": "session-1", "sampling_session_seq_id": 1,
+                                             "base_model": info["base_model"]}, 422, "UNIMPLEMENTED"),
+        ("/api/v1/create_sampling_session", {**create, "model_path": f"lathe://{run}/weights/w"}, 422,
+         "INVALID_ARGUMENT"),
+    ]
+    for path, body, status, code in cases:
+        got, reply = _call(url, path, body)
+        assert (got, reply["error"]["code"]) == (status, code), (path, body, reply)
+    got, reply = _call(url, "/api/v1/samplers/sampler-0000000000000000")
+    assert (got, reply["error"]["code"]) == (404, "NOT_FOUND")
+    d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=2, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+                  timeout=sc.RPC_TIMEOUT_S)
