@@ -22,6 +22,14 @@ std::string NewRunId() {
   return absl::StrFormat("run-%016x", rng());
 }
 
+// A sample or compute_logprobs of a sampler checkpoint or the base model
+// (after ResolveWeights turned a policy_version into its path).
+bool ReadsPinnedWeights(const lathe::v1::SubmitRequest& op) {
+  if (op.has_sample()) return !op.sample().model_path().empty() || op.sample().base();
+  if (op.has_compute_logprobs()) return !op.compute_logprobs().model_path().empty() || op.compute_logprobs().base();
+  return false;
+}
+
 }  // namespace
 
 FrontEnd::FrontEnd(ServiceOptions options, const ApiKeys* keys, OpLedger* ledger, ReplicaRegistry* registry,
@@ -126,6 +134,23 @@ absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::
   LATHE_RETURN_IF_ERROR(ResolveWeights(op));
   LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->Submit(op));
   if (op.has_delete_run()) ledger_->CloseRun(op.run_id(), op.seq_id());
+  response->set_op_id(op_id);
+  return absl::OkStatus();
+}
+
+absl::Status FrontEnd::SubmitSampling(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
+                                      const std::string& lane, lathe::v1::SubmitResponse* response) {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  LATHE_RETURN_IF_ERROR(Serving());
+  LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
+  LATHE_RETURN_IF_ERROR(ValidateOp(request, registry_->model()));
+  lathe::v1::SubmitRequest op = request;
+  LATHE_RETURN_IF_ERROR(ResolveWeights(op));
+  // Outside the run's order only weights that cannot change may be read.
+  if (!ReadsPinnedWeights(op)) {
+    return absl::InvalidArgumentError("an unordered operation must be a sample or compute_logprobs of pinned weights");
+  }
+  LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->SubmitUnordered(op, lane));
   response->set_op_id(op_id);
   return absl::OkStatus();
 }

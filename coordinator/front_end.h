@@ -53,6 +53,12 @@ class FrontEnd {
                          lathe::v1::CreateRunResponse* response);
   absl::Status Submit(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
                       lathe::v1::SubmitResponse* response);
+  // A sample / compute_logprobs pinned to published weights (model_path,
+  // policy_version or base), outside the run's seq_id order: the ledger's
+  // SubmitUnordered under `lane` (a sampling session). InvalidArgument for
+  // another operation or unpinned weights; otherwise as Submit.
+  absl::Status SubmitSampling(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
+                              const std::string& lane, lathe::v1::SubmitResponse* response);
   // Waits up to the request's wait_ms, capped at ServiceOptions::max_wait and
   // at `deadline` (the caller's own; InfiniteFuture: none).
   absl::Status Retrieve(absl::string_view authorization, const lathe::v1::RetrieveRequest& request,

@@ -3,6 +3,7 @@
 #include "coordinator/op_ledger.h"
 
 #include <algorithm>
+#include <cctype>
 #include <limits>
 #include <utility>
 
@@ -117,6 +118,49 @@ absl::StatusOr<std::string> OpLedger::Submit(const SubmitRequest& request) {
   std::string bytes = DeterministicBytes(request);  // outside the lock: requests can be large
   absl::MutexLock lock(&mu_);
   return SubmitLocked(request.run_id(), request.seq_id(), std::move(bytes));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& request, const std::string& lane) {
+  if (lane.empty() || lane.size() > 64 ||
+      !std::all_of(lane.begin(), lane.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) ||
+                                                                   c == '_' || c == '-'; })) {
+    return absl::InvalidArgumentError(absl::StrCat("lane must be 1-64 characters of [A-Za-z0-9_-], not ",
+                                                   QuoteForMessage(lane)));
+  }
+  if (request.seq_id() < 1) return absl::InvalidArgumentError("seq_id must be at least 1");
+  std::string bytes = DeterministicBytes(request);
+  const std::string op_id = absl::StrCat(request.run_id(), "/", lane, ".", request.seq_id());
+  absl::MutexLock lock(&mu_);
+  if (closed_) return absl::UnavailableError("the coordinator is shutting down");
+  auto run_it = runs_.find(request.run_id());
+  if (run_it == runs_.end()) {
+    return absl::NotFoundError(absl::StrCat("unknown run ", QuoteForMessage(request.run_id())));
+  }
+  if (auto it = ops_.find(op_id); it != ops_.end()) {
+    if (it->second->request_bytes != bytes) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("op ", QuoteForMessage(op_id), " was submitted before with another request"));
+    }
+    return op_id;  // a retry
+  }
+  if (run_it->second->deleted_at != std::numeric_limits<int64_t>::max()) {
+    return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(request.run_id()), " is deleted"));
+  }
+  if (unfinished_ >= options_.max_unfinished) {
+    return absl::ResourceExhaustedError(absl::StrCat(unfinished_, " operations are unfinished; retry later"));
+  }
+  auto op = std::make_unique<Op>();
+  op->run_id = request.run_id();
+  op->seq_id = request.seq_id();
+  op->request_bytes = std::move(bytes);
+  op->arrived = clock_->Now();
+  op->view.op_id = op_id;
+  op->phase = Op::Phase::kReady;
+  ready_.push_back(op.get());
+  ops_.emplace(op_id, std::move(op));
+  ++unfinished_;
+  ready_cv_.SignalAll();
+  return op_id;
 }
 
 absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {

@@ -87,6 +87,17 @@ class OpLedger {
   // Unavailable after Close().
   absl::StatusOr<std::string> Submit(const lathe::v1::SubmitRequest& request);
 
+  // Accepts an already validated sampling operation (sample /
+  // compute_logprobs pinned to published weights) outside the run's seq_id
+  // order: it is ready at once and takes no seq_id of the run, so a client
+  // that samples while another client of the same run trains (Tinker's
+  // sampling and training clients) cannot collide with it. Its op id is
+  // "<run_id>/<lane>.<seq_id>"; `lane` names the sender's own sequence (a
+  // sampling session) and must be 1-64 characters of [A-Za-z0-9_-].
+  // Retries, the TTL and the unfinished bound are as for Submit; NotFound
+  // for an unknown or deleted run; Unavailable after Close().
+  absl::StatusOr<std::string> SubmitUnordered(const lathe::v1::SubmitRequest& request, const std::string& lane);
+
   // Inserts an operation of the coordinator's own making (a run's
   // initialisation) at the run's next expected seq_id, as if submitted.
   absl::StatusOr<std::string> SubmitInternal(lathe::v1::SubmitRequest request);

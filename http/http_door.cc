@@ -2,14 +2,8 @@
 // answer in the shape and with the status the SDK acts on correctly.
 #include "http/http_door.h"
 
-#include <httplib.h>
-
-#include <atomic>
-#include <map>
+#include <optional>
 #include <random>
-#include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +11,7 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
+#include "http/door_impl.h"
 #include "http/tinker_convert.h"
 #include "runtime/quote.h"
 
@@ -24,8 +19,6 @@ namespace lathe::http {
 namespace {
 
 using nlohmann::json;
-constexpr char kJson[] = "application/json";
-constexpr char kProto[] = "application/x-protobuf";
 
 // HTTP statuses chosen by what the SDKs do with them: the Tinker SDK retries
 // 408/409/429/5xx (for minutes) and gives up at once on other 4xx, so every
@@ -45,6 +38,8 @@ int HttpStatus(absl::StatusCode code) {
     default: return 500;
   }
 }
+
+}  // namespace
 
 // Every error body: {"error": {"type", "code", "message"}, "detail"}; never
 // empty (the SDK takes an empty 4xx for a proxy's and retries it).
@@ -76,41 +71,24 @@ std::string TinkerPath(absl::string_view lathe_path) {
   return std::string(lathe_path);
 }
 
+// tinker://<run>/<kind>/<name> as lathe's lathe://<run>/<kind>/<name>.
+std::string LathePath(absl::string_view tinker_path) {
+  if (absl::ConsumePrefix(&tinker_path, "tinker://")) return absl::StrCat("lathe://", tinker_path);
+  return std::string(tinker_path);
+}
+
+// The run a lathe://<run>/<kind>/<name> path belongs to ("" if none).
+std::string RunOfPath(absl::string_view lathe_path) {
+  if (!absl::ConsumePrefix(&lathe_path, "lathe://")) return "";
+  return std::string(lathe_path.substr(0, lathe_path.find('/')));
+}
+
 std::string NewId(const char* prefix) {
   static std::mt19937_64 rng(std::random_device{}());
   static absl::Mutex mu;
   absl::MutexLock lock(&mu);
   return absl::StrFormat("%s-%016x", prefix, rng());
 }
-
-}  // namespace
-
-struct HttpDoor::Impl {
-  HttpOptions options;
-  coordinator::FrontEnd* front_end = nullptr;
-  httplib::Server server;
-  std::thread thread;
-  int port = 0;
-  // create_model retried with the same (session_id, model_seq_id) gets the
-  // run it created; CreateRun itself has no idempotency key.
-  absl::Mutex create_mu;
-  std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
-
-  void Routes();
-  // Wraps a JSON route: the body must be a JSON object; a body of the wrong
-  // shape is answered 422 naming what is wrong.
-  void PostJson(const char* path, std::function<void(const httplib::Request&, const json&, httplib::Response&)> f);
-  void CreateModel(const httplib::Request& req, const json& body, httplib::Response& res);
-  void GetInfo(const httplib::Request& req, const json& body, httplib::Response& res);
-  void ForwardBackward(const httplib::Request& req, httplib::Response& res);
-  void OptimStep(const httplib::Request& req, const json& body, httplib::Response& res);
-  void SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res);
-  void SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res);
-  void RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res);
-  void Capabilities(const httplib::Request& req, httplib::Response& res);
-  // Submits `op` and answers Tinker's future {request_id, model_id}.
-  void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
-};
 
 void HttpDoor::Impl::PostJson(const char* path,
                               std::function<void(const httplib::Request&, const json&, httplib::Response&)> f) {
@@ -192,6 +170,10 @@ void HttpDoor::Impl::Routes() {
   PostJson("/api/v1/save_weights_for_sampler",
            [this](auto& req, auto& body, auto& res) { SaveWeightsForSampler(req, body, res); });
   PostJson("/api/v1/retrieve_future", [this](auto& req, auto& body, auto& res) { RetrieveFuture(req, body, res); });
+  PostJson("/api/v1/create_sampling_session",
+           [this](auto& req, auto& body, auto& res) { CreateSamplingSession(req, body, res); });
+  server.Get(R"(/api/v1/samplers/[A-Za-z0-9_-]{1,64})", [this](auto& req, auto& res) { GetSampler(req, res); });
+  PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {
@@ -200,7 +182,7 @@ void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response
   json models = json::array();
   for (const std::string& name : caps.base_models()) {
     models.push_back({{"model_name", name}, {"max_context_length", caps.max_seq_len()}, {"trainable", true},
-                      {"sampleable", false}});
+                      {"sampleable", true}});
   }
   Reply(res, {{"supported_models", std::move(models)}});
 }
@@ -297,23 +279,6 @@ void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, 
   SubmitOp(req, op, res);
 }
 
-void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
-  if (!body.contains("path") || body.at("path").is_null()) {
-    return Fail(res, 422, "UNIMPLEMENTED",
-                "save_weights_for_sampler without a path (save_weights_and_get_sampling_client) needs sampling "
-                "sessions, which the HTTP door does not serve yet; give a name");
-  }
-  lathe::v1::SubmitRequest op;
-  op.set_run_id(body.at("model_id").get<std::string>());
-  op.set_seq_id(body.at("seq_id").get<int64_t>());
-  lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
-  save->set_name(body.at("path").get<std::string>());
-  if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
-    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
-  }
-  SubmitOp(req, op, res);
-}
-
 void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::RetrieveRequest request;
   request.set_op_id(body.at("request_id").get<std::string>());
@@ -348,8 +313,18 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
     case lathe::v1::OpResult::kSaveState:
       return Reply(res, {{"path", TinkerPath(result.save_state().path())}, {"type", "save_weights"}});
     case lathe::v1::OpResult::kSaveWeightsForSampler:
+      if (std::optional<std::string> id = samplers.IdOf("save " + view.op_id()); id.has_value()) {
+        return Reply(res, {{"sampling_session_id", *id}, {"type", "save_weights_for_sampler"}});
+      }
       return Reply(res, {{"path", TinkerPath(result.save_weights_for_sampler().path())},
                          {"type", "save_weights_for_sampler"}});
+    case lathe::v1::OpResult::kSample:
+      return res.set_content(SampleResponseToProto(result.sample()), kProto);
+    case lathe::v1::OpResult::kComputeLogprobs: {
+      lathe::v1::SampleResult prompt_only;
+      prompt_only.set_prompt_logprobs(result.compute_logprobs().logprobs());
+      return res.set_content(SampleResponseToProto(prompt_only), kProto);
+    }
     default:
       return Fail(res, 422, "UNIMPLEMENTED", "this operation's result is not served over HTTP yet");
   }

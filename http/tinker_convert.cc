@@ -66,6 +66,44 @@ lathe::v1::ForwardBackwardInput* OpInput(bool forward_only, lathe::v1::SubmitReq
   return forward_only ? op->mutable_forward() : op->mutable_forward_backward();
 }
 
+// JSON token ids as packed int32. Read wide and checked, so an id past
+// int32 cannot wrap into the vocabulary.
+absl::Status TokensFromJson(const json& ids, std::string* tokens) {
+  for (const json& t : ids) {
+    const int64_t id = t.get<int64_t>();
+    if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is not an int32"));
+    }
+    Append<int32_t>(tokens, static_cast<int32_t>(id));
+  }
+  return absl::OkStatus();
+}
+
+// A set, non-null key of `body`.
+bool Has(const json& body, const char* key) { return body.contains(key) && !body.at(key).is_null(); }
+
+// Tinker's sampling_params; absent keys keep lathe's defaults.
+absl::Status ParamsFromJson(const json& in, lathe::v1::SamplingParams* out) {
+  if (Has(in, "max_tokens")) out->set_max_tokens(in.at("max_tokens").get<int32_t>());
+  if (Has(in, "seed")) out->set_seed(in.at("seed").get<uint64_t>());
+  if (Has(in, "temperature")) out->set_temperature(in.at("temperature").get<float>());
+  if (Has(in, "top_k")) out->set_top_k(in.at("top_k").get<int32_t>());
+  if (Has(in, "top_p")) out->set_top_p(in.at("top_p").get<float>());
+  if (!Has(in, "stop")) return absl::OkStatus();
+  const json& stop = in.at("stop");
+  if (stop.is_string() || (stop.is_array() && !stop.empty() && stop.front().is_string())) {
+    return absl::InvalidArgumentError(
+        "stop strings are not supported (lathe has no tokenizer); send stop token ids instead");
+  }
+  // A list of ints: each token ends a sample on its own.
+  for (const json& t : stop) {
+    std::string tokens;
+    if (absl::Status s = TokensFromJson(json::array({t}), &tokens); !s.ok()) return s;
+    out->add_stop_tokens()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
+  }
+  return absl::OkStatus();
+}
+
 lathe::v1::TensorData TensorFromJson(const json& in) {
   lathe::v1::TensorData out;
   const std::string dtype = in.at("dtype").get<std::string>();
@@ -152,14 +190,7 @@ absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe:
         return absl::InvalidArgumentError("only encoded_text chunks are supported (no image input)");
       }
       std::string tokens;
-      for (const json& t : chunk.at("tokens")) {
-        // Read wide and check, so an id past int32 cannot wrap into the vocabulary.
-        const int64_t id = t.get<int64_t>();
-        if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max()) {
-          return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is not an int32"));
-        }
-        Append<int32_t>(&tokens, static_cast<int32_t>(id));
-      }
+      if (absl::Status s = TokensFromJson(chunk.at("tokens"), &tokens); !s.ok()) return s;
       out->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
     }
     for (const auto& [name, tensor] : datum.at("loss_fn_inputs").items()) {
@@ -216,6 +247,53 @@ json ForwardBackwardOutputToJson(const lathe::v1::ForwardBackwardOutput& output)
   return {{"loss_fn_output_type", output.loss_fn_output_type().empty() ? "ArrayRecord" : output.loss_fn_output_type()},
           {"loss_fn_outputs", std::move(outputs)},
           {"metrics", std::move(metrics)}};
+}
+
+absl::Status SampleFromJson(const json& body, const std::string& model_path, lathe::v1::SampleOp* op) {
+  for (const char* key : {"topk_sample_logprobs", "prompt_alt_tokens_k"}) {
+    if (Has(body, key) && body.at(key).get<int64_t>() != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(key, " is not supported"));
+    }
+  }
+  for (const char* key : {"target_prompt_logprobs", "prompt_logprobs_last_n"}) {
+    if (Has(body, key)) return absl::InvalidArgumentError(absl::StrCat(key, " is not supported"));
+  }
+  if (body.value("record_stability_info", false)) {
+    return absl::InvalidArgumentError("record_stability_info (stable_reinforce) is not supported");
+  }
+  std::string tokens;
+  for (const json& chunk : body.at("prompt").at("chunks")) {
+    if (chunk.value("type", "encoded_text") != "encoded_text") {
+      return absl::InvalidArgumentError("only encoded_text prompt chunks are supported (no image input)");
+    }
+    if (absl::Status s = TokensFromJson(chunk.at("tokens"), &tokens); !s.ok()) return s;
+  }
+  op->mutable_prompt()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
+  op->set_num_samples(body.value("num_samples", 1));
+  op->set_include_prompt_logprobs(body.value("prompt_logprobs", false));
+  op->set_topk_prompt_logprobs(body.value("topk_prompt_logprobs", 0));
+  op->set_model_path(model_path);
+  return ParamsFromJson(body.value("sampling_params", json::object()), op->mutable_params());
+}
+
+std::string SampleResponseToProto(const lathe::v1::SampleResult& result) {
+  tinker::SampleResponse out;
+  for (const lathe::v1::SampledSequence& seq : result.sequences()) {
+    tinker::SampledSequence* s = out.add_sequences();
+    s->set_stop_reason(seq.stop_reason() == lathe::v1::STOP ? tinker::STOP_REASON_STOP : tinker::STOP_REASON_LENGTH);
+    s->set_tokens(seq.tokens());
+    s->set_logprobs(seq.logprobs());
+  }
+  if (!result.prompt_logprobs().empty()) out.set_prompt_logprobs(result.prompt_logprobs());
+  if (result.has_topk_prompt_logprobs() && result.topk_prompt_logprobs().k() > 0) {
+    const lathe::v1::TopkPromptLogprobs& in = result.topk_prompt_logprobs();
+    tinker::TopkLogprobs* topk = out.mutable_topk_prompt_logprobs();
+    topk->set_token_ids(in.token_ids());
+    topk->set_logprobs(in.logprobs());
+    topk->set_k(in.k());
+    topk->set_length(in.prompt_length());
+  }
+  return out.SerializeAsString();
 }
 
 lathe::v1::AdamParams AdamFromJson(const json& adam) {

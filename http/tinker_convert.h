@@ -29,6 +29,16 @@ absl::Status ForwardBackwardFromJson(const nlohmann::json& body, bool forward_on
 std::string ForwardBackwardOutputToProto(const lathe::v1::ForwardBackwardOutput& output);
 // The same as Tinker's JSON ForwardBackwardOutput (NaN as null).
 nlohmann::json ForwardBackwardOutputToJson(const lathe::v1::ForwardBackwardOutput& output);
+// Tinker's SampleRequest JSON (prompt, num_samples, sampling_params,
+// prompt_logprobs, topk_prompt_logprobs) as a lathe SampleOp reading
+// `model_path`. Throws nlohmann::json::exception for a body of the wrong
+// shape; InvalidArgument for what lathe cannot run: image chunks, string
+// stop sequences (lathe has no tokenizer), topk_sample_logprobs,
+// prompt_alt_tokens_k, target_prompt_logprobs, prompt_logprobs_last_n,
+// record_stability_info. Values are checked by lathe's own validation.
+absl::Status SampleFromJson(const nlohmann::json& body, const std::string& model_path, lathe::v1::SampleOp* op);
+// A lathe SampleResult as Tinker's protobuf SampleResponse, serialized.
+std::string SampleResponseToProto(const lathe::v1::SampleResult& result);
 // Tinker's adam_params object; absent keys keep lathe's defaults. Throws
 // nlohmann::json::exception for a value that is not a number.
 lathe::v1::AdamParams AdamFromJson(const nlohmann::json& adam);

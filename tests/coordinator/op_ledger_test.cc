@@ -122,6 +122,28 @@ TEST_F(OpLedgerTest, AClosedRunRefusesLaterSeqIdsButAnswersRetries) {
   EXPECT_EQ(DrainReady(), (Ids{"r/1", "r/2", "r/3"}));
 }
 
+// A sampling session's requests are ready at once, take none of the run's
+// seq_ids (the training client's next seq_id still works), are recognised
+// when retried and end with the run.
+TEST_F(OpLedgerTest, UnorderedOpsAreReadyAtOnceAndLeaveTheRunsSeqIdsAlone) {
+  ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
+  MustSubmit(Noop("r", 2));  // waits for seq_id 1
+  absl::StatusOr<std::string> sample = ledger_.SubmitUnordered(SaveState("r", 1, "a"), "sess-1");
+  ASSERT_TRUE(sample.ok()) << sample.status();
+  EXPECT_EQ(*sample, "r/sess-1.1");
+  EXPECT_EQ(DrainReady(), (Ids{"r/sess-1.1"}));
+  EXPECT_EQ(*ledger_.SubmitUnordered(SaveState("r", 1, "a"), "sess-1"), "r/sess-1.1");  // a retry
+  EXPECT_EQ(ledger_.SubmitUnordered(SaveState("r", 1, "b"), "sess-1").status().code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(*ledger_.SubmitUnordered(SaveState("r", 1, "b"), "sess-2"), "r/sess-2.1");
+  EXPECT_EQ(MustSubmit(Noop("r", 1)), "r/1");  // the run's seq_id 1 is still free
+  EXPECT_EQ(DrainReady(), (Ids{"r/sess-2.1", "r/1", "r/2"}));
+  EXPECT_EQ(ledger_.SubmitUnordered(Noop("r", 1), "bad/lane").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ledger_.SubmitUnordered(Noop("nope", 1), "s").status().code(), absl::StatusCode::kNotFound);
+  ledger_.CloseRun("r", 3);
+  EXPECT_EQ(ledger_.SubmitUnordered(Noop("r", 9), "s").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(OpLedgerTest, OutOfOrderSubmitsAreReleasedInSeqOrder) {
   ASSERT_TRUE(ledger_.OpenRun("r", 1).ok());
   MustSubmit(Noop("r", 3));

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 
 namespace lathe::http {
@@ -101,6 +102,56 @@ TEST(TinkerConvert, JsonRequestAndAdamParams) {
   lathe::v1::AdamParams adam = AdamFromJson(nlohmann::json::parse(R"({"learning_rate": 0.01, "eps": null})"));
   EXPECT_EQ(adam.learning_rate(), 0.01);
   EXPECT_FALSE(adam.has_eps());
+}
+
+// What sample() and compute_logprobs() send becomes a SampleOp on the
+// session's weights; token-id stops become one-token stop sequences.
+TEST(TinkerConvert, SampleRequestBecomesSampleOp) {
+  auto body = nlohmann::json::parse(R"({"num_samples": 3, "seq_id": 0, "sampling_session_id": "s",
+      "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}, {"tokens": [7]}]},
+      "sampling_params": {"max_tokens": 4, "seed": 11, "temperature": 0.5, "top_k": -1, "top_p": 0.9,
+                          "stop": [2, 9]},
+      "prompt_logprobs": true, "topk_prompt_logprobs": 0, "topk_sample_logprobs": 0, "type": "sample"})");
+  lathe::v1::SampleOp op;
+  ASSERT_TRUE(SampleFromJson(body, "lathe://r/sampler_weights/x", &op).ok());
+  EXPECT_EQ(op.prompt().chunks(0).encoded_text().tokens(), Pack<int32_t>({5, 6, 7}));
+  EXPECT_EQ(op.num_samples(), 3);
+  EXPECT_TRUE(op.include_prompt_logprobs());
+  EXPECT_EQ(op.model_path(), "lathe://r/sampler_weights/x");
+  EXPECT_EQ(op.params().max_tokens(), 4);
+  EXPECT_EQ(op.params().seed(), 11u);
+  EXPECT_EQ(op.params().temperature(), 0.5f);
+  EXPECT_EQ(op.params().top_p(), 0.9f);
+  ASSERT_EQ(op.params().stop_tokens_size(), 2);
+  EXPECT_EQ(op.params().stop_tokens(1).chunks(0).encoded_text().tokens(), Pack<int32_t>({9}));
+
+  for (const char* refused : {R"({"sampling_params": {"stop": ["\n"]}})", R"({"topk_sample_logprobs": 2})",
+                              R"({"record_stability_info": true})",
+                              R"({"prompt": {"chunks": [{"type": "image", "data": "", "format": "png"}]}})"}) {
+    auto bad = nlohmann::json::parse(R"({"prompt": {"chunks": [{"tokens": [1]}]}})");
+    bad.merge_patch(nlohmann::json::parse(refused));
+    lathe::v1::SampleOp ignored;
+    EXPECT_EQ(SampleFromJson(bad, "p", &ignored).code(), absl::StatusCode::kInvalidArgument) << refused;
+  }
+}
+
+TEST(TinkerConvert, SampleResultAsTinkerSampleResponse) {
+  lathe::v1::SampleResult result;
+  lathe::v1::SampledSequence* seq = result.add_sequences();
+  seq->set_tokens(Pack<int32_t>({3, 4}));
+  seq->set_logprobs(Pack<float>({-0.5f, -1.5f}));
+  seq->set_stop_reason(lathe::v1::STOP);
+  result.add_sequences()->set_stop_reason(lathe::v1::LENGTH);
+  result.set_prompt_logprobs(Pack<float>({NAN, -2.0f}));
+  tinker::SampleResponse out;
+  ASSERT_TRUE(out.ParseFromString(SampleResponseToProto(result)));
+  ASSERT_EQ(out.sequences_size(), 2);
+  EXPECT_EQ(out.sequences(0).stop_reason(), tinker::STOP_REASON_STOP);
+  EXPECT_EQ(out.sequences(1).stop_reason(), tinker::STOP_REASON_LENGTH);
+  EXPECT_EQ(out.sequences(0).tokens(), Pack<int32_t>({3, 4}));
+  EXPECT_EQ(out.sequences(0).logprobs(), Pack<float>({-0.5f, -1.5f}));
+  EXPECT_EQ(out.prompt_logprobs(), result.prompt_logprobs());
+  EXPECT_FALSE(out.has_topk_prompt_logprobs());
 }
 
 }  // namespace
