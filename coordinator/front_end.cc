@@ -124,14 +124,20 @@ absl::Status FrontEnd::CreateRun(absl::string_view authorization, const lathe::v
   return absl::OkStatus();
 }
 
-absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
-                              lathe::v1::SubmitResponse* response) {
+absl::StatusOr<lathe::v1::SubmitRequest> FrontEnd::Admit(absl::string_view authorization,
+                                                          const lathe::v1::SubmitRequest& request) const {
   LATHE_RETURN_IF_ERROR(Authorize(authorization));
   LATHE_RETURN_IF_ERROR(Serving());
   LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
   LATHE_RETURN_IF_ERROR(ValidateOp(request, registry_->model()));
   lathe::v1::SubmitRequest op = request;
   LATHE_RETURN_IF_ERROR(ResolveWeights(op));
+  return op;
+}
+
+absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
+                              lathe::v1::SubmitResponse* response) {
+  LATHE_ASSIGN_OR_RETURN(lathe::v1::SubmitRequest op, Admit(authorization, request));
   LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->Submit(op));
   if (op.has_delete_run()) ledger_->CloseRun(op.run_id(), op.seq_id());
   response->set_op_id(op_id);
@@ -140,12 +146,7 @@ absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::
 
 absl::Status FrontEnd::SubmitSampling(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
                                       const std::string& lane, lathe::v1::SubmitResponse* response) {
-  LATHE_RETURN_IF_ERROR(Authorize(authorization));
-  LATHE_RETURN_IF_ERROR(Serving());
-  LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
-  LATHE_RETURN_IF_ERROR(ValidateOp(request, registry_->model()));
-  lathe::v1::SubmitRequest op = request;
-  LATHE_RETURN_IF_ERROR(ResolveWeights(op));
+  LATHE_ASSIGN_OR_RETURN(lathe::v1::SubmitRequest op, Admit(authorization, request));
   // Outside the run's order only weights that cannot change may be read.
   if (!ReadsPinnedWeights(op)) {
     return absl::InvalidArgumentError("an unordered operation must be a sample or compute_logprobs of pinned weights");

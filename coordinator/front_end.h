@@ -79,6 +79,10 @@ class FrontEnd {
  private:
   // OK when the deployment serves; UNAVAILABLE saying why not.
   absl::Status Serving() const;
+  // What both submits check first: the key, that the deployment serves, the
+  // run id and the operation; the operation with its weights resolved.
+  absl::StatusOr<lathe::v1::SubmitRequest> Admit(absl::string_view authorization,
+                                                 const lathe::v1::SubmitRequest& request) const;
   // Turns a sample's or compute_logprobs' policy_version into the path it was
   // published under; INVALID_ARGUMENT for an unknown version or checkpoint.
   absl::Status ResolveWeights(lathe::v1::SubmitRequest& op) const;

@@ -7,6 +7,7 @@ them on sys.path before this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -418,3 +419,20 @@ class Deployment:
     def log_tails(self, lines: int = 40) -> str:
         return (f"--- {self.coordinator_log} (tail) ---\n{_tail(self.coordinator_log, lines)}"
                 f"--- {self.workers_log} (tail) ---\n{_tail(self.workers_log, lines)}")
+
+
+@contextlib.contextmanager
+def http_door(build_dir: str, model_dir: str, workdir: str, key: str):
+    """A started deployment with API keys on (`key` only) and the HTTP door on a free port,
+    checkpoints under `workdir`: yields (deployment, base_url); closed on exit."""
+    port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
+    d = Deployment(build_dir, model_dir, workdir, max_runs=4, api_key=key, coordinator_env={"LATHE_API_KEYS": key},
+                   worker_args=["--checkpoint_root", root],
+                   coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
+                                     "--checkpoint_root", root])
+    d.start()
+    try:
+        with open(port_file) as f:
+            yield d, f"http://127.0.0.1:{int(f.read())}"
+    finally:
+        d.close()

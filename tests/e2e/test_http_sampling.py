@@ -5,7 +5,6 @@ weights, and bad sampling parameters fail at once."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 import urllib.error
@@ -26,19 +25,8 @@ PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
 @pytest.fixture(scope="module")
 def door(tmp_path_factory, build_dir, tiny_model):
     """A deployment with API keys on and the HTTP door on a free port: (deployment, base_url)."""
-    workdir = str(tmp_path_factory.mktemp("http_sampling"))
-    port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
-    d = sc.Deployment(build_dir, tiny_model, workdir, max_runs=4, api_key=KEY, coordinator_env={"LATHE_API_KEYS": KEY},
-                      worker_args=["--checkpoint_root", root],
-                      coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
-                                        "--checkpoint_root", root])
-    d.start()
-    try:
-        with open(port_file) as f:
-            url = f"http://127.0.0.1:{int(f.read())}"
-        yield d, url
-    finally:
-        d.close()
+    with sc.http_door(build_dir, tiny_model, str(tmp_path_factory.mktemp("http_sampling")), KEY) as door_and_url:
+        yield door_and_url
 
 
 def _bits(values) -> np.ndarray:
