@@ -8,11 +8,14 @@ them on sys.path before this module is imported.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -436,3 +439,15 @@ def http_door(build_dir: str, model_dir: str, workdir: str, key: str):
             yield d, f"http://127.0.0.1:{int(f.read())}"
     finally:
         d.close()
+
+
+def http_json(url: str, path: str, data: bytes | None = None, headers: dict | None = None):
+    """POST `data` (or GET without it) to url + path as JSON: (status, the JSON reply), also for
+    error statuses."""
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -98,13 +96,7 @@ def test_tinker_sdk_trains_like_grpc(door):
 
 
 def _post(url: str, path: str, body: bytes, headers: dict | None = None):
-    req = urllib.request.Request(url + path, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return sc.http_json(url, path, body, headers)
 
 
 def test_malformed_requests_get_json_errors_and_queue_nothing(door):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -180,14 +178,7 @@ def test_bad_sampling_params_fail_at_once(door, params, word):
 
 def _call(url: str, path: str, body: dict | None = None):
     """POST (with a body) or GET over plain HTTP with the key: (status, JSON reply)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json", "X-API-Key": KEY})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return sc.http_json(url, path, json.dumps(body).encode() if body is not None else None, {"X-API-Key": KEY})
 
 
 def test_sampling_session_routes(door):
