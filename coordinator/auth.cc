@@ -87,13 +87,6 @@ absl::Status ApiKeys::CheckAuthorization(absl::string_view value) const {
   return absl::OkStatus();
 }
 
-grpc::Status ApiKeys::Check(const grpc::ServerContext& context) const {
-  absl::string_view value;
-  FindMetadata(context, "authorization", &value);
-  absl::Status s = CheckAuthorization(value);
-  return s.ok() ? grpc::Status::OK : grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(s.message()));
-}
-
 absl::StatusOr<WorkerToken> WorkerToken::Load(const std::string& path) {
   WorkerToken token;
   if (!path.empty()) {

@@ -50,8 +50,6 @@ class ApiKeys {
   // for the value of an authorization header: "Bearer <key>" or
   // "Api-Key <key>" (empty: none was sent). Thread-safe.
   absl::Status CheckAuthorization(absl::string_view authorization) const;
-  // CheckAuthorization on the call's "authorization" metadata. Thread-safe.
-  grpc::Status Check(const grpc::ServerContext& context) const;
 
  private:
   bool enabled_ = false;

@@ -112,7 +112,7 @@ absl::StatusOr<lathe::v1::GetCheckpointFilesResponse> CheckpointStore::Files(
     const lathe::v1::GetCheckpointFilesRequest& request) const {
   absl::StatusOr<Located> at = Locate(request.checkpoint_id());
   if (!at.ok()) return at.status();
-  if (absl::Status s = ReadCheckpointMeta(root_, at->ref, kMaxManifestBytes).status(); !s.ok()) return s;
+  if (absl::Status s = Meta(at->ref).status(); !s.ok()) return s;
   const std::vector<lathe::v1::CheckpointFile> files = ListRealFiles(at->folder);
   const int64_t total = static_cast<int64_t>(files.size());
   absl::StatusOr<int64_t> start = ParsePageToken(request.page_token(), total);
@@ -131,7 +131,7 @@ absl::Status CheckpointStore::Download(const std::string& checkpoint_id, const s
   if (absl::Status s = ValidateRelativeFileName(relative_file_name); !s.ok()) return s;
   absl::StatusOr<Located> at = Locate(checkpoint_id);
   if (!at.ok()) return at.status();
-  if (absl::Status s = ReadCheckpointMeta(root_, at->ref, kMaxManifestBytes).status(); !s.ok()) return s;
+  if (absl::Status s = Meta(at->ref).status(); !s.ok()) return s;
   // Opened part by part beneath the root, never through a link: whatever the
   // folder holds, nothing outside the checkpoint is reachable.
   std::vector<std::string> parts = {at->ref.run_id, at->ref.kind, at->ref.name};

@@ -139,7 +139,6 @@ absl::Status FrontEnd::Submit(absl::string_view authorization, const lathe::v1::
                               lathe::v1::SubmitResponse* response) {
   LATHE_ASSIGN_OR_RETURN(lathe::v1::SubmitRequest op, Admit(authorization, request));
   LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->Submit(op));
-  if (op.has_delete_run()) ledger_->CloseRun(op.run_id(), op.seq_id());
   response->set_op_id(op_id);
   return absl::OkStatus();
 }

@@ -99,12 +99,6 @@ absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
   return absl::OkStatus();
 }
 
-void OpLedger::CloseRun(const std::string& run_id, int64_t last_seq) {
-  absl::MutexLock lock(&mu_);
-  auto it = runs_.find(run_id);
-  if (it != runs_.end()) it->second->deleted_at = std::min(it->second->deleted_at, last_seq);
-}
-
 bool OpLedger::HasRun(const std::string& run_id) const {
   absl::ReaderMutexLock lock(&mu_);
   return runs_.count(run_id) > 0;
@@ -117,7 +111,18 @@ absl::StatusOr<std::string> OpLedger::Submit(const SubmitRequest& request) {
   }
   std::string bytes = DeterministicBytes(request);  // outside the lock: requests can be large
   absl::MutexLock lock(&mu_);
-  return SubmitLocked(request.run_id(), request.seq_id(), std::move(bytes));
+  if (!request.has_delete_run()) return SubmitLocked(request.run_id(), request.seq_id(), std::move(bytes));
+  // A run's delete_run is its last operation: none may wait behind it, and
+  // from its acceptance on (under this same lock) no later one is taken.
+  auto run = runs_.find(request.run_id());
+  if (run != runs_.end() && run->second->buffered.upper_bound(request.seq_id()) != run->second->buffered.end()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "delete_run at seq_id ", request.seq_id(), " must be the run's last operation; seq_id ",
+        run->second->buffered.rbegin()->first, " was accepted after it"));
+  }
+  absl::StatusOr<std::string> op_id = SubmitLocked(request.run_id(), request.seq_id(), std::move(bytes));
+  if (op_id.ok()) run->second->deleted_at = std::min(run->second->deleted_at, request.seq_id());
+  return op_id;
 }
 
 absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& request, const std::string& lane) {

@@ -71,9 +71,6 @@ class OpLedger {
   // the run is open.
   absl::Status OpenRun(const std::string& run_id, int64_t first_seq);
   bool HasRun(const std::string& run_id) const;
-  // After the run's delete_run (seq_id `last_seq`) was accepted: later
-  // seq_ids are NotFound; retries of accepted ones still answer.
-  void CloseRun(const std::string& run_id, int64_t last_seq);
 
   // Accepts an already validated operation and returns its op id,
   // "<run_id>/<seq_id>". The same (run_id, seq_id) with a byte-identical

@@ -59,7 +59,10 @@ void ReplicaRegistry::SendHeartbeats() {
 
 void ReplicaRegistry::Refused(int replica, const std::string& why) {
   absl::MutexLock lock(&mu_);
-  if (state_ == DeploymentState::kShuttingDown) return;
+  // Only a replica the deployment still waits for can fail its start: a
+  // stale or duplicate worker cannot take a serving deployment down.
+  if (state_ != DeploymentState::kStarting || replica < 0 || replica >= expected_) return;
+  if (replicas_[replica].sink != nullptr) return;
   LoseLocked(absl::StrCat("replica ", replica, " refused to start: ", why));
 }
 

@@ -52,7 +52,8 @@ class ReplicaRegistry {
   void SendHeartbeats();
   // Replica `replica` cannot serve (`why`, e.g. its model was refused): the
   // deployment cannot start and says why (kLost, detail "replica N refused
-  // to start: why"). Ignored while shutting down.
+  // to start: why"). Ignored unless the deployment is starting and that
+  // replica has not registered.
   void Refused(int replica, const std::string& why);
   // Any message from the replica counts as a heartbeat.
   void Heard(int replica);

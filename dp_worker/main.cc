@@ -75,6 +75,10 @@ int main(int argc, char** argv) {
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   o.link.coordinator_timeout = absl::Seconds(absl::GetFlag(FLAGS_coordinator_timeout_s));
+  if (absl::GetFlag(FLAGS_coordinator_timeout_s) <= 0 || absl::GetFlag(FLAGS_max_message_bytes) <= 0) {
+    std::fprintf(stderr, "dp_worker: --coordinator_timeout_s and --max_message_bytes must be positive\n");
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
   o.link.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   if (absl::Status s = ReadLinkCredentials(o.link); !s.ok() && !absl::GetFlag(FLAGS_dry_run)) {
     std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());

@@ -27,6 +27,14 @@ std::string BaseModelName(const ServeOptions& o) {
   return name;
 }
 
+// The leader's pid and host, for the coordinator's diagnostics.
+void SetSender(lathe::v1::RegisterReplica& r) {
+  r.set_pid(getpid());
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  r.set_host(host);
+}
+
 lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::MeshShape& shape,
                                         const runtime::ModelConfig& config, int replica) {
   lathe::v1::RegisterReplica r;
@@ -42,10 +50,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
   model->set_vocab_size(config.vocab_size);
   model->set_max_seq_len(o.executor.max_seq_len > 0 ? o.executor.max_seq_len : config.max_position_embeddings);
   model->set_max_lora_rank(config.hidden_size);
-  r.set_pid(getpid());
-  char host[256] = {0};
-  gethostname(host, sizeof(host) - 1);
-  r.set_host(host);
+  SetSender(r);
   return r;
 }
 
@@ -97,10 +102,7 @@ void ReportRefusal(const ServeOptions& o, int replica, const absl::Status& why) 
   lathe::v1::RegisterReplica r;
   r.set_replica(replica);
   r.set_refused(std::string(why.message()));
-  r.set_pid(getpid());
-  char host[256] = {0};
-  gethostname(host, sizeof(host) - 1);
-  r.set_host(host);
+  SetSender(r);
   LinkOptions link = o.link;
   link.connect_timeout = std::min(link.connect_timeout, absl::Seconds(30));
   absl::Status s = ReplicaLink::Connect(link, r).status();

@@ -7,6 +7,7 @@
 #include <httplib.h>
 
 #include <functional>
+#include <deque>
 #include <map>
 #include <string>
 #include <thread>
@@ -54,9 +55,12 @@ struct HttpDoor::Impl {
   std::thread thread;
   int port = 0;
   // create_model retried with the same (session_id, model_seq_id) gets the
-  // run it created; CreateRun itself has no idempotency key.
+  // run it created; CreateRun itself has no idempotency key. Only requests
+  // that carry both are recognised, and the newest kCreatedKept are kept.
+  static constexpr size_t kCreatedKept = 4096;
   absl::Mutex create_mu;
   std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
+  std::deque<std::pair<std::string, int64_t>> created_order ABSL_GUARDED_BY(create_mu);  // oldest first
 
   // What a sampling_session_id names; made by create_sampling_session and by
   // the ephemeral save_weights_for_sampler (docs/http-api.md says how long

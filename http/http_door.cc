@@ -199,13 +199,22 @@ void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, 
   create.set_base_model(body.value("base_model", ""));
   *create.mutable_lora() = LoraFromJson(body.at("lora_config"));
   if (create.lora().rank() < 1) return Fail(res, 422, "INVALID_ARGUMENT", "lora_config.rank must be at least 1");
-  const auto key = std::make_pair(body.value("session_id", ""), body.value("model_seq_id", int64_t{-1}));
+  const std::string session = body.value("session_id", "");
+  if (session.size() > 128) return Fail(res, 422, "INVALID_ARGUMENT", "session_id is longer than 128 bytes");
+  const bool keyed = !session.empty() && body.contains("model_seq_id") && !body.at("model_seq_id").is_null();
+  const auto key = std::make_pair(session, keyed ? Number<int64_t>(body.at("model_seq_id"), "model_seq_id") : -1);
   absl::MutexLock lock(&create_mu);
-  auto it = created.find(key);
+  auto it = keyed ? created.find(key) : created.end();
   if (it == created.end()) {
     lathe::v1::CreateRunResponse response;
     if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
+    if (!keyed) return Reply(res, {{"request_id", response.init_op_id()}, {"model_id", response.run_id()}});
     it = created.emplace(key, response).first;
+    created_order.push_back(key);
+    if (created_order.size() > kCreatedKept) {
+      created.erase(created_order.front());
+      created_order.pop_front();
+    }
   }
   Reply(res, {{"request_id", it->second.init_op_id()}, {"model_id", it->second.run_id()}});
 }
@@ -261,7 +270,7 @@ void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Respo
 void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
   op.set_run_id(body.at("model_id").get<std::string>());
-  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   *op.mutable_optim_step() = AdamFromJson(body.value("adam_params", json::object()));
   SubmitOp(req, op, res);
 }
@@ -269,11 +278,11 @@ void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, ht
 void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
   op.set_run_id(body.at("model_id").get<std::string>());
-  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   lathe::v1::SaveStateOp* save = op.mutable_save_state();
   save->set_name(body.at("path").get<std::string>());
   if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
-    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+    save->set_ttl_seconds(Number<int64_t>(body.at("ttl_seconds"), "ttl_seconds"));
   }
   save->set_overwrite(body.value("overwrite", false));
   SubmitOp(req, op, res);

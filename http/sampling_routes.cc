@@ -10,6 +10,7 @@
 #include "absl/strings/strip.h"
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
+#include "runtime/checkpoint_path.h"
 #include "runtime/quote.h"
 
 namespace lathe::http {
@@ -19,14 +20,14 @@ using nlohmann::json;
 void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
   op.set_run_id(body.at("model_id").get<std::string>());
-  op.set_seq_id(body.at("seq_id").get<int64_t>());
+  op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
   const bool ephemeral = !body.contains("path") || body.at("path").is_null();
   // save_weights_and_get_sampling_client names no checkpoint: it gets one
   // named by its seq_id, so a retry is the same operation.
   save->set_name(ephemeral ? absl::StrCat("ephemeral-", op.seq_id()) : body.at("path").get<std::string>());
   if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
-    save->set_ttl_seconds(body.at("ttl_seconds").get<int64_t>());
+    save->set_ttl_seconds(Number<int64_t>(body.at("ttl_seconds"), "ttl_seconds"));
   }
   lathe::v1::SubmitResponse response;
   if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Fail(res, s);
@@ -45,14 +46,20 @@ void HttpDoor::Impl::CreateSamplingSession(const httplib::Request&, const json& 
   }
   const std::string tinker_path = body.at("model_path").get<std::string>();
   const std::string path = LathePath(tinker_path);
-  if (!absl::StartsWith(tinker_path, "tinker://") || !absl::StrContains(path, "/sampler_weights/")) {
+  absl::StatusOr<runtime::CheckpointRef> ref = runtime::ParseCheckpointPath(path, /*allow_sampler=*/true);
+  if (!absl::StartsWith(tinker_path, "tinker://") || !ref.ok() || ref->kind != "sampler_weights") {
     return Fail(res, 422, "INVALID_ARGUMENT",
                 absl::StrCat("model_path must be tinker://<run>/sampler_weights/<name>, not ",
-                             runtime::QuoteForMessage(tinker_path)));
+                             runtime::QuoteForMessage(tinker_path),
+                             ref.ok() ? "" : absl::StrCat(" (", ref.status().message(), ")")));
+  }
+  if (body.value("session_id", "").size() > 128) {
+    return Fail(res, 422, "INVALID_ARGUMENT", "session_id is longer than 128 bytes");
   }
   // Checked against the checkpoints when it is first sampled (the front end's rule for model_path).
-  const std::string key = absl::StrCat("create ", body.value("session_id", ""), " ",
-                                       body.value("sampling_session_seq_id", int64_t{-1}), " ", path);
+  const json& seq = body.contains("sampling_session_seq_id") ? body.at("sampling_session_seq_id") : json();
+  const int64_t seq_id = seq.is_null() ? -1 : Number<int64_t>(seq, "sampling_session_seq_id");
+  const std::string key = absl::StrCat("create ", body.value("session_id", ""), " ", seq_id, " ", path);
   Reply(res, {{"sampling_session_id", samplers.Add(key, {RunOfPath(path), path})}});
 }
 
@@ -79,7 +86,7 @@ void HttpDoor::Impl::ASample(const httplib::Request& req, const json& body, http
   lathe::v1::SubmitRequest op;
   op.set_run_id(sampler->run_id);
   // The SDK counts a sampling client's requests from 0; the ledger from 1.
-  const int64_t seq_id = body.at("seq_id").get<int64_t>();
+  const int64_t seq_id = Number<int64_t>(body.at("seq_id"), "seq_id");
   if (seq_id < 0 || seq_id == std::numeric_limits<int64_t>::max()) {
     return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("seq_id ", seq_id, " is out of range"));
   }

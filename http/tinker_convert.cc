@@ -70,7 +70,7 @@ lathe::v1::ForwardBackwardInput* OpInput(bool forward_only, lathe::v1::SubmitReq
 // int32 cannot wrap into the vocabulary.
 absl::Status TokensFromJson(const json& ids, std::string* tokens) {
   for (const json& t : ids) {
-    const int64_t id = t.get<int64_t>();
+    const int64_t id = Number<int64_t>(t, "a token id");
     if (id < std::numeric_limits<int32_t>::min() || id > std::numeric_limits<int32_t>::max()) {
       return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is not an int32"));
     }
@@ -84,11 +84,11 @@ bool Has(const json& body, const char* key) { return body.contains(key) && !body
 
 // Tinker's sampling_params; absent keys keep lathe's defaults.
 absl::Status ParamsFromJson(const json& in, lathe::v1::SamplingParams* out) {
-  if (Has(in, "max_tokens")) out->set_max_tokens(in.at("max_tokens").get<int32_t>());
-  if (Has(in, "seed")) out->set_seed(in.at("seed").get<uint64_t>());
-  if (Has(in, "temperature")) out->set_temperature(in.at("temperature").get<float>());
-  if (Has(in, "top_k")) out->set_top_k(in.at("top_k").get<int32_t>());
-  if (Has(in, "top_p")) out->set_top_p(in.at("top_p").get<float>());
+  if (Has(in, "max_tokens")) out->set_max_tokens(Number<int32_t>(in.at("max_tokens"), "max_tokens"));
+  if (Has(in, "seed")) out->set_seed(Number<uint64_t>(in.at("seed"), "seed"));
+  if (Has(in, "temperature")) out->set_temperature(Number<float>(in.at("temperature"), "temperature"));
+  if (Has(in, "top_k")) out->set_top_k(Number<int32_t>(in.at("top_k"), "top_k"));
+  if (Has(in, "top_p")) out->set_top_p(Number<float>(in.at("top_p"), "top_p"));
   if (!Has(in, "stop")) return absl::OkStatus();
   const json& stop = in.at("stop");
   if (stop.is_string() || (stop.is_array() && !stop.empty() && stop.front().is_string())) {
@@ -111,15 +111,15 @@ lathe::v1::TensorData TensorFromJson(const json& in) {
   std::string bytes;
   if (dtype == "int64") {
     out.set_dtype(lathe::v1::INT64);
-    for (const json& v : data) Append<int64_t>(&bytes, v.get<int64_t>());
+    for (const json& v : data) Append<int64_t>(&bytes, Number<int64_t>(v, "a tensor element"));
   } else if (dtype == "float32") {
     out.set_dtype(lathe::v1::FLOAT32);
-    for (const json& v : data) Append<float>(&bytes, v.is_null() ? NAN : v.get<float>());
+    for (const json& v : data) Append<float>(&bytes, v.is_null() ? NAN : Number<float>(v, "a tensor element"));
   } else {
     throw json::type_error::create(302, "dtype must be \"int64\" or \"float32\"", &in);
   }
   if (in.contains("shape") && !in.at("shape").is_null()) {
-    for (const json& d : in.at("shape")) out.add_shape(d.get<int64_t>());
+    for (const json& d : in.at("shape")) out.add_shape(Number<int64_t>(d, "a shape dimension"));
   } else {
     out.add_shape(static_cast<int64_t>(data.size()));
   }
@@ -179,7 +179,7 @@ absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& requ
 
 absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe::v1::SubmitRequest* op) {
   op->set_run_id(body.at("model_id").get<std::string>());
-  op->set_seq_id(body.at("seq_id").get<int64_t>());
+  op->set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   const json& fb = body.at("forward_backward_input");
   lathe::v1::ForwardBackwardInput* input = OpInput(forward_only, op);
   input->set_loss_fn(fb.at("loss_fn").get<std::string>());
@@ -203,7 +203,7 @@ absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe:
         return absl::InvalidArgumentError(
             absl::StrCat("loss_fn_config ", runtime::QuoteForMessage(key), ": text values are not supported"));
       }
-      (*input->mutable_loss_fn_config())[key] = value.get<double>();
+      (*input->mutable_loss_fn_config())[key] = Number<double>(value, "a loss_fn_config value");
     }
   }
   return absl::OkStatus();
@@ -251,7 +251,7 @@ json ForwardBackwardOutputToJson(const lathe::v1::ForwardBackwardOutput& output)
 
 absl::Status SampleFromJson(const json& body, const std::string& model_path, lathe::v1::SampleOp* op) {
   for (const char* key : {"topk_sample_logprobs", "prompt_alt_tokens_k"}) {
-    if (Has(body, key) && body.at(key).get<int64_t>() != 0) {
+    if (Has(body, key) && Number<int64_t>(body.at(key), key) != 0) {
       return absl::InvalidArgumentError(absl::StrCat(key, " is not supported"));
     }
   }
@@ -269,9 +269,9 @@ absl::Status SampleFromJson(const json& body, const std::string& model_path, lat
     if (absl::Status s = TokensFromJson(chunk.at("tokens"), &tokens); !s.ok()) return s;
   }
   op->mutable_prompt()->add_chunks()->mutable_encoded_text()->set_tokens(std::move(tokens));
-  op->set_num_samples(body.value("num_samples", 1));
+  op->set_num_samples(Has(body, "num_samples") ? Number<int32_t>(body.at("num_samples"), "num_samples") : 1);
   op->set_include_prompt_logprobs(body.value("prompt_logprobs", false));
-  op->set_topk_prompt_logprobs(body.value("topk_prompt_logprobs", 0));
+  op->set_topk_prompt_logprobs(Has(body, "topk_prompt_logprobs") ? Number<int32_t>(body.at("topk_prompt_logprobs"), "topk_prompt_logprobs") : 0);
   op->set_model_path(model_path);
   return ParamsFromJson(body.value("sampling_params", json::object()), op->mutable_params());
 }
@@ -299,7 +299,7 @@ std::string SampleResponseToProto(const lathe::v1::SampleResult& result) {
 lathe::v1::AdamParams AdamFromJson(const json& adam) {
   lathe::v1::AdamParams out;
   auto take = [&adam](const char* key, auto setter) {
-    if (adam.contains(key) && !adam.at(key).is_null()) setter(adam.at(key).get<double>());
+    if (adam.contains(key) && !adam.at(key).is_null()) setter(Number<double>(adam.at(key), key));
   };
   take("learning_rate", [&out](double v) { out.set_learning_rate(v); });
   take("beta1", [&out](double v) { out.set_beta1(v); });
@@ -312,8 +312,8 @@ lathe::v1::AdamParams AdamFromJson(const json& adam) {
 
 lathe::v1::LoraConfig LoraFromJson(const json& lora) {
   lathe::v1::LoraConfig out;
-  out.set_rank(lora.at("rank").get<int32_t>());
-  if (lora.contains("seed") && !lora.at("seed").is_null()) out.set_seed(lora.at("seed").get<int64_t>());
+  out.set_rank(Number<int32_t>(lora.at("rank"), "lora_config.rank"));
+  if (lora.contains("seed") && !lora.at("seed").is_null()) out.set_seed(Number<int64_t>(lora.at("seed"), "lora_config.seed"));
   if (lora.contains("train_attn")) out.set_train_attn(lora.at("train_attn").get<bool>());
   if (lora.contains("train_mlp")) out.set_train_mlp(lora.at("train_mlp").get<bool>());
   if (lora.contains("train_unembed")) out.set_train_unembed(lora.at("train_unembed").get<bool>());

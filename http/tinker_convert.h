@@ -3,7 +3,11 @@
 #ifndef LATHE_HTTP_TINKER_CONVERT_H_
 #define LATHE_HTTP_TINKER_CONVERT_H_
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -12,6 +16,38 @@
 #include "tinker_wire.pb.h"
 
 namespace lathe::http {
+
+// `value` as T, checked: an integer T needs a JSON integer within T's range
+// (a float, a negative for an unsigned T, or a value past the range is not
+// wrapped or cast); a floating T takes any JSON number (beyond float32 it
+// becomes ±inf, which lathe's validation then refuses). Throws
+// nlohmann::json::type_error naming `what` otherwise, which the door answers
+// with 422.
+template <typename T>
+T Number(const nlohmann::json& value, const char* what) {
+  auto refuse = [&](const char* why) {
+    return nlohmann::json::type_error::create(302, std::string(what) + " " + why, &value);
+  };
+  if constexpr (std::is_floating_point_v<T>) {
+    if (!value.is_number()) throw refuse("must be a number");
+    const double d = value.get<double>();
+    if (std::fabs(d) > std::numeric_limits<T>::max()) return d > 0 ? INFINITY : -INFINITY;
+    return static_cast<T>(d);
+  } else {
+    if (value.is_number_unsigned()) {
+      if (value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<T>::max())) throw refuse("is too large");
+      return static_cast<T>(value.get<uint64_t>());
+    }
+    if (!value.is_number_integer()) throw refuse("must be an integer");
+    const int64_t i = value.get<int64_t>();
+    if ((std::is_unsigned_v<T> && i < 0) ||
+        (!std::is_unsigned_v<T> && (i < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+                                    i > static_cast<int64_t>(std::numeric_limits<T>::max())))) {
+      throw refuse("is out of range");
+    }
+    return static_cast<T>(i);
+  }
+}
 
 // A Tinker ForwardBackwardRequest (protobuf) as a lathe forward or
 // forward_backward op. InvalidArgument for what lathe cannot run as sent:

@@ -138,6 +138,8 @@ absl::StatusOr<AdamStepResult> AdamW::Step(std::vector<TrainableParam>& params, 
   }
   if (hooks.all_agree) finite = hooks.all_agree(finite);
   if (!finite) {
+    // Bounds proven for a step that is not taken no longer describe the state.
+    for (State& s : states_) s.param_bound = s.exp_avg_bound = s.exp_avg_sq_bound = -1;
     DropGradients(params);
     return absl::FailedPreconditionError(
         "optim_step refused: the update would make weights or optimizer moments non-finite in float32 (learning "

@@ -21,6 +21,7 @@
 #include "runtime/decoder_model.h"
 #include "runtime/safetensors.h"
 #include "runtime/saturating.h"
+#include "runtime/guarded.h"
 #include "runtime/status.h"
 #include "runtime/trainer.h"
 
@@ -155,13 +156,10 @@ absl::Status WriteAndCommit(Trainer& trainer, const std::string& dir, const std:
                             absl::Duration timeout) {
   const bool first = group == nullptr || group->rank() == 0;
   absl::Status s;
-  absl::StatusOr<json> entries;
-  try {
+  absl::StatusOr<json> entries = Guarded("save_state", [&]() -> absl::StatusOr<json> {
     LATHE_ASSIGN_OR_RETURN(std::vector<bool> writes, Writers(trainer.model().trainable(), group, timeout));
-    entries = WriteShard(trainer, writes, partial, place, meta.with_optimizer);
-  } catch (const c10::Error& e) {
-    entries = absl::InternalError(absl::StrCat("save_state: ", e.what_without_backtrace()));
-  }
+    return WriteShard(trainer, writes, partial, place, meta.with_optimizer);
+  });
   LATHE_RETURN_IF_ERROR(Agree(entries.status(), group, timeout));
   std::vector<std::string> all = {entries->dump()};
   if (group != nullptr) {

@@ -224,6 +224,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
       at::Tensor total;
       std::vector<MoeStats> moe;
       int64_t packed_tokens = 0;
+      double round_loss = 0;
       // Everything up to the loss may fail on one rank alone (an exception, a
       // non-finite loss from its datums): the round's ranks agree before any
       // of them starts the backward, whose collectives all must join.
@@ -265,7 +266,8 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           offset += my_lengths[j];
         }
         if (!total.defined()) total = packed_lp.sum();  // an empty round
-        if (!std::isfinite(total.item<double>())) {
+        round_loss = total.item<double>();
+        if (!std::isfinite(round_loss)) {
           for (size_t k = 0; k < losses.size(); ++k) {
             const double v = losses[k].item<double>();
             if (!std::isfinite(v)) {
@@ -280,7 +282,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
       });
       LATHE_RETURN_IF_ERROR(Agree(round_status, rounds_group));
       if (backward) total.backward();
-      loss_sum += total.item<double>();
+      loss_sum += round_loss;
       tokens += static_cast<double>(packed_tokens);
       AddMoeMetrics(moe, config.num_experts, moe_frac, moe_max, moe_layers);
     }

@@ -113,13 +113,20 @@ TEST_F(OpLedgerTest, AClosedRunRefusesLaterSeqIdsButAnswersRetries) {
   SubmitRequest del = Noop("r", 3);
   del.mutable_delete_run();
   MustSubmit(del);
-  ledger_.CloseRun("r", 3);
   EXPECT_EQ(MustSubmit(Noop("r", 2)), "r/2");  // before the deletion: still runs
   absl::StatusOr<std::string> later = ledger_.Submit(Noop("r", 4));
   EXPECT_EQ(later.status().code(), absl::StatusCode::kNotFound) << later.status();
   EXPECT_NE(later.status().message().find("deleted (delete_run at seq_id 3)"), std::string::npos);
   EXPECT_EQ(MustSubmit(del), "r/3");  // a retry
   EXPECT_EQ(DrainReady(), (Ids{"r/1", "r/2", "r/3"}));
+  // A delete_run with later operations already waiting is refused.
+  ASSERT_TRUE(ledger_.OpenRun("s", 1).ok());
+  MustSubmit(Noop("s", 3));
+  SubmitRequest early = Noop("s", 2);
+  early.mutable_delete_run();
+  absl::StatusOr<std::string> refused = ledger_.Submit(early);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("seq_id 3 was accepted after it"), std::string::npos);
 }
 
 // A sampling session's requests are ready at once, take none of the run's
@@ -140,7 +147,9 @@ TEST_F(OpLedgerTest, UnorderedOpsAreReadyAtOnceAndLeaveTheRunsSeqIdsAlone) {
   EXPECT_EQ(DrainReady(), (Ids{"r/sess-2.1", "r/1", "r/2"}));
   EXPECT_EQ(ledger_.SubmitUnordered(Noop("r", 1), "bad/lane").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ledger_.SubmitUnordered(Noop("nope", 1), "s").status().code(), absl::StatusCode::kNotFound);
-  ledger_.CloseRun("r", 3);
+  SubmitRequest del = Noop("r", 3);
+  del.mutable_delete_run();
+  MustSubmit(del);
   EXPECT_EQ(ledger_.SubmitUnordered(Noop("r", 9), "s").status().code(), absl::StatusCode::kNotFound);
 }
 

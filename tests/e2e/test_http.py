@@ -118,6 +118,15 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
         ("/api/v1/forward_backward", b"\xff\xff\xff", {**key, "Content-Type": "application/x-protobuf"}, 422,
          "INVALID_ARGUMENT"),
         ("/api/v1/retrieve_future", json.dumps({"request_id": f"{run}/77"}).encode(), key, 404, "NOT_FOUND"),
+        # Numbers outside their field's type are refused, never wrapped or cast.
+        ("/api/v1/optim_step", json.dumps({"model_id": run, "seq_id": 1e300, "adam_params": {}}).encode(), key,
+         422, "INVALID_ARGUMENT"),
+        ("/api/v1/optim_step", json.dumps({"model_id": run, "seq_id": 2**64 - 1, "adam_params": {}}).encode(), key,
+         422, "INVALID_ARGUMENT"),
+        ("/api/v1/create_model", json.dumps({"lora_config": {"rank": 2**32 + 4}}).encode(), key,
+         422, "INVALID_ARGUMENT"),
+        ("/api/v1/create_sampling_session",
+         json.dumps({"model_path": "tinker://../sampler_weights/x"}).encode(), key, 422, "INVALID_ARGUMENT"),
     ]
     for path, body, headers, status, code in cases:
         got, reply = _post(url, path, body, headers)
