@@ -274,9 +274,29 @@ void HttpDoor::Impl::LoopsRoutes() {
       op.set_seq_id(it->second.offset + seq);
     }
     if (op.seq_id() < 1) return Fail(res, 422, "INVALID_ARGUMENT", "seq_id 1 is init_trainer_server's");
-    if (absl::Status s = fill(&op); !s.ok()) return Fail(res, s);
+    absl::Status s;
+    try {
+      s = fill(&op);
+    } catch (const json::exception& e) {
+      s = absl::InvalidArgumentError(absl::StrCat("the body does not have the route's shape: ", e.what()));
+    }
     lathe::v1::SubmitResponse response;
-    if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) {
+    if (s.ok()) s = front_end->Submit(Authorization(req), op, &response);
+    if (!s.ok()) {
+      // The SDK numbers its next operations on past a refused one, so its
+      // seq_id becomes a noop: the run's order goes on.
+      if (s.code() == absl::StatusCode::kInvalidArgument || s.code() == absl::StatusCode::kUnimplemented) {
+        lathe::v1::SubmitRequest noop;
+        noop.set_run_id(op.run_id());
+        noop.set_seq_id(op.seq_id());
+        noop.mutable_noop();
+        lathe::v1::SubmitResponse filled;
+        if (front_end->Submit(Authorization(req), noop, &filled).ok()) {
+          absl::MutexLock lock(&st->mu);
+          LoopsState::Trainer& t = st->trainers[slot];
+          if (t.run == op.run_id()) t.last = std::max(t.last, op.seq_id());
+        }
+      }
       return LoopsFail(front_end, res, s);
     }
     {

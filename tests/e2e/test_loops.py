@@ -204,6 +204,17 @@ out = {"loss": tc.forward_backward([d], "cross_entropy").result().metrics["loss:
 tc.optim_step(AdamParams(learning_rate=1e-2)).result()
 out["pv"] = tc.policy_version
 tc.health()
+import time
+started = time.monotonic()
+bad = Datum(model_input=ModelInput.from_ints([10 ** 8]),
+            loss_fn_inputs={"target_tokens": TensorData(data=[1], dtype="int64", shape=[1])})
+try:
+    tc.forward_backward([bad], "cross_entropy").result()
+    out["refused"] = None
+except Exception as e:
+    out["refused"] = str(e)
+out["refused_s"] = time.monotonic() - started
+out["after"] = tc.forward_backward([d], "cross_entropy").result().metrics["loss:sum"]
 sc_ = client.create_sampling_client(base_model=model)
 res = sc_.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
                  sampling_params=SamplingParams(max_tokens=5, temperature=0.0))
@@ -230,6 +241,10 @@ def test_service_client_local(build_dir, tiny_model, tmp_path, loops_python):
         first = _sdk(loops_python, tmp_path, LOCAL, args)
         second = _sdk(loops_python, tmp_path, LOCAL, args)  # a fresh run: the same loss
         assert first["pv"] == 1 and first["version"] == 0 and first["models"] == model
+        # A refused op fails at once (422, not retried) and the client trains on.
+        assert "422" in first["refused"] and first["refused_s"] < 20, first
+        assert first["after"] < first["loss"]
+        first.pop("refused_s"), second.pop("refused_s")
         assert first == second
     finally:
         d.close()
@@ -337,7 +352,65 @@ def test_control_plane(door):
     assert status == 200
     status, listed = _http(url, f"/v1/loops/checkpoints?run_id={run['id']}")
     assert [c["target"] for c in listed["checkpoints"]] == ["sampler"]
-    d.stub.Submit(pb.SubmitRequest(run_id=run["id"], seq_id=4, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+
+    # A second client on the run: its init_trainer_server (seq_id 1) re-initialises the run after
+    # the ops so far (ledger seq_ids 1, 2 and the noop that took the refused load_state's 3), and
+    # its seq_id n is ledger 3 + n.
+    reinit_id, reinit = op("/init_trainer_server", {"lora_rank": 4, "base_model": model, "seq_id": 1}, "k6")
+    assert reinit_id == f"{run['id']}/4" and reinit == {"step": 0, "lora_rank": 4}
+    saved_id, _ = op("/save_state", {"name": "w2", "seq_id": 2}, "k7")
+    assert saved_id == f"{run['id']}/5"
+    status, version = _http(url, path + "/policy_version")
+    assert status == 200 and version == {"policy_version": 0}
+    d.stub.Submit(pb.SubmitRequest(run_id=run["id"], seq_id=6, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+                  timeout=sc.RPC_TIMEOUT_S)
+
+
+def test_hostile_requests(door):
+    """Bad Loops requests get a clear 422 (never the 400/404 the SDK would retry for an hour),
+    queue nothing but a noop in the refused seq_id, and the trainer keeps serving."""
+    d, url, model = door
+    status, made = _http(url, "/v1/loops/runs", {"session_id": "s", "base_model": model, "lora_rank": 4})
+    assert status == 200, made
+    run = made["run"]["id"]
+    path = f"/loops/runs/{run}"
+    init = {"lora_rank": 4, "base_model": model, "seq_id": 1}
+    assert _keyed(url, path + "/init_trainer_server", init, "h1")[0] == 202
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+             "loss_fn_inputs": {"target_tokens": {"data": PROMPT, "dtype": "int64", "shape": [len(PROMPT)]}},
+             "routed_experts_ref": None}
+    for route, body, word in (
+            ("/forward_backward", {"data": [datum], "loss_fn": "nope", "seq_id": 2}, "nope"),
+            ("/forward_backward", {"data": [datum], "loss_fn": "cross_entropy", "seq_id": -3}, "seq_id"),
+            ("/forward_backward", {"data": "x", "seq_id": 2}, "shape"),
+            ("/optim_step", {"adam_params": {"learning_rate": "fast"}, "seq_id": 2}, "learning_rate"),
+            ("/load_state", {"path": f"lathe://{run}/weights/w", "seq_id": 2}, "bt://loops:"),
+            ("/save_state", {"name": "../up", "seq_id": 2}, "name")):
+        status, err = _keyed(url, path + route, body, "bad")
+        assert status == 422 and err["error"]["type"] == "BadRequestError", (route, body, status, err)
+        assert word in err["error"]["message"], (route, err)
+    req = urllib.request.Request(url + path + "/optim_step", data=b"{not json", method="POST",
+                                 headers={"Authorization": f"Api-Key {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 422
+    for headers, body, word in (({"X-Min-Policy-Version": "soon"}, {"prompt": PROMPT}, "X-Min-Policy-Version"),
+                                ({}, {"prompt": PROMPT, "stop": ["\n"]}, "stop"),
+                                ({}, {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+                                ({}, {"prompt": "text"}, "shape")):
+        req = urllib.request.Request(url + path + "/sampler/sample", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Api-Key {KEY}", "Content-Type": "application/json",
+                                              **headers})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        err = json.loads(e.value.read())
+        assert e.value.code == 422 and word in err["error"]["message"], (body, err)
+    # The SDK numbers on past a refused op: its seq_id 2 became a noop, so seq_id 3 runs.
+    status, sub = _keyed(url, path + "/save_state", {"name": "ok", "seq_id": 3}, "h2")
+    assert status == 202 and sub["operation_id"] == f"{run}/2", sub
+    status, done = _http(url, path + "/operations/" + urllib.parse.quote(sub["operation_id"], safe=""))
+    assert status == 200 and done["result"]["path"] == f"bt://loops:{run}/weights/ok", done
+    d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=3, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
                   timeout=sc.RPC_TIMEOUT_S)
 
 
@@ -350,3 +423,40 @@ def _keyed(url: str, path: str, body, idempotency_key: str):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+CONTROL = """
+from baseten.loops import ServiceClient, Datum, ModelInput, TensorData, AdamParams, SamplingParams
+url, key, model = ARGS["url"], ARGS["key"], ARGS["model"]
+client = ServiceClient(api_key=key, base_url=url)
+out = {"models": [m.model_name for m in client.get_server_capabilities().supported_models]}
+tc = client.create_lora_training_client(base_model=model, rank=4)
+tokens, targets = ARGS["a"]
+d = Datum(model_input=ModelInput.from_ints(tokens),
+          loss_fn_inputs={"target_tokens": TensorData(data=targets, dtype="int64", shape=[len(targets)])})
+tc.forward_backward([d], "cross_entropy").result()
+tc.optim_step(AdamParams(learning_rate=1e-2)).result()
+saved = tc.save_state("w1").result().path
+sampler = tc.save_weights_and_get_sampling_client("p1")
+res = sampler.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
+                     sampling_params=SamplingParams(max_tokens=4, temperature=0.0))
+out.update(run=tc.run_id, saved=saved, tokens=list(res.sequences[0].tokens), version=res.policy_version)
+checkpoints = tc.list_checkpoints()
+out["checkpoints"] = sorted((c.checkpoint_id, c.target) for c in checkpoints)
+files = client.get_checkpoint_archive_url([c for c in checkpoints if c.checkpoint_id == "w1"][0].id)
+out["files"] = files.total_count
+print(json.dumps(out))
+"""
+
+
+def test_sdk_control_plane(door, loops_python, tmp_path):
+    """The SDK against the door as its control plane (ServiceClient(base_url=...)): sessions,
+    trainers, the paired sampler, checkpoints."""
+    d, url, model = door
+    got = _sdk(loops_python, tmp_path, CONTROL, {"url": url, "key": KEY, "model": model, "a": _sequence(9, 4),
+                                                 "prompt": PROMPT})
+    assert got["models"] == [model] and got["version"] == 1 and len(got["tokens"]) == 4
+    assert got["saved"] == f"bt://loops:{got['run']}/weights/w1"
+    assert got["checkpoints"] == [["p1", "sampler"], ["w1", "trainer"]] and got["files"] > 0
+    d.stub.Submit(pb.SubmitRequest(run_id=got["run"], seq_id=5, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+                  timeout=sc.RPC_TIMEOUT_S)
