@@ -767,12 +767,15 @@ void HttpDoor::Impl::LoopsRoutes() {
       }
       run = RunOfPath(only);
     }
-    if (run.empty()) return Fail(res, 422, "INVALID_ARGUMENT", "give run_id or checkpoint_path");
+    const std::string base = base_model_of(req);
+    // base_model: every checkpoint of the deployment (it trains one model).
+    const bool all = run.empty() && req.has_param("base_model");
+    if (all && req.get_param_value("base_model") != base) return Reply(res, {{"checkpoints", json::array()}});
+    if (run.empty() && !all) return Fail(res, 422, "INVALID_ARGUMENT", "give run_id, checkpoint_path or base_model");
     lathe::v1::ListCheckpointsRequest request;
     request.set_run_id(run);
     lathe::v1::ListCheckpointsResponse list;
     if (absl::Status s = front_end->ListCheckpoints(Authorization(req), request, &list); !s.ok()) return Fail(res, s);
-    const std::string base = base_model_of(req);
     json out = json::array();
     for (const lathe::v1::Checkpoint& c : list.checkpoints()) {
       if (only.empty() || c.id() == only) out.push_back(checkpoint_json(req, c, base));
@@ -828,13 +831,20 @@ void HttpDoor::Impl::LoopsRoutes() {
     lathe::v1::DownloadCheckpointFileRequest request;
     request.set_checkpoint_id(PathOfId(req.matches[1].str()));
     request.set_relative_file_name(req.matches[2].str());
-    std::string data;
-    absl::Status s = front_end->DownloadCheckpointFile(Authorization(req), request, [&data](const lathe::v1::FileChunk& c) {
-      data += c.data();
+    const std::string auth = Authorization(req);
+    // The key, the checkpoint and the file are checked before the status
+    // line goes out (one chunk is read and dropped); then the file streams.
+    absl::Status s = front_end->DownloadCheckpointFile(auth, request, [](const lathe::v1::FileChunk&) { return false; });
+    if (!s.ok()) return Fail(res, s);
+    coordinator::FrontEnd* fe = front_end;
+    res.set_chunked_content_provider("application/octet-stream", [fe, auth, request](size_t, httplib::DataSink& sink) {
+      absl::Status streamed = fe->DownloadCheckpointFile(auth, request, [&sink](const lathe::v1::FileChunk& c) {
+        return sink.write(c.data().data(), c.data().size());
+      });
+      if (!streamed.ok()) return false;
+      sink.done();
       return true;
     });
-    if (!s.ok()) return Fail(res, s);
-    res.set_content(std::move(data), "application/octet-stream");
   });
   server.Delete(checkpoint, [this](const httplib::Request& req, httplib::Response& res) {
     lathe::v1::DeleteCheckpointRequest request;

@@ -334,6 +334,9 @@ def test_control_plane(door):
     q = urllib.parse.quote(f"bt://loops:{run['id']}/sampler_weights/sw", safe="")
     status, one = _http(url, f"/v1/loops/checkpoints?checkpoint_path={q}")
     assert status == 200 and [c["checkpoint_id"] for c in one["checkpoints"]] == ["sw"]
+    status, every = _http(url, "/v1/loops/checkpoints?base_model=" + urllib.parse.quote(model, safe=""))
+    assert status == 200 and {c["id"] for c in listed["checkpoints"]} <= {c["id"] for c in every["checkpoints"]}
+    assert _http(url, "/v1/loops/checkpoints")[0] == 422
     cid = trainer_ckpt["id"]
     status, page = _http(url, f"/v1/loops/checkpoints/{cid}/files?page_size=1&page_token=0")
     assert status == 200 and len(page["presigned_urls"]) == 1 and page["next_page_token"] == 1, page
@@ -345,8 +348,10 @@ def test_control_plane(door):
     assert len(files) == total and all(isinstance(f["node_rank"], int) for f in files)
     assert {f["node_rank"] for f in files} - {-1}, "no per-node_rank shard"
     f = files[0]
-    status, data = _http(url, f["url"][len(url):])
-    assert status == 200 and len(data) == f["size_bytes"]
+    biggest = max(files, key=lambda f: f["size_bytes"])
+    status, data = _http(url, biggest["url"][len(url):])
+    assert status == 200 and len(data) == biggest["size_bytes"] > 0
+    assert _http(url, f"/v1/loops/checkpoints/{cid}/files/no-such-file")[0] == 404
     assert _http(url, f["url"][len(url):], key=None)[0] == 401
     status, _ = _http(url, f"/v1/loops/checkpoints/{cid}", method="DELETE")
     assert status == 200
