@@ -25,7 +25,7 @@
 
 namespace lathe::http {
 
-struct LoopsState;  // loops_routes.cc
+struct LoopsState;  // loops_door.h
 
 inline constexpr char kJson[] = "application/json";
 inline constexpr char kProto[] = "application/x-protobuf";
