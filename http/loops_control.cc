@@ -148,17 +148,19 @@ void AddLoopsControlRoutes(const LoopsDoor& door) {
   door.post_json("/v1/loops/samplers",
                  [door](auto& req, auto& body, auto& res) { CreateSampler(door, req, body, res); });
   door.server->Get("/v1/loops/runs/" + id, [door](const httplib::Request& req, httplib::Response& res) {
-    std::optional<LoopsState::Trainer> t = FindRun(door, req.matches[1].str());
-    if (!t.has_value()) return Fail(res, 404, "NOT_FOUND", "no Loops run " + runtime::QuoteForMessage(req.matches[1].str()));
+    const std::string run = req.matches[1];
+    std::optional<LoopsState::Trainer> t = FindRun(door, run);
+    if (!t.has_value()) return Fail(res, 404, "NOT_FOUND", "no Loops run " + runtime::QuoteForMessage(run));
     Reply(res, {{"run", RunJson(door, req, *t)}});
   });
   // A run's deployment is the run: ACTIVE while the deployment serves.
   door.server->Get("/v1/loops/deployments/" + id, [door](const httplib::Request& req, httplib::Response& res) {
-    std::optional<LoopsState::Trainer> t = FindRun(door, req.matches[1].str());
-    if (!t.has_value()) return Fail(res, 404, "NOT_FOUND", "no deployment " + runtime::QuoteForMessage(req.matches[1].str()));
-    json run = RunJson(door, req, *t);
+    const std::string run = req.matches[1];
+    std::optional<LoopsState::Trainer> t = FindRun(door, run);
+    if (!t.has_value()) return Fail(res, 404, "NOT_FOUND", "no deployment " + runtime::QuoteForMessage(run));
+    const json made = RunJson(door, req, *t);
     Reply(res, {{"deployment",
-                 {{"id", t->run}, {"base_model", run["base_model"]}, {"base_url", run["base_url"]},
+                 {{"id", t->run}, {"base_model", made.at("base_model")}, {"base_url", made.at("base_url")},
                   {"status", {{"name", Serving(door)}}}}}});
   });
   door.server->Get("/v1/models/" + id + "/deployments/" + id, [door](const httplib::Request& req,

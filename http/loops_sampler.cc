@@ -68,9 +68,8 @@ void Sample(const LoopsDoor& door, const httplib::Request& req, const json& body
   res.set_header("x-trainers-policy-version", std::to_string(version));
   if (version < floor) {
     res.status = 408;  // the SDK retries with backoff
-    return Reply(res, {{"error",
-                        {{"type", "Timeout"},
-                         {"message", absl::StrCat("policy version ", floor, " is not live yet (live: ", version, ")")}}}});
+    const std::string why = absl::StrCat("policy version ", floor, " is not live yet (live: ", version, ")");
+    return Reply(res, {{"error", {{"type", "Timeout"}, {"message", why}}}});
   }
   if (live.has_value()) {
     op.mutable_sample()->set_model_path(live->path);

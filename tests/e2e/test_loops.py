@@ -159,7 +159,8 @@ def test_training_client_matches_grpc(door, loops_python, tmp_path):
     _grpc(d, run, 3, save_state=pb.SaveStateOp(name="s1"))
     fb2 = _grpc(d, run, 4, **sc.fb_op(sc.datum(*b))).forward_backward
     _grpc(d, run, 5, optim_step=adam)
-    assert _grpc(d, run, 6, load_state_with_optimizer=pb.LoadStateOp(path=f"lathe://{run}/weights/s1")).load_state.step == 1
+    loaded = _grpc(d, run, 6, load_state_with_optimizer=pb.LoadStateOp(path=f"lathe://{run}/weights/s1"))
+    assert loaded.load_state.step == 1
     _grpc(d, run, 7, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="p1"))
     fb3 = _grpc(d, run, 8, **sc.fb_op(sc.datum(*b))).forward_backward
     _grpc(d, run, 9, optim_step=adam)
@@ -229,7 +230,7 @@ def test_service_client_local(build_dir, tiny_model, tmp_path, loops_python):
     start a fresh run, and the base model samples like gRPC's base sampling."""
     root = str(tmp_path / "checkpoints")
     port_file = str(tmp_path / "http_port")
-    d = sc.Deployment(build_dir, tiny_model, str(tmp_path / "deployment"), max_runs=1,
+    d = sc.Deployment(build_dir, tiny_model, str(tmp_path / "deployment"), max_runs=2,
                       worker_args=["--checkpoint_root", root],
                       coordinator_args=["--http_port", "0", "--http_port_file", port_file, "--checkpoint_root", root])
     d.start()
@@ -246,9 +247,15 @@ def test_service_client_local(build_dir, tiny_model, tmp_path, loops_python):
         assert first["after"] < first["loss"]
         first.pop("refused_s"), second.pop("refused_s")
         assert first == second
+        # The base model samples as gRPC's base sampling does (on any run: the adapter is off).
+        run = d.stub.CreateRun(pb.CreateRunRequest(lora=sc.types.LoraConfig(rank=4)), timeout=sc.RPC_TIMEOUT_S).run_id
+        op = pb.SampleOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), num_samples=1, base=True,
+                         params=pb.SamplingParams(max_tokens=5, temperature=0.0))
+        want = sc.result(d.stub, d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=1, sample=op),
+                                               timeout=sc.RPC_TIMEOUT_S).op_id).sample
+        assert first["tokens"] == np.frombuffer(want.sequences[0].tokens, "<i4").tolist()
     finally:
         d.close()
-    assert len(first["tokens"]) == 5
 
 
 def _http(url: str, path: str, body=None, method=None, key: str | None = KEY):
