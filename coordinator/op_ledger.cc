@@ -134,36 +134,17 @@ absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& reque
   }
   if (request.seq_id() < 1) return absl::InvalidArgumentError("seq_id must be at least 1");
   std::string bytes = DeterministicBytes(request);
-  const std::string op_id = absl::StrCat(request.run_id(), "/", lane, ".", request.seq_id());
+  std::string op_id = absl::StrCat(request.run_id(), "/", lane, ".", request.seq_id());
   absl::MutexLock lock(&mu_);
-  if (closed_) return absl::UnavailableError("the coordinator is shutting down");
-  auto run_it = runs_.find(request.run_id());
-  if (run_it == runs_.end()) {
-    return absl::NotFoundError(absl::StrCat("unknown run ", QuoteForMessage(request.run_id())));
-  }
-  if (auto it = ops_.find(op_id); it != ops_.end()) {
-    if (it->second->request_bytes != bytes) {
-      return absl::AlreadyExistsError(
-          absl::StrCat("op ", QuoteForMessage(op_id), " was submitted before with another request"));
-    }
-    return op_id;  // a retry
-  }
-  if (run_it->second->deleted_at != std::numeric_limits<int64_t>::max()) {
+  Run* run = nullptr;
+  if (auto known = CheckSubmitLocked(request.run_id(), op_id, bytes, &run)) return *std::move(known);
+  if (run->deleted_at != std::numeric_limits<int64_t>::max()) {
     return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(request.run_id()), " is deleted"));
   }
-  if (unfinished_ >= options_.max_unfinished) {
-    return absl::ResourceExhaustedError(absl::StrCat(unfinished_, " operations are unfinished; retry later"));
-  }
-  auto op = std::make_unique<Op>();
-  op->run_id = request.run_id();
-  op->seq_id = request.seq_id();
-  op->request_bytes = std::move(bytes);
-  op->arrived = clock_->Now();
-  op->view.op_id = op_id;
-  op->phase = Op::Phase::kReady;
-  ready_.push_back(op.get());
-  ops_.emplace(op_id, std::move(op));
-  ++unfinished_;
+  absl::StatusOr<Op*> op = AddOpLocked(request.run_id(), request.seq_id(), op_id, std::move(bytes));
+  if (!op.ok()) return op.status();
+  (*op)->phase = Op::Phase::kReady;
+  ready_.push_back(*op);
   ready_cv_.SignalAll();
   return op_id;
 }
@@ -175,13 +156,13 @@ absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {
   return SubmitLocked(request.run_id(), request.seq_id(), DeterministicBytes(request));
 }
 
-absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, int64_t seq_id,
-                                                   std::string bytes) {
+std::optional<absl::StatusOr<std::string>> OpLedger::CheckSubmitLocked(const std::string& run_id,
+                                                                      const std::string& op_id,
+                                                                      const std::string& bytes, Run** run) {
   if (closed_) return absl::UnavailableError("the coordinator is shutting down");
   auto run_it = runs_.find(run_id);
   if (run_it == runs_.end()) return absl::NotFoundError(absl::StrCat("unknown run ", QuoteForMessage(run_id)));
-  Run& run = *run_it->second;
-  std::string op_id = OpId(run_id, seq_id);
+  *run = run_it->second.get();
   if (auto it = ops_.find(op_id); it != ops_.end()) {
     if (it->second->request_bytes != bytes) {
       return absl::AlreadyExistsError(
@@ -189,6 +170,32 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
     }
     return op_id;  // a retry
   }
+  return std::nullopt;
+}
+
+absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id,
+                                                    std::string bytes) {
+  if (unfinished_ >= options_.max_unfinished) {
+    return absl::ResourceExhaustedError(absl::StrCat(unfinished_, " operations are unfinished; retry later"));
+  }
+  auto op = std::make_unique<Op>();
+  op->run_id = run_id;
+  op->seq_id = seq_id;
+  op->request_bytes = std::move(bytes);
+  op->arrived = clock_->Now();
+  op->view.op_id = op_id;
+  Op* added = op.get();
+  ops_.emplace(std::move(op_id), std::move(op));
+  ++unfinished_;
+  return added;
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, int64_t seq_id,
+                                                   std::string bytes) {
+  std::string op_id = OpId(run_id, seq_id);
+  Run* run_ptr = nullptr;
+  if (auto known = CheckSubmitLocked(run_id, op_id, bytes, &run_ptr)) return *std::move(known);
+  Run& run = *run_ptr;
   if (seq_id > run.deleted_at) {
     return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(run_id), " is deleted (delete_run at seq_id ",
                                             run.deleted_at, ")"));
@@ -212,19 +219,9 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
   if (seq_id == std::numeric_limits<int64_t>::max()) {
     return absl::FailedPreconditionError(absl::StrCat("seq_id must be below ", seq_id));
   }
-  if (unfinished_ >= options_.max_unfinished) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(unfinished_, " operations are unfinished; retry later"));
-  }
-  auto op = std::make_unique<Op>();
-  op->run_id = run_id;
-  op->seq_id = seq_id;
-  op->request_bytes = std::move(bytes);
-  op->arrived = clock_->Now();
-  op->view.op_id = op_id;
-  run.buffered.emplace(seq_id, op.get());
-  ops_.emplace(op_id, std::move(op));
-  ++unfinished_;
+  absl::StatusOr<Op*> op = AddOpLocked(run_id, seq_id, op_id, std::move(bytes));
+  if (!op.ok()) return op.status();
+  run.buffered.emplace(seq_id, *op);
   ReleaseLocked(run);
   return op_id;
 }

@@ -137,6 +137,17 @@ class OpLedger {
   // Submit and SubmitInternal once the request is serialized to `bytes`.
   absl::StatusOr<std::string> SubmitLocked(const std::string& run_id, int64_t seq_id,
                                            std::string bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What both submits check first: the ledger is open and the run exists
+  // (*run is set then); an op already under op_id answers its id when the
+  // request bytes are the same (a retry), ALREADY_EXISTS when not. nullopt:
+  // the op is new.
+  std::optional<absl::StatusOr<std::string>> CheckSubmitLocked(const std::string& run_id, const std::string& op_id,
+                                                               const std::string& bytes, Run** run)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records a new op (buffered) and counts it unfinished; RESOURCE_EXHAUSTED
+  // when the ledger holds its most unfinished ops.
+  absl::StatusOr<Op*> AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id, std::string bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves the run's buffered ops that directly follow its released ones to
   // the ready queue, advancing its next expected seq_id.
   void ReleaseLocked(Run& run) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -60,4 +60,16 @@ elif [ "$(cat .venv-loops/.lathe-loops 2>/dev/null)" != "$LOOPS_SDK" ]; then
   .venv-loops/bin/pip install -q "$LOOPS_SDK"
   echo "$LOOPS_SDK" > .venv-loops/.lathe-loops
 fi
+# tinker-cookbook's recipes (tests/e2e/test_cookbook.py), in their own environment: the
+# cookbook pins transformers <= 5.5.4, older than .venv's. torch first, the CPU build as in
+# .venv, so the cookbook's torch requirement pulls no CUDA wheels; math-rl: rl_loop's grading.
+COOKBOOK_PACKAGES=("tinker==0.38.0" "tinker-cookbook[math-rl]==0.5.8")
+cookbook_stamp=.venv-cookbook/.lathe-packages
+if [ "$(cat "$cookbook_stamp" 2>/dev/null)" != "$(grep '^torch==' requirements-dev.txt) ${COOKBOOK_PACKAGES[*]}" ]; then
+  echo "[setup] installing tinker-cookbook into .venv-cookbook"
+  [ -x .venv-cookbook/bin/python ] || "$PY" -m venv .venv-cookbook
+  .venv-cookbook/bin/pip install -q "$(grep '^torch==' requirements-dev.txt)"
+  .venv-cookbook/bin/pip install -q "${COOKBOOK_PACKAGES[@]}"
+  echo "$(grep '^torch==' requirements-dev.txt) ${COOKBOOK_PACKAGES[*]}" > "$cookbook_stamp"
+fi
 echo "[setup] ok"
