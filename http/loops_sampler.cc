@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "http/door_impl.h"
@@ -56,17 +57,21 @@ void Sample(const LoopsDoor& door, const httplib::Request& req, const json& body
       !absl::SimpleAtoi(req.get_header_value("X-Min-Policy-Version"), &floor)) {
     return Fail(res, 422, "INVALID_ARGUMENT", "X-Min-Policy-Version must be an integer");
   }
-  if (req.has_header("X-Checkpoint-Path")) {
-    return Fail(res, 422, "UNIMPLEMENTED", "X-Checkpoint-Path is not supported; sample the live version");
+  // A pinned checkpoint is served until the live version reaches the floor.
+  const std::string pinned = LatheFromBt(req.get_header_value("X-Checkpoint-Path"));
+  if (req.has_header("X-Checkpoint-Path") && !absl::StrContains(pinned, "/sampler_weights/")) {
+    return Fail(res, 422, "INVALID_ARGUMENT", "X-Checkpoint-Path must be bt://loops:<run>/sampler_weights/<name>");
   }
   lathe::v1::SubmitRequest op;
   op.set_run_id(run);
   op.set_seq_id(1);
   if (absl::Status s = LoopsSampleFromJson(body, op.mutable_sample()); !s.ok()) return Fail(res, s);
-  const std::optional<LoopsState::Version> live = GatedVersion(door, auth, run, floor);
+  std::optional<LoopsState::Version> live =
+      pinned.empty() ? GatedVersion(door, auth, run, floor) : LiveVersion(door, auth, run);
   const int64_t version = live.has_value() ? live->step : 0;
   res.set_header("x-trainers-policy-version", std::to_string(version));
-  if (version < floor) {
+  if (!pinned.empty() && (floor <= 0 || version < floor)) live = LoopsState::Version{version, pinned};
+  if (pinned.empty() && version < floor) {
     res.status = 408;  // the SDK retries with backoff
     const std::string why = absl::StrCat("policy version ", floor, " is not live yet (live: ", version, ")");
     return Reply(res, {{"error", {{"type", "Timeout"}, {"message", why}}}});

@@ -452,7 +452,21 @@ saved = tc.save_state("w1").result().path
 sampler = tc.save_weights_and_get_sampling_client("p1")
 res = sampler.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
                      sampling_params=SamplingParams(max_tokens=4, temperature=0.0))
-out.update(run=tc.run_id, saved=saved, tokens=list(res.sequences[0].tokens), version=res.policy_version)
+out.update(run=tc.run_id, saved=saved, tokens=list(res.sequences[0].tokens), version=res.policy_version,
+           logprobs=list(res.sequences[0].logprobs))
+# Version 2 goes live; a client pinned to p1's checkpoint still samples version 1's weights.
+tc.forward_backward([d], "cross_entropy").result()
+tc.optim_step(AdamParams(learning_rate=1e-2)).result()
+live = tc.save_weights_and_get_sampling_client("p2")
+res = live.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
+                  sampling_params=SamplingParams(max_tokens=4, temperature=0.0, seed=1))
+out["live_logprobs"] = list(res.sequences[0].logprobs)
+pinned = tc.create_sampling_client(model_path=f"bt://loops:{tc.run_id}/sampler_weights/p1")
+res = pinned.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
+                    sampling_params=SamplingParams(max_tokens=4, temperature=0.0))
+out["pinned_tokens"], out["pinned_logprobs"] = list(res.sequences[0].tokens), list(res.sequences[0].logprobs)
+out["floor1_logprobs"] = list(sampler.sample(ModelInput.from_ints(ARGS["prompt"]), num_samples=1,
+    sampling_params=SamplingParams(max_tokens=4, temperature=0.0)).sequences[0].logprobs)
 checkpoints = tc.list_checkpoints()
 out["checkpoints"] = sorted((c.checkpoint_id, c.target) for c in checkpoints)
 files = client.get_checkpoint_archive_url([c for c in checkpoints if c.checkpoint_id == "w1"][0].id)
@@ -468,7 +482,11 @@ def test_sdk_control_plane(door, loops_python, tmp_path):
     got = _sdk(loops_python, tmp_path, CONTROL, {"url": url, "key": KEY, "model": model, "a": _sequence(9, 4),
                                                  "prompt": PROMPT})
     assert got["models"] == [model] and got["version"] == 1 and len(got["tokens"]) == 4
+    # Pinned to p1 while version 2 is live: version 1's numbers, not version 2's; a client with
+    # floor 1 follows the live version.
+    assert got["pinned_tokens"] == got["tokens"] and got["pinned_logprobs"] == got["logprobs"]
+    assert got["pinned_logprobs"] != got["live_logprobs"] and got["floor1_logprobs"] == got["live_logprobs"]
     assert got["saved"] == f"bt://loops:{got['run']}/weights/w1"
-    assert got["checkpoints"] == [["p1", "sampler"], ["w1", "trainer"]] and got["files"] > 0
-    d.stub.Submit(pb.SubmitRequest(run_id=got["run"], seq_id=5, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+    assert got["checkpoints"] == [["p1", "sampler"], ["p2", "sampler"], ["w1", "trainer"]] and got["files"] > 0
+    d.stub.Submit(pb.SubmitRequest(run_id=got["run"], seq_id=8, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
                   timeout=sc.RPC_TIMEOUT_S)
