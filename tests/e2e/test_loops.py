@@ -320,8 +320,11 @@ def test_control_plane(door):
     assert init["lora_rank"] == 4 and init["step"] == 0
     again = _keyed(url, path + "/init_trainer_server", {"lora_rank": 4, "base_model": model, "seq_id": 1}, "k1")
     assert again == (202, {"operation_id": init_id, "schema_version": 1})  # a resubmit: the same operation
-    _, saved = op("/save_state", {"name": "w", "ttl_seconds": None, "seq_id": 2, "run_id": run["id"]}, "k2")
+    save = {"name": "w", "ttl_seconds": None, "seq_id": 2, "run_id": run["id"]}
+    save_id, saved = op("/save_state", save, "k2")
     assert saved["path"] == f"bt://loops:{run['id']}/weights/w"
+    # A resubmit (same key, seq_id and body) is the same operation.
+    assert _keyed(url, path + "/save_state", save, "k2") == (202, {"operation_id": save_id, "schema_version": 1})
     _, pub = op("/save_weights_for_sampler", {"name": "sw", "seq_id": 3, "bump_version": True}, "k3")
     assert pub == {"version": 0, "path": f"bt://loops:{run['id']}/sampler_weights/sw"}
     # Permanent errors at submit are 422, never 400/404 (the SDK retries those for an hour).
