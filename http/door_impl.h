@@ -9,6 +9,7 @@
 #include <functional>
 #include <deque>
 #include <map>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -23,6 +24,8 @@
 #include "http/sampling_sessions.h"
 
 namespace lathe::http {
+
+struct LoopsState;  // loops_door.h
 
 inline constexpr char kJson[] = "application/json";
 inline constexpr char kProto[] = "application/x-protobuf";
@@ -66,6 +69,10 @@ struct HttpDoor::Impl {
   // the ephemeral save_weights_for_sampler (docs/http-api.md says how long
   // they live).
   SamplingSessions samplers{kMaxSamplingSessions};
+
+  // Baseten Loops' routes (loops_routes.cc) and what they remember.
+  std::shared_ptr<LoopsState> loops;
+  void LoopsRoutes();
 
   void Routes();
   // Wraps a JSON route: the body must be a JSON object; a body of the wrong

@@ -174,6 +174,7 @@ void HttpDoor::Impl::Routes() {
            [this](auto& req, auto& body, auto& res) { CreateSamplingSession(req, body, res); });
   server.Get(R"(/api/v1/samplers/[A-Za-z0-9_-]{1,64})", [this](auto& req, auto& res) { GetSampler(req, res); });
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
+  LoopsRoutes();
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {

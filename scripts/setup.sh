@@ -41,6 +41,25 @@ if ! cmp -s requirements-dev.txt "$stamp"; then
   .venv/bin/pip install -q -r requirements-dev.txt
   cp requirements-dev.txt "$stamp"
 fi
+# The Loops SDK (tests/e2e/test_loops.py) needs Python >= 3.12: its own venv,
+# .venv-loops, from the first such interpreter found; none: skipped (the test
+# skips too).
+LOOPS_SDK="baseten-loops==0.32.0"
+loops_py=""
+for c in ${LATHE_LOOPS_PYTHON:-} python3.13 python3.12 python3 "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
+  if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+    loops_py=$c
+    break
+  fi
+done
+if [ -z "$loops_py" ]; then
+  echo "[setup] no Python >= 3.12 found (set LATHE_LOOPS_PYTHON): skipping .venv-loops (the Loops SDK tests skip)"
+elif [ "$(cat .venv-loops/.lathe-loops 2>/dev/null)" != "$LOOPS_SDK" ]; then
+  echo "[setup] installing $LOOPS_SDK into .venv-loops ($loops_py)"
+  [ -x .venv-loops/bin/python ] || "$loops_py" -m venv .venv-loops
+  .venv-loops/bin/pip install -q "$LOOPS_SDK"
+  echo "$LOOPS_SDK" > .venv-loops/.lathe-loops
+fi
 # tinker-cookbook's recipes (tests/e2e/test_cookbook.py), in their own environment: the
 # cookbook pins transformers <= 5.5.4, older than .venv's. torch first, the CPU build as in
 # .venv, so the cookbook's torch requirement pulls no CUDA wheels; math-rl: rl_loop's grading.
