@@ -7,8 +7,7 @@
 #include <httplib.h>
 
 #include <functional>
-#include <deque>
-#include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -16,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/front_end.h"
@@ -47,6 +47,11 @@ std::string LathePath(absl::string_view tinker_path);
 std::string RunOfPath(absl::string_view lathe_path);
 // "<prefix>-<16 hex>", random.
 std::string NewId(const char* prefix);
+// The run id of a client that (session_id, model_seq_id) names, as the SDK
+// builds it: "<session_id>:train:<model_seq_id>"; nullopt when the body
+// carries no session_id or model_seq_id. Throws json::exception (422 through
+// PostJson) for fields of the wrong type.
+std::optional<std::string> ModelIdOf(const nlohmann::json& body);
 
 struct HttpDoor::Impl {
   HttpOptions options;
@@ -54,14 +59,6 @@ struct HttpDoor::Impl {
   httplib::Server server;
   std::thread thread;
   int port = 0;
-  // create_model retried with the same (session_id, model_seq_id) gets the
-  // run it created; CreateRun itself has no idempotency key. Only requests
-  // that carry both are recognised, and the newest kCreatedKept are kept.
-  static constexpr size_t kCreatedKept = 4096;
-  absl::Mutex create_mu;
-  std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
-  std::deque<std::pair<std::string, int64_t>> created_order ABSL_GUARDED_BY(create_mu);  // oldest first
-
   // What a sampling_session_id names; made by create_sampling_session and by
   // the ephemeral save_weights_for_sampler (docs/http-api.md says how long
   // they live).
@@ -83,6 +80,15 @@ struct HttpDoor::Impl {
   void GetSampler(const httplib::Request& req, httplib::Response& res);
   void ASample(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void Capabilities(const httplib::Request& req, httplib::Response& res);
+  // Checkpoints and state (state_routes.cc): load_weights in both forms,
+  // training runs, checkpoints, weights_info and sessions.
+  void StateRoutes();
+  void LoadWeights(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
+  void WeightsInfo(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
+  void TrainingRuns(const httplib::Request& req, httplib::Response& res);
+  void Checkpoints(const httplib::Request& req, httplib::Response& res);
+  void Sessions(const httplib::Request& req, httplib::Response& res);
+  absl::StatusOr<nlohmann::json> TrainingRunJson(const httplib::Request& req, const lathe::v1::RunInfo& info);
   // Submits `op` and answers Tinker's future {request_id, model_id}.
   void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
 };

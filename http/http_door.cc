@@ -174,6 +174,7 @@ void HttpDoor::Impl::Routes() {
            [this](auto& req, auto& body, auto& res) { CreateSamplingSession(req, body, res); });
   server.Get(R"(/api/v1/samplers/[A-Za-z0-9_-]{1,64})", [this](auto& req, auto& res) { GetSampler(req, res); });
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
+  StateRoutes();
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {
@@ -199,24 +200,12 @@ void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, 
   create.set_base_model(body.value("base_model", ""));
   *create.mutable_lora() = LoraFromJson(body.at("lora_config"));
   if (create.lora().rank() < 1) return Fail(res, 422, "INVALID_ARGUMENT", "lora_config.rank must be at least 1");
-  const std::string session = body.value("session_id", "");
-  if (session.size() > 128) return Fail(res, 422, "INVALID_ARGUMENT", "session_id is longer than 128 bytes");
-  const bool keyed = !session.empty() && body.contains("model_seq_id") && !body.at("model_seq_id").is_null();
-  const auto key = std::make_pair(session, keyed ? Number<int64_t>(body.at("model_seq_id"), "model_seq_id") : -1);
-  absl::MutexLock lock(&create_mu);
-  auto it = keyed ? created.find(key) : created.end();
-  if (it == created.end()) {
-    lathe::v1::CreateRunResponse response;
-    if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
-    if (!keyed) return Reply(res, {{"request_id", response.init_op_id()}, {"model_id", response.run_id()}});
-    it = created.emplace(key, response).first;
-    created_order.push_back(key);
-    if (created_order.size() > kCreatedKept) {
-      created.erase(created_order.front());
-      created_order.pop_front();
-    }
-  }
-  Reply(res, {{"request_id", it->second.init_op_id()}, {"model_id", it->second.run_id()}});
+  // Runs are named as the SDK names a model it creates from a checkpoint,
+  // so a retry (the same body) answers the same run (CreateRun's rule).
+  if (std::optional<std::string> id = ModelIdOf(body); id.has_value()) create.set_run_id(*id);
+  lathe::v1::CreateRunResponse response;
+  if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
+  Reply(res, {{"request_id", response.init_op_id()}, {"model_id", response.run_id()}});
 }
 
 void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, httplib::Response& res) {
@@ -308,7 +297,14 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
   const lathe::v1::OpResult& result = view.result();
   switch (result.result_case()) {
     case lathe::v1::OpResult::kInit:
+      if (!result.init().loaded_from().empty()) {  // load_weights that made a client
+        return Reply(res, {{"path", TinkerPath(result.init().loaded_from())},
+                           {"model_id", result.init().run_id()},
+                           {"type", "load_weights"}});
+      }
       return Reply(res, {{"model_id", result.init().run_id()}, {"type", "create_model"}});
+    case lathe::v1::OpResult::kLoadState:
+      return Reply(res, {{"path", TinkerPath(result.load_state().path())}, {"type", "load_weights"}});
     case lathe::v1::OpResult::kForwardBackward:
       if (absl::StrContains(req.get_header_value("Accept"), kProto)) {
         return res.set_content(ForwardBackwardOutputToProto(result.forward_backward()), kProto);
