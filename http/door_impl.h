@@ -78,6 +78,8 @@ struct HttpDoor::Impl {
   void RetrieveFuture(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void CreateSamplingSession(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void GetSampler(const httplib::Request& req, httplib::Response& res);
+  // create_sampling_session with base_model only (base_sampling.cc).
+  void CreateBaseSamplingSession(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void ASample(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void Capabilities(const httplib::Request& req, httplib::Response& res);
   // Checkpoints and state (state_routes.cc): load_weights in both forms,

@@ -181,3 +181,77 @@ def test_rest_client_lists_describes_and_deletes(door):
     status, reply = sc.http_json(url, "/api/v1/training_runs?limit=-1", None, {"X-API-Key": KEY})
     assert (status, reply["error"]["code"]) == (422, "INVALID_ARGUMENT"), reply
     client.close("success").result()
+
+
+PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
+
+
+def _grpc_base_sample(d, run: str, seq: int, n: int, **params) -> pb.SampleResult:
+    md = d.metadata()
+    op = pb.SampleOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), num_samples=n, base=True,
+                     params=pb.SamplingParams(**params))
+    op_id = d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, sample=op), metadata=md,
+                          timeout=sc.RPC_TIMEOUT_S).op_id
+    r = d.stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=30000), metadata=md, timeout=40)
+    assert r.state == sc.Retrieve.DONE, r.error
+    return r.result.sample
+
+
+def _same_samples(http, grpc_result: pb.SampleResult):
+    assert len(http.sequences) == len(grpc_result.sequences) > 0
+    for h, g in zip(http.sequences, grpc_result.sequences):
+        assert list(h.tokens) == np.frombuffer(g.tokens, "<i4").tolist()
+        assert np.array_equal(np.asarray(h.logprobs, np.float32).view(np.uint32),
+                              np.frombuffer(g.logprobs, "<f4").view(np.uint32))
+
+
+def _base_sampler(client, base_model):
+    sampler = client.create_sampling_client(base_model=base_model)
+    return sampler.result() if hasattr(sampler, "result") else sampler
+
+
+def test_base_model_sampling_client_samples_the_base_model(tmp_path, build_dir, tiny_model):
+    with sc.http_door(build_dir, tiny_model, str(tmp_path), KEY) as (d, url):
+        base_model = _base_model(d)
+        SP = tinker.types.SamplingParams
+        prompt = tinker.types.ModelInput.from_ints(PROMPT)
+        # No run yet: the door makes one for the session (the smallest adapter) to sample through.
+        alone = tinker.ServiceClient(base_url=url, api_key=KEY)
+        sampler = _base_sampler(alone, base_model)
+        greedy_alone = sampler.sample(prompt, 2, SP(max_tokens=8, temperature=0.0)).result()
+        seeded_alone = sampler.sample(prompt, 3, SP(max_tokens=8, temperature=1.0, seed=11)).result()
+        runs = alone.create_rest_client().list_training_runs().result().training_runs
+        assert [r.training_run_id for r in runs] == [f"{alone.holder.get_session_id()}:base"]
+
+        # A run made over gRPC and trained away from the base model: its base samples are the reference.
+        md = d.metadata()
+        ref = d.stub.CreateRun(pb.CreateRunRequest(lora=sc.types.LoraConfig(rank=4, seed=9)), metadata=md,
+                               timeout=sc.RPC_TIMEOUT_S).run_id
+        tokens, targets = sc.random_sequence(np.random.default_rng(3), 10)
+        for seq, op in ((1, sc.fb_op(sc.datum(tokens, targets))), (2, {"optim_step": sc.adam(learning_rate=1e-1)})):
+            d.stub.Submit(pb.SubmitRequest(run_id=ref, seq_id=seq, **op), metadata=md, timeout=sc.RPC_TIMEOUT_S)
+        greedy_want = _grpc_base_sample(d, ref, 3, 2, max_tokens=8, temperature=0.0)
+        seeded_want = _grpc_base_sample(d, ref, 4, 3, max_tokens=8, temperature=1.0, seed=11)
+        _same_samples(greedy_alone, greedy_want)
+        _same_samples(seeded_alone, seeded_want)
+
+        # A session with a trained client of its own samples the base model through it.
+        with_run = tinker.ServiceClient(base_url=url, api_key=KEY)
+        training = with_run.create_lora_training_client(base_model=base_model, rank=8, seed=1).result()
+        training.forward_backward(_data(4), "cross_entropy").result()
+        training.optim_step(tinker.types.AdamParams(learning_rate=1e-1)).result()
+        sampler = _base_sampler(with_run, base_model)
+        _same_samples(sampler.sample(prompt, 2, SP(max_tokens=8, temperature=0.0)).result(), greedy_want)
+        _same_samples(sampler.sample(prompt, 3, SP(max_tokens=8, temperature=1.0, seed=11)).result(), seeded_want)
+        # What was sampled is not the trained adapter: its own weights answer otherwise.
+        trained = training.save_weights_and_get_sampling_client().result()
+        trained_out = trained.sample(prompt, 2, SP(max_tokens=8, temperature=0.0)).result()
+        assert not np.array_equal(np.asarray(trained_out.sequences[0].logprobs, np.float32),
+                                  np.asarray(greedy_alone.sequences[0].logprobs, np.float32))
+        # Another base model than the deployment's is refused at once.
+        status, reply = sc.http_json(url, "/api/v1/create_sampling_session",
+                                     json.dumps({"session_id": "s", "sampling_session_seq_id": 0,
+                                                 "base_model": "no/such-model"}).encode(), {"X-API-Key": KEY})
+        assert (status, reply["error"]["code"]) == (422, "INVALID_ARGUMENT"), reply
+        alone.close("success").result()
+        with_run.close("success").result()
