@@ -41,4 +41,16 @@ if ! cmp -s requirements-dev.txt "$stamp"; then
   .venv/bin/pip install -q -r requirements-dev.txt
   cp requirements-dev.txt "$stamp"
 fi
+# tinker 0.24.1, the last Tinker SDK that speaks JSON only, in a venv of its own
+# (tests/e2e/test_http_tinker024.py runs it in a subprocess).
+if [ ! -x .venv-tinker024/bin/python ]; then
+  echo "[setup] creating .venv-tinker024"
+  "$PY" -m venv .venv-tinker024
+fi
+stamp=.venv-tinker024/.lathe-requirements
+if ! cmp -s requirements-tinker024.txt "$stamp"; then
+  echo "[setup] installing Python packages into .venv-tinker024"
+  .venv-tinker024/bin/pip install -q -r requirements-tinker024.txt
+  cp requirements-tinker024.txt "$stamp"
+fi
 echo "[setup] ok"
