@@ -7,6 +7,7 @@
 #include <httplib.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -19,6 +20,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/front_end.h"
+#include "http/door_sessions.h"
 #include "http/http_door.h"
 #include "http/sampling_sessions.h"
 
@@ -28,6 +30,8 @@ inline constexpr char kJson[] = "application/json";
 inline constexpr char kProto[] = "application/x-protobuf";
 // Sampling sessions the door remembers; older ones are forgotten first.
 inline constexpr size_t kMaxSamplingSessions = 4096;
+// Live Tinker sessions the door remembers; past it the one silent longest ends.
+inline constexpr size_t kMaxSessions = 65536;
 
 // Answers an error with the JSON body every error has:
 // {"error": {"type", "code", "message"}, "detail"} (never empty: the SDK
@@ -63,6 +67,8 @@ struct HttpDoor::Impl {
   // the ephemeral save_weights_for_sampler (docs/http-api.md says how long
   // they live).
   SamplingSessions samplers{kMaxSamplingSessions};
+  // The Tinker sessions this door made, while they live (made in Start).
+  std::unique_ptr<DoorSessions> sessions;
 
   void Routes();
   // Wraps a JSON route: the body must be a JSON object; a body of the wrong

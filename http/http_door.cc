@@ -142,15 +142,29 @@ void HttpDoor::Impl::Routes() {
   PostJson("/api/v1/client/dynamic_config", [](auto&, auto&, httplib::Response& res) {
     Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
   });
-  PostJson("/api/v1/create_session", [](auto&, auto&, httplib::Response& res) {
-    Reply(res, {{"session_id", NewId("session")}});
+  PostJson("/api/v1/create_session", [this](auto&, auto&, httplib::Response& res) {
+    const std::string id = NewId("session");
+    sessions->Add(id, absl::Now());
+    Reply(res, {{"session_id", id}});
   });
-  PostJson("/api/v1/session_heartbeat",
-           [](auto&, auto&, httplib::Response& res) { Reply(res, {{"type", "session_heartbeat"}}); });
-  // Sessions hold no state yet: finishing one only acknowledges it (the SDK's
-  // close() and the end of a `with ServiceClient()` block).
-  PostJson(R"(/api/v1/sessions/[A-Za-z0-9._-]{1,128}/finish)",
-           [](auto&, auto&, httplib::Response& res) { Reply(res, json::object()); });
+  // 410 ends the SDK's heartbeat loop: for a session silent past
+  // --http_session_timeout, finished, or not made by this coordinator.
+  PostJson("/api/v1/session_heartbeat", [this](auto&, const json& body, httplib::Response& res) {
+    const std::string id = body.at("session_id").template get<std::string>();
+    if (!sessions->Touch(id, absl::Now())) {
+      return Fail(res, 410, "NOT_FOUND",
+                  absl::StrCat("session ", runtime::QuoteForMessage(id),
+                               " has ended (silent past --http_session_timeout, finished, or unknown)"));
+    }
+    Reply(res, {{"type", "session_heartbeat"}});
+  });
+  // The SDK's close() and the end of a `with ServiceClient()` block; the
+  // session's runs and checkpoints stay.
+  server.Post(R"(/api/v1/sessions/([A-Za-z0-9._-]{1,128})/finish)", [this](const httplib::Request& req,
+                                                                           httplib::Response& res) {
+    sessions->End(req.matches[1].str());
+    Reply(res, json::object());
+  });
   PostJson("/api/v1/telemetry", [](auto&, auto&, httplib::Response& res) { Reply(res, {{"status", "accepted"}}); });
   server.Get("/api/v1/healthz", [this](const httplib::Request&, httplib::Response& res) {
     lathe::v1::HealthResponse health;
@@ -354,6 +368,7 @@ absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& opt
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->front_end = front_end;
+  impl->sessions = std::make_unique<DoorSessions>(options.session_timeout, kMaxSessions);
   const int threads = options.threads;
   impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   impl->server.set_payload_max_length(static_cast<size_t>(options.max_request_bytes));

@@ -425,14 +425,15 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def http_door(build_dir: str, model_dir: str, workdir: str, key: str, max_runs: int = 4):
+def http_door(build_dir: str, model_dir: str, workdir: str, key: str, max_runs: int = 4, coordinator_args=()):
     """A started deployment with API keys on (`key` only) and the HTTP door on a free port,
-    checkpoints under `workdir`: yields (deployment, base_url); closed on exit."""
+    checkpoints under `workdir`, more coordinator flags from `coordinator_args`: yields
+    (deployment, base_url); closed on exit."""
     port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
     d = Deployment(build_dir, model_dir, workdir, max_runs=max_runs, api_key=key, coordinator_env={"LATHE_API_KEYS": key},
                    worker_args=["--checkpoint_root", root],
                    coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
-                                     "--checkpoint_root", root])
+                                     "--checkpoint_root", root, *coordinator_args])
     d.start()
     try:
         with open(port_file) as f:

@@ -5,6 +5,7 @@ RestClient's management calls list, describe and delete what was saved."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -255,3 +256,36 @@ def test_base_model_sampling_client_samples_the_base_model(tmp_path, build_dir, 
         assert (status, reply["error"]["code"]) == (422, "INVALID_ARGUMENT"), reply
         alone.close("success").result()
         with_run.close("success").result()
+
+
+def test_silent_sessions_end_and_their_heartbeat_is_gone(tmp_path, build_dir, tiny_model):
+    key = {"X-API-Key": KEY}
+
+    def heartbeat(session):
+        return sc.http_json(url, "/api/v1/session_heartbeat",
+                            json.dumps({"session_id": session, "type": "session_heartbeat"}).encode(), key)
+
+    def new_session():
+        status, reply = sc.http_json(url, "/api/v1/create_session", b'{"tags": [], "type": "create_session"}', key)
+        assert status == 200, reply
+        return reply["session_id"]
+
+    with sc.http_door(build_dir, tiny_model, str(tmp_path), KEY,
+                      coordinator_args=["--http_session_timeout", "1500ms"]) as (d, url):
+        live, silent, finished = new_session(), new_session(), new_session()
+        for _ in range(4):  # heard from often enough: stays
+            time.sleep(0.6)
+            assert heartbeat(live) == (200, {"type": "session_heartbeat"})
+        assert sc.http_json(url, f"/api/v1/sessions/{finished}/finish",
+                            b'{"reason": {"type": "success"}, "detail": null}', key) == (200, {})
+        for gone in (silent, finished, "session-never-made"):
+            status, reply = heartbeat(gone)
+            assert (status, reply["error"]["code"]) == (410, "NOT_FOUND") and "ended" in reply["error"]["message"]
+        assert heartbeat(live)[0] == 200
+        # The SDK takes 410 as the end of its heartbeat loop and keeps working.
+        client = tinker.ServiceClient(base_url=url, api_key=KEY)
+        training = client.create_lora_training_client(base_model=_base_model(d), rank=4).result()
+        time.sleep(2.0)
+        assert heartbeat(client.holder.get_session_id())[0] == 410
+        assert training.forward_backward(_data(5), "cross_entropy").result().metrics["loss:sum"] > 0
+        client.close("success").result()
