@@ -13,6 +13,7 @@
 #include "coordinator/request_limits.h"
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
+#include "http/zstd_body.h"
 #include "runtime/quote.h"
 
 namespace lathe::http {
@@ -137,7 +138,7 @@ void HttpDoor::Impl::Routes() {
     return httplib::Server::HandlerResponse::Handled;
   }));
   PostJson("/api/v1/client/config", [](auto&, auto&, httplib::Response& res) {
-    Reply(res, {{"pjwt_auth_enabled", false}, {"proto_compress_fwdbwd", false}});
+    Reply(res, {{"pjwt_auth_enabled", false}, {"proto_compress_fwdbwd", true}});
   });
   PostJson("/api/v1/client/dynamic_config", [](auto&, auto&, httplib::Response& res) {
     Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
@@ -250,18 +251,29 @@ void HttpDoor::Impl::SubmitOp(const httplib::Request& req, const lathe::v1::Subm
 void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
   absl::Status s;
-  if (absl::StrContains(req.get_header_value("Content-Type"), kProto)) {
-    if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
-      return Fail(res, 415, "INVALID_ARGUMENT", "compressed bodies are not supported (proto_compress_fwdbwd is off)");
+  // proto_compress_fwdbwd: the SDK zstd-compresses the body.
+  absl::StatusOr<std::string> decompressed;
+  const std::string encoding = req.get_header_value("Content-Encoding");
+  if (encoding == "zstd") {
+    decompressed = DecompressZstd(req.body, options.max_request_bytes);
+    if (decompressed.status().code() == absl::StatusCode::kResourceExhausted) {
+      return Fail(res, 413, "RESOURCE_EXHAUSTED", decompressed.status().message());
     }
+    if (!decompressed.ok()) return Fail(res, decompressed.status());
+  } else if (!encoding.empty() && encoding != "identity") {
+    return Fail(res, 415, "INVALID_ARGUMENT",
+                absl::StrCat("Content-Encoding ", runtime::QuoteForMessage(encoding), " is not supported (zstd is)"));
+  }
+  const std::string& body = decompressed.ok() ? *decompressed : req.body;
+  if (absl::StrContains(req.get_header_value("Content-Type"), kProto)) {
     tinker::ForwardBackwardRequest request;
-    if (!request.ParseFromString(req.body)) {
+    if (!request.ParseFromString(body)) {
       return Fail(res, 422, "INVALID_ARGUMENT", "the body does not parse as a ForwardBackwardRequest");
     }
     s = ForwardBackwardFromProto(request, &op);
   } else {
     try {
-      s = ForwardBackwardFromJson(json::parse(req.body), req.path == "/api/v1/forward", &op);
+      s = ForwardBackwardFromJson(json::parse(body), req.path == "/api/v1/forward", &op);
     } catch (const json::exception& e) {
       return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not a forward_backward request: ", e.what()));
     }

@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev
   libcpp-httplib-dev  # the Tinker-compatible HTTP door (http/)
+  libzstd-dev  # its zstd request bodies
   python3-venv python3-dev
   openssl  # the tests make TLS certificates with it
   # tests/launch/test_slurm.py starts a private single-node slurm with these.
