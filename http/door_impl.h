@@ -1,6 +1,7 @@
 // The HTTP door's private parts, shared by its route files (http_door.cc:
-// start-up and training routes; sampling_routes.cc: sampling). Not for use
-// outside http/.
+// start-up and training routes; sampling_routes.cc: sampling;
+// base_sampling.cc: base-model sampling sessions; state_routes.cc:
+// load_weights and the management routes). Not for use outside http/.
 #ifndef LATHE_HTTP_DOOR_IMPL_H_
 #define LATHE_HTTP_DOOR_IMPL_H_
 
