@@ -96,6 +96,7 @@ struct HttpDoor::Impl {
   void WeightsInfo(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void TrainingRuns(const httplib::Request& req, httplib::Response& res);
   void Checkpoints(const httplib::Request& req, httplib::Response& res);
+  void DeleteCheckpoint(const httplib::Request& req, httplib::Response& res);
   void Sessions(const httplib::Request& req, httplib::Response& res);
   absl::StatusOr<nlohmann::json> TrainingRunJson(const httplib::Request& req, const lathe::v1::RunInfo& info);
   // Submits `op` and answers Tinker's future {request_id, model_id}.

@@ -25,8 +25,10 @@ namespace {
 
 // Largest manifest weights_info reads.
 constexpr int64_t kMaxManifestBytes = int64_t{64} << 20;
-// A run id (or session id) in a route: what runtime::ValidateRunName allows.
-#define LATHE_RUN_RE "([A-Za-z0-9_-][A-Za-z0-9._:-]{0,127})"
+// A run id (or session id) in a route: what runtime::ValidateRunName allows;
+// a checkpoint in one: its kind and name.
+constexpr char kRun[] = "([A-Za-z0-9_-][A-Za-z0-9._:-]{0,127})";
+constexpr char kCheckpoint[] = "(weights|sampler_weights)/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})";
 
 // The SDK's datetimes: ISO 8601 in UTC.
 std::string IsoTime(int64_t unix_ms) {
@@ -76,33 +78,36 @@ std::optional<std::string> ModelIdOf(const json& body) {
 }
 
 void HttpDoor::Impl::StateRoutes() {
+  using absl::StrCat;
   PostJson("/api/v1/load_weights", [this](auto& req, auto& body, auto& res) { LoadWeights(req, body, res); });
   PostJson("/api/v1/weights_info", [this](auto& req, auto& body, auto& res) { WeightsInfo(req, body, res); });
-  server.Get("/api/v1/training_runs", [this](auto& req, auto& res) { TrainingRuns(req, res); });
-  server.Get("/api/v1/training_runs/" LATHE_RUN_RE, [this](auto& req, auto& res) { TrainingRuns(req, res); });
-  server.Get("/api/v1/training_runs/" LATHE_RUN_RE "/checkpoints",
-             [this](auto& req, auto& res) { Checkpoints(req, res); });
-  server.Get("/api/v1/checkpoints", [this](auto& req, auto& res) { Checkpoints(req, res); });
-  server.Delete("/api/v1/training_runs/" LATHE_RUN_RE "/checkpoints/(weights|sampler_weights)/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})",
-                [this](const httplib::Request& req, httplib::Response& res) {
-                  lathe::v1::DeleteCheckpointRequest request;
-                  request.set_checkpoint_id(absl::StrCat("lathe://", req.matches[1].str(), "/", req.matches[2].str(),
-                                                         "/", req.matches[3].str()));
-                  if (absl::Status s = front_end->DeleteCheckpoint(Authorization(req), request); !s.ok()) {
-                    return Fail(res, s);
-                  }
-                  Reply(res, json::object());
-                });
-  server.Get("/api/v1/sessions", [this](auto& req, auto& res) { Sessions(req, res); });
-  server.Get("/api/v1/sessions/" LATHE_RUN_RE, [this](auto& req, auto& res) { Sessions(req, res); });
+  auto runs = [this](auto& req, auto& res) { TrainingRuns(req, res); };
+  auto checkpoints = [this](auto& req, auto& res) { Checkpoints(req, res); };
+  auto sessions_route = [this](auto& req, auto& res) { Sessions(req, res); };
+  server.Get("/api/v1/training_runs", runs);
+  server.Get(StrCat("/api/v1/training_runs/", kRun), runs);
+  server.Get(StrCat("/api/v1/training_runs/", kRun, "/checkpoints"), checkpoints);
+  server.Get("/api/v1/checkpoints", checkpoints);
+  server.Delete(StrCat("/api/v1/training_runs/", kRun, "/checkpoints/", kCheckpoint),
+                [this](auto& req, auto& res) { DeleteCheckpoint(req, res); });
+  server.Get("/api/v1/sessions", sessions_route);
+  server.Get(StrCat("/api/v1/sessions/", kRun), sessions_route);
+}
+
+void HttpDoor::Impl::DeleteCheckpoint(const httplib::Request& req, httplib::Response& res) {
+  lathe::v1::DeleteCheckpointRequest request;
+  request.set_checkpoint_id(
+      absl::StrCat("lathe://", req.matches[1].str(), "/", req.matches[2].str(), "/", req.matches[3].str()));
+  if (absl::Status s = front_end->DeleteCheckpoint(Authorization(req), request); !s.ok()) return Fail(res, s);
+  Reply(res, json::object());
 }
 
 void HttpDoor::Impl::LoadWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
   const std::string tinker_path = body.at("path").get<std::string>();
   const std::string path = LathePath(tinker_path);
   if (!absl::StartsWith(tinker_path, "tinker://") || !runtime::ParseCheckpointPath(path).ok()) {
-    return Fail(res, 422, "INVALID_ARGUMENT",
-                absl::StrCat("path must be tinker://<run>/weights/<name>, not ", runtime::QuoteForMessage(tinker_path)));
+    return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("path must be tinker://<run>/weights/<name>, not ",
+                                                           runtime::QuoteForMessage(tinker_path)));
   }
   const bool optimizer = body.value("optimizer", false);
   if (body.contains("model_id") && !body.at("model_id").is_null()) {
@@ -270,7 +275,5 @@ void HttpDoor::Impl::Sessions(const httplib::Request& req, httplib::Response& re
   json page = Page(sessions, *offset, *limit, "sessions");
   Reply(res, {{"sessions", std::move(page["sessions"])}});
 }
-
-#undef LATHE_RUN_RE
 
 }  // namespace lathe::http

@@ -20,7 +20,8 @@ absl::StatusOr<std::string> DecompressZstd(absl::string_view compressed, int64_t
     ZSTD_outBuffer chunk{buffer.data(), buffer.size(), 0};
     pending = ZSTD_decompressStream(ctx.get(), &chunk, &in);
     if (ZSTD_isError(pending)) {
-      return absl::InvalidArgumentError(absl::StrCat("the zstd body does not decompress: ", ZSTD_getErrorName(pending)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("the zstd body does not decompress: ", ZSTD_getErrorName(pending)));
     }
     if (static_cast<int64_t>(out.size() + chunk.pos) > max_bytes) {
       return absl::ResourceExhaustedError(
