@@ -23,7 +23,7 @@ LR = 1e-2
 def door(tmp_path_factory, build_dir, tiny_model):
     """A deployment with API keys on and the HTTP door on a free port: (deployment, base_url)."""
     with sc.http_door(build_dir, tiny_model, str(tmp_path_factory.mktemp("http_state")), KEY,
-                      max_runs=8) as door_and_url:
+                      max_runs=12) as door_and_url:
         yield door_and_url
 
 
@@ -289,3 +289,60 @@ def test_silent_sessions_end_and_their_heartbeat_is_gone(tmp_path, build_dir, ti
         assert heartbeat(client.holder.get_session_id())[0] == 410
         assert training.forward_backward(_data(5), "cross_entropy").result().metrics["loss:sum"] > 0
         client.close("success").result()
+
+
+def test_create_run_from_a_checkpoint_over_grpc(door):
+    """The same CreateRun over gRPC: a chosen run id, a checkpoint to start from, and what is refused."""
+    d, _ = door
+    stub, md = d.stub, d.metadata()
+
+    def create(**fields):
+        return stub.CreateRun(pb.CreateRunRequest(**fields), metadata=md, timeout=sc.RPC_TIMEOUT_S)
+
+    def run_op(run, seq, **op):
+        op_id = stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, **op), metadata=md,
+                            timeout=sc.RPC_TIMEOUT_S).op_id
+        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=30000), metadata=md, timeout=40)
+        assert r.state == sc.Retrieve.DONE, r.error
+        return r.result
+
+    source = create(run_id="grpc:source", lora=sc.types.LoraConfig(rank=2, alpha=8, seed=4))
+    assert source.run_id == "grpc:source" and source.init_op_id == "grpc:source/0"
+    tokens, targets = sc.random_sequence(np.random.default_rng(11), 9)
+    data = sc.fb_op(sc.datum(tokens, targets))
+    run_op("grpc:source", 1, **data)
+    run_op("grpc:source", 2, optim_step=sc.adam(learning_rate=1e-2))
+    saved = run_op("grpc:source", 3, save_state=pb.SaveStateOp(name="s")).save_state.path
+    assert saved == "lathe://grpc:source/weights/s"
+    want = run_op("grpc:source", 4, forward=data["forward_backward"]).forward_backward.metrics["loss:sum"]
+
+    copy = create(run_id="grpc:copy", load_path=saved, load_optimizer=True)
+    init = stub.Retrieve(pb.RetrieveRequest(op_id=copy.init_op_id, wait_ms=30000), metadata=md, timeout=40)
+    assert init.state == sc.Retrieve.DONE, init.error
+    assert (init.result.init.loaded_from, init.result.init.step) == (saved, 1)
+    assert (init.result.init.lora.rank, init.result.init.lora.alpha) == (2, 8)  # the checkpoint's config
+    assert run_op("grpc:copy", 1, forward=data["forward_backward"]).forward_backward.metrics["loss:sum"] == want
+    # A retry is the same run; another request for its id is refused, as are bad requests, creating nothing.
+    assert create(run_id="grpc:copy", load_path=saved, load_optimizer=True) == copy
+    refused = [
+        dict(run_id="grpc:copy", load_path=saved),                                   # exists
+        dict(run_id="grpc:source", lora=sc.types.LoraConfig(rank=2, alpha=8, seed=5)),  # exists, made otherwise
+        dict(run_id=".hidden", lora=sc.types.LoraConfig(rank=2)),
+        dict(run_id="a/b", lora=sc.types.LoraConfig(rank=2)),
+        dict(run_id="x" * 129, lora=sc.types.LoraConfig(rank=2)),
+        dict(load_path=saved, lora=sc.types.LoraConfig(rank=2)),                     # the checkpoint's config only
+        dict(load_path="lathe://grpc:source/weights/nope"),
+        dict(load_path="lathe://grpc:source/sampler_weights/s"),
+    ]
+    for fields in refused:
+        with pytest.raises(Exception) as e:
+            create(**fields)
+        assert e.value.code().name in ("INVALID_ARGUMENT", "ALREADY_EXISTS"), (fields, e.value)
+    # Re-initialising a run from a checkpoint (an init op with load_path) is the same load.
+    again = run_op("grpc:copy", 2, init=pb.InitOp(load_path=saved)).init
+    assert (again.loaded_from, again.step) == (saved, 0)  # without its optimizer: step 0
+    assert run_op("grpc:copy", 3, forward=data["forward_backward"]).forward_backward.metrics["loss:sum"] == want
+    # The same request again is a retry: the same run, even deleted (a run id is never reused).
+    run_op("grpc:source", 5, delete_run=pb.DeleteRunOp())
+    assert create(run_id="grpc:source", lora=sc.types.LoraConfig(rank=2, alpha=8, seed=4)) == source
+    run_op("grpc:copy", 4, delete_run=pb.DeleteRunOp())
