@@ -29,14 +29,16 @@ const char* Marker(const std::string& kind) {
   return kind == "weights" ? "manifest.json" : "adapter_config.json";
 }
 
-// Names under `dir` that are valid checkpoint names of real directories.
-std::vector<std::string> RealSubfolders(const fs::path& dir) {
+// Names under `dir` that are valid checkpoint names (run ids with `runs`) of
+// real directories.
+std::vector<std::string> RealSubfolders(const fs::path& dir, bool runs = false) {
   std::vector<std::string> names;
   if (!IsRealDirectory(dir)) return names;
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
     std::string name = it->path().filename().string();
-    if (runtime::ValidateCheckpointName(name).ok() && IsRealDirectory(it->path())) names.push_back(std::move(name));
+    const absl::Status valid = runs ? runtime::ValidateRunName(name) : runtime::ValidateCheckpointName(name);
+    if (valid.ok() && IsRealDirectory(it->path())) names.push_back(std::move(name));
   }
   return names;
 }
@@ -46,7 +48,7 @@ std::vector<std::string> RealSubfolders(const fs::path& dir) {
 void ForEachCommitted(const std::string& root, const std::string& run_id,
                       const std::function<void(const runtime::CheckpointRef&, const std::string&)>& fn) {
   std::vector<std::string> runs;
-  if (run_id.empty()) runs = RealSubfolders(root);
+  if (run_id.empty()) runs = RealSubfolders(root, /*runs=*/true);
   else if (IsRealDirectory(fs::path(root) / run_id)) runs.push_back(run_id);
   for (const std::string& run : runs) {
     for (const std::string kind : kKinds) {

@@ -41,6 +41,14 @@ std::optional<lathe::v1::RunInfo> Dispatcher::Run(const std::string& run_id) con
   return it->second;
 }
 
+std::vector<lathe::v1::RunInfo> Dispatcher::Runs() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<lathe::v1::RunInfo> out;
+  out.reserve(runs_.size());
+  for (const auto& [id, info] : runs_) out.push_back(info);
+  return out;
+}
+
 std::optional<std::string> Dispatcher::PolicyPath(const std::string& run_id, int64_t version) const {
   absl::MutexLock lock(&mu_);
   auto it = policy_paths_.find(run_id);
@@ -227,6 +235,7 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     init->set_max_seq_len(model.max_seq_len());
     *init->mutable_layout() = registry_->layout();
     init->set_policy_version(info.policy_version());
+    init->set_created_unix_ms(info.created_unix_ms());
     info = *init;
     followed_from_[op.run_id()] = policy_paths_[op.run_id()].size();
   } else if (result->has_save_weights_for_sampler()) {

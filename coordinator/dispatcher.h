@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "coordinator/fan_out.h"
@@ -49,6 +50,8 @@ class Dispatcher {
   // Registers a run created by the service (before its init op runs).
   void AddRun(const lathe::v1::RunInfo& info);
   std::optional<lathe::v1::RunInfo> Run(const std::string& run_id) const;
+  // Every run not deleted, by run id.
+  std::vector<lathe::v1::RunInfo> Runs() const;
   // The sampler weights a run published as `version` (1, 2, …); nullopt when
   // it has not (yet).
   std::optional<std::string> PolicyPath(const std::string& run_id, int64_t version) const;

@@ -5,8 +5,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "coordinator/op_validation.h"
 #include "coordinator/request_limits.h"
+#include "runtime/checkpoint_path.h"
 #include "runtime/quote.h"
 #include "runtime/status.h"
 
@@ -91,34 +93,73 @@ absl::Status FrontEnd::GetInfo(absl::string_view authorization, const lathe::v1:
   return absl::OkStatus();
 }
 
+absl::Status FrontEnd::ListRuns(absl::string_view authorization, std::vector<lathe::v1::RunInfo>* runs) const {
+  LATHE_RETURN_IF_ERROR(Authorize(authorization));
+  *runs = dispatcher_->Runs();
+  return absl::OkStatus();
+}
+
 absl::Status FrontEnd::CreateRun(absl::string_view authorization, const lathe::v1::CreateRunRequest& request,
                                  lathe::v1::CreateRunResponse* response) {
   LATHE_RETURN_IF_ERROR(Authorize(authorization));
   LATHE_RETURN_IF_ERROR(Serving());
   LATHE_RETURN_IF_ERROR(ValidateBaseModel(request.base_model()));
+  if (!request.run_id().empty()) LATHE_RETURN_IF_ERROR(ValidateRunId(request.run_id()));
   const lathe::v1::ModelSummary model = registry_->model();
   if (!request.base_model().empty() && request.base_model() != model.base_model()) {
     return absl::InvalidArgumentError(
         absl::StrCat("this deployment serves ", model.base_model(), ", not ", QuoteForMessage(request.base_model())));
   }
-  LATHE_RETURN_IF_ERROR(ValidateLora(request.lora(), model));
+  lathe::v1::SubmitRequest init;
+  if (request.load_path().empty()) {
+    LATHE_RETURN_IF_ERROR(ValidateLora(request.lora(), model));
+    *init.mutable_init()->mutable_lora() = request.lora();
+  } else {
+    if (request.has_lora()) {
+      return absl::InvalidArgumentError("a run created from a checkpoint takes its LoRA config: leave lora unset");
+    }
+    LATHE_RETURN_IF_ERROR(runtime::ParseCheckpointPath(request.load_path()).status());
+    if (!options_.checkpoint_root.empty()) {
+      lathe::v1::GetCheckpointFilesRequest probe;
+      probe.set_checkpoint_id(request.load_path());
+      probe.set_page_size(1);
+      if (absl::Status s = store_.Files(probe).status(); !s.ok()) {
+        return absl::Status(s.code() == absl::StatusCode::kNotFound ? absl::StatusCode::kInvalidArgument : s.code(),
+                            absl::StrCat("cannot start from ", QuoteForMessage(request.load_path()), ": ",
+                                         s.message()));
+      }
+    }
+    init.mutable_init()->set_load_path(request.load_path());
+    init.mutable_init()->set_load_optimizer(request.load_optimizer());
+  }
   absl::MutexLock lock(&create_mu_);
+  if (!request.run_id().empty() && ledger_->HasRun(request.run_id())) {
+    // The same request again (a client's retry) answers the run it made.
+    auto it = chosen_.find(request.run_id());
+    if (it != chosen_.end() && google::protobuf::util::MessageDifferencer::Equals(it->second.request, request)) {
+      response->set_run_id(request.run_id());
+      response->set_init_op_id(it->second.init_op_id);
+      return absl::OkStatus();
+    }
+    return absl::AlreadyExistsError(
+        absl::StrCat("run ", QuoteForMessage(request.run_id()), " exists (or existed) and was created otherwise"));
+  }
   if (dispatcher_->runs() >= options_.max_runs) {
     return absl::ResourceExhaustedError(
         absl::StrCat("this deployment holds at most ", options_.max_runs,
                      " run(s) (--max_runs); re-initialise an existing run with an init operation"));
   }
-  const std::string run_id = NewRunId();
+  const std::string run_id = request.run_id().empty() ? NewRunId() : request.run_id();
   lathe::v1::RunInfo info;
   info.set_run_id(run_id);
   info.set_base_model(model.base_model());
   *info.mutable_lora() = request.lora();
+  info.set_created_unix_ms(absl::ToUnixMillis(absl::Now()));
   dispatcher_->AddRun(info);
   LATHE_RETURN_IF_ERROR(ledger_->OpenRun(run_id, 0));
-  lathe::v1::SubmitRequest init;
   init.set_run_id(run_id);
-  *init.mutable_init()->mutable_lora() = request.lora();
   LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->SubmitInternal(init));
+  if (!request.run_id().empty()) chosen_[run_id] = {request, op_id};
   response->set_run_id(run_id);
   response->set_init_op_id(op_id);
   return absl::OkStatus();

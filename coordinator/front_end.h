@@ -6,6 +6,7 @@
 #define LATHE_COORDINATOR_FRONT_END_H_
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,8 @@ class FrontEnd {
   void Health(lathe::v1::HealthResponse* response) const;
   absl::Status GetInfo(absl::string_view authorization, const lathe::v1::GetInfoRequest& request,
                        lathe::v1::RunInfo* response) const;
+  // Every run not deleted, by run id.
+  absl::Status ListRuns(absl::string_view authorization, std::vector<lathe::v1::RunInfo>* runs) const;
   absl::Status CreateRun(absl::string_view authorization, const lathe::v1::CreateRunRequest& request,
                          lathe::v1::CreateRunResponse* response);
   absl::Status Submit(absl::string_view authorization, const lathe::v1::SubmitRequest& request,
@@ -93,6 +96,15 @@ class FrontEnd {
   ReplicaRegistry* registry_;
   Dispatcher* dispatcher_;
   absl::Mutex create_mu_;  // one CreateRun at a time, so max_runs holds
+  // Runs created with a client-chosen run_id: the request that made each
+  // and its init op id, so a retry of it answers the same run. One small
+  // entry per such run for the coordinator's lifetime (a run id is never
+  // reused, deleted or not).
+  struct Chosen {
+    lathe::v1::CreateRunRequest request;
+    std::string init_op_id;
+  };
+  std::map<std::string, Chosen> chosen_ ABSL_GUARDED_BY(create_mu_);
   CheckpointStore store_;
 };
 

@@ -38,6 +38,8 @@ ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once se
 ABSL_FLAG(int, http_port, -1, "serve Tinker's REST API on this port of --listen's host (0: any free port; -1: off)");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP door's bound port to this file once serving");
 ABSL_FLAG(int, http_threads, 128, "HTTP requests handled at once (each waiting retrieve_future holds one)");
+ABSL_FLAG(absl::Duration, http_session_timeout, absl::Minutes(10),
+          "a Tinker session silent this long ends (its heartbeat is answered 410); 0: never");
 
 namespace {
 volatile std::sig_atomic_t g_stop = 0;
@@ -60,6 +62,7 @@ absl::StatusOr<std::unique_ptr<lathe::http::HttpDoor>> StartHttp(const lathe::co
   h.host = o.listen.substr(0, o.listen.rfind(':'));
   h.port = port;
   h.threads = absl::GetFlag(FLAGS_http_threads);
+  h.session_timeout = absl::GetFlag(FLAGS_http_session_timeout);
   h.max_request_bytes = o.max_request_bytes;
   auto door = lathe::http::HttpDoor::Start(h, front_end);
   if (!door.ok()) return door.status();

@@ -88,7 +88,11 @@ absl::Status ValidateOp(const lathe::v1::SubmitRequest& op, const lathe::v1::Mod
     case Op::OP_NOT_SET:
       return absl::InvalidArgumentError("no operation given");
     case Op::kInit:
-      return ValidateLora(op.init().lora(), model);
+      if (op.init().load_path().empty()) return ValidateLora(op.init().lora(), model);
+      if (op.init().has_lora()) {
+        return absl::InvalidArgumentError("init with load_path takes the checkpoint's LoRA config: leave lora unset");
+      }
+      return runtime::ParseCheckpointPath(op.init().load_path()).status();
     case Op::kForward:
       return runtime::ValidateBatch(op.forward(), limits);
     case Op::kForwardBackward:

@@ -24,7 +24,7 @@ absl::Status ValidateRunId(absl::string_view run_id) {
   if (run_id.size() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("run_id must be 1-128 bytes (got ", run_id.size(), ")"));
   }
-  return runtime::ValidateCheckpointName(std::string(run_id), "run_id");
+  return runtime::ValidateRunName(std::string(run_id), "run_id");
 }
 
 absl::Status ValidateOpId(absl::string_view op_id) {
@@ -33,9 +33,9 @@ absl::Status ValidateOpId(absl::string_view op_id) {
         absl::StrCat("op_id must be 1-", kMaxOpIdBytes, " bytes (got ", op_id.size(), ")"));
   }
   for (char c : op_id) {
-    if (!IdChar(c) && c != '/') {
+    if (!IdChar(c) && c != '/' && c != ':') {
       return absl::InvalidArgumentError(
-          absl::StrCat("op_id may hold only letters, digits, '.', '_', '-' and '/', not ", QuoteForMessage(op_id)));
+          absl::StrCat("op_id may hold only letters, digits, '.', '_', '-', ':' and '/', not ", QuoteForMessage(op_id)));
     }
   }
   return absl::OkStatus();

@@ -25,10 +25,11 @@ inline constexpr size_t kMaxBaseModelBytes = 256;
 // Longest status message the coordinator sends; longer ones are cut.
 inline constexpr size_t kMaxStatusMessageBytes = 2048;
 
-// InvalidArgument unless `run_id` is 1-128 bytes of [A-Za-z0-9._-] (the
-// checkpoint name rules: run ids are folder names under the checkpoint root).
+// InvalidArgument unless `run_id` is 1-128 bytes of [A-Za-z0-9._:-] (the
+// checkpoint name rules plus ':', runtime::ValidateRunName: run ids are folder
+// names under the checkpoint root).
 absl::Status ValidateRunId(absl::string_view run_id);
-// InvalidArgument unless `op_id` is 1-kMaxOpIdBytes bytes of [A-Za-z0-9._-/].
+// InvalidArgument unless `op_id` is 1-kMaxOpIdBytes bytes of [A-Za-z0-9._:-/].
 // Any op id that passes may still be unknown (NotFound from the ledger).
 absl::Status ValidateOpId(absl::string_view op_id);
 // InvalidArgument unless `name` is at most kMaxBaseModelBytes of printable

@@ -6,6 +6,7 @@
 
 #include <deque>
 #include <filesystem>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "parallel/communicator.h"
@@ -126,8 +127,20 @@ void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks
   });
 }
 
-absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::LoraConfig& lora) {
-  LATHE_ASSIGN_OR_RETURN(runtime::LoraSettings settings, runtime::LoraSettingsFromProto(lora));
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, const lathe::v1::InitOp& op) {
+  std::optional<runtime::CheckpointRef> from;
+  runtime::LoraSettings settings;
+  if (op.load_path().empty()) {
+    LATHE_ASSIGN_OR_RETURN(settings, runtime::LoraSettingsFromProto(op.lora()));
+  } else {
+    // The checkpoint's own LoRA config, so its weights fit.
+    if (options_.checkpoint_root.empty()) {
+      return absl::FailedPreconditionError("this deployment has no checkpoint root (dp_worker --checkpoint_root)");
+    }
+    LATHE_ASSIGN_OR_RETURN(from, runtime::ParseCheckpointPath(op.load_path()));
+    LATHE_ASSIGN_OR_RETURN(settings,
+                           runtime::ReadCheckpointLora(runtime::CheckpointDir(options_.checkpoint_root, *from)));
+  }
   if (options_.max_lora_rank > 0 && settings.rank > options_.max_lora_rank) {
     return absl::InvalidArgumentError(absl::StrCat("lora_config.rank ", settings.rank, " exceeds ",
                                                    options_.max_lora_rank, ", the model's hidden size"));
@@ -153,6 +166,13 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
                                      "; the run is unchanged (a re-initialisation builds its new state beside the "
                                      "current one: to free the memory first, delete the run and create a new one)"));
   }
+  if (from.has_value()) {
+    // Loaded before it replaces the run's trainer: a failed load leaves the run as it was.
+    absl::StatusOr<int64_t> step = runtime::LoadCheckpoint(
+        **trainer, runtime::CheckpointDir(options_.checkpoint_root, *from), op.load_optimizer(),
+        parallel_ == nullptr ? nullptr : parallel_->world.get(), options_.collective_timeout);
+    if (!step.ok()) return step.status();
+  }
   const runtime::TrainerInfo info = (*trainer)->GetInfo();
   trainers_[run_id] = *std::move(trainer);
   diverged_.erase(run_id);
@@ -167,6 +187,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   out->set_max_seq_len(info.max_seq_len);
   out->set_step(info.step);
   out->set_trainable_parameters(info.trainable_parameters);
+  out->set_loaded_from(op.load_path());
   return result;
 }
 
@@ -178,7 +199,7 @@ void OpExecutor::DropSnapshots(const std::string& run_id) {
 }
 
 absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitRequest& op) {
-  if (op.op_case() == lathe::v1::SubmitRequest::kInit) return Init(op.run_id(), op.init().lora());
+  if (op.op_case() == lathe::v1::SubmitRequest::kInit) return Init(op.run_id(), op.init());
   lathe::v1::OpResult result;
   if (op.op_case() == lathe::v1::SubmitRequest::kNoop) {
     result.mutable_noop();

@@ -60,7 +60,7 @@ class OpExecutor {
 
  private:
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
-  absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::LoraConfig& lora);
+  absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::InitOp& op);
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   // The weights a sampling request names (see SampleOp): null for the run's
   // current weights, else values for every trainable parameter.

@@ -1,6 +1,7 @@
 // The HTTP door's private parts, shared by its route files (http_door.cc:
-// start-up and training routes; sampling_routes.cc: sampling). Not for use
-// outside http/.
+// start-up and training routes; sampling_routes.cc: sampling;
+// base_sampling.cc: base-model sampling sessions; state_routes.cc:
+// load_weights and the management routes). Not for use outside http/.
 #ifndef LATHE_HTTP_DOOR_IMPL_H_
 #define LATHE_HTTP_DOOR_IMPL_H_
 
@@ -10,6 +11,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -17,9 +19,11 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/front_end.h"
+#include "http/door_sessions.h"
 #include "http/http_door.h"
 #include "http/sampling_sessions.h"
 
@@ -31,6 +35,8 @@ inline constexpr char kJson[] = "application/json";
 inline constexpr char kProto[] = "application/x-protobuf";
 // Sampling sessions the door remembers; older ones are forgotten first.
 inline constexpr size_t kMaxSamplingSessions = 4096;
+// Live Tinker sessions the door remembers; past it the one silent longest ends.
+inline constexpr size_t kMaxSessions = 65536;
 
 // Answers an error with the JSON body every error has:
 // {"error": {"type", "code", "message"}, "detail"} (never empty: the SDK
@@ -50,6 +56,11 @@ std::string LathePath(absl::string_view tinker_path);
 std::string RunOfPath(absl::string_view lathe_path);
 // "<prefix>-<16 hex>", random.
 std::string NewId(const char* prefix);
+// The run id of a client that (session_id, model_seq_id) names, as the SDK
+// builds it: "<session_id>:train:<model_seq_id>"; nullopt when the body
+// carries no session_id or model_seq_id. Throws json::exception (422 through
+// PostJson) for fields of the wrong type.
+std::optional<std::string> ModelIdOf(const nlohmann::json& body);
 
 struct HttpDoor::Impl {
   HttpOptions options;
@@ -57,18 +68,12 @@ struct HttpDoor::Impl {
   httplib::Server server;
   std::thread thread;
   int port = 0;
-  // create_model retried with the same (session_id, model_seq_id) gets the
-  // run it created; CreateRun itself has no idempotency key. Only requests
-  // that carry both are recognised, and the newest kCreatedKept are kept.
-  static constexpr size_t kCreatedKept = 4096;
-  absl::Mutex create_mu;
-  std::map<std::pair<std::string, int64_t>, lathe::v1::CreateRunResponse> created ABSL_GUARDED_BY(create_mu);
-  std::deque<std::pair<std::string, int64_t>> created_order ABSL_GUARDED_BY(create_mu);  // oldest first
-
   // What a sampling_session_id names; made by create_sampling_session and by
   // the ephemeral save_weights_for_sampler (docs/http-api.md says how long
   // they live).
   SamplingSessions samplers{kMaxSamplingSessions};
+  // The Tinker sessions this door made, while they live (made in Start).
+  std::unique_ptr<DoorSessions> sessions;
 
   // Baseten Loops' routes (loops_routes.cc) and what they remember.
   std::shared_ptr<LoopsState> loops;
@@ -88,8 +93,20 @@ struct HttpDoor::Impl {
   void RetrieveFuture(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void CreateSamplingSession(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void GetSampler(const httplib::Request& req, httplib::Response& res);
+  // create_sampling_session with base_model only (base_sampling.cc).
+  void CreateBaseSamplingSession(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void ASample(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
   void Capabilities(const httplib::Request& req, httplib::Response& res);
+  // Checkpoints and state (state_routes.cc): load_weights in both forms,
+  // training runs, checkpoints, weights_info and sessions.
+  void StateRoutes();
+  void LoadWeights(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
+  void WeightsInfo(const httplib::Request& req, const nlohmann::json& body, httplib::Response& res);
+  void TrainingRuns(const httplib::Request& req, httplib::Response& res);
+  void Checkpoints(const httplib::Request& req, httplib::Response& res);
+  void DeleteCheckpoint(const httplib::Request& req, httplib::Response& res);
+  void Sessions(const httplib::Request& req, httplib::Response& res);
+  absl::StatusOr<nlohmann::json> TrainingRunJson(const httplib::Request& req, const lathe::v1::RunInfo& info);
   // Submits `op` and answers Tinker's future {request_id, model_id}.
   void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
 };

@@ -13,6 +13,7 @@
 #include "coordinator/request_limits.h"
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
+#include "http/zstd_body.h"
 #include "runtime/quote.h"
 
 namespace lathe::http {
@@ -137,20 +138,34 @@ void HttpDoor::Impl::Routes() {
     return httplib::Server::HandlerResponse::Handled;
   }));
   PostJson("/api/v1/client/config", [](auto&, auto&, httplib::Response& res) {
-    Reply(res, {{"pjwt_auth_enabled", false}, {"proto_compress_fwdbwd", false}});
+    Reply(res, {{"pjwt_auth_enabled", false}, {"proto_compress_fwdbwd", true}});
   });
   PostJson("/api/v1/client/dynamic_config", [](auto&, auto&, httplib::Response& res) {
     Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
   });
-  PostJson("/api/v1/create_session", [](auto&, auto&, httplib::Response& res) {
-    Reply(res, {{"session_id", NewId("session")}});
+  PostJson("/api/v1/create_session", [this](auto&, auto&, httplib::Response& res) {
+    const std::string id = NewId("session");
+    sessions->Add(id, absl::Now());
+    Reply(res, {{"session_id", id}});
   });
-  PostJson("/api/v1/session_heartbeat",
-           [](auto&, auto&, httplib::Response& res) { Reply(res, {{"type", "session_heartbeat"}}); });
-  // Sessions hold no state yet: finishing one only acknowledges it (the SDK's
-  // close() and the end of a `with ServiceClient()` block).
-  PostJson(R"(/api/v1/sessions/[A-Za-z0-9._-]{1,128}/finish)",
-           [](auto&, auto&, httplib::Response& res) { Reply(res, json::object()); });
+  // 410 ends the SDK's heartbeat loop: for a session silent past
+  // --http_session_timeout, finished, or not made by this coordinator.
+  PostJson("/api/v1/session_heartbeat", [this](auto&, const json& body, httplib::Response& res) {
+    const std::string id = body.at("session_id").template get<std::string>();
+    if (!sessions->Touch(id, absl::Now())) {
+      return Fail(res, 410, "NOT_FOUND",
+                  absl::StrCat("session ", runtime::QuoteForMessage(id),
+                               " has ended (silent past --http_session_timeout, finished, or unknown)"));
+    }
+    Reply(res, {{"type", "session_heartbeat"}});
+  });
+  // The SDK's close() and the end of a `with ServiceClient()` block; the
+  // session's runs and checkpoints stay.
+  server.Post(R"(/api/v1/sessions/([A-Za-z0-9._-]{1,128})/finish)", [this](const httplib::Request& req,
+                                                                           httplib::Response& res) {
+    sessions->End(req.matches[1].str());
+    Reply(res, json::object());
+  });
   PostJson("/api/v1/telemetry", [](auto&, auto&, httplib::Response& res) { Reply(res, {{"status", "accepted"}}); });
   server.Get("/api/v1/healthz", [this](const httplib::Request&, httplib::Response& res) {
     lathe::v1::HealthResponse health;
@@ -175,6 +190,7 @@ void HttpDoor::Impl::Routes() {
   server.Get(R"(/api/v1/samplers/[A-Za-z0-9_-]{1,64})", [this](auto& req, auto& res) { GetSampler(req, res); });
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
   LoopsRoutes();
+  StateRoutes();
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {
@@ -200,24 +216,12 @@ void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, 
   create.set_base_model(body.value("base_model", ""));
   *create.mutable_lora() = LoraFromJson(body.at("lora_config"));
   if (create.lora().rank() < 1) return Fail(res, 422, "INVALID_ARGUMENT", "lora_config.rank must be at least 1");
-  const std::string session = body.value("session_id", "");
-  if (session.size() > 128) return Fail(res, 422, "INVALID_ARGUMENT", "session_id is longer than 128 bytes");
-  const bool keyed = !session.empty() && body.contains("model_seq_id") && !body.at("model_seq_id").is_null();
-  const auto key = std::make_pair(session, keyed ? Number<int64_t>(body.at("model_seq_id"), "model_seq_id") : -1);
-  absl::MutexLock lock(&create_mu);
-  auto it = keyed ? created.find(key) : created.end();
-  if (it == created.end()) {
-    lathe::v1::CreateRunResponse response;
-    if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
-    if (!keyed) return Reply(res, {{"request_id", response.init_op_id()}, {"model_id", response.run_id()}});
-    it = created.emplace(key, response).first;
-    created_order.push_back(key);
-    if (created_order.size() > kCreatedKept) {
-      created.erase(created_order.front());
-      created_order.pop_front();
-    }
-  }
-  Reply(res, {{"request_id", it->second.init_op_id()}, {"model_id", it->second.run_id()}});
+  // Runs are named as the SDK names a model it creates from a checkpoint,
+  // so a retry (the same body) answers the same run (CreateRun's rule).
+  if (std::optional<std::string> id = ModelIdOf(body); id.has_value()) create.set_run_id(*id);
+  lathe::v1::CreateRunResponse response;
+  if (absl::Status s = front_end->CreateRun(Authorization(req), create, &response); !s.ok()) return Fail(res, s);
+  Reply(res, {{"request_id", response.init_op_id()}, {"model_id", response.run_id()}});
 }
 
 void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, httplib::Response& res) {
@@ -248,18 +252,29 @@ void HttpDoor::Impl::SubmitOp(const httplib::Request& req, const lathe::v1::Subm
 void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
   absl::Status s;
-  if (absl::StrContains(req.get_header_value("Content-Type"), kProto)) {
-    if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
-      return Fail(res, 415, "INVALID_ARGUMENT", "compressed bodies are not supported (proto_compress_fwdbwd is off)");
+  // proto_compress_fwdbwd: the SDK zstd-compresses the body.
+  absl::StatusOr<std::string> decompressed;
+  const std::string encoding = req.get_header_value("Content-Encoding");
+  if (encoding == "zstd") {
+    decompressed = DecompressZstd(req.body, options.max_request_bytes);
+    if (decompressed.status().code() == absl::StatusCode::kResourceExhausted) {
+      return Fail(res, 413, "RESOURCE_EXHAUSTED", decompressed.status().message());
     }
+    if (!decompressed.ok()) return Fail(res, decompressed.status());
+  } else if (!encoding.empty() && encoding != "identity") {
+    return Fail(res, 415, "INVALID_ARGUMENT",
+                absl::StrCat("Content-Encoding ", runtime::QuoteForMessage(encoding), " is not supported (zstd is)"));
+  }
+  const std::string& body = decompressed.ok() ? *decompressed : req.body;
+  if (absl::StrContains(req.get_header_value("Content-Type"), kProto)) {
     tinker::ForwardBackwardRequest request;
-    if (!request.ParseFromString(req.body)) {
+    if (!request.ParseFromString(body)) {
       return Fail(res, 422, "INVALID_ARGUMENT", "the body does not parse as a ForwardBackwardRequest");
     }
     s = ForwardBackwardFromProto(request, &op);
   } else {
     try {
-      s = ForwardBackwardFromJson(json::parse(req.body), req.path == "/api/v1/forward", &op);
+      s = ForwardBackwardFromJson(json::parse(body), req.path == "/api/v1/forward", &op);
     } catch (const json::exception& e) {
       return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not a forward_backward request: ", e.what()));
     }
@@ -309,7 +324,14 @@ void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& bod
   const lathe::v1::OpResult& result = view.result();
   switch (result.result_case()) {
     case lathe::v1::OpResult::kInit:
+      if (!result.init().loaded_from().empty()) {  // load_weights that made a client
+        return Reply(res, {{"path", TinkerPath(result.init().loaded_from())},
+                           {"model_id", result.init().run_id()},
+                           {"type", "load_weights"}});
+      }
       return Reply(res, {{"model_id", result.init().run_id()}, {"type", "create_model"}});
+    case lathe::v1::OpResult::kLoadState:
+      return Reply(res, {{"path", TinkerPath(result.load_state().path())}, {"type", "load_weights"}});
     case lathe::v1::OpResult::kForwardBackward:
       if (absl::StrContains(req.get_header_value("Accept"), kProto)) {
         return res.set_content(ForwardBackwardOutputToProto(result.forward_backward()), kProto);
@@ -359,6 +381,7 @@ absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& opt
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->front_end = front_end;
+  impl->sessions = std::make_unique<DoorSessions>(options.session_timeout, kMaxSessions);
   const int threads = options.threads;
   impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   impl->server.set_payload_max_length(static_cast<size_t>(options.max_request_bytes));

@@ -24,6 +24,9 @@ struct HttpOptions {
   // How long retrieve_future holds a poll before answering try_again
   // (the SDK's read timeout is 45 s).
   absl::Duration poll_hold = absl::Seconds(30);
+  // A Tinker session not heard from (create_session, session_heartbeat) for
+  // this long ends: its heartbeat is answered 410. Zero or less: never.
+  absl::Duration session_timeout = absl::Minutes(10);
 };
 
 class HttpDoor {

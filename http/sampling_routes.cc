@@ -38,12 +38,8 @@ void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const js
   Reply(res, {{"request_id", response.op_id()}, {"model_id", op.run_id()}});
 }
 
-void HttpDoor::Impl::CreateSamplingSession(const httplib::Request&, const json& body, httplib::Response& res) {
-  if (!body.contains("model_path") || body.at("model_path").is_null()) {
-    return Fail(res, 422, "UNIMPLEMENTED",
-                "a sampling session of the base model alone is not served over HTTP yet; give a model_path "
-                "(tinker://<run>/sampler_weights/<name>)");
-  }
+void HttpDoor::Impl::CreateSamplingSession(const httplib::Request& req, const json& body, httplib::Response& res) {
+  if (!body.contains("model_path") || body.at("model_path").is_null()) return CreateBaseSamplingSession(req, body, res);
   const std::string tinker_path = body.at("model_path").get<std::string>();
   const std::string path = LathePath(tinker_path);
   absl::StatusOr<runtime::CheckpointRef> ref = runtime::ParseCheckpointPath(path, /*allow_sampler=*/true);
@@ -71,9 +67,9 @@ void HttpDoor::Impl::GetSampler(const httplib::Request& req, httplib::Response& 
   }
   lathe::v1::Capabilities caps;
   if (absl::Status s = front_end->GetCapabilities(Authorization(req), &caps); !s.ok()) return Fail(res, s);
-  Reply(res, {{"sampler_id", id},
-              {"base_model", caps.base_models_size() > 0 ? caps.base_models(0) : ""},
-              {"model_path", TinkerPath(sampler->lathe_path)}});
+  json reply = {{"sampler_id", id}, {"base_model", caps.base_models_size() > 0 ? caps.base_models(0) : ""}};
+  if (!sampler->lathe_path.empty()) reply["model_path"] = TinkerPath(sampler->lathe_path);
+  Reply(res, reply);
 }
 
 void HttpDoor::Impl::ASample(const httplib::Request& req, const json& body, httplib::Response& res) {
@@ -92,6 +88,7 @@ void HttpDoor::Impl::ASample(const httplib::Request& req, const json& body, http
   }
   op.set_seq_id(seq_id + 1);
   if (absl::Status s = SampleFromJson(body, sampler->lathe_path, op.mutable_sample()); !s.ok()) return Fail(res, s);
+  op.mutable_sample()->set_base(sampler->lathe_path.empty());  // a base-model session
   lathe::v1::SubmitResponse response;
   if (absl::Status s = front_end->SubmitSampling(Authorization(req), op, id, &response); !s.ok()) {
     return Fail(res, s);

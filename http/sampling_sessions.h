@@ -16,7 +16,7 @@ namespace lathe::http {
 
 struct SamplingSession {
   std::string run_id;
-  std::string lathe_path;  // lathe://<run>/sampler_weights/<name>
+  std::string lathe_path;  // lathe://<run>/sampler_weights/<name>; empty: the base model
 };
 
 // Sessions by id, each made once per creation key (what created it: a

@@ -180,7 +180,8 @@ absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& requ
 absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe::v1::SubmitRequest* op) {
   op->set_run_id(body.at("model_id").get<std::string>());
   op->set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
-  const json& fb = body.at("forward_backward_input");
+  // /api/v1/forward's body names its input forward_input.
+  const json& fb = body.at(forward_only && body.contains("forward_input") ? "forward_input" : "forward_backward_input");
   lathe::v1::ForwardBackwardInput* input = OpInput(forward_only, op);
   input->set_loss_fn(fb.at("loss_fn").get<std::string>());
   for (const json& datum : fb.at("data")) {

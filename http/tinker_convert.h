@@ -56,7 +56,8 @@ T Number(const nlohmann::json& value, const char* what) {
 absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& request,
                                       lathe::v1::SubmitRequest* op);
 // The JSON form ({model_id, seq_id, forward_backward_input: {data, loss_fn,
-// loss_fn_config}}) sent by SDKs before 0.25 and by hand. Throws
+// loss_fn_config}}; /api/v1/forward's says forward_input) sent by SDKs
+// before 0.25 and by hand. Throws
 // nlohmann::json::exception for a body of the wrong shape; InvalidArgument
 // as above.
 absl::Status ForwardBackwardFromJson(const nlohmann::json& body, bool forward_only, lathe::v1::SubmitRequest* op);

@@ -64,6 +64,11 @@ absl::Status SaveCheckpoint(Trainer& trainer, const std::string& dir, bool overw
 absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir, bool with_optimizer,
                                        parallel::Communicator* world, absl::Duration timeout);
 
+// The LoRA config a checkpoint was saved with (rank 0: full fine-tuning).
+// NotFound for a missing checkpoint; DataLoss for a missing or malformed
+// manifest. Not collective.
+absl::StatusOr<LoraSettings> ReadCheckpointLora(const std::string& dir);
+
 // This rank's parts of the checkpoint's parameters, shaped like (and in the
 // order of) trainer's trainable parameters; the trainer is not changed.
 // Errors as LoadCheckpoint's. Not collective.

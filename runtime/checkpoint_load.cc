@@ -203,6 +203,28 @@ absl::StatusOr<Staged> StageAll(const Trainer& trainer, const std::string& dir, 
 
 }  // namespace
 
+absl::StatusOr<LoraSettings> ReadCheckpointLora(const std::string& dir) {
+  LATHE_ASSIGN_OR_RETURN(json manifest, ReadManifest(dir));
+  const json& l = manifest.at("lora");
+  auto is = [&l](const char* key, bool (json::*type)() const) { return l.contains(key) && (l.at(key).*type)(); };
+  if (!is("rank", &json::is_number_integer) || !is("alpha", &json::is_number) ||
+      !is("seed", &json::is_number_unsigned) || !is("train_attn", &json::is_boolean) ||
+      !is("train_mlp", &json::is_boolean) || !is("train_unembed", &json::is_boolean)) {
+    return absl::DataLossError(absl::StrCat(dir, "/manifest.json: its lora entry is not a LoRA config"));
+  }
+  LoraSettings settings;
+  settings.rank = l.at("rank").get<int64_t>();
+  settings.alpha = l.at("alpha").get<double>();
+  settings.seed = l.at("seed").get<uint64_t>();
+  settings.train_attn = l.at("train_attn").get<bool>();
+  settings.train_mlp = l.at("train_mlp").get<bool>();
+  settings.train_unembed = l.at("train_unembed").get<bool>();
+  if (settings.rank < 0 || !(settings.alpha > 0)) {
+    return absl::DataLossError(absl::StrCat(dir, "/manifest.json: its lora entry is out of range"));
+  }
+  return settings;
+}
+
 absl::StatusOr<std::vector<at::Tensor>> ReadCheckpointParams(const Trainer& trainer, const std::string& dir) {
   try {
     LATHE_ASSIGN_OR_RETURN(Staged staged, StageAll(trainer, dir, /*with_optimizer=*/false));

@@ -10,7 +10,9 @@
 
 namespace lathe::runtime {
 
-absl::Status ValidateCheckpointName(const std::string& name, const std::string& what) {
+namespace {
+
+absl::Status ValidateName(const std::string& name, const std::string& what, bool colon) {
   if (name.empty() || name.size() > 128) {
     return absl::InvalidArgumentError(absl::StrCat(what, " must be 1-128 characters (got ", name.size(), ")"));
   }
@@ -21,14 +23,24 @@ absl::Status ValidateCheckpointName(const std::string& name, const std::string& 
   }
   for (char c : name) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-                    c == '_' || c == '-';
+                    c == '_' || c == '-' || (colon && c == ':');
     if (!ok) {
       return absl::InvalidArgumentError(
-          absl::StrCat(what, " may hold only letters, digits, '.', '_' and '-' (found byte ",
+          absl::StrCat(what, " may hold only letters, digits, '.', '_', '-'", colon ? ", ':'" : "", " (found byte ",
                        static_cast<int>(static_cast<unsigned char>(c)), ")"));
     }
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateCheckpointName(const std::string& name, const std::string& what) {
+  return ValidateName(name, what, /*colon=*/false);
+}
+
+absl::Status ValidateRunName(const std::string& run_id, const std::string& what) {
+  return ValidateName(run_id, what, /*colon=*/true);
 }
 
 absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool allow_sampler) {
@@ -41,7 +53,7 @@ absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool 
                                                    ", not ", QuoteForMessage(path)));
   }
   CheckpointRef ref{parts[0], parts[2], parts[1]};
-  if (absl::Status s = ValidateCheckpointName(ref.run_id, "the path's run_id"); !s.ok()) return s;
+  if (absl::Status s = ValidateRunName(ref.run_id, "the path's run_id"); !s.ok()) return s;
   if (absl::Status s = ValidateCheckpointName(ref.name, "the path's name"); !s.ok()) return s;
   return ref;
 }

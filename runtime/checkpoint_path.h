@@ -21,9 +21,12 @@ struct CheckpointRef {
 // control characters, hidden folders or names of saves in progress).
 // `what` names the field in the message.
 absl::Status ValidateCheckpointName(const std::string& name, const std::string& what = "name");
+// A run id: as ValidateCheckpointName, and ':' is allowed too (the Tinker
+// door names runs "<session_id>:train:<model_seq_id>").
+absl::Status ValidateRunName(const std::string& run_id, const std::string& what = "run_id");
 // InvalidArgument unless `path` is lathe://<run_id>/weights/<name> (or, with
 // `allow_sampler`, lathe://<run_id>/sampler_weights/<name>) with both parts
-// valid names.
+// valid (the run_id by ValidateRunName, the name by ValidateCheckpointName).
 absl::StatusOr<CheckpointRef> ParseCheckpointPath(const std::string& path, bool allow_sampler = false);
 std::string CheckpointUri(const CheckpointRef& ref);
 // <root>/<run_id>/<kind>/<name>

@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev
   libcpp-httplib-dev  # the Tinker-compatible HTTP door (http/)
+  libzstd-dev  # its zstd request bodies
   python3-venv python3-dev
   openssl  # the tests make TLS certificates with it
   # tests/launch/test_slurm.py starts a private single-node slurm with these.
@@ -71,5 +72,17 @@ if [ "$(cat "$cookbook_stamp" 2>/dev/null)" != "$(grep '^torch==' requirements-d
   .venv-cookbook/bin/pip install -q "$(grep '^torch==' requirements-dev.txt)"
   .venv-cookbook/bin/pip install -q "${COOKBOOK_PACKAGES[@]}"
   echo "$(grep '^torch==' requirements-dev.txt) ${COOKBOOK_PACKAGES[*]}" > "$cookbook_stamp"
+fi
+# tinker 0.24.1, the last Tinker SDK that speaks JSON only, in a venv of its own
+# (tests/e2e/test_http_tinker024.py runs it in a subprocess).
+if [ ! -x .venv-tinker024/bin/python ]; then
+  echo "[setup] creating .venv-tinker024"
+  "$PY" -m venv .venv-tinker024
+fi
+stamp=.venv-tinker024/.lathe-requirements
+if ! cmp -s requirements-tinker024.txt "$stamp"; then
+  echo "[setup] installing Python packages into .venv-tinker024"
+  .venv-tinker024/bin/pip install -q -r requirements-tinker024.txt
+  cp requirements-tinker024.txt "$stamp"
 fi
 echo "[setup] ok"

@@ -307,6 +307,25 @@ TEST_F(CheckpointStoreTest, PageTokensAreCheckedAndNextTokensNeverWrap) {
   EXPECT_TRUE(page->next_page_token().empty());
 }
 
+TEST_F(CheckpointStoreTest, RunIdsMayHoldColonsCheckpointNamesMayNot) {
+  // The HTTP door names runs "<session_id>:train:<model_seq_id>".
+  Training("session-1:train:0", "s1", Manifest(""));
+  Training("session-1:train:0", "bad:name", Manifest(""));
+  EXPECT_EQ(ListedIds(), std::vector<std::string>{"lathe://session-1:train:0/weights/s1"});
+  EXPECT_EQ(ListedIds("session-1:train:0"), std::vector<std::string>{"lathe://session-1:train:0/weights/s1"});
+  lathe::v1::GetCheckpointFilesRequest files;
+  files.set_checkpoint_id("lathe://session-1:train:0/weights/s1");
+  EXPECT_TRUE(store_.Files(files).ok());
+  files.set_checkpoint_id("lathe://session-1:train:0/weights/bad:name");
+  EXPECT_EQ(store_.Files(files).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(runtime::ValidateRunName("a:b").ok());
+  EXPECT_FALSE(runtime::ValidateCheckpointName("a:b").ok());
+  EXPECT_FALSE(runtime::ValidateRunName(".a:b").ok());
+  EXPECT_FALSE(runtime::ValidateRunName("a/b").ok());
+  EXPECT_TRUE(store_.Delete("lathe://session-1:train:0/weights/s1").ok());
+  EXPECT_TRUE(ListedIds().empty());
+}
+
 TEST_F(CheckpointStoreTest, MessagesQuoteLongInputShortened) {
   const std::string huge(1 << 20, 'x');
   for (const absl::Status& s :

@@ -425,15 +425,17 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def http_door(build_dir: str, model_dir: str, workdir: str, key: str, worker_args=(), **kwargs):
+def http_door(build_dir: str, model_dir: str, workdir: str, key: str, max_runs: int = 4, coordinator_args=(),
+              worker_args=(), **kwargs):
     """A started deployment with API keys on (`key` only) and the HTTP door on a free port,
-    checkpoints under `workdir`: yields (deployment, base_url); closed on exit. `worker_args`
-    are added to dp_worker's; other keyword arguments go to `Deployment`."""
+    checkpoints under `workdir`: yields (deployment, base_url); closed on exit. `coordinator_args`
+    and `worker_args` are added to the coordinator's and dp_worker's flags; other keyword
+    arguments go to `Deployment`."""
     port_file, root = os.path.join(workdir, "http_port"), os.path.join(workdir, "checkpoints")
-    d = Deployment(build_dir, model_dir, workdir, max_runs=4, api_key=key, coordinator_env={"LATHE_API_KEYS": key},
+    d = Deployment(build_dir, model_dir, workdir, max_runs=max_runs, api_key=key, coordinator_env={"LATHE_API_KEYS": key},
                    worker_args=["--checkpoint_root", root, *worker_args],
                    coordinator_args=["--auth", "on", "--http_port", "0", "--http_port_file", port_file,
-                                     "--checkpoint_root", root], **kwargs)
+                                     "--checkpoint_root", root, *coordinator_args], **kwargs)
     d.start()
     try:
         with open(port_file) as f:

@@ -211,7 +211,7 @@ def test_sampling_session_routes(door):
         ("/api/v1/asample", {**sample, "sampling_params": {"stop": ["\n"]}}, 422, "INVALID_ARGUMENT"),
         ("/api/v1/asample", {**sample, "seq_id": 1, "num_samples": 0}, 422, "INVALID_ARGUMENT"),
         ("/api/v1/create_sampling_session", {"session_id": "session-1", "sampling_session_seq_id": 1,
-                                             "base_model": info["base_model"]}, 422, "UNIMPLEMENTED"),
+                                             "base_model": "no/such-model"}, 422, "INVALID_ARGUMENT"),
         ("/api/v1/create_sampling_session", {**create, "model_path": f"lathe://{run}/weights/w"}, 422,
          "INVALID_ARGUMENT"),
     ]

@@ -1,0 +1,46 @@
+// Session liveness for the HTTP door.
+#include "http/door_sessions.h"
+
+#include <algorithm>
+
+namespace lathe::http {
+
+bool DoorSessions::Expired(absl::Time last_seen, absl::Time now) const {
+  return timeout_ > absl::ZeroDuration() && timeout_ != absl::InfiniteDuration() && now - last_seen > timeout_;
+}
+
+void DoorSessions::SweepLocked(absl::Time now) {
+  for (auto it = last_seen_.begin(); it != last_seen_.end();) {
+    it = Expired(it->second, now) ? last_seen_.erase(it) : std::next(it);
+  }
+  while (last_seen_.size() >= capacity_ && !last_seen_.empty()) {
+    auto oldest = std::min_element(last_seen_.begin(), last_seen_.end(),
+                                   [](const auto& a, const auto& b) { return a.second < b.second; });
+    last_seen_.erase(oldest);
+  }
+}
+
+void DoorSessions::Add(const std::string& id, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  SweepLocked(now);
+  last_seen_[id] = now;
+}
+
+bool DoorSessions::Touch(const std::string& id, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  auto it = last_seen_.find(id);
+  if (it == last_seen_.end()) return false;
+  if (Expired(it->second, now)) {
+    last_seen_.erase(it);
+    return false;
+  }
+  it->second = now;
+  return true;
+}
+
+void DoorSessions::End(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  last_seen_.erase(id);
+}
+
+}  // namespace lathe::http
