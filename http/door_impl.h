@@ -56,6 +56,15 @@ std::string LathePath(absl::string_view tinker_path);
 std::string RunOfPath(absl::string_view lathe_path);
 // "<prefix>-<16 hex>", random.
 std::string NewId(const char* prefix);
+// The SDKs number a client's later operations on past one the front end
+// refused for its content (INVALID_ARGUMENT, UNIMPLEMENTED: nothing was
+// queued), so those would wait for the refused seq_id until the gap timeout.
+// For such a refusal of `op` (an ordered operation of a run), a noop takes
+// its seq_id and the run's order goes on; true when one was queued. Other
+// refusals (a key, the ledger's window, a seq_id taken) queue nothing.
+bool FillRefusedSeq(coordinator::FrontEnd& front_end, const std::string& authorization,
+                    const lathe::v1::SubmitRequest& op, const absl::Status& refusal,
+                    lathe::v1::SubmitRequest* noop = nullptr);
 // The run id of a client that (session_id, model_seq_id) names, as the SDK
 // builds it: "<session_id>:train:<model_seq_id>"; nullopt when the body
 // carries no session_id or model_seq_id. Throws json::exception (422 through

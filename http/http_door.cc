@@ -242,10 +242,29 @@ void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, http
   Reply(res, reply);
 }
 
+bool FillRefusedSeq(coordinator::FrontEnd& front_end, const std::string& authorization,
+                    const lathe::v1::SubmitRequest& op, const absl::Status& refusal, lathe::v1::SubmitRequest* noop) {
+  if (refusal.code() != absl::StatusCode::kInvalidArgument && refusal.code() != absl::StatusCode::kUnimplemented) {
+    return false;
+  }
+  if (op.run_id().empty() || op.seq_id() < 1) return false;
+  lathe::v1::SubmitRequest fill;
+  fill.set_run_id(op.run_id());
+  fill.set_seq_id(op.seq_id());
+  fill.mutable_noop();
+  lathe::v1::SubmitResponse filled;
+  if (!front_end.Submit(authorization, fill, &filled).ok()) return false;
+  if (noop != nullptr) *noop = std::move(fill);
+  return true;
+}
+
 void HttpDoor::Impl::SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op,
                               httplib::Response& res) {
   lathe::v1::SubmitResponse response;
-  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Fail(res, s);
+  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) {
+    FillRefusedSeq(*front_end, Authorization(req), op, s);
+    return Fail(res, s);
+  }
   Reply(res, {{"request_id", response.op_id()}, {"model_id", op.run_id()}});
 }
 
@@ -279,7 +298,12 @@ void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Respo
       return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not a forward_backward request: ", e.what()));
     }
   }
-  if (!s.ok()) return Fail(res, s);
+  if (!s.ok()) {
+    // A request the SDK made (images, sparse tensors, ...) names its run and
+    // seq_id; one that does not parse queues nothing.
+    FillRefusedSeq(*front_end, Authorization(req), op, s);
+    return Fail(res, s);
+  }
   SubmitOp(req, op, res);
 }
 

@@ -83,16 +83,8 @@ void Submit(const LoopsDoor& door, const httplib::Request& req, const json& body
     Record(door, slot, op, response.op_id(), mark, bump);
     return Accepted(res, response.op_id());
   }
-  // The SDK numbers its next ops on past a refused one: its seq_id becomes a
-  // noop, so the run's order goes on.
-  if (s.code() == absl::StatusCode::kInvalidArgument || s.code() == absl::StatusCode::kUnimplemented) {
-    lathe::v1::SubmitRequest noop;
-    noop.set_run_id(op.run_id());
-    noop.set_seq_id(op.seq_id());
-    noop.mutable_noop();
-    lathe::v1::SubmitResponse filled;
-    if (door.front_end->Submit(Authorization(req), noop, &filled).ok()) Record(door, slot, noop, "", 0, false);
-  }
+  lathe::v1::SubmitRequest noop;
+  if (FillRefusedSeq(*door.front_end, Authorization(req), op, s, &noop)) Record(door, slot, noop, "", 0, false);
   LoopsFail(door, res, s);
 }
 

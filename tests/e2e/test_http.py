@@ -22,7 +22,7 @@ LR = 1e-2
 @pytest.fixture(scope="module")
 def door(tmp_path_factory, build_dir, tiny_model):
     """A deployment with API keys on and the HTTP door on a free port: (deployment, base_url)."""
-    with sc.http_door(build_dir, tiny_model, str(tmp_path_factory.mktemp("http")), KEY) as door_and_url:
+    with sc.http_door(build_dir, tiny_model, str(tmp_path_factory.mktemp("http")), KEY, max_runs=6) as door_and_url:
         yield door_and_url
 
 
@@ -113,8 +113,8 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
         ("/api/v1/optim_step", b'{"model_id": 5}', key, 422, "INVALID_ARGUMENT"),        # wrong shape
         ("/api/v1/no_such_route", step, key, 404, "NOT_FOUND"),
         ("/api/v1/optim_step",
-         json.dumps({"model_id": run, "seq_id": 1, "adam_params": {"learning_rate": -1}}).encode(),
-         key, 422, "INVALID_ARGUMENT"),                                                  # refused by validation
+         json.dumps({"model_id": run, "seq_id": 2, "adam_params": {"learning_rate": -1}}).encode(),
+         key, 422, "INVALID_ARGUMENT"),                    # refused by validation: a noop takes seq_id 2
         ("/api/v1/forward_backward", b"\xff\xff\xff", {**key, "Content-Type": "application/x-protobuf"}, 422,
          "INVALID_ARGUMENT"),
         ("/api/v1/retrieve_future", json.dumps({"request_id": f"{run}/77"}).encode(), key, 404, "NOT_FOUND"),
@@ -133,13 +133,42 @@ def test_malformed_requests_get_json_errors_and_queue_nothing(door):
         assert (got, reply["error"]["code"]) == (status, code), (path, body[:40], reply)
         assert reply["error"]["message"], reply
     assert _post(url, "/api/v1/sessions/session-1/finish", b'{"reason": {"type": "success"}}', key) == (200, {})
-    # Nothing took seq_id 1: a different operation there is a fresh one, not ALREADY_EXISTS.
+    # Nothing took seq_id 1 (keys, parsing and the field types are checked before a seq_id is read).
+    with pytest.raises(sc.grpc.RpcError) as unknown:
+        stub.Retrieve(pb.RetrieveRequest(op_id=f"{run}/1"), metadata=md, timeout=sc.RPC_TIMEOUT_S)
+    assert unknown.value.code() == sc.grpc.StatusCode.NOT_FOUND
     op = stub.Submit(pb.SubmitRequest(run_id=run, seq_id=1, noop=pb.NoopOp()), metadata=md, timeout=sc.RPC_TIMEOUT_S)
     assert _wait(stub, md, op.op_id).state == sc.Retrieve.DONE
+    # The refused optim_step's seq_id 2 was filled with a noop, so the run's order goes on.
+    assert _wait(stub, md, f"{run}/2").state == sc.Retrieve.DONE
     # A retried submit is the same operation (the ledger's idempotency, through the door).
-    retry = json.dumps({"model_id": run, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}).encode()
+    retry = json.dumps({"model_id": run, "seq_id": 3, "adam_params": {"learning_rate": 1e-3}}).encode()
     first, second = _post(url, "/api/v1/optim_step", retry, key), _post(url, "/api/v1/optim_step", retry, key)
-    assert first == second and first[0] == 200 and first[1]["request_id"] == f"{run}/2"
+    assert first == second and first[0] == 200 and first[1]["request_id"] == f"{run}/3"
+
+
+def test_an_sdk_call_refused_for_its_input_fails_fast_and_the_client_goes_on(door):
+    """The SDK has taken the refused call's seq_id: the door fills it with a noop, so the
+    client's next call runs at once instead of waiting out the gap timeout."""
+    d, url = door
+    base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
+                                        timeout=sc.RPC_TIMEOUT_S).base_models[0]
+    client = tinker.ServiceClient(base_url=url, api_key=KEY)
+    training = client.create_lora_training_client(base_model=base_model, rank=4).result()
+    data = [_tinker_datum(t, y) for t, y in _sequences()]
+    bad = [_tinker_datum([1, 2, 3], [2, 3, 2**40])]  # a target far beyond any vocabulary
+    started = time.monotonic()
+    with pytest.raises(Exception) as refused:
+        training.forward_backward(bad, "cross_entropy").result()
+    assert time.monotonic() - started < 10, "a refused call must fail at once"
+    assert "target" in str(refused.value).lower() or "vocab" in str(refused.value).lower(), refused.value
+    with pytest.raises(Exception):
+        training.optim_step(tinker.types.AdamParams(learning_rate=1e39)).result()  # beyond float32
+    started = time.monotonic()
+    fb = training.forward_backward(data, "cross_entropy").result(timeout=60)
+    training.optim_step(tinker.types.AdamParams(learning_rate=LR)).result(timeout=60)
+    assert time.monotonic() - started < 60 and np.isfinite(fb.metrics["loss:sum"])
+    client.close("success").result()
 
 
 def test_save_state_and_sampler_weights_over_http(door):
