@@ -89,6 +89,9 @@ struct HttpDoor::Impl {
   void LoopsRoutes();
 
   void Routes();
+  // Removes the ephemeral sampler weights (save_weights_and_get_sampling_client)
+  // of the runs of the Tinker sessions that ended since the last call.
+  void RemoveEphemeralOfEndedSessions(const std::string& authorization);
   // Wraps a JSON route: the body must be a JSON object; a body of the wrong
   // shape is answered 422 naming what is wrong.
   void PostJson(const char* path,

@@ -14,6 +14,7 @@
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
 #include "http/zstd_body.h"
+#include "runtime/log.h"
 #include "runtime/quote.h"
 
 namespace lathe::http {
@@ -143,21 +144,24 @@ void HttpDoor::Impl::Routes() {
   PostJson("/api/v1/client/dynamic_config", [](auto&, auto&, httplib::Response& res) {
     Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
   });
-  PostJson("/api/v1/create_session", [this](auto&, auto&, httplib::Response& res) {
+  PostJson("/api/v1/create_session", [this](auto& req, auto&, httplib::Response& res) {
     const std::string id = NewId("session");
     sessions->Add(id, absl::Now());
     Reply(res, {{"session_id", id}});
+    RemoveEphemeralOfEndedSessions(Authorization(req));
   });
   // 410 ends the SDK's heartbeat loop: for a session silent past
   // --http_session_timeout, finished, or not made by this coordinator.
-  PostJson("/api/v1/session_heartbeat", [this](auto&, const json& body, httplib::Response& res) {
+  PostJson("/api/v1/session_heartbeat", [this](auto& req, const json& body, httplib::Response& res) {
     const std::string id = body.at("session_id").template get<std::string>();
     if (!sessions->Touch(id, absl::Now())) {
-      return Fail(res, 410, "NOT_FOUND",
-                  absl::StrCat("session ", runtime::QuoteForMessage(id),
-                               " has ended (silent past --http_session_timeout, finished, or unknown)"));
+      Fail(res, 410, "NOT_FOUND",
+           absl::StrCat("session ", runtime::QuoteForMessage(id),
+                        " has ended (silent past --http_session_timeout, finished, or unknown)"));
+    } else {
+      Reply(res, {{"type", "session_heartbeat"}});
     }
-    Reply(res, {{"type", "session_heartbeat"}});
+    RemoveEphemeralOfEndedSessions(Authorization(req));
   });
   // The SDK's close() and the end of a `with ServiceClient()` block; the
   // session's runs and checkpoints stay.
@@ -165,6 +169,7 @@ void HttpDoor::Impl::Routes() {
                                                                            httplib::Response& res) {
     sessions->End(req.matches[1].str());
     Reply(res, json::object());
+    RemoveEphemeralOfEndedSessions(Authorization(req));
   });
   PostJson("/api/v1/telemetry", [](auto&, auto&, httplib::Response& res) { Reply(res, {{"status", "accepted"}}); });
   server.Get("/api/v1/healthz", [this](const httplib::Request&, httplib::Response& res) {
@@ -191,6 +196,28 @@ void HttpDoor::Impl::Routes() {
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
   LoopsRoutes();
   StateRoutes();
+}
+
+void HttpDoor::Impl::RemoveEphemeralOfEndedSessions(const std::string& authorization) {
+  const std::vector<std::string> ended = sessions->TakeEnded(absl::Now());
+  if (ended.empty()) return;
+  lathe::v1::ListCheckpointsResponse listed;
+  if (absl::Status s = front_end->ListCheckpoints(authorization, {}, &listed); !s.ok()) {
+    LATHE_LOG(Warning, "ephemeral sampler weights of %d ended session(s) kept: %s", ended.size(), s.message());
+    return;
+  }
+  for (const std::string& session : ended) {
+    const std::string runs = absl::StrCat("lathe://", session, ":train:");
+    for (const lathe::v1::Checkpoint& checkpoint : listed.checkpoints()) {
+      const std::string& id = checkpoint.id();
+      if (!absl::StartsWith(id, runs) || !absl::StrContains(id, "/sampler_weights/ephemeral-")) continue;
+      lathe::v1::DeleteCheckpointRequest request;
+      request.set_checkpoint_id(id);
+      if (absl::Status s = front_end->DeleteCheckpoint(authorization, request); !s.ok()) {
+        LATHE_LOG(Warning, "ephemeral sampler weights %s of ended session %s kept: %s", id, session, s.message());
+      }
+    }
+  }
 }
 
 void HttpDoor::Impl::Capabilities(const httplib::Request& req, httplib::Response& res) {

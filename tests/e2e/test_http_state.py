@@ -291,6 +291,33 @@ def test_silent_sessions_end_and_their_heartbeat_is_gone(tmp_path, build_dir, ti
         client.close("success").result()
 
 
+def test_an_ended_sessions_ephemeral_sampler_weights_are_removed(door):
+    """save_weights_and_get_sampling_client's weights live as long as the session that made
+    them: once it finishes they are removed; its named checkpoints and other sessions' stay."""
+    d, url = door
+    stub, md = d.stub, d.metadata()
+
+    def sampler_checkpoints(run):
+        listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), metadata=md, timeout=sc.RPC_TIMEOUT_S)
+        return sorted(c.id.rsplit("/", 1)[1] for c in listed.checkpoints if c.type == "sampler")
+
+    ending, staying = (tinker.ServiceClient(base_url=url, api_key=KEY) for _ in range(2))
+    runs = []
+    for client in (ending, staying):
+        training = client.create_lora_training_client(base_model=_base_model(d), rank=4).result()
+        sampler = training.save_weights_and_get_sampling_client().result()
+        prompt = tinker.types.ModelInput.from_ints([1, 2, 3])
+        assert sampler.sample(prompt, 1, tinker.types.SamplingParams(max_tokens=2)).result().sequences
+        training.save_weights_for_sampler("named").result()
+        runs.append(training.model_id)
+    assert [len(sampler_checkpoints(r)) for r in runs] == [2, 2]  # ephemeral-<seq_id> and named
+    ending.close("success").result()
+    assert sampler_checkpoints(runs[0]) == ["named"]
+    assert len(sampler_checkpoints(runs[1])) == 2
+    staying.close("success").result()
+    assert sampler_checkpoints(runs[1]) == ["named"]
+
+
 def test_create_run_from_a_checkpoint_over_grpc(door):
     """The same CreateRun over gRPC: a chosen run id, a checkpoint to start from, and what is refused."""
     d, _ = door

@@ -1,11 +1,13 @@
 // The HTTP door's session liveness: a session silent past the timeout ends,
 // one heard from in time stays, a zero timeout never ends one, and the
-// registry stays within its capacity.
+// registry stays within its capacity; every session that ends is reported
+// once.
 #include "http/door_sessions.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 namespace lathe::http {
 namespace {
@@ -38,6 +40,25 @@ TEST(DoorSessionsTest, PastCapacityTheLongestSilentEnds) {
   sessions.Add("3", kStart + absl::Seconds(6));
   EXPECT_FALSE(sessions.Touch("1", kStart + absl::Seconds(7)));
   for (const char* id : {"0", "2", "3"}) EXPECT_TRUE(sessions.Touch(id, kStart + absl::Seconds(7))) << id;
+}
+
+TEST(DoorSessionsTest, EverySessionThatEndsIsReportedOnce) {
+  using Ids = std::vector<std::string>;
+  DoorSessions sessions(absl::Seconds(10), 3);
+  for (const char* id : {"a", "b", "c"}) sessions.Add(id, kStart);
+  EXPECT_EQ(sessions.TakeEnded(kStart), Ids{});
+  sessions.End("a");
+  sessions.End("a");       // twice: reported once
+  sessions.End("unknown");  // never made: not reported
+  EXPECT_EQ(sessions.TakeEnded(kStart), Ids{"a"});
+  EXPECT_TRUE(sessions.Touch("b", kStart + absl::Seconds(5)));
+  // "c" expires; noticed without a call naming it.
+  EXPECT_EQ(sessions.TakeEnded(kStart + absl::Seconds(11)), Ids{"c"});
+  sessions.Add("d", kStart + absl::Seconds(12));
+  sessions.Add("e", kStart + absl::Seconds(12));
+  sessions.Add("f", kStart + absl::Seconds(13));  // past capacity: "b", the longest silent, ends
+  EXPECT_EQ(sessions.TakeEnded(kStart + absl::Seconds(13)), Ids{"b"});
+  EXPECT_EQ(sessions.TakeEnded(kStart + absl::Seconds(13)), Ids{});
 }
 
 }  // namespace
