@@ -1,28 +1,20 @@
 // Request handling shared by the coordinator's doors: checks, then the ledger.
 #include "coordinator/front_end.h"
 
-#include <random>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "coordinator/op_validation.h"
 #include "coordinator/request_limits.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/quote.h"
+#include "runtime/random_id.h"
 #include "runtime/status.h"
 
 namespace lathe::coordinator {
 namespace {
 
 using runtime::QuoteForMessage;
-
-std::string NewRunId() {
-  static std::mt19937_64 rng(std::random_device{}());
-  static absl::Mutex mu;
-  absl::MutexLock lock(&mu);
-  return absl::StrFormat("run-%016x", rng());
-}
 
 // A sample or compute_logprobs of a sampler checkpoint or the base model
 // (after ResolveWeights turned a policy_version into its path).
@@ -149,7 +141,7 @@ absl::Status FrontEnd::CreateRun(absl::string_view authorization, const lathe::v
         absl::StrCat("this deployment holds at most ", options_.max_runs,
                      " run(s) (--max_runs); re-initialise an existing run with an init operation"));
   }
-  const std::string run_id = request.run_id().empty() ? NewRunId() : request.run_id();
+  const std::string run_id = request.run_id().empty() ? runtime::RandomId("run") : request.run_id();
   lathe::v1::RunInfo info;
   info.set_run_id(run_id);
   info.set_base_model(model.base_model());

@@ -11,6 +11,7 @@
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
 #include "runtime/quote.h"
+#include "runtime/random_id.h"
 
 namespace lathe::http {
 
@@ -59,7 +60,7 @@ void HttpDoor::Impl::CreateBaseSamplingSession(const httplib::Request& req, cons
     // No run to sample through: one of the smallest adapter, named after the
     // session (a retry, or the session's next base session, finds it again).
     lathe::v1::CreateRunRequest create;
-    create.set_run_id(absl::StrCat(session.empty() ? NewId("session") : session, ":base"));
+    create.set_run_id(absl::StrCat(session.empty() ? runtime::RandomId("session") : session, ":base"));
     create.mutable_lora()->set_rank(1);
     lathe::v1::CreateRunResponse created;
     if (absl::Status s = front_end->CreateRun(Authorization(req), create, &created); !s.ok()) return Fail(res, s);

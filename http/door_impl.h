@@ -54,8 +54,6 @@ std::string TinkerPath(absl::string_view lathe_path);
 std::string LathePath(absl::string_view tinker_path);
 // The run a lathe://<run>/<kind>/<name> path belongs to ("" if none).
 std::string RunOfPath(absl::string_view lathe_path);
-// "<prefix>-<16 hex>", random.
-std::string NewId(const char* prefix);
 // The SDKs number a client's later operations on past one the front end
 // refused for its content (INVALID_ARGUMENT, UNIMPLEMENTED: nothing was
 // queued), so those would wait for the refused seq_id until the gap timeout.

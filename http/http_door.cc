@@ -3,11 +3,9 @@
 #include "http/http_door.h"
 
 #include <optional>
-#include <random>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
@@ -16,6 +14,7 @@
 #include "http/zstd_body.h"
 #include "runtime/log.h"
 #include "runtime/quote.h"
+#include "runtime/random_id.h"
 
 namespace lathe::http {
 namespace {
@@ -85,13 +84,6 @@ std::string RunOfPath(absl::string_view lathe_path) {
   return std::string(lathe_path.substr(0, lathe_path.find('/')));
 }
 
-std::string NewId(const char* prefix) {
-  static std::mt19937_64 rng(std::random_device{}());
-  static absl::Mutex mu;
-  absl::MutexLock lock(&mu);
-  return absl::StrFormat("%s-%016x", prefix, rng());
-}
-
 void HttpDoor::Impl::PostJson(const char* path,
                               std::function<void(const httplib::Request&, const json&, httplib::Response&)> f) {
   server.Post(path, [f](const httplib::Request& req, httplib::Response& res) {
@@ -145,7 +137,7 @@ void HttpDoor::Impl::Routes() {
     Reply(res, {{"refresh_interval_sec", 300}, {"sample_cancel_enabled", false}});
   });
   PostJson("/api/v1/create_session", [this](auto& req, auto&, httplib::Response& res) {
-    const std::string id = NewId("session");
+    const std::string id = runtime::RandomId("session");
     sessions->Add(id, absl::Now());
     Reply(res, {{"session_id", id}});
     RemoveEphemeralOfEndedSessions(Authorization(req));

@@ -10,6 +10,7 @@
 #include "http/loops_door.h"
 #include "http/tinker_convert.h"
 #include "runtime/quote.h"
+#include "runtime/random_id.h"
 
 namespace lathe::http {
 namespace {
@@ -138,7 +139,7 @@ void AddLoopsControlRoutes(const LoopsDoor& door) {
   });
   // Sessions hold nothing; the SDK posts without a body.
   door.server->Post("/v1/loops/sessions", [](const httplib::Request&, httplib::Response& res) {
-    Reply(res, {{"session", {{"id", NewId("session")}}}});
+    Reply(res, {{"session", {{"id", runtime::RandomId("session")}}}});
   });
   door.server->Get("/v1/loops/sessions/" + id, [](const httplib::Request& req, httplib::Response& res) {
     Reply(res, {{"session", {{"id", req.matches[1].str()}}}});

@@ -11,6 +11,7 @@
 #include "http/door_impl.h"
 #include "http/loops_convert.h"
 #include "http/loops_door.h"
+#include "runtime/random_id.h"
 
 namespace lathe::http {
 namespace {
@@ -45,7 +46,7 @@ std::string Lane(const httplib::Request& req) {
   for (char c : req.get_header_value("Idempotency-Key")) {
     if (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') lane += c;
   }
-  return lane.empty() ? NewId("loops") : "loops-" + lane.substr(0, 50);
+  return lane.empty() ? runtime::RandomId("loops") : "loops-" + lane.substr(0, 50);
 }
 
 void Sample(const LoopsDoor& door, const httplib::Request& req, const json& body, httplib::Response& res) {

@@ -1,9 +1,8 @@
 // Bounded map of sampling sessions, oldest forgotten first.
 #include "http/sampling_sessions.h"
 
-#include <random>
 
-#include "absl/strings/str_format.h"
+#include "runtime/random_id.h"
 
 namespace lathe::http {
 
@@ -17,10 +16,9 @@ std::string SamplingSessions::Add(const std::string& key, SamplingSession sessio
     }
     order_.pop_front();
   }
-  static std::mt19937_64 rng(std::random_device{}());
   std::string id;
   do {
-    id = absl::StrFormat("sampler-%016x", rng());
+    id = runtime::RandomId("sampler");
   } while (sessions_.count(id) > 0);
   sessions_.emplace(id, std::move(session));
   ids_.emplace(key, id);
