@@ -137,7 +137,7 @@ def submit_bytes(channel, raw: bytes) -> str:
     return call(raw, timeout=RPC_TIMEOUT_S).op_id
 
 
-def wait(stub, op_id: str, timeout: float = 60.0) -> pb.RetrieveResponse:
+def wait(stub, op_id: str, timeout: float = 60.0, metadata=None) -> pb.RetrieveResponse:
     """Long-polls Retrieve until the op is DONE or FAILED; fails the test after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -145,14 +145,15 @@ def wait(stub, op_id: str, timeout: float = 60.0) -> pb.RetrieveResponse:
         if left <= 0:
             raise AssertionError(f"op {op_id} still PENDING after {timeout:.0f} s")
         wait_ms = int(min(left, 5.0) * 1000)
-        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=wait_ms), timeout=wait_ms / 1000 + RPC_TIMEOUT_S)
+        r = stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=wait_ms), metadata=metadata,
+                          timeout=wait_ms / 1000 + RPC_TIMEOUT_S)
         if r.state != Retrieve.PENDING:
             return r
 
 
-def result(stub, op_id: str, timeout: float = 60.0) -> pb.OpResult:
+def result(stub, op_id: str, timeout: float = 60.0, metadata=None) -> pb.OpResult:
     """The op's result; fails the test with the op's error when it FAILED."""
-    r = wait(stub, op_id, timeout)
+    r = wait(stub, op_id, timeout, metadata)
     assert r.state == Retrieve.DONE, f"op {op_id} {Retrieve.State.Name(r.state)}: {r.error}"
     return r.result
 
@@ -348,6 +349,14 @@ class Deployment:
 
     def metadata(self):
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else None
+
+    def run_op(self, run_id: str, seq_id: int, timeout: float = 120.0, **op) -> pb.OpResult:
+        """Submits one operation with the deployment's key and returns its result (the test
+        fails when it FAILED or is still pending after `timeout` s)."""
+        md = self.metadata()
+        op_id = self.stub.Submit(pb.SubmitRequest(run_id=run_id, seq_id=seq_id, **op), metadata=md,
+                                 timeout=RPC_TIMEOUT_S).op_id
+        return result(self.stub, op_id, timeout, md)
 
     def health(self) -> pb.HealthResponse:
         return self.stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)

@@ -31,23 +31,10 @@ def _bits(values) -> np.ndarray:
     return np.asarray(values, np.float32).view(np.uint32)
 
 
-def _grpc(d, run: str, seq: int, **op) -> pb.OpResult:
-    """Submits one op over gRPC (with the deployment's key) and waits for its result."""
-    md = d.metadata()
-    op_id = d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, **op), metadata=md, timeout=sc.RPC_TIMEOUT_S).op_id
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = d.stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=5000), metadata=md, timeout=15)
-        if r.state != sc.Retrieve.PENDING:
-            assert r.state == sc.Retrieve.DONE, r.error
-            return r.result
-    raise AssertionError(f"{op_id} still pending")
-
-
 def _grpc_sample(d, run: str, seq: int, model_path: str, n: int, **params) -> pb.SampleResult:
     prompt = sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)])
     op = pb.SampleOp(prompt=prompt, num_samples=n, model_path=model_path, params=pb.SamplingParams(**params))
-    return _grpc(d, run, seq, sample=op).sample
+    return d.run_op(run, seq, sample=op).sample
 
 
 def _same(http, grpc_result: pb.SampleResult):
@@ -98,13 +85,13 @@ def test_sdk_samples_like_grpc(door):
     _same(named_out, _grpc_sample(d, run, 7, f"lathe://{run}/sampler_weights/named", 2, max_tokens=6,
                                   temperature=1.0, seed=5, top_k=20, top_p=0.9))
     prompt_op = pb.ComputeLogprobsOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), model_path=ephemeral)
-    expected = np.frombuffer(_grpc(d, run, 8, compute_logprobs=prompt_op).compute_logprobs.logprobs, "<f4")
+    expected = np.frombuffer(d.run_op(run, 8, compute_logprobs=prompt_op).compute_logprobs.logprobs, "<f4")
     assert logprobs[0] is None and np.isnan(expected[0])
     assert np.array_equal(_bits(logprobs[1:]), expected[1:].view(np.uint32))
     topk_op = pb.SampleOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), num_samples=1,
                           model_path=ephemeral, include_prompt_logprobs=True, topk_prompt_logprobs=3,
                           params=pb.SamplingParams(max_tokens=1, temperature=0.0))
-    want = _grpc(d, run, 9, sample=topk_op).sample
+    want = d.run_op(run, 9, sample=topk_op).sample
     _same(topk, want)
     assert np.array_equal(_bits(topk.prompt_logprobs_np), np.frombuffer(want.prompt_logprobs, "<f4").view(np.uint32))
     got_topk = topk.topk_prompt_logprobs_np
@@ -185,7 +172,7 @@ def test_sampling_session_routes(door):
     d, url = door
     run = d.stub.CreateRun(pb.CreateRunRequest(lora=sc.types.LoraConfig(rank=4)), metadata=d.metadata(),
                            timeout=sc.RPC_TIMEOUT_S).run_id
-    _grpc(d, run, 1, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="w"))
+    d.run_op(run, 1, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="w"))
     create = {"session_id": "session-1", "sampling_session_seq_id": 0,
               "model_path": f"tinker://{run}/sampler_weights/w"}
     status, made = _call(url, "/api/v1/create_sampling_session", create)

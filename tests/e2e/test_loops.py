@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import textwrap
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,19 +50,6 @@ def _sdk(python: str, tmp_path, script: str, args: dict, env: dict | None = None
                           timeout=SDK_TIMEOUT_S, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"the SDK script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _grpc(d, run: str, seq: int, **op) -> pb.OpResult:
-    """Submits one op over gRPC (with the deployment's key) and waits for its result."""
-    md = d.metadata()
-    op_id = d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, **op), metadata=md, timeout=sc.RPC_TIMEOUT_S).op_id
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        r = d.stub.Retrieve(pb.RetrieveRequest(op_id=op_id, wait_ms=5000), metadata=md, timeout=15)
-        if r.state != sc.Retrieve.PENDING:
-            assert r.state == sc.Retrieve.DONE, r.error
-            return r.result
-    raise AssertionError(f"{op_id} still pending")
 
 
 def _bits(values) -> list[int]:
@@ -154,17 +140,17 @@ def test_training_client_matches_grpc(door, loops_python, tmp_path):
                            timeout=sc.RPC_TIMEOUT_S).run_id
     # The Loops SDK's AdamParams defaults (grad_clip_norm 1.0), as it sends them.
     adam = sc.adam(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.0, grad_clip_norm=1.0)
-    fb1 = _grpc(d, run, 1, **sc.fb_op(sc.datum(*a))).forward_backward
-    _grpc(d, run, 2, optim_step=adam)
-    _grpc(d, run, 3, save_state=pb.SaveStateOp(name="s1"))
-    fb2 = _grpc(d, run, 4, **sc.fb_op(sc.datum(*b))).forward_backward
-    _grpc(d, run, 5, optim_step=adam)
-    loaded = _grpc(d, run, 6, load_state_with_optimizer=pb.LoadStateOp(path=f"lathe://{run}/weights/s1"))
+    fb1 = d.run_op(run, 1, **sc.fb_op(sc.datum(*a))).forward_backward
+    d.run_op(run, 2, optim_step=adam)
+    d.run_op(run, 3, save_state=pb.SaveStateOp(name="s1"))
+    fb2 = d.run_op(run, 4, **sc.fb_op(sc.datum(*b))).forward_backward
+    d.run_op(run, 5, optim_step=adam)
+    loaded = d.run_op(run, 6, load_state_with_optimizer=pb.LoadStateOp(path=f"lathe://{run}/weights/s1"))
     assert loaded.load_state.step == 1
-    _grpc(d, run, 7, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="p1"))
-    fb3 = _grpc(d, run, 8, **sc.fb_op(sc.datum(*b))).forward_backward
-    _grpc(d, run, 9, optim_step=adam)
-    _grpc(d, run, 10, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="p2"))
+    d.run_op(run, 7, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="p1"))
+    fb3 = d.run_op(run, 8, **sc.fb_op(sc.datum(*b))).forward_backward
+    d.run_op(run, 9, optim_step=adam)
+    d.run_op(run, 10, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="p2"))
     for http, grpc_out in ((got["fb1"], fb1), (got["fb2"], fb2), (got["fb3"], fb3)):
         assert http["metrics"]["loss:sum"] == grpc_out.metrics["loss:sum"]
         assert http["loss"] == grpc_out.metrics["loss:sum"] / grpc_out.metrics["num_loss_tokens:sum"]
@@ -174,7 +160,7 @@ def test_training_client_matches_grpc(door, loops_python, tmp_path):
         op = pb.SampleOp(prompt=sc.types.ModelInput(chunks=[sc.token_chunk(PROMPT)]), num_samples=n,
                          model_path=f"lathe://{run}/sampler_weights/{name}", include_prompt_logprobs=prompt_logprobs,
                          params=pb.SamplingParams(**params))
-        return _grpc(d, run, seq, sample=op).sample
+        return d.run_op(run, seq, sample=op).sample
 
     def same(http, grpc_result):
         assert len(http) == len(grpc_result.sequences)
