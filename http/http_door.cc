@@ -2,7 +2,11 @@
 // answer in the shape and with the status the SDK acts on correctly.
 #include "http/http_door.h"
 
+#include <sys/socket.h>
+
+#include <atomic>
 #include <exception>
+#include <memory>
 #include <optional>
 
 #include "absl/strings/match.h"
@@ -506,12 +510,22 @@ absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& opt
   // A response is written as headers then body: with Nagle's algorithm the
   // body waits for the client's delayed ACK of the headers (~40 ms a call).
   impl->server.set_tcp_nodelay(true);
+  // cpp-httplib listens with a backlog of 5, so a burst of new connections
+  // (many clients' polls starting at once) past it is reset: the listening
+  // socket is captured here and given the system's backlog once bound.
+  auto listening = std::make_shared<std::atomic<int>>(-1);
+  impl->server.set_socket_options([listening](socket_t sock) {
+    int yes = 1;  // what cpp-httplib's default options set (without SO_REUSEPORT)
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    listening->store(sock);
+  });
   impl->Routes();
   impl->port = options.port == 0 ? impl->server.bind_to_any_port(options.host)
                                  : (impl->server.bind_to_port(options.host, options.port) ? options.port : -1);
   if (impl->port <= 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for HTTP on ", options.host, ":", options.port));
   }
+  if (int sock = listening->load(); sock >= 0) ::listen(sock, SOMAXCONN);
   httplib::Server* server = &impl->server;
   impl->thread = std::thread([server] { server->listen_after_bind(); });
   return std::unique_ptr<HttpDoor>(new HttpDoor(std::move(impl)));
