@@ -6,14 +6,21 @@ LoRA rank and step count.
 Both keep two steps submitted (forward_backward + optim_step each) and time
 from the end of the warm-up steps to the end of the last; tokens are the
 runs' own num_tokens:sum. Both print the first step's loss, which must agree
-(the same batch on a fresh LoRA of the same seed). The two clients run one
-after the other on the same coordinator and dp_workers, on two runs.
+(the same batch on a fresh LoRA of the same seed). The clients run in
+pairs on the same coordinator and dp_workers (--rounds pairs, each run on a
+new run_id, alternating which client goes first); a pair runs back to back,
+so the ratio is the geometric mean of the pairs' ratios, which holds while
+the machine's speed drifts between pairs. The CPU time each client spends
+per step is printed too: on a machine with fewer cores than ranks + client,
+the client's CPU is taken from the ranks.
 
-  .venv/bin/python bench/http_sft.py [--model tiny|moe2|dense] [--layout replicas=2,ep=2] [--steps 20]
+  .venv/bin/python bench/http_sft.py [--model tiny|moe2|dense] [--layout replicas=2,ep=2] \\
+      [--steps 200] [--rounds 4]
 """
 import argparse
 import collections
 import json
+import math
 import os
 import resource
 import subprocess
@@ -101,32 +108,45 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--order", choices=["grpc-first", "http-first"], default="grpc-first")
+    ap.add_argument("--rounds", type=int, default=3, help="pairs of runs, one per client, alternating which goes first")
     tt.add_path_args(ap)
     args = ap.parse_args()
     layout = dict(kv.split("=") for kv in args.layout.split(","))
     threads = max(1, args.threads // ranks_of(layout))
     model, vocab = st.model_dir(args)
     batch = tt.make_batch([int(x) for x in args.lengths.split(",")], vocab)
+    grpc_runs, http_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "batch.jsonl")
         with open(data, "w") as f:
             for s in batch:
                 f.write(json.dumps({"tokens": s}) + "\n")
-        with deployment(args.build_dir, model, layout, threads, tmp, worker_args=["--max_runs=2"],
-                        coordinator_args=http_door_args(tmp, "--max_runs=2")) as address:
+        runs = 2 * args.rounds
+        with deployment(args.build_dir, model, layout, threads, tmp, worker_args=[f"--max_runs={runs}"],
+                        coordinator_args=http_door_args(tmp, f"--max_runs={runs}")) as address:
             url = http_url(tmp)
-            if args.order == "grpc-first":
-                grpc_ = through_grpc(args, address, data, tmp)
-                http = through_sdk(args, url, batch)
-            else:
-                http = through_sdk(args, url, batch)
-                grpc_ = through_grpc(args, address, data, tmp)
+            for i in range(args.rounds):
+                if i % 2 == 0:
+                    grpc_runs.append(through_grpc(args, address, data, tmp))
+                    http_runs.append(through_sdk(args, url, batch))
+                else:
+                    http_runs.append(through_sdk(args, url, batch))
+                    grpc_runs.append(through_grpc(args, address, data, tmp))
+    ratios = []
+    for i, (g, h) in enumerate(zip(grpc_runs, http_runs)):
+        ratios.append(h["tokens_per_s"] / g["tokens_per_s"])
+        print(f"  pair {i + 1} ({'C++' if i % 2 == 0 else 'SDK'} first): SDK {h['tokens_per_s']:.1f} tokens/s, "
+              f"C++ {g['tokens_per_s']:.1f} tokens/s, ratio {ratios[-1]:.3f}x", flush=True)
+    # Pairs run back to back, so a pair's ratio is fair even as the machine's speed drifts between pairs.
+    ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    http = sorted(http_runs, key=lambda r: r["tokens_per_s"])[len(http_runs) // 2]
+    grpc_ = sorted(grpc_runs, key=lambda r: r["tokens_per_s"])[len(grpc_runs) // 2]
     total = args.warmup + args.steps
     print(f"{args.model} {args.layout}: Tinker SDK over HTTP {http['tokens_per_s']:.1f} tokens/s vs C++ client over "
-          f"gRPC {grpc_['tokens_per_s']:.1f} tokens/s: ratio {http['tokens_per_s'] / grpc_['tokens_per_s']:.3f}x "
-          f"(first-step loss {http['first_loss']:.4f} / {grpc_['first_loss']:.4f}; {args.steps} steps, 2 queued; "
-          f"client CPU per step: SDK {http['cpu_s'] / total * 1e3:.1f} ms, C++ {grpc_['cpu_s'] / total * 1e3:.1f} ms)")
+          f"gRPC {grpc_['tokens_per_s']:.1f} tokens/s (medians): ratio {ratio:.3f}x (geometric mean of "
+          f"{args.rounds} pairs; first-step loss {http['first_loss']:.4f} / {grpc_['first_loss']:.4f}; "
+          f"{args.steps} steps, 2 queued; client CPU per step: SDK {http['cpu_s'] / total * 1e3:.1f} ms, "
+          f"C++ {grpc_['cpu_s'] / total * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":
