@@ -402,7 +402,15 @@ void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, ht
   op.set_run_id(String(body, "model_id"));
   op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   const bool adam = body.contains("adam_params") && !body.at("adam_params").is_null();
-  *op.mutable_optim_step() = AdamFromJson(adam ? body.at("adam_params") : json::object());
+  try {
+    *op.mutable_optim_step() = AdamFromJson(adam ? body.at("adam_params") : json::object());
+  } catch (const json::exception& e) {
+    // A bad value (the SDK's NaN arrives as null) in a request that names its
+    // run and seq_id: refused for its content, so its seq_id gets the noop.
+    const absl::Status refusal = absl::InvalidArgumentError(absl::StrCat("adam_params: ", e.what()));
+    FillRefusedSeq(*front_end, Authorization(req), op, refusal);
+    return Fail(res, refusal);
+  }
   SubmitOp(req, op, res);
 }
 
