@@ -34,12 +34,15 @@ def log_tails(logs):
 
 
 @contextlib.contextmanager
-def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
+def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None, coordinator_args=(), worker_args=()):
+    """Yields the coordinator's gRPC address; `coordinator_args` / `worker_args` are more
+    lathe_coordinator / dp_worker flags."""
     port_file = os.path.join(logs, "port")
     root = [f"--checkpoint_root={checkpoint_root}"] if checkpoint_root else []
     token = {"LATHE_WORKER_TOKEN": secrets.token_hex(32)}  # the replicas' credential, for both sides
     coord = subprocess.Popen([os.path.join(build_dir, "coordinator", "lathe_coordinator"), "--listen=127.0.0.1:0",
-                              f"--port_file={port_file}", f"--replicas={layout.get('replicas', 1)}"] + root,
+                              f"--port_file={port_file}", f"--replicas={layout.get('replicas', 1)}"] + root
+                             + list(coordinator_args),
                              env=dict(os.environ, **token),
                              stdout=open(os.path.join(logs, "coordinator.log"), "w"), stderr=subprocess.STDOUT)
     workers = None
@@ -52,7 +55,8 @@ def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
         address = "127.0.0.1:" + open(port_file).read().strip()
         workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
                                     "-x", "OMP_NUM_THREADS", os.path.join(build_dir, "dp_worker", "dp_worker"),
-                                    f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout) + root,
+                                    f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout) + root
+                                   + list(worker_args),
                                    env=dict(ENV, OMP_NUM_THREADS=str(threads), **token),
                                    stdout=open(os.path.join(logs, "workers.log"), "w"), stderr=subprocess.STDOUT)
         yield address
@@ -64,6 +68,22 @@ def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None):
                 workers.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 workers.kill()
+
+
+def http_door_args(logs, *more):
+    """lathe_coordinator flags that serve the HTTP door on a free port (see http_url)."""
+    return ["--http_port=0", f"--http_port_file={os.path.join(logs, 'http_port')}", *more]
+
+
+def http_url(logs):
+    """The HTTP door's base URL once the coordinator started with http_door_args(logs)."""
+    path = os.path.join(logs, "http_port")
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(path) and open(path).read().endswith("\n")):
+        if time.monotonic() > deadline:
+            raise SystemExit("the HTTP door did not start:\n" + log_tails(logs))
+        time.sleep(0.05)
+    return "http://127.0.0.1:" + open(path).read().strip()
 
 
 def stubs(tmp):

@@ -37,7 +37,7 @@ ABSL_FLAG(std::string, presets, "",
 ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
 ABSL_FLAG(int, http_port, -1, "serve Tinker's REST API on this port of --listen's host (0: any free port; -1: off)");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP door's bound port to this file once serving");
-ABSL_FLAG(int, http_threads, 128, "HTTP requests handled at once (each waiting retrieve_future holds one)");
+ABSL_FLAG(int, http_threads, 1024, "HTTP requests handled at once (each waiting retrieve_future holds one)");
 ABSL_FLAG(absl::Duration, http_session_timeout, absl::Minutes(10),
           "a Tinker session silent this long ends (its heartbeat is answered 410); 0: never");
 

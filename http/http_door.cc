@@ -2,9 +2,15 @@
 // answer in the shape and with the status the SDK acts on correctly.
 #include "http/http_door.h"
 
+#include <sys/socket.h>
+
+#include <atomic>
+#include <exception>
+#include <memory>
 #include <optional>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
@@ -49,14 +55,17 @@ void Fail(httplib::Response& res, int http_status, absl::string_view code, absl:
   const char* type = http_status == 401 ? "AuthenticationError" : http_status < 500 ? "BadRequestError" : "ServerError";
   json body = {{"error", {{"type", type}, {"code", code}, {"message", text}}}, {"detail", text}};
   res.status = http_status;
-  res.set_content(body.dump(), kJson);
+  // A message may quote client bytes that are not UTF-8: replace them, never throw.
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), kJson);
 }
 
 void Fail(httplib::Response& res, const absl::Status& s) {
   Fail(res, HttpStatus(s.code()), absl::StatusCodeToString(s.code()), s.message());
 }
 
-void Reply(httplib::Response& res, const json& body) { res.set_content(body.dump(), kJson); }
+void Reply(httplib::Response& res, const json& body) {
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), kJson);
+}
 
 // The caller's credential as an authorization header value: Tinker's
 // X-API-Key, else Authorization ("Bearer <key>" / "Api-Key <key>").
@@ -102,17 +111,74 @@ void HttpDoor::Impl::PostJson(const char* path,
   });
 }
 
+namespace {
+
+// What the headers say about the body, checked before any of it is read:
+// cpp-httplib would read a chunked body, or one without a length, with no
+// size limit, and would read (and discard) a body over the limit before
+// answering 413. Answers a body the door will not read and returns true
+// (the connection is then closed).
+bool RefuseBody(const httplib::Request& req, int64_t max_bytes, httplib::Response& res) {
+  // Only forward_backward / forward bodies may be zstd (proto_compress_fwdbwd).
+  const std::string encoding = req.get_header_value("Content-Encoding");
+  const bool zstd_route = req.path == "/api/v1/forward_backward" || req.path == "/api/v1/forward";
+  if (!encoding.empty() && !absl::EqualsIgnoreCase(encoding, "identity") && !(zstd_route && encoding == "zstd")) {
+    Fail(res, 415, "INVALID_ARGUMENT",
+         absl::StrCat("Content-Encoding ", runtime::QuoteForMessage(encoding),
+                      " is not accepted here (only forward_backward and forward bodies may be zstd)"));
+    return true;
+  }
+  if (req.has_header("Transfer-Encoding")) {
+    Fail(res, 411, "INVALID_ARGUMENT",
+         "send the body with a Content-Length (Transfer-Encoding bodies are not accepted)");
+    return true;
+  }
+  if (!req.has_header("Content-Length")) {
+    if (req.method != "POST" && req.method != "PUT" && req.method != "PATCH") return false;
+    Fail(res, 411, "INVALID_ARGUMENT", "a request with a body needs a Content-Length");
+    return true;
+  }
+  int64_t length = 0;
+  const std::string value = req.get_header_value("Content-Length");
+  if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos) {
+    Fail(res, 400, "INVALID_ARGUMENT",
+         absl::StrCat("Content-Length ", runtime::QuoteForMessage(value), " is not a byte count"));
+    return true;
+  }
+  if (!absl::SimpleAtoi(value, &length) || length > max_bytes) {  // too many digits for int64 fails to parse
+    Fail(res, 413, "RESOURCE_EXHAUSTED",
+         absl::StrCat("the body (", runtime::QuoteForMessage(value), " bytes) is larger than --max_request_bytes (", max_bytes, ")"));
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 void HttpDoor::Impl::Routes() {
   // Keys before bodies: the pre-routing handler runs once the headers are
   // read and before any body is, so a caller without a key makes the door
   // read nothing more.
   server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (req.path == "/api/v1/healthz") return httplib::Server::HandlerResponse::Unhandled;
-    absl::Status s = front_end->Authorize(Authorization(req));
-    if (s.ok()) return httplib::Server::HandlerResponse::Unhandled;
-    Fail(res, s);
+    if (absl::Status s = front_end->Authorize(Authorization(req)); !s.ok()) {
+      Fail(res, s);
+    } else if (!RefuseBody(req, options.max_request_bytes, res)) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
     res.set_header("Connection", "close");
     return httplib::Server::HandlerResponse::Handled;
+  });
+  // A handler that throws answers 500 with what it threw (never an empty body).
+  server.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "unknown exception";
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    Fail(res, 500, "INTERNAL", absl::StrCat("the door failed on this request: ", what));
   });
   // Statuses httplib sets itself (unknown route 404, 413, a bad request
   // line) get a JSON body too.
@@ -125,8 +191,13 @@ void HttpDoor::Impl::Routes() {
                         " (docs/http-api.md lists the routes)"));
     } else if (res.status == 413) {
       Fail(res, 413, "RESOURCE_EXHAUSTED", "the body is larger than --max_request_bytes");
+    } else if (res.status == 414) {
+      Fail(res, 414, "INVALID_ARGUMENT", "the request's URI is longer than the door reads");
+    } else if (res.status == 415) {
+      Fail(res, 415, "INVALID_ARGUMENT",
+           "the body's Content-Encoding is not one the door reads (send it uncompressed)");
     } else {
-      Fail(res, res.status, "INVALID_ARGUMENT", "the request is not well-formed HTTP");
+      Fail(res, res.status, "INVALID_ARGUMENT", absl::StrCat("the request is not well-formed HTTP (", res.status, ")"));
     }
     return httplib::Server::HandlerResponse::Handled;
   }));
@@ -245,7 +316,7 @@ void HttpDoor::Impl::CreateModel(const httplib::Request& req, const json& body, 
 
 void HttpDoor::Impl::GetInfo(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::GetInfoRequest request;
-  request.set_run_id(body.at("model_id").get<std::string>());
+  request.set_run_id(String(body, "model_id"));
   lathe::v1::RunInfo info;
   if (absl::Status s = front_end->GetInfo(Authorization(req), request, &info); !s.ok()) return Fail(res, s);
   json reply = {{"model_id", info.run_id()},
@@ -328,18 +399,27 @@ void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Respo
 
 void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
-  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_run_id(String(body, "model_id"));
   op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
-  *op.mutable_optim_step() = AdamFromJson(body.value("adam_params", json::object()));
+  const bool adam = body.contains("adam_params") && !body.at("adam_params").is_null();
+  try {
+    *op.mutable_optim_step() = AdamFromJson(adam ? body.at("adam_params") : json::object());
+  } catch (const json::exception& e) {
+    // A bad value (the SDK's NaN arrives as null) in a request that names its
+    // run and seq_id: refused for its content, so its seq_id gets the noop.
+    const absl::Status refusal = absl::InvalidArgumentError(absl::StrCat("adam_params: ", e.what()));
+    FillRefusedSeq(*front_end, Authorization(req), op, refusal);
+    return Fail(res, refusal);
+  }
   SubmitOp(req, op, res);
 }
 
 void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
-  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_run_id(String(body, "model_id"));
   op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   lathe::v1::SaveStateOp* save = op.mutable_save_state();
-  save->set_name(body.at("path").get<std::string>());
+  save->set_name(String(body, "path"));
   if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
     save->set_ttl_seconds(Number<int64_t>(body.at("ttl_seconds"), "ttl_seconds"));
   }
@@ -349,7 +429,7 @@ void HttpDoor::Impl::SaveWeights(const httplib::Request& req, const json& body, 
 
 void HttpDoor::Impl::RetrieveFuture(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::RetrieveRequest request;
-  request.set_op_id(body.at("request_id").get<std::string>());
+  request.set_op_id(String(body, "request_id"));
   request.set_wait_ms(absl::ToInt64Milliseconds(options.poll_hold));
   lathe::v1::RetrieveResponse view;
   if (absl::Status s = front_end->Retrieve(Authorization(req), request, absl::InfiniteFuture(), &view); !s.ok()) {
@@ -432,12 +512,28 @@ absl::StatusOr<std::unique_ptr<HttpDoor>> HttpDoor::Start(const HttpOptions& opt
   // 2 s (cpp-httplib's default is 5) bounds both while the SDK's polls and
   // submits, which follow each other closely, still reuse connections.
   impl->server.set_keep_alive_timeout(2);
+  // cpp-httplib closes a keep-alive connection after 5 requests by default,
+  // so a client polling on one connection would reconnect every 5 calls.
+  impl->server.set_keep_alive_max_count(100000);
+  // A response is written as headers then body: with Nagle's algorithm the
+  // body waits for the client's delayed ACK of the headers (~40 ms a call).
+  impl->server.set_tcp_nodelay(true);
+  // cpp-httplib listens with a backlog of 5, so a burst of new connections
+  // (many clients' polls starting at once) past it is reset: the listening
+  // socket is captured here and given the system's backlog once bound.
+  auto listening = std::make_shared<std::atomic<int>>(-1);
+  impl->server.set_socket_options([listening](socket_t sock) {
+    int yes = 1;  // what cpp-httplib's default options set (without SO_REUSEPORT)
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    listening->store(sock);
+  });
   impl->Routes();
   impl->port = options.port == 0 ? impl->server.bind_to_any_port(options.host)
                                  : (impl->server.bind_to_port(options.host, options.port) ? options.port : -1);
   if (impl->port <= 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for HTTP on ", options.host, ":", options.port));
   }
+  if (int sock = listening->load(); sock >= 0) ::listen(sock, SOMAXCONN);
   httplib::Server* server = &impl->server;
   impl->thread = std::thread([server] { server->listen_after_bind(); });
   return std::unique_ptr<HttpDoor>(new HttpDoor(std::move(impl)));

@@ -19,13 +19,13 @@ using nlohmann::json;
 
 void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const json& body, httplib::Response& res) {
   lathe::v1::SubmitRequest op;
-  op.set_run_id(body.at("model_id").get<std::string>());
+  op.set_run_id(String(body, "model_id"));
   op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   lathe::v1::SaveWeightsForSamplerOp* save = op.mutable_save_weights_for_sampler();
   const bool ephemeral = !body.contains("path") || body.at("path").is_null();
   // save_weights_and_get_sampling_client names no checkpoint: it gets one
   // named by its seq_id, so a retry is the same operation.
-  save->set_name(ephemeral ? absl::StrCat("ephemeral-", op.seq_id()) : body.at("path").get<std::string>());
+  save->set_name(ephemeral ? absl::StrCat("ephemeral-", op.seq_id()) : String(body, "path"));
   if (body.contains("ttl_seconds") && !body.at("ttl_seconds").is_null()) {
     save->set_ttl_seconds(Number<int64_t>(body.at("ttl_seconds"), "ttl_seconds"));
   }
@@ -40,7 +40,7 @@ void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const js
 
 void HttpDoor::Impl::CreateSamplingSession(const httplib::Request& req, const json& body, httplib::Response& res) {
   if (!body.contains("model_path") || body.at("model_path").is_null()) return CreateBaseSamplingSession(req, body, res);
-  const std::string tinker_path = body.at("model_path").get<std::string>();
+  const std::string tinker_path = String(body, "model_path");
   const std::string path = LathePath(tinker_path);
   absl::StatusOr<runtime::CheckpointRef> ref = runtime::ParseCheckpointPath(path, /*allow_sampler=*/true);
   if (!absl::StartsWith(tinker_path, "tinker://") || !ref.ok() || ref->kind != "sampler_weights") {
@@ -73,7 +73,7 @@ void HttpDoor::Impl::GetSampler(const httplib::Request& req, httplib::Response& 
 }
 
 void HttpDoor::Impl::ASample(const httplib::Request& req, const json& body, httplib::Response& res) {
-  const std::string id = body.at("sampling_session_id").get<std::string>();
+  const std::string id = String(body, "sampling_session_id");
   std::optional<SamplingSession> sampler = samplers.Find(id);
   if (!sampler.has_value()) {
     return Fail(res, 404, "NOT_FOUND", "no sampling session " + runtime::QuoteForMessage(id) +

@@ -86,9 +86,10 @@ bool Has(const json& body, const char* key) { return body.contains(key) && !body
 absl::Status ParamsFromJson(const json& in, lathe::v1::SamplingParams* out) {
   if (Has(in, "max_tokens")) out->set_max_tokens(Number<int32_t>(in.at("max_tokens"), "max_tokens"));
   if (Has(in, "seed")) out->set_seed(Number<uint64_t>(in.at("seed"), "seed"));
-  if (Has(in, "temperature")) out->set_temperature(Number<float>(in.at("temperature"), "temperature"));
+  // null temperature / top_p is how the SDK serialises NaN and infinity (both have defaults, never None).
+  if (in.contains("temperature")) out->set_temperature(Number<float>(in.at("temperature"), "temperature"));
   if (Has(in, "top_k")) out->set_top_k(Number<int32_t>(in.at("top_k"), "top_k"));
-  if (Has(in, "top_p")) out->set_top_p(Number<float>(in.at("top_p"), "top_p"));
+  if (in.contains("top_p")) out->set_top_p(Number<float>(in.at("top_p"), "top_p"));
   if (!Has(in, "stop")) return absl::OkStatus();
   const json& stop = in.at("stop");
   if (stop.is_string() || (stop.is_array() && !stop.empty() && stop.front().is_string())) {
@@ -178,12 +179,12 @@ absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& requ
 }
 
 absl::Status ForwardBackwardFromJson(const json& body, bool forward_only, lathe::v1::SubmitRequest* op) {
-  op->set_run_id(body.at("model_id").get<std::string>());
+  op->set_run_id(String(body, "model_id"));
   op->set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
   // /api/v1/forward's body names its input forward_input.
   const json& fb = body.at(forward_only && body.contains("forward_input") ? "forward_input" : "forward_backward_input");
   lathe::v1::ForwardBackwardInput* input = OpInput(forward_only, op);
-  input->set_loss_fn(fb.at("loss_fn").get<std::string>());
+  input->set_loss_fn(String(fb, "loss_fn"));
   for (const json& datum : fb.at("data")) {
     lathe::v1::Datum* out = input->add_data();
     for (const json& chunk : datum.at("model_input").at("chunks")) {
@@ -298,9 +299,16 @@ std::string SampleResponseToProto(const lathe::v1::SampleResult& result) {
 }
 
 lathe::v1::AdamParams AdamFromJson(const json& adam) {
+  if (!adam.is_object()) throw json::type_error::create(302, "adam_params must be an object", &adam);
   lathe::v1::AdamParams out;
+  // The SDK always sends every field; null is how it serialises NaN and
+  // infinity, never "use the default".
   auto take = [&adam](const char* key, auto setter) {
-    if (adam.contains(key) && !adam.at(key).is_null()) setter(Number<double>(adam.at(key), key));
+    if (!adam.contains(key)) return;
+    if (adam.at(key).is_null()) {
+      throw json::type_error::create(302, std::string("adam_params.") + key + " is null (NaN or infinity)", &adam);
+    }
+    setter(Number<double>(adam.at(key), key));
   };
   take("learning_rate", [&out](double v) { out.set_learning_rate(v); });
   take("beta1", [&out](double v) { out.set_beta1(v); });

@@ -49,6 +49,18 @@ T Number(const nlohmann::json& value, const char* what) {
   }
 }
 
+// The string at `key` of a JSON object; a missing key or another type is
+// thrown as a json::exception naming `key` (answered 422).
+inline std::string String(const nlohmann::json& object, const char* key) {
+  if (!object.contains(key)) throw nlohmann::json::out_of_range::create(403, std::string(key) + " is missing", &object);
+  const nlohmann::json& value = object.at(key);
+  if (!value.is_string()) {
+    throw nlohmann::json::type_error::create(302, std::string(key) + " must be a string, not " + value.type_name(),
+                                             &value);
+  }
+  return value.get<std::string>();
+}
+
 // A Tinker ForwardBackwardRequest (protobuf) as a lathe forward or
 // forward_backward op. InvalidArgument for what lathe cannot run as sent:
 // image or dmel chunks, sparse tensors, provenance spans, text-valued loss

@@ -99,9 +99,13 @@ TEST(TinkerConvert, JsonRequestAndAdamParams) {
       "loss_fn_inputs": {}}]}})");
   lathe::v1::SubmitRequest wrapped;
   EXPECT_EQ(ForwardBackwardFromJson(wide, false, &wrapped).code(), absl::StatusCode::kInvalidArgument);
-  lathe::v1::AdamParams adam = AdamFromJson(nlohmann::json::parse(R"({"learning_rate": 0.01, "eps": null})"));
+  lathe::v1::AdamParams adam = AdamFromJson(nlohmann::json::parse(R"({"learning_rate": 0.01})"));
   EXPECT_EQ(adam.learning_rate(), 0.01);
-  EXPECT_FALSE(adam.has_eps());
+  EXPECT_FALSE(adam.has_eps());  // absent: lathe's default
+  // null is how the SDK serialises NaN or infinity: refused, never a default.
+  EXPECT_THROW(AdamFromJson(nlohmann::json::parse(R"({"learning_rate": 0.01, "eps": null})")),
+               nlohmann::json::type_error);
+  EXPECT_THROW(AdamFromJson(nlohmann::json::parse(R"([0.01])")), nlohmann::json::type_error);
 }
 
 // What sample() and compute_logprobs() send becomes a SampleOp on the
