@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
+#include "parallel/model_parallel.h"
 #include "runtime/checkpoint.h"
 #include "runtime/checkpoint_path.h"
 #include "runtime/lora_settings.h"
@@ -138,8 +139,10 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
       return absl::FailedPreconditionError("this deployment has no checkpoint root (dp_worker --checkpoint_root)");
     }
     LATHE_ASSIGN_OR_RETURN(from, runtime::ParseCheckpointPath(op.load_path()));
-    LATHE_ASSIGN_OR_RETURN(settings,
-                           runtime::ReadCheckpointLora(runtime::CheckpointDir(options_.checkpoint_root, *from)));
+    absl::StatusOr<runtime::LoraSettings> read =
+        runtime::ReadCheckpointLora(runtime::CheckpointDir(options_.checkpoint_root, *from));
+    LATHE_RETURN_IF_ERROR(AgreeBeforeLoad(read.status(), "read the checkpoint's LoRA config"));
+    settings = *std::move(read);
   }
   if (options_.max_lora_rank > 0 && settings.rank > options_.max_lora_rank) {
     return absl::InvalidArgumentError(absl::StrCat("lora_config.rank ", settings.rank, " exceeds ",
@@ -160,6 +163,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);
   if (!trainer.ok()) {
+    if (from.has_value()) LATHE_RETURN_IF_ERROR(AgreeBeforeLoad(trainer.status(), "build the run's new state"));
     if (!trainers_.count(run_id)) return trainer.status();
     return absl::Status(trainer.status().code(),
                         absl::StrCat(trainer.status().message(),
@@ -167,6 +171,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
                                      "current one: to free the memory first, delete the run and create a new one)"));
   }
   if (from.has_value()) {
+    LATHE_RETURN_IF_ERROR(AgreeBeforeLoad(trainer.status(), "build the run's new state"));
     // Loaded before it replaces the run's trainer: a failed load leaves the run as it was.
     absl::StatusOr<int64_t> step = runtime::LoadCheckpoint(
         **trainer, runtime::CheckpointDir(options_.checkpoint_root, *from), op.load_optimizer(),
@@ -189,6 +194,13 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   out->set_trainable_parameters(info.trainable_parameters);
   out->set_loaded_from(op.load_path());
   return result;
+}
+
+absl::Status OpExecutor::AgreeBeforeLoad(const absl::Status& mine, const char* what) const {
+  if (parallel_ == nullptr) return mine;
+  if (parallel::AllAgree(mine.ok(), {parallel_->world.get(), options_.collective_timeout})) return absl::OkStatus();
+  if (!mine.ok()) return mine;
+  return absl::UnavailableError(absl::StrCat("another rank could not ", what, "; the run is unchanged"));
 }
 
 void OpExecutor::DropSnapshots(const std::string& run_id) {

@@ -74,6 +74,10 @@ class OpExecutor {
   void Sample(runtime::Trainer& trainer, const std::string& run_id, const std::vector<const lathe::v1::SampleOp*>& ops,
               const MoreSamples& more, const SampleAnswer& answer);
   // Forgets the sampling weights kept for `run_id`.
+  // Whether every rank of the world got `mine` OK before a collective
+  // checkpoint load (collective; alone: `mine`). Not OK when any rank did not:
+  // its own error, or UNAVAILABLE saying another rank could not do `what`.
+  absl::Status AgreeBeforeLoad(const absl::Status& mine, const char* what) const;
   void DropSnapshots(const std::string& run_id);
   lathe::v1::TaskResult Answer(int64_t task_id, absl::StatusOr<lathe::v1::OpResult> result) const;
   absl::StatusOr<lathe::v1::OpResult> ComputeLogprobs(runtime::Trainer& trainer, const std::string& run_id,
