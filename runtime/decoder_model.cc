@@ -12,6 +12,7 @@
 #include "absl/strings/str_replace.h"
 #include "parallel/expert_parallel.h"
 #include "runtime/losses.h"
+#include "runtime/recompute.h"
 #include "runtime/status.h"
 #include "runtime/weight_source.h"
 
@@ -442,6 +443,20 @@ at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& ta
   return TargetLogprobs(logits, targets, [&](const at::Tensor& l, const at::Tensor& index) {
     return parallel::VocabParallelLogprobs(l, index, begin, tp);
   });
+}
+
+at::Tensor DecoderModel::HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const {
+  const int64_t t = hidden.size(0);
+  if (t <= chunk) return Logprobs(Logits(hidden), targets);
+  const std::vector<at::Tensor> head = {lm_head_.weight, lm_head_.lora_a, lm_head_.lora_b};
+  std::vector<at::Tensor> parts;
+  for (int64_t begin = 0; begin < t; begin += chunk) {
+    const int64_t n = std::min(chunk, t - begin);
+    at::Tensor rows = targets.narrow(0, begin, n);
+    parts.push_back(Recomputed([this, rows](const at::Tensor& h) { return Logprobs(Logits(h), rows); },
+                               hidden.narrow(0, begin, n), head));
+  }
+  return at::cat(parts, 0);
 }
 
 absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>& values) {

@@ -110,6 +110,12 @@ class DecoderModel {
   // Per-token logprobs of `targets` ([N] or [N, K], -100 ignored) under
   // Logits() rows, never gathering the vocabulary.
   at::Tensor Logprobs(const at::Tensor& logits, const at::Tensor& targets) const;
+  // Logprobs(Logits(hidden), targets) computed `chunk` rows at a time, so no
+  // [T, V] tensor exists at once when T > chunk: each chunk's logits are
+  // freed after its logprobs, and the backward computes them again chunk by
+  // chunk (see Recomputed). T <= chunk: exactly Logprobs(Logits(hidden), ...).
+  // REQUIRES: chunk > 0.
+  at::Tensor HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const;
   const ModelShard& shard() const { return shard_; }
 
   std::vector<TrainableParam>& trainable() { return trainable_; }

@@ -126,11 +126,23 @@ std::vector<std::pair<int, int>> MicroBatches(const std::vector<int64_t>& length
 
 }  // namespace
 
+namespace {
+
+// Tokens whose fp32 logits take about 256 MiB.
+int64_t LogitsBudgetTokens(int64_t vocab_size) {
+  return std::clamp<int64_t>((int64_t{1} << 26) / vocab_size, 512, 16384);
+}
+
+}  // namespace
+
 int64_t Trainer::MicroBatchTokens() const {
   if (impl_->options.micro_batch_tokens > 0) return impl_->options.micro_batch_tokens;
-  // Keep the fp32 logits of a micro-batch near 256 MiB.
-  int64_t by_vocab = (int64_t{1} << 26) / impl_->model->config().vocab_size;
-  return std::clamp<int64_t>(by_vocab, 512, 16384);
+  return LogitsBudgetTokens(impl_->model->config().vocab_size);
+}
+
+int64_t Trainer::LogprobChunkTokens() const {
+  if (impl_->options.logprob_chunk_tokens > 0) return impl_->options.logprob_chunk_tokens;
+  return LogitsBudgetTokens(impl_->model->config().vocab_size);
 }
 
 namespace {
@@ -237,7 +249,6 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         }
         packed_tokens = static_cast<int64_t>(packed.size());
         at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
-        at::Tensor logits = model.Logits(hidden);
         std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
         std::vector<at::Tensor> targets;
         bool flat = true;
@@ -246,16 +257,19 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           targets.push_back(inputs[j - begin].at("target_tokens"));
           flat = flat && targets.back().dim() == 1;
         }
-        // One logprob op over the packed rows when every target is 1-D, so the
-        // backward builds a single [T, V] gradient.
+        // One logprob op over the packed rows when every target is 1-D (one
+        // [T, V] gradient buffer per chunk rather than one per datum).
+        const int64_t chunk = LogprobChunkTokens();
         at::Tensor packed_lp;
-        if (flat) packed_lp = model.Logprobs(logits, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets));
+        if (flat) {
+          packed_lp = model.HiddenLogprobs(hidden, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets), chunk);
+        }
         int64_t offset = 0;
         std::vector<at::Tensor> losses;
         for (int j = begin; j < end; ++j) {
           const auto& in = inputs[j - begin];
           at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
-                               : model.Logprobs(logits.narrow(0, offset, my_lengths[j]), in.at("target_tokens"));
+                               : model.HiddenLogprobs(hidden.narrow(0, offset, my_lengths[j]), in.at("target_tokens"), chunk);
           at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
           losses.push_back(elementwise.sum());
           total = total.defined() ? total + losses.back() : losses.back();

@@ -43,6 +43,11 @@ struct TrainerOptions {
   // optim_step communicates across replicas. The ranks of one replica make
   // the same calls with the same input.
   bool replica_batches = false;
+  // Logprobs and losses are computed this many tokens at a time from the
+  // final hidden states, forward and backward, so no [T, V] logits tensor
+  // exists for a longer micro-batch. 0: sized like micro_batch_tokens (fp32
+  // logits of a chunk near 256 MiB).
+  int64_t logprob_chunk_tokens = 0;
 };
 
 struct TrainerInfo {
@@ -80,6 +85,7 @@ class Trainer {
  private:
   Trainer();
   int64_t MicroBatchTokens() const;
+  int64_t LogprobChunkTokens() const;
   absl::StatusOr<lathe::v1::ForwardBackwardOutput> Run(const lathe::v1::ForwardBackwardInput& input,
                                                        bool backward);
   struct Impl;
