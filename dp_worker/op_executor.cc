@@ -157,6 +157,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.max_seq_len = options_.max_seq_len;
   o.micro_batch_tokens = options_.micro_batch_tokens;
   o.logprob_chunk_tokens = options_.logprob_chunk_tokens;
+  o.recompute = options_.recompute;
   o.parallel = parallel_;
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);

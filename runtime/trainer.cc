@@ -135,6 +135,13 @@ int64_t LogitsBudgetTokens(int64_t vocab_size) {
 
 }  // namespace
 
+absl::StatusOr<Recompute> ParseRecompute(const std::string& name) {
+  if (name == "auto") return Recompute::kAuto;
+  if (name == "on") return Recompute::kOn;
+  if (name == "off") return Recompute::kOff;
+  return absl::InvalidArgumentError(absl::StrCat("recompute must be auto, on or off, not '", name, "'"));
+}
+
 int64_t Trainer::MicroBatchTokens() const {
   if (impl_->options.micro_batch_tokens > 0) return impl_->options.micro_batch_tokens;
   return LogitsBudgetTokens(impl_->model->config().vocab_size);
@@ -225,11 +232,21 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     // Ranks of a sharded model run the same number of rounds; a rank out of
     // datums runs empty ones.
     int64_t rounds = static_cast<int64_t>(batches.size());
-    if (rounds_group.active()) {
-      at::Tensor r = at::scalar_tensor(rounds, at::kLong).reshape({1});
-      parallel::AllReduceMaxInPlace(r, rounds_group);
-      rounds = r.item<int64_t>();
+    int64_t longest = 0;
+    for (auto [b, e] : batches) {
+      int64_t n = 0;
+      for (int j = b; j < e; ++j) n += my_lengths[j];
+      longest = std::max(longest, n);
     }
+    if (rounds_group.active()) {
+      at::Tensor r = at::tensor({rounds, longest}, at::kLong);
+      parallel::AllReduceMaxInPlace(r, rounds_group);
+      rounds = r[0].item<int64_t>();
+      longest = r[1].item<int64_t>();
+    }
+    const Recompute mode = impl_->options.recompute;
+    const bool recompute =
+        backward && (mode == Recompute::kOn || (mode == Recompute::kAuto && longest > kRecomputeAutoTokens));
     at::AutoGradMode grad_mode(backward);
     for (int64_t round = 0; round < rounds; ++round) {
       auto [begin, end] = round < static_cast<int64_t>(batches.size()) ? batches[round] : std::pair<int, int>{0, 0};
@@ -248,7 +265,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           part.push_back(my_lengths[j]);
         }
         packed_tokens = static_cast<int64_t>(packed.size());
-        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
+        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe, nullptr, recompute);
         std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
         std::vector<at::Tensor> targets;
         bool flat = true;

@@ -20,6 +20,13 @@ namespace lathe::runtime {
 class DecoderModel;
 class AdamW;
 
+// Per-layer activation recompute: on, off, or on for calls whose longest
+// micro-batch holds more than kRecomputeAutoTokens tokens.
+enum class Recompute { kAuto, kOn, kOff };
+inline constexpr int64_t kRecomputeAutoTokens = 2048;
+// "auto", "on", "off"; InvalidArgument otherwise.
+absl::StatusOr<Recompute> ParseRecompute(const std::string& name);
+
 struct TrainerOptions {
   std::string model_dir;
   LoraSettings lora;
@@ -48,6 +55,10 @@ struct TrainerOptions {
   // exists for a longer micro-batch. 0: sized like micro_batch_tokens (fp32
   // logits of a chunk near 256 MiB).
   int64_t logprob_chunk_tokens = 0;
+  // Keep only each decoder layer's input for the backward and run the layer
+  // again inside it (DecoderModel::Hidden). Under kAuto the ranks that run
+  // rounds together agree on the longest micro-batch, so they all decide alike.
+  Recompute recompute = Recompute::kAuto;
 };
 
 struct TrainerInfo {

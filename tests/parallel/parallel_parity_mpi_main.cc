@@ -160,6 +160,7 @@ void CompareOutputs(const lathe::v1::ForwardBackwardOutput& a, const lathe::v1::
 // The sharded trainer's memory options (the reference keeps the defaults).
 struct MemoryOptions {
   int64_t logprob_chunk_tokens = 0;
+  bool recompute = false;
 };
 
 void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::string& dir,
@@ -193,6 +194,7 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   }
   options.parallel = ctx->get();
   options.logprob_chunk_tokens = memory.logprob_chunk_tokens;
+  if (memory.recompute) options.recompute = runtime::Recompute::kOn;
   auto par = runtime::Trainer::Create(options);
   if (!par.ok()) {
     Expect(false, label + ": sharded load: " + std::string(par.status().message()));
@@ -263,6 +265,7 @@ int main(int argc, char** argv) {
     else if (flag == "--tp") shape.tp = value;
     else if (flag == "--ep") shape.ep = value;
     else if (flag == "--logprob_chunk_tokens") memory.logprob_chunk_tokens = value;
+    else if (flag == "--recompute") memory.recompute = value != 0;
   }
   char tmpl[] = "/tmp/lathe_parity_XXXXXX";
   const std::string dir = mkdtemp(tmpl);

@@ -1,5 +1,6 @@
 """The memory-saving paths of lathe_harness against transformers / peft and against lathe's
-plain path: logprobs and losses computed in chunks of rows (``logprob_chunk_tokens``).
+plain path: logprobs and losses computed in chunks of rows (``logprob_chunk_tokens``) and
+decoder layers recomputed in the backward (``recompute``).
 
 Chunks of a few tokens on the tiny models cut through datums and through packed
 micro-batches, so every loss sees chunk boundaries inside its datums.
@@ -14,12 +15,14 @@ import test_losses as L
 import test_parity as P
 
 CHUNKED = {"logprob_chunk_tokens": 4}
+RECOMPUTED = {"logprob_chunk_tokens": 4, "recompute": "on"}
 
 
+@pytest.mark.parametrize("options", (CHUNKED, RECOMPUTED), ids=("chunked", "recomputed"))
 @pytest.mark.parametrize("case", list(L.CASES))
 @pytest.mark.parametrize("kind", L.KINDS)
-def test_chunked_losses_match_formula(kind, case, tiny_models, harness, tmp_path):
-    L.check_loss_case(kind, case, tiny_models, harness, tmp_path, CHUNKED)
+def test_memory_modes_match_loss_formulas(kind, case, options, tiny_models, harness, tmp_path):
+    L.check_loss_case(kind, case, tiny_models, harness, tmp_path, options)
 
 
 def _ops(data):
@@ -71,3 +74,20 @@ def test_chunked_head_only_adapter_matches_peft(tiny_models, harness, tmp_path):
     P.check_forward_outputs(res, 0, want, "head-only chunked")
     assert set(res.grads("g")) == set(ref.grads()), "head-only adapter: other tensors trained"
     R.assert_tensors_rel_close(res.grads("g"), ref.grads(), P.GRAD_RTOL, "head-only chunked grads")
+
+
+@pytest.mark.parametrize("mode", ("lora", "full"))
+@pytest.mark.parametrize("kind", ("qwen3_tied", "qwen3_moe_sparse"))
+def test_recompute_is_bitwise_the_plain_pass(kind, mode, tiny_models, harness, tmp_path):
+    """The recomputed layers repeat the first forward's operations on the same inputs and
+    every gradient sums the same terms in the same order: identical bits, not just close."""
+    d = tiny_models[kind]
+    ref, head = P.reference_for(mode, d, tmp_path, P.KIND_SEED[kind] + 9)
+    data = R.pick_batch(ref, P.KIND_SEED[kind] + 10, lengths=(6, 13, 9), ignore_positions=(3,))
+    want = ref.run(data)
+    recomputed = harness(d, {**head, **RECOMPUTED, "ops": _ops(data)})
+    P.check_forward_outputs(recomputed, 1, want, f"{kind}/{mode} recomputed forward_backward")
+    R.assert_tensors_rel_close(recomputed.grads("g"), ref.grads(), P.GRAD_RTOL, f"{kind}/{mode}: recomputed grads")
+    plain = harness(d, {**head, **CHUNKED, "recompute": "off", "ops": _ops(data)})
+    _compare_runs(recomputed, plain, f"{kind}/{mode} recomputed vs plain", 0.0)
+    assert recomputed.metrics(1) == plain.metrics(1)
