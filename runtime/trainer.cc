@@ -27,6 +27,20 @@
 
 namespace lathe::runtime {
 
+namespace {
+
+// Large blocks would otherwise be mmap'ed and zeroed by the kernel on every
+// allocation: 10% of a step on a 150k vocabulary. Where chunks of logits
+// alternate with smaller buffers, heap-held large blocks fragment instead:
+// those calls map blocks of 32 MiB and more.
+void KeepLargeBlocksInHeap(bool keep) {
+  constexpr int kGlibcDefaultMmapMax = 65536;
+  mallopt(M_MMAP_MAX, keep ? 0 : kGlibcDefaultMmapMax);
+  if (!keep) mallopt(M_MMAP_THRESHOLD, 32 << 20);
+}
+
+}  // namespace
+
 struct Trainer::Impl {
   TrainerOptions options;
   std::unique_ptr<DecoderModel> model;
@@ -43,10 +57,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
   std::unique_ptr<Trainer> trainer(new Trainer());
   trainer->impl_->options = options;
   if (options.retain_freed_memory) {
-    // Large blocks would otherwise be mmap'ed and zeroed by the kernel on
-    // every allocation: 10% of a step on a 150k vocabulary.
-    mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+    KeepLargeBlocksInHeap(true);
   }
   LATHE_RETURN_IF_ERROR(Guarded(absl::StrCat("loading ", options.model_dir), [&]() -> absl::Status {
     ModelShard shard;
@@ -244,6 +256,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
       rounds = r[0].item<int64_t>();
       longest = r[1].item<int64_t>();
     }
+    if (impl_->options.retain_freed_memory) KeepLargeBlocksInHeap(longest <= LogprobChunkTokens());
     const Recompute mode = impl_->options.recompute;
     const bool recompute =
         backward && (mode == Recompute::kOn || (mode == Recompute::kAuto && longest > kRecomputeAutoTokens));

@@ -37,7 +37,11 @@ struct TrainerOptions {
   int64_t micro_batch_tokens = 0;
   // Keep freed memory in the process heap instead of returning it to the OS
   // (glibc mallopt, process-wide): logits-sized buffers are then reused
-  // without page faults, at the cost of a higher resident set.
+  // without page faults, at the cost of a higher resident set. Calls whose
+  // micro-batches are longer than one logprob chunk map their large blocks
+  // (>= 32 MiB) instead: their same-sized chunk buffers, interleaved with
+  // smaller ones, would fragment the heap (peak RSS 4.6x the live memory at
+  // 4,096 tokens).
   bool retain_freed_memory = true;
   // Sharded run (not owned; outlives the Trainer): the model is cut over the
   // context's tp and ep groups, each call's batch is split over its data
