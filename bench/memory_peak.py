@@ -14,10 +14,13 @@ length:
   baseline (libtorch, MKL and the runtime's code with a model of no size).
 
 The model has Qwen3's vocabulary and layout at reduced width (random weights
-written by transformers).
+written by transformers). With --hf-lengths, transformers + peft run the same
+step (same LoRA targets, gradient checkpointing, SDPA attention, fp32, AdamW)
+in a fresh Python process at those lengths, and the whole processes' peaks
+are compared.
 
   .venv/bin/python bench/memory_peak.py [--threads 2] [--lengths 2048,8192,16384,32768]
-      [--plain-lengths 2048,4096,8192]
+      [--plain-lengths 2048,4096,8192] [--hf-lengths 2048,4096]
 """
 import argparse
 import json
@@ -75,6 +78,46 @@ def run_bench(build_dir, model, tokens, threads, extra):
     return usage.ru_maxrss * 1024, seconds
 
 
+def hf_worker(model_dir, tokens, threads):
+    """One LoRA step of transformers + peft with gradient checkpointing (run in a child)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if tokens == 0:
+        return
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, 100, (1, tokens + 1), generator=g)
+    logits = peft_model(input_ids=ids[:, :-1]).logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1))
+    (-lp.sum()).backward()
+    opt.step()
+
+
+def run_hf(model_dir, tokens, threads):
+    """Peak RSS (bytes) and wall seconds of one transformers + peft step in a fresh process."""
+    args = [sys.executable, os.path.abspath(__file__), "--hf-worker", model_dir, str(tokens), str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        message = err.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"transformers + peft step failed: {message[-2000:]}")
+    return usage.ru_maxrss * 1024, seconds
+
+
 def plan_estimate(build_dir, tokens):
     """lathe plan's total (bytes) for the bench model at `tokens`, LoRA rank 32, one device."""
     row = {"base_model": MODEL_NAME, "architecture": "Qwen3ForCausalLM", "node_count": 1, "devices_per_node": 1,
@@ -94,11 +137,15 @@ def plan_estimate(build_dir, tokens):
 
 
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--hf-worker":
+        return hf_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", default="2048,8192,16384,32768")
     ap.add_argument("--plain-lengths", default="2048,4096,8192",
                     help="lengths at which the plain path runs too (it needs ~2 x T x 151,936 x 4 bytes)")
+    ap.add_argument("--hf-lengths", default="",
+                    help="lengths at which transformers + peft (gradient checkpointing) run the same step")
     ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build")))
     ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
     args = ap.parse_args()
@@ -134,6 +181,17 @@ def main():
             row += [f"{est / MiB:>6.0f} MiB", f"{measured / MiB:>6.0f} MiB", f"{est / measured:>8.2f}"]
         print(" ".join(row), flush=True)
     print(f"(threads {args.threads}; model {SHAPE}; LoRA rank 32; one datum per step)")
+    hf_lengths = [int(x) for x in args.hf_lengths.split(",") if x]
+    if hf_lengths:
+        hf_base, _ = run_hf(model, 0, args.threads)
+        print(f"transformers + peft, gradient checkpointing: process with the model loaded {hf_base / MiB:.0f} MiB",
+              flush=True)
+        print(f"{'tokens':>7} {'lathe peak':>11} {'hf peak':>11} {'s':>6} {'lathe/hf':>9}", flush=True)
+        for t in hf_lengths:
+            lathe_peak, _ = run_bench(args.build_dir, model, t, args.threads, [])
+            hf_peak, secs = run_hf(model, t, args.threads)
+            print(f"{t:>7} {lathe_peak / MiB:>7.0f} MiB {hf_peak / MiB:>7.0f} MiB {secs:>6.1f} "
+                  f"{lathe_peak / hf_peak:>8.2f}x", flush=True)
 
 
 if __name__ == "__main__":
