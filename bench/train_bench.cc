@@ -24,6 +24,10 @@ ABSL_FLAG(int, replicas, 1, "data-parallel replicas (under mpirun)");
 ABSL_FLAG(int, node_count, 1, "nodes per replica");
 ABSL_FLAG(int, tp, 1, "tensor-parallel degree");
 ABSL_FLAG(int, ep, 1, "expert-parallel degree");
+ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the model's max_position_embeddings");
+ABSL_FLAG(int64_t, logprob_chunk_tokens, 0, "tokens whose logits exist at once; 0: the trainer's default");
+ABSL_FLAG(std::string, recompute, "auto", "per-layer activation recompute: auto, on, off");
+ABSL_FLAG(bool, retain_freed_memory, true, "keep freed memory in the heap (TrainerOptions::retain_freed_memory)");
 
 int Bench();
 
@@ -49,6 +53,15 @@ int Bench() {
   TrainerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.lora.rank = absl::GetFlag(FLAGS_lora_rank);
+  options.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  options.retain_freed_memory = absl::GetFlag(FLAGS_retain_freed_memory);
+  options.logprob_chunk_tokens = absl::GetFlag(FLAGS_logprob_chunk_tokens);
+  auto recompute = ParseRecompute(absl::GetFlag(FLAGS_recompute));
+  if (!recompute.ok()) {
+    std::fprintf(stderr, "%s\n", recompute.status().ToString().c_str());
+    return 1;
+  }
+  options.recompute = *recompute;
   std::unique_ptr<lathe::parallel::ParallelContext> ctx;
   if (world > 1) {
     auto made = MakeModelContext(options.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
@@ -87,6 +100,7 @@ int Bench() {
     }
   }
   if (rank != 0) return 0;
+  if (steps == 0) return 0;
   std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f}\n", tokens / seconds, seconds, loss);
   return 0;
 }

@@ -1,6 +1,7 @@
 // Rank table and memory arithmetic of `lathe plan`.
 #include "client/plan.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -59,6 +60,27 @@ ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
   return s;
 }
 
+// The runtime's defaults (runtime/trainer.h, client code links no runtime):
+// recompute is on above this many tokens in a micro-batch, and logprobs are
+// computed in chunks whose fp32 logits take about 256 MiB.
+constexpr int64_t kRecomputeAutoTokens = 2048;
+int64_t LogprobChunkTokens(int64_t vocab_size) {
+  return std::clamp<int64_t>((int64_t{1} << 26) / vocab_size, 512, 16384);
+}
+// Factors measured on CPU (bench/memory_peak.py; BENCHMARKS.md "Peak memory
+// of a long LoRA step"). The elements ActivationElementsPerToken counts are
+// what the layer formulas name; autograd holds more (norm statistics, fp32
+// copies, activation inputs, and during a layer's backward the gradients):
+// 1.55-1.9x with every layer kept, 1.5-2.1x for one recomputed layer. A
+// logprob chunk holds two [chunk, V/tp] buffers at a time (logits and
+// log-softmax, then log-softmax and its gradient) plus the GEMMs' packing:
+// 1.85-2.7 buffers measured.
+constexpr double kAutogradFactor = 1.7;
+constexpr double kChunkBuffers = 2.25;
+// Beside the layer inputs: the final norm's input and output and the hidden
+// states' gradient, [T, hidden] each.
+constexpr double kHiddenBuffers = 3.0;
+
 // Elements kept per token for backward: every layer's inputs and
 // intermediates (no activation checkpointing), the last norm.
 double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
@@ -77,6 +99,42 @@ double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
   return f.num_hidden_layers * attention + dense_layers * dense + moe_layers * moe + h;
 }
 
+// Elements per token of the widest single layer (what a recomputed layer's
+// backward holds at once).
+double LayerElementsPerToken(const presets::ModelFacts& f, int tp) {
+  presets::ModelFacts one = f;
+  const bool any_dense = !f.is_moe() || f.first_dense_layers > 0;
+  one.num_hidden_layers = 1;
+  one.first_dense_layers = 0;
+  double widest = 0;
+  if (f.is_moe()) widest = ActivationElementsPerToken(one, tp);
+  if (any_dense) {
+    one.num_experts = 0;
+    widest = std::max(widest, ActivationElementsPerToken(one, tp));
+  }
+  return widest - f.hidden_size;  // less the final norm
+}
+
+// Bytes of activations of one `tokens`-token micro-batch, as the runtime
+// keeps them with its default chunking and recompute.
+double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens) {
+  const double t = double(tokens);
+  const double vocab = double(CeilDiv(f.vocab_size, tp));
+  const double chunk = double(std::min<int64_t>(tokens, LogprobChunkTokens(f.vocab_size)));
+  const double head = kChunkBuffers * kActivationBytes * chunk * vocab;
+  const double h = double(f.hidden_size);
+  if (tokens <= kRecomputeAutoTokens) {
+    // Every layer's activations stay to the backward; the loss's chunk
+    // buffers come on top of them.
+    return kAutogradFactor * kActivationBytes * t * ActivationElementsPerToken(f, tp) + head;
+  }
+  // Recompute: each layer's input stays; one layer's activations and
+  // gradients live at a time, or one logprob chunk's buffers.
+  const double kept = kActivationBytes * t * h * (f.num_hidden_layers + kHiddenBuffers);
+  const double layer = kAutogradFactor * kActivationBytes * t * LayerElementsPerToken(f, tp);
+  return kept + std::max(layer, head);
+}
+
 }  // namespace
 
 absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, const parallel::MeshShape& shape,
@@ -90,11 +148,7 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, cons
   MemoryEstimate m;
   m.weights = kWeightBytes * p.base;
   m.trainable_state = lora_rank > 0 ? kLoraStateBytes * p.lora : kFullStateBytes * p.base;
-  const double tokens = double(max_seq_len);
-  const double vocab = double(CeilDiv(f.vocab_size, shape.tp));
-  // The loss keeps the log-softmax over this rank's vocabulary slice and
-  // builds the logits' gradient beside it: two fp32 [T, V/tp] buffers.
-  m.activations = kActivationBytes * tokens * ActivationElementsPerToken(f, shape.tp) + 2 * 4 * tokens * vocab;
+  m.activations = ActivationBytes(f, shape.tp, max_seq_len);
   return m;
 }
 

@@ -18,7 +18,7 @@ namespace lathe::client {
 struct MemoryEstimate {
   double weights = 0;          // fp32 base weights of this device's shard (the runtime converts on load)
   double trainable_state = 0;  // LoRA: adapter + gradient + Adam m, v; full: gradient + m, v (all fp32)
-  double activations = 0;      // fp32, kept for backward over one max_seq_len sequence, with its logits
+  double activations = 0;      // fp32, one max_seq_len micro-batch with chunked logprobs and recompute as the runtime runs it
   double total() const { return weights + trainable_state + activations; }
 };
 

@@ -12,6 +12,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "dp_worker/serve.h"
+#include "runtime/trainer.h"
 
 ABSL_FLAG(std::string, coordinator, "127.0.0.1:7777", "host:port of the coordinator's ReplicaLink service");
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json + *.safetensors)");
@@ -25,6 +26,10 @@ ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the preset's, els
 ABSL_FLAG(std::string, presets, "", "preset table (JSON); empty: $LATHE_PRESETS, the installed or source-tree presets/models.json");
 ABSL_FLAG(bool, dry_run, false, "print each rank's place, node and device for the resolved layout, then exit");
 ABSL_FLAG(int64_t, micro_batch_tokens, 0, "tokens per micro-batch; 0: sized for ~256 MiB of logits");
+ABSL_FLAG(int64_t, logprob_chunk_tokens, 0,
+          "tokens whose logprobs and losses are computed at once; 0: ~256 MiB of logits per chunk");
+ABSL_FLAG(std::string, recompute, "auto",
+          "recompute each layer in the backward (keeping only its input): auto (above 2048 tokens in a micro-batch), on, off");
 ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
 ABSL_FLAG(int, max_sample_rows, 64,
           "samples (sum of num_samples) of queued sampling requests decoded in one batch");
@@ -70,6 +75,13 @@ int main(int argc, char** argv) {
   lathe::dp_worker::ServeOptions o;
   o.executor.model_dir = absl::GetFlag(FLAGS_model);
   o.executor.micro_batch_tokens = absl::GetFlag(FLAGS_micro_batch_tokens);
+  o.executor.logprob_chunk_tokens = absl::GetFlag(FLAGS_logprob_chunk_tokens);
+  absl::StatusOr<lathe::runtime::Recompute> recompute = lathe::runtime::ParseRecompute(absl::GetFlag(FLAGS_recompute));
+  if (!recompute.ok()) {
+    std::fprintf(stderr, "dp_worker: --recompute: %s\n", recompute.status().ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  o.executor.recompute = *recompute;
   o.executor.max_runs = absl::GetFlag(FLAGS_max_runs);
   o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);

@@ -159,6 +159,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.lora = settings;
   o.max_seq_len = options_.max_seq_len;
   o.micro_batch_tokens = options_.micro_batch_tokens;
+  o.logprob_chunk_tokens = options_.logprob_chunk_tokens;
+  o.recompute = options_.recompute;
   o.parallel = parallel_;
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);

@@ -26,6 +26,8 @@ struct ExecutorOptions {
   std::string model_dir;
   int64_t max_seq_len = 0;         // 0: the model's
   int64_t micro_batch_tokens = 0;  // 0: the Trainer's default
+  int64_t logprob_chunk_tokens = 0;  // 0: the Trainer's default
+  runtime::Recompute recompute = runtime::Recompute::kAuto;
   int max_runs = 1;                // trainers held at once
   std::string checkpoint_root;     // empty: save/load refused
   std::string base_model;          // recorded in checkpoints

@@ -7,11 +7,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "parallel/expert_parallel.h"
 #include "runtime/losses.h"
+#include "runtime/recompute.h"
 #include "runtime/status.h"
 #include "runtime/weight_source.h"
 
@@ -324,16 +326,26 @@ at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
 
 }  // namespace
 
+// What every layer of one Hidden() call shares.
+struct DecoderModel::LayerPass {
+  std::vector<int64_t> lengths;
+  RopeTables rope;
+  RegionFn enter, reduce;
+  std::vector<KvCache>* caches = nullptr;
+};
+
 at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
-                                std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches) const {
+                                std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches,
+                                bool recompute) const {
   const ModelConfig& c = config_;
   const int64_t t = tokens.size(0);
-  const double eps = c.rms_norm_eps;
   const parallel::Group& tp = shard_.tp;
-  RegionFn enter, reduce;
+  LayerPass pass;
+  pass.lengths = lengths;
+  pass.caches = caches;
   if (tp.active()) {
-    enter = [&tp](const at::Tensor& x) { return parallel::CopyToGroup(x, tp); };
-    reduce = [&tp](const at::Tensor& x) { return parallel::ReduceFromGroup(x, tp); };
+    pass.enter = [&tp](const at::Tensor& x) { return parallel::CopyToGroup(x, tp); };
+    pass.reduce = [&tp](const at::Tensor& x) { return parallel::ReduceFromGroup(x, tp); };
   }
   at::Tensor h;
   if (tp.active()) {
@@ -341,76 +353,111 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
     at::Tensor local = tokens - vocab_begin_;
     at::Tensor mine = local.ge(0).logical_and(local.lt(embed_.size(0)));
     at::Tensor rows = embed_.index_select(0, local.masked_fill(mine.logical_not(), 0));
-    h = reduce(rows * mine.unsqueeze(1).to(rows.scalar_type()));
+    h = pass.reduce(rows * mine.unsqueeze(1).to(rows.scalar_type()));
   } else {
     h = embed_.index_select(0, tokens);
   }
-  RopeTables rope;
   std::vector<int64_t> starts;
   if (caches != nullptr) {
     for (const KvCache& cache : *caches) starts.push_back(cache.length());
   }
-  if (t > 0) rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
+  if (t > 0) pass.rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
+  recompute = recompute && caches == nullptr;
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    MoeStats stats;
+    MoeStats* sink = layers_[layer].moe && moe_stats != nullptr ? &stats : nullptr;
+    if (recompute) {
+      // The stats come from the first run; the backward's rerun reports nowhere.
+      auto first = std::make_shared<MoeStats*>(sink);
+      h = Recomputed(
+          [this, layer, pass, first](const at::Tensor& x) {
+            MoeStats* out = *first;
+            *first = nullptr;
+            return Layer(layer, x, pass, out);
+          },
+          h, LayerParams(layers_[layer]));
+    } else {
+      h = Layer(layer, h, pass, sink);
+    }
+    if (sink != nullptr) moe_stats->push_back(std::move(stats));
+  }
+  return RmsNorm(h, final_norm_, c.rms_norm_eps);
+}
+
+std::vector<at::Tensor> DecoderModel::LayerParams(const DecoderLayer& l) {
+  std::vector<at::Tensor> out = {l.input_norm, l.post_norm, l.q_norm, l.k_norm, l.router};
+  for (const LoraLinear* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
+    out.insert(out.end(), {p->weight, p->lora_a, p->lora_b});
+  }
+  const ExpertBank& e = l.experts;
+  out.insert(out.end(), {e.gate, e.up, e.down, e.gate_a, e.gate_b, e.up_a, e.up_b, e.down_a, e.down_b});
+  return out;
+}
+
+at::Tensor DecoderModel::Layer(size_t layer, const at::Tensor& x, const LayerPass& pass, MoeStats* stats) const {
+  const ModelConfig& c = config_;
+  const DecoderLayer& l = layers_[layer];
+  const int64_t t = x.size(0);
+  const double eps = c.rms_norm_eps;
   const double softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   const bool gqa = heads_ != kv_heads_;
   const int64_t q_width = heads_ * c.head_dim;
-  for (size_t layer = 0; layer < layers_.size(); ++layer) {
-    const DecoderLayer& l = layers_[layer];
-    at::Tensor a = RmsNorm(h, l.input_norm, eps);
-    at::Tensor q, k, v;
-    if (l.qkv_weight.defined()) {
-      auto qkv = GroupedForward(a, l.qkv_weight, {&l.q, &l.k, &l.v}, enter);
-      q = qkv[0], k = qkv[1], v = qkv[2];
-    } else {
-      at::Tensor in = enter ? enter(a) : a;
-      q = l.q.Forward(in), k = l.k.Forward(in), v = l.v.Forward(in);
-    }
-    q = q.reshape({t, heads_, c.head_dim});
-    k = k.reshape({t, kv_heads_, c.head_dim});
-    v = v.reshape({t, kv_heads_, c.head_dim});
-    if (c.qk_norm) {
-      q = RmsNorm(q, l.q_norm, eps);
-      k = RmsNorm(k, l.k_norm, eps);
-    }
-    at::Tensor o;
-    if (t > 0) {
-      q = ApplyRope(q.transpose(0, 1), rope);
-      k = ApplyRope(k.transpose(0, 1), rope);
-      o = caches != nullptr
-              ? CachedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa, layer, *caches)
-              : PackedAttention(q, k, v.transpose(0, 1), lengths, softmax_scale, gqa);
-      o = o.transpose(0, 1).reshape({t, q_width});
-    } else {
-      // No tokens (a rank without data this round): keep the graph shape.
-      o = (q.sum() + k.sum() + v.sum()).expand({0, q_width});
-    }
-    h = h + RowParallelForward(o, l.o, reduce);
-    at::Tensor m = RmsNorm(h, l.post_norm, eps);
-    if (l.moe) {
-      MoeStats stats;
-      if (tp.active() || shard_.ep.active()) {
-        // Each tp rank routes its part of the (replicated) tokens.
-        at::Tensor part = parallel::ScatterRows(m, tp);
-        at::Tensor out = parallel::ExpertParallelMoe(part, l.router, l.experts, c.num_experts_per_tok,
-                                                     c.norm_topk_prob, shard_.ep, MoeStatsGroup(), &stats);
-        h = h + parallel::GatherRows(out, t, tp);
-      } else {
-        h = h + MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &stats);
-      }
-      if (moe_stats != nullptr) moe_stats->push_back(std::move(stats));
-    } else {
-      at::Tensor g, u;
-      if (l.gate_up_weight.defined()) {
-        auto gu = GroupedForward(m, l.gate_up_weight, {&l.gate, &l.up}, enter);
-        g = gu[0], u = gu[1];
-      } else {
-        at::Tensor in = enter ? enter(m) : m;
-        g = l.gate.Forward(in), u = l.up.Forward(in);
-      }
-      h = h + RowParallelForward(at::silu(g) * u, l.down, reduce);
-    }
+  const RegionFn& enter = pass.enter;
+  at::Tensor a = RmsNorm(x, l.input_norm, eps);
+  at::Tensor q, k, v;
+  if (l.qkv_weight.defined()) {
+    auto qkv = GroupedForward(a, l.qkv_weight, {&l.q, &l.k, &l.v}, enter);
+    q = qkv[0], k = qkv[1], v = qkv[2];
+  } else {
+    at::Tensor in = enter ? enter(a) : a;
+    q = l.q.Forward(in), k = l.k.Forward(in), v = l.v.Forward(in);
   }
-  return RmsNorm(h, final_norm_, eps);
+  q = q.reshape({t, heads_, c.head_dim});
+  k = k.reshape({t, kv_heads_, c.head_dim});
+  v = v.reshape({t, kv_heads_, c.head_dim});
+  if (c.qk_norm) {
+    q = RmsNorm(q, l.q_norm, eps);
+    k = RmsNorm(k, l.k_norm, eps);
+  }
+  at::Tensor o;
+  if (t > 0) {
+    q = ApplyRope(q.transpose(0, 1), pass.rope);
+    k = ApplyRope(k.transpose(0, 1), pass.rope);
+    o = pass.caches != nullptr
+            ? CachedAttention(q, k, v.transpose(0, 1), pass.lengths, softmax_scale, gqa, layer, *pass.caches)
+            : PackedAttention(q, k, v.transpose(0, 1), pass.lengths, softmax_scale, gqa);
+    o = o.transpose(0, 1).reshape({t, q_width});
+  } else {
+    // No tokens (a rank without data this round): keep the graph shape.
+    o = (q.sum() + k.sum() + v.sum()).expand({0, q_width});
+  }
+  at::Tensor h = x + RowParallelForward(o, l.o, pass.reduce);
+  at::Tensor m = RmsNorm(h, l.post_norm, eps);
+  if (l.moe) return h + Moe(l, m, stats);
+  at::Tensor g, u;
+  if (l.gate_up_weight.defined()) {
+    auto gu = GroupedForward(m, l.gate_up_weight, {&l.gate, &l.up}, enter);
+    g = gu[0], u = gu[1];
+  } else {
+    at::Tensor in = enter ? enter(m) : m;
+    g = l.gate.Forward(in), u = l.up.Forward(in);
+  }
+  return h + RowParallelForward(at::silu(g) * u, l.down, pass.reduce);
+}
+
+at::Tensor DecoderModel::Moe(const DecoderLayer& l, const at::Tensor& m, MoeStats* stats) const {
+  const ModelConfig& c = config_;
+  const parallel::Group& tp = shard_.tp;
+  MoeStats ignored;
+  MoeStats& s = stats != nullptr ? *stats : ignored;
+  if (tp.active() || shard_.ep.active()) {
+    // Each tp rank routes its part of the (replicated) tokens.
+    at::Tensor part = parallel::ScatterRows(m, tp);
+    at::Tensor out = parallel::ExpertParallelMoe(part, l.router, l.experts, c.num_experts_per_tok,
+                                                 c.norm_topk_prob, shard_.ep, MoeStatsGroup(), &s);
+    return parallel::GatherRows(out, m.size(0), tp);
+  }
+  return MoeForward(m, l.router, l.experts, c.num_experts_per_tok, c.norm_topk_prob, &s);
 }
 
 at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
@@ -442,6 +489,20 @@ at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& ta
   return TargetLogprobs(logits, targets, [&](const at::Tensor& l, const at::Tensor& index) {
     return parallel::VocabParallelLogprobs(l, index, begin, tp);
   });
+}
+
+at::Tensor DecoderModel::HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const {
+  const int64_t t = hidden.size(0);
+  if (t <= chunk) return Logprobs(Logits(hidden), targets);
+  const std::vector<at::Tensor> head = {lm_head_.weight, lm_head_.lora_a, lm_head_.lora_b};
+  std::vector<at::Tensor> parts;
+  for (int64_t begin = 0; begin < t; begin += chunk) {
+    const int64_t n = std::min(chunk, t - begin);
+    at::Tensor rows = targets.narrow(0, begin, n);
+    parts.push_back(Recomputed([this, rows](const at::Tensor& h) { return Logprobs(Logits(h), rows); },
+                               hidden.narrow(0, begin, n), head));
+  }
+  return at::cat(parts, 0);
 }
 
 absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>& values) {

@@ -101,8 +101,14 @@ class DecoderModel {
   // With `caches` (one per sequence): each sequence continues its cache — its
   // positions start at the cache's length, it attends to the cached tokens
   // too, and its new keys and values are appended (no autograd: generation).
+  //
+  // With `recompute` (training without caches): each layer keeps only its
+  // input for the backward and runs again inside it (see Recomputed); the
+  // values and gradients are those of the plain pass. Every member of a
+  // model-parallel group passes the same `recompute`.
   at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
-                    std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches = nullptr) const;
+                    std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches = nullptr,
+                    bool recompute = false) const;
   // Logits [T, V] (fp32) for hidden rows [T, H]; under tensor parallelism
   // this rank's vocabulary columns [vocab_begin(), vocab_begin() + Vl).
   at::Tensor Logits(const at::Tensor& hidden) const;
@@ -110,6 +116,12 @@ class DecoderModel {
   // Per-token logprobs of `targets` ([N] or [N, K], -100 ignored) under
   // Logits() rows, never gathering the vocabulary.
   at::Tensor Logprobs(const at::Tensor& logits, const at::Tensor& targets) const;
+  // Logprobs(Logits(hidden), targets) computed `chunk` rows at a time, so no
+  // [T, V] tensor exists at once when T > chunk: each chunk's logits are
+  // freed after its logprobs, and the backward computes them again chunk by
+  // chunk (see Recomputed). T <= chunk: exactly Logprobs(Logits(hidden), ...).
+  // REQUIRES: chunk > 0.
+  at::Tensor HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const;
   const ModelShard& shard() const { return shard_; }
 
   std::vector<TrainableParam>& trainable() { return trainable_; }
@@ -128,6 +140,13 @@ class DecoderModel {
   void AttachExpertLora(ExpertBank& bank, const std::string& prefix, at::Generator& gen);
   void RegisterFull();
   parallel::Group MoeStatsGroup() const;
+  struct LayerPass;
+  // Decoder layer `layer` on its input rows x [T, H]; stats (may be null)
+  // receives the routing statistics of an MoE layer.
+  at::Tensor Layer(size_t layer, const at::Tensor& x, const LayerPass& pass, MoeStats* stats) const;
+  at::Tensor Moe(const DecoderLayer& l, const at::Tensor& m, MoeStats* stats) const;
+  // Every tensor of the layer (undefined ones included) that may be trained.
+  static std::vector<at::Tensor> LayerParams(const DecoderLayer& l);
   void FuseFrozenWeights();
 
   ModelConfig config_;

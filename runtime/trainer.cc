@@ -27,6 +27,20 @@
 
 namespace lathe::runtime {
 
+namespace {
+
+// Large blocks would otherwise be mmap'ed and zeroed by the kernel on every
+// allocation: 10% of a step on a 150k vocabulary. Where chunks of logits
+// alternate with smaller buffers, heap-held large blocks fragment instead:
+// those calls map blocks of 32 MiB and more.
+void KeepLargeBlocksInHeap(bool keep) {
+  constexpr int kGlibcDefaultMmapMax = 65536;
+  mallopt(M_MMAP_MAX, keep ? 0 : kGlibcDefaultMmapMax);
+  if (!keep) mallopt(M_MMAP_THRESHOLD, 32 << 20);
+}
+
+}  // namespace
+
 struct Trainer::Impl {
   TrainerOptions options;
   std::unique_ptr<DecoderModel> model;
@@ -43,10 +57,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
   std::unique_ptr<Trainer> trainer(new Trainer());
   trainer->impl_->options = options;
   if (options.retain_freed_memory) {
-    // Large blocks would otherwise be mmap'ed and zeroed by the kernel on
-    // every allocation: 10% of a step on a 150k vocabulary.
-    mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+    KeepLargeBlocksInHeap(true);
   }
   LATHE_RETURN_IF_ERROR(Guarded(absl::StrCat("loading ", options.model_dir), [&]() -> absl::Status {
     ModelShard shard;
@@ -126,11 +138,30 @@ std::vector<std::pair<int, int>> MicroBatches(const std::vector<int64_t>& length
 
 }  // namespace
 
+namespace {
+
+// Tokens whose fp32 logits take about 256 MiB.
+int64_t LogitsBudgetTokens(int64_t vocab_size) {
+  return std::clamp<int64_t>((int64_t{1} << 26) / vocab_size, 512, 16384);
+}
+
+}  // namespace
+
+absl::StatusOr<Recompute> ParseRecompute(const std::string& name) {
+  if (name == "auto") return Recompute::kAuto;
+  if (name == "on") return Recompute::kOn;
+  if (name == "off") return Recompute::kOff;
+  return absl::InvalidArgumentError(absl::StrCat("recompute must be auto, on or off, not '", name, "'"));
+}
+
 int64_t Trainer::MicroBatchTokens() const {
   if (impl_->options.micro_batch_tokens > 0) return impl_->options.micro_batch_tokens;
-  // Keep the fp32 logits of a micro-batch near 256 MiB.
-  int64_t by_vocab = (int64_t{1} << 26) / impl_->model->config().vocab_size;
-  return std::clamp<int64_t>(by_vocab, 512, 16384);
+  return LogitsBudgetTokens(impl_->model->config().vocab_size);
+}
+
+int64_t Trainer::LogprobChunkTokens() const {
+  if (impl_->options.logprob_chunk_tokens > 0) return impl_->options.logprob_chunk_tokens;
+  return LogitsBudgetTokens(impl_->model->config().vocab_size);
 }
 
 namespace {
@@ -213,11 +244,22 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     // Ranks of a sharded model run the same number of rounds; a rank out of
     // datums runs empty ones.
     int64_t rounds = static_cast<int64_t>(batches.size());
-    if (rounds_group.active()) {
-      at::Tensor r = at::scalar_tensor(rounds, at::kLong).reshape({1});
-      parallel::AllReduceMaxInPlace(r, rounds_group);
-      rounds = r.item<int64_t>();
+    int64_t longest = 0;
+    for (auto [b, e] : batches) {
+      int64_t n = 0;
+      for (int j = b; j < e; ++j) n += my_lengths[j];
+      longest = std::max(longest, n);
     }
+    if (rounds_group.active()) {
+      at::Tensor r = at::tensor({rounds, longest}, at::kLong);
+      parallel::AllReduceMaxInPlace(r, rounds_group);
+      rounds = r[0].item<int64_t>();
+      longest = r[1].item<int64_t>();
+    }
+    if (impl_->options.retain_freed_memory) KeepLargeBlocksInHeap(longest <= LogprobChunkTokens());
+    const Recompute mode = impl_->options.recompute;
+    const bool recompute =
+        backward && (mode == Recompute::kOn || (mode == Recompute::kAuto && longest > kRecomputeAutoTokens));
     at::AutoGradMode grad_mode(backward);
     for (int64_t round = 0; round < rounds; ++round) {
       auto [begin, end] = round < static_cast<int64_t>(batches.size()) ? batches[round] : std::pair<int, int>{0, 0};
@@ -236,8 +278,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           part.push_back(my_lengths[j]);
         }
         packed_tokens = static_cast<int64_t>(packed.size());
-        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe);
-        at::Tensor logits = model.Logits(hidden);
+        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe, nullptr, recompute);
         std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
         std::vector<at::Tensor> targets;
         bool flat = true;
@@ -246,16 +287,19 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           targets.push_back(inputs[j - begin].at("target_tokens"));
           flat = flat && targets.back().dim() == 1;
         }
-        // One logprob op over the packed rows when every target is 1-D, so the
-        // backward builds a single [T, V] gradient.
+        // One logprob op over the packed rows when every target is 1-D (one
+        // [T, V] gradient buffer per chunk rather than one per datum).
+        const int64_t chunk = LogprobChunkTokens();
         at::Tensor packed_lp;
-        if (flat) packed_lp = model.Logprobs(logits, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets));
+        if (flat) {
+          packed_lp = model.HiddenLogprobs(hidden, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets), chunk);
+        }
         int64_t offset = 0;
         std::vector<at::Tensor> losses;
         for (int j = begin; j < end; ++j) {
           const auto& in = inputs[j - begin];
           at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
-                               : model.Logprobs(logits.narrow(0, offset, my_lengths[j]), in.at("target_tokens"));
+                               : model.HiddenLogprobs(hidden.narrow(0, offset, my_lengths[j]), in.at("target_tokens"), chunk);
           at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
           losses.push_back(elementwise.sum());
           total = total.defined() ? total + losses.back() : losses.back();

@@ -20,6 +20,13 @@ namespace lathe::runtime {
 class DecoderModel;
 class AdamW;
 
+// Per-layer activation recompute: on, off, or on for calls whose longest
+// micro-batch holds more than kRecomputeAutoTokens tokens.
+enum class Recompute { kAuto, kOn, kOff };
+inline constexpr int64_t kRecomputeAutoTokens = 2048;
+// "auto", "on", "off"; InvalidArgument otherwise.
+absl::StatusOr<Recompute> ParseRecompute(const std::string& name);
+
 struct TrainerOptions {
   std::string model_dir;
   LoraSettings lora;
@@ -30,7 +37,11 @@ struct TrainerOptions {
   int64_t micro_batch_tokens = 0;
   // Keep freed memory in the process heap instead of returning it to the OS
   // (glibc mallopt, process-wide): logits-sized buffers are then reused
-  // without page faults, at the cost of a higher resident set.
+  // without page faults, at the cost of a higher resident set. Calls whose
+  // micro-batches are longer than one logprob chunk map their large blocks
+  // (>= 32 MiB) instead: their same-sized chunk buffers, interleaved with
+  // smaller ones, would fragment the heap (peak RSS 4.6x the live memory at
+  // 4,096 tokens).
   bool retain_freed_memory = true;
   // Sharded run (not owned; outlives the Trainer): the model is cut over the
   // context's tp and ep groups, each call's batch is split over its data
@@ -43,6 +54,15 @@ struct TrainerOptions {
   // optim_step communicates across replicas. The ranks of one replica make
   // the same calls with the same input.
   bool replica_batches = false;
+  // Logprobs and losses are computed this many tokens at a time from the
+  // final hidden states, forward and backward, so no [T, V] logits tensor
+  // exists for a longer micro-batch. 0: sized like micro_batch_tokens (fp32
+  // logits of a chunk near 256 MiB).
+  int64_t logprob_chunk_tokens = 0;
+  // Keep only each decoder layer's input for the backward and run the layer
+  // again inside it (DecoderModel::Hidden). Under kAuto the ranks that run
+  // rounds together agree on the longest micro-batch, so they all decide alike.
+  Recompute recompute = Recompute::kAuto;
 };
 
 struct TrainerInfo {
@@ -80,6 +100,7 @@ class Trainer {
  private:
   Trainer();
   int64_t MicroBatchTokens() const;
+  int64_t LogprobChunkTokens() const;
   absl::StatusOr<lathe::v1::ForwardBackwardOutput> Run(const lathe::v1::ForwardBackwardInput& input,
                                                        bool backward);
   struct Impl;

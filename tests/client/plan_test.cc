@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "presets/preset_table.h"
 
 namespace lathe::client {
@@ -33,10 +35,24 @@ TEST(PlanTest, DenseModelOverTp2ByHand) {
   // LoRA r=8: attention 2*8*((64+32) + 2*(64+16) + (32+64)) = 5632; MLP 2*8*3*(64+64) = 6144;
   // lm_head 8*(64+500) = 4512; value, gradient, m and v: 16 B each.
   EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144 + 4512));
-  // Per token: 2 layers * (attention 288 + MLP 384) + final norm 64 = 1408 fp32 elements;
-  // log-softmax and the logits' gradient: 2 * 4 B * 500 per token.
-  EXPECT_DOUBLE_EQ(m->activations, 4.0 * 100 * 1408 + 8.0 * 100 * 500);
+  // 100 tokens: no recompute. Per token: 2 layers * (attention 288 + MLP 384) + final norm
+  // 64 = 1408 fp32 elements, times the measured 1.7 for what autograd keeps beside them;
+  // one logprob chunk of all 100 tokens: 2.25 [100, 500] buffers.
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 100 * 1408 + 2.25 * 4.0 * 100 * 500);
   EXPECT_DOUBLE_EQ(m->total(), m->weights + m->trainable_state + m->activations);
+}
+
+TEST(PlanTest, LongSequencesAreRecomputedLayerByLayerByHand) {
+  auto m = EstimateMemory(Dense(), Shape(2, 1), 4096, 8);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // Over 2048 tokens the runtime recomputes each layer: kept are the 2 layer inputs and
+  // 3 more [T, 64] buffers; then one layer's backward (1.7 x 672 elements per token) or
+  // one logprob chunk (4096 rows: 2.25 x [4096, 500]), whichever is larger.
+  EXPECT_DOUBLE_EQ(m->activations, 4.0 * 4096 * 64 * (2 + 3) + std::max(1.7 * 4.0 * 4096 * 672,
+                                                                          2.25 * 4.0 * 4096 * 500));
+  // Linear in T from there: doubling the tokens doubles the activations.
+  auto twice = EstimateMemory(Dense(), Shape(2, 1), 8192, 8);
+  EXPECT_DOUBLE_EQ(twice->activations, 2 * m->activations);
 }
 
 TEST(PlanTest, FullFineTuningKeepsGradientAndMomentsBesideTheFp32Weights) {

@@ -157,7 +157,14 @@ void CompareOutputs(const lathe::v1::ForwardBackwardOutput& a, const lathe::v1::
   }
 }
 
-void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::string& dir) {
+// The sharded trainer's memory options (the reference keeps the defaults).
+struct MemoryOptions {
+  int64_t logprob_chunk_tokens = 0;
+  bool recompute = false;
+};
+
+void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::string& dir,
+         const MemoryOptions& memory) {
   const std::string label = std::string(moe ? "moe" : "dense") + (full_ft ? "/full" : "/lora");
   runtime::TinyModelSpec spec;
   spec.moe = moe;
@@ -186,6 +193,8 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
     return;
   }
   options.parallel = ctx->get();
+  options.logprob_chunk_tokens = memory.logprob_chunk_tokens;
+  if (memory.recompute) options.recompute = runtime::Recompute::kOn;
   auto par = runtime::Trainer::Create(options);
   if (!par.ok()) {
     Expect(false, label + ": sharded load: " + std::string(par.status().message()));
@@ -247,6 +256,7 @@ int main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &lathe::world_rank);
   at::set_num_threads(1);
   lathe::parallel::MeshShape shape;
+  lathe::MemoryOptions memory;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const int value = std::atoi(argv[i + 1]);
@@ -254,12 +264,14 @@ int main(int argc, char** argv) {
     else if (flag == "--node_count") shape.node_count = value;
     else if (flag == "--tp") shape.tp = value;
     else if (flag == "--ep") shape.ep = value;
+    else if (flag == "--logprob_chunk_tokens") memory.logprob_chunk_tokens = value;
+    else if (flag == "--recompute") memory.recompute = value != 0;
   }
   char tmpl[] = "/tmp/lathe_parity_XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   for (bool moe : {false, true}) {
     if (!moe && shape.ep > 1) continue;  // expert parallelism needs experts
-    for (bool full_ft : {false, true}) lathe::Run(shape, moe, full_ft, dir);
+    for (bool full_ft : {false, true}) lathe::Run(shape, moe, full_ft, dir, memory);
   }
   std::system(("rm -rf " + dir).c_str());
   int total = 0;

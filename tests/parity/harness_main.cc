@@ -172,6 +172,15 @@ json MetricsJson(const google::protobuf::Map<std::string, double>& metrics) {
 int Run(const std::string& model_dir, const json& req, const std::string& out_path) {
   TrainerOptions options{model_dir, LoraFromJson(req.value("lora", json())), req.value("max_seq_len", 0),
                          req.value("micro_batch_tokens", 0)};
+  options.logprob_chunk_tokens = req.value("logprob_chunk_tokens", 0);
+  if (req.contains("recompute")) {
+    absl::StatusOr<Recompute> recompute = ParseRecompute(req.at("recompute").get<std::string>());
+    if (!recompute.ok()) {
+      std::fprintf(stderr, "%s\n", recompute.status().ToString().c_str());
+      return 1;
+    }
+    options.recompute = *recompute;
+  }
   auto trainer = Trainer::Create(options);
   if (!trainer.ok()) {
     std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());

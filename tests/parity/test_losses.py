@@ -117,6 +117,12 @@ def _place_sequence_ratios(ref, data, case):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_fn_matches_formula(kind, case, tiny_models, harness, tmp_path):
+    check_loss_case(kind, case, tiny_models, harness, tmp_path)
+
+
+def check_loss_case(kind, case, tiny_models, harness, tmp_path, options=None):
+    """Runs CASES[case] on the harness (with the request's extra `options`) and checks the
+    elementwise losses, loss:sum and LoRA gradients against the formulas on peft's logprobs."""
     d = tiny_models[kind]
     loss_fn, cfg, _ = CASES[case]
     ad = R.random_adapter(d, LORA, seed=21)
@@ -142,7 +148,7 @@ def test_loss_fn_matches_formula(kind, case, tiny_models, harness, tmp_path):
         marks = torch.cat([torch.tensor(dd["loss_fn_inputs"]["sequence_ratio_mask"]) for dd in data])
         assert bool((marks == 0).any()) and bool((marks != 0).any())
 
-    res = harness(d, {"lora": LORA, "adapter": path, "ops": [
+    res = harness(d, {"lora": LORA, "adapter": path, **(options or {}), "ops": [
         {"op": "forward_backward", "loss_fn": loss_fn, "loss_fn_config": cfg, "data": data},
         {"op": "dump", "prefix": "g"}]})
 
