@@ -19,11 +19,13 @@ namespace {
 using nlohmann::json;
 
 constexpr char kCheckpoint[] =
-    R"(/v1/loops/checkpoints/([A-Za-z0-9._-]{1,128}:(?:weights|sampler_weights):[A-Za-z0-9._-]{1,128}))";
+    R"(/v1/loops/checkpoints/([A-Za-z0-9._:-]{1,128}:(?:weights|sampler_weights):[A-Za-z0-9._-]{1,128}))";
 
 std::string Iso8601(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", t, absl::UTCTimeZone()); }
 
 // "<run>:<kind>:<name>" (no slash: one path segment) <-> lathe://<run>/<kind>/<name>.
+// A run id may hold ':' (Tinker's "<session>:train:<n>"); kinds and names
+// never do, so they are the id's last two fields.
 std::string CheckpointId(const std::string& lathe_path) {
   std::string id(absl::StripPrefix(lathe_path, "lathe://"));
   std::replace(id.begin(), id.end(), '/', ':');
@@ -31,7 +33,11 @@ std::string CheckpointId(const std::string& lathe_path) {
 }
 
 std::string PathOfId(std::string id) {
-  std::replace(id.begin(), id.end(), ':', '/');
+  const size_t name = id.rfind(':');
+  const size_t kind = name == std::string::npos || name == 0 ? std::string::npos : id.rfind(':', name - 1);
+  if (kind == std::string::npos) return "lathe://" + id;  // not an id the routes' pattern lets through
+  id[name] = '/';
+  id[kind] = '/';
   return "lathe://" + id;
 }
 
@@ -145,7 +151,8 @@ void AddLoopsCheckpointRoutes(const LoopsDoor& door) {
   door.server->Get("/v1/loops/checkpoints", [door](auto& req, auto& res) { List(door, req, res); });
   door.server->Post("/v1/loops/checkpoints/validate", [door](const httplib::Request& req, httplib::Response& res) {
     const json body = json::parse(req.body, nullptr, false);
-    const std::string given = body.is_object() ? body.value("checkpoint_path", "") : "";
+    const json path = body.is_object() ? body.value("checkpoint_path", json()) : json();
+    const std::string given = path.is_string() ? path.get<std::string>() : path.dump();
     lathe::v1::GetCheckpointFilesRequest probe;
     probe.set_checkpoint_id(LatheFromBt(given));
     probe.set_page_size(1);

@@ -30,7 +30,10 @@ void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const js
     save->set_ttl_seconds(Number<int64_t>(body.at("ttl_seconds"), "ttl_seconds"));
   }
   lathe::v1::SubmitResponse response;
-  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Fail(res, s);
+  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) {
+    FillRefusedSeq(*front_end, Authorization(req), op, s);  // a name refused: the run's order goes on
+    return Fail(res, s);
+  }
   if (ephemeral) {
     samplers.Add("save " + response.op_id(),
                  {op.run_id(), absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", save->name())});

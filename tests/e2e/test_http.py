@@ -190,4 +190,44 @@ def test_save_state_and_sampler_weights_over_http(door):
     # A name lathe refuses fails at once with the validation's message.
     with pytest.raises(Exception, match="save_state.name"):
         training.save_state("../escape").result()
+    # A refused save_weights_for_sampler gives its seq_id to a noop, so the client's next call
+    # runs at once instead of waiting out the gap timeout.
+    with pytest.raises(Exception, match="name"):
+        training.save_weights_for_sampler("../escape").result(timeout=30)
+    assert training.save_state("s2").result(timeout=60).path == f"tinker://{run}/weights/s2"
     client.close("success").result()
+
+
+def test_start_up_capabilities_and_info_routes(door):
+    """The routes the SDK calls around its work: client config, telemetry, capabilities, get_info."""
+    d, url = door
+    key = {"X-API-Key": KEY}
+    base_model = d.stub.GetCapabilities(pb.GetCapabilitiesRequest(), metadata=d.metadata(),
+                                        timeout=sc.RPC_TIMEOUT_S).base_models[0]
+    assert _post(url, "/api/v1/client/config", b'{"sdk_version": "0.38.0"}', key) == (
+        200, {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True})
+    assert _post(url, "/api/v1/client/dynamic_config", b"{}", key) == (
+        200, {"refresh_interval_sec": 300, "sample_cancel_enabled": False})
+    assert _post(url, "/api/v1/telemetry", b'{"events": [], "platform": "linux"}', key) == (
+        200, {"status": "accepted"})
+    status, caps = sc.http_json(url, "/api/v1/get_server_capabilities", None, key)
+    assert status == 200, caps
+    assert [m["model_name"] for m in caps["supported_models"]] == [base_model]
+    assert caps["supported_models"][0]["max_context_length"] > 0
+    assert sc.http_json(url, "/api/v1/get_server_capabilities")[0] == 401  # only healthz is open
+    status, health = sc.http_json(url, "/api/v1/healthz")
+    assert status == 200 and health["status"] == "ok", health
+    # The SDK reads the same answer.
+    client = tinker.ServiceClient(base_url=url, api_key=KEY)
+    got = client.create_rest_client().get_server_capabilities().result(timeout=30)
+    assert [m.model_name for m in got.supported_models] == [base_model]
+    run = d.stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=4)), metadata=d.metadata(),
+                           timeout=sc.RPC_TIMEOUT_S).run_id
+    _wait(d.stub, d.metadata(), f"{run}/0")
+    status, info = _post(url, "/api/v1/get_info", json.dumps({"model_id": run}).encode(), key)
+    assert status == 200, info
+    assert (info["model_id"], info["is_lora"], info["lora_rank"], info["model_name"], info["type"]) == (
+        run, True, 4, base_model, "get_info")
+    client.close("success").result()
+    d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=1, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+                  timeout=sc.RPC_TIMEOUT_S)

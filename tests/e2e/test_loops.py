@@ -269,6 +269,7 @@ def test_control_plane(door):
     status, session = _http(url, "/v1/loops/sessions", {})
     assert status == 200 and session["session"]["id"]
     sid = session["session"]["id"]
+    assert _http(url, f"/v1/loops/sessions/{sid}") == (200, {"session": {"id": sid}})
     # Clear refusals.
     for body, word in (({"base_model": "nope/model"}, "nope/model"),
                        ({"base_model": model, "max_seq_len": max_len + 1}, "max_seq_len"),
@@ -285,6 +286,10 @@ def test_control_plane(door):
     assert _http(url, f"/v1/loops/runs/{run['id']}")[1]["run"]["id"] == run["id"]
     status, dep = _http(url, f"/v1/loops/deployments/{run['deployment_id']}")
     assert status == 200 and dep["deployment"]["status"]["name"] == "ACTIVE"
+    # The sampler's deployment status, as SamplingClient polls it.
+    status, sampler_dep = _http(url, f"/v1/models/lathe/deployments/{run['deployment_id']}")
+    assert (status, sampler_dep["status"]) == (200, "ACTIVE"), sampler_dep
+    assert _http(url, "/v1/models/lathe/deployments/run-unknown")[0] == 404
     status, sampler = _http(url, "/v1/loops/samplers", {"session_id": sid, "run_id": run["id"]})
     assert status == 200 and sampler["sampler"]["base_url"] == base + "/sampler" and sampler["sampler"]["model_id"]
     path = base[len(url):]
@@ -313,6 +318,18 @@ def test_control_plane(door):
     assert _keyed(url, path + "/save_state", save, "k2") == (202, {"operation_id": save_id, "schema_version": 1})
     _, pub = op("/save_weights_for_sampler", {"name": "sw", "seq_id": 3, "bump_version": True}, "k3")
     assert pub == {"version": 0, "path": f"bt://loops:{run['id']}/sampler_weights/sw"}
+    # The sampler serves the published version (0: no optim_step yet) next to the base model.
+    status, models = _http(url, path + "/sampler/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == [model, "default"], models
+    assert models["data"][0]["max_model_len"] == max_len
+    assert _http(url, path + "/sampler/trainers_policy_version") == (200, {"policy_version": 0})
+    # create_sampling_client(model_path=...) validates the path first.
+    valid = f"bt://loops:{run['id']}/weights/w"
+    assert _http(url, "/v1/loops/checkpoints/validate", {"checkpoint_path": valid, "run_id": run["id"]}) == (
+        200, {"valid": True})
+    for bad in (valid + "-nope", f"lathe://{run['id']}/weights/w", 5, None):
+        status, err = _http(url, "/v1/loops/checkpoints/validate", {"checkpoint_path": bad})
+        assert status == 422 and err["error"]["message"], (bad, status, err)
     # Permanent errors at submit are 422, never 400/404 (the SDK retries those for an hour).
     status, err = _keyed(url, path + "/load_state", {"path": "s3://elsewhere", "seq_id": 4}, "k4")
     assert status == 422 and err["error"]["type"] == "BadRequestError", err
@@ -363,8 +380,51 @@ def test_control_plane(door):
     assert saved_id == f"{run['id']}/5"
     status, version = _http(url, path + "/policy_version")
     assert status == 200 and version == {"policy_version": 0}
-    d.stub.Submit(pb.SubmitRequest(run_id=run["id"], seq_id=6, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
+    # load_state (weights only) and forward: forward gives the loss forward_backward does on
+    # the same weights.
+    _, loaded = op("/load_state", {"path": f"bt://loops:{run['id']}/weights/w2", "seq_id": 3}, "k8")
+    assert loaded == {"step": 0}
+    tokens, targets = _sequence(9, 6)
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
+             "loss_fn_inputs": {"target_tokens": {"data": targets, "dtype": "int64", "shape": [len(targets)]}}}
+    body = {"data": [datum], "loss_fn": "cross_entropy", "loss_fn_config": None, "top_k_logprobs": 0}
+    forward_id, forward = op("/forward", {**body, "seq_id": 4}, "k9")
+    _, fb = op("/forward_backward", {**body, "seq_id": 5}, "k10")
+    assert forward_id == f"{run['id']}/7"
+    assert forward["metrics"]["loss:sum"] == fb["metrics"]["loss:sum"] and forward["loss"] == fb["loss"]
+    assert forward["loss_fn_outputs"][0]["logprobs"] == fb["loss_fn_outputs"][0]["logprobs"]
+    assert len(forward["loss_fn_outputs"][0]["logprobs"]["data"]) == len(targets)
+    _, stepped = op("/optim_step", {"adam_params": {"learning_rate": 1e-2}, "seq_id": 6}, "k11")
+    assert "metrics" in stepped
+    assert _http(url, path + "/policy_version") == (200, {"policy_version": 1})
+    # Nothing published since the re-init: the sampler samples the base model.
+    status, done = _keyed(url, path + "/sampler/sample", {"prompt": PROMPT, "n": 2, "max_tokens": 3,
+                                                          "temperature": 0.0, "logprobs": 0}, "k12")
+    assert status == 200 and done["model"] == model and len(done["choices"]) == 2, done
+    assert all(len(c["token_ids"]) == len(c["logprobs"]["token_logprobs"]) > 0 for c in done["choices"])
+    d.stub.Submit(pb.SubmitRequest(run_id=run["id"], seq_id=10, delete_run=pb.DeleteRunOp()), metadata=d.metadata(),
                   timeout=sc.RPC_TIMEOUT_S)
+
+
+def test_checkpoints_of_a_run_named_with_colons(door):
+    """A run made over Tinker or gRPC may hold ':' in its id (<session>:train:<n>): its checkpoints'
+    Loops ids ("<run>:<kind>:<name>") still page, download and delete."""
+    d, url, _ = door
+    run = d.stub.CreateRun(pb.CreateRunRequest(run_id="session-loops:train:0", lora=sc.types.LoraConfig(rank=2)),
+                           metadata=d.metadata(), timeout=sc.RPC_TIMEOUT_S).run_id
+    d.run_op(run, 1, save_state=pb.SaveStateOp(name="w"))
+    status, listed = _http(url, "/v1/loops/checkpoints?run_id=" + urllib.parse.quote(run, safe=""))
+    assert status == 200 and [c["id"] for c in listed["checkpoints"]] == [f"{run}:weights:w"], listed
+    cid = listed["checkpoints"][0]["id"]
+    assert listed["checkpoints"][0]["checkpoint_path"] == f"bt://loops:{run}/weights/w"
+    status, page = _http(url, f"/v1/loops/checkpoints/{cid}/files")
+    assert status == 200 and page["total_count"] == len(page["presigned_urls"]) > 0, page
+    first = page["presigned_urls"][0]
+    status, data = _http(url, first["url"][len(url):])
+    assert status == 200 and len(data) == first["size_bytes"]
+    assert _http(url, f"/v1/loops/checkpoints/{cid}", method="DELETE") == (200, {"id": cid, "deleted": True})
+    assert _http(url, "/v1/loops/checkpoints?run_id=" + urllib.parse.quote(run, safe=""))[1]["checkpoints"] == []
+    d.run_op(run, 2, delete_run=pb.DeleteRunOp())
 
 
 def test_hostile_requests(door):
