@@ -105,9 +105,10 @@ void HttpDoor::Impl::DeleteCheckpoint(const httplib::Request& req, httplib::Resp
 void HttpDoor::Impl::LoadWeights(const httplib::Request& req, const json& body, httplib::Response& res) {
   const std::string tinker_path = body.at("path").get<std::string>();
   const std::string path = LathePath(tinker_path);
+  absl::Status path_ok;
   if (!absl::StartsWith(tinker_path, "tinker://") || !runtime::ParseCheckpointPath(path).ok()) {
-    return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("path must be tinker://<run>/weights/<name>, not ",
-                                                           runtime::QuoteForMessage(tinker_path)));
+    path_ok = absl::InvalidArgumentError(
+        absl::StrCat("path must be tinker://<run>/weights/<name>, not ", runtime::QuoteForMessage(tinker_path)));
   }
   const bool optimizer = body.value("optimizer", false);
   if (body.contains("model_id") && !body.at("model_id").is_null()) {
@@ -116,8 +117,13 @@ void HttpDoor::Impl::LoadWeights(const httplib::Request& req, const json& body, 
     op.set_run_id(body.at("model_id").get<std::string>());
     op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
     (optimizer ? op.mutable_load_state_with_optimizer() : op.mutable_load_state())->set_path(path);
+    if (!path_ok.ok()) {
+      FillRefusedSeq(*front_end, Authorization(req), op, path_ok);  // the SDK has taken this seq_id
+      return Fail(res, path_ok);
+    }
     return SubmitOp(req, op, res);
   }
+  if (!path_ok.ok()) return Fail(res, path_ok);
   // A new client: a run named as the SDK names it, started from the checkpoint.
   std::optional<std::string> run_id = ModelIdOf(body);
   if (!run_id.has_value()) {

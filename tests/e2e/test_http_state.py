@@ -130,10 +130,18 @@ def test_load_weights_retries_and_refusals(door):
     for case in cases:
         status, reply = sc.http_json(url, "/api/v1/load_weights", json.dumps(case).encode(), key)
         assert status == 422 and reply["error"]["message"], (case, status, reply)
-    # Nothing was created by the refusals, and the client's seq_id 2 is still free.
+    # Nothing was created by the refusals; the client's seq_id 2 (refused for its path) holds a
+    # noop, so the load at seq_id 3 runs at once.
     rest = client.create_rest_client()
     assert len(rest.list_training_runs(limit=100).result().training_runs) == runs_before
-    assert training.load_state(path).result().path == path
+    noop = d.stub.Retrieve(pb.RetrieveRequest(op_id=f"{training.model_id}/2"), metadata=d.metadata(),
+                           timeout=sc.RPC_TIMEOUT_S)
+    assert noop.state == sc.Retrieve.DONE and noop.result.WhichOneof("result") == "noop", noop
+    load = json.dumps({"model_id": training.model_id, "seq_id": 3, "path": path, "optimizer": False}).encode()
+    status, reply = sc.http_json(url, "/api/v1/load_weights", load, key)
+    assert status == 200 and reply["request_id"] == f"{training.model_id}/3", reply
+    loaded = sc.result(d.stub, reply["request_id"], 60, d.metadata())
+    assert loaded.WhichOneof("result") == "load_state", loaded
     client.close("success").result()
 
 
