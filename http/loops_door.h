@@ -10,6 +10,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -53,8 +54,10 @@ struct LoopsState {
     int64_t step = 0;
     std::string path;  // lathe://<run>/sampler_weights/<name>
   };
-  absl::Mutex init_mu;  // one init_trainer_server at seq_id 1 at a time
   absl::Mutex mu;
+  // One init_trainer_server at seq_id 1 at a time per trainer URL (a slot:
+  // "local" or a run the control plane made); never removed, like `trainers`.
+  std::map<std::string, std::unique_ptr<absl::Mutex>> init_mus ABSL_GUARDED_BY(mu);
   std::map<std::string, Trainer> trainers ABSL_GUARDED_BY(mu);  // "local" or a run id
   std::map<std::string, Book> books ABSL_GUARDED_BY(mu);        // by run id
   std::map<std::string, Version> versions ABSL_GUARDED_BY(mu);  // a finished save's op id -> its version

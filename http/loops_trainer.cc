@@ -199,7 +199,15 @@ void InitTrainer(const LoopsDoor& door, const httplib::Request& req, const json&
   // seq_id 1: a new TrainingClient.
   const std::string slot = LoopsSlot(req);
   const std::string key = req.get_header_value("Idempotency-Key");
-  absl::MutexLock init_lock(&door.st->init_mu);
+  absl::Mutex* init_mu = nullptr;
+  {
+    absl::MutexLock lock(&door.st->mu);
+    if (slot != kLoopsLocal && door.st->trainers.count(slot) == 0) return Fail(res, 422, "NOT_FOUND", NoRun(slot));
+    std::unique_ptr<absl::Mutex>& mu = door.st->init_mus[slot];
+    if (mu == nullptr) mu = std::make_unique<absl::Mutex>();
+    init_mu = mu.get();
+  }
+  absl::MutexLock init_lock(init_mu);
   if (AnswerSeenInit(door, slot, key, res)) return;
   if (slot == kLoopsLocal) return InitLocal(door, req, body, res, rank, key);
   InitRun(door, req, res, slot, rank, key);
