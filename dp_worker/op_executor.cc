@@ -471,6 +471,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
   lathe::v1::OpResult result;
   const std::string uri = absl::StrCat("lathe://", op.run_id(), "/sampler_weights/", name);
   result.mutable_save_weights_for_sampler()->set_path(uri);
+  result.mutable_save_weights_for_sampler()->set_step(trainer.GetInfo().step);
   // Every replica keeps these weights for sampling pinned to them.
   snapshots_[uri] = Snapshot(trainer.model().trainable());
   if (parallel_ != nullptr && parallel_->place.replica != 0) return result;

@@ -106,7 +106,6 @@ void CreateRun(const LoopsDoor& door, const httplib::Request& req, const json& b
   {
     absl::MutexLock lock(&door.st->mu);
     door.st->trainers[t.run] = t;
-    door.st->books[t.run].marks[0] = {'i', created.init_op_id()};
   }
   Reply(res, {{"run", RunJson(door, req, t)}});
 }

@@ -44,10 +44,8 @@ struct LoopsState {
     std::string session_id;  // control-plane runs
     absl::Time created_at;
   };
-  // A run's operations that set its optimizer step, and its publications.
+  // A run's publications.
   struct Book {
-    // ledger seq_id -> ('i' init | 'l' load | 'o' optim_step, op id)
-    std::map<int64_t, std::pair<char, std::string>> marks;
     std::vector<std::string> published;  // bump_version saves since the last init, oldest first
   };
   struct Version {
@@ -95,9 +93,6 @@ void LoopsFail(const LoopsDoor& door, httplib::Response& res, const absl::Status
 // `limit`), or the Retrieve error.
 absl::StatusOr<lathe::v1::RetrieveResponse> AwaitOp(const LoopsDoor& door, const std::string& auth,
                                                     const std::string& op_id, absl::Duration limit);
-// The run's optimizer step when the finished save `op_id` ran: the
-// optim_steps that succeeded since its last init or load before it.
-int64_t StepAt(const LoopsDoor& door, const std::string& auth, const std::string& op_id);
 // The run's live version: its newest finished bump_version save, if any.
 std::optional<LoopsState::Version> LiveVersion(const LoopsDoor& door, const std::string& auth,
                                                const std::string& run);

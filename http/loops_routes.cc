@@ -3,12 +3,12 @@
 // share. Every operation goes through the FrontEnd like the Tinker routes'
 // do; the door only keeps which lathe run a Loops URL drives and how Loops'
 // seq_ids map onto the run's ledger seq_ids.
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "http/door_impl.h"
@@ -18,14 +18,6 @@ namespace lathe::http {
 namespace {
 
 using State = lathe::v1::RetrieveResponse;
-
-// The ledger seq_id part of "<run>/<seq>" (-1 if none).
-int64_t SeqOfOpId(const std::string& op_id) {
-  int64_t seq = -1;
-  const size_t slash = op_id.rfind('/');
-  if (slash == std::string::npos || !absl::SimpleAtoi(op_id.substr(slash + 1), &seq)) return -1;
-  return seq;
-}
 
 // The op's view now (no wait); false if it cannot be read.
 bool Peek(const LoopsDoor& door, const std::string& auth, const std::string& op_id, State* view) {
@@ -81,29 +73,6 @@ absl::StatusOr<State> AwaitOp(const LoopsDoor& door, const std::string& auth, co
   }
 }
 
-int64_t StepAt(const LoopsDoor& door, const std::string& auth, const std::string& op_id) {
-  // The marks before the save, newest first, down to the last init.
-  std::vector<std::pair<char, std::string>> before;
-  {
-    absl::MutexLock lock(&door.st->mu);
-    const LoopsState::Book& book = door.st->books[op_id.substr(0, op_id.find('/'))];
-    for (auto it = book.marks.lower_bound(SeqOfOpId(op_id)); it != book.marks.begin();) {
-      --it;
-      if (it->second.first == 'i') break;
-      before.push_back(it->second);
-    }
-  }
-  // All finished before the save did (the run's order); failed ones count nothing.
-  int64_t steps = 0;
-  for (const auto& [kind, id] : before) {
-    State view;
-    if (!Peek(door, auth, id, &view) || view.state() != State::DONE) continue;
-    if (kind == 'l') return steps + view.result().load_state().step();
-    ++steps;
-  }
-  return steps;
-}
-
 std::optional<LoopsState::Version> LiveVersion(const LoopsDoor& door, const std::string& auth,
                                                const std::string& run) {
   std::vector<std::string> published;
@@ -112,15 +81,26 @@ std::optional<LoopsState::Version> LiveVersion(const LoopsDoor& door, const std:
     published = door.st->books[run].published;
   }
   for (auto it = published.rbegin(); it != published.rend(); ++it) {
+    std::optional<LoopsState::Version> version;
     {
       absl::MutexLock lock(&door.st->mu);
-      if (auto v = door.st->versions.find(*it); v != door.st->versions.end()) return v->second;
+      if (auto v = door.st->versions.find(*it); v != door.st->versions.end()) version = v->second;
     }
     State view;
-    if (!Peek(door, auth, *it, &view) || view.state() != State::DONE) continue;
-    LoopsState::Version version{StepAt(door, auth, *it), view.result().save_weights_for_sampler().path()};
+    if (!version.has_value()) {
+      if (!Peek(door, auth, *it, &view) || view.state() != State::DONE) continue;
+      const lathe::v1::SaveWeightsForSamplerResult& saved = view.result().save_weights_for_sampler();
+      version = LoopsState::Version{saved.step(), saved.path()};
+    }
+    // The newest finished publication is live: older ones are no longer needed.
     absl::MutexLock lock(&door.st->mu);
-    door.st->versions[*it] = version;
+    std::vector<std::string>& kept = door.st->books[run].published;
+    auto live = std::find(kept.begin(), kept.end(), *it);
+    if (live != kept.end()) {
+      for (auto old = kept.begin(); old != live; ++old) door.st->versions.erase(*old);
+      kept.erase(kept.begin(), live);
+      door.st->versions[*it] = *version;
+    }
     return version;
   }
   return std::nullopt;

@@ -32,19 +32,17 @@ std::string NoRun(const std::string& slot) {
                              : "no Loops run " + runtime::QuoteForMessage(slot) + " on this deployment";
 }
 
-// Records what a submitted op means for the run's steps and versions.
-// `mark`: 'i' init, 'l' load, 'o' optim_step, 0 none.
+// Records a submitted op: the trainer's last seq_id, and the run's
+// publications (an `init` starts them afresh; `bump` publishes).
 void Record(const LoopsDoor& door, const std::string& slot, const lathe::v1::SubmitRequest& op,
-            const std::string& op_id, char mark, bool bump) {
+            const std::string& op_id, bool init, bool bump) {
   absl::MutexLock lock(&door.st->mu);
   LoopsState::Trainer& t = door.st->trainers[slot];
   if (t.run == op.run_id()) t.last = std::max(t.last, op.seq_id());
   LoopsState::Book& book = door.st->books[op.run_id()];
-  if (mark != 0) book.marks[op.seq_id()] = {mark, op_id};
-  if (mark == 'i') {
-    // Steps and versions count from here on.
+  if (init) {
+    for (const std::string& id : book.published) door.st->versions.erase(id);
     book.published.clear();
-    book.marks.erase(book.marks.begin(), book.marks.find(op.seq_id()));
   }
   if (bump && std::find(book.published.begin(), book.published.end(), op_id) == book.published.end()) {
     book.published.push_back(op_id);
@@ -54,7 +52,7 @@ void Record(const LoopsDoor& door, const std::string& slot, const lathe::v1::Sub
 // Submits one ordered op of the URL's run at its Loops seq_id, filled by
 // `fill`, and answers 202 {"operation_id"}.
 void Submit(const LoopsDoor& door, const httplib::Request& req, const json& body, httplib::Response& res,
-            char mark, bool bump, const Fill& fill) {
+            bool init, bool bump, const Fill& fill) {
   const std::string slot = LoopsSlot(req);
   const int64_t seq = Number<int64_t>(body.at("seq_id"), "seq_id");
   if (seq < 1 || seq > (int64_t{1} << 62)) {
@@ -80,11 +78,11 @@ void Submit(const LoopsDoor& door, const httplib::Request& req, const json& body
   lathe::v1::SubmitResponse response;
   if (s.ok()) s = door.front_end->Submit(Authorization(req), op, &response);
   if (s.ok()) {
-    Record(door, slot, op, response.op_id(), mark, bump);
+    Record(door, slot, op, response.op_id(), init, bump);
     return Accepted(res, response.op_id());
   }
   lathe::v1::SubmitRequest noop;
-  if (FillRefusedSeq(*door.front_end, Authorization(req), op, s, &noop)) Record(door, slot, noop, "", 0, false);
+  if (FillRefusedSeq(*door.front_end, Authorization(req), op, s, &noop)) Record(door, slot, noop, "", false, false);
   LoopsFail(door, res, s);
 }
 
@@ -148,7 +146,6 @@ void InitLocal(const LoopsDoor& door, const httplib::Request& req, const json& b
     now.lora_rank = rank;
     now.created_op = created.init_op_id();
     now.created_at = absl::Now();
-    door.st->books[now.run].marks[0] = {'i', created.init_op_id()};
   }
   AnswerInit(door, kLoopsLocal, key, created.init_op_id(), res);
 }
@@ -183,7 +180,7 @@ void InitRun(const LoopsDoor& door, const httplib::Request& req, httplib::Respon
     now.fresh = false;
     now.offset = t.last;
   }
-  Record(door, run, op, response.op_id(), 'i', false);
+  Record(door, run, op, response.op_id(), true, false);
   AnswerInit(door, run, key, response.op_id(), res);
 }
 
@@ -191,7 +188,7 @@ void InitTrainer(const LoopsDoor& door, const httplib::Request& req, const json&
   const int32_t rank = Number<int32_t>(body.at("lora_rank"), "lora_rank");
   // Later in a client's order: a re-init at its place.
   if (Number<int64_t>(body.at("seq_id"), "seq_id") != 1) {
-    return Submit(door, req, body, res, 'i', false, [rank](lathe::v1::SubmitRequest* op) {
+    return Submit(door, req, body, res, true, false, [rank](lathe::v1::SubmitRequest* op) {
       op->mutable_init()->mutable_lora()->set_rank(rank);
       return absl::OkStatus();
     });
@@ -231,7 +228,7 @@ json ResultJson(const LoopsDoor& door, const std::string& auth, const State& vie
     case lathe::v1::OpResult::kLoadState:
       return {{"step", result.load_state().step()}};
     case lathe::v1::OpResult::kSaveWeightsForSampler:
-      return {{"version", StepAt(door, auth, view.op_id())},
+      return {{"version", result.save_weights_for_sampler().step()},
               {"path", BtPath(result.save_weights_for_sampler().path())}};
     default:
       return json::object();
@@ -315,34 +312,34 @@ void AddLoopsTrainerRoutes(const LoopsDoor& door) {
   for (const bool forward_only : {false, true}) {
     door.post_json(t + (forward_only ? "/forward" : "/forward_backward"),
                    [door, forward_only](auto& req, const json& body, auto& res) {
-                     Submit(door, req, body, res, 0, false, [&](lathe::v1::SubmitRequest* op) {
+                     Submit(door, req, body, res, false, false, [&](lathe::v1::SubmitRequest* op) {
                        return LoopsForwardBackwardFromJson(body, forward_only, op->run_id(), op->seq_id(), op);
                      });
                    });
   }
   door.post_json(t + "/optim_step", [door](auto& req, const json& body, auto& res) {
-    Submit(door, req, body, res, 'o', false, [&](lathe::v1::SubmitRequest* op) {
+    Submit(door, req, body, res, false, false, [&](lathe::v1::SubmitRequest* op) {
       *op->mutable_optim_step() = AdamFromJson(body.value("adam_params", json::object()));
       return absl::OkStatus();
     });
   });
   door.post_json(t + "/save_state", [door](auto& req, const json& body, auto& res) {
-    Submit(door, req, body, res, 0, false, [&](lathe::v1::SubmitRequest* op) {
+    Submit(door, req, body, res, false, false, [&](lathe::v1::SubmitRequest* op) {
       op->mutable_save_state()->set_name(body.at("name").get<std::string>());
       op->mutable_save_state()->set_ttl_seconds(Ttl(body));
       return absl::OkStatus();
     });
   });
   door.post_json(t + "/load_state", [door](auto& req, const json& body, auto& res) {
-    Submit(door, req, body, res, 'l', false,
+    Submit(door, req, body, res, false, false,
            [&](lathe::v1::SubmitRequest* op) { return LoadPath(body, op->mutable_load_state()); });
   });
   door.post_json(t + "/load_state_with_optimizer", [door](auto& req, const json& body, auto& res) {
-    Submit(door, req, body, res, 'l', false,
+    Submit(door, req, body, res, false, false,
            [&](lathe::v1::SubmitRequest* op) { return LoadPath(body, op->mutable_load_state_with_optimizer()); });
   });
   door.post_json(t + "/save_weights_for_sampler", [door](auto& req, const json& body, auto& res) {
-    Submit(door, req, body, res, 0, body.value("bump_version", false), [&](lathe::v1::SubmitRequest* op) {
+    Submit(door, req, body, res, false, body.value("bump_version", false), [&](lathe::v1::SubmitRequest* op) {
       op->mutable_save_weights_for_sampler()->set_name(body.at("name").get<std::string>());
       op->mutable_save_weights_for_sampler()->set_ttl_seconds(Ttl(body));
       return absl::OkStatus();
