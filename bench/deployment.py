@@ -17,6 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
+def add_workload_args(ap):
+    """The deployment benchmarks' shared flags: model, mesh layout, cores, datum lengths, LoRA rank."""
+    ap.add_argument("--model", choices=["tiny", "dense", "moe", "moe2"], default="tiny")
+    ap.add_argument("--layout", default="replicas=2,ep=2", help="key=value[,…] mesh flags; ranks = their product")
+    ap.add_argument("--threads", type=int, default=2, help="cores shared by all ranks")
+    ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288")
+    ap.add_argument("--rank", type=int, default=32)
+
+
 def ranks_of(layout):
     n = 1
     for v in layout.values():

@@ -32,7 +32,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import service_throughput as st  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from deployment import deployment, http_door_args, http_url, log_tails, ranks_of  # noqa: E402
+from deployment import add_workload_args, deployment, http_door_args, http_url, log_tails, ranks_of  # noqa: E402
 
 KEY = "tml-bench"  # the door runs with API keys off on loopback; the SDK still wants a tml- key
 
@@ -101,11 +101,7 @@ def through_sdk(args, url, batch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "dense", "moe", "moe2"], default="tiny")
-    ap.add_argument("--layout", default="replicas=2,ep=2", help="key=value[,…] mesh flags; ranks = their product")
-    ap.add_argument("--threads", type=int, default=2, help="cores shared by all ranks")
-    ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288")
-    ap.add_argument("--rank", type=int, default=32)
+    add_workload_args(ap)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="pairs of runs, one per client, alternating which goes first")

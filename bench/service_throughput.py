@@ -20,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # noqa: E402
-from deployment import ENV, deployment, log_tails, mesh_flags, ranks_of  # noqa: E402
+from deployment import ENV, add_workload_args, deployment, log_tails, mesh_flags, ranks_of  # noqa: E402
 
 
 def model_dir(args):
@@ -56,11 +56,7 @@ def in_process(args, model, data, layout, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "dense", "moe", "moe2"], default="tiny")
-    ap.add_argument("--layout", default="replicas=2,ep=2", help="key=value[,…] mesh flags; ranks = their product")
-    ap.add_argument("--threads", type=int, default=2, help="cores shared by all ranks")
-    ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288")
-    ap.add_argument("--rank", type=int, default=32)
+    add_workload_args(ap)
     ap.add_argument("--round-trips", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
