@@ -43,7 +43,12 @@ const std::string& Folder() {
     const int32_t y[1] = {7};
     FUZZ_CHECK(lathe::runtime::WriteSafetensors(shard, {{"x", "F32", {2}, x, sizeof(x)}, {"y", "I32", {1}, y, sizeof(y)}})
                    .ok());
-    return new std::string(name);
+    static std::string path = name;
+    std::atexit([] {
+      for (const char* f : {"/a.safetensors", "/model.safetensors.index.json"}) ::unlink((path + f).c_str());
+      ::rmdir(path.c_str());
+    });
+    return &path;
   }();
   return *dir;
 }
