@@ -27,6 +27,9 @@ if [ ! -f build-asan/build.ninja ]; then
     -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" \
     -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
     -DLATHE_PYTHON="$PWD/.venv/bin/python" --graphviz=build-asan/graph/lathe.dot ${LATHE_CMAKE_ARGS:-} >/dev/null
+else
+  # Configure again so tests added since are listed and graphed.
+  cmake build-asan --graphviz=build-asan/graph/lathe.dot >/dev/null
 fi
 # Unit tests whose dependency graph holds no torch library.
 tests=()
