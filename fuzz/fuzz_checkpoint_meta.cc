@@ -14,10 +14,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::string_view text(reinterpret_cast<const char*>(data + 1), size - 1);
   absl::StatusOr<lathe::coordinator::CheckpointMeta> meta = lathe::coordinator::ParseCheckpointMeta(text, kind);
   if (!meta.ok()) {
-    FUZZ_CHECK(meta.status().code() == absl::StatusCode::kDataLoss);
+    LATHE_FUZZ_CHECK(meta.status().code() == absl::StatusCode::kDataLoss);
     return 0;
   }
-  FUZZ_CHECK(meta->expires_unix_ms >= 0);
-  FUZZ_CHECK(!meta->created_unix_ms.has_value() || *meta->created_unix_ms >= 0);
+  LATHE_FUZZ_CHECK(meta->expires_unix_ms >= 0);
+  LATHE_FUZZ_CHECK(!meta->created_unix_ms.has_value() || *meta->created_unix_ms >= 0);
   return 0;
 }

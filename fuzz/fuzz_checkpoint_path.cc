@@ -27,31 +27,31 @@ bool PlainComponents(absl::string_view path) {
 void CheckPath(const std::string& text, bool allow_sampler) {
   absl::StatusOr<lathe::runtime::CheckpointRef> ref = lathe::runtime::ParseCheckpointPath(text, allow_sampler);
   if (!ref.ok()) return;
-  FUZZ_CHECK(lathe::runtime::CheckpointUri(*ref) == text);
-  FUZZ_CHECK(lathe::runtime::ValidateRunName(ref->run_id).ok());
-  FUZZ_CHECK(lathe::runtime::ValidateCheckpointName(ref->name).ok());
-  FUZZ_CHECK(ref->kind == "weights" || (allow_sampler && ref->kind == "sampler_weights"));
-  FUZZ_CHECK(lathe::coordinator::ValidateRunId(ref->run_id).ok());
+  LATHE_FUZZ_CHECK(lathe::runtime::CheckpointUri(*ref) == text);
+  LATHE_FUZZ_CHECK(lathe::runtime::ValidateRunName(ref->run_id).ok());
+  LATHE_FUZZ_CHECK(lathe::runtime::ValidateCheckpointName(ref->name).ok());
+  LATHE_FUZZ_CHECK(ref->kind == "weights" || (allow_sampler && ref->kind == "sampler_weights"));
+  LATHE_FUZZ_CHECK(lathe::coordinator::ValidateRunId(ref->run_id).ok());
   const std::string dir = lathe::runtime::CheckpointDir("/root", *ref);
-  FUZZ_CHECK(dir.rfind("/root/", 0) == 0 && PlainComponents(absl::string_view(dir).substr(1)));
+  LATHE_FUZZ_CHECK(dir.rfind("/root/", 0) == 0 && PlainComponents(absl::string_view(dir).substr(1)));
 }
 
 void CheckIdentifiers(const std::string& text) {
   if (lathe::coordinator::ValidateRunId(text).ok()) {
-    FUZZ_CHECK(!text.empty() && text.size() <= 128 && PlainComponents(text));
+    LATHE_FUZZ_CHECK(!text.empty() && text.size() <= 128 && PlainComponents(text));
   }
-  if (lathe::coordinator::ValidateOpId(text).ok()) FUZZ_CHECK(!text.empty() && text.size() <= kMaxOpIdBytes);
+  if (lathe::coordinator::ValidateOpId(text).ok()) LATHE_FUZZ_CHECK(!text.empty() && text.size() <= kMaxOpIdBytes);
   if (lathe::runtime::ValidateCheckpointName(text).ok()) {
-    FUZZ_CHECK(text.find('/') == std::string::npos && PlainComponents(text) && text[0] != '.');
+    LATHE_FUZZ_CHECK(text.find('/') == std::string::npos && PlainComponents(text) && text[0] != '.');
   }
   if (lathe::coordinator::ValidateRelativeFileName(text).ok()) {
-    FUZZ_CHECK(text.size() <= kMaxRelativeFileNameBytes && PlainComponents(text));
-    for (unsigned char c : text) FUZZ_CHECK(c >= 0x20 && c != 0x7f);
+    LATHE_FUZZ_CHECK(text.size() <= kMaxRelativeFileNameBytes && PlainComponents(text));
+    for (unsigned char c : text) LATHE_FUZZ_CHECK(c >= 0x20 && c != 0x7f);
   }
   (void)lathe::coordinator::ValidateBaseModel(text);
   for (int64_t total : {int64_t{0}, int64_t{7}, int64_t{1} << 40}) {
     absl::StatusOr<int64_t> index = lathe::coordinator::ParsePageToken(text, total);
-    if (index.ok()) FUZZ_CHECK(*index >= 0 && *index <= total);
+    if (index.ok()) LATHE_FUZZ_CHECK(*index >= 0 && *index <= total);
   }
 }
 

@@ -16,9 +16,9 @@ using nlohmann::json;
 
 void Paths(const std::string& text) {
   const std::string lathe = lathe::http::LatheFromBt(text);
-  if (!lathe.empty()) FUZZ_CHECK(lathe::http::BtPath(lathe) == text);
+  if (!lathe.empty()) LATHE_FUZZ_CHECK(lathe::http::BtPath(lathe) == text);
   const std::string bt = lathe::http::BtPath(text);
-  if (bt != text) FUZZ_CHECK(lathe::http::LatheFromBt(bt) == text);
+  if (bt != text) LATHE_FUZZ_CHECK(lathe::http::LatheFromBt(bt) == text);
 }
 
 }  // namespace

@@ -22,14 +22,14 @@ using lathe::runtime::SafetensorsFile;
 using lathe::runtime::TensorView;
 
 void Write(int fd, const uint8_t* data, size_t size) {
-  FUZZ_CHECK(ftruncate(fd, 0) == 0);
-  FUZZ_CHECK(pwrite(fd, data, size, 0) == static_cast<ssize_t>(size));
+  LATHE_FUZZ_CHECK(ftruncate(fd, 0) == 0);
+  LATHE_FUZZ_CHECK(pwrite(fd, data, size, 0) == static_cast<ssize_t>(size));
 }
 
 // An in-memory file, rewritten for every input.
 int MemFile() {
   static const int fd = memfd_create("fuzz.safetensors", MFD_CLOEXEC);
-  FUZZ_CHECK(fd >= 0);
+  LATHE_FUZZ_CHECK(fd >= 0);
   return fd;
 }
 
@@ -37,11 +37,11 @@ int MemFile() {
 const std::string& Folder() {
   static const std::string* dir = [] {
     char name[] = "/tmp/lathe-fuzz-safetensors-XXXXXX";
-    FUZZ_CHECK(mkdtemp(name) != nullptr);
+    LATHE_FUZZ_CHECK(mkdtemp(name) != nullptr);
     const std::string shard = std::string(name) + "/a.safetensors";
     const float x[2] = {1.0f, 2.0f};
     const int32_t y[1] = {7};
-    FUZZ_CHECK(lathe::runtime::WriteSafetensors(shard, {{"x", "F32", {2}, x, sizeof(x)}, {"y", "I32", {1}, y, sizeof(y)}})
+    LATHE_FUZZ_CHECK(lathe::runtime::WriteSafetensors(shard, {{"x", "F32", {2}, x, sizeof(x)}, {"y", "I32", {1}, y, sizeof(y)}})
                    .ok());
     static std::string path = name;
     std::atexit([] {
@@ -55,9 +55,9 @@ const std::string& Folder() {
 
 void CheckView(const TensorView& view, size_t file_size) {
   uint64_t bytes = 0;
-  FUZZ_CHECK(lathe::runtime::SafetensorsTensorBytes(view.shape, lathe::runtime::DtypeSize(view.dtype), &bytes));
-  FUZZ_CHECK(bytes == view.nbytes);
-  FUZZ_CHECK(view.offset >= 8 && view.offset <= file_size && view.nbytes <= file_size - view.offset);
+  LATHE_FUZZ_CHECK(lathe::runtime::SafetensorsTensorBytes(view.shape, lathe::runtime::DtypeSize(view.dtype), &bytes));
+  LATHE_FUZZ_CHECK(bytes == view.nbytes);
+  LATHE_FUZZ_CHECK(view.offset >= 8 && view.offset <= file_size && view.nbytes <= file_size - view.offset);
   // Touch the first and last byte: a view past the mapping faults here.
   volatile uint8_t sink = 0;
   if (view.nbytes > 0) sink = sink + view.data[0] + view.data[view.nbytes - 1];
@@ -70,7 +70,7 @@ void OneFile(const uint8_t* data, size_t size) {
   if (!file.ok()) return;
   for (const std::string& name : (*file)->names()) {
     absl::StatusOr<TensorView> view = (*file)->Get(name);
-    FUZZ_CHECK(view.ok());
+    LATHE_FUZZ_CHECK(view.ok());
     CheckView(*view, size);
   }
 }
@@ -78,14 +78,14 @@ void OneFile(const uint8_t* data, size_t size) {
 void Index(const uint8_t* data, size_t size) {
   const std::string index = Folder() + "/model.safetensors.index.json";
   const int fd = ::open(index.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  FUZZ_CHECK(fd >= 0);
+  LATHE_FUZZ_CHECK(fd >= 0);
   Write(fd, data, size);
   ::close(fd);
   absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> ckpt = SafetensorsCheckpoint::Open(Folder());
   if (!ckpt.ok()) return;
   for (const std::string& name : (*ckpt)->names()) {
-    FUZZ_CHECK(name == "x" || name == "y");
-    FUZZ_CHECK((*ckpt)->Get(name).ok());
+    LATHE_FUZZ_CHECK(name == "x" || name == "y");
+    LATHE_FUZZ_CHECK((*ckpt)->Get(name).ok());
   }
 }
 

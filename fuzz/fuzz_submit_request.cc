@@ -13,9 +13,9 @@ namespace {
 void CheckAdmittedBatch(const lathe::v1::ForwardBackwardInput& input) {
   for (const lathe::v1::Datum& datum : input.data()) {
     absl::StatusOr<std::vector<int32_t>> tokens = lathe::runtime::DatumTokens(datum);
-    FUZZ_CHECK(tokens.ok());
-    FUZZ_CHECK(!tokens->empty() && static_cast<int64_t>(tokens->size()) <= lathe::fuzz::Model().max_seq_len());
-    for (int32_t t : *tokens) FUZZ_CHECK(t >= 0 && t < lathe::fuzz::Model().vocab_size());
+    LATHE_FUZZ_CHECK(tokens.ok());
+    LATHE_FUZZ_CHECK(!tokens->empty() && static_cast<int64_t>(tokens->size()) <= lathe::fuzz::Model().max_seq_len());
+    for (int32_t t : *tokens) LATHE_FUZZ_CHECK(t >= 0 && t < lathe::fuzz::Model().vocab_size());
   }
 }
 
@@ -29,7 +29,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (op.has_forward_backward()) CheckAdmittedBatch(op.forward_backward());
   if (op.has_sample()) {
     absl::StatusOr<std::vector<int32_t>> prompt = lathe::runtime::InputTokens(op.sample().prompt());
-    FUZZ_CHECK(prompt.ok() && !prompt->empty());
+    LATHE_FUZZ_CHECK(prompt.ok() && !prompt->empty());
   }
   return 0;
 }

@@ -11,7 +11,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
   lathe::v1::SubmitRequest op;
   if (!lathe::http::ForwardBackwardFromProto(request, &op).ok()) return 0;
-  FUZZ_CHECK(op.has_forward() || op.has_forward_backward());
+  LATHE_FUZZ_CHECK(op.has_forward() || op.has_forward_backward());
   (void)lathe::fuzz::Admit(op);
   return 0;
 }

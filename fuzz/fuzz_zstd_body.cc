@@ -12,9 +12,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::string_view body(reinterpret_cast<const char*>(data), size);
   absl::StatusOr<std::string> out = lathe::http::DecompressZstd(body, kLimit);
   if (out.ok()) {
-    FUZZ_CHECK(static_cast<int64_t>(out->size()) <= kLimit);
+    LATHE_FUZZ_CHECK(static_cast<int64_t>(out->size()) <= kLimit);
   } else {
-    FUZZ_CHECK(out.status().code() == absl::StatusCode::kInvalidArgument ||
+    LATHE_FUZZ_CHECK(out.status().code() == absl::StatusCode::kInvalidArgument ||
                out.status().code() == absl::StatusCode::kResourceExhausted);
   }
   return 0;
