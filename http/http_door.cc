@@ -98,7 +98,7 @@ void HttpDoor::Impl::PostJson(const char* path,
   server.Post(path, [f](const httplib::Request& req, httplib::Response& res) {
     json body;
     try {
-      body = json::parse(req.body);
+      body = ParseJsonBody(req.body);
     } catch (const json::exception& e) {
       return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not JSON: ", e.what()));
     }
@@ -383,7 +383,7 @@ void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Respo
     s = ForwardBackwardFromProto(request, &op);
   } else {
     try {
-      s = ForwardBackwardFromJson(json::parse(body), req.path == "/api/v1/forward", &op);
+      s = ForwardBackwardFromJson(ParseJsonBody(body), req.path == "/api/v1/forward", &op);
     } catch (const json::exception& e) {
       return Fail(res, 422, "INVALID_ARGUMENT", absl::StrCat("the body is not a forward_backward request: ", e.what()));
     }

@@ -11,6 +11,7 @@
 #include "http/door_impl.h"
 #include "http/loops_convert.h"
 #include "http/loops_door.h"
+#include "http/tinker_convert.h"
 #include "runtime/quote.h"
 
 namespace lathe::http {
@@ -150,7 +151,11 @@ void AddLoopsCheckpointRoutes(const LoopsDoor& door) {
   const std::string checkpoint = kCheckpoint;
   door.server->Get("/v1/loops/checkpoints", [door](auto& req, auto& res) { List(door, req, res); });
   door.server->Post("/v1/loops/checkpoints/validate", [door](const httplib::Request& req, httplib::Response& res) {
-    const json body = json::parse(req.body, nullptr, false);
+    json body;
+    try {
+      body = ParseJsonBody(req.body);  // nesting bounded: a deep body is refused below like any other
+    } catch (const json::exception&) {
+    }
     const json path = body.is_object() ? body.value("checkpoint_path", json()) : json();
     const std::string given = path.is_string() ? path.get<std::string>() : path.dump();
     lathe::v1::GetCheckpointFilesRequest probe;

@@ -158,6 +158,17 @@ const char* DtypeName(lathe::v1::DType dtype) {
 
 }  // namespace
 
+json ParseJsonBody(const std::string& body) {
+  const json::parser_callback_t limit_depth = [](int depth, json::parse_event_t, json&) {
+    if (depth > kMaxJsonBodyDepth) {
+      throw json::out_of_range::create(
+          406, absl::StrCat("the body nests deeper than ", kMaxJsonBodyDepth, " levels"), nullptr);
+    }
+    return true;
+  };
+  return json::parse(body, limit_depth);
+}
+
 absl::Status ForwardBackwardFromProto(const tinker::ForwardBackwardRequest& request, lathe::v1::SubmitRequest* op) {
   op->set_run_id(request.model_id());
   op->set_seq_id(request.seq_id());

@@ -61,6 +61,17 @@ inline std::string String(const nlohmann::json& object, const char* key) {
   return value.get<std::string>();
 }
 
+// Deepest nesting ParseJsonBody accepts (Tinker and Loops bodies nest under
+// ten deep).
+inline constexpr int kMaxJsonBodyDepth = 64;
+
+// A request body parsed as JSON, nested at most kMaxJsonBodyDepth deep: a
+// deeper body is refused while it is parsed, before any code copies or walks
+// it recursively (which a body of 64 MiB of '[' would take past the stack).
+// Throws nlohmann::json::exception (answered 422) for text that is not JSON
+// or nests too deep.
+nlohmann::json ParseJsonBody(const std::string& body);
+
 // A Tinker ForwardBackwardRequest (protobuf) as a lathe forward or
 // forward_backward op. InvalidArgument for what lathe cannot run as sent:
 // image or dmel chunks, sparse tensors, provenance spans, text-valued loss

@@ -179,6 +179,7 @@ absl::StatusOr<std::vector<int32_t>> InputTokens(const lathe::v1::ModelInput& in
     if (!chunk.has_encoded_text()) return absl::InvalidArgumentError("has a chunk that is not encoded text");
     const std::string& bytes = chunk.encoded_text().tokens();
     if (bytes.size() % 4 != 0) return absl::InvalidArgumentError("has a token chunk whose byte length is not a multiple of 4");
+    if (bytes.empty()) continue;  // memcpy from or to a null pointer is undefined, even of 0 bytes
     size_t old = tokens.size();
     tokens.resize(old + bytes.size() / 4);
     std::memcpy(tokens.data() + old, bytes.data(), bytes.size());

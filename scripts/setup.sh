@@ -13,6 +13,7 @@ DEB_PACKAGES=(
   libzstd-dev  # its zstd request bodies
   python3-venv python3-dev
   openssl  # the tests make TLS certificates with it
+  clang  # libFuzzer targets (scripts/fuzz.sh); its runtimes are installed below
   # tests/launch/test_slurm.py starts a private single-node slurm with these.
   slurmd slurmctld slurm-client munge
 )
@@ -26,6 +27,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libFuzzer and clang's sanitizer runtimes come in a package named after
+# clang's major version (libclang-rt-14-dev on Debian 12).
+clang_rt="libclang-rt-$(clang --version | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -1)-dev"
+if ! dpkg-query -W -f='${Status}' "$clang_rt" 2>/dev/null | grep -q "install ok installed"; then
+  echo "[setup] installing $clang_rt"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$clang_rt"
 fi
 
 PY=${LATHE_PYTHON:-python3}

@@ -110,6 +110,26 @@ TEST(TinkerConvert, JsonRequestAndAdamParams) {
 
 // What sample() and compute_logprobs() send becomes a SampleOp on the
 // session's weights; token-id stops become one-token stop sequences.
+TEST(TinkerConvert, BodiesNestedTooDeepAreRefusedAsTheyParse) {
+  // Copying or walking a million-deep value recurses a million frames deep.
+  const int deep = 1 << 20;
+  const std::string brackets = std::string(deep, '[') + std::string(deep, ']');
+  EXPECT_THROW(ParseJsonBody(brackets), nlohmann::json::out_of_range);
+  EXPECT_THROW(ParseJsonBody("{\"data\": " + brackets + "}"), nlohmann::json::out_of_range);
+  const int limit = kMaxJsonBodyDepth + 1;  // the outermost value is depth 0
+  EXPECT_NO_THROW(ParseJsonBody(std::string(limit, '[') + std::string(limit, ']')));
+  EXPECT_THROW(ParseJsonBody(std::string(limit + 1, '[') + std::string(limit + 1, ']')),
+               nlohmann::json::out_of_range);
+  EXPECT_THROW(ParseJsonBody("{\"model_id\": "), nlohmann::json::parse_error);
+  const nlohmann::json body = ParseJsonBody(
+      R"({"model_id": "run-1", "seq_id": 2, "forward_backward_input": {"loss_fn": "cross_entropy", "data": [)"
+      R"({"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "loss_fn_inputs": )"
+      R"({"target_tokens": {"dtype": "int64", "data": [2, 3], "shape": [2]}}}]}})");
+  lathe::v1::SubmitRequest op;
+  ASSERT_TRUE(ForwardBackwardFromJson(body, false, &op).ok());
+  EXPECT_EQ(op.forward_backward().data_size(), 1);
+}
+
 TEST(TinkerConvert, SampleRequestBecomesSampleOp) {
   auto body = nlohmann::json::parse(R"({"num_samples": 3, "seq_id": 0, "sampling_session_id": "s",
       "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}, {"tokens": [7]}]},
