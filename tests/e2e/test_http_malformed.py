@@ -179,8 +179,10 @@ def _cases(run: str, other_run: str, key: dict, fb_proto: bytes):
          "learning_rate"),
         ("adam_params an array", step(adam_params=[1e-3]), 422, "INVALID_ARGUMENT", "adam"),
         ("model_id null", step(model_id=None), 422, "INVALID_ARGUMENT", "model_id"),
-        ("nested 100k deep", post("/api/v1/optim_step", b"[" * 30000 + b"]" * 30000), 422, "INVALID_ARGUMENT",
-         "object"),
+        ("nested 30k deep", post("/api/v1/optim_step", b"[" * 30000 + b"]" * 30000), 422, "INVALID_ARGUMENT",
+         "deeper than 64"),
+        ("an object nested 65 deep", post("/api/v1/optim_step", b'{"a":' * 65 + b"1" + b"}" * 65), 422,
+         "INVALID_ARGUMENT", "deeper than 64"),
         ("non-UTF-8 in a JSON string", post("/api/v1/get_info", b'{"model_id": "\xff\xfe"}'), 422,
          "INVALID_ARGUMENT", "UTF-8"),
         # -- Content-Type and protobuf
