@@ -117,6 +117,9 @@ struct HttpDoor::Impl {
   void DeleteCheckpoint(const httplib::Request& req, httplib::Response& res);
   void Sessions(const httplib::Request& req, httplib::Response& res);
   absl::StatusOr<nlohmann::json> TrainingRunJson(const httplib::Request& req, const lathe::v1::RunInfo& info);
+  // Answers the refusal of the ordered operation `op`, after FillRefusedSeq.
+  void Refuse(const httplib::Request& req, const lathe::v1::SubmitRequest& op, const absl::Status& refusal,
+              httplib::Response& res);
   // Submits `op` and answers Tinker's future {request_id, model_id}.
   void SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op, httplib::Response& res);
 };

@@ -348,13 +348,16 @@ bool FillRefusedSeq(coordinator::FrontEnd& front_end, const std::string& authori
   return true;
 }
 
+void HttpDoor::Impl::Refuse(const httplib::Request& req, const lathe::v1::SubmitRequest& op,
+                            const absl::Status& refusal, httplib::Response& res) {
+  FillRefusedSeq(*front_end, Authorization(req), op, refusal);
+  Fail(res, refusal);
+}
+
 void HttpDoor::Impl::SubmitOp(const httplib::Request& req, const lathe::v1::SubmitRequest& op,
                               httplib::Response& res) {
   lathe::v1::SubmitResponse response;
-  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) {
-    FillRefusedSeq(*front_end, Authorization(req), op, s);
-    return Fail(res, s);
-  }
+  if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) return Refuse(req, op, s, res);
   Reply(res, {{"request_id", response.op_id()}, {"model_id", op.run_id()}});
 }
 
@@ -391,8 +394,7 @@ void HttpDoor::Impl::ForwardBackward(const httplib::Request& req, httplib::Respo
   if (!s.ok()) {
     // A request the SDK made (images, sparse tensors, ...) names its run and
     // seq_id; one that does not parse queues nothing.
-    FillRefusedSeq(*front_end, Authorization(req), op, s);
-    return Fail(res, s);
+    return Refuse(req, op, s, res);
   }
   SubmitOp(req, op, res);
 }
@@ -407,9 +409,7 @@ void HttpDoor::Impl::OptimStep(const httplib::Request& req, const json& body, ht
   } catch (const json::exception& e) {
     // A bad value (the SDK's NaN arrives as null) in a request that names its
     // run and seq_id: refused for its content, so its seq_id gets the noop.
-    const absl::Status refusal = absl::InvalidArgumentError(absl::StrCat("adam_params: ", e.what()));
-    FillRefusedSeq(*front_end, Authorization(req), op, refusal);
-    return Fail(res, refusal);
+    return Refuse(req, op, absl::InvalidArgumentError(absl::StrCat("adam_params: ", e.what())), res);
   }
   SubmitOp(req, op, res);
 }

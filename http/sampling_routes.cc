@@ -31,8 +31,7 @@ void HttpDoor::Impl::SaveWeightsForSampler(const httplib::Request& req, const js
   }
   lathe::v1::SubmitResponse response;
   if (absl::Status s = front_end->Submit(Authorization(req), op, &response); !s.ok()) {
-    FillRefusedSeq(*front_end, Authorization(req), op, s);  // a name refused: the run's order goes on
-    return Fail(res, s);
+    return Refuse(req, op, s, res);  // a name refused: the run's order goes on
   }
   if (ephemeral) {
     samplers.Add("save " + response.op_id(),

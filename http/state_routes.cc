@@ -117,10 +117,7 @@ void HttpDoor::Impl::LoadWeights(const httplib::Request& req, const json& body, 
     op.set_run_id(body.at("model_id").get<std::string>());
     op.set_seq_id(Number<int64_t>(body.at("seq_id"), "seq_id"));
     (optimizer ? op.mutable_load_state_with_optimizer() : op.mutable_load_state())->set_path(path);
-    if (!path_ok.ok()) {
-      FillRefusedSeq(*front_end, Authorization(req), op, path_ok);  // the SDK has taken this seq_id
-      return Fail(res, path_ok);
-    }
+    if (!path_ok.ok()) return Refuse(req, op, path_ok, res);  // the SDK has taken this seq_id
     return SubmitOp(req, op, res);
   }
   if (!path_ok.ok()) return Fail(res, path_ok);
