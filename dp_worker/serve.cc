@@ -44,6 +44,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
   layout->set_node_count(shape.node_count);
   layout->set_tp(shape.tp);
   layout->set_ep(shape.ep);
+  layout->set_cp(shape.cp);
   lathe::v1::ModelSummary* model = r.mutable_model();
   model->set_base_model(BaseModelName(o));
   model->set_architecture(config.architecture);
@@ -80,6 +81,11 @@ absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world
         s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
   }
   s.devices_per_node = world_size / nodes;
+  if (s.cp > 1) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "the layout%s asks for context parallelism (cp %d), which this runtime does not run yet",
+        layout.preset ? " of preset " + layout.preset->base_model : "", s.cp));
+  }
   return layout;
 }
 

@@ -95,7 +95,34 @@ TEST(LayoutTest, PresetFillsWhatTheRequestLeavesOut) {
   l = ResolveLayout(table, r, false);
   ASSERT_TRUE(l.ok());
   EXPECT_EQ(l->shape.ep, 4);
+  EXPECT_EQ(l->shape.cp, p->cp);
   EXPECT_EQ(l->max_seq_len, 1024);
+  r.cp = 2;
+  l = ResolveLayout(table, r, false);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->shape.cp, 2);
+  r.cp = -1;
+  EXPECT_EQ(ResolveLayout(table, r, false).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PresetTableTest, ContextParallelDegreeIsOptionalAndChecked) {
+  auto parsed = ParsePresets(Row("2"));
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed->front().cp, 1);
+  std::string with_cp = Row("2");
+  with_cp.replace(with_cp.find("\"ep\": 1"), 7, "\"ep\": 1, \"cp\": 2");
+  parsed = ParsePresets(with_cp);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->front().cp, 2);
+  EXPECT_EQ(ToProto(parsed->front()).layout().cp(), 2);
+  std::string too_wide = Row("2");
+  too_wide.replace(too_wide.find("\"ep\": 1"), 7, "\"ep\": 1, \"cp\": 4");  // tp 2 x cp 4 > 4 devices
+  auto refused = ParsePresets(too_wide);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("tp 2 x cp 4"), std::string::npos) << refused.status();
+  std::string zero = Row("2");
+  zero.replace(zero.find("\"ep\": 1"), 7, "\"ep\": 1, \"cp\": 0");
+  EXPECT_FALSE(ParsePresets(zero).ok());
 }
 
 TEST(LayoutTest, ModelOutsideThePresetsNeedsAnExplicitLayout) {
