@@ -55,7 +55,6 @@ int Plan() {
   if (path.empty()) path = lathe::presets::DefaultPresetsPath();
   auto table = lathe::presets::LoadPresets(path.empty() ? "presets/models.json" : path);
   if (!table.ok()) return lathe::client::Fail(table.status());
-  if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table);
   lathe::client::PlanOptions o;
   o.layout.model = absl::GetFlag(FLAGS_model);
   o.layout.replicas = absl::GetFlag(FLAGS_replicas);
@@ -71,6 +70,7 @@ int Plan() {
   o.lora_rank = absl::GetFlag(FLAGS_lora_rank);
   o.device_memory_gib = absl::GetFlag(FLAGS_device_memory_gib);
   o.format = absl::GetFlag(FLAGS_format);
+  if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table, o);
   return lathe::client::PlanCommand(*table, o);
 }
 

@@ -100,12 +100,17 @@ int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& o)
   return PrintMemory(*m, o, s, l->max_seq_len);
 }
 
-int ListPresetsCommand(const std::vector<presets::Preset>& table) {
-  std::printf("%-48s %5s %7s %3s %3s %3s %8s  %s\n", "base_model", "nodes", "devices", "tp", "cp", "ep", "seq_len",
-              "verified");
+int ListPresetsCommand(const std::vector<presets::Preset>& table, const PlanOptions& o) {
+  std::printf("%-46s %5s %7s %3s %3s %3s %7s %8s %9s %5s %5s\n", "base_model", "nodes", "devices", "tp", "cp", "ep",
+              "seq_len", "verified", "GiB/dev", "H100", "H200");
   for (const presets::Preset& p : table) {
-    std::printf("%-48s %5d %7d %3d %3d %3d %8lld  %s\n", p.base_model.c_str(), p.node_count, p.devices_per_node, p.tp,
-                p.cp, p.ep, static_cast<long long>(p.max_seq_len), p.verified ? "yes" : "no");
+    const parallel::MeshShape shape{1, p.node_count, p.devices_per_node, p.tp, p.ep, p.cp};
+    absl::StatusOr<MemoryEstimate> m = EstimateMemory(p.facts, shape, p.max_seq_len, o.lora_rank, o.dtype);
+    auto verdict = [&](double gib) { return !m.ok() ? "-" : Fits(*m, gib) ? "fits" : "no"; };
+    std::string total = m.ok() ? absl::StrFormat("%.1f", m->total() / kGiB) : "-";
+    std::printf("%-46s %5d %7d %3d %3d %3d %7lld %8s %9s %5s %5s\n", p.base_model.c_str(), p.node_count,
+                p.devices_per_node, p.tp, p.cp, p.ep, static_cast<long long>(p.max_seq_len), p.verified ? "yes" : "no",
+                total.c_str(), verdict(kH100.gib), verdict(kH200.gib));
   }
   return 0;
 }

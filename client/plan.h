@@ -70,8 +70,10 @@ struct PlanOptions {
 // such; a model without complete facts gets no estimate (exit 0).
 int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
-// Prints the preset table; returns 0.
-int ListPresetsCommand(const std::vector<presets::Preset>& table);
+// Prints the preset table with each row's estimate per device (at its own
+// layout and max_seq_len, options' lora_rank and dtype; "-" where its facts
+// allow none) and whether it fits an H100 and an H200; returns 0.
+int ListPresetsCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 }  // namespace lathe::client
 

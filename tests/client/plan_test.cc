@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <string>
+
+#include "absl/strings/str_format.h"
 
 #include "presets/preset_table.h"
 
@@ -222,6 +225,32 @@ TEST(PlanTest, ExitCodeThreeWhenTheTargetDeviceIsTooSmall) {
   EXPECT_EQ(Plan(table, "Qwen/Qwen3-8B", Dtype::kBfloat16, -1), 1);
   // No estimate (incomplete facts): planned, exit 0.
   EXPECT_EQ(Plan(table, "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", Dtype::kBfloat16, 0), 0);
+}
+
+TEST(PlanTest, ListShowsEachPresetsEstimateAndVerdicts) {
+  std::vector<presets::Preset> table = Shipped();
+  PlanOptions o;
+  testing::internal::CaptureStdout();
+  EXPECT_EQ(ListPresetsCommand(table, o), 0);
+  std::string out = testing::internal::GetCapturedStdout();
+  auto line_of = [&](const std::string& model) {
+    size_t at = out.find(model + " ");
+    return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at) - at);
+  };
+  const presets::Preset* p = presets::FindPreset(table, "Qwen/Qwen3-8B");
+  auto m = EstimateMemory(p->facts, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
+  std::string q8 = line_of("Qwen/Qwen3-8B");
+  EXPECT_NE(q8.find(absl::StrFormat(" %.1f ", m->total() / (1 << 30))), std::string::npos) << q8;
+  EXPECT_NE(q8.find("fits  fits"), std::string::npos) << q8;
+  // No estimate without complete facts.
+  std::string nemotron = line_of("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16");
+  EXPECT_NE(nemotron.find("-     -     -"), std::string::npos) << nemotron;
+  // float32 (CPU ranks): Qwen3-8B at 131,072 tokens no longer fits the H100.
+  o.dtype = Dtype::kFloat32;
+  testing::internal::CaptureStdout();
+  ListPresetsCommand(table, o);
+  out = testing::internal::GetCapturedStdout();
+  EXPECT_NE(line_of("Qwen/Qwen3-8B").find("no  fits"), std::string::npos) << line_of("Qwen/Qwen3-8B");
 }
 
 }  // namespace
