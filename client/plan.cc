@@ -3,6 +3,8 @@
 #include "client/plan.h"
 
 #include <cstdio>
+#include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
