@@ -104,8 +104,10 @@ TEST_P(GpuTest, TrainingStepOnTheDeviceEqualsTheCpuStep) {
   auto cpu = MakeTrainer(TinyModel(GetParam()), -1);
   auto gpu = MakeTrainer(TinyModel(GetParam()), 0);
   ASSERT_TRUE(cpu && gpu);
+  // Adam scales each update to about the learning rate whatever the gradient's
+  // size: 1e-3 keeps float32 rounding differences between devices well below 1e-5.
   lathe::v1::AdamParams adam;
-  adam.set_learning_rate(1e-2);
+  adam.set_learning_rate(1e-3);
   for (int step = 0; step < 2; ++step) {
     auto fc = cpu->ForwardBackward(Batch());
     auto fg = gpu->ForwardBackward(Batch());
@@ -163,7 +165,11 @@ SampleRequest Request(std::vector<int32_t> prompt, int n, double temperature, in
   return r;
 }
 
-TEST_P(GpuTest, SamplingOnTheDeviceIsBatchInvariantAndRepeatable) {
+// What docs/sampling.md promises on a GPU: the same batch twice gives the
+// same tokens (bitwise logprobs for a dense model; an MoE model's expert
+// combine uses atomic adds), and a request decoded beside others draws the
+// tokens it draws alone, its logprobs equal to float32 rounding.
+TEST_P(GpuTest, SamplingOnTheDeviceRepeatsAndFollowsNoNeighbour) {
   auto gpu = MakeTrainer(TinyModel(GetParam()), 0);
   ASSERT_TRUE(gpu);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
@@ -182,9 +188,14 @@ TEST_P(GpuTest, SamplingOnTheDeviceIsBatchInvariantAndRepeatable) {
     auto alone = Generate(model, q.prompt, q.num_samples, q.settings, false, 64);
     ASSERT_TRUE(alone.ok()) << alone.status();
     for (size_t i = 0; i < alone->sequences.size(); ++i) {
-      EXPECT_EQ(together[r]->sequences[i].tokens, alone->sequences[i].tokens) << r << "/" << i;
-      EXPECT_EQ(together[r]->sequences[i].logprobs, alone->sequences[i].logprobs) << r << "/" << i;
-      EXPECT_EQ(together[r]->sequences[i].tokens, again[r]->sequences[i].tokens) << r << "/" << i;
+      const GeneratedSequence &t = together[r]->sequences[i], &a = again[r]->sequences[i], &l = alone->sequences[i];
+      EXPECT_EQ(t.tokens, a.tokens) << r << "/" << i;
+      if (!GetParam()) {
+        EXPECT_EQ(t.logprobs, a.logprobs) << r << "/" << i;
+      }
+      EXPECT_EQ(t.tokens, l.tokens) << r << "/" << i;
+      ASSERT_EQ(t.logprobs.size(), l.logprobs.size());
+      for (size_t k = 0; k < t.logprobs.size(); ++k) EXPECT_NEAR(t.logprobs[k], l.logprobs[k], 1e-5) << r << "/" << i;
     }
   }
 }

@@ -52,7 +52,7 @@ def test_training_step_on_cuda_equals_the_cpu_step(kind, tiny_models, harness, t
         torch.testing.assert_close(gpu.logprobs(0, i), cpu.logprobs(0, i), atol=1e-4, rtol=0)
     R.assert_tensors_rel_close(gpu.grads("g"), cpu.grads("g"), 1e-4, f"{kind}: grads on CUDA vs CPU")
     for name, want in cpu.params("p").items():
-        torch.testing.assert_close(gpu.params("p")[name], want, atol=1e-6, rtol=0, msg=f"{kind}: {name} after a step")
+        torch.testing.assert_close(gpu.params("p")[name], want, atol=1e-5, rtol=0, msg=f"{kind}: {name} after a step")
 
 
 def test_peft_export_on_cuda_equals_the_cpu_export(tiny_models, harness, tmp_path):
