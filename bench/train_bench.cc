@@ -73,7 +73,7 @@ int Bench() {
     std::fprintf(stderr, "%s\n", info.status().ToString().c_str());
     return 1;
   }
-  auto choice = lathe::parallel::ChooseDevice(*info, env, lathe::parallel::CountNvidiaDevices());
+  auto choice = lathe::parallel::ChooseDevice(*info, env, DetectedGpus());
   if (!choice.ok()) {
     std::fprintf(stderr, "%s\n", choice.status().ToString().c_str());
     return 1;

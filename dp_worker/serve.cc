@@ -120,7 +120,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   const int ranks_per_replica = info.world_size / layout.shape.replicas;
   report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
-                         parallel::ChooseDevice(info, env, parallel::CountNvidiaDevices()));
+                         parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
   const int compute_device = runtime::ComputeDevice(device);
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));

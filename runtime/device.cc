@@ -10,6 +10,8 @@ namespace lathe::runtime {
 
 bool CudaAvailable() { return at::hasCUDA() && at::getNumGPUs() > 0; }
 
+int DetectedGpus() { return CudaAvailable() ? static_cast<int>(at::getNumGPUs()) : parallel::CountNvidiaDevices(); }
+
 int ComputeDevice(parallel::DeviceChoice& choice) {
   if (choice.index >= 0 && !at::hasCUDA()) {
     choice.why += "; libtorch cannot use CUDA here (a CPU build of libtorch, or no usable driver): CPU";

@@ -19,6 +19,10 @@ absl::StatusOr<at::Device> TorchDevice(int cuda_index);
 // Whether this libtorch can run on a GPU here (CUDA built in, a device visible).
 bool CudaAvailable();
 
+// GPUs on this machine for parallel::ChooseDevice's `detected`: libtorch's
+// count where it can use CUDA, else the /dev/nvidia<N> nodes.
+int DetectedGpus();
+
 // The CUDA device a rank computes on, from its choice (parallel::ChooseDevice):
 // choice.index, or -1 (the CPU) when libtorch cannot use CUDA here (a CPU
 // build, or no usable driver), which `choice.why` then says. Every binary that places a rank calls this.
