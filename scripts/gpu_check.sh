@@ -36,13 +36,14 @@ if [ -d gpu-bundle/bin ]; then
   export OMPI_MCA_mca_base_component_path=$PWD/gpu-bundle/ompi/$(cat gpu-bundle/ompi/plugins_dir)
   export OMPI_MCA_mca_base_component_show_load_errors=0
   export LD_LIBRARY_PATH=$PWD/gpu-bundle/lib:$TORCH_LIB:$WHEEL_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  declare -A where=([runtime_gpu_test]=$BIN [nccl_context_mpi]=$BIN [lathe_harness]=$BIN
-                    [allreduce_bench]=$BIN [train_bench]=$BIN)
+  declare -A where=([runtime_gpu_test]=$BIN [nccl_context_mpi]=$BIN [nccl_communicator_mpi]=$BIN
+                    [lathe_harness]=$BIN [allreduce_bench]=$BIN [train_bench]=$BIN)
   BUILD_FOR_BENCH=gpu-bundle
 elif [ -f build-cuda/build.ninja ]; then
   BIN=build-cuda
   declare -A where=([runtime_gpu_test]=$BIN/tests/gpu [nccl_context_mpi]=$BIN/tests/gpu
-                    [lathe_harness]=$BIN/tests [allreduce_bench]=$BIN/bench [train_bench]=$BIN/bench)
+                    [nccl_communicator_mpi]=$BIN/tests/parallel [lathe_harness]=$BIN/tests
+                    [allreduce_bench]=$BIN/bench [train_bench]=$BIN/bench)
   BUILD_FOR_BENCH=build-cuda
 else
   fail "neither gpu-bundle/ (bash scripts/gpu_bundle.sh where lathe was built) nor build-cuda/ (LATHE_CUDA=1 bash scripts/build.sh) is here"
@@ -63,6 +64,8 @@ rc=$?
 set -e
 [ "$rc" -eq 77 ] && fail "runtime_gpu_test skipped on a machine with a GPU"
 [ "$rc" -eq 0 ] || fail "runtime_gpu_test exited $rc"
+# The NCCL backend's collectives on one rank (a singleton without mpirun).
+timeout 120 "${where[nccl_communicator_mpi]}/nccl_communicator_mpi" || fail "nccl_communicator_mpi on one GPU"
 if [ "$GPUS" -ge 2 ] && command -v mpirun >/dev/null; then
   timeout 120 mpirun --oversubscribe -np 2 "${where[nccl_context_mpi]}/nccl_context_mpi" ||
     fail "nccl_context_mpi over 2 GPUs"
