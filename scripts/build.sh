@@ -24,4 +24,4 @@ if [ ! -f "$BUILD/build.ninja" ]; then
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLATHE_PYTHON="$PWD/$VENV/bin/python" "${EXTRA[@]}" ${LATHE_CMAKE_ARGS:-}
 fi
-cmake --build "$BUILD" -j "$JOBS" ${LATHE_TARGETS:-}
+cmake --build "$BUILD" -j "$JOBS" ${LATHE_TARGETS:+--target $LATHE_TARGETS}
