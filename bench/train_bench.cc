@@ -7,10 +7,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "parallel/context.h"
+#include "parallel/device.h"
+#include "parallel/rank_info.h"
+#include "runtime/device.h"
 #include "runtime/parallel_setup.h"
 #include "runtime/sft_job.h"
 #include "runtime/trainer.h"
@@ -62,10 +66,24 @@ int Bench() {
     return 1;
   }
   options.recompute = *recompute;
+  // The rank's device, as dp_worker places it (a GPU by local rank when one is visible).
+  auto env = [](const char* name) -> const char* { return std::getenv(name); };
+  auto info = lathe::parallel::DiscoverRankInfo(env);
+  if (!info.ok()) {
+    std::fprintf(stderr, "%s\n", info.status().ToString().c_str());
+    return 1;
+  }
+  auto choice = lathe::parallel::ChooseDevice(*info, env, DetectedGpus());
+  if (!choice.ok()) {
+    std::fprintf(stderr, "%s\n", choice.status().ToString().c_str());
+    return 1;
+  }
+  options.device = ComputeDevice(*choice);
   std::unique_ptr<lathe::parallel::ParallelContext> ctx;
   if (world > 1) {
     auto made = MakeModelContext(options.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
-                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep), absl::Minutes(10));
+                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep), absl::Minutes(10),
+                                 options.device);
     if (!made.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", rank, made.status().ToString().c_str());
       return 1;
@@ -101,6 +119,7 @@ int Bench() {
   }
   if (rank != 0) return 0;
   if (steps == 0) return 0;
-  std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f}\n", tokens / seconds, seconds, loss);
+  std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f, \"device\": \"%s\"}\n",
+              tokens / seconds, seconds, loss, options.device < 0 ? "cpu" : "cuda");
   return 0;
 }

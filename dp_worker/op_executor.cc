@@ -162,6 +162,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.logprob_chunk_tokens = options_.logprob_chunk_tokens;
   o.recompute = options_.recompute;
   o.parallel = parallel_;
+  o.device = options_.device;
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);
   if (!trainer.ok()) {

@@ -12,6 +12,7 @@
 #include "parallel/device.h"
 #include "parallel/rank_info.h"
 #include "presets/preset_table.h"
+#include "runtime/device.h"
 #include "runtime/log.h"
 #include "runtime/model_config.h"
 #include "runtime/parallel_setup.h"
@@ -125,12 +126,13 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   const int ranks_per_replica = info.world_size / layout.shape.replicas;
   report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
-                         parallel::ChooseDevice(info, env, parallel::CountNvidiaDevices()));
+                         parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
+  const int compute_device = runtime::ComputeDevice(device);
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
   LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
                                                              shape.node_count, shape.tp, shape.ep,
-                                                             options.collective_timeout));
+                                                             options.collective_timeout, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
   const std::string place = PlaceLine(info, device, *ctx, layout);
   if (options.dry_run) {
@@ -147,6 +149,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   }
   ExecutorOptions executor_options = options.executor;
   executor_options.max_seq_len = layout.max_seq_len;
+  executor_options.device = compute_device;
   executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;

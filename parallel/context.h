@@ -17,6 +17,9 @@ struct ParallelContext {
   RankPlace place;
   ModelDims dims;
   absl::Duration timeout = absl::Minutes(10);  // for every collective
+  // Shared state of a device backend (AttachNccl); declared before the
+  // communicators so it outlives them.
+  std::shared_ptr<void> device_backend;
   std::unique_ptr<Communicator> world;
   std::unique_ptr<Communicator> tp;           // place.tp_group
   std::unique_ptr<Communicator> ep;           // place.ep_group

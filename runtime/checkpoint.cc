@@ -88,7 +88,7 @@ absl::StatusOr<json> WriteShard(Trainer& trainer, const std::vector<bool>& write
     for (int kind = 0; kind < 3; ++kind) {
       if (kind > 0 && (states.empty() || !with_optimizer)) break;
       at::Tensor t = kind == 0 ? params[i].tensor : kind == 1 ? states[i].exp_avg : states[i].exp_avg_sq;
-      keep.push_back(t.detach().to(at::kFloat).contiguous());
+      keep.push_back(t.detach().to(at::kCPU, at::kFloat).contiguous());  // written from host memory
       tensors.push_back({absl::StrCat(kKinds[kind], "/", params[i].name), "F32",
                          std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), keep.back().data_ptr(),
                          static_cast<size_t>(keep.back().nbytes())});

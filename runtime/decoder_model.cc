@@ -49,6 +49,7 @@ absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::stri
   model->shard_ = shard;
   LATHE_ASSIGN_OR_RETURN(WeightSource source, WeightSource::Open(dir));
   LATHE_RETURN_IF_ERROR(model->Build(source));
+  model->MoveToDevice();
   return model;
 }
 

@@ -52,6 +52,10 @@ struct TrainableParam {
 struct ModelShard {
   parallel::Group tp;  // tensor parallel: heads, MLP width, vocabulary
   parallel::Group ep;  // expert parallel: experts
+  // Where this rank's part lives and runs (runtime/device.h's TorchDevice).
+  // The model is built on the CPU (LoRA drawn there, so every device starts
+  // from the same adapter) and then moved.
+  at::Device device{at::kCPU};
 };
 
 // Calls fn(name, slice) for each named tensor `value` (shaped like p.tensor)
@@ -123,6 +127,8 @@ class DecoderModel {
   // REQUIRES: chunk > 0.
   at::Tensor HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const;
   const ModelShard& shard() const { return shard_; }
+  // Where every tensor of the model lives; inputs go there (OnDevice).
+  at::Device device() const { return shard_.device; }
 
   std::vector<TrainableParam>& trainable() { return trainable_; }
   const std::vector<TrainableParam>& trainable() const { return trainable_; }
@@ -148,6 +154,9 @@ class DecoderModel {
   // Every tensor of the layer (undefined ones included) that may be trained.
   static std::vector<at::Tensor> LayerParams(const DecoderLayer& l);
   void FuseFrozenWeights();
+  // Moves every tensor to shard_.device, keeping the fused weights' views,
+  // the tied lm_head and the trainable list pointing at the moved tensors.
+  void MoveToDevice();
 
   ModelConfig config_;
   LoraSettings lora_;

@@ -19,6 +19,7 @@
 #include "parallel/model_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
+#include "runtime/device.h"
 #include "runtime/guarded.h"
 #include "runtime/losses.h"
 #include "runtime/status.h"
@@ -66,6 +67,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
       shard.tp = {options.parallel->tp.get(), options.parallel->timeout};
       shard.ep = {options.parallel->ep.get(), options.parallel->timeout};
     }
+    LATHE_ASSIGN_OR_RETURN(shard.device, TorchDevice(options.device));
     LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora, shard));
     return absl::OkStatus();
   }));
@@ -278,12 +280,13 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           part.push_back(my_lengths[j]);
         }
         packed_tokens = static_cast<int64_t>(packed.size());
-        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe, nullptr, recompute);
+        at::Tensor hidden =
+            model.Hidden(OnDevice(at::tensor(packed, at::kLong), model.device()), part, &moe, nullptr, recompute);
         std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
         std::vector<at::Tensor> targets;
         bool flat = true;
         for (int j = begin; j < end; ++j) {
-          for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = TensorFromWire(t);
+          for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = OnDevice(TensorFromWire(t), model.device());
           targets.push_back(inputs[j - begin].at("target_tokens"));
           flat = flat && targets.back().dim() == 1;
         }
@@ -292,7 +295,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         const int64_t chunk = LogprobChunkTokens();
         at::Tensor packed_lp;
         if (flat) {
-          packed_lp = model.HiddenLogprobs(hidden, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets), chunk);
+          packed_lp = model.HiddenLogprobs(hidden, targets.empty() ? at::empty({0}, at::dtype(at::kLong).device(model.device())) : at::cat(targets), chunk);
         }
         int64_t offset = 0;
         std::vector<at::Tensor> losses;

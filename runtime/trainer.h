@@ -63,6 +63,10 @@ struct TrainerOptions {
   // again inside it (DecoderModel::Hidden). Under kAuto the ranks that run
   // rounds together agree on the longest micro-batch, so they all decide alike.
   Recompute recompute = Recompute::kAuto;
+  // The CUDA device this rank computes on (parallel::DeviceChoice::index);
+  // -1: the CPU. The model, its gradients, the optimizer state and every
+  // input then live there (runtime/device.h).
+  int device = -1;
 };
 
 struct TrainerInfo {
