@@ -24,6 +24,10 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
   ctx->timeout = timeout;
   ctx->place = PlaceOf(shape, rank);
   const RankPlace& p = ctx->place;
+  std::vector<int> shards;  // dp_group of every replica
+  for (int r = 0; r < shape.replicas; ++r) {
+    for (int member : p.dp_group) shards.push_back(member - p.replica * shape.group_size() + r * shape.group_size());
+  }
   std::vector<int> all(world_size);
   std::iota(all.begin(), all.end(), 0);
   // The same creation order on every rank (MakeMpiCommunicator's contract).
@@ -35,7 +39,8 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
   };
   for (auto [ranks, slot] : {std::pair<const std::vector<int>*, std::unique_ptr<Communicator>*>{&all, &ctx->world}, {&p.tp_group, &ctx->tp}, {&p.ep_group, &ctx->ep},
                              {&p.dense_grad_group, &ctx->data}, {&p.expert_data_group, &ctx->expert_data},
-                             {&p.replica_group, &ctx->replica}, {&p.dp_group, &ctx->replica_data}}) {
+                             {&p.replica_group, &ctx->replica}, {&p.dp_group, &ctx->replica_data},
+                             {&p.cp_group, &ctx->cp}, {&shards, &ctx->shards}}) {
     if (absl::Status s = make(*ranks, *slot); !s.ok()) return s;
   }
   const int64_t kv = dims.num_key_value_heads;

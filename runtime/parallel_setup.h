@@ -13,11 +13,13 @@
 namespace lathe::runtime {
 
 // devices_per_node = world size / (replicas × node_count); the model's heads,
-// KV heads, experts and MLP width are checked against tp and ep (the same
-// InvalidArgument on every rank). Collective over MPI_COMM_WORLD.
+// KV heads, experts and MLP width are checked against tp and ep, tp × cp
+// against the node group (the same InvalidArgument on every rank).
+// Collective over MPI_COMM_WORLD.
 absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(const std::string& model_dir,
                                                                             int replicas, int node_count, int tp,
-                                                                            int ep, absl::Duration timeout);
+                                                                            int ep, absl::Duration timeout,
+                                                                            int cp = 1);
 
 }  // namespace lathe::runtime
 
