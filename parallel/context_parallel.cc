@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <string>
 
 namespace lathe::parallel {
@@ -148,24 +147,63 @@ at::Tensor GatherSequenceRows(const at::Tensor& x, const SequenceSplit& split, c
   return GatherSeqFn::apply(x.contiguous(), c10::IValue::make_capsule(std::move(h)));
 }
 
-std::vector<at::Tensor> ChunkMasks(const SequenceSplit& split, const at::TensorOptions& options) {
-  std::vector<at::Tensor> masks;
-  for (const SequenceSplit::Chunk& c : split.chunks) {
-    if (c.begin == 0) {
-      masks.emplace_back();
-      continue;
-    }
-    // Query j (position begin + j) sees keys 0 .. begin + j.
-    at::Tensor allowed = at::ones({c.length, c.begin + c.length}, options.dtype(at::kBool)).tril(c.begin);
-    masks.push_back(at::zeros(allowed.sizes(), options)
-                        .masked_fill_(allowed.logical_not(), -std::numeric_limits<double>::infinity()));
+namespace {
+
+// Attention of queries q [1, nH, L, D] at positions [b, b + L) over the keys
+// [0, b) without a mask (kp, vp [1, nKV, b, D]) and [b, b + L) causally (kd,
+// vd [1, nKV, L, D]): two flash-attention calls merged by log-sum-exp.
+struct PrefixChunkFn : torch::autograd::Function<PrefixChunkFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                            const at::Tensor& kd, const at::Tensor& vd, double scale) {
+    auto [o1, l1] = at::_scaled_dot_product_flash_attention_for_cpu(q, kp, vp, 0.0, false, {}, scale);
+    auto [o2, l2] = at::_scaled_dot_product_flash_attention_for_cpu(q, kd, vd, 0.0, true, {}, scale);
+    at::Tensor lse = at::logaddexp(l1, l2);
+    at::Tensor o = o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1);
+    ctx->save_for_backward({q, kp, vp, kd, vd, o, lse});
+    ctx->saved_data["scale"] = scale;
+    return o;
   }
-  return masks;
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    at::Tensor g = grads[0].contiguous();
+    // With the merged output and log-sum-exp, each part's flash backward
+    // computes the probabilities and row terms of the whole softmax.
+    auto [dq1, dkp, dvp] =
+        at::_scaled_dot_product_flash_attention_for_cpu_backward(g, s[0], s[1], s[2], s[5], s[6], 0.0, false, {}, scale);
+    auto [dq2, dkd, dvd] =
+        at::_scaled_dot_product_flash_attention_for_cpu_backward(g, s[0], s[3], s[4], s[5], s[6], 0.0, true, {}, scale);
+    return {dq1 + dq2, dkp, dvp, dkd, dvd, at::Tensor()};
+  }
+};
+
+// Queries of chunk c over their sequence's keys up to themselves.
+at::Tensor ChunkAttention(const at::Tensor& qc, const at::Tensor& k_all, const at::Tensor& v_all,
+                          const SequenceSplit::Chunk& c, double scale, bool gqa) {
+  if (c.begin == 0) {
+    at::Tensor kc = k_all.narrow(1, c.seq_offset, c.length).unsqueeze(0);
+    at::Tensor vc = v_all.narrow(1, c.seq_offset, c.length).unsqueeze(0);
+    return at::scaled_dot_product_attention(qc, kc, vc, {}, 0.0, /*is_causal=*/true, scale, gqa);
+  }
+  if (qc.is_cpu()) {
+    auto part = [&](const at::Tensor& t, int64_t from, int64_t n) {
+      return t.narrow(1, c.seq_offset + from, n).unsqueeze(0);
+    };
+    return PrefixChunkFn::apply(qc.contiguous(), part(k_all, 0, c.begin), part(v_all, 0, c.begin),
+                                part(k_all, c.begin, c.length), part(v_all, c.begin, c.length), scale);
+  }
+  // Query j (position begin + j) sees keys 0 .. begin + j.
+  const int64_t keys = c.begin + c.length;
+  at::Tensor allowed = at::ones({c.length, keys}, qc.options().dtype(at::kBool)).tril(c.begin);
+  at::Tensor kc = k_all.narrow(1, c.seq_offset, keys).unsqueeze(0);
+  at::Tensor vc = v_all.narrow(1, c.seq_offset, keys).unsqueeze(0);
+  return at::scaled_dot_product_attention(qc, kc, vc, allowed, 0.0, false, scale, gqa);
 }
 
+}  // namespace
+
 at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const SequenceSplit& split, const std::vector<at::Tensor>& masks,
-                                    double scale, bool gqa, const Group& g) {
+                                    const SequenceSplit& split, double scale, bool gqa, const Group& g) {
   // One gather for keys and values: rows [t, 2, nKV, D].
   at::Tensor kv = GatherSequenceRows(at::stack({k.transpose(0, 1), v.transpose(0, 1)}, 1), split, g, true);
   at::Tensor k_all = kv.select(1, 0).transpose(0, 1), v_all = kv.select(1, 1).transpose(0, 1);
@@ -174,16 +212,8 @@ at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, co
     return (q.sum() + kv.sum()).expand({q.size(0), 0, q.size(2)});
   }
   std::vector<at::Tensor> parts;
-  for (size_t i = 0; i < split.chunks.size(); ++i) {
-    const SequenceSplit::Chunk& c = split.chunks[i];
-    const int64_t keys = c.begin + c.length;
-    at::Tensor qc = q.narrow(1, c.local, c.length).unsqueeze(0);
-    at::Tensor kc = k_all.narrow(1, c.seq_offset, keys).unsqueeze(0);
-    at::Tensor vc = v_all.narrow(1, c.seq_offset, keys).unsqueeze(0);
-    const bool causal = !masks[i].defined();
-    parts.push_back(at::scaled_dot_product_attention(qc, kc, vc, causal ? c10::optional<at::Tensor>() : masks[i],
-                                                     0.0, causal, scale, gqa)
-                        .squeeze(0));
+  for (const SequenceSplit::Chunk& c : split.chunks) {
+    parts.push_back(ChunkAttention(q.narrow(1, c.local, c.length).unsqueeze(0), k_all, v_all, c, scale, gqa).squeeze(0));
   }
   return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
 }

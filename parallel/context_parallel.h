@@ -55,20 +55,20 @@ SequenceSplit SplitSequences(const std::vector<int64_t>& lengths, int parts, int
 // member's rows of its own gradient. Collective over `g` both ways.
 at::Tensor GatherSequenceRows(const at::Tensor& x, const SequenceSplit& split, const Group& g, bool sum_grads);
 
-// Additive float masks, one per chunk of split.chunks: undefined for a chunk
-// at the start of its sequence (plain causal), else [length, begin + length]
-// letting each query see its sequence's keys up to its own position. Built
-// once per micro-batch and shared by every layer.
-std::vector<at::Tensor> ChunkMasks(const SequenceSplit& split, const at::TensorOptions& options);
-
 // Causal attention of this member's queries q [nH, t, D] (local rows, RoPE at
 // their global positions) over the keys and values of the whole sequences:
 // k, v [nKV, t, D] are this member's rows, all-gathered over `g` (the backward
 // reduce-scatters their gradients). Returns [nH, t, D]. Collective over `g`,
 // also for a member without rows.
+//
+// A chunk that starts a sequence is plain causal attention. A later chunk
+// [b, b + L) sees the prefix [0, b) whole and itself causally: on CPU the two
+// parts run as two flash-attention calls whose outputs are merged by their
+// log-sum-exp (the backward gives each part the merged output and
+// log-sum-exp, which yields exactly its share of the gradient), so no mask is
+// built; elsewhere one SDPA with an [L, b + L] mask.
 at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const SequenceSplit& split, const std::vector<at::Tensor>& masks,
-                                    double scale, bool gqa, const Group& g);
+                                    const SequenceSplit& split, double scale, bool gqa, const Group& g);
 
 }  // namespace lathe::parallel
 

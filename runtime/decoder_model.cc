@@ -340,13 +340,9 @@ struct DecoderModel::LayerPass {
   RopeTables rope;
   RegionFn enter, reduce;
   std::vector<KvCache>* caches = nullptr;
-  // Context parallelism: this rank's rows and the chunks' attention masks
-  // (shared, so a recomputed layer finds them after Hidden returned).
-  struct Cp {
-    parallel::SequenceSplit split;
-    std::vector<at::Tensor> masks;
-  };
-  std::shared_ptr<const Cp> cp;
+  // Context parallelism: this rank's rows (shared, so a recomputed layer
+  // finds them after Hidden returned).
+  std::shared_ptr<const parallel::SequenceSplit> cp;
 };
 
 at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
@@ -377,10 +373,7 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
     for (const KvCache& cache : *caches) starts.push_back(cache.length());
   }
   if (split != nullptr && caches == nullptr) {
-    auto cp = std::make_shared<LayerPass::Cp>();
-    cp->split = *split;
-    cp->masks = parallel::ChunkMasks(*split, h.options());
-    pass.cp = std::move(cp);
+    pass.cp = std::make_shared<const parallel::SequenceSplit>(*split);
     if (t > 0) pass.rope = GlobalRope(split->positions, c.head_dim, c.rope_theta, h);
   } else if (t > 0) {
     pass.rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
@@ -446,8 +439,7 @@ at::Tensor DecoderModel::Layer(size_t layer, const at::Tensor& x, const LayerPas
   if (pass.cp != nullptr) {
     q = t > 0 ? ApplyRope(q.transpose(0, 1), pass.rope) : q.transpose(0, 1);
     k = t > 0 ? ApplyRope(k.transpose(0, 1), pass.rope) : k.transpose(0, 1);
-    o = parallel::ContextParallelAttention(q, k, v.transpose(0, 1), pass.cp->split, pass.cp->masks, softmax_scale,
-                                           gqa, shard_.cp);
+    o = parallel::ContextParallelAttention(q, k, v.transpose(0, 1), *pass.cp, softmax_scale, gqa, shard_.cp);
     o = o.transpose(0, 1).reshape({t, q_width});
   } else if (t > 0) {
     q = ApplyRope(q.transpose(0, 1), pass.rope);

@@ -60,9 +60,13 @@ lathe::v1::TensorData Wire(const std::vector<T>& v, lathe::v1::DType dtype) {
 }
 
 // Datums with tokens drawn from a fixed formula; `kind` picks the loss inputs.
-lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std::string& loss, int64_t vocab,
+// "cross_entropy_2d": cross_entropy whose first datum has two targets per
+// token ([N, 2] targets and weights), so the batch cannot be packed flat.
+lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std::string& kind, int64_t vocab,
                                       int salt) {
   lathe::v1::ForwardBackwardInput in;
+  const bool two_d = kind == "cross_entropy_2d";
+  const std::string loss = two_d ? "cross_entropy" : kind;
   in.set_loss_fn(loss);
   for (size_t d = 0; d < lengths.size(); ++d) {
     std::vector<int32_t> tokens;
@@ -83,7 +87,20 @@ lathe::v1::ForwardBackwardInput Batch(const std::vector<int>& lengths, const std
     datum->mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(tokens.data(), tokens.size() * 4);
     auto& inputs = *datum->mutable_loss_fn_inputs();
     inputs["target_tokens"] = Wire(targets, lathe::v1::INT64);
-    if (loss == "cross_entropy") {
+    if (two_d && d == 0) {
+      std::vector<int64_t> pairs;
+      std::vector<float> pair_weights;
+      for (int i = 0; i < lengths[d]; ++i) {
+        pairs.insert(pairs.end(), {(i * 53 + salt) % vocab, (i * 31 + 5) % vocab});
+        pair_weights.insert(pair_weights.end(), {1.0f, 0.25f});
+      }
+      inputs["target_tokens"] = Wire(pairs, lathe::v1::INT64);
+      inputs["target_tokens"].set_shape(0, lengths[d]);
+      inputs["target_tokens"].add_shape(2);
+      inputs["weights"] = Wire(pair_weights, lathe::v1::FLOAT32);
+      inputs["weights"].set_shape(0, lengths[d]);
+      inputs["weights"].add_shape(2);
+    } else if (loss == "cross_entropy") {
       inputs["weights"] = Wire(weights, lathe::v1::FLOAT32);
     } else {
       inputs["logprobs"] = Wire(q, lathe::v1::FLOAT32);
@@ -227,6 +244,8 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
       {{6, 10}, "gspo"}};
   // One long sequence (its own micro-batch) and short ones packed together.
   if (shape.cp > 1) steps.push_back({{memory.long_tokens, 5, 2, 1, 3, 7}, "cross_entropy"});
+  // Two targets per token in one datum: logprobs gathered per datum.
+  if (shape.cp > 1) steps.push_back({{9, 3, 14, 1}, "cross_entropy_2d"});
   for (size_t step = 0; step < steps.size(); ++step) {
     const std::string when = label + " step " + std::to_string(step);
     auto in = Batch(steps[step].first, steps[step].second, vocab, static_cast<int>(step));
