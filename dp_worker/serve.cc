@@ -82,11 +82,6 @@ absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world
         s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
   }
   s.devices_per_node = world_size / nodes;
-  if (s.cp > 1) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "the layout%s asks for context parallelism (cp %d), which this runtime does not run yet",
-        layout.preset ? " of preset " + layout.preset->base_model : "", s.cp));
-  }
   return layout;
 }
 
@@ -94,10 +89,11 @@ std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoi
                       const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout) {
   const parallel::RankPlace& p = ctx.place;
   return absl::StrFormat(
-      "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d ep_rank=%d device=%d "
-      "layout=%dx%dx%d tp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
-      info.rank, info.world_size, p.replica, p.node_rank, info.local_rank, p.tp_rank, p.ep_rank, device.index,
-      ctx.shape.replicas, ctx.shape.node_count, ctx.shape.devices_per_node, ctx.shape.tp, ctx.shape.ep,
+      "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d cp_rank=%d ep_rank=%d device=%d "
+      "layout=%dx%dx%d tp=%d cp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
+      info.rank, info.world_size, p.replica, p.node_rank, info.local_rank, p.tp_rank, p.cp_rank, p.ep_rank,
+      device.index, ctx.shape.replicas, ctx.shape.node_count, ctx.shape.devices_per_node, ctx.shape.tp, ctx.shape.cp,
+      ctx.shape.ep,
       layout.max_seq_len, layout.preset ? layout.preset->base_model : "none", info.source, info.node_rank,
       device.why);
 }
@@ -132,7 +128,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
   LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
                                                              shape.node_count, shape.tp, shape.ep,
-                                                             options.collective_timeout, compute_device));
+                                                             options.collective_timeout, shape.cp, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
   const std::string place = PlaceLine(info, device, *ctx, layout);
   if (options.dry_run) {

@@ -12,10 +12,12 @@ absl::Status AttachNccl(ParallelContext& ctx, int device) {
   const RankPlace& p = ctx.place;
   std::vector<int> all(ctx.shape.world_size());
   std::iota(all.begin(), all.end(), 0);
+  const std::vector<int> shards = ctx.ShardRanks();
   std::vector<std::pair<const std::vector<int>*, std::unique_ptr<Communicator>*>> groups = {
       {&all, &ctx.world},           {&p.tp_group, &ctx.tp},           {&p.ep_group, &ctx.ep},
       {&p.dense_grad_group, &ctx.data}, {&p.expert_data_group, &ctx.expert_data},
-      {&p.replica_group, &ctx.replica}, {&p.dp_group, &ctx.replica_data}};
+      {&p.replica_group, &ctx.replica}, {&p.dp_group, &ctx.replica_data},
+      {&p.cp_group, &ctx.cp},           {&shards, &ctx.shards}};
   // kv_share exists on every rank or on none (MakeMpiContext); its members
   // are the block of tp_group that it was made from.
   std::vector<int> kv;

@@ -183,7 +183,8 @@ absl::Status WriteAndCommit(Trainer& trainer, const std::string& dir, const std:
                      {"created_unix_ms", created},
                      {"expires_unix_ms", ExpiryUnixMillis(created, meta.ttl_seconds)},
                      {"layout", {{"replicas", meta.replicas}, {"node_count", meta.node_count},
-                                 {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep}}},
+                                 {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep},
+                                 {"cp", meta.cp}}},
                      {"lora", LoraJson(info.lora)}, {"tensors", std::move(tensors)}};
     s = Commit(manifest, partial, dir, overwrite);
   }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "parallel/context_parallel.h"
 #include "parallel/model_parallel.h"
 #include "runtime/layers.h"
 #include "runtime/lora_settings.h"
@@ -52,6 +53,7 @@ struct TrainableParam {
 struct ModelShard {
   parallel::Group tp;  // tensor parallel: heads, MLP width, vocabulary
   parallel::Group ep;  // expert parallel: experts
+  parallel::Group cp;  // context parallel: the tokens of each sequence (Hidden's `split`)
   // Where this rank's part lives and runs (runtime/device.h's TorchDevice).
   // The model is built on the CPU (LoRA drawn there, so every device starts
   // from the same adapter) and then moved.
@@ -110,9 +112,17 @@ class DecoderModel {
   // input for the backward and runs again inside it (see Recomputed); the
   // values and gradients are those of the plain pass. Every member of a
   // model-parallel group passes the same `recompute`.
+  //
+  // With `split` (context parallelism over shard().cp, without caches):
+  // `lengths` are the whole sequences and `tokens` only this rank's rows of
+  // them (split->own()); each runs at its position in its sequence and
+  // attends to the whole sequence's keys and values up to itself, gathered
+  // over the cp group layer by layer. Returns the hidden states of this
+  // rank's rows. Every member of the cp group calls it with its own split of
+  // the same lengths.
   at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
                     std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches = nullptr,
-                    bool recompute = false) const;
+                    bool recompute = false, const parallel::SequenceSplit* split = nullptr) const;
   // Logits [T, V] (fp32) for hidden rows [T, H]; under tensor parallelism
   // this rank's vocabulary columns [vocab_begin(), vocab_begin() + Vl).
   at::Tensor Logits(const at::Tensor& hidden) const;

@@ -17,7 +17,7 @@ namespace lathe::runtime {
 absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(const std::string& model_dir,
                                                                             int replicas, int node_count, int tp,
                                                                             int ep, absl::Duration timeout,
-                                                                            int device) {
+                                                                            int cp, int device) {
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   auto config = LoadModelConfig(model_dir);
@@ -28,6 +28,7 @@ absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(cons
   shape.devices_per_node = replicas > 0 && node_count > 0 ? std::max(1, world / (replicas * node_count)) : 1;
   shape.tp = tp;
   shape.ep = ep;
+  shape.cp = cp;
   parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
                            config->HasDenseMlp() ? config->intermediate_size : 0};
   LATHE_ASSIGN_OR_RETURN(auto ctx, parallel::MakeMpiContext(shape, dims, timeout));
