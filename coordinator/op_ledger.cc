@@ -1,6 +1,7 @@
 // The op ledger's bookkeeping: per-run seq_id ordering with gap buffering, a
 // global ready queue, retry identity by deterministic serialization, expiry.
 #include "coordinator/op_ledger.h"
+#include "coordinator/op_ledger_entries.h"
 
 #include <algorithm>
 #include <cctype>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "runtime/log.h"
 #include "runtime/quote.h"
 
 namespace lathe::coordinator {
@@ -60,42 +62,28 @@ const Clock& RealClock() {
   return *clock;
 }
 
-struct OpLedger::Op {
-  enum class Phase { kBuffered, kReady, kRunning, kFinished };
-
-  std::string run_id;
-  int64_t seq_id = 0;
-  // The request's deterministic serialization: the op's identity for retries
-  // and what TakeReady hands out, so the request is stored once.
-  std::string request_bytes;
-  Phase phase = Phase::kBuffered;
-  absl::Time arrived;
-  absl::Time finished;
-  OpView view;  // state PENDING until finished
-};
-
-struct OpLedger::Run {
-  // The lowest seq_id not yet released to the ready queue (or failed); every
-  // op below it was released, failed or never arrived.
-  int64_t next_seq = 0;
-  // Ops at or above next_seq waiting for the gap before them, by seq_id.
-  std::map<int64_t, Op*> buffered;
-  // The seq_id of the run's delete_run once accepted: no later one is.
-  int64_t deleted_at = std::numeric_limits<int64_t>::max();
-};
-
-OpLedger::OpLedger(LedgerOptions options, const Clock* clock)
-    : options_(std::move(options)), clock_(clock) {}
+OpLedger::OpLedger(LedgerOptions options, const Clock* clock, Journal* journal)
+    : options_(std::move(options)), clock_(clock), journal_(journal) {}
 
 OpLedger::~OpLedger() = default;
 
-absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
+absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq, const lathe::v1::JournalRun& state) {
   absl::MutexLock lock(&mu_);
-  auto run = std::make_unique<Run>();
-  run->next_seq = first_seq;
-  if (!runs_.emplace(run_id, std::move(run)).second) {
+  if (runs_.count(run_id) > 0) {
     return absl::AlreadyExistsError(absl::StrCat("run ", QuoteForMessage(run_id), " is already open"));
   }
+  auto run = std::make_unique<Run>();
+  run->next_seq = first_seq;
+  run->state = state;
+  run->state.set_run_id(run_id);
+  if (journal_ != nullptr) {
+    lathe::v1::JournalRecord record;
+    *record.mutable_run() = run->state;  // replayed as a run whose next seq_id is 0
+    if (absl::Status s = journal_->Append(record); !s.ok()) {
+      return absl::UnavailableError(absl::StrCat("cannot journal the run: ", s.message()));
+    }
+  }
+  runs_.emplace(run_id, std::move(run));
   return absl::OkStatus();
 }
 
@@ -141,7 +129,7 @@ absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& reque
   if (run->deleted_at != std::numeric_limits<int64_t>::max()) {
     return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(request.run_id()), " is deleted"));
   }
-  absl::StatusOr<Op*> op = AddOpLocked(request.run_id(), request.seq_id(), op_id, std::move(bytes));
+  absl::StatusOr<Op*> op = AddOpLocked(request.run_id(), request.seq_id(), op_id, std::move(bytes), true);
   if (!op.ok()) return op.status();
   (*op)->phase = Op::Phase::kReady;
   ready_.push_back(*op);
@@ -174,7 +162,7 @@ std::optional<absl::StatusOr<std::string>> OpLedger::CheckSubmitLocked(const std
 }
 
 absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id,
-                                                    std::string bytes) {
+                                                    std::string bytes, bool unordered) {
   if (unfinished_ >= options_.max_unfinished) {
     return absl::ResourceExhaustedError(absl::StrCat(unfinished_, " operations are unfinished; retry later"));
   }
@@ -182,8 +170,24 @@ absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, i
   op->run_id = run_id;
   op->seq_id = seq_id;
   op->request_bytes = std::move(bytes);
+  op->unordered = unordered;
   op->arrived = clock_->Now();
   op->view.op_id = op_id;
+  if (journal_ != nullptr) {
+    // Durable before the op id is answered: a client that got it can
+    // retrieve it after any crash.
+    lathe::v1::JournalRecord record;
+    lathe::v1::JournalAccepted* accepted = record.mutable_accepted();
+    accepted->set_op_id(op_id);
+    accepted->set_run_id(run_id);
+    accepted->set_seq_id(seq_id);
+    accepted->set_request(op->request_bytes);
+    accepted->set_unordered(unordered);
+    accepted->set_arrived_unix_ms(absl::ToUnixMillis(op->arrived));
+    if (absl::Status s = journal_->Append(record); !s.ok()) {
+      return absl::UnavailableError(absl::StrCat("cannot journal the operation: ", s.message()));
+    }
+  }
   Op* added = op.get();
   ops_.emplace(std::move(op_id), std::move(op));
   ++unfinished_;
@@ -219,7 +223,7 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
   if (seq_id == std::numeric_limits<int64_t>::max()) {
     return absl::FailedPreconditionError(absl::StrCat("seq_id must be below ", seq_id));
   }
-  absl::StatusOr<Op*> op = AddOpLocked(run_id, seq_id, op_id, std::move(bytes));
+  absl::StatusOr<Op*> op = AddOpLocked(run_id, seq_id, op_id, std::move(bytes), false);
   if (!op.ok()) return op.status();
   run.buffered.emplace(seq_id, *op);
   ReleaseLocked(run);
@@ -276,12 +280,12 @@ OpLedger::Op* OpLedger::FindRunningLocked(const std::string& op_id) {
   return it->second.get();
 }
 
-void OpLedger::Complete(const std::string& op_id, OpResult result) {
+void OpLedger::Complete(const std::string& op_id, OpResult result, const lathe::v1::JournalRun* run_state) {
   absl::MutexLock lock(&mu_);
   Op* op = FindRunningLocked(op_id);
   if (op == nullptr) return;  // finished already (FailAll) or never dispatched
   op->view.result = std::move(result);
-  FinishLocked(*op, RetrieveResponse::DONE);
+  FinishLocked(*op, RetrieveResponse::DONE, run_state);
 }
 
 void OpLedger::Fail(const std::string& op_id, OpError error) {
@@ -295,10 +299,36 @@ void OpLedger::FailLocked(Op& op, const OpError& error) {
   FinishLocked(op, RetrieveResponse::FAILED);
 }
 
-void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state) {
+void OpLedger::SetRunStateLocked(const std::string& run_id, const lathe::v1::JournalRun& state) {
+  auto it = runs_.find(run_id);
+  if (it == runs_.end()) return;
+  lathe::v1::JournalRun merged = state;
+  merged.set_run_id(run_id);
+  merged.set_chosen(it->second->state.chosen());
+  *merged.mutable_create_request() = it->second->state.create_request();
+  it->second->state = std::move(merged);
+}
+
+void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state, const lathe::v1::JournalRun* run_state) {
   op.phase = Op::Phase::kFinished;
   op.view.state = state;
   op.finished = clock_->Now();
+  if (run_state != nullptr) SetRunStateLocked(op.run_id, *run_state);
+  if (journal_ != nullptr) {
+    lathe::v1::JournalRecord record;
+    lathe::v1::JournalFinished* finished = record.mutable_finished();
+    finished->set_op_id(op.view.op_id);
+    finished->set_failed(state == RetrieveResponse::FAILED);
+    if (state == RetrieveResponse::FAILED) *finished->mutable_error() = op.view.error;
+    else *finished->mutable_result() = op.view.result;
+    finished->set_finished_unix_ms(absl::ToUnixMillis(op.finished));
+    if (run_state != nullptr) *finished->mutable_run() = *run_state;
+    // Not fatal: without the record a restart recovers the op from the
+    // replicas' kept answers, or fails it.
+    if (absl::Status s = journal_->Append(record); !s.ok()) {
+      LATHE_LOG(Error, "cannot journal the result of op %s: %s", op.view.op_id, s.message());
+    }
+  }
   --unfinished_;
   finished_.push_back(&op);
   finished_cv_.SignalAll();
@@ -350,6 +380,15 @@ void OpLedger::Sweep() {
   const absl::Time now = clock_->Now();
   for (auto& [run_id, run] : runs_) FailTimedOutGapsLocked(*run, now);
   ForgetExpiredLocked(now);
+  if (journal_ != nullptr &&
+      journal_->bytes() > 2 * journal_->bytes_at_rewrite() + options_.compact_min_bytes) {
+    const int64_t before = journal_->bytes();
+    if (absl::Status s = CompactLocked(); !s.ok()) {
+      LATHE_LOG(Error, "cannot compact the journal: %s", s.message());
+    } else {
+      LATHE_LOG(Info, "compacted the journal from %d to %d bytes", before, journal_->bytes());
+    }
+  }
 }
 
 void OpLedger::FailTimedOutGapsLocked(Run& run, absl::Time now) {
