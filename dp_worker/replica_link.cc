@@ -172,34 +172,30 @@ void ReplicaLink::ReadLoop() {
     const grpc::Status end = conn->stream->Finish();
     conn->finished = true;
     if (!end.ok()) reason = absl::StrCat(reason, " (", end.error_message(), ")");
-    size_t dropped = 0;
-    {
-      // Tasks not taken yet never run: a restarted coordinator dispatches
-      // them again.
-      absl::MutexLock lock(&mu_);
-      dropped = tasks_.size();
-      for (const lathe::v1::Task& task : tasks_) task_ops_.erase(task.task_id());
-      tasks_.clear();
-    }
-    if (!Reconnect(reason, dropped)) return;
+    if (!Reconnect(reason)) return;
   }
 }
 
-bool ReplicaLink::Reconnect(const std::string& why, size_t dropped) {
+bool ReplicaLink::Reconnect(const std::string& why) {
   const absl::Time deadline = absl::Now() + options_.reconnect_timeout;
-  LATHE_LOG(Warning, "lost the coordinator (%s); dropped %d task(s) not started; redialing %s for up to %s", why,
-            dropped, options_.coordinator, absl::FormatDuration(options_.reconnect_timeout));
+  LATHE_LOG(Warning, "lost the coordinator (%s); finishing the tasks received, then redialing %s for up to %s", why,
+            options_.coordinator, absl::FormatDuration(options_.reconnect_timeout));
   auto give_up = [&](const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     closed_ = true;
     if (close_reason_.empty()) close_reason_ = reason;
     return false;
   };
   {
-    // The task in hand is answered (and kept) first, so the report is whole.
+    // Every task received runs and is answered (and kept) first: the other
+    // replicas may have started a task this one still holds, and a task
+    // with a cross-replica collective must run on all of them. The report
+    // is then whole.
     absl::MutexLock lock(&mu_);
-    auto idle = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_ || tasks_taken_ == tasks_done_; };
+    auto idle = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return stopping_ || (tasks_.empty() && tasks_taken_ == tasks_done_);
+    };
     if (!mu_.AwaitWithDeadline(absl::Condition(&idle), deadline) || stopping_) {
-      return give_up(absl::StrCat("the coordinator went away (", why, ") and the task in hand did not finish"));
+      return give_up(absl::StrCat("the coordinator went away (", why, ") and the tasks received did not finish"));
     }
   }
   for (int attempt = 1;; ++attempt) {

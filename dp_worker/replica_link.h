@@ -1,8 +1,8 @@
 // The replica leader's connection to the coordinator: one Connect stream that
 // registers the replica, delivers its tasks into a queue, carries heartbeats
 // and returns results. When the stream breaks (the coordinator died or was
-// restarted) the link drops the tasks not yet taken, waits for the one in
-// hand to be answered, and redials for up to reconnect_timeout, registering
+// restarted) the link keeps handing out the tasks it received until every
+// one is answered, and then redials for up to reconnect_timeout, registering
 // again with the answers of its last kKeptAnswers tasks, so a restarted
 // coordinator learns which of its ops ran; the replica keeps its runs and
 // serves on. Torch-free.
@@ -104,7 +104,7 @@ class ReplicaLink {
   // ending, and reads the new one.
   void ReadLoop();
   // True once registered again; false (closed_ set) when it gave up.
-  bool Reconnect(const std::string& why, size_t dropped);
+  bool Reconnect(const std::string& why);
   void HeartbeatLoop();
   bool Write(const lathe::v1::WorkerMessage& message);
 

@@ -6,7 +6,9 @@ the run continues exactly as a run on a fresh deployment that never crashed."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import grpc
 import numpy as np
@@ -46,9 +48,29 @@ def _loss(result: pb.OpResult) -> float:
     return result.forward_backward.metrics["loss:sum"]
 
 
+def _http_result(port_file: str, request_id: str) -> dict:
+    """The HTTP door's retrieve_future answer for `request_id`, polled (bounded) until ready."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "the HTTP door wrote no port or kept answering try_again"
+        try:
+            with open(port_file) as f:
+                port = f.read()
+        except OSError:
+            port = ""
+        if port.endswith("\n"):
+            status, reply = sc.http_json(f"http://127.0.0.1:{port.strip()}", "/api/v1/retrieve_future",
+                                         json.dumps({"request_id": request_id}).encode())
+            assert status == 200, reply
+            if reply.get("type") != "try_again":
+                return reply
+        time.sleep(0.1)
+
+
 def test_kill9_and_restart_resumes_runs_without_running_anything_twice(make_deployment, tmp_path):
-    journal = str(tmp_path / "journal")
-    d = make_deployment("restart", coordinator_args=["--journal_dir", journal],
+    journal, http_port_file = str(tmp_path / "journal"), str(tmp_path / "http_port")
+    d = make_deployment("restart", coordinator_args=["--journal_dir", journal, "--http_port", "0",
+                                                     "--http_port_file", http_port_file],
                         worker_args=["--reconnect_timeout_s", "90"]).start()
     stub = d.stub
     run = "resume"
@@ -64,11 +86,14 @@ def test_kill9_and_restart_resumes_runs_without_running_anything_twice(make_depl
         assert outcome[seq].state == Retrieve.DONE, outcome[seq].error
     d.kill_coordinator()
     assert os.path.getsize(os.path.join(journal, "journal.log")) > 0
+    os.remove(http_port_file)
     d.restart_coordinator()
     stub = d.stub
     for seq in range(1, 5):
         again = sc.wait(stub, ids[seq])
         assert again.state == Retrieve.DONE and again.result == outcome[seq].result, f"seq {seq} changed"
+    reply = _http_result(http_port_file, ids[3])  # the HTTP door finds it too
+    assert abs(reply["metrics"]["loss:sum"] - _loss(outcome[3].result)) < 1e-6, reply
     assert _step(stub, run) == 2
     assert sc.submit(stub, run, 3, **ops[2]) == ids[3], "a retry after the restart got another op id"
     with pytest.raises(grpc.RpcError) as e:
