@@ -3,7 +3,6 @@
 // SIGTERM (finish the operation in flight, deregister, exit 0).
 #include <mpi.h>
 
-#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -90,9 +89,13 @@ int main(int argc, char** argv) {
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   o.link.coordinator_timeout = absl::Seconds(absl::GetFlag(FLAGS_coordinator_timeout_s));
-  o.link.reconnect_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_reconnect_timeout_s)));
+  o.link.reconnect_timeout = absl::Seconds(absl::GetFlag(FLAGS_reconnect_timeout_s));
   if (absl::GetFlag(FLAGS_coordinator_timeout_s) <= 0 || absl::GetFlag(FLAGS_max_message_bytes) <= 0) {
     std::fprintf(stderr, "dp_worker: --coordinator_timeout_s and --max_message_bytes must be positive\n");
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  if (absl::GetFlag(FLAGS_reconnect_timeout_s) < 0) {
+    std::fprintf(stderr, "dp_worker: --reconnect_timeout_s must not be negative (0: do not redial)\n");
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
   o.link.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);

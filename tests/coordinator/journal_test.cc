@@ -26,10 +26,18 @@ using lathe::v1::OpResult;
 using lathe::v1::RetrieveResponse;
 using lathe::v1::SubmitRequest;
 
+// A fresh folder, removed when the test program ends.
 std::string TempDir() {
+  static std::vector<std::string>* made = [] {
+    auto* dirs = new std::vector<std::string>();
+    std::atexit([] {
+      for (const std::string& d : *made) std::filesystem::remove_all(d);
+    });
+    return dirs;
+  }();
   std::string tmpl = (std::filesystem::temp_directory_path() / "journal_test.XXXXXX").string();
-  char* made = ::mkdtemp(tmpl.data());
-  EXPECT_NE(made, nullptr);
+  EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
+  made->push_back(tmpl);
   return tmpl;
 }
 

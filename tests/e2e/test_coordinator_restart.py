@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import time
 
@@ -175,3 +176,13 @@ def test_lathe_train_continues_across_a_coordinator_restart(make_deployment, bui
     assert [int(s) for s in steps] == list(range(1, 17)), text
     run_id = re.search(r"run (run-[0-9a-f]+)", text).group(1)
     assert _step(d.stub, run_id) == 16, "an optim_step ran twice or not at all"
+
+
+def test_an_unusable_journal_dir_is_refused_at_start(build_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    journal = str(blocker / "journal")
+    env = {**os.environ, **sc.SUBPROCESS_ENV, "LATHE_WORKER_TOKEN": secrets.token_hex(32)}
+    proc = subprocess.run([os.path.join(build_dir, "coordinator", "lathe_coordinator"), "--listen", "127.0.0.1:0",
+                           "--journal_dir", journal], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and f"cannot create journal folder {journal}" in proc.stderr, proc.stderr
