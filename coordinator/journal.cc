@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -161,6 +162,12 @@ Journal::~Journal() {
 }
 
 absl::Status Journal::Append(const lathe::v1::JournalRecord& record) {
+  absl::StatusOr<int64_t> mark = Write(record);
+  if (!mark.ok()) return mark.status();
+  return Sync(*mark);
+}
+
+absl::StatusOr<int64_t> Journal::Write(const lathe::v1::JournalRecord& record) {
   const std::string frame = Frame(record);
   absl::MutexLock lock(&mu_);
   if (absl::Status s = WriteAll(fd_, frame, path_); !s.ok()) {
@@ -168,13 +175,31 @@ absl::Status Journal::Append(const lathe::v1::JournalRecord& record) {
     if (::ftruncate(fd_, static_cast<off_t>(bytes_)) == 0) ::lseek(fd_, static_cast<off_t>(bytes_), SEEK_SET);
     return s;
   }
-  if (::fdatasync(fd_) != 0) return OsError("cannot sync", path_);
   bytes_ += static_cast<int64_t>(frame.size());
+  written_ += static_cast<int64_t>(frame.size());
+  return written_;
+}
+
+absl::Status Journal::Sync(int64_t mark) {
+  absl::MutexLock sync_lock(&sync_mu_);
+  int fd = -1;
+  int64_t target = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (synced_ >= mark) return absl::OkStatus();  // a sync that covered it ran meanwhile
+    fd = fd_;
+    target = written_;
+  }
+  // Outside mu_: appends go on while the disk syncs; the next Sync covers them.
+  if (::fdatasync(fd) != 0) return OsError("cannot sync", path_);
+  absl::MutexLock lock(&mu_);
+  synced_ = std::max(synced_, target);
   return absl::OkStatus();
 }
 
 absl::Status Journal::Rewrite(const std::vector<lathe::v1::JournalRecord>& records) {
-  absl::MutexLock lock(&mu_);  // no append may land in the old file meanwhile
+  absl::MutexLock sync_lock(&sync_mu_);  // the file a Sync holds stays open
+  absl::MutexLock lock(&mu_);            // no append may land in the old file meanwhile
   std::string bytes;
   for (const auto& record : records) bytes += Frame(record);
   const std::string tmp = path_ + ".new";
@@ -196,6 +221,7 @@ absl::Status Journal::Rewrite(const std::vector<lathe::v1::JournalRecord>& recor
   ::close(fd_);
   fd_ = fd;
   bytes_ = bytes_at_rewrite_ = static_cast<int64_t>(bytes.size());
+  synced_ = written_;  // what was written before is in the synced new file, or dropped
   return SyncDir(dir_);
 }
 

@@ -40,9 +40,17 @@ class Journal {
   Journal(const Journal&) = delete;
   Journal& operator=(const Journal&) = delete;
 
-  // Appends one record durably. Internal with the OS error when the write or
-  // the sync fails (the record may then be missing after a restart).
+  // Appends one record durably (Write, then Sync). Internal with the OS
+  // error when the write or the sync fails (the record may then be missing
+  // after a restart).
   absl::Status Append(const lathe::v1::JournalRecord& record);
+  // Writes one record (it survives the process, not yet a machine crash)
+  // and returns a mark for Sync. Internal with the OS error.
+  absl::StatusOr<int64_t> Write(const lathe::v1::JournalRecord& record);
+  // Makes every record written up to `mark` durable (fdatasync). Callers
+  // waiting at once share one sync (group commit); a mark already synced
+  // returns at once. Internal with the OS error.
+  absl::Status Sync(int64_t mark);
   // Replaces the log by `records` (compaction): written to a new file, synced,
   // renamed over the log and the folder synced, so a crash leaves either the
   // old log or the new one. On failure the old log stays in use.
@@ -58,8 +66,11 @@ class Journal {
 
   std::string dir_;
   std::string path_;
+  absl::Mutex sync_mu_;  // one sync (or rewrite) at a time; before mu_
   mutable absl::Mutex mu_;
   int fd_ ABSL_GUARDED_BY(mu_) = -1;
+  int64_t written_ ABSL_GUARDED_BY(mu_) = 0;  // bytes ever written (marks)
+  int64_t synced_ ABSL_GUARDED_BY(mu_) = 0;   // marks up to here are durable
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_at_rewrite_ ABSL_GUARDED_BY(mu_) = 0;
 };

@@ -166,6 +166,16 @@ class OpLedger {
   struct Op;
   struct Run;
 
+  // The submits without the journal's sync; Synced syncs the op's record
+  // (outside the lock) and answers its id.
+  absl::StatusOr<std::string> SubmitNoSync(const lathe::v1::SubmitRequest& request);
+  absl::StatusOr<std::string> SubmitUnorderedNoSync(const lathe::v1::SubmitRequest& request, const std::string& lane);
+  absl::StatusOr<std::string> SubmitInternalNoSync(lathe::v1::SubmitRequest request);
+  absl::StatusOr<std::string> Synced(absl::StatusOr<std::string> op_id);
+  // Syncs the finished records written so far (outside the lock), once
+  // kFinishedPerSync of them wait, or any with `force` (Sweep, FailAll).
+  void SyncFinished(bool force = false);
+  static constexpr int kFinishedPerSync = 32;
   // Submit and SubmitInternal once the request is serialized to `bytes`.
   absl::StatusOr<std::string> SubmitLocked(const std::string& run_id, int64_t seq_id,
                                            std::string bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -209,6 +219,8 @@ class OpLedger {
   absl::CondVar ready_cv_;             // signalled when ready_ grows
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   int64_t unfinished_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t finished_mark_ ABSL_GUARDED_BY(mu_) = 0;  // of the last finished record written
+  int unsynced_finished_ ABSL_GUARDED_BY(mu_) = 0;
   std::unordered_map<std::string, std::unique_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
   // Every op not yet forgotten, by op id; owns them.
   std::unordered_map<std::string, std::unique_ptr<Op>> ops_ ABSL_GUARDED_BY(mu_);

@@ -22,6 +22,7 @@ struct OpLedger::Op {
   Phase phase = Phase::kBuffered;
   bool unordered = false;  // a sampling lane's (SubmitUnordered)
   bool recovered = false;  // restored from the journal unfinished
+  int64_t journal_mark = 0;  // of its accepted record (Journal::Sync)
   absl::Time arrived;
   absl::Time finished;
   OpView view;  // state PENDING until finished

@@ -118,18 +118,21 @@ std::vector<ReadyOp> OpLedger::Recovered() const {
 
 void OpLedger::Settle(const std::string& op_id, const lathe::v1::OpResult* result, const lathe::v1::OpError& error,
                       const JournalRun* run_state) {
-  absl::MutexLock lock(&mu_);
-  auto it = ops_.find(op_id);
-  if (it == ops_.end()) return;
-  Op& op = *it->second;
-  if (op.phase != Op::Phase::kReady && op.phase != Op::Phase::kRunning) return;
-  ready_.erase(std::remove(ready_.begin(), ready_.end(), &op), ready_.end());
-  if (result != nullptr) {
-    op.view.result = *result;
-    FinishLocked(op, RetrieveResponse::DONE, run_state);
-  } else {
-    FailLocked(op, error);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = ops_.find(op_id);
+    if (it == ops_.end()) return;
+    Op& op = *it->second;
+    if (op.phase != Op::Phase::kReady && op.phase != Op::Phase::kRunning) return;
+    ready_.erase(std::remove(ready_.begin(), ready_.end(), &op), ready_.end());
+    if (result != nullptr) {
+      op.view.result = *result;
+      FinishLocked(op, RetrieveResponse::DONE, run_state);
+    } else {
+      FailLocked(op, error);
+    }
   }
+  SyncFinished();
 }
 
 absl::Status OpLedger::Compact() {
