@@ -118,6 +118,9 @@ def test_kill9_and_restart_resumes_runs_without_running_anything_twice(make_depl
             err = outcome[seq].error
             assert err.category == pb.OpError.SERVER and "restarted" in err.message, err
 
+    for seq in range(5, 11):  # retries of ops that were out at the crash answer their ids
+        assert sc.submit(stub, run, seq, **ops[seq - 1]) == ids[seq], f"seq {seq}: a retry got another op id"
+
     # 3. The run continues at the next seq_id.
     for seq in (11, 12):
         ids[seq] = sc.submit(stub, run, seq, **ops[seq - 1])
