@@ -106,37 +106,6 @@ absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {
   return Synced(SubmitInternalNoSync(std::move(request)));
 }
 
-absl::StatusOr<std::string> OpLedger::Synced(absl::StatusOr<std::string> op_id) {
-  if (!op_id.ok() || journal_ == nullptr) return op_id;
-  int64_t mark = 0;
-  {
-    absl::ReaderMutexLock lock(&mu_);
-    if (auto it = ops_.find(*op_id); it != ops_.end()) mark = it->second->journal_mark;
-  }
-  if (absl::Status s = journal_->Sync(mark); !s.ok()) {
-    return absl::UnavailableError(absl::StrCat("cannot journal the operation: ", s.message()));
-  }
-  return op_id;
-}
-
-void OpLedger::SyncFinished(bool force) {
-  if (journal_ == nullptr) return;
-  int64_t mark = 0;
-  {
-    // Finished records are synced in groups: one lost to a machine crash
-    // is recovered from the replicas' kept answers (a group is far smaller
-    // than their window), and one sync per result would cap the ledger at
-    // the disk's sync rate. A process crash loses none (they are written).
-    absl::MutexLock lock(&mu_);
-    if (unsynced_finished_ == 0 || (!force && unsynced_finished_ < kFinishedPerSync)) return;
-    unsynced_finished_ = 0;
-    mark = finished_mark_;
-  }
-  // Not fatal: without the records a restart recovers the ops from the
-  // replicas' kept answers, or runs them.
-  if (absl::Status s = journal_->Sync(mark); !s.ok()) LATHE_LOG(Error, "cannot sync the journal: %s", s.message());
-}
-
 absl::StatusOr<std::string> OpLedger::SubmitNoSync(const SubmitRequest& request) {
   if (request.seq_id() < 1) {
     return absl::FailedPreconditionError(
@@ -218,21 +187,9 @@ absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, i
   op->unordered = unordered;
   op->arrived = clock_->Now();
   op->view.op_id = op_id;
-  if (journal_ != nullptr) {
-    // Durable before the op id is answered: a client that got it can
-    // retrieve it after any crash.
-    lathe::v1::JournalRecord record;
-    lathe::v1::JournalAccepted* accepted = record.mutable_accepted();
-    accepted->set_op_id(op_id);
-    accepted->set_run_id(run_id);
-    accepted->set_seq_id(seq_id);
-    accepted->set_request(op->request_bytes);
-    accepted->set_unordered(unordered);
-    accepted->set_arrived_unix_ms(absl::ToUnixMillis(op->arrived));
-    absl::StatusOr<int64_t> mark = journal_->Write(record);
-    if (!mark.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the operation: ", mark.status().message()));
-    op->journal_mark = *mark;
-  }
+  // Durable before the op id is answered (Synced): a client that got it can
+  // retrieve it after any crash.
+  if (absl::Status s = WriteAcceptedLocked(*op); !s.ok()) return s;
   Op* added = op.get();
   ops_.emplace(std::move(op_id), std::move(op));
   ++unfinished_;
@@ -365,21 +322,7 @@ void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state, const lathe::
   op.view.state = state;
   op.finished = clock_->Now();
   if (run_state != nullptr) SetRunStateLocked(op.run_id, *run_state);
-  if (journal_ != nullptr) {
-    lathe::v1::JournalRecord record;
-    lathe::v1::JournalFinished* finished = record.mutable_finished();
-    finished->set_op_id(op.view.op_id);
-    finished->set_failed(state == RetrieveResponse::FAILED);
-    if (state == RetrieveResponse::FAILED) *finished->mutable_error() = op.view.error;
-    else *finished->mutable_result() = op.view.result;
-    finished->set_finished_unix_ms(absl::ToUnixMillis(op.finished));
-    if (run_state != nullptr) *finished->mutable_run() = *run_state;
-    // Not fatal: without the record a restart recovers the op from the
-    // replicas' kept answers, or fails it.
-    absl::StatusOr<int64_t> mark = journal_->Write(record);
-    if (mark.ok()) finished_mark_ = std::max(finished_mark_, *mark), ++unsynced_finished_;
-    else LATHE_LOG(Error, "cannot journal the result of op %s: %s", op.view.op_id, mark.status().message());
-  }
+  WriteFinishedLocked(op, run_state);
   --unfinished_;
   finished_.push_back(&op);
   finished_cv_.SignalAll();

@@ -198,6 +198,10 @@ class OpLedger {
   // set in its view.
   void FinishLocked(Op& op, lathe::v1::RetrieveResponse::State state,
                     const lathe::v1::JournalRun* run_state = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Journal records of an op accepted (its mark kept for Synced) and
+  // finished (its mark counted for SyncFinished).
+  absl::Status WriteAcceptedLocked(Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WriteFinishedLocked(const Op& op, const lathe::v1::JournalRun* run_state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Keeps a run's registry entry (the client's create request stays).
   void SetRunStateLocked(const std::string& run_id, const lathe::v1::JournalRun& state)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -1,5 +1,5 @@
-// The op ledger's journal side: rebuilding from records after a restart,
-// settling recovered ops, and compaction.
+// The op ledger's journal side: writing and syncing records, rebuilding
+// from them after a restart, settling recovered ops, and compaction.
 #include <algorithm>
 #include <tuple>
 #include <limits>
@@ -8,12 +8,96 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/op_ledger.h"
 #include "coordinator/op_ledger_entries.h"
+#include "runtime/log.h"
 
 namespace lathe::coordinator {
 
 using lathe::v1::JournalRecord;
 using lathe::v1::JournalRun;
 using lathe::v1::RetrieveResponse;
+
+namespace {
+
+lathe::v1::JournalRecord AcceptedRecord(const std::string& op_id, const std::string& run_id, int64_t seq_id,
+                                        const std::string& request, bool unordered, absl::Time arrived) {
+  lathe::v1::JournalRecord record;
+  lathe::v1::JournalAccepted* a = record.mutable_accepted();
+  a->set_op_id(op_id);
+  a->set_run_id(run_id);
+  a->set_seq_id(seq_id);
+  a->set_request(request);
+  a->set_unordered(unordered);
+  a->set_arrived_unix_ms(absl::ToUnixMillis(arrived));
+  return record;
+}
+
+lathe::v1::JournalRecord FinishedRecord(const OpView& view, absl::Time finished) {
+  lathe::v1::JournalRecord record;
+  lathe::v1::JournalFinished* f = record.mutable_finished();
+  f->set_op_id(view.op_id);
+  f->set_failed(view.state == RetrieveResponse::FAILED);
+  if (f->failed()) *f->mutable_error() = view.error;
+  else *f->mutable_result() = view.result;
+  f->set_finished_unix_ms(absl::ToUnixMillis(finished));
+  return record;
+}
+
+}  // namespace
+
+absl::Status OpLedger::WriteAcceptedLocked(Op& op) {
+  if (journal_ == nullptr) return absl::OkStatus();
+  absl::StatusOr<int64_t> mark = journal_->Write(
+      AcceptedRecord(op.view.op_id, op.run_id, op.seq_id, op.request_bytes, op.unordered, op.arrived));
+  if (!mark.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the operation: ", mark.status().message()));
+  op.journal_mark = *mark;
+  return absl::OkStatus();
+}
+
+void OpLedger::WriteFinishedLocked(const Op& op, const JournalRun* run_state) {
+  if (journal_ == nullptr) return;
+  lathe::v1::JournalRecord record = FinishedRecord(op.view, op.finished);
+  if (run_state != nullptr) *record.mutable_finished()->mutable_run() = *run_state;
+  // Not fatal: without the record a restart recovers the op from the
+  // replicas' kept answers, or runs it.
+  absl::StatusOr<int64_t> mark = journal_->Write(record);
+  if (!mark.ok()) {
+    LATHE_LOG(Error, "cannot journal the result of op %s: %s", op.view.op_id, mark.status().message());
+    return;
+  }
+  finished_mark_ = std::max(finished_mark_, *mark);
+  ++unsynced_finished_;
+}
+
+absl::StatusOr<std::string> OpLedger::Synced(absl::StatusOr<std::string> op_id) {
+  if (!op_id.ok() || journal_ == nullptr) return op_id;
+  int64_t mark = 0;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (auto it = ops_.find(*op_id); it != ops_.end()) mark = it->second->journal_mark;
+  }
+  if (absl::Status s = journal_->Sync(mark); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat("cannot journal the operation: ", s.message()));
+  }
+  return op_id;
+}
+
+void OpLedger::SyncFinished(bool force) {
+  if (journal_ == nullptr) return;
+  int64_t mark = 0;
+  {
+    // Finished records are synced in groups: one lost to a machine crash
+    // is recovered from the replicas' kept answers (a group is far smaller
+    // than their window), and one sync per result would cap the ledger at
+    // the disk's sync rate. A process crash loses none (they are written).
+    absl::MutexLock lock(&mu_);
+    if (unsynced_finished_ == 0 || (!force && unsynced_finished_ < kFinishedPerSync)) return;
+    unsynced_finished_ = 0;
+    mark = finished_mark_;
+  }
+  // Not fatal: without the records a restart recovers the ops from the
+  // replicas' kept answers, or runs them.
+  if (absl::Status s = journal_->Sync(mark); !s.ok()) LATHE_LOG(Error, "cannot sync the journal: %s", s.message());
+}
 
 absl::Status OpLedger::Restore(const std::vector<JournalRecord>& records, std::vector<JournalRun>* runs) {
   absl::MutexLock lock(&mu_);
@@ -154,22 +238,11 @@ absl::Status OpLedger::CompactLocked() {
     if (!run->state.run_id().empty() && !run->state.deleted()) *records.emplace_back().mutable_run() = run->state;
   }
   auto accepted = [&records](const Op& op) {
-    lathe::v1::JournalAccepted* a = records.emplace_back().mutable_accepted();
-    a->set_op_id(op.view.op_id);
-    a->set_run_id(op.run_id);
-    a->set_seq_id(op.seq_id);
-    a->set_request(op.request_bytes);
-    a->set_unordered(op.unordered);
-    a->set_arrived_unix_ms(absl::ToUnixMillis(op.arrived));
+    records.push_back(AcceptedRecord(op.view.op_id, op.run_id, op.seq_id, op.request_bytes, op.unordered, op.arrived));
   };
   for (const Op* op : finished_) {
     accepted(*op);
-    lathe::v1::JournalFinished* f = records.emplace_back().mutable_finished();
-    f->set_op_id(op->view.op_id);
-    f->set_failed(op->view.state == RetrieveResponse::FAILED);
-    if (f->failed()) *f->mutable_error() = op->view.error;
-    else *f->mutable_result() = op->view.result;
-    f->set_finished_unix_ms(absl::ToUnixMillis(op->finished));
+    records.push_back(FinishedRecord(op->view, op->finished));
   }
   // Unfinished ones in the order they would run: on the replicas, ready,
   // then waiting for a gap.
