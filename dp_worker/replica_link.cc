@@ -168,7 +168,7 @@ void ReplicaLink::ReadLoop() {
       absl::MutexLock lock(&write_mu_);
       writes_done_ = true;  // nothing more is written on this stream
     }
-    conn->context->TryCancel();
+    // The call is over (Read failed), so Finish answers at once, with why.
     const grpc::Status end = conn->stream->Finish();
     conn->finished = true;
     if (!end.ok()) reason = absl::StrCat(reason, " (", end.error_message(), ")");

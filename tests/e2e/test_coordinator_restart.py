@@ -189,3 +189,14 @@ def test_an_unusable_journal_dir_is_refused_at_start(build_dir, tmp_path):
     proc = subprocess.run([os.path.join(build_dir, "coordinator", "lathe_coordinator"), "--listen", "127.0.0.1:0",
                            "--journal_dir", journal], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and f"cannot create journal folder {journal}" in proc.stderr, proc.stderr
+
+
+def test_workers_stop_when_the_coordinator_does_not_come_back(make_deployment, tmp_path):
+    d = make_deployment("gone", coordinator_args=["--journal_dir", str(tmp_path / "journal")],
+                        worker_args=["--reconnect_timeout_s", "3"]).start()
+    d.kill_coordinator()
+    assert d.wait_workers(60) is not None, "the workers outlived --reconnect_timeout_s\n" + d.log_tails()
+    with open(d.workers_log, errors="replace") as f:
+        log = f.read()
+    assert "redialing coordinator" in log and "did not come back within 3s (--reconnect_timeout_s)" in log, \
+        d.log_tails()
