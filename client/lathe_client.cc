@@ -42,6 +42,9 @@ std::unique_ptr<Client> Client::Connect(const ClientOptions& options) {
   const int limit = static_cast<int>(std::min<int64_t>(options.max_message_bytes, INT32_MAX));
   args.SetMaxReceiveMessageSize(limit);
   args.SetMaxSendMessageSize(limit);
+  // Redial a restarted coordinator within a second or two, not after gRPC's
+  // backoff grew towards its two minutes.
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (!options.tls_root_certs.empty()) {
     grpc::SslCredentialsOptions ssl;
@@ -61,6 +64,13 @@ absl::StatusOr<lathe::v1::HealthResponse> Client::Health() {
   grpc::Status s = impl_->stub->Health(&context, lathe::v1::HealthRequest(), &response);
   if (!s.ok()) return FromGrpc(s);
   return response;
+}
+
+bool Client::MayComeBack() {
+  absl::StatusOr<lathe::v1::HealthResponse> h = Health();
+  // Unreachable or starting: a restart. Lost or shutting down: it is over.
+  return !h.ok() || h->state() == lathe::v1::HealthResponse::STARTING ||
+         h->state() == lathe::v1::HealthResponse::SERVING;
 }
 
 absl::Status Client::WaitServing(absl::Duration timeout) {
@@ -124,8 +134,14 @@ absl::StatusOr<std::pair<TrainingRun, lathe::v1::RunInfo>> Client::CreateRun(con
 
 absl::StatusOr<OpFuture> Client::Submit(const lathe::v1::SubmitRequest& op) {
   grpc::Status s;
-  for (int attempt = 0; attempt < std::max(1, impl_->options.submit_attempts); ++attempt) {
-    if (attempt > 0) absl::SleepFor(absl::Milliseconds(200) * attempt);
+  // The same seq_id is sent again, so the ledger answers a submit that was
+  // accepted before the failure with its op id (also after a restart).
+  const absl::Time reconnect_deadline = absl::Now() + impl_->options.reconnect_timeout;
+  for (int attempt = 0; attempt < std::max(1, impl_->options.submit_attempts) ||
+                        (s.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < reconnect_deadline &&
+                         MayComeBack());
+       ++attempt) {
+    if (attempt > 0) absl::SleepFor(std::min(absl::Milliseconds(200) * attempt, absl::Seconds(1)));
     grpc::ClientContext context;
     impl_->Prepare(&context, impl_->options.rpc_timeout);
     lathe::v1::SubmitResponse response;
@@ -135,6 +151,8 @@ absl::StatusOr<OpFuture> Client::Submit(const lathe::v1::SubmitRequest& op) {
   }
   return FromGrpc(s);
 }
+
+const ClientOptions& Client::options() const { return impl_->options; }
 
 absl::StatusOr<lathe::v1::RetrieveResponse> Client::Retrieve(const std::string& op_id, absl::Duration wait) {
   grpc::ClientContext context;
@@ -150,10 +168,22 @@ absl::StatusOr<lathe::v1::RetrieveResponse> Client::Retrieve(const std::string& 
 
 absl::StatusOr<lathe::v1::OpResult> OpFuture::result(absl::Duration timeout) const {
   const absl::Time deadline = absl::Now() + timeout;
+  const absl::Duration reconnect = client_->options().reconnect_timeout;
+  absl::Time unavailable_since = absl::InfiniteFuture();
   for (;;) {
     const absl::Duration wait = std::max(absl::ZeroDuration(), std::min(deadline - absl::Now(), absl::Seconds(30)));
     absl::StatusOr<lathe::v1::RetrieveResponse> r = client_->Retrieve(op_id_, wait);
-    if (!r.ok()) return r.status();
+    if (!r.ok()) {
+      // A coordinator restarting from its journal answers the op again.
+      if (unavailable_since == absl::InfiniteFuture()) unavailable_since = absl::Now();
+      if (!absl::IsUnavailable(r.status()) || absl::Now() >= std::min(deadline, unavailable_since + reconnect) ||
+          !client_->MayComeBack()) {
+        return r.status();
+      }
+      absl::SleepFor(absl::Milliseconds(200));
+      continue;
+    }
+    unavailable_since = absl::InfiniteFuture();
     if (r->state() == lathe::v1::RetrieveResponse::DONE) return std::move(*r->mutable_result());
     if (r->state() == lathe::v1::RetrieveResponse::FAILED) {
       const bool user = r->error().category() == lathe::v1::OpError::USER;

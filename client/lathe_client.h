@@ -32,6 +32,11 @@ struct ClientOptions {
   int64_t max_message_bytes = int64_t{64} << 20;
   absl::Duration rpc_timeout = absl::Seconds(60);  // of each unary call
   int submit_attempts = 3;                      // tries per submit on a transport failure
+  // How long submits and OpFuture::result keep retrying while the
+  // coordinator is unreachable or starting (UNAVAILABLE: restarting, its
+  // replicas registering again; not once Health says it is lost or shutting
+  // down), on top of submit_attempts.
+  absl::Duration reconnect_timeout = absl::Seconds(60);
 };
 
 class Client;
@@ -43,7 +48,9 @@ class OpFuture {
   const std::string& op_id() const { return op_id_; }
   // Waits up to `timeout` for the operation. DeadlineExceeded when it is
   // still pending; the operation's own error (its code, "user error: …" or
-  // "server error: …") when it failed; the transport's error otherwise.
+  // "server error: …") when it failed; the transport's error otherwise
+  // (UNAVAILABLE only once it lasted past ClientOptions::reconnect_timeout
+  // or the timeout).
   absl::StatusOr<lathe::v1::OpResult> result(absl::Duration timeout) const;
 
  private:
@@ -94,6 +101,10 @@ class Client {
   absl::StatusOr<OpFuture> Submit(const lathe::v1::SubmitRequest& op);
   // One Retrieve call, waiting up to `wait` on the server.
   absl::StatusOr<lathe::v1::RetrieveResponse> Retrieve(const std::string& op_id, absl::Duration wait);
+  const ClientOptions& options() const;
+  // False when Health answers that the deployment is lost or shutting down;
+  // true when it serves, starts, or cannot be reached (it may be restarting).
+  bool MayComeBack();
 
  private:
   Client() = default;

@@ -75,7 +75,10 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   c->options_ = options;
   c->keys_ = std::make_unique<ApiKeys>(std::move(keys));
   c->worker_token_ = std::make_unique<WorkerToken>(std::move(token));
-  c->ledger_ = std::make_unique<OpLedger>(options.ledger);
+  if (!options.journal_dir.empty()) {
+    LATHE_ASSIGN_OR_RETURN(c->journal_, Journal::Open(options.journal_dir, &c->restored_));
+  }
+  c->ledger_ = std::make_unique<OpLedger>(options.ledger, &RealClock(), c->journal_.get());
   c->registry_ = std::make_unique<ReplicaRegistry>(options.replicas, options.heartbeat_timeout);
   c->dispatcher_ = std::make_unique<Dispatcher>(c->ledger_.get(), c->registry_.get(), options.op_timeout,
                                                   /*depth=*/4, options.max_inflight_samples);
@@ -87,6 +90,7 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   });
   c->front_end_ = std::make_unique<FrontEnd>(options.service, c->keys_.get(), c->ledger_.get(),
                                              c->registry_.get(), c->dispatcher_.get());
+  LATHE_RETURN_IF_ERROR(c->Restore());
   c->lathe_service_ = std::make_unique<LatheService>(c->front_end_.get());
   c->link_service_ =
       std::make_unique<LinkService>(c->worker_token_.get(), c->registry_.get(), options.heartbeat_interval);
@@ -112,12 +116,40 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
     absl::MutexLock lock(&c->mu_);
     c->started_ = true;
   }
-  c->dispatcher_->Start();
+  if (c->ledger_->Recovered().empty()) {
+    c->dispatcher_->Start();
+    c->dispatching_ = true;
+  }
   c->housekeeping_ = std::thread([p = c.get()] { p->Housekeeping(); });
   LATHE_LOG(Info, "coordinator listening on port %d (%s) for %d replica(s), API keys %s", c->port_,
             options.tls_cert_file.empty() ? "plaintext" : "TLS", options.replicas,
             c->keys_->enabled() ? "required" : "off");
   return c;
+}
+
+absl::Status Coordinator::Restore() {
+  if (journal_ == nullptr) return absl::OkStatus();
+  std::vector<lathe::v1::JournalRun> runs;
+  LATHE_RETURN_IF_ERROR(ledger_->Restore(restored_, &runs));
+  const size_t records = restored_.size();
+  restored_.clear();
+  int live = 0;
+  for (const lathe::v1::JournalRun& run : runs) {
+    dispatcher_->RestoreRun(run);
+    front_end_->RestoreRun(run);
+    live += !run.deleted();
+  }
+  const size_t unfinished = ledger_->Recovered().size();
+  LATHE_LOG(Info, "journal %s: %d record(s), %d run(s) restored, %d unfinished op(s) to recover once the replicas "
+            "register", journal_->path(), records, live, unfinished);
+  return absl::OkStatus();
+}
+
+void Coordinator::StartDispatching() {
+  const int settled = dispatcher_->Recover();
+  LATHE_LOG(Info, "recovered %d op(s) from the replicas' answers; dispatching", settled);
+  dispatcher_->Start();
+  dispatching_ = true;
 }
 
 Coordinator::~Coordinator() { Shutdown("coordinator destroyed", absl::Seconds(5)); }
@@ -130,6 +162,11 @@ void Coordinator::Housekeeping() {
   absl::Time next_expiry = absl::Now(), next_heartbeat = absl::Now();
   while (!mu_.AwaitWithTimeout(absl::Condition(&stopping), tick)) {
     registry_->CheckHeartbeats();
+    if (!dispatching_ && registry_->state() == DeploymentState::kServing) {
+      mu_.Unlock();
+      StartDispatching();
+      mu_.Lock();
+    }
     if (absl::Now() >= next_heartbeat) {
       registry_->SendHeartbeats();
       next_heartbeat = absl::Now() + options_.heartbeat_interval;
@@ -166,6 +203,11 @@ void Coordinator::Shutdown(const std::string& reason, absl::Duration grace) {
   dispatcher_->Stop();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   server_->Wait();
+  // A clean stop ends the deployment: the replicas drop their runs, so
+  // nothing is left to resume (only a crash leaves the journal to restore).
+  if (journal_ != nullptr) {
+    if (absl::Status s = journal_->Rewrite({}); !s.ok()) LATHE_LOG(Error, "cannot clear the journal: %s", s.message());
+  }
 }
 
 }  // namespace lathe::coordinator

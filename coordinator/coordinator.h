@@ -47,11 +47,16 @@ struct CoordinatorOptions {
   // Largest message accepted from a client or a replica
   // (kDefaultMaxRequestBytes: docs/service.md derives it).
   int64_t max_request_bytes = kDefaultMaxRequestBytes;
+  // Where the journal lives (coordinator/journal.h); empty: none, and a
+  // restart forgets every run and result.
+  std::string journal_dir;
 };
 
 class Coordinator {
  public:
-  // Binds and starts serving. InvalidArgument for bad options (half a TLS
+  // Binds and starts serving; with a journal_dir, first restores the runs,
+  // results and unfinished ops it holds (those wait for the replicas to
+  // register again, see Dispatcher's "Recovery"). InvalidArgument for bad options (half a TLS
   // pair, a worker token that is also an API key); FailedPrecondition for a
   // plaintext listen off loopback without insecure_listen, or no worker
   // token; NotFound for an unreadable TLS, token or key file; Unavailable
@@ -70,10 +75,15 @@ class Coordinator {
  private:
   Coordinator() = default;
   void Housekeeping();
+  // Opens the journal and restores the ledger, runs and chosen run ids.
+  absl::Status Restore();
+  // Once every replica registered: settles recovered ops, starts dispatching.
+  void StartDispatching();
 
   CoordinatorOptions options_;
   std::unique_ptr<ApiKeys> keys_;
   std::unique_ptr<WorkerToken> worker_token_;
+  std::unique_ptr<Journal> journal_;  // before the ledger, which writes to it
   std::unique_ptr<OpLedger> ledger_;
   std::unique_ptr<ReplicaRegistry> registry_;
   std::unique_ptr<Dispatcher> dispatcher_;
@@ -85,6 +95,9 @@ class Coordinator {
   absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;  // Start got to the end
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // The journal held unfinished ops: dispatching waits for the replicas.
+  bool dispatching_ = false;  // housekeeping thread only (and Start)
+  std::vector<lathe::v1::JournalRecord> restored_;
   std::thread housekeeping_;
 };
 

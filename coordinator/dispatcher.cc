@@ -1,6 +1,8 @@
 // Dispatch loop: ledger -> replicas -> ledger.
 #include "coordinator/dispatcher.h"
 
+#include "absl/strings/str_cat.h"
+#include "runtime/log.h"
 #include "runtime/op_error.h"
 
 namespace lathe::coordinator {
@@ -32,6 +34,79 @@ void Dispatcher::Stop() {
 void Dispatcher::AddRun(const lathe::v1::RunInfo& info) {
   absl::MutexLock lock(&mu_);
   runs_[info.run_id()] = info;
+}
+
+void Dispatcher::RestoreRun(const lathe::v1::JournalRun& run) {
+  if (run.deleted()) return;
+  absl::MutexLock lock(&mu_);
+  runs_[run.run_id()] = run.info();
+  policy_paths_[run.run_id()].assign(run.policy_paths().begin(), run.policy_paths().end());
+  followed_from_[run.run_id()] = static_cast<size_t>(run.followed_from());
+}
+
+lathe::v1::JournalRun Dispatcher::StateLocked(const std::string& run_id) const {
+  lathe::v1::JournalRun state;
+  state.set_run_id(run_id);
+  auto it = runs_.find(run_id);
+  if (it == runs_.end()) {
+    state.set_deleted(true);
+    return state;
+  }
+  *state.mutable_info() = it->second;
+  if (auto p = policy_paths_.find(run_id); p != policy_paths_.end()) {
+    for (const std::string& path : p->second) state.add_policy_paths(path);
+  }
+  if (auto f = followed_from_.find(run_id); f != followed_from_.end()) {
+    state.set_followed_from(static_cast<int64_t>(f->second));
+  }
+  return state;
+}
+
+int Dispatcher::Recover() {
+  int settled = 0;
+  for (ReadyOp& op : ledger_->Recovered()) {
+    if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) continue;  // an ordering point: just again
+    const FanOut fan_out = SplitOp(op.request, registry_->expected());
+    std::vector<lathe::v1::TaskResult> answers;
+    int meant = 0, answered = 0;
+    for (int i = 0; i < registry_->expected(); ++i) {
+      if (fan_out.tasks[i].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
+        answers.emplace_back().set_task_id(-1);
+        continue;
+      }
+      ++meant;
+      std::optional<lathe::v1::TaskResult> kept = registry_->Kept(i, op.op_id);
+      if (kept.has_value()) ++answered, answers.push_back(*std::move(kept));
+    }
+    if (answered == 0) {
+      LATHE_LOG(Info, "op %s had not run when the coordinator restarted: it runs now", op.op_id);
+      continue;
+    }
+    ++settled;
+    if (answered < meant) {
+      LATHE_LOG(Warning, "op %s ran on %d of its %d replicas before the coordinator restarted: failed", op.op_id,
+                answered, meant);
+      ledger_->Settle(op.op_id, nullptr,
+                      runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kAborted,
+                                           absl::StrCat("the coordinator restarted while op ", op.op_id,
+                                                        " was on the replicas, and only ", answered, " of ", meant,
+                                                        " replicas ran it")));
+      continue;
+    }
+    lathe::v1::OpError error;
+    absl::StatusOr<lathe::v1::OpResult> result = MergeAnswers(op.request, fan_out, answers, &error);
+    if (!result.ok()) {
+      ledger_->Settle(op.op_id, nullptr, runtime::OpErrorFromStatus(result.status()));
+    } else if (error.code() != 0) {
+      ledger_->Settle(op.op_id, nullptr, error);
+    } else {
+      std::optional<lathe::v1::JournalRun> state = Record(op.request, &*result);
+      ledger_->Settle(op.op_id, &*result, error, state ? &*state : nullptr);
+    }
+    LATHE_LOG(Info, "op %s ran before the coordinator restarted: its answer is recorded", op.op_id);
+  }
+  registry_->ForgetKept();
+  return settled;
 }
 
 std::optional<lathe::v1::RunInfo> Dispatcher::Run(const std::string& run_id) const {
@@ -127,6 +202,7 @@ void Dispatcher::SendLoop() {
       }
     } else {
       entry.fan_out = SplitOp(op->request, registry_->expected());
+      for (lathe::v1::Task& task : entry.fan_out.tasks) task.set_op_id(op->op_id);
       absl::StatusOr<std::vector<int64_t>> ids = registry_->Send(entry.fan_out.tasks);
       if (ids.ok()) entry.task_ids = *std::move(ids);
       else entry.send_status = ids.status();
@@ -217,16 +293,17 @@ void Dispatcher::FinishEntry(InFlight& entry, absl::Duration timeout) {
   } else if (error.code() != 0) {
     ledger_->Fail(op.op_id, error);
   } else {
-    Record(op.request, &*result);
-    ledger_->Complete(op.op_id, *std::move(result));
+    std::optional<lathe::v1::JournalRun> state = Record(op.request, &*result);
+    ledger_->Complete(op.op_id, *std::move(result), state ? &*state : nullptr);
   }
 }
 
-void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult* result) {
+std::optional<lathe::v1::JournalRun> Dispatcher::Record(const lathe::v1::SubmitRequest& op,
+                                                        lathe::v1::OpResult* result) {
   const lathe::v1::ModelSummary model = registry_->model();
   absl::MutexLock lock(&mu_);
   auto it = runs_.find(op.run_id());
-  if (it == runs_.end()) return;
+  if (it == runs_.end()) return std::nullopt;
   lathe::v1::RunInfo& info = it->second;
   if (result->has_init()) {
     // The replicas know their shard; the deployment-wide facts come from here.
@@ -251,7 +328,10 @@ void Dispatcher::Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult*
     runs_.erase(it);
     policy_paths_.erase(op.run_id());
     followed_from_.erase(op.run_id());
+  } else {
+    return std::nullopt;  // the run's entry is unchanged
   }
+  return StateLocked(op.run_id());
 }
 
 }  // namespace lathe::coordinator

@@ -17,6 +17,19 @@
 // version's path (none published since the run's last init: its current
 // weights).
 //
+// Recovery: a coordinator restarted from its journal holds ops that were
+// accepted but did not finish; some may have run on the replicas before the
+// crash. Each replica leader keeps the answers of its last 128 tasks (tagged
+// with their op ids) and reports them when it registers again. Recover()
+// settles every such op from them before the first dispatch: answered by
+// every replica it was meant for: its result (merged as usual, the run's
+// state updated); answered by none: it never ran, and is dispatched again
+// in its place in the run's order; answered by some only: failed (SERVER,
+// ABORTED, saying the coordinator restarted while it was out). An op runs
+// at most once. (At most 4 + sampling_depth tasks are out at once, so the
+// kept window covers every op still out when the coordinator died, for
+// sampling_depth up to 124.)
+//
 // Thread-safe; two threads of its own (one sends, one collects).
 #ifndef LATHE_COORDINATOR_DISPATCHER_H_
 #define LATHE_COORDINATOR_DISPATCHER_H_
@@ -49,6 +62,12 @@ class Dispatcher {
 
   // Registers a run created by the service (before its init op runs).
   void AddRun(const lathe::v1::RunInfo& info);
+  // Puts back a run restored from the journal (nothing for a deleted one).
+  void RestoreRun(const lathe::v1::JournalRun& run);
+  // Settles the ledger's recovered ops from the replicas' kept answers (see
+  // above). REQUIRES: every replica registered, Start not yet called.
+  // Returns how many ops it settled.
+  int Recover();
   std::optional<lathe::v1::RunInfo> Run(const std::string& run_id) const;
   // Every run not deleted, by run id.
   std::vector<lathe::v1::RunInfo> Runs() const;
@@ -81,7 +100,11 @@ class Dispatcher {
   std::optional<InFlight> NextToFinish();
   void Finish(InFlight& entry, absl::Duration timeout);
   void Finish(const ReadyOp& noop);
-  void Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult* result);
+  // Updates the run's entry from a result; the entry after it when the
+  // result changed it (for the journal), else nullopt.
+  std::optional<lathe::v1::JournalRun> Record(const lathe::v1::SubmitRequest& op, lathe::v1::OpResult* result);
+  // A run's journal entry. REQUIRES: mu_ held.
+  lathe::v1::JournalRun StateLocked(const std::string& run_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   OpLedger* ledger_;
   ReplicaRegistry* registry_;

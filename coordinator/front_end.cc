@@ -147,14 +147,27 @@ absl::Status FrontEnd::CreateRun(absl::string_view authorization, const lathe::v
   info.set_base_model(model.base_model());
   *info.mutable_lora() = request.lora();
   info.set_created_unix_ms(absl::ToUnixMillis(absl::Now()));
+  lathe::v1::JournalRun state;
+  state.set_run_id(run_id);
+  *state.mutable_info() = info;
+  if (!request.run_id().empty()) {
+    state.set_chosen(true);
+    *state.mutable_create_request() = request;
+  }
+  LATHE_RETURN_IF_ERROR(ledger_->OpenRun(run_id, 0, state));  // journaled first
   dispatcher_->AddRun(info);
-  LATHE_RETURN_IF_ERROR(ledger_->OpenRun(run_id, 0));
   init.set_run_id(run_id);
   LATHE_ASSIGN_OR_RETURN(std::string op_id, ledger_->SubmitInternal(init));
   if (!request.run_id().empty()) chosen_[run_id] = {request, op_id};
   response->set_run_id(run_id);
   response->set_init_op_id(op_id);
   return absl::OkStatus();
+}
+
+void FrontEnd::RestoreRun(const lathe::v1::JournalRun& run) {
+  if (!run.chosen()) return;
+  absl::MutexLock lock(&create_mu_);
+  chosen_[run.run_id()] = {run.create_request(), run.run_id() + "/0"};
 }
 
 absl::StatusOr<lathe::v1::SubmitRequest> FrontEnd::Admit(absl::string_view authorization,

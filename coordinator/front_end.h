@@ -77,6 +77,10 @@ class FrontEnd {
                                       const std::function<bool(const lathe::v1::FileChunk&)>& write) const;
   absl::Status DeleteCheckpoint(absl::string_view authorization, const lathe::v1::DeleteCheckpointRequest& request);
 
+  // Puts back a run restored from the journal: a retry of the CreateRun
+  // that chose its id answers it again.
+  void RestoreRun(const lathe::v1::JournalRun& run);
+
   const CheckpointStore& checkpoints() const { return store_; }
 
  private:

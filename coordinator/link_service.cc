@@ -56,8 +56,11 @@ grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) 
     return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
                         runtime::TruncateMessage(s.message(), kMaxStatusMessageBytes));
   }
-  LATHE_LOG(Info, "replica %d registered from %s (pid %d)", replica, message.register_().host(),
-            message.register_().pid());
+  LATHE_LOG(Info, "replica %d registered from %s (pid %d)%s", replica, message.register_().host(),
+            message.register_().pid(),
+            message.register_().rejoin()
+                ? absl::StrCat(" again, with its runs and ", message.register_().kept_size(), " kept answer(s)")
+                : "");
   lathe::v1::CoordinatorMessage welcome;
   welcome.mutable_registered()->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(heartbeat_interval_));
   sink.Send(welcome);

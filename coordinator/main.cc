@@ -32,6 +32,9 @@ ABSL_FLAG(bool, insecure_listen, false, "allow plaintext on an address other tha
 ABSL_FLAG(int64_t, max_request_bytes, lathe::coordinator::kDefaultMaxRequestBytes,
           "largest message accepted from a client or replica; larger ones fail with RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, checkpoint_root, "", "the workers' checkpoint folder (same path), for ListCheckpoints");
+ABSL_FLAG(std::string, journal_dir, "",
+          "folder of the journal that lets a restarted coordinator resume its runs and results; empty: "
+          "<checkpoint_root>/.coordinator with --checkpoint_root, else none; off: none");
 ABSL_FLAG(std::string, presets, "",
           "preset table served by GetCapabilities; empty: $LATHE_PRESETS, the installed or source-tree one");
 ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once serving");
@@ -98,6 +101,9 @@ int main(int argc, char** argv) {
   o.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   o.insecure_listen = absl::GetFlag(FLAGS_insecure_listen);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.journal_dir = absl::GetFlag(FLAGS_journal_dir);
+  if (o.journal_dir.empty() && !o.service.checkpoint_root.empty()) o.journal_dir = o.service.checkpoint_root + "/.coordinator";
+  if (o.journal_dir == "off") o.journal_dir.clear();
   std::string presets_path = absl::GetFlag(FLAGS_presets);
   if (presets_path.empty()) presets_path = lathe::presets::DefaultPresetsPath();
   if (!presets_path.empty()) {

@@ -1,6 +1,7 @@
 // The op ledger's bookkeeping: per-run seq_id ordering with gap buffering, a
 // global ready queue, retry identity by deterministic serialization, expiry.
 #include "coordinator/op_ledger.h"
+#include "coordinator/op_ledger_entries.h"
 
 #include <algorithm>
 #include <cctype>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "runtime/log.h"
 #include "runtime/quote.h"
 
 namespace lathe::coordinator {
@@ -60,42 +62,28 @@ const Clock& RealClock() {
   return *clock;
 }
 
-struct OpLedger::Op {
-  enum class Phase { kBuffered, kReady, kRunning, kFinished };
-
-  std::string run_id;
-  int64_t seq_id = 0;
-  // The request's deterministic serialization: the op's identity for retries
-  // and what TakeReady hands out, so the request is stored once.
-  std::string request_bytes;
-  Phase phase = Phase::kBuffered;
-  absl::Time arrived;
-  absl::Time finished;
-  OpView view;  // state PENDING until finished
-};
-
-struct OpLedger::Run {
-  // The lowest seq_id not yet released to the ready queue (or failed); every
-  // op below it was released, failed or never arrived.
-  int64_t next_seq = 0;
-  // Ops at or above next_seq waiting for the gap before them, by seq_id.
-  std::map<int64_t, Op*> buffered;
-  // The seq_id of the run's delete_run once accepted: no later one is.
-  int64_t deleted_at = std::numeric_limits<int64_t>::max();
-};
-
-OpLedger::OpLedger(LedgerOptions options, const Clock* clock)
-    : options_(std::move(options)), clock_(clock) {}
+OpLedger::OpLedger(LedgerOptions options, const Clock* clock, Journal* journal)
+    : options_(std::move(options)), clock_(clock), journal_(journal) {}
 
 OpLedger::~OpLedger() = default;
 
-absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq) {
+absl::Status OpLedger::OpenRun(const std::string& run_id, int64_t first_seq, const lathe::v1::JournalRun& state) {
   absl::MutexLock lock(&mu_);
-  auto run = std::make_unique<Run>();
-  run->next_seq = first_seq;
-  if (!runs_.emplace(run_id, std::move(run)).second) {
+  if (runs_.count(run_id) > 0) {
     return absl::AlreadyExistsError(absl::StrCat("run ", QuoteForMessage(run_id), " is already open"));
   }
+  auto run = std::make_unique<Run>();
+  run->next_seq = first_seq;
+  run->state = state;
+  run->state.set_run_id(run_id);
+  if (journal_ != nullptr) {
+    lathe::v1::JournalRecord record;
+    *record.mutable_run() = run->state;  // replayed as a run whose next seq_id is 0
+    if (absl::Status s = journal_->Append(record); !s.ok()) {
+      return absl::UnavailableError(absl::StrCat("cannot journal the run: ", s.message()));
+    }
+  }
+  runs_.emplace(run_id, std::move(run));
   return absl::OkStatus();
 }
 
@@ -104,7 +92,21 @@ bool OpLedger::HasRun(const std::string& run_id) const {
   return runs_.count(run_id) > 0;
 }
 
+// The journal's sync runs outside the ledger's lock, so concurrent submits
+// share one (group commit); the op id is answered only once it is durable.
 absl::StatusOr<std::string> OpLedger::Submit(const SubmitRequest& request) {
+  return Synced(SubmitNoSync(request));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& request, const std::string& lane) {
+  return Synced(SubmitUnorderedNoSync(request, lane));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {
+  return Synced(SubmitInternalNoSync(std::move(request)));
+}
+
+absl::StatusOr<std::string> OpLedger::SubmitNoSync(const SubmitRequest& request) {
   if (request.seq_id() < 1) {
     return absl::FailedPreconditionError(
         absl::StrCat("seq_id must be at least 1, got ", request.seq_id()));
@@ -125,7 +127,7 @@ absl::StatusOr<std::string> OpLedger::Submit(const SubmitRequest& request) {
   return op_id;
 }
 
-absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& request, const std::string& lane) {
+absl::StatusOr<std::string> OpLedger::SubmitUnorderedNoSync(const SubmitRequest& request, const std::string& lane) {
   if (lane.empty() || lane.size() > 64 ||
       !std::all_of(lane.begin(), lane.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) ||
                                                                    c == '_' || c == '-'; })) {
@@ -141,7 +143,7 @@ absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& reque
   if (run->deleted_at != std::numeric_limits<int64_t>::max()) {
     return absl::NotFoundError(absl::StrCat("run ", QuoteForMessage(request.run_id()), " is deleted"));
   }
-  absl::StatusOr<Op*> op = AddOpLocked(request.run_id(), request.seq_id(), op_id, std::move(bytes));
+  absl::StatusOr<Op*> op = AddOpLocked(request.run_id(), request.seq_id(), op_id, std::move(bytes), true);
   if (!op.ok()) return op.status();
   (*op)->phase = Op::Phase::kReady;
   ready_.push_back(*op);
@@ -149,7 +151,7 @@ absl::StatusOr<std::string> OpLedger::SubmitUnordered(const SubmitRequest& reque
   return op_id;
 }
 
-absl::StatusOr<std::string> OpLedger::SubmitInternal(SubmitRequest request) {
+absl::StatusOr<std::string> OpLedger::SubmitInternalNoSync(SubmitRequest request) {
   absl::MutexLock lock(&mu_);
   auto it = runs_.find(request.run_id());
   if (it != runs_.end()) request.set_seq_id(it->second->next_seq);
@@ -174,7 +176,7 @@ std::optional<absl::StatusOr<std::string>> OpLedger::CheckSubmitLocked(const std
 }
 
 absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id,
-                                                    std::string bytes) {
+                                                    std::string bytes, bool unordered) {
   if (unfinished_ >= options_.max_unfinished) {
     return absl::ResourceExhaustedError(absl::StrCat(unfinished_, " operations are unfinished; retry later"));
   }
@@ -182,8 +184,12 @@ absl::StatusOr<OpLedger::Op*> OpLedger::AddOpLocked(const std::string& run_id, i
   op->run_id = run_id;
   op->seq_id = seq_id;
   op->request_bytes = std::move(bytes);
+  op->unordered = unordered;
   op->arrived = clock_->Now();
   op->view.op_id = op_id;
+  // Durable before the op id is answered (Synced): a client that got it can
+  // retrieve it after any crash.
+  if (absl::Status s = WriteAcceptedLocked(*op); !s.ok()) return s;
   Op* added = op.get();
   ops_.emplace(std::move(op_id), std::move(op));
   ++unfinished_;
@@ -219,7 +225,7 @@ absl::StatusOr<std::string> OpLedger::SubmitLocked(const std::string& run_id, in
   if (seq_id == std::numeric_limits<int64_t>::max()) {
     return absl::FailedPreconditionError(absl::StrCat("seq_id must be below ", seq_id));
   }
-  absl::StatusOr<Op*> op = AddOpLocked(run_id, seq_id, op_id, std::move(bytes));
+  absl::StatusOr<Op*> op = AddOpLocked(run_id, seq_id, op_id, std::move(bytes), false);
   if (!op.ok()) return op.status();
   run.buffered.emplace(seq_id, *op);
   ReleaseLocked(run);
@@ -276,18 +282,24 @@ OpLedger::Op* OpLedger::FindRunningLocked(const std::string& op_id) {
   return it->second.get();
 }
 
-void OpLedger::Complete(const std::string& op_id, OpResult result) {
-  absl::MutexLock lock(&mu_);
-  Op* op = FindRunningLocked(op_id);
-  if (op == nullptr) return;  // finished already (FailAll) or never dispatched
-  op->view.result = std::move(result);
-  FinishLocked(*op, RetrieveResponse::DONE);
+void OpLedger::Complete(const std::string& op_id, OpResult result, const lathe::v1::JournalRun* run_state) {
+  {
+    absl::MutexLock lock(&mu_);
+    Op* op = FindRunningLocked(op_id);
+    if (op == nullptr) return;  // finished already (FailAll) or never dispatched
+    op->view.result = std::move(result);
+    FinishLocked(*op, RetrieveResponse::DONE, run_state);
+  }
+  SyncFinished();
 }
 
 void OpLedger::Fail(const std::string& op_id, OpError error) {
-  absl::MutexLock lock(&mu_);
-  Op* op = FindRunningLocked(op_id);
-  if (op != nullptr) FailLocked(*op, error);
+  {
+    absl::MutexLock lock(&mu_);
+    Op* op = FindRunningLocked(op_id);
+    if (op != nullptr) FailLocked(*op, error);
+  }
+  SyncFinished();
 }
 
 void OpLedger::FailLocked(Op& op, const OpError& error) {
@@ -295,26 +307,41 @@ void OpLedger::FailLocked(Op& op, const OpError& error) {
   FinishLocked(op, RetrieveResponse::FAILED);
 }
 
-void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state) {
+void OpLedger::SetRunStateLocked(const std::string& run_id, const lathe::v1::JournalRun& state) {
+  auto it = runs_.find(run_id);
+  if (it == runs_.end()) return;
+  lathe::v1::JournalRun merged = state;
+  merged.set_run_id(run_id);
+  merged.set_chosen(it->second->state.chosen());
+  *merged.mutable_create_request() = it->second->state.create_request();
+  it->second->state = std::move(merged);
+}
+
+void OpLedger::FinishLocked(Op& op, RetrieveResponse::State state, const lathe::v1::JournalRun* run_state) {
   op.phase = Op::Phase::kFinished;
   op.view.state = state;
   op.finished = clock_->Now();
+  if (run_state != nullptr) SetRunStateLocked(op.run_id, *run_state);
+  WriteFinishedLocked(op, run_state);
   --unfinished_;
   finished_.push_back(&op);
   finished_cv_.SignalAll();
 }
 
 void OpLedger::FailAll(const OpError& error) {
-  absl::MutexLock lock(&mu_);
-  // Buffered ops fail too, so the run continues after the highest of them.
-  for (auto& [run_id, run] : runs_) {
-    if (!run->buffered.empty()) run->next_seq = run->buffered.rbegin()->first + 1;
-    run->buffered.clear();
+  {
+    absl::MutexLock lock(&mu_);
+    // Buffered ops fail too, so the run continues after the highest of them.
+    for (auto& [run_id, run] : runs_) {
+      if (!run->buffered.empty()) run->next_seq = run->buffered.rbegin()->first + 1;
+      run->buffered.clear();
+    }
+    ready_.clear();
+    for (auto& [op_id, op] : ops_) {
+      if (op->phase != Op::Phase::kFinished) FailLocked(*op, error);
+    }
   }
-  ready_.clear();
-  for (auto& [op_id, op] : ops_) {
-    if (op->phase != Op::Phase::kFinished) FailLocked(*op, error);
-  }
+  SyncFinished(/*force=*/true);
 }
 
 void OpLedger::Close() {
@@ -346,10 +373,22 @@ absl::StatusOr<OpView> OpLedger::ViewLocked(const std::string& op_id) const {
 }
 
 void OpLedger::Sweep() {
-  absl::MutexLock lock(&mu_);
-  const absl::Time now = clock_->Now();
-  for (auto& [run_id, run] : runs_) FailTimedOutGapsLocked(*run, now);
-  ForgetExpiredLocked(now);
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = clock_->Now();
+    for (auto& [run_id, run] : runs_) FailTimedOutGapsLocked(*run, now);
+    ForgetExpiredLocked(now);
+    if (journal_ != nullptr &&
+        journal_->bytes() > 2 * journal_->bytes_at_rewrite() + options_.compact_min_bytes) {
+      const int64_t before = journal_->bytes();
+      if (absl::Status s = CompactLocked(); !s.ok()) {
+        LATHE_LOG(Error, "cannot compact the journal: %s", s.message());
+      } else {
+        LATHE_LOG(Info, "compacted the journal from %d to %d bytes", before, journal_->bytes());
+      }
+    }
+  }
+  SyncFinished(/*force=*/true);
 }
 
 void OpLedger::FailTimedOutGapsLocked(Run& run, absl::Time now) {

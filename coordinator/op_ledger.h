@@ -20,6 +20,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "coordinator/journal.h"
+#include "lathe/v1/journal.pb.h"
 #include "lathe/v1/service.pb.h"
 
 namespace lathe::coordinator {
@@ -44,6 +46,9 @@ struct LedgerOptions {
   // the run's next expected one + max_unfinished could only run after more
   // operations than may be unfinished at once, so Submit refuses it.
   int64_t max_unfinished = 1024;
+  // With a journal: Sweep compacts it once it holds this many bytes more than
+  // twice its size after the last compaction.
+  int64_t compact_min_bytes = int64_t{1} << 20;
 };
 
 // A finished or unfinished operation as Retrieve reports it.
@@ -60,16 +65,22 @@ struct ReadyOp {
   lathe::v1::SubmitRequest request;
 };
 
+// With a journal (not owned; null: none) every state change is recorded
+// there before it is visible: a run opened, an op accepted (before its op id
+// is answered), an op finished (with the run's state after it). Restore
+// rebuilds the ledger from those records after a restart.
 class OpLedger {
  public:
-  explicit OpLedger(LedgerOptions options, const Clock* clock = &RealClock());
+  explicit OpLedger(LedgerOptions options, const Clock* clock = &RealClock(), Journal* journal = nullptr);
   ~OpLedger();
   OpLedger(const OpLedger&) = delete;
   OpLedger& operator=(const OpLedger&) = delete;
 
   // Opens a run whose next expected seq_id is `first_seq`. AlreadyExists when
   // the run is open.
-  absl::Status OpenRun(const std::string& run_id, int64_t first_seq);
+  // `state` (the run's registry entry) is journaled with it.
+  absl::Status OpenRun(const std::string& run_id, int64_t first_seq,
+                       const lathe::v1::JournalRun& state = lathe::v1::JournalRun());
   bool HasRun(const std::string& run_id) const;
 
   // Accepts an already validated operation and returns its op id,
@@ -108,8 +119,29 @@ class OpLedger {
 
   // Finishes a running operation. Ignored for an op that already finished
   // (a late answer after FailAll).
-  void Complete(const std::string& op_id, lathe::v1::OpResult result);
+  // `run_state`: the run's registry entry after the op (its info, published
+  // versions, deleted), journaled with the result; null when unchanged.
+  void Complete(const std::string& op_id, lathe::v1::OpResult result,
+                const lathe::v1::JournalRun* run_state = nullptr);
   void Fail(const std::string& op_id, lathe::v1::OpError error);
+
+  // Rebuilds the ledger from a journal's records (REQUIRES: a fresh ledger,
+  // before any other call). Finished ops keep their results and finish times
+  // (so the TTL runs on); accepted ops that did not finish become ready again
+  // in their run's order, marked recovered (see Recovered). *runs gets each
+  // run's latest registry entry (deleted ones too). InvalidArgument when the
+  // records contradict each other (an op finished twice is ignored).
+  absl::Status Restore(const std::vector<lathe::v1::JournalRecord>& records,
+                       std::vector<lathe::v1::JournalRun>* runs);
+  // The restored ops that are still unfinished and not yet taken, in the
+  // order they will be taken.
+  std::vector<ReadyOp> Recovered() const;
+  // Finishes an op that is ready or running (a recovered one whose outcome
+  // became known) with its result, or its error when `result` is null.
+  void Settle(const std::string& op_id, const lathe::v1::OpResult* result, const lathe::v1::OpError& error,
+              const lathe::v1::JournalRun* run_state = nullptr);
+  // Rewrites the journal to what the ledger holds now (runs, unexpired ops).
+  absl::Status Compact();
 
   // Fails every unfinished operation (buffered, ready and running) with the
   // given error; later Submits still work unless Close() was called.
@@ -134,6 +166,16 @@ class OpLedger {
   struct Op;
   struct Run;
 
+  // The submits without the journal's sync; Synced syncs the op's record
+  // (outside the lock) and answers its id.
+  absl::StatusOr<std::string> SubmitNoSync(const lathe::v1::SubmitRequest& request);
+  absl::StatusOr<std::string> SubmitUnorderedNoSync(const lathe::v1::SubmitRequest& request, const std::string& lane);
+  absl::StatusOr<std::string> SubmitInternalNoSync(lathe::v1::SubmitRequest request);
+  absl::StatusOr<std::string> Synced(absl::StatusOr<std::string> op_id);
+  // Syncs the finished records written so far (outside the lock), once
+  // kFinishedPerSync of them wait, or any with `force` (Sweep, FailAll).
+  void SyncFinished(bool force = false);
+  static constexpr int kFinishedPerSync = 32;
   // Submit and SubmitInternal once the request is serialized to `bytes`.
   absl::StatusOr<std::string> SubmitLocked(const std::string& run_id, int64_t seq_id,
                                            std::string bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -146,16 +188,25 @@ class OpLedger {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Records a new op (buffered) and counts it unfinished; RESOURCE_EXHAUSTED
   // when the ledger holds its most unfinished ops.
-  absl::StatusOr<Op*> AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id, std::string bytes)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Op*> AddOpLocked(const std::string& run_id, int64_t seq_id, std::string op_id, std::string bytes,
+                                  bool unordered) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves the run's buffered ops that directly follow its released ones to
   // the ready queue, advancing its next expected seq_id.
   void ReleaseLocked(Run& run) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<ReadyOp> TakeReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Finishes an unfinished op as DONE or FAILED, its result or error already
   // set in its view.
-  void FinishLocked(Op& op, lathe::v1::RetrieveResponse::State state)
+  void FinishLocked(Op& op, lathe::v1::RetrieveResponse::State state,
+                    const lathe::v1::JournalRun* run_state = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Journal records of an op accepted (its mark kept for Synced) and
+  // finished (its mark counted for SyncFinished).
+  absl::Status WriteAcceptedLocked(Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WriteFinishedLocked(const Op& op, const lathe::v1::JournalRun* run_state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps a run's registry entry (the client's create request stays).
+  void SetRunStateLocked(const std::string& run_id, const lathe::v1::JournalRun& state)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RestoreLocked(const lathe::v1::JournalRecord& record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CompactLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailLocked(Op& op, const lathe::v1::OpError& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // An op that is running, or null.
   Op* FindRunningLocked(const std::string& op_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -166,11 +217,14 @@ class OpLedger {
 
   const LedgerOptions options_;
   const Clock* const clock_;
+  Journal* const journal_;
   mutable absl::Mutex mu_;
   mutable absl::CondVar finished_cv_;  // signalled when an op finishes
   absl::CondVar ready_cv_;             // signalled when ready_ grows
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   int64_t unfinished_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t finished_mark_ ABSL_GUARDED_BY(mu_) = 0;  // of the last finished record written
+  int unsynced_finished_ ABSL_GUARDED_BY(mu_) = 0;
   std::unordered_map<std::string, std::unique_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
   // Every op not yet forgotten, by op id; owns them.
   std::unordered_map<std::string, std::unique_ptr<Op>> ops_ ABSL_GUARDED_BY(mu_);

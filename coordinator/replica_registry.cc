@@ -42,6 +42,8 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   layout_ = r.layout();
   slot.sink = sink;
   slot.connected = true;
+  slot.kept.clear();
+  for (const lathe::v1::KeptAnswer& k : r.kept()) slot.kept[k.op_id()] = k.answer();
   slot.last_heard = clock_->Now();
   if (registered_locked() == expected_) state_ = DeploymentState::kServing;
   return absl::OkStatus();
@@ -193,6 +195,19 @@ int ReplicaRegistry::AwaitAnswered(const std::vector<std::vector<int64_t>>& sets
   };
   mu_.AwaitWithTimeout(absl::Condition(&any), timeout);
   return found;
+}
+
+std::optional<lathe::v1::TaskResult> ReplicaRegistry::Kept(int replica, const std::string& op_id) const {
+  absl::MutexLock lock(&mu_);
+  if (replica < 0 || replica >= expected_) return std::nullopt;
+  auto it = replicas_[replica].kept.find(op_id);
+  if (it == replicas_[replica].kept.end()) return std::nullopt;
+  return it->second;
+}
+
+void ReplicaRegistry::ForgetKept() {
+  absl::MutexLock lock(&mu_);
+  for (Replica& slot : replicas_) slot.kept.clear();
 }
 
 void ReplicaRegistry::Shutdown(const std::string& reason) {

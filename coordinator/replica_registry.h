@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -87,6 +88,12 @@ class ReplicaRegistry {
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                               absl::Duration timeout);
 
+  // The answer replica `replica` reported at registration (RegisterReplica.
+  // kept) for op `op_id`, or nullopt. Used once after a restart, then freed
+  // with ForgetKept.
+  std::optional<lathe::v1::TaskResult> Kept(int replica, const std::string& op_id) const;
+  void ForgetKept();
+
   // Tells every replica to stop and refuses new work.
   void Shutdown(const std::string& reason);
 
@@ -107,6 +114,7 @@ class ReplicaRegistry {
     ReplicaSink* sink = nullptr;
     absl::Time last_heard;
     bool connected = false;
+    std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);

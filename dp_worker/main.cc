@@ -38,6 +38,8 @@ ABSL_FLAG(double, sample_batch_window_ms, 2,
           "how long a sampling batch waits after each arriving request for another before it starts");
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the replica fails");
 ABSL_FLAG(int, connect_timeout_s, 300, "seconds to keep dialing the coordinator at start");
+ABSL_FLAG(int, reconnect_timeout_s, 300,
+          "after the coordinator's stream breaks, seconds to keep redialing it to register again (0: stop)");
 ABSL_FLAG(int, coordinator_timeout_s, 300,
           "seconds of silence (no heartbeat, no task) after which the coordinator is taken for gone and the replica "
           "stops");
@@ -88,8 +90,13 @@ int main(int argc, char** argv) {
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);
   o.link.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   o.link.coordinator_timeout = absl::Seconds(absl::GetFlag(FLAGS_coordinator_timeout_s));
+  o.link.reconnect_timeout = absl::Seconds(absl::GetFlag(FLAGS_reconnect_timeout_s));
   if (absl::GetFlag(FLAGS_coordinator_timeout_s) <= 0 || absl::GetFlag(FLAGS_max_message_bytes) <= 0) {
     std::fprintf(stderr, "dp_worker: --coordinator_timeout_s and --max_message_bytes must be positive\n");
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  if (absl::GetFlag(FLAGS_reconnect_timeout_s) < 0) {
+    std::fprintf(stderr, "dp_worker: --reconnect_timeout_s must not be negative (0: do not redial)\n");
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
   o.link.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);

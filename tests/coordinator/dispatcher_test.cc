@@ -238,3 +238,66 @@ TEST_F(DispatcherTest, LosingAReplicaFailsEveryOperationOnIt) {
 
 }  // namespace
 }  // namespace lathe::coordinator
+
+namespace lathe::coordinator {
+namespace {
+
+// After a restart: ops the journal holds unfinished are settled from the
+// answers the replicas kept (all answered: the result; some: failed), and
+// the others run now, once.
+TEST(DispatcherRecovery, SettlesFromKeptAnswersAndRunsTheRestOnce) {
+  OpLedger ledger{LedgerOptions()};
+  std::vector<lathe::v1::JournalRecord> records(5);
+  records[0].mutable_run()->set_run_id("r");
+  records[0].mutable_run()->mutable_info()->set_run_id("r");
+  records[1].mutable_ledger_run()->set_run_id("r");
+  records[1].mutable_ledger_run()->set_next_seq(1);
+  for (int64_t seq = 1; seq <= 3; ++seq) {
+    lathe::v1::JournalAccepted* a = records[1 + seq].mutable_accepted();
+    a->set_op_id("r/" + std::to_string(seq));
+    a->set_run_id("r");
+    a->set_seq_id(seq);
+    a->set_request(Op(seq, /*optim=*/seq < 3).SerializeAsString());
+  }
+  std::vector<lathe::v1::JournalRun> runs;
+  ASSERT_TRUE(ledger.Restore(records, &runs).ok());
+  ASSERT_EQ(ledger.Recovered().size(), 3u);
+
+  ReplicaRegistry registry{2, absl::Seconds(30)};
+  FakeReplica a{&registry, 0}, b{&registry, 1};
+  auto kept = [](lathe::v1::RegisterReplica r, std::vector<std::string> op_ids) {
+    for (const std::string& id : op_ids) {
+      lathe::v1::KeptAnswer* k = r.add_kept();
+      k->set_op_id(id);
+      k->mutable_answer()->mutable_result()->mutable_optim_step();
+    }
+    r.set_rejoin(true);
+    return r;
+  };
+  ASSERT_TRUE(registry.Register(kept(Registration(0), {"r/1", "r/2"}), &a).ok());
+  ASSERT_TRUE(registry.Register(kept(Registration(1), {"r/1"}), &b).ok());
+  Dispatcher dispatcher{&ledger, &registry, absl::Seconds(30)};
+  dispatcher.RestoreRun(runs[0]);
+  EXPECT_EQ(dispatcher.Recover(), 2);
+
+  const OpView one = *ledger.Lookup("r/1");
+  EXPECT_EQ(one.state, lathe::v1::RetrieveResponse::DONE);
+  EXPECT_TRUE(one.result.has_optim_step());
+  EXPECT_EQ(dispatcher.Run("r")->step(), 1);  // the step it took counts
+  const OpView two = *ledger.Lookup("r/2");
+  ASSERT_EQ(two.state, lathe::v1::RetrieveResponse::FAILED);
+  EXPECT_EQ(two.error.category(), lathe::v1::OpError::SERVER);
+  EXPECT_NE(two.error.message().find("restarted"), std::string::npos) << two.error.message();
+  EXPECT_EQ(ledger.Lookup("r/3")->state, lathe::v1::RetrieveResponse::PENDING);
+
+  dispatcher.Start();
+  a.Release();
+  b.Release();
+  EXPECT_EQ(ledger.Wait("r/3", absl::Seconds(10))->state, lathe::v1::RetrieveResponse::DONE);
+  dispatcher.Stop();
+  EXPECT_EQ(a.seen_seq_ids(), (std::vector<int64_t>{3}));  // nothing that ran before runs again
+  EXPECT_EQ(b.seen_seq_ids(), (std::vector<int64_t>{3}));
+}
+
+}  // namespace
+}  // namespace lathe::coordinator

@@ -295,7 +295,8 @@ class Deployment:
         port_file = os.path.join(self.workdir, "port")
         if os.path.exists(port_file):
             os.remove(port_file)
-        cmd = [os.path.join(self.build_dir, "coordinator", "lathe_coordinator"), "--listen", "127.0.0.1:0",
+        # A restart listens where the workers and clients already dial.
+        cmd = [os.path.join(self.build_dir, "coordinator", "lathe_coordinator"), "--listen", f"127.0.0.1:{self.port}",
                "--port_file", port_file, "--replicas", str(self.replicas), "--heartbeat_interval_s", "0.5",
                "--heartbeat_timeout_s", "3", "--max_runs", str(self.max_runs), *self.coordinator_args]
         if self.tls:
@@ -400,6 +401,21 @@ class Deployment:
             return self.coordinator.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def kill_coordinator(self) -> None:
+        """kill -9 of the coordinator (nothing of its own runs); waits (bounded) until it is gone."""
+        os.killpg(self.coordinator.pid, signal.SIGKILL)
+        self.coordinator.wait(10)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def restart_coordinator(self, wait_serving: bool = True) -> None:
+        """Starts the coordinator again with the same flags on the same port; with `wait_serving`
+        waits (bounded) until the workers registered again and Health says SERVING."""
+        self._start_coordinator()
+        if wait_serving:
+            self.wait_health(Health.SERVING, STARTUP_TIMEOUT_S)
 
     def wait_workers(self, timeout: float) -> int | None:
         """mpirun's exit code, or None when it is still running after `timeout` s."""
