@@ -161,6 +161,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.micro_batch_tokens = options_.micro_batch_tokens;
   o.logprob_chunk_tokens = options_.logprob_chunk_tokens;
   o.recompute = options_.recompute;
+  o.dtype = options_.dtype;
   o.parallel = parallel_;
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);
@@ -335,10 +336,12 @@ class WeightSwap {
       saved_.push_back(params_[i].tensor.detach().clone());
       params_[i].tensor.detach().copy_((*values)[i]);
     }
+    runtime::RefreshComputeCopies(params_);
   }
   ~WeightSwap() {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < saved_.size(); ++i) params_[i].tensor.detach().copy_(saved_[i]);
+    if (!saved_.empty()) runtime::RefreshComputeCopies(params_);
   }
 
  private:

@@ -173,6 +173,12 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
   TrainerOptions options{model_dir, LoraFromJson(req.value("lora", json())), req.value("max_seq_len", 0),
                          req.value("micro_batch_tokens", 0)};
   options.logprob_chunk_tokens = req.value("logprob_chunk_tokens", 0);
+  absl::StatusOr<Dtype> dtype = ParseDtype(req.value("dtype", std::string()), /*on_gpu=*/false);
+  if (!dtype.ok()) {
+    std::fprintf(stderr, "%s\n", dtype.status().ToString().c_str());
+    return 1;
+  }
+  options.dtype = *dtype;
   if (req.contains("recompute")) {
     absl::StatusOr<Recompute> recompute = ParseRecompute(req.at("recompute").get<std::string>());
     if (!recompute.ok()) {
