@@ -498,6 +498,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
     runtime::PeftExportOptions export_options;
     export_options.base_model = options_.base_model;
     export_options.merge_base_dir = op.save_weights_for_sampler().merged() ? options_.model_dir : "";
+    export_options.merged_bf16 = options_.dtype == runtime::Dtype::kBFloat16;
     export_options.ttl_seconds = op.save_weights_for_sampler().ttl_seconds();
     export_options.shards_dir = scratch;
     s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, folder, export_options)

@@ -239,6 +239,7 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       PeftExportOptions options;
       options.base_model = "lathe_harness";
       options.merge_base_dir = op.value("merged", false) ? model_dir : "";
+      options.merged_bf16 = (*trainer)->GetInfo().dtype == Dtype::kBFloat16;
       options.ttl_seconds = op.value("ttl_seconds", int64_t{0});
       status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, op.at("dir"), options);
     } else if (kind == "dump") {

@@ -9,6 +9,7 @@ docs/runtime.md ("Precision"); ``LATHE_PRECISION_REPORT=1`` prints the measured 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -27,6 +28,10 @@ BF16_LOGPROB_ATOL = 0.05   # per token, nats
 BF16_LOSS_RTOL = 0.01      # loss:sum, relative
 BF16_GRAD_RTOL = 0.05      # per tensor ||g - g_ref|| / ||g_ref||
 ADAM_ATOL = 1e-6           # fp32 masters after one step, given the same gradients
+# The merged bf16 model is another bf16 rounding of the trained model (each adapted weight
+# rounded after the sum, where lathe adds the fp32 adapter's output to the bf16 product):
+# two bf16 models of one fp32 model, each up to the bf16-vs-fp32 error (0.047) off it.
+MERGED_LOGPROB_ATOL = 0.1
 # Routing decisions must not hinge on rounding: the reference's k-th and (k+1)-th router
 # probabilities differ by more than bf16 can move them.
 MIN_ROUTING_MARGIN = 2e-3
@@ -138,3 +143,48 @@ def test_bf16_differs_from_fp32_by_rounding_only(kind, tiny_models, harness):
 def test_unknown_dtype_is_refused(tiny_models, harness):
     res = harness(tiny_models["qwen3"], {"lora": None, "dtype": "float16", "ops": []}, expect_rc=1)
     assert "'float16'" in res.stderr and "bfloat16" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("kind", ["qwen3_tied", "qwen3_moe_sparse"])
+def test_bf16_export_adapter_in_fp32_merged_model_in_bf16(kind, tiny_models, harness, tmp_path):
+    """The PEFT adapter of a bfloat16 run is fp32 (the trained values, exactly); the merged
+    model is bf16 throughout, each adapted weight rounded once from W + scale·B·A, and
+    transformers alone on it gives lathe's bf16 logprobs."""
+    from safetensors import safe_open
+
+    d = tiny_models[kind]
+    out = str(tmp_path / "export")
+    ref = R.Reference(d, lora=LORA, dtype=torch.bfloat16)
+    batch = R.pick_batch(ref, KIND_SEED[kind] + 900, min_margin=MIN_ROUTING_MARGIN, tries=512, lengths=(7, 5))
+    probe = R.pick_batch(ref, KIND_SEED[kind] + 950, min_margin=MIN_ROUTING_MARGIN, tries=512, lengths=(9,))
+    ops = [fwd_bwd(batch), {"op": "optim_step", "adam": dict(ADAM, learning_rate=2e-2)}, {"op": "dump", "prefix": "s"},
+           fwd(probe), {"op": "export_peft", "dir": out, "merged": True}]
+    res = harness(d, {"lora": LORA, "dtype": "bfloat16", "ops": ops})
+    trained = res.params("s")
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        adapter = {k[len("base_model.model."):]: f.get_tensor(k) for k in f.keys()}
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    R.assert_bit_identical(adapter, trained, f"{kind}: exported adapter")
+
+    merged_dir = os.path.join(out, "merged")
+    assert json.load(open(os.path.join(merged_dir, "config.json")))["torch_dtype"] == "bfloat16"
+    with safe_open(os.path.join(merged_dir, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(d, "model.safetensors"), "pt") as b:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+        assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+        name = "model.layers.0.self_attn.q_proj"
+        w = b.get_tensor(f"{name}.weight").float()
+        a, bb = trained[f"{name}.lora_A.weight"], trained[f"{name}.lora_B.weight"]
+        want = (w + (bb @ a) * (LORA["alpha"] / LORA["rank"])).to(torch.bfloat16)
+        diff = float((merged[f"{name}.weight"].float() - want.float()).abs().max())
+        assert diff <= float(want.float().abs().max()) * 2 ** -8, f"{kind}: merged {name} off by {diff}"
+    model = R.load_hf_model(merged_dir, torch.bfloat16)
+    worst = 0.0
+    for j, datum in enumerate(probe):
+        tokens, inputs = R.datum_tensors(datum)
+        with torch.no_grad():
+            lp, _ = R.gather_logprobs(model(input_ids=tokens[None, :]).logits[0].float(), inputs["target_tokens"])
+        worst = max(worst, float((lp - res.logprobs(3, j)).abs().max()))
+    if REPORT:
+        print(f"\n{kind}: merged bf16 model vs lathe bf16 logprob {worst:.3g}")
+    assert worst <= MERGED_LOGPROB_ATOL, f"{kind}: the merged bf16 model is off lathe by {worst:.3g}"
