@@ -510,7 +510,13 @@ at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
   if (head.lora_a.defined()) {
     at::Tensor xa = parallel::CopyToGroup(at::mm(AdapterInput(hidden, head.lora_a), head.lora_a.t()), tp);
     const at::ScalarType base = logits_t.scalar_type();
-    logits_t = at::addmm(logits_t.to(head.lora_b.scalar_type()), head.lora_b, xa.t().mul(head.scale)).to(base);
+    if (base == head.lora_b.scalar_type()) {
+      logits_t = at::addmm(logits_t, head.lora_b, xa.t().mul(head.scale));
+    } else {
+      // bf16 logits: the adapter is added in place to their fp32 copy (one
+      // [V, T] fp32 buffer), which is then rounded back as peft does.
+      logits_t = logits_t.to(head.lora_b.scalar_type()).addmm_(head.lora_b, xa.t().mul(head.scale)).to(base);
+    }
   }
   return logits_t.t().contiguous().to(at::kFloat);
 }
