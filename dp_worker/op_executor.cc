@@ -195,6 +195,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   out->set_max_seq_len(info.max_seq_len);
   out->set_step(info.step);
   out->set_trainable_parameters(info.trainable_parameters);
+  out->set_dtype(runtime::DtypeName(info.dtype));
   out->set_loaded_from(op.load_path());
   return result;
 }

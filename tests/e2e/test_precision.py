@@ -38,6 +38,8 @@ def test_bfloat16_deployment_matches_the_in_process_bf16_runtime(make_deployment
                           "ops": [{"op": "forward_backward", "data": js(train)},
                                   {"op": "optim_step", "adam": {"learning_rate": 1e-2}},
                                   {"op": "forward", "data": js(held)}]})
+    info = d.stub.GetInfo(sc.pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S)
+    assert info.dtype == "bfloat16", info
     for i in (0, 2):
         out = got[i].forward_backward
         for j, o in enumerate(out.loss_fn_outputs):
