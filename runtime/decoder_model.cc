@@ -518,7 +518,9 @@ at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
       logits_t = logits_t.to(head.lora_b.scalar_type()).addmm_(head.lora_b, xa.t().mul(head.scale)).to(base);
     }
   }
-  return logits_t.t().contiguous().to(at::kFloat);
+  // One copy into fp32 rows (no bf16 [T, V] copy on the way).
+  return logits_t.t().to(logits_t.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/false,
+                         at::MemoryFormat::Contiguous);
 }
 
 at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& targets) const {
