@@ -4,15 +4,19 @@ Runs bench/train_bench (forward_backward + optim_step, LoRA rank 32 on attention
 and lm_head, one datum of T tokens, cross_entropy) with --dtype float32 and --dtype
 bfloat16, each in a fresh process, at a few lengths, and prints the step time (median
 of the timed steps) and the process's peak RSS (wait4) of both, with bf16/fp32 ratios
-measured in the same run. The model is Qwen3's layout at reduced width, depth and
-vocabulary (random weights written by transformers, stored in fp32).
+measured in the same run. Each configuration runs --repeats times, alternating the
+dtypes: the median step time and the smallest peak RSS are printed (a process's peak
+moves between identical runs with the order in which buffers are freed). The model is
+Qwen3's layout at reduced width, depth and vocabulary (random weights written by
+transformers, stored in fp32).
 
-  .venv/bin/python bench/precision.py [--threads 2] [--lengths 256,1024] [--steps 3]
+  .venv/bin/python bench/precision.py [--threads 2] [--lengths 256,1024] [--steps 3] [--repeats 3]
 """
 import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import tempfile
 
@@ -63,13 +67,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", default="256,1024")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model = cached_model(args.cache)
     print(f"{'tokens':>7} {'fp32 s/step':>12} {'bf16 s/step':>12} {'time ratio':>11} "
           f"{'fp32 MiB':>9} {'bf16 MiB':>9} {'RSS ratio':>10}")
     for tokens in [int(x) for x in args.lengths.split(",")]:
-        t32, m32 = run(args.build, model, tokens, "float32", args.threads, args.steps)
-        t16, m16 = run(args.build, model, tokens, "bfloat16", args.threads, args.steps)
+        runs = {"float32": [], "bfloat16": []}
+        for _ in range(args.repeats):
+            for dtype in runs:
+                runs[dtype].append(run(args.build, model, tokens, dtype, args.threads, args.steps))
+        t32, t16 = (statistics.median(t for t, _ in runs[d]) for d in ("float32", "bfloat16"))
+        m32, m16 = (min(m for _, m in runs[d]) for d in ("float32", "bfloat16"))
         print(f"{tokens:>7} {t32:>12.3f} {t16:>12.3f} {t16 / t32:>11.2f} {m32 / MiB:>9.0f} {m16 / MiB:>9.0f} "
               f"{m16 / m32:>10.2f}", flush=True)
 
