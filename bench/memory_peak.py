@@ -126,7 +126,7 @@ def plan_estimate(build_dir, tokens):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"presets": [row]}, f)
     out = subprocess.run([os.path.join(build_dir, "client", "lathe"), "plan", f"--model={MODEL_NAME}",
-                          f"--presets={f.name}", f"--max_seq_len={tokens}", "--lora_rank=32",
+                          f"--presets={f.name}", f"--max_seq_len={tokens}", "--lora_rank=32", "--dtype=float32",
                           "--device_memory_gib=1000"], capture_output=True, text=True)
     os.unlink(f.name)
     for line in out.stdout.splitlines():

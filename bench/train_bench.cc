@@ -7,10 +7,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+
+#include <sys/resource.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "parallel/context.h"
+#include "parallel/device.h"
+#include "parallel/rank_info.h"
+#include "runtime/device.h"
 #include "runtime/parallel_setup.h"
 #include "runtime/sft_job.h"
 #include "runtime/trainer.h"
@@ -24,6 +30,7 @@ ABSL_FLAG(int, replicas, 1, "data-parallel replicas (under mpirun)");
 ABSL_FLAG(int, node_count, 1, "nodes per replica");
 ABSL_FLAG(int, tp, 1, "tensor-parallel degree");
 ABSL_FLAG(int, ep, 1, "expert-parallel degree");
+ABSL_FLAG(int, cp, 1, "context-parallel degree");
 ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the model's max_position_embeddings");
 ABSL_FLAG(int64_t, logprob_chunk_tokens, 0, "tokens whose logits exist at once; 0: the trainer's default");
 ABSL_FLAG(std::string, recompute, "auto", "per-layer activation recompute: auto, on, off");
@@ -69,10 +76,24 @@ int Bench() {
     return 1;
   }
   options.recompute = *recompute;
+  // The rank's device, as dp_worker places it (a GPU by local rank when one is visible).
+  auto env = [](const char* name) -> const char* { return std::getenv(name); };
+  auto info = lathe::parallel::DiscoverRankInfo(env);
+  if (!info.ok()) {
+    std::fprintf(stderr, "%s\n", info.status().ToString().c_str());
+    return 1;
+  }
+  auto choice = lathe::parallel::ChooseDevice(*info, env, DetectedGpus());
+  if (!choice.ok()) {
+    std::fprintf(stderr, "%s\n", choice.status().ToString().c_str());
+    return 1;
+  }
+  options.device = ComputeDevice(*choice);
   std::unique_ptr<lathe::parallel::ParallelContext> ctx;
   if (world > 1) {
     auto made = MakeModelContext(options.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
-                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep), absl::Minutes(10));
+                                 absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep), absl::Minutes(10),
+                                 absl::GetFlag(FLAGS_cp), options.device);
     if (!made.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", rank, made.status().ToString().c_str());
       return 1;
@@ -106,8 +127,15 @@ int Bench() {
       tokens += fb->metrics().at("num_tokens:sum");
     }
   }
+  // The largest peak resident set over the ranks.
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  long peak_kib = usage.ru_maxrss, max_kib = 0;
+  MPI_Reduce(&peak_kib, &max_kib, 1, MPI_LONG, MPI_MAX, 0, MPI_COMM_WORLD);
   if (rank != 0) return 0;
   if (steps == 0) return 0;
-  std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f}\n", tokens / seconds, seconds, loss);
+  std::printf("{\"tokens_per_s\": %.3f, \"seconds\": %.4f, \"first_loss\": %.6f, \"device\": \"%s\", "
+              "\"max_rank_peak_rss_mib\": %.1f}\n",
+              tokens / seconds, seconds, loss, options.device < 0 ? "cpu" : "cuda", static_cast<double>(max_kib) / 1024.0);
   return 0;
 }

@@ -36,8 +36,13 @@ ABSL_FLAG(int, node_count, 0, "plan: nodes per replica; 0: the preset's, else 1"
 ABSL_FLAG(int, devices_per_node, 0, "plan: devices per node; 0: the preset's (required without one)");
 ABSL_FLAG(int, tp, 0, "plan: tensor-parallel degree; 0: the preset's, else 1");
 ABSL_FLAG(int, ep, 0, "plan: expert-parallel degree; 0: the preset's, else 1");
+ABSL_FLAG(int, cp, 0, "plan: context-parallel degree (ranks splitting each sequence); 0: the preset's, else 1");
+ABSL_FLAG(std::string, dtype, "bfloat16",
+          "plan: bfloat16 (the GPU default) or float32 (what CPU ranks run) weights and activations");
 ABSL_FLAG(int64_t, max_seq_len, 0, "plan: tokens of the longest datum; 0: the preset's");
-ABSL_FLAG(double, device_memory_gib, 80, "plan: memory of one device; exit 3 when the estimate exceeds 90% of it");
+ABSL_FLAG(double, device_memory_gib, 0,
+          "plan: memory of one device besides the H100 and H200 shown; exit 3 when the estimate exceeds 90% of it "
+          "(0: exit 3 when it exceeds 90% of the H100's 80 GiB)");
 ABSL_FLAG(std::string, format, "table", "plan: table, or env (shell assignments used by launch/)");
 ABSL_FLAG(bool, list, false, "plan: list the preset table instead");
 ABSL_FLAG(std::string, presets, "", "plan: preset table; empty: $LATHE_PRESETS, installed or source-tree");
@@ -50,7 +55,6 @@ int Plan() {
   if (path.empty()) path = lathe::presets::DefaultPresetsPath();
   auto table = lathe::presets::LoadPresets(path.empty() ? "presets/models.json" : path);
   if (!table.ok()) return lathe::client::Fail(table.status());
-  if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table);
   lathe::client::PlanOptions o;
   o.layout.model = absl::GetFlag(FLAGS_model);
   o.layout.replicas = absl::GetFlag(FLAGS_replicas);
@@ -58,10 +62,15 @@ int Plan() {
   o.layout.devices_per_node = absl::GetFlag(FLAGS_devices_per_node);
   o.layout.tp = absl::GetFlag(FLAGS_tp);
   o.layout.ep = absl::GetFlag(FLAGS_ep);
+  o.layout.cp = absl::GetFlag(FLAGS_cp);
+  absl::StatusOr<lathe::client::Dtype> dtype = lathe::client::ParseDtype(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) return lathe::client::Fail(dtype.status());
+  o.dtype = *dtype;
   o.layout.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   o.lora_rank = absl::GetFlag(FLAGS_lora_rank);
   o.device_memory_gib = absl::GetFlag(FLAGS_device_memory_gib);
   o.format = absl::GetFlag(FLAGS_format);
+  if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table, o);
   return lathe::client::PlanCommand(*table, o);
 }
 

@@ -29,7 +29,39 @@ if(NOT DEFINED Torch_DIR AND NOT CMAKE_PREFIX_PATH)
   endif()
 endif()
 
+# LATHE_CUDA: the CUDA build (scripts/build.sh with LATHE_CUDA=1). Torch's
+# own config finds the CUDA toolkit; point it at /usr/local/cuda* when
+# nothing else says where.
+if(LATHE_CUDA AND NOT DEFINED CUDAToolkit_ROOT AND NOT DEFINED ENV{CUDA_HOME})
+  file(GLOB _lathe_cuda_roots /usr/local/cuda /usr/local/cuda-*)
+  if(_lathe_cuda_roots)
+    list(GET _lathe_cuda_roots 0 CUDAToolkit_ROOT)
+  endif()
+endif()
+if(LATHE_CUDA AND DEFINED CUDAToolkit_ROOT)
+  set(CUDA_TOOLKIT_ROOT_DIR ${CUDAToolkit_ROOT} CACHE PATH "CUDA toolkit (FindCUDA, used by Torch's config)")
+  if(NOT CMAKE_CUDA_COMPILER)
+    set(CMAKE_CUDA_COMPILER ${CUDAToolkit_ROOT}/bin/nvcc)
+  endif()
+endif()
+# No GPU is needed to build: compile device code for Hopper (sm_90) unless told otherwise.
+# The toolkit may lack libraries libtorch's targets name (NVRTC): take them
+# from the CUDA wheels next to torch (nvidia/cu13/lib).
+if(LATHE_CUDA AND LATHE_PYTHON)
+  execute_process(
+    COMMAND ${LATHE_PYTHON} -c "import nvidia, os; print(';'.join(os.path.join(p, 'cu13', 'lib') for p in nvidia.__path__))"
+    OUTPUT_VARIABLE _lathe_cuda_wheel_libs OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 HINTS ${CUDAToolkit_ROOT}/lib64 ${_lathe_cuda_wheel_libs})
+endif()
+if(LATHE_CUDA AND NOT TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "9.0")
+endif()
+
 find_package(Torch REQUIRED)
+if(LATHE_CUDA AND NOT TARGET torch_cuda)
+  message(FATAL_ERROR "LATHE_CUDA=ON but the libtorch of ${TORCH_INSTALL_PREFIX} has no CUDA "
+                      "(torch_cuda not found): build against the CUDA wheel (LATHE_CUDA=1 bash scripts/setup.sh)")
+endif()
 
 set(_lathe_torch_inc ${CMAKE_BINARY_DIR}/torch_include)
 file(MAKE_DIRECTORY ${_lathe_torch_inc})

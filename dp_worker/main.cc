@@ -22,6 +22,7 @@ ABSL_FLAG(int, node_count, 0, "nodes per replica; 0: the preset's, else 1");
 ABSL_FLAG(int, devices_per_node, 0, "ranks per node; 0: the preset's, else world size / (replicas x node_count)");
 ABSL_FLAG(int, tp, 0, "tensor-parallel degree inside a node; 0: the preset's, else 1");
 ABSL_FLAG(int, ep, 0, "expert-parallel degree inside a replica; 0: the preset's, else 1");
+ABSL_FLAG(int, cp, 0, "context-parallel degree: ranks of a data group that split each sequence; 0: the preset's, else 1");
 ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the preset's, else the model's max_position_embeddings");
 ABSL_FLAG(std::string, presets, "", "preset table (JSON); empty: $LATHE_PRESETS, the installed or source-tree presets/models.json");
 ABSL_FLAG(bool, dry_run, false, "print each rank's place, node and device for the resolved layout, then exit");
@@ -112,6 +113,7 @@ int main(int argc, char** argv) {
   o.layout.devices_per_node = absl::GetFlag(FLAGS_devices_per_node);
   o.layout.tp = absl::GetFlag(FLAGS_tp);
   o.layout.ep = absl::GetFlag(FLAGS_ep);
+  o.layout.cp = absl::GetFlag(FLAGS_cp);
   o.layout.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   o.presets_path = absl::GetFlag(FLAGS_presets);
   o.dry_run = absl::GetFlag(FLAGS_dry_run);

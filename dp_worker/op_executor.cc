@@ -163,6 +163,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.recompute = options_.recompute;
   o.dtype = options_.dtype;
   o.parallel = parallel_;
+  o.device = options_.device;
   o.replica_batches = true;
   absl::StatusOr<std::unique_ptr<runtime::Trainer>> trainer = runtime::Trainer::Create(o);
   if (!trainer.ok()) {
@@ -289,7 +290,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Save(runtime::Trainer& trainer, 
   if (parallel_ != nullptr) {
     const parallel::MeshShape& s = parallel_->shape;
     meta.replicas = s.replicas, meta.node_count = s.node_count, meta.devices_per_node = s.devices_per_node;
-    meta.tp = s.tp, meta.ep = s.ep;
+    meta.tp = s.tp, meta.ep = s.ep, meta.cp = s.cp;
     place = {parallel_->place.node_rank, parallel_->place.local_rank};
   }
   LATHE_RETURN_IF_ERROR(runtime::SaveCheckpoint(trainer, runtime::CheckpointDir(options_.checkpoint_root, ref),

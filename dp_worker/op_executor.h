@@ -34,6 +34,7 @@ struct ExecutorOptions {
   std::string base_model;          // recorded in checkpoints
   absl::Duration collective_timeout = absl::Minutes(10);
   int64_t max_lora_rank = 0;       // 0: no bound beyond LoraSettingsFromProto's
+  int device = -1;                 // CUDA device of this rank (runtime::ComputeDevice); -1: CPU
 };
 
 // Sampling requests with equal keys may decode in one batch: the same run

@@ -12,6 +12,7 @@
 #include "parallel/device.h"
 #include "parallel/rank_info.h"
 #include "presets/preset_table.h"
+#include "runtime/device.h"
 #include "runtime/log.h"
 #include "runtime/model_config.h"
 #include "runtime/parallel_setup.h"
@@ -44,6 +45,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
   layout->set_node_count(shape.node_count);
   layout->set_tp(shape.tp);
   layout->set_ep(shape.ep);
+  layout->set_cp(shape.cp);
   lathe::v1::ModelSummary* model = r.mutable_model();
   model->set_base_model(BaseModelName(o));
   model->set_architecture(config.architecture);
@@ -87,10 +89,11 @@ std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoi
                       const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout) {
   const parallel::RankPlace& p = ctx.place;
   return absl::StrFormat(
-      "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d ep_rank=%d device=%d "
-      "layout=%dx%dx%d tp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
-      info.rank, info.world_size, p.replica, p.node_rank, info.local_rank, p.tp_rank, p.ep_rank, device.index,
-      ctx.shape.replicas, ctx.shape.node_count, ctx.shape.devices_per_node, ctx.shape.tp, ctx.shape.ep,
+      "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d cp_rank=%d ep_rank=%d device=%d "
+      "layout=%dx%dx%d tp=%d cp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
+      info.rank, info.world_size, p.replica, p.node_rank, info.local_rank, p.tp_rank, p.cp_rank, p.ep_rank,
+      device.index, ctx.shape.replicas, ctx.shape.node_count, ctx.shape.devices_per_node, ctx.shape.tp, ctx.shape.cp,
+      ctx.shape.ep,
       layout.max_seq_len, layout.preset ? layout.preset->base_model : "none", info.source, info.node_rank,
       device.why);
 }
@@ -119,12 +122,13 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   const int ranks_per_replica = info.world_size / layout.shape.replicas;
   report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
-                         parallel::ChooseDevice(info, env, parallel::CountNvidiaDevices()));
+                         parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
+  const int compute_device = runtime::ComputeDevice(device);
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
   LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
                                                              shape.node_count, shape.tp, shape.ep,
-                                                             options.collective_timeout));
+                                                             options.collective_timeout, shape.cp, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
   const std::string place = PlaceLine(info, device, *ctx, layout);
   if (options.dry_run) {
@@ -141,6 +145,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   }
   ExecutorOptions executor_options = options.executor;
   executor_options.max_seq_len = layout.max_seq_len;
+  executor_options.device = compute_device;
   executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;

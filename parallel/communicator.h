@@ -24,6 +24,7 @@ struct Buffer {
   void* data = nullptr;
   int64_t count = 0;
   ElemType type = ElemType::kFloat32;
+  bool device = false;  // CUDA device memory (see MakeRoutedCommunicator)
 };
 
 class Communicator {
@@ -61,6 +62,15 @@ void MarkCommunicationBroken();
 // own group, in the same order. REQUIRES: MPI is initialised with at least
 // MPI_THREAD_FUNNELED.
 absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(const std::vector<int>& world_ranks);
+
+// One group reached by two backends: calls on host buffers go to `host`
+// (MPI), calls on device buffers (Buffer::device) to `device` (NCCL), so a
+// rank on a GPU sums its CUDA tensors with NCCL and its host scalars (counts,
+// norms, metrics) with MPI. Both cover the same ranks in the same order.
+// `device` may be null: device buffers then fail with FailedPrecondition.
+// A call mixing host and device buffers is InvalidArgument.
+std::unique_ptr<Communicator> MakeRoutedCommunicator(std::unique_ptr<Communicator> host,
+                                                     std::unique_ptr<Communicator> device);
 
 }  // namespace lathe::parallel
 

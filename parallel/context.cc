@@ -24,6 +24,7 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
   ctx->timeout = timeout;
   ctx->place = PlaceOf(shape, rank);
   const RankPlace& p = ctx->place;
+  const std::vector<int> shards = ctx->ShardRanks();
   std::vector<int> all(world_size);
   std::iota(all.begin(), all.end(), 0);
   // The same creation order on every rank (MakeMpiCommunicator's contract).
@@ -35,7 +36,8 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
   };
   for (auto [ranks, slot] : {std::pair<const std::vector<int>*, std::unique_ptr<Communicator>*>{&all, &ctx->world}, {&p.tp_group, &ctx->tp}, {&p.ep_group, &ctx->ep},
                              {&p.dense_grad_group, &ctx->data}, {&p.expert_data_group, &ctx->expert_data},
-                             {&p.replica_group, &ctx->replica}, {&p.dp_group, &ctx->replica_data}}) {
+                             {&p.replica_group, &ctx->replica}, {&p.dp_group, &ctx->replica_data},
+                             {&p.cp_group, &ctx->cp}, {&shards, &ctx->shards}}) {
     if (absl::Status s = make(*ranks, *slot); !s.ok()) return s;
   }
   const int64_t kv = dims.num_key_value_heads;
@@ -46,6 +48,15 @@ absl::StatusOr<std::unique_ptr<ParallelContext>> MakeMpiContext(const MeshShape&
     if (absl::Status s = make(ranks, ctx->kv_share); !s.ok()) return s;
   }
   return ctx;
+}
+
+std::vector<int> ParallelContext::ShardRanks() const {
+  std::vector<int> out;
+  const int g = shape.group_size();
+  for (int r = 0; r < shape.replicas; ++r) {
+    for (int member : place.dp_group) out.push_back(member - place.replica * g + r * g);
+  }
+  return out;
 }
 
 }  // namespace lathe::parallel

@@ -17,13 +17,20 @@ struct ParallelContext {
   RankPlace place;
   ModelDims dims;
   absl::Duration timeout = absl::Minutes(10);  // for every collective
+  // Shared state of a device backend (AttachNccl); declared before the
+  // communicators so it outlives them.
+  std::shared_ptr<void> device_backend;
   std::unique_ptr<Communicator> world;
   std::unique_ptr<Communicator> tp;           // place.tp_group
   std::unique_ptr<Communicator> ep;           // place.ep_group
-  std::unique_ptr<Communicator> data;         // place.dense_grad_group: one rank per data shard
+  std::unique_ptr<Communicator> data;         // place.dense_grad_group: gradient sums over data shards and cp ranks
   std::unique_ptr<Communicator> expert_data;  // place.expert_data_group
   std::unique_ptr<Communicator> replica;      // place.replica_group: every rank of the replica
   std::unique_ptr<Communicator> replica_data; // place.dp_group: one rank per data group of the replica
+  std::unique_ptr<Communicator> cp;           // place.cp_group: the ranks that split each sequence
+  // One rank per data shard (same tp_rank and cp_rank) of every replica:
+  // outputs of a call are gathered over it.
+  std::unique_ptr<Communicator> shards;
   // The tp ranks that hold the same KV head when there are fewer KV heads
   // than tp; null otherwise.
   std::unique_ptr<Communicator> kv_share;
@@ -31,8 +38,10 @@ struct ParallelContext {
   // The batch of a call is split over every data group of every replica.
   int num_data_shards() const { return shape.replicas * data_groups(); }
   int data_shard() const { return place.replica * data_groups() + place.dp_rank; }
-  // Data groups inside one replica.
-  int data_groups() const { return shape.group_size() / shape.tp; }
+  // Data groups inside one replica (tp × cp ranks each).
+  int data_groups() const { return shape.group_size() / (shape.tp * shape.cp); }
+  // The members of `shards`: place.dp_group in every replica.
+  std::vector<int> ShardRanks() const;
   // Whether this rank is the first of its KV-sharing block (always, without sharing).
   bool kv_block_leader() const;
 };

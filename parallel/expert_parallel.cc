@@ -48,10 +48,11 @@ at::Tensor ExpertParallelMoe(const at::Tensor& x, const at::Tensor& router, cons
       for (int64_t i = 0; i < rc[s * per_rank + e]; ++i) perm.push_back(start[s * per_rank + e] + i);
     }
   }
-  at::Tensor by_expert = at::tensor(perm, at::kLong);
+  // Index tensors live where the rows do (the rank's device).
+  at::Tensor by_expert = at::tensor(perm, at::kLong).to(x.device());
   at::Tensor out = runtime::RunExperts(received.index_select(0, by_expert), local_counts, local);
   at::Tensor by_source = at::empty_like(by_expert);
-  by_source.index_put_({by_expert}, at::arange(static_cast<int64_t>(perm.size()), at::kLong));
+  by_source.index_put_({by_expert}, at::arange(static_cast<int64_t>(perm.size()), by_expert.options()));
   at::Tensor back = AllToAllRows(out.index_select(0, by_source), recv_rows, send_rows, ep);
   return at::zeros_like(x).index_add(0, r.token_of, back * r.slot_weight);
 }

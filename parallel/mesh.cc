@@ -11,7 +11,8 @@ namespace lathe::parallel {
 absl::Status ValidateMesh(const MeshShape& s, int world_size, const ModelDims& m) {
   std::vector<std::string> problems;
   for (auto [value, name] : {std::pair{s.replicas, "replicas"}, {s.node_count, "node_count"},
-                             {s.devices_per_node, "devices_per_node"}, {s.tp, "tp"}, {s.ep, "ep"}}) {
+                             {s.devices_per_node, "devices_per_node"}, {s.tp, "tp"}, {s.ep, "ep"},
+                             {s.cp, "cp"}}) {
     if (value <= 0) problems.push_back(absl::StrCat(name, " must be positive (is ", value, ")"));
   }
   if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
@@ -22,6 +23,10 @@ absl::Status ValidateMesh(const MeshShape& s, int world_size, const ModelDims& m
   }
   if (s.devices_per_node % s.tp != 0) {
     problems.push_back(absl::StrCat("tp ", s.tp, " does not divide devices_per_node ", s.devices_per_node));
+  }
+  if (s.devices_per_node % s.tp == 0 && s.group_size() % (s.tp * s.cp) != 0) {
+    problems.push_back(absl::StrCat("tp ", s.tp, " x cp ", s.cp, " does not divide the node group of ",
+                                    s.group_size(), " ranks"));
   }
   if (s.group_size() % s.ep != 0) {
     problems.push_back(absl::StrCat("ep ", s.ep, " does not divide the node group of ", s.group_size(), " ranks"));
@@ -64,12 +69,15 @@ RankPlace PlaceOf(const MeshShape& s, int rank) {
   const int base = p.replica * g;
   p.node_rank = rank / s.devices_per_node;
   p.local_rank = rank % s.devices_per_node;
+  const int tc = s.tp * s.cp;  // ranks of one data group
   p.tp_rank = q % s.tp;
-  p.dp_rank = q / s.tp;
+  p.cp_rank = (q / s.tp) % s.cp;
+  p.dp_rank = q / tc;
   p.ep_rank = q % s.ep;
   const int block = q / s.ep;
-  p.tp_group = Strided(base + p.dp_rank * s.tp, s.tp, 1);
-  p.dp_group = Strided(base + p.tp_rank, g / s.tp, s.tp);
+  p.tp_group = Strided(base + p.dp_rank * tc + p.cp_rank * s.tp, s.tp, 1);
+  p.cp_group = Strided(base + p.dp_rank * tc + p.tp_rank, s.cp, s.tp);
+  p.dp_group = Strided(base + p.cp_rank * s.tp + p.tp_rank, g / tc, tc);
   p.ep_group = Strided(base + block * s.ep, s.ep, 1);
   for (int r = 0; r < s.replicas; ++r) {
     for (int b = 0; b < blocks; ++b) p.expert_data_group.push_back(r * g + b * s.ep + p.ep_rank);

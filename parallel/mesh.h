@@ -2,8 +2,9 @@
 // data, expert-parallel, expert-data, replica and cross-replica group. Pure
 // integer math, the one place that knows the order of the mesh axes.
 //
-// Order, fastest-varying first: tp, then the data groups inside a replica,
-// then replica. A replica is the contiguous block of G = node_count ×
+// Order, fastest-varying first: tp, then cp (the ranks that split each
+// sequence of a data group between them), then the data groups inside a
+// replica, then replica. A replica is the contiguous block of G = node_count ×
 // devices_per_node ranks, so the cross-replica group of a rank holds the same
 // (node_rank, local_rank) device of every replica. Expert parallelism splits
 // a replica into G / ep contiguous blocks of ep ranks.
@@ -23,6 +24,7 @@ struct MeshShape {
   int devices_per_node = 1;
   int tp = 1;
   int ep = 1;
+  int cp = 1;  // context parallel: ranks of a data group that split each sequence
 
   int group_size() const { return node_count * devices_per_node; }
   int world_size() const { return replicas * group_size(); }
@@ -43,21 +45,23 @@ struct RankPlace {
   int node_rank = 0;   // global node index: rank / devices_per_node
   int local_rank = 0;  // device on its node
   int tp_rank = 0;
+  int cp_rank = 0;     // part of each sequence inside the data group
   int dp_rank = 0;     // data group inside the replica
   int ep_rank = 0;
-  std::vector<int> tp_group;             // same replica and data group
-  std::vector<int> dp_group;             // same replica and tp_rank: dense data inside a replica
+  std::vector<int> tp_group;             // same replica, data group and cp_rank
+  std::vector<int> cp_group;             // same replica, data group and tp_rank
+  std::vector<int> dp_group;             // same replica, tp_rank and cp_rank: one rank per data group
   std::vector<int> ep_group;             // same replica, same block of ep ranks
   std::vector<int> expert_data_group;    // same ep_rank in every block of every replica
   std::vector<int> replica_group;        // every rank of the replica
   std::vector<int> cross_replica_group;  // same position in every replica
-  std::vector<int> dense_grad_group;     // same tp_rank in every data group of every replica
+  std::vector<int> dense_grad_group;     // same tp_rank in every (data group, cp_rank) of every replica
 };
 
 // Checks every degree against the world and the model. InvalidArgument with
 // one message naming each violated rule: world size ≠ replicas × node_count ×
-// devices_per_node, tp not dividing devices_per_node, ep not dividing the
-// group, heads % tp, KV heads neither divisible by nor dividing tp,
+// devices_per_node, tp not dividing devices_per_node, tp × cp not dividing
+// the group, ep not dividing the group, heads % tp, KV heads neither divisible by nor dividing tp,
 // experts % ep, dense MLP width % tp, non-positive degrees.
 absl::Status ValidateMesh(const MeshShape& shape, int world_size, const ModelDims& model);
 

@@ -26,7 +26,7 @@ ElemType TypeOf(const at::Tensor& t) {
 
 Buffer BufferOf(const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), "collective on a non-contiguous tensor");
-  return {t.data_ptr(), t.numel(), TypeOf(t)};
+  return {t.data_ptr(), t.numel(), TypeOf(t), t.is_cuda()};
 }
 
 void Check(const absl::Status& s) {

@@ -57,6 +57,19 @@ std::vector<int> Displacements(const std::vector<int>& counts) {
 
 std::atomic<bool> g_communication_broken{false};
 
+// The MPI backend reads host memory only: a device buffer here means a group
+// without its NCCL twin (AttachNccl), refused before MPI touches it.
+absl::Status HostOnly(const char* what, const Buffer& a, const Buffer& b) {
+  if (!a.device && !b.device) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat(what, " on a CUDA buffer reached the MPI backend (a group without its NCCL twin)"));
+}
+
+#define LATHE_RETURN_IF_DEVICE(what, a, b)                               \
+  do {                                                                   \
+    if (absl::Status s = HostOnly(what, a, b); !s.ok()) return s;        \
+  } while (0)
+
 #define LATHE_RETURN_IF_BROKEN()                                                             \
   do {                                                                                       \
     if (broken_ || CommunicationBroken()) {                                                  \
@@ -84,6 +97,7 @@ class MpiCommunicator : public Communicator {
   }
   absl::Status AllGather(Buffer send, Buffer recv, absl::Duration timeout) override {
     LATHE_RETURN_IF_BROKEN();
+    LATHE_RETURN_IF_DEVICE("all_gather", send, recv);
     if (recv.count != send.count * size_) return SizeError("all_gather", recv.count, send.count * size_);
     MPI_Request req;
     LATHE_MPI_CHECK(MPI_Iallgather(send.data, static_cast<int>(send.count), MpiType(send.type), recv.data,
@@ -92,6 +106,7 @@ class MpiCommunicator : public Communicator {
   }
   absl::Status ReduceScatterSum(Buffer send, Buffer recv, absl::Duration timeout) override {
     LATHE_RETURN_IF_BROKEN();
+    LATHE_RETURN_IF_DEVICE("reduce_scatter", send, recv);
     if (send.count != recv.count * size_) return SizeError("reduce_scatter", send.count, recv.count * size_);
     MPI_Request req;
     LATHE_MPI_CHECK(MPI_Ireduce_scatter_block(send.data, recv.data, static_cast<int>(recv.count),
@@ -101,6 +116,7 @@ class MpiCommunicator : public Communicator {
   absl::Status AllToAll(Buffer send, const std::vector<int64_t>& send_counts, Buffer recv,
                         const std::vector<int64_t>& recv_counts, absl::Duration timeout) override {
     LATHE_RETURN_IF_BROKEN();
+    LATHE_RETURN_IF_DEVICE("all_to_all", send, recv);
     auto sc = IntCounts(send_counts, size_, "send_counts");
     if (!sc.ok()) return sc.status();
     auto rc = IntCounts(recv_counts, size_, "recv_counts");
@@ -118,6 +134,7 @@ class MpiCommunicator : public Communicator {
   }
   absl::Status Broadcast(Buffer buf, int root, absl::Duration timeout) override {
     LATHE_RETURN_IF_BROKEN();
+    LATHE_RETURN_IF_DEVICE("broadcast", buf, buf);
     if (root < 0 || root >= size_) return absl::InvalidArgumentError(absl::StrCat("broadcast root ", root));
     MPI_Request req;
     LATHE_MPI_CHECK(MPI_Ibcast(buf.data, static_cast<int>(buf.count), MpiType(buf.type), root, comm_, &req));
@@ -133,6 +150,7 @@ class MpiCommunicator : public Communicator {
  private:
   absl::Status AllReduce(Buffer buf, MPI_Op op, absl::Duration timeout) {
     LATHE_RETURN_IF_BROKEN();
+    LATHE_RETURN_IF_DEVICE("all_reduce", buf, buf);
     MPI_Request req;
     LATHE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data, static_cast<int>(buf.count), MpiType(buf.type),
                                    op, comm_, &req));

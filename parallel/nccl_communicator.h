@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "parallel/communicator.h"
+#include "parallel/context.h"
 
 namespace lathe::parallel {
 
@@ -31,6 +32,13 @@ class NcclWorld {
   // with its own group, and the groups of one call partition the world.
   virtual absl::StatusOr<std::unique_ptr<Communicator>> Split(const std::vector<int>& world_ranks) = 0;
 };
+
+// Turns every communicator of `ctx` (MPI, from MakeMpiContext) into a routed
+// one (MakeRoutedCommunicator) whose device buffers go to an NCCL
+// communicator over the same ranks, on CUDA device `device`; ctx keeps the
+// NCCL state alive. Collective over the world: every rank calls it, once,
+// right after MakeMpiContext. FailedPrecondition without a usable device.
+absl::Status AttachNccl(ParallelContext& ctx, int device);
 
 }  // namespace lathe::parallel
 

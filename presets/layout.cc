@@ -7,7 +7,7 @@ namespace lathe::presets {
 
 absl::StatusOr<ResolvedLayout> ResolveLayout(const std::vector<Preset>& presets, const LayoutRequest& r,
                                              bool allow_unverified) {
-  for (int v : {r.replicas, r.node_count, r.devices_per_node, r.tp, r.ep}) {
+  for (int v : {r.replicas, r.node_count, r.devices_per_node, r.tp, r.ep, r.cp}) {
     if (v < 0) return absl::InvalidArgumentError("layout degrees must be positive (0: from the preset)");
   }
   if (r.max_seq_len < 0) return absl::InvalidArgumentError("max_seq_len must be positive (0: from the preset)");
@@ -31,6 +31,7 @@ absl::StatusOr<ResolvedLayout> ResolveLayout(const std::vector<Preset>& presets,
   out.shape.devices_per_node = pick(r.devices_per_node, p ? p->devices_per_node : 0);
   out.shape.tp = pick(r.tp, p ? p->tp : 1);
   out.shape.ep = pick(r.ep, p ? p->ep : 1);
+  out.shape.cp = pick(r.cp, p ? p->cp : 1);
   out.max_seq_len = r.max_seq_len > 0 ? r.max_seq_len : (p ? p->max_seq_len : 0);
   return out;
 }

@@ -23,10 +23,13 @@ struct LayoutRequest {
   int devices_per_node = 0;
   int tp = 0;
   int ep = 0;
+  int cp = 0;
   int64_t max_seq_len = 0;
 
-  // Whether any degree (replicas, node_count, devices_per_node, tp, ep) is given.
-  bool Explicit() const { return replicas > 0 || node_count > 0 || devices_per_node > 0 || tp > 0 || ep > 0; }
+  // Whether any degree (replicas, node_count, devices_per_node, tp, ep, cp) is given.
+  bool Explicit() const {
+    return replicas > 0 || node_count > 0 || devices_per_node > 0 || tp > 0 || ep > 0 || cp > 0;
+  }
 };
 
 struct ResolvedLayout {

@@ -90,6 +90,8 @@ absl::StatusOr<Preset> ParseRow(const json& row) {
     LATHE_ASSIGN_OR_RETURN(int64_t v, Int(row, names[i], true, 1));
     *layout[i] = static_cast<int>(v);
   }
+  LATHE_ASSIGN_OR_RETURN(int64_t cp, Int(row, "cp", false, 1, 1));
+  p.cp = static_cast<int>(cp);
   LATHE_ASSIGN_OR_RETURN(p.max_seq_len, Int(row, "max_seq_len", true, 1));
   auto verified = row.find("verified");
   if (verified == row.end() || !verified->is_boolean()) {
@@ -102,7 +104,7 @@ absl::StatusOr<Preset> ParseRow(const json& row) {
   if (p.verified && !p.facts.Complete()) {
     return absl::InvalidArgumentError("a verified preset needs every fact of its architecture");
   }
-  parallel::MeshShape shape{1, p.node_count, p.devices_per_node, p.tp, p.ep};
+  parallel::MeshShape shape{1, p.node_count, p.devices_per_node, p.tp, p.ep, p.cp};
   LATHE_RETURN_IF_ERROR(parallel::ValidateMesh(shape, shape.world_size(), p.facts.Dims()));
   return p;
 }
@@ -208,6 +210,7 @@ lathe::v1::ModelPreset ToProto(const Preset& p) {
   layout->set_devices_per_node(p.devices_per_node);
   layout->set_tp(p.tp);
   layout->set_ep(p.ep);
+  layout->set_cp(p.cp);
   out.set_max_seq_len(p.max_seq_len);
   out.set_verified(p.verified);
   out.set_note(p.note);

@@ -1,5 +1,5 @@
 // The preset table (presets/models.json): for each base model the node group
-// one replica takes (node_count, devices_per_node, tp, ep), the longest datum
+// one replica takes (node_count, devices_per_node, tp, ep, cp), the longest datum
 // and the config.json facts the layout checks and the memory estimate use.
 // Torch- and MPI-free: the coordinator, dp_worker and the `lathe` CLI read it.
 #ifndef LATHE_PRESETS_PRESET_TABLE_H_
@@ -46,6 +46,7 @@ struct Preset {
   int devices_per_node = 1;
   int tp = 1;
   int ep = 1;
+  int cp = 1;  // optional in the table (default 1)
   int64_t max_seq_len = 0;
   bool verified = false;
   std::string note;

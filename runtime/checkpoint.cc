@@ -88,7 +88,7 @@ absl::StatusOr<json> WriteShard(Trainer& trainer, const std::vector<bool>& write
     for (int kind = 0; kind < 3; ++kind) {
       if (kind > 0 && (states.empty() || !with_optimizer)) break;
       at::Tensor t = kind == 0 ? params[i].tensor : kind == 1 ? states[i].exp_avg : states[i].exp_avg_sq;
-      keep.push_back(t.detach().to(at::kFloat).contiguous());
+      keep.push_back(t.detach().to(at::kCPU, at::kFloat).contiguous());  // written from host memory
       tensors.push_back({absl::StrCat(kKinds[kind], "/", params[i].name), "F32",
                          std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), keep.back().data_ptr(),
                          static_cast<size_t>(keep.back().nbytes())});
@@ -183,7 +183,8 @@ absl::Status WriteAndCommit(Trainer& trainer, const std::string& dir, const std:
                      {"created_unix_ms", created},
                      {"expires_unix_ms", ExpiryUnixMillis(created, meta.ttl_seconds)},
                      {"layout", {{"replicas", meta.replicas}, {"node_count", meta.node_count},
-                                 {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep}}},
+                                 {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep},
+                                 {"cp", meta.cp}}},
                      {"lora", LoraJson(info.lora)}, {"dtype", DtypeName(info.dtype)},
                      {"tensors", std::move(tensors)}};
     s = Commit(manifest, partial, dir, overwrite);

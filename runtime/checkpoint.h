@@ -32,7 +32,7 @@ struct CheckpointMeta {
   std::string base_model;
   int64_t policy_version = 0;
   // The layout it was saved under (for information; loading reshards).
-  int replicas = 1, node_count = 1, devices_per_node = 1, tp = 1, ep = 1;
+  int replicas = 1, node_count = 1, devices_per_node = 1, tp = 1, ep = 1, cp = 1;
   bool with_optimizer = true;  // false: parameters only
   int64_t ttl_seconds = 0;      // > 0: the coordinator deletes it that long after saving
 };

@@ -72,6 +72,7 @@ absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::stri
   LATHE_ASSIGN_OR_RETURN(WeightSource source,
                          WeightSource::Open(dir, dtype == Dtype::kBFloat16 ? at::kBFloat16 : at::kFloat));
   LATHE_RETURN_IF_ERROR(model->Build(source));
+  model->MoveToDevice();
   return model;
 }
 
@@ -326,6 +327,14 @@ RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, dou
   return {rope.cos.index_select(0, index), rope.sin.index_select(0, index)};
 }
 
+// RoPE rows for tokens at the given positions of their sequences.
+RopeTables GlobalRope(const std::vector<int64_t>& positions, int64_t head_dim, double theta, const at::Tensor& like) {
+  const int64_t longest = *std::max_element(positions.begin(), positions.end()) + 1;
+  RopeTables rope = MakeRope(longest, head_dim, theta, like);
+  at::Tensor index = at::tensor(positions, at::TensorOptions().dtype(at::kLong)).to(like.device());
+  return {rope.cos.index_select(0, index), rope.sin.index_select(0, index)};
+}
+
 // Attention of packed sequences that continue their caches: q [nH, T, D],
 // k and v [nKV, T, D] (the new tokens); appends k, v to each cache.
 at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -361,11 +370,14 @@ struct DecoderModel::LayerPass {
   RopeTables rope;
   RegionFn enter, reduce;
   std::vector<KvCache>* caches = nullptr;
+  // Context parallelism: this rank's rows (shared, so a recomputed layer
+  // finds them after Hidden returned).
+  std::shared_ptr<const parallel::SequenceSplit> cp;
 };
 
 at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
                                 std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches,
-                                bool recompute) const {
+                                bool recompute, const parallel::SequenceSplit* split) const {
   const ModelConfig& c = config_;
   const int64_t t = tokens.size(0);
   const parallel::Group& tp = shard_.tp;
@@ -390,7 +402,12 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   if (caches != nullptr) {
     for (const KvCache& cache : *caches) starts.push_back(cache.length());
   }
-  if (t > 0) pass.rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
+  if (split != nullptr && caches == nullptr) {
+    pass.cp = std::make_shared<const parallel::SequenceSplit>(*split);
+    if (t > 0) pass.rope = GlobalRope(split->positions, c.head_dim, c.rope_theta, h);
+  } else if (t > 0) {
+    pass.rope = PackedRope(lengths, c.head_dim, c.rope_theta, h, starts);
+  }
   recompute = recompute && caches == nullptr;
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     MoeStats stats;
@@ -449,7 +466,12 @@ at::Tensor DecoderModel::Layer(size_t layer, const at::Tensor& x, const LayerPas
     k = RmsNorm(k, l.k_norm, eps);
   }
   at::Tensor o;
-  if (t > 0) {
+  if (pass.cp != nullptr) {
+    q = t > 0 ? ApplyRope(q.transpose(0, 1), pass.rope) : q.transpose(0, 1);
+    k = t > 0 ? ApplyRope(k.transpose(0, 1), pass.rope) : k.transpose(0, 1);
+    o = parallel::ContextParallelAttention(q, k, v.transpose(0, 1), *pass.cp, softmax_scale, gqa, shard_.cp);
+    o = o.transpose(0, 1).reshape({t, q_width});
+  } else if (t > 0) {
     q = ApplyRope(q.transpose(0, 1), pass.rope);
     k = ApplyRope(k.transpose(0, 1), pass.rope);
     o = pass.caches != nullptr

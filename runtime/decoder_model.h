@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "parallel/context_parallel.h"
 #include "parallel/model_parallel.h"
 #include "runtime/dtype.h"
 #include "runtime/layers.h"
@@ -69,6 +70,11 @@ void RefreshComputeCopies(std::vector<TrainableParam>& params);
 struct ModelShard {
   parallel::Group tp;  // tensor parallel: heads, MLP width, vocabulary
   parallel::Group ep;  // expert parallel: experts
+  parallel::Group cp;  // context parallel: the tokens of each sequence (Hidden's `split`)
+  // Where this rank's part lives and runs (runtime/device.h's TorchDevice).
+  // The model is built on the CPU (LoRA drawn there, so every device starts
+  // from the same adapter) and then moved.
+  at::Device device{at::kCPU};
 };
 
 // Calls fn(name, slice) for each named tensor `value` (shaped like p.tensor)
@@ -126,9 +132,17 @@ class DecoderModel {
   // input for the backward and runs again inside it (see Recomputed); the
   // values and gradients are those of the plain pass. Every member of a
   // model-parallel group passes the same `recompute`.
+  //
+  // With `split` (context parallelism over shard().cp, without caches):
+  // `lengths` are the whole sequences and `tokens` only this rank's rows of
+  // them (split->own()); each runs at its position in its sequence and
+  // attends to the whole sequence's keys and values up to itself, gathered
+  // over the cp group layer by layer. Returns the hidden states of this
+  // rank's rows. Every member of the cp group calls it with its own split of
+  // the same lengths.
   at::Tensor Hidden(const at::Tensor& tokens, const std::vector<int64_t>& lengths,
                     std::vector<MoeStats>* moe_stats, std::vector<KvCache>* caches = nullptr,
-                    bool recompute = false) const;
+                    bool recompute = false, const parallel::SequenceSplit* split = nullptr) const;
   // Logits [T, V] (fp32) for hidden rows [T, H]; under tensor parallelism
   // this rank's vocabulary columns [vocab_begin(), vocab_begin() + Vl).
   at::Tensor Logits(const at::Tensor& hidden) const;
@@ -143,6 +157,8 @@ class DecoderModel {
   // REQUIRES: chunk > 0.
   at::Tensor HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const;
   const ModelShard& shard() const { return shard_; }
+  // Where every tensor of the model lives; inputs go there (OnDevice).
+  at::Device device() const { return shard_.device; }
 
   std::vector<TrainableParam>& trainable() { return trainable_; }
   const std::vector<TrainableParam>& trainable() const { return trainable_; }
@@ -169,6 +185,9 @@ class DecoderModel {
   // Every tensor of the layer (undefined ones included) that may be trained.
   static std::vector<at::Tensor> LayerParams(const DecoderLayer& l);
   void FuseFrozenWeights();
+  // Moves every tensor to shard_.device, keeping the fused weights' views,
+  // the tied lm_head and the trainable list pointing at the moved tensors.
+  void MoveToDevice();
 
   ModelConfig config_;
   Dtype dtype_ = Dtype::kFloat32;

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "parallel/model_parallel.h"
 #include "runtime/decoder_model.h"
+#include "runtime/device.h"
 #include "runtime/layers.h"
 
 namespace lathe::runtime {
@@ -85,7 +86,7 @@ std::vector<float> OfPrompt(const DecoderModel& model, const at::Tensor& hidden,
   std::vector<float> out(1, std::numeric_limits<float>::quiet_NaN());
   if (p > 1) {
     at::Tensor lp = model.Logprobs(model.Logits(hidden.narrow(0, 0, p - 1)), ids.narrow(0, 1, p - 1));
-    at::Tensor c = lp.to(at::kFloat).contiguous();
+    at::Tensor c = lp.to(at::kCPU, at::kFloat).contiguous();
     out.insert(out.end(), c.data_ptr<float>(), c.data_ptr<float>() + p - 1);
   }
   return out;
@@ -112,7 +113,8 @@ struct Decoding {
 std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRequest& r, Generation& out) {
   std::vector<KvCache> prefill(1);
   const int64_t p = static_cast<int64_t>(r.prompt.size());
-  at::Tensor ids = at::tensor(std::vector<int64_t>(r.prompt.begin(), r.prompt.end()), at::kLong);
+  at::Tensor ids = OnDevice(at::tensor(std::vector<int64_t>(r.prompt.begin(), r.prompt.end()), at::kLong),
+                            model.device());
   at::Tensor hidden = model.Hidden(ids, {p}, nullptr, &prefill);
   if (r.prompt_logprobs) out.prompt_logprobs = OfPrompt(model, hidden, ids);
   const int64_t topk = r.topk_prompt_logprobs;
@@ -121,7 +123,7 @@ std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRe
     out.topk_logprobs.assign(topk, -99999.0f);
     if (p > 1) {
       auto [values, indices] = at::topk(at::log_softmax(FullLogits(model, hidden.narrow(0, 0, p - 1)), -1), topk);
-      at::Tensor v = values.contiguous(), i = indices.to(at::kInt).contiguous();
+      at::Tensor v = values.cpu().contiguous(), i = indices.to(at::kCPU, at::kInt).contiguous();
       out.topk_logprobs.insert(out.topk_logprobs.end(), v.data_ptr<float>(), v.data_ptr<float>() + v.numel());
       out.topk_ids.insert(out.topk_ids.end(), i.data_ptr<int32_t>(), i.data_ptr<int32_t>() + i.numel());
     }
@@ -180,7 +182,7 @@ class Decoder {
     }
     if (rows.empty()) return;
     BatchInvariantScope invariant;
-    at::Tensor first = FullLogits(model_, at::cat(rows)).index_select(0, at::tensor(row_of, at::kLong));
+    at::Tensor first = FullLogits(model_, at::cat(rows)).index_select(0, OnDevice(at::tensor(row_of, at::kLong), model_.device()));
     last_ = last_.defined() && last_.size(0) > 0 ? at::cat({last_, first}) : first;
     CountCompany();
   }
@@ -196,7 +198,9 @@ class Decoder {
       Request& r = requests_[d.request];
       if (r.finished) continue;  // failed at an earlier sequence of this step
       const SamplingSettings& s = r.spec.settings;
-      const std::optional<int32_t> drawn = Draw(last_[j], s, d.gen);
+      // Drawn on the host with the sequence's CPU generator, whatever the
+      // device: the seeded stream is the same everywhere (docs/sampling.md).
+      const std::optional<int32_t> drawn = Draw(last_[j].cpu(), s, d.gen);
       if (!drawn.has_value()) {
         // Only this request fails; the others decode on.
         r.result = NotDrawable(s);
@@ -232,7 +236,7 @@ class Decoder {
     std::vector<KvCache> batch;
     for (Decoding& d : active_) batch.push_back(std::move(d.cache));
     at::Tensor h =
-        model_.Hidden(at::tensor(next, at::kLong), std::vector<int64_t>(active_.size(), 1), nullptr, &batch);
+        model_.Hidden(OnDevice(at::tensor(next, at::kLong), model_.device()), std::vector<int64_t>(active_.size(), 1), nullptr, &batch);
     for (size_t j = 0; j < active_.size(); ++j) active_[j].cache = std::move(batch[j]);
     last_ = FullLogits(model_, h);
     CountCompany();
@@ -296,7 +300,8 @@ absl::StatusOr<Generation> Generate(const DecoderModel& model, const std::vector
 absl::StatusOr<std::vector<float>> PromptLogprobs(const DecoderModel& model, const std::vector<int32_t>& prompt) {
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
   at::NoGradGuard no_grad;
-  at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong);
+  at::Tensor ids =
+      OnDevice(at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong), model.device());
   return OfPrompt(model, model.Hidden(ids, {ids.size(0)}, nullptr), ids);
 }
 

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -158,6 +159,23 @@ InvariantKernel Best() {
   return InvariantKernel::kPortable;
 }
 
+// CUDA: one GEMM per block of kCudaRows rows, every call [kCudaRows, K] x
+// [K, N] whatever M is (the last block zero-padded). The library then picks
+// one kernel, and so one summation order (split-K included), for every
+// call: a row's result no longer follows the batch size, as it would with
+// one [M, K] product. TF32 stays off (libtorch's default), so products are
+// float32 throughout. See docs/sampling.md for what this guarantees.
+constexpr int64_t kCudaRows = 16;
+
+at::Tensor CudaBlocks(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t m_dim = x.size(0), blocks = (m_dim + kCudaRows - 1) / kCudaRows;
+  at::Tensor xp = at::constant_pad_nd(x, {0, 0, 0, blocks * kCudaRows - m_dim});
+  const at::Tensor wt = w.t();
+  std::vector<at::Tensor> out;
+  for (int64_t b = 0; b < blocks; ++b) out.push_back(at::mm(xp.narrow(0, b * kCudaRows, kCudaRows), wt));
+  return at::cat(out, 0).narrow(0, 0, m_dim);
+}
+
 }  // namespace
 
 bool InvariantKernelSupported(InvariantKernel kernel) {
@@ -173,6 +191,7 @@ bool InvariantKernelSupported(InvariantKernel kernel) {
 
 at::Tensor InvariantLinear(const at::Tensor& x, const at::Tensor& w, std::optional<InvariantKernel> kernel) {
   const int64_t m_dim = x.size(0), n_dim = w.size(0), k_dim = x.size(1);
+  if (x.is_cuda() && w.is_cuda()) return CudaBlocks(x, w);
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.device().is_cpu() ||
       !w.device().is_cpu()) {
     const int64_t padded = std::max<int64_t>(16, (m_dim + 15) / 16 * 16);

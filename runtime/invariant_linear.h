@@ -18,8 +18,10 @@ enum class InvariantKernel { kPortable, kAvx2, kAvx512 };
 bool InvariantKernelSupported(InvariantKernel kernel);
 
 // x [M, K], w [N, K] (float32, CPU) → [M, N], with `kernel` or the fastest
-// this CPU has. Other dtypes or devices fall back to at::mm on rows padded
-// to a multiple of 16 (no invariance promise).
+// this CPU has. On CUDA: one fixed-shape GEMM per block of 16 rows, so the
+// kernel (and its summation order) does not change with M (docs/sampling.md
+// says what that guarantees). Other dtypes on the CPU fall back to at::mm on
+// rows padded to a multiple of 16 (no invariance promise).
 at::Tensor InvariantLinear(const at::Tensor& x, const at::Tensor& w,
                            std::optional<InvariantKernel> kernel = std::nullopt);
 

@@ -96,9 +96,12 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
 }
 
 // Everything the export holds, into `folder`.
-absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& params, const LoraSettings& lora,
+absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_device, const LoraSettings& lora,
                                 const std::string& base_model, const std::string& merge_base_dir,
                                 bool merged_bf16, int64_t ttl_seconds, const std::string& folder) {
+  // Written (and merged with the base weights) from host memory.
+  std::map<std::string, at::Tensor> params;
+  for (const auto& [name, t] : on_device) params[name] = t.to(at::kCPU);
   std::vector<at::Tensor> keep;
   std::vector<TensorToWrite> tensors;
   auto add = [&](const std::string& name, const at::Tensor& t) {

@@ -28,6 +28,7 @@ ABSL_FLAG(int, replicas, 1, "data-parallel replicas (under mpirun; the world siz
 ABSL_FLAG(int, node_count, 1, "nodes per replica");
 ABSL_FLAG(int, tp, 1, "tensor-parallel degree inside a node");
 ABSL_FLAG(int, ep, 1, "expert-parallel degree inside a replica");
+ABSL_FLAG(int, cp, 1, "context-parallel degree: ranks of a data group that split each sequence");
 ABSL_FLAG(int, collective_timeout_s, 600, "seconds a collective may wait for its peers before the run fails");
 ABSL_FLAG(double, min_loss_drop, 0.0, "exit 1 unless the last step's loss is below the first's by this fraction");
 
@@ -95,7 +96,7 @@ int Main() {
   if (world > 1) {
     auto made = MakeModelContext(o.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),
                                  absl::GetFlag(FLAGS_tp), absl::GetFlag(FLAGS_ep),
-                                 absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s)));
+                                 absl::Seconds(absl::GetFlag(FLAGS_collective_timeout_s)), absl::GetFlag(FLAGS_cp));
     if (!made.ok()) {
       if (rank == 0) std::fprintf(stderr, "lathe_sft: %s\n", made.status().ToString().c_str());
       return 2;
@@ -105,8 +106,8 @@ int Main() {
     o.report = rank == 0;
     if (rank == 0) {
       const auto& s = ctx->shape;
-      std::printf("lathe sft: %d ranks: replicas %d x node_count %d x devices_per_node %d, tp %d, ep %d\n", world,
-                  s.replicas, s.node_count, s.devices_per_node, s.tp, s.ep);
+      std::printf("lathe sft: %d ranks: replicas %d x node_count %d x devices_per_node %d, tp %d, cp %d, ep %d\n",
+                  world, s.replicas, s.node_count, s.devices_per_node, s.tp, s.cp, s.ep);
     }
   }
   auto summary = RunSft(o);

@@ -14,11 +14,13 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
 #include "parallel/grad_sync.h"
 #include "parallel/model_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
+#include "runtime/device.h"
 #include "runtime/guarded.h"
 #include "runtime/losses.h"
 #include "runtime/status.h"
@@ -32,11 +34,13 @@ namespace {
 // Large blocks would otherwise be mmap'ed and zeroed by the kernel on every
 // allocation: 10% of a step on a 150k vocabulary. Where chunks of logits
 // alternate with smaller buffers, heap-held large blocks fragment instead:
-// those calls map blocks of 32 MiB and more.
-void KeepLargeBlocksInHeap(bool keep) {
+// those calls map blocks of 32 MiB and more (32 MiB / cp under context
+// parallelism, whose per-rank buffers are cp times smaller: kept in the heap
+// they fragment it the same way, 1.6x the live memory at 16k tokens, cp 4).
+void KeepLargeBlocksInHeap(bool keep, int cp = 1) {
   constexpr int kGlibcDefaultMmapMax = 65536;
   mallopt(M_MMAP_MAX, keep ? 0 : kGlibcDefaultMmapMax);
-  if (!keep) mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  if (!keep) mallopt(M_MMAP_THRESHOLD, (32 << 20) / std::max(cp, 1));
 }
 
 }  // namespace
@@ -65,8 +69,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
     if (options.parallel != nullptr) {
       shard.tp = {options.parallel->tp.get(), options.parallel->timeout};
       shard.ep = {options.parallel->ep.get(), options.parallel->timeout};
+      shard.cp = {options.parallel->cp.get(), options.parallel->timeout};
     }
-    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora, shard, options.dtype));
+    LATHE_ASSIGN_OR_RETURN(shard.device, TorchDevice(options.device));
+    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model,
+                           DecoderModel::Load(options.model_dir, options.lora, shard, options.dtype));
     return absl::OkStatus();
   }));
   if (trainer->impl_->options.max_seq_len <= 0) {
@@ -199,6 +206,46 @@ void ReturnGradients(std::vector<TrainableParam>& params, std::vector<at::Tensor
 
 }  // namespace
 
+namespace {
+
+// The rows of one round this rank runs: all of them, or under context
+// parallelism its split of each sequence (parallel/context_parallel.h).
+class RowsOfRound {
+ public:
+  RowsOfRound(const std::vector<int64_t>& lengths, const parallel::Group& cp) : cp_(cp) {
+    if (!cp.active()) return;
+    split_ = parallel::SplitSequences(lengths, cp.size(), cp.rank());
+    own_ = at::tensor(split_.own(), at::kLong);
+  }
+  const parallel::SequenceSplit* split() const { return cp_.active() ? &split_ : nullptr; }
+  // This rank's rows of x, whose row 0 is global row `begin`.
+  at::Tensor Select(const at::Tensor& x, int64_t begin = 0) const {
+    if (!cp_.active()) return x;
+    const int64_t b = split_.LocalBegin(begin), e = split_.LocalBegin(begin + x.size(0));
+    return x.index_select(0, own_.narrow(0, b, e - b).to(x.device()) - begin);
+  }
+  // This rank's rows of local rows `x` that lie in global rows [begin, begin + n).
+  at::Tensor Rows(const at::Tensor& x, int64_t begin, int64_t n) const {
+    if (!cp_.active()) return x.narrow(0, begin, n);
+    const int64_t b = split_.LocalBegin(begin);
+    return x.narrow(0, b, split_.LocalBegin(begin + n) - b);
+  }
+  // Every member's rows of global rows [begin, begin + n) in order; x holds this
+  // rank's (differentiable; the backward takes this rank's rows back).
+  at::Tensor Gather(const at::Tensor& x, int64_t begin, int64_t n) const {
+    if (!cp_.active()) return x;
+    const bool whole = begin == 0 && n == split_.total;
+    return parallel::GatherSequenceRows(x, whole ? split_ : split_.Restrict(begin, n), cp_, /*sum_grads=*/false);
+  }
+
+ private:
+  parallel::Group cp_;
+  parallel::SequenceSplit split_;
+  at::Tensor own_;
+};
+
+}  // namespace
+
 absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     const lathe::v1::ForwardBackwardInput& input, bool backward) {
   const ModelConfig& config = impl_->model->config();
@@ -237,6 +284,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
   // data shards), and every rank that accumulates gradients for one step.
   const parallel::Group rounds_group =
       ctx == nullptr ? parallel::Group{} : parallel::Group{replica_part ? ctx->replica.get() : ctx->world.get(), ctx->timeout};
+  const parallel::Group cp_group = ctx == nullptr ? parallel::Group{} : parallel::Group{ctx->cp.get(), ctx->timeout};
   const parallel::Group step_group = ctx == nullptr ? parallel::Group{} : parallel::Group{ctx->world.get(), ctx->timeout};
   // This call's gradients accumulate apart from earlier ones, so a failed
   // call leaves the run's gradients as they were (on every rank).
@@ -258,7 +306,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
       rounds = r[0].item<int64_t>();
       longest = r[1].item<int64_t>();
     }
-    if (impl_->options.retain_freed_memory) KeepLargeBlocksInHeap(longest <= LogprobChunkTokens());
+    if (impl_->options.retain_freed_memory) KeepLargeBlocksInHeap(longest <= LogprobChunkTokens(), cp_group.size());
     const Recompute mode = impl_->options.recompute;
     const bool recompute =
         backward && (mode == Recompute::kOn || (mode == Recompute::kAuto && longest > kRecomputeAutoTokens));
@@ -280,12 +328,16 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
           part.push_back(my_lengths[j]);
         }
         packed_tokens = static_cast<int64_t>(packed.size());
-        at::Tensor hidden = model.Hidden(at::tensor(packed, at::kLong), part, &moe, nullptr, recompute);
+        // Under context parallelism this rank runs its rows of each sequence;
+        // logprobs are gathered back whole, so losses and outputs are as without.
+        const RowsOfRound rows(part, cp_group);
+        at::Tensor hidden = model.Hidden(rows.Select(OnDevice(at::tensor(packed, at::kLong), model.device())), part,
+                                         &moe, nullptr, recompute, rows.split());
         std::vector<std::map<std::string, at::Tensor>> inputs(end - begin);
         std::vector<at::Tensor> targets;
         bool flat = true;
         for (int j = begin; j < end; ++j) {
-          for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = TensorFromWire(t);
+          for (const auto& [key, t] : input.data(mine[j]).loss_fn_inputs()) inputs[j - begin][key] = OnDevice(TensorFromWire(t), model.device());
           targets.push_back(inputs[j - begin].at("target_tokens"));
           flat = flat && targets.back().dim() == 1;
         }
@@ -294,14 +346,19 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         const int64_t chunk = LogprobChunkTokens();
         at::Tensor packed_lp;
         if (flat) {
-          packed_lp = model.HiddenLogprobs(hidden, targets.empty() ? at::empty({0}, at::kLong) : at::cat(targets), chunk);
+          at::Tensor all = targets.empty() ? at::empty({0}, at::dtype(at::kLong).device(model.device()))
+                                           : at::cat(targets);
+          packed_lp = rows.Gather(model.HiddenLogprobs(hidden, rows.Select(all), chunk), 0, packed_tokens);
         }
         int64_t offset = 0;
         std::vector<at::Tensor> losses;
         for (int j = begin; j < end; ++j) {
           const auto& in = inputs[j - begin];
-          at::Tensor lp = flat ? packed_lp.narrow(0, offset, my_lengths[j])
-                               : model.HiddenLogprobs(hidden.narrow(0, offset, my_lengths[j]), in.at("target_tokens"), chunk);
+          const int64_t n = my_lengths[j];
+          at::Tensor lp = flat ? packed_lp.narrow(0, offset, n)
+                               : rows.Gather(model.HiddenLogprobs(rows.Rows(hidden, offset, n),
+                                                                  rows.Select(in.at("target_tokens"), offset), chunk),
+                                             offset, n);
           at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
           losses.push_back(elementwise.sum());
           total = total.defined() ? total + losses.back() : losses.back();
@@ -360,7 +417,7 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
     metrics["moe_max_over_mean_load:max"] = moe_max;
   }
   if (ctx != nullptr) {
-    return parallel::GatherOutputs(out, mine, input.data_size(), replica_part ? *ctx->replica_data : *ctx->data,
+    return parallel::GatherOutputs(out, mine, input.data_size(), replica_part ? *ctx->replica_data : *ctx->shards,
                                    ctx->timeout);
   }
   return out;

@@ -66,6 +66,10 @@ struct TrainerOptions {
   Recompute recompute = Recompute::kAuto;
   // The precision of the run's compute (runtime/dtype.h).
   Dtype dtype = Dtype::kFloat32;
+  // The CUDA device this rank computes on (parallel::DeviceChoice::index);
+  // -1: the CPU. The model, its gradients, the optimizer state and every
+  // input then live there (runtime/device.h).
+  int device = -1;
 };
 
 struct TrainerInfo {

@@ -52,6 +52,23 @@ if ! cmp -s requirements-dev.txt "$stamp"; then
   .venv/bin/pip install -q -r requirements-dev.txt
   cp requirements-dev.txt "$stamp"
 fi
+# LATHE_CUDA=1: the CUDA build's own environment, .venv-cuda (scripts/build.sh
+# builds build-cuda/ against it): torch and NCCL from requirements-cuda.txt, then
+# the rest of requirements-dev.txt. Several GB; reinstalled only when either changes.
+if [ "${LATHE_CUDA:-0}" = 1 ]; then
+  if [ ! -x .venv-cuda/bin/python ]; then
+    echo "[setup] creating .venv-cuda"
+    "$PY" -m venv .venv-cuda
+  fi
+  cuda_stamp=.venv-cuda/.lathe-requirements
+  if [ "$(cat requirements-cuda.txt requirements-dev.txt)" != "$(cat "$cuda_stamp" 2>/dev/null)" ]; then
+    echo "[setup] installing the CUDA PyTorch wheel and the Python packages into .venv-cuda"
+    .venv-cuda/bin/pip install -q -r requirements-cuda.txt
+    grep -v -E '^(torch|nvidia-nccl-cu13)==' requirements-dev.txt > .venv-cuda/.lathe-dev-rest.txt
+    .venv-cuda/bin/pip install -q -r requirements-cuda.txt -r .venv-cuda/.lathe-dev-rest.txt
+    cat requirements-cuda.txt requirements-dev.txt > "$cuda_stamp"
+  fi
+fi
 # The Loops SDK (tests/e2e/test_loops.py) needs Python >= 3.12: its own venv,
 # .venv-loops, from the first such interpreter found; none: skipped (the test
 # skips too).

@@ -155,6 +155,39 @@ def test_checkpoint_reshards_to_other_layouts(make_deployment, tmp_path):
         d.close()
 
 
+def test_checkpoints_move_between_context_parallel_layouts(make_deployment, tmp_path):
+    """Weights do not depend on cp: a checkpoint saved with the sequence split over 2 ranks
+    holds each slice once (the cp ranks hold the same ones), records cp, and resumes under
+    cp 1 and tp 2 x cp 2 with the same tensors and the same next loss."""
+    root = str(tmp_path / "ckpt")
+
+    def deploy(name, cp, **layout):
+        return make_deployment(name, max_runs=2, worker_args=["--checkpoint_root", root, "--cp", str(cp)],
+                               coordinator_args=["--checkpoint_root", root], **layout).start()
+
+    batches = _batches(3)
+    saver = deploy("save_cp2", 2, replicas=1, ranks=4, ep=2)
+    run = Run(saver.stub, **LORA)
+    losses = run.steps(batches[:2])
+    saved = run.save("s")
+    losses += run.steps(batches[2:])
+    saver.close()
+    manifest, want = _assemble(root, saved)
+    assert manifest["layout"]["cp"] == 2 and manifest["layout"]["ep"] == 2
+    slices = [(e["kind"], e["name"], e.get("begin", 0)) for e in manifest["tensors"]]
+    assert len(slices) == len(set(slices)), "a slice was written by more than one rank"
+    for name, cp, layout in (("load_cp1", 1, dict(replicas=1, ranks=1, ep=1)),
+                             ("load_tp2_cp2", 2, dict(replicas=1, ranks=4, ep=1, tp=2))):
+        d = deploy(name, cp, **layout)
+        again = Run(d.stub, **LORA)
+        assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=saved)).load_state.step == 2
+        _, got = _assemble(root, again.save("again"))
+        _assert_bitwise_equal(want, got, name)
+        resumed = again.steps(batches[2:])
+        assert abs(resumed[0] - losses[2]) <= 1e-5 * abs(losses[2]), (name, resumed, losses)
+        d.close()
+
+
 def test_save_and_load_refusals_and_corruption(make_deployment, tmp_path):
     root = str(tmp_path / "ckpt")
     d = _deploy(make_deployment, root, "refusals")

@@ -31,6 +31,9 @@ void Collectives(Communicator& c) {
   std::vector<float> x(1007);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((r + 1) * (i % 13));
   Expect(c.AllReduceSum({x.data(), 1007, ElemType::kFloat32}, t).ok(), "all_reduce ran");
+  // A buffer marked as device memory never reaches MPI.
+  Expect(absl::IsFailedPrecondition(c.AllReduceSum({x.data(), 1007, ElemType::kFloat32, true}, t)),
+         "a device buffer is refused by the MPI backend");
   bool ok = true;
   for (size_t i = 0; i < x.size(); ++i) ok &= x[i] == static_cast<float>(n * (n + 1) / 2 * (i % 13));
   Expect(ok, "all_reduce sum");

@@ -38,7 +38,11 @@ std::vector<MeshShape> Layouts() {
       for (int dpn : {1, 2, 4, 8}) {
         for (int tp = 1; tp <= dpn; tp *= 2) {
           for (int ep = 1; ep <= nodes * dpn; ++ep) {
-            if ((nodes * dpn) % ep == 0) out.push_back({replicas, nodes, dpn, tp, ep});
+            for (int cp = 1; cp <= nodes * dpn / tp; cp *= 2) {
+              if ((nodes * dpn) % ep == 0 && (nodes * dpn) % (tp * cp) == 0) {
+                out.push_back({replicas, nodes, dpn, tp, ep, cp});
+              }
+            }
           }
         }
       }
@@ -51,13 +55,15 @@ TEST(MeshTest, GroupsPartitionTheWorldInEveryLayout) {
   int checked = 0;
   for (const MeshShape& s : Layouts()) {
     SCOPED_TRACE(testing::Message() << "replicas " << s.replicas << " nodes " << s.node_count << " dpn "
-                                    << s.devices_per_node << " tp " << s.tp << " ep " << s.ep);
+                                    << s.devices_per_node << " tp " << s.tp << " ep " << s.ep << " cp " << s.cp);
     ASSERT_TRUE(ValidateMesh(s, s.world_size(), {}).ok() || s.ep > 1);
     std::vector<RankPlace> places;
     for (int r = 0; r < s.world_size(); ++r) places.push_back(PlaceOf(s, r));
     const int g = s.group_size();
     ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.tp_group; }, s.tp, "tp");
-    ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.dp_group; }, g / s.tp, "dp");
+    ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.cp_group; }, s.cp, "cp");
+    ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.dp_group; },
+                    g / (s.tp * s.cp), "dp");
     ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.ep_group; }, s.ep, "ep");
     ExpectPartition(s, places, [](const RankPlace& p) -> const std::vector<int>& { return p.expert_data_group; },
                     static_cast<size_t>(s.replicas * g / s.ep), "expert data");
@@ -86,6 +92,15 @@ TEST(MeshTest, GroupsPartitionTheWorldInEveryLayout) {
         tp_ranks.insert(places[m].tp_rank);
       }
       EXPECT_EQ(static_cast<int>(tp_ranks.size()), s.tp);
+      // A cp group is one tp position of one data group, each member a part of its sequences.
+      std::set<int> cp_ranks;
+      for (int m : p.cp_group) {
+        EXPECT_EQ(places[m].dp_rank, p.dp_rank);
+        EXPECT_EQ(places[m].tp_rank, p.tp_rank);
+        cp_ranks.insert(places[m].cp_rank);
+      }
+      EXPECT_EQ(static_cast<int>(cp_ranks.size()), s.cp);
+      for (int m : p.dp_group) EXPECT_EQ(places[m].cp_rank, p.cp_rank);
       // Members of an expert-data group hold the same experts (same ep_rank).
       for (int m : p.expert_data_group) EXPECT_EQ(places[m].ep_rank, p.ep_rank);
       for (int m : p.dense_grad_group) EXPECT_EQ(places[m].tp_rank, p.tp_rank);
@@ -109,6 +124,21 @@ TEST(MeshTest, KnownLayoutOfTwoReplicasWithTpTwo) {
   EXPECT_EQ(p.dense_grad_group, (std::vector<int>{1, 3, 5, 7}));
 }
 
+TEST(MeshTest, KnownLayoutWithContextParallelism) {
+  MeshShape s{1, 1, 8, 2, 1, 2};  // 8 devices: tp 2 inside cp 2 inside 2 data groups
+  RankPlace p = PlaceOf(s, 6);
+  EXPECT_EQ(p.tp_rank, 0);
+  EXPECT_EQ(p.cp_rank, 1);
+  EXPECT_EQ(p.dp_rank, 1);
+  EXPECT_EQ(p.tp_group, (std::vector<int>{6, 7}));
+  EXPECT_EQ(p.cp_group, (std::vector<int>{4, 6}));
+  EXPECT_EQ(p.dp_group, (std::vector<int>{2, 6}));
+  EXPECT_EQ(p.dense_grad_group, (std::vector<int>{0, 2, 4, 6}));
+  // cp alone: every rank of the group holds a part of the same sequences.
+  EXPECT_EQ(PlaceOf({1, 1, 4, 1, 1, 4}, 2).cp_group, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(PlaceOf({1, 1, 4, 1, 1, 4}, 2).dp_group, (std::vector<int>{2}));
+}
+
 TEST(MeshTest, InvalidLayoutsAreRefusedWithEveryReason) {
   ModelDims qwen3_moe{32, 4, 128};
   EXPECT_TRUE(ValidateMesh({2, 1, 4, 2, 4}, 8, qwen3_moe).ok());
@@ -126,6 +156,11 @@ TEST(MeshTest, InvalidLayoutsAreRefusedWithEveryReason) {
   EXPECT_NE(ValidateMesh({1, 1, 2, 1, 2}, 2, {16, 8, 0}).message().find("needs a mixture-of-experts"),
             std::string::npos);
   EXPECT_NE(ValidateMesh({0, 1, 2, 1, 1}, 2, {}).message().find("replicas must be positive"), std::string::npos);
+  EXPECT_NE(ValidateMesh({1, 1, 2, 1, 1, 0}, 2, {}).message().find("cp must be positive"), std::string::npos);
+  EXPECT_NE(ValidateMesh({1, 1, 4, 2, 1, 3}, 4, {}).message().find("tp 2 x cp 3 does not divide the node group of 4"),
+            std::string::npos);
+  // cp may span nodes.
+  EXPECT_TRUE(ValidateMesh({1, 2, 2, 1, 1, 4}, 4, {}).ok());
   EXPECT_NE(ValidateMesh({1, 1, 4, 4, 1}, 4, {16, 8, 0, 1002}).message().find("MLP width 1002 is not divisible by tp 4"),
             std::string::npos);
   // KV heads fewer than tp are replicated: valid.

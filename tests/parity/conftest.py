@@ -32,6 +32,7 @@ EXIT_REFUSED = 3
 def pytest_configure(config):
     # peft probes a deprecated transformers property on every get_peft_model call
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device and the CUDA build (LATHE_CUDA=1); skipped elsewhere")
 
 
 def harness_path() -> str:

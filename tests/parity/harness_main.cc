@@ -115,7 +115,7 @@ struct Output {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   std::map<std::string, std::string> metadata;
   void Add(const std::string& name, const at::Tensor& t) {
-    tensors.emplace_back(name, t.detach().to(at::kFloat).contiguous().clone());
+    tensors.emplace_back(name, t.detach().to(at::kCPU, at::kFloat).contiguous().clone());
   }
   void AddWire(const std::string& name, const lathe::v1::TensorData& t) {
     std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
@@ -173,6 +173,9 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
   TrainerOptions options{model_dir, LoraFromJson(req.value("lora", json())), req.value("max_seq_len", 0),
                          req.value("micro_batch_tokens", 0)};
   options.logprob_chunk_tokens = req.value("logprob_chunk_tokens", 0);
+  // "device": "cuda" runs on CUDA device 0 (tests/parity/test_gpu.py); default the CPU.
+  options.device = req.value("device", std::string("cpu")) == "cuda" ? 0 : -1;
+  // Float32 unless asked, on either device (the parity tests choose).
   absl::StatusOr<Dtype> dtype = ParseDtype(req.value("dtype", std::string()), /*on_gpu=*/false);
   if (!dtype.ok()) {
     std::fprintf(stderr, "%s\n", dtype.status().ToString().c_str());
