@@ -43,9 +43,10 @@ def log_tails(logs):
 
 
 @contextlib.contextmanager
-def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None, coordinator_args=(), worker_args=()):
+def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None, coordinator_args=(), worker_args=(),
+               dtype=None):
     """Yields the coordinator's gRPC address; `coordinator_args` / `worker_args` are more
-    lathe_coordinator / dp_worker flags."""
+    lathe_coordinator / dp_worker flags; `dtype` the workers' --dtype (None: their default)."""
     port_file = os.path.join(logs, "port")
     root = [f"--checkpoint_root={checkpoint_root}"] if checkpoint_root else []
     token = {"LATHE_WORKER_TOKEN": secrets.token_hex(32)}  # the replicas' credential, for both sides
@@ -65,7 +66,7 @@ def deployment(build_dir, model, layout, threads, logs, checkpoint_root=None, co
         workers = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks_of(layout)),
                                     "-x", "OMP_NUM_THREADS", os.path.join(build_dir, "dp_worker", "dp_worker"),
                                     f"--coordinator={address}", f"--model={model}"] + mesh_flags(layout) + root
-                                   + list(worker_args),
+                                   + list(worker_args) + ([f"--dtype={dtype}"] if dtype else []),
                                    env=dict(ENV, OMP_NUM_THREADS=str(threads), **token),
                                    stdout=open(os.path.join(logs, "workers.log"), "w"), stderr=subprocess.STDOUT)
         yield address

@@ -34,6 +34,7 @@ ABSL_FLAG(int, cp, 1, "context-parallel degree");
 ABSL_FLAG(int64_t, max_seq_len, 0, "longest datum accepted; 0: the model's max_position_embeddings");
 ABSL_FLAG(int64_t, logprob_chunk_tokens, 0, "tokens whose logits exist at once; 0: the trainer's default");
 ABSL_FLAG(std::string, recompute, "auto", "per-layer activation recompute: auto, on, off");
+ABSL_FLAG(std::string, dtype, "float32", "compute precision: float32 or bfloat16");
 ABSL_FLAG(bool, retain_freed_memory, true, "keep freed memory in the heap (TrainerOptions::retain_freed_memory)");
 
 int Bench();
@@ -63,6 +64,12 @@ int Bench() {
   options.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   options.retain_freed_memory = absl::GetFlag(FLAGS_retain_freed_memory);
   options.logprob_chunk_tokens = absl::GetFlag(FLAGS_logprob_chunk_tokens);
+  auto dtype = ParseDtype(absl::GetFlag(FLAGS_dtype), /*on_gpu=*/false);
+  if (!dtype.ok()) {
+    std::fprintf(stderr, "--dtype: %s\n", dtype.status().ToString().c_str());
+    return 1;
+  }
+  options.dtype = *dtype;
   auto recompute = ParseRecompute(absl::GetFlag(FLAGS_recompute));
   if (!recompute.ok()) {
     std::fprintf(stderr, "%s\n", recompute.status().ToString().c_str());

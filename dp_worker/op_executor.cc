@@ -161,6 +161,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   o.micro_batch_tokens = options_.micro_batch_tokens;
   o.logprob_chunk_tokens = options_.logprob_chunk_tokens;
   o.recompute = options_.recompute;
+  o.dtype = options_.dtype;
   o.parallel = parallel_;
   o.device = options_.device;
   o.replica_batches = true;
@@ -195,6 +196,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Init(const std::string& run_id, 
   out->set_max_seq_len(info.max_seq_len);
   out->set_step(info.step);
   out->set_trainable_parameters(info.trainable_parameters);
+  out->set_dtype(runtime::DtypeName(info.dtype));
   out->set_loaded_from(op.load_path());
   return result;
 }
@@ -336,10 +338,12 @@ class WeightSwap {
       saved_.push_back(params_[i].tensor.detach().clone());
       params_[i].tensor.detach().copy_((*values)[i]);
     }
+    runtime::RefreshComputeCopies(params_);
   }
   ~WeightSwap() {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < saved_.size(); ++i) params_[i].tensor.detach().copy_(saved_[i]);
+    if (!saved_.empty()) runtime::RefreshComputeCopies(params_);
   }
 
  private:
@@ -496,6 +500,7 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::SaveForSampler(runtime::Trainer&
     runtime::PeftExportOptions export_options;
     export_options.base_model = options_.base_model;
     export_options.merge_base_dir = op.save_weights_for_sampler().merged() ? options_.model_dir : "";
+    export_options.merged_bf16 = options_.dtype == runtime::Dtype::kBFloat16;
     export_options.ttl_seconds = op.save_weights_for_sampler().ttl_seconds();
     export_options.shards_dir = scratch;
     s = params.ok() ? runtime::WritePeftAdapter(*params, trainer.GetInfo().lora, folder, export_options)

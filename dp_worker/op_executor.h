@@ -28,6 +28,7 @@ struct ExecutorOptions {
   int64_t micro_batch_tokens = 0;  // 0: the Trainer's default
   int64_t logprob_chunk_tokens = 0;  // 0: the Trainer's default
   runtime::Recompute recompute = runtime::Recompute::kAuto;
+  runtime::Dtype dtype = runtime::Dtype::kFloat32;
   int max_runs = 1;                // trainers held at once
   std::string checkpoint_root;     // empty: save/load refused
   std::string base_model;          // recorded in checkpoints

@@ -136,7 +136,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
     std::fflush(stdout);
     return absl::OkStatus();
   }
-  LATHE_LOG(Info, "%s", place);
+  LATHE_LOG(Info, "%s; computing in %s", place, runtime::DtypeName(options.executor.dtype));
   if (info.node_count > 1 && info.node_rank != ctx->place.node_rank) {
     LATHE_LOG(Warning, "the mesh puts this rank on node %d but it runs on the launcher's node %d: place ranks "
               "in blocks of %d per node (mpirun --map-by ppr:%d:node, srun --ntasks-per-node=%d)",

@@ -57,7 +57,7 @@ echo "[local] Tinker REST API on http://127.0.0.1:$(cat "$logs/http_port") (TINK
 echo "[local] coordinator on $address; starting $replicas x $group dp_worker ranks (logs in $logs)"
 mpirun --oversubscribe -np $((replicas * group)) build/dp_worker/dp_worker --coordinator "$address" \
   --model runs/tiny-qwen3-moe --replicas "$replicas" --ep "$ep" --checkpoint_root runs/checkpoints \
-  >"$logs/workers.log" 2>&1 &
+  ${LATHE_DTYPE:+--dtype "$LATHE_DTYPE"} >"$logs/workers.log" 2>&1 &
 workers_pid=$!
 build/client/lathe info --address "$address" --wait_s 120
 build/client/lathe train --address "$address" --data runs/sft-data.jsonl --steps "$steps" --batch_size 8 \

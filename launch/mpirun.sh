@@ -32,6 +32,7 @@ done
 workers+=(${LATHE_MPIRUN_ARGS:-} "$LATHE_WORKER_BIN" --coordinator "$host:@PORT@" --model "$LATHE_MODEL_DIR"
   --base_model "$LATHE_PLAN_MODEL" --replicas "$LATHE_PLAN_REPLICAS" ${LATHE_LAYOUT_FLAGS:-})
 [ -n "${LATHE_CHECKPOINT_ROOT:-}" ] && workers+=(--checkpoint_root "$LATHE_CHECKPOINT_ROOT")
+[ -n "${LATHE_DTYPE:-}" ] && workers+=(--dtype "$LATHE_DTYPE")
 if [ -n "${LATHE_TLS_CERT:-}" ]; then
   coordinator+=(--tls_cert "$LATHE_TLS_CERT" --tls_key "${LATHE_TLS_KEY:?set LATHE_TLS_KEY with LATHE_TLS_CERT}")
   workers+=(--tls_ca "${LATHE_TLS_CA:?set LATHE_TLS_CA (same path on every host) with LATHE_TLS_CERT}")

@@ -135,6 +135,8 @@ struct GatherSeqFn : torch::autograd::Function<GatherSeqFn> {
 
 at::Tensor GatherSequenceRows(const at::Tensor& x, const SequenceSplit& split, const Group& g, bool sum_grads) {
   if (!g.active()) return x;
+  // Communicators carry no bf16: bf16 rows travel as fp32 (exact).
+  if (x.scalar_type() == at::kBFloat16) return GatherSequenceRows(x.to(at::kFloat), split, g, sum_grads).to(x.scalar_type());
   TORCH_CHECK(x.size(0) == static_cast<int64_t>(split.own().size()), "context-parallel gather of ", x.size(0),
               " rows, the split gives this rank ", split.own().size());
   Slots slots = SlotsOf(split);
@@ -158,7 +160,8 @@ struct PrefixChunkFn : torch::autograd::Function<PrefixChunkFn> {
     auto [o1, l1] = at::_scaled_dot_product_flash_attention_for_cpu(q, kp, vp, 0.0, false, {}, scale);
     auto [o2, l2] = at::_scaled_dot_product_flash_attention_for_cpu(q, kd, vd, 0.0, true, {}, scale);
     at::Tensor lse = at::logaddexp(l1, l2);
-    at::Tensor o = o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1);
+    // The merge weights are fp32: the output comes back in q's dtype (bf16 runs).
+    at::Tensor o = (o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1)).to(q.scalar_type());
     ctx->save_for_backward({q, kp, vp, kd, vd, o, lse});
     ctx->saved_data["scale"] = scale;
     return o;

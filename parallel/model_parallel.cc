@@ -57,8 +57,14 @@ at::Tensor Summed(const at::Tensor& x, const Group& g) {
   return y;
 }
 
+// Communicators carry no bf16 (MPI has no such type): a bf16 tensor travels
+// as fp32, which is exact for data movement; a sum is then taken in fp32 and
+// rounded to bf16 once.
+bool Narrow(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
 // All-gather of balanced row parts: `x` is this member's part of `total` rows.
 at::Tensor GatherParts(const at::Tensor& x, int64_t total, const Group& g) {
+  if (Narrow(x)) return GatherParts(x.to(at::kFloat), total, g).to(x.scalar_type());
   const int n = g.size();
   int64_t widest = 0;
   for (int i = 0; i < n; ++i) widest = std::max(widest, PartBegin(total, n, i + 1) - PartBegin(total, n, i));
@@ -121,6 +127,7 @@ struct GatherFn : torch::autograd::Function<GatherFn> {
 
 at::Tensor ExchangeRows(const at::Tensor& x, const std::vector<int64_t>& send_rows,
                         const std::vector<int64_t>& recv_rows, const Group& g) {
+  if (Narrow(x)) return ExchangeRows(x.to(at::kFloat), send_rows, recv_rows, g).to(x.scalar_type());
   int64_t cols = 1;
   for (int64_t d = 1; d < x.dim(); ++d) cols *= x.size(d);
   std::vector<int64_t> sc, rc;
@@ -188,11 +195,23 @@ int64_t PartBegin(int64_t total, int parts, int i) { return total * i / parts; }
 
 void AllReduceSumInPlace(at::Tensor& t, const Group& g) {
   if (!g.active() || t.numel() == 0) return;
+  if (Narrow(t)) {
+    at::Tensor wide = t.to(at::kFloat);
+    AllReduceSumInPlace(wide, g);
+    t.copy_(wide);
+    return;
+  }
   Check(g.comm->AllReduceSum(BufferOf(t), g.timeout));
 }
 
 void AllReduceMaxInPlace(at::Tensor& t, const Group& g) {
   if (!g.active() || t.numel() == 0) return;
+  if (Narrow(t)) {
+    at::Tensor wide = t.to(at::kFloat);
+    AllReduceMaxInPlace(wide, g);
+    t.copy_(wide);
+    return;
+  }
   Check(g.comm->AllReduceMax(BufferOf(t), g.timeout));
 }
 

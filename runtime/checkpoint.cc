@@ -185,7 +185,8 @@ absl::Status WriteAndCommit(Trainer& trainer, const std::string& dir, const std:
                      {"layout", {{"replicas", meta.replicas}, {"node_count", meta.node_count},
                                  {"devices_per_node", meta.devices_per_node}, {"tp", meta.tp}, {"ep", meta.ep},
                                  {"cp", meta.cp}}},
-                     {"lora", LoraJson(info.lora)}, {"tensors", std::move(tensors)}};
+                     {"lora", LoraJson(info.lora)}, {"dtype", DtypeName(info.dtype)},
+                     {"tensors", std::move(tensors)}};
     s = Commit(manifest, partial, dir, overwrite);
   }
   return Agree(s, group, timeout);

@@ -292,6 +292,11 @@ absl::StatusOr<int64_t> LoadCheckpoint(Trainer& trainer, const std::string& dir,
     Apply(staged->moments[i][0], s.exp_avg);
     Apply(staged->moments[i][1], s.exp_avg_sq);
   }
+  // The bf16 copies of fp32 masters follow them (whatever dtype the
+  // checkpoint was written under: its tensors are fp32 either way).
+  FoldComputeGradients(params);
+  for (TrainableParam& p : params) p.tensor.mutable_grad() = at::Tensor();
+  RefreshComputeCopies(params);
   if (states.empty()) {
     trainer.optimizer().Reset();  // without moments (none saved yet, or not asked for) a fresh optimizer
   } else {

@@ -31,6 +31,27 @@ void ForEachNamed(const TrainableParam& p, const at::Tensor& value,
   }
 }
 
+void FoldComputeGradients(std::vector<TrainableParam>& params) {
+  at::NoGradGuard no_grad;
+  for (TrainableParam& p : params) {
+    if (!p.compute.defined() || !p.compute.grad().defined()) continue;
+    at::Tensor g = p.compute.grad().to(at::kFloat);
+    p.compute.mutable_grad() = at::Tensor();
+    if (p.tensor.grad().defined()) {
+      p.tensor.mutable_grad().add_(g);
+    } else {
+      p.tensor.mutable_grad() = g;
+    }
+  }
+}
+
+void RefreshComputeCopies(std::vector<TrainableParam>& params) {
+  at::NoGradGuard no_grad;
+  for (TrainableParam& p : params) {
+    if (p.compute.defined()) p.compute.copy_(p.tensor);
+  }
+}
+
 // How a linear layer is cut over tp: by output rows (column-parallel) or by
 // input columns (row-parallel), at `begin` of `full`.
 struct DecoderModel::Cut {
@@ -42,12 +63,14 @@ struct DecoderModel::Cut {
 
 absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::string& dir,
                                                                  const LoraSettings& lora,
-                                                                 const ModelShard& shard) {
+                                                                 const ModelShard& shard, Dtype dtype) {
   std::unique_ptr<DecoderModel> model(new DecoderModel());
   LATHE_ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
   model->lora_ = lora;
   model->shard_ = shard;
-  LATHE_ASSIGN_OR_RETURN(WeightSource source, WeightSource::Open(dir));
+  model->dtype_ = dtype;
+  LATHE_ASSIGN_OR_RETURN(WeightSource source,
+                         WeightSource::Open(dir, dtype == Dtype::kBFloat16 ? at::kBFloat16 : at::kFloat));
   LATHE_RETURN_IF_ERROR(model->Build(source));
   model->MoveToDevice();
   return model;
@@ -220,7 +243,13 @@ void DecoderModel::RegisterFull() {
   auto add = [&](const std::string& name, at::Tensor& t, GradSync sync = GradSync::kReplicated, int dim = -1,
                  int64_t begin = 0, int64_t full = 0) {
     t.requires_grad_(true);
-    trainable_.push_back({name, t, sync == GradSync::kExpert, sync, dim, begin, full});
+    if (t.scalar_type() == at::kFloat) {
+      trainable_.push_back({name, t, sync == GradSync::kExpert, sync, dim, begin, full});
+      return;
+    }
+    // A bf16 weight trains through its fp32 master (exact: bf16 widens losslessly).
+    at::Tensor master = t.detach().to(at::kFloat).requires_grad_(true);
+    trainable_.push_back({name, master, sync == GradSync::kExpert, sync, dim, begin, full, t});
   };
   const int64_t d = c.head_dim;
   const int tr = shard_.tp.rank();
@@ -487,21 +516,33 @@ at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
   // runs this orientation about 25% faster than h Wᵀ, more than the copy costs.
   const LoraLinear& head = lm_head_;
   const parallel::Group& tp = shard_.tp;
+  // Under bfloat16 the logits are a bf16 product (with an fp32 adapter added
+  // as AddAdapter does), widened to fp32 for the logprobs, as transformers'
+  // loss upcasts them.
   if (InBatchInvariantScope()) {
     at::Tensor logits = Linear(parallel::CopyToGroup(hidden, tp), head.weight);
     if (head.lora_a.defined()) {
-      at::Tensor xa = parallel::CopyToGroup(Linear(hidden, head.lora_a), tp);
-      logits = AddLinear(logits, xa.mul(head.scale), head.lora_b);
+      at::Tensor xa = parallel::CopyToGroup(Linear(AdapterInput(hidden, head.lora_a), head.lora_a), tp);
+      logits = AddAdapter(logits, xa.mul(head.scale), head.lora_b);
     }
     return logits.to(at::kFloat);
   }
   at::Tensor ht = parallel::CopyToGroup(hidden, tp).t();
   at::Tensor logits_t = at::mm(head.weight, ht);
   if (head.lora_a.defined()) {
-    at::Tensor xa = parallel::CopyToGroup(at::mm(hidden, head.lora_a.t()), tp);
-    logits_t = at::addmm(logits_t, head.lora_b, xa.t().mul(head.scale));
+    at::Tensor xa = parallel::CopyToGroup(at::mm(AdapterInput(hidden, head.lora_a), head.lora_a.t()), tp);
+    const at::ScalarType base = logits_t.scalar_type();
+    if (base == head.lora_b.scalar_type()) {
+      logits_t = at::addmm(logits_t, head.lora_b, xa.t().mul(head.scale));
+    } else {
+      // bf16 logits: the adapter is added in place to their fp32 copy (one
+      // [V, T] fp32 buffer), which is then rounded back as peft does.
+      logits_t = logits_t.to(head.lora_b.scalar_type()).addmm_(head.lora_b, xa.t().mul(head.scale)).to(base);
+    }
   }
-  return logits_t.t().contiguous().to(at::kFloat);
+  // One copy into fp32 rows (no bf16 [T, V] copy on the way).
+  return logits_t.t().to(logits_t.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/false,
+                         at::MemoryFormat::Contiguous);
 }
 
 at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& targets) const {
@@ -541,6 +582,7 @@ absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>&
   }
   at::NoGradGuard no_grad;
   for (const auto& [name, value] : values) slots[name].copy_(value);
+  RefreshComputeCopies(trainable_);
   return absl::OkStatus();
 }
 

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "parallel/context_parallel.h"
 #include "parallel/model_parallel.h"
+#include "runtime/dtype.h"
 #include "runtime/layers.h"
 #include "runtime/lora_settings.h"
 #include "runtime/model_config.h"
@@ -38,6 +39,14 @@ enum class GradSync {
 // Under model parallelism a rank holds [shard_begin, shard_begin +
 // tensor.size(shard_dim)) of dimension shard_dim of a tensor of full_size
 // along it (shard_dim -1: the whole tensor).
+//
+// `tensor` is always fp32: what the optimizer updates, checkpoints hold and
+// exports write. Under bfloat16 a fully fine-tuned weight is read by the
+// forward from `compute`, its bf16 copy (the autograd leaf): `tensor` is then
+// its fp32 master copy, gradients are moved into tensor's fp32 gradient after
+// each backward (FoldComputeGradients) and `compute` is rounded from it after
+// each change (RefreshComputeCopies). Undefined `compute`: the forward reads
+// `tensor` (fp32 runs, LoRA A/B).
 struct TrainableParam {
   std::string name;
   at::Tensor tensor;
@@ -46,7 +55,15 @@ struct TrainableParam {
   int shard_dim = -1;
   int64_t shard_begin = 0;
   int64_t full_size = 0;
+  at::Tensor compute = at::Tensor();
 };
+
+// Adds each bf16 `compute` gradient to its master's fp32 gradient (defining
+// it if needed) and clears it. Nothing to do in fp32 runs.
+void FoldComputeGradients(std::vector<TrainableParam>& params);
+// Rounds every master into its `compute` copy (after an optimizer step, a
+// load). Nothing to do in fp32 runs.
+void RefreshComputeCopies(std::vector<TrainableParam>& params);
 
 // The groups this rank's part of the model is sharded over; inactive groups
 // (the default) load and run the whole model.
@@ -87,15 +104,18 @@ struct KvCache {
 
 class DecoderModel {
  public:
-  // Reads config.json and the safetensors weights of `dir` (fp32 compute).
+  // Reads config.json and the safetensors weights of `dir`, computing in
+  // `dtype` (base weights held in it; see runtime/dtype.h).
   // NotFound / DataLoss for missing or corrupt files, InvalidArgument for an
   // unsupported config or a tensor of the wrong shape; all name the culprit.
   // With `shard`, reads only this rank's slices.
   static absl::StatusOr<std::unique_ptr<DecoderModel>> Load(const std::string& dir,
                                                             const LoraSettings& lora,
-                                                            const ModelShard& shard = {});
+                                                            const ModelShard& shard = {},
+                                                            Dtype dtype = Dtype::kFloat32);
 
   const ModelConfig& config() const { return config_; }
+  Dtype dtype() const { return dtype_; }
   const LoraSettings& lora() const { return lora_; }
 
   // tokens: int64 [T], the concatenation of independent sequences of the
@@ -143,8 +163,9 @@ class DecoderModel {
   std::vector<TrainableParam>& trainable() { return trainable_; }
   const std::vector<TrainableParam>& trainable() const { return trainable_; }
 
-  // Overwrites trainable values by expanded name. InvalidArgument for an
-  // unknown name or a shape mismatch; nothing is changed then.
+  // Overwrites trainable values by expanded name (and their bf16 copies).
+  // InvalidArgument for an unknown name or a shape mismatch; nothing is
+  // changed then.
   absl::Status SetTrainable(const std::map<std::string, at::Tensor>& values);
 
  private:
@@ -169,6 +190,7 @@ class DecoderModel {
   void MoveToDevice();
 
   ModelConfig config_;
+  Dtype dtype_ = Dtype::kFloat32;
   LoraSettings lora_;
   ModelShard shard_;
   int64_t vocab_begin_ = 0;

@@ -49,7 +49,10 @@ void DecoderModel::MoveToDevice() {
       move(*t);
     }
   }
-  for (TrainableParam& p : trainable_) move(p.tensor);
+  for (TrainableParam& p : trainable_) {
+    move(p.tensor);
+    move(p.compute);  // a bf16 weight's forward copy: the layer's tensor, already moved
+  }
 }
 
 }  // namespace lathe::runtime

@@ -21,7 +21,10 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w) {
   if (!t_batch_invariant) return at::mm(x, w.t());
   TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || w.requires_grad()),
               "batch-invariant products are for inference only");
-  return InvariantLinear(x, w);
+  if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat) return InvariantLinear(x, w);
+  // InvariantLinear sums in fp32 only: bf16 values widen exactly, and the one
+  // rounding of each fp32 result keeps every row independent of its batch.
+  return InvariantLinear(x.to(at::kFloat), w.to(at::kFloat)).to(x.scalar_type());
 }
 
 at::Tensor AddLinear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w) {
@@ -29,11 +32,20 @@ at::Tensor AddLinear(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
   return y + Linear(x, w);
 }
 
+at::Tensor AdapterInput(const at::Tensor& x, const at::Tensor& a) {
+  return x.scalar_type() == a.scalar_type() ? x : x.to(a.scalar_type());
+}
+
+at::Tensor AddAdapter(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b) {
+  if (y.scalar_type() == b.scalar_type()) return AddLinear(y, xa, b);
+  return AddLinear(y.to(b.scalar_type()), xa, b).to(y.scalar_type());
+}
+
 at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
   // x is [T, in]. The scale goes on the rank-sized product and the adapter
   // term is added by the GEMM itself, so no extra [T, out] temporaries.
   at::Tensor y = Linear(x, weight);
-  if (lora_a.defined()) y = AddLinear(y, Linear(x, lora_a).mul(scale), lora_b);
+  if (lora_a.defined()) y = AddAdapter(y, Linear(AdapterInput(x, lora_a), lora_a).mul(scale), lora_b);
   return y;
 }
 
@@ -50,9 +62,10 @@ std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fu
   if (a_parts.empty()) return outs;
   std::vector<int64_t> ranks;
   for (const at::Tensor& a : a_parts) ranks.push_back(a.size(0));
-  std::vector<at::Tensor> xa = at::split_with_sizes(in(Linear(x, at::cat(a_parts, 0))), ranks, 1);
+  at::Tensor a = at::cat(a_parts, 0);
+  std::vector<at::Tensor> xa = at::split_with_sizes(in(Linear(AdapterInput(x, a), a)), ranks, 1);
   for (size_t i = 0; i < parts.size(); ++i) {
-    outs[i] = AddLinear(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b);
+    outs[i] = AddAdapter(outs[i], xa[i].mul(parts[i]->scale), parts[i]->lora_b);
   }
   return outs;
 }
@@ -61,11 +74,14 @@ at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, cons
   if (!reduce) return layer.Forward(x);
   at::Tensor y = Linear(x, layer.weight);
   if (!layer.lora_a.defined()) return reduce(y);
-  // One reduction for the base output and the adapter's rank-sized input.
+  // One reduction for the base output and the adapter's rank-sized input,
+  // in the adapter's dtype when it is the wider one.
   const int64_t out = y.size(1);
-  at::Tensor both = reduce(at::cat({y, Linear(x, layer.lora_a)}, 1));
+  at::Tensor xa = Linear(AdapterInput(x, layer.lora_a), layer.lora_a);
+  at::Tensor both = reduce(at::cat({y.to(xa.scalar_type()), xa}, 1));
   return AddLinear(both.narrow(1, 0, out), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
-                   layer.lora_b);
+                   layer.lora_b)
+      .to(y.scalar_type());
 }
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -30,14 +30,24 @@ class BatchInvariantScope {
 // Whether a BatchInvariantScope lives on this thread.
 bool InBatchInvariantScope();
 
-// x wᵀ for x [T, in], w [out, in]: at::mm, or InvariantLinear inside a
-// BatchInvariantScope.
+// x wᵀ for x [T, in], w [out, in] of one dtype: at::mm, or InvariantLinear
+// inside a BatchInvariantScope (bf16 operands are widened to fp32 for it,
+// exactly, and its fp32 result rounded back to bf16 once).
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w);
 // y + x wᵀ, the same way.
 at::Tensor AddLinear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w);
 
+// The input of an adapter whose A is `a`: x cast to A's dtype (peft casts
+// the input to the adapter's dtype).
+at::Tensor AdapterInput(const at::Tensor& x, const at::Tensor& a);
+// y + xa Bᵀ for the base output y and the scaled adapter activations xa
+// [T, r] (in B's dtype): when y is narrower than B (a bf16 base, an fp32
+// adapter) the sum is taken in B's dtype and cast back to y's, as peft does.
+at::Tensor AddAdapter(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b);
+
 // y = x Wᵀ + scale · (x Aᵀ) Bᵀ for x [T, in]. `lora_a` [r, in] and `lora_b`
-// [out, r] are undefined when the layer has no adapter.
+// [out, r] are undefined when the layer has no adapter. The adapter may be
+// wider than the base (fp32 A/B on a bf16 W): see AdapterInput, AddAdapter.
 struct LoraLinear {
   at::Tensor weight;  // [out, in]
   at::Tensor lora_a;

@@ -98,7 +98,7 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
 // Everything the export holds, into `folder`.
 absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_device, const LoraSettings& lora,
                                 const std::string& base_model, const std::string& merge_base_dir,
-                                int64_t ttl_seconds, const std::string& folder) {
+                                bool merged_bf16, int64_t ttl_seconds, const std::string& folder) {
   // Written (and merged with the base weights) from host memory.
   std::map<std::string, at::Tensor> params;
   for (const auto& [name, t] : on_device) params[name] = t.to(at::kCPU);
@@ -122,7 +122,7 @@ absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_devi
   const json sampler = {{"created_unix_ms", now}, {"expires_unix_ms", ExpiryUnixMillis(now, ttl_seconds)}};
   LATHE_RETURN_IF_ERROR(WriteText(folder + "/lathe_sampler.json", sampler.dump()));
   if (merge_base_dir.empty()) return absl::OkStatus();
-  return WriteMergedModel(params, lora.scale(), merge_base_dir, folder + "/merged");
+  return WriteMergedModel(params, lora.scale(), merge_base_dir, folder + "/merged", merged_bf16);
 }
 
 }  // namespace
@@ -140,7 +140,7 @@ absl::Status WritePeftAdapter(const std::map<std::string, at::Tensor>& params, c
   absl::Status s = ec ? absl::InternalError(absl::StrCat("cannot create ", partial, ": ", ec.message()))
                       : Guarded("save_weights_for_sampler", [&] {
                           return WriteAdapterFolder(params, lora, options.base_model, options.merge_base_dir,
-                                                    options.ttl_seconds, partial);
+                                                    options.merged_bf16, options.ttl_seconds, partial);
                         });
   if (s.ok() && !options.shards_dir.empty()) {
     fs::rename(options.shards_dir, partial + "/lathe", ec);

@@ -25,6 +25,7 @@ struct PeftExportOptions {
   // Set: a folder moved in as <dir>/lathe before <dir> appears (lathe's own
   // shards of the weights), so the export is published whole or not at all.
   std::string shards_dir;
+  bool merged_bf16 = false;  // the merged model in bf16 (a bfloat16 deployment's base)
 };
 
 // Writes the adapter of `params` (whole LoRA tensors by lathe name; stacked

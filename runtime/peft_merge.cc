@@ -171,29 +171,43 @@ absl::Status CheckTargets(const std::map<std::string, LoraPair>& pairs, const Ba
   return absl::OkStatus();
 }
 
-// base + scale·B·A, in the base's dtype (checked by CheckTargets).
-at::Tensor Merge(const TensorView& base, const LoraPair& ab, double scale) {
+// The dtype a tensor is written in: its own, or BF16 for a floating one under `bf16`.
+std::string OutDtype(const TensorView& v, bool bf16) {
+  return bf16 && (v.dtype == "F32" || v.dtype == "F16") ? "BF16" : v.dtype;
+}
+
+at::ScalarType TypeOf(const std::string& dtype) {
+  return dtype == "BF16" ? at::kBFloat16 : dtype == "F16" ? at::kHalf : at::kFloat;
+}
+
+// base + scale·B·A, in `out` (BF16, F16 or F32; the base's is checked by CheckTargets).
+at::Tensor Merge(const TensorView& base, const LoraPair& ab, double scale, const std::string& out) {
   const at::ScalarType type = *TorchType(base);
   // A copy: the mapping is read-only, and .to() of an F32 tensor would alias it.
   at::Tensor w = at::from_blob(const_cast<uint8_t*>(base.data), base.shape, type).to(at::kFloat, false, true);
   w.add_(at::matmul(ab.second, ab.first), scale);
-  return w.to(type).contiguous();
+  return w.to(TypeOf(out)).contiguous();
 }
 
 // Writes `in` to `out` with the adapted weights merged; with `untie`, the
 // file holding the embedding also gets the model's own lm_head.
 absl::Status WriteMergedFile(const SafetensorsFile& in, const std::map<std::string, LoraPair>& pairs, double scale,
-                             bool untie, const fs::path& out) {
+                             bool untie, bool bf16, const fs::path& out) {
   std::vector<at::Tensor> keep;
   std::vector<TensorToWrite> tensors;
   auto put = [&](const std::string& name, const TensorView& v) {
+    const std::string dtype = OutDtype(v, bf16);
     auto it = pairs.find(name);
-    if (it == pairs.end()) {
+    if (it == pairs.end() && dtype == v.dtype) {
       tensors.push_back({name, v.dtype, v.shape, v.data, v.nbytes});
       return;
     }
-    keep.push_back(Merge(v, it->second, scale));
-    tensors.push_back({name, v.dtype, v.shape, keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
+    if (it == pairs.end()) {
+      keep.push_back(at::from_blob(const_cast<uint8_t*>(v.data), v.shape, *TorchType(v)).to(TypeOf(dtype)).contiguous());
+    } else {
+      keep.push_back(Merge(v, it->second, scale, dtype));
+    }
+    tensors.push_back({name, dtype, v.shape, keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
   };
   for (const std::string& name : in.names()) {
     if (untie && name == kLmHead) continue;  // a stored copy of the tied head: replaced below
@@ -238,16 +252,21 @@ absl::Status WriteUntiedIndex(const fs::path& from, const fs::path& to, const Ba
   return WriteJson(to, index);
 }
 
-absl::Status WriteUntiedConfig(const fs::path& from, const fs::path& to) {
+// config.json, untied and/or saying bfloat16.
+absl::Status WriteConfig(const fs::path& from, const fs::path& to, bool untie, bool bf16) {
   LATHE_ASSIGN_OR_RETURN(json config, ReadJson(from));
-  config["tie_word_embeddings"] = false;
+  if (untie) config["tie_word_embeddings"] = false;
+  if (bf16) {
+    config["torch_dtype"] = "bfloat16";
+    if (config.contains("dtype")) config["dtype"] = "bfloat16";
+  }
   return WriteJson(to, config);
 }
 
 }  // namespace
 
 absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, double scale,
-                              const std::string& base_dir, const std::string& out) {
+                              const std::string& base_dir, const std::string& out, bool bf16) {
   const std::map<std::string, LoraPair> pairs = Pairs(params);
   LATHE_ASSIGN_OR_RETURN(BaseModel base, OpenBase(base_dir));
   const bool untie = base.tied && pairs.count(kLmHead) > 0;
@@ -257,12 +276,12 @@ absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, d
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()));
   for (const std::unique_ptr<SafetensorsFile>& file : base.files) {
     const fs::path name = fs::path(file->path()).filename();
-    LATHE_RETURN_IF_ERROR(WriteMergedFile(*file, pairs, scale, untie, fs::path(out) / name));
+    LATHE_RETURN_IF_ERROR(WriteMergedFile(*file, pairs, scale, untie, bf16, fs::path(out) / name));
   }
   for (const fs::path& from : base.others) {
     const fs::path to = fs::path(out) / from.filename();
-    if (untie && from.filename() == kConfig) {
-      LATHE_RETURN_IF_ERROR(WriteUntiedConfig(from, to));
+    if ((untie || bf16) && from.filename() == kConfig) {
+      LATHE_RETURN_IF_ERROR(WriteConfig(from, to, untie, bf16));
     } else if (untie && from.filename() == kIndex) {
       const std::string head_file = fs::path(base.holder.at(kEmbed)->path()).filename().string();
       LATHE_RETURN_IF_ERROR(WriteUntiedIndex(from, to, base, head_file));

@@ -25,8 +25,12 @@ namespace lathe::runtime {
 // dtype other than F32/BF16/F16; checked before anything is written. I/O and
 // format errors as they happen, with `out` partly written (the caller owns
 // its removal). libtorch may throw c10::Error.
+//
+// With `bf16` (a bfloat16 deployment, whose base model is its bf16 rounding)
+// every F32 and F16 tensor is written as BF16 (a merged weight is summed in
+// fp32 and rounded once) and config.json says "torch_dtype": "bfloat16".
 absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, double scale,
-                              const std::string& base_dir, const std::string& out);
+                              const std::string& base_dir, const std::string& out, bool bf16 = false);
 
 }  // namespace lathe::runtime
 

@@ -22,12 +22,13 @@ absl::StatusOr<SftSummary> RunSft(const SftOptions& o) {
   auto load_start = std::chrono::steady_clock::now();
   TrainerOptions options{o.model_dir, o.lora, 0, 0};
   options.parallel = o.parallel;
+  options.dtype = o.dtype;
   LATHE_ASSIGN_OR_RETURN(auto trainer, Trainer::Create(options));
   say("lathe sft: loaded in %.1fs\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
   TrainerInfo info = trainer->GetInfo();
-  say("lathe sft: %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
-              info.architecture.c_str(), o.lora.full_finetune() ? "full fine-tuning" :
+  say("lathe sft: %s, %s, %s, %lld trainable parameters, %zu datums, %lld steps of %lld\n",
+              info.architecture.c_str(), DtypeName(info.dtype), o.lora.full_finetune() ? "full fine-tuning" :
               absl::StrCat("LoRA rank ", o.lora.rank).c_str(),
               static_cast<long long>(info.trainable_parameters), data.size(),
               static_cast<long long>(o.steps), static_cast<long long>(o.batch_size));

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
 #include "parallel/context.h"
+#include "runtime/dtype.h"
 #include "runtime/lora_settings.h"
 #include "runtime/sft_data.h"
 
@@ -23,6 +24,7 @@ struct SftOptions {
   int64_t batch_size = 8;
   double learning_rate = 1e-3;
   double grad_clip_norm = 0.0;
+  Dtype dtype = Dtype::kFloat32;
   // Sharded run (not owned): every rank runs RunSft; only `report` ranks print.
   parallel::ParallelContext* parallel = nullptr;
   bool report = true;

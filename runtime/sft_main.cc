@@ -20,6 +20,7 @@ ABSL_FLAG(double, learning_rate, 1e-3, "AdamW learning rate");
 ABSL_FLAG(double, grad_clip_norm, 0.0, "global gradient-norm clip; 0 = off");
 ABSL_FLAG(int64_t, lora_rank, 32, "LoRA rank; 0 = full fine-tuning");
 ABSL_FLAG(double, lora_alpha, 32.0, "LoRA alpha (scale alpha / rank)");
+ABSL_FLAG(std::string, dtype, "", "compute precision: float32 or bfloat16; empty: float32 (CPU)");
 ABSL_FLAG(int64_t, seed, 0, "LoRA initialisation seed");
 ABSL_FLAG(std::string, make_tiny_model, "", "write a random tiny Qwen3-MoE model to this folder first");
 ABSL_FLAG(std::string, make_data, "", "write synthetic SFT data to this JSONL file first");
@@ -85,6 +86,12 @@ int Main() {
   o.lora.rank = absl::GetFlag(FLAGS_lora_rank);
   o.lora.alpha = absl::GetFlag(FLAGS_lora_alpha);
   o.lora.seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_seed));
+  absl::StatusOr<Dtype> dtype = ParseDtype(absl::GetFlag(FLAGS_dtype), /*on_gpu=*/false);
+  if (!dtype.ok()) {
+    std::fprintf(stderr, "lathe sft: --dtype: %s\n", dtype.status().ToString().c_str());
+    return 2;
+  }
+  o.dtype = *dtype;
   std::unique_ptr<lathe::parallel::ParallelContext> ctx;
   if (world > 1) {
     auto made = MakeModelContext(o.model_dir, absl::GetFlag(FLAGS_replicas), absl::GetFlag(FLAGS_node_count),

@@ -72,7 +72,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
       shard.cp = {options.parallel->cp.get(), options.parallel->timeout};
     }
     LATHE_ASSIGN_OR_RETURN(shard.device, TorchDevice(options.device));
-    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model, DecoderModel::Load(options.model_dir, options.lora, shard));
+    LATHE_ASSIGN_OR_RETURN(trainer->impl_->model,
+                           DecoderModel::Load(options.model_dir, options.lora, shard, options.dtype));
     return absl::OkStatus();
   }));
   if (trainer->impl_->options.max_seq_len <= 0) {
@@ -88,6 +89,7 @@ TrainerInfo Trainer::GetInfo() const {
   info.lora = impl_->options.lora;
   info.max_seq_len = impl_->options.max_seq_len;
   info.step = impl_->adam.step();
+  info.dtype = impl_->options.dtype;
   // Whole-model counts: a shard stands for full_size / its extent copies of itself.
   for (const TrainableParam& p : impl_->model->trainable()) {
     int64_t n = p.tensor.numel();
@@ -194,6 +196,7 @@ std::vector<at::Tensor> TakeGradients(std::vector<TrainableParam>& params) {
 // failed, puts them back alone.
 void ReturnGradients(std::vector<TrainableParam>& params, std::vector<at::Tensor> earlier, bool keep_new) {
   at::NoGradGuard no_grad;
+  FoldComputeGradients(params);  // what a failed backward left on bf16 copies
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor fresh = params[i].tensor.grad();
     if (keep_new && fresh.defined() && earlier[i].defined()) earlier[i].add_(fresh);
@@ -381,7 +384,11 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         return absl::OkStatus();
       });
       LATHE_RETURN_IF_ERROR(Agree(round_status, rounds_group));
-      if (backward) total.backward();
+      if (backward) {
+        total.backward();
+        // Each micro-batch's bf16 gradients accumulate in fp32.
+        FoldComputeGradients(impl_->model->trainable());
+      }
       loss_sum += round_loss;
       tokens += static_cast<double>(packed_tokens);
       AddMoeMetrics(moe, config.num_experts, moe_frac, moe_max, moe_layers);
@@ -429,6 +436,7 @@ absl::StatusOr<lathe::v1::OptimStepOutput> Trainer::OptimStep(const lathe::v1::A
       hooks.all_agree = [&](bool mine) { return parallel::AllAgree(mine, {ctx->world.get(), ctx->timeout}); };
     }
     LATHE_ASSIGN_OR_RETURN(result, impl_->adam.Step(params, hyper, hooks));
+    RefreshComputeCopies(params);
     return absl::OkStatus();
   }));
   lathe::v1::OptimStepOutput out;

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
 #include "parallel/context.h"
+#include "runtime/dtype.h"
 #include "runtime/lora_settings.h"
 
 namespace lathe::runtime {
@@ -63,6 +64,8 @@ struct TrainerOptions {
   // again inside it (DecoderModel::Hidden). Under kAuto the ranks that run
   // rounds together agree on the longest micro-batch, so they all decide alike.
   Recompute recompute = Recompute::kAuto;
+  // The precision of the run's compute (runtime/dtype.h).
+  Dtype dtype = Dtype::kFloat32;
   // The CUDA device this rank computes on (parallel::DeviceChoice::index);
   // -1: the CPU. The model, its gradients, the optimizer state and every
   // input then live there (runtime/device.h).
@@ -76,6 +79,7 @@ struct TrainerInfo {
   int64_t max_seq_len = 0;
   int64_t step = 0;              // optimizer steps taken
   int64_t trainable_parameters = 0;  // element count of the whole model, whatever the sharding
+  Dtype dtype = Dtype::kFloat32;
 };
 
 class Trainer {

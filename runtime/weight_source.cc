@@ -9,7 +9,7 @@
 
 namespace lathe::runtime {
 
-absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice) {
+absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice, at::ScalarType to) {
   at::ScalarType type;
   if (view.dtype == "F32") {
     type = at::kFloat;
@@ -27,12 +27,12 @@ absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice) {
   at::Tensor t = at::from_blob(const_cast<uint8_t*>(view.data), view.shape,
                                at::TensorOptions().dtype(type));
   if (slice.dim >= 0) t = t.narrow(slice.dim, slice.begin, slice.size);
-  return t.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  return t.to(to, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
-absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir) {
+absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir, at::ScalarType type) {
   LATHE_ASSIGN_OR_RETURN(auto ckpt, SafetensorsCheckpoint::Open(dir));
-  return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)));
+  return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)), type);
 }
 
 absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vector<int64_t> shape,
@@ -46,7 +46,7 @@ absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vect
                                                    absl::StrJoin(view.shape, ", "), "], expected [",
                                                    absl::StrJoin(shape, ", "), "]"));
   }
-  return TensorFromView(view, slice);
+  return TensorFromView(view, slice, type_);
 }
 
 absl::StatusOr<WeightSource::Experts> WeightSource::TakeExperts(const std::string& mlp,

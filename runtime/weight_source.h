@@ -1,5 +1,5 @@
-// Reads model weights from a Hugging Face safetensors folder into fp32
-// tensors, checking names and shapes, and accepting both the per-expert and
+// Reads model weights from a Hugging Face safetensors folder into tensors of
+// one dtype (fp32, or bf16 under --dtype bfloat16), checking names and shapes, and accepting both the per-expert and
 // the fused (transformers 5.x) layouts of MoE experts.
 #ifndef LATHE_RUNTIME_WEIGHT_SOURCE_H_
 #define LATHE_RUNTIME_WEIGHT_SOURCE_H_
@@ -24,9 +24,11 @@ struct Slice {
 
 class WeightSource {
  public:
-  static absl::StatusOr<WeightSource> Open(const std::string& dir);
+  // Tensors are returned as `type` (kFloat or kBFloat16), converted from
+  // whatever dtype the files hold.
+  static absl::StatusOr<WeightSource> Open(const std::string& dir, at::ScalarType type = at::kFloat);
 
-  // The tensor `name`, whose full shape must be exactly `shape`, as fp32;
+  // The tensor `name`, whose full shape must be exactly `shape`, as the source's type;
   // only `slice` of it is converted (and only its bytes read from the
   // mapping). DataLoss when the folder lacks it, InvalidArgument when its
   // shape differs; both name the tensor.
@@ -43,13 +45,15 @@ class WeightSource {
                                       int64_t hidden, int64_t first = 0, int64_t count = -1) const;
 
  private:
-  explicit WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt) : ckpt_(std::move(ckpt)) {}
+  WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt, at::ScalarType type)
+      : ckpt_(std::move(ckpt)), type_(type) {}
   std::shared_ptr<SafetensorsCheckpoint> ckpt_;
+  at::ScalarType type_;
 };
 
-// An fp32 copy of `slice` of a safetensors view. InvalidArgument for an
-// unsupported dtype.
-absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice = {});
+// A copy of `slice` of a safetensors view as `type` (fp32 by default).
+// InvalidArgument for an unsupported dtype.
+absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice = {}, at::ScalarType type = at::kFloat);
 
 }  // namespace lathe::runtime
 

@@ -249,13 +249,15 @@ class Deployment:
     def __init__(self, build_dir: str, model_dir: str, workdir: str, *, replicas: int = 2, ranks: int = 4,
                  ep: int = 2, max_runs: int = 1, workers: bool = True, coordinator_args=(), coordinator_env=None,
                  worker_env=None, api_key: str | None = None, collective_timeout_s: int = 20, tp: int = 1,
-                 worker_args=(), worker_token: str | None = None, tls: dict | None = None):
+                 worker_args=(), worker_token: str | None = None, tls: dict | None = None,
+                 dtype: str | None = None):
         """``worker_token``: the token both sides get (default: a fresh random one); ``tls``:
         ``{"cert", "key", "ca"}`` PEM paths (the coordinator serves TLS, the workers and
-        ``self.channel`` verify it with ``ca``)."""
+        ``self.channel`` verify it with ``ca``); ``dtype``: the workers' ``--dtype`` (None:
+        their default)."""
         self.build_dir, self.model_dir, self.workdir = build_dir, model_dir, workdir
         self.replicas, self.ranks, self.ep, self.max_runs = replicas, ranks, ep, max_runs
-        self.tp, self.worker_args = tp, list(worker_args)
+        self.tp, self.worker_args = tp, list(worker_args) + (["--dtype", dtype] if dtype else [])
         self.with_workers = workers
         self.collective_timeout_s = collective_timeout_s
         self.coordinator_args, self.api_key = list(coordinator_args), api_key

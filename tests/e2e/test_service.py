@@ -118,7 +118,7 @@ def test_operations_match_in_process_runtime(deployment, harness, lora_rank, lr)
         _close(out.metrics["loss:sum"], json.loads(meta[f"op{i}.metrics"])["loss:sum"], f"op {i} loss:sum")
 
     info = stub.GetInfo(pb.GetInfoRequest(run_id=run), timeout=sc.RPC_TIMEOUT_S)
-    assert info.step == 2 and info.lora.rank == lora_rank
+    assert info.step == 2 and info.lora.rank == lora_rank and info.dtype == "float32"
 
 
 # --------------------------------------------------------------------------------------

@@ -175,6 +175,13 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
   options.logprob_chunk_tokens = req.value("logprob_chunk_tokens", 0);
   // "device": "cuda" runs on CUDA device 0 (tests/parity/test_gpu.py); default the CPU.
   options.device = req.value("device", std::string("cpu")) == "cuda" ? 0 : -1;
+  // Float32 unless asked, on either device (the parity tests choose).
+  absl::StatusOr<Dtype> dtype = ParseDtype(req.value("dtype", std::string()), /*on_gpu=*/false);
+  if (!dtype.ok()) {
+    std::fprintf(stderr, "%s\n", dtype.status().ToString().c_str());
+    return 1;
+  }
+  options.dtype = *dtype;
   if (req.contains("recompute")) {
     absl::StatusOr<Recompute> recompute = ParseRecompute(req.at("recompute").get<std::string>());
     if (!recompute.ok()) {
@@ -235,6 +242,7 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       PeftExportOptions options;
       options.base_model = "lathe_harness";
       options.merge_base_dir = op.value("merged", false) ? model_dir : "";
+      options.merged_bf16 = (*trainer)->GetInfo().dtype == Dtype::kBFloat16;
       options.ttl_seconds = op.value("ttl_seconds", int64_t{0});
       status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, op.at("dir"), options);
     } else if (kind == "dump") {

@@ -80,15 +80,18 @@ LOSS_REQUIRED_INPUTS = {
 # model loading
 # --------------------------------------------------------------------------------------
 
-def load_hf_model(model_dir: str):
-    """The real transformers model, fp32, eager attention and eager (loop) experts."""
+def load_hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
+    """The real transformers model, fp32, eager attention and eager (loop) experts.
+
+    In bf16 (``dtype=torch.bfloat16``: every weight rounded to bf16 on load) attention
+    is transformers' default, sdpa, whose CPU kernel is the one lathe calls."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(model_dir)
-    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    kwargs = dict(dtype=dtype, attn_implementation="eager" if dtype == torch.float32 else "sdpa")
     if getattr(cfg, "model_type", "").endswith("moe"):
         kwargs["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -226,8 +229,9 @@ def _lora_views(peft_model, rank: int) -> dict[str, _View]:
     return dict(sorted(views.items()))
 
 
-def lora_target_config(model, lora: dict):
-    """A peft LoraConfig equivalent to lathe's LoRA flags (see module docstring)."""
+def lora_target_config(model, lora: dict, experts: bool = True):
+    """A peft LoraConfig equivalent to lathe's LoRA flags (see module docstring); without
+    ``experts`` the MoE experts get no LoRA from peft."""
     from peft import LoraConfig
 
     r, alpha = int(lora["rank"]), lora["alpha"]
@@ -241,7 +245,7 @@ def lora_target_config(model, lora: dict):
     target_parameters: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    if lora.get("train_mlp", True) and _moe_layers(model):
+    if experts and lora.get("train_mlp", True) and _moe_layers(model):
         target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         rank_pattern = {r".*\.gate_up_proj": 2 * r}
         alpha_pattern = {r".*\.gate_up_proj": 2 * alpha}
@@ -336,9 +340,13 @@ class Reference:
     """Real transformers (+ peft) model with lathe-named parameters and Tinker ops."""
 
     def __init__(self, model_dir: str, lora: dict | None = None,
-                 adapter: dict[str, torch.Tensor] | None = None):
+                 adapter: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32):
+        """``dtype=torch.bfloat16``: the model loaded in bf16, a LoRA's A/B in fp32 (peft's
+        autocast_adapter_dtype), expert LoRA through ``install_per_expert_lora_hooks`` with
+        peft's casts (peft's ParamWrapper would fold the adapter into the bf16 weight)."""
         self.model_dir = model_dir
-        self.base = load_hf_model(model_dir)
+        self.dtype = dtype
+        self.base = load_hf_model(model_dir, dtype)
         self.dims = model_dims(self.base)
         self.lora = lora
         if lora is None:
@@ -351,7 +359,8 @@ class Reference:
         else:
             from peft import get_peft_model
 
-            cfg = lora_target_config(self.base, lora)
+            hooked = dtype != torch.float32 and lora.get("train_mlp", True) and bool(_moe_layers(self.base))
+            cfg = lora_target_config(self.base, lora, experts=not hooked)
             with _no_peft_v5_config_conversion(), warnings.catch_warnings():
                 # PEFT warns that the gate_up_proj rank/alpha patterns matched no module although
                 # they did apply (checked in _lora_views), and that lm_head is tied to the
@@ -360,6 +369,11 @@ class Reference:
                 warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*ensure_weight_tying")
                 self.model = get_peft_model(self.base, cfg)
             self.views = _lora_views(self.model, int(lora["rank"]))
+            if hooked:
+                leaves = install_per_expert_lora_hooks(
+                    self.base, _zero_expert_adapter(self.base, int(lora["rank"])), lora["alpha"] / lora["rank"])
+                self.views.update({k: _View(t, lambda t: t) for k, t in leaves.items()})
+                self.views = dict(sorted(self.views.items()))
             # PEFT initialises every B to zero; make sure of it, since the off-diagonal
             # blocks of the fused expert B must stay zero (set_params only writes blocks).
             with torch.no_grad():
@@ -395,6 +409,8 @@ class Reference:
     def zero_grad(self) -> None:
         for p in self.model.parameters():
             p.grad = None
+        for v in self.views.values():  # hooked expert LoRA leaves are no module's parameters
+            v.param.grad = None
 
     # --- compute ------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -516,17 +532,35 @@ def install_per_expert_lora_hooks(model, adapter: dict[str, torch.Tensor], scale
                 x = hidden_states[tok]
 
                 def lin(inp, w, proj):
+                    # peft's order and casts: the adapter reads the input in its own dtype,
+                    # its output is added to the base output, the sum cast to the base's dtype.
                     a, b = _ab[(e, proj, "lora_A")], _ab[(e, proj, "lora_B")]
-                    return F.linear(inp, w) + scale * F.linear(F.linear(inp, a), b)
+                    base = F.linear(inp, w)
+                    return (base + F.linear(F.linear(inp.to(a.dtype), a), b) * scale).to(base.dtype)
 
                 g = lin(x, _ex.gate_up_proj[e, :inter], "gate_proj")
                 u = lin(x, _ex.gate_up_proj[e, inter:], "up_proj")
                 y = lin(_ex.act_fn(g) * u, _ex.down_proj[e], "down_proj")
-                out = out.index_add(0, tok, y * top_k_weights[tok, pos, None])
+                out = out.index_add(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
             return out
 
         experts.forward = forward
     return leaves
+
+
+def _zero_expert_adapter(model, rank: int) -> dict[str, torch.Tensor]:
+    """Zero per-expert LoRA tensors (fp32) for every MoE layer of ``model``."""
+    out = {}
+    for li in _moe_layers(model):
+        ex = model.model.layers[li].mlp.experts
+        inter, hidden = ex.gate_up_proj.shape[1] // 2, ex.gate_up_proj.shape[2]
+        for e in range(ex.num_experts):
+            for proj, (i, o) in {"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                                 "down_proj": (inter, hidden)}.items():
+                p = f"model.layers.{li}.mlp.experts.{e}.{proj}"
+                out[f"{p}.lora_A.weight"] = torch.zeros(rank, i)
+                out[f"{p}.lora_B.weight"] = torch.zeros(o, rank)
+    return out
 
 
 def min_routing_margin(model, data: list[dict]) -> float:

@@ -1,5 +1,6 @@
 // GenerateBatch: a request decoded beside others gets bitwise the tokens and
-// logprobs it gets alone; an invalid request fails alone.
+// logprobs it gets alone (in float32 and in bfloat16); an invalid request
+// fails alone.
 #include "runtime/generate.h"
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <map>
+#include <tuple>
 
 #include "runtime/decoder_model.h"
 #include "runtime/tiny_model.h"
@@ -36,18 +38,22 @@ void ExpectSame(const Generation& a, const Generation& b, const std::string& wha
   }
 }
 
-class GenerateBatchTest : public ::testing::TestWithParam<bool> {};
+// (MoE, dtype).
+class GenerateBatchTest : public ::testing::TestWithParam<std::tuple<bool, Dtype>> {};
 
 TEST_P(GenerateBatchTest, BatchedRequestsEqualLoneRequests) {
-  const std::string dir = ::testing::TempDir() + (GetParam() ? "/generate_test_moe" : "/generate_test_dense");
+  const auto [moe, dtype] = GetParam();
+  const std::string dir = ::testing::TempDir() + (moe ? "/generate_test_moe" : "/generate_test_dense");
   TinyModelSpec spec;
-  spec.moe = GetParam();
+  spec.moe = moe;
   spec.vocab_size = 96;
   spec.hidden_size = 72;  // not a multiple of 16: the tail of every product
   ASSERT_TRUE(WriteTinyModel(dir, spec).ok());
   LoraSettings lora;
   lora.rank = 4;
-  auto trainer = Trainer::Create({dir, lora, 64, 0});
+  TrainerOptions options{dir, lora, 64, 0};
+  options.dtype = dtype;
+  auto trainer = Trainer::Create(options);
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   at::manual_seed(7);
   for (TrainableParam& p : (*trainer)->model().trainable()) {
@@ -179,7 +185,8 @@ TEST(DecodeTest, ARequestWithoutAFiniteDistributionFailsAlone) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(DenseAndMoe, GenerateBatchTest, ::testing::Bool());
+INSTANTIATE_TEST_SUITE_P(DenseAndMoe, GenerateBatchTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Values(Dtype::kFloat32, Dtype::kBFloat16)));
 
 }  // namespace
 }  // namespace lathe::runtime
