@@ -19,7 +19,7 @@ step (same LoRA targets, gradient checkpointing, SDPA attention, fp32, AdamW)
 in a fresh Python process at those lengths, and the whole processes' peaks
 are compared.
 
-  .venv/bin/python bench/memory_peak.py [--threads 2] [--lengths 2048,8192,16384,32768]
+  .venv/bin/python bench/memory_peak.py [--threads 2] [--lengths 2048,8192,16384,32768] [--dtype float32|bfloat16]
       [--plain-lengths 2048,4096,8192] [--hf-lengths 2048,4096]
 """
 import argparse
@@ -53,10 +53,13 @@ def cached_model(cache):
     return path
 
 
+DTYPE = ["float32"]  # --dtype of train_bench and lathe plan (set from the command line)
+
+
 def run_bench(build_dir, model, tokens, threads, extra):
     """Peak RSS (bytes) and wall seconds of one train_bench process."""
     args = [os.path.join(build_dir, "bench", "train_bench"), f"--model={model}", "--lora_rank=32",
-            "--max_seq_len=131072"]
+            "--max_seq_len=131072", f"--dtype={DTYPE[0]}"]
     # One datum of `tokens` tokens and one step; 0: a 2-token datum and no step (the baseline).
     rng = random.Random(tokens)
     fd, data = tempfile.mkstemp(suffix=".jsonl")
@@ -126,7 +129,7 @@ def plan_estimate(build_dir, tokens):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"presets": [row]}, f)
     out = subprocess.run([os.path.join(build_dir, "client", "lathe"), "plan", f"--model={MODEL_NAME}",
-                          f"--presets={f.name}", f"--max_seq_len={tokens}", "--lora_rank=32", "--dtype=float32",
+                          f"--presets={f.name}", f"--max_seq_len={tokens}", "--lora_rank=32", f"--dtype={DTYPE[0]}",
                           "--device_memory_gib=1000"], capture_output=True, text=True)
     os.unlink(f.name)
     for line in out.stdout.splitlines():
@@ -148,7 +151,10 @@ def main():
                     help="lengths at which transformers + peft (gradient checkpointing) run the same step")
     ap.add_argument("--build-dir", default=os.environ.get("LATHE_BUILD_DIR", os.path.join(ROOT, "build")))
     ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="lathe's compute precision, for its runs and lathe plan's estimate")
     args = ap.parse_args()
+    DTYPE[0] = args.dtype
     model = cached_model(args.cache)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     plain_lengths = {int(x) for x in args.plain_lengths.split(",") if x}
@@ -180,7 +186,7 @@ def main():
             measured = lathe_peak - base
             row += [f"{est / MiB:>6.0f} MiB", f"{measured / MiB:>6.0f} MiB", f"{est / measured:>8.2f}"]
         print(" ".join(row), flush=True)
-    print(f"(threads {args.threads}; model {SHAPE}; LoRA rank 32; one datum per step)")
+    print(f"(threads {args.threads}; model {SHAPE}; LoRA rank 32; {args.dtype}; one datum per step)")
     hf_lengths = [int(x) for x in args.hf_lengths.split(",") if x]
     if hf_lengths:
         hf_base, _ = run_hf(model, 0, args.threads)

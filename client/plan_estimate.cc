@@ -18,6 +18,9 @@ struct Bytes {
   double lora_state;  // per adapter parameter: fp32 value, gradient, Adam m and v
   double full_state;  // per parameter of full fine-tuning beside `weight`
   bool fp32_extras;   // whether the fp32 pieces of a bf16 layer are counted apart
+  // LoRA under bf16: each adapter's input is upcast to fp32 (as peft casts
+  // it) and kept for its A's gradient (EstimateMemory sets it).
+  bool adapter_inputs = false;
 };
 
 Bytes BytesOf(Dtype dtype) {
@@ -119,18 +122,31 @@ double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
 // fp32 elements per token a bf16 layer holds beside its bf16 ones: the two
 // norms' upcast inputs (2 x hidden), the q and k norms' (q + kv), and in a
 // MoE layer the router's logits and probabilities (2 x experts, 1/tp of the
-// tokens per rank).
-double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe) {
-  const double norms = 2.0 * f.hidden_size + QWidth(f, tp) + KvWidth(f, tp);
-  return norms + (moe ? 2.0 * f.num_experts / tp : 0);
+// tokens per rank). With `adapters` (LoRA): the adapters' fp32 inputs — the
+// q/k/v input, o's, the MLP's (experts: k routed copies, 1/tp of the
+// tokens) and down's — counted twice, the input and, during the layer's
+// backward, its gradient (measured on CPU: bench/memory_peak.py --dtype
+// bfloat16).
+double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe, bool adapters) {
+  const double h = f.hidden_size;
+  const double norms = 2.0 * h + QWidth(f, tp) + KvWidth(f, tp);
+  double inputs = 0;
+  if (adapters) {
+    const double mlp = moe ? double(f.num_experts_per_tok) * (h + f.moe_intermediate_size) / tp +
+                                 (f.shared_experts > 0 ? h + double(f.shared_experts) * f.moe_intermediate_size / tp : 0)
+                           : h + double(f.intermediate_size) / tp;
+    inputs = 2.0 * (h + QWidth(f, tp) + mlp);
+  }
+  return norms + (moe ? 2.0 * f.num_experts / tp : 0) + inputs;
 }
 
 // The same for every layer, plus what is held once: the RoPE tables (cos and
 // sin, head_dim each) and the final norm's upcast input.
-double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp) {
+double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters) {
   const int64_t dense_layers = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
   const int64_t moe_layers = f.num_hidden_layers - dense_layers;
-  return dense_layers * Fp32LayerElementsPerToken(f, tp, false) + moe_layers * Fp32LayerElementsPerToken(f, tp, true) +
+  return dense_layers * Fp32LayerElementsPerToken(f, tp, false, adapters) +
+         moe_layers * Fp32LayerElementsPerToken(f, tp, true, adapters) +
          2.0 * f.head_dim + f.hidden_size;
 }
 
@@ -141,17 +157,17 @@ struct LayerWidth {
   double fp32 = 0;
 };
 
-LayerWidth WidestLayer(const presets::ModelFacts& f, int tp) {
+LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters) {
   presets::ModelFacts one = f;
   const bool any_dense = !f.is_moe() || f.first_dense_layers > 0;
   one.num_hidden_layers = 1;
   one.first_dense_layers = 0;
   LayerWidth widest;
-  if (f.is_moe()) widest = {ActivationElementsPerToken(one, tp), Fp32LayerElementsPerToken(f, tp, true)};
+  if (f.is_moe()) widest = {ActivationElementsPerToken(one, tp), Fp32LayerElementsPerToken(f, tp, true, adapters)};
   if (any_dense) {
     one.num_experts = 0;
     widest.elements = std::max(widest.elements, ActivationElementsPerToken(one, tp));
-    widest.fp32 = std::max(widest.fp32, Fp32LayerElementsPerToken(f, tp, false));
+    widest.fp32 = std::max(widest.fp32, Fp32LayerElementsPerToken(f, tp, false, adapters));
   }
   widest.elements -= f.hidden_size;  // less the final norm
   return widest;
@@ -170,12 +186,12 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, con
   if (!Recomputes(tokens)) {
     // Every layer's activations stay to the backward; the loss's chunk
     // buffers come on top of them.
-    const double fp32 = b.fp32_extras ? kFp32Bytes * t * Fp32ElementsPerToken(f, tp) : 0;
+    const double fp32 = b.fp32_extras ? kFp32Bytes * t * Fp32ElementsPerToken(f, tp, b.adapter_inputs) : 0;
     return kAutogradFactor * b.activation * t * ActivationElementsPerToken(f, tp) + fp32 + head;
   }
   // Recompute: each layer's input stays (and the RoPE tables); one layer's
   // activations and gradients live at a time, or one logprob chunk's buffers.
-  const LayerWidth widest = WidestLayer(f, tp);
+  const LayerWidth widest = WidestLayer(f, tp, b.adapter_inputs);
   const double tables = b.fp32_extras ? kFp32Bytes * t * 2.0 * f.head_dim : 0;
   const double kept = b.activation * t * h * (f.num_hidden_layers + kHiddenBuffers) + tables;
   const double layer = kAutogradFactor * b.activation * t * widest.elements +
@@ -212,7 +228,8 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, cons
         "the preset's facts are incomplete (hidden, layers, heads, KV heads, head_dim, vocabulary, MLP widths)");
   }
   if (max_seq_len <= 0) return absl::InvalidArgumentError("max_seq_len must be positive");
-  const Bytes b = BytesOf(dtype);
+  Bytes b = BytesOf(dtype);
+  b.adapter_inputs = b.fp32_extras && lora_rank > 0;
   const int cp = std::max(shape.cp, 1);
   // Each cp rank holds its own ceil(T / cp) tokens of the sequence.
   const int64_t rank_tokens = CeilDiv(max_seq_len, cp);

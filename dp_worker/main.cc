@@ -33,7 +33,7 @@ ABSL_FLAG(std::string, recompute, "auto",
           "recompute each layer in the backward (keeping only its input): auto (above 2048 tokens in a micro-batch), on, off");
 ABSL_FLAG(std::string, dtype, "",
           "compute precision: float32, or bfloat16 (bf16 base weights and activations, fp32 adapters, master "
-          "weights, optimizer state, norms and losses); empty: the device's default (float32 on CPU)");
+          "weights, optimizer state, norms and losses); empty: bfloat16 on GPU ranks, float32 on CPU ranks");
 ABSL_FLAG(int, max_runs, 1, "training runs held at once (each keeps its own weights and optimizer)");
 ABSL_FLAG(int, max_sample_rows, 64,
           "samples (sum of num_samples) of queued sampling requests decoded in one batch");
@@ -88,13 +88,14 @@ int main(int argc, char** argv) {
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
   o.executor.recompute = *recompute;
-  // Ranks run on the CPU here; a device path passes whether they run on a GPU.
-  absl::StatusOr<lathe::runtime::Dtype> dtype = lathe::runtime::ParseDtype(absl::GetFlag(FLAGS_dtype), /*on_gpu=*/false);
-  if (!dtype.ok()) {
+  // Checked here so a bad name stops every rank at once; the default
+  // (empty) is resolved once the rank's device is known (ServeOptions::dtype).
+  if (absl::StatusOr<lathe::runtime::Dtype> dtype = lathe::runtime::ParseDtype(absl::GetFlag(FLAGS_dtype), false);
+      !dtype.ok()) {
     std::fprintf(stderr, "dp_worker: --dtype: %s\n", dtype.status().ToString().c_str());
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
-  o.executor.dtype = *dtype;
+  o.dtype = absl::GetFlag(FLAGS_dtype);
   o.executor.max_runs = absl::GetFlag(FLAGS_max_runs);
   o.executor.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
   o.link.coordinator = absl::GetFlag(FLAGS_coordinator);

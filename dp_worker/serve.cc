@@ -124,6 +124,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
                          parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
   const int compute_device = runtime::ComputeDevice(device);
+  LATHE_ASSIGN_OR_RETURN(const runtime::Dtype dtype, runtime::ParseDtype(options.dtype, compute_device >= 0));
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
   LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
@@ -136,7 +137,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
     std::fflush(stdout);
     return absl::OkStatus();
   }
-  LATHE_LOG(Info, "%s; computing in %s", place, runtime::DtypeName(options.executor.dtype));
+  LATHE_LOG(Info, "%s; computing in %s", place, runtime::DtypeName(dtype));
   if (info.node_count > 1 && info.node_rank != ctx->place.node_rank) {
     LATHE_LOG(Warning, "the mesh puts this rank on node %d but it runs on the launcher's node %d: place ranks "
               "in blocks of %d per node (mpirun --map-by ppr:%d:node, srun --ntasks-per-node=%d)",
@@ -146,6 +147,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   ExecutorOptions executor_options = options.executor;
   executor_options.max_seq_len = layout.max_seq_len;
   executor_options.device = compute_device;
+  executor_options.dtype = dtype;
   executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;

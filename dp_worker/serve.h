@@ -25,6 +25,9 @@ struct ServeOptions {
   presets::LayoutRequest layout;
   std::string presets_path;  // empty: presets::DefaultPresetsPath()
   bool dry_run = false;      // print this rank's place and device, then return without dialing
+  // --dtype as given (runtime::ParseDtype); empty: bfloat16 on GPU ranks,
+  // float32 on CPU ranks. Sets executor.dtype.
+  std::string dtype;
   absl::Duration collective_timeout = absl::Minutes(10);
 };
 

@@ -540,9 +540,10 @@ at::Tensor DecoderModel::Logits(const at::Tensor& hidden) const {
       logits_t = logits_t.to(head.lora_b.scalar_type()).addmm_(head.lora_b, xa.t().mul(head.scale)).to(base);
     }
   }
-  // One copy into fp32 rows (no bf16 [T, V] copy on the way).
-  return logits_t.t().to(logits_t.options().dtype(at::kFloat), /*non_blocking=*/false, /*copy=*/false,
-                         at::MemoryFormat::Contiguous);
+  // One copy into contiguous fp32 rows (no bf16 [T, V] copy on the way;
+  // `to` would hand an fp32 product back as its transposed view).
+  at::Tensor rows = at::empty({logits_t.size(1), logits_t.size(0)}, logits_t.options().dtype(at::kFloat));
+  return rows.copy_(logits_t.t());
 }
 
 at::Tensor DecoderModel::Logprobs(const at::Tensor& logits, const at::Tensor& targets) const {

@@ -62,7 +62,7 @@ def door(tmp_path_factory, build_dir, cookbook):
     """A deployment of the fixture model, named as the cookbook knows it, with the HTTP door:
     (deployment, base_url). 2 data-parallel replicas of 1 rank."""
     with sc.http_door(build_dir, cookbook["model_dir"], str(tmp_path_factory.mktemp("cookbook_door")), KEY,
-                      worker_args=["--base_model", cookbook["model_name"], "--devices_per_node", "1",
+                      worker_args=["--base_model", cookbook["model_name"], "--devices_per_node", "1", "--cp", "1",
                                    "--max_seq_len", "4096"], replicas=2, ranks=2,
                       ep=1) as door_and_url:
         yield door_and_url

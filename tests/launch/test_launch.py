@@ -101,9 +101,9 @@ def test_leaderworkerset_is_one_group_of_every_node():
     assert tmpl["size"] == 3  # 3 replicas x 1 node
     leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
     worker = tmpl["workerTemplate"]["spec"]["containers"][0]
-    assert leader["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert leader["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     script = leader["args"][0]
-    assert "seq 1 2" in script and "-np 12" in script and "--replicas 3" in script
+    assert "seq 1 2" in script and "-np 24" in script and "--replicas 3" in script
     # New pods have unknown host keys: mpirun's ssh must not ask, and the leader waits for every worker.
     assert '--mca plm_rsh_args "$ssh_opts"' in script and "StrictHostKeyChecking=no" in script, script
     assert script.index("until ssh $ssh_opts q8-0-$i.q8 true") < script.index("mpirun"), script

@@ -199,7 +199,8 @@ TEST(PresetTableTest, ProtoCarriesTheLayout) {
   lathe::v1::ModelPreset m = ToProto(*FindPreset(table, "Qwen3-8B"));
   EXPECT_EQ(m.base_model(), "Qwen/Qwen3-8B");
   EXPECT_EQ(m.layout().tp(), 4);
-  EXPECT_EQ(m.layout().devices_per_node(), 4);
+  EXPECT_EQ(m.layout().cp(), 2);
+  EXPECT_EQ(m.layout().devices_per_node(), 8);
   EXPECT_TRUE(m.verified());
 }
 
