@@ -122,20 +122,20 @@ double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
 // fp32 elements per token a bf16 layer holds beside its bf16 ones: the two
 // norms' upcast inputs (2 x hidden), the q and k norms' (q + kv), and in a
 // MoE layer the router's logits and probabilities (2 x experts, 1/tp of the
-// tokens per rank). With `adapters` (LoRA): the adapters' fp32 inputs — the
-// q/k/v input, o's, the MLP's (experts: k routed copies, 1/tp of the
-// tokens) and down's — counted twice, the input and, during the layer's
-// backward, its gradient (measured on CPU: bench/memory_peak.py --dtype
-// bfloat16).
-double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe, bool adapters) {
+// tokens per rank). With `adapter_copies` (LoRA): the adapters' fp32 inputs
+// — the q/k/v input, o's, the MLP's (experts: k routed copies, 1/tp of the
+// tokens) and down's — that many times: 1 kept for the backward, 2 in a
+// layer's backward (the input and its gradient; measured on CPU:
+// bench/memory_peak.py --dtype bfloat16).
+double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe, int adapter_copies) {
   const double h = f.hidden_size;
   const double norms = 2.0 * h + QWidth(f, tp) + KvWidth(f, tp);
   double inputs = 0;
-  if (adapters) {
+  if (adapter_copies > 0) {
     const double mlp = moe ? double(f.num_experts_per_tok) * (h + f.moe_intermediate_size) / tp +
                                  (f.shared_experts > 0 ? h + double(f.shared_experts) * f.moe_intermediate_size / tp : 0)
                            : h + double(f.intermediate_size) / tp;
-    inputs = 2.0 * (h + QWidth(f, tp) + mlp);
+    inputs = adapter_copies * (h + QWidth(f, tp) + mlp);
   }
   return norms + (moe ? 2.0 * f.num_experts / tp : 0) + inputs;
 }
@@ -145,8 +145,13 @@ double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe,
 double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters) {
   const int64_t dense_layers = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
   const int64_t moe_layers = f.num_hidden_layers - dense_layers;
-  return dense_layers * Fp32LayerElementsPerToken(f, tp, false, adapters) +
-         moe_layers * Fp32LayerElementsPerToken(f, tp, true, adapters) +
+  const int kept = adapters ? 1 : 0;
+  // One layer's backward at a time adds its adapter inputs' gradients.
+  const double backward = adapters ? Fp32LayerElementsPerToken(f, tp, moe_layers > 0, 1) -
+                                         Fp32LayerElementsPerToken(f, tp, moe_layers > 0, 0)
+                                   : 0;
+  return dense_layers * Fp32LayerElementsPerToken(f, tp, false, kept) +
+         moe_layers * Fp32LayerElementsPerToken(f, tp, true, kept) + backward +
          2.0 * f.head_dim + f.hidden_size;
 }
 
@@ -163,11 +168,11 @@ LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters) {
   one.num_hidden_layers = 1;
   one.first_dense_layers = 0;
   LayerWidth widest;
-  if (f.is_moe()) widest = {ActivationElementsPerToken(one, tp), Fp32LayerElementsPerToken(f, tp, true, adapters)};
+  if (f.is_moe()) widest = {ActivationElementsPerToken(one, tp), Fp32LayerElementsPerToken(f, tp, true, adapters ? 2 : 0)};
   if (any_dense) {
     one.num_experts = 0;
     widest.elements = std::max(widest.elements, ActivationElementsPerToken(one, tp));
-    widest.fp32 = std::max(widest.fp32, Fp32LayerElementsPerToken(f, tp, false, adapters));
+    widest.fp32 = std::max(widest.fp32, Fp32LayerElementsPerToken(f, tp, false, adapters ? 2 : 0));
   }
   widest.elements -= f.hidden_size;  // less the final norm
   return widest;

@@ -108,13 +108,14 @@ TEST(PlanTest, Bfloat16HalvesWeightsAndActivationsAndKeepsFp32StateNormsAndLogpr
   // LoRA's adapter, gradient and Adam moments stay fp32: 16 B per adapter parameter.
   EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144 + 4512));
   // 1.7 x 2 B x the 1408 elements per token; fp32 per token: each layer's norms' inputs
-  // (2 x 64) and q/k norms' (32 + 16) = 176, and its adapters' upcast inputs and their
-  // gradients, 2 x (q/k/v 64 + o 32 + gate/up 64 + down 64) = 448: 624, twice, plus the
-  // RoPE tables (2 x 16) and the final norm (64): 1344; the logprob chunk stays fp32.
-  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 2.0 * 100 * 1408 + 4.0 * 100 * 1344 + 2.25 * 4.0 * 100 * 500);
+  // (2 x 64) and q/k norms' (32 + 16) = 176, and its adapters' upcast inputs (q/k/v 64 +
+  // o 32 + gate/up 64 + down 64) = 224: 400, twice, one layer's backward's input gradients
+  // (224), the RoPE tables (2 x 16) and the final norm (64): 1120; the logprob chunk
+  // stays fp32.
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 2.0 * 100 * 1408 + 4.0 * 100 * 1120 + 2.25 * 4.0 * 100 * 500);
   EXPECT_DOUBLE_EQ(m->gathered_kv, 0);
   // Recomputed: bf16 layer inputs and 3 more [T, 64] buffers, the fp32 RoPE tables, then
-  // one layer's backward (bf16 elements and its 624 fp32 ones) or the fp32 chunk.
+  // one layer's backward (bf16 elements and its 176 + 2 x 224 fp32 ones) or the fp32 chunk.
   auto long_seq = EstimateMemory(Dense(), Shape(2, 1), 4096, 8, Dtype::kBfloat16);
   ASSERT_TRUE(long_seq.ok());
   EXPECT_DOUBLE_EQ(long_seq->activations,
