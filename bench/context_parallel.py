@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qwen3_models import cached_qwen3  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
@@ -31,15 +34,7 @@ SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_atten
 
 
 def cached_model(cache):
-    path = os.path.join(cache, "qwen3-cp")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        import torch
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        print(f"[bench] writing the model to {path}", flush=True)
-        torch.manual_seed(0)
-        config = Qwen3Config(**SHAPE, rope_theta=1e6, max_position_embeddings=131072)
-        Qwen3ForCausalLM(config).save_pretrained(path)
-    return path
+    return cached_qwen3(cache, "qwen3-cp", SHAPE)
 
 
 # glibc settings that return every freed block of 1 MiB or more to the OS at

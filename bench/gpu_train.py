@@ -118,30 +118,14 @@ def time_lathe(train_bench, model_dir, batch, warmup, steps, dtype_flag, threads
 
 def time_hf(model_dir, batch, warmup, steps, device, dtype):
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    extra = {}
-    if model.config.model_type == "qwen3_moe":
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
-        extra["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.0,
-                                                  target_modules=targets, **extra))
+    from train_throughput import padded_batch, peft_lora
+    peft_model, opt = peft_lora(model, LORA_RANK)
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-    longest = max(len(s) - 1 for s in batch)
-    ids = torch.zeros(len(batch), longest, dtype=torch.long)
-    mask = torch.zeros(len(batch), longest, dtype=torch.long)
-    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
-    for i, s in enumerate(batch):  # right padding, as transformers' collators do
-        n = len(s) - 1
-        ids[i, :n] = torch.tensor(s[:-1])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(s[1:])
+    ids, mask, labels = padded_batch(batch)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
 
     def sync():
@@ -157,14 +141,13 @@ def time_hf(model_dir, batch, warmup, steps, device, dtype):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    first = None
-    for _ in range(warmup):
-        first = step()
+    losses = [step() for _ in range(warmup)]
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        losses.append(step())
     sync()
+    first = losses[0]
     seconds = time.perf_counter() - start
     tokens = sum(len(s) - 1 for s in batch) * steps
     del peft_model, model, opt

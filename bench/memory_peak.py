@@ -31,6 +31,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qwen3_models import cached_qwen3  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024.0 * 1024.0
 GiB = 1024.0 * MiB
@@ -42,15 +45,7 @@ MODEL_NAME = "bench/Qwen3-memory"
 
 
 def cached_model(cache):
-    path = os.path.join(cache, "qwen3-memory")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        import torch
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        print(f"[bench] writing the model to {path}", flush=True)
-        torch.manual_seed(0)
-        config = Qwen3Config(**SHAPE, rope_theta=1e6, max_position_embeddings=131072)
-        Qwen3ForCausalLM(config).save_pretrained(path)
-    return path
+    return cached_qwen3(cache, "qwen3-memory", SHAPE)
 
 
 DTYPE = ["float32"]  # --dtype of train_bench and lathe plan (set from the command line)

@@ -18,7 +18,11 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qwen3_models import cached_qwen3  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024.0 * 1024.0
@@ -28,14 +32,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_atte
 
 
 def cached_model(cache):
-    path = os.path.join(cache, "qwen3-precision")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        import torch
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        print(f"[bench] writing the model to {path}", flush=True)
-        torch.manual_seed(0)
-        Qwen3ForCausalLM(Qwen3Config(**SHAPE, rope_theta=1e6, max_position_embeddings=32768)).save_pretrained(path)
-    return path
+    return cached_qwen3(cache, "qwen3-precision", SHAPE, 32768)
 
 
 def run(build_dir, model, tokens, dtype, threads, steps):

@@ -71,11 +71,10 @@ def make_batch(lengths, vocab, seed=0):
     return [[rng.randrange(vocab) for _ in range(n + 1)] for n in lengths]
 
 
-def hf_step_fn(model_dir, batch, rank):
-    """transformers + peft doing one forward_backward + optim_step."""
+def peft_lora(model, rank):
+    """peft's LoRA of `rank` on every linear layer lathe trains (the experts through
+    target_parameters in a MoE model) and AdamW over its parameters."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     extra = {}
     if model.config.model_type == "qwen3_moe":
@@ -84,16 +83,30 @@ def hf_step_fn(model_dir, batch, rank):
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0,
                                                   target_modules=targets, **extra))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    return peft_model, torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+
+def padded_batch(batch):
+    """Input ids, attention mask and labels (-100 on padding) of token sequences, right-padded
+    as transformers' collators do; each sequence predicts its own next tokens."""
     longest = max(len(s) - 1 for s in batch)
     ids = torch.zeros(len(batch), longest, dtype=torch.long)
     mask = torch.zeros(len(batch), longest, dtype=torch.long)
     labels = torch.full((len(batch), longest), -100, dtype=torch.long)
-    for i, s in enumerate(batch):  # right padding, as transformers' collators do
+    for i, s in enumerate(batch):
         n = len(s) - 1
         ids[i, :n] = torch.tensor(s[:-1])
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(s[1:])
+    return ids, mask, labels
+
+
+def hf_step_fn(model_dir, batch, rank):
+    """transformers + peft doing one forward_backward + optim_step."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model, opt = peft_lora(model, rank)
+    ids, mask, labels = padded_batch(batch)
 
     def step():
         logits = peft_model(input_ids=ids, attention_mask=mask).logits.float()

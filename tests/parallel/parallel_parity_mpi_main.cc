@@ -35,9 +35,12 @@
 #include "runtime/tensor_data.h"
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
+#include "tests/runtime/wire_datum.h"
 
 namespace lathe {
 namespace {
+
+using runtime::Wire;
 
 using runtime::TrainableParam;
 
@@ -59,15 +62,6 @@ void Expect(bool ok, const std::string& what) {
 }
 
 double Rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-6); }
-
-template <typename T>
-lathe::v1::TensorData Wire(const std::vector<T>& v, lathe::v1::DType dtype) {
-  lathe::v1::TensorData t;
-  t.set_dtype(dtype);
-  t.add_shape(static_cast<int64_t>(v.size()));
-  t.set_data(v.data(), v.size() * sizeof(T));
-  return t;
-}
 
 // Datums with tokens drawn from a fixed formula; `kind` picks the loss inputs.
 // "cross_entropy_2d": cross_entropy whose first datum has two targets per

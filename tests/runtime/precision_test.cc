@@ -17,20 +17,12 @@
 #include "runtime/tensor_data.h"
 #include "runtime/trainer.h"
 #include "tests/runtime/tiny_model_test.h"
+#include "tests/runtime/wire_datum.h"
 
 namespace lathe::runtime {
 namespace {
 
 using lathe::v1::ForwardBackwardInput;
-
-template <typename T>
-lathe::v1::TensorData Wire(std::vector<T> v, lathe::v1::DType dtype) {
-  lathe::v1::TensorData t;
-  t.set_dtype(dtype);
-  t.add_shape(static_cast<int64_t>(v.size()));
-  t.set_data(v.data(), v.size() * sizeof(T));
-  return t;
-}
 
 // Two datums whose tokens depend on `seed`.
 ForwardBackwardInput Batch(int seed) {

@@ -14,29 +14,13 @@
 #include "runtime/decoder_model.h"
 #include "runtime/tensor_data.h"
 #include "runtime/tiny_model.h"
+#include "tests/runtime/wire_datum.h"
 
 namespace lathe::runtime {
 namespace {
 
 using lathe::v1::Datum;
 using lathe::v1::ForwardBackwardInput;
-
-template <typename T>
-lathe::v1::TensorData Wire(std::vector<T> v, lathe::v1::DType dtype) {
-  lathe::v1::TensorData t;
-  t.set_dtype(dtype);
-  t.add_shape(static_cast<int64_t>(v.size()));
-  t.set_data(v.data(), v.size() * sizeof(T));
-  return t;
-}
-
-Datum MakeDatum(std::vector<int32_t> tokens, std::vector<int64_t> targets, std::vector<float> weights) {
-  Datum d;
-  d.mutable_model_input()->add_chunks()->mutable_encoded_text()->set_tokens(tokens.data(), tokens.size() * 4);
-  (*d.mutable_loss_fn_inputs())["target_tokens"] = Wire(targets, lathe::v1::INT64);
-  (*d.mutable_loss_fn_inputs())["weights"] = Wire(weights, lathe::v1::FLOAT32);
-  return d;
-}
 
 class TrainerTest : public ::testing::Test {
  protected:
