@@ -54,6 +54,16 @@ std::vector<JournalRecord> Reopen(const std::string& dir) {
   return records;
 }
 
+// A new journal in `dir` holding one run record per id; its file's path.
+std::string WriteRuns(const std::string& dir, const std::vector<std::string>& ids) {
+  std::vector<JournalRecord> none;
+  auto journal = Journal::Open(dir, &none);
+  EXPECT_TRUE(journal.ok()) << journal.status();
+  if (!journal.ok()) return "";
+  for (const std::string& id : ids) EXPECT_TRUE((*journal)->Append(RunRecord(id)).ok());
+  return (*journal)->path();
+}
+
 SubmitRequest Save(const std::string& run_id, int64_t seq_id, const std::string& name) {
   SubmitRequest r;
   r.set_run_id(run_id);
@@ -86,14 +96,8 @@ TEST(Journal, RecordsSurviveAReopen) {
 
 TEST(Journal, ATornTailIsDroppedAndAppendsContinueAfterIt) {
   const std::string dir = TempDir();
-  std::string path;
-  {
-    std::vector<JournalRecord> none;
-    auto journal = Journal::Open(dir, &none);
-    ASSERT_TRUE(journal.ok());
-    path = (*journal)->path();
-    for (const char* id : {"a", "b", "c"}) ASSERT_TRUE((*journal)->Append(RunRecord(id)).ok());
-  }
+  const std::string path = WriteRuns(dir, {"a", "b", "c"});
+  ASSERT_FALSE(path.empty());
   // kill -9 in the middle of the last write: its frame is cut short.
   ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(std::filesystem::file_size(path) - 2)), 0);
   {
@@ -111,14 +115,8 @@ TEST(Journal, ATornTailIsDroppedAndAppendsContinueAfterIt) {
 
 TEST(Journal, ARecordWhoseChecksumFailsEndsTheLog) {
   const std::string dir = TempDir();
-  std::string path;
-  {
-    std::vector<JournalRecord> none;
-    auto journal = Journal::Open(dir, &none);
-    ASSERT_TRUE(journal.ok());
-    path = (*journal)->path();
-    for (const char* id : {"a", "bbbb", "c"}) ASSERT_TRUE((*journal)->Append(RunRecord(id)).ok());
-  }
+  const std::string path = WriteRuns(dir, {"a", "bbbb", "c"});
+  ASSERT_FALSE(path.empty());
   // Flip the last byte of the second record's payload ("bbbb").
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
