@@ -25,6 +25,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput as tt  # noqa: E402  (the transformers + peft baseline's helpers and shapes)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Qwen3-8B and Qwen3-30B-A3B widths with 2 of their 36 / 48 layers; tiny ones for CPU runs.
@@ -32,10 +35,7 @@ SHAPES = {
     "qwen3_8b": dict(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=2,
                      tie_word_embeddings=False),
-    "qwen3_30b_a3b": dict(arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=2,
-                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                          norm_topk_prob=True, tie_word_embeddings=False),
+    "qwen3_30b_a3b": dict(tt.SHAPES["moe"], num_hidden_layers=2),
     "tiny": dict(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, num_hidden_layers=2, tie_word_embeddings=False),
     "tiny_moe": dict(arch="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -122,10 +122,9 @@ def time_hf(model_dir, batch, warmup, steps, device, dtype):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    from train_throughput import padded_batch, peft_lora
-    peft_model, opt = peft_lora(model, LORA_RANK)
+    peft_model, opt = tt.peft_lora(model, LORA_RANK)
     peft_model.train()
-    ids, mask, labels = padded_batch(batch)
+    ids, mask, labels = tt.padded_batch(batch)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
 
     def sync():
