@@ -2,6 +2,7 @@
 // serialized TaskBatch packed in int64 words, broadcast from the leader.
 #include "dp_worker/replica_loop.h"
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -90,12 +91,18 @@ std::vector<lathe::v1::Task> Joining(ReplicaLink& link, const std::string& key, 
 absl::Status RunLeader(ReplicaLink& link, OpExecutor& executor, parallel::Communicator& replica,
                        const std::atomic<bool>& stop, const LoopOptions& options) {
   std::optional<lathe::v1::Task> held;
-  while (!stop.load() && (held.has_value() || !link.closed())) {
+  std::optional<absl::Time> stop_by;  // set once a stop is requested (LoopOptions::stop_grace)
+  while (held.has_value() || !link.closed()) {
+    if (stop.load() && !stop_by.has_value()) stop_by = absl::Now() + options.stop_grace;
+    if (stop_by.has_value() && !held.has_value() && absl::Now() >= *stop_by) break;
     std::optional<lathe::v1::Task> task = std::move(held);
     held.reset();
-    if (!task.has_value()) task = link.NextTask(options.idle_tick);
     if (!task.has_value()) {
-      LATHE_RETURN_IF_ERROR(SendControl(replica, kKeepalive, "", options.control_timeout));
+      task = link.NextTask(stop_by.has_value() ? std::max(absl::ZeroDuration(), *stop_by - absl::Now())
+                                               : options.idle_tick);
+    }
+    if (!task.has_value()) {
+      if (!stop_by.has_value()) LATHE_RETURN_IF_ERROR(SendControl(replica, kKeepalive, "", options.control_timeout));
       continue;
     }
     const lathe::v1::TaskBatch batch = NextBatch(*std::move(task), link, held, options.max_sample_rows,

@@ -35,6 +35,11 @@ struct LoopOptions {
   // How long a sampling batch waits after each arrival for more requests of
   // a burst before it starts.
   absl::Duration sample_batch_window = absl::Milliseconds(2);
+  // After a stop is requested, how long the leader still takes tasks the
+  // coordinator sent: an operation dispatched to every replica just before
+  // the signal then runs on all of them, instead of leaving the replicas
+  // that took it waiting in its cross-replica collective.
+  absl::Duration stop_grace = absl::Milliseconds(500);
 };
 
 // OK after a requested stop or the coordinator's Shutdown; Unavailable when
