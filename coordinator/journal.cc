@@ -6,12 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/crc32c.h"
 #include "runtime/log.h"
 
 namespace lathe::coordinator {
@@ -20,16 +20,6 @@ namespace {
 // A record larger than this is corruption, not data: the largest request
 // the coordinator accepts is 2 GiB, and results are bounded by requests.
 constexpr uint32_t kMaxRecordBytes = uint32_t{1} << 31;
-
-std::array<uint32_t, 256> MakeCrcTable() {
-  std::array<uint32_t, 256> table{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-    table[i] = c;
-  }
-  return table;
-}
 
 absl::Status OsError(const std::string& what, const std::string& path) {
   const int err = errno;
@@ -48,13 +38,15 @@ uint32_t GetU32(const char* p) {
   return v;
 }
 
+uint32_t Checksum(absl::string_view payload) { return runtime::Crc32c(payload.data(), payload.size()); }
+
 std::string Frame(const lathe::v1::JournalRecord& record) {
   std::string payload;
   record.SerializeToString(&payload);
   std::string frame;
   frame.reserve(payload.size() + 8);
   PutU32(frame, static_cast<uint32_t>(payload.size()));
-  PutU32(frame, Crc32(payload));
+  PutU32(frame, Checksum(payload));
   frame += payload;
   return frame;
 }
@@ -104,12 +96,6 @@ absl::Status SyncDir(const std::string& dir) {
 
 }  // namespace
 
-uint32_t Crc32(absl::string_view bytes) {
-  static const std::array<uint32_t, 256> table = MakeCrcTable();
-  uint32_t c = 0xFFFFFFFFu;
-  for (char b : bytes) c = table[(c ^ static_cast<unsigned char>(b)) & 0xFF] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
 
 absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& dir,
                                                        std::vector<lathe::v1::JournalRecord>* records) {
@@ -130,7 +116,7 @@ absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& dir,
     if (length >= kMaxRecordBytes || data->size() - at - 8 < length) break;
     absl::string_view payload(data->data() + at + 8, length);
     lathe::v1::JournalRecord record;
-    if (Crc32(payload) != crc || !record.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) break;
+    if (Checksum(payload) != crc || !record.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) break;
     records->push_back(std::move(record));
     at += 8 + length;
   }
@@ -169,6 +155,9 @@ absl::Status Journal::Append(const lathe::v1::JournalRecord& record) {
 
 absl::StatusOr<int64_t> Journal::Write(const lathe::v1::JournalRecord& record) {
   const std::string frame = Frame(record);
+  if (frame.size() - 8 >= kMaxRecordBytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("a journal record of ", frame.size() - 8, " bytes is too large"));
+  }
   absl::MutexLock lock(&mu_);
   if (absl::Status s = WriteAll(fd_, frame, path_); !s.ok()) {
     // A partial frame would hide every later record: cut it off again.

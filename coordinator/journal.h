@@ -3,7 +3,7 @@
 // at any moment restarts with its runs, accepted operations and results.
 //
 // On disk, <dir>/journal.log is a sequence of frames: a little-endian uint32
-// payload length, a little-endian uint32 CRC-32 of the payload, the payload.
+// payload length, a little-endian uint32 CRC32C of the payload (runtime/crc32c.h), the payload.
 // Every Append is written and fdatasync'ed before it returns. A frame that is
 // cut short or whose checksum does not match (a write torn by kill -9 or a
 // power loss) ends the log: Open drops it and everything after it.
@@ -24,9 +24,6 @@
 #include "lathe/v1/journal.pb.h"
 
 namespace lathe::coordinator {
-
-// CRC-32 (IEEE 802.3, as zlib's crc32) of `bytes`.
-uint32_t Crc32(absl::string_view bytes);
 
 class Journal {
  public:

@@ -24,7 +24,7 @@ absl::Status ValidateMesh(const MeshShape& s, int world_size, const ModelDims& m
   if (s.devices_per_node % s.tp != 0) {
     problems.push_back(absl::StrCat("tp ", s.tp, " does not divide devices_per_node ", s.devices_per_node));
   }
-  if (s.devices_per_node % s.tp == 0 && s.group_size() % (s.tp * s.cp) != 0) {
+  if (s.devices_per_node % s.tp == 0 && s.group_size() % (int64_t{s.tp} * s.cp) != 0) {
     problems.push_back(absl::StrCat("tp ", s.tp, " x cp ", s.cp, " does not divide the node group of ",
                                     s.group_size(), " ranks"));
   }

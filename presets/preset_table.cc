@@ -84,14 +84,16 @@ absl::StatusOr<Preset> ParseRow(const json& row) {
   if (p.base_model.empty()) return absl::InvalidArgumentError("empty 'base_model'");
   LATHE_ASSIGN_OR_RETURN(p.architecture, String(row, "architecture", true));
   LATHE_ASSIGN_OR_RETURN(p.note, String(row, "note", false));
-  int* layout[] = {&p.node_count, &p.devices_per_node, &p.tp, &p.ep};
-  const char* names[] = {"node_count", "devices_per_node", "tp", "ep"};
-  for (int i = 0; i < 4; ++i) {
-    LATHE_ASSIGN_OR_RETURN(int64_t v, Int(row, names[i], true, 1));
+  int* layout[] = {&p.node_count, &p.devices_per_node, &p.tp, &p.ep, &p.cp};
+  const char* names[] = {"node_count", "devices_per_node", "tp", "ep", "cp"};
+  for (int i = 0; i < 5; ++i) {
+    const bool optional = i == 4;  // cp: 1 when absent
+    LATHE_ASSIGN_OR_RETURN(int64_t v, Int(row, names[i], !optional, 1, 1));
+    if (v > (int64_t{1} << 20)) {
+      return absl::InvalidArgumentError(absl::StrCat("field '", names[i], "' must be at most 1048576"));
+    }
     *layout[i] = static_cast<int>(v);
   }
-  LATHE_ASSIGN_OR_RETURN(int64_t cp, Int(row, "cp", false, 1, 1));
-  p.cp = static_cast<int>(cp);
   LATHE_ASSIGN_OR_RETURN(p.max_seq_len, Int(row, "max_seq_len", true, 1));
   auto verified = row.find("verified");
   if (verified == row.end() || !verified->is_boolean()) {

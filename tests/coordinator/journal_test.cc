@@ -78,8 +78,6 @@ OpResult SaveResult(const std::string& path) {
   return result;
 }
 
-TEST(Crc32, MatchesTheStandardCheckValue) { EXPECT_EQ(Crc32("123456789"), 0xCBF43926u); }
-
 TEST(Journal, RecordsSurviveAReopen) {
   const std::string dir = TempDir();
   {

@@ -159,6 +159,8 @@ TEST(MeshTest, InvalidLayoutsAreRefusedWithEveryReason) {
   EXPECT_NE(ValidateMesh({1, 1, 2, 1, 1, 0}, 2, {}).message().find("cp must be positive"), std::string::npos);
   EXPECT_NE(ValidateMesh({1, 1, 4, 2, 1, 3}, 4, {}).message().find("tp 2 x cp 3 does not divide the node group of 4"),
             std::string::npos);
+  // A product past int's range is refused, not wrapped.
+  EXPECT_FALSE(ValidateMesh({1, 1, 8, 8, 1, 1 << 29}, 8, {}).ok());
   // cp may span nodes.
   EXPECT_TRUE(ValidateMesh({1, 2, 2, 1, 1, 4}, 4, {}).ok());
   EXPECT_NE(ValidateMesh({1, 1, 4, 4, 1}, 4, {16, 8, 0, 1002}).message().find("MLP width 1002 is not divisible by tp 4"),

@@ -102,6 +102,8 @@ TEST(PresetTableTest, RefusesRowsWithTheirName) {
   EXPECT_NE(heads.status().message().find("heads"), std::string::npos) << heads.status();
   EXPECT_FALSE(ParsePresets(Row("\"2\"")).ok());
   EXPECT_FALSE(ParsePresets(Row("0")).ok());
+  // A degree past int's range would wrap into a plausible one: refused.
+  EXPECT_FALSE(ParsePresets(Row("4294967298")).ok());
   EXPECT_FALSE(ParsePresets("{\"presets\": 3}").ok());
   EXPECT_FALSE(ParsePresets("not json").ok());
   std::string twice = Row("2");
