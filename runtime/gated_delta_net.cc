@@ -28,6 +28,7 @@ struct Layout {
   std::vector<int64_t> active;           // [step]: sequences with a chunk at that step
   std::vector<int64_t> step_offset;      // [step]: first chunk of that step
   std::vector<int64_t> padded_position;  // [T]: token -> row of the chunked layout
+  bool in_order = false;                 // padded_position[i] == i (one sequence)
 };
 
 Layout MakeLayout(const std::vector<int64_t>& lengths, int64_t chunk_size) {
@@ -64,6 +65,7 @@ Layout MakeLayout(const std::vector<int64_t>& lengths, int64_t chunk_size) {
       lay.padded_position.push_back(chunk_id * lay.chunk + p % lay.chunk);
     }
   }
+  lay.in_order = n == 1;
   return lay;
 }
 
@@ -146,7 +148,15 @@ at::Tensor L2Norm(const at::Tensor& x) {
 at::Tensor ToChunks(const at::Tensor& x, const Layout& lay, const at::Tensor& position) {
   std::vector<int64_t> padded_shape = x.sizes().vec();
   padded_shape[0] = lay.num_chunks * lay.chunk;
-  const at::Tensor padded = at::zeros(padded_shape, x.options()).index_copy(0, position, x);
+  at::Tensor padded;
+  if (lay.in_order) {  // one sequence: zeros after its end
+    std::vector<int64_t> pad(2 * (x.dim() - 1), 0);
+    pad.push_back(0);
+    pad.push_back(padded_shape[0] - x.size(0));
+    padded = padded_shape[0] == x.size(0) ? x : at::constant_pad_nd(x, pad);
+  } else {
+    padded = at::zeros(padded_shape, x.options()).index_copy(0, position, x);
+  }
   std::vector<int64_t> chunked = {lay.num_chunks, lay.chunk};
   chunked.insert(chunked.end(), padded_shape.begin() + 1, padded_shape.end());
   return padded.view(chunked).transpose(1, 2).contiguous();
@@ -194,19 +204,23 @@ RuleResult ChunkedDeltaRule(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t i = keep; i < state.size(0); ++i) result.final[lay.order[i]] = state[i];
     state = state.narrow(0, 0, keep);
   };
+  // Each operand split once into its per-step blocks: the backward of one split is one
+  // concatenation, where per-step slices would each scatter into a zeroed full-size gradient.
+  auto steps = [&](const at::Tensor& x) { return at::split_with_sizes(x, lay.active, 0); };
+  const std::vector<at::Tensor> u_s = steps(u), w_s = steps(w), q_s = steps(q_decayed), a_s = steps(intra),
+                                k_s = steps(k_decayed_t), d_s = steps(chunk_decay);
   std::vector<at::Tensor> outs;
   outs.reserve(lay.active.size());
   for (size_t j = 0; j < lay.active.size(); ++j) {
-    const int64_t n = lay.active[j], off = lay.step_offset[j];
-    if (n < state.size(0)) retire(n);
-    const at::Tensor v_new = u.narrow(0, off, n) - at::matmul(w.narrow(0, off, n), state);
-    outs.push_back(at::matmul(q_decayed.narrow(0, off, n), state) + at::matmul(intra.narrow(0, off, n), v_new));
-    state = state * chunk_decay.narrow(0, off, n) + at::matmul(k_decayed_t.narrow(0, off, n), v_new);
+    if (lay.active[j] < state.size(0)) retire(lay.active[j]);
+    const at::Tensor v_new = u_s[j] - at::matmul(w_s[j], state);
+    outs.push_back(at::matmul(q_s[j], state) + at::matmul(a_s[j], v_new));
+    state = state * d_s[j] + at::matmul(k_s[j], v_new);
   }
   retire(0);
   // [Nc, H, C, Dv] -> token rows [T, H, Dv].
   const at::Tensor all = at::cat(outs, 0).transpose(1, 2).reshape({lay.num_chunks * c, v.size(1), dv});
-  result.out = all.index_select(0, position);
+  result.out = lay.in_order ? all.narrow(0, 0, lay.tokens) : all.index_select(0, position);
   return result;
 }
 
