@@ -131,12 +131,16 @@ at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, const at:
   }
   const at::Device device = qkv.device();
   const at::Tensor source = hist > 0 ? at::cat({history, qkv}, 0) : qkv;
-  const at::Tensor ext = source.index_select(0, IndexTensor(ext_index, device));  // [E, C]
-  *windows = ext.index_select(0, IndexTensor(window_index, device));
+  // One sequence: [history; tokens] is already its extended input, in order.
+  const at::Tensor ext = n == 1 ? source : source.index_select(0, IndexTensor(ext_index, device));  // [E, C]
+  *windows = n == 1 ? ext.narrow(0, lengths[0], hist) : ext.index_select(0, IndexTensor(window_index, device));
   const at::Tensor x = ext.to(weight.scalar_type()).t().unsqueeze(0);
-  const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt, /*stride=*/at::IntArrayRef{1},
-                                   /*padding=*/at::IntArrayRef{0}, /*dilation=*/at::IntArrayRef{1}, channels);
-  return at::silu(y.squeeze(0).index_select(1, IndexTensor(out_index, device)).t()).to(qkv.scalar_type());
+  const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt,
+                                  /*stride=*/at::IntArrayRef{1}, /*padding=*/at::IntArrayRef{0},
+                                  /*dilation=*/at::IntArrayRef{1}, channels)
+                           .squeeze(0);
+  const at::Tensor picked = n == 1 ? y : y.index_select(1, IndexTensor(out_index, device));
+  return at::silu(picked.t()).to(qkv.scalar_type());
 }
 
 // x * rsqrt(sum(x^2) + 1e-6) over the last dim.
