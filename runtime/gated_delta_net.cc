@@ -197,7 +197,7 @@ RuleResult ChunkedDeltaRule(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor u = solved.narrow(-1, 0, dv), w = solved.narrow(-1, dv, solved.size(-1) - dv);
   const at::Tensor q_decayed = qc * cum_exp;
   const at::Tensor last = cum.narrow(-1, c - 1, 1);
-  const at::Tensor k_decayed_t = (kc * (last - cum).exp().unsqueeze(-1)).transpose(-1, -2).contiguous();
+  const at::Tensor k_decayed_t = (kc * (last - cum).exp().unsqueeze(-1)).transpose(-1, -2);
   const at::Tensor chunk_decay = last.exp().unsqueeze(-1);  // [Nc, H, 1, 1]
 
   // The scan: the state of the sequences still running, in the layout's order.

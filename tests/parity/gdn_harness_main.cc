@@ -12,6 +12,7 @@
 //   decode            each sequence is fed its first "prefill"[s] tokens in one call, then
 //                     its other tokens one per call (all sequences together); writes out
 //                     (rows in packed order), state.conv.<s> and state.recurrent.<s>.
+// A "float64" or "bfloat16" metadata key runs in that dtype (outputs are written as F32).
 // Exit 0 on success, 1 on any failure (message on stderr).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -100,6 +101,9 @@ absl::Status Run(const std::string& in_path, const std::string& out_path) {
   const std::string mode = meta.at("mode");
   if (meta.count("float64") != 0) {  // for measuring rounding against an fp64 run
     for (auto& [name, tensor] : t) tensor = tensor.to(at::kDouble);
+  }
+  if (meta.count("bfloat16") != 0) {  // bf16 values stored as F32 (exactly)
+    for (auto& [name, tensor] : t) tensor = tensor.to(at::kBFloat16);
   }
   std::map<std::string, at::Tensor> results;
   if (mode == "forward_backward") {

@@ -243,3 +243,30 @@ def test_lengths_that_do_not_cover_the_rows_are_refused(tmp_path):
                        expect_ok=False)
     assert proc.returncode == 1
     assert "qkv has shape [10, 96], expected [9, 96]" in proc.stderr, proc.stderr
+
+
+def test_bfloat16_forward_matches_transformers(tmp_path):
+    """A bf16 layer: the same casts as transformers, so only rounding-order differences
+    (at most a few bf16 steps on a few elements) remain. (On the development machine the
+    outputs are bitwise equal.)"""
+    layer = make_layer(2, 4, seed=19).to(torch.bfloat16)
+    lengths = [1, 63, 65, 130]
+    gen = torch.Generator().manual_seed(23)
+    cores, packed = [], {n: [] for n in PROJ}
+    with torch.no_grad():
+        for length in lengths:
+            leaves, core, _ = _hf_pass(layer, [torch.randn(1, length, HIDDEN, generator=gen)])
+            cores.append(core)
+            for n in PROJ:
+                packed[n].append(leaves[n][0][0])
+    core = torch.cat(cores).float()
+    tensors = {n: torch.cat(packed[n]).float() for n in PROJ}
+    tensors.update({k: v.float() for k, v in params_of(layer).items()}, grad_out=torch.zeros_like(core))
+    res = run_harness(tmp_path, tensors, {"mode": "forward_backward", "dims": dims_of(layer), "lengths": lengths,
+                                          "bfloat16": "1"})
+    assert torch.equal(res["out"], res["out"].bfloat16().float()), "the output is not bf16"
+    diff = (res["out"] - core).abs()
+    step = core.abs().clamp_min(2.0 ** -20) * 2.0 ** -7  # one bf16 step (upper bound) at each value
+    assert float((diff > 2 * step).float().mean()) <= 1e-3, f"{int((diff > 2 * step).sum())} values off by > 2 steps"
+    assert float(diff.max()) <= 4 * float(step.max()), f"max abs diff {float(diff.max()):.3g}"
+    assert float(diff.mean()) <= 1e-3 * float(core.abs().mean()), f"mean abs diff {float(diff.mean()):.3g}"
