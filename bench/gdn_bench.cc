@@ -1,8 +1,10 @@
 // One Gated DeltaNet layer's math (runtime/gated_delta_net.h), forward and forward+backward,
-// on random inputs of one sequence: wall and process CPU milliseconds per call (medians of
-// --reps after a warm-up; CPU time is the figure to read on a busy machine).
+// on random inputs of one sequence (or --docs packed ones): wall and process CPU
+// milliseconds per call (medians of --reps after a warm-up; CPU time is the figure to read
+// on a busy machine).
 // bench/gated_delta_net.py runs it next to transformers' torch path.
-//   build/bench/gdn_bench [--tokens 4096] [--k_heads 16] [--v_heads 16] [--head_dim 128] [--threads 1]
+//   build/bench/gdn_bench [--tokens 4096] [--docs 1] [--k_heads 16] [--v_heads 16] [--head_dim 128]
+//                         [--threads 1] [--reps 5]
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -23,6 +25,7 @@ ABSL_FLAG(int64_t, v_heads, 16, "value heads");
 ABSL_FLAG(int64_t, head_dim, 128, "key and value head dim");
 ABSL_FLAG(int, threads, 1, "intra-op threads");
 ABSL_FLAG(int, reps, 5, "timed calls");
+ABSL_FLAG(int64_t, docs, 1, "packed sequences of equal length (tokens / docs each)");
 
 namespace {
 
@@ -64,7 +67,13 @@ int main(int argc, char** argv) {
   d.num_k_heads = absl::GetFlag(FLAGS_k_heads);
   d.num_v_heads = absl::GetFlag(FLAGS_v_heads);
   d.head_k_dim = d.head_v_dim = absl::GetFlag(FLAGS_head_dim);
-  const int64_t t = absl::GetFlag(FLAGS_tokens);
+  const int64_t t = absl::GetFlag(FLAGS_tokens), docs = absl::GetFlag(FLAGS_docs);
+  if (docs < 1 || t % docs != 0) {
+    std::fprintf(stderr, "--docs %lld must be >= 1 and divide --tokens %lld\n", static_cast<long long>(docs),
+                 static_cast<long long>(t));
+    return 1;
+  }
+  const std::vector<int64_t> lengths(docs, t / docs);
   auto leaf = [](at::Tensor x) { return x.requires_grad_(true); };
   lathe::runtime::GdnInputs in{leaf(at::randn({t, d.conv_dim()})), leaf(at::randn({t, d.value_dim()})),
                                leaf(at::randn({t, d.num_v_heads})), leaf(at::randn({t, d.num_v_heads}))};
@@ -75,16 +84,16 @@ int main(int argc, char** argv) {
   const int reps = absl::GetFlag(FLAGS_reps);
   const Timing fwd = Measure([&] {
     at::NoGradGuard no_grad;
-    lathe::runtime::GatedDeltaNet(d, w, in, {t});
+    lathe::runtime::GatedDeltaNet(d, w, in, lengths);
   }, reps);
   const Timing fwd_bwd = Measure([&] {
-    at::Tensor out = lathe::runtime::GatedDeltaNet(d, w, in, {t});
+    at::Tensor out = lathe::runtime::GatedDeltaNet(d, w, in, lengths);
     torch::autograd::backward({out}, {grad});
   }, reps);
   std::printf(
-      "{\"tokens\": %lld, \"threads\": %d, \"forward_ms\": %.2f, \"forward_cpu_ms\": %.2f, "
+      "{\"tokens\": %lld, \"docs\": %lld, \"threads\": %d, \"forward_ms\": %.2f, \"forward_cpu_ms\": %.2f, "
       "\"forward_backward_ms\": %.2f, \"forward_backward_cpu_ms\": %.2f}\n",
-      static_cast<long long>(t), absl::GetFlag(FLAGS_threads), fwd.wall_ms, fwd.cpu_ms, fwd_bwd.wall_ms,
-      fwd_bwd.cpu_ms);
+      static_cast<long long>(t), static_cast<long long>(docs), absl::GetFlag(FLAGS_threads), fwd.wall_ms,
+      fwd.cpu_ms, fwd_bwd.wall_ms, fwd_bwd.cpu_ms);
   return 0;
 }

@@ -111,12 +111,20 @@ void CheckArguments(const GdnDims& d, const GdnWeights& w, const GdnInputs& in,
 }
 
 // Causal depthwise conv + SiLU of each sequence over [its history; its tokens], in the
-// weight's dtype as transformers does. `history`: [N*(K-1), C] (the states' windows, or
-// zeros). Sets *windows to the new windows [N*(K-1), C].
-at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, const at::Tensor& history,
+// weight's dtype as transformers does. `history`: [N*(K-1), C] (the states' windows), or
+// undefined for zeros. Sets *windows to the new windows [N*(K-1), C] when not null.
+at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, at::Tensor history,
                       const std::vector<int64_t>& lengths, at::Tensor* windows) {
   const int64_t n = static_cast<int64_t>(lengths.size());
   const int64_t channels = qkv.size(1), kernel = weight.size(-1), hist = kernel - 1;
+  if (n == 1 && !history.defined() && windows == nullptr) {  // the conv's own zero padding
+    const at::Tensor x = qkv.to(weight.scalar_type()).t().unsqueeze(0);
+    const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt,
+                                    /*stride=*/at::IntArrayRef{1}, /*padding=*/at::IntArrayRef{hist},
+                                    /*dilation=*/at::IntArrayRef{1}, channels);
+    return at::silu(y.squeeze(0).narrow(1, 0, qkv.size(0)).t()).to(qkv.scalar_type());
+  }
+  if (!history.defined()) history = at::zeros({n * hist, channels}, qkv.options());
   std::vector<int64_t> ext_index, out_index, window_index;
   int64_t token = 0;
   for (int64_t s = 0; s < n; ++s) {
@@ -133,7 +141,9 @@ at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, const at:
   const at::Tensor source = hist > 0 ? at::cat({history, qkv}, 0) : qkv;
   // One sequence: [history; tokens] is already its extended input, in order.
   const at::Tensor ext = n == 1 ? source : source.index_select(0, IndexTensor(ext_index, device));  // [E, C]
-  *windows = n == 1 ? ext.narrow(0, lengths[0], hist) : ext.index_select(0, IndexTensor(window_index, device));
+  if (windows != nullptr) {
+    *windows = n == 1 ? ext.narrow(0, lengths[0], hist) : ext.index_select(0, IndexTensor(window_index, device));
+  }
   const at::Tensor x = ext.to(weight.scalar_type()).t().unsqueeze(0);
   const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt,
                                   /*stride=*/at::IntArrayRef{1}, /*padding=*/at::IntArrayRef{0},
@@ -241,6 +251,27 @@ at::Tensor GatedRmsNorm(const at::Tensor& x, const at::Tensor& z, const at::Tens
   return (weight * normed.to(x.scalar_type()) * at::silu(z.to(WideType(x)))).to(x.scalar_type());
 }
 
+// The delta rule's operands in the wide dtype, per value head: [T, Hv, D] and [T, Hv].
+struct RuleInputs {
+  at::Tensor q, k, v, g, beta;
+};
+
+RuleInputs PrepareRule(const GdnDims& dims, const at::Tensor& mixed, const GdnInputs& in, const GdnWeights& w) {
+  const at::ScalarType wide = WideType(mixed);
+  const int64_t t = mixed.size(0), hk = dims.num_k_heads, dk = dims.head_k_dim, kd = dims.key_dim();
+  const int64_t repeat = dims.num_v_heads / hk;
+  // Normalised per key head, then repeated: the same values as repeating first.
+  auto heads = [&](const at::Tensor& x) { return repeat == 1 ? x : x.repeat_interleave(repeat, 1); };
+  RuleInputs r;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
+  r.q = heads(L2Norm(mixed.narrow(1, 0, kd).reshape({t, hk, dk}).to(wide)) * scale);
+  r.k = heads(L2Norm(mixed.narrow(1, kd, kd).reshape({t, hk, dk}).to(wide)));
+  r.v = mixed.narrow(1, 2 * kd, dims.value_dim()).reshape({t, dims.num_v_heads, dims.head_v_dim}).to(wide);
+  r.beta = at::sigmoid(in.b).to(wide);
+  r.g = -w.a_log.to(wide).exp() * at::softplus(in.a.to(wide) + w.dt_bias);
+  return r;
+}
+
 }  // namespace
 
 GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like) {
@@ -254,12 +285,12 @@ at::Tensor GatedDeltaNet(const GdnDims& dims, const GdnWeights& weights, const G
                          const std::vector<int64_t>& lengths, std::vector<GdnState>* states) {
   CheckArguments(dims, weights, inputs, lengths, states);
   const int64_t t = inputs.qkv.size(0), n = static_cast<int64_t>(lengths.size());
-  const int64_t hk = dims.num_k_heads, hv = dims.num_v_heads, dk = dims.head_k_dim, dv = dims.head_v_dim;
+  const int64_t hv = dims.num_v_heads, dk = dims.head_k_dim, dv = dims.head_v_dim;
   if (n == 0) return at::zeros({0, dims.value_dim()}, inputs.qkv.options());
   const Layout lay = MakeLayout(lengths, dims.chunk_size);
   const at::ScalarType wide = WideType(inputs.qkv);
 
-  at::Tensor history, initial;
+  at::Tensor history, initial;  // undefined history: zeros
   if (states != nullptr) {
     std::vector<at::Tensor> convs, recs;
     for (const GdnState& st : *states) {
@@ -269,23 +300,15 @@ at::Tensor GatedDeltaNet(const GdnDims& dims, const GdnWeights& weights, const G
     history = at::cat(convs, 0);
     initial = at::stack(recs, 0);
   } else {
-    history = at::zeros({n * (dims.conv_kernel - 1), dims.conv_dim()}, inputs.qkv.options());
     initial = at::zeros({n, hv, dk, dv}, inputs.qkv.options().dtype(wide));
   }
 
   at::Tensor windows;
-  const at::Tensor mixed = CausalConv(inputs.qkv, weights.conv_weight, history, lengths, &windows);
-  const int64_t kd = dims.key_dim();
-  const int64_t repeat = hv / hk;
-  auto heads = [&](const at::Tensor& x) { return repeat == 1 ? x : x.repeat_interleave(repeat, 1); };
-  const at::Tensor q = heads(L2Norm(mixed.narrow(1, 0, kd).reshape({t, hk, dk}).to(wide)) *
-                             (1.0 / std::sqrt(static_cast<double>(dk))));
-  const at::Tensor k = heads(L2Norm(mixed.narrow(1, kd, kd).reshape({t, hk, dk}).to(wide)));
-  const at::Tensor v = mixed.narrow(1, 2 * kd, dims.value_dim()).reshape({t, hv, dv}).to(wide);
-  const at::Tensor beta = at::sigmoid(inputs.b).to(wide);
-  const at::Tensor g = -weights.a_log.to(wide).exp() * at::softplus(inputs.a.to(wide) + weights.dt_bias);
+  const at::Tensor mixed =
+      CausalConv(inputs.qkv, weights.conv_weight, history, lengths, states != nullptr ? &windows : nullptr);
+  const RuleInputs ri = PrepareRule(dims, mixed, inputs, weights);
 
-  RuleResult rule = ChunkedDeltaRule(q, k, v, g, beta, initial, lay);
+  RuleResult rule = ChunkedDeltaRule(ri.q, ri.k, ri.v, ri.g, ri.beta, initial, lay);
   if (states != nullptr) {
     const int64_t hist = dims.conv_kernel - 1;
     for (int64_t s = 0; s < n; ++s) {
