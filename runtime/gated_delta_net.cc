@@ -110,21 +110,49 @@ void CheckArguments(const GdnDims& d, const GdnWeights& w, const GdnInputs& in,
   }
 }
 
-// Causal depthwise conv + SiLU of each sequence over [its history; its tokens], in the
-// weight's dtype as transformers does. `history`: [N*(K-1), C] (the states' windows), or
-// undefined for zeros. Sets *windows to the new windows [N*(K-1), C] when not null.
-at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, at::Tensor history,
-                      const std::vector<int64_t>& lengths, at::Tensor* windows) {
-  const int64_t n = static_cast<int64_t>(lengths.size());
-  const int64_t channels = qkv.size(1), kernel = weight.size(-1), hist = kernel - 1;
-  if (n == 1 && !history.defined() && windows == nullptr) {  // the conv's own zero padding
-    const at::Tensor x = qkv.to(weight.scalar_type()).t().unsqueeze(0);
-    const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt,
-                                    /*stride=*/at::IntArrayRef{1}, /*padding=*/at::IntArrayRef{hist},
-                                    /*dilation=*/at::IntArrayRef{1}, channels);
-    return at::silu(y.squeeze(0).narrow(1, 0, qkv.size(0)).t()).to(qkv.scalar_type());
+// Depthwise conv over the rows of x [E, C] with `pad` zero rows on both sides, in the weight's
+// dtype as transformers computes it: [C, E + 2 pad - K + 1].
+at::Tensor DepthwiseConv(const at::Tensor& x, const at::Tensor& weight, int64_t pad) {
+  const int64_t channels = x.size(-1), kernel = weight.size(-1);
+  const at::Tensor in = x.dim() == 2 ? x.t().unsqueeze(0) : x.transpose(1, 2);
+  const at::Tensor y = at::conv1d(in.to(weight.scalar_type()), weight.reshape({channels, 1, kernel}),
+                                  /*bias=*/std::nullopt, /*stride=*/at::IntArrayRef{1},
+                                  /*padding=*/at::IntArrayRef{pad}, /*dilation=*/at::IntArrayRef{1}, channels);
+  return x.dim() == 2 ? y.squeeze(0) : y;
+}
+
+// Causal conv of packed sequences that start from zeros: one conv over all rows, then the
+// first K-1 outputs of every later sequence (which saw its predecessor's last rows)
+// recomputed from zeros and its own first rows. Returns [C, T].
+at::Tensor PackedConv(const at::Tensor& qkv, const at::Tensor& weight, const std::vector<int64_t>& lengths) {
+  const int64_t t = qkv.size(0), hist = weight.size(-1) - 1, n = static_cast<int64_t>(lengths.size());
+  const at::Tensor all = DepthwiseConv(qkv, weight, hist).narrow(1, 0, t);
+  if (n == 1 || hist == 0) return all;
+  std::vector<int64_t> heads, valid, rows;  // the first K-1 rows of sequences 1..N-1
+  int64_t start = lengths[0];
+  for (int64_t s = 1; s < n; ++s) {
+    for (int64_t r = 0; r < hist; ++r) {
+      heads.push_back(std::min(start + r, t - 1));  // rows past the end only feed unused outputs
+      if (r < lengths[s]) {
+        valid.push_back((s - 1) * hist + r);
+        rows.push_back(start + r);
+      }
+    }
+    start += lengths[s];
   }
-  if (!history.defined()) history = at::zeros({n * hist, channels}, qkv.options());
+  const at::Device device = qkv.device();
+  const at::Tensor firsts = qkv.index_select(0, IndexTensor(heads, device)).view({n - 1, hist, qkv.size(1)});
+  const at::Tensor fixed = DepthwiseConv(firsts, weight, hist).narrow(2, 0, hist);  // [N-1, C, K-1]
+  const at::Tensor picked = fixed.transpose(0, 1).reshape({qkv.size(1), -1}).index_select(1, IndexTensor(valid, device));
+  return all.index_copy(1, IndexTensor(rows, device), picked);
+}
+
+// Causal conv of sequences continuing from `history` [N*(K-1), C] (their states' windows):
+// each over [its history; its rows]. Sets *windows to the new windows [N*(K-1), C].
+// Returns [C, T].
+at::Tensor ContinuedConv(const at::Tensor& qkv, const at::Tensor& weight, const at::Tensor& history,
+                         const std::vector<int64_t>& lengths, at::Tensor* windows) {
+  const int64_t n = static_cast<int64_t>(lengths.size()), hist = weight.size(-1) - 1;
   std::vector<int64_t> ext_index, out_index, window_index;
   int64_t token = 0;
   for (int64_t s = 0; s < n; ++s) {
@@ -139,18 +167,20 @@ at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, at::Tenso
   }
   const at::Device device = qkv.device();
   const at::Tensor source = hist > 0 ? at::cat({history, qkv}, 0) : qkv;
-  // One sequence: [history; tokens] is already its extended input, in order.
+  // One sequence: [history; rows] is already its extended input, in order.
   const at::Tensor ext = n == 1 ? source : source.index_select(0, IndexTensor(ext_index, device));  // [E, C]
-  if (windows != nullptr) {
-    *windows = n == 1 ? ext.narrow(0, lengths[0], hist) : ext.index_select(0, IndexTensor(window_index, device));
-  }
-  const at::Tensor x = ext.to(weight.scalar_type()).t().unsqueeze(0);
-  const at::Tensor y = at::conv1d(x, weight.reshape({channels, 1, kernel}), /*bias=*/std::nullopt,
-                                  /*stride=*/at::IntArrayRef{1}, /*padding=*/at::IntArrayRef{0},
-                                  /*dilation=*/at::IntArrayRef{1}, channels)
-                           .squeeze(0);
-  const at::Tensor picked = n == 1 ? y : y.index_select(1, IndexTensor(out_index, device));
-  return at::silu(picked.t()).to(qkv.scalar_type());
+  *windows = n == 1 ? ext.narrow(0, lengths[0], hist) : ext.index_select(0, IndexTensor(window_index, device));
+  const at::Tensor y = DepthwiseConv(ext, weight, 0);
+  return n == 1 ? y : y.index_select(1, IndexTensor(out_index, device));
+}
+
+// Causal depthwise conv + SiLU of each sequence (see PackedConv, ContinuedConv): [T, C] in
+// qkv's dtype. `history` undefined: every sequence starts from zeros.
+at::Tensor CausalConv(const at::Tensor& qkv, const at::Tensor& weight, const at::Tensor& history,
+                      const std::vector<int64_t>& lengths, at::Tensor* windows) {
+  const at::Tensor y = history.defined() ? ContinuedConv(qkv, weight, history, lengths, windows)
+                                         : PackedConv(qkv, weight, lengths);
+  return at::silu(y.t()).to(qkv.scalar_type());
 }
 
 // x * rsqrt(sum(x^2) + 1e-6) over the last dim.

@@ -49,7 +49,7 @@ TEST(GatedDeltaNetTest, PackedSequencesEqualSeparateCalls) {
   at::manual_seed(1);
   const GdnDims d = Dims();
   const GdnWeights w = RandomWeights(d);
-  const std::vector<int64_t> lengths = {1, 64, 65, 2, 130};
+  const std::vector<int64_t> lengths = {1, 64, 65, 2, 129, 1};
   const GdnInputs in = RandomInputs(d, 262);
   const at::Tensor packed = GatedDeltaNet(d, w, in, lengths);
   int64_t start = 0;
