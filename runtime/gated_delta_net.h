@@ -69,7 +69,8 @@ GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like);
 // state; then RMSNorm(x) * norm_weight * silu(z) per value head. (fp64 inputs: all in fp64.)
 // The chunk is min(dims.chunk_size, longest length), so decode steps are not padded to 64.
 // No state crosses a sequence boundary: each sequence's conv sees only its own tokens (and
-// zeros before them) and its recurrent state starts at zero.
+// zeros, or its state's window, before them) and its recurrent state starts at zero (or at
+// its state's). Pure function of its arguments; safe to call from several threads.
 // `states`: null, or one state per sequence (same order as `lengths`) that each sequence
 // continues from; they are replaced by the states after its tokens. A state carries
 // autograd history when its inputs do (detach it for decoding under grad mode).
