@@ -1,6 +1,6 @@
 // GatedDeltaNet's own consistency: packed sequences equal separate calls, a prefill plus
 // single steps from per-sequence states equals one pass, every parameter gets a gradient,
-// and bad shapes are refused naming the argument. (Parity with transformers:
+// column views of a fused projection work, and bad shapes are refused naming the argument. (Parity with transformers:
 // tests/parity/test_gated_delta_net.py.)
 #include "runtime/gated_delta_net.h"
 
@@ -117,6 +117,20 @@ TEST(GatedDeltaNetTest, EveryTensorGetsAGradient) {
     EXPECT_TRUE(grads[i].isfinite().all().item<bool>()) << "tensor " << i;
     EXPECT_GT(grads[i].abs().sum().item<double>(), 0.0) << "tensor " << i;
   }
+}
+
+TEST(GatedDeltaNetTest, ColumnViewsOfOneFusedProjectionWork) {
+  at::manual_seed(4);
+  const GdnDims d = Dims();
+  const GdnWeights w = RandomWeights(d);
+  const std::vector<int64_t> lengths = {7, 70};
+  const at::Tensor fused = at::randn({77, d.conv_dim() + d.value_dim() + 2 * d.num_v_heads});
+  const GdnInputs views = {fused.narrow(1, 0, d.conv_dim()), fused.narrow(1, d.conv_dim(), d.value_dim()),
+                           fused.narrow(1, d.conv_dim() + d.value_dim(), d.num_v_heads),
+                           fused.narrow(1, d.conv_dim() + d.value_dim() + d.num_v_heads, d.num_v_heads)};
+  const GdnInputs copies = {views.qkv.contiguous(), views.z.contiguous(), views.b.contiguous(),
+                            views.a.contiguous()};
+  EXPECT_LT(RelDiff(GatedDeltaNet(d, w, views, lengths), GatedDeltaNet(d, w, copies, lengths)), 1e-6);
 }
 
 std::string ErrorOf(const GdnDims& d, const GdnWeights& w, const GdnInputs& in, const std::vector<int64_t>& lengths) {
