@@ -1,0 +1,28 @@
+// The table of architectures: one line each.
+#include "runtime/archs/registry.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace lathe::runtime {
+namespace {
+
+constexpr Architecture kArchitectures[] = {
+    {"Qwen3ForCausalLM", LoadLlamaFamilyLayers},
+    {"Qwen3MoeForCausalLM", LoadLlamaFamilyLayers},
+    {"LlamaForCausalLM", LoadLlamaFamilyLayers},
+    {"MistralForCausalLM", LoadLlamaFamilyLayers},
+};
+
+}  // namespace
+
+absl::StatusOr<const Architecture*> FindArchitecture(const ModelConfig& config) {
+  std::string names;
+  for (const Architecture& a : kArchitectures) {
+    if (config.architecture == a.name) return &a;
+    absl::StrAppend(&names, names.empty() ? "" : ", ", a.name);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("architecture ", config.architecture, " has no model implementation (supported: ", names, ")"));
+}
+
+}  // namespace lathe::runtime
