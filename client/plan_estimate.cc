@@ -194,9 +194,10 @@ double MlpElements(const presets::ModelFacts& f, int tp, bool moe) {
 // their chunked products (11 Hv·dk + 6 Hv·dv), the [64, 64] intra-chunk
 // matrices per head (5 Hv·64) and the state carried between chunks,
 // [Hv, dk, dv] per 64 tokens. Fitted to the tensors transformers 5.23's
-// torch path (torch_chunk_gated_delta_rule) saves for backward: within 2-8%
-// over 11 shapes (BENCHMARKS.md, "Gated DeltaNet activations"). Not
-// multiplied by the autograd factor: it is what autograd keeps.
+// torch path (torch_chunk_gated_delta_rule) saves for backward: with the
+// layer's other elements, 0.978-0.998 of the measured count over 11 shapes
+// (bench/gdn_activations.py; BENCHMARKS.md, "Gated DeltaNet activations").
+// Not multiplied by the autograd factor: it is what autograd keeps.
 constexpr double kDeltaRuleChunk = 64;
 double RecurrenceElements(const presets::ModelFacts& f, int tp) {
   const LinearWidths w = LinearWidthsOf(f, tp);
