@@ -161,3 +161,52 @@ def test_lathe_reads_the_config_as_transformers_does(qwen3_5_models, kind):
     # Read, but not run yet.
     assert "not yet run" in got["runtime_support"]
     assert "linear-attention" in got["runtime_support"]
+
+
+@pytest.mark.parametrize("kind", ("qwen3_5", "qwen3_5_moe"))
+def test_reference_lora_targets_and_split_qkv(qwen3_5_models, kind):
+    """The peft side of a future Qwen3.5 parity test: which modules get adapters, and that
+    lathe's split in_proj_q/k/v adapters are exactly PEFT's fused rank-3r block LoRA."""
+    import reference as R
+
+    r, alpha = 4, 8.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = R.Reference(qwen3_5_models[kind], lora={"rank": r, "alpha": alpha})
+    names = ref.names
+    modules = {n.rsplit(".lora_", 1)[0].split(".", 3)[-1] for n in names if ".layers." in n}
+    expected = {"linear_attn.in_proj_q", "linear_attn.in_proj_k", "linear_attn.in_proj_v", "linear_attn.in_proj_z",
+                "linear_attn.in_proj_a", "linear_attn.in_proj_b", "linear_attn.out_proj",
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    if "moe" in kind:
+        expected |= {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                     "mlp.shared_expert_gate"}
+        expected |= {f"mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}
+    else:
+        expected |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert modules == expected
+    assert "lm_head.lora_A.weight" in names
+    for never in ("conv1d", "A_log", "dt_bias", "norm", "mlp.gate.", "in_proj_qkv"):
+        assert not any(never in n for n in names), never
+    # Layer 0's split adapters, random, everything else zero: PEFT's output equals the
+    # base model with in_proj_qkv's q, k and v rows each moved by (alpha / r) B A.
+    g = torch.Generator().manual_seed(3)
+    values = {n: torch.zeros_like(t) for n, t in ref.params().items()}
+    la = "model.layers.0.linear_attn"
+    for p in R.QWEN3_5_SPLIT_QKV:
+        for ab in ("A", "B"):
+            key = f"{la}.{p}.lora_{ab}.weight"
+            values[key] = 0.3 * torch.randn(values[key].shape, generator=g)
+    ref.set_params(values)
+    tokens = _tokens(ref.base.config.vocab_size)[0]
+    with torch.no_grad():
+        got = ref.logits(tokens)
+        base = _load(kind, qwen3_5_models[kind])
+        before = base(input_ids=tokens[None], use_cache=False).logits[0]
+        w = base.model.layers[0].linear_attn.in_proj_qkv.weight
+        delta = torch.cat([values[f"{la}.{p}.lora_B.weight"] @ values[f"{la}.{p}.lora_A.weight"]
+                           for p in R.QWEN3_5_SPLIT_QKV])
+        w.add_(alpha / r * delta)
+        want = base(input_ids=tokens[None], use_cache=False).logits[0]
+    assert (want - before).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
