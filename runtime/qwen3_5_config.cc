@@ -21,6 +21,7 @@ using config_json::Real;
 constexpr int64_t kMaxHeads = int64_t{1} << 16;
 constexpr int64_t kMaxHeadDim = int64_t{1} << 16;
 constexpr int64_t kMaxConvKernel = 64;
+constexpr int64_t kMaxLayers = int64_t{1} << 16;  // layer_types is built per layer
 
 absl::StatusOr<int64_t> Bounded(const json& j, const std::string& key, int64_t fallback, int64_t max) {
   LATHE_ASSIGN_OR_RETURN(int64_t v, Int(j, key, fallback));
@@ -32,6 +33,9 @@ absl::StatusOr<int64_t> Bounded(const json& j, const std::string& key, int64_t f
 // full_attention_interval (layer i is full attention when (i + 1) % n == 0).
 absl::Status ReadLayerTypes(const json& j, ModelConfig& c) {
   c.layer_types.clear();
+  if (c.num_hidden_layers < 1 || c.num_hidden_layers > kMaxLayers) {
+    return FieldError("num_hidden_layers", absl::StrCat("must be between 1 and ", kMaxLayers));
+  }
   auto types = j.find("layer_types");
   if (types != j.end() && !types->is_null()) {
     if (!types->is_array() || static_cast<int64_t>(types->size()) != c.num_hidden_layers) {

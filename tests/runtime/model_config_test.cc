@@ -209,6 +209,7 @@ TEST(ModelConfigTest, RefusesQwen3_5ValuesTheModelCannotBeBuiltWith) {
     "linear_attention","linear_attention","full_attention"])"), "entry 2 is \"sliding_attention\"");
   ExpectRefused(WithField("layer_types", "\"full_attention\""), "layer_types");
   ExpectRefused(WithField("full_attention_interval", "0"), "full_attention_interval");
+  ExpectRefused(WithField("num_hidden_layers", "1000000000000"), "num_hidden_layers");
   ExpectRefused(WithField("linear_num_key_heads", "0"), "linear_num_key_heads");
   ExpectRefused(WithField("linear_num_key_heads", "-2"), "linear_num_key_heads");
   ExpectRefused(WithField("linear_num_value_heads", "3"), "multiple of linear_num_key_heads");
