@@ -161,9 +161,8 @@ absl::Status ReadQwen3_5(const json& j, ModelConfig& c) {
   c.norm_style = NormStyle::kOnePlusWeight;
   if (IsQwen3_5Moe(c.architecture)) {
     LATHE_RETURN_IF_ERROR(ReadMoeBlock(j, c));
-  } else {
-    LATHE_ASSIGN_OR_RETURN(int64_t experts, Int(j, "num_experts", 0));
-    if (experts > 0) return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
+  } else if (c.num_experts > 0) {  // ReadMoe took num_experts or num_local_experts
+    return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
   }
   c.checkpoint.weight_prefix = IsQwen3_5Wrapper(c.architecture) ? "model.language_model." : "model.";
   c.checkpoint.lm_head = "lm_head.weight";

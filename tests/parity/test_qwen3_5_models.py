@@ -210,3 +210,13 @@ def test_reference_lora_targets_and_split_qkv(qwen3_5_models, kind):
         want = base(input_ids=tokens[None], use_cache=False).logits[0]
     assert (want - before).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_runtime_refuses_to_load_the_model_for_now(qwen3_5_models, harness, kind):
+    """DecoderModel::Load goes through LoadModelConfig, which refuses Qwen3.5 naming what the
+    runtime lacks; nothing is computed with a model it would get wrong."""
+    res = harness(qwen3_5_models[kind], {"lora": {"rank": 4, "alpha": 8.0}, "ops": []}, expect_rc=1)
+    assert "FAILED_PRECONDITION" in res.stderr, res.stderr
+    assert "not yet run by lathe's runtime" in res.stderr, res.stderr
+    assert "Gated DeltaNet linear-attention layers" in res.stderr, res.stderr

@@ -232,6 +232,8 @@ TEST(ModelConfigTest, RefusesQwen3_5ValuesTheModelCannotBeBuiltWith) {
   ExpectRefused(R"({"architectures":["Qwen3_5ForConditionalGeneration"]})", "text_config");
   ExpectRefused(R"({"architectures":["Qwen3_5ForCausalLM"],"vocab_size":10,"hidden_size":8,
     "intermediate_size":8,"num_hidden_layers":4,"num_attention_heads":2,"num_experts":4})", "dense");
+  ExpectRefused(R"({"architectures":["Qwen3_5ForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":8,"num_hidden_layers":4,"num_attention_heads":2,"num_local_experts":4})", "dense");
 }
 
 TEST(ModelConfigTest, LoadRefusesWhatTheRuntimeCannotRunYetAndReadAcceptsIt) {
