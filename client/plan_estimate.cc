@@ -249,10 +249,9 @@ double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters)
   // One layer's backward at a time adds its adapter inputs' gradients.
   double backward = 0;
   if (adapters) {
-    const bool linear = n.linear > 0 && (n.attention == 0 || MixerFp32(f, tp, true, 1) - MixerFp32(f, tp, true, 0) >
-                                                                 MixerFp32(f, tp, false, 1) - MixerFp32(f, tp, false, 0));
-    backward = MixerFp32(f, tp, linear, 1) - MixerFp32(f, tp, linear, 0) + MlpFp32(f, tp, n.moe > 0, 1) -
-               MlpFp32(f, tp, n.moe > 0, 0);
+    auto mixer = [&](bool linear) { return MixerFp32(f, tp, linear, 1) - MixerFp32(f, tp, linear, 0); };
+    const double widest_mixer = std::max(n.attention > 0 ? mixer(false) : 0.0, n.linear > 0 ? mixer(true) : 0.0);
+    backward = widest_mixer + MlpFp32(f, tp, n.moe > 0, 1) - MlpFp32(f, tp, n.moe > 0, 0);
   }
   return n.attention * MixerFp32(f, tp, false, kept) + n.linear * MixerFp32(f, tp, true, kept) +
          n.dense * MlpFp32(f, tp, false, kept) + n.moe * MlpFp32(f, tp, true, kept) + backward +

@@ -66,7 +66,9 @@ absl::StatusOr<ModelFacts> ParseFacts(const json& f) {
   for (auto [name, out] : {std::pair{"tie_word_embeddings", &m.tie_word_embeddings},
                             {"attn_output_gate", &m.attn_output_gate}}) {
     if (auto it = f.find(name); it != f.end()) {
-      if (!it->is_boolean()) return absl::InvalidArgumentError(absl::StrCat("field '", name, "' must be true or false"));
+      if (!it->is_boolean()) {
+        return absl::InvalidArgumentError(absl::StrCat("field '", name, "' must be true or false"));
+      }
       *out = it->get<bool>();
     }
   }
