@@ -21,7 +21,9 @@ absl::Status CheckKey(const std::string& key) {
 }  // namespace
 
 absl::Status RendezvousStore::CheckGeneration(int64_t generation) const {
-  if (generation < 1) return absl::InvalidArgumentError(absl::StrCat("store generation ", generation, " (must be >= 1)"));
+  if (generation < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("store generation ", generation, " (must be >= 1)"));
+  }
   if (generation < generation_) {
     return absl::FailedPreconditionError(
         absl::StrCat("store generation ", generation, " is over: the deployment is at generation ", generation_));

@@ -62,7 +62,8 @@ absl::StatusOr<std::vector<std::string>> LinkStore::Get(int64_t generation, cons
     return s;
   }
   if (response.values_size() != static_cast<int>(keys.size())) {
-    return absl::InternalError(absl::StrCat("store get: ", response.values_size(), " values for ", keys.size(), " keys"));
+    return absl::InternalError(
+        absl::StrCat("store get: ", response.values_size(), " values for ", keys.size(), " keys"));
   }
   return std::vector<std::string>(response.values().begin(), response.values().end());
 }

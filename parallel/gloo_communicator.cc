@@ -14,6 +14,7 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 
+#include <dlfcn.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -189,7 +190,8 @@ class GlooCommunicator : public Communicator {
   absl::Status Usable(const char* what, const Buffer& a, const Buffer& b) const {
     if (broken_) return Broken();
     if (a.device || b.device) {
-      return absl::FailedPreconditionError(absl::StrCat(what, " on a CUDA buffer reached the Gloo backend (host only)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " on a CUDA buffer reached the Gloo backend (host only)"));
     }
     if (a.type != b.type) return absl::InvalidArgumentError(absl::StrCat(what, ": send and receive types differ"));
     if (a.count < 0 || b.count < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": negative count"));
@@ -268,6 +270,31 @@ void IgnoreSigpipe() {
   });
 }
 
+// libtorch_cpu.so exports its own, newer Gloo under the same names and
+// different layouts. In a process that loads both, every gloo:: symbol binds
+// to whichever library comes first in the global lookup order; the Gloo this
+// file was compiled against (Debian's libgloo.so) must win, or the first
+// collective corrupts memory. The check: gloo::allreduce resolves into the
+// object that defines connectFullMesh(Store&, ...), which only that Gloo has
+// (libtorch's takes a shared_ptr<Store>).
+absl::Status CheckGlooBinding() {
+  static const absl::Status status = [] {
+    constexpr char kOwnSymbol[] =
+        "_ZN4gloo10rendezvous7Context15connectFullMeshERNS0_5StoreERSt10shared_ptrINS_9transport6DeviceEE";
+    void* own = dlsym(RTLD_DEFAULT, kOwnSymbol);
+    Dl_info own_info{}, used_info{};
+    if (own == nullptr || dladdr(own, &own_info) == 0 ||
+        dladdr(reinterpret_cast<void*>(&gloo::allreduce), &used_info) == 0) {
+      return absl::OkStatus();  // statically linked or stripped: nothing to compare
+    }
+    if (own_info.dli_fbase == used_info.dli_fbase) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "gloo::allreduce binds to ", used_info.dli_fname, " instead of the Gloo lathe was built against (",
+        own_info.dli_fname, "): link libgloo before libtorch (docs/build-and-dependencies.md, \"Gloo\")"));
+  }();
+  return status;
+}
+
 absl::Status CheckOptions(const GlooGroupOptions& o) {
   if (o.size < 1) return absl::InvalidArgumentError(absl::StrCat("Gloo group size ", o.size));
   if (o.rank < 0 || o.rank >= o.size) {
@@ -289,6 +316,7 @@ absl::Status CheckOptions(const GlooGroupOptions& o) {
 absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(const GlooGroupOptions& options,
                                                                    RendezvousStore* store) {
   if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  if (absl::Status s = CheckGlooBinding(); !s.ok()) return s;
   IgnoreSigpipe();
   StoreAdapter adapter(store, options.generation, options.group, absl::Now() + options.connect_timeout);
   const std::string where = absl::StrCat("forming Gloo group ", options.group, " of generation ",

@@ -75,8 +75,9 @@ class GlooGroupTest : public testing::Test {
   }
 
   // Index of the member in members_.
-  size_t Start(const std::string& name, int seed, const std::vector<std::string>& plan) {
-    std::vector<std::string> args = {LATHE_GLOO_MEMBER, address_, dir_.string(), name, std::to_string(seed)};
+  size_t Start(const std::string& name, int seed, const std::vector<std::string>& plan,
+               const char* program = LATHE_GLOO_MEMBER) {
+    std::vector<std::string> args = {program, address_, dir_.string(), name, std::to_string(seed)};
     args.insert(args.end(), plan.begin(), plan.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
@@ -150,7 +151,8 @@ TEST_F(GlooGroupTest, SurvivorsOfAKilledMemberRebuildAndANewcomerJoins) {
   Start("b", 3, {"1:1:3:fail", "2:1:2:next", "3:1:3:next"});
   Member& c = members_[Start("c", 3, {"1:2:3:fail"})];
   for (const char* n : {"a", "b", "c"}) {
-    ASSERT_TRUE(Appears(absl::StrCat(n, ".g1.running"), absl::Seconds(60))) << n << "\n" << Log(members_[0]) << Log(members_[1]) << Log(members_[2]);
+    ASSERT_TRUE(Appears(absl::StrCat(n, ".g1.running"), absl::Seconds(60)))
+        << n << "\n" << Log(members_[0]) << Log(members_[1]) << Log(members_[2]);
   }
   ASSERT_EQ(kill(c.pid, SIGKILL), 0);
   const absl::Time killed = absl::Now();
@@ -176,6 +178,20 @@ TEST_F(GlooGroupTest, SurvivorsOfAKilledMemberRebuildAndANewcomerJoins) {
   o.hostname = "127.0.0.1";
   auto stale = parallel::MakeGlooCommunicator(o, &store);
   EXPECT_TRUE(absl::IsFailedPrecondition(stale.status())) << stale.status();
+}
+
+// dp_worker loads libtorch, whose libtorch_cpu.so exports a Gloo of its own
+// under the same names: with libgloo linked first the group works, with
+// libtorch first the backend refuses to start instead of mixing the two.
+TEST_F(GlooGroupTest, WorksBesideLibtorchsGlooAndRefusesToUseIt) {
+  for (int r = 0; r < 3; ++r) {
+    Start(absl::StrCat("t", r), 21, {absl::StrCat("1:", r, ":3:next")}, LATHE_GLOO_MEMBER_TORCH);
+  }
+  for (size_t i : {0, 1, 2}) EXPECT_TRUE(Exits0(members_[i], absl::Seconds(60)));
+  const size_t wrong = Start("wrong", 21, {"2:0:1:next"}, LATHE_GLOO_MEMBER_TORCH_FIRST);
+  EXPECT_FALSE(Exits0(members_[wrong], absl::Seconds(60)));
+  EXPECT_NE(Log(members_[wrong]).find("FAILED_PRECONDITION"), std::string::npos) << Log(members_[wrong]);
+  EXPECT_NE(Log(members_[wrong]).find("libtorch_cpu"), std::string::npos) << Log(members_[wrong]);
 }
 
 TEST_F(GlooGroupTest, AStoppedMemberTimesOutItsPeers) {
