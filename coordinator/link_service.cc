@@ -101,13 +101,16 @@ grpc::Status LinkService::StoreSet(grpc::ServerContext* context, const lathe::v1
 grpc::Status LinkService::StoreGet(grpc::ServerContext* context, const lathe::v1::StoreGetRequest* request,
                                    lathe::v1::StoreGetResponse* response) {
   if (grpc::Status s = token_->Check(*context); !s.ok()) return s;
-  // Waits no longer than the caller does.
+  // Waits no longer than the caller does, and ends when the call is
+  // cancelled (a server shutting down cancels its calls but waits for
+  // their handlers).
   absl::Duration timeout = absl::Milliseconds(request->timeout_ms());
   if (context->deadline() != std::chrono::system_clock::time_point::max()) {
     timeout = std::min(timeout, absl::FromChrono(context->deadline()) - absl::Now());
   }
   auto values = store_.Get(request->generation(),
-                           std::vector<std::string>(request->keys().begin(), request->keys().end()), timeout);
+                           std::vector<std::string>(request->keys().begin(), request->keys().end()), timeout,
+                           [context] { return context->IsCancelled(); });
   if (!values.ok()) return ToGrpc(values.status());
   for (std::string& v : *values) response->add_values(std::move(v));
   return grpc::Status::OK;

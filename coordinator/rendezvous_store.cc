@@ -54,7 +54,8 @@ absl::Status RendezvousStore::Set(int64_t generation, const std::string& key, st
 
 absl::StatusOr<std::vector<std::string>> RendezvousStore::Get(int64_t generation,
                                                               const std::vector<std::string>& keys,
-                                                              absl::Duration timeout) {
+                                                              absl::Duration timeout,
+                                                              const std::function<bool()>& cancelled) {
   if (keys.empty()) return absl::InvalidArgumentError("store get names no key");
   for (const std::string& key : keys) {
     if (absl::Status s = CheckKey(key); !s.ok()) return s;
@@ -66,7 +67,12 @@ absl::StatusOr<std::vector<std::string>> RendezvousStore::Get(int64_t generation
     if (generation_ < generation) return false;  // not started yet
     return std::all_of(keys.begin(), keys.end(), [&](const std::string& k) { return values_.count(k) > 0; });
   };
-  mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!mu_.AwaitWithDeadline(absl::Condition(&ready),
+                                cancelled ? std::min(deadline, absl::Now() + kStorePoll) : deadline)) {
+    if (absl::Now() >= deadline) break;
+    if (cancelled()) return absl::CancelledError("store get: the caller went away");
+  }
   if (absl::Status s = CheckGeneration(generation); !s.ok()) return s;
   std::vector<std::string> values, missing;
   for (const std::string& key : keys) {

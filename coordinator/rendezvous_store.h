@@ -13,6 +13,7 @@
 #define LATHE_COORDINATOR_RENDEZVOUS_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,8 +29,9 @@ namespace lathe::coordinator {
 inline constexpr size_t kMaxStoreKeyBytes = 512;
 inline constexpr size_t kMaxStoreValueBytes = size_t{1} << 20;
 inline constexpr size_t kMaxStoreKeys = 1 << 16;
-// The longest a Get may wait.
+// The longest a Get may wait, and how often it looks whether its caller left.
 inline constexpr absl::Duration kMaxStoreWait = absl::Minutes(10);
+inline constexpr absl::Duration kStorePoll = absl::Milliseconds(100);
 
 class RendezvousStore {
  public:
@@ -41,9 +43,12 @@ class RendezvousStore {
   // The values of `keys` once all are set. DeadlineExceeded (naming the
   // missing keys) after `timeout` (at most kMaxStoreWait); FailedPrecondition
   // when `generation` is or becomes older than the newest; InvalidArgument
-  // for a generation < 1, no keys or a bad key.
+  // for a generation < 1, no keys or a bad key. `cancelled`, when given, is
+  // polled every kStorePoll: once it answers true the wait ends with
+  // Cancelled (the caller went away, or the server is stopping).
   absl::StatusOr<std::vector<std::string>> Get(int64_t generation, const std::vector<std::string>& keys,
-                                               absl::Duration timeout);
+                                               absl::Duration timeout,
+                                               const std::function<bool()>& cancelled = nullptr);
   // The newest generation seen (0 before the first Set).
   int64_t generation() const;
 

@@ -1,10 +1,11 @@
 // The coordinator's rendezvous store: values wait for their keys, a timeout
-// names what is missing, and a newer generation ends the older one for
-// writers and waiters alike.
+// names what is missing, a newer generation ends the older one for writers
+// and waiters alike, and a waiter whose caller left stops waiting.
 #include "coordinator/rendezvous_store.h"
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <thread>
 
 #include "absl/time/clock.h"
@@ -61,6 +62,20 @@ TEST(RendezvousStoreTest, ANewerGenerationEndsTheOlder) {
   EXPECT_TRUE(absl::IsFailedPrecondition(store.Set(1, "g/0", "stale")));
   EXPECT_TRUE(absl::IsFailedPrecondition(store.Get(1, {"g/0"}, absl::ZeroDuration()).status()));
   EXPECT_EQ(store.Get(2, {"g/1"}, absl::ZeroDuration())->front(), "new");
+}
+
+TEST(RendezvousStoreTest, ACancelledWaitEndsEarly) {
+  RendezvousStore store;
+  std::atomic<bool> gone{false};
+  std::thread leave([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    gone = true;
+  });
+  const absl::Time start = absl::Now();
+  auto values = store.Get(1, {"g/0"}, absl::Seconds(30), [&] { return gone.load(); });
+  leave.join();
+  EXPECT_TRUE(absl::IsCancelled(values.status())) << values.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
 TEST(RendezvousStoreTest, BadInputIsRefusedAndChangesNothing) {

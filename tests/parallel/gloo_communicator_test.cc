@@ -19,6 +19,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -229,6 +230,20 @@ TEST_F(GlooGroupTest, AMemberThatNeverComesIsADeadline) {
   o.rank = 0;
   o.group = "a/b";
   EXPECT_TRUE(absl::IsInvalidArgument(parallel::MakeGlooCommunicator(o, &store).status()));
+}
+
+// A member waiting in the store does not hold the coordinator's shutdown
+// for the rest of its wait.
+TEST_F(GlooGroupTest, ShutdownEndsAStoreWait) {
+  dp_worker::LinkStore store(Link());
+  absl::Status waited;
+  std::thread waiter([&] { waited = store.Get(1, {"replicas/9"}, absl::Seconds(60)).status(); });
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time start = absl::Now();
+  coordinator_->Shutdown("test over", absl::Milliseconds(200));
+  waiter.join();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_FALSE(waited.ok());
 }
 
 TEST_F(GlooGroupTest, TheStoreWantsTheWorkerToken) {
