@@ -88,7 +88,7 @@ int main(int argc, char** argv) {
       link.worker_token = token ? token : "";
       link.connect_timeout = absl::Seconds(30);
       store = std::make_unique<lathe::dp_worker::LinkStore>(link);
-      lathe::parallel::GlooGroupOptions o;
+      lathe::parallel::StoreGroupOptions o;
       o.rank = rank, o.size = n, o.hostname = "127.0.0.1";
       // A generation of its own (rank 0's clock): a store keeps the keys of
       // the last generation written, and an earlier run's addresses are dead.

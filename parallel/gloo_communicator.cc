@@ -295,27 +295,11 @@ absl::Status CheckGlooBinding() {
   return status;
 }
 
-absl::Status CheckOptions(const GlooGroupOptions& o) {
-  if (o.size < 1) return absl::InvalidArgumentError(absl::StrCat("Gloo group size ", o.size));
-  if (o.rank < 0 || o.rank >= o.size) {
-    return absl::InvalidArgumentError(absl::StrCat("Gloo group rank ", o.rank, " outside [0, ", o.size, ")"));
-  }
-  if (o.generation < 1) return absl::InvalidArgumentError(absl::StrCat("Gloo group generation ", o.generation));
-  if (o.group.empty() || o.group.size() > 128 ||
-      !std::all_of(o.group.begin(), o.group.end(), [](char c) {
-        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
-      })) {
-    return absl::InvalidArgumentError(absl::StrCat("Gloo group name \"", o.group, "\""));
-  }
-  if (o.connect_timeout <= absl::ZeroDuration()) return absl::InvalidArgumentError("Gloo connect_timeout <= 0");
-  return absl::OkStatus();
-}
-
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(const GlooGroupOptions& options,
+absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(const StoreGroupOptions& options,
                                                                    RendezvousStore* store) {
-  if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  if (absl::Status s = ValidateStoreGroupOptions(options); !s.ok()) return s;
   if (absl::Status s = CheckGlooBinding(); !s.ok()) return s;
   IgnoreSigpipe();
   StoreAdapter adapter(store, options.generation, options.group, absl::Now() + options.connect_timeout);

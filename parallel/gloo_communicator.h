@@ -5,9 +5,7 @@
 #ifndef LATHE_PARALLEL_GLOO_COMMUNICATOR_H_
 #define LATHE_PARALLEL_GLOO_COMMUNICATOR_H_
 
-#include <cstdint>
 #include <memory>
-#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -15,23 +13,6 @@
 #include "parallel/rendezvous_store.h"
 
 namespace lathe::parallel {
-
-struct GlooGroupOptions {
-  int rank = 0;  // in the group, 0 … size-1
-  int size = 1;
-  // The membership epoch (>= 1): the group's keys are written under it, so
-  // members of a rebuilt group never connect to the group it replaces.
-  int64_t generation = 1;
-  // Names the group inside its generation (several groups may form in one,
-  // e.g. one per tensor-parallel position); letters, digits, '_', '-', '.'.
-  std::string group = "replicas";
-  // The address this member listens on and tells its peers (a host name or
-  // an IP address of this machine); empty: this machine's host name.
-  std::string hostname;
-  // How long forming the group may take: every member must have written its
-  // address and connected within it.
-  absl::Duration connect_timeout = absl::Minutes(1);
-};
 
 // Forms the group: writes this member's address, reads the others' and
 // connects to every one. Every member of the group calls it with the same
@@ -54,7 +35,7 @@ struct GlooGroupOptions {
 // SIGPIPE to be ignored (unless the program handles it): Gloo writes to its
 // sockets without MSG_NOSIGNAL, so a peer's death would otherwise kill this
 // process.
-absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(const GlooGroupOptions& options,
+absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(const StoreGroupOptions& options,
                                                                    RendezvousStore* store);
 
 }  // namespace lathe::parallel

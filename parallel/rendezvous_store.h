@@ -29,6 +29,30 @@ class RendezvousStore {
                                                        absl::Duration timeout) = 0;
 };
 
+// A group whose members are separate jobs, formed through a RendezvousStore
+// (MakeGlooCommunicator; MakeNcclCommunicatorFromStore on GPUs).
+struct StoreGroupOptions {
+  int rank = 0;  // in the group, 0 … size-1
+  int size = 1;
+  // The membership epoch (>= 1): the group's keys are written under it, so
+  // members of a rebuilt group never connect to the group it replaces.
+  int64_t generation = 1;
+  // Names the group inside its generation (several groups may form in one,
+  // e.g. one per tensor-parallel position); letters, digits, '_', '-', '.'.
+  std::string group = "replicas";
+  // Gloo: the address this member listens on and tells its peers (a host
+  // name or an IP address of this machine); empty: this machine's host name.
+  std::string hostname;
+  // How long forming the group may take: every member must have written its
+  // address and connected within it.
+  absl::Duration connect_timeout = absl::Minutes(1);
+};
+
+// InvalidArgument naming the culprit: size < 1, rank outside [0, size),
+// generation < 1, a group name that is empty, longer than 128 characters or
+// holds other characters, a connect_timeout that is not positive.
+absl::Status ValidateStoreGroupOptions(const StoreGroupOptions& options);
+
 }  // namespace lathe::parallel
 
 #endif  // LATHE_PARALLEL_RENDEZVOUS_STORE_H_

@@ -173,7 +173,7 @@ TEST_F(GlooGroupTest, SurvivorsOfAKilledMemberRebuildAndANewcomerJoins) {
   for (size_t i : {0, 1, 3}) EXPECT_TRUE(Exits0(members_[i], absl::Seconds(60)));
   // Generation 1 is over: nobody can form it again.
   dp_worker::LinkStore store(Link());
-  parallel::GlooGroupOptions o;
+  parallel::StoreGroupOptions o;
   o.generation = 1;
   o.size = 3;
   o.hostname = "127.0.0.1";
@@ -216,7 +216,7 @@ TEST_F(GlooGroupTest, AStoppedMemberTimesOutItsPeers) {
 
 TEST_F(GlooGroupTest, AMemberThatNeverComesIsADeadline) {
   dp_worker::LinkStore store(Link());
-  parallel::GlooGroupOptions o;
+  parallel::StoreGroupOptions o;
   o.generation = 4;
   o.size = 2;
   o.hostname = "127.0.0.1";

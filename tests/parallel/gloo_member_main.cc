@@ -167,7 +167,7 @@ int Main(int argc, char** argv) {
   dp_worker::LinkStore store(link);
   for (int a = 5; a < argc; ++a) {
     std::vector<std::string> step = absl::StrSplit(argv[a], ':');
-    GlooGroupOptions o;
+    StoreGroupOptions o;
     if (step.size() != 4 || !absl::SimpleAtoi(step[0], &o.generation) || !absl::SimpleAtoi(step[1], &o.rank) ||
         !absl::SimpleAtoi(step[2], &o.size)) {
       std::fprintf(stderr, "bad plan step %s\n", argv[a]);
