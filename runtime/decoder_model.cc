@@ -8,6 +8,7 @@
 #include <cmath>
 #include <memory>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "parallel/context_parallel.h"
 #include "runtime/archs/registry.h"
@@ -45,18 +46,21 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
   const int tp = shard_.tp.size(), tr = shard_.tp.rank();
   vocab_begin_ = parallel::PartBegin(c.vocab_size, tp, tr);
   const TpCut vocab = TpCut::Rows(vocab_begin_, parallel::PartBegin(c.vocab_size, tp, tr + 1) - vocab_begin_);
-  const std::string prefix = "model.";
-  rotary_dim_ = c.head_dim;
+  const std::string& prefix = c.checkpoint.weight_prefix;
+  rotary_dim_ = c.rotary.rotary_dim > 0 ? c.rotary.rotary_dim : c.head_dim;
   ParamLoader loader(w, lora_, &trainable_);
   LATHE_ASSIGN_OR_RETURN(embed_, loader.Tensor(prefix + "embed_tokens.weight", {c.vocab_size, h}, vocab));
   LATHE_ASSIGN_OR_RETURN(blocks_, arch->load_layers(c, loader, prefix, shard_));
   final_norm_.eps = c.rms_norm_eps;
+  final_norm_.offset = c.norm_style == NormStyle::kOnePlusWeight;
   LATHE_ASSIGN_OR_RETURN(final_norm_.weight, loader.Tensor(prefix + "norm.weight", {h}));
   if (c.tie_word_embeddings) {
     lm_head_.weight = embed_;
     loader.AttachLora(lm_head_, "lm_head", c.vocab_size, h, vocab, LoraGroup::kUnembed);
   } else {
-    LATHE_ASSIGN_OR_RETURN(lm_head_, loader.Linear("lm_head", c.vocab_size, h, vocab, LoraGroup::kUnembed));
+    std::string head = c.checkpoint.lm_head;
+    if (absl::EndsWith(head, ".weight")) head.resize(head.size() - 7);
+    LATHE_ASSIGN_OR_RETURN(lm_head_, loader.Linear(head, c.vocab_size, h, vocab, LoraGroup::kUnembed));
   }
   return absl::OkStatus();
 }

@@ -215,7 +215,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   return c;
 }
 
-absl::StatusOr<ModelConfig> ReadModelConfig(const std::string& dir) {
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir) {
   std::string path = dir + "/config.json";
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
@@ -227,35 +227,6 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const std::string& dir) {
     absl::string_view why = config.status().message();
     absl::ConsumePrefix(&why, "config.json: ");
     return absl::Status(config.status().code(), absl::StrCat(path, ": ", why));
-  }
-  return config;
-}
-
-absl::Status RuntimeSupport(const ModelConfig& c) {
-  // Each entry names a part of the model DecoderModel does not build yet;
-  // drop it here when the runtime implements it.
-  std::vector<std::string> missing;
-  if (c.IsHybrid()) missing.push_back("Gated DeltaNet linear-attention layers (layer_types)");
-  if (c.attn_output_gate) missing.push_back("gated attention (attn_output_gate)");
-  if (c.rotary.rotary_dim != c.head_dim) {
-    missing.push_back("partial RoPE (partial_rotary_factor)");
-  }
-  if (c.norm_style != NormStyle::kWeight) missing.push_back("(1 + w) RMSNorm");
-  if (c.shared_expert.intermediate_size > 0) missing.push_back("the shared expert (shared_expert_intermediate_size)");
-  if (c.checkpoint.weight_prefix != "model.") {
-    missing.push_back(absl::StrCat("weights under '", c.checkpoint.weight_prefix, "'"));
-  }
-  if (missing.empty()) return absl::OkStatus();
-  return absl::FailedPreconditionError(absl::StrCat(c.architecture,
-                                                    " is read but not yet run by lathe's runtime; it lacks ",
-                                                    absl::StrJoin(missing, ", ")));
-}
-
-absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir) {
-  LATHE_ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig(dir));
-  absl::Status supported = RuntimeSupport(config);
-  if (!supported.ok()) {
-    return absl::Status(supported.code(), absl::StrCat(dir, "/config.json: ", supported.message()));
   }
   return config;
 }

@@ -1,7 +1,6 @@
 // The model hyperparameters lathe reads from a Hugging Face config.json:
 // Qwen3 (dense), Qwen3-MoE and Llama/Mistral-style decoders, in the
-// transformers 4.x and 5.x spellings, and the Qwen3.5 / Qwen3.6 hybrids
-// (read here, not run yet: see RuntimeSupport).
+// transformers 4.x and 5.x spellings, and the Qwen3.5 / Qwen3.6 hybrids.
 #ifndef LATHE_RUNTIME_MODEL_CONFIG_H_
 #define LATHE_RUNTIME_MODEL_CONFIG_H_
 
@@ -116,18 +115,8 @@ struct ModelConfig {
 // does not implement (rope scaling, sliding window, attention bias, ...).
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text);
 
-// OK when the runtime (DecoderModel) can build this model; otherwise
-// FailedPrecondition naming what it lacks. Today that refuses the Qwen3.5 /
-// Qwen3.6 hybrids (linear-attention layers, gated attention, partial RoPE,
-// (1 + w) norms, the shared expert, the multimodal checkpoint layout).
-absl::Status RuntimeSupport(const ModelConfig& config);
-
-// Reads and parses <dir>/config.json, whatever the runtime can run (for
-// planning and inspection). NotFound when absent; errors name the path.
-absl::StatusOr<ModelConfig> ReadModelConfig(const std::string& dir);
-
-// ReadModelConfig, then RuntimeSupport: the config of a model the runtime
-// will build (DecoderModel::Load, the worker's mesh setup).
+// Reads and parses <dir>/config.json. NotFound when absent; errors name the
+// path.
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir);
 
 }  // namespace lathe::runtime

@@ -11,8 +11,9 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadPreNormLayers(const Mode
                                                                       const ModelShard& shard,
                                                                       const LoadMixerFn& load_mixer) {
   const int64_t h = c.hidden_size;
-  const bool offset = false;
-  const RouterShape router{h, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob};
+  const bool offset = c.norm_style == NormStyle::kOnePlusWeight;
+  const RouterShape router{h, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
+                           c.shared_expert.intermediate_size};
   std::vector<std::unique_ptr<Block>> blocks;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = absl::StrCat(prefix, "layers.", i, ".");

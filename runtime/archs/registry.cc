@@ -11,6 +11,10 @@ constexpr Architecture kArchitectures[] = {
     {"Qwen3MoeForCausalLM", LoadLlamaFamilyLayers},
     {"LlamaForCausalLM", LoadLlamaFamilyLayers},
     {"MistralForCausalLM", LoadLlamaFamilyLayers},
+    {"Qwen3_5ForCausalLM", LoadQwen35Layers},
+    {"Qwen3_5ForConditionalGeneration", LoadQwen35Layers},
+    {"Qwen3_5MoeForCausalLM", LoadQwen35Layers},
+    {"Qwen3_5MoeForConditionalGeneration", LoadQwen35Layers},
 };
 
 }  // namespace

@@ -39,6 +39,8 @@ import torch
 KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse")
 EXTRA_KINDS = ("qwen3_moe_sparse_tied",)
 QWEN3_5_KINDS = ("qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal")
+# The hybrid (linear + softmax attention) models the runtime parity suite runs.
+HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
 # to catch shape mix-ups.

@@ -3,8 +3,7 @@
 //
 //   lathe_model_config DIR
 //
-// Exit 0 when ReadModelConfig parses it (the output then also says whether
-// the runtime would build it: RuntimeSupport), 1 otherwise (message on stderr).
+// Exit 0 when LoadModelConfig parses it, 1 otherwise (message on stderr).
 #include <cstdio>
 
 #include "nlohmann/json.hpp"
@@ -19,7 +18,6 @@ nlohmann::json ToJson(const ModelConfig& c) {
     layer_types.push_back(t == LayerType::kLinearAttention ? "linear_attention" : "full_attention");
   }
   const LinearAttentionConfig& l = c.linear_attention;
-  const absl::Status support = RuntimeSupport(c);
   return {
       {"architecture", c.architecture},
       {"model_type", c.model_type},
@@ -59,7 +57,6 @@ nlohmann::json ToJson(const ModelConfig& c) {
        {{"weight_prefix", c.checkpoint.weight_prefix},
         {"lm_head", c.checkpoint.lm_head},
         {"skip_prefixes", c.checkpoint.skip_prefixes}}},
-      {"runtime_support", support.ok() ? std::string("ok") : std::string(support.message())},
   };
 }
 
@@ -71,7 +68,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: lathe_model_config DIR\n");
     return 1;
   }
-  auto config = lathe::runtime::ReadModelConfig(argv[1]);
+  auto config = lathe::runtime::LoadModelConfig(argv[1]);
   if (!config.ok()) {
     std::fprintf(stderr, "%s\n", config.status().ToString().c_str());
     return 1;

@@ -1,16 +1,15 @@
 """Qwen3.5 / Qwen3.6 tiny checkpoints: transformers runs them, and lathe reads their configs.
 
-lathe does not run these models yet (its config reader refuses them with the list of what
-the runtime lacks, runtime/model_config.h RuntimeSupport), so nothing here compares
-numerics. What is checked:
+The numerics of the text models are compared in test_parity.py (HYBRID_KINDS). What is
+checked here:
 
 * each tiny kind of make_tiny_models.py runs fp32 forward + backward on CPU in transformers;
 * the multimodal layout (``model.language_model.`` weights, a ``model.visual.`` tower, an
   ``mtp.`` head, the ConditionalGeneration config) is what transformers' own
   ``Qwen3_5[Moe]ForConditionalGeneration`` loads, with the same text logits;
-* ``lathe_model_config`` (ReadModelConfig) reads every field as transformers does, names
+* ``lathe_model_config`` (LoadModelConfig) reads every field as transformers does, names
   the weight prefix and skip prefixes that cover exactly the checkpoint's tensors, and the
-  runtime refuses the model.
+  runtime runs the multimodal layout's text tower with the text model's logprobs.
 """
 
 from __future__ import annotations
@@ -158,14 +157,11 @@ def test_lathe_reads_the_config_as_transformers_does(qwen3_5_models, kind):
                   .named_parameters()}
     assert {n[len(ckpt["weight_prefix"]):] for n in kept if n != ckpt["lm_head"]} >= (
         text_names - {n for n in text_names if ".mlp.experts." in n})
-    # Read, but not run yet.
-    assert "not yet run" in got["runtime_support"]
-    assert "linear-attention" in got["runtime_support"]
 
 
 @pytest.mark.parametrize("kind", ("qwen3_5", "qwen3_5_moe"))
 def test_reference_lora_targets_and_split_qkv(qwen3_5_models, kind):
-    """The peft side of a future Qwen3.5 parity test: which modules get adapters, and that
+    """The peft side of the Qwen3.5 parity tests: which modules get adapters, and that
     lathe's split in_proj_q/k/v adapters are exactly PEFT's fused rank-3r block LoRA."""
     import reference as R
 
@@ -212,11 +208,17 @@ def test_reference_lora_targets_and_split_qkv(qwen3_5_models, kind):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_runtime_refuses_to_load_the_model_for_now(qwen3_5_models, harness, kind):
-    """DecoderModel::Load goes through LoadModelConfig, which refuses Qwen3.5 naming what the
-    runtime lacks; nothing is computed with a model it would get wrong."""
-    res = harness(qwen3_5_models[kind], {"lora": {"rank": 4, "alpha": 8.0}, "ops": []}, expect_rc=1)
-    assert "FAILED_PRECONDITION" in res.stderr, res.stderr
-    assert "not yet run by lathe's runtime" in res.stderr, res.stderr
-    assert "Gated DeltaNet linear-attention layers" in res.stderr, res.stderr
+@pytest.mark.parametrize("kind", ("qwen3_5_multimodal", "qwen3_5_moe_multimodal"))
+def test_the_runtime_runs_the_text_tower_of_the_multimodal_layout(qwen3_5_models, harness, kind):
+    """lathe loads the text tower of the hub layout (skipping the vision and MTP tensors) and
+    computes the logprobs transformers computes with the text model of the same weights."""
+    import reference as R
+
+    ref = R.Reference(qwen3_5_models[TEXT_OF[kind]])
+    data = R.pick_batch(ref, 11, lengths=(5, 23, 9))
+    want = ref.run(data, backward=False)
+    op = {"op": "forward", "loss_fn": "cross_entropy", "loss_fn_config": {}, "data": data}
+    res = harness(qwen3_5_models[kind], {"lora": None, "ops": [op]})
+    for j, lp_want in enumerate(want["logprobs"]):
+        d = float((res.logprobs(0, j) - lp_want).abs().max())
+        assert d <= 1e-4, f"{kind} datum {j}: logprobs max abs diff {d:.3g}"
