@@ -2,7 +2,12 @@
 // 256 MiB, next to a plain copy of the same bytes measured in the same run
 // (memcpy on the host for MPI; a device-to-device copy for NCCL).
 //
-//   mpirun -np N build/bench/allreduce_bench [--backend mpi|nccl] [--max_mib 256]
+//   mpirun -np N build/bench/allreduce_bench [--backend mpi|nccl|gloo] [--max_mib 256]
+//       [--coordinator HOST:PORT]
+//
+// gloo: the ranks form a Gloo group (TCP) through the rendezvous store of the
+// coordinator at --coordinator ($LATHE_WORKER_TOKEN), as the replicas of a
+// deployment would; MPI only starts the processes and times the calls.
 //
 // busbw = algbw · 2(n−1)/n, algbw = bytes / time: the bandwidth each rank's
 // link sustains, comparable across world sizes (NCCL's convention).
@@ -16,7 +21,9 @@
 #include <string>
 #include <vector>
 
+#include "dp_worker/link_store.h"
 #include "parallel/communicator.h"
+#include "parallel/gloo_communicator.h"
 #ifdef LATHE_HAVE_NCCL
 #include <cuda_runtime.h>
 
@@ -57,9 +64,11 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   std::string backend = "mpi";
   int64_t max_mib = 256;
+  std::string coordinator;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--backend") == 0) backend = argv[i + 1];
     if (std::strcmp(argv[i], "--max_mib") == 0) max_mib = std::atoll(argv[i + 1]);
+    if (std::strcmp(argv[i], "--coordinator") == 0) coordinator = argv[i + 1];
   }
   std::vector<int> all(n);
   std::iota(all.begin(), all.end(), 0);
@@ -67,9 +76,31 @@ int main(int argc, char** argv) {
   const int64_t max_bytes = max_mib << 20;
   void *buf = nullptr, *src = nullptr, *dst = nullptr;
   bool device = false;
-  if (backend == "mpi") {
-    auto c = lathe::parallel::MakeMpiCommunicator(all);
-    if (!c.ok()) return 1;
+  std::unique_ptr<lathe::dp_worker::LinkStore> store;
+  if (backend == "mpi" || backend == "gloo") {
+    absl::StatusOr<std::unique_ptr<lathe::parallel::Communicator>> c;
+    if (backend == "mpi") {
+      c = lathe::parallel::MakeMpiCommunicator(all);
+    } else {
+      lathe::dp_worker::LinkOptions link;
+      link.coordinator = coordinator;
+      const char* token = std::getenv("LATHE_WORKER_TOKEN");
+      link.worker_token = token ? token : "";
+      link.connect_timeout = absl::Seconds(30);
+      store = std::make_unique<lathe::dp_worker::LinkStore>(link);
+      lathe::parallel::StoreGroupOptions o;
+      o.rank = rank, o.size = n, o.hostname = "127.0.0.1";
+      // A generation of its own (rank 0's clock): a store keeps the keys of
+      // the last generation written, and an earlier run's addresses are dead.
+      int64_t generation = absl::ToUnixMicros(absl::Now());
+      MPI_Bcast(&generation, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+      o.generation = generation;
+      c = lathe::parallel::MakeGlooCommunicator(o, store.get());
+    }
+    if (!c.ok()) {
+      std::fprintf(stderr, "rank %d: %s\n", rank, c.status().ToString().c_str());
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     comm = std::move(*c);
     buf = std::malloc(max_bytes), src = std::malloc(max_bytes), dst = std::malloc(max_bytes);
     std::memset(buf, 0, max_bytes), std::memset(src, 1, max_bytes), std::memset(dst, 0, max_bytes);

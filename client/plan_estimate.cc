@@ -69,6 +69,39 @@ struct ShardParams {
   double lora = 0;
 };
 
+// Per-rank widths of a Gated DeltaNet layer (its heads split over tp).
+struct LinearWidths {
+  double key_heads, value_heads, key_dim, value_dim, conv_dim;
+};
+
+LinearWidths LinearWidthsOf(const presets::ModelFacts& f, int tp) {
+  LinearWidths w;
+  w.key_heads = double(f.linear_num_key_heads) / tp;
+  w.value_heads = double(f.linear_num_value_heads) / tp;
+  w.key_dim = w.key_heads * f.linear_key_head_dim;
+  w.value_dim = w.value_heads * f.linear_value_head_dim;
+  w.conv_dim = 2 * w.key_dim + w.value_dim;
+  return w;
+}
+
+// The linear-attention layers' parameters (exactly those of transformers'
+// Qwen3_5GatedDeltaNet: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, the
+// depthwise conv1d, A_log, dt_bias, the gated norm, out_proj) and the two
+// layer norms; their adapters as lathe trains them: in_proj_qkv as three
+// (in_proj_q/k/v), in_proj_z/a/b column-parallel, out_proj row-parallel.
+void AddLinearAttention(const presets::ModelFacts& f, int tp, int r, ShardParams& s) {
+  const int64_t layers = f.linear_attention_layers();
+  if (layers == 0) return;
+  const double h = f.hidden_size;
+  const LinearWidths w = LinearWidthsOf(f, tp);
+  const double projections = h * (w.conv_dim + w.value_dim + 2 * w.value_heads) + w.value_dim * h;
+  const double small = w.conv_dim * f.linear_conv_kernel_dim + 2 * w.value_heads + f.linear_value_head_dim + 2 * h;
+  s.base += layers * (projections + small);
+  const double adapters = 2 * (h + w.key_dim) + (h + w.value_dim) + (h + w.value_dim) + 2 * (h + w.value_heads) +
+                          (w.value_dim + h);
+  s.lora += layers * double(r) * adapters;
+}
+
 ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
   const int64_t h = f.hidden_size;
   const int64_t q = f.num_attention_heads * f.head_dim / tp;          // q / o width on this rank
@@ -81,8 +114,17 @@ ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
   // lm_head's adapter (train_unembed, on the embedding when tied): A whole, B cut by vocabulary.
   s.lora += double(r) * (h + vocab);
   // Attention: q, k, v column-parallel (A replicated, B cut), o row-parallel (A cut, B replicated).
-  s.base += f.num_hidden_layers * (2.0 * h * q + 2.0 * h * kv + 4.0 * h);
-  s.lora += f.num_hidden_layers * double(r) * ((h + q) + 2 * (h + kv) + (q + h));
+  // A gated q_proj (attn_output_gate) is twice as wide: per head [q | gate].
+  const double q_out = f.attn_output_gate ? 2.0 * q : double(q);
+  const int64_t attention_layers = f.full_attention_layers();
+  if (f.is_hybrid()) {
+    // Counted exactly: the two layer norms, and q_norm / k_norm of head_dim each; the final norm.
+    s.base += attention_layers * (h * q_out + 2.0 * h * kv + double(q) * h + 2.0 * h + 2.0 * f.head_dim) + h;
+  } else {
+    s.base += attention_layers * (2.0 * h * q + 2.0 * h * kv + 4.0 * h);
+  }
+  s.lora += attention_layers * double(r) * ((h + q_out) + 2 * (h + kv) + (q + h));
+  AddLinearAttention(f, tp, r, s);
   const int64_t inter = f.intermediate_size / tp;
   s.base += dense_layers * 3.0 * h * inter;
   s.lora += dense_layers * double(r) * 3 * (h + inter);
@@ -91,6 +133,12 @@ ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
     const int64_t shared = f.shared_experts * f.moe_intermediate_size / tp;
     s.base += moe_layers * (experts * 3.0 * h * f.moe_intermediate_size + double(h) * f.num_experts + 3.0 * h * shared);
     s.lora += moe_layers * double(r) * (experts * 3 * (h + f.moe_intermediate_size) + 3 * (h + shared));
+    if (f.shared_expert_intermediate_size > 0) {
+      // The gated shared expert: a SwiGLU cut over tp, and its gate (h -> 1, replicated).
+      const int64_t gated = f.shared_expert_intermediate_size / tp;
+      s.base += moe_layers * (3.0 * h * gated + double(h));
+      s.lora += moe_layers * double(r) * (3 * (h + gated) + (h + 1));
+    }
   }
   return s;
 }
@@ -101,80 +149,144 @@ double KvWidth(const presets::ModelFacts& f, int tp) {
   return double(CeilDiv(f.num_key_value_heads, tp)) * f.head_dim;
 }
 
-// Elements kept per token for backward: every layer's inputs and
-// intermediates (no activation checkpointing), the last norm.
-double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
+// The layers of each kind: token mixer (softmax or linear attention) and MLP
+// (dense or MoE) vary independently.
+struct LayerCounts {
+  int64_t attention, linear, dense, moe;
+};
+
+LayerCounts CountLayers(const presets::ModelFacts& f) {
+  const int64_t dense = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
+  return {f.full_attention_layers(), f.linear_attention_layers(), dense, f.num_hidden_layers - dense};
+}
+
+// Elements per token a token mixer keeps for backward (its norm included).
+double MixerElements(const presets::ModelFacts& f, int tp, bool linear) {
   const double h = f.hidden_size;
+  if (linear) {
+    // Norm in/out, the qkv projection, the conv's output and its SiLU, z,
+    // a and b, the gated norm's output (out_proj's input).
+    const LinearWidths w = LinearWidthsOf(f, tp);
+    return 2 * h + 3 * w.conv_dim + 2 * w.value_dim + 2 * w.value_heads;
+  }
   const double q = QWidth(f, tp);
   const double kv = KvWidth(f, tp);
   // Norm in/out, q k v before and after norm+rope, attention output; no T x T scores.
-  const double attention = 2 * h + 2 * (q + 2 * kv) + q;
-  const int64_t dense_layers = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
-  const int64_t moe_layers = f.num_hidden_layers - dense_layers;
-  // Norm in/out, gate, up, act(gate), act(gate)*up.
-  const double dense = 2 * h + 4.0 * f.intermediate_size / tp;
-  // Tokens are split over tp, each goes to k experts (input, gate, up, act, product) plus shared experts.
-  const double moe = 2 * h + double(f.num_experts_per_tok) * (h + 4.0 * f.moe_intermediate_size) / tp +
-                     4.0 * f.shared_experts * f.moe_intermediate_size / tp;
-  return f.num_hidden_layers * attention + dense_layers * dense + moe_layers * moe + h;
+  // An output gate adds its projection, sigmoid and the gated product.
+  return 2 * h + 2 * (q + 2 * kv) + q + (f.attn_output_gate ? 3 * q : 0);
 }
 
-// fp32 elements per token a bf16 layer holds beside its bf16 ones: the two
-// norms' upcast inputs (2 x hidden), the q and k norms' (q + kv), and in a
-// MoE layer the router's logits and probabilities (2 x experts, 1/tp of the
-// tokens per rank). With `adapter_copies` (LoRA): the adapters' fp32 inputs
-// — the q/k/v input, o's, the MLP's (experts: k routed copies, 1/tp of the
-// tokens) and down's — that many times: 1 kept for the backward, 2 in a
-// layer's backward (the input and its gradient; measured on CPU:
-// bench/memory_peak.py --dtype bfloat16).
-double Fp32LayerElementsPerToken(const presets::ModelFacts& f, int tp, bool moe, int adapter_copies) {
+// Elements per token an MLP keeps for backward (its norm included).
+double MlpElements(const presets::ModelFacts& f, int tp, bool moe) {
   const double h = f.hidden_size;
-  const double norms = 2.0 * h + QWidth(f, tp) + KvWidth(f, tp);
-  double inputs = 0;
-  if (adapter_copies > 0) {
-    const double mlp = moe ? double(f.num_experts_per_tok) * (h + f.moe_intermediate_size) / tp +
-                                 (f.shared_experts > 0 ? h + double(f.shared_experts) * f.moe_intermediate_size / tp : 0)
-                           : h + double(f.intermediate_size) / tp;
-    inputs = adapter_copies * (h + QWidth(f, tp) + mlp);
+  // Norm in/out, gate, up, act(gate), act(gate)*up.
+  if (!moe) return 2 * h + 4.0 * f.intermediate_size / tp;
+  // Tokens are split over tp, each goes to k experts (input, gate, up, act, product) plus shared experts;
+  // a gated shared expert adds its gate's logit and sigmoid.
+  return 2 * h + double(f.num_experts_per_tok) * (h + 4.0 * f.moe_intermediate_size) / tp +
+         4.0 * f.shared_experts * f.moe_intermediate_size / tp +
+         (f.shared_expert_intermediate_size > 0 ? 4.0 * f.shared_expert_intermediate_size / tp + 2 : 0);
+}
+
+// fp32 elements per token the chunked gated delta rule keeps for backward in
+// a linear-attention layer, whatever the dtype (the recurrence runs in fp32):
+// q and k expanded to the value heads and L2-normalised, v, beta, g and
+// their chunked products (11 Hv·dk + 6 Hv·dv), the [64, 64] intra-chunk
+// matrices per head (5 Hv·64) and the state carried between chunks,
+// [Hv, dk, dv] per 64 tokens. Fitted to the tensors transformers 5.23's
+// torch path (torch_chunk_gated_delta_rule) saves for backward: with the
+// layer's other elements, 0.978-0.998 of the measured count over 11 shapes
+// (bench/gdn_activations.py; BENCHMARKS.md, "Gated DeltaNet activations").
+// Not multiplied by the autograd factor: it is what autograd keeps.
+constexpr double kDeltaRuleChunk = 64;
+double RecurrenceElements(const presets::ModelFacts& f, int tp) {
+  const LinearWidths w = LinearWidthsOf(f, tp);
+  const double dk = f.linear_key_head_dim;
+  return 11 * w.value_heads * dk + 6 * w.value_dim + 5 * w.value_heads * kDeltaRuleChunk +
+         w.value_heads * dk * f.linear_value_head_dim / kDeltaRuleChunk;
+}
+
+// Elements per token kept for backward: every layer's inputs and
+// intermediates (no activation checkpointing), the last norm.
+double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
+  const LayerCounts n = CountLayers(f);
+  return n.attention * MixerElements(f, tp, false) + n.linear * MixerElements(f, tp, true) +
+         n.dense * MlpElements(f, tp, false) + n.moe * MlpElements(f, tp, true) + f.hidden_size;
+}
+
+// fp32 elements per token a bf16 token mixer holds beside its bf16 ones:
+// its norm's upcast input (h) and the q and k norms' (q + kv), or a linear
+// layer's gated norm's (its value width). With `adapter_copies` (LoRA): the
+// adapters' fp32 inputs — the q/k/v (or in_proj) input and o's (out_proj's)
+// — that many times: 1 kept for the backward, 2 in a layer's backward (the
+// input and its gradient; measured on CPU: bench/memory_peak.py --dtype bfloat16).
+double MixerFp32(const presets::ModelFacts& f, int tp, bool linear, int adapter_copies) {
+  const double h = f.hidden_size;
+  const double out_input = linear ? LinearWidthsOf(f, tp).value_dim : QWidth(f, tp);
+  const double norms = linear ? h + out_input : h + QWidth(f, tp) + KvWidth(f, tp);
+  return norms + adapter_copies * (h + out_input);
+}
+
+// The same for an MLP: its norm's upcast input, in a MoE layer the router's
+// logits and probabilities (2 x experts, 1/tp of the tokens per rank), and
+// the adapters' inputs (experts: k routed copies, 1/tp of the tokens; and down's).
+double MlpFp32(const presets::ModelFacts& f, int tp, bool moe, int adapter_copies) {
+  const double h = f.hidden_size;
+  double mlp = h + double(f.intermediate_size) / tp;
+  if (moe) {
+    mlp = double(f.num_experts_per_tok) * (h + f.moe_intermediate_size) / tp +
+          (f.shared_experts > 0 ? h + double(f.shared_experts) * f.moe_intermediate_size / tp : 0) +
+          (f.shared_expert_intermediate_size > 0 ? 2 * h + double(f.shared_expert_intermediate_size) / tp : 0);
   }
-  return norms + (moe ? 2.0 * f.num_experts / tp : 0) + inputs;
+  return h + (moe ? 2.0 * f.num_experts / tp : 0) + adapter_copies * mlp;
 }
 
 // The same for every layer, plus what is held once: the RoPE tables (cos and
 // sin, head_dim each) and the final norm's upcast input.
 double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters) {
-  const int64_t dense_layers = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
-  const int64_t moe_layers = f.num_hidden_layers - dense_layers;
+  const LayerCounts n = CountLayers(f);
   const int kept = adapters ? 1 : 0;
   // One layer's backward at a time adds its adapter inputs' gradients.
-  const double backward = adapters ? Fp32LayerElementsPerToken(f, tp, moe_layers > 0, 1) -
-                                         Fp32LayerElementsPerToken(f, tp, moe_layers > 0, 0)
-                                   : 0;
-  return dense_layers * Fp32LayerElementsPerToken(f, tp, false, kept) +
-         moe_layers * Fp32LayerElementsPerToken(f, tp, true, kept) + backward +
+  double backward = 0;
+  if (adapters) {
+    auto mixer = [&](bool linear) { return MixerFp32(f, tp, linear, 1) - MixerFp32(f, tp, linear, 0); };
+    const double widest_mixer = std::max(n.attention > 0 ? mixer(false) : 0.0, n.linear > 0 ? mixer(true) : 0.0);
+    backward = widest_mixer + MlpFp32(f, tp, n.moe > 0, 1) - MlpFp32(f, tp, n.moe > 0, 0);
+  }
+  return n.attention * MixerFp32(f, tp, false, kept) + n.linear * MixerFp32(f, tp, true, kept) +
+         n.dense * MlpFp32(f, tp, false, kept) + n.moe * MlpFp32(f, tp, true, kept) + backward +
          2.0 * f.head_dim + f.hidden_size;
 }
 
 // Elements per token of the widest single layer (what a recomputed layer's
-// backward holds at once), and its fp32 elements under bf16.
+// backward holds at once), its fp32 elements under bf16, and its recurrence's
+// fp32 elements (in any dtype).
 struct LayerWidth {
   double elements = 0;
   double fp32 = 0;
+  double recurrence = 0;
 };
 
 LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters) {
-  presets::ModelFacts one = f;
-  const bool any_dense = !f.is_moe() || f.first_dense_layers > 0;
-  one.num_hidden_layers = 1;
-  one.first_dense_layers = 0;
+  const LayerCounts n = CountLayers(f);
+  const int copies = adapters ? 2 : 0;
   LayerWidth widest;
-  if (f.is_moe()) widest = {ActivationElementsPerToken(one, tp), Fp32LayerElementsPerToken(f, tp, true, adapters ? 2 : 0)};
-  if (any_dense) {
-    one.num_experts = 0;
-    widest.elements = std::max(widest.elements, ActivationElementsPerToken(one, tp));
-    widest.fp32 = std::max(widest.fp32, Fp32LayerElementsPerToken(f, tp, false, adapters ? 2 : 0));
+  double widest_bytes = -1;
+  for (bool linear : {false, true}) {
+    if ((linear ? n.linear : n.attention) == 0) continue;
+    for (bool moe : {false, true}) {
+      if ((moe ? n.moe : n.dense) == 0) continue;
+      LayerWidth w{MixerElements(f, tp, linear) + MlpElements(f, tp, moe),
+                   MixerFp32(f, tp, linear, copies) + MlpFp32(f, tp, moe, copies),
+                   linear ? RecurrenceElements(f, tp) : 0};
+      // Compared in bf16 bytes; the widest in one dtype is the widest in the other but for rounding.
+      const double bytes = kAutogradFactor * 2 * w.elements + kFp32Bytes * (w.fp32 + w.recurrence);
+      if (bytes > widest_bytes) {
+        widest = w;
+        widest_bytes = bytes;
+      }
+    }
   }
-  widest.elements -= f.hidden_size;  // less the final norm
   return widest;
 }
 
@@ -192,7 +304,8 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, con
     // Every layer's activations stay to the backward; the loss's chunk
     // buffers come on top of them.
     const double fp32 = b.fp32_extras ? kFp32Bytes * t * Fp32ElementsPerToken(f, tp, b.adapter_inputs) : 0;
-    return kAutogradFactor * b.activation * t * ActivationElementsPerToken(f, tp) + fp32 + head;
+    const double recurrence = kFp32Bytes * t * double(f.linear_attention_layers()) * RecurrenceElements(f, tp);
+    return kAutogradFactor * b.activation * t * ActivationElementsPerToken(f, tp) + fp32 + recurrence + head;
   }
   // Recompute: each layer's input stays (and the RoPE tables); one layer's
   // activations and gradients live at a time, or one logprob chunk's buffers.
@@ -200,7 +313,7 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, con
   const double tables = b.fp32_extras ? kFp32Bytes * t * 2.0 * f.head_dim : 0;
   const double kept = b.activation * t * h * (f.num_hidden_layers + kHiddenBuffers) + tables;
   const double layer = kAutogradFactor * b.activation * t * widest.elements +
-                       (b.fp32_extras ? kFp32Bytes * t * widest.fp32 : 0);
+                       (b.fp32_extras ? kFp32Bytes * t * widest.fp32 : 0) + kFp32Bytes * t * widest.recurrence;
   return kept + std::max(layer, head);
 }
 
@@ -212,7 +325,7 @@ double GatheredKvBytes(const presets::ModelFacts& f, int tp, int cp, int64_t seq
                        const Bytes& b) {
   if (cp <= 1) return 0;
   const double one_layer = 2.0 * b.activation * double(sequence) * KvWidth(f, tp);
-  const double layers_kept = Recomputes(rank_tokens) ? 1 : double(f.num_hidden_layers);
+  const double layers_kept = Recomputes(rank_tokens) ? 1 : double(f.full_attention_layers());
   return (layers_kept + 1) * one_layer;
 }
 

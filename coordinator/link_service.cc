@@ -1,6 +1,8 @@
 // The coordinator's end of a replica's stream.
 #include "coordinator/link_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
@@ -79,6 +81,38 @@ grpc::Status LinkService::Connect(grpc::ServerContext* context, Stream* stream) 
   if (context->IsCancelled() && reason == "stream broken") reason = "stream cancelled";
   LATHE_LOG(Warning, "replica %d: %s", replica, reason);
   registry_->Disconnected(replica, reason);
+  return grpc::Status::OK;
+}
+
+namespace {
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
+                      runtime::TruncateMessage(s.message(), kMaxStatusMessageBytes));
+}
+}  // namespace
+
+grpc::Status LinkService::StoreSet(grpc::ServerContext* context, const lathe::v1::StoreSetRequest* request,
+                                   lathe::v1::StoreSetResponse* /*response*/) {
+  if (grpc::Status s = token_->Check(*context); !s.ok()) return s;
+  return ToGrpc(store_.Set(request->generation(), request->key(), request->value()));
+}
+
+grpc::Status LinkService::StoreGet(grpc::ServerContext* context, const lathe::v1::StoreGetRequest* request,
+                                   lathe::v1::StoreGetResponse* response) {
+  if (grpc::Status s = token_->Check(*context); !s.ok()) return s;
+  // Waits no longer than the caller does, and ends when the call is
+  // cancelled (a server shutting down cancels its calls but waits for
+  // their handlers).
+  absl::Duration timeout = absl::Milliseconds(request->timeout_ms());
+  if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+    timeout = std::min(timeout, absl::FromChrono(context->deadline()) - absl::Now());
+  }
+  auto values = store_.Get(request->generation(),
+                           std::vector<std::string>(request->keys().begin(), request->keys().end()), timeout,
+                           [context] { return context->IsCancelled(); });
+  if (!values.ok()) return ToGrpc(values.status());
+  for (std::string& v : *values) response->add_values(std::move(v));
   return grpc::Status::OK;
 }
 

@@ -40,6 +40,18 @@ absl::Status ValidateMesh(const MeshShape& s, int world_size, const ModelDims& m
   if (m.intermediate_size > 0 && m.intermediate_size % s.tp != 0) {
     problems.push_back(absl::StrCat("MLP width ", m.intermediate_size, " is not divisible by tp ", s.tp));
   }
+  if (m.linear_num_key_heads > 0 && m.linear_num_key_heads % s.tp != 0) {
+    problems.push_back(
+        absl::StrCat("linear-attention key heads ", m.linear_num_key_heads, " are not divisible by tp ", s.tp));
+  }
+  if (m.linear_num_value_heads > 0 && m.linear_num_value_heads % s.tp != 0) {
+    problems.push_back(
+        absl::StrCat("linear-attention value heads ", m.linear_num_value_heads, " are not divisible by tp ", s.tp));
+  }
+  if (m.shared_expert_intermediate_size > 0 && m.shared_expert_intermediate_size % s.tp != 0) {
+    problems.push_back(absl::StrCat("shared expert width ", m.shared_expert_intermediate_size,
+                                    " is not divisible by tp ", s.tp));
+  }
   if (s.ep > 1 && m.num_experts == 0) {
     problems.push_back(absl::StrCat("ep ", s.ep, " needs a mixture-of-experts model"));
   } else if (m.num_experts > 0 && m.num_experts % s.ep != 0) {

@@ -36,6 +36,10 @@ struct ModelDims {
   int64_t num_key_value_heads = 0;
   int64_t num_experts = 0;
   int64_t intermediate_size = 0;  // dense MLP width, split over tp
+  // Linear-attention (Gated DeltaNet) layers, split over tp by head.
+  int64_t linear_num_key_heads = 0;
+  int64_t linear_num_value_heads = 0;
+  int64_t shared_expert_intermediate_size = 0;  // a MoE layer's shared expert, split over tp
 };
 
 // Where one rank sits, and the ranks (ascending) of each group it belongs to.
@@ -62,7 +66,8 @@ struct RankPlace {
 // one message naming each violated rule: world size ≠ replicas × node_count ×
 // devices_per_node, tp not dividing devices_per_node, tp × cp not dividing
 // the group, ep not dividing the group, heads % tp, KV heads neither divisible by nor dividing tp,
-// experts % ep, dense MLP width % tp, non-positive degrees.
+// experts % ep, dense MLP width % tp, linear-attention key and value heads
+// % tp, shared-expert width % tp, non-positive degrees.
 absl::Status ValidateMesh(const MeshShape& shape, int world_size, const ModelDims& model);
 
 // The place of `rank`. REQUIRES: ValidateMesh(shape, shape.world_size(), ...) is OK

@@ -7,7 +7,10 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cstring>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -60,7 +63,9 @@ ncclConfig_t NonBlocking() {
 
 class NcclCommunicator : public Communicator {
  public:
-  NcclCommunicator(ncclComm_t comm, cudaStream_t stream) : comm_(comm), stream_(stream) {
+  // Owns `stream` when own_stream (destroyed after the communicator).
+  NcclCommunicator(ncclComm_t comm, cudaStream_t stream, bool own_stream = false)
+      : comm_(comm), stream_(stream), own_stream_(own_stream) {
     ncclCommUserRank(comm_, &rank_);
     ncclCommCount(comm_, &size_);
     cudaEventCreateWithFlags(&done_, cudaEventDisableTiming);
@@ -68,6 +73,7 @@ class NcclCommunicator : public Communicator {
   ~NcclCommunicator() override {
     if (!broken_) ncclCommDestroy(comm_);
     cudaEventDestroy(done_);
+    if (own_stream_) cudaStreamDestroy(stream_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -175,6 +181,7 @@ class NcclCommunicator : public Communicator {
 
   ncclComm_t comm_;
   cudaStream_t stream_;
+  const bool own_stream_;
   cudaEvent_t done_ = nullptr;
   void* scratch_ = nullptr;
   int rank_ = 0;
@@ -210,15 +217,64 @@ class NcclWorldImpl : public NcclWorld {
   absl::Duration timeout_;
 };
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<NcclWorld>> NcclWorld::Create(int device, absl::Duration timeout) {
+absl::Status UseDevice(int device) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
     return absl::FailedPreconditionError(absl::StrCat("CUDA device ", device, " is not available (", count,
                                                       " visible)"));
   }
-  if (absl::Status s = CudaStatus(cudaSetDevice(device), "cudaSetDevice"); !s.ok()) return s;
+  return CudaStatus(cudaSetDevice(device), "cudaSetDevice");
+}
+
+// The group's NCCL id: drawn by member 0 and published, read by the others.
+absl::Status ExchangeId(const StoreGroupOptions& o, RendezvousStore* store, ncclUniqueId* id) {
+  const std::string key = absl::StrCat(o.group, "/nccl_id");
+  if (o.rank == 0) {
+    ncclResult_t r = ncclGetUniqueId(id);
+    if (r != ncclSuccess) return absl::InternalError(absl::StrCat("ncclGetUniqueId: ", ncclGetErrorString(r)));
+    return store->Set(o.generation, key, std::string(id->internal, sizeof(id->internal)));
+  }
+  absl::StatusOr<std::vector<std::string>> value = store->Get(o.generation, {key}, o.connect_timeout);
+  if (!value.ok()) return value.status();
+  if (value->front().size() != sizeof(id->internal)) {
+    return absl::InternalError(absl::StrCat("the NCCL id in the store holds ", value->front().size(), " bytes, not ",
+                                            sizeof(id->internal)));
+  }
+  std::memcpy(id->internal, value->front().data(), sizeof(id->internal));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicatorFromStore(const StoreGroupOptions& options,
+                                                                            RendezvousStore* store, int device) {
+  if (absl::Status s = ValidateStoreGroupOptions(options); !s.ok()) return s;
+  const absl::Time deadline = absl::Now() + options.connect_timeout;
+  if (absl::Status s = UseDevice(device); !s.ok()) return s;
+  ncclUniqueId id;
+  if (absl::Status s = ExchangeId(options, store, &id); !s.ok()) return s;
+  cudaStream_t stream;
+  if (absl::Status s = CudaStatus(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream"); !s.ok()) {
+    return s;
+  }
+  ncclConfig_t config = NonBlocking();
+  ncclComm_t comm = nullptr;
+  ncclResult_t r = ncclCommInitRankConfig(&comm, options.size, id, options.rank, &config);
+  absl::Status s = (r == ncclSuccess || r == ncclInProgress)
+                       ? WaitComm(comm, deadline, "ncclCommInitRank")
+                       : absl::InternalError(absl::StrCat("ncclCommInitRank: ", ncclGetErrorString(r)));
+  if (!s.ok()) {
+    if (comm != nullptr) ncclCommAbort(comm);
+    cudaStreamDestroy(stream);
+    return absl::Status(s.code(), absl::StrCat("forming NCCL group ", options.group, " of generation ",
+                                               options.generation, " (rank ", options.rank, " of ", options.size,
+                                               "): ", s.message()));
+  }
+  return std::unique_ptr<Communicator>(new NcclCommunicator(comm, stream, /*own_stream=*/true));
+}
+
+absl::StatusOr<std::unique_ptr<NcclWorld>> NcclWorld::Create(int device, absl::Duration timeout) {
+  if (absl::Status s = UseDevice(device); !s.ok()) return s;
   int rank = 0, size = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);

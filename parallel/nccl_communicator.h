@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "parallel/communicator.h"
 #include "parallel/context.h"
+#include "parallel/rendezvous_store.h"
 
 namespace lathe::parallel {
 
@@ -39,6 +40,20 @@ class NcclWorld {
 // NCCL state alive. Collective over the world: every rank calls it, once,
 // right after MakeMpiContext. FailedPrecondition without a usable device.
 absl::Status AttachNccl(ParallelContext& ctx, int device);
+
+// An NCCL communicator between separate jobs (the cross-replica group on
+// GPUs, next to MakeGlooCommunicator's on hosts), without MPI: member 0
+// draws an ncclUniqueId and writes it to `store` as "<group>/nccl_id" of
+// options.generation, the others read it, and every member joins on CUDA
+// device `device` within options.connect_timeout (options.hostname is
+// unused). InvalidArgument for bad options; FailedPrecondition without a
+// usable device; the store's errors; DeadlineExceeded when a member did
+// not join in time. Its collectives time out as every NCCL communicator's:
+// the communicator is aborted and the process's communication is broken
+// (MarkCommunicationBroken), so a survivor on a GPU restarts its process
+// rather than forming the next generation in place.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicatorFromStore(const StoreGroupOptions& options,
+                                                                            RendezvousStore* store, int device);
 
 }  // namespace lathe::parallel
 

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -49,18 +50,33 @@ absl::StatusOr<ModelFacts> ParseFacts(const json& f) {
                           {"num_experts_per_tok", &m.num_experts_per_tok},
                           {"moe_intermediate_size", &m.moe_intermediate_size},
                           {"shared_experts", &m.shared_experts},
-                          {"first_dense_layers", &m.first_dense_layers}};
+                          {"first_dense_layers", &m.first_dense_layers},
+                          {"linear_num_key_heads", &m.linear_num_key_heads},
+                          {"linear_num_value_heads", &m.linear_num_value_heads},
+                          {"linear_key_head_dim", &m.linear_key_head_dim},
+                          {"linear_value_head_dim", &m.linear_value_head_dim},
+                          {"linear_conv_kernel_dim", &m.linear_conv_kernel_dim},
+                          {"full_attention_interval", &m.full_attention_interval},
+                          {"shared_expert_intermediate_size", &m.shared_expert_intermediate_size}};
   for (const Field& field : fields) {
     auto v = Int(f, field.name, false, 0);
     if (!v.ok()) return v.status();
     *field.out = *v;
   }
-  if (auto it = f.find("tie_word_embeddings"); it != f.end()) {
-    if (!it->is_boolean()) return absl::InvalidArgumentError("field 'tie_word_embeddings' must be true or false");
-    m.tie_word_embeddings = it->get<bool>();
+  for (auto [name, out] : {std::pair{"tie_word_embeddings", &m.tie_word_embeddings},
+                            {"attn_output_gate", &m.attn_output_gate}}) {
+    if (auto it = f.find(name); it != f.end()) {
+      if (!it->is_boolean()) {
+        return absl::InvalidArgumentError(absl::StrCat("field '", name, "' must be true or false"));
+      }
+      *out = it->get<bool>();
+    }
+  }
+  if (m.linear_num_key_heads > 0 && m.linear_num_value_heads % m.linear_num_key_heads != 0) {
+    return absl::InvalidArgumentError("'linear_num_value_heads' must be a multiple of 'linear_num_key_heads'");
   }
   for (auto it = f.begin(); it != f.end(); ++it) {
-    bool known = it.key() == "tie_word_embeddings";
+    bool known = it.key() == "tie_word_embeddings" || it.key() == "attn_output_gate";
     for (const Field& field : fields) known = known || it.key() == field.name;
     if (!known) return absl::InvalidArgumentError(absl::StrCat("unknown fact '", it.key(), "'"));
   }
@@ -130,7 +146,14 @@ bool ModelFacts::Complete() const {
   bool mlp = is_moe() ? (num_experts_per_tok > 0 && moe_intermediate_size > 0 &&
                          (first_dense_layers == 0 || intermediate_size > 0))
                       : intermediate_size > 0;
-  return attention && mlp;
+  bool linear = !is_hybrid() || (linear_num_key_heads > 0 && linear_key_head_dim > 0 && linear_value_head_dim > 0 &&
+                                  linear_conv_kernel_dim > 0 && full_attention_interval > 0);
+  return attention && mlp && linear;
+}
+
+int64_t ModelFacts::linear_attention_layers() const {
+  if (!is_hybrid() || full_attention_interval <= 0) return 0;
+  return num_hidden_layers - num_hidden_layers / full_attention_interval;
 }
 
 parallel::ModelDims ModelFacts::Dims() const {
@@ -140,6 +163,9 @@ parallel::ModelDims ModelFacts::Dims() const {
   d.num_experts = num_experts;
   // The dense MLP is split over tp only where the model has one.
   d.intermediate_size = (!is_moe() || first_dense_layers > 0) ? intermediate_size : 0;
+  d.linear_num_key_heads = linear_num_key_heads;
+  d.linear_num_value_heads = linear_num_value_heads;
+  d.shared_expert_intermediate_size = shared_expert_intermediate_size;
   return d;
 }
 

@@ -31,8 +31,23 @@ struct ModelFacts {
   int64_t moe_intermediate_size = 0;
   int64_t shared_experts = 0;         // experts every token passes through, moe_intermediate_size wide
   int64_t first_dense_layers = 0;     // leading layers with a dense MLP in a MoE model
+  // Qwen3.5-style hybrids: Gated DeltaNet linear-attention layers, all but
+  // every full_attention_interval-th (0 heads: every layer full attention).
+  int64_t linear_num_key_heads = 0;
+  int64_t linear_num_value_heads = 0;
+  int64_t linear_key_head_dim = 0;
+  int64_t linear_value_head_dim = 0;
+  int64_t linear_conv_kernel_dim = 0;
+  int64_t full_attention_interval = 0;
+  bool attn_output_gate = false;                // q_proj twice as wide: per head [q | gate]
+  int64_t shared_expert_intermediate_size = 0;  // one shared expert this wide with a sigmoid gate (h x 1)
 
   bool is_moe() const { return num_experts > 0; }
+  bool is_hybrid() const { return linear_num_value_heads > 0; }
+  // Layers of each kind: layer i is full attention when (i + 1) %
+  // full_attention_interval == 0 (transformers' default layer_types).
+  int64_t linear_attention_layers() const;
+  int64_t full_attention_layers() const { return num_hidden_layers - linear_attention_layers(); }
   // Whether every number the memory estimate needs is present.
   bool Complete() const;
   // The subset the mesh validation checks.

@@ -105,13 +105,13 @@ struct Decoding {
   size_t request;
   GeneratedSequence* out;
   at::Generator gen;
-  KvCache cache;
+  SequenceState cache;
 };
 
 // Prefills r's prompt: fills `out`'s prompt logprobs and returns the cache
 // and the last prompt token's hidden row [1, H].
-std::pair<KvCache, at::Tensor> Prefill(const DecoderModel& model, const SampleRequest& r, Generation& out) {
-  std::vector<KvCache> prefill(1);
+std::pair<SequenceState, at::Tensor> Prefill(const DecoderModel& model, const SampleRequest& r, Generation& out) {
+  std::vector<SequenceState> prefill(1);
   const int64_t p = static_cast<int64_t>(r.prompt.size());
   at::Tensor ids = OnDevice(at::tensor(std::vector<int64_t>(r.prompt.begin(), r.prompt.end()), at::kLong),
                             model.device());
@@ -233,7 +233,7 @@ class Decoder {
       return;
     }
     BatchInvariantScope invariant;
-    std::vector<KvCache> batch;
+    std::vector<SequenceState> batch;
     for (Decoding& d : active_) batch.push_back(std::move(d.cache));
     at::Tensor h =
         model_.Hidden(OnDevice(at::tensor(next, at::kLong), model_.device()), std::vector<int64_t>(active_.size(), 1), nullptr, &batch);

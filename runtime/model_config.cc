@@ -8,59 +8,27 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
-#include "nlohmann/json.hpp"
+#include "runtime/config_json.h"
+#include "runtime/qwen3_5_config.h"
 #include "runtime/status.h"
 
 namespace lathe::runtime {
 namespace {
 
-using json = nlohmann::json;
-
-absl::Status FieldError(const std::string& field, const std::string& what) {
-  return absl::InvalidArgumentError(absl::StrCat("config.json: field '", field, "' ", what));
-}
-
-// Reads an integer field; `fallback` < 0 means required.
-absl::StatusOr<int64_t> Int(const json& j, const std::string& key, int64_t fallback = -1) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) {
-    if (fallback < 0) return FieldError(key, "is required");
-    return fallback;
-  }
-  if (!it->is_number_integer()) return FieldError(key, "must be an integer");
-  int64_t v = it->get<int64_t>();
-  if (v < 0) return FieldError(key, "must not be negative");
-  return v;
-}
-
-absl::StatusOr<double> Real(const json& j, const std::string& key, double fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_number()) return FieldError(key, "must be a number");
-  return it->get<double>();
-}
-
-absl::StatusOr<bool> Bool(const json& j, const std::string& key, bool fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) return FieldError(key, "must be true or false");
-  return it->get<bool>();
-}
-
-// Reads a string field (json::value() would throw on another type).
-absl::StatusOr<std::string> Str(const json& j, const std::string& key, const std::string& fallback) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_string()) return FieldError(key, "must be a string");
-  return it->get<std::string>();
-}
+using config_json::Bool;
+using config_json::FieldError;
+using config_json::Int;
+using config_json::json;
+using config_json::Real;
+using config_json::Str;
 
 // Features whose presence changes the math; refused rather than ignored.
-absl::Status RefuseUnsupported(const json& j) {
+// `hybrid`: Qwen3.5's linear_attention layers are read by ReadQwen3_5.
+absl::Status RefuseUnsupported(const json& j, bool hybrid) {
   LATHE_ASSIGN_OR_RETURN(bool sliding, Bool(j, "use_sliding_window", false));
   if (sliding) return FieldError("use_sliding_window", "is true; sliding-window attention is not supported");
   auto types = j.find("layer_types");  // transformers 5.x
-  if (types != j.end() && types->is_array()) {
+  if (!hybrid && types != j.end() && types->is_array()) {
     for (const auto& t : *types) {
       if (!t.is_string() || t.get<std::string>() != "full_attention") {
         return FieldError("layer_types", "lists a layer that is not \"full_attention\"");
@@ -104,8 +72,14 @@ absl::Status RefuseUnsupported(const json& j) {
 }
 
 absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
-  static const char* kSupported[] = {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "LlamaForCausalLM",
-                                     "MistralForCausalLM"};
+  static const char* kSupported[] = {"Qwen3ForCausalLM",
+                                     "Qwen3MoeForCausalLM",
+                                     "LlamaForCausalLM",
+                                     "MistralForCausalLM",
+                                     "Qwen3_5ForCausalLM",
+                                     "Qwen3_5MoeForCausalLM",
+                                     "Qwen3_5ForConditionalGeneration",
+                                     "Qwen3_5MoeForConditionalGeneration"};
   auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->size() != 1 || !(*arch)[0].is_string()) {
     return FieldError("architectures", "must be a list of one architecture name");
@@ -120,15 +94,22 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
   return absl::OkStatus();
 }
 
+void ReadDtype(const json& j, ModelConfig& c) {
+  auto dtype = j.contains("dtype") ? j.find("dtype") : j.find("torch_dtype");
+  if (dtype != j.end() && dtype->is_string()) c.dtype = dtype->get<std::string>();
+}
+
 absl::Status ReadDense(const json& j, ModelConfig& c) {
   LATHE_ASSIGN_OR_RETURN(c.vocab_size, Int(j, "vocab_size"));
   LATHE_ASSIGN_OR_RETURN(c.hidden_size, Int(j, "hidden_size"));
-  LATHE_ASSIGN_OR_RETURN(c.intermediate_size, Int(j, "intermediate_size"));
+  // Qwen3.5-MoE has no dense MLP and no intermediate_size.
+  LATHE_ASSIGN_OR_RETURN(c.intermediate_size, Int(j, "intermediate_size", IsQwen3_5Moe(c.architecture) ? 0 : -1));
   LATHE_ASSIGN_OR_RETURN(c.num_hidden_layers, Int(j, "num_hidden_layers"));
   LATHE_ASSIGN_OR_RETURN(c.num_attention_heads, Int(j, "num_attention_heads"));
   LATHE_ASSIGN_OR_RETURN(c.num_key_value_heads, Int(j, "num_key_value_heads", c.num_attention_heads));
   if (c.num_attention_heads == 0) return FieldError("num_attention_heads", "must be positive");
-  LATHE_ASSIGN_OR_RETURN(c.head_dim, Int(j, "head_dim", c.hidden_size / c.num_attention_heads));
+  const int64_t default_head_dim = IsQwen3_5(c.architecture) ? 256 : c.hidden_size / c.num_attention_heads;
+  LATHE_ASSIGN_OR_RETURN(c.head_dim, Int(j, "head_dim", default_head_dim));
   LATHE_ASSIGN_OR_RETURN(c.max_position_embeddings, Int(j, "max_position_embeddings", 32768));
   LATHE_ASSIGN_OR_RETURN(c.rms_norm_eps, Real(j, "rms_norm_eps", 1e-6));
   LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", false));
@@ -138,12 +119,12 @@ absl::Status ReadDense(const json& j, ModelConfig& c) {
     LATHE_ASSIGN_OR_RETURN(theta, Real(*params, "rope_theta", theta));
   }
   LATHE_ASSIGN_OR_RETURN(c.rope_theta, Real(j, "rope_theta", theta));
-  auto dtype = j.contains("dtype") ? j.find("dtype") : j.find("torch_dtype");
-  if (dtype != j.end() && dtype->is_string()) c.dtype = dtype->get<std::string>();
+  ReadDtype(j, c);
   if (c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0) {
     return FieldError("num_key_value_heads", "must divide num_attention_heads");
   }
   if (c.head_dim == 0 || c.head_dim % 2 != 0) return FieldError("head_dim", "must be positive and even");
+  c.rotary.rotary_dim = c.head_dim;  // whole heads unless ReadQwen3_5 reads a partial factor
   if (c.vocab_size == 0 || c.hidden_size == 0) return FieldError("hidden_size", "must be positive");
   return absl::OkStatus();
 }
@@ -155,6 +136,7 @@ absl::Status ReadMoe(const json& j, ModelConfig& c) {
     if (v > 0) experts = v;
   }
   c.num_experts = experts;
+  if (IsQwen3_5(c.architecture)) return absl::OkStatus();  // ReadQwen3_5
   if (c.architecture != "Qwen3MoeForCausalLM") {
     if (experts > 0) return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
     return absl::OkStatus();
@@ -178,12 +160,29 @@ absl::Status ReadMoe(const json& j, ModelConfig& c) {
   return absl::OkStatus();
 }
 
+absl::Status ReadText(const json& j, bool qwen3_5, ModelConfig& c) {
+  LATHE_RETURN_IF_ERROR(RefuseUnsupported(j, qwen3_5));
+  LATHE_RETURN_IF_ERROR(ReadDense(j, c));
+  LATHE_RETURN_IF_ERROR(ReadMoe(j, c));
+  if (qwen3_5) LATHE_RETURN_IF_ERROR(ReadQwen3_5(j, c));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 bool ModelConfig::IsMoeLayer(int64_t layer) const {
   if (num_experts == 0) return false;
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) return false;
   return (layer + 1) % decoder_sparse_step == 0;
+}
+
+bool ModelConfig::IsLinearAttentionLayer(int64_t layer) const {
+  return layer >= 0 && layer < static_cast<int64_t>(layer_types.size()) &&
+         layer_types[layer] == LayerType::kLinearAttention;
+}
+
+bool ModelConfig::IsHybrid() const {
+  return std::find(layer_types.begin(), layer_types.end(), LayerType::kLinearAttention) != layer_types.end();
 }
 
 bool ModelConfig::HasDenseMlp() const {
@@ -200,9 +199,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   }
   ModelConfig c;
   LATHE_RETURN_IF_ERROR(ReadArchitecture(j, c));
-  LATHE_RETURN_IF_ERROR(RefuseUnsupported(j));
-  LATHE_RETURN_IF_ERROR(ReadDense(j, c));
-  LATHE_RETURN_IF_ERROR(ReadMoe(j, c));
+  const bool qwen3_5 = IsQwen3_5(c.architecture);
+  // The multimodal wrappers keep the text model's fields under text_config;
+  // tie_word_embeddings stays at the top (transformers ties lm_head by the
+  // top-level flag and ignores text_config's).
+  if (IsQwen3_5Wrapper(c.architecture)) {
+    auto text = j.find("text_config");
+    if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
+    LATHE_RETURN_IF_ERROR(ReadText(*text, qwen3_5, c));
+    LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", false));
+    if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);
+    return c;
+  }
+  LATHE_RETURN_IF_ERROR(ReadText(j, qwen3_5, c));
   return c;
 }
 

@@ -31,6 +31,11 @@ absl::StatusOr<std::unique_ptr<parallel::ParallelContext>> MakeModelContext(cons
   shape.cp = cp;
   parallel::ModelDims dims{config->num_attention_heads, config->num_key_value_heads, config->num_experts,
                            config->HasDenseMlp() ? config->intermediate_size : 0};
+  if (config->IsHybrid()) {
+    dims.linear_num_key_heads = config->linear_attention.num_key_heads;
+    dims.linear_num_value_heads = config->linear_attention.num_value_heads;
+  }
+  dims.shared_expert_intermediate_size = config->shared_expert.intermediate_size;
   LATHE_ASSIGN_OR_RETURN(auto ctx, parallel::MakeMpiContext(shape, dims, timeout));
   if (device < 0 || world == 1) return ctx;
 #ifdef LATHE_HAVE_NCCL

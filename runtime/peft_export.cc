@@ -43,6 +43,46 @@ std::string Leaf(const std::string& module) {
 
 bool IsMlp(const std::string& leaf) { return leaf == "gate_proj" || leaf == "up_proj" || leaf == "down_proj"; }
 
+// Adapters lathe trains on the parts of a fused projection, and the fused
+// module PEFT knows: Gated DeltaNet's in_proj_qkv.
+struct SplitAdapter {
+  const char* fused;
+  std::vector<const char*> parts;
+};
+const SplitAdapter kSplitAdapters[] = {{"in_proj_qkv", {"in_proj_q", "in_proj_k", "in_proj_v"}}};
+
+// The parts' adapters joined into one on the fused module: A stacked
+// ([n·r, in]) and B block-diagonal ([Σ out, n·r]), so B·A holds each part's
+// product in its rows; at rank n·r and alpha n·α the scale is unchanged.
+// Modules missing a part are left as they are.
+std::map<std::string, at::Tensor> JoinSplitAdapters(std::map<std::string, at::Tensor> params) {
+  for (const SplitAdapter& split : kSplitAdapters) {
+    const std::string first = absl::StrCat(".", split.parts[0], ".lora_A.weight");
+    std::vector<std::string> bases;
+    for (const auto& [name, t] : params) {
+      if (absl::EndsWith(name, first)) bases.push_back(name.substr(0, name.size() - first.size() + 1));
+    }
+    for (const std::string& base : bases) {
+      std::vector<at::Tensor> a, b;
+      for (const char* part : split.parts) {
+        auto ia = params.find(absl::StrCat(base, part, ".lora_A.weight"));
+        auto ib = params.find(absl::StrCat(base, part, ".lora_B.weight"));
+        if (ia == params.end() || ib == params.end()) break;
+        a.push_back(ia->second);
+        b.push_back(ib->second);
+      }
+      if (a.size() != split.parts.size()) continue;
+      for (const char* part : split.parts) {
+        params.erase(absl::StrCat(base, part, ".lora_A.weight"));
+        params.erase(absl::StrCat(base, part, ".lora_B.weight"));
+      }
+      params[absl::StrCat(base, split.fused, ".lora_A.weight")] = at::cat(a, 0);
+      params[absl::StrCat(base, split.fused, ".lora_B.weight")] = at::block_diag(b);
+    }
+  }
+  return params;
+}
+
 // adapter_config.json. transformers 5 holds a Qwen3-MoE model's experts fused
 // (mlp.experts.gate_up_proj, mlp.experts.down_proj), and peft 0.21 rewrites
 // every gate_proj/up_proj/down_proj of target_modules into those fused
@@ -79,11 +119,22 @@ json AdapterConfig(const std::map<std::string, at::Tensor>& params, const LoraSe
                  {"fan_in_fan_out", false}, {"inference_mode", true}, {"use_rslora", false},
                  {"init_lora_weights", true}};
   config["target_modules"] = target_modules.empty() ? json(nullptr) : json(target_modules);
+  json rank_pattern = json::object(), alpha_pattern = json::object();
   if (experts) {
     target_parameters.insert({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"});
     config["target_parameters"] = target_parameters;
-    config["rank_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.rank}};
-    config["alpha_pattern"] = {{R"(.*\.gate_up_proj)", 2 * lora.alpha}};
+    rank_pattern[R"(.*\.gate_up_proj)"] = 2 * lora.rank;
+    alpha_pattern[R"(.*\.gate_up_proj)"] = 2 * lora.alpha;
+  }
+  for (const SplitAdapter& split : kSplitAdapters) {
+    if (target_modules.count(split.fused) == 0) continue;
+    const auto n = static_cast<int64_t>(split.parts.size());
+    rank_pattern[absl::StrCat(R"(.*\.)", split.fused)] = n * lora.rank;
+    alpha_pattern[absl::StrCat(R"(.*\.)", split.fused)] = n * lora.alpha;
+  }
+  if (!rank_pattern.empty()) {
+    config["rank_pattern"] = rank_pattern;
+    config["alpha_pattern"] = alpha_pattern;
   }
   return config;
 }
@@ -102,6 +153,7 @@ absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_devi
   // Written (and merged with the base weights) from host memory.
   std::map<std::string, at::Tensor> params;
   for (const auto& [name, t] : on_device) params[name] = t.to(at::kCPU);
+  params = JoinSplitAdapters(std::move(params));
   std::vector<at::Tensor> keep;
   std::vector<TensorToWrite> tensors;
   auto add = [&](const std::string& name, const at::Tensor& t) {

@@ -11,6 +11,7 @@ DEB_PACKAGES=(
   libabsl-dev libgtest-dev libgmock-dev nlohmann-json3-dev
   libcpp-httplib-dev  # the Tinker-compatible HTTP door (http/)
   libzstd-dev  # its zstd request bodies
+  libgloo-dev  # the cross-replica collectives between separate jobs (parallel/gloo_communicator.h)
   python3-venv python3-dev
   openssl  # the tests make TLS certificates with it
   clang  # libFuzzer targets (scripts/fuzz.sh); its runtimes are installed below

@@ -175,6 +175,115 @@ parallel::MeshShape ShapeOf(const presets::Preset& p) {
 }
 
 // The headline: Qwen3-8B at 131,072 tokens, LoRA rank 32, on 80 GB devices in bf16.
+// A Qwen3.5-style hybrid: 3 of every 4 layers Gated DeltaNet, gated attention.
+presets::ModelFacts Qwen3_5(int64_t h, int64_t layers, int64_t heads, int64_t kv, int64_t inter,
+                            int64_t linear_k, int64_t linear_v, bool tied) {
+  presets::ModelFacts f;
+  f.hidden_size = h;
+  f.num_hidden_layers = layers;
+  f.num_attention_heads = heads;
+  f.num_key_value_heads = kv;
+  f.head_dim = 256;
+  f.intermediate_size = inter;
+  f.vocab_size = 248320;
+  f.tie_word_embeddings = tied;
+  f.linear_num_key_heads = linear_k;
+  f.linear_num_value_heads = linear_v;
+  f.linear_key_head_dim = 128;
+  f.linear_value_head_dim = 128;
+  f.linear_conv_kernel_dim = 4;
+  f.full_attention_interval = 4;
+  f.attn_output_gate = true;
+  return f;
+}
+
+presets::ModelFacts Qwen3_5Moe(int64_t h, int64_t layers, int64_t heads, int64_t linear_v, int64_t experts,
+                               int64_t k, int64_t width) {
+  presets::ModelFacts f = Qwen3_5(h, layers, heads, 2, 0, 16, linear_v, false);
+  f.num_experts = experts;
+  f.num_experts_per_tok = k;
+  f.moe_intermediate_size = width;
+  f.shared_expert_intermediate_size = width;
+  return f;
+}
+
+// Parameters (bf16 weights / 2 at tp 1, ep 1) equal sum(p.numel()) of the
+// transformers 5.23 text model built on the meta device from the same sizes
+// (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM; lm_head counted once when tied).
+TEST(PlanTest, Qwen3_5ParametersAreTransformersCount) {
+  struct Case {
+    const char* name;
+    presets::ModelFacts facts;
+    double parameters;
+  };
+  const Case cases[] = {
+      {"0.8B", Qwen3_5(1024, 24, 8, 2, 3584, 16, 16, true), 752393024},
+      {"27B", Qwen3_5(5120, 64, 24, 4, 17408, 16, 48, false), 26895998464},
+      {"35B-A3B", Qwen3_5Moe(2048, 40, 16, 32, 256, 8, 512), 34660610688},
+      {"397B-A17B", Qwen3_5Moe(4096, 60, 32, 64, 512, 10, 1024), 396346350336},
+  };
+  for (const Case& c : cases) {
+    auto m = EstimateMemory(c.facts, {1, 1, 1, 1, 1}, 16, 0, Dtype::kBfloat16);
+    ASSERT_TRUE(m.ok()) << c.name << ": " << m.status();
+    EXPECT_DOUBLE_EQ(m->weights / 2, c.parameters) << c.name;
+  }
+}
+
+presets::ModelFacts TinyQwen3_5() {
+  presets::ModelFacts f = Dense();
+  f.head_dim = 32;
+  f.vocab_size = 128;
+  f.num_hidden_layers = 4;
+  f.linear_num_key_heads = 2;
+  f.linear_num_value_heads = 4;
+  f.linear_key_head_dim = 16;
+  f.linear_value_head_dim = 16;
+  f.linear_conv_kernel_dim = 4;
+  f.full_attention_interval = 4;
+  f.attn_output_gate = true;
+  return f;
+}
+
+TEST(PlanTest, Qwen3_5LinearAttentionLayersOverTp2ByHand) {
+  auto m = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 100, 8, Dtype::kFloat32);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // Per rank: q 64 (q_proj 128 with the gate), one KV head (32), MLP 64, vocabulary 64;
+  // linear attention: 1 key head (16), 2 value heads (32), conv channels 64.
+  // embed + lm_head 2*64*64 = 8192; layer 3 (full attention): 64*128 + 2*64*32 + 64*64 + 2*64 + 2*32 = 16576;
+  // layers 0-2 (linear): in_proj_qkv/z/a/b 64*(64+32+2+2) + out_proj 32*64 + conv1d 64*4 + A_log, dt_bias 2*2
+  // + gated norm 16 + layer norms 2*64 = 8852 each; MLP 4*3*64*64 = 49152; final norm 64.
+  EXPECT_DOUBLE_EQ(m->weights, 4.0 * (8192 + 16576 + 3 * 8852 + 49152 + 64));
+  // LoRA r=8: lm_head 8*(64+64) = 1024; q (gated), k, v, o 8*((64+128) + 2*(64+32) + (64+64)) = 4096;
+  // in_proj_q/k/v, z, a, b, out_proj 8*(2*(64+16) + (64+32) + (64+32) + 2*(64+2) + (32+64)) = 4640 per layer;
+  // MLP 4*8*3*(64+64) = 12288.
+  EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (1024 + 4096 + 3 * 4640 + 12288));
+  // Elements per token: full attention 2*64 + 2*(64+2*32) + 64 + 3*64 (gate) = 640; linear
+  // 2*64 + 3*64 + 2*32 + 2*2 = 388; MLP 2*64 + 4*64 = 384; final norm 64: 640 + 3*388 + 4*384 + 64 = 3404.
+  // The delta rule's fp32 elements per linear layer: 11*2*16 + 6*32 + 5*2*64 + 2*16*16/64 = 1192.
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 100 * 3404 + 4.0 * 100 * 3 * 1192 + 2.25 * 4.0 * 100 * 64);
+  // Recomputed (4096 tokens): the linear layer (388 + 384 elements, 1192 fp32) is the widest.
+  auto long_run = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  ASSERT_TRUE(long_run.ok());
+  EXPECT_DOUBLE_EQ(long_run->activations,
+                   4.0 * 4096 * 64 * (4 + 3) + std::max(1.7 * 4.0 * 4096 * (388 + 384) + 4.0 * 4096 * 1192,
+                                                        2.25 * 4.0 * 4096 * 64));
+}
+
+TEST(PlanTest, Qwen3_5SharedExpertAndGateByHand) {
+  presets::ModelFacts moe = TinyQwen3_5();
+  moe.intermediate_size = 0;
+  moe.num_experts = 8;
+  moe.num_experts_per_tok = 2;
+  moe.moe_intermediate_size = 32;
+  auto without = EstimateMemory(moe, Shape(2, 2), 100, 8, Dtype::kFloat32);
+  moe.shared_expert_intermediate_size = 48;
+  auto with = EstimateMemory(moe, Shape(2, 2), 100, 8, Dtype::kFloat32);
+  ASSERT_TRUE(without.ok() && with.ok());
+  // Per layer: the shared SwiGLU 3*64*24 on each tp rank and its gate 64 (h -> 1).
+  EXPECT_DOUBLE_EQ(with->weights - without->weights, 4.0 * 4 * (3 * 64 * 24 + 64));
+  EXPECT_DOUBLE_EQ(with->trainable_state - without->trainable_state, 16.0 * 4 * 8 * (3 * (64 + 24) + (64 + 1)));
+}
+
 TEST(PlanTest, Qwen3_8BAt131072TokensFitsAnH100InBfloat16WithItsLayout) {
   std::vector<presets::Preset> table = Shipped();
   const presets::Preset* p = presets::FindPreset(table, "Qwen/Qwen3-8B");

@@ -169,5 +169,22 @@ TEST(MeshTest, InvalidLayoutsAreRefusedWithEveryReason) {
   EXPECT_TRUE(ValidateMesh({1, 1, 8, 8, 1}, 8, {32, 4, 0}).ok());
 }
 
+TEST(MeshTest, LinearAttentionHeadsAndTheSharedExpertMustSplitOverTp) {
+  // Qwen3.5-27B: 24 / 4 attention heads, 16 / 48 linear-attention key / value heads.
+  ModelDims qwen3_5{24, 4, 0, 17408, 16, 48};
+  EXPECT_TRUE(ValidateMesh({1, 1, 8, 8, 1}, 8, qwen3_5).ok());
+  ModelDims uneven = qwen3_5;
+  uneven.linear_num_key_heads = 12;
+  uneven.linear_num_value_heads = 36;
+  auto s = ValidateMesh({1, 1, 8, 8, 1}, 8, uneven);
+  EXPECT_NE(s.message().find("linear-attention key heads 12 are not divisible by tp 8"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("linear-attention value heads 36 are not divisible by tp 8"), std::string::npos) << s;
+  EXPECT_TRUE(ValidateMesh({1, 1, 4, 4, 1}, 4, uneven).ok());
+  ModelDims moe{16, 2, 256, 0, 16, 32, 500};
+  s = ValidateMesh({1, 1, 8, 8, 8}, 8, moe);
+  EXPECT_NE(s.message().find("shared expert width 500 is not divisible by tp 8"), std::string::npos) << s;
+  EXPECT_TRUE(ValidateMesh({1, 1, 8, 4, 8}, 8, moe).ok());
+}
+
 }  // namespace
 }  // namespace lathe::parallel

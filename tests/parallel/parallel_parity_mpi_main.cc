@@ -188,9 +188,10 @@ struct MemoryOptions {
   runtime::Dtype dtype = runtime::Dtype::kFloat32;  // both trainers'
 };
 
+// `given`: a model folder to use instead of the tiny model written here.
 void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::string& dir,
-         const MemoryOptions& memory) {
-  const std::string label = std::string(moe ? "moe" : "dense") + (full_ft ? "/full" : "/lora");
+         const MemoryOptions& memory, const std::string& given = "") {
+  const std::string label = (given.empty() ? std::string(moe ? "moe" : "dense") : given) + (full_ft ? "/full" : "/lora");
   runtime::TinyModelSpec spec;
   spec.moe = moe;
   spec.vocab_size = 251;  // split unevenly over tp
@@ -201,9 +202,16 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   spec.num_experts = 8;
   spec.experts_per_token = 2;
   spec.seed = 7;
-  const std::string model = dir + (moe ? "/moe" : "/dense");
-  if (auto s = runtime::WriteTinyModel(model, spec); !s.ok()) {
-    Expect(false, "writing the model: " + std::string(s.message()));
+  const std::string model = given.empty() ? dir + (moe ? "/moe" : "/dense") : given;
+  if (given.empty()) {
+    if (auto s = runtime::WriteTinyModel(model, spec); !s.ok()) {
+      Expect(false, "writing the model: " + std::string(s.message()));
+      return;
+    }
+  } else if (auto config = runtime::LoadModelConfig(model); config.ok()) {
+    spec.vocab_size = config->vocab_size;
+  } else {
+    Expect(false, "reading the model: " + std::string(config.status().message()));
     return;
   }
   runtime::LoraSettings lora;
@@ -288,10 +296,12 @@ int main(int argc, char** argv) {
   at::set_num_threads(1);
   lathe::parallel::MeshShape shape;
   lathe::MemoryOptions memory;
+  std::string given_model;  // --model DIR: that model instead of the tiny ones
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const int value = std::atoi(argv[i + 1]);
-    if (flag == "--replicas") shape.replicas = value;
+    if (flag == "--model") given_model = argv[i + 1];
+    else if (flag == "--replicas") shape.replicas = value;
     else if (flag == "--node_count") shape.node_count = value;
     else if (flag == "--tp") shape.tp = value;
     else if (flag == "--ep") shape.ep = value;
@@ -313,9 +323,13 @@ int main(int argc, char** argv) {
   }
   char tmpl[] = "/tmp/lathe_parity_XXXXXX";
   const std::string dir = mkdtemp(tmpl);
-  for (bool moe : {false, true}) {
-    if (!moe && shape.ep > 1) continue;  // expert parallelism needs experts
-    for (bool full_ft : {false, true}) lathe::Run(shape, moe, full_ft, dir, memory);
+  if (!given_model.empty()) {
+    for (bool full_ft : {false, true}) lathe::Run(shape, false, full_ft, dir, memory, given_model);
+  } else {
+    for (bool moe : {false, true}) {
+      if (!moe && shape.ep > 1) continue;  // expert parallelism needs experts
+      for (bool full_ft : {false, true}) lathe::Run(shape, moe, full_ft, dir, memory);
+    }
   }
   std::system(("rm -rf " + dir).c_str());
   int total = 0;

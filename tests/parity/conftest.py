@@ -1,6 +1,7 @@
 """Fixtures for the lathe <-> transformers/peft parity suite.
 
-* ``tiny_models``: the four tiny checkpoints of make_tiny_models.py, built once per session.
+* ``tiny_models``: the tiny checkpoints of make_tiny_models.py (KINDS and HYBRID_KINDS), built
+  once per session.
 * ``harness``: runs ``lathe_harness`` on a request and returns a ``HarnessResult``.
 
 The binary is ``$LATHE_HARNESS`` if set, else ``$LATHE_BUILD_DIR/tests/lathe_harness``
@@ -115,7 +116,7 @@ def _run_harness(model_dir: str, request: dict, workdir: str, expect_rc: int | N
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
-    for kind in make_tiny_models.KINDS:
+    for kind in make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS:
         out = str(root / kind)
         make_tiny_models.make_model(kind, out, seed=0)
         dirs[kind] = out

@@ -6,7 +6,14 @@ Usage:
     python tests/parity/make_tiny_models.py all OUT_ROOT [--seed N]   # one sub-dir per kind
 
 KIND is one of: qwen3, qwen3_tied, qwen3_moe, qwen3_moe_sparse (the session's ``tiny_models``),
-or qwen3_moe_sparse_tied (qwen3_moe_sparse with tied embeddings, for the export tests).
+or qwen3_moe_sparse_tied (qwen3_moe_sparse with tied embeddings, for the export tests),
+or one of the Qwen3.5 kinds (hybrid Gated DeltaNet / gated attention; lathe reads their
+configs but does not run them yet, so no parity test uses them): qwen3_5, qwen3_5_moe
+(``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM`` text checkpoints) and
+qwen3_5_multimodal, qwen3_5_moe_multimodal: the same text models written the way the
+Qwen3.5 / Qwen3.6 hub checkpoints are (``Qwen3_5*ForConditionalGeneration`` config with the
+text fields under ``text_config``, weights under ``model.language_model.``, a small fake
+vision tower under ``model.visual.`` and an ``mtp.`` head, which a loader must skip).
 
 The models are float32 and saved with ``save_pretrained`` (safetensors).  Weights are
 re-initialised with a larger spread than the transformers default so that logits are far
@@ -31,6 +38,9 @@ import torch
 
 KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse")
 EXTRA_KINDS = ("qwen3_moe_sparse_tied",)
+QWEN3_5_KINDS = ("qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal")
+# The hybrid (linear + softmax attention) models the runtime parity suite runs.
+HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
 # to catch shape mix-ups.
@@ -55,8 +65,39 @@ def _rope_kwargs():
     return dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
+def _qwen3_5_text_kwargs(vocab_size: int) -> dict:
+    # 3 linear-attention layers then a full-attention one (transformers' default
+    # pattern); 4 value heads over 2 key heads exercises the GVA repeat, head_dim 32
+    # with partial_rotary_factor 0.25 gives 8 rotary dims (mrope_section sums to 4).
+    return dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=128, hidden_act="silu",
+        attention_bias=False, attention_dropout=0.0, use_cache=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+
+
+def _qwen3_5_config(kind: str):
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    if kind.startswith("qwen3_5_moe"):
+        kw = _qwen3_5_text_kwargs(152)
+        kw.pop("intermediate_size")  # every layer is MoE
+        return Qwen3_5MoeTextConfig(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, output_router_logits=False,
+            tie_word_embeddings=False, **kw)
+    return Qwen3_5TextConfig(tie_word_embeddings=True, **_qwen3_5_text_kwargs(136))
+
+
 def build_config(kind: str):
     from transformers import Qwen3Config, Qwen3MoeConfig
+
+    if kind in QWEN3_5_KINDS:
+        return _qwen3_5_config(kind)
 
     if kind == "qwen3":
         # heads * head_dim == hidden
@@ -86,10 +127,15 @@ def build_config(kind: str):
 
 def _reinit_(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1234)
+    # Qwen3.5's RMSNorms scale by (1 + w) and store w = gain - 1, except the Gated
+    # DeltaNet's gated norm (linear_attn.norm), which scales by w.
+    one_plus_w = model.config.model_type.startswith("qwen3_5")
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if one_plus_w and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+                p.copy_(0.1 * noise)                    # gains around 1 = 1 + w
+            elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * noise)              # RMSNorm gains around 1
             elif name.endswith("mlp.gate.weight"):
                 p.copy_(0.3 * noise)                    # decisive routing
@@ -102,18 +148,75 @@ def _reinit_(model, seed: int) -> None:
 def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | None = None):
     """Build the tiny model ``kind``, save it into ``out_dir`` (in shards of at most
     ``max_shard_size`` with an index, when given) and return the model (eval mode)."""
-    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
     config = build_config(kind)
-    cls = Qwen3MoeForCausalLM if kind.startswith("qwen3_moe") else Qwen3ForCausalLM
+    if kind in QWEN3_5_KINDS:
+        cls = Qwen3_5MoeForCausalLM if kind.startswith("qwen3_5_moe") else Qwen3_5ForCausalLM
+    else:
+        cls = Qwen3MoeForCausalLM if kind.startswith("qwen3_moe") else Qwen3ForCausalLM
     model = cls(config).to(torch.float32)
     _reinit_(model, seed)
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    if kind.endswith("_multimodal"):
+        write_multimodal_layout(out_dir, seed)
     return model
+
+
+def write_multimodal_layout(out_dir: str, seed: int = 0) -> dict:
+    """Rewrites the text checkpoint in ``out_dir`` the way Qwen3.5 / Qwen3.6 hub checkpoints
+    are laid out: experts fused, a ``Qwen3_5[Moe]ForConditionalGeneration`` config whose text fields sit
+    under ``text_config`` (tie_word_embeddings at the top, which is the flag transformers
+    ties by; text_config gets the opposite value so a reader that looks there is caught),
+    the text weights under ``model.language_model.`` (``lm_head.weight`` unchanged), plus a
+    small random vision tensor under ``model.visual.`` and an ``mtp.`` head. Returns the config."""
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(out_dir, "config.json")) as f:
+        text = json.load(f)
+    tensors = load_file(os.path.join(out_dir, "model.safetensors"))
+    # The hub checkpoints store each MoE layer's experts fused: gate_up_proj [E, 2I, H]
+    # (gate rows first) and down_proj [E, H, I].
+    experts = text.get("num_experts") or 0
+    for layer in sorted({k.split(".")[2] for k in tensors if ".mlp.experts." in k}):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate = torch.stack([tensors.pop(f"{p}.{e}.gate_proj.weight") for e in range(experts)])
+        up = torch.stack([tensors.pop(f"{p}.{e}.up_proj.weight") for e in range(experts)])
+        tensors[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+        tensors[f"{p}.down_proj"] = torch.stack([tensors.pop(f"{p}.{e}.down_proj.weight") for e in range(experts)])
+    out = {}
+    for name, t in tensors.items():
+        out["model.language_model." + name[len("model."):] if name.startswith("model.") else name] = t
+    g = torch.Generator().manual_seed(seed + 77)
+    hidden = text["hidden_size"]
+    out["model.visual.patch_embed.proj.weight"] = torch.randn(16, 3, 2, 4, 4, generator=g)
+    out["model.visual.merger.linear_fc2.weight"] = torch.randn(hidden, 64, generator=g)  # 16 wide x 2x2 merge
+    out["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g)
+    out["mtp.norm.weight"] = torch.randn(hidden, generator=g)
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    moe = text["model_type"] == "qwen3_5_moe_text"
+    tied = bool(text.get("tie_word_embeddings", False))
+    text_config = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version")}
+    text_config["tie_word_embeddings"] = not tied
+    config = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+        "tie_word_embeddings": tied,
+        "text_config": text_config,
+        "vision_config": {"model_type": "qwen3_5_moe" if moe else "qwen3_5", "depth": 1, "hidden_size": 16,
+                          "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
+                          "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2},
+        "image_token_id": 1, "video_token_id": 2, "vision_start_token_id": 3, "vision_end_token_id": 4,
+        "dtype": text.get("dtype", "float32"),
+        "transformers_version": text.get("transformers_version"),
+    }
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
 
 
 def checkpoint_layout(out_dir: str) -> str:
@@ -158,7 +261,7 @@ def write_fused_experts(src: str, dst) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + ("all",))
+    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + ("all",))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -56,6 +56,19 @@ IGNORE_INDEX = -100
 STEP_ZERO_GRAD_TENSORS = True
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+# Qwen3.5 / Qwen3.6 (model_type qwen3_5_text, qwen3_5_moe_text). Full-attention layers take
+# ATTN_PROJ (q_proj is twice as wide: per head [q | gate]); the Gated DeltaNet layers'
+# linear_attn projections below are attention targets too. lathe (like Tinker) trains
+# in_proj_qkv as three adapters, in_proj_q / in_proj_k / in_proj_v, over its q, k and v
+# rows; to PEFT that is one rank-3r LoRA on the fused in_proj_qkv with A = [A_q; A_k; A_v]
+# and B = blockdiag(B_q, B_k, B_v) at scale 3*alpha / 3r = alpha / r (the construction used
+# for the experts' gate_up_proj), and _lora_views maps the three onto its blocks. MLP
+# targets add the shared expert (its gate/up/down_proj match MLP_PROJ) and its sigmoid gate
+# shared_expert_gate (Linear(h, 1), a 2-D weight Tinker's LoRA count includes). Never
+# targeted: the router (mlp.gate), conv1d, A_log, dt_bias and every norm.
+QWEN3_5_LINEAR_ATTN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+QWEN3_5_SPLIT_QKV = ("in_proj_q", "in_proj_k", "in_proj_v")
+QWEN3_5_MLP_EXTRA = ("shared_expert_gate",)
 
 # Defaults of the loss_fn_config keys (Tinker semantics).
 LOSS_CONFIG_DEFAULTS = {
@@ -92,7 +105,7 @@ def load_hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(model_dir)
     kwargs = dict(dtype=dtype, attn_implementation="eager" if dtype == torch.float32 else "sdpa")
-    if getattr(cfg, "model_type", "").endswith("moe"):
+    if "moe" in getattr(cfg, "model_type", ""):  # qwen3_moe, qwen3_5_moe_text
         kwargs["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.eval()  # dropout is 0 anyway; eval keeps it explicit
@@ -109,6 +122,10 @@ def model_dims(model) -> dict:
         moe_inter=getattr(c, "moe_intermediate_size", 0) or 0,
         tied=bool(getattr(c, "tie_word_embeddings", False)),
     )
+
+
+def _is_qwen3_5(model) -> bool:
+    return str(getattr(model.config, "model_type", "")).startswith("qwen3_5")
 
 
 def _moe_layers(model) -> list[int]:
@@ -220,13 +237,35 @@ def _lora_views(peft_model, rank: int) -> dict[str, _View]:
                     views[f"{u}.lora_B.weight"] = _View(B, lambda t, e=e, i=inter, E=E, r=r: t[i:, e::E][:, r:])
             else:
                 raise AssertionError(f"unexpected ParamWrapper on {module.parameter_name}")
+        elif mname.endswith(".linear_attn") and hasattr(getattr(module, "in_proj_qkv", None), "lora_A"):
+            views.update(_split_qkv_views(module, _strip_peft(mname), rank))
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
         if ".mlp.experts." in name and re.search(r"\.mlp\.experts\.(base_layer\.)*lora_", name):
             continue  # fused expert LoRA, handled above
+        if ".linear_attn.in_proj_qkv.lora_" in name:
+            continue  # split into in_proj_q/k/v, handled above
         views[_strip_peft(name)] = _View(p, lambda t: t)
     return dict(sorted(views.items()))
+
+
+def _split_qkv_views(linear_attn, prefix: str, rank: int) -> dict[str, _View]:
+    """lathe's in_proj_q / in_proj_k / in_proj_v adapters of one Gated DeltaNet layer as the
+    diagonal blocks of PEFT's rank-3r LoRA on its fused in_proj_qkv (rows: q key_dim, k
+    key_dim, v value_dim); see QWEN3_5_LINEAR_ATTN_PROJ."""
+    fused = linear_attn.in_proj_qkv
+    A = fused.lora_A["default"].weight  # [3r, hidden]
+    B = fused.lora_B["default"].weight  # [2 key_dim + value_dim, 3r]
+    r, kd = rank, linear_attn.key_dim
+    assert A.shape[0] == 3 * r and B.shape[0] == 2 * kd + linear_attn.value_dim, (prefix, tuple(A.shape))
+    rows = {"in_proj_q": (0, kd), "in_proj_k": (kd, 2 * kd), "in_proj_v": (2 * kd, B.shape[0])}
+    views = {}
+    for i, name in enumerate(QWEN3_5_SPLIT_QKV):
+        lo, hi = rows[name]
+        views[f"{prefix}.{name}.lora_A.weight"] = _View(A, lambda t, i=i, r=r: t[i * r:(i + 1) * r])
+        views[f"{prefix}.{name}.lora_B.weight"] = _View(B, lambda t, i=i, r=r, lo=lo, hi=hi: t[lo:hi, i * r:(i + 1) * r])
+    return views
 
 
 def lora_target_config(model, lora: dict, experts: bool = True):
@@ -235,20 +274,27 @@ def lora_target_config(model, lora: dict, experts: bool = True):
     from peft import LoraConfig
 
     r, alpha = int(lora["rank"]), lora["alpha"]
+    qwen3_5 = _is_qwen3_5(model)
     targets: list[str] = []
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     if lora.get("train_attn", True):
         targets += list(ATTN_PROJ)
+        if qwen3_5:
+            targets += list(QWEN3_5_LINEAR_ATTN_PROJ)
+            rank_pattern[r".*\.in_proj_qkv"] = 3 * r
+            alpha_pattern[r".*\.in_proj_qkv"] = 3 * alpha
     if lora.get("train_mlp", True):
         targets += list(MLP_PROJ)  # dense MLPs (nn.Linear); experts are not Linear in v5
+        if qwen3_5 and _moe_layers(model):
+            targets += list(QWEN3_5_MLP_EXTRA)
     if lora.get("train_unembed", True):
         targets.append("lm_head")
     target_parameters: list[str] = []
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
     if experts and lora.get("train_mlp", True) and _moe_layers(model):
         target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-        rank_pattern = {r".*\.gate_up_proj": 2 * r}
-        alpha_pattern = {r".*\.gate_up_proj": 2 * alpha}
+        rank_pattern[r".*\.gate_up_proj"] = 2 * r
+        alpha_pattern[r".*\.gate_up_proj"] = 2 * alpha
     # PEFT rejects an empty target list, which cannot happen in our tests.
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",

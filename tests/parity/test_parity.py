@@ -15,7 +15,7 @@ import torch
 import make_tiny_models
 import reference as R
 
-KINDS = make_tiny_models.KINDS
+KINDS = make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS
 MOE_KINDS = tuple(k for k in KINDS if "moe" in k)
 LORA = dict(rank=4, alpha=8, seed=0, train_attn=True, train_mlp=True, train_unembed=True)
 KIND_SEED = {k: 100 * i for i, k in enumerate(KINDS)}

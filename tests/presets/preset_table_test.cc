@@ -75,6 +75,66 @@ TEST(PresetTableTest, ShippedTableHasEverySupportedModelAtItsLength) {
   }
 }
 
+// The Qwen3.5 / Qwen3.6 rows carry their linear-attention layers, output gate
+// and shared expert, so the layout check and the estimate see them.
+TEST(PresetTableTest, Qwen3_5RowsCarryTheirHybridFacts) {
+  std::vector<Preset> table = Shipped();
+  int rows = 0;
+  for (const Preset& p : table) {
+    if (p.architecture.rfind("Qwen3_5", 0) != 0) continue;
+    ++rows;
+    EXPECT_TRUE(p.facts.attn_output_gate) << p.base_model;
+    EXPECT_EQ(p.facts.full_attention_interval, 4) << p.base_model;
+    EXPECT_EQ(p.facts.linear_key_head_dim, 128) << p.base_model;
+    EXPECT_EQ(p.facts.linear_conv_kernel_dim, 4) << p.base_model;
+    EXPECT_EQ(p.facts.vocab_size, 248320) << p.base_model;
+    if (p.base_model == "Qwen/Qwen3.5-4B") continue;  // linear heads not in our sources: no estimate
+    EXPECT_TRUE(p.facts.Complete()) << p.base_model;
+    EXPECT_TRUE(p.facts.is_hybrid()) << p.base_model;
+    EXPECT_EQ(p.facts.linear_num_key_heads, 16) << p.base_model;
+    EXPECT_EQ(p.facts.linear_attention_layers(), p.facts.num_hidden_layers * 3 / 4) << p.base_model;
+    EXPECT_EQ(p.facts.linear_num_value_heads % p.tp, 0) << p.base_model;
+    if (p.facts.is_moe()) {
+      EXPECT_EQ(p.facts.shared_expert_intermediate_size, p.facts.moe_intermediate_size) << p.base_model;
+      EXPECT_EQ(p.facts.shared_experts, 0) << p.base_model;  // the gated one is counted apart
+    }
+  }
+  EXPECT_EQ(rows, 10);
+  const Preset* big = FindPreset(table, "Qwen/Qwen3.5-27B");
+  ASSERT_NE(big, nullptr);
+  EXPECT_EQ(big->facts.linear_num_value_heads, 48);
+  EXPECT_EQ(big->facts.Dims().linear_num_value_heads, 48);
+}
+
+const char* kHybridRow = R"({"presets": [{"base_model": "Org/H", "architecture": "Qwen3_5ForCausalLM",
+  "node_count": 1, "devices_per_node": 8, "tp": 8, "ep": 1, "max_seq_len": 4096, "verified": false,
+  "facts": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000, "attn_output_gate": true,
+            "linear_num_key_heads": %K%, "linear_num_value_heads": 8, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 4}}]})";
+
+std::string HybridRow(const std::string& key_heads) {
+  std::string s = kHybridRow;
+  s.replace(s.find("%K%"), 3, key_heads);
+  return s;
+}
+
+TEST(PresetTableTest, RefusesHybridRowsWhoseLinearHeadsDoNotSplit) {
+  auto ok = ParsePresets(HybridRow("8"));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_TRUE((*ok)[0].facts.Complete());
+  auto tp = ParsePresets(HybridRow("4"));  // 4 key heads over tp 8
+  ASSERT_FALSE(tp.ok());
+  EXPECT_NE(tp.status().message().find("linear-attention key heads 4 are not divisible by tp 8"), std::string::npos)
+      << tp.status();
+  auto ratio = ParsePresets(HybridRow("3"));
+  ASSERT_FALSE(ratio.ok());
+  EXPECT_NE(ratio.status().message().find("multiple of 'linear_num_key_heads'"), std::string::npos) << ratio.status();
+  std::string gate = HybridRow("8");
+  gate.replace(gate.find("\"attn_output_gate\": true"), 24, "\"attn_output_gate\": 1");
+  EXPECT_FALSE(ParsePresets(gate).ok());
+}
+
 TEST(PresetTableTest, LookupByFullIdOrLastPartIgnoringCase) {
   std::vector<Preset> table = Shipped();
   ASSERT_NE(FindPreset(table, "qwen/qwen3-8b"), nullptr);

@@ -3,6 +3,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
 namespace lathe::runtime {
 namespace {
 
@@ -56,7 +60,7 @@ TEST(ModelConfigTest, ParsesLlamaWithoutQkNorm) {
 
 void ExpectRefused(const std::string& json, const std::string& needle) {
   auto c = ParseModelConfig(json);
-  ASSERT_FALSE(c.ok());
+  ASSERT_FALSE(c.ok()) << json;
   EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find(needle), std::string::npos) << c.status();
 }
@@ -87,6 +91,158 @@ TEST(ModelConfigTest, FieldsOfTheWrongTypeAreRefusedNotThrown) {
   ExpectRefused(base + R"("rope_scaling":{"rope_type":["yarn"]}})", "rope_type");
   ExpectRefused(base + R"("rope_scaling":{"type":1.5}})", "type");
   ExpectRefused(base + R"("rope_parameters":{"rope_type":{}}})", "rope_type");
+}
+
+// The text model's fields under text_config, as a Qwen3.5 checkpoint's
+// config.json holds them (0.8B sizes; the vision config shortened).
+const char* kQwen3_5Wrapper = R"({"architectures":["Qwen3_5ForConditionalGeneration"],"model_type":"qwen3_5",
+ "tie_word_embeddings":true,"vision_config":{"depth":2,"hidden_size":64,"model_type":"qwen3_5"},
+ "text_config":{"model_type":"qwen3_5_text","vocab_size":248320,"hidden_size":1024,"intermediate_size":3584,
+  "num_hidden_layers":8,"num_attention_heads":8,"num_key_value_heads":2,"head_dim":256,"hidden_act":"silu",
+  "max_position_embeddings":262144,"rms_norm_eps":1e-06,"tie_word_embeddings":false,"attention_bias":false,
+  "attn_output_gate":true,"dtype":"bfloat16","full_attention_interval":4,
+  "layer_types":["linear_attention","linear_attention","linear_attention","full_attention",
+                 "linear_attention","linear_attention","linear_attention","full_attention"],
+  "linear_conv_kernel_dim":4,"linear_key_head_dim":128,"linear_value_head_dim":128,
+  "linear_num_key_heads":16,"linear_num_value_heads":16,"mtp_num_hidden_layers":1,
+  "rope_parameters":{"rope_type":"default","rope_theta":10000000,"partial_rotary_factor":0.25,
+                     "mrope_section":[11,11,10],"mrope_interleaved":true}}})";
+
+TEST(ModelConfigTest, ParsesTheQwen3_5MultimodalWrapper) {
+  auto c = ParseModelConfig(kQwen3_5Wrapper);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->architecture, "Qwen3_5ForConditionalGeneration");
+  EXPECT_EQ(c->hidden_size, 1024);
+  EXPECT_EQ(c->num_hidden_layers, 8);
+  EXPECT_EQ(c->head_dim, 256);
+  EXPECT_EQ(c->q_dim(), 2048);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 1e7);
+  EXPECT_EQ(c->dtype, "bfloat16");
+  // The top-level flag ties lm_head; text_config's is ignored (as transformers does).
+  EXPECT_TRUE(c->tie_word_embeddings);
+  ASSERT_EQ(c->layer_types.size(), 8u);
+  for (int64_t i = 0; i < 8; ++i) EXPECT_EQ(c->IsLinearAttentionLayer(i), (i + 1) % 4 != 0) << i;
+  EXPECT_TRUE(c->IsHybrid());
+  EXPECT_EQ(c->linear_attention.num_key_heads, 16);
+  EXPECT_EQ(c->linear_attention.num_value_heads, 16);
+  EXPECT_EQ(c->linear_attention.key_head_dim, 128);
+  EXPECT_EQ(c->linear_attention.value_head_dim, 128);
+  EXPECT_EQ(c->linear_attention.conv_kernel_size, 4);
+  EXPECT_EQ(c->linear_attention.conv_dim(), 2 * 2048 + 2048);
+  EXPECT_DOUBLE_EQ(c->rotary.partial_rotary_factor, 0.25);
+  EXPECT_EQ(c->rotary.rotary_dim, 64);
+  EXPECT_EQ(c->rotary.mrope_section, (std::vector<int64_t>{11, 11, 10}));
+  EXPECT_TRUE(c->rotary.mrope_interleaved);
+  EXPECT_TRUE(c->attn_output_gate);
+  EXPECT_TRUE(c->qk_norm);
+  EXPECT_EQ(c->norm_style, NormStyle::kOnePlusWeight);
+  EXPECT_EQ(c->num_experts, 0);
+  EXPECT_EQ(c->shared_expert.intermediate_size, 0);
+  EXPECT_EQ(c->checkpoint.weight_prefix, "model.language_model.");
+  EXPECT_EQ(c->checkpoint.lm_head, "lm_head.weight");
+  EXPECT_EQ(c->checkpoint.skip_prefixes, (std::vector<std::string>{"model.visual.", "mtp."}));
+}
+
+TEST(ModelConfigTest, TheWrapperTiesOnlyByItsTopLevelFlag) {
+  std::string untied = kQwen3_5Wrapper;
+  untied.replace(untied.find("\"tie_word_embeddings\":true"), 26, "\"tie_word_embeddings\":false");
+  untied.replace(untied.find("\"tie_word_embeddings\":false,\"attention_bias\""), 27, "\"tie_word_embeddings\":true");
+  auto c = ParseModelConfig(untied);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->tie_word_embeddings);
+}
+
+const char* kQwen3_5MoeText = R"({"architectures":["Qwen3_5MoeForCausalLM"],"model_type":"qwen3_5_moe_text",
+ "vocab_size":128,"hidden_size":64,"num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,
+ "head_dim":32,"linear_num_key_heads":2,"linear_num_value_heads":4,"linear_key_head_dim":16,
+ "linear_value_head_dim":8,"linear_conv_kernel_dim":3,"full_attention_interval":3,
+ "num_experts":8,"num_experts_per_tok":2,"moe_intermediate_size":32,"shared_expert_intermediate_size":48,
+ "rope_parameters":{"rope_type":"default","rope_theta":10000000.0,"partial_rotary_factor":0.5}})";
+
+TEST(ModelConfigTest, ParsesATextOnlyQwen3_5MoeConfig) {
+  auto c = ParseModelConfig(kQwen3_5MoeText);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->checkpoint.weight_prefix, "model.");
+  EXPECT_EQ(c->checkpoint.skip_prefixes, (std::vector<std::string>{"model.visual.", "mtp."}));
+  EXPECT_EQ(c->intermediate_size, 0);  // no dense MLP
+  EXPECT_FALSE(c->HasDenseMlp());
+  for (int64_t i = 0; i < 6; ++i) {
+    EXPECT_TRUE(c->IsMoeLayer(i)) << i;
+    EXPECT_EQ(c->IsLinearAttentionLayer(i), (i + 1) % 3 != 0) << i;  // from full_attention_interval
+  }
+  EXPECT_EQ(c->num_experts, 8);
+  EXPECT_EQ(c->num_experts_per_tok, 2);
+  EXPECT_EQ(c->moe_intermediate_size, 32);
+  EXPECT_TRUE(c->norm_topk_prob);  // the Qwen3.5 router always renormalises
+  EXPECT_EQ(c->shared_expert.intermediate_size, 48);
+  EXPECT_TRUE(c->shared_expert.sigmoid_gate);
+  EXPECT_EQ(c->linear_attention.conv_kernel_size, 3);
+  EXPECT_EQ(c->linear_attention.value_dim(), 32);
+  EXPECT_EQ(c->rotary.rotary_dim, 16);
+  EXPECT_TRUE(c->rotary.mrope_section.empty());
+  EXPECT_FALSE(c->tie_word_embeddings);
+}
+
+TEST(ModelConfigTest, OtherModelsKeepTheirDefaults) {
+  auto c = ParseModelConfig(kQwen3);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->layer_types.empty());
+  EXPECT_FALSE(c->IsHybrid());
+  EXPECT_FALSE(c->attn_output_gate);
+  EXPECT_EQ(c->norm_style, NormStyle::kWeight);
+  EXPECT_EQ(c->rotary.rotary_dim, 128);
+  EXPECT_EQ(c->checkpoint.weight_prefix, "model.");
+  EXPECT_TRUE(c->checkpoint.skip_prefixes.empty());
+}
+
+// `key` of the text config set to `value` (JSON text), in the text-only MoE config.
+std::string WithField(const std::string& key, const std::string& value) {
+  std::string json = kQwen3_5MoeText;
+  json.insert(json.size() - 1, ",\"" + key + "\":" + value);
+  return json;
+}
+
+TEST(ModelConfigTest, RefusesQwen3_5ValuesTheModelCannotBeBuiltWith) {
+  ExpectRefused(WithField("layer_types", R"(["linear_attention","full_attention"])"), "one type per layer");
+  ExpectRefused(WithField("layer_types", R"(["linear_attention","linear_attention","sliding_attention",
+    "linear_attention","linear_attention","full_attention"])"), "entry 2 is \"sliding_attention\"");
+  ExpectRefused(WithField("layer_types", "\"full_attention\""), "layer_types");
+  ExpectRefused(WithField("full_attention_interval", "0"), "full_attention_interval");
+  ExpectRefused(WithField("num_hidden_layers", "1000000000000"), "num_hidden_layers");
+  ExpectRefused(WithField("linear_num_key_heads", "0"), "linear_num_key_heads");
+  ExpectRefused(WithField("linear_num_key_heads", "-2"), "linear_num_key_heads");
+  ExpectRefused(WithField("linear_num_value_heads", "3"), "multiple of linear_num_key_heads");
+  ExpectRefused(WithField("linear_num_value_heads", "4611686018427387904"), "linear_num_value_heads");
+  ExpectRefused(WithField("linear_key_head_dim", "0"), "linear_key_head_dim");
+  ExpectRefused(WithField("linear_value_head_dim", "1.5"), "linear_value_head_dim");
+  ExpectRefused(WithField("linear_conv_kernel_dim", "0"), "linear_conv_kernel_dim");
+  ExpectRefused(WithField("linear_conv_kernel_dim", "100000"), "linear_conv_kernel_dim");
+  std::string top_level = WithField("partial_rotary_factor", "0");  // read where rope_parameters has none
+  top_level.replace(top_level.find(",\"partial_rotary_factor\":0.5"), 28, "");
+  ExpectRefused(top_level, "partial_rotary_factor");
+  ExpectRefused(WithField("attn_output_gate", "false"), "attn_output_gate");
+  ExpectRefused(WithField("num_experts_per_tok", "9"), "num_experts_per_tok");
+  ExpectRefused(WithField("shared_expert_intermediate_size", "0"), "shared_expert_intermediate_size");
+  ExpectRefused(WithField("num_attention_heads", "0"), "num_attention_heads");
+  ExpectRefused(WithField("output_router_logits", "true"), "output_router_logits");
+  std::string overriding = kQwen3_5MoeText;  // rope_parameters' factor wins over the top-level one
+  overriding.replace(overriding.find("\"partial_rotary_factor\":0.5"), 27, "\"partial_rotary_factor\":1.5");
+  ExpectRefused(overriding, "partial_rotary_factor");
+  ExpectRefused(R"({"architectures":["Qwen3_5ForConditionalGeneration"]})", "text_config");
+  ExpectRefused(R"({"architectures":["Qwen3_5ForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":8,"num_hidden_layers":4,"num_attention_heads":2,"num_experts":4})", "dense");
+  ExpectRefused(R"({"architectures":["Qwen3_5ForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":8,"num_hidden_layers":4,"num_attention_heads":2,"num_local_experts":4})", "dense");
+}
+
+TEST(ModelConfigTest, LoadReadsTheMultimodalWrapper) {
+  const std::string dir = ::testing::TempDir() + "/qwen3_5_config";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << kQwen3_5Wrapper;
+  auto read = LoadModelConfig(dir);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->linear_attention.num_value_heads, 16);
+  EXPECT_EQ(read->checkpoint.weight_prefix, "model.language_model.");
 }
 
 }  // namespace
