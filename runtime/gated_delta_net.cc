@@ -314,6 +314,24 @@ GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like) {
 at::Tensor GatedDeltaNet(const GdnDims& dims, const GdnWeights& weights, const GdnInputs& inputs,
                          const std::vector<int64_t>& lengths, std::vector<GdnState>* states) {
   CheckArguments(dims, weights, inputs, lengths, states);
+  if (states != nullptr && lengths.size() > 1) {
+    // Continued sequences (decoding) each alone: one packed pass would run the conv over
+    // their concatenation and the scan's products over a batch of all of them, whose kernels
+    // (BLAS, oneDNN, cuDNN) choose their blocking, and so their rounding, by the batch; alone,
+    // a sequence's bits do not depend on which others decode beside it.
+    std::vector<at::Tensor> outs;
+    int64_t offset = 0;
+    for (size_t s = 0; s < lengths.size(); ++s) {
+      const int64_t len = lengths[s];
+      const GdnInputs one{inputs.qkv.narrow(0, offset, len), inputs.z.narrow(0, offset, len),
+                          inputs.b.narrow(0, offset, len), inputs.a.narrow(0, offset, len)};
+      std::vector<GdnState> state = {(*states)[s]};
+      outs.push_back(GatedDeltaNet(dims, weights, one, {len}, &state));
+      (*states)[s] = std::move(state[0]);
+      offset += len;
+    }
+    return at::cat(outs, 0);
+  }
   const int64_t t = inputs.qkv.size(0), n = static_cast<int64_t>(lengths.size());
   const int64_t hv = dims.num_v_heads, dk = dims.head_k_dim, dv = dims.head_v_dim;
   if (n == 0) return at::zeros({0, dims.value_dim()}, inputs.qkv.options());

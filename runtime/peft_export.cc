@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -79,6 +80,44 @@ std::map<std::string, at::Tensor> JoinSplitAdapters(std::map<std::string, at::Te
       params[absl::StrCat(base, split.fused, ".lora_A.weight")] = at::cat(a, 0);
       params[absl::StrCat(base, split.fused, ".lora_B.weight")] = at::block_diag(b);
     }
+  }
+  return params;
+}
+
+// The multimodal Qwen3.5-MoE layout (text tower under "model.language_model.") stores its
+// experts fused, as transformers holds them, and transformers knows no conversion from
+// per-expert names for it: peft loads the adapters of the fused parameters as they are.
+// Those are gate_up_proj [E, 2I, H] at rank 2r (the inner ParamWrapper, module
+// "mlp.experts.base_layer") and down_proj [E, H, I] at rank r (module "mlp.experts"); A is
+// [E·r', in] (expert e's rank-j row at e·r' + j), B [out, r'·E] (its column at j·E + e).
+// Gate and up join as in AdapterConfig: A stacked, B block-diagonal.
+bool FusedExpertsLayout(const std::string& name) { return absl::StartsWith(name, "model.language_model."); }
+
+std::map<std::string, at::Tensor> FuseExpertAdapters(std::map<std::string, at::Tensor> params) {
+  constexpr char kStacked[] = ".{e}.";
+  std::map<std::string, std::map<std::string, at::Tensor>> layers;  // "<p>.mlp.experts" -> "gate_proj.lora_A" -> [E, ...]
+  for (const auto& [name, t] : params) {
+    const size_t at = name.find(kStacked);
+    if (at == std::string::npos || !FusedExpertsLayout(name)) continue;
+    const std::string rest = name.substr(at + std::strlen(kStacked));
+    layers[name.substr(0, at)][rest.substr(0, rest.size() - std::strlen(".weight"))] = t;
+  }
+  for (const auto& [experts, m] : layers) {
+    const char* parts[] = {"gate_proj.lora_A", "gate_proj.lora_B", "up_proj.lora_A",
+                           "up_proj.lora_B",   "down_proj.lora_A", "down_proj.lora_B"};
+    if (!std::all_of(std::begin(parts), std::end(parts), [&](const char* p) { return m.count(p) > 0; })) continue;
+    for (const char* p : parts) params.erase(absl::StrCat(experts, kStacked, p, ".weight"));
+    const at::Tensor gate_b = m.at("gate_proj.lora_B"), up_b = m.at("up_proj.lora_B");
+    const int64_t e = gate_b.size(0), inter = gate_b.size(1), r = gate_b.size(2);
+    at::Tensor gate_up_a = at::cat({m.at("gate_proj.lora_A"), m.at("up_proj.lora_A")}, 1);  // [E, 2r, H]
+    at::Tensor gate_up_b = at::zeros({e, 2 * inter, 2 * r}, gate_b.options());
+    gate_up_b.narrow(1, 0, inter).narrow(2, 0, r).copy_(gate_b);
+    gate_up_b.narrow(1, inter, inter).narrow(2, r, r).copy_(up_b);
+    const at::Tensor down_a = m.at("down_proj.lora_A"), down_b = m.at("down_proj.lora_B");  // [E, r, I], [E, H, r]
+    params[experts + ".base_layer.lora_A.weight"] = gate_up_a.reshape({-1, gate_up_a.size(2)});
+    params[experts + ".base_layer.lora_B.weight"] = gate_up_b.permute({1, 2, 0}).reshape({2 * inter, -1});
+    params[experts + ".lora_A.weight"] = down_a.reshape({-1, down_a.size(2)});
+    params[experts + ".lora_B.weight"] = down_b.permute({1, 2, 0}).reshape({down_b.size(1), -1});
   }
   return params;
 }
@@ -161,7 +200,7 @@ absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_devi
     tensors.push_back({"base_model.model." + name, "F32", std::vector<int64_t>(t.sizes().begin(), t.sizes().end()),
                        keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
   };
-  for (const auto& [name, t] : params) {
+  for (const auto& [name, t] : FuseExpertAdapters(params)) {
     if (name.find("{e}") == std::string::npos) {
       add(name, t);
       continue;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <set>
 #include <utility>
 #include <vector>
@@ -26,7 +27,8 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using LoraPair = std::pair<at::Tensor, at::Tensor>;  // (A, B)
 
-constexpr char kEmbed[] = "model.embed_tokens.weight";
+// The embedding of the text model, in the plain and in the multimodal layout.
+constexpr const char* kEmbeds[] = {"model.embed_tokens.weight", "model.language_model.embed_tokens.weight"};
 constexpr char kLmHead[] = "lm_head.weight";
 constexpr char kConfig[] = "config.json";
 constexpr char kIndex[] = "model.safetensors.index.json";
@@ -76,12 +78,14 @@ absl::Status WriteJson(const fs::path& path, const json& j) {
 }
 
 // The base folder: its safetensors files (mapped), the file holding each
-// tensor, its other files, and whether its config ties lm_head to the embedding.
+// tensor, its other files, whether its config ties lm_head to the embedding,
+// and the embedding's name.
 struct BaseModel {
   std::vector<std::unique_ptr<SafetensorsFile>> files;
   std::map<std::string, const SafetensorsFile*> holder;
   std::vector<fs::path> others;
   bool tied = false;
+  std::string embed = kEmbeds[0];
 };
 
 // The safetensors files the model loads from, as SafetensorsCheckpoint reads
@@ -124,6 +128,12 @@ absl::StatusOr<BaseModel> OpenBase(const std::string& dir) {
     for (const std::string& name : file->names()) base.holder.emplace(name, file.get());
     base.files.push_back(std::move(file));
   }
+  for (const char* embed : kEmbeds) {
+    if (base.holder.count(embed)) {
+      base.embed = embed;
+      break;
+    }
+  }
   if (fs::exists(fs::path(dir) / kConfig, ec)) {
     LATHE_ASSIGN_OR_RETURN(json config, ReadJson(fs::path(dir) / kConfig));
     auto tie = config.find("tie_word_embeddings");
@@ -134,41 +144,88 @@ absl::StatusOr<BaseModel> OpenBase(const std::string& dir) {
 
 // The base tensor `name` (the adapted weight) starts from: the embedding for
 // the head of a tied model that gets its own head.
-std::string Source(const std::string& name, bool untie) { return untie && name == kLmHead ? kEmbed : name; }
-
-// Why the base has nothing to merge `name` into: its experts are stored fused, or it lacks the tensor.
-absl::Status NoTensor(const std::string& name, const BaseModel& base, const std::string& dir) {
-  const size_t at = name.find(".mlp.experts.");
-  if (at != std::string::npos) {
-    const std::string experts = name.substr(0, at + std::strlen(".mlp.experts"));
-    for (const char* fused : {".gate_up_proj", ".gate_up_proj.weight"}) {
-      if (base.holder.count(experts + fused) == 0) continue;
-      return absl::FailedPreconditionError(absl::StrCat("the base model in ", dir, " stores ", experts, " fused (",
-                                                        experts, fused,
-                                                        "); merging into fused experts is not supported"));
-    }
-  }
-  return absl::FailedPreconditionError(
-      absl::StrCat("the base model in ", dir, " has no tensor ", name, " to merge into"));
+std::string Source(const std::string& name, bool untie, const BaseModel& base) {
+  return untie && name == kLmHead ? base.embed : name;
 }
 
-// Every adapted weight has a base tensor of its shape and a dtype we merge into.
-absl::Status CheckTargets(const std::map<std::string, LoraPair>& pairs, const BaseModel& base, bool untie,
-                          const std::string& dir) {
+// One adapter's product B·A added to rows [row, row + rows of B) of a base
+// tensor, or of its expert `expert` (-1: the tensor itself is the matrix).
+struct MergePart {
+  LoraPair ab;
+  int64_t expert = -1;
+  int64_t row = 0;
+};
+// By the name of the tensor written, the products merged into it.
+using Merges = std::map<std::string, std::vector<MergePart>>;
+
+absl::Status ShapeMismatch(const std::string& source, const std::vector<int64_t>& shape, const std::string& name,
+                           const std::vector<int64_t>& want) {
+  return absl::FailedPreconditionError(absl::StrCat("the base model's ", source, " is [", absl::StrJoin(shape, ", "),
+                                                    "], the adapter's ", name, " [", absl::StrJoin(want, ", "), "]"));
+}
+
+// Where expert e's gate/up/down projection `name` ("<p>.mlp.experts.<e>.<proj>.weight")
+// lives in a base that stores the layer's experts fused, as transformers holds them:
+// gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I]. Nullopt
+// when `name` is no expert projection or the base has no fused tensor for it.
+absl::StatusOr<std::optional<std::pair<std::string, MergePart>>> FusedExpert(const std::string& name,
+                                                                              const LoraPair& ab,
+                                                                              const BaseModel& base) {
+  constexpr char kExperts[] = ".mlp.experts.";
+  const size_t at = name.find(kExperts);
+  if (at == std::string::npos) return std::nullopt;
+  const std::string experts = name.substr(0, at + std::strlen(kExperts) - 1);
+  const std::string rest = name.substr(at + std::strlen(kExperts));  // "<e>.<proj>.weight"
+  const size_t dot = rest.find('.');
+  if (dot == std::string::npos || dot == 0 ||
+      rest.find_first_not_of("0123456789") != dot) {
+    return std::nullopt;
+  }
+  const int64_t e = std::stoll(rest.substr(0, dot));
+  const std::string proj = rest.substr(dot + 1);
+  const bool down = proj == "down_proj.weight";
+  if (!down && proj != "gate_proj.weight" && proj != "up_proj.weight") return std::nullopt;
+  for (const char* suffix : {"", ".weight"}) {
+    const std::string fused = absl::StrCat(experts, down ? ".down_proj" : ".gate_up_proj", suffix);
+    auto it = base.holder.find(fused);
+    if (it == base.holder.end()) continue;
+    LATHE_ASSIGN_OR_RETURN(TensorView v, it->second->Get(fused));
+    LATHE_RETURN_IF_ERROR(TorchType(v).status());
+    const int64_t rows = ab.second.size(0), cols = ab.first.size(1);
+    const std::vector<int64_t> want = {v.shape.empty() ? 0 : v.shape[0], down ? rows : 2 * rows, cols};
+    if (v.shape.size() != 3 || v.shape[1] != want[1] || v.shape[2] != cols || e >= v.shape[0]) {
+      return ShapeMismatch(fused, v.shape, name, {rows, cols});
+    }
+    const int64_t row = proj == "up_proj.weight" ? rows : 0;
+    return std::optional<std::pair<std::string, MergePart>>({fused, MergePart{ab, e, row}});
+  }
+  return std::nullopt;
+}
+
+// Where every adapted weight merges into: its base tensor of its shape (in a dtype we
+// merge into), or its slice of the layer's fused experts.
+absl::StatusOr<Merges> Resolve(const std::map<std::string, LoraPair>& pairs, const BaseModel& base, bool untie,
+                               const std::string& dir) {
+  Merges merges;
   for (const auto& [name, ab] : pairs) {
-    const std::string source = Source(name, untie);
+    const std::string source = Source(name, untie, base);
     auto it = base.holder.find(source);
-    if (it == base.holder.end()) return NoTensor(source, base, dir);
+    if (it == base.holder.end()) {
+      LATHE_ASSIGN_OR_RETURN(auto fused, FusedExpert(source, ab, base));
+      if (!fused.has_value()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("the base model in ", dir, " has no tensor ", source, " to merge into"));
+      }
+      merges[fused->first].push_back(std::move(fused->second));
+      continue;
+    }
     LATHE_ASSIGN_OR_RETURN(TensorView v, it->second->Get(source));
     LATHE_RETURN_IF_ERROR(TorchType(v).status());
     const std::vector<int64_t> want = {ab.second.size(0), ab.first.size(1)};
-    if (v.shape != want) {
-      return absl::FailedPreconditionError(absl::StrCat("the base model's ", source, " is [",
-                                                        absl::StrJoin(v.shape, ", "), "], the adapter's ", name,
-                                                        " [", absl::StrJoin(want, ", "), "]"));
-    }
+    if (v.shape != want) return ShapeMismatch(source, v.shape, name, want);
+    merges[name].push_back(MergePart{ab});  // by the tensor written (the untied head: its own)
   }
-  return absl::OkStatus();
+  return merges;
 }
 
 // The dtype a tensor is written in: its own, or BF16 for a floating one under `bf16`.
@@ -180,29 +237,32 @@ at::ScalarType TypeOf(const std::string& dtype) {
   return dtype == "BF16" ? at::kBFloat16 : dtype == "F16" ? at::kHalf : at::kFloat;
 }
 
-// base + scale·B·A, in `out` (BF16, F16 or F32; the base's is checked by CheckTargets).
-at::Tensor Merge(const TensorView& base, const LoraPair& ab, double scale, const std::string& out) {
+// base + scale·B·A of every part, in `out` (BF16, F16 or F32; the base's is checked by Resolve).
+at::Tensor Merge(const TensorView& base, const std::vector<MergePart>& parts, double scale, const std::string& out) {
   const at::ScalarType type = *TorchType(base);
   // A copy: the mapping is read-only, and .to() of an F32 tensor would alias it.
   at::Tensor w = at::from_blob(const_cast<uint8_t*>(base.data), base.shape, type).to(at::kFloat, false, true);
-  w.add_(at::matmul(ab.second, ab.first), scale);
+  for (const MergePart& p : parts) {
+    at::Tensor matrix = p.expert >= 0 ? w.select(0, p.expert) : w;
+    matrix.narrow(0, p.row, p.ab.second.size(0)).add_(at::matmul(p.ab.second, p.ab.first), scale);
+  }
   return w.to(TypeOf(out)).contiguous();
 }
 
 // Writes `in` to `out` with the adapted weights merged; with `untie`, the
 // file holding the embedding also gets the model's own lm_head.
-absl::Status WriteMergedFile(const SafetensorsFile& in, const std::map<std::string, LoraPair>& pairs, double scale,
-                             bool untie, bool bf16, const fs::path& out) {
+absl::Status WriteMergedFile(const SafetensorsFile& in, const Merges& merges, const std::string& embed,
+                             double scale, bool untie, bool bf16, const fs::path& out) {
   std::vector<at::Tensor> keep;
   std::vector<TensorToWrite> tensors;
   auto put = [&](const std::string& name, const TensorView& v) {
     const std::string dtype = OutDtype(v, bf16);
-    auto it = pairs.find(name);
-    if (it == pairs.end() && dtype == v.dtype) {
+    auto it = merges.find(name);
+    if (it == merges.end() && dtype == v.dtype) {
       tensors.push_back({name, v.dtype, v.shape, v.data, v.nbytes});
       return;
     }
-    if (it == pairs.end()) {
+    if (it == merges.end()) {
       keep.push_back(at::from_blob(const_cast<uint8_t*>(v.data), v.shape, *TorchType(v)).to(TypeOf(dtype)).contiguous());
     } else {
       keep.push_back(Merge(v, it->second, scale, dtype));
@@ -214,9 +274,9 @@ absl::Status WriteMergedFile(const SafetensorsFile& in, const std::map<std::stri
     LATHE_ASSIGN_OR_RETURN(TensorView v, in.Get(name));
     put(name, v);
   }
-  if (untie && in.Contains(kEmbed)) {
-    LATHE_ASSIGN_OR_RETURN(TensorView embed, in.Get(kEmbed));
-    put(kLmHead, embed);
+  if (untie && in.Contains(embed)) {
+    LATHE_ASSIGN_OR_RETURN(TensorView embedding, in.Get(embed));
+    put(kLmHead, embedding);
   }
   return WriteSafetensors(out.string(), tensors, in.metadata());
 }
@@ -236,7 +296,7 @@ absl::Status WriteUntiedIndex(const fs::path& from, const fs::path& to, const Ba
     return absl::DataLossError(absl::StrCat(from.string(), " has no weight_map"));
   }
   index["weight_map"][kLmHead] = head_file;
-  const TensorView embed = *base.holder.at(kEmbed)->Get(kEmbed);
+  const TensorView embed = *base.holder.at(base.embed)->Get(base.embed);
   int64_t bytes = static_cast<int64_t>(embed.nbytes), numel = Numel(embed);
   if (auto old = base.holder.find(kLmHead); old != base.holder.end()) {
     const TensorView head = *old->second->Get(kLmHead);
@@ -270,20 +330,20 @@ absl::Status WriteMergedModel(const std::map<std::string, at::Tensor>& params, d
   const std::map<std::string, LoraPair> pairs = Pairs(params);
   LATHE_ASSIGN_OR_RETURN(BaseModel base, OpenBase(base_dir));
   const bool untie = base.tied && pairs.count(kLmHead) > 0;
-  LATHE_RETURN_IF_ERROR(CheckTargets(pairs, base, untie, base_dir));
+  LATHE_ASSIGN_OR_RETURN(const Merges merges, Resolve(pairs, base, untie, base_dir));
   std::error_code ec;
   fs::create_directories(out, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()));
   for (const std::unique_ptr<SafetensorsFile>& file : base.files) {
     const fs::path name = fs::path(file->path()).filename();
-    LATHE_RETURN_IF_ERROR(WriteMergedFile(*file, pairs, scale, untie, bf16, fs::path(out) / name));
+    LATHE_RETURN_IF_ERROR(WriteMergedFile(*file, merges, base.embed, scale, untie, bf16, fs::path(out) / name));
   }
   for (const fs::path& from : base.others) {
     const fs::path to = fs::path(out) / from.filename();
     if ((untie || bf16) && from.filename() == kConfig) {
       LATHE_RETURN_IF_ERROR(WriteConfig(from, to, untie, bf16));
     } else if (untie && from.filename() == kIndex) {
-      const std::string head_file = fs::path(base.holder.at(kEmbed)->path()).filename().string();
+      const std::string head_file = fs::path(base.holder.at(base.embed)->path()).filename().string();
       LATHE_RETURN_IF_ERROR(WriteUntiedIndex(from, to, base, head_file));
     } else {
       fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);

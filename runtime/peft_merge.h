@@ -20,9 +20,14 @@ namespace lathe::runtime {
 // (embedding + scale·B·A, in the file holding the embedding, entered in
 // model.safetensors.index.json when the base is sharded) and
 // "tie_word_embeddings": false in config.json.
+// A base that stores a layer's experts fused, as transformers holds them
+// (mlp.experts.gate_up_proj [E, 2I, H], gate rows then up rows;
+// mlp.experts.down_proj [E, H, I]), gets each expert's products in its slices
+// and keeps that layout. The embedding is model.embed_tokens.weight or, in the
+// multimodal layout, model.language_model.embed_tokens.weight.
 // FailedPrecondition naming the tensor when the base holds no weight to merge
-// into (and saying so when it stores those experts fused) or holds it in a
-// dtype other than F32/BF16/F16; checked before anything is written. I/O and
+// into, holds it in another shape or in a dtype other than F32/BF16/F16;
+// checked before anything is written. I/O and
 // format errors as they happen, with `out` partly written (the caller owns
 // its removal). libtorch may throw c10::Error.
 //

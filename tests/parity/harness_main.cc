@@ -19,6 +19,7 @@
 
 #include "nlohmann/json.hpp"
 #include "runtime/adamw.h"
+#include "runtime/checkpoint.h"
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
 #include "runtime/peft_export.h"
@@ -245,6 +246,17 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
       options.merged_bf16 = (*trainer)->GetInfo().dtype == Dtype::kBFloat16;
       options.ttl_seconds = op.value("ttl_seconds", int64_t{0});
       status = WritePeftAdapter(params, (*trainer)->GetInfo().lora, op.at("dir"), options);
+    } else if (kind == "save_state") {
+      // {"dir": folder}: SaveCheckpoint of this one process (parameters and optimizer).
+      CheckpointMeta meta;
+      meta.run_id = "lathe_harness";
+      meta.name = op.at("dir").get<std::string>();
+      status = SaveCheckpoint(**trainer, op.at("dir"), /*overwrite=*/false, meta, {}, nullptr, absl::Seconds(60));
+    } else if (kind == "load_state") {
+      // {"dir": folder, "optimizer": bool}: LoadCheckpoint; the step it resumes at in the metadata.
+      auto step = LoadCheckpoint(**trainer, op.at("dir"), op.value("optimizer", true), nullptr, absl::Seconds(60));
+      status = step.status();
+      if (step.ok()) out.metadata[tag + ".step"] = std::to_string(*step);
     } else if (kind == "dump") {
       out.DumpTrainable(op.at("prefix"), model);
     } else if (kind == "generate") {
@@ -267,6 +279,44 @@ int Run(const std::string& model_dir, const json& req, const std::string& out_pa
                   at::tensor(std::vector<float>(seq.tokens.begin(), seq.tokens.end())));
           out.Add(tag + ".sample" + std::to_string(n) + ".logprobs", at::tensor(seq.logprobs));
           out.metadata[tag + ".sample" + std::to_string(n) + ".stopped"] = seq.stopped ? "1" : "0";
+        }
+      }
+    } else if (kind == "generate_batch") {
+      // {"requests": [{"prompt", "num_samples", "max_tokens", "temperature", "top_k", "top_p", "seed",
+      //   "topk_prompt_logprobs"}, ...]}: GenerateBatch, every request with prompt logprobs;
+      // outputs <tag>.req<r>.* as "generate" does, plus .topk_ids / .topk_logprobs and
+      // .batched_requests in the metadata.
+      std::vector<SampleRequest> requests;
+      for (const json& r : op.at("requests")) {
+        SampleRequest q;
+        q.prompt = r.at("prompt").get<std::vector<int32_t>>();
+        q.num_samples = r.value("num_samples", 1);
+        q.settings.max_tokens = r.value("max_tokens", 16);
+        q.settings.temperature = r.value("temperature", 1.0);
+        q.settings.top_k = r.value("top_k", -1);
+        q.settings.top_p = r.value("top_p", 1.0);
+        q.settings.seed = r.value("seed", 0);
+        q.prompt_logprobs = true;
+        q.topk_prompt_logprobs = r.value("topk_prompt_logprobs", int64_t{0});
+        requests.push_back(std::move(q));
+      }
+      std::vector<absl::StatusOr<Generation>> results = GenerateBatch(model, requests, 0);
+      for (size_t r = 0; r < results.size() && status.ok(); ++r) {
+        const std::string req_tag = tag + ".req" + std::to_string(r);
+        status = results[r].status();
+        if (!status.ok()) break;
+        const Generation& g = *results[r];
+        out.Add(req_tag + ".prompt_logprobs", at::tensor(g.prompt_logprobs));
+        if (!g.topk_ids.empty()) {
+          out.Add(req_tag + ".topk_ids", at::tensor(std::vector<float>(g.topk_ids.begin(), g.topk_ids.end())));
+          out.Add(req_tag + ".topk_logprobs", at::tensor(g.topk_logprobs));
+        }
+        out.metadata[req_tag + ".batched_requests"] = std::to_string(g.batched_requests);
+        for (size_t n = 0; n < g.sequences.size(); ++n) {
+          const GeneratedSequence& seq = g.sequences[n];
+          out.Add(req_tag + ".sample" + std::to_string(n) + ".tokens",
+                  at::tensor(std::vector<float>(seq.tokens.begin(), seq.tokens.end())));
+          out.Add(req_tag + ".sample" + std::to_string(n) + ".logprobs", at::tensor(seq.logprobs));
         }
       }
     } else {

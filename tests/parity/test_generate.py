@@ -76,3 +76,111 @@ def test_bad_sampling_requests_are_refused(bad, tiny_models, harness):
     op = dict({"op": "generate", "prompt": PROMPT, "max_tokens": 4}, **bad)
     res = harness(tiny_models["qwen3"], {"lora": {"rank": 0}, "ops": [op]}, expect_rc=3)
     assert "INVALID_ARGUMENT" in res.stderr, res.stderr
+
+
+# Qwen3.5 / Qwen3.5-MoE (Gated DeltaNet + gated attention): prompts shorter than, longer than
+# one and longer than two 64-token chunks of the delta rule, decoded together.
+HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
+
+
+def _hybrid_requests(vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(1, vocab, (80,), generator=g).tolist()
+    longer_prompt = torch.randint(1, vocab, (131,), generator=g).tolist()
+    return [
+        {"prompt": PROMPT, "num_samples": 2, "max_tokens": 12, "temperature": 0, "topk_prompt_logprobs": 3},
+        {"prompt": long_prompt, "num_samples": 1, "max_tokens": 10, "temperature": 0},
+        {"prompt": longer_prompt, "num_samples": 1, "max_tokens": 6, "temperature": 0, "topk_prompt_logprobs": 2},
+        {"prompt": [9, 4], "num_samples": 3, "max_tokens": 9, "temperature": 1.0, "top_k": 20, "seed": 3},
+    ]
+
+
+def _vocab(model_dir: str) -> int:
+    import json
+    import os
+
+    return json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
+
+
+def _request_out(res, tag: str, request: dict) -> dict:
+    return {"tokens": [res.tensors[f"{tag}.sample{n}.tokens"].long().tolist() for n in range(request["num_samples"])],
+            "logprobs": [res.tensors[f"{tag}.sample{n}.logprobs"] for n in range(request["num_samples"])],
+            "prompt_logprobs": res.tensors[f"{tag}.prompt_logprobs"],
+            "topk_ids": res.tensors.get(f"{tag}.topk_ids"), "topk_logprobs": res.tensors.get(f"{tag}.topk_logprobs")}
+
+
+def _assert_bitwise_same(a: dict, b: dict, what: str):
+    assert a["tokens"] == b["tokens"], what
+    for x, y in zip(a["logprobs"], b["logprobs"]):
+        assert torch.equal(x, y), f"{what}: logprobs differ by {float((x - y).abs().max())}"
+    # Bit patterns: the NaN of position 0 included.
+    assert torch.equal(a["prompt_logprobs"].view(torch.int32), b["prompt_logprobs"].view(torch.int32)), what
+    for key in ("topk_ids", "topk_logprobs"):
+        assert (a[key] is None) == (b[key] is None), what
+        if a[key] is not None:
+            assert torch.equal(a[key], b[key]), what
+
+
+@pytest.mark.parametrize("kind", HYBRID_KINDS)
+def test_hybrid_greedy_batch_equals_transformers_generate(kind, tiny_models, harness):
+    """Several requests decoded together (prompts within and beyond one and two delta-rule
+    chunks): greedy tokens equal transformers' generate, the logprobs, prompt logprobs and
+    top-k prompt logprobs equal the model's."""
+    model_dir = tiny_models[kind]
+    requests = _hybrid_requests(_vocab(model_dir))
+    res = harness(model_dir, {"lora": {"rank": 0}, "ops": [{"op": "generate_batch", "requests": requests}]})
+    hf = load_hf_model(model_dir)
+    for r, request in enumerate(requests):
+        got = _request_out(res, f"op0.req{r}", request)
+        prompt = request["prompt"]
+        assert res.meta[f"op0.req{r}.batched_requests"] == str(len(requests))
+        if request["temperature"] == 0:
+            with torch.no_grad():
+                want = hf.generate(torch.tensor([prompt]), max_new_tokens=request["max_tokens"], do_sample=False,
+                                   min_new_tokens=request["max_tokens"], pad_token_id=0,
+                                   eos_token_id=None)[0, len(prompt):].tolist()
+            assert got["tokens"] == [want] * request["num_samples"], (r, got["tokens"], want)
+        for n, sample in enumerate(got["tokens"]):
+            ref = _hf_logprobs(hf, prompt + sample)
+            torch.testing.assert_close(got["logprobs"][n], ref[len(prompt) - 1:], atol=1e-4, rtol=0)
+        ref = _hf_logprobs(hf, prompt + got["tokens"][0])
+        assert torch.isnan(got["prompt_logprobs"][0])
+        torch.testing.assert_close(got["prompt_logprobs"][1:], ref[:len(prompt) - 1], atol=1e-4, rtol=0)
+        k = request.get("topk_prompt_logprobs", 0)
+        if k:
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+            values, ids = lp.topk(k, -1)
+            topk_ids = got["topk_ids"].long().view(len(prompt), k)
+            topk_lp = got["topk_logprobs"].view(len(prompt), k)
+            assert topk_ids[0].tolist() == [0] * k and topk_lp[0].tolist() == [-99999.0] * k
+            assert torch.equal(topk_ids[1:], ids), r
+            torch.testing.assert_close(topk_lp[1:], values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", HYBRID_KINDS)
+def test_hybrid_decoding_is_batch_invariant(kind, dtype, tiny_models, harness):
+    """After a LoRA step, each request decoded beside the others gets bitwise the tokens,
+    logprobs and prompt logprobs it gets alone, and in another company."""
+    from reference import random_batch
+
+    model_dir = tiny_models[kind]
+    vocab = _vocab(model_dir)
+    requests = _hybrid_requests(vocab)
+    for r in requests:  # sampled throughout: every logprob row decides the tokens
+        r.update(temperature=1.0, seed=11 + len(r["prompt"]))
+    ops = [{"op": "forward_backward", "loss_fn": "cross_entropy", "data": random_batch(0, vocab)},
+           {"op": "optim_step", "adam": {"learning_rate": 2e-2}},
+           {"op": "generate_batch", "requests": requests}]
+    ops += [{"op": "generate_batch", "requests": [r]} for r in requests]
+    ops.append({"op": "generate_batch", "requests": [requests[3], requests[1]]})
+    res = harness(model_dir, {"lora": {"rank": 4, "alpha": 8.0, "seed": 1}, "dtype": dtype, "ops": ops})
+    together = [_request_out(res, f"op2.req{r}", q) for r, q in enumerate(requests)]
+    for r, request in enumerate(requests):
+        alone = _request_out(res, f"op{3 + r}.req0", request)
+        _assert_bitwise_same(together[r], alone, f"request {r} together vs alone")
+        assert res.meta[f"op{3 + r}.req0.batched_requests"] == "1"
+    pair = len(ops) - 1
+    _assert_bitwise_same(together[3], _request_out(res, f"op{pair}.req0", requests[3]), "request 3 in a pair")
+    _assert_bitwise_same(together[1], _request_out(res, f"op{pair}.req1", requests[1]), "request 1 in a pair")

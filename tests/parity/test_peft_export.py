@@ -2,7 +2,8 @@
 ``export_peft``) after a few lathe training steps: ``PeftModel.from_pretrained`` on the
 transformers model, and transformers alone on the merged folder, give lathe's logprobs.
 Dense and MoE models, tied and untied embeddings, MoE models with dense layers
-(``mlp_only_layers`` / ``decoder_sparse_step``), a sharded base."""
+(``mlp_only_layers`` / ``decoder_sparse_step``), a sharded base; Qwen3.5 dense and MoE (Gated
+DeltaNet layers whose split in_proj_q/k/v adapters join into in_proj_qkv, a gated shared expert)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from reference import load_hf_model, min_routing_margin, random_batch
 LORA = {"rank": 4, "alpha": 8.0, "seed": 3}
 ADAM = {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
 ATOL = 1e-4
-KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied")
+KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied", "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +151,92 @@ def test_merged_tied_model_gets_its_own_lm_head(sharded_sparse_tied, harness, tm
     torch.testing.assert_close(tensors["lm_head.weight"], want, rtol=0, atol=1e-6)
 
 
-def test_a_refused_merge_leaves_nothing_behind(tiny_models, harness, tmp_path):
-    """A base whose experts are stored fused cannot be merged into: the export says so and
-    leaves neither the folder nor its .partial."""
+def test_a_base_with_fused_experts_merges_into_them(tiny_models, harness, tmp_path):
+    """A base whose experts are stored fused (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+    gets each expert's adapter merged into its slices, keeps the fused layout, and
+    transformers on it gives lathe's logprobs."""
     base = tmp_path / "fused"
     make_tiny_models.write_fused_experts(tiny_models["qwen3_moe"], base)
-    out = str(tmp_path / "exports" / "m")
-    res = harness(str(base), {"lora": LORA, "continue_on_error": True,
-                              "ops": [{"op": "export_peft", "dir": out, "merged": True}]})
-    error = res.error(0)
-    assert error is not None and "FAILED_PRECONDITION" in error, error
-    assert "model.layers.0.mlp.experts" in error and "fused" in error, error
-    assert os.listdir(tmp_path / "exports") == []
+    vocab = json.load(open(os.path.join(base, "config.json")))["vocab_size"]
+    probes = [random_batch(50 + i, vocab, lengths=(7, 13)) for i in range(4)]
+    out = str(tmp_path / "export")
+    lathe_lp = _train_and_export(harness, str(base), out, vocab, probes)
+    merged_dir = os.path.join(out, "merged")
+    with safe_open(os.path.join(merged_dir, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any(".mlp.experts.0." in n for n in names)
+    merged = load_hf_model(merged_dir)
+    usable = [i for i, p in enumerate(probes) if min_routing_margin(merged, p) >= 1e-4]
+    assert usable, "no probe batch with a routing margin of 1e-4"
+    base_model = load_hf_model(str(base))
+    data, want = probes[usable[0]], lathe_lp[usable[0]]
+    assert _max_diff(base_model, data, want) > 1e-2, "the adapter barely changes the logprobs"
+    assert _max_diff(merged, data, want) <= ATOL
+
+
+@pytest.fixture(scope="module")
+def multimodal_moe(tmp_path_factory) -> str:
+    """Qwen3.5-MoE in the hub's multimodal layout: model.language_model.* weights, fused experts,
+    a vision tower."""
+    out = str(tmp_path_factory.mktemp("export_models") / "qwen3_5_moe_multimodal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_tiny_models.make_model("qwen3_5_moe_multimodal", out, seed=0)
+    return out
+
+
+def test_multimodal_export_loads_on_the_conditional_generation_model(multimodal_moe, harness, tmp_path):
+    """The export of the multimodal layout's text tower names its modules as
+    Qwen3_5MoeForConditionalGeneration holds them (model.language_model.*): peft on that model,
+    and transformers on the merged folder (experts merged into their fused tensors), give
+    lathe's logprobs."""
+    import transformers
+    from peft import PeftModel
+
+    config = json.load(open(os.path.join(multimodal_moe, "config.json")))
+    vocab = config["text_config"]["vocab_size"]
+    probes = [random_batch(50 + i, vocab, lengths=(7, 13)) for i in range(4)]
+    out = str(tmp_path / "export")
+    lathe_lp = _train_and_export(harness, multimodal_moe, out, vocab, probes)
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert all(n.startswith("base_model.model.model.language_model.") or n.startswith("base_model.model.lm_head.")
+               for n in names), [n for n in names if "language_model" not in n][:4]
+
+    def load(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+
+    def margin(model, data):
+        text = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return min_routing_margin(_TextView(text.model.language_model), data)
+
+    base = load(multimodal_moe)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match")
+        peft_model = PeftModel.from_pretrained(load(multimodal_moe), out).eval()
+    usable = [i for i, p in enumerate(probes) if margin(peft_model, p) >= 1e-4]
+    assert usable, "no probe batch with a routing margin of 1e-4"
+    data, want = probes[usable[0]], lathe_lp[usable[0]]
+    plain_diff = _max_diff(base, data, want)
+    peft_diff = _max_diff(peft_model, data, want)
+    merged_diff = _max_diff(load(os.path.join(out, "merged")), data, want)
+    print(f"multimodal: max |logprob diff| peft {peft_diff:.2e} merged {merged_diff:.2e} (base {plain_diff:.2e})")
+    assert plain_diff > 1e-2, "the adapter barely changes the logprobs: the comparison proves nothing"
+    assert peft_diff <= ATOL, f"PeftModel on the exported adapter is off lathe by {peft_diff}"
+    assert merged_diff <= ATOL, f"the merged model is off lathe by {merged_diff}"
+
+
+class _TextView(torch.nn.Module):
+    """The text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.model = text
+        self.config = text.config
+
+    def forward(self, input_ids, **kw):
+        return self.model(input_ids=input_ids, **kw)
