@@ -160,15 +160,19 @@ LayerCounts CountLayers(const presets::ModelFacts& f) {
   return {f.full_attention_layers(), f.linear_attention_layers(), dense, f.num_hidden_layers - dense};
 }
 
+// Elements per token a Gated DeltaNet core keeps for backward: the qkv
+// projection, the conv's output and its SiLU, z, a and b, the gated norm's
+// output (out_proj's input). Under cp the core runs on the whole sequence on
+// every cp rank, so these count the sequence's tokens, not the rank's.
+double LinearCoreElements(const presets::ModelFacts& f, int tp) {
+  const LinearWidths w = LinearWidthsOf(f, tp);
+  return 3 * w.conv_dim + 2 * w.value_dim + 2 * w.value_heads;
+}
+
 // Elements per token a token mixer keeps for backward (its norm included).
 double MixerElements(const presets::ModelFacts& f, int tp, bool linear) {
   const double h = f.hidden_size;
-  if (linear) {
-    // Norm in/out, the qkv projection, the conv's output and its SiLU, z,
-    // a and b, the gated norm's output (out_proj's input).
-    const LinearWidths w = LinearWidthsOf(f, tp);
-    return 2 * h + 3 * w.conv_dim + 2 * w.value_dim + 2 * w.value_heads;
-  }
+  if (linear) return 2 * h + LinearCoreElements(f, tp);  // norm in/out, the core
   const double q = QWidth(f, tp);
   const double kv = KvWidth(f, tp);
   // Norm in/out, q k v before and after norm+rope, attention output; no T x T scores.
@@ -267,7 +271,9 @@ struct LayerWidth {
   double recurrence = 0;
 };
 
-LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters) {
+// `whole`: the GDN core's tokens per rank token (cp under context
+// parallelism, where the core runs on the whole sequence; else 1).
+LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters, double whole) {
   const LayerCounts n = CountLayers(f);
   const int copies = adapters ? 2 : 0;
   LayerWidth widest;
@@ -276,9 +282,10 @@ LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters) {
     if ((linear ? n.linear : n.attention) == 0) continue;
     for (bool moe : {false, true}) {
       if ((moe ? n.moe : n.dense) == 0) continue;
-      LayerWidth w{MixerElements(f, tp, linear) + MlpElements(f, tp, moe),
+      LayerWidth w{MixerElements(f, tp, linear) + MlpElements(f, tp, moe) +
+                       (linear ? (whole - 1) * LinearCoreElements(f, tp) : 0),
                    MixerFp32(f, tp, linear, copies) + MlpFp32(f, tp, moe, copies),
-                   linear ? RecurrenceElements(f, tp) : 0};
+                   linear ? whole * RecurrenceElements(f, tp) : 0};
       // Compared in bf16 bytes; the widest in one dtype is the widest in the other but for rounding.
       const double bytes = kAutogradFactor * 2 * w.elements + kFp32Bytes * (w.fp32 + w.recurrence);
       if (bytes > widest_bytes) {
@@ -294,8 +301,12 @@ bool Recomputes(int64_t rank_tokens) { return rank_tokens > kRecomputeAutoTokens
 
 // Bytes of activations of this rank's `tokens`-token share of one sequence,
 // as the runtime keeps them with its default chunking and recompute.
-double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, const Bytes& b) {
+// `sequence`: the whole sequence's tokens, which the Gated DeltaNet cores
+// run on (more than `tokens` under cp).
+double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, int64_t sequence, const Bytes& b) {
   const double t = double(tokens);
+  const double whole = double(std::max(sequence, tokens));
+  const double linear_layers = double(f.linear_attention_layers());
   const double vocab = double(CeilDiv(f.vocab_size, tp));
   const double chunk = double(std::min<int64_t>(tokens, LogprobChunkTokens(f.vocab_size)));
   const double head = kChunkBuffers * kLogprobBytes * chunk * vocab;
@@ -304,12 +315,14 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, con
     // Every layer's activations stay to the backward; the loss's chunk
     // buffers come on top of them.
     const double fp32 = b.fp32_extras ? kFp32Bytes * t * Fp32ElementsPerToken(f, tp, b.adapter_inputs) : 0;
-    const double recurrence = kFp32Bytes * t * double(f.linear_attention_layers()) * RecurrenceElements(f, tp);
-    return kAutogradFactor * b.activation * t * ActivationElementsPerToken(f, tp) + fp32 + recurrence + head;
+    const double recurrence = kFp32Bytes * whole * linear_layers * RecurrenceElements(f, tp);
+    const double core_beyond = (whole - t) * linear_layers * LinearCoreElements(f, tp);
+    return kAutogradFactor * b.activation * (t * ActivationElementsPerToken(f, tp) + core_beyond) + fp32 +
+           recurrence + head;
   }
   // Recompute: each layer's input stays (and the RoPE tables); one layer's
   // activations and gradients live at a time, or one logprob chunk's buffers.
-  const LayerWidth widest = WidestLayer(f, tp, b.adapter_inputs);
+  const LayerWidth widest = WidestLayer(f, tp, b.adapter_inputs, t > 0 ? whole / t : 1.0);
   const double tables = b.fp32_extras ? kFp32Bytes * t * 2.0 * f.head_dim : 0;
   const double kept = b.activation * t * h * (f.num_hidden_layers + kHiddenBuffers) + tables;
   const double layer = kAutogradFactor * b.activation * t * widest.elements +
@@ -355,7 +368,7 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, cons
   MemoryEstimate m;
   m.weights = b.weight * p.base;
   m.trainable_state = lora_rank > 0 ? b.lora_state * p.lora : b.full_state * p.base;
-  m.activations = ActivationBytes(f, shape.tp, rank_tokens, b);
+  m.activations = ActivationBytes(f, shape.tp, rank_tokens, cp > 1 ? max_seq_len : rank_tokens, b);
   m.gathered_kv = GatheredKvBytes(f, shape.tp, cp, rank_tokens * cp, rank_tokens, b);
   return m;
 }

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "parallel/context_parallel.h"
 #include "runtime/status.h"
 
 namespace lathe::runtime {
@@ -17,9 +18,6 @@ absl::StatusOr<std::unique_ptr<GatedDeltaNetMixer>> GatedDeltaNetMixer::Load(Par
   if (c.num_key_heads % tp != 0 || c.num_value_heads % tp != 0) {
     return absl::InvalidArgumentError(absl::StrCat(c.num_key_heads, " linear-attention key heads and ",
                                                    c.num_value_heads, " value heads cannot be cut over tp ", tp));
-  }
-  if (shard.cp.active()) {
-    return absl::InvalidArgumentError("context parallelism is not implemented for Gated DeltaNet layers");
   }
   std::unique_ptr<GatedDeltaNetMixer> m(new GatedDeltaNetMixer());
   GdnDims& d = m->dims_;
@@ -102,6 +100,29 @@ at::Tensor GatedDeltaNetMixer::Forward(const at::Tensor& x, const LayerContext& 
     in.qkv = Linear(entered, LocalChannels(qkv_whole_));
     in.z = z_.Forward(entered), in.b = b_.Forward(entered), in.a = a_.Forward(entered);
     w.conv_weight = LocalChannels(conv_whole_);
+  }
+  if (ctx.cp != nullptr) {
+    // Context parallelism: the recurrence runs over whole sequences, so every
+    // member gathers the projected inputs of all rows (global order), runs the
+    // core on them and keeps its own rows; the backward sums the inputs'
+    // gradients over the members and hands each its rows (reduce-scatter).
+    const int64_t qkv = in.qkv.size(1), zd = in.z.size(1), bd = in.b.size(1);
+    at::Tensor whole = parallel::GatherSequenceRows(at::cat({in.qkv, in.z, in.b, in.a}, 1), *ctx.cp, ctx.shard->cp,
+                                                    /*sum_grads=*/true);
+    GdnInputs all;
+    all.qkv = whole.narrow(1, 0, qkv);
+    all.z = whole.narrow(1, qkv, zd);
+    all.b = whole.narrow(1, qkv + zd, bd);
+    all.a = whole.narrow(1, qkv + zd + bd, in.a.size(1));
+    at::Tensor o;
+    if (whole.size(0) == 0) {
+      o = (all.qkv.sum() + all.z.sum() + all.b.sum() + all.a.sum()).expand({0, dims_.value_dim()});
+    } else {
+      o = GatedDeltaNet(dims_, w, all, ctx.lengths);
+    }
+    const std::vector<int64_t>& own = ctx.cp->own();
+    o = o.index_select(0, at::tensor(own, at::kLong).to(o.device()));
+    return RowParallelForward(o, out_, ctx.reduce);
   }
   at::Tensor o;
   if (x.size(0) == 0) {

@@ -11,6 +11,11 @@
 // of Tinker; PEFT export joins them). Full fine-tuning trains in_proj_qkv and
 // conv1d as whole tensors on every rank, each rank reading its channels, so
 // their gradients are partial over tp (GradSync::kTpPartial).
+//
+// Under context parallelism (ctx.cp) the projected inputs of every member's
+// rows are all-gathered, each member runs the recurrence over the whole
+// sequences and keeps its own rows of the result (exact; the projections and
+// out_proj stay split, the core's work and activations do not).
 #ifndef LATHE_RUNTIME_LINEAR_ATTENTION_H_
 #define LATHE_RUNTIME_LINEAR_ATTENTION_H_
 
@@ -27,8 +32,7 @@ namespace lathe::runtime {
 class GatedDeltaNetMixer final : public Mixer {
  public:
   // Loads `prefix` ("model.layers.0.linear_attn") for this rank of `shard`.
-  // InvalidArgument when the heads cannot be cut over tp or context
-  // parallelism is asked for (not implemented for this mixer).
+  // InvalidArgument when the heads cannot be cut over tp.
   static absl::StatusOr<std::unique_ptr<GatedDeltaNetMixer>> Load(ParamLoader& loader, const std::string& prefix,
                                                                   int64_t hidden, const LinearAttentionConfig& config,
                                                                   double eps, const ModelShard& shard);

@@ -269,6 +269,28 @@ TEST(PlanTest, Qwen3_5LinearAttentionLayersOverTp2ByHand) {
                                                         2.25 * 4.0 * 4096 * 64));
 }
 
+// Under cp the Gated DeltaNet cores run on the whole sequence on every cp
+// rank: their elements (the layer's 388 but the norm's 2*64: 260) and the
+// delta rule's fp32 ones count the sequence's tokens, the rest the rank's.
+TEST(PlanTest, Qwen3_5LinearAttentionCoresCountTheWholeSequenceUnderCp) {
+  parallel::MeshShape cp2{1, 1, 4, 2, 1, 2};  // tp 2 x cp 2
+  auto m = EstimateMemory(TinyQwen3_5(), cp2, 200, 8, Dtype::kFloat32);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * (100 * 3404 + 100 * 3 * 260) + 4.0 * 200 * 3 * 1192 +
+                                       2.25 * 4.0 * 100 * 64);
+  // Recomputed (4,096 tokens per rank of 8,192): the linear layer (388 + 384 elements and the other
+  // half sequence's 260, twice the 1192 fp32) is the widest.
+  auto long_run = EstimateMemory(TinyQwen3_5(), cp2, 8192, 8, Dtype::kFloat32);
+  ASSERT_TRUE(long_run.ok());
+  EXPECT_DOUBLE_EQ(long_run->activations,
+                   4.0 * 4096 * 64 * (4 + 3) + std::max(1.7 * 4.0 * 4096 * (388 + 384 + 260) + 4.0 * 8192 * 1192,
+                                                        2.25 * 4.0 * 4096 * 64));
+  // Without cp the same rank tokens need less: the cores see only them.
+  auto no_cp = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  ASSERT_TRUE(no_cp.ok());
+  EXPECT_LT(no_cp->activations, long_run->activations);
+}
+
 TEST(PlanTest, Qwen3_5SharedExpertAndGateByHand) {
   presets::ModelFacts moe = TinyQwen3_5();
   moe.intermediate_size = 0;
