@@ -86,6 +86,14 @@ absl::StatusOr<std::unique_ptr<GqaAttention>> GqaAttention::Load(ParamLoader& lo
   LATHE_ASSIGN_OR_RETURN(a->k_, loader.Linear(p + "k_proj", kv_dim, h, kv_rows, LoraGroup::kAttn));
   LATHE_ASSIGN_OR_RETURN(a->v_, loader.Linear(p + "v_proj", kv_dim, h, kv_rows, LoraGroup::kAttn));
   LATHE_ASSIGN_OR_RETURN(a->o_, loader.Linear(p + "o_proj", h, q_dim, o_cols, LoraGroup::kAttn));
+  if (s.qkv_bias) {
+    LATHE_ASSIGN_OR_RETURN(a->q_.bias, loader.Tensor(p + "q_proj.bias", {s.heads * qd}, q_rows));
+    LATHE_ASSIGN_OR_RETURN(a->k_.bias, loader.Tensor(p + "k_proj.bias", {kv_dim}, kv_rows));
+    LATHE_ASSIGN_OR_RETURN(a->v_.bias, loader.Tensor(p + "v_proj.bias", {kv_dim}, kv_rows));
+  }
+  if (s.o_bias) {
+    LATHE_ASSIGN_OR_RETURN(a->o_.bias, loader.Tensor(p + "o_proj.bias", {h}, TpCut::Whole()));
+  }
   if (s.qk_norm) {
     // Applied per head, each tp rank to its own heads: a partial gradient.
     const TpCut partial = TpCut::Whole(GradSync::kTpPartial);

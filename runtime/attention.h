@@ -6,6 +6,8 @@
 // by its sigmoid, and rotates only the first rotary_dim dims of each head.
 // Heads are cut over tp (column-parallel q/k/v, row-parallel o; with fewer
 // KV heads than ranks each rank holds one KV head), the sequence over cp.
+// q/k/v biases are cut with their rows; o's is whole, added after the
+// row-parallel reduction. They train in full fine-tuning, never under LoRA.
 #ifndef LATHE_RUNTIME_ATTENTION_H_
 #define LATHE_RUNTIME_ATTENTION_H_
 
@@ -26,6 +28,8 @@ struct AttentionShape {
   bool norm_offset = false;  // those norms scale by (1 + w) (see Norm)
   bool output_gate = false;  // sigmoid gate per head from q_proj
   int64_t rotary_dim = 0;    // dims of each head RoPE rotates (0: all)
+  bool qkv_bias = false;     // biases of q/k/v (Qwen2; attention_bias)
+  bool o_bias = false;       // bias of o (attention_bias of Llama, Qwen3)
   double eps = 1e-6;
 };
 

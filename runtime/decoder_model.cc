@@ -68,11 +68,11 @@ absl::Status DecoderModel::Build(const WeightSource& w) {
 namespace {
 
 // RoPE rows of packed sequences whose positions start at `starts` (0 without).
-RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, double theta, const at::Tensor& like,
-                      const std::vector<int64_t>& starts = {}) {
+RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, const RopeSettings& settings,
+                      const at::Tensor& like, const std::vector<int64_t>& starts = {}) {
   int64_t longest = 0;
   for (size_t i = 0; i < lengths.size(); ++i) longest = std::max(longest, (starts.empty() ? 0 : starts[i]) + lengths[i]);
-  RopeTables rope = MakeRope(longest, head_dim, theta, like);
+  RopeTables rope = MakeRope(longest, head_dim, settings, like);
   if (lengths.size() == 1 && starts.empty()) return rope;
   std::vector<at::Tensor> positions;
   const auto opts = at::TensorOptions().dtype(at::kLong).device(like.device());
@@ -85,9 +85,10 @@ RopeTables PackedRope(const std::vector<int64_t>& lengths, int64_t head_dim, dou
 }
 
 // RoPE rows for tokens at the given positions of their sequences.
-RopeTables GlobalRope(const std::vector<int64_t>& positions, int64_t head_dim, double theta, const at::Tensor& like) {
+RopeTables GlobalRope(const std::vector<int64_t>& positions, int64_t head_dim, const RopeSettings& settings,
+                      const at::Tensor& like) {
   const int64_t longest = *std::max_element(positions.begin(), positions.end()) + 1;
-  RopeTables rope = MakeRope(longest, head_dim, theta, like);
+  RopeTables rope = MakeRope(longest, head_dim, settings, like);
   at::Tensor index = at::tensor(positions, at::TensorOptions().dtype(at::kLong)).to(like.device());
   return {rope.cos.index_select(0, index), rope.sin.index_select(0, index)};
 }
@@ -124,9 +125,9 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   }
   if (split != nullptr && states == nullptr) {
     ctx.cp = std::make_shared<const parallel::SequenceSplit>(*split);
-    if (t > 0) ctx.rope = GlobalRope(split->positions, rotary_dim_, c.rope_theta, h);
+    if (t > 0) ctx.rope = GlobalRope(split->positions, rotary_dim_, c.rope, h);
   } else if (t > 0) {
-    ctx.rope = PackedRope(lengths, rotary_dim_, c.rope_theta, h, starts);
+    ctx.rope = PackedRope(lengths, rotary_dim_, c.rope, h, starts);
   }
   recompute = recompute && states == nullptr;
   for (size_t layer = 0; layer < blocks_.size(); ++layer) {

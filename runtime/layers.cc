@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "runtime/invariant_linear.h"
+#include "runtime/rope.h"
 
 namespace lathe::runtime {
 namespace {
@@ -44,7 +45,8 @@ at::Tensor AddAdapter(const at::Tensor& y, const at::Tensor& xa, const at::Tenso
 at::Tensor LoraLinear::Forward(const at::Tensor& x) const {
   // x is [T, in]. The scale goes on the rank-sized product and the adapter
   // term is added by the GEMM itself, so no extra [T, out] temporaries.
-  at::Tensor y = Linear(x, weight);
+  // With a bias, one addmm as F.linear computes it (one rounding of the sum).
+  at::Tensor y = bias.defined() ? AddLinear(bias, x, weight) : Linear(x, weight);
   if (lora_a.defined()) y = AddAdapter(y, Linear(AdapterInput(x, lora_a), lora_a).mul(scale), lora_b);
   return y;
 }
@@ -58,7 +60,17 @@ std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fu
     sizes.push_back(p->weight.size(0));
     if (p->lora_a.defined()) a_parts.push_back(p->lora_a);
   }
-  std::vector<at::Tensor> outs = at::split_with_sizes(Linear(in(x), fused), sizes, 1);
+  std::vector<at::Tensor> biases;
+  for (const LoraLinear* p : parts) {
+    if (p->bias.defined()) biases.push_back(p->bias);
+  }
+  // When every part has a bias, they are added inside the GEMM, as F.linear does.
+  const bool fuse_bias = !biases.empty() && biases.size() == parts.size();
+  at::Tensor base = fuse_bias ? AddLinear(at::cat(biases), in(x), fused) : Linear(in(x), fused);
+  std::vector<at::Tensor> outs = at::split_with_sizes(base, sizes, 1);
+  for (size_t i = 0; i < parts.size() && !fuse_bias; ++i) {
+    if (parts[i]->bias.defined()) outs[i] = outs[i] + parts[i]->bias;
+  }
   if (a_parts.empty()) return outs;
   std::vector<int64_t> ranks;
   for (const at::Tensor& a : a_parts) ranks.push_back(a.size(0));
@@ -72,14 +84,15 @@ std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fu
 
 at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, const RegionFn& reduce) {
   if (!reduce) return layer.Forward(x);
+  auto add_bias = [&](const at::Tensor& y) { return layer.bias.defined() ? y + layer.bias : y; };
   at::Tensor y = Linear(x, layer.weight);
-  if (!layer.lora_a.defined()) return reduce(y);
+  if (!layer.lora_a.defined()) return add_bias(reduce(y));
   // One reduction for the base output and the adapter's rank-sized input,
   // in the adapter's dtype when it is the wider one.
   const int64_t out = y.size(1);
   at::Tensor xa = Linear(AdapterInput(x, layer.lora_a), layer.lora_a);
   at::Tensor both = reduce(at::cat({y.to(xa.scalar_type()), xa}, 1));
-  return AddLinear(both.narrow(1, 0, out), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
+  return AddLinear(add_bias(both.narrow(1, 0, out)), both.narrow(1, out, both.size(1) - out).mul(layer.scale),
                    layer.lora_b)
       .to(y.scalar_type());
 }
@@ -91,15 +104,15 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * y.to(x.scalar_type());
 }
 
-RopeTables MakeRope(int64_t positions, int64_t head_dim, double theta, const at::Tensor& like) {
+RopeTables MakeRope(int64_t positions, int64_t head_dim, const RopeSettings& rope, const at::Tensor& like) {
   auto opts = at::TensorOptions().dtype(at::kFloat).device(like.device());
-  at::Tensor exponents =
-      at::arange(0, head_dim, 2, opts.dtype(at::kLong)).to(at::kFloat) / static_cast<double>(head_dim);
-  at::Tensor inv_freq = 1.0 / at::pow(theta, exponents);
+  const RopeFrequencies f = RopeInverseFrequencies(rope, head_dim, like.device());
   at::Tensor pos = at::arange(positions, opts.dtype(at::kLong)).to(at::kFloat);
-  at::Tensor freqs = at::outer(pos, inv_freq);
+  at::Tensor freqs = at::outer(pos, f.inv_freq);
   at::Tensor emb = at::cat({freqs, freqs}, -1);
-  return {emb.cos().to(like.scalar_type()), emb.sin().to(like.scalar_type())};
+  at::Tensor cos = emb.cos(), sin = emb.sin();
+  if (f.attention_factor != 1.0) cos = cos * f.attention_factor, sin = sin * f.attention_factor;
+  return {cos.to(like.scalar_type()), sin.to(like.scalar_type())};
 }
 
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope) {
@@ -152,9 +165,9 @@ at::Tensor RunExperts(const at::Tensor& rows, const std::vector<int64_t>& counts
     // connected to the experts' parameters (collective backward passes rely on it).
     if (counts[e] == 0 && !(e == 0 && rows.size(0) == 0)) continue;
     at::Tensor seg = rows.narrow(0, offset, counts[e]);
-    at::Tensor g = LoraLinear{gate[e], gate_a[e], gate_b[e], experts.scale}.Forward(seg);
-    at::Tensor u = LoraLinear{up[e], up_a[e], up_b[e], experts.scale}.Forward(seg);
-    outputs.push_back(LoraLinear{down[e], down_a[e], down_b[e], experts.scale}.Forward(at::silu(g) * u));
+    at::Tensor g = LoraLinear{gate[e], gate_a[e], gate_b[e], experts.scale, {}}.Forward(seg);
+    at::Tensor u = LoraLinear{up[e], up_a[e], up_b[e], experts.scale, {}}.Forward(seg);
+    outputs.push_back(LoraLinear{down[e], down_a[e], down_b[e], experts.scale, {}}.Forward(at::silu(g) * u));
     offset += counts[e];
   }
   return outputs.size() == 1 ? outputs[0] : at::cat(outputs, 0);

@@ -10,6 +10,8 @@
 #include <functional>
 #include <vector>
 
+#include "runtime/model_config.h"
+
 namespace lathe::runtime {
 
 // While one lives on a thread, the products below (and DecoderModel's) use
@@ -48,11 +50,15 @@ at::Tensor AddAdapter(const at::Tensor& y, const at::Tensor& xa, const at::Tenso
 // y = x Wᵀ + scale · (x Aᵀ) Bᵀ for x [T, in]. `lora_a` [r, in] and `lora_b`
 // [out, r] are undefined when the layer has no adapter. The adapter may be
 // wider than the base (fp32 A/B on a bf16 W): see AdapterInput, AddAdapter.
+// `bias` [out] (undefined: none) is added to the base product in its GEMM (as
+// F.linear does), before the adapter term, as peft adds the adapter to the
+// base layer's output.
 struct LoraLinear {
   at::Tensor weight;  // [out, in]
   at::Tensor lora_a;
   at::Tensor lora_b;
   double scale = 0.0;
+  at::Tensor bias;
 
   at::Tensor Forward(const at::Tensor& x) const;
 };
@@ -66,7 +72,8 @@ using RegionFn = std::function<at::Tensor(const at::Tensor&)>;
 // Returns one output per part. REQUIRES: every part has an adapter or none.
 // Column-parallel use: the parts hold this rank's output rows and their
 // (replicated) A matrices; `enter` is applied to the input of the base GEMM
-// and to the rank-sized adapter input, so each gets its gradient summed once.
+// and to the rank-sized adapter input, so each gets its gradient summed once;
+// each part's bias holds its rows (column-parallel: cut with them).
 std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fused,
                                        const std::vector<const LoraLinear*>& parts,
                                        const RegionFn& enter = nullptr);
@@ -74,6 +81,7 @@ std::vector<at::Tensor> GroupedForward(const at::Tensor& x, const at::Tensor& fu
 // Row-parallel evaluation: `x` and the layer's weight and A hold this rank's
 // input columns, B is replicated; `reduce` sums the partial base output and
 // the partial adapter input over the ranks (one call). Null: layer.Forward(x).
+// The bias (whole) is added once, after the reduction.
 at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, const RegionFn& reduce);
 
 // y = weight · (x / rms(x)), with the normalisation in fp32 and the cast back
@@ -81,12 +89,14 @@ at::Tensor RowParallelForward(const at::Tensor& x, const LoraLinear& layer, cons
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // cos and sin tables [T, head_dim] for positions 0..T-1, non-interleaved
-// (rotate-half) layout, computed in fp32 and cast to `dtype`.
+// (rotate-half) layout, from the inverse frequencies of `rope`'s type
+// (runtime/rope.h), scaled by its attention factor, computed in fp32 and cast
+// to like's dtype.
 struct RopeTables {
   at::Tensor cos;
   at::Tensor sin;
 };
-RopeTables MakeRope(int64_t positions, int64_t head_dim, double theta, const at::Tensor& like);
+RopeTables MakeRope(int64_t positions, int64_t head_dim, const RopeSettings& rope, const at::Tensor& like);
 // x: [..., T, head_dim].
 at::Tensor ApplyRope(const at::Tensor& x, const RopeTables& rope);
 

@@ -1,6 +1,7 @@
 // The model hyperparameters lathe reads from a Hugging Face config.json:
-// Qwen3 (dense), Qwen3-MoE and Llama/Mistral-style decoders, in the
-// transformers 4.x and 5.x spellings, and the Qwen3.5 / Qwen3.6 hybrids.
+// Qwen3 (dense), Qwen3-MoE, Qwen2 / Qwen2.5 and Llama/Mistral-style decoders
+// (Llama 3.x included), in the transformers 4.x and 5.x spellings, and the
+// Qwen3.5 / Qwen3.6 hybrids.
 #ifndef LATHE_RUNTIME_MODEL_CONFIG_H_
 #define LATHE_RUNTIME_MODEL_CONFIG_H_
 
@@ -65,6 +66,24 @@ struct CheckpointLayout {
   std::vector<std::string> skip_prefixes;
 };
 
+// The rotary embedding's frequencies as transformers' rope types compute them
+// (runtime/rope.h turns them into inverse frequencies): "default", "linear",
+// "llama3" and "yarn". Read from `rope_parameters` (transformers 5.x) or
+// `rope_scaling` + `rope_theta` (4.x), validated at parse time.
+struct RopeSettings {
+  std::string type = "default";
+  double theta = 10000.0;
+  double factor = 1.0;                           // linear, llama3, yarn
+  double low_freq_factor = 1.0;                  // llama3
+  double high_freq_factor = 4.0;                 // llama3
+  int64_t original_max_position_embeddings = 0;  // llama3, yarn
+  double beta_fast = 32.0, beta_slow = 1.0;      // yarn
+  bool truncate = true;                          // yarn: integer correction range
+  // The factor cos and sin are multiplied by (yarn's attention_factor, given
+  // or derived from factor / mscale / mscale_all_dim); 1 for the others.
+  double attention_factor = 1.0;
+};
+
 struct ModelConfig {
   std::string architecture;  // e.g. "Qwen3ForCausalLM"
   std::string model_type;    // "qwen3", "qwen3_moe", "llama", "mistral"
@@ -77,9 +96,14 @@ struct ModelConfig {
   int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
   double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;
+  double rope_theta = 10000.0;  // == rope.theta
+  RopeSettings rope;
   bool tie_word_embeddings = false;
   bool qk_norm = false;  // Qwen3: per-head RMSNorm of q and k before RoPE
+  // Biases of the attention projections: q/k/v (Qwen2; attention_bias of
+  // Llama and Qwen3) and o (attention_bias of Llama and Qwen3).
+  bool qkv_bias = false;
+  bool o_bias = false;
   std::string dtype = "float32";  // the checkpoint's stored dtype
   // Mixture of experts (num_experts == 0: dense model).
   int64_t num_experts = 0;
@@ -111,8 +135,9 @@ struct ModelConfig {
 };
 
 // Parses config.json text. InvalidArgument naming the field for an
-// unsupported architecture, a missing or ill-typed field, or a feature lathe
-// does not implement (rope scaling, sliding window, attention bias, ...).
+// unsupported architecture, a missing or ill-typed field, a bad RoPE value,
+// or a feature lathe does not implement (another rope type, a sliding window
+// smaller than the context, MLP biases, ...).
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text);
 
 // Reads and parses <dir>/config.json. NotFound when absent; errors name the

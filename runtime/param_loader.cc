@@ -49,6 +49,7 @@ void VisitLinear(LoraLinear& l, const TensorVisitor& fn) {
   fn(l.weight);
   fn(l.lora_a);
   fn(l.lora_b);
+  fn(l.bias);
 }
 
 ParamLoader::ParamLoader(const WeightSource& source, const LoraSettings& lora,

@@ -66,7 +66,7 @@ struct FusedLinears {
   bool defined() const { return weight.defined(); }
 };
 
-// Visits a linear layer's weight and adapter.
+// Visits a linear layer's weight, adapter and bias.
 void VisitLinear(LoraLinear& l, const TensorVisitor& fn);
 
 class ParamLoader {

@@ -32,7 +32,7 @@ nlohmann::json ConfigJson(const TinyModelSpec& s) {
       {"rms_norm_eps", 1e-6},
       {"rope_theta", 1000000.0},
       {"tie_word_embeddings", s.tie_word_embeddings},
-      {"attention_bias", false},
+      {"attention_bias", s.attention_bias},
       {"torch_dtype", "float32"},
   };
   if (s.moe) {
@@ -69,6 +69,12 @@ absl::Status WriteTinyModel(const std::string& dir, const TinyModelSpec& s) {
     normal(p + "self_attn.k_proj.weight", {kv, h});
     normal(p + "self_attn.v_proj.weight", {kv, h});
     normal(p + "self_attn.o_proj.weight", {h, q});
+    if (s.attention_bias) {
+      normal(p + "self_attn.q_proj.bias", {q});
+      normal(p + "self_attn.k_proj.bias", {kv});
+      normal(p + "self_attn.v_proj.bias", {kv});
+      normal(p + "self_attn.o_proj.bias", {h});
+    }
     ones(p + "self_attn.q_norm.weight", s.head_dim);
     ones(p + "self_attn.k_norm.weight", s.head_dim);
     if (s.moe) {

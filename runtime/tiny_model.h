@@ -24,6 +24,7 @@ struct TinyModelSpec {
   int64_t moe_intermediate_size = 32;
   int64_t max_position_embeddings = 4096;
   bool tie_word_embeddings = false;
+  bool attention_bias = false;  // q/k/v/o biases (Qwen3's attention_bias)
   uint64_t seed = 0;
 };
 

@@ -9,6 +9,7 @@ namespace {
 constexpr Architecture kArchitectures[] = {
     {"Qwen3ForCausalLM", LoadLlamaFamilyLayers},
     {"Qwen3MoeForCausalLM", LoadLlamaFamilyLayers},
+    {"Qwen2ForCausalLM", LoadLlamaFamilyLayers},
     {"LlamaForCausalLM", LoadLlamaFamilyLayers},
     {"MistralForCausalLM", LoadLlamaFamilyLayers},
     {"Qwen3_5ForCausalLM", LoadQwen35Layers},

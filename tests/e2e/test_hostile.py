@@ -152,18 +152,18 @@ def test_a_refused_model_reaches_health_and_the_cli(make_deployment, tiny_model,
     refused = tmp_path / "refused-model"
     shutil.copytree(tiny_model, refused)
     config = json.loads((refused / "config.json").read_text())
-    config["use_sliding_window"] = True
+    config["hidden_act"] = "gelu"
     (refused / "config.json").write_text(json.dumps(config))
     dep = make_deployment("refused")
     dep.model_dir = str(refused)
     dep.start(wait_serving=False)
     health = _await_unavailable(dep, 60)
-    assert re.search(r"replica [01] refused to start", health.detail) and "use_sliding_window" in health.detail, \
+    assert re.search(r"replica [01] refused to start", health.detail) and "hidden_act" in health.detail, \
         health.detail
     assert health.detail.count("config.json") == 1, health.detail
     cli = subprocess.run([os.path.join(build_dir, "client", "lathe"), "info", "--address", dep.address,
                           "--wait_s", "30"], capture_output=True, text=True, timeout=60)
-    assert cli.returncode != 0 and "use_sliding_window" in cli.stderr, cli
+    assert cli.returncode != 0 and "hidden_act" in cli.stderr, cli
 
 
 def test_a_failed_init_leaves_the_run_as_it_was(make_deployment, tiny_model, tmp_path):
@@ -183,7 +183,7 @@ def test_a_failed_init_leaves_the_run_as_it_was(make_deployment, tiny_model, tmp
                                    probe])
     before = answers[2].result
     good_config = (model / "config.json").read_text()
-    (model / "config.json").write_text(json.dumps({**json.loads(good_config), "use_sliding_window": True}))
+    (model / "config.json").write_text(json.dumps({**json.loads(good_config), "hidden_act": "gelu"}))
     failed = sc.wait(stub, sc.submit(stub, run, 4, init=pb.InitOp(lora=types.LoraConfig(rank=4, seed=2))))
     assert failed.state == Retrieve.FAILED and "the run is unchanged" in failed.error.message, failed
     after = _run_ops(stub, run, [probe], first_seq=5)[0]

@@ -14,6 +14,11 @@ qwen3_5_multimodal, qwen3_5_moe_multimodal: the same text models written the way
 Qwen3.5 / Qwen3.6 hub checkpoints are (``Qwen3_5*ForConditionalGeneration`` config with the
 text fields under ``text_config``, weights under ``model.language_model.``, a small fake
 vision tower under ``model.visual.`` and an ``mtp.`` head, which a loader must skip).
+or one of ROPE_BIAS_KINDS: Llama-3-style models with llama3, yarn (saved in the
+transformers 4.x ``rope_scaling`` + ``rope_theta`` spelling) and linear RoPE scaling (the
+linear one with ``attention_bias``: q/k/v/o biases), and Qwen2.5-shaped models (q/k/v biases),
+untied and tied. The scaled RoPE models use a short ``original_max_position_embeddings`` (16 or
+32 of 128 positions) so that short sequences already reach the rescaled frequencies.
 
 The models are float32 and saved with ``save_pretrained`` (safetensors).  Weights are
 re-initialised with a larger spread than the transformers default so that logits are far
@@ -41,6 +46,7 @@ EXTRA_KINDS = ("qwen3_moe_sparse_tied",)
 QWEN3_5_KINDS = ("qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal")
 # The hybrid (linear + softmax attention) models the runtime parity suite runs.
 HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
+ROPE_BIAS_KINDS = ("llama3_rope", "llama_yarn", "llama_linear_bias", "qwen2", "qwen2_tied")
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
 # to catch shape mix-ups.
@@ -122,7 +128,44 @@ def build_config(kind: str):
             tie_word_embeddings=kind.endswith("_tied"), num_experts=8, num_experts_per_tok=2,
             moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=2,
             mlp_only_layers=[0], output_router_logits=False, **_COMMON, **_rope_kwargs())
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if kind in ROPE_BIAS_KINDS:
+        return _rope_bias_config(kind)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + EXTRA_KINDS + ROPE_BIAS_KINDS}")
+
+
+def _rope_bias_config(kind: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(_COMMON, num_attention_heads=4, num_hidden_layers=2)
+    if kind == "llama3_rope":
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        return LlamaConfig(vocab_size=139, head_dim=16, tie_word_embeddings=False, rope_parameters=rope, **common)
+    if kind == "llama_yarn":
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+        return LlamaConfig(vocab_size=149, head_dim=16, tie_word_embeddings=False, rope_parameters=rope, **common)
+    if kind == "llama_linear_bias":
+        rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+        return LlamaConfig(vocab_size=137, head_dim=16, tie_word_embeddings=False, rope_parameters=rope,
+                           **dict(common, attention_bias=True))
+    # Qwen2.5: q/k/v biases, no q/k norm, head_dim = hidden / heads
+    return Qwen2Config(vocab_size=151 if kind == "qwen2" else 133, tie_word_embeddings=kind == "qwen2_tied",
+                       use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                       **{k: v for k, v in common.items() if k != "attention_bias"}, **_rope_kwargs())
+
+
+def _to_transformers4_rope_spelling(out_dir: str) -> None:
+    """Rewrites config.json's rope settings as transformers 4.x checkpoints carry them:
+    ``rope_scaling`` (with the legacy ``type`` key) and a top-level ``rope_theta``."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    config["rope_scaling"] = rope
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def _reinit_(model, seed: int) -> None:
@@ -148,12 +191,17 @@ def _reinit_(model, seed: int) -> None:
 def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | None = None):
     """Build the tiny model ``kind``, save it into ``out_dir`` (in shards of at most
     ``max_shard_size`` with an index, when given) and return the model (eval mode)."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+    from transformers import (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM,
+                              Qwen3ForCausalLM, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     config = build_config(kind)
     if kind in QWEN3_5_KINDS:
         cls = Qwen3_5MoeForCausalLM if kind.startswith("qwen3_5_moe") else Qwen3_5ForCausalLM
+    elif kind.startswith("llama"):
+        cls = LlamaForCausalLM
+    elif kind.startswith("qwen2"):
+        cls = Qwen2ForCausalLM
     else:
         cls = Qwen3MoeForCausalLM if kind.startswith("qwen3_moe") else Qwen3ForCausalLM
     model = cls(config).to(torch.float32)
@@ -164,6 +212,8 @@ def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | Non
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     if kind.endswith("_multimodal"):
         write_multimodal_layout(out_dir, seed)
+    if kind == "llama_yarn":
+        _to_transformers4_rope_spelling(out_dir)
     return model
 
 
@@ -261,7 +311,7 @@ def write_fused_experts(src: str, dst) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + ("all",))
+    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + ROPE_BIAS_KINDS + ("all",))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -3,7 +3,9 @@
 transformers model, and transformers alone on the merged folder, give lathe's logprobs.
 Dense and MoE models, tied and untied embeddings, MoE models with dense layers
 (``mlp_only_layers`` / ``decoder_sparse_step``), a sharded base; Qwen3.5 dense and MoE (Gated
-DeltaNet layers whose split in_proj_q/k/v adapters join into in_proj_qkv, a gated shared expert)."""
+DeltaNet layers whose split in_proj_q/k/v adapters join into in_proj_qkv, a gated shared expert);
+Qwen2.5-shaped models (q/k/v biases, which the adapter leaves alone and the merged folder keeps)
+and a Llama 3 model."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from reference import load_hf_model, min_routing_margin, random_batch
 LORA = {"rank": 4, "alpha": 8.0, "seed": 3}
 ADAM = {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
 ATOL = 1e-4
-KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied", "qwen3_5", "qwen3_5_moe")
+KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied", "qwen3_5", "qwen3_5_moe",
+         "qwen2", "qwen2_tied", "llama3_rope")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,11 @@ def sharded_sparse_tied(tmp_path_factory) -> str:
     return out
 
 
-def _model_dir(kind, tiny_models, sharded_sparse_tied):
+def _model_dir(kind, tiny_models, sharded_sparse_tied, tmp_path):
+    if kind in make_tiny_models.ROPE_BIAS_KINDS:
+        out = str(tmp_path / "base" / kind)
+        make_tiny_models.make_model(kind, out, seed=0)
+        return out
     return sharded_sparse_tied if kind == "qwen3_moe_sparse_tied" else tiny_models[kind]
 
 
@@ -73,7 +80,7 @@ def _train_and_export(harness, model_dir, out, vocab, probes):
 @pytest.mark.parametrize("kind", KINDS)
 def test_exported_adapter_and_merged_model_give_lathe_logprobs(kind, tiny_models, sharded_sparse_tied, harness,
                                                                  tmp_path):
-    model_dir = _model_dir(kind, tiny_models, sharded_sparse_tied)
+    model_dir = _model_dir(kind, tiny_models, sharded_sparse_tied, tmp_path)
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     probes = [random_batch(50 + i, vocab, lengths=(7, 13)) for i in range(4)]
     out = str(tmp_path / "export")

@@ -3,9 +3,12 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+
+#include "absl/strings/str_replace.h"
 
 namespace lathe::runtime {
 namespace {
@@ -69,13 +72,14 @@ TEST(ModelConfigTest, RefusesWhatItCannotCompute) {
   ExpectRefused(R"({"architectures":["GPT2LMHeadModel"]})", "GPT2LMHeadModel");
   std::string base = R"({"architectures":["Qwen3ForCausalLM"],"vocab_size":10,"hidden_size":8,
     "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,)";
-  ExpectRefused(base + R"("use_sliding_window":true})", "use_sliding_window");
-  ExpectRefused(base + R"("rope_scaling":{"rope_type":"yarn","factor":4.0}})", "rope_scaling");
-  ExpectRefused(base + R"("rope_parameters":{"rope_type":"llama3"}})", "rope_parameters.rope_type");
+  ExpectRefused(base + R"("use_sliding_window":true,"max_window_layers":0})", "use_sliding_window");
+  ExpectRefused(base + R"("rope_scaling":{"rope_type":"dynamic","factor":4.0}})", "rope_scaling.rope_type");
+  ExpectRefused(base + R"("rope_scaling":{"type":"longrope","factor":4.0}})", "rope_scaling.type");
+  ExpectRefused(base + R"("rope_parameters":{"rope_type":"llama3"}})", "rope_parameters.factor");
   ExpectRefused(base + R"("hidden_act":"gelu"})", "hidden_act");
   ExpectRefused(base + R"("num_key_value_heads":3})", "num_key_value_heads");
-  ExpectRefused(base + R"("attention_bias":true})", "attention_bias");
-  ExpectRefused(base + R"("layer_types":["full_attention","sliding_attention"]})", "layer_types");
+  ExpectRefused(base + R"("mlp_bias":true})", "mlp_bias");
+  ExpectRefused(base + R"("layer_types":["full_attention","chunked_attention"]})", "layer_types");
   ExpectRefused(R"({"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":10,
     "hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,
     "sliding_window":4096})", "sliding_window");
@@ -91,6 +95,132 @@ TEST(ModelConfigTest, FieldsOfTheWrongTypeAreRefusedNotThrown) {
   ExpectRefused(base + R"("rope_scaling":{"rope_type":["yarn"]}})", "rope_type");
   ExpectRefused(base + R"("rope_scaling":{"type":1.5}})", "type");
   ExpectRefused(base + R"("rope_parameters":{"rope_type":{}}})", "rope_type");
+  ExpectRefused(base + R"("rope_scaling":"yarn"})", "rope_scaling");
+  ExpectRefused(base + R"("rope_parameters":{"rope_type":"linear","factor":"2"}})", "rope_parameters.factor");
+}
+
+// Qwen2.5-7B-Instruct's config.json (transformers 4.x spelling).
+constexpr char kQwen25[] = R"({"architectures":["Qwen2ForCausalLM"],"attention_dropout":0.0,
+  "bos_token_id":151643,"eos_token_id":151645,"hidden_act":"silu","hidden_size":3584,
+  "initializer_range":0.02,"intermediate_size":18944,"max_position_embeddings":32768,
+  "max_window_layers":28,"model_type":"qwen2","num_attention_heads":28,"num_hidden_layers":28,
+  "num_key_value_heads":4,"rms_norm_eps":1e-06,"rope_theta":1000000.0,"sliding_window":131072,
+  "tie_word_embeddings":false,"torch_dtype":"bfloat16","use_cache":true,"use_sliding_window":false,
+  "vocab_size":152064)";
+
+TEST(ModelConfigTest, ParsesQwen25WithQkvBiases) {
+  auto c = ParseModelConfig(std::string(kQwen25) + "}");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->qkv_bias);
+  EXPECT_FALSE(c->o_bias);
+  EXPECT_FALSE(c->qk_norm);
+  EXPECT_EQ(c->head_dim, 128);
+  EXPECT_EQ(c->rope.type, "default");
+  EXPECT_DOUBLE_EQ(c->rope.theta, 1e6);
+  // Qwen2.5's long-context recipe: yarn in rope_scaling.
+  auto yarn = ParseModelConfig(std::string(kQwen25) + R"(,"rope_scaling":{"factor":4.0,)"
+                               R"("original_max_position_embeddings":32768,"type":"yarn"}})");
+  ASSERT_TRUE(yarn.ok()) << yarn.status();
+  EXPECT_EQ(yarn->rope.type, "yarn");
+  EXPECT_DOUBLE_EQ(yarn->rope.factor, 4.0);
+  EXPECT_EQ(yarn->rope.original_max_position_embeddings, 32768);
+  EXPECT_DOUBLE_EQ(yarn->rope.attention_factor, 0.1 * std::log(4.0) + 1.0);
+  EXPECT_DOUBLE_EQ(yarn->rope.beta_fast, 32.0);
+  EXPECT_DOUBLE_EQ(yarn->rope.beta_slow, 1.0);
+  EXPECT_TRUE(yarn->rope.truncate);
+}
+
+TEST(ModelConfigTest, SlidingWindowIsRefusedOnlyWhenSmallerThanTheContext) {
+  const std::string q = kQwen25;
+  auto with = [&](const std::string& extra) { return q + extra + "}"; };
+  // Enabled, but no layer slides (max_window_layers == layers) or the window covers the context.
+  EXPECT_TRUE(ParseModelConfig(with(R"(,"use_sliding_window":true)")).ok()) << "layers 28.. slide: none";
+  std::string wide = absl::StrReplaceAll(q, {{R"("max_window_layers":28)", R"("max_window_layers":4)"},
+                                             {R"("sliding_window":131072)", R"("sliding_window":32768)"}});
+  EXPECT_TRUE(ParseModelConfig(wide + R"(,"use_sliding_window":true})").ok());
+  std::string narrow = absl::StrReplaceAll(q, {{R"("max_window_layers":28)", R"("max_window_layers":4)"},
+                                               {R"("sliding_window":131072)", R"("sliding_window":4096)"}});
+  ExpectRefused(narrow + R"(,"use_sliding_window":true})", "use_sliding_window' is true with sliding_window 4096");
+  EXPECT_TRUE(ParseModelConfig(narrow + "}").ok()) << "use_sliding_window false: no window";
+  ExpectRefused(narrow + R"(,"use_sliding_window":true,"layer_types":)"
+                         R"(["full_attention","sliding_attention"]})", "sliding_window 4096");
+  EXPECT_TRUE(ParseModelConfig(narrow + R"(,"use_sliding_window":true,"layer_types":)"
+                                        R"(["full_attention","full_attention"]})").ok());
+  // transformers' default window when the key is absent: 4096.
+  const std::string mistral = R"({"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":10,
+    "hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,)";
+  ExpectRefused(mistral + R"("max_position_embeddings":32768})", "sliding_window' is 4096");
+  EXPECT_TRUE(ParseModelConfig(mistral + R"("max_position_embeddings":4096})").ok());
+  EXPECT_TRUE(ParseModelConfig(mistral + R"("sliding_window":null})").ok());
+  const std::string moe = R"({"architectures":["Qwen3MoeForCausalLM"],"vocab_size":10,"hidden_size":8,
+    "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_experts":2,
+    "num_experts_per_tok":1,"moe_intermediate_size":4,"max_position_embeddings":8192,)";
+  ExpectRefused(moe + R"("use_sliding_window":true})", "use_sliding_window' is true with sliding_window 4096");
+  EXPECT_TRUE(ParseModelConfig(moe + R"("use_sliding_window":false})").ok());
+  EXPECT_TRUE(ParseModelConfig(moe + R"("use_sliding_window":true,"sliding_window":8192})").ok());
+}
+
+// Llama-3.1-8B's config.json, 4.x and 5.x spellings.
+constexpr char kLlama31Head[] = R"({"architectures":["LlamaForCausalLM"],"attention_bias":false,
+  "hidden_act":"silu","hidden_size":4096,"intermediate_size":14336,"max_position_embeddings":131072,
+  "mlp_bias":false,"model_type":"llama","num_attention_heads":32,"num_hidden_layers":32,
+  "num_key_value_heads":8,"rms_norm_eps":1e-05,"tie_word_embeddings":false,"vocab_size":128256,)";
+
+TEST(ModelConfigTest, ParsesLlama31RopeScalingInBothSpellings) {
+  for (const char* rope :
+       {R"("rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+           "original_max_position_embeddings":8192,"rope_type":"llama3"},"rope_theta":500000.0})",
+        R"("rope_parameters":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+           "original_max_position_embeddings":8192,"rope_type":"llama3","rope_theta":500000.0}})"}) {
+    auto c = ParseModelConfig(std::string(kLlama31Head) + rope);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->rope.type, "llama3");
+    EXPECT_DOUBLE_EQ(c->rope.theta, 500000.0);
+    EXPECT_DOUBLE_EQ(c->rope_theta, 500000.0);
+    EXPECT_DOUBLE_EQ(c->rope.factor, 8.0);
+    EXPECT_DOUBLE_EQ(c->rope.low_freq_factor, 1.0);
+    EXPECT_DOUBLE_EQ(c->rope.high_freq_factor, 4.0);
+    EXPECT_EQ(c->rope.original_max_position_embeddings, 8192);
+    EXPECT_DOUBLE_EQ(c->rope.attention_factor, 1.0);
+    EXPECT_FALSE(c->qkv_bias);
+  }
+  auto biased = ParseModelConfig(absl::StrReplaceAll(std::string(kLlama31Head), {{R"("attention_bias":false)",
+                                                                                  R"("attention_bias":true)"}}) +
+                                 R"("rope_theta":500000.0})");
+  ASSERT_TRUE(biased.ok()) << biased.status();
+  EXPECT_TRUE(biased->qkv_bias);
+  EXPECT_TRUE(biased->o_bias);
+}
+
+TEST(ModelConfigTest, BadRopeValuesAreRefusedNamingTheField) {
+  const std::string head = kLlama31Head;
+  auto llama3 = [&](const std::string& fields) {
+    return head + R"("rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,)" + fields + "}}";
+  };
+  ExpectRefused(llama3(R"("factor":-8.0,"low_freq_factor":1.0,"high_freq_factor":4.0)"), "rope_parameters.factor");
+  ExpectRefused(llama3(R"("factor":0.5,"low_freq_factor":1.0,"high_freq_factor":4.0)"), "rope_parameters.factor");
+  ExpectRefused(llama3(R"("factor":1e300,"low_freq_factor":1.0,"high_freq_factor":4.0)"), "rope_parameters.factor");
+  ExpectRefused(llama3(R"("factor":8.0,"low_freq_factor":4.0,"high_freq_factor":1.0)"),
+                "rope_parameters.high_freq_factor");
+  ExpectRefused(llama3(R"("factor":8.0,"low_freq_factor":4.0,"high_freq_factor":4.0)"),
+                "rope_parameters.high_freq_factor");
+  ExpectRefused(llama3(R"("factor":8.0,"low_freq_factor":-1.0,"high_freq_factor":4.0)"),
+                "rope_parameters.low_freq_factor");
+  ExpectRefused(llama3(R"("factor":8.0,"high_freq_factor":4.0)"), "rope_parameters.low_freq_factor");
+  ExpectRefused(llama3(R"("factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,)"
+                       R"("original_max_position_embeddings":0)"),
+                "original_max_position_embeddings");
+  ExpectRefused(head + R"("rope_theta":-1.0})", "rope_theta");
+  ExpectRefused(head + R"("rope_parameters":{"rope_type":"default","rope_theta":1e13}})",
+                "rope_parameters.rope_theta");
+  ExpectRefused(head + R"("rope_scaling":{"type":"yarn","factor":4.0,"beta_fast":1.0,"beta_slow":32.0}})",
+                "rope_scaling.beta_fast");
+  ExpectRefused(head + R"("rope_scaling":{"type":"yarn","factor":4.0,"attention_factor":0}})",
+                "rope_scaling.attention_factor");
+  ExpectRefused(head + R"("rope_scaling":{"type":"yarn"}})", "rope_scaling.factor");
+  ExpectRefused(head + R"("partial_rotary_factor":0.5})", "partial_rotary_factor");
+  ExpectRefused(head + R"("rope_parameters":{"rope_type":"proportional","rope_theta":1e4}})",
+                "rope_parameters.rope_type");
 }
 
 // The text model's fields under text_config, as a Qwen3.5 checkpoint's
