@@ -23,13 +23,21 @@ namespace lathe::runtime {
 absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::string& dir,
                                                                  const LoraSettings& lora,
                                                                  const ModelShard& shard, Dtype dtype) {
+  LATHE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  LATHE_ASSIGN_OR_RETURN(WeightSource source,
+                         WeightSource::Open(dir, dtype == Dtype::kBFloat16 ? at::kBFloat16 : at::kFloat));
+  return FromSource(config, source, lora, shard, dtype);
+}
+
+absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::FromSource(const ModelConfig& config,
+                                                                       const TensorSource& source,
+                                                                       const LoraSettings& lora,
+                                                                       const ModelShard& shard, Dtype dtype) {
   std::unique_ptr<DecoderModel> model(new DecoderModel());
-  LATHE_ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
+  model->config_ = config;
   model->lora_ = lora;
   model->shard_ = shard;
   model->dtype_ = dtype;
-  LATHE_ASSIGN_OR_RETURN(WeightSource source,
-                         WeightSource::Open(dir, dtype == Dtype::kBFloat16 ? at::kBFloat16 : at::kFloat));
   LATHE_RETURN_IF_ERROR(model->Build(source));
   model->MoveToDevice();
   for (auto& block : model->blocks_) {
@@ -39,7 +47,7 @@ absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::stri
   return model;
 }
 
-absl::Status DecoderModel::Build(const WeightSource& w) {
+absl::Status DecoderModel::Build(const TensorSource& w) {
   const ModelConfig& c = config_;
   LATHE_ASSIGN_OR_RETURN(const Architecture* arch, FindArchitecture(c));
   const int64_t h = c.hidden_size;

@@ -41,6 +41,12 @@ class DecoderModel {
                                                             const LoraSettings& lora,
                                                             const ModelShard& shard = {},
                                                             Dtype dtype = Dtype::kFloat32);
+  // The model of `config` with tensors from `source` (Load's errors).
+  static absl::StatusOr<std::unique_ptr<DecoderModel>> FromSource(const ModelConfig& config,
+                                                                  const class TensorSource& source,
+                                                                  const LoraSettings& lora,
+                                                                  const ModelShard& shard = {},
+                                                                  Dtype dtype = Dtype::kFloat32);
 
   const ModelConfig& config() const { return config_; }
   Dtype dtype() const { return dtype_; }
@@ -98,7 +104,7 @@ class DecoderModel {
 
  private:
   DecoderModel() = default;
-  absl::Status Build(const class WeightSource& source);
+  absl::Status Build(const TensorSource& source);
   // Moves every tensor to shard_.device, keeping the fused weights' views,
   // the tied lm_head and the trainable list pointing at the moved tensors.
   void MoveToDevice();

@@ -52,7 +52,7 @@ void VisitLinear(LoraLinear& l, const TensorVisitor& fn) {
   fn(l.bias);
 }
 
-ParamLoader::ParamLoader(const WeightSource& source, const LoraSettings& lora,
+ParamLoader::ParamLoader(const TensorSource& source, const LoraSettings& lora,
                          std::vector<TrainableParam>* trainable)
     : source_(source), lora_(lora), trainable_(trainable),
       gen_(at::make_generator<at::CPUGeneratorImpl>(lora.seed)) {}

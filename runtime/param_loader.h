@@ -22,7 +22,7 @@
 
 namespace lathe::runtime {
 
-class WeightSource;
+class TensorSource;
 
 // The part of a tensor this rank holds under tensor parallelism, and how its
 // gradient completes (see GradSync).
@@ -73,7 +73,7 @@ class ParamLoader {
  public:
   // Registers trainable tensors into `trainable` (full fine-tuning: every
   // tensor loaded through Tensor/Linear/Experts; LoRA: the adapters).
-  ParamLoader(const WeightSource& source, const LoraSettings& lora, std::vector<TrainableParam>* trainable);
+  ParamLoader(const TensorSource& source, const LoraSettings& lora, std::vector<TrainableParam>* trainable);
 
   bool full_finetune() const { return lora_.full_finetune(); }
 
@@ -111,7 +111,7 @@ class ParamLoader {
   // Registers a loaded tensor for full fine-tuning (bf16: through an fp32 master).
   void Register(const std::string& name, at::Tensor& t, TpCut cut, bool per_expert = false, int64_t full = 0);
 
-  const WeightSource& source_;
+  const TensorSource& source_;
   LoraSettings lora_;
   std::vector<TrainableParam>* trainable_;
   at::Generator gen_;

@@ -1,17 +1,23 @@
-// Random model folders; see tiny_model.h.
+// Random model folders; see tiny_model.h. The tensors are those the
+// architecture loads, named and shaped by its own files (runtime/archs/).
 #include "runtime/tiny_model.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "runtime/decoder_model.h"
+#include "runtime/model_config.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
+#include "runtime/weight_source.h"
 
 namespace lathe::runtime {
 namespace {
@@ -47,61 +53,71 @@ nlohmann::json ConfigJson(const TinyModelSpec& s) {
   return j;
 }
 
+// Makes up every tensor the model asks for, by name, as the model loads:
+// norms 1, everything else ~ N(0, 0.02²); experts per expert, as the Hub
+// stores them. The names and shapes come from the architecture's own files.
+class RandomSource final : public TensorSource {
+ public:
+  explicit RandomSource(uint64_t seed) : gen_(at::make_generator<at::CPUGeneratorImpl>(seed)) {}
+
+  absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
+                                  Slice slice) const override {
+    auto [it, fresh] = made_.try_emplace(name);
+    if (fresh) {
+      it->second = absl::EndsWith(name, "norm.weight") ? at::ones(shape)
+                                                        : at::empty(shape, at::kFloat).normal_(0.0, 0.02, gen_);
+      order_.push_back(name);
+    }
+    const at::Tensor& t = it->second;
+    return slice.dim < 0 ? t : t.narrow(slice.dim, slice.begin, slice.size).contiguous();
+  }
+
+  absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter, int64_t hidden,
+                                      int64_t first, int64_t count) const override {
+    if (count < 0) count = experts - first;
+    std::vector<at::Tensor> gate, up, down;
+    for (int64_t e = 0; e < experts; ++e) {
+      const std::string x = absl::StrCat(mlp, ".experts.", e, ".");
+      LATHE_ASSIGN_OR_RETURN(at::Tensor g, Take(x + "gate_proj.weight", {inter, hidden}, {}));
+      LATHE_ASSIGN_OR_RETURN(at::Tensor u, Take(x + "up_proj.weight", {inter, hidden}, {}));
+      LATHE_ASSIGN_OR_RETURN(at::Tensor d, Take(x + "down_proj.weight", {hidden, inter}, {}));
+      if (e >= first && e < first + count) gate.push_back(g), up.push_back(u), down.push_back(d);
+    }
+    return Experts{at::stack(gate), at::stack(up), at::stack(down)};
+  }
+
+  // Every tensor made, in the order the model asked for them.
+  std::vector<TensorToWrite> Tensors() const {
+    std::vector<TensorToWrite> out;
+    for (const std::string& name : order_) {
+      const at::Tensor& t = made_.at(name);
+      out.push_back({name, "F32", t.sizes().vec(), t.data_ptr(), static_cast<size_t>(t.nbytes())});
+    }
+    return out;
+  }
+
+ private:
+  mutable at::Generator gen_;
+  mutable std::map<std::string, at::Tensor> made_;
+  mutable std::vector<std::string> order_;
+};
+
 }  // namespace
 
 absl::Status WriteTinyModel(const std::string& dir, const TinyModelSpec& s) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(s.seed);
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  auto normal = [&](const std::string& name, std::vector<int64_t> shape) {
-    tensors.emplace_back(name, at::empty(shape, at::kFloat).normal_(0.0, 0.02, gen));
-  };
-  auto ones = [&](const std::string& name, int64_t n) { tensors.emplace_back(name, at::ones({n})); };
-  const int64_t h = s.hidden_size, q = s.num_heads * s.head_dim, kv = s.num_kv_heads * s.head_dim;
-  normal("model.embed_tokens.weight", {s.vocab_size, h});
-  for (int64_t i = 0; i < s.num_layers; ++i) {
-    const std::string p = absl::StrCat("model.layers.", i, ".");
-    ones(p + "input_layernorm.weight", h);
-    ones(p + "post_attention_layernorm.weight", h);
-    normal(p + "self_attn.q_proj.weight", {q, h});
-    normal(p + "self_attn.k_proj.weight", {kv, h});
-    normal(p + "self_attn.v_proj.weight", {kv, h});
-    normal(p + "self_attn.o_proj.weight", {h, q});
-    if (s.attention_bias) {
-      normal(p + "self_attn.q_proj.bias", {q});
-      normal(p + "self_attn.k_proj.bias", {kv});
-      normal(p + "self_attn.v_proj.bias", {kv});
-      normal(p + "self_attn.o_proj.bias", {h});
-    }
-    ones(p + "self_attn.q_norm.weight", s.head_dim);
-    ones(p + "self_attn.k_norm.weight", s.head_dim);
-    if (s.moe) {
-      normal(p + "mlp.gate.weight", {s.num_experts, h});
-      for (int64_t e = 0; e < s.num_experts; ++e) {
-        const std::string x = absl::StrCat(p, "mlp.experts.", e, ".");
-        normal(x + "gate_proj.weight", {s.moe_intermediate_size, h});
-        normal(x + "up_proj.weight", {s.moe_intermediate_size, h});
-        normal(x + "down_proj.weight", {h, s.moe_intermediate_size});
-      }
-    } else {
-      normal(p + "mlp.gate_proj.weight", {s.intermediate_size, h});
-      normal(p + "mlp.up_proj.weight", {s.intermediate_size, h});
-      normal(p + "mlp.down_proj.weight", {h, s.intermediate_size});
-    }
-  }
-  ones("model.norm.weight", h);
-  if (!s.tie_word_embeddings) normal("lm_head.weight", {s.vocab_size, h});
-
-  std::vector<TensorToWrite> out;
-  for (const auto& [name, t] : tensors) {
-    out.push_back({name, "F32", t.sizes().vec(), t.data_ptr(), static_cast<size_t>(t.nbytes())});
-  }
-  LATHE_RETURN_IF_ERROR(WriteSafetensors(dir + "/model.safetensors", out, {{"format", "pt"}}));
-  std::ofstream config(dir + "/config.json");
-  config << ConfigJson(s).dump(2) << "\n";
-  if (!config) return absl::InternalError(absl::StrCat("cannot write ", dir, "/config.json"));
+  const std::string config_text = ConfigJson(s).dump(2);
+  LATHE_ASSIGN_OR_RETURN(ModelConfig config, ParseModelConfig(config_text));
+  RandomSource source(s.seed);
+  LoraSettings frozen;
+  frozen.train_attn = frozen.train_mlp = frozen.train_unembed = false;
+  LATHE_RETURN_IF_ERROR(DecoderModel::FromSource(config, source, frozen).status());
+  LATHE_RETURN_IF_ERROR(WriteSafetensors(dir + "/model.safetensors", source.Tensors(), {{"format", "pt"}}));
+  std::ofstream out(dir + "/config.json");
+  out << config_text << "\n";
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", dir, "/config.json"));
   return absl::OkStatus();
 }
 

@@ -22,18 +22,18 @@ struct Slice {
   int64_t size = 0;
 };
 
-class WeightSource {
+// Where a model's tensors come from, by Hugging Face name: a checkpoint
+// folder (WeightSource), or a generator that makes them up (the tiny models
+// of runtime/tiny_model.h).
+class TensorSource {
  public:
-  // Tensors are returned as `type` (kFloat or kBFloat16), converted from
-  // whatever dtype the files hold.
-  static absl::StatusOr<WeightSource> Open(const std::string& dir, at::ScalarType type = at::kFloat);
+  virtual ~TensorSource() = default;
 
-  // The tensor `name`, whose full shape must be exactly `shape`, as the source's type;
-  // only `slice` of it is converted (and only its bytes read from the
-  // mapping). DataLoss when the folder lacks it, InvalidArgument when its
-  // shape differs; both name the tensor.
-  absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
-                                  Slice slice = {}) const;
+  // The tensor `name`, whose full shape must be exactly `shape`, as the
+  // source's type; only `slice` of it is made. DataLoss when the source
+  // lacks it, InvalidArgument when its shape differs; both name the tensor.
+  virtual absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
+                                          Slice slice = {}) const = 0;
 
   // Experts [first, first + count) of the MoE layer whose mlp prefix is `mlp`
   // ("model.layers.3.mlp") of `experts` in all (count -1: to the end):
@@ -41,8 +41,22 @@ class WeightSource {
   struct Experts {
     at::Tensor gate, up, down;
   };
-  absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter,
-                                      int64_t hidden, int64_t first = 0, int64_t count = -1) const;
+  virtual absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter,
+                                              int64_t hidden, int64_t first = 0, int64_t count = -1) const = 0;
+};
+
+class WeightSource : public TensorSource {
+ public:
+  // Tensors are returned as `type` (kFloat or kBFloat16), converted from
+  // whatever dtype the files hold.
+  static absl::StatusOr<WeightSource> Open(const std::string& dir, at::ScalarType type = at::kFloat);
+
+  // Reads only the slice's bytes from the mapping.
+  absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
+                                  Slice slice = {}) const override;
+  // Per-expert or fused (transformers 5.x) layouts alike.
+  absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter, int64_t hidden,
+                                      int64_t first = 0, int64_t count = -1) const override;
 
  private:
   WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt, at::ScalarType type)
