@@ -15,6 +15,7 @@ ABSL_FLAG(int, requests, 1, "requests decoded together");
 ABSL_FLAG(int, samples, 1, "sequences per request");
 ABSL_FLAG(int64_t, max_tokens, 64, "tokens per sequence");
 ABSL_FLAG(int64_t, prompt_tokens, 32, "prompt length");
+ABSL_FLAG(double, temperature, 1.0, "sampling temperature; 0: greedy");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
     }
     requests[r].num_samples = absl::GetFlag(FLAGS_samples);
     requests[r].settings.seed = r;
+    requests[r].settings.temperature = absl::GetFlag(FLAGS_temperature);
   }
   auto run = [&](int64_t tokens) {
     for (auto& r : requests) r.settings.max_tokens = tokens;

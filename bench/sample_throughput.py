@@ -10,7 +10,10 @@ side is bench/generate_bench instead (the same requests given to
 runtime::GenerateBatch at once, no service).
 
   .venv/bin/python bench/sample_throughput.py [--model dense|moe2] [--threads 2] [--max-tokens 64]
-      [--concurrency 1,16] [--layout replicas=1] [--in-process]
+      [--concurrency 1,16] [--layout replicas=1] [--in-process] [--greedy]
+
+With --greedy both sides decode greedily (lathe temperature 0, transformers
+do_sample=False), with transformers' cache on.
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ def prompts(count, length):
     return [[(7 + 13 * i + 31 * r) % 1000 + 1 for i in range(length)] for r in range(count)]
 
 
-def hf_tokens_per_s(model_dir, batch, max_tokens):
+def hf_tokens_per_s(model_dir, batch, max_tokens, greedy=False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,6 +43,8 @@ def hf_tokens_per_s(model_dir, batch, max_tokens):
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
     ids = torch.tensor(batch)
     gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
+    if greedy:
+        gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **gen)
         start = time.perf_counter()
@@ -71,22 +76,26 @@ def service_tokens_per_s(stub, pb, types, run, seq, batch, max_tokens, rounds=2)
 def in_process_tokens_per_s(args, model, requests):
     out = subprocess.run([os.path.join(args.build_dir, "bench", "generate_bench"), f"--model={model}",
                           f"--requests={requests}", f"--max_tokens={args.max_tokens}",
-                          f"--prompt_tokens={args.prompt_tokens}"],
+                          f"--prompt_tokens={args.prompt_tokens}",
+                          f"--temperature={0.0 if args.greedy else 1.0}"],
                          check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["dense", "moe2"], default="dense")
+    ap.add_argument("--model", choices=["dense", "moe2", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe"], default="dense")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,16", help="comma-separated request counts")
     ap.add_argument("--layout", default="replicas=1", help="the deployment's mesh flags, e.g. replicas=2 or tp=2")
     ap.add_argument("--in-process", action="store_true", help="time generate_bench (no service) instead")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding on both sides")
     tt.add_path_args(ap)
     args = ap.parse_args()
+    if args.greedy and not args.in_process:
+        ap.error("--greedy needs --in-process (the service samples at the request's temperature)")
     model = tt.cached_model(args.cache, args.model)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -110,8 +119,10 @@ def main():
                                                     prompts(c, args.prompt_tokens), args.max_tokens)
     for c in counts:
         tokens_per_s, batched = lathe[c]
-        hf = hf_tokens_per_s(model, prompts(c, args.prompt_tokens), args.max_tokens)
+        hf = hf_tokens_per_s(model, prompts(c, args.prompt_tokens), args.max_tokens, args.greedy)
         what = f"{c} request(s) in-process" if args.in_process else f"{c} concurrent request(s)"
+        if args.greedy:
+            what += ", greedy"
         print(f"{args.model}, {what} x {args.max_tokens} tokens, {args.threads} threads: lathe {tokens_per_s:.1f} "
               f"tokens/s (largest batch {batched}) vs transformers generate {hf:.1f} tokens/s: "
               f"ratio {tokens_per_s / hf:.2f}x", flush=True)

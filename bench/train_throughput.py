@@ -34,6 +34,24 @@ SHAPES = {
 # The same MoE widths with two MoE layers, where the experts weigh more
 # against the vocabulary projection.
 SHAPES["moe2"] = dict(SHAPES["moe"], num_hidden_layers=2)
+# Qwen3.5-0.8B widths (hybrid: 3 Gated DeltaNet layers, then one gated-attention layer),
+# 4 of its 24 layers; the MoE variant has Qwen3.5-35B-A3B's attention and expert widths
+# with 64 of its 256 experts (so that both copies of the model fit in memory).
+_QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                 "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+SHAPES["qwen3_5"] = dict(arch="qwen3_5", vocab_size=248320, hidden_size=1024, intermediate_size=3584,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+                         rms_norm_eps=1e-6, rope_parameters=_QWEN3_5_ROPE)
+SHAPES["qwen3_5_8l"] = dict(SHAPES["qwen3_5"], num_hidden_layers=8)
+SHAPES["qwen3_5_moe"] = dict(arch="qwen3_5_moe", vocab_size=248320, hidden_size=2048, num_hidden_layers=4,
+                             num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                             linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                             linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=64,
+                             num_experts_per_tok=8, moe_intermediate_size=512,
+                             shared_expert_intermediate_size=512, tie_word_embeddings=False,
+                             rms_norm_eps=1e-6, rope_parameters=_QWEN3_5_ROPE)
 
 
 def add_path_args(ap):
@@ -52,11 +70,19 @@ def cached_model(cache, kind):
 
 
 def make_model(kind, out_dir):
+    import transformers
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     shape = dict(SHAPES[kind])
     arch = shape.pop("arch")
     torch.manual_seed(0)
-    if arch == "qwen3":
+    if arch in ("qwen3_5", "qwen3_5_moe"):
+        moe = arch == "qwen3_5_moe"
+        config_cls = transformers.Qwen3_5MoeTextConfig if moe else transformers.Qwen3_5TextConfig
+        model_cls = transformers.Qwen3_5MoeForCausalLM if moe else transformers.Qwen3_5ForCausalLM
+        config = config_cls(**shape, max_position_embeddings=8192, use_cache=False, bos_token_id=None,
+                            eos_token_id=None, pad_token_id=None)
+        model = model_cls(config)
+    elif arch == "qwen3":
         config = Qwen3Config(**shape, rope_theta=1e6, max_position_embeddings=4096)
         model = Qwen3ForCausalLM(config)
     else:
@@ -77,9 +103,18 @@ def peft_lora(model, rank):
     from peft import LoraConfig, get_peft_model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     extra = {}
-    if model.config.model_type == "qwen3_moe":
+    model_type = model.config.model_type
+    if model_type in ("qwen3_moe", "qwen3_5_moe_text"):
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
         extra["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if model_type.startswith("qwen3_5"):
+        # Gated DeltaNet projections; lathe trains in_proj_qkv as three rank-r adapters
+        # (q, k, v rows), which is one rank-3r LoRA on the fused projection.
+        targets += ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
+        extra["rank_pattern"] = {r".*\.in_proj_qkv": 3 * rank}
+        extra["alpha_pattern"] = {r".*\.in_proj_qkv": 3 * 32}
+        if model_type == "qwen3_5_moe_text":
+            targets += ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0,
                                                   target_modules=targets, **extra))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -147,7 +182,8 @@ def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", choices=["dense", "moe", "moe2", "both"], default="both")
+    ap.add_argument("--model", choices=["dense", "moe", "moe2", "both", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe"],
+                    default="both")
     ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288",
                     help="datum lengths of the batch (tokens)")
     ap.add_argument("--rank", type=int, default=32)
