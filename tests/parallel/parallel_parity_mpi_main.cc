@@ -332,6 +332,19 @@ int main(int argc, char** argv) {
     }
     else if (flag == "--bf16" && value != 0) memory.dtype = lathe::runtime::Dtype::kBFloat16;
   }
+  int world_size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (std::strcmp(argv[i], "--control") != 0) continue;
+    if (memory.control_micro_batch_tokens <= 0 || world_size != 1) {
+      if (lathe::world_rank == 0) {
+        std::fprintf(stderr, "--control '%s': want a token count > 0 under mpirun -np 1 (got -np %d)\n", argv[i + 1],
+                     world_size);
+      }
+      MPI_Finalize();
+      return 2;
+    }
+  }
   if (memory.dtype == lathe::runtime::Dtype::kBFloat16) {
     // The bf16 parity tolerances (loss, gradients); a parameter may move by
     // up to ~2·lr per step more or less where bf16 noise flips the sign of a

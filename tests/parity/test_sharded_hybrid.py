@@ -98,11 +98,11 @@ def test_repacked_single_process_is_within_the_hybrid_tolerance(hybrid_models, k
     print(kind, micro_batch_tokens, run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("value", ["0.5", "x", ""])
-def test_bad_tol_scale_is_refused(hybrid_models, value):
+@pytest.mark.parametrize("ranks,flag,value", [(1, "--tol_scale", "0.5"), (1, "--tol_scale", "x"),
+                                              (1, "--tol_scale", ""), (1, "--control", "0"), (2, "--control", "8")])
+def test_bad_harness_flags_are_refused(hybrid_models, ranks, flag, value):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", "1", _binary(), "--model", hybrid_models["qwen3_5"],
-           "--tol_scale", value]
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), _binary(), "--model", hybrid_models["qwen3_5"], flag, value]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert run.returncode != 0 and f"--tol_scale '{value}'" in run.stderr, run.stderr[-2000:]
+    assert run.returncode != 0 and f"{flag} '{value}'" in run.stderr, run.stderr[-2000:]
     assert "failures" not in run.stdout
