@@ -14,6 +14,8 @@
 //
 // Usage: mpirun -np W parallel_parity_mpi [--replicas R] [--node_count N] [--tp T] [--cp C] [--ep E]
 //        [--long L] (the length of the long sequence with cp; default 1536) [--bf16 1]
+//        [--tol_scale S] (every tolerance times S; the Qwen3.5 hybrids' tolerances, docs/parallel.md)
+//        [--control N] (with -np 1: the second trainer is one process packing N-token micro-batches)
 // (devices per node = W / (R · N)).
 #include <mpi.h>
 
@@ -187,6 +189,11 @@ struct MemoryOptions {
   int long_tokens = 1536;
   runtime::Dtype dtype = runtime::Dtype::kFloat32;  // both trainers'
   bool attention_bias = false;  // the model has q/k/v/o biases
+  // --control N: the second trainer is not sharded but another single process
+  // that packs each call into micro-batches of N tokens (the reference: 16),
+  // with the cp steps' long sequence: how far summation order alone moves the
+  // same run, the noise floor the sharded differences are measured against.
+  int64_t control_micro_batch_tokens = 0;
 };
 
 // `given`: a model folder to use instead of the tiny model written here.
@@ -220,7 +227,9 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
   lora.rank = full_ft ? 0 : 4;
   lora.alpha = 8;
   lora.train_unembed = true;
-  runtime::TrainerOptions options{model, lora, shape.cp > 1 ? memory.long_tokens : 64, 16};
+  const bool control = memory.control_micro_batch_tokens > 0;
+  const bool long_steps = shape.cp > 1 || control;
+  runtime::TrainerOptions options{model, lora, long_steps ? memory.long_tokens : 64, 16};
   options.dtype = memory.dtype;
   auto ref = runtime::Trainer::Create(options);
   auto ctx = runtime::MakeModelContext(model, shape.replicas, shape.node_count, shape.tp, shape.ep, absl::Seconds(60),
@@ -229,7 +238,8 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
     Expect(false, label + ": setup " + (ref.ok() ? std::string(ctx.status().message()) : std::string(ref.status().message())));
     return;
   }
-  options.parallel = ctx->get();
+  options.parallel = control ? nullptr : ctx->get();
+  if (control) options.micro_batch_tokens = memory.control_micro_batch_tokens;
   options.logprob_chunk_tokens = memory.logprob_chunk_tokens;
   if (memory.recompute) options.recompute = runtime::Recompute::kOn;
   auto par = runtime::Trainer::Create(options);
@@ -259,9 +269,9 @@ void Run(const parallel::MeshShape& shape, bool moe, bool full_ft, const std::st
       {{13}, "ppo"},
       {{6, 10}, "gspo"}};
   // One long sequence (its own micro-batch) and short ones packed together.
-  if (shape.cp > 1) steps.push_back({{memory.long_tokens, 5, 2, 1, 3, 7}, "cross_entropy"});
+  if (long_steps) steps.push_back({{memory.long_tokens, 5, 2, 1, 3, 7}, "cross_entropy"});
   // Two targets per token in one datum: logprobs gathered per datum.
-  if (shape.cp > 1) steps.push_back({{9, 3, 14, 1}, "cross_entropy_2d"});
+  if (long_steps) steps.push_back({{9, 3, 14, 1}, "cross_entropy_2d"});
   for (size_t step = 0; step < steps.size(); ++step) {
     const std::string when = label + " step " + std::to_string(step);
     auto in = Batch(steps[step].first, steps[step].second, vocab, static_cast<int>(step));
@@ -299,6 +309,7 @@ int main(int argc, char** argv) {
   lathe::parallel::MeshShape shape;
   lathe::MemoryOptions memory;
   std::string given_model;  // --model DIR: that model instead of the tiny ones
+  double tol_scale = 1;      // --tol_scale S: every tolerance times S (docs/parallel.md)
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const int value = std::atoi(argv[i + 1]);
@@ -312,7 +323,30 @@ int main(int argc, char** argv) {
     else if (flag == "--logprob_chunk_tokens") memory.logprob_chunk_tokens = value;
     else if (flag == "--recompute") memory.recompute = value != 0;
     else if (flag == "--attention_bias") memory.attention_bias = value != 0;
+    else if (flag == "--control") memory.control_micro_batch_tokens = value;
+    else if (flag == "--tol_scale") {
+      char* end = nullptr;
+      tol_scale = std::strtod(argv[i + 1], &end);
+      if (end == argv[i + 1] || *end != '\0' || !(tol_scale >= 1)) {
+        if (lathe::world_rank == 0) std::fprintf(stderr, "--tol_scale '%s': want a number >= 1\n", argv[i + 1]);
+        MPI_Finalize();
+        return 2;
+      }
+    }
     else if (flag == "--bf16" && value != 0) memory.dtype = lathe::runtime::Dtype::kBFloat16;
+  }
+  int world_size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (std::strcmp(argv[i], "--control") != 0) continue;
+    if (memory.control_micro_batch_tokens <= 0 || world_size != 1) {
+      if (lathe::world_rank == 0) {
+        std::fprintf(stderr, "--control '%s': want a token count > 0 under mpirun -np 1 (got -np %d)\n", argv[i + 1],
+                     world_size);
+      }
+      MPI_Finalize();
+      return 2;
+    }
   }
   if (memory.dtype == lathe::runtime::Dtype::kBFloat16) {
     // The bf16 parity tolerances (loss, gradients); a parameter may move by
@@ -324,6 +358,8 @@ int main(int argc, char** argv) {
     // bound of 0.05 (measured 0.055 with cp 2, 5e-3 with tp/ep).
     lathe::tol = {0.1, 0.01, 0.05, 0.1};
   }
+  lathe::tol = {lathe::tol.logprob * tol_scale, lathe::tol.loss * tol_scale, lathe::tol.grad_norm * tol_scale,
+                lathe::tol.param * tol_scale};
   char tmpl[] = "/tmp/lathe_parity_XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   if (!given_model.empty()) {

@@ -18,7 +18,7 @@ import torch
 import make_tiny_models
 import reference as R
 
-KINDS = make_tiny_models.KINDS
+KINDS = make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS
 LORA = dict(rank=4, alpha=8, seed=0, train_attn=True, train_mlp=True, train_unembed=True)
 KIND_SEED = {k: 100 * i for i, k in enumerate(KINDS)}
 ADAM = dict(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
@@ -58,6 +58,10 @@ def max_logprob_diff(res, op: int, want: dict) -> float:
         assert lp.shape == lp_w.shape
         worst = max(worst, float((lp - lp_w.float()).abs().max()))
     return worst
+
+
+def max_logprob_diff_ref(got: dict, want: dict) -> float:
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(got["logprobs"], want["logprobs"]))
 
 
 def worst_rel(got: dict, want: dict) -> tuple[float, str]:
@@ -125,7 +129,7 @@ def test_bf16_matches_transformers_and_peft_in_bf16(kind, mode, tiny_models, har
     assert lp_after <= BF16_LOGPROB_ATOL, f"{kind}/{mode}: logprobs after the step differ by {lp_after:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"])
 def test_bf16_differs_from_fp32_by_rounding_only(kind, tiny_models, harness):
     """The harness under bfloat16 really computes in bf16 (it is not the fp32 model) and
     stays as close to fp32 as the derivation says."""
@@ -135,9 +139,17 @@ def test_bf16_differs_from_fp32_by_rounding_only(kind, tiny_models, harness):
     want32 = ref32.run(data, backward=False)
     res = harness(d, {"lora": None, "dtype": "bfloat16", "ops": [fwd(data)]})
     diff = max_logprob_diff(res, 0, want32)
+    # transformers' own bf16 error on this batch: lathe's bf16 may be no further from
+    # fp32 than that plus what two bf16 implementations may differ by (BF16_LOGPROB_ATOL).
+    ref_diff = max_logprob_diff_ref(R.Reference(d, dtype=torch.bfloat16).run(data, backward=False), want32)
     if REPORT:
-        print(f"\n{kind}: bf16 vs fp32 logprob {diff:.3g}")
-    assert 1e-4 < diff <= BF16_LOGPROB_ATOL * 2, f"{kind}: bf16 vs fp32 logprobs differ by {diff:.3g}"
+        print(f"\n{kind}: bf16 vs fp32 logprob {diff:.3g} (transformers bf16 vs fp32 {ref_diff:.3g})")
+    assert 1e-4 < diff <= ref_diff + BF16_LOGPROB_ATOL, \
+        f"{kind}: bf16 vs fp32 logprobs differ by {diff:.3g} (transformers' bf16: {ref_diff:.3g})"
+    if kind in make_tiny_models.KINDS:
+        # The Qwen3 models' bf16 error is also bounded a priori (docs/runtime.md, "Precision");
+        # the hybrids' is not (see "bf16 on the hybrids" there): only the reference bounds it.
+        assert diff <= BF16_LOGPROB_ATOL * 2, f"{kind}: bf16 vs fp32 logprobs differ by {diff:.3g}"
 
 
 def test_unknown_dtype_is_refused(tiny_models, harness):
