@@ -58,9 +58,11 @@ class DecoderModel {
   // records autograd history for the trainable parameters unless grad mode
   // is off.
   //
-  // With `caches` (one per sequence): each sequence continues its cache — its
-  // positions start at the cache's length, it attends to the cached tokens
-  // too, and its new keys and values are appended (no autograd: generation).
+  // With `caches` (one per sequence): each sequence continues its state — its
+  // positions start at the state's length, each layer continues from what
+  // its mixer kept (attention: the cached keys and values; Gated DeltaNet:
+  // the conv window and recurrent state) and updates it, and the length
+  // grows by the new tokens (no autograd: generation).
   //
   // With `recompute` (training without caches): each layer keeps only its
   // input for the backward and runs again inside it (see Recomputed); the
