@@ -55,7 +55,6 @@ absl::Status DecoderModel::Build(const TensorSource& w) {
   vocab_begin_ = parallel::PartBegin(c.vocab_size, tp, tr);
   const TpCut vocab = TpCut::Rows(vocab_begin_, parallel::PartBegin(c.vocab_size, tp, tr + 1) - vocab_begin_);
   const std::string& prefix = c.checkpoint.weight_prefix;
-  rotary_dim_ = c.rotary.rotary_dim > 0 ? c.rotary.rotary_dim : c.head_dim;
   ParamLoader loader(w, lora_, &trainable_);
   LATHE_ASSIGN_OR_RETURN(embed_, loader.Tensor(prefix + "embed_tokens.weight", {c.vocab_size, h}, vocab));
   LATHE_ASSIGN_OR_RETURN(blocks_, arch->load_layers(c, loader, prefix, shard_));
@@ -133,9 +132,9 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   }
   if (split != nullptr && states == nullptr) {
     ctx.cp = std::make_shared<const parallel::SequenceSplit>(*split);
-    if (t > 0) ctx.rope = GlobalRope(split->positions, rotary_dim_, c.rope, h);
+    if (t > 0) ctx.rope = GlobalRope(split->positions, c.rotary.rotary_dim, c.rope, h);
   } else if (t > 0) {
-    ctx.rope = PackedRope(lengths, rotary_dim_, c.rope, h, starts);
+    ctx.rope = PackedRope(lengths, c.rotary.rotary_dim, c.rope, h, starts);
   }
   recompute = recompute && states == nullptr;
   for (size_t layer = 0; layer < blocks_.size(); ++layer) {

@@ -116,7 +116,6 @@ class DecoderModel {
   LoraSettings lora_;
   ModelShard shard_;
   int64_t vocab_begin_ = 0;
-  int64_t rotary_dim_ = 0;  // dims of each head RoPE rotates
   at::Tensor embed_;       // [V, H]
   Norm final_norm_;
   LoraLinear lm_head_;     // weight aliases embed_ when tied
