@@ -1,4 +1,4 @@
-// One Gated DeltaNet layer's math (runtime/gated_delta_net.h), forward and forward+backward,
+// One Gated DeltaNet layer's math (tensor/gated_delta_net.h), forward and forward+backward,
 // on random inputs of one sequence (or --docs packed ones): wall and process CPU
 // milliseconds per call (medians of --reps after a warm-up; CPU time is the figure to read
 // on a busy machine).
@@ -17,7 +17,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "runtime/gated_delta_net.h"
+#include "tensor/gated_delta_net.h"
 
 ABSL_FLAG(int64_t, tokens, 4096, "sequence length");
 ABSL_FLAG(int64_t, k_heads, 16, "key heads");

@@ -9,7 +9,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "runtime/invariant_linear.h"
+#include "tensor/invariant_linear.h"
 
 ABSL_FLAG(int64_t, k, 1024, "input width");
 ABSL_FLAG(int64_t, n, 3072, "output width");

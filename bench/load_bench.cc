@@ -36,7 +36,7 @@
 #include "client/lathe_client.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
-#include "runtime/sft_data.h"
+#include "core/sft_data.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7777", "coordinator host:port");
 ABSL_FLAG(int, clients, 200, "concurrent clients, each with its own connection and run");

@@ -13,7 +13,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "client/lathe_client.h"
-#include "runtime/sft_data.h"
+#include "core/sft_data.h"
 
 ABSL_FLAG(std::string, address, "127.0.0.1:7777", "coordinator host:port");
 ABSL_FLAG(int, round_trips, 0, "empty-operation round trips to time (0: skip)");

@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "runtime/sft_data.h"
-#include "runtime/status.h"
+#include "core/sft_data.h"
+#include "core/status.h"
 
 namespace lathe::client {
 namespace {

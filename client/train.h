@@ -1,5 +1,5 @@
 // `lathe train`: supervised fine-tuning through a deployment, from a JSONL
-// file of token-id datums (runtime/sft_data.h), one progress line per step.
+// file of token-id datums (core/sft_data.h), one progress line per step.
 #ifndef LATHE_CLIENT_TRAIN_H_
 #define LATHE_CLIENT_TRAIN_H_
 

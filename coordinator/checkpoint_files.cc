@@ -13,8 +13,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "runtime/saturating.h"
-#include "runtime/status.h"
+#include "core/saturating.h"
+#include "core/status.h"
 
 namespace lathe::coordinator {
 namespace {

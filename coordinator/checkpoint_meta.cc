@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/checkpoint_files.h"
 #include "nlohmann/json.hpp"
-#include "runtime/quote.h"
+#include "core/quote.h"
 
 namespace lathe::coordinator {
 namespace {

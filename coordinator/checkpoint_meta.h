@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "runtime/checkpoint_path.h"
+#include "core/checkpoint_path.h"
 
 namespace lathe::coordinator {
 

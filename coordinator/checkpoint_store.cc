@@ -13,9 +13,9 @@
 #include "coordinator/checkpoint_files.h"
 #include "coordinator/checkpoint_meta.h"
 #include "coordinator/request_limits.h"
-#include "runtime/log.h"
-#include "runtime/quote.h"
-#include "runtime/saturating.h"
+#include "core/log.h"
+#include "core/quote.h"
+#include "core/saturating.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -27,7 +27,7 @@
 #include "absl/time/time.h"
 #include "coordinator/checkpoint_meta.h"
 #include "lathe/v1/service.pb.h"
-#include "runtime/checkpoint_path.h"
+#include "core/checkpoint_path.h"
 
 namespace lathe::coordinator {
 

@@ -12,9 +12,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/parse_error_interceptor.h"
-#include "runtime/log.h"
-#include "runtime/op_error.h"
-#include "runtime/status.h"
+#include "core/log.h"
+#include "core/op_error.h"
+#include "core/status.h"
 
 namespace lathe::coordinator {
 namespace {

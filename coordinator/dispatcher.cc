@@ -2,8 +2,8 @@
 #include "coordinator/dispatcher.h"
 
 #include "absl/strings/str_cat.h"
-#include "runtime/log.h"
-#include "runtime/op_error.h"
+#include "core/log.h"
+#include "core/op_error.h"
 
 namespace lathe::coordinator {
 

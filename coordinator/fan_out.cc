@@ -3,7 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "parallel/data_parallel.h"
-#include "runtime/validation.h"
+#include "core/validation.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -6,10 +6,10 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "coordinator/op_validation.h"
 #include "coordinator/request_limits.h"
-#include "runtime/checkpoint_path.h"
-#include "runtime/quote.h"
-#include "runtime/random_id.h"
-#include "runtime/status.h"
+#include "core/checkpoint_path.h"
+#include "core/quote.h"
+#include "core/random_id.h"
+#include "core/status.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -11,8 +11,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/crc32c.h"
-#include "runtime/log.h"
+#include "core/crc32c.h"
+#include "core/log.h"
 
 namespace lathe::coordinator {
 namespace {

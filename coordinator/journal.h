@@ -3,7 +3,7 @@
 // at any moment restarts with its runs, accepted operations and results.
 //
 // On disk, <dir>/journal.log is a sequence of frames: a little-endian uint32
-// payload length, a little-endian uint32 CRC32C of the payload (runtime/crc32c.h), the payload.
+// payload length, a little-endian uint32 CRC32C of the payload (core/crc32c.h), the payload.
 // Every Append is written and fdatasync'ed before it returns. A frame that is
 // cut short or whose checksum does not match (a write torn by kill -9 or a
 // power loss) ends the log: Open drops it and everything after it.

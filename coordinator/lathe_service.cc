@@ -5,8 +5,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/request_limits.h"
-#include "runtime/quote.h"
-#include "runtime/status.h"
+#include "core/quote.h"
+#include "core/status.h"
 
 namespace lathe::coordinator {
 namespace {

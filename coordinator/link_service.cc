@@ -6,8 +6,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_limits.h"
-#include "runtime/log.h"
-#include "runtime/quote.h"
+#include "core/log.h"
+#include "core/quote.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -12,8 +12,8 @@
 #include "absl/strings/str_format.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "runtime/log.h"
-#include "runtime/quote.h"
+#include "core/log.h"
+#include "core/quote.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/op_ledger.h"
 #include "coordinator/op_ledger_entries.h"
-#include "runtime/log.h"
+#include "core/log.h"
 
 namespace lathe::coordinator {
 

@@ -3,11 +3,11 @@
 
 
 #include "absl/strings/str_cat.h"
-#include "runtime/adam_hyper.h"
-#include "runtime/checkpoint_path.h"
-#include "runtime/lora_settings.h"
-#include "runtime/sampling_settings.h"
-#include "runtime/validation.h"
+#include "core/adam_hyper.h"
+#include "core/checkpoint_path.h"
+#include "core/lora_settings.h"
+#include "core/sampling_settings.h"
+#include "core/validation.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "runtime/log.h"
+#include "core/log.h"
 
 namespace lathe::coordinator {
 

@@ -7,8 +7,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "runtime/checkpoint_path.h"
-#include "runtime/quote.h"
+#include "core/checkpoint_path.h"
+#include "core/quote.h"
 
 namespace lathe::coordinator {
 namespace {

@@ -13,16 +13,16 @@
 #include "parallel/data_parallel.h"
 #include "parallel/model_parallel.h"
 #include "runtime/checkpoint.h"
-#include "runtime/checkpoint_path.h"
-#include "runtime/lora_settings.h"
+#include "core/checkpoint_path.h"
+#include "core/lora_settings.h"
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
-#include "runtime/guarded.h"
+#include "core/guarded.h"
 #include "dp_worker/op_outcome.h"
 #include "runtime/peft_export.h"
-#include "runtime/validation.h"
-#include "runtime/op_error.h"
-#include "runtime/status.h"
+#include "core/validation.h"
+#include "core/op_error.h"
+#include "core/status.h"
 
 namespace lathe::dp_worker {
 namespace {

@@ -12,7 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
-#include "runtime/log.h"
+#include "core/log.h"
 
 namespace lathe::dp_worker {
 namespace {

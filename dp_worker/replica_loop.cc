@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/status.h"
+#include "core/status.h"
 
 namespace lathe::dp_worker {
 namespace {

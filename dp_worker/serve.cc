@@ -13,10 +13,10 @@
 #include "parallel/rank_info.h"
 #include "presets/preset_table.h"
 #include "runtime/device.h"
-#include "runtime/log.h"
-#include "runtime/model_config.h"
+#include "core/log.h"
+#include "core/model_config.h"
 #include "runtime/parallel_setup.h"
-#include "runtime/status.h"
+#include "core/status.h"
 
 namespace lathe::dp_worker {
 namespace {

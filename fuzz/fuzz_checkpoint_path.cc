@@ -9,7 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "coordinator/request_limits.h"
 #include "fuzz/fuzz_util.h"
-#include "runtime/checkpoint_path.h"
+#include "core/checkpoint_path.h"
 
 namespace {
 

@@ -13,7 +13,7 @@
 #include <string>
 
 #include "fuzz/fuzz_util.h"
-#include "runtime/safetensors.h"
+#include "core/safetensors.h"
 
 namespace {
 

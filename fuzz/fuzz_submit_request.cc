@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "fuzz/fuzz_util.h"
-#include "runtime/validation.h"
+#include "core/validation.h"
 
 namespace {
 

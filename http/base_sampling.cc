@@ -10,8 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
-#include "runtime/quote.h"
-#include "runtime/random_id.h"
+#include "core/quote.h"
+#include "core/random_id.h"
 
 namespace lathe::http {
 

@@ -18,9 +18,9 @@
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
 #include "http/zstd_body.h"
-#include "runtime/log.h"
-#include "runtime/quote.h"
-#include "runtime/random_id.h"
+#include "core/log.h"
+#include "core/quote.h"
+#include "core/random_id.h"
 
 namespace lathe::http {
 namespace {

@@ -12,7 +12,7 @@
 #include "http/loops_convert.h"
 #include "http/loops_door.h"
 #include "http/tinker_convert.h"
-#include "runtime/quote.h"
+#include "core/quote.h"
 
 namespace lathe::http {
 namespace {

@@ -9,8 +9,8 @@
 #include "http/door_impl.h"
 #include "http/loops_door.h"
 #include "http/tinker_convert.h"
-#include "runtime/quote.h"
-#include "runtime/random_id.h"
+#include "core/quote.h"
+#include "core/random_id.h"
 
 namespace lathe::http {
 namespace {

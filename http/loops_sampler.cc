@@ -11,7 +11,7 @@
 #include "http/door_impl.h"
 #include "http/loops_convert.h"
 #include "http/loops_door.h"
-#include "runtime/random_id.h"
+#include "core/random_id.h"
 
 namespace lathe::http {
 namespace {

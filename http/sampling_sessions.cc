@@ -2,7 +2,7 @@
 #include "http/sampling_sessions.h"
 
 
-#include "runtime/random_id.h"
+#include "core/random_id.h"
 
 namespace lathe::http {
 

@@ -14,8 +14,8 @@
 #include "absl/time/time.h"
 #include "http/door_impl.h"
 #include "http/tinker_convert.h"
-#include "runtime/checkpoint_path.h"
-#include "runtime/quote.h"
+#include "core/checkpoint_path.h"
+#include "core/quote.h"
 
 namespace lathe::http {
 

@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/quote.h"
+#include "core/quote.h"
 
 namespace lathe::http {
 namespace {

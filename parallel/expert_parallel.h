@@ -7,7 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "parallel/model_parallel.h"
-#include "runtime/layers.h"
+#include "tensor/layers.h"
 
 namespace lathe::parallel {
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "parallel/context.h"
-#include "runtime/trainable_param.h"
+#include "tensor/trainable_param.h"
 
 namespace lathe::parallel {
 

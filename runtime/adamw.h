@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
-#include "runtime/adam_hyper.h"
+#include "core/adam_hyper.h"
 #include "runtime/decoder_model.h"
 
 namespace lathe::runtime {

@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "parallel/context_parallel.h"
-#include "runtime/status.h"
+#include "core/status.h"
 
 namespace lathe::runtime {
 namespace {

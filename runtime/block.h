@@ -19,7 +19,7 @@
 #include <memory>
 #include <vector>
 
-#include "runtime/layers.h"
+#include "tensor/layers.h"
 #include "runtime/model_shard.h"
 #include "runtime/param_loader.h"
 

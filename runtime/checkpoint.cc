@@ -17,12 +17,12 @@
 #include "nlohmann/json.hpp"
 #include "parallel/data_parallel.h"
 #include "runtime/adamw.h"
-#include "runtime/crc32c.h"
+#include "core/crc32c.h"
 #include "runtime/decoder_model.h"
-#include "runtime/safetensors.h"
-#include "runtime/saturating.h"
-#include "runtime/guarded.h"
-#include "runtime/status.h"
+#include "core/safetensors.h"
+#include "core/saturating.h"
+#include "core/guarded.h"
+#include "core/status.h"
 #include "runtime/trainer.h"
 
 namespace lathe::runtime {

@@ -20,7 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "parallel/communicator.h"
-#include "runtime/lora_settings.h"
+#include "core/lora_settings.h"
 
 namespace lathe::runtime {
 

@@ -14,10 +14,10 @@
 #include "parallel/data_parallel.h"
 #include "runtime/adamw.h"
 #include "runtime/checkpoint.h"
-#include "runtime/crc32c.h"
+#include "core/crc32c.h"
 #include "runtime/decoder_model.h"
-#include "runtime/safetensors.h"
-#include "runtime/status.h"
+#include "core/safetensors.h"
+#include "core/status.h"
 #include "runtime/trainer.h"
 
 namespace lathe::runtime {

@@ -15,7 +15,7 @@
 #include "runtime/param_loader.h"
 #include "runtime/losses.h"
 #include "runtime/recompute.h"
-#include "runtime/status.h"
+#include "core/status.h"
 #include "runtime/weight_source.h"
 
 namespace lathe::runtime {

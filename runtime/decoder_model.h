@@ -21,19 +21,19 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
-#include "runtime/dtype.h"
-#include "runtime/layers.h"
-#include "runtime/lora_settings.h"
-#include "runtime/model_config.h"
+#include "core/dtype.h"
+#include "tensor/layers.h"
+#include "core/lora_settings.h"
+#include "core/model_config.h"
 #include "runtime/model_shard.h"
-#include "runtime/trainable_param.h"
+#include "tensor/trainable_param.h"
 
 namespace lathe::runtime {
 
 class DecoderModel {
  public:
   // Reads config.json and the safetensors weights of `dir`, computing in
-  // `dtype` (base weights held in it; see runtime/dtype.h).
+  // `dtype` (base weights held in it; see core/dtype.h).
   // NotFound / DataLoss for missing or corrupt files, InvalidArgument for an
   // unsupported config or a tensor of the wrong shape; all name the culprit.
   // With `shard`, reads only this rank's slices.

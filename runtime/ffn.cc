@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "parallel/expert_parallel.h"
-#include "runtime/status.h"
+#include "core/status.h"
 
 namespace lathe::runtime {
 

@@ -15,7 +15,7 @@
 #include "parallel/model_parallel.h"
 #include "runtime/decoder_model.h"
 #include "runtime/device.h"
-#include "runtime/layers.h"
+#include "tensor/layers.h"
 
 namespace lathe::runtime {
 namespace {

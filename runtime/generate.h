@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "runtime/sampling_settings.h"
+#include "core/sampling_settings.h"
 
 namespace lathe::runtime {
 

@@ -1,6 +1,6 @@
 // Gated DeltaNet as a layer's mixer (Qwen3.5 / Qwen3.6 `linear_attention`
 // layers): the input projections in_proj_qkv (q | k | v channels), in_proj_z,
-// in_proj_b, in_proj_a, the GDN core of runtime/gated_delta_net.h, and
+// in_proj_b, in_proj_a, the GDN core of tensor/gated_delta_net.h, and
 // out_proj. Heads are cut over tp: each rank holds Hk/tp key heads, Hv/tp
 // value heads, their conv channels, A_log and dt_bias entries, and out_proj's
 // matching input columns.
@@ -24,8 +24,8 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
-#include "runtime/gated_delta_net.h"
-#include "runtime/model_config.h"
+#include "tensor/gated_delta_net.h"
+#include "core/model_config.h"
 
 namespace lathe::runtime {
 

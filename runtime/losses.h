@@ -9,7 +9,7 @@
 #include <map>
 #include <string>
 
-#include "runtime/loss_spec.h"
+#include "core/loss_spec.h"
 
 namespace lathe::runtime {
 

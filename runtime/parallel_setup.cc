@@ -6,8 +6,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/model_config.h"
-#include "runtime/status.h"
+#include "core/model_config.h"
+#include "core/status.h"
 #ifdef LATHE_HAVE_NCCL
 #include "parallel/nccl_communicator.h"
 #endif

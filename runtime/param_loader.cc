@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/status.h"
+#include "core/status.h"
 #include "runtime/weight_source.h"
 
 namespace lathe::runtime {

@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "runtime/layers.h"
-#include "runtime/lora_settings.h"
-#include "runtime/trainable_param.h"
+#include "tensor/layers.h"
+#include "core/lora_settings.h"
+#include "tensor/trainable_param.h"
 
 namespace lathe::runtime {
 

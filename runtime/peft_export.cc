@@ -16,11 +16,11 @@
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
-#include "runtime/guarded.h"
+#include "core/guarded.h"
 #include "runtime/peft_merge.h"
-#include "runtime/safetensors.h"
-#include "runtime/saturating.h"
-#include "runtime/status.h"
+#include "core/safetensors.h"
+#include "core/saturating.h"
+#include "core/status.h"
 
 namespace lathe::runtime {
 namespace {

@@ -14,7 +14,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "runtime/lora_settings.h"
+#include "core/lora_settings.h"
 
 namespace lathe::runtime {
 

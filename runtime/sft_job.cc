@@ -5,7 +5,7 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
-#include "runtime/status.h"
+#include "core/status.h"
 #include "runtime/trainer.h"
 
 namespace lathe::runtime {

@@ -10,9 +10,9 @@
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
 #include "parallel/context.h"
-#include "runtime/dtype.h"
-#include "runtime/lora_settings.h"
-#include "runtime/sft_data.h"
+#include "core/dtype.h"
+#include "core/lora_settings.h"
+#include "core/sft_data.h"
 
 namespace lathe::runtime {
 

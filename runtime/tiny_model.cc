@@ -14,9 +14,9 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "runtime/decoder_model.h"
-#include "runtime/model_config.h"
-#include "runtime/safetensors.h"
-#include "runtime/status.h"
+#include "core/model_config.h"
+#include "core/safetensors.h"
+#include "core/status.h"
 #include "runtime/weight_source.h"
 
 namespace lathe::runtime {

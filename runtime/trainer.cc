@@ -21,11 +21,11 @@
 #include "runtime/adamw.h"
 #include "runtime/decoder_model.h"
 #include "runtime/device.h"
-#include "runtime/guarded.h"
+#include "core/guarded.h"
 #include "runtime/losses.h"
-#include "runtime/status.h"
+#include "core/status.h"
 #include "runtime/tensor_data.h"
-#include "runtime/validation.h"
+#include "core/validation.h"
 
 namespace lathe::runtime {
 

@@ -13,8 +13,8 @@
 #include "absl/status/statusor.h"
 #include "lathe/v1/types.pb.h"
 #include "parallel/context.h"
-#include "runtime/dtype.h"
-#include "runtime/lora_settings.h"
+#include "core/dtype.h"
+#include "core/lora_settings.h"
 
 namespace lathe::runtime {
 
@@ -64,7 +64,7 @@ struct TrainerOptions {
   // again inside it (DecoderModel::Hidden). Under kAuto the ranks that run
   // rounds together agree on the longest micro-batch, so they all decide alike.
   Recompute recompute = Recompute::kAuto;
-  // The precision of the run's compute (runtime/dtype.h).
+  // The precision of the run's compute (core/dtype.h).
   Dtype dtype = Dtype::kFloat32;
   // The CUDA device this rank computes on (parallel::DeviceChoice::index);
   // -1: the CPU. The model, its gradients, the optimizer state and every

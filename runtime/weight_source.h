@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "runtime/safetensors.h"
+#include "core/safetensors.h"
 
 namespace lathe::runtime {
 

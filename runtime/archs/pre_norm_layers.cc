@@ -2,7 +2,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/archs/registry.h"
 #include "runtime/ffn.h"
-#include "runtime/status.h"
+#include "core/status.h"
 
 namespace lathe::runtime {
 

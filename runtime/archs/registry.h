@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
-#include "runtime/model_config.h"
+#include "core/model_config.h"
 
 namespace lathe::runtime {
 

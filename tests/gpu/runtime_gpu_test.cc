@@ -15,7 +15,7 @@
 #include "runtime/decoder_model.h"
 #include "runtime/device.h"
 #include "runtime/generate.h"
-#include "runtime/invariant_linear.h"
+#include "tensor/invariant_linear.h"
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
 #include "tests/runtime/wire_datum.h"

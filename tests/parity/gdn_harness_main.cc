@@ -1,4 +1,4 @@
-// lathe_gdn_harness: runs runtime/gated_delta_net.h on tensors from a safetensors file and
+// lathe_gdn_harness: runs tensor/gated_delta_net.h on tensors from a safetensors file and
 // writes the results to another, so tests/parity/test_gated_delta_net.py can compare them
 // with transformers.
 //
@@ -23,9 +23,9 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
-#include "runtime/gated_delta_net.h"
-#include "runtime/safetensors.h"
-#include "runtime/status.h"
+#include "tensor/gated_delta_net.h"
+#include "core/safetensors.h"
+#include "core/status.h"
 
 namespace lathe::runtime {
 namespace {

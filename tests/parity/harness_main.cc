@@ -23,8 +23,8 @@
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
 #include "runtime/peft_export.h"
-#include "runtime/safetensors.h"
-#include "runtime/status.h"
+#include "core/safetensors.h"
+#include "core/status.h"
 #include "runtime/trainer.h"
 #include "runtime/weight_source.h"
 

@@ -7,7 +7,7 @@
 #include <cstdio>
 
 #include "nlohmann/json.hpp"
-#include "runtime/model_config.h"
+#include "core/model_config.h"
 
 namespace lathe::runtime {
 namespace {

@@ -1,4 +1,4 @@
-"""Parity of lathe's Gated DeltaNet math (runtime/gated_delta_net.h) with transformers'
+"""Parity of lathe's Gated DeltaNet math (tensor/gated_delta_net.h) with transformers'
 ``Qwen3_5GatedDeltaNet`` in fp32.
 
 transformers' torch path ignores packing, so each document is a separate transformers run;

@@ -1,5 +1,5 @@
 // CRC-32C against its standard check values, and incremental use.
-#include "runtime/crc32c.h"
+#include "core/crc32c.h"
 #include <gtest/gtest.h>
 #include <string>
 namespace lathe::runtime {

@@ -2,7 +2,7 @@
 // single steps from per-sequence states equals one pass, every parameter gets a gradient,
 // column views of a fused projection work, and bad shapes are refused naming the argument. (Parity with transformers:
 // tests/parity/test_gated_delta_net.py.)
-#include "runtime/gated_delta_net.h"
+#include "tensor/gated_delta_net.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>

@@ -1,6 +1,6 @@
 // The op boundary's exception policy: whatever is thrown inside becomes a
 // Status naming the operation; nothing escapes.
-#include "runtime/guarded.h"
+#include "core/guarded.h"
 
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>

@@ -1,6 +1,6 @@
 // InvariantLinear: every row's result is bitwise the same whatever the row
 // count, the neighbouring rows and the thread count; close to at::mm.
-#include "runtime/invariant_linear.h"
+#include "tensor/invariant_linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,5 +1,5 @@
 // config.json parsing: both transformers spellings, defaults, refusals.
-#include "runtime/model_config.h"
+#include "core/model_config.h"
 
 #include <gtest/gtest.h>
 

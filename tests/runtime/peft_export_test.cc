@@ -12,7 +12,7 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "runtime/decoder_model.h"
-#include "runtime/safetensors.h"
+#include "core/safetensors.h"
 #include "runtime/tiny_model.h"
 #include "runtime/trainer.h"
 #include "tests/runtime/file_size_limit.h"

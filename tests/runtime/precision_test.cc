@@ -1,7 +1,7 @@
 // The compute dtype as a user sees it: the flag's values, what a bfloat16
 // run holds in which dtype, and checkpoints that resume bitwise in each
 // dtype (LoRA and full fine-tuning) and load across dtypes.
-#include "runtime/dtype.h"
+#include "core/dtype.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>

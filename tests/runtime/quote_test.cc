@@ -1,12 +1,12 @@
 // Bounded quoting of client input and saturating expiry arithmetic.
-#include "runtime/quote.h"
+#include "core/quote.h"
 
 #include <gtest/gtest.h>
 
 #include <limits>
 #include <string>
 
-#include "runtime/saturating.h"
+#include "core/saturating.h"
 
 namespace lathe::runtime {
 namespace {

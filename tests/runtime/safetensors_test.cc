@@ -1,6 +1,6 @@
 // Unit tests for the safetensors reader/writer: round trips, exact bytes, corrupt files,
 // and sharded Hugging Face folders.
-#include "runtime/safetensors.h"
+#include "core/safetensors.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

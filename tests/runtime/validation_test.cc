@@ -1,6 +1,6 @@
 // Batch and prompt checks shared by the coordinator and the runtime: token
 // ids read from packed chunks.
-#include "runtime/validation.h"
+#include "core/validation.h"
 
 #include <gtest/gtest.h>
 
