@@ -9,10 +9,10 @@ import time
 
 import grpc
 import numpy as np
-from safetensors.numpy import load_file
 
 import service_client as sc
-from service_client import Retrieve, adam, batch, datum, pb
+from checkpoint_run import Run, assemble, assert_bitwise_equal
+from service_client import Retrieve, batch, datum, pb
 
 Code = grpc.StatusCode
 LORA = dict(rank=8, seed=5)
@@ -37,59 +37,6 @@ def _download_error(stub, checkpoint_id, name):
     except grpc.RpcError as e:
         return e.code()
     raise AssertionError(f"download of {name} from {checkpoint_id} was not refused")
-
-
-class Run:
-    """A run that numbers its own seq_ids."""
-
-    def __init__(self, stub, **lora):
-        self.stub, self.id, self.seq = stub, sc.create_run(stub, **lora), 0
-
-    def op(self, **kw):
-        self.seq += 1
-        return sc.wait(self.stub, sc.submit(self.stub, self.id, self.seq, **kw), timeout=60)
-
-    def ok(self, **kw):
-        r = self.op(**kw)
-        assert r.state == Retrieve.DONE, r
-        return r.result
-
-    def steps(self, batches, lr=1e-2):
-        losses = []
-        for b in batches:
-            losses.append(self.ok(forward_backward=b).forward_backward.metrics["loss:sum"])
-            self.ok(optim_step=adam(learning_rate=lr))
-        return losses
-
-    def save(self, name, **kw):
-        return self.ok(save_state=pb.SaveStateOp(name=name, **kw)).save_state.path
-
-
-def _assemble(root, path):
-    """{(kind, name): full array} of a checkpoint, built from its manifest's slices."""
-    run_id, _, name = path[len("lathe://"):].split("/")
-    folder = os.path.join(root, run_id, "weights", name)
-    with open(os.path.join(folder, "manifest.json")) as f:
-        manifest = json.load(f)
-    files, out = {}, {}
-    for e in manifest["tensors"]:
-        if e["file"] not in files:
-            files[e["file"]] = load_file(os.path.join(folder, e["file"]))
-        src = files[e["file"]][e["tensor"]]
-        full = out.setdefault((e["kind"], e["name"]), np.full(e["global_shape"], np.nan, np.float32))
-        index = [slice(None)] * len(e["global_shape"])
-        if e["shard_dim"] >= 0:
-            index[e["shard_dim"]] = slice(e["begin"], e["begin"] + src.shape[e["shard_dim"]])
-        full[tuple(index)] = src
-    for key, full in out.items():
-        assert not np.isnan(full).any(), f"{path}: {key} not fully covered"
-    return manifest, out
-
-
-def _assert_bitwise_equal(a, b, what):
-    assert a.keys() == b.keys(), f"{what}: tensors differ: {sorted(set(a) ^ set(b))[:5]}"
-    for key in a:
-        assert np.array_equal(a[key].view(np.uint32), b[key].view(np.uint32)), f"{what}: {key} differs"
 
 
 def test_resume_with_optimizer_is_bit_exact_across_a_restart(make_deployment, tmp_path):
@@ -123,12 +70,12 @@ def test_resume_with_optimizer_is_bit_exact_across_a_restart(make_deployment, tm
     assert fresh_losses[0] == losses[3]
     end_fresh = fresh.save("fresh")
 
-    m_straight, straight_tensors = _assemble(root, end_straight)
-    m_resumed, resumed_tensors = _assemble(root, end_resumed)
+    m_straight, straight_tensors = assemble(root, end_straight)
+    m_resumed, resumed_tensors = assemble(root, end_resumed)
     assert m_straight["step"] == m_resumed["step"] == 6
-    _assert_bitwise_equal(straight_tensors, resumed_tensors, "straight vs resumed")
-    _, mid_tensors = _assemble(root, mid)
-    _, fresh_tensors = _assemble(root, end_fresh)
+    assert_bitwise_equal(straight_tensors, resumed_tensors, "straight vs resumed")
+    _, mid_tensors = assemble(root, mid)
+    _, fresh_tensors = assemble(root, end_fresh)
     for (kind, name), after in fresh_tensors.items():
         if kind != "param" or "lora_B" not in name:
             continue
@@ -145,13 +92,13 @@ def test_checkpoint_reshards_to_other_layouts(make_deployment, tmp_path):
     run.steps(_batches(2))
     saved = run.save("s")
     saver.close()
-    _, want = _assemble(root, saved)
+    _, want = assemble(root, saved)
     for name, layout in (("load_1x1", dict(replicas=1, ranks=1, ep=1)), ("load_ep2", dict(replicas=1, ranks=2, ep=2))):
         d = _deploy(make_deployment, root, name, **layout)
         again = Run(d.stub, **LORA)
         assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=saved)).load_state.step == 2
-        _, got = _assemble(root, again.save("again"))
-        _assert_bitwise_equal(want, got, name)
+        _, got = assemble(root, again.save("again"))
+        assert_bitwise_equal(want, got, name)
         d.close()
 
 
@@ -172,7 +119,7 @@ def test_checkpoints_move_between_context_parallel_layouts(make_deployment, tmp_
     saved = run.save("s")
     losses += run.steps(batches[2:])
     saver.close()
-    manifest, want = _assemble(root, saved)
+    manifest, want = assemble(root, saved)
     assert manifest["layout"]["cp"] == 2 and manifest["layout"]["ep"] == 2
     slices = [(e["kind"], e["name"], e.get("begin", 0)) for e in manifest["tensors"]]
     assert len(slices) == len(set(slices)), "a slice was written by more than one rank"
@@ -181,8 +128,8 @@ def test_checkpoints_move_between_context_parallel_layouts(make_deployment, tmp_
         d = deploy(name, cp, **layout)
         again = Run(d.stub, **LORA)
         assert again.ok(load_state_with_optimizer=pb.LoadStateOp(path=saved)).load_state.step == 2
-        _, got = _assemble(root, again.save("again"))
-        _assert_bitwise_equal(want, got, name)
+        _, got = assemble(root, again.save("again"))
+        assert_bitwise_equal(want, got, name)
         resumed = again.steps(batches[2:])
         assert abs(resumed[0] - losses[2]) <= 1e-5 * abs(losses[2]), (name, resumed, losses)
         d.close()
