@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +26,7 @@ KEY = "ops-test-key-0123456789"
 PEAK = 1e12
 LENGTHS = (7, 12, 5)
 HTTP_TIMEOUT_S = 15
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _batch(seed: int):
@@ -92,8 +95,10 @@ def _active_parameters(config: dict) -> int:
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory, build_dir, tiny_model):
-    with sc.http_door(build_dir, tiny_model, str(tmp_path_factory.mktemp("ops")), KEY,
+    workdir = str(tmp_path_factory.mktemp("ops"))
+    with sc.http_door(build_dir, tiny_model, workdir, KEY,
                       coordinator_args=["--peak_flops_per_device", str(PEAK)]) as (d, base):
+        d.checkpoint_root = os.path.join(workdir, "checkpoints")  # where http_door puts them
         yield d, base
 
 
@@ -268,3 +273,29 @@ def test_page_renders_the_run_in_headless_chromium(door, tmp_path):
             shutil.copy(shot, os.environ["LATHE_OPS_SCREENSHOT"])
     finally:
         browser.quit()
+
+
+def test_history_converts_to_tensorboard_event_files(door, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed in .venv (requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d, _ = door
+    run = "tb-run"
+    _create(d, run)
+    steps = _train(d, run, 3)
+    history = os.path.join(d.checkpoint_root, run, "history.jsonl")
+    with open(history, "a") as f:
+        f.write('{"op_id": "torn')  # a line cut by a crash is skipped
+    logdir = str(tmp_path / "tb")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "history_to_tensorboard.py"), history,
+                           "--logdir", logdir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = EventAccumulator(os.path.join(logdir, run))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss_per_token")]
+    want = [(i + 1, fb["loss:sum"] / fb["num_loss_tokens:sum"]) for i, (fb, _) in enumerate(steps)]
+    assert [s for s, _ in loss] == [s for s, _ in want]
+    assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(loss, want))
+    grad = [(e.step, e.value) for e in events.Scalars("train/grad_norm")]
+    assert grad == [(i + 1, pytest.approx(opt["grad_norm:mean"], rel=1e-6)) for i, (_, opt) in enumerate(steps)]
+    assert len(events.Scalars("train/tokens_per_s")) == 3
