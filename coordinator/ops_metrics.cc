@@ -78,7 +78,7 @@ void OpsMetrics::Sent(const ReadyOp& op, absl::Time at) {
   const auto kind = op.request.op_case();
   absl::MutexLock lock(&mu_);
   if (kind == lathe::v1::SubmitRequest::kSample || kind == lathe::v1::SubmitRequest::kComputeLogprobs) {
-    ++sampling_in_flight_;
+    sampling_out_.insert(op.op_id);
   } else if (kind == lathe::v1::SubmitRequest::kForward || kind == lathe::v1::SubmitRequest::kForwardBackward) {
     RunStats& run = runs_[op.request.run_id()];
     if (!run.step_first_sent.has_value()) run.step_first_sent = at;
@@ -96,7 +96,7 @@ void OpsMetrics::Finished(const ReadyOp& op, const lathe::v1::OpResult* result, 
     (result != nullptr ? it->second.done : it->second.failed) += 1;
     it->second.latency.Observe(std::max(0.0, absl::ToDoubleSeconds(now - sent)));
     if (kind == lathe::v1::SubmitRequest::kSample || kind == lathe::v1::SubmitRequest::kComputeLogprobs) {
-      if (sampling_in_flight_ > 0 && sent != now) --sampling_in_flight_;  // one recovered after a restart was never counted
+      sampling_out_.erase(op.op_id);
       if (result != nullptr && result->has_sample()) {
         sampling_batch_.Observe(std::max(1, result->sample().batched_requests()));
       }
@@ -244,7 +244,7 @@ void OpsMetrics::Render(const std::vector<lathe::v1::RunInfo>& runs, PrometheusT
     out.Sample("lathe_ops_total", {{"op", type}, {"outcome", "failed"}}, stats.failed);
   }
   out.Family("lathe_sampling_requests_in_flight", "gauge", "sample and compute_logprobs requests on the replicas");
-  out.Sample("lathe_sampling_requests_in_flight", {}, static_cast<double>(sampling_in_flight_));
+  out.Sample("lathe_sampling_requests_in_flight", {}, static_cast<double>(sampling_out_.size()));
   out.Family("lathe_sampling_batch_requests", "histogram",
              "requests each sample request was decoded together with (itself included), as the replica reported");
   out.HistogramSamples("lathe_sampling_batch_requests", {}, sampling_batch_);

@@ -9,6 +9,7 @@
 
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "absl/synchronization/mutex.h"
@@ -74,7 +75,7 @@ class OpsMetrics : public OpObserver {
   mutable absl::Mutex mu_;
   std::map<std::string, RunStats> runs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, OpStats> ops_ ABSL_GUARDED_BY(mu_);
-  int64_t sampling_in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  std::set<std::string> sampling_out_ ABSL_GUARDED_BY(mu_);  // op ids sent, not yet recorded
   Histogram sampling_batch_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, double> checkpoint_written_ ABSL_GUARDED_BY(mu_);  // by kind
   std::map<std::string, double> checkpoint_read_ ABSL_GUARDED_BY(mu_);

@@ -30,7 +30,9 @@ class RunHistory {
   absl::Status Append(const std::string& run_id, const nlohmann::json& line) const;
   // The run's lines in file order; a line that does not parse (one torn by a
   // crash) is skipped; a later line with the op id of an earlier one replaces
-  // it. At most `max_lines` (the newest). NotFound when the run has no history.
+  // it in its place. At most `max_lines`: those nearest the file's end (a
+  // line repeated from beyond that window then counts as new). NotFound when
+  // the run has no history.
   absl::StatusOr<std::vector<nlohmann::json>> Read(const std::string& run_id, size_t max_lines = 100000) const;
 
  private:

@@ -154,6 +154,19 @@ def test_metrics_equal_the_ops_own_outputs_during_training(door, tiny_model):
     size = sum(c.size_bytes for c in listed.checkpoints if c.id == f"lathe://{run}/weights/ckpt")
     assert size > 0
     assert _scrape(base)[("lathe_checkpoint_written_bytes_total", (("kind", "weights"),))] >= size
+    # Sampling: three requests submitted together; their batch sizes as the replicas reported them.
+    prompt = types.ModelInput()
+    prompt.chunks.add().encoded_text.tokens = np.array([3, 1, 4, 1, 5], dtype="<i4").tobytes()
+    md = d.metadata()
+    ids = [d.stub.Submit(pb.SubmitRequest(run_id=run, seq_id=seq, sample=pb.SampleOp(
+        prompt=prompt, num_samples=1, current_weights=True, params=pb.SamplingParams(max_tokens=4, seed=seq))),
+        metadata=md, timeout=sc.RPC_TIMEOUT_S).op_id for seq in (8, 9, 10)]
+    batched = [sc.result(d.stub, i, metadata=md).sample.batched_requests for i in ids]
+    m = _scrape(base)
+    assert m[("lathe_sampling_requests_in_flight", ())] == 0
+    assert m[("lathe_sampling_batch_requests_count", ())] == 3
+    assert m[("lathe_sampling_batch_requests_sum", ())] == sum(max(1, b) for b in batched)
+    assert m[("lathe_ops_total", (("op", "sample"), ("outcome", "done")))] == 3
 
 
 def test_metrics_and_page_refuse_requests_without_a_key(door):
