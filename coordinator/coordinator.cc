@@ -150,6 +150,9 @@ absl::Status Coordinator::Restore() {
     dispatcher_->RestoreRun(run);
     front_end_->RestoreRun(run);
     live += !run.deleted();
+    if (run.deleted()) continue;
+    // The operator's gauges pick up where the history ends.
+    if (auto lines = history_->Read(run.run_id(), 1000); lines.ok()) metrics_->Resume(run.run_id(), *lines);
   }
   const size_t unfinished = ledger_->Recovered().size();
   LATHE_LOG(Info, "journal %s: %d record(s), %d run(s) restored, %d unfinished op(s) to recover once the replicas "

@@ -262,6 +262,30 @@ void OpsMetrics::Render(const std::vector<lathe::v1::RunInfo>& runs, PrometheusT
   }
 }
 
+void OpsMetrics::Resume(const std::string& run_id, const std::vector<json>& lines) {
+  auto number = [](const json& j, const char* key) {
+    auto it = j.find(key);
+    return it != j.end() && it->is_number() ? it->get<double>() : NAN;
+  };
+  absl::MutexLock lock(&mu_);
+  RunStats& run = runs_[run_id];
+  for (const json& line : lines) {
+    const json metrics = line.value("metrics", json::object());
+    if (!metrics.is_object()) continue;
+    const std::string type = line.value("type", "");
+    if (type == "forward_backward") {
+      run.loss_sum = number(metrics, "loss:sum");
+      run.loss_tokens = number(metrics, "num_loss_tokens:sum");
+    } else if (type == "optim_step") {
+      run.grad_norm = number(metrics, "grad_norm:mean");
+      run.learning_rate = number(metrics, "learning_rate:mean");
+      run.step_seconds = number(line, "step_seconds");
+      run.tokens_per_second = number(line, "tokens_per_s");
+      run.mfu = number(line, "mfu");
+    }
+  }
+}
+
 json OpsMetrics::RunJson(const std::string& run_id) const {
   absl::MutexLock lock(&mu_);
   json out = json::object();

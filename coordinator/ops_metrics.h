@@ -45,6 +45,11 @@ class OpsMetrics : public OpObserver {
   // step and policy version come from the dispatcher's entries).
   void Render(const std::vector<lathe::v1::RunInfo>& runs, PrometheusText& out) const;
 
+  // Seeds a run's latest values (loss, grad norm, learning rate, step time,
+  // tokens/s, MFU) from the end of its history: a restarted coordinator shows
+  // them before the run's next step.
+  void Resume(const std::string& run_id, const std::vector<nlohmann::json>& lines);
+
   // A run's latest values as JSON for the page (empty object: none yet).
   nlohmann::json RunJson(const std::string& run_id) const;
 

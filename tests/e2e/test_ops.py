@@ -210,12 +210,16 @@ def test_history_is_on_disk_and_survives_a_coordinator_kill9(make_deployment, tm
     assert len(_history(root, run)) == 4, "lines were lost with the coordinator"
     os.remove(port_file)
     d.restart_coordinator()
+    with open(port_file) as f:
+        base = f"http://127.0.0.1:{int(f.read())}"
+    m = _scrape(base)  # the gauges pick up where the history ends
+    assert m[("lathe_run_step", (("run", run),))] == 2
+    assert m[("lathe_run_loss_sum", (("run", run),))] == before[1][0]["loss:sum"]
+    assert m[("lathe_run_grad_norm", (("run", run),))] == before[1][1]["grad_norm:mean"]
     after = _train(d, run, 1, first_seq=5)
     lines = _history(root, run)
     assert [x["seq_id"] for x in lines] == [1, 2, 3, 4, 5, 6]
     assert lines[4]["metrics"]["loss:sum"] == after[0][0]["loss:sum"] and lines[5]["step"] == 3
-    with open(port_file) as f:
-        base = f"http://127.0.0.1:{int(f.read())}"
     status, body, _ = _get(base + f"/ops/api/runs/{run}/history")
     assert status == 200, body[:300]
     assert [p["seq_id"] for p in json.loads(body)["points"]] == [1, 2, 3, 4, 5, 6]
