@@ -75,22 +75,26 @@ def _train(d: sc.Deployment, run_id: str, steps: int, first_seq: int = 1):
     return out
 
 
-def _active_parameters(config: dict) -> int:
-    """The matmul weights one token passes through, from the tiny model's config.json (the
-    formula of docs/operations.md, "MFU")."""
-    h, layers, v = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    hd = config.get("head_dim") or h // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    n = h * v
-    for layer in range(layers):
-        n += h * q + 2 * h * kv + q * h
-        moe = config.get("num_experts", 0) > 0 and layer not in config.get("mlp_only_layers", []) \
-            and (layer + 1) % config.get("decoder_sparse_step", 1) == 0
-        if moe:
-            n += h * config["num_experts"] + config["num_experts_per_tok"] * 3 * h * config["moe_intermediate_size"]
-        else:
-            n += 3 * h * config["intermediate_size"]
-    return n
+def _active_parameters(model_dir: str, config: dict) -> int:
+    """The matmul weights one token passes through, counted from the checkpoint's own tensors:
+    every matrix but the embedding, routed experts' ones weighted by top-k / experts (the
+    definition of N in docs/operations.md, "MFU")."""
+    import glob
+    from safetensors.numpy import load_file
+
+    n = 0.0
+    tensors = {}
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        tensors.update(load_file(path))
+    for name, t in tensors.items():
+        if t.ndim < 2 or name.endswith("embed_tokens.weight"):
+            continue
+        share = config["num_experts_per_tok"] / config["num_experts"] if ".mlp.experts." in name else 1.0
+        n += t.size * share
+    if "lm_head.weight" not in tensors:  # tied: the unembedding is the embedding's matrix
+        n += config["vocab_size"] * config["hidden_size"]
+    assert n == int(n)
+    return int(n)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,7 @@ def test_metrics_equal_the_ops_own_outputs_during_training(door, tiny_model):
         assert 0 < seconds < 60
         assert m[("lathe_run_tokens_per_second", label)] == pytest.approx(fb["num_tokens:sum"] / seconds, rel=1e-9)
         # MFU = (6 N T + 6 L q sum n^2) / (step time x peak x devices), N from config.json.
-        n_active = _active_parameters(config)
+        n_active = _active_parameters(tiny_model, config)
         assert m[("lathe_model_active_parameters", (("model", "tiny"),))] == n_active
         hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         flops = 6 * n_active * sum(LENGTHS) + 6 * config["num_hidden_layers"] * config["num_attention_heads"] * hd \
