@@ -25,14 +25,17 @@ class RunHistory {
   // The file of `run_id` (REQUIRES: a valid run id).
   std::string PathOf(const std::string& run_id) const;
   // Appends `line` (one JSON object) to the run's file, creating the run's
-  // folder and the file as needed. Internal on an I/O error (logged by the
+  // folder (beneath the existing root) and the file as needed; a link in
+  // their place is refused. Internal on an I/O error (logged by the
   // caller; the operation's result is not affected).
   absl::Status Append(const std::string& run_id, const nlohmann::json& line) const;
   // The run's lines in file order; a line that does not parse (one torn by a
   // crash) is skipped; a later line with the op id of an earlier one replaces
   // it in its place. At most `max_lines`: those nearest the file's end (a
   // line repeated from beyond that window then counts as new). NotFound when
-  // the run has no history.
+  // the run has no history (or its folder or file is a link). Reads only
+  // the file's last kMaxReadBytes.
+  static constexpr int64_t kMaxReadBytes = int64_t{256} << 20;
   absl::StatusOr<std::vector<nlohmann::json>> Read(const std::string& run_id, size_t max_lines = 100000) const;
 
  private:

@@ -49,6 +49,25 @@ TEST(RunHistoryTest, SkipsTornLinesAndKeepsTheLastOfAnOpId) {
   std::filesystem::remove_all(root);
 }
 
+TEST(RunHistoryTest, LinksAreNotFollowed) {
+  const std::string root = TempRoot(), outside = TempRoot();
+  RunHistory elsewhere(outside);
+  ASSERT_TRUE(elsewhere.Append("r", {{"op_id", "r/1"}}).ok());
+  std::filesystem::create_directory_symlink(outside + "/r", root + "/linked");
+  RunHistory history(root);
+  EXPECT_EQ(history.Read("linked").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(history.Append("linked", {{"op_id", "linked/1"}}).ok());
+  std::filesystem::create_directory(root + "/file");
+  std::filesystem::create_symlink(outside + "/r/history.jsonl", root + "/file/history.jsonl");
+  EXPECT_EQ(history.Read("file").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(history.Append("file", {{"op_id", "file/1"}}).ok());
+  auto kept = elsewhere.Read("r");
+  ASSERT_TRUE(kept.ok());
+  EXPECT_EQ(kept->size(), 1u);  // nothing was written through the links
+  std::filesystem::remove_all(root);
+  std::filesystem::remove_all(outside);
+}
+
 TEST(RunHistoryTest, WithoutARootNothingIsWritten) {
   RunHistory history("");
   EXPECT_FALSE(history.enabled());
