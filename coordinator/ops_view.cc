@@ -1,8 +1,11 @@
 // /metrics and the page's JSON from the coordinator's live state.
 #include "coordinator/ops_view.h"
 
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 
+#include "coordinator/checkpoint_files.h"
 #include "coordinator/request_limits.h"
 
 namespace lathe::coordinator {
@@ -92,12 +95,38 @@ json OpsView::Deployment() const {
 
 json OpsView::Runs() const {
   json out = json::array();
+  std::set<std::string> live;
   for (const lathe::v1::RunInfo& r : p_.dispatcher->Runs()) {
+    live.insert(r.run_id());
     out.push_back({{"run_id", r.run_id()}, {"state", "live"}, {"step", r.step()},
                    {"policy_version", r.policy_version()}, {"lora_rank", r.lora().rank()},
                    {"created_unix_ms", r.created_unix_ms()}, {"trainable_parameters", r.trainable_parameters()},
                    {"latest", p_.metrics->RunJson(r.run_id())}});
   }
+  // Runs this coordinator does not hold (deleted, or of an earlier
+  // deployment) whose history is under the checkpoint root.
+  for (const std::string& run_id : EndedRuns(live)) {
+    out.push_back({{"run_id", run_id}, {"state", "ended"}, {"step", nullptr}, {"policy_version", nullptr},
+                   {"lora_rank", nullptr}, {"created_unix_ms", nullptr}, {"trainable_parameters", nullptr},
+                   {"latest", json::object()}});
+  }
+  return out;
+}
+
+std::vector<std::string> OpsView::EndedRuns(const std::set<std::string>& live) const {
+  std::vector<std::string> out;
+  if (p_.history == nullptr || !p_.history->enabled()) return out;
+  const std::string& root = p_.history->root();
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(root, ec); !ec && it != std::filesystem::directory_iterator();
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (live.count(name) || !ValidateRunId(name).ok() || !IsRealDirectory(it->path())) continue;
+    if (!IsRealFile(it->path() / "history.jsonl")) continue;
+    out.push_back(name);
+    if (out.size() >= kMaxEndedRuns) break;
+  }
+  std::sort(out.begin(), out.end());
   return out;
 }
 

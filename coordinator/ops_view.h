@@ -4,7 +4,9 @@
 #ifndef LATHE_COORDINATOR_OPS_VIEW_H_
 #define LATHE_COORDINATOR_OPS_VIEW_H_
 
+#include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "coordinator/checkpoint_store.h"
@@ -34,8 +36,12 @@ class OpsView {
   std::string MetricsText() const;
   // {model, layout, state, detail, replicas[], unfinished_ops, peak_flops_per_device}.
   nlohmann::json Deployment() const;
-  // [{run_id, step, policy_version, lora_rank, created_unix_ms, latest: {...}}].
+  // [{run_id, state, step, policy_version, lora_rank, created_unix_ms,
+  // latest: {...}}]: the live runs (state "live"), then up to kMaxEndedRuns
+  // runs with a history under the checkpoint root that this coordinator
+  // does not hold (state "ended"; their other fields null).
   nlohmann::json Runs() const;
+  static constexpr size_t kMaxEndedRuns = 1000;
   // {run_id, points: [history lines]}. InvalidArgument for a bad run id;
   // NotFound when it has no history.
   absl::StatusOr<nlohmann::json> History(const std::string& run_id) const;
@@ -45,6 +51,7 @@ class OpsView {
   absl::StatusOr<nlohmann::json> Checkpoints(const std::string& run_id) const;
 
  private:
+  std::vector<std::string> EndedRuns(const std::set<std::string>& live) const;
   OpsViewParts p_;
 };
 

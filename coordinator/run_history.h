@@ -22,6 +22,7 @@ class RunHistory {
   // `root`: the checkpoint root (empty: nothing is written or read).
   explicit RunHistory(std::string root) : root_(std::move(root)) {}
   bool enabled() const { return !root_.empty(); }
+  const std::string& root() const { return root_; }
   // The file of `run_id` (REQUIRES: a valid run id).
   std::string PathOf(const std::string& run_id) const;
   // Appends `line` (one JSON object) to the run's file, creating the run's

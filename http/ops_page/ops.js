@@ -70,8 +70,9 @@ function drawRuns(runs) {
     if (r.run_id === state.run) tr.className = "selected";
     const x = r.latest || {};
     const perToken = x.loss_tokens ? x.loss_sum / x.loss_tokens : undefined;
-    tr.append(el("td", r.run_id), el("td", r.state), el("td", r.step), el("td", r.policy_version),
-              el("td", r.lora_rank || "full"), el("td", fmt(perToken)), el("td", fmt(x.grad_norm)),
+    const live = r.state === "live";
+    tr.append(el("td", r.run_id), el("td", r.state), el("td", live ? r.step : "–"),
+              el("td", live ? r.policy_version : "–"), el("td", live ? r.lora_rank || "full" : "–"), el("td", fmt(perToken)), el("td", fmt(x.grad_norm)),
               el("td", fmt(x.tokens_per_s, 3)), el("td", x.mfu === undefined ? "–" : `${(100 * x.mfu).toFixed(2)} %`));
     tr.addEventListener("click", () => { state.run = r.run_id; refresh(); });
     return tr;

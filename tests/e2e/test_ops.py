@@ -227,6 +227,12 @@ def test_history_is_on_disk_and_survives_a_coordinator_kill9(make_deployment, tm
     status, body, _ = _get(base + f"/ops/api/runs/{run}/history")
     assert status == 200, body[:300]
     assert [p["seq_id"] for p in json.loads(body)["points"]] == [1, 2, 3, 4, 5, 6]
+    # A deleted run's history stays, and the page lists it as ended.
+    d.run_op(run, 7, delete_run=pb.DeleteRunOp())
+    status, body, _ = _get(base + "/ops/api/runs")
+    assert status == 200 and {"run_id": run, "state": "ended"}.items() <= json.loads(body)["runs"][0].items(), body
+    status, body, _ = _get(base + f"/ops/api/runs/{run}/history")
+    assert status == 200 and len(json.loads(body)["points"]) == 6
 
 
 def _chromium():
