@@ -116,7 +116,12 @@ json OpsMetrics::TrainingLocked(const ReadyOp& op, const lathe::v1::OpResult& re
                                 int64_t step) {
   const std::string& run_id = op.request.run_id();
   if (result.has_init()) {
-    runs_[run_id] = RunStats();  // step and optimizer start over
+    // Step and optimizer start over. A forward_backward sent after the init
+    // (pipelined behind it) already began the next step.
+    RunStats& stats = runs_[run_id];
+    const std::optional<absl::Time> begun = stats.step_first_sent;
+    stats = RunStats();
+    if (begun.has_value() && *begun >= sent) stats.step_first_sent = begun;
     return nullptr;
   }
   if (result.has_delete_run()) {
@@ -147,10 +152,11 @@ json OpsMetrics::TrainingLocked(const ReadyOp& op, const lathe::v1::OpResult& re
     const auto& metrics = result.optim_step().metrics();
     run.grad_norm = Metric(metrics, "grad_norm:mean");
     run.learning_rate = Metric(metrics, "learning_rate:mean");
-    // The step began when its first forward_backward went out, or when the
-    // previous step ended if that was later (it waited behind it).
-    absl::Time start = run.step_first_sent.value_or(sent);
-    if (run.last_optim.has_value()) start = std::max(start, *run.last_optim);
+    // The step began when its first forward(_backward) went out, or when the
+    // previous step ended if that was later (the replicas run ops in order).
+    // None went out since then: they were sent (pipelined) before it ended.
+    absl::Time start = run.last_optim.value_or(run.step_first_sent.value_or(sent));
+    if (run.step_first_sent.has_value()) start = std::max(start, *run.step_first_sent);
     run.step_seconds = absl::ToDoubleSeconds(now - start);
     const lathe::v1::Layout layout = registry_->layout();
     const double devices = static_cast<double>(std::max(1, layout.replicas()) * std::max(1, layout.node_count()) *

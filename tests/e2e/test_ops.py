@@ -209,6 +209,9 @@ def test_history_is_on_disk_and_survives_a_coordinator_kill9(make_deployment, tm
     assert lines[3]["metrics"]["grad_norm:mean"] == before[1][1]["grad_norm:mean"]
     assert all(x["op_id"] == f"{run}/{x['seq_id']}" and x["unix_ms"] > 0 for x in lines)
     assert lines[1]["tokens_per_s"] > 0 and lines[1]["step_seconds"] > 0
+    for fb, opt in ((lines[0], lines[1]), (lines[2], lines[3])):  # a step spans its forward_backward
+        assert opt["step_seconds"] >= fb["duration_s"], (fb, opt)
+        assert opt["tokens_per_s"] == pytest.approx(fb["metrics"]["num_tokens:sum"] / opt["step_seconds"])
 
     d.kill_coordinator()
     assert len(_history(root, run)) == 4, "lines were lost with the coordinator"
