@@ -109,12 +109,27 @@ class ReplicaRegistry {
   lathe::v1::ModelSummary model() const;
   lathe::v1::Layout layout() const;
 
+  // One replica as an operator sees it (docs/operations.md).
+  struct ReplicaStatus {
+    int replica = 0;
+    bool registered = false;  // registered and not (yet) lost
+    bool connected = false;   // its stream is open
+    absl::Duration heartbeat_age = absl::InfiniteDuration();  // since it was last heard; infinite: never
+    std::string host;
+    int64_t pid = 0;
+  };
+  // Every expected replica, in index order.
+  std::vector<ReplicaStatus> Statuses() const;
+
  private:
   struct Replica {
     ReplicaSink* sink = nullptr;
     absl::Time last_heard;
     bool connected = false;
     std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
+    std::string host;  // of its leader, as it registered
+    int64_t pid = 0;
+    bool heard = false;  // registered at least once
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
