@@ -2,6 +2,7 @@
 // `--requests` requests (distinct prompts) of `--samples` sequences of
 // `--max_tokens` tokens, decoded in one batch, after an untimed warmup.
 // Prints one JSON line; bench/sample_throughput.py --in-process drives it.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -24,9 +25,11 @@ int main(int argc, char** argv) {
   auto model = lathe::runtime::DecoderModel::Load(absl::GetFlag(FLAGS_model), lora);
   if (!model.ok()) return std::fprintf(stderr, "%s\n", model.status().ToString().c_str()), 1;
   std::vector<lathe::runtime::SampleRequest> requests(absl::GetFlag(FLAGS_requests));
+  // Prompt tokens spread over the vocabulary's first 1000 ids (all of a smaller one).
+  const int64_t span = std::min<int64_t>(1000, (*model)->config().vocab_size - 1);
   for (size_t r = 0; r < requests.size(); ++r) {
     for (int64_t i = 0; i < absl::GetFlag(FLAGS_prompt_tokens); ++i) {
-      requests[r].prompt.push_back(static_cast<int32_t>((7 + 13 * i + 31 * r) % 1000 + 1));
+      requests[r].prompt.push_back(static_cast<int32_t>((7 + 13 * i + 31 * static_cast<int64_t>(r)) % span + 1));
     }
     requests[r].num_samples = absl::GetFlag(FLAGS_samples);
     requests[r].settings.seed = r;
