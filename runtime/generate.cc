@@ -25,6 +25,12 @@ absl::Status Check(const DecoderModel& model, const SampleRequest& r, int64_t ma
   if (r.num_samples < 1) {
     return absl::InvalidArgumentError(absl::StrCat("num_samples must be >= 1 (got ", r.num_samples, ")"));
   }
+  for (size_t i = 0; i < r.prompt.size(); ++i) {
+    if (r.prompt[i] < 0 || r.prompt[i] >= model.config().vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", r.prompt[i],
+                                                     ", outside the vocabulary [0, ", model.config().vocab_size, ")"));
+    }
+  }
   if (absl::Status st = ValidateSamplingSettings(r.settings); !st.ok()) return st;
   if (max_seq_len > 0 && static_cast<int64_t>(r.prompt.size()) + r.settings.max_tokens > max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("prompt (", r.prompt.size(), ") + max_tokens (",

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <tuple>
 
@@ -147,6 +148,32 @@ TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
   EXPECT_EQ(results.at(1)->batched_requests, 4);
   EXPECT_EQ(results.at(4)->batched_requests, 4);
   EXPECT_EQ(results.at(0)->batched_requests, 4);
+}
+
+// A prompt token outside the vocabulary (either end, INT32_MIN/MAX) fails its
+// request alone with a clear error; the others decode.
+TEST(DecodeTest, APromptTokenOutsideTheVocabularyFailsAlone) {
+  const std::string dir = ::testing::TempDir() + "/generate_test_vocab";
+  TinyModelSpec spec;
+  spec.vocab_size = 50;
+  ASSERT_TRUE(WriteTinyModel(dir, spec).ok());
+  LoraSettings lora;
+  lora.rank = 4;
+  auto trainer = Trainer::Create({dir, lora, 64, 0});
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const DecoderModel& model = (*trainer)->model();
+  std::vector<SampleRequest> requests = {Request({1, 2, 49}, 1, 0.0, 4, 1), Request({1, 50}, 1, 0.0, 4, 2),
+                                         Request({-1}, 1, 0.0, 4, 3),
+                                         Request({std::numeric_limits<int32_t>::max()}, 1, 0.0, 4, 4),
+                                         Request({std::numeric_limits<int32_t>::min(), 3}, 1, 0.0, 4, 5)};
+  std::vector<absl::StatusOr<Generation>> out = GenerateBatch(model, requests, 64);
+  ASSERT_EQ(out.size(), requests.size());
+  ASSERT_TRUE(out[0].ok()) << out[0].status();
+  EXPECT_EQ(out[0]->sequences.at(0).tokens.size(), 4u);
+  for (size_t r = 1; r < requests.size(); ++r) {
+    EXPECT_TRUE(absl::IsInvalidArgument(out[r].status())) << r << ": " << out[r].status();
+    EXPECT_NE(out[r].status().message().find("outside the vocabulary [0, 50)"), std::string::npos) << out[r].status();
+  }
 }
 
 // A request whose next-token distribution is not finite (logits / temperature
