@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <memory>
 #include <tuple>
 
 #include "runtime/decoder_model.h"
@@ -27,6 +28,18 @@ SampleRequest Request(std::vector<int32_t> prompt, int n, double temperature, in
   r.settings.max_tokens = max_tokens;
   r.settings.seed = seed;
   return r;
+}
+
+// A trainer over a tiny model written to TempDir()/name, with LoRA rank 4.
+std::unique_ptr<Trainer> TinyTrainer(const std::string& name, const TinyModelSpec& spec, bool train_unembed = false) {
+  const std::string dir = ::testing::TempDir() + "/" + name;
+  EXPECT_TRUE(WriteTinyModel(dir, spec).ok());
+  LoraSettings lora;
+  lora.rank = 4;
+  lora.train_unembed = train_unembed;
+  auto trainer = Trainer::Create({dir, lora, 64, 0});
+  EXPECT_TRUE(trainer.ok()) << trainer.status();
+  return trainer.ok() ? std::move(*trainer) : nullptr;
 }
 
 void ExpectSame(const Generation& a, const Generation& b, const std::string& what) {
@@ -96,15 +109,11 @@ TEST_P(GenerateBatchTest, BatchedRequestsEqualLoneRequests) {
 }
 
 TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
-  const std::string dir = ::testing::TempDir() + "/decode_test_moe";
   TinyModelSpec spec;
   spec.vocab_size = 96;
-  ASSERT_TRUE(WriteTinyModel(dir, spec).ok());
-  LoraSettings lora;
-  lora.rank = 4;
-  auto trainer = Trainer::Create({dir, lora, 64, 0});
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
-  const DecoderModel& model = (*trainer)->model();
+  std::unique_ptr<Trainer> trainer = TinyTrainer("decode_test_moe", spec);
+  ASSERT_NE(trainer, nullptr);
+  const DecoderModel& model = trainer->model();
   std::vector<SampleRequest> first = {Request({1, 2, 3}, 2, 1.0, 12, 1)};
   // After steps 2 and 5: two more, then an invalid one and a short one.
   std::map<int, std::vector<SampleRequest>> later = {
@@ -153,15 +162,11 @@ TEST(DecodeTest, RequestsThatJoinMidwayEqualLoneRequests) {
 // A prompt token outside the vocabulary (either end, INT32_MIN/MAX) fails its
 // request alone with a clear error; the others decode.
 TEST(DecodeTest, APromptTokenOutsideTheVocabularyFailsAlone) {
-  const std::string dir = ::testing::TempDir() + "/generate_test_vocab";
   TinyModelSpec spec;
   spec.vocab_size = 50;
-  ASSERT_TRUE(WriteTinyModel(dir, spec).ok());
-  LoraSettings lora;
-  lora.rank = 4;
-  auto trainer = Trainer::Create({dir, lora, 64, 0});
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
-  const DecoderModel& model = (*trainer)->model();
+  std::unique_ptr<Trainer> trainer = TinyTrainer("generate_test_vocab", spec);
+  ASSERT_NE(trainer, nullptr);
+  const DecoderModel& model = trainer->model();
   std::vector<SampleRequest> requests = {Request({1, 2, 49}, 1, 0.0, 4, 1), Request({1, 50}, 1, 0.0, 4, 2),
                                          Request({-1}, 1, 0.0, 4, 3),
                                          Request({std::numeric_limits<int32_t>::max()}, 1, 0.0, 4, 4),
@@ -179,16 +184,11 @@ TEST(DecodeTest, APromptTokenOutsideTheVocabularyFailsAlone) {
 // A request whose next-token distribution is not finite (logits / temperature
 // overflow float32) fails alone; the requests decoding beside it finish.
 TEST(DecodeTest, ARequestWithoutAFiniteDistributionFailsAlone) {
-  const std::string dir = ::testing::TempDir() + "/generate_test_overflow";
-  ASSERT_TRUE(WriteTinyModel(dir, TinyModelSpec{}).ok());
-  LoraSettings lora;
-  lora.rank = 4;
-  lora.train_unembed = true;
-  auto trainer = Trainer::Create({dir, lora, 64, 0});
-  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::unique_ptr<Trainer> trainer = TinyTrainer("generate_test_overflow", TinyModelSpec{}, /*train_unembed=*/true);
+  ASSERT_NE(trainer, nullptr);
   at::manual_seed(3);
   bool unembed = false;
-  for (TrainableParam& p : (*trainer)->model().trainable()) {
+  for (TrainableParam& p : trainer->model().trainable()) {
     at::NoGradGuard g;
     p.tensor.normal_(0.0, 0.05);
     // Logits near 1e31: finite, but not once divided by 1e-8.
@@ -198,7 +198,7 @@ TEST(DecodeTest, ARequestWithoutAFiniteDistributionFailsAlone) {
     }
   }
   ASSERT_TRUE(unembed);
-  const DecoderModel& model = (*trainer)->model();
+  const DecoderModel& model = trainer->model();
   std::vector<SampleRequest> requests = {Request({1, 2, 3}, 2, 1.0, 6, 1), Request({4, 5}, 2, 1e-8, 6, 2),
                                          Request({7, 8, 9}, 1, 0.0, 6, 3)};
   std::vector<absl::StatusOr<Generation>> out = GenerateBatch(model, requests, 64);
