@@ -201,9 +201,13 @@ void Dispatcher::SendLoop() {
         continue;
       }
     } else {
-      entry.fan_out = SplitOp(op->request, registry_->expected());
-      for (lathe::v1::Task& task : entry.fan_out.tasks) task.set_op_id(op->op_id);
-      absl::StatusOr<std::vector<int64_t>> ids = registry_->Send(entry.fan_out.tasks);
+      // Split over the replicas live when it is sent (for replicas in
+      // separate jobs, fewer after one left).
+      absl::StatusOr<std::vector<int64_t>> ids = registry_->SendSplit([&](int members) {
+        entry.fan_out = SplitOp(op->request, members);
+        for (lathe::v1::Task& task : entry.fan_out.tasks) task.set_op_id(op->op_id);
+        return entry.fan_out.tasks;
+      });
       if (ids.ok()) entry.task_ids = *std::move(ids);
       else entry.send_status = ids.status();
       entry.fan_out.tasks.clear();  // sent; keep only the datum split

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "core/op_error.h"
 
 namespace lathe::coordinator {
 
@@ -30,6 +31,16 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   }
   Replica& slot = replicas_[r.replica()];
   if (slot.sink != nullptr) return absl::AlreadyExistsError(absl::StrCat("replica ", r.replica(), " is registered"));
+  if (registered_locked() > 0 && r.separate_job() != separate_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "replica ", r.replica(), (r.separate_job() ? " is" : " is not"),
+        " a job of its own (dp_worker --replica_index) but the replicas registered before ",
+        (separate_ ? "are" : "are not")));
+  }
+  if (state_ == DeploymentState::kServing) {
+    return absl::FailedPreconditionError(absl::StrCat("replica ", r.replica(),
+                                                      " left this serving deployment and cannot rejoin it"));
+  }
   if (registered_locked() > 0) {
     using google::protobuf::util::MessageDifferencer;
     if (!MessageDifferencer::Equals(model_, r.model()) || !MessageDifferencer::Equals(layout_, r.layout())) {
@@ -40,12 +51,16 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   }
   model_ = r.model();
   layout_ = r.layout();
+  separate_ = r.separate_job();
   slot.sink = sink;
   slot.connected = true;
   slot.kept.clear();
   for (const lathe::v1::KeptAnswer& k : r.kept()) slot.kept[k.op_id()] = k.answer();
   slot.last_heard = clock_->Now();
-  if (registered_locked() == expected_) state_ = DeploymentState::kServing;
+  if (registered_locked() == expected_) {
+    state_ = DeploymentState::kServing;
+    if (separate_) ++generation_;
+  }
   return absl::OkStatus();
 }
 
@@ -76,6 +91,13 @@ void ReplicaRegistry::Heard(int replica) {
 void ReplicaRegistry::Deliver(int replica, const lathe::v1::TaskResult& result) {
   absl::MutexLock lock(&mu_);
   if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();
+  if (separate_) {
+    // Only the replica a task went to answers it, and only until it was
+    // answered for (the replica left).
+    auto it = owner_.find(result.task_id());
+    if (it == owner_.end() || it->second != replica) return;
+    owner_.erase(it);
+  }
   answers_[result.task_id()] = result;
   ++delivered_;
 }
@@ -86,7 +108,7 @@ void ReplicaRegistry::Disconnected(int replica, const std::string& reason) {
   slot.sink = nullptr;
   if (!slot.connected) return;
   slot.connected = false;
-  if (state_ != DeploymentState::kShuttingDown) LoseLocked(absl::StrCat("replica ", replica, " left: ", reason));
+  if (state_ != DeploymentState::kShuttingDown) DropLocked(replica, absl::StrCat("replica ", replica, " left: ", reason));
 }
 
 void ReplicaRegistry::CheckHeartbeats() {
@@ -108,7 +130,7 @@ void ReplicaRegistry::CheckHeartbeats() {
     if (!slot.connected || now - slot.last_heard <= heartbeat_timeout_) continue;
     slot.connected = false;
     if (slot.sink != nullptr) slot.sink->Cancel();
-    LoseLocked(absl::StrCat("replica ", i, " sent no heartbeat for ", absl::FormatDuration(now - slot.last_heard)));
+    DropLocked(i, absl::StrCat("replica ", i, " sent no heartbeat for ", absl::FormatDuration(now - slot.last_heard)));
   }
 }
 
@@ -124,6 +146,47 @@ void ReplicaRegistry::LoseLocked(const std::string& reason) {
   }
 }
 
+void ReplicaRegistry::DropLocked(int replica, const std::string& reason) {
+  if (!separate_ || state_ != DeploymentState::kServing) return LoseLocked(reason);
+  const std::vector<int> live = live_locked();
+  if (live.empty()) return LoseLocked(absl::StrCat(reason, "; no replica is left"));
+  ++generation_;
+  left_ = absl::StrCat(reason, "; generation ", generation_, " serves on ", live.size(), " of ", expected_,
+                       " replicas (", absl::StrJoin(live, ", "), ")");
+  LATHE_LOG(Warning, "%s", left_);
+  // What it owed is answered for it: its operations fail, the others go on.
+  for (auto it = owner_.begin(); it != owner_.end();) {
+    if (it->second != replica) {
+      ++it;
+      continue;
+    }
+    lathe::v1::TaskResult& answer = answers_[it->first];
+    answer.set_task_id(it->first);
+    *answer.mutable_error() = runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kUnavailable,
+                                                   absl::StrCat(reason, " before it answered this operation"));
+    ++delivered_;
+    it = owner_.erase(it);
+  }
+}
+
+std::vector<int> ReplicaRegistry::live_locked() const {
+  std::vector<int> live;
+  for (int i = 0; i < expected_; ++i) {
+    if (replicas_[i].connected && replicas_[i].sink != nullptr) live.push_back(i);
+  }
+  return live;
+}
+
+int ReplicaRegistry::members() const {
+  absl::MutexLock lock(&mu_);
+  return separate_ ? static_cast<int>(live_locked().size()) : expected_;
+}
+
+int64_t ReplicaRegistry::generation() const {
+  absl::MutexLock lock(&mu_);
+  return generation_;
+}
+
 absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                                              absl::Duration timeout) {
   absl::StatusOr<std::vector<int64_t>> ids = Send(std::move(tasks));
@@ -132,22 +195,44 @@ absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std
 }
 
 absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::Send(std::vector<lathe::v1::Task> tasks) {
+  return SendSplit([&](int) { return std::move(tasks); });
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::SendSplit(
+    const std::function<std::vector<lathe::v1::Task>(int)>& split) {
   absl::MutexLock lock(&mu_);
   if (state_ != DeploymentState::kServing) {
     return absl::UnavailableError(absl::StrCat("the deployment is not serving: ", detail_locked()));
   }
+  std::vector<int> to;
+  if (separate_) {
+    to = live_locked();
+  } else {
+    for (int i = 0; i < expected_; ++i) to.push_back(i);
+  }
+  std::vector<lathe::v1::Task> tasks = split(static_cast<int>(to.size()));
+  if (tasks.size() != to.size()) {
+    return absl::InternalError(absl::StrCat(tasks.size(), " tasks for ", to.size(), " replicas"));
+  }
   std::vector<int64_t> ids;
-  for (int i = 0; i < expected_; ++i) {
-    if (tasks[i].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
+  for (size_t k = 0; k < to.size(); ++k) {
+    if (tasks[k].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
       ids.push_back(-1);
       continue;
     }
-    tasks[i].set_task_id(next_task_id_++);
-    ids.push_back(tasks[i].task_id());
+    tasks[k].set_task_id(next_task_id_++);
+    ids.push_back(tasks[k].task_id());
+    if (separate_) {
+      lathe::v1::Membership* m = tasks[k].mutable_membership();
+      m->set_generation(generation_);
+      m->set_rank(static_cast<int>(k));
+      m->set_size(static_cast<int>(to.size()));
+      owner_[tasks[k].task_id()] = to[k];
+    }
     lathe::v1::CoordinatorMessage message;
-    *message.mutable_task() = std::move(tasks[i]);
+    *message.mutable_task() = std::move(tasks[k]);
     // A failed send shows up as the replica's disconnection.
-    replicas_[i].sink->Send(message);
+    replicas_[to[k]].sink->Send(message);
   }
   return ids;
 }
@@ -238,6 +323,7 @@ std::string ReplicaRegistry::detail() const {
 
 std::string ReplicaRegistry::detail_locked() const {
   if (!lost_reason_.empty()) return lost_reason_;
+  if (state_ == DeploymentState::kServing && !left_.empty()) return left_;
   std::vector<int> missing;
   for (int i = 0; i < expected_; ++i) {
     if (replicas_[i].sink == nullptr) missing.push_back(i);

@@ -6,6 +6,15 @@
 // unavailable for good: the cross-replica collectives of the survivors cannot
 // complete without it.
 //
+// Unless the replicas are separate jobs (RegisterReplica.separate_job, every
+// replica alike): then a lost replica leaves the membership instead. Its
+// unanswered tasks are answered for it (SERVER, UNAVAILABLE, naming it), the
+// generation goes up, and later tasks go to the live replicas only, each
+// carrying the membership it runs under (Task.membership: the generation,
+// the replica's rank among the live ones and their count), under which the
+// replicas form their cross-replica groups. The deployment is lost only
+// when no replica is left.
+//
 // Thread-safe.
 #ifndef LATHE_COORDINATOR_REPLICA_REGISTRY_H_
 #define LATHE_COORDINATOR_REPLICA_REGISTRY_H_
@@ -71,8 +80,19 @@ class ReplicaRegistry {
   // Sends tasks[i] to replica i (assigning task ids, returned in replica
   // order; a task without an op is not sent and its id is -1). Replicas
   // execute their tasks in the order sent. Unavailable when the deployment
-  // is not serving.
+  // is not serving. REQUIRES: tasks.size() == members().
   absl::StatusOr<std::vector<int64_t>> Send(std::vector<lathe::v1::Task> tasks);
+  // Send, with the tasks made by `split` for the number of live members at
+  // the time of sending (one task per member, in rank order; members() for
+  // a deployment in one job: every replica), so a replica leaving in between
+  // cannot mismatch them. `split` is called under the registry's lock and
+  // must not call back into it.
+  absl::StatusOr<std::vector<int64_t>> SendSplit(const std::function<std::vector<lathe::v1::Task>(int)>& split);
+  // The replicas tasks go to now: every expected one, or for separate jobs
+  // the live members.
+  int members() const;
+  // The current membership generation (separate jobs; 0 otherwise).
+  int64_t generation() const;
   // Waits for the answers of the tasks `ids` (from one Send) and takes them
   // (an empty answer for id -1).
   // Unavailable when a replica is lost before it answers; DeadlineExceeded
@@ -117,6 +137,10 @@ class ReplicaRegistry {
     std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replica `replica` is gone: the deployment is lost, or for separate jobs
+  // the replica leaves the membership (see above).
+  void DropLocked(int replica, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<int> live_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   int registered_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
@@ -134,6 +158,10 @@ class ReplicaRegistry {
   // Answers received for the tasks in flight, by task id.
   std::map<int64_t, lathe::v1::TaskResult> answers_ ABSL_GUARDED_BY(mu_);
   int64_t delivered_ ABSL_GUARDED_BY(mu_) = 0;  // answers ever delivered
+  bool separate_ ABSL_GUARDED_BY(mu_) = false;  // the replicas are separate jobs
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<int64_t, int> owner_ ABSL_GUARDED_BY(mu_);  // unanswered task id -> replica (separate jobs)
+  std::string left_ ABSL_GUARDED_BY(mu_);  // which replicas left, for detail()
   std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -80,7 +80,8 @@ lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::
 
 lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
   const lathe::v1::SubmitRequest& op = task.op();
-  absl::StatusOr<lathe::v1::OpResult> result = runtime::Guarded(OpName(op), [&] { return Run(op); });
+  absl::StatusOr<lathe::v1::OpResult> result = Join(task);
+  if (result.ok()) result = runtime::Guarded(OpName(op), [&] { return Run(op); });
   // The op boundary: the replica's ranks report one outcome. A failure on
   // some ranks only, of an operation that changes the run, leaves the ranks'
   // states apart: the run then refuses work until it is re-initialised.
@@ -93,6 +94,35 @@ lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
     result = outcome.status;
   }
   return Answer(task.task_id(), std::move(result));
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Join(const lathe::v1::Task& task) {
+  const auto kind = task.op().op_case();
+  // Sampling runs on one replica alone, with no cross-replica collective.
+  if (!options_.join || !task.has_membership() || kind == lathe::v1::SubmitRequest::kSample ||
+      kind == lathe::v1::SubmitRequest::kComputeLogprobs) {
+    return lathe::v1::OpResult();
+  }
+  bool changed = false;
+  absl::Status s = options_.join(task.membership(), &changed);
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("forming the cross-replica groups of generation ",
+                                               task.membership().generation(), ": ", s.message()));
+  }
+  if (changed) {
+    // Gradients accumulated under the old replicas lack the part of any
+    // replica that left (or hold none of one that joined): the step starts
+    // over on every replica.
+    for (auto& [run_id, trainer] : trainers_) {
+      bool any = false;
+      for (runtime::TrainableParam& p : trainer->model().trainable()) {
+        any = any || p.tensor.grad().defined();
+        p.tensor.mutable_grad() = at::Tensor();
+      }
+      if (any) dropped_[run_id] = task.membership().generation();
+    }
+  }
+  return lathe::v1::OpResult();
 }
 
 void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer) {
@@ -243,10 +273,18 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
       return result;
     }
     case lathe::v1::SubmitRequest::kForwardBackward: {
+      dropped_.erase(op.run_id());
       LATHE_ASSIGN_OR_RETURN(*result.mutable_forward_backward(), trainer.ForwardBackward(op.forward_backward()));
       return result;
     }
     case lathe::v1::SubmitRequest::kOptimStep: {
+      if (auto d = dropped_.find(op.run_id()); d != dropped_.end()) {
+        const int64_t generation = d->second;
+        dropped_.erase(d);
+        return absl::AbortedError(absl::StrCat(
+            "the replicas changed (generation ", generation, ") after this step's forward_backward: its gradients "
+            "were dropped on every replica; run the step's forward_backward again, then optim_step"));
+      }
       LATHE_ASSIGN_OR_RETURN(*result.mutable_optim_step(), trainer.OptimStep(op.optim_step()));
       return result;
     }

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "dp_worker/link_store.h"
 #include "parallel/device.h"
 #include "parallel/rank_info.h"
 #include "presets/preset_table.h"
@@ -40,6 +41,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
                                         const runtime::ModelConfig& config, int replica) {
   lathe::v1::RegisterReplica r;
   r.set_replica(replica);
+  r.set_separate_job(o.replica_index >= 0);
   lathe::v1::Layout* layout = r.mutable_layout();
   layout->set_replicas(shape.replicas);
   layout->set_node_count(shape.node_count);
@@ -74,12 +76,19 @@ absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world
   request.model = BaseModelName(o);
   LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, presets::ResolveLayout(table, request, false));
   parallel::MeshShape& s = layout.shape;
-  const int nodes = s.replicas * s.node_count;
+  if (o.replica_index >= s.replicas) {
+    return absl::InvalidArgumentError(absl::StrFormat("--replica_index %d is outside the deployment's %d replicas",
+                                                      o.replica_index, s.replicas));
+  }
+  // A job of its own holds one replica.
+  const int job_replicas = o.replica_index >= 0 ? 1 : s.replicas;
+  const int nodes = job_replicas * s.node_count;
   if (world_size % nodes != 0 || (s.devices_per_node > 0 && world_size != nodes * s.devices_per_node)) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "the job has %d ranks but the layout%s wants replicas %d x node_count %d x %s devices per node",
-        world_size, layout.preset ? " of preset " + layout.preset->base_model : "", s.replicas, s.node_count,
-        s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
+        "the job has %d ranks but the layout%s wants %s %d x node_count %d x %s devices per node",
+        world_size, layout.preset ? " of preset " + layout.preset->base_model : "",
+        o.replica_index >= 0 ? "(one replica per job, --replica_index) replicas" : "replicas", job_replicas,
+        s.node_count, s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
   }
   s.devices_per_node = world_size / nodes;
   return layout;
@@ -119,15 +128,23 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   LATHE_ASSIGN_OR_RETURN(parallel::RankInfo info, parallel::DiscoverRankInfo(env));
   report_as = info.rank == 0 ? 0 : -1;
   LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, Resolve(options, info.world_size));
-  const int ranks_per_replica = info.world_size / layout.shape.replicas;
-  report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
+  const bool separate = options.replica_index >= 0;
+  const int job_replicas = separate ? 1 : layout.shape.replicas;
+  const int ranks_per_replica = info.world_size / job_replicas;
+  report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica + std::max(0, options.replica_index)
+                                                 : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
                          parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
   const int compute_device = runtime::ComputeDevice(device);
   LATHE_ASSIGN_OR_RETURN(const runtime::Dtype dtype, runtime::ParseDtype(options.dtype, compute_device >= 0));
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
-  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
+  if (separate && compute_device >= 0) {
+    return absl::UnimplementedError(
+        "--replica_index (replicas as separate jobs) runs on CPU ranks only: the cross-replica Gloo groups carry "
+        "host buffers");
+  }
+  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, job_replicas,
                                                              shape.node_count, shape.tp, shape.ep,
                                                              options.collective_timeout, shape.cp, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
@@ -151,8 +168,18 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;
-  lathe::v1::RegisterReplica registration = Registration(resolved, shape, config, ctx->place.replica);
+  lathe::v1::RegisterReplica registration =
+      Registration(resolved, shape, config, separate ? options.replica_index : ctx->place.replica);
   executor_options.base_model = registration.model().base_model();
+  std::unique_ptr<LinkStore> store;
+  std::unique_ptr<CrossReplicaGroups> groups;
+  if (separate) {
+    store = std::make_unique<LinkStore>(options.link);
+    groups = std::make_unique<CrossReplicaGroups>(ctx.get(), store.get(), options.cross);
+    executor_options.join = [g = groups.get()](const lathe::v1::Membership& m, bool* changed) {
+      return g->Join(m, changed);
+    };
+  }
   OpExecutor executor(executor_options, ctx.get());
   if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);
   registration.mutable_layout()->set_devices_per_node(ctx->shape.devices_per_node);
@@ -162,7 +189,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
     StopFollowers(*ctx->replica, options.loop).IgnoreError();
     return link.status();
   }
-  LATHE_LOG(Info, "replica %d registered with %s", ctx->place.replica, options.link.coordinator);
+  LATHE_LOG(Info, "replica %d registered with %s", registration.replica(), options.link.coordinator);
   return RunLeader(**link, executor, *ctx->replica, stop, options.loop);
 }
 
