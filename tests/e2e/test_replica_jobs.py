@@ -71,3 +71,72 @@ def test_separate_jobs_equal_one_job(make_deployment, ranks, tp):
     for i in range(2):
         with open(d.replica_log(i)) as f:
             assert "cross-replica group place0 of generation 1 formed" in f.read(), f"replica {i} formed no group"
+
+
+def _close(got, want, what, split=()):
+    """Results of the same ops on a run whose first step summed two replicas' gradients (two
+    partial sums added) against one process summing them all: equal up to float32 rounding
+    of that order, the tolerance of the service's parity tests. Results `split` over several
+    replicas skip the MoE load metrics, which describe each replica's part of the batch."""
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a.HasField("forward_backward"):
+            for d, (x, y) in enumerate(zip(sc.logprobs(a.forward_backward), sc.logprobs(b.forward_backward))):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{what}: result {k} datum {d}")
+            ma, mb = a.forward_backward.metrics, b.forward_backward.metrics
+        else:
+            ma, mb = a.optim_step.metrics, b.optim_step.metrics
+        for key in mb:
+            if k in split and key.startswith("moe_"):
+                continue
+            assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), f"{what}: result {k} {key}"
+
+
+def _state(stub, op_id):
+    return stub.Retrieve(pb.RetrieveRequest(op_id=op_id), timeout=sc.RPC_TIMEOUT_S).state
+
+
+def test_killed_replica_leaves_and_the_survivor_trains_on(make_deployment):
+    a, b = _batches()
+    opt = dict(optim_step=adam(learning_rate=1e-2))
+    one = make_deployment("reference", replicas=1, ranks=1, ep=1).start()
+    run = sc.create_run(one.stub, **LORA)
+    want = [one.run_op(run, 1, **sc.fb_op(*a)), one.run_op(run, 2, **opt), one.run_op(run, 3, **sc.fb_op(*b)),
+            one.run_op(run, 4, **opt), one.run_op(run, 5, **sc.fb_op(*a, forward=True))]
+    one.close()
+
+    d = make_deployment("kill", cls=sc.ReplicaJobs, replicas=2, ranks=1, collective_timeout_s=20).start()
+    stub = d.stub
+    run = sc.create_run(stub, **LORA)
+    got = [d.run_op(run, 1, **sc.fb_op(*a)), d.run_op(run, 2, **opt)]
+    d.run_op(run, 3, **sc.fb_op(*a))  # gradients of a step the replica's loss will cut short
+    rng = np.random.default_rng(3)
+    big = sc.fb_op(*[datum(*sc.random_sequence(rng, 4096)) for _ in range(8)])
+    in_flight = sc.submit(stub, run, 4, **big)
+    time.sleep(0.3)
+    pids = d.replica_pids(1)
+    assert list(pids) == [0], f"replica 1's ranks: {pids}"
+    assert _state(stub, in_flight) == Retrieve.PENDING, "the big op finished before the kill: make it bigger"
+    killed_at = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+
+    r = sc.wait(stub, in_flight, timeout=30)
+    assert r.state == Retrieve.FAILED, Retrieve.State.Name(r.state)
+    assert r.error.code == sc.grpc.StatusCode.UNAVAILABLE.value[0], r.error
+    assert r.error.category == pb.OpError.SERVER, r.error
+    assert time.monotonic() - killed_at < 10, "the op in flight did not fail within 10 s of the kill"
+    h = d.health()
+    assert h.state == Health.SERVING, h
+    assert "replica 1 left" in h.detail and "1 of 2 replicas" in h.detail, h.detail
+    assert d.wait_job(1, 30) is not None, "replica 1's mpirun still runs 30 s after its rank died"
+
+    # The step the loss cut short cannot complete: its gradients lacked replica 1's part.
+    r = sc.wait(stub, sc.submit(stub, run, 5, **opt), timeout=60)
+    assert r.state == Retrieve.FAILED and r.error.code == sc.grpc.StatusCode.ABORTED.value[0], r
+    assert "forward_backward again" in r.error.message, r.error
+
+    # The survivor trains on with the whole batch: the numbers are one replica's.
+    got += [d.run_op(run, 6, **sc.fb_op(*b)), d.run_op(run, 7, **opt), d.run_op(run, 8, **sc.fb_op(*a, forward=True))]
+    _close(got, want, "after replica 1 left", split=(0,))
+    assert d.jobs[0].poll() is None, "replica 0's job ended"
+    with open(d.replica_log(0)) as f:
+        assert "of generation 2 formed: replica 0 of 1" in f.read()
