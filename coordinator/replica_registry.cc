@@ -37,9 +37,10 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
         " a job of its own (dp_worker --replica_index) but the replicas registered before ",
         (separate_ ? "are" : "are not")));
   }
-  if (state_ == DeploymentState::kServing) {
-    return absl::FailedPreconditionError(absl::StrCat("replica ", r.replica(),
-                                                      " left this serving deployment and cannot rejoin it"));
+  // A serving deployment of separate jobs takes a replica that left back.
+  const bool joining = state_ == DeploymentState::kServing;
+  if (joining && !(separate_ && r.separate_job())) {
+    return absl::FailedPreconditionError(absl::StrCat("replica ", r.replica(), " cannot join a serving deployment"));
   }
   if (registered_locked() > 0) {
     using google::protobuf::util::MessageDifferencer;
@@ -54,6 +55,12 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   separate_ = r.separate_job();
   slot.sink = sink;
   slot.connected = true;
+  slot.joining = joining;
+  if (joining) {
+    LATHE_LOG(Info, "replica %d registered again: it joins at the next operation", r.replica());
+    slot.last_heard = clock_->Now();
+    return absl::OkStatus();
+  }
   slot.kept.clear();
   for (const lathe::v1::KeptAnswer& k : r.kept()) slot.kept[k.op_id()] = k.answer();
   slot.last_heard = clock_->Now();
@@ -148,12 +155,18 @@ void ReplicaRegistry::LoseLocked(const std::string& reason) {
 
 void ReplicaRegistry::DropLocked(int replica, const std::string& reason) {
   if (!separate_ || state_ != DeploymentState::kServing) return LoseLocked(reason);
+  const bool member = !replicas_[replica].joining;
+  replicas_[replica].joining = false;
   const std::vector<int> live = live_locked();
   if (live.empty()) return LoseLocked(absl::StrCat(reason, "; no replica is left"));
-  ++generation_;
-  left_ = absl::StrCat(reason, "; generation ", generation_, " serves on ", live.size(), " of ", expected_,
-                       " replicas (", absl::StrJoin(live, ", "), ")");
-  LATHE_LOG(Warning, "%s", left_);
+  if (member) {
+    last_loss_generation_ = ++generation_;
+    left_ = absl::StrCat(reason, "; generation ", generation_, " serves on ", live.size(), " of ", expected_,
+                         " replicas (", absl::StrJoin(live, ", "), ")");
+    LATHE_LOG(Warning, "%s", left_);
+  } else {
+    LATHE_LOG(Warning, "%s before it joined", reason);
+  }
   // What it owed is answered for it: its operations fail, the others go on.
   for (auto it = owner_.begin(); it != owner_.end();) {
     if (it->second != replica) {
@@ -172,9 +185,71 @@ void ReplicaRegistry::DropLocked(int replica, const std::string& reason) {
 std::vector<int> ReplicaRegistry::live_locked() const {
   std::vector<int> live;
   for (int i = 0; i < expected_; ++i) {
-    if (replicas_[i].connected && replicas_[i].sink != nullptr) live.push_back(i);
+    if (replicas_[i].connected && replicas_[i].sink != nullptr && !replicas_[i].joining) live.push_back(i);
   }
   return live;
+}
+
+bool ReplicaRegistry::joiners() const {
+  absl::MutexLock lock(&mu_);
+  for (const Replica& slot : replicas_) {
+    if (slot.joining && slot.connected) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::AdmitJoiners(const std::vector<lathe::v1::RunInfo>& runs,
+                                                                   std::vector<int>* admitted) {
+  absl::MutexLock lock(&mu_);
+  admitted->clear();
+  if (state_ != DeploymentState::kServing) return std::vector<int64_t>();
+  const std::vector<int> before = live_locked();
+  for (int i = 0; i < expected_; ++i) {
+    Replica& slot = replicas_[i];
+    if (!slot.joining || !slot.connected || slot.sink == nullptr) continue;
+    slot.joining = false;
+    admitted->push_back(i);
+  }
+  if (admitted->empty()) return std::vector<int64_t>();
+  ++generation_;
+  const std::vector<int> live = live_locked();
+  const int source = static_cast<int>(std::find(live.begin(), live.end(), before.at(0)) - live.begin());
+  left_ = live.size() == static_cast<size_t>(expected_)
+              ? std::string()
+              : absl::StrCat("generation ", generation_, " serves on ", live.size(), " of ", expected_,
+                             " replicas (", absl::StrJoin(live, ", "), ")");
+  LATHE_LOG(Info, "replica(s) %s join: generation %d, %d replicas; state from replica %d",
+            absl::StrJoin(*admitted, ", "), generation_, live.size(), before[0]);
+  std::vector<int64_t> ids;
+  for (size_t k = 0; k < live.size(); ++k) {
+    lathe::v1::Task task;
+    task.mutable_op()->mutable_noop();
+    task.set_task_id(next_task_id_++);
+    lathe::v1::SyncState* sync = task.mutable_sync();
+    sync->set_source(source);
+    for (const lathe::v1::RunInfo& run : runs) *sync->add_runs() = run;
+    lathe::v1::Membership* m = task.mutable_membership();
+    m->set_generation(generation_);
+    m->set_rank(static_cast<int>(k));
+    m->set_size(static_cast<int>(live.size()));
+    m->set_last_loss_generation(last_loss_generation_);
+    owner_[task.task_id()] = live[k];
+    ids.push_back(task.task_id());
+    lathe::v1::CoordinatorMessage message;
+    *message.mutable_task() = std::move(task);
+    replicas_[live[k]].sink->Send(message);
+  }
+  return ids;
+}
+
+void ReplicaRegistry::Expel(int replica, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (replica < 0 || replica >= expected_) return;
+  Replica& slot = replicas_[replica];
+  if (!slot.connected) return;
+  slot.connected = false;
+  if (slot.sink != nullptr) slot.sink->Cancel();
+  DropLocked(replica, absl::StrCat("replica ", replica, " ", reason));
 }
 
 int ReplicaRegistry::members() const {
@@ -227,6 +302,7 @@ absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::SendSplit(
       m->set_generation(generation_);
       m->set_rank(static_cast<int>(k));
       m->set_size(static_cast<int>(to.size()));
+      m->set_last_loss_generation(last_loss_generation_);
       owner_[tasks[k].task_id()] = to[k];
     }
     lathe::v1::CoordinatorMessage message;

@@ -13,7 +13,10 @@
 // carrying the membership it runs under (Task.membership: the generation,
 // the replica's rank among the live ones and their count), under which the
 // replicas form their cross-replica groups. The deployment is lost only
-// when no replica is left.
+// when no replica is left. A replica that left may register again (a new
+// job with its index): it waits as a joiner, receives no tasks, until
+// AdmitJoiners makes it a member of a new generation and sends every member
+// the state sync that brings it up to date.
 //
 // Thread-safe.
 #ifndef LATHE_COORDINATOR_REPLICA_REGISTRY_H_
@@ -93,6 +96,17 @@ class ReplicaRegistry {
   int members() const;
   // The current membership generation (separate jobs; 0 otherwise).
   int64_t generation() const;
+  // Whether a replica waits to join (separate jobs).
+  bool joiners() const;
+  // Makes the waiting joiners members of a new generation and sends every
+  // member a state sync (Task.sync with `runs`, from the first replica that
+  // was a member before); the sync tasks' ids, empty when nobody waits.
+  // `admitted` gets the joiners' indices.
+  absl::StatusOr<std::vector<int64_t>> AdmitJoiners(const std::vector<lathe::v1::RunInfo>& runs,
+                                                    std::vector<int>* admitted);
+  // Ends replica `replica`'s stream and drops it (a joiner that could not
+  // catch up).
+  void Expel(int replica, const std::string& reason);
   // Waits for the answers of the tasks `ids` (from one Send) and takes them
   // (an empty answer for id -1).
   // Unavailable when a replica is lost before it answers; DeadlineExceeded
@@ -134,6 +148,7 @@ class ReplicaRegistry {
     ReplicaSink* sink = nullptr;
     absl::Time last_heard;
     bool connected = false;
+    bool joining = false;  // registered again, not yet a member (separate jobs)
     std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -160,6 +175,7 @@ class ReplicaRegistry {
   int64_t delivered_ ABSL_GUARDED_BY(mu_) = 0;  // answers ever delivered
   bool separate_ ABSL_GUARDED_BY(mu_) = false;  // the replicas are separate jobs
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t last_loss_generation_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<int64_t, int> owner_ ABSL_GUARDED_BY(mu_);  // unanswered task id -> replica (separate jobs)
   std::string left_ ABSL_GUARDED_BY(mu_);  // which replicas left, for detail()
   std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);

@@ -22,7 +22,8 @@ absl::Status CrossReplicaGroups::Join(const lathe::v1::Membership& m, bool* chan
     return absl::InvalidArgumentError(absl::StrCat("malformed replica membership: ", m.ShortDebugString()));
   }
   if (m.generation() == slot_->generation && slot_->group != nullptr) return absl::OkStatus();
-  *changed = slot_->generation != 0 && m.generation() != slot_->generation;
+  // Gradients accumulated before a replica was lost lack its part.
+  *changed = slot_->generation != 0 && m.last_loss_generation() > slot_->generation;
   slot_->group.reset();
   slot_->generation = m.generation();
   parallel::StoreGroupOptions o;

@@ -41,9 +41,12 @@ class CrossReplicaGroups {
   // calls it with the same membership, and all return the same status
   // (InvalidArgument for a malformed membership; the formation's error,
   // e.g. DeadlineExceeded when a replica did not show up). Sets `changed`
-  // when a generation other than the one held before was formed.
+  // when a replica was lost since the generation held before (its
+  // gradients of an unfinished step are then incomplete).
   absl::Status Join(const lathe::v1::Membership& membership, bool* changed);
   int64_t generation() const { return slot_->generation; }
+  // This rank's Gloo group of the current generation (null before the first).
+  parallel::Communicator* group() const { return slot_->group.get(); }
 
  private:
   parallel::ParallelContext* ctx_;

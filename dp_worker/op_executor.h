@@ -39,6 +39,10 @@ struct ExecutorOptions {
   // membership before an operation every replica runs (collective over the
   // replica; CrossReplicaGroups::Join). Null: one job holds every replica.
   std::function<absl::Status(const lathe::v1::Membership&, bool* changed)> join;
+  // This rank's group among the ranks at its place in every replica of the
+  // current generation (after join), over which a joining replica receives
+  // the runs' state; null with join.
+  std::function<parallel::Communicator*()> cross_group;
 };
 
 // Sampling requests with equal keys may decode in one batch: the same run
@@ -71,6 +75,10 @@ class OpExecutor {
   // Forms the task's cross-replica groups when it needs them (an empty
   // result: go on), dropping the runs' gradients when the replicas changed.
   absl::StatusOr<lathe::v1::OpResult> Join(const lathe::v1::Task& task);
+  // A joining replica's catch-up (Task.sync): every run the source replica
+  // holds is created where missing and its weights and optimizer state are
+  // broadcast from the source; collective over the generation's replicas.
+  absl::StatusOr<lathe::v1::OpResult> Sync(const lathe::v1::SyncState& sync);
   absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::InitOp& op);
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   // The weights a sampling request names (see SampleOp): null for the run's

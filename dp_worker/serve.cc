@@ -179,6 +179,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
     executor_options.join = [g = groups.get()](const lathe::v1::Membership& m, bool* changed) {
       return g->Join(m, changed);
     };
+    executor_options.cross_group = [g = groups.get()] { return g->group(); };
   }
   OpExecutor executor(executor_options, ctx.get());
   if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);

@@ -296,10 +296,47 @@ TEST_F(SeparateJobsTest, ALostReplicaLeavesTheMembershipAndItsTasksFail) {
   EXPECT_NE(registry.detail().find("no replica is left"), std::string::npos) << registry.detail();
 }
 
-TEST_F(SeparateJobsTest, AReplicaThatLeftCannotRegisterAgainYet) {
-  registry.Disconnected(2, "stream broke");
+TEST_F(SeparateJobsTest, AReplicaThatLeftJoinsAgainThroughAStateSync) {
+  registry.Disconnected(0, "stream broke");
+  EXPECT_EQ(registry.generation(), 2);
   FakeSink again;
-  EXPECT_EQ(registry.Register(Separate(2), &again).code(), absl::StatusCode::kFailedPrecondition);
+  lathe::v1::RegisterReplica in_one_job = Registration(0, 3);
+  EXPECT_EQ(registry.Register(in_one_job, &again).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(registry.Register(Separate(0), &again).ok());
+  EXPECT_TRUE(registry.joiners());
+  // Until admitted it gets no tasks.
+  ASSERT_TRUE(registry.Send(NoopTasks(2)).ok());
+  {
+    absl::MutexLock lock(&again.mu);
+    EXPECT_TRUE(again.sent.empty());
+  }
+  std::vector<lathe::v1::RunInfo> runs(1);
+  runs[0].set_run_id("r");
+  std::vector<int> admitted;
+  absl::StatusOr<std::vector<int64_t>> ids = registry.AdmitJoiners(runs, &admitted);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(admitted, std::vector<int>{0});
+  EXPECT_EQ(ids->size(), 3u);
+  EXPECT_FALSE(registry.joiners());
+  EXPECT_EQ(registry.generation(), 3);
+  EXPECT_EQ(registry.members(), 3);
+  FakeSink* by_rank[3] = {&again, &sinks[1], &sinks[2]};
+  for (int k = 0; k < 3; ++k) {
+    const lathe::v1::Task t = Last(*by_rank[k]);
+    EXPECT_EQ(t.membership().rank(), k);
+    EXPECT_EQ(t.membership().generation(), 3);
+    EXPECT_EQ(t.membership().last_loss_generation(), 2);
+    EXPECT_EQ(t.sync().source(), 1);  // replica 1, the first that held the state
+    EXPECT_EQ(t.sync().runs(0).run_id(), "r");
+  }
+  EXPECT_TRUE(registry.detail().find("left") == std::string::npos) << registry.detail();
+  // A joiner that cannot catch up is expelled: the members go on without it.
+  registry.Expel(0, "could not catch up: test");
+  EXPECT_EQ(registry.members(), 2);
+  EXPECT_EQ(registry.generation(), 4);
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry.Collect({(*ids)[0]}, absl::Seconds(1));
+  ASSERT_TRUE(answers.ok());
+  EXPECT_EQ((*answers)[0].error().code(), static_cast<int>(absl::StatusCode::kUnavailable));
 }
 
 TEST(ReplicaRegistryTest, ReplicasInOneJobAndInSeparateJobsDoNotMix) {

@@ -140,3 +140,90 @@ def test_killed_replica_leaves_and_the_survivor_trains_on(make_deployment):
     assert d.jobs[0].poll() is None, "replica 0's job ended"
     with open(d.replica_log(0)) as f:
         assert "of generation 2 formed: replica 0 of 1" in f.read()
+
+
+def _wait_log(path: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} does not say {text!r} within {timeout:.0f} s")
+
+
+def _checkpoint_tensors(root: str, run: str, name: str) -> dict:
+    from safetensors.numpy import load_file
+
+    folder = os.path.join(root, run, "weights", name)
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".safetensors"):
+                for key, value in load_file(os.path.join(dirpath, f)).items():
+                    out[f"{os.path.relpath(dirpath, folder)}/{f}:{key}"] = value
+    assert out, f"no tensors under {folder}"
+    return out
+
+
+def test_restarted_replica_rejoins_with_the_runs_state(make_deployment, tmp_path):
+    a, b = _batches()
+    opt = dict(optim_step=adam(learning_rate=1e-2))
+    root = str(tmp_path / "checkpoints")
+    d = make_deployment("rejoin", cls=sc.ReplicaJobs, replicas=2, ranks=1, max_runs=2,
+                        worker_args=["--checkpoint_root", root], coordinator_args=["--checkpoint_root", root]).start()
+    stub = d.stub
+    run = sc.create_run(stub, **LORA)
+    other = sc.create_run(stub, rank=4, seed=9)
+    d.run_op(run, 1, **sc.fb_op(*a))
+    d.run_op(run, 2, **opt)
+    d.run_op(other, 1, **sc.fb_op(*b))
+    d.run_op(other, 2, **opt)
+
+    os.kill(d.replica_pids(1)[0], signal.SIGKILL)
+    assert d.wait_job(1, 30) is not None, "replica 1's job still runs 30 s after its rank died"
+    deadline = time.monotonic() + 10
+    while "replica 1 left" not in d.health().detail:
+        assert time.monotonic() < deadline, d.health()
+        time.sleep(0.1)
+    # Replica 0 alone takes a step the new replica 1 must receive.
+    d.run_op(run, 3, **sc.fb_op(*b))
+    d.run_op(run, 4, **opt)
+
+    d.start_replica(1)
+    _wait_log(d.coordinator_log, "replica 1 registered again", 60)
+    # The next operation admits it: it receives both runs, then takes its part of the batch.
+    d.run_op(run, 5, **sc.fb_op(*a))
+    _wait_log(d.coordinator_log, "replica(s) joined with the state of every run (2 runs)", 10)
+    h = d.health()
+    assert h.state == Health.SERVING and "left" not in h.detail, h
+    d.run_op(run, 6, **opt)
+    d.run_op(other, 3, **sc.fb_op(*a))
+    d.run_op(other, 4, **opt)
+    with open(d.replica_log(1)) as f:
+        assert "of generation 3 formed: replica 1 of 2" in f.read()
+
+    # Two equal datums go one to each replica: equal weights give equal logprobs.
+    twin = _batches()[0][3]
+    for r in (run, other):
+        out = d.run_op(r, 7 if r == run else 5, **sc.fb_op(twin, twin, forward=True)).forward_backward
+        x, y = sc.logprobs(out)
+        assert np.array_equal(x, y), f"run {r}: the replicas' logprobs differ by {np.max(np.abs(x - y))}"
+
+    # Byte for byte: the state replica 0 saves, then (replica 0 gone) the state replica 1 saves.
+    d.run_op(run, 8, save_state=pb.SaveStateOp(name="from0"))
+    os.kill(d.replica_pids(0)[0], signal.SIGKILL)
+    assert d.wait_job(0, 30) is not None
+    deadline = time.monotonic() + 10
+    while "replica 0 left" not in d.health().detail:
+        assert time.monotonic() < deadline, d.health()
+        time.sleep(0.1)
+    d.run_op(run, 9, save_state=pb.SaveStateOp(name="from1"))
+    with open(d.replica_log(1)) as f:
+        assert "replica 0 of 1" in f.read(), "replica 1 did not form the generation without replica 0"
+    want, got = _checkpoint_tensors(root, run, "from0"), _checkpoint_tensors(root, run, "from1")
+    assert sorted(got) == sorted(want)
+    kinds = {key.split(":")[1].split("/")[0] for key in want}
+    assert kinds == {"param", "exp_avg", "exp_avg_sq"}, f"saved: {kinds}"
+    for key in want:
+        assert got[key].tobytes() == want[key].tobytes(), f"{key} differs between the replicas"
