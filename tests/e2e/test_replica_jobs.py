@@ -95,16 +95,17 @@ def _state(stub, op_id):
     return stub.Retrieve(pb.RetrieveRequest(op_id=op_id), timeout=sc.RPC_TIMEOUT_S).state
 
 
-def test_killed_replica_leaves_and_the_survivor_trains_on(make_deployment):
+@pytest.mark.parametrize("ranks,tp", [(1, 1), (2, 2)], ids=["1rank", "tp2"])
+def test_killed_replica_leaves_and_the_survivor_trains_on(make_deployment, ranks, tp):
     a, b = _batches()
     opt = dict(optim_step=adam(learning_rate=1e-2))
-    one = make_deployment("reference", replicas=1, ranks=1, ep=1).start()
+    one = make_deployment("reference", replicas=1, ranks=ranks, ep=1, tp=tp).start()
     run = sc.create_run(one.stub, **LORA)
     want = [one.run_op(run, 1, **sc.fb_op(*a)), one.run_op(run, 2, **opt), one.run_op(run, 3, **sc.fb_op(*b)),
             one.run_op(run, 4, **opt), one.run_op(run, 5, **sc.fb_op(*a, forward=True))]
     one.close()
 
-    d = make_deployment("kill", cls=sc.ReplicaJobs, replicas=2, ranks=1, collective_timeout_s=20).start()
+    d = make_deployment("kill", cls=sc.ReplicaJobs, replicas=2, ranks=ranks, tp=tp, collective_timeout_s=20).start()
     stub = d.stub
     run = sc.create_run(stub, **LORA)
     got = [d.run_op(run, 1, **sc.fb_op(*a)), d.run_op(run, 2, **opt)]
@@ -114,10 +115,10 @@ def test_killed_replica_leaves_and_the_survivor_trains_on(make_deployment):
     in_flight = sc.submit(stub, run, 4, **big)
     time.sleep(0.3)
     pids = d.replica_pids(1)
-    assert list(pids) == [0], f"replica 1's ranks: {pids}"
+    assert sorted(pids) == list(range(ranks)), f"replica 1's ranks: {pids}"
     assert _state(stub, in_flight) == Retrieve.PENDING, "the big op finished before the kill: make it bigger"
     killed_at = time.monotonic()
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[ranks - 1], signal.SIGKILL)  # its last rank; mpirun ends the others
 
     r = sc.wait(stub, in_flight, timeout=30)
     assert r.state == Retrieve.FAILED, Retrieve.State.Name(r.state)
