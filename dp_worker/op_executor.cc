@@ -20,6 +20,7 @@
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
 #include "core/guarded.h"
+#include "core/log.h"
 #include "dp_worker/op_outcome.h"
 #include "runtime/peft_export.h"
 #include "core/validation.h"
@@ -206,6 +207,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sync(const lathe::v1::SyncState&
   const int root = sync.source();
   if (root < 0 || root >= cross->size()) return absl::InvalidArgumentError(absl::StrCat("sync source ", root));
   const absl::Duration timeout = options_.collective_timeout;
+  const absl::Time start = absl::Now();
+  int64_t bytes = 0;
   for (const lathe::v1::RunInfo& run : sync.runs()) {
     // The source's LoRA config ("1" + LoraConfig), or nothing when it holds no such run.
     std::string config;
@@ -229,9 +232,15 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sync(const lathe::v1::SyncState&
       if (!made.ok()) return made;
       return absl::UnavailableError(absl::StrCat("another replica could not create run ", run.run_id()));
     }
-    LATHE_RETURN_IF_ERROR(BroadcastRunState(*trainers_.at(run.run_id()), *cross, root, timeout));
+    runtime::Trainer& trainer = *trainers_.at(run.run_id());
+    LATHE_RETURN_IF_ERROR(BroadcastRunState(trainer, *cross, root, timeout));
     diverged_.erase(run.run_id());
+    for (const runtime::TrainableParam& p : trainer.model().trainable()) {
+      bytes += p.tensor.numel() * 4 * (trainer.optimizer().states().empty() ? 1 : 3);
+    }
   }
+  LATHE_LOG(Info, "state of %d run(s) synced from replica %d: %.1f MiB of this rank's shards in %s", sync.runs_size(),
+            root, static_cast<double>(bytes) / (1 << 20), absl::FormatDuration(absl::Now() - start));
   lathe::v1::OpResult result;
   result.mutable_noop();
   return result;
