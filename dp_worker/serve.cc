@@ -95,8 +95,10 @@ absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world
 }
 
 std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoice& device,
-                      const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout) {
-  const parallel::RankPlace& p = ctx.place;
+                      const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout,
+                      int replica_index) {
+  parallel::RankPlace p = ctx.place;
+  if (replica_index >= 0) p.replica = replica_index;  // a job of its own: the mesh is one replica's
   return absl::StrFormat(
       "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d cp_rank=%d ep_rank=%d device=%d "
       "layout=%dx%dx%d tp=%d cp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
@@ -148,7 +150,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
                                                              shape.node_count, shape.tp, shape.ep,
                                                              options.collective_timeout, shape.cp, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
-  const std::string place = PlaceLine(info, device, *ctx, layout);
+  const std::string place = PlaceLine(info, device, *ctx, layout, options.replica_index);
   if (options.dry_run) {
     std::printf("%s\n", place.c_str());
     std::fflush(stdout);

@@ -228,3 +228,23 @@ def test_restarted_replica_rejoins_with_the_runs_state(make_deployment, tmp_path
     assert kinds == {"param", "exp_avg", "exp_avg_sq"}, f"saved: {kinds}"
     for key in want:
         assert got[key].tobytes() == want[key].tobytes(), f"{key} differs between the replicas"
+
+
+def test_replica_index_is_checked_and_placed(build_dir, tiny_model):
+    worker = os.path.join(build_dir, "dp_worker", "dp_worker")
+
+    def dry(np_, *flags):
+        return sc.subprocess.run(["mpirun", "--oversubscribe", "-np", str(np_), worker, "--model", tiny_model,
+                                  "--replicas", "2", "--dry_run", *flags], capture_output=True, text=True, timeout=60)
+
+    ok = dry(2, "--replica_index", "1", "--tp", "2")
+    assert ok.returncode == 0, ok.stderr
+    places = sorted(l for l in ok.stdout.splitlines() if l.startswith("place "))
+    assert len(places) == 2 and all("world_size=2 replica=1 " in p and "layout=1x1x2 tp=2" in p for p in places), places
+    outside = dry(1, "--replica_index", "2")
+    assert outside.returncode != 0 and "--replica_index 2 is outside the deployment's 2 replicas" in outside.stderr
+    negative = dry(1, "--replica_index", "-3")
+    assert negative.returncode != 0 and "--replica_index must be -1" in negative.stderr, negative.stderr
+    # One job holds one replica: its ranks must be one node group of the layout.
+    wrong = dry(3, "--replica_index", "0", "--devices_per_node", "2")
+    assert wrong.returncode != 0 and "one replica per job" in wrong.stderr, wrong.stderr
