@@ -4,6 +4,7 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <algorithm>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -14,7 +15,17 @@ namespace lathe::coordinator {
 
 ReplicaRegistry::ReplicaRegistry(int expected_replicas, absl::Duration heartbeat_timeout, const Clock* clock)
     : expected_(expected_replicas), heartbeat_timeout_(heartbeat_timeout), clock_(clock),
+      epoch_(static_cast<int64_t>(std::random_device{}() >> 1) << 31 ^ std::random_device{}()),
       last_check_(clock->Now()), replicas_(expected_replicas) {}
+
+void ReplicaRegistry::SetMembership(lathe::v1::Task& task, int rank, int size) const {
+  lathe::v1::Membership* m = task.mutable_membership();
+  m->set_generation(generation_);
+  m->set_rank(rank);
+  m->set_size(size);
+  m->set_last_loss_generation(last_loss_generation_);
+  m->set_epoch(epoch_);
+}
 
 absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, ReplicaSink* sink) {
   absl::MutexLock lock(&mu_);
@@ -228,11 +239,7 @@ absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::AdmitJoiners(const std::ve
     lathe::v1::SyncState* sync = task.mutable_sync();
     sync->set_source(source);
     for (const lathe::v1::RunInfo& run : runs) *sync->add_runs() = run;
-    lathe::v1::Membership* m = task.mutable_membership();
-    m->set_generation(generation_);
-    m->set_rank(static_cast<int>(k));
-    m->set_size(static_cast<int>(live.size()));
-    m->set_last_loss_generation(last_loss_generation_);
+    SetMembership(task, static_cast<int>(k), static_cast<int>(live.size()));
     owner_[task.task_id()] = live[k];
     ids.push_back(task.task_id());
     lathe::v1::CoordinatorMessage message;
@@ -298,11 +305,7 @@ absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::SendSplit(
     tasks[k].set_task_id(next_task_id_++);
     ids.push_back(tasks[k].task_id());
     if (separate_) {
-      lathe::v1::Membership* m = tasks[k].mutable_membership();
-      m->set_generation(generation_);
-      m->set_rank(static_cast<int>(k));
-      m->set_size(static_cast<int>(to.size()));
-      m->set_last_loss_generation(last_loss_generation_);
+      SetMembership(tasks[k], static_cast<int>(k), static_cast<int>(to.size()));
       owner_[tasks[k].task_id()] = to[k];
     }
     lathe::v1::CoordinatorMessage message;

@@ -156,6 +156,7 @@ class ReplicaRegistry {
   // the replica leaves the membership (see above).
   void DropLocked(int replica, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<int> live_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void SetMembership(lathe::v1::Task& task, int rank, int size) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   int registered_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
@@ -176,6 +177,7 @@ class ReplicaRegistry {
   bool separate_ ABSL_GUARDED_BY(mu_) = false;  // the replicas are separate jobs
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t last_loss_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  const int64_t epoch_;  // Membership.epoch: this registry's, at random
   std::map<int64_t, int> owner_ ABSL_GUARDED_BY(mu_);  // unanswered task id -> replica (separate jobs)
   std::string left_ ABSL_GUARDED_BY(mu_);  // which replicas left, for detail()
   std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);

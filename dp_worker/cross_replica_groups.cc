@@ -21,11 +21,13 @@ absl::Status CrossReplicaGroups::Join(const lathe::v1::Membership& m, bool* chan
   if (m.generation() < 1 || m.size() < 1 || m.rank() < 0 || m.rank() >= m.size()) {
     return absl::InvalidArgumentError(absl::StrCat("malformed replica membership: ", m.ShortDebugString()));
   }
-  if (m.generation() == slot_->generation && slot_->group != nullptr) return absl::OkStatus();
-  // Gradients accumulated before a replica was lost lack its part.
-  *changed = slot_->generation != 0 && m.last_loss_generation() > slot_->generation;
+  if (m.generation() == slot_->generation && m.epoch() == epoch_ && slot_->group != nullptr) return absl::OkStatus();
+  // Gradients accumulated before a replica was lost lack its part. (A
+  // restarted coordinator serves once every replica is back: none lost.)
+  *changed = slot_->generation != 0 && m.epoch() == epoch_ && m.last_loss_generation() > slot_->generation;
   slot_->group.reset();
   slot_->generation = m.generation();
+  epoch_ = m.epoch();
   parallel::StoreGroupOptions o;
   o.rank = m.rank();
   o.size = m.size();

@@ -53,6 +53,7 @@ class CrossReplicaGroups {
   parallel::RendezvousStore* store_;
   CrossReplicaOptions options_;
   std::shared_ptr<parallel::CrossReplicaSlot> slot_;
+  int64_t epoch_ = 0;  // the coordinator's (Membership.epoch) of the slot's generation
 };
 
 }  // namespace lathe::dp_worker

@@ -233,8 +233,12 @@ TEST_F(SeparateJobsTest, TasksCarryTheMembershipTheyRunUnder) {
   EXPECT_EQ(registry.members(), 3);
   absl::StatusOr<std::vector<int64_t>> ids = registry.Send(NoopTasks(3));
   ASSERT_TRUE(ids.ok()) << ids.status();
+  const int64_t epoch = Last(sinks[0]).membership().epoch();
+  EXPECT_NE(epoch, 0);
+  EXPECT_NE(ReplicaRegistry(3, absl::Seconds(3), &clock).generation(), epoch);  // (0: not serving)
   for (int i = 0; i < 3; ++i) {
     const lathe::v1::Membership m = Last(sinks[i]).membership();
+    EXPECT_EQ(m.epoch(), epoch);
     EXPECT_EQ(m.generation(), 1);
     EXPECT_EQ(m.rank(), i);
     EXPECT_EQ(m.size(), 3);

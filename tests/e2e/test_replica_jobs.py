@@ -248,3 +248,26 @@ def test_replica_index_is_checked_and_placed(build_dir, tiny_model):
     # One job holds one replica: its ranks must be one node group of the layout.
     wrong = dry(3, "--replica_index", "0", "--devices_per_node", "2")
     assert wrong.returncode != 0 and "one replica per job" in wrong.stderr, wrong.stderr
+
+
+def test_replica_jobs_survive_a_coordinator_restart(make_deployment, tmp_path):
+    a, b = _batches()
+    opt = dict(optim_step=adam(learning_rate=1e-2))
+    ops = [sc.fb_op(*a), opt, sc.fb_op(*b), opt, sc.fb_op(*a, forward=True)]
+    ref = make_deployment("steady", cls=sc.ReplicaJobs, replicas=2, ranks=1).start()
+    run = sc.create_run(ref.stub, **LORA)
+    want = [ref.run_op(run, i + 1, **o) for i, o in enumerate(ops)]
+    ref.close()
+
+    d = make_deployment("restarted", cls=sc.ReplicaJobs, replicas=2, ranks=1,
+                        coordinator_args=["--journal_dir", str(tmp_path / "journal")],
+                        worker_args=["--reconnect_timeout_s", "90"]).start()
+    run = sc.create_run(d.stub, **LORA)
+    got = [d.run_op(run, i + 1, **o) for i, o in enumerate(ops[:2])]
+    d.kill_coordinator()
+    d.restart_coordinator()
+    got += [d.run_op(run, i + 3, **o) for i, o in enumerate(ops[2:])]
+    _assert_equal(got, want, "across the coordinator restart")
+    for i in range(2):
+        with open(d.replica_log(i)) as f:
+            assert f.read().count("place0 of generation 1 formed") == 2, f"replica {i} did not form its groups again"
