@@ -229,6 +229,16 @@ def test_restarted_replica_rejoins_with_the_runs_state(make_deployment, tmp_path
     for key in want:
         assert got[key].tobytes() == want[key].tobytes(), f"{key} differs between the replicas"
 
+    # Loading agrees over every replica: alone, then after replica 0 rejoined, on both.
+    path = f"lathe://{run}/weights/from0"
+    assert d.run_op(run, 10, load_state_with_optimizer=pb.LoadStateOp(path=path)).load_state.step == 3
+    d.start_replica(0)
+    _wait_log(d.coordinator_log, "replica 0 registered again", 60)
+    d.run_op(run, 11, load_state_with_optimizer=pb.LoadStateOp(path=path))
+    out = d.run_op(run, 12, **sc.fb_op(twin, twin, forward=True)).forward_backward
+    x, y = sc.logprobs(out)
+    assert np.array_equal(x, y), "the replicas' logprobs differ after the second rejoin and a load"
+
 
 def test_replica_index_is_checked_and_placed(build_dir, tiny_model):
     worker = os.path.join(build_dir, "dp_worker", "dp_worker")
