@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import service_client as sc
-from service_client import Health, Retrieve, adam, datum, pb
+from service_client import Health, Retrieve, adam, datum, pb, types
 
 LORA = dict(rank=8, seed=3)
 LENGTHS = ((3, 17, 9, 40, 1, 25), (12, 5, 30, 2, 21, 8))
@@ -26,18 +26,27 @@ def _batches():
 
 
 def _train(d, run: str, seq: int = 1):
-    """Two steps (forward_backward + optim_step each), then a forward: the results, and the next seq."""
+    """Two steps (forward_backward + optim_step each), a forward, then two seeded samples (one
+    per replica: seq_id picks it): the results, and the next seq."""
     out = []
     for b in _batches():
         out.append(d.run_op(run, seq, **sc.fb_op(*b)))
         out.append(d.run_op(run, seq + 1, optim_step=adam(learning_rate=1e-2)))
         seq += 2
     out.append(d.run_op(run, seq, **sc.fb_op(*_batches()[0], forward=True)))
-    return out, seq + 1
+    prompt = types.ModelInput(chunks=[sc.token_chunk([5, 17, 3, 42, 8])])
+    for k in (1, 2):
+        out.append(d.run_op(run, seq + k, sample=pb.SampleOp(
+            prompt=prompt, num_samples=2, params=pb.SamplingParams(max_tokens=6, seed=7, temperature=1.0))))
+    return out, seq + 3
 
 
 def _assert_equal(got, want, what, exact_metrics=True):
+    assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want)):
+        if a.HasField("sample"):
+            assert a.sample == b.sample, f"{what}: result {k} samples differ"
+            continue
         if a.HasField("forward_backward"):
             for d, (x, y) in enumerate(zip(sc.logprobs(a.forward_backward), sc.logprobs(b.forward_backward))):
                 assert np.array_equal(x, y), f"{what}: result {k} datum {d} logprobs differ by {np.max(np.abs(x - y))}"
