@@ -118,9 +118,8 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Join(const lathe::v1::Task& task
                                                task.membership().generation(), ": ", s.message()));
   }
   if (changed) {
-    // Gradients accumulated under the old replicas lack the part of any
-    // replica that left (or hold none of one that joined): the step starts
-    // over on every replica.
+    // Gradients accumulated before a replica left lack its part: the step
+    // starts over on every replica. (A joiner adds zeros: nothing is lost.)
     for (auto& [run_id, trainer] : trainers_) {
       bool any = false;
       for (runtime::TrainableParam& p : trainer->model().trainable()) {

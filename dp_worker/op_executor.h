@@ -115,9 +115,9 @@ class OpExecutor {
   // Runs whose ranks may hold different states after an operation that
   // failed on some of them only, with why; cleared by a successful init.
   std::map<std::string, std::string> diverged_;
-  // Runs whose gradients of an unfinished step were dropped because the
-  // replicas changed (a replica left or joined) since they were computed:
-  // the generation; cleared by their next forward_backward.
+  // Runs whose gradients of an unfinished step were dropped because a
+  // replica left since they were computed: the generation; cleared by their
+  // next forward_backward.
   std::map<std::string, int64_t> dropped_;
 };
 
