@@ -1,7 +1,7 @@
 """Per-step decode time of the tiny Qwen3.5 through lathe_harness: GenerateBatch of n
-greedy requests for 65 tokens minus the same for 1 token, over 64 steps (best of 3).
-Usage: python bench/qwen3_5_decode_step.py HARNESS MODEL_DIR (MODEL_DIR from
-tests/parity/make_tiny_models.py qwen3_5)."""
+greedy requests for STEPS + 1 tokens minus the same for 1 token, over STEPS steps (best of 3).
+Usage: python bench/qwen3_5_decode_step.py HARNESS MODEL_DIR [STEPS] (MODEL_DIR from
+tests/parity/make_tiny_models.py qwen3_5; STEPS 64 unless given)."""
 import json, subprocess, sys, time
 exe, model = sys.argv[1], sys.argv[2]
 def run(n_req, tokens):
@@ -10,6 +10,7 @@ def run(n_req, tokens):
     t = time.perf_counter()
     subprocess.run([exe, "--model", model, "--request", "/tmp/qwen3_5_decode_step.json", "--out", "/tmp/qwen3_5_decode_step.safetensors"], check=True, capture_output=True)
     return time.perf_counter() - t
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 for n in (1, 8):
-    short = min(run(n, 1) for _ in range(3)); long = min(run(n, 65) for _ in range(3))
-    print(f"{n} requests: {(long - short) / 64 * 1000:.2f} ms per decode step")
+    short = min(run(n, 1) for _ in range(3)); long = min(run(n, steps + 1) for _ in range(3))
+    print(f"{n} requests: {(long - short) / steps * 1000:.2f} ms per decode step")

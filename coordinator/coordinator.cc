@@ -6,6 +6,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <cmath>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -90,6 +91,17 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Start(const Coordinato
   });
   c->front_end_ = std::make_unique<FrontEnd>(options.service, c->keys_.get(), c->ledger_.get(),
                                              c->registry_.get(), c->dispatcher_.get());
+  if (options.peak_flops_per_device < 0 || !std::isfinite(options.peak_flops_per_device)) {
+    return absl::InvalidArgumentError("--peak_flops_per_device must be a finite number >= 0");
+  }
+  const CheckpointStore* store = options.service.checkpoint_root.empty() ? nullptr : &c->front_end_->checkpoints();
+  c->history_ = std::make_unique<RunHistory>(options.service.checkpoint_root);
+  c->metrics_ = std::make_unique<OpsMetrics>(c->registry_.get(), store, c->history_.get(),
+                                             options.peak_flops_per_device);
+  c->dispatcher_->SetObserver(c->metrics_.get());
+  c->ops_view_ = std::make_unique<OpsView>(OpsViewParts{c->ledger_.get(), c->registry_.get(), c->dispatcher_.get(),
+                                                        c->metrics_.get(), c->history_.get(), store,
+                                                        options.peak_flops_per_device});
   LATHE_RETURN_IF_ERROR(c->Restore());
   c->lathe_service_ = std::make_unique<LatheService>(c->front_end_.get());
   c->link_service_ =
@@ -138,6 +150,9 @@ absl::Status Coordinator::Restore() {
     dispatcher_->RestoreRun(run);
     front_end_->RestoreRun(run);
     live += !run.deleted();
+    if (run.deleted()) continue;
+    // The operator's gauges pick up where the history ends.
+    if (auto lines = history_->Read(run.run_id(), 1000); lines.ok()) metrics_->Resume(run.run_id(), *lines);
   }
   const size_t unfinished = ledger_->Recovered().size();
   LATHE_LOG(Info, "journal %s: %d record(s), %d run(s) restored, %d unfinished op(s) to recover once the replicas "

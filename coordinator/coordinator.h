@@ -17,6 +17,9 @@
 #include "coordinator/front_end.h"
 #include "coordinator/lathe_service.h"
 #include "coordinator/link_service.h"
+#include "coordinator/ops_metrics.h"
+#include "coordinator/ops_view.h"
+#include "coordinator/run_history.h"
 
 namespace lathe::coordinator {
 
@@ -50,6 +53,8 @@ struct CoordinatorOptions {
   // Where the journal lives (coordinator/journal.h); empty: none, and a
   // restart forgets every run and result.
   std::string journal_dir;
+  // The MFU denominator per device (docs/operations.md); 0: no MFU.
+  double peak_flops_per_device = 0;
 };
 
 class Coordinator {
@@ -68,6 +73,8 @@ class Coordinator {
   ReplicaRegistry& registry() { return *registry_; }
   // The request handling every door shares (the gRPC service, the HTTP door).
   FrontEnd& front_end() { return *front_end_; }
+  // The operator's metrics and page data (docs/operations.md).
+  const OpsView& ops() const { return *ops_view_; }
   // Refuses new operations, fails the unfinished ones, tells the replicas to
   // stop and stops the server (waiting up to `grace` for calls in flight).
   void Shutdown(const std::string& reason, absl::Duration grace);
@@ -88,6 +95,9 @@ class Coordinator {
   std::unique_ptr<ReplicaRegistry> registry_;
   std::unique_ptr<Dispatcher> dispatcher_;
   std::unique_ptr<FrontEnd> front_end_;
+  std::unique_ptr<RunHistory> history_;
+  std::unique_ptr<OpsMetrics> metrics_;  // the dispatcher's observer
+  std::unique_ptr<OpsView> ops_view_;
   std::unique_ptr<LatheService> lathe_service_;
   std::unique_ptr<LinkService> link_service_;
   std::unique_ptr<grpc::Server> server_;

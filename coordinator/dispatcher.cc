@@ -101,6 +101,7 @@ int Dispatcher::Recover() {
       ledger_->Settle(op.op_id, nullptr, error);
     } else {
       std::optional<lathe::v1::JournalRun> state = Record(op.request, &*result);
+      Observe(op, &*result, absl::Now());
       ledger_->Settle(op.op_id, &*result, error, state ? &*state : nullptr);
     }
     LATHE_LOG(Info, "op %s ran before the coordinator restarted: its answer is recorded", op.op_id);
@@ -211,6 +212,7 @@ void Dispatcher::SendLoop() {
       });
       if (ids.ok()) entry.task_ids = *std::move(ids);
       else entry.send_status = ids.status();
+      if (ids.ok() && observer_ != nullptr) observer_->Sent(*op, absl::Now());
       entry.fan_out.tasks.clear();  // sent; keep only the datum split
     }
     entry.op = *std::move(op);
@@ -298,17 +300,21 @@ void Dispatcher::Finish(InFlight& entry, absl::Duration timeout) {
   }
 }
 
+void Dispatcher::Observe(const ReadyOp& op, const lathe::v1::OpResult* result, absl::Time sent) {
+  if (observer_ != nullptr) observer_->Finished(op, result, sent, absl::Now(), Run(op.request.run_id()));
+}
+
 void Dispatcher::FinishEntry(InFlight& entry, absl::Duration timeout) {
   const ReadyOp& op = entry.op;
   if (op.request.op_case() == lathe::v1::SubmitRequest::kNoop) return Finish(op);
   if (!entry.send_status.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(entry.send_status));
-    return;
+    return Observe(op, nullptr, entry.sent);
   }
   absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->Collect(entry.task_ids, timeout);
   if (!answers.ok()) {
     ledger_->Fail(op.op_id, runtime::OpErrorFromStatus(answers.status()));
-    return;
+    return Observe(op, nullptr, entry.sent);
   }
   lathe::v1::OpError error;
   absl::StatusOr<lathe::v1::OpResult> result = MergeAnswers(op.request, entry.fan_out, *answers, &error);
@@ -318,8 +324,15 @@ void Dispatcher::FinishEntry(InFlight& entry, absl::Duration timeout) {
     ledger_->Fail(op.op_id, error);
   } else {
     std::optional<lathe::v1::JournalRun> state = Record(op.request, &*result);
+    // Observed before the client can see the result, so metrics scraped
+    // after a result include it. A crash between the history line and the
+    // ledger's record makes the restarted coordinator settle the op again
+    // and write its line twice; readers keep the last line of an op id.
+    Observe(op, &*result, entry.sent);
     ledger_->Complete(op.op_id, *std::move(result), state ? &*state : nullptr);
+    return;
   }
+  Observe(op, nullptr, entry.sent);
 }
 
 std::optional<lathe::v1::JournalRun> Dispatcher::Record(const lathe::v1::SubmitRequest& op,

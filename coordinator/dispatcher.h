@@ -48,6 +48,21 @@
 
 namespace lathe::coordinator {
 
+// Told of every operation the dispatcher sends and records (the operator's
+// metrics and run history, coordinator/ops_metrics.h). Called from the
+// dispatcher's threads, outside its lock; must not block for long.
+class OpObserver {
+ public:
+  virtual ~OpObserver() = default;
+  // An operation went to the replicas (not called for ordering points).
+  virtual void Sent(const ReadyOp& op, absl::Time at) = 0;
+  // An operation was recorded: `result` on success, null when it failed.
+  // `sent`: when it went out (for one recovered after a restart: `now`);
+  // `run`: the run's entry after it (nullopt: deleted or unknown).
+  virtual void Finished(const ReadyOp& op, const lathe::v1::OpResult* result, absl::Time sent, absl::Time now,
+                        const std::optional<lathe::v1::RunInfo>& run) = 0;
+};
+
 class Dispatcher {
  public:
   // Neither is owned; both outlive the dispatcher. `op_timeout` bounds one
@@ -56,6 +71,8 @@ class Dispatcher {
              int sampling_depth = 64);
   ~Dispatcher();
 
+  // Not owned; outlives the dispatcher. REQUIRES: before Start and Recover.
+  void SetObserver(OpObserver* observer) { observer_ = observer; }
   void Start();
   // Stops taking operations; those on the replicas are collected first.
   void Stop();
@@ -104,6 +121,8 @@ class Dispatcher {
   // sender stopped and nothing is left.
   std::optional<InFlight> NextToFinish();
   void Finish(InFlight& entry, absl::Duration timeout);
+  // Tells the observer (if any) that `op` was recorded.
+  void Observe(const ReadyOp& op, const lathe::v1::OpResult* result, absl::Time sent);
   void Finish(const ReadyOp& noop);
   // Updates the run's entry from a result; the entry after it when the
   // result changed it (for the journal), else nullopt.
@@ -113,6 +132,7 @@ class Dispatcher {
 
   OpLedger* ledger_;
   ReplicaRegistry* registry_;
+  OpObserver* observer_ = nullptr;
   const absl::Duration op_timeout_;
   const size_t depth_;
   const size_t sampling_depth_;  // >= depth_

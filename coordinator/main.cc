@@ -41,6 +41,9 @@ ABSL_FLAG(std::string, port_file, "", "write the bound port to this file once se
 ABSL_FLAG(int, http_port, -1, "serve Tinker's REST API on this port of --listen's host (0: any free port; -1: off)");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP door's bound port to this file once serving");
 ABSL_FLAG(int, http_threads, 1024, "HTTP requests handled at once (each waiting retrieve_future holds one)");
+ABSL_FLAG(double, peak_flops_per_device, 0,
+          "peak FLOP/s of one device in the compute dtype, the denominator of lathe_run_mfu (e.g. 989e12 for an "
+          "H100 SXM in bf16 dense); 0: no MFU");
 ABSL_FLAG(absl::Duration, http_session_timeout, absl::Minutes(10),
           "a Tinker session silent this long ends (its heartbeat is answered 410); 0: never");
 
@@ -56,7 +59,8 @@ void WritePort(const std::string& path, int port) {
 // The HTTP door on --listen's host. It serves plaintext only, so off
 // loopback it needs --insecure_listen like the gRPC port without TLS.
 absl::StatusOr<std::unique_ptr<lathe::http::HttpDoor>> StartHttp(const lathe::coordinator::CoordinatorOptions& o,
-                                                                   int port, lathe::coordinator::FrontEnd* front_end) {
+                                                                   int port, lathe::coordinator::FrontEnd* front_end,
+                                                                   const lathe::coordinator::OpsView* ops) {
   if (!lathe::coordinator::IsLoopback(o.listen) && !o.insecure_listen) {
     return absl::FailedPreconditionError(
         "the HTTP door serves plaintext only: off loopback it needs --insecure_listen");
@@ -67,6 +71,7 @@ absl::StatusOr<std::unique_ptr<lathe::http::HttpDoor>> StartHttp(const lathe::co
   h.threads = absl::GetFlag(FLAGS_http_threads);
   h.session_timeout = absl::GetFlag(FLAGS_http_session_timeout);
   h.max_request_bytes = o.max_request_bytes;
+  h.ops = ops;
   auto door = lathe::http::HttpDoor::Start(h, front_end);
   if (!door.ok()) return door.status();
   std::printf("lathe_coordinator serving HTTP on port %d\n", (*door)->port());
@@ -102,6 +107,7 @@ int main(int argc, char** argv) {
   o.insecure_listen = absl::GetFlag(FLAGS_insecure_listen);
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.journal_dir = absl::GetFlag(FLAGS_journal_dir);
+  o.peak_flops_per_device = absl::GetFlag(FLAGS_peak_flops_per_device);
   if (o.journal_dir.empty() && !o.service.checkpoint_root.empty()) o.journal_dir = o.service.checkpoint_root + "/.coordinator";
   if (o.journal_dir == "off") o.journal_dir.clear();
   std::string presets_path = absl::GetFlag(FLAGS_presets);
@@ -120,7 +126,7 @@ int main(int argc, char** argv) {
   WritePort(absl::GetFlag(FLAGS_port_file), (*c)->port());
   std::unique_ptr<lathe::http::HttpDoor> http;
   if (int port = absl::GetFlag(FLAGS_http_port); port >= 0) {
-    auto door = StartHttp(o, port, &(*c)->front_end());
+    auto door = StartHttp(o, port, &(*c)->front_end(), &(*c)->ops());
     if (!door.ok()) return std::fprintf(stderr, "lathe_coordinator: %s\n", door.status().ToString().c_str()), 1;
     http = *std::move(door);
   }

@@ -67,14 +67,16 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   slot.sink = sink;
   slot.connected = true;
   slot.joining = joining;
-  if (joining) {
-    LATHE_LOG(Info, "replica %d registered again: it joins at the next operation", r.replica());
-    slot.last_heard = clock_->Now();
-    return absl::OkStatus();
-  }
   slot.kept.clear();
   for (const lathe::v1::KeptAnswer& k : r.kept()) slot.kept[k.op_id()] = k.answer();
   slot.last_heard = clock_->Now();
+  slot.host = r.host();
+  slot.pid = r.pid();
+  slot.heard = true;
+  if (joining) {
+    LATHE_LOG(Info, "replica %d registered again: it joins at the next operation", r.replica());
+    return absl::OkStatus();
+  }
   if (registered_locked() == expected_) {
     state_ = DeploymentState::kServing;
     if (separate_) ++generation_;
@@ -425,6 +427,24 @@ int ReplicaRegistry::registered_locked() const {
 lathe::v1::ModelSummary ReplicaRegistry::model() const {
   absl::MutexLock lock(&mu_);
   return model_;
+}
+
+std::vector<ReplicaRegistry::ReplicaStatus> ReplicaRegistry::Statuses() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<ReplicaStatus> out;
+  const absl::Time now = clock_->Now();
+  for (int i = 0; i < expected_; ++i) {
+    const Replica& slot = replicas_[i];
+    ReplicaStatus s;
+    s.replica = i;
+    s.registered = slot.sink != nullptr;
+    s.connected = slot.connected;
+    if (slot.heard) s.heartbeat_age = now - slot.last_heard;
+    s.host = slot.host;
+    s.pid = slot.pid;
+    out.push_back(std::move(s));
+  }
+  return out;
 }
 
 lathe::v1::Layout ReplicaRegistry::layout() const {

@@ -143,6 +143,18 @@ class ReplicaRegistry {
   lathe::v1::ModelSummary model() const;
   lathe::v1::Layout layout() const;
 
+  // One replica as an operator sees it (docs/operations.md).
+  struct ReplicaStatus {
+    int replica = 0;
+    bool registered = false;  // registered and not (yet) lost
+    bool connected = false;   // its stream is open
+    absl::Duration heartbeat_age = absl::InfiniteDuration();  // since it was last heard; infinite: never
+    std::string host;
+    int64_t pid = 0;
+  };
+  // Every expected replica, in index order.
+  std::vector<ReplicaStatus> Statuses() const;
+
  private:
   struct Replica {
     ReplicaSink* sink = nullptr;
@@ -150,6 +162,9 @@ class ReplicaRegistry {
     bool connected = false;
     bool joining = false;  // registered again, not yet a member (separate jobs)
     std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
+    std::string host;  // of its leader, as it registered
+    int64_t pid = 0;
+    bool heard = false;  // registered at least once
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Replica `replica` is gone: the deployment is lost, or for separate jobs

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "dp_worker/link_store.h"
+#include "dp_worker/model_flops.h"
 #include "parallel/device.h"
 #include "parallel/rank_info.h"
 #include "presets/preset_table.h"
@@ -54,6 +55,9 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
   model->set_vocab_size(config.vocab_size);
   model->set_max_seq_len(o.executor.max_seq_len > 0 ? o.executor.max_seq_len : config.max_position_embeddings);
   model->set_max_lora_rank(config.hidden_size);
+  model->set_active_parameters(ActiveParameters(config));
+  model->set_attention_layers(AttentionLayers(config));
+  model->set_attention_q_dim(config.q_dim());
   SetSender(r);
   return r;
 }

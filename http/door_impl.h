@@ -69,6 +69,17 @@ bool FillRefusedSeq(coordinator::FrontEnd& front_end, const std::string& authori
 // PostJson) for fields of the wrong type.
 std::optional<std::string> ModelIdOf(const nlohmann::json& body);
 
+// The credential of a request to the operator's routes (/metrics, /ops/...):
+// as Authorization, or for a GET of them without one, the login cookie.
+std::string PageAuthorization(const httplib::Request& req);
+// Routes open to every caller: the operator's login form (its body at most
+// kMaxLoginBytes).
+bool IsOpenPage(const httplib::Request& req);
+inline constexpr int64_t kMaxLoginBytes = 4096;
+// Answers an unauthenticated request: a browser opening /ops gets the login
+// form (401), anything else the JSON error.
+void RefusePage(const httplib::Request& req, const absl::Status& refusal, httplib::Response& res);
+
 struct HttpDoor::Impl {
   HttpOptions options;
   coordinator::FrontEnd* front_end = nullptr;
@@ -85,6 +96,8 @@ struct HttpDoor::Impl {
   // Baseten Loops' routes (loops_routes.cc) and what they remember.
   std::shared_ptr<LoopsState> loops;
   void LoopsRoutes();
+  // /metrics and the operator's page (ops_routes.cc); nothing without options.ops.
+  void OpsRoutes();
 
   void Routes();
   // Removes the ephemeral sampler weights (save_weights_and_get_sampling_client)

@@ -161,8 +161,10 @@ void HttpDoor::Impl::Routes() {
   // read nothing more.
   server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (req.path == "/api/v1/healthz") return httplib::Server::HandlerResponse::Unhandled;
-    if (absl::Status s = front_end->Authorize(Authorization(req)); !s.ok()) {
-      Fail(res, s);
+    if (IsOpenPage(req)) {
+      if (!RefuseBody(req, kMaxLoginBytes, res)) return httplib::Server::HandlerResponse::Unhandled;
+    } else if (absl::Status s = front_end->Authorize(PageAuthorization(req)); !s.ok()) {
+      RefusePage(req, s, res);
     } else if (!RefuseBody(req, options.max_request_bytes, res)) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
@@ -259,6 +261,7 @@ void HttpDoor::Impl::Routes() {
   PostJson("/api/v1/asample", [this](auto& req, auto& body, auto& res) { ASample(req, body, res); });
   LoopsRoutes();
   StateRoutes();
+  OpsRoutes();
 }
 
 void HttpDoor::Impl::RemoveEphemeralOfEndedSessions(const std::string& authorization) {

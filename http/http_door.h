@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "coordinator/front_end.h"
+#include "coordinator/ops_view.h"
 
 namespace lathe::http {
 
@@ -29,6 +30,9 @@ struct HttpOptions {
   // A Tinker session not heard from (create_session, session_heartbeat) for
   // this long ends: its heartbeat is answered 410. Zero or less: never.
   absl::Duration session_timeout = absl::Minutes(10);
+  // /metrics and the operator's page (/ops, docs/operations.md); null: not
+  // served. Not owned; outlives the door.
+  const coordinator::OpsView* ops = nullptr;
 };
 
 class HttpDoor {

@@ -54,6 +54,7 @@ for _ in $(seq 100); do [ -s "$logs/port" ] && break; sleep 0.1; done
 [ -s "$logs/port" ] || { echo "coordinator did not start; see $logs/coordinator.log" >&2; exit 1; }
 address="127.0.0.1:$(cat "$logs/port")"
 echo "[local] Tinker REST API on http://127.0.0.1:$(cat "$logs/http_port") (TINKER_BASE_URL; docs/http-api.md)"
+echo "[local] operator's page on http://127.0.0.1:$(cat "$logs/http_port")/ops (metrics: /metrics; docs/operations.md)"
 echo "[local] coordinator on $address; starting $replicas x $group dp_worker ranks (logs in $logs)"
 mpirun --oversubscribe -np $((replicas * group)) build/dp_worker/dp_worker --coordinator "$address" \
   --model runs/tiny-qwen3-moe --replicas "$replicas" --ep "$ep" --checkpoint_root runs/checkpoints \

@@ -17,6 +17,8 @@ DEB_PACKAGES=(
   clang  # libFuzzer targets (scripts/fuzz.sh); its runtimes are installed below
   # tests/launch/test_slurm.py starts a private single-node slurm with these.
   slurmd slurmctld slurm-client munge
+  # tests/e2e/test_ops.py opens the operator's page in headless Chromium.
+  chromium chromium-driver
 )
 
 missing=()

@@ -5,6 +5,8 @@
 #include "tensor/gated_delta_net.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -302,6 +304,150 @@ RuleInputs PrepareRule(const GdnDims& dims, const at::Tensor& mixed, const GdnIn
   return r;
 }
 
+// One decode step of N continued sequences, one token each, on the CPU without autograd:
+// the recurrent form of the rule (the chunked form at one token), as loops. Each sequence's
+// conv and each (sequence, value head)'s rule are computed by one thread in a fixed order,
+// so a sequence's bits depend on nothing but its own inputs and state: neither its company
+// nor the thread count. Values are rounded to T where the packed path rounds them: the conv
+// and its SiLU (in the conv weight's dtype), beta, the core output, the normalised output
+// and its product with a norm weight of type T, and the gated result.
+template <typename T, typename Wide>
+at::Tensor DecodeStepCpu(const GdnDims& d, const GdnWeights& w, const GdnInputs& in, std::vector<GdnState>& states) {
+  const int64_t n = in.qkv.size(0), channels = d.conv_dim(), kernel = d.conv_kernel, hist = kernel - 1;
+  const int64_t hk = d.num_k_heads, hv = d.num_v_heads, dk = d.head_k_dim, dv = d.head_v_dim;
+  const int64_t repeat = hv / hk, kd = d.key_dim();
+  const at::ScalarType type = in.qkv.scalar_type(), wide = WideType(in.qkv);
+  const at::TensorOptions wide_options = in.qkv.options().dtype(wide);
+  const at::Tensor qkv = in.qkv.contiguous(), b = in.b.contiguous();
+  const at::Tensor z = in.z.to(wide).contiguous(), a = in.a.to(wide).contiguous();
+  const bool round_conv = w.conv_weight.scalar_type() == type;
+  const bool round_weighted = w.norm_weight.scalar_type() == type;
+  const at::Tensor conv_w = w.conv_weight.reshape({channels, kernel}).to(wide).contiguous();
+  const at::Tensor a_log = w.a_log.to(wide).contiguous(), dt_bias = w.dt_bias.to(wide).contiguous();
+  const at::Tensor norm_w = w.norm_weight.to(wide).contiguous();
+  auto to_t = [](Wide x) { return static_cast<Wide>(static_cast<T>(x)); };
+  auto silu = [](Wide x) { return x / (Wide(1) + std::exp(-x)); };
+
+  std::vector<at::Tensor> old_windows(n), windows(n), recurrent(n);
+  for (int64_t s = 0; s < n; ++s) {
+    old_windows[s] = states[s].conv.to(type).contiguous();
+    windows[s] = at::empty({hist, channels}, in.qkv.options());
+    recurrent[s] = states[s].recurrent.to(wide).clone();
+  }
+  at::Tensor mixed = at::empty({n, channels}, in.qkv.options());
+  at::Tensor qn = at::empty({n, hk, dk}, wide_options), kn = at::empty({n, hk, dk}, wide_options);
+  const Wide scale = Wide(1) / std::sqrt(static_cast<Wide>(dk));
+  // Per sequence: the conv over [window; token] and the new window; q and k normalised.
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const T* win = old_windows[s].data_ptr<T>();
+      const T* x = qkv.data_ptr<T>() + s * channels;
+      const Wide* cw = conv_w.data_ptr<Wide>();
+      T* mix = mixed.data_ptr<T>() + s * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        Wide y = 0;
+        for (int64_t t = 0; t < hist; ++t) y += cw[c * kernel + t] * static_cast<Wide>(win[t * channels + c]);
+        y += cw[c * kernel + hist] * static_cast<Wide>(x[c]);
+        if (round_conv) y = to_t(y);
+        mix[c] = static_cast<T>(silu(y));
+      }
+      T* next = windows[s].data_ptr<T>();
+      if (hist > 1) std::copy(win + channels, win + hist * channels, next);
+      if (hist > 0) std::copy(x, x + channels, next + (hist - 1) * channels);
+      for (int64_t h = 0; h < hk; ++h) {
+        for (int part = 0; part < 2; ++part) {
+          const T* src = mix + part * kd + h * dk;
+          Wide* dst = (part == 0 ? qn : kn).data_ptr<Wide>() + (s * hk + h) * dk;
+          Wide sq = 0;
+          for (int64_t i = 0; i < dk; ++i) {
+            dst[i] = static_cast<Wide>(src[i]);
+            sq += dst[i] * dst[i];
+          }
+          const Wide inv = Wide(1) / std::sqrt(sq + Wide(1e-6));
+          const Wide factor = part == 0 ? scale : Wide(1);
+          for (int64_t i = 0; i < dk; ++i) dst[i] = dst[i] * inv * factor;
+        }
+      }
+    }
+  });
+  // Per (sequence, value head): the gated delta rule, then RMSNorm(core) * weight * silu(z).
+  at::Tensor out = at::empty({n, hv * dv}, in.qkv.options());
+  at::parallel_for(0, n * hv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Wide> kv(dv), o(dv);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t s = job / hv, h = job % hv, key_head = h / repeat;
+      const Wide* q = qn.data_ptr<Wide>() + (s * hk + key_head) * dk;
+      const Wide* k = kn.data_ptr<Wide>() + (s * hk + key_head) * dk;
+      const T* v = mixed.data_ptr<T>() + s * channels + 2 * kd + h * dv;
+      const Wide beta = to_t(Wide(1) / (Wide(1) + std::exp(-static_cast<Wide>(b.data_ptr<T>()[s * hv + h]))));
+      const Wide x = a.data_ptr<Wide>()[s * hv + h] + dt_bias.data_ptr<Wide>()[h];
+      const Wide softplus = x > Wide(20) ? x : std::log1p(std::exp(x));
+      const Wide decay = std::exp(-std::exp(a_log.data_ptr<Wide>()[h]) * softplus);
+      Wide* st = recurrent[s].data_ptr<Wide>() + h * dk * dv;  // [Dk, Dv]
+      std::fill(kv.begin(), kv.end(), Wide(0));
+      for (int64_t i = 0; i < dk; ++i) {
+        Wide* row = st + i * dv;
+        for (int64_t j = 0; j < dv; ++j) {
+          row[j] *= decay;
+          kv[j] += row[j] * k[i];
+        }
+      }
+      for (int64_t j = 0; j < dv; ++j) kv[j] = (static_cast<Wide>(v[j]) - kv[j]) * beta;
+      std::fill(o.begin(), o.end(), Wide(0));
+      for (int64_t i = 0; i < dk; ++i) {
+        Wide* row = st + i * dv;
+        for (int64_t j = 0; j < dv; ++j) {
+          row[j] += k[i] * kv[j];
+          o[j] += row[j] * q[i];
+        }
+      }
+      Wide sq = 0;
+      for (int64_t j = 0; j < dv; ++j) {
+        o[j] = to_t(o[j]);
+        sq += o[j] * o[j];
+      }
+      const Wide inv = Wide(1) / std::sqrt(sq / static_cast<Wide>(dv) + static_cast<Wide>(d.norm_eps));
+      const Wide* gate = z.data_ptr<Wide>() + s * hv * dv + h * dv;
+      const Wide* nw = norm_w.data_ptr<Wide>();
+      T* dst = out.data_ptr<T>() + s * hv * dv + h * dv;
+      for (int64_t j = 0; j < dv; ++j) {
+        Wide weighted = nw[j] * to_t(o[j] * inv);
+        if (round_weighted) weighted = to_t(weighted);
+        dst[j] = static_cast<T>(weighted * silu(gate[j]));
+      }
+    }
+  });
+  for (int64_t s = 0; s < n; ++s) {
+    states[s].conv = windows[s];
+    states[s].recurrent = recurrent[s];
+  }
+  return out;
+}
+
+// Whether DecodeStepCpu serves this call: continued sequences of one token each, on the
+// CPU, in a dtype it is written for, with nothing to differentiate.
+bool IsCpuDecodeStep(const GdnInputs& in, const GdnWeights& w, const std::vector<int64_t>& lengths,
+                     const std::vector<GdnState>* states) {
+  if (states == nullptr || !in.qkv.device().is_cpu()) return false;
+  if (!std::all_of(lengths.begin(), lengths.end(), [](int64_t l) { return l == 1; })) return false;
+  const at::ScalarType t = in.qkv.scalar_type();
+  if (t != at::kFloat && t != at::kBFloat16 && t != at::kDouble) return false;
+  for (const at::Tensor& x : {in.z, in.b, in.a}) {
+    if (x.scalar_type() != t) return false;
+  }
+  for (const at::Tensor& x : {w.conv_weight, w.a_log, w.dt_bias, w.norm_weight}) {
+    if (x.scalar_type() != t && x.scalar_type() != at::kFloat) return false;
+  }
+  if (!at::GradMode::is_enabled()) return true;
+  for (const at::Tensor& x : {in.qkv, in.z, in.b, in.a, w.conv_weight, w.a_log, w.dt_bias, w.norm_weight}) {
+    if (x.requires_grad()) return false;
+  }
+  for (const GdnState& st : *states) {
+    if (st.recurrent.requires_grad() || st.conv.requires_grad()) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like) {
@@ -314,6 +460,16 @@ GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like) {
 at::Tensor GatedDeltaNet(const GdnDims& dims, const GdnWeights& weights, const GdnInputs& inputs,
                          const std::vector<int64_t>& lengths, std::vector<GdnState>* states) {
   CheckArguments(dims, weights, inputs, lengths, states);
+  if (IsCpuDecodeStep(inputs, weights, lengths, states)) {
+    switch (inputs.qkv.scalar_type()) {
+      case at::kFloat:
+        return DecodeStepCpu<float, float>(dims, weights, inputs, *states);
+      case at::kBFloat16:
+        return DecodeStepCpu<at::BFloat16, float>(dims, weights, inputs, *states);
+      default:
+        return DecodeStepCpu<double, double>(dims, weights, inputs, *states);
+    }
+  }
   if (states != nullptr && lengths.size() > 1) {
     // Continued sequences (decoding) each alone: one packed pass would run the conv over
     // their concatenation and the scan's products over a batch of all of them, whose kernels

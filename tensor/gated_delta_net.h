@@ -74,8 +74,9 @@ GdnState GdnInitialState(const GdnDims& dims, const at::Tensor& like);
 // `states`: null, or one state per sequence (same order as `lengths`) that each sequence
 // continues from; they are replaced by the states after its tokens. A state carries
 // autograd history when its inputs do (detach it for decoding under grad mode). With
-// states, several sequences are computed one by one, each bitwise as when passed alone
-// (decoding is batch-invariant; see gated_delta_net.cc).
+// states, each sequence's bits are those it gets when passed alone (decoding is
+// batch-invariant): several sequences are computed one by one, and on the CPU a step of
+// one token each without autograd runs as fixed-order loops (see gated_delta_net.cc).
 // Differentiable in every tensor of `inputs` and `weights`. Throws c10::Error naming the
 // argument when a shape or the lengths do not match `dims`.
 at::Tensor GatedDeltaNet(const GdnDims& dims, const GdnWeights& weights, const GdnInputs& inputs,

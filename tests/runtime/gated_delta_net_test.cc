@@ -1,10 +1,12 @@
 // GatedDeltaNet's own consistency: packed sequences equal separate calls, a prefill plus
-// single steps from per-sequence states equals one pass, every parameter gets a gradient,
+// single steps from per-sequence states equals one pass, single-token steps are batch- and
+// thread-invariant, every parameter gets a gradient,
 // column views of a fused projection work, and bad shapes are refused naming the argument. (Parity with transformers:
 // tests/parity/test_gated_delta_net.py.)
 #include "tensor/gated_delta_net.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -101,6 +103,48 @@ TEST(GatedDeltaNetTest, PrefillThenSingleStepsEqualsOnePass) {
   EXPECT_TRUE(at::equal(states[1].conv, in.qkv.narrow(0, 70, 3)));
   EXPECT_EQ(states[2].recurrent.sizes(), (std::vector<int64_t>{4, 8, 6}));
   EXPECT_EQ(states[2].recurrent.scalar_type(), at::kFloat);
+}
+
+// A decode step of one token per sequence gives each sequence the same bits whatever
+// decodes beside it and however many threads run it; in bfloat16 it stays within
+// rounding of the differentiable path (which a step takes when its inputs need a gradient).
+TEST(GatedDeltaNetTest, SingleTokenStepsAreBatchAndThreadInvariant) {
+  at::manual_seed(5);
+  for (const at::ScalarType type : {at::kFloat, at::kBFloat16}) {
+    const GdnDims d = Dims();
+    GdnWeights w = RandomWeights(d);
+    w.conv_weight = w.conv_weight.to(type);
+    w.norm_weight = w.norm_weight.to(type);
+    const GdnInputs prompt = RandomInputs(d, 3 * 9), step = RandomInputs(d, 3);
+    auto cast = [&](const GdnInputs& in) {
+      return GdnInputs{in.qkv.to(type), in.z.to(type), in.b.to(type), in.a.to(type)};
+    };
+    std::vector<GdnState> states(3, GdnInitialState(d, prompt.qkv.to(type)));
+    GatedDeltaNet(d, w, cast(prompt), {9, 9, 9}, &states);
+    const int threads = at::get_num_threads();
+    std::vector<GdnState> together = states;
+    const at::Tensor all = GatedDeltaNet(d, w, cast(step), {1, 1, 1}, &together);
+    for (int64_t s = 0; s < 3; ++s) {
+      at::set_num_threads(s == 1 ? 2 : 1);
+      std::vector<GdnState> alone = {states[s]};
+      const at::Tensor one = GatedDeltaNet(d, w, cast(Rows(step, s, 1)), {1}, &alone);
+      EXPECT_TRUE(at::equal(one, all.narrow(0, s, 1))) << "sequence " << s << " in " << type;
+      EXPECT_TRUE(at::equal(alone[0].recurrent, together[s].recurrent)) << "state of " << s << " in " << type;
+      EXPECT_TRUE(at::equal(alone[0].conv, together[s].conv)) << "window of " << s << " in " << type;
+    }
+    at::set_num_threads(threads);
+    // The differentiable path for the same step.
+    GdnInputs graded = cast(step);
+    graded.qkv = graded.qkv.detach().requires_grad_();
+    std::vector<GdnState> ref = states;
+    const at::Tensor want = GatedDeltaNet(d, w, graded, {1, 1, 1}, &ref);
+    ASSERT_TRUE(want.requires_grad());
+    const double tol = type == at::kFloat ? 1e-5 : 2e-2;
+    EXPECT_LT(RelDiff(all.to(at::kFloat), want.detach().to(at::kFloat)), tol) << type;
+    for (int64_t s = 0; s < 3; ++s) {
+      EXPECT_LT(RelDiff(together[s].recurrent, ref[s].recurrent.detach()), type == at::kFloat ? 1e-5 : 1e-2) << s;
+    }
+  }
 }
 
 TEST(GatedDeltaNetTest, EveryTensorGetsAGradient) {
