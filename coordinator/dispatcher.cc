@@ -192,6 +192,7 @@ void Dispatcher::SendLoop() {
       absl::MutexLock lock(&mu_);
       ++publishing_[op->request.run_id()];
     }
+    AdmitJoiners();
     InFlight entry;
     // An ordering point needs no replica work: it completes when every
     // operation sent before it has been collected (at once when none is out).
@@ -202,9 +203,13 @@ void Dispatcher::SendLoop() {
         continue;
       }
     } else {
-      entry.fan_out = SplitOp(op->request, registry_->expected());
-      for (lathe::v1::Task& task : entry.fan_out.tasks) task.set_op_id(op->op_id);
-      absl::StatusOr<std::vector<int64_t>> ids = registry_->Send(entry.fan_out.tasks);
+      // Split over the replicas live when it is sent (for replicas in
+      // separate jobs, fewer after one left).
+      absl::StatusOr<std::vector<int64_t>> ids = registry_->SendSplit([&](int members) {
+        entry.fan_out = SplitOp(op->request, members);
+        for (lathe::v1::Task& task : entry.fan_out.tasks) task.set_op_id(op->op_id);
+        return entry.fan_out.tasks;
+      });
       if (ids.ok()) entry.task_ids = *std::move(ids);
       else entry.send_status = ids.status();
       if (ids.ok() && observer_ != nullptr) observer_->Sent(*op, absl::Now());
@@ -216,6 +221,25 @@ void Dispatcher::SendLoop() {
     absl::MutexLock lock(&mu_);
     in_flight_.push_back(std::move(entry));
   }
+}
+
+void Dispatcher::AdmitJoiners() {
+  if (!registry_->joiners()) return;
+  std::vector<int> admitted;
+  absl::StatusOr<std::vector<int64_t>> ids = registry_->AdmitJoiners(Runs(), &admitted);
+  if (!ids.ok() || ids->empty()) return;
+  // The sync runs after what the members were sent before it.
+  absl::StatusOr<std::vector<lathe::v1::TaskResult>> answers = registry_->Collect(*ids, op_timeout_);
+  std::string why;
+  if (!answers.ok()) why = std::string(answers.status().message());
+  for (size_t k = 0; answers.ok() && k < answers->size() && why.empty(); ++k) {
+    if ((*answers)[k].has_error()) why = (*answers)[k].error().message();
+  }
+  if (why.empty()) {
+    LATHE_LOG(Info, "replica(s) joined with the state of every run (%d runs)", static_cast<int>(Runs().size()));
+    return;
+  }
+  for (int i : admitted) registry_->Expel(i, absl::StrCat("could not catch up: ", why));
 }
 
 std::optional<Dispatcher::InFlight> Dispatcher::NextToFinish() {

@@ -109,6 +109,11 @@ class Dispatcher {
   // publications out, then names the newest. False when stopping.
   bool FollowNewestVersion(lathe::v1::SubmitRequest& op);
   void FinishEntry(InFlight& entry, absl::Duration timeout);
+  // Replicas in separate jobs: brings every replica waiting to join up to
+  // date (ReplicaRegistry::AdmitJoiners) before the next operation is sent,
+  // expelling a joiner whose catch-up failed. Earlier operations still run
+  // first on the members (each replica executes its tasks in order).
+  void AdmitJoiners();
   void SendLoop();
   void CollectLoop();
   // Takes the next entry to finish: a sampling one whose answers are in, or

@@ -55,13 +55,16 @@ FanOut SplitOp(const lathe::v1::SubmitRequest& op, int replicas) {
 absl::StatusOr<lathe::v1::OpResult> MergeAnswers(const lathe::v1::SubmitRequest& op, const FanOut& fan_out,
                                                  const std::vector<lathe::v1::TaskResult>& answers,
                                                  lathe::v1::OpError* error) {
+  // A user error first; then a replica lost (UNAVAILABLE), which explains
+  // the other replicas' failed collectives.
+  auto rank = [](const lathe::v1::OpError& e) {
+    if (e.category() == lathe::v1::OpError::USER) return 2;
+    return e.code() == static_cast<int>(absl::StatusCode::kUnavailable) ? 1 : 0;
+  };
   const lathe::v1::TaskResult* failed = nullptr;
   for (const lathe::v1::TaskResult& a : answers) {
     if (!a.has_error()) continue;
-    if (failed == nullptr || (a.error().category() == lathe::v1::OpError::USER &&
-                              failed->error().category() != lathe::v1::OpError::USER)) {
-      failed = &a;
-    }
+    if (failed == nullptr || rank(a.error()) > rank(failed->error())) failed = &a;
   }
   if (failed != nullptr) {
     *error = failed->error();

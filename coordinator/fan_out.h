@@ -26,7 +26,8 @@ FanOut SplitOp(const lathe::v1::SubmitRequest& op, int replicas);
 
 // The operation's result: a split batch's outputs in the original datum order
 // with metrics merged by their reduction suffix, otherwise replica 0's answer.
-// The first error any replica answered wins (a user error over a server one).
+// The first error any replica answered wins (a user error over a server one,
+// and among server errors an UNAVAILABLE one, a replica lost, over others).
 // Internal when the answers do not fit the split.
 absl::StatusOr<lathe::v1::OpResult> MergeAnswers(const lathe::v1::SubmitRequest& op, const FanOut& fan_out,
                                                  const std::vector<lathe::v1::TaskResult>& answers,

@@ -4,16 +4,28 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <algorithm>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/log.h"
+#include "core/op_error.h"
 
 namespace lathe::coordinator {
 
 ReplicaRegistry::ReplicaRegistry(int expected_replicas, absl::Duration heartbeat_timeout, const Clock* clock)
     : expected_(expected_replicas), heartbeat_timeout_(heartbeat_timeout), clock_(clock),
+      epoch_(static_cast<int64_t>(std::random_device{}() >> 1) << 31 ^ std::random_device{}()),
       last_check_(clock->Now()), replicas_(expected_replicas) {}
+
+void ReplicaRegistry::SetMembership(lathe::v1::Task& task, int rank, int size) const {
+  lathe::v1::Membership* m = task.mutable_membership();
+  m->set_generation(generation_);
+  m->set_rank(rank);
+  m->set_size(size);
+  m->set_last_loss_generation(last_loss_generation_);
+  m->set_epoch(epoch_);
+}
 
 absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, ReplicaSink* sink) {
   absl::MutexLock lock(&mu_);
@@ -30,6 +42,17 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   }
   Replica& slot = replicas_[r.replica()];
   if (slot.sink != nullptr) return absl::AlreadyExistsError(absl::StrCat("replica ", r.replica(), " is registered"));
+  if (registered_locked() > 0 && r.separate_job() != separate_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "replica ", r.replica(), (r.separate_job() ? " is" : " is not"),
+        " a job of its own (dp_worker --replica_index) but the replicas registered before ",
+        (separate_ ? "are" : "are not")));
+  }
+  // A serving deployment of separate jobs takes a replica that left back.
+  const bool joining = state_ == DeploymentState::kServing;
+  if (joining && !(separate_ && r.separate_job())) {
+    return absl::FailedPreconditionError(absl::StrCat("replica ", r.replica(), " cannot join a serving deployment"));
+  }
   if (registered_locked() > 0) {
     using google::protobuf::util::MessageDifferencer;
     if (!MessageDifferencer::Equals(model_, r.model()) || !MessageDifferencer::Equals(layout_, r.layout())) {
@@ -40,15 +63,24 @@ absl::Status ReplicaRegistry::Register(const lathe::v1::RegisterReplica& r, Repl
   }
   model_ = r.model();
   layout_ = r.layout();
+  separate_ = r.separate_job();
   slot.sink = sink;
   slot.connected = true;
+  slot.joining = joining;
   slot.kept.clear();
   for (const lathe::v1::KeptAnswer& k : r.kept()) slot.kept[k.op_id()] = k.answer();
   slot.last_heard = clock_->Now();
   slot.host = r.host();
   slot.pid = r.pid();
   slot.heard = true;
-  if (registered_locked() == expected_) state_ = DeploymentState::kServing;
+  if (joining) {
+    LATHE_LOG(Info, "replica %d registered again: it joins at the next operation", r.replica());
+    return absl::OkStatus();
+  }
+  if (registered_locked() == expected_) {
+    state_ = DeploymentState::kServing;
+    if (separate_) ++generation_;
+  }
   return absl::OkStatus();
 }
 
@@ -79,6 +111,13 @@ void ReplicaRegistry::Heard(int replica) {
 void ReplicaRegistry::Deliver(int replica, const lathe::v1::TaskResult& result) {
   absl::MutexLock lock(&mu_);
   if (replica >= 0 && replica < expected_) replicas_[replica].last_heard = clock_->Now();
+  if (separate_) {
+    // Only the replica a task went to answers it, and only until it was
+    // answered for (the replica left).
+    auto it = owner_.find(result.task_id());
+    if (it == owner_.end() || it->second != replica) return;
+    owner_.erase(it);
+  }
   answers_[result.task_id()] = result;
   ++delivered_;
 }
@@ -89,7 +128,7 @@ void ReplicaRegistry::Disconnected(int replica, const std::string& reason) {
   slot.sink = nullptr;
   if (!slot.connected) return;
   slot.connected = false;
-  if (state_ != DeploymentState::kShuttingDown) LoseLocked(absl::StrCat("replica ", replica, " left: ", reason));
+  if (state_ != DeploymentState::kShuttingDown) DropLocked(replica, absl::StrCat("replica ", replica, " left: ", reason));
 }
 
 void ReplicaRegistry::CheckHeartbeats() {
@@ -111,7 +150,7 @@ void ReplicaRegistry::CheckHeartbeats() {
     if (!slot.connected || now - slot.last_heard <= heartbeat_timeout_) continue;
     slot.connected = false;
     if (slot.sink != nullptr) slot.sink->Cancel();
-    LoseLocked(absl::StrCat("replica ", i, " sent no heartbeat for ", absl::FormatDuration(now - slot.last_heard)));
+    DropLocked(i, absl::StrCat("replica ", i, " sent no heartbeat for ", absl::FormatDuration(now - slot.last_heard)));
   }
 }
 
@@ -127,6 +166,111 @@ void ReplicaRegistry::LoseLocked(const std::string& reason) {
   }
 }
 
+void ReplicaRegistry::DropLocked(int replica, const std::string& reason) {
+  if (!separate_ || state_ != DeploymentState::kServing) return LoseLocked(reason);
+  const bool member = !replicas_[replica].joining;
+  replicas_[replica].joining = false;
+  const std::vector<int> live = live_locked();
+  if (live.empty()) return LoseLocked(absl::StrCat(reason, "; no replica is left"));
+  if (member) {
+    last_loss_generation_ = ++generation_;
+    left_ = absl::StrCat(reason, "; generation ", generation_, " serves on ", live.size(), " of ", expected_,
+                         " replicas (", absl::StrJoin(live, ", "), ")");
+    LATHE_LOG(Warning, "%s", left_);
+  } else {
+    LATHE_LOG(Warning, "%s before it joined", reason);
+  }
+  // What it owed is answered for it: its operations fail, the others go on.
+  for (auto it = owner_.begin(); it != owner_.end();) {
+    if (it->second != replica) {
+      ++it;
+      continue;
+    }
+    lathe::v1::TaskResult& answer = answers_[it->first];
+    answer.set_task_id(it->first);
+    *answer.mutable_error() = runtime::MakeOpError(lathe::v1::OpError::SERVER, absl::StatusCode::kUnavailable,
+                                                   absl::StrCat(reason, " before it answered this operation"));
+    ++delivered_;
+    it = owner_.erase(it);
+  }
+}
+
+std::vector<int> ReplicaRegistry::live_locked() const {
+  std::vector<int> live;
+  for (int i = 0; i < expected_; ++i) {
+    if (replicas_[i].connected && replicas_[i].sink != nullptr && !replicas_[i].joining) live.push_back(i);
+  }
+  return live;
+}
+
+bool ReplicaRegistry::joiners() const {
+  absl::MutexLock lock(&mu_);
+  for (const Replica& slot : replicas_) {
+    if (slot.joining && slot.connected) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::AdmitJoiners(const std::vector<lathe::v1::RunInfo>& runs,
+                                                                   std::vector<int>* admitted) {
+  absl::MutexLock lock(&mu_);
+  admitted->clear();
+  if (state_ != DeploymentState::kServing) return std::vector<int64_t>();
+  const std::vector<int> before = live_locked();
+  for (int i = 0; i < expected_; ++i) {
+    Replica& slot = replicas_[i];
+    if (!slot.joining || !slot.connected || slot.sink == nullptr) continue;
+    slot.joining = false;
+    admitted->push_back(i);
+  }
+  if (admitted->empty()) return std::vector<int64_t>();
+  ++generation_;
+  const std::vector<int> live = live_locked();
+  const int source = static_cast<int>(std::find(live.begin(), live.end(), before.at(0)) - live.begin());
+  left_ = live.size() == static_cast<size_t>(expected_)
+              ? std::string()
+              : absl::StrCat("generation ", generation_, " serves on ", live.size(), " of ", expected_,
+                             " replicas (", absl::StrJoin(live, ", "), ")");
+  LATHE_LOG(Info, "replica(s) %s join: generation %d, %d replicas; state from replica %d",
+            absl::StrJoin(*admitted, ", "), generation_, live.size(), before[0]);
+  std::vector<int64_t> ids;
+  for (size_t k = 0; k < live.size(); ++k) {
+    lathe::v1::Task task;
+    task.mutable_op()->mutable_noop();
+    task.set_task_id(next_task_id_++);
+    lathe::v1::SyncState* sync = task.mutable_sync();
+    sync->set_source(source);
+    for (const lathe::v1::RunInfo& run : runs) *sync->add_runs() = run;
+    SetMembership(task, static_cast<int>(k), static_cast<int>(live.size()));
+    owner_[task.task_id()] = live[k];
+    ids.push_back(task.task_id());
+    lathe::v1::CoordinatorMessage message;
+    *message.mutable_task() = std::move(task);
+    replicas_[live[k]].sink->Send(message);
+  }
+  return ids;
+}
+
+void ReplicaRegistry::Expel(int replica, const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (replica < 0 || replica >= expected_) return;
+  Replica& slot = replicas_[replica];
+  if (!slot.connected) return;
+  slot.connected = false;
+  if (slot.sink != nullptr) slot.sink->Cancel();
+  DropLocked(replica, absl::StrCat("replica ", replica, " ", reason));
+}
+
+int ReplicaRegistry::members() const {
+  absl::MutexLock lock(&mu_);
+  return separate_ ? static_cast<int>(live_locked().size()) : expected_;
+}
+
+int64_t ReplicaRegistry::generation() const {
+  absl::MutexLock lock(&mu_);
+  return generation_;
+}
+
 absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std::vector<lathe::v1::Task> tasks,
                                                                              absl::Duration timeout) {
   absl::StatusOr<std::vector<int64_t>> ids = Send(std::move(tasks));
@@ -135,22 +279,41 @@ absl::StatusOr<std::vector<lathe::v1::TaskResult>> ReplicaRegistry::RunOnAll(std
 }
 
 absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::Send(std::vector<lathe::v1::Task> tasks) {
+  return SendSplit([&](int) { return std::move(tasks); });
+}
+
+absl::StatusOr<std::vector<int64_t>> ReplicaRegistry::SendSplit(
+    const std::function<std::vector<lathe::v1::Task>(int)>& split) {
   absl::MutexLock lock(&mu_);
   if (state_ != DeploymentState::kServing) {
     return absl::UnavailableError(absl::StrCat("the deployment is not serving: ", detail_locked()));
   }
+  std::vector<int> to;
+  if (separate_) {
+    to = live_locked();
+  } else {
+    for (int i = 0; i < expected_; ++i) to.push_back(i);
+  }
+  std::vector<lathe::v1::Task> tasks = split(static_cast<int>(to.size()));
+  if (tasks.size() != to.size()) {
+    return absl::InternalError(absl::StrCat(tasks.size(), " tasks for ", to.size(), " replicas"));
+  }
   std::vector<int64_t> ids;
-  for (int i = 0; i < expected_; ++i) {
-    if (tasks[i].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
+  for (size_t k = 0; k < to.size(); ++k) {
+    if (tasks[k].op().op_case() == lathe::v1::SubmitRequest::OP_NOT_SET) {
       ids.push_back(-1);
       continue;
     }
-    tasks[i].set_task_id(next_task_id_++);
-    ids.push_back(tasks[i].task_id());
+    tasks[k].set_task_id(next_task_id_++);
+    ids.push_back(tasks[k].task_id());
+    if (separate_) {
+      SetMembership(tasks[k], static_cast<int>(k), static_cast<int>(to.size()));
+      owner_[tasks[k].task_id()] = to[k];
+    }
     lathe::v1::CoordinatorMessage message;
-    *message.mutable_task() = std::move(tasks[i]);
+    *message.mutable_task() = std::move(tasks[k]);
     // A failed send shows up as the replica's disconnection.
-    replicas_[i].sink->Send(message);
+    replicas_[to[k]].sink->Send(message);
   }
   return ids;
 }
@@ -241,6 +404,7 @@ std::string ReplicaRegistry::detail() const {
 
 std::string ReplicaRegistry::detail_locked() const {
   if (!lost_reason_.empty()) return lost_reason_;
+  if (state_ == DeploymentState::kServing && !left_.empty()) return left_;
   std::vector<int> missing;
   for (int i = 0; i < expected_; ++i) {
     if (replicas_[i].sink == nullptr) missing.push_back(i);

@@ -6,6 +6,18 @@
 // unavailable for good: the cross-replica collectives of the survivors cannot
 // complete without it.
 //
+// Unless the replicas are separate jobs (RegisterReplica.separate_job, every
+// replica alike): then a lost replica leaves the membership instead. Its
+// unanswered tasks are answered for it (SERVER, UNAVAILABLE, naming it), the
+// generation goes up, and later tasks go to the live replicas only, each
+// carrying the membership it runs under (Task.membership: the generation,
+// the replica's rank among the live ones and their count), under which the
+// replicas form their cross-replica groups. The deployment is lost only
+// when no replica is left. A replica that left may register again (a new
+// job with its index): it waits as a joiner, receives no tasks, until
+// AdmitJoiners makes it a member of a new generation and sends every member
+// the state sync that brings it up to date.
+//
 // Thread-safe.
 #ifndef LATHE_COORDINATOR_REPLICA_REGISTRY_H_
 #define LATHE_COORDINATOR_REPLICA_REGISTRY_H_
@@ -71,8 +83,30 @@ class ReplicaRegistry {
   // Sends tasks[i] to replica i (assigning task ids, returned in replica
   // order; a task without an op is not sent and its id is -1). Replicas
   // execute their tasks in the order sent. Unavailable when the deployment
-  // is not serving.
+  // is not serving. REQUIRES: tasks.size() == members().
   absl::StatusOr<std::vector<int64_t>> Send(std::vector<lathe::v1::Task> tasks);
+  // Send, with the tasks made by `split` for the number of live members at
+  // the time of sending (one task per member, in rank order; members() for
+  // a deployment in one job: every replica), so a replica leaving in between
+  // cannot mismatch them. `split` is called under the registry's lock and
+  // must not call back into it.
+  absl::StatusOr<std::vector<int64_t>> SendSplit(const std::function<std::vector<lathe::v1::Task>(int)>& split);
+  // The replicas tasks go to now: every expected one, or for separate jobs
+  // the live members.
+  int members() const;
+  // The current membership generation (separate jobs; 0 otherwise).
+  int64_t generation() const;
+  // Whether a replica waits to join (separate jobs).
+  bool joiners() const;
+  // Makes the waiting joiners members of a new generation and sends every
+  // member a state sync (Task.sync with `runs`, from the first replica that
+  // was a member before); the sync tasks' ids, empty when nobody waits.
+  // `admitted` gets the joiners' indices.
+  absl::StatusOr<std::vector<int64_t>> AdmitJoiners(const std::vector<lathe::v1::RunInfo>& runs,
+                                                    std::vector<int>* admitted);
+  // Ends replica `replica`'s stream and drops it (a joiner that could not
+  // catch up).
+  void Expel(int replica, const std::string& reason);
   // Waits for the answers of the tasks `ids` (from one Send) and takes them
   // (an empty answer for id -1).
   // Unavailable when a replica is lost before it answers; DeadlineExceeded
@@ -126,12 +160,18 @@ class ReplicaRegistry {
     ReplicaSink* sink = nullptr;
     absl::Time last_heard;
     bool connected = false;
+    bool joining = false;  // registered again, not yet a member (separate jobs)
     std::map<std::string, lathe::v1::TaskResult> kept;  // by op id
     std::string host;  // of its leader, as it registered
     int64_t pid = 0;
     bool heard = false;  // registered at least once
   };
   void LoseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replica `replica` is gone: the deployment is lost, or for separate jobs
+  // the replica leaves the membership (see above).
+  void DropLocked(int replica, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<int> live_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void SetMembership(lathe::v1::Task& task, int rank, int size) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   std::string detail_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   int registered_locked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
@@ -149,6 +189,12 @@ class ReplicaRegistry {
   // Answers received for the tasks in flight, by task id.
   std::map<int64_t, lathe::v1::TaskResult> answers_ ABSL_GUARDED_BY(mu_);
   int64_t delivered_ ABSL_GUARDED_BY(mu_) = 0;  // answers ever delivered
+  bool separate_ ABSL_GUARDED_BY(mu_) = false;  // the replicas are separate jobs
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t last_loss_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  const int64_t epoch_;  // Membership.epoch: this registry's, at random
+  std::map<int64_t, int> owner_ ABSL_GUARDED_BY(mu_);  // unanswered task id -> replica (separate jobs)
+  std::string left_ ABSL_GUARDED_BY(mu_);  // which replicas left, for detail()
   std::function<void(const std::string&)> on_lost_ ABSL_GUARDED_BY(mu_);
 };
 

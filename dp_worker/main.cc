@@ -6,6 +6,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 
 #include "absl/flags/flag.h"
@@ -18,6 +19,13 @@ ABSL_FLAG(std::string, coordinator, "127.0.0.1:7777", "host:port of the coordina
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json + *.safetensors)");
 ABSL_FLAG(std::string, base_model, "", "the model's name for clients; empty: the folder's name");
 ABSL_FLAG(int, replicas, 0, "data-parallel replicas (0: 1); the world size is replicas x node_count x devices per node");
+ABSL_FLAG(int, replica_index, -1,
+          "run this job as replica i (0 … replicas-1) of a deployment whose replicas are separate jobs: the job's "
+          "ranks are one node group, the cross-replica groups are Gloo groups formed through the coordinator, and the "
+          "deployment survives the loss of a replica; -1: this job holds every replica");
+ABSL_FLAG(std::string, gloo_hostname, "",
+          "with --replica_index: the address (host name or IP of this machine) the cross-replica Gloo groups listen "
+          "on and advertise; empty: the host name");
 ABSL_FLAG(int, node_count, 0, "nodes per replica; 0: the preset's, else 1");
 ABSL_FLAG(int, devices_per_node, 0, "ranks per node; 0: the preset's, else world size / (replicas x node_count)");
 ABSL_FLAG(int, tp, 0, "tensor-parallel degree inside a node; 0: the preset's, else 1");
@@ -130,6 +138,13 @@ int main(int argc, char** argv) {
   o.loop.max_sample_rows = absl::GetFlag(FLAGS_max_sample_rows);
   o.loop.sample_batch_window = absl::Milliseconds(absl::GetFlag(FLAGS_sample_batch_window_ms));
   o.executor.collective_timeout = o.collective_timeout;
+  o.replica_index = absl::GetFlag(FLAGS_replica_index);
+  if (o.replica_index < -1) {
+    std::fprintf(stderr, "dp_worker: --replica_index must be -1 (every replica in this job) or a replica's index\n");
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  o.cross.hostname = absl::GetFlag(FLAGS_gloo_hostname);
+  o.cross.connect_timeout = std::min(o.collective_timeout, absl::Minutes(1));
   absl::Status s = lathe::dp_worker::Serve(o, g_stop);
   if (!s.ok()) {
     std::fprintf(stderr, "dp_worker: %s\n", s.ToString().c_str());

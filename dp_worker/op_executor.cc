@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <optional>
@@ -12,16 +13,19 @@
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
 #include "parallel/model_parallel.h"
+#include "runtime/adamw.h"
 #include "runtime/checkpoint.h"
 #include "core/checkpoint_path.h"
 #include "core/lora_settings.h"
 #include "runtime/decoder_model.h"
 #include "runtime/generate.h"
 #include "core/guarded.h"
+#include "core/log.h"
 #include "dp_worker/op_outcome.h"
 #include "runtime/peft_export.h"
 #include "core/validation.h"
 #include "core/op_error.h"
+#include "tensor/trainable_param.h"
 #include "core/status.h"
 
 namespace lathe::dp_worker {
@@ -80,7 +84,12 @@ lathe::v1::TaskResult OpExecutor::Answer(int64_t task_id, absl::StatusOr<lathe::
 
 lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
   const lathe::v1::SubmitRequest& op = task.op();
-  absl::StatusOr<lathe::v1::OpResult> result = runtime::Guarded(OpName(op), [&] { return Run(op); });
+  absl::StatusOr<lathe::v1::OpResult> result = Join(task);
+  if (result.ok() && task.has_sync()) {
+    result = runtime::Guarded("sync_state", [&] { return Sync(task.sync()); });
+  } else if (result.ok()) {
+    result = runtime::Guarded(OpName(op), [&] { return Run(op); });
+  }
   // The op boundary: the replica's ranks report one outcome. A failure on
   // some ranks only, of an operation that changes the run, leaves the ranks'
   // states apart: the run then refuses work until it is re-initialised.
@@ -93,6 +102,147 @@ lathe::v1::TaskResult OpExecutor::Execute(const lathe::v1::Task& task) {
     result = outcome.status;
   }
   return Answer(task.task_id(), std::move(result));
+}
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Join(const lathe::v1::Task& task) {
+  const auto kind = task.op().op_case();
+  // Sampling runs on one replica alone, with no cross-replica collective.
+  if (!options_.join || !task.has_membership() || kind == lathe::v1::SubmitRequest::kSample ||
+      kind == lathe::v1::SubmitRequest::kComputeLogprobs) {
+    return lathe::v1::OpResult();
+  }
+  bool changed = false;
+  absl::Status s = options_.join(task.membership(), &changed);
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("forming the cross-replica groups of generation ",
+                                               task.membership().generation(), ": ", s.message()));
+  }
+  if (changed) {
+    // Gradients accumulated before a replica left lack its part: the step
+    // starts over on every replica. (A joiner adds zeros: nothing is lost.)
+    for (auto& [run_id, trainer] : trainers_) {
+      bool any = false;
+      for (runtime::TrainableParam& p : trainer->model().trainable()) {
+        any = any || p.tensor.grad().defined();
+        p.tensor.mutable_grad() = at::Tensor();
+      }
+      if (any) dropped_[run_id] = task.membership().generation();
+    }
+  }
+  return lathe::v1::OpResult();
+}
+
+namespace {
+
+absl::Status BroadcastBytes(parallel::Communicator& group, int root, std::string& bytes, absl::Duration timeout) {
+  int64_t size = static_cast<int64_t>(bytes.size());
+  LATHE_RETURN_IF_ERROR(group.Broadcast({&size, 1, parallel::ElemType::kInt64}, root, timeout));
+  std::vector<int64_t> words((size + 7) / 8, 0);
+  if (group.rank() == root) std::memcpy(words.data(), bytes.data(), bytes.size());
+  if (!words.empty()) {
+    LATHE_RETURN_IF_ERROR(group.Broadcast({words.data(), static_cast<int64_t>(words.size()), parallel::ElemType::kInt64},
+                                          root, timeout));
+  }
+  bytes.assign(reinterpret_cast<const char*>(words.data()), size);
+  return absl::OkStatus();
+}
+
+absl::Status BroadcastTensor(parallel::Communicator& group, int root, at::Tensor& t, absl::Duration timeout) {
+  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || !t.device().is_cpu()) {
+    return absl::FailedPreconditionError("run state to broadcast is not contiguous float32 in host memory");
+  }
+  return group.Broadcast({t.data_ptr(), t.numel(), parallel::ElemType::kFloat32}, root, timeout);
+}
+
+// The trainer's weights, optimizer moments and step, as the root holds them.
+absl::Status BroadcastRunState(runtime::Trainer& trainer, parallel::Communicator& group, int root,
+                               absl::Duration timeout) {
+  at::NoGradGuard no_grad;
+  const bool source = group.rank() == root;
+  std::vector<runtime::TrainableParam>& params = trainer.model().trainable();
+  runtime::AdamW& adam = trainer.optimizer();
+  int64_t head[3] = {adam.step(), static_cast<int64_t>(adam.states().size()), static_cast<int64_t>(params.size())};
+  LATHE_RETURN_IF_ERROR(group.Broadcast({head, 3, parallel::ElemType::kInt64}, root, timeout));
+  if (head[2] != static_cast<int64_t>(params.size())) {
+    return absl::InternalError(absl::StrCat("the source replica's run has ", head[2], " parameters, this one ",
+                                            params.size()));
+  }
+  for (runtime::TrainableParam& p : params) LATHE_RETURN_IF_ERROR(BroadcastTensor(group, root, p.tensor, timeout));
+  if (head[1] == 0) {
+    if (!source) adam.Reset();
+  } else {
+    if (head[1] != static_cast<int64_t>(params.size())) return absl::InternalError("optimizer state per parameter");
+    std::vector<runtime::AdamW::State> states = adam.states();
+    if (!source && states.size() != params.size()) {
+      states.assign(params.size(), {});
+      for (size_t i = 0; i < params.size(); ++i) {
+        states[i].exp_avg = at::zeros_like(params[i].tensor);
+        states[i].exp_avg_sq = at::zeros_like(params[i].tensor);
+      }
+    }
+    std::vector<int64_t> steps(params.size());
+    for (size_t i = 0; i < params.size(); ++i) steps[i] = states[i].step;
+    LATHE_RETURN_IF_ERROR(group.Broadcast({steps.data(), static_cast<int64_t>(steps.size()), parallel::ElemType::kInt64},
+                                          root, timeout));
+    for (size_t i = 0; i < params.size(); ++i) {
+      LATHE_RETURN_IF_ERROR(BroadcastTensor(group, root, states[i].exp_avg, timeout));
+      LATHE_RETURN_IF_ERROR(BroadcastTensor(group, root, states[i].exp_avg_sq, timeout));
+      states[i].step = steps[i];
+      if (!source) states[i].param_bound = states[i].exp_avg_bound = states[i].exp_avg_sq_bound = -1;
+    }
+    if (!source) adam.Restore(head[0], std::move(states));
+  }
+  runtime::RefreshComputeCopies(params);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<lathe::v1::OpResult> OpExecutor::Sync(const lathe::v1::SyncState& sync) {
+  parallel::Communicator* cross = options_.cross_group ? options_.cross_group() : nullptr;
+  if (cross == nullptr || parallel_ == nullptr) {
+    return absl::FailedPreconditionError("a state sync needs the cross-replica groups (dp_worker --replica_index)");
+  }
+  const int root = sync.source();
+  if (root < 0 || root >= cross->size()) return absl::InvalidArgumentError(absl::StrCat("sync source ", root));
+  const absl::Duration timeout = options_.collective_timeout;
+  const absl::Time start = absl::Now();
+  int64_t bytes = 0;
+  for (const lathe::v1::RunInfo& run : sync.runs()) {
+    // The source's LoRA config ("1" + LoraConfig), or nothing when it holds no such run.
+    std::string config;
+    if (cross->rank() == root) {
+      if (auto it = trainers_.find(run.run_id()); it != trainers_.end()) {
+        config = "1" + LoraToProto(it->second->GetInfo().lora).SerializeAsString();
+      }
+    }
+    LATHE_RETURN_IF_ERROR(BroadcastBytes(*cross, root, config, timeout));
+    if (config.empty()) {
+      trainers_.erase(run.run_id());
+      continue;
+    }
+    absl::Status made;
+    if (!trainers_.count(run.run_id())) {
+      lathe::v1::InitOp init;
+      if (!init.mutable_lora()->ParseFromString(config.substr(1))) made = absl::InternalError("unreadable LoRA config");
+      if (made.ok()) made = Init(run.run_id(), init).status();
+    }
+    if (!parallel::AllAgree(made.ok(), {parallel_->world.get(), timeout})) {
+      if (!made.ok()) return made;
+      return absl::UnavailableError(absl::StrCat("another replica could not create run ", run.run_id()));
+    }
+    runtime::Trainer& trainer = *trainers_.at(run.run_id());
+    LATHE_RETURN_IF_ERROR(BroadcastRunState(trainer, *cross, root, timeout));
+    diverged_.erase(run.run_id());
+    for (const runtime::TrainableParam& p : trainer.model().trainable()) {
+      bytes += p.tensor.numel() * 4 * (trainer.optimizer().states().empty() ? 1 : 3);
+    }
+  }
+  LATHE_LOG(Info, "state of %d run(s) synced from replica %d: %.1f MiB of this rank's shards in %s", sync.runs_size(),
+            root, static_cast<double>(bytes) / (1 << 20), absl::FormatDuration(absl::Now() - start));
+  lathe::v1::OpResult result;
+  result.mutable_noop();
+  return result;
 }
 
 void OpExecutor::ExecuteBatch(const lathe::v1::TaskBatch& batch, const MoreTasks& more, const Answers& answer) {
@@ -243,10 +393,18 @@ absl::StatusOr<lathe::v1::OpResult> OpExecutor::Run(const lathe::v1::SubmitReque
       return result;
     }
     case lathe::v1::SubmitRequest::kForwardBackward: {
+      dropped_.erase(op.run_id());
       LATHE_ASSIGN_OR_RETURN(*result.mutable_forward_backward(), trainer.ForwardBackward(op.forward_backward()));
       return result;
     }
     case lathe::v1::SubmitRequest::kOptimStep: {
+      if (auto d = dropped_.find(op.run_id()); d != dropped_.end()) {
+        const int64_t generation = d->second;
+        dropped_.erase(d);
+        return absl::AbortedError(absl::StrCat(
+            "the replicas changed (generation ", generation, ") after this step's forward_backward: its gradients "
+            "were dropped on every replica; run the step's forward_backward again, then optim_step"));
+      }
       LATHE_ASSIGN_OR_RETURN(*result.mutable_optim_step(), trainer.OptimStep(op.optim_step()));
       return result;
     }

@@ -35,6 +35,14 @@ struct ExecutorOptions {
   absl::Duration collective_timeout = absl::Minutes(10);
   int64_t max_lora_rank = 0;       // 0: no bound beyond LoraSettingsFromProto's
   int device = -1;                 // CUDA device of this rank (runtime::ComputeDevice); -1: CPU
+  // Replicas in separate jobs: forms the cross-replica groups of a task's
+  // membership before an operation every replica runs (collective over the
+  // replica; CrossReplicaGroups::Join). Null: one job holds every replica.
+  std::function<absl::Status(const lathe::v1::Membership&, bool* changed)> join;
+  // This rank's group among the ranks at its place in every replica of the
+  // current generation (after join), over which a joining replica receives
+  // the runs' state; null with join.
+  std::function<parallel::Communicator*()> cross_group;
 };
 
 // Sampling requests with equal keys may decode in one batch: the same run
@@ -64,6 +72,13 @@ class OpExecutor {
 
  private:
   absl::StatusOr<lathe::v1::OpResult> Run(const lathe::v1::SubmitRequest& op);
+  // Forms the task's cross-replica groups when it needs them (an empty
+  // result: go on), dropping the runs' gradients when the replicas changed.
+  absl::StatusOr<lathe::v1::OpResult> Join(const lathe::v1::Task& task);
+  // A joining replica's catch-up (Task.sync): every run the source replica
+  // holds is created where missing and its weights and optimizer state are
+  // broadcast from the source; collective over the generation's replicas.
+  absl::StatusOr<lathe::v1::OpResult> Sync(const lathe::v1::SyncState& sync);
   absl::StatusOr<lathe::v1::OpResult> Init(const std::string& run_id, const lathe::v1::InitOp& op);
   absl::StatusOr<lathe::v1::OpResult> Save(runtime::Trainer& trainer, const lathe::v1::SubmitRequest& op);
   // The weights a sampling request names (see SampleOp): null for the run's
@@ -100,6 +115,10 @@ class OpExecutor {
   // Runs whose ranks may hold different states after an operation that
   // failed on some of them only, with why; cleared by a successful init.
   std::map<std::string, std::string> diverged_;
+  // Runs whose gradients of an unfinished step were dropped because a
+  // replica left since they were computed: the generation; cleared by their
+  // next forward_backward.
+  std::map<std::string, int64_t> dropped_;
 };
 
 }  // namespace lathe::dp_worker

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "dp_worker/link_store.h"
 #include "dp_worker/model_flops.h"
 #include "parallel/device.h"
 #include "parallel/rank_info.h"
@@ -41,6 +42,7 @@ lathe::v1::RegisterReplica Registration(const ServeOptions& o, const parallel::M
                                         const runtime::ModelConfig& config, int replica) {
   lathe::v1::RegisterReplica r;
   r.set_replica(replica);
+  r.set_separate_job(o.replica_index >= 0);
   lathe::v1::Layout* layout = r.mutable_layout();
   layout->set_replicas(shape.replicas);
   layout->set_node_count(shape.node_count);
@@ -78,20 +80,29 @@ absl::StatusOr<presets::ResolvedLayout> Resolve(const ServeOptions& o, int world
   request.model = BaseModelName(o);
   LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, presets::ResolveLayout(table, request, false));
   parallel::MeshShape& s = layout.shape;
-  const int nodes = s.replicas * s.node_count;
+  if (o.replica_index >= s.replicas) {
+    return absl::InvalidArgumentError(absl::StrFormat("--replica_index %d is outside the deployment's %d replicas",
+                                                      o.replica_index, s.replicas));
+  }
+  // A job of its own holds one replica.
+  const int job_replicas = o.replica_index >= 0 ? 1 : s.replicas;
+  const int nodes = job_replicas * s.node_count;
   if (world_size % nodes != 0 || (s.devices_per_node > 0 && world_size != nodes * s.devices_per_node)) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "the job has %d ranks but the layout%s wants replicas %d x node_count %d x %s devices per node",
-        world_size, layout.preset ? " of preset " + layout.preset->base_model : "", s.replicas, s.node_count,
-        s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
+        "the job has %d ranks but the layout%s wants %s %d x node_count %d x %s devices per node",
+        world_size, layout.preset ? " of preset " + layout.preset->base_model : "",
+        o.replica_index >= 0 ? "(one replica per job, --replica_index) replicas" : "replicas", job_replicas,
+        s.node_count, s.devices_per_node > 0 ? std::to_string(s.devices_per_node) : "N"));
   }
   s.devices_per_node = world_size / nodes;
   return layout;
 }
 
 std::string PlaceLine(const parallel::RankInfo& info, const parallel::DeviceChoice& device,
-                      const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout) {
-  const parallel::RankPlace& p = ctx.place;
+                      const parallel::ParallelContext& ctx, const presets::ResolvedLayout& layout,
+                      int replica_index) {
+  parallel::RankPlace p = ctx.place;
+  if (replica_index >= 0) p.replica = replica_index;  // a job of its own: the mesh is one replica's
   return absl::StrFormat(
       "place rank=%d world_size=%d replica=%d node_rank=%d local_rank=%d tp_rank=%d cp_rank=%d ep_rank=%d device=%d "
       "layout=%dx%dx%d tp=%d cp=%d ep=%d max_seq_len=%d preset=%s source=%s host_node_rank=%d (%s)",
@@ -123,19 +134,27 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   LATHE_ASSIGN_OR_RETURN(parallel::RankInfo info, parallel::DiscoverRankInfo(env));
   report_as = info.rank == 0 ? 0 : -1;
   LATHE_ASSIGN_OR_RETURN(presets::ResolvedLayout layout, Resolve(options, info.world_size));
-  const int ranks_per_replica = info.world_size / layout.shape.replicas;
-  report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica : -1;
+  const bool separate = options.replica_index >= 0;
+  const int job_replicas = separate ? 1 : layout.shape.replicas;
+  const int ranks_per_replica = info.world_size / job_replicas;
+  report_as = info.rank % ranks_per_replica == 0 ? info.rank / ranks_per_replica + std::max(0, options.replica_index)
+                                                 : -1;
   LATHE_ASSIGN_OR_RETURN(parallel::DeviceChoice device,
                          parallel::ChooseDevice(info, env, runtime::DetectedGpus()));
   const int compute_device = runtime::ComputeDevice(device);
   LATHE_ASSIGN_OR_RETURN(const runtime::Dtype dtype, runtime::ParseDtype(options.dtype, compute_device >= 0));
   const parallel::MeshShape& shape = layout.shape;
   LATHE_ASSIGN_OR_RETURN(runtime::ModelConfig config, runtime::LoadModelConfig(options.executor.model_dir));
-  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, shape.replicas,
+  if (separate && compute_device >= 0) {
+    return absl::UnimplementedError(
+        "--replica_index (replicas as separate jobs) runs on CPU ranks only: the cross-replica Gloo groups carry "
+        "host buffers");
+  }
+  LATHE_ASSIGN_OR_RETURN(auto ctx, runtime::MakeModelContext(options.executor.model_dir, job_replicas,
                                                              shape.node_count, shape.tp, shape.ep,
                                                              options.collective_timeout, shape.cp, compute_device));
   runtime::SetLogRank(ctx->place.rank, ctx->shape.world_size());
-  const std::string place = PlaceLine(info, device, *ctx, layout);
+  const std::string place = PlaceLine(info, device, *ctx, layout, options.replica_index);
   if (options.dry_run) {
     std::printf("%s\n", place.c_str());
     std::fflush(stdout);
@@ -155,8 +174,19 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
   executor_options.max_lora_rank = config.hidden_size;
   ServeOptions resolved = options;
   resolved.executor.max_seq_len = layout.max_seq_len;
-  lathe::v1::RegisterReplica registration = Registration(resolved, shape, config, ctx->place.replica);
+  lathe::v1::RegisterReplica registration =
+      Registration(resolved, shape, config, separate ? options.replica_index : ctx->place.replica);
   executor_options.base_model = registration.model().base_model();
+  std::unique_ptr<LinkStore> store;
+  std::unique_ptr<CrossReplicaGroups> groups;
+  if (separate) {
+    store = std::make_unique<LinkStore>(options.link);
+    groups = std::make_unique<CrossReplicaGroups>(ctx.get(), store.get(), options.cross);
+    executor_options.join = [g = groups.get()](const lathe::v1::Membership& m, bool* changed) {
+      return g->Join(m, changed);
+    };
+    executor_options.cross_group = [g = groups.get()] { return g->group(); };
+  }
   OpExecutor executor(executor_options, ctx.get());
   if (ctx->replica->rank() != 0) return RunFollower(executor, *ctx->replica, options.loop);
   registration.mutable_layout()->set_devices_per_node(ctx->shape.devices_per_node);
@@ -166,7 +196,7 @@ absl::Status ServeReplica(const ServeOptions& options, const std::atomic<bool>& 
     StopFollowers(*ctx->replica, options.loop).IgnoreError();
     return link.status();
   }
-  LATHE_LOG(Info, "replica %d registered with %s", ctx->place.replica, options.link.coordinator);
+  LATHE_LOG(Info, "replica %d registered with %s", registration.replica(), options.link.coordinator);
   return RunLeader(**link, executor, *ctx->replica, stop, options.loop);
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "dp_worker/cross_replica_groups.h"
 #include "dp_worker/op_executor.h"
 #include "dp_worker/replica_link.h"
 #include "dp_worker/replica_loop.h"
@@ -29,6 +30,12 @@ struct ServeOptions {
   // float32 on CPU ranks. Sets executor.dtype.
   std::string dtype;
   absl::Duration collective_timeout = absl::Minutes(10);
+  // >= 0: this job is replica `replica_index` of layout.replicas, each
+  // replica its own job (dp_worker --replica_index); the job's ranks are one
+  // node group and the cross-replica groups are Gloo groups formed through
+  // the coordinator's rendezvous store. -1: the job holds every replica.
+  int replica_index = -1;
+  CrossReplicaOptions cross;
 };
 
 // Collective over MPI_COMM_WORLD. OK after a stop requested through `stop`

@@ -78,12 +78,13 @@ def tiny_model(tmp_path_factory, build_dir) -> str:
 
 @pytest.fixture
 def make_deployment(tmp_path_factory, build_dir, tiny_model):
-    """``make_deployment(name, model_dir=None, **Deployment kwargs) -> Deployment`` (not
-    started; the session's tiny model unless ``model_dir``); all are closed at teardown."""
+    """``make_deployment(name, model_dir=None, cls=None, **kwargs) -> Deployment`` (not
+    started; the session's tiny model unless ``model_dir``; ``cls``: a Deployment class,
+    e.g. ReplicaJobs); all are closed at teardown."""
     made: list[sc.Deployment] = []
 
-    def make(name: str = "fresh", model_dir: str | None = None, **kwargs) -> sc.Deployment:
-        d = sc.Deployment(build_dir, model_dir or tiny_model, str(tmp_path_factory.mktemp(name)), **kwargs)
+    def make(name: str = "fresh", model_dir: str | None = None, cls=None, **kwargs) -> sc.Deployment:
+        d = (cls or sc.Deployment)(build_dir, model_dir or tiny_model, str(tmp_path_factory.mktemp(name)), **kwargs)
         made.append(d)
         return d
 

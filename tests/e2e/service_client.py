@@ -481,3 +481,77 @@ def http_json(url: str, path: str, data: bytes | None = None, headers: dict | No
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+class ReplicaJobs(Deployment):
+    """A coordinator and one ``mpirun`` job per replica (``dp_worker --replica_index i``), each
+    of ``ranks`` ranks: the replicas' cross-replica groups are Gloo groups on loopback. Logs of
+    job i go to ``<workdir>/replica-<i>.log``; ``self.jobs[i]`` is job i's mpirun (None once
+    stopped)."""
+
+    def __init__(self, build_dir: str, model_dir: str, workdir: str, *, replicas: int = 2, ranks: int = 1,
+                 ep: int = 1, **kwargs):
+        super().__init__(build_dir, model_dir, workdir, replicas=replicas, ranks=ranks, ep=ep, **kwargs)
+        self.jobs: list[subprocess.Popen | None] = [None] * replicas
+
+    def start_workers(self) -> None:
+        for i in range(self.replicas):
+            self.start_replica(i)
+
+    def start_replica(self, i: int) -> None:
+        """Starts (or starts again) the job of replica i."""
+        cmd = ["mpirun", "--oversubscribe", "-np", str(self.ranks),
+               os.path.join(self.build_dir, "dp_worker", "dp_worker"), "--coordinator", self.address,
+               "--model", self.model_dir, "--replicas", str(self.replicas), "--replica_index", str(i),
+               "--gloo_hostname", "127.0.0.1", "--ep", str(self.ep), "--tp", str(self.tp),
+               "--collective_timeout_s", str(self.collective_timeout_s), "--max_runs", str(self.max_runs),
+               "--connect_timeout_s", "30", *self.worker_args]
+        if self.tls:
+            cmd += ["--tls_ca", self.tls["ca"]]
+        env = {"LATHE_WORKER_TOKEN": self.worker_token, **self.worker_env}
+        with open(self.replica_log(i), "ab") as log:
+            self.jobs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=self._env(env), start_new_session=True)
+
+    def replica_log(self, i: int) -> str:
+        return os.path.join(self.workdir, f"replica-{i}.log")
+
+    def replica_pids(self, i: int) -> dict[int, int]:
+        """{rank in the job: pid} of replica i's live dp_worker ranks."""
+        job = self.jobs[i]
+        if job is None:
+            return {}
+        out = {}
+        for pid in _session_pids(job.pid):
+            rank = _environ(pid).get("OMPI_COMM_WORLD_RANK")
+            if rank is not None and pid != job.pid:
+                out[int(rank)] = pid
+        return out
+
+    def wait_job(self, i: int, timeout: float) -> int | None:
+        """Job i's exit code, or None when it still runs after `timeout` s."""
+        try:
+            return self.jobs[i].wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        super().close()
+        for job in self.jobs:
+            if job is None:
+                continue
+            try:
+                job.wait(STOP_TIMEOUT_S if job.poll() is None else 0)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_session(job.pid, signal.SIGKILL)
+            try:
+                job.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def log_tails(self, lines: int = 40) -> str:
+        out = f"--- {self.coordinator_log} (tail) ---\n{_tail(self.coordinator_log, lines)}"
+        for i in range(self.replicas):
+            out += f"--- {self.replica_log(i)} (tail) ---\n{_tail(self.replica_log(i), lines)}"
+        return out

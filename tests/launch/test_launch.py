@@ -234,3 +234,89 @@ def test_mpirun_script_serves_a_training_run(tiny_model, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(launcher.pid, signal.SIGKILL)
             raise
+
+
+def _dp_worker_pids(replica_index):
+    """pids of the live dp_worker processes started with --replica_index `replica_index`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and argv and argv[0].endswith(b"dp_worker") and b"--replica_index" in argv:
+            if argv[argv.index(b"--replica_index") + 1] == str(replica_index).encode():
+                out.append(int(name))
+    return out
+
+
+def _wait_for(path, text, timeout, launcher):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        assert launcher.poll() is None, f"the launcher exited {launcher.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"{path} does not say {text!r} within {timeout} s")
+
+
+def test_mpirun_script_restarts_a_failed_replica_job(tiny_model, tmp_path):
+    model, data = tiny_model
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=8\nlocalhost slots=8\n")
+    key_file = tmp_path / "key"
+    key_file.write_text("k-launch\n")
+    logs = tmp_path / "logs"
+    env = dict(LATHE_MODEL="tiny-qwen3-moe", LATHE_REPLICAS="2", LATHE_LAYOUT_FLAGS="--devices_per_node 1",
+               LATHE_MODEL_DIR=model, LATHE_HOSTFILE=str(hostfile), LATHE_PORT="0", LATHE_COORDINATOR_HOST="127.0.0.1",
+               LATHE_MAP_BY="slot", LATHE_MPIRUN_ARGS="--oversubscribe -x OMP_NUM_THREADS", LATHE_LOG_DIR=str(logs),
+               LATHE_REPLICA_JOBS="1", LATHE_GLOO_HOSTNAME="127.0.0.1", LATHE_RESTART_DELAY_S="1", LATHE_MAX_RUNS="2",
+               LATHE_API_KEY_FILE=str(key_file), **tls_files(tmp_path))
+    dry = run(["bash", "launch/mpirun.sh"], LATHE_DRY_RUN="1", **env)
+    assert dry.returncode == 0, dry.stderr
+    for i in (0, 1):
+        assert f"replica {i}: mpirun -np 1 " in dry.stdout and f"--hostfile {logs}/hosts-{i} " in dry.stdout, dry.stdout
+        assert f"--replica_index {i} --gloo_hostname 127.0.0.1" in dry.stdout, dry.stdout
+    short = tmp_path / "short"
+    short.write_text("localhost slots=8\n")
+    refused = run(["bash", "launch/mpirun.sh"], LATHE_DRY_RUN="1", **dict(env, LATHE_HOSTFILE=str(short)))
+    assert refused.returncode == 2 and "a hostfile line per node" in refused.stderr, refused.stderr
+
+    launcher = subprocess.Popen(["bash", "launch/mpirun.sh"], cwd=ROOT, env=dict(ENV, **env),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        port_file = logs / "port"
+        deadline = time.time() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert time.time() < deadline and launcher.poll() is None, "coordinator did not start"
+            time.sleep(0.2)
+        address = "127.0.0.1:" + port_file.read_text().strip()
+        client = ["--address", address, "--api_key_file", str(key_file), "--tls_ca", env["LATHE_TLS_CA"]]
+        train = [CLI, "train", *client, "--wait_s", "90", "--data", data, "--batch_size", "4",
+                 "--learning_rate", "5e-3"]
+        first = run(train + ["--steps", "2"], timeout=240)
+        assert first.returncode == 0, first.stdout + first.stderr
+        coordinator_log = logs / "coordinator.log"
+        [pid] = _dp_worker_pids(1)
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(coordinator_log, "replica 1 left", 30, launcher)
+        _wait_for(coordinator_log, "replica 1 registered again", 60, launcher)
+        # The next run's operations admit it; both replicas then train.
+        second = run(train + ["--steps", "2"], timeout=240)
+        assert second.returncode == 0, second.stdout + second.stderr
+        _wait_for(coordinator_log, "replica(s) joined with the state of every run", 10, launcher)
+        assert len(_dp_worker_pids(0)) == 1 and len(_dp_worker_pids(1)) == 1
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            out, _ = launcher.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            raise
+    assert "[mpirun] replica 1 exited" in out and "restart 1 in 1 s" in out, out
+    assert launcher.returncode == 0, out

@@ -75,6 +75,10 @@ void CheckOthers(Communicator& c, int seed) {
     for (int i = 0; i < 5; ++i) Expect(all[r * 5 + i] == Value(seed, r, i), "all_gather block");
   Expect(absl::IsInvalidArgument(c.AllGather({mine.data(), 5}, {all.data(), 5 * n - 1}, kTimeout)),
          "a short all_gather buffer is refused");
+  // Empty collectives (an all-gather of nothing divides by zero inside Gloo).
+  ExpectOk(c.AllGather({mine.data(), 0}, {all.data(), 0}, kTimeout), "empty all_gather");
+  ExpectOk(c.AllReduceSum({mine.data(), 0}, kTimeout), "empty all_reduce");
+  ExpectOk(c.Broadcast({mine.data(), 0}, 0, kTimeout), "empty broadcast");
 
   std::vector<double> send(4 * n), recv(4);
   for (int64_t i = 0; i < 4 * n; ++i) send[i] = Value(seed, me, i);
