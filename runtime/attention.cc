@@ -11,9 +11,7 @@
 #include "runtime/status.h"
 
 namespace lathe::runtime {
-namespace {
 
-// Causal attention of packed sequences; q [nH, T, D], k and v [nKV, T, D].
 at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, bool gqa) {
   if (lengths.size() == 1) {
@@ -31,9 +29,6 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   return at::cat(parts, 1);
 }
 
-// Attention of packed sequences that continue their states: q [nH, T, D],
-// k and v [nKV, T, D] (the new tokens); appends k, v to each state's slot
-// for `layer`.
 at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, bool gqa, size_t layer,
                            std::vector<SequenceState>& states) {
@@ -59,8 +54,6 @@ at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   return at::cat(parts, 1);
 }
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<GqaAttention>> GqaAttention::Load(ParamLoader& loader, const std::string& prefix,
                                                                  const AttentionShape& s, const ModelShard& shard) {

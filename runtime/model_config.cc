@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "runtime/config_json.h"
+#include "runtime/deepseek_v3_config.h"
 #include "runtime/qwen3_5_config.h"
 #include "runtime/status.h"
 
@@ -258,7 +259,8 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
                                      "Qwen3_5ForCausalLM",
                                      "Qwen3_5MoeForCausalLM",
                                      "Qwen3_5ForConditionalGeneration",
-                                     "Qwen3_5MoeForConditionalGeneration"};
+                                     "Qwen3_5MoeForConditionalGeneration",
+                                     "DeepseekV3ForCausalLM"};
   auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->size() != 1 || !(*arch)[0].is_string()) {
     return FieldError("architectures", "must be a list of one architecture name");
@@ -325,6 +327,7 @@ absl::Status ReadMoe(const json& j, ModelConfig& c) {
   }
   c.num_experts = experts;
   if (IsQwen3_5(c.architecture)) return absl::OkStatus();  // ReadQwen3_5
+  if (IsDeepseekV3(c.architecture)) return absl::OkStatus();  // ReadDeepseekV3 (n_routed_experts)
   if (c.architecture != "Qwen3MoeForCausalLM") {
     if (experts > 0) return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
     return absl::OkStatus();
@@ -354,6 +357,7 @@ absl::Status ReadText(const json& j, bool qwen3_5, ModelConfig& c) {
   LATHE_RETURN_IF_ERROR(ReadDense(j, c));
   LATHE_RETURN_IF_ERROR(ReadMoe(j, c));
   if (qwen3_5) LATHE_RETURN_IF_ERROR(ReadQwen3_5(j, c));
+  if (IsDeepseekV3(c.architecture)) LATHE_RETURN_IF_ERROR(ReadDeepseekV3(j, c));
   return absl::OkStatus();
 }
 

@@ -16,6 +16,7 @@ constexpr Architecture kArchitectures[] = {
     {"Qwen3_5ForConditionalGeneration", LoadQwen35Layers},
     {"Qwen3_5MoeForCausalLM", LoadQwen35Layers},
     {"Qwen3_5MoeForConditionalGeneration", LoadQwen35Layers},
+    {"DeepseekV3ForCausalLM", LoadDeepseekV3Layers},
 };
 
 }  // namespace

@@ -1,0 +1,56 @@
+// Multi-head latent attention (MLA) as transformers 5.23's
+// DeepseekV3Attention computes it: queries through the low-rank
+// q_a_proj → RMSNorm → q_b_proj (or q_proj), keys and values expanded per head
+// by kv_b_proj from one normed latent of kv_a_proj_with_mqa, whose last
+// qk_rope_head_dim columns are a rope key shared by every head; RoPE (pairs
+// interleaved, or halves) on the rope part of q and k; causal softmax
+// attention at the config's softmax scale; o_proj.
+//
+// Tensor parallelism cuts the heads as Megatron-Core does: q_b_proj /
+// q_proj and kv_b_proj rows by head (column-parallel), o_proj columns
+// (row-parallel); q_a_proj, kv_a_proj_with_mqa and both norms are held whole
+// by every rank, which computes them on all tokens, so their gradients (and
+// their adapters') are partial sums over tp.
+//
+// LoRA (attention group): q_a_proj, kv_a_proj_with_mqa, o_proj, and q_proj
+// when there is no q_lora_rank; q_b_proj and kv_b_proj train only in full
+// fine-tuning.
+#ifndef LATHE_RUNTIME_LATENT_ATTENTION_H_
+#define LATHE_RUNTIME_LATENT_ATTENTION_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "runtime/block.h"
+#include "runtime/model_config.h"
+
+namespace lathe::runtime {
+
+class LatentAttention final : public Mixer {
+ public:
+  // Loads `prefix` ("model.layers.3.self_attn") of `heads` heads for this
+  // rank of `shard`. InvalidArgument when the heads cannot be cut over tp.
+  static absl::StatusOr<std::unique_ptr<LatentAttention>> Load(ParamLoader& loader, const std::string& prefix,
+                                                               int64_t hidden, int64_t heads,
+                                                               const LatentAttentionConfig& config,
+                                                               const ModelShard& shard);
+
+  // Decoding (ctx.states) caches each head's keys and values after RoPE.
+  at::Tensor Forward(const at::Tensor& x, const LayerContext& ctx, size_t layer) const override;
+  void Visit(const TensorVisitor& fn) override;
+
+ private:
+  LatentAttention() = default;
+  // RoPE on the rope dims x [..., T, qk_rope_head_dim].
+  at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;
+
+  LatentAttentionConfig config_;
+  int64_t heads_ = 0;  // this rank's
+  LoraLinear q_a_, q_b_, q_, kv_a_, kv_b_, o_;
+  Norm q_a_norm_, kv_a_norm_;
+};
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_LATENT_ATTENTION_H_
