@@ -66,7 +66,10 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   const LatentAttentionConfig& c = config_;
   const int64_t t = x.size(0), nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim;
   at::Tensor in = ctx.enter ? ctx.enter(x) : x;
-  at::Tensor q = c.q_lora_rank > 0 ? q_b_.Forward(q_a_norm_(q_a_.Forward(in))) : q_.Forward(in);
+  // q_proj is column-parallel with a replicated adapter A: GroupedForward
+  // enters the adapter's rank-sized input too, so A's gradient is complete.
+  at::Tensor q = c.q_lora_rank > 0 ? q_b_.Forward(q_a_norm_(q_a_.Forward(in)))
+                                   : GroupedForward(x, q_.weight, {&q_}, ctx.enter)[0];
   q = q.reshape({t, heads_, nope + r}).transpose(0, 1);  // [h, T, qk]
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
