@@ -10,11 +10,25 @@
 #include "runtime/status.h"
 
 namespace lathe::runtime {
+namespace {
+
+// at::sigmoid computes the last (n mod twice the vector width) elements of a
+// tensor with scalar code, whose rounding may differ from the vector code's:
+// a token's scores would then depend on how many rows its batch has. With
+// rows padded to a multiple of 64 every element takes the vector code,
+// whatever the row count (decoding's batch invariance).
+at::Tensor RowInvariantSigmoid(const at::Tensor& logits) {
+  const int64_t e = logits.size(1), padded = (e + 63) / 64 * 64;
+  if (padded == e) return at::sigmoid(logits);
+  return at::sigmoid(at::constant_pad_nd(logits, {0, padded - e})).narrow(1, 0, e);
+}
+
+}  // namespace
 
 MoeRouting RouteSigmoid(const at::Tensor& x, const at::Tensor& router, const at::Tensor& bias,
                         const SigmoidRouterShape& s) {
   const int64_t t = x.size(0), e = router.size(0);
-  at::Tensor scores = at::sigmoid(Linear(x.to(at::kFloat), router.to(at::kFloat)));
+  at::Tensor scores = RowInvariantSigmoid(Linear(x.to(at::kFloat), router.to(at::kFloat)));
   at::Tensor choice = scores.detach() + bias;
   if (s.topk_group < s.n_group) {
     at::Tensor grouped = choice.reshape({t, s.n_group, e / s.n_group});
