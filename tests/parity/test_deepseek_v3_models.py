@@ -1,0 +1,142 @@
+"""DeepSeek-V3 configs: lathe reads them as transformers does, and refuses by field what it
+does not compute.
+
+The numerics of the tiny models are compared in test_parity.py (MLA_KINDS). What is checked
+here, through ``lathe_model_config`` (LoadModelConfig):
+
+* the tiny kinds of make_tiny_models.py and Kimi-K2- and DeepSeek-V3-shaped configs (the
+  published dimensions; transformers' defaults for the rest) give the latent attention's
+  widths, the softmax scale transformers' attention uses (yarn's mscale correction included),
+  the router's groups and scaling, the dense first layers and the skipped
+  multi-token-prediction layer;
+* a config transformers would compute differently from lathe, or could not build, is refused
+  with an error naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import make_tiny_models  # noqa: E402
+
+# Kimi-K2's text config (seed-architectures.md, section 2.2) and DeepSeek-V3's dimensions.
+KIMI_K2 = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=163840, hidden_size=7168,
+    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=1,
+    num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1,
+    n_group=1, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+    routed_scaling_factor=2.827, max_position_embeddings=262144, rope_theta=50000.0, rms_norm_eps=1e-5,
+    rope_scaling={"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    tie_word_embeddings=False, hidden_act="silu")
+DEEPSEEK_V3 = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
+    num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+    n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, max_position_embeddings=163840,
+    rope_theta=10000.0, rms_norm_eps=1e-6,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    tie_word_embeddings=False, hidden_act="silu")
+
+
+def _binary() -> str:
+    build = os.environ.get("LATHE_BUILD_DIR", "/work/main/build")
+    exe = os.path.join(build, "tests", "lathe_model_config")
+    if not os.path.exists(exe):
+        pytest.skip(f"lathe_model_config not built (looked for {exe}; set LATHE_BUILD_DIR)")
+    return exe
+
+
+def _read(config: dict, tmp_path) -> subprocess.CompletedProcess:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    return subprocess.run([_binary(), str(d)], capture_output=True, text=True, timeout=60)
+
+
+def _transformers_view(config: dict) -> dict:
+    """What transformers 5.23 computes from the config: its attention's softmax scale and
+    the fields lathe reads."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    return dict(
+        softmax_scale=yarn_apply_mscale(cfg.rope_parameters, qk ** -0.5), head_dim=qk,
+        rotary_dim=cfg.qk_rope_head_dim, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+        v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave, experts=cfg.n_routed_experts,
+        top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        scaling=cfg.routed_scaling_factor, shared=cfg.moe_intermediate_size * cfg.n_shared_experts,
+        dense=[i for i in range(cfg.num_hidden_layers) if i < cfg.first_k_dense_replace],
+        norm_topk_prob=cfg.norm_topk_prob, layers=cfg.num_hidden_layers)
+
+
+def _configs() -> dict:
+    out = {"kimi_k2": KIMI_K2, "deepseek_v3_full": DEEPSEEK_V3}
+    for kind in make_tiny_models.MLA_KINDS:
+        out[kind] = make_tiny_models.build_config(kind).to_dict() | {"architectures": ["DeepseekV3ForCausalLM"]}
+    return out
+
+
+@pytest.mark.parametrize("name", ("kimi_k2", "deepseek_v3_full") + make_tiny_models.MLA_KINDS)
+def test_config_is_read_as_transformers_reads_it(name, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = _configs()[name]
+        want = _transformers_view(config)
+    run = _read(config, tmp_path)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    a, r = got["latent_attention"], got["sigmoid_router"]
+    assert math.isclose(a["softmax_scale"], want["softmax_scale"], rel_tol=1e-12), (a, want)
+    assert (got["head_dim"], got["rotary"]["rotary_dim"]) == (want["head_dim"], want["rotary_dim"])
+    assert (a["q_lora_rank"], a["kv_lora_rank"], a["v_head_dim"], a["rope_interleave"]) == (
+        want["q_lora_rank"], want["kv_lora_rank"], want["v_head_dim"], want["rope_interleave"])
+    assert (got["num_experts"], got["num_experts_per_tok"], r["n_group"], r["topk_group"]) == (
+        want["experts"], want["top_k"], want["n_group"], want["topk_group"])
+    assert r["enabled"] and math.isclose(r["routed_scaling_factor"], want["scaling"])
+    assert got["norm_topk_prob"] == want["norm_topk_prob"]
+    assert got["shared_expert"] == {"intermediate_size": want["shared"], "sigmoid_gate": False}
+    assert got["mlp_only_layers"] == want["dense"]
+    assert got["checkpoint"]["skip_prefixes"] == [f"model.layers.{want['layers']}."]
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"num_key_value_heads": 32}, "num_key_value_heads"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"scoring_func": "softmax"}, "scoring_func"),
+    ({"topk_method": "greedy"}, "topk_method"),
+    ({"n_group": 7}, "n_group"),
+    ({"n_group": 256}, "n_group"),
+    ({"topk_group": 9}, "topk_group"),
+    ({"num_experts_per_tok": 40, "topk_group": 1}, "num_experts_per_tok"),
+    ({"routed_scaling_factor": -1.0}, "routed_scaling_factor"),
+    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
+    ({"kv_lora_rank": 0}, "kv_lora_rank"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"output_router_logits": True}, "output_router_logits"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type"),
+])
+def test_unsupported_config_is_refused_by_field(change, field, tmp_path):
+    run = _read(dict(DEEPSEEK_V3, **change), tmp_path)
+    assert run.returncode == 1, run.stdout
+    assert f"'{field}'" in run.stderr, run.stderr
+
+
+def test_q_proj_without_a_q_lora_rank(tmp_path):
+    run = _read(dict(DEEPSEEK_V3, q_lora_rank=None), tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["latent_attention"]["q_lora_rank"] == 0
