@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "absl/strings/str_cat.h"
 #include "parallel/context_parallel.h"
 #include "runtime/attention.h"
@@ -62,6 +64,44 @@ at::Tensor LatentAttention::Rope(const at::Tensor& x, const RopeTables& rope) co
   return ApplyRope(x.unflatten(-1, {r / 2, 2}).transpose(-1, -2).flatten(-2), rope);
 }
 
+at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
+                                   const LayerContext& ctx, size_t layer) const {
+  const LatentAttentionConfig& c = config_;
+  const int64_t nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim, rank = c.kv_lora_rank;
+  // kv_b_proj per head: [key nope rows | value rows] over the latent.
+  at::Tensor kv_b = kv_b_.weight.view({heads_, nope + dv, rank});
+  at::Tensor w_key = kv_b.narrow(1, 0, nope), w_value = kv_b.narrow(1, nope, dv);
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (size_t i = 0; i < ctx.lengths.size(); ++i) {
+    const int64_t n = ctx.lengths[i];
+    SequenceState& state = (*ctx.states)[i];
+    if (state.layers.size() <= layer) state.layers.resize(layer + 1);
+    std::vector<at::Tensor>& slot = state.layers[layer];
+    // Fresh copies: the products below then see the same operands (layout
+    // and alignment) whatever the sequence's place in the batch.
+    at::Tensor ln = latent.narrow(0, offset, n).clone(), rn = k_rope.narrow(0, offset, n).clone();
+    const int64_t past = slot.empty() ? 0 : slot[0].size(0);
+    at::Tensor all_latent = past > 0 ? at::cat({slot[0], ln}, 0) : ln;  // [past + n, rank]
+    at::Tensor all_rope = past > 0 ? at::cat({slot[1], rn}, 0) : rn;    // [past + n, r]
+    slot = {all_latent, all_rope};
+    at::Tensor qn = q.narrow(1, offset, n).clone(at::MemoryFormat::Contiguous);  // [h, n, qk]
+    // q·k = (q_nope·W_key)·latent + q_rope·k_rope: the key weights absorbed
+    // into the query, so no key or value is ever expanded per head.
+    at::Tensor q_latent = at::bmm(qn.narrow(2, 0, nope), w_key);  // [h, n, rank]
+    at::Tensor scores = at::matmul(q_latent, all_latent.t()) + at::matmul(qn.narrow(2, nope, r), all_rope.t());
+    // New token j sees the past and the new tokens up to itself.
+    at::Tensor mask = at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+    scores = scores.mul(c.softmax_scale).masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
+    at::Tensor weights = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+    // Σ p·v = W_value·(Σ p·latent): the value weights applied after the sum.
+    at::Tensor o_latent = at::matmul(weights, all_latent);     // [h, n, rank]
+    parts.push_back(at::bmm(o_latent, w_value.transpose(1, 2)));  // [h, n, dv]
+    offset += n;
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+}
+
 at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx, size_t layer) const {
   const LatentAttentionConfig& c = config_;
   const int64_t t = x.size(0), nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim;
@@ -73,6 +113,12 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   q = q.reshape({t, heads_, nope + r}).transpose(0, 1);  // [h, T, qk]
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
+  if (ctx.states != nullptr && t > 0) {
+    at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
+    at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
+    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, ctx, layer);
+    return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
+  }
   at::Tensor kv = kv_b_.Forward(latent).reshape({t, heads_, nope + dv}).transpose(0, 1);
   at::Tensor v = kv.narrow(2, nope, dv);
   if (t == 0 && ctx.cp == nullptr) {
@@ -88,8 +134,6 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor o;
   if (ctx.cp != nullptr) {
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
-  } else if (ctx.states != nullptr) {
-    o = CachedAttention(q, k, v, ctx.lengths, c.softmax_scale, /*gqa=*/false, layer, *ctx.states);
   } else {
     o = PackedAttention(q, k, v, ctx.lengths, c.softmax_scale, /*gqa=*/false);
   }

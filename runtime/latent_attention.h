@@ -20,6 +20,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
@@ -36,12 +37,22 @@ class LatentAttention final : public Mixer {
                                                                const LatentAttentionConfig& config,
                                                                const ModelShard& shard);
 
-  // Decoding (ctx.states) caches each head's keys and values after RoPE.
+  // Decoding (ctx.states) keeps per sequence and layer the normed latent
+  // [length, kv_lora_rank] and the rope key after RoPE [length,
+  // qk_rope_head_dim] (not per-head keys and values) and attends with
+  // kv_b_proj absorbed: the query's nope part times kv_b_proj's key rows
+  // scores the latent directly, and its value rows apply once to the
+  // weighted sum of latents. Each sequence is computed on its own, so a
+  // request's result does not depend on its batch.
   at::Tensor Forward(const at::Tensor& x, const LayerContext& ctx, size_t layer) const override;
   void Visit(const TensorVisitor& fn) override;
 
  private:
   LatentAttention() = default;
+  // Attention of the new tokens (q [h, T, qk] after RoPE) of each sequence
+  // of ctx over its cached and new latents -> [h, T, v_head_dim].
+  at::Tensor Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
+                    const LayerContext& ctx, size_t layer) const;
   // RoPE on the rope dims x [..., T, qk_rope_head_dim].
   at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;
 
