@@ -59,7 +59,9 @@ at::Tensor ExpertParallelMoe(const at::Tensor& x, const runtime::MoeRouting& r, 
   at::Tensor by_source = at::empty_like(by_expert);
   by_source.index_put_({by_expert}, at::arange(static_cast<int64_t>(perm.size()), by_expert.options()));
   at::Tensor back = AllToAllRows(out.index_select(0, by_source), recv_rows, send_rows, ep);
-  return at::zeros_like(x).index_add(0, r.token_of, back * r.slot_weight);
+  // Weights wider than the rows (fp32 over bf16) multiply in their dtype; the
+  // product is rounded once.
+  return at::zeros_like(x).index_add(0, r.token_of, (back * r.slot_weight).to(x.scalar_type()));
 }
 
 }  // namespace lathe::parallel

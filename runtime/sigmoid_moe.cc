@@ -41,8 +41,9 @@ MoeRouting RouteSigmoid(const at::Tensor& x, const at::Tensor& router, const at:
   at::Tensor index = std::get<1>(at::topk(choice, s.top_k, -1, /*largest=*/true, /*sorted=*/false));
   at::Tensor weights = scores.gather(1, index);
   if (s.norm_topk_prob) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
-  weights = weights * s.routed_scaling_factor;
-  return SortByExpert(weights.to(x.scalar_type()), index, e);
+  // The weights stay fp32: transformers multiplies each expert's output by
+  // them in fp32 and rounds the product once.
+  return SortByExpert(weights * s.routed_scaling_factor, index, e);
 }
 
 absl::StatusOr<std::unique_ptr<SigmoidRoutedExperts>> SigmoidRoutedExperts::Load(ParamLoader& loader,
@@ -102,7 +103,7 @@ at::Tensor SigmoidRoutedExperts::Routed(const at::Tensor& m, const LayerContext&
   MoeRouting r = RouteSigmoid(m, router_, bias_, shape_);
   at::Tensor expert_out = RunExperts(m.index_select(0, r.token_of), r.counts, experts_);
   s = StatsOf(r.counts);
-  return at::zeros_like(m).index_add(0, r.token_of, expert_out * r.slot_weight);
+  return at::zeros_like(m).index_add(0, r.token_of, (expert_out * r.slot_weight).to(m.scalar_type()));
 }
 
 }  // namespace lathe::runtime

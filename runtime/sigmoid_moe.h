@@ -30,7 +30,8 @@ struct SigmoidRouterShape {
 // (experts / n_group consecutive experts each) ranked by the sum of their two
 // best scores + bias; the top_k of scores + bias within the topk_group best
 // groups; weights the unbiased scores of those, divided by their sum (+1e-20)
-// with norm_topk_prob, times routed_scaling_factor, cast to x's dtype.
+// with norm_topk_prob, times routed_scaling_factor, in fp32 (an expert's
+// output is multiplied by its weight in fp32 and rounded once).
 // `bias` [E] fp32 selects only; no gradient reaches it.
 MoeRouting RouteSigmoid(const at::Tensor& x, const at::Tensor& router, const at::Tensor& bias,
                         const SigmoidRouterShape& shape);
