@@ -10,7 +10,8 @@ here, through ``lathe_model_config`` (LoadModelConfig):
   the router's groups and scaling, the dense first layers and the skipped
   multi-token-prediction layer;
 * a config transformers would compute differently from lathe, or could not build, is refused
-  with an error naming the field.
+  with an error naming the field;
+* the MoE load metrics of a forward are those of the experts transformers' router picks.
 """
 
 from __future__ import annotations
@@ -140,3 +141,38 @@ def test_q_proj_without_a_q_lora_rank(tmp_path):
     run = _read(dict(DEEPSEEK_V3, q_lora_rank=None), tmp_path)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["latent_attention"]["q_lora_rank"] == 0
+
+
+@pytest.mark.parametrize("kind", make_tiny_models.MLA_KINDS)
+def test_moe_load_metrics_are_those_of_transformers_routing(kind, tiny_models, harness):
+    """forward reports the share of experts that got tokens (mean over the MoE layers) and
+    the busiest expert's load over the mean (max over them), of the experts transformers'
+    router picks for the same tokens (bias-corrected, group-limited top-k)."""
+    import torch
+
+    import reference as R
+
+    d = tiny_models[kind]
+    ref = R.Reference(d)
+    data = R.pick_batch(ref, 3, lengths=(5, 11, 17))
+    chosen: dict[int, list] = {}
+    hooks = []
+    for i, layer in enumerate(ref.model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda mod, args, out, i=i: chosen.setdefault(i, []).append(out[2].flatten())))
+    try:
+        ref.run(data, backward=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = ref.model.config.n_routed_experts
+    fracs, ratios = [], []
+    for picks in chosen.values():
+        load = torch.bincount(torch.cat(picks), minlength=experts).double()
+        fracs.append(float((load > 0).sum()) / experts)
+        ratios.append(float(load.max() / load.mean()))
+    res = harness(d, {"lora": None, "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]})
+    metrics = res.metrics(0)
+    assert math.isclose(metrics["moe_frac_experts_with_tokens:mean"], sum(fracs) / len(fracs), rel_tol=1e-9), metrics
+    assert math.isclose(metrics["moe_max_over_mean_load:max"], max(ratios), rel_tol=1e-9), (metrics, ratios)
