@@ -153,7 +153,11 @@ absl::Status ReadDenseLayers(const json& j, ModelConfig& c) {
 
 }  // namespace
 
-bool IsDeepseekV3(const std::string& a) { return a == "DeepseekV3ForCausalLM"; }
+bool IsDeepseekV3(const std::string& a) { return a == "DeepseekV3ForCausalLM" || IsKimiK25(a); }
+
+bool IsKimiK25(const std::string& a) {
+  return a == "KimiK25ForConditionalGeneration" || a == "Kimi_K25ForConditionalGeneration";
+}
 
 absl::Status ReadDeepseekV3(const json& j, ModelConfig& c) {
   if (c.num_hidden_layers < 1 || c.num_hidden_layers > kMaxDim) {
@@ -163,11 +167,19 @@ absl::Status ReadDeepseekV3(const json& j, ModelConfig& c) {
   LATHE_RETURN_IF_ERROR(ReadLatentAttention(j, c));
   LATHE_RETURN_IF_ERROR(ReadRouter(j, c));
   LATHE_RETURN_IF_ERROR(ReadDenseLayers(j, c));
-  c.checkpoint.weight_prefix = "model.";
-  c.checkpoint.lm_head = "lm_head.weight";
+  const bool kimi = IsKimiK25(c.architecture);
+  if (kimi) {
+    LATHE_ASSIGN_OR_RETURN(const std::string type, Str(j, "model_type", "deepseek_v3"));
+    if (type != "kimi_k2" && type != "deepseek_v3") {
+      return FieldError("text_config.model_type", absl::StrCat("is \"", type, "\"; expected \"kimi_k2\""));
+    }
+  }
+  c.checkpoint.weight_prefix = kimi ? "language_model.model." : "model.";
+  c.checkpoint.lm_head = kimi ? "language_model.lm_head.weight" : "lm_head.weight";
   // The multi-token-prediction layer sits after the last decoder layer;
-  // transformers skips it on load.
-  c.checkpoint.skip_prefixes = {absl::StrCat("model.layers.", c.num_hidden_layers, ".")};
+  // transformers skips it on load (and the wrapper's vision tower).
+  c.checkpoint.skip_prefixes = {absl::StrCat(c.checkpoint.weight_prefix, "layers.", c.num_hidden_layers, ".")};
+  if (kimi) c.checkpoint.skip_prefixes.insert(c.checkpoint.skip_prefixes.end(), {"vision_tower.", "mm_projector."});
   return absl::OkStatus();
 }
 

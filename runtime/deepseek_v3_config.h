@@ -13,8 +13,13 @@
 
 namespace lathe::runtime {
 
-// DeepseekV3ForCausalLM.
+// DeepseekV3ForCausalLM and the Kimi-K2.5 / K2.6 wrapper.
 bool IsDeepseekV3(const std::string& architecture);
+// KimiK25ForConditionalGeneration (the hub's name) or
+// Kimi_K25ForConditionalGeneration (transformers'): a DeepSeek-V3 text model
+// under `text_config` (model_type kimi_k2) beside a vision tower; weights
+// under language_model.model. and language_model.lm_head.
+bool IsKimiK25(const std::string& architecture);
 
 // Reads the DeepSeek-V3 fields of `j` into `c`, whose dense fields ReadDense
 // has filled (head_dim is replaced by the q·k head width): the latent

@@ -260,7 +260,9 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
                                      "Qwen3_5MoeForCausalLM",
                                      "Qwen3_5ForConditionalGeneration",
                                      "Qwen3_5MoeForConditionalGeneration",
-                                     "DeepseekV3ForCausalLM"};
+                                     "DeepseekV3ForCausalLM",
+                                     "KimiK25ForConditionalGeneration",
+                                     "Kimi_K25ForConditionalGeneration"};
   auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->size() != 1 || !(*arch)[0].is_string()) {
     return FieldError("architectures", "must be a list of one architecture name");
@@ -401,6 +403,20 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
     LATHE_RETURN_IF_ERROR(ReadText(*text, qwen3_5, c));
     LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", false));
+    if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);
+    return c;
+  }
+  if (IsKimiK25(c.architecture)) {
+    // transformers' Kimi_K25Config ties by its own flag, which defaults to
+    // true: a wrapper config without it has lm_head tied to the embedding.
+    auto text = j.find("text_config");
+    if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
+    if (auto q = j.find("quantization_config"); q != j.end() && !q->is_null()) {
+      return FieldError("quantization_config", "is set; quantized checkpoints (Kimi-K2's INT4 experts) are not "
+                                               "supported, only float weights (dequantize them first)");
+    }
+    LATHE_RETURN_IF_ERROR(ReadText(*text, false, c));
+    LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", true));
     if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);
     return c;
   }

@@ -17,6 +17,8 @@ constexpr Architecture kArchitectures[] = {
     {"Qwen3_5MoeForCausalLM", LoadQwen35Layers},
     {"Qwen3_5MoeForConditionalGeneration", LoadQwen35Layers},
     {"DeepseekV3ForCausalLM", LoadDeepseekV3Layers},
+    {"KimiK25ForConditionalGeneration", LoadDeepseekV3Layers},
+    {"Kimi_K25ForConditionalGeneration", LoadDeepseekV3Layers},
 };
 
 }  // namespace

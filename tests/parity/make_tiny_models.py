@@ -307,6 +307,49 @@ def write_multimodal_layout(out_dir: str, seed: int = 0) -> dict:
     return config
 
 
+def write_kimi_layout(text_dir: str, out_dir: str, seed: int = 0, tie_flag: bool | None = False) -> dict:
+    """Writes the DeepSeek-V3 text model of ``text_dir`` into ``out_dir`` the way the Kimi-K2.5 /
+    K2.6 hub checkpoints are laid out: a ``KimiK25ForConditionalGeneration`` config whose text
+    fields sit under ``text_config`` (model_type ``kimi_k2``), the text weights under
+    ``language_model.model.`` and ``language_model.lm_head.weight``, small random
+    ``vision_tower.`` / ``mm_projector.`` tensors and a multi-token-prediction layer after the
+    last decoder layer, which a loader must skip. ``tie_flag`` is the top-level
+    tie_word_embeddings (None: absent, which transformers reads as true); text_config gets
+    the opposite value so a reader that looks there is caught. A tied layout has no
+    ``language_model.lm_head.weight`` (transformers ties by the flag only when the checkpoint
+    does not hold a different head). Returns the config."""
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(text_dir, "config.json")) as f:
+        text = json.load(f)
+    tensors = load_file(os.path.join(text_dir, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name == "lm_head.weight" and tie_flag is not False:
+            continue
+        out["language_model." + name] = t  # model.* -> language_model.model.*, lm_head -> language_model.lm_head
+    g = torch.Generator().manual_seed(seed + 99)
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    out["vision_tower.tiny_stand_in.weight"] = torch.randn(16, 3, 4, 4, generator=g)
+    out["mm_projector.tiny_stand_in.weight"] = torch.randn(hidden, 16, generator=g)
+    out[f"language_model.model.layers.{layers}.input_layernorm.weight"] = torch.randn(hidden, generator=g)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    text_config = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version")}
+    text_config["model_type"] = "kimi_k2"
+    text_config["tie_word_embeddings"] = not bool(tie_flag)
+    config = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+              "text_config": text_config,
+              "vision_config": {"model_type": "kimi_k25_vision", "patch_size": 4, "num_attention_heads": 2,
+                                "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32},
+              "projection_hidden_size": 16, "dtype": text.get("dtype", "float32")}
+    if tie_flag is not None:
+        config["tie_word_embeddings"] = tie_flag
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
 def checkpoint_layout(out_dir: str) -> str:
     """'per_expert', 'fused' or 'dense' depending on how the experts were written."""
     from safetensors import safe_open

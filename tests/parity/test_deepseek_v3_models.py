@@ -178,3 +178,44 @@ def test_moe_load_metrics_are_those_of_transformers_routing(kind, tiny_models, h
     metrics = res.metrics(0)
     assert math.isclose(metrics["moe_frac_experts_with_tokens:mean"], sum(fracs) / len(fracs), rel_tol=1e-9), metrics
     assert math.isclose(metrics["moe_max_over_mean_load:max"], max(ratios), rel_tol=1e-9), (metrics, ratios)
+
+
+@pytest.mark.parametrize("tie_flag", [False, None])
+def test_kimi_wrapper_runs_its_text_model(tie_flag, tiny_models, harness, tmp_path):
+    """The Kimi-K2.5 / K2.6 hub layout (KimiK25ForConditionalGeneration, text fields under
+    text_config with model_type kimi_k2, weights under language_model.model. and
+    language_model.lm_head, a vision tower and an MTP layer beside them): lathe's logprobs are
+    transformers' Kimi_K25ForConditionalGeneration's on text, with lm_head untied by an
+    explicit top-level false (text_config says true), and tied to the embedding when the
+    top-level flag is absent (transformers' Kimi_K25Config defaults it to true)."""
+    import torch
+    import transformers
+
+    import reference as R
+
+    text_dir = tiny_models["deepseek_v3"]
+    out = str(tmp_path / "kimi")
+    make_tiny_models.write_kimi_layout(text_dir, out, tie_flag=tie_flag)
+    run = subprocess.run([_binary(), out], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["tie_word_embeddings"] is (tie_flag is None)
+    assert got["checkpoint"]["weight_prefix"] == "language_model.model."
+    assert set(got["checkpoint"]["skip_prefixes"]) == {"language_model.model.layers.3.", "vision_tower.",
+                                                       "mm_projector."}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+    assert bool(hf.config.tie_word_embeddings) is (tie_flag is None)
+    data = R.random_batch(4, 157, lengths=(6, 11))
+    res = harness(out, {"lora": None, "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]})
+    text_res = harness(text_dir, {"lora": None, "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]})
+    for j, datum in enumerate(data):
+        tokens = torch.tensor([datum["tokens"]])
+        with torch.no_grad():
+            logits = hf(input_ids=tokens).logits[0].float()
+        lp, _ = R.gather_logprobs(logits, torch.tensor(datum["loss_fn_inputs"]["target_tokens"]))
+        assert float((res.logprobs(0, j) - lp).abs().max()) <= 1e-4, j
+        same_as_text = torch.equal(res.logprobs(0, j), text_res.logprobs(0, j))
+        assert same_as_text is (tie_flag is not None), j  # tied: the embedding is the head
