@@ -29,6 +29,11 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   return at::cat(parts, 1);
 }
 
+namespace {
+
+// Attention of packed sequences that continue their states: q [nH, T, D],
+// k and v [nKV, T, D] (the new tokens); appends k, v to each state's slot
+// for `layer`.
 at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, bool gqa, size_t layer,
                            std::vector<SequenceState>& states) {
@@ -54,6 +59,8 @@ at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   return at::cat(parts, 1);
 }
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<GqaAttention>> GqaAttention::Load(ParamLoader& loader, const std::string& prefix,
                                                                  const AttentionShape& s, const ModelShard& shard) {

@@ -24,12 +24,6 @@ namespace lathe::runtime {
 // q [nH, T, D], k [nKV, T, D], v [nKV, T, Dv] -> [nH, T, Dv]; `gqa`: nKV < nH.
 at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, bool gqa);
-// Attention of packed sequences that continue their states, shaped as
-// PackedAttention's (the new tokens); appends k, v to each state's slot for
-// `layer`.
-at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::vector<int64_t>& lengths, double scale, bool gqa, size_t layer,
-                           std::vector<SequenceState>& states);
 
 struct AttentionShape {
   int64_t hidden = 0;
