@@ -81,8 +81,9 @@ class ParamLoader {
   // fine-tuning it is trainable, registered under `name`.
   absl::StatusOr<at::Tensor> Tensor(const std::string& name, std::vector<int64_t> shape, TpCut cut = {});
 
-  // The tensor `name` as Tensor() reads it, never trained (a buffer such as
-  // a router's score correction bias).
+  // The tensor `name` in fp32 (exact from the file under either dtype),
+  // never trained: a buffer transformers keeps in fp32, such as a router's
+  // score correction bias.
   absl::StatusOr<at::Tensor> Frozen(const std::string& name, std::vector<int64_t> shape, TpCut cut = {});
 
   // The linear layer `module` ("model.layers.0.self_attn.q_proj"; its weight

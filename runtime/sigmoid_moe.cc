@@ -59,8 +59,7 @@ absl::StatusOr<std::unique_ptr<SigmoidRoutedExperts>> SigmoidRoutedExperts::Load
   // Each tp rank routes its own part of the tokens: a partial gradient.
   LATHE_ASSIGN_OR_RETURN(f->router_, loader.Tensor(prefix + ".gate.weight", {s.experts, s.hidden},
                                                    TpCut::Whole(GradSync::kTpPartial)));
-  LATHE_ASSIGN_OR_RETURN(at::Tensor bias, loader.Frozen(prefix + ".gate.e_score_correction_bias", {s.experts}));
-  f->bias_ = bias.to(at::kFloat);
+  LATHE_ASSIGN_OR_RETURN(f->bias_, loader.Frozen(prefix + ".gate.e_score_correction_bias", {s.experts}));
   const int64_t local = s.experts / ep;
   LATHE_ASSIGN_OR_RETURN(f->experts_, loader.Experts(prefix, s.experts, shard.ep.rank() * local, local, s.inter,
                                                      s.hidden));

@@ -219,3 +219,55 @@ def test_kimi_wrapper_runs_its_text_model(tie_flag, tiny_models, harness, tmp_pa
         assert float((res.logprobs(0, j) - lp).abs().max()) <= 1e-4, j
         same_as_text = torch.equal(res.logprobs(0, j), text_res.logprobs(0, j))
         assert same_as_text is (tie_flag is not None), j  # tied: the embedding is the head
+
+
+def test_bf16_routing_uses_the_exact_fp32_score_correction_bias(tiny_models, harness, tmp_path):
+    """Under bfloat16 transformers keeps e_score_correction_bias in fp32; so does lathe. With
+    biases near 5 (bf16 steps of 1/32 there) rounding them to bf16 would change which experts
+    some tokens pick in this batch; lathe's bf16 logprobs are transformers' bf16 ones, bit for
+    bit."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import reference as R
+
+    src, out = tiny_models["deepseek_v3"], str(tmp_path / "big_bias")
+    os.makedirs(out)
+    shutil.copy(os.path.join(src, "config.json"), out)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    for name in [n for n in tensors if n.endswith("e_score_correction_bias")]:
+        tensors[name] = 5.0 + 0.03 * torch.rand(tensors[name].shape, generator=g)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+
+    ref = R.Reference(out, dtype=torch.bfloat16)
+    data = R.pick_batch(ref, 21, min_margin=2e-3, tries=512, lengths=(9, 13))
+
+    def picks(model):
+        got = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o: got.append(o[2].sort(-1).values))
+                 for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+        with torch.no_grad():
+            for d in data:
+                model(input_ids=torch.tensor([d["tokens"]]))
+        for h in hooks:
+            h.remove()
+        return torch.cat(got)
+
+    exact = picks(ref.model)
+    gates = [layer.mlp.gate for layer in ref.model.model.layers if hasattr(layer.mlp, "experts")]
+    saved = [gate.e_score_correction_bias.clone() for gate in gates]
+    for gate in gates:
+        gate.e_score_correction_bias.copy_(gate.e_score_correction_bias.bfloat16().float())
+    rounded = picks(ref.model)
+    for gate, bias in zip(gates, saved):
+        gate.e_score_correction_bias.copy_(bias)
+    assert not torch.equal(exact, rounded), "rounding the bias changes no choice: the test proves nothing"
+
+    want = ref.run(data, backward=False)
+    res = harness(out, {"lora": None, "dtype": "bfloat16",
+                        "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]})
+    for j in range(len(data)):
+        assert torch.equal(res.logprobs(0, j), want["logprobs"][j].float()), j
