@@ -11,7 +11,10 @@ here, through ``lathe_model_config`` (LoadModelConfig):
   multi-token-prediction layer;
 * a config transformers would compute differently from lathe, or could not build, is refused
   with an error naming the field;
-* the MoE load metrics of a forward are those of the experts transformers' router picks.
+* the MoE load metrics of a forward are those of the experts transformers' router picks;
+* bf16 runs route with the exact fp32 score correction bias;
+* the Kimi-K2.5 / K2.6 wrapper's hub layout runs as its text model, and its PEFT export loads
+  on transformers' Kimi_K25ForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,3 +275,75 @@ def test_bf16_routing_uses_the_exact_fp32_score_correction_bias(tiny_models, har
                         "ops": [{"op": "forward", "loss_fn": "cross_entropy", "data": data}]})
     for j in range(len(data)):
         assert torch.equal(res.logprobs(0, j), want["logprobs"][j].float()), j
+
+
+def test_kimi_wrapper_export_loads_on_the_conditional_generation_model(tiny_models, harness, tmp_path):
+    """The PEFT export of a run on the Kimi hub layout names its modules as
+    Kimi_K25ForConditionalGeneration holds them (model.language_model.*, lm_head): peft on
+    that model, and transformers on the merged folder (the hub's names, experts merged per
+    expert), give lathe's logprobs."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    import reference as R
+
+    model_dir = str(tmp_path / "kimi")
+    make_tiny_models.write_kimi_layout(tiny_models["deepseek_v3"], model_dir, tie_flag=False)
+    lora = {"rank": 4, "alpha": 8.0, "seed": 3}
+    ops = []
+    for seed in (0, 1):
+        ops += [{"op": "forward_backward", "loss_fn": "cross_entropy", "data": R.random_batch(seed, 157)},
+                {"op": "optim_step", "adam": {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}}]
+    probes = [R.random_batch(50 + i, 157, lengths=(7, 13)) for i in range(4)]
+    first = len(ops)
+    ops += [{"op": "forward", "loss_fn": "cross_entropy", "data": p} for p in probes]
+    out = str(tmp_path / "export")
+    ops.append({"op": "export_peft", "dir": out, "merged": True})
+    res = harness(model_dir, {"lora": lora, "ops": ops})
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert all(n.startswith(("base_model.model.model.language_model.", "base_model.model.lm_head.")) for n in names)
+
+    def load(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(load(model_dir), out).eval()
+    merged = load(os.path.join(out, "merged"))
+    base = load(model_dir)
+
+    def diff(model, data, i):
+        worst = 0.0
+        for j, d in enumerate(data):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([d["tokens"]])).logits[0].float()
+            lp, _ = R.gather_logprobs(logits, torch.tensor(d["loss_fn_inputs"]["target_tokens"]))
+            worst = max(worst, float((res.logprobs(first + i, j) - lp).abs().max()))
+        return worst
+
+    # A probe whose routing has a margin, so rounding cannot legitimately pick other experts.
+    view = _TextView(merged.model.language_model)
+    usable = [i for i, p in enumerate(probes) if R.min_routing_margin(view, p) >= 1e-4]
+    assert usable
+    i = usable[0]
+    assert diff(base, probes[i], i) > 1e-2, "the adapter barely changes the logprobs: the comparison proves nothing"
+    assert diff(peft_model, probes[i], i) <= 1e-4
+    assert diff(merged, probes[i], i) <= 1e-4
+
+
+class _TextView(torch.nn.Module):
+    """The text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.model = text
+        self.config = text.config
+
+    def forward(self, input_ids, **kw):
+        return self.model(input_ids=input_ids, **kw)
