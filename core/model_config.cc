@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "core/config_json.h"
+#include "core/deepseek_v3_config.h"
 #include "core/qwen3_5_config.h"
 #include "core/status.h"
 
@@ -258,7 +259,10 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
                                      "Qwen3_5ForCausalLM",
                                      "Qwen3_5MoeForCausalLM",
                                      "Qwen3_5ForConditionalGeneration",
-                                     "Qwen3_5MoeForConditionalGeneration"};
+                                     "Qwen3_5MoeForConditionalGeneration",
+                                     "DeepseekV3ForCausalLM",
+                                     "KimiK25ForConditionalGeneration",
+                                     "Kimi_K25ForConditionalGeneration"};
   auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->size() != 1 || !(*arch)[0].is_string()) {
     return FieldError("architectures", "must be a list of one architecture name");
@@ -325,6 +329,7 @@ absl::Status ReadMoe(const json& j, ModelConfig& c) {
   }
   c.num_experts = experts;
   if (IsQwen3_5(c.architecture)) return absl::OkStatus();  // ReadQwen3_5
+  if (IsDeepseekV3(c.architecture)) return absl::OkStatus();  // ReadDeepseekV3 (n_routed_experts)
   if (c.architecture != "Qwen3MoeForCausalLM") {
     if (experts > 0) return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
     return absl::OkStatus();
@@ -354,6 +359,7 @@ absl::Status ReadText(const json& j, bool qwen3_5, ModelConfig& c) {
   LATHE_RETURN_IF_ERROR(ReadDense(j, c));
   LATHE_RETURN_IF_ERROR(ReadMoe(j, c));
   if (qwen3_5) LATHE_RETURN_IF_ERROR(ReadQwen3_5(j, c));
+  if (IsDeepseekV3(c.architecture)) LATHE_RETURN_IF_ERROR(ReadDeepseekV3(j, c));
   return absl::OkStatus();
 }
 
@@ -397,6 +403,20 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
     LATHE_RETURN_IF_ERROR(ReadText(*text, qwen3_5, c));
     LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", false));
+    if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);
+    return c;
+  }
+  if (IsKimiK25(c.architecture)) {
+    // transformers' Kimi_K25Config ties by its own flag, which defaults to
+    // true: a wrapper config without it has lm_head tied to the embedding.
+    auto text = j.find("text_config");
+    if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
+    if (auto q = j.find("quantization_config"); q != j.end() && !q->is_null()) {
+      return FieldError("quantization_config", "is set; quantized checkpoints (Kimi-K2's INT4 experts) are not "
+                                               "supported, only float weights (dequantize them first)");
+    }
+    LATHE_RETURN_IF_ERROR(ReadText(*text, false, c));
+    LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", true));
     if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);
     return c;
   }

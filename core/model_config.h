@@ -57,6 +57,41 @@ struct SharedExpertConfig {
   bool sigmoid_gate = false;
 };
 
+// Multi-head latent attention (DeepSeek-V3's MLA): queries through the
+// low-rank q_a_proj → RMSNorm → q_b_proj (q_proj when q_lora_rank is 0),
+// keys and values from one latent (kv_a_proj_with_mqa → [latent | rope key],
+// RMSNorm of the latent, kv_b_proj → per head [key | value]); the rope part
+// of the key is one head shared by all. Heads are qk_nope_head_dim +
+// qk_rope_head_dim wide for q·k, v_head_dim for the values.
+struct LatentAttentionConfig {
+  int64_t q_lora_rank = 0;  // 0: q_proj (null in config.json)
+  int64_t kv_lora_rank = 0;  // 0: not latent attention
+  int64_t qk_nope_head_dim = 0;
+  int64_t qk_rope_head_dim = 0;
+  int64_t v_head_dim = 0;
+  bool rope_interleave = true;  // rotary pairs (x0, x1), (x2, x3), ... rather than halves
+  // The attention's softmax scale: qk_head_dim^-1/2, times yarn's
+  // mscale(factor, mscale_all_dim)² when the rope is scaled.
+  double softmax_scale = 0.0;
+
+  bool enabled() const { return kv_lora_rank > 0; }
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+};
+
+// DeepSeek-V3's router: sigmoid scores in fp32; the top-k is chosen on the
+// scores plus a per-expert correction bias (the checkpoint's
+// mlp.gate.e_score_correction_bias, never trained) within the `topk_group`
+// best of `n_group` expert groups (a group's score: the sum of its two best);
+// the weights are the unbiased scores, renormalised with norm_topk_prob, times
+// `routed_scaling_factor`. The shared experts (mlp.shared_experts, a SwiGLU
+// of moe_intermediate_size × n_shared_experts) are added ungated.
+struct SigmoidRouterConfig {
+  bool enabled = false;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  double routed_scaling_factor = 1.0;
+};
+
 // Where the text model's tensors sit in the checkpoint.
 struct CheckpointLayout {
   std::string weight_prefix = "model.";  // before "embed_tokens", "layers.N", "norm"
@@ -121,6 +156,9 @@ struct ModelConfig {
   NormStyle norm_style = NormStyle::kWeight;
   SharedExpertConfig shared_expert;
   CheckpointLayout checkpoint;
+  // DeepSeek-V3 (defaults elsewhere: GQA, softmax routing).
+  LatentAttentionConfig latent_attention;
+  SigmoidRouterConfig sigmoid_router;
 
   // True when decoder layer `layer` uses the sparse MoE block.
   bool IsMoeLayer(int64_t layer) const;

@@ -8,10 +8,15 @@ namespace lathe::parallel {
 at::Tensor ExpertParallelMoe(const at::Tensor& x, const at::Tensor& router, const runtime::ExpertBank& local,
                              int64_t top_k, bool norm_topk_prob, const Group& ep, const Group& stats_group,
                              runtime::MoeStats* stats) {
-  const int64_t num_experts = router.size(0);
+  return ExpertParallelMoe(x, runtime::RouteTokens(x, router, top_k, norm_topk_prob), router.size(0), local, ep,
+                           stats_group, stats);
+}
+
+at::Tensor ExpertParallelMoe(const at::Tensor& x, const runtime::MoeRouting& r, int64_t num_experts,
+                             const runtime::ExpertBank& local, const Group& ep, const Group& stats_group,
+                             runtime::MoeStats* stats) {
   const int n = ep.size();
   const int64_t per_rank = num_experts / n;
-  runtime::MoeRouting r = runtime::RouteTokens(x, router, top_k, norm_topk_prob);
   if (stats != nullptr) {
     at::Tensor loads = at::tensor(r.counts, at::kLong);
     AllReduceSumInPlace(loads, stats_group);
@@ -54,7 +59,9 @@ at::Tensor ExpertParallelMoe(const at::Tensor& x, const at::Tensor& router, cons
   at::Tensor by_source = at::empty_like(by_expert);
   by_source.index_put_({by_expert}, at::arange(static_cast<int64_t>(perm.size()), by_expert.options()));
   at::Tensor back = AllToAllRows(out.index_select(0, by_source), recv_rows, send_rows, ep);
-  return at::zeros_like(x).index_add(0, r.token_of, back * r.slot_weight);
+  // Weights wider than the rows (fp32 over bf16) multiply in their dtype; the
+  // product is rounded once.
+  return at::zeros_like(x).index_add(0, r.token_of, (back * r.slot_weight).to(x.scalar_type()));
 }
 
 }  // namespace lathe::parallel

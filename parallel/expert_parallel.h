@@ -20,6 +20,12 @@ at::Tensor ExpertParallelMoe(const at::Tensor& x, const at::Tensor& router, cons
                              int64_t top_k, bool norm_topk_prob, const Group& ep, const Group& stats_group,
                              runtime::MoeStats* stats);
 
+// The same with the routing `r` (pairs sorted by expert, of `num_experts`)
+// already chosen for x by the caller's router.
+at::Tensor ExpertParallelMoe(const at::Tensor& x, const runtime::MoeRouting& r, int64_t num_experts,
+                             const runtime::ExpertBank& local, const Group& ep, const Group& stats_group,
+                             runtime::MoeStats* stats);
+
 }  // namespace lathe::parallel
 
 #endif  // LATHE_PARALLEL_EXPERT_PARALLEL_H_

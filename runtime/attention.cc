@@ -11,9 +11,7 @@
 #include "core/status.h"
 
 namespace lathe::runtime {
-namespace {
 
-// Causal attention of packed sequences; q [nH, T, D], k and v [nKV, T, D].
 at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, bool gqa) {
   if (lengths.size() == 1) {
@@ -30,6 +28,8 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   return at::cat(parts, 1);
 }
+
+namespace {
 
 // Attention of packed sequences that continue their states: q [nH, T, D],
 // k and v [nKV, T, D] (the new tokens); appends k, v to each state's slot

@@ -13,11 +13,17 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
 
 namespace lathe::runtime {
+
+// Causal attention of packed sequences (each attends only to itself):
+// q [nH, T, D], k [nKV, T, D], v [nKV, T, Dv] -> [nH, T, Dv]; `gqa`: nKV < nH.
+at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<int64_t>& lengths, double scale, bool gqa);
 
 struct AttentionShape {
   int64_t hidden = 0;

@@ -31,8 +31,9 @@ namespace lathe::runtime {
 
 // The decoding state of one sequence: its length so far and, per layer, the
 // tensors its mixer keeps (attention: keys and values [kv_heads, length,
-// head_dim] after RoPE). Empty before the sequence's first tokens; a mixer
-// fills its own layer's slot.
+// head_dim] after RoPE; latent attention: the latent and the rope key).
+// Empty before the sequence's first tokens; a mixer fills its own layer's
+// slot.
 struct SequenceState {
   int64_t length = 0;
   std::vector<std::vector<at::Tensor>> layers;

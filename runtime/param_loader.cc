@@ -85,6 +85,10 @@ absl::StatusOr<at::Tensor> ParamLoader::Tensor(const std::string& name, std::vec
   return t;
 }
 
+absl::StatusOr<at::Tensor> ParamLoader::Frozen(const std::string& name, std::vector<int64_t> shape, TpCut cut) {
+  return source_.TakeFloat32(name, std::move(shape), SliceOf(cut));
+}
+
 absl::StatusOr<LoraLinear> ParamLoader::FrozenLinear(const std::string& module, int64_t out, int64_t in,
                                                      TpCut cut) {
   LoraLinear l;

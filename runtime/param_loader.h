@@ -81,6 +81,11 @@ class ParamLoader {
   // fine-tuning it is trainable, registered under `name`.
   absl::StatusOr<at::Tensor> Tensor(const std::string& name, std::vector<int64_t> shape, TpCut cut = {});
 
+  // The tensor `name` in fp32 (exact from the file under either dtype),
+  // never trained: a buffer transformers keeps in fp32, such as a router's
+  // score correction bias.
+  absl::StatusOr<at::Tensor> Frozen(const std::string& name, std::vector<int64_t> shape, TpCut cut = {});
+
   // The linear layer `module` ("model.layers.0.self_attn.q_proj"; its weight
   // is module + ".weight") of full shape [out, in], cut by `cut` (Rows or
   // Cols). LoRA runs attach an adapter when `group` trains.

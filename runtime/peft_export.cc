@@ -42,6 +42,19 @@ std::string Leaf(const std::string& module) {
   return dot == std::string::npos ? module : module.substr(dot + 1);
 }
 
+// The module name peft finds in transformers' module tree for a checkpoint
+// name: Kimi-K2.5's hub checkpoints hold the text model under
+// language_model.model. and its head as language_model.lm_head, which
+// transformers' Kimi_K25ForConditionalGeneration holds as
+// model.language_model. and lm_head. Other names are the same in both.
+std::string PeftName(const std::string& name) {
+  for (auto [hub, module] : {std::pair{"language_model.model.", "model.language_model."},
+                             std::pair{"language_model.lm_head.", "lm_head."}}) {
+    if (absl::StartsWith(name, hub)) return module + name.substr(std::strlen(hub));
+  }
+  return name;
+}
+
 bool IsMlp(const std::string& leaf) { return leaf == "gate_proj" || leaf == "up_proj" || leaf == "down_proj"; }
 
 // Adapters lathe trains on the parts of a fused projection, and the fused
@@ -148,7 +161,7 @@ json AdapterConfig(const std::map<std::string, at::Tensor>& params, const LoraSe
   std::set<std::string> target_parameters;
   for (const std::string& m : dense_mlp) {
     if (experts) {
-      target_parameters.insert(m + ".weight");
+      target_parameters.insert(PeftName(m) + ".weight");
     } else {
       target_modules.insert(Leaf(m));
     }
@@ -197,7 +210,7 @@ absl::Status WriteAdapterFolder(const std::map<std::string, at::Tensor>& on_devi
   std::vector<TensorToWrite> tensors;
   auto add = [&](const std::string& name, const at::Tensor& t) {
     keep.push_back(t.to(at::kFloat).contiguous());
-    tensors.push_back({"base_model.model." + name, "F32", std::vector<int64_t>(t.sizes().begin(), t.sizes().end()),
+    tensors.push_back({"base_model.model." + PeftName(name), "F32", std::vector<int64_t>(t.sizes().begin(), t.sizes().end()),
                        keep.back().data_ptr(), static_cast<size_t>(keep.back().nbytes())});
   };
   for (const auto& [name, t] : FuseExpertAdapters(params)) {

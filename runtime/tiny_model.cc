@@ -41,6 +41,26 @@ nlohmann::json ConfigJson(const TinyModelSpec& s) {
       {"attention_bias", s.attention_bias},
       {"torch_dtype", "float32"},
   };
+  if (s.latent_attention) {
+    j["architectures"] = {"DeepseekV3ForCausalLM"};
+    j["model_type"] = "deepseek_v3";
+    j.erase("head_dim");
+    j["num_key_value_heads"] = s.num_heads;
+    j["q_lora_rank"] = 24;
+    j["kv_lora_rank"] = 16;
+    j["qk_nope_head_dim"] = s.head_dim;
+    j["qk_rope_head_dim"] = 8;
+    j["v_head_dim"] = s.head_dim;
+    j["n_routed_experts"] = s.num_experts;
+    j["num_experts_per_tok"] = s.experts_per_token;
+    j["moe_intermediate_size"] = s.moe_intermediate_size;
+    j["n_group"] = 1;
+    j["topk_group"] = 1;
+    j["n_shared_experts"] = 1;
+    j["first_k_dense_replace"] = 1;
+    j["routed_scaling_factor"] = 2.5;
+    return j;
+  }
   if (s.moe) {
     j["num_experts"] = s.num_experts;
     j["num_experts_per_tok"] = s.experts_per_token;

@@ -25,6 +25,10 @@ struct TinyModelSpec {
   int64_t max_position_embeddings = 4096;
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v/o biases (Qwen3's attention_bias)
+  // DeepseekV3ForCausalLM instead: latent attention (q LoRA rank 24, latent
+  // 16, nope = head_dim, rope 8, values head_dim wide, interleaved RoPE) and
+  // the first layer dense, the rest sigmoid-routed with one shared expert.
+  bool latent_attention = false;
   uint64_t seed = 0;
 };
 

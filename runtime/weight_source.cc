@@ -35,8 +35,24 @@ absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir, at::Scal
   return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)), type);
 }
 
+absl::StatusOr<at::Tensor> TensorSource::TakeFloat32(const std::string& name, std::vector<int64_t> shape,
+                                                     Slice slice) const {
+  LATHE_ASSIGN_OR_RETURN(at::Tensor t, Take(name, std::move(shape), slice));
+  return t.to(at::kFloat);
+}
+
 absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vector<int64_t> shape,
                                               Slice slice) const {
+  return TakeAs(name, shape, slice, type_);
+}
+
+absl::StatusOr<at::Tensor> WeightSource::TakeFloat32(const std::string& name, std::vector<int64_t> shape,
+                                                     Slice slice) const {
+  return TakeAs(name, shape, slice, at::kFloat);
+}
+
+absl::StatusOr<at::Tensor> WeightSource::TakeAs(const std::string& name, const std::vector<int64_t>& shape,
+                                                Slice slice, at::ScalarType type) const {
   if (!ckpt_->Contains(name)) {
     return absl::DataLossError(absl::StrCat("checkpoint lacks tensor '", name, "'"));
   }
@@ -46,7 +62,7 @@ absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vect
                                                    absl::StrJoin(view.shape, ", "), "], expected [",
                                                    absl::StrJoin(shape, ", "), "]"));
   }
-  return TensorFromView(view, slice, type_);
+  return TensorFromView(view, slice, type);
 }
 
 absl::StatusOr<WeightSource::Experts> WeightSource::TakeExperts(const std::string& mlp,

@@ -35,6 +35,10 @@ class TensorSource {
   virtual absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
                                           Slice slice = {}) const = 0;
 
+  // Take's tensor in fp32 whatever the source's type: exact from an fp32
+  // file under a bf16 source (buffers transformers keeps in fp32).
+  virtual absl::StatusOr<at::Tensor> TakeFloat32(const std::string& name, std::vector<int64_t> shape,
+                                                 Slice slice = {}) const;
   // Experts [first, first + count) of the MoE layer whose mlp prefix is `mlp`
   // ("model.layers.3.mlp") of `experts` in all (count -1: to the end):
   // gate [count, I, H], up [count, I, H], down [count, H, I].
@@ -54,6 +58,8 @@ class WeightSource : public TensorSource {
   // Reads only the slice's bytes from the mapping.
   absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
                                   Slice slice = {}) const override;
+  absl::StatusOr<at::Tensor> TakeFloat32(const std::string& name, std::vector<int64_t> shape,
+                                         Slice slice = {}) const override;
   // Per-expert or fused (transformers 5.x) layouts alike.
   absl::StatusOr<Experts> TakeExperts(const std::string& mlp, int64_t experts, int64_t inter, int64_t hidden,
                                       int64_t first = 0, int64_t count = -1) const override;
@@ -61,6 +67,8 @@ class WeightSource : public TensorSource {
  private:
   WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt, at::ScalarType type)
       : ckpt_(std::move(ckpt)), type_(type) {}
+  absl::StatusOr<at::Tensor> TakeAs(const std::string& name, const std::vector<int64_t>& shape, Slice slice,
+                                    at::ScalarType type) const;
   std::shared_ptr<SafetensorsCheckpoint> ckpt_;
   at::ScalarType type_;
 };

@@ -140,7 +140,11 @@ MoeRouting RouteTokens(const at::Tensor& x, const at::Tensor& router, int64_t to
   at::Tensor probs = at::softmax(logits, -1, at::kFloat);
   auto [weights, index] = at::topk(probs, top_k, -1);
   if (norm_topk_prob) weights = weights / weights.sum(-1, /*keepdim=*/true);
-  weights = weights.to(x.scalar_type());
+  return SortByExpert(weights.to(x.scalar_type()), index, num_experts);
+}
+
+MoeRouting SortByExpert(const at::Tensor& weights, const at::Tensor& index, int64_t num_experts) {
+  const int64_t top_k = index.size(1);
   MoeRouting r;
   // Group the (token, slot) pairs by expert with a stable sort.
   at::Tensor flat_expert = index.reshape({-1});

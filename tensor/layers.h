@@ -125,6 +125,9 @@ struct MoeRouting {
   at::Tensor slot_weight;  // [T·k, 1]: its routing weight
   std::vector<int64_t> counts;  // pairs per expert [E]
 };
+// The routing of top-k choices: `index` [T, k] experts (of `num_experts`)
+// with their weights [T, k], the pairs sorted stably by expert.
+MoeRouting SortByExpert(const at::Tensor& weights, const at::Tensor& index, int64_t num_experts);
 // softmax router in fp32 over all experts, top-k, optional renormalisation.
 MoeRouting RouteTokens(const at::Tensor& x, const at::Tensor& router, int64_t top_k, bool norm_topk_prob);
 

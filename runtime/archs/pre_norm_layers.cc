@@ -9,7 +9,8 @@ namespace lathe::runtime {
 absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadPreNormLayers(const ModelConfig& c, ParamLoader& loader,
                                                                       const std::string& prefix,
                                                                       const ModelShard& shard,
-                                                                      const LoadMixerFn& load_mixer) {
+                                                                      const LoadMixerFn& load_mixer,
+                                                                      const LoadFfnFn& load_routed) {
   const int64_t h = c.hidden_size;
   const bool offset = c.norm_style == NormStyle::kOnePlusWeight;
   const RouterShape router{h, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
@@ -22,7 +23,9 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadPreNormLayers(const Mode
     LATHE_ASSIGN_OR_RETURN(std::unique_ptr<Mixer> mixer, load_mixer(i, p));
     LATHE_ASSIGN_OR_RETURN(post.weight, loader.Tensor(p + "post_attention_layernorm.weight", {h}));
     std::unique_ptr<Ffn> ffn;
-    if (c.IsMoeLayer(i)) {
+    if (c.IsMoeLayer(i) && load_routed) {
+      LATHE_ASSIGN_OR_RETURN(ffn, load_routed(p + "mlp"));
+    } else if (c.IsMoeLayer(i)) {
       LATHE_ASSIGN_OR_RETURN(ffn, RoutedExperts::Load(loader, p + "mlp", router, shard));
     } else {
       LATHE_ASSIGN_OR_RETURN(ffn, SwiGluMlp::Load(loader, p + "mlp", h, c.intermediate_size, shard));

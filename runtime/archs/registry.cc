@@ -16,6 +16,9 @@ constexpr Architecture kArchitectures[] = {
     {"Qwen3_5ForConditionalGeneration", LoadQwen35Layers},
     {"Qwen3_5MoeForCausalLM", LoadQwen35Layers},
     {"Qwen3_5MoeForConditionalGeneration", LoadQwen35Layers},
+    {"DeepseekV3ForCausalLM", LoadDeepseekV3Layers},
+    {"KimiK25ForConditionalGeneration", LoadDeepseekV3Layers},
+    {"Kimi_K25ForConditionalGeneration", LoadDeepseekV3Layers},
 };
 
 }  // namespace

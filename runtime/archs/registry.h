@@ -41,19 +41,26 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadQwen35Layers(const Model
                                                                      ParamLoader& loader,
                                                                      const std::string& prefix,
                                                                      const ModelShard& shard);
+absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadDeepseekV3Layers(const ModelConfig& config,
+                                                                         ParamLoader& loader,
+                                                                         const std::string& prefix,
+                                                                         const ModelShard& shard);
 
 // Shared by the architecture files: layers of the pre-norm Block, each
 // with the mixer `mixer` loads for layer i from its prefix
 // ("model.layers.3."), and the FFN the config gives that layer (routed
 // experts, with the config's shared expert, or the dense SwiGLU MLP). Norms
-// follow config.norm_style.
+// follow config.norm_style. `routed` (when given) loads the MoE layers'
+// FFN instead of RoutedExperts.
 using LoadMixerFn =
     std::function<absl::StatusOr<std::unique_ptr<Mixer>>(int64_t layer, const std::string& layer_prefix)>;
+using LoadFfnFn = std::function<absl::StatusOr<std::unique_ptr<Ffn>>(const std::string& mlp_prefix)>;
 absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadPreNormLayers(const ModelConfig& config,
                                                                       ParamLoader& loader,
                                                                       const std::string& prefix,
                                                                       const ModelShard& shard,
-                                                                      const LoadMixerFn& mixer);
+                                                                      const LoadMixerFn& mixer,
+                                                                      const LoadFfnFn& routed = nullptr);
 
 }  // namespace lathe::runtime
 

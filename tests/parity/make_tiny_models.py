@@ -46,6 +46,12 @@ EXTRA_KINDS = ("qwen3_moe_sparse_tied",)
 QWEN3_5_KINDS = ("qwen3_5", "qwen3_5_moe", "qwen3_5_multimodal", "qwen3_5_moe_multimodal")
 # The hybrid (linear + softmax attention) models the runtime parity suite runs.
 HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
+# DeepSeek-V3 (multi-head latent attention, sigmoid group-limited routing, shared
+# experts, dense first layers). deepseek_v3 is shaped like Kimi-K2 (q LoRA, interleaved
+# RoPE with yarn and the mscale softmax correction, one group, untied);
+# deepseek_v3_grouped like DeepSeek-V3 itself with q_proj instead of the q LoRA (4 groups
+# of which 2 are kept, halves RoPE, two shared experts, no renormalisation, tied).
+MLA_KINDS = ("deepseek_v3", "deepseek_v3_grouped")
 ROPE_BIAS_KINDS = ("llama3_rope", "llama_yarn", "llama_linear_bias", "qwen2", "qwen2_tied")
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
@@ -99,11 +105,38 @@ def _qwen3_5_config(kind: str):
     return Qwen3_5TextConfig(tie_word_embeddings=True, **_qwen3_5_text_kwargs(136))
 
 
+def _deepseek_v3_config(kind: str):
+    from transformers import DeepseekV3Config
+
+    common = dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+        first_k_dense_replace=1, rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu",
+        attention_bias=False, attention_dropout=0.0, use_cache=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, output_router_logits=False)
+    if kind == "deepseek_v3":
+        # Kimi-K2's rope: yarn x64 over an original 4096 with mscale = mscale_all_dim = 1, so
+        # cos/sin are unscaled and the softmax scale is (0.1 ln 64 + 1)^2 / sqrt(24).
+        rope = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 64.0, "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        return DeepseekV3Config(
+            vocab_size=157, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=1, topk_group=1, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.827,
+            rope_interleave=True, tie_word_embeddings=False, rope_parameters=rope, **common)
+    return DeepseekV3Config(
+        vocab_size=163, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, n_shared_experts=2, norm_topk_prob=False, routed_scaling_factor=2.5,
+        rope_interleave=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+
+
 def build_config(kind: str):
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     if kind in QWEN3_5_KINDS:
         return _qwen3_5_config(kind)
+    if kind in MLA_KINDS:
+        return _deepseek_v3_config(kind)
 
     if kind == "qwen3":
         # heads * head_dim == hidden
@@ -130,7 +163,7 @@ def build_config(kind: str):
             mlp_only_layers=[0], output_router_logits=False, **_COMMON, **_rope_kwargs())
     if kind in ROPE_BIAS_KINDS:
         return _rope_bias_config(kind)
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + EXTRA_KINDS + ROPE_BIAS_KINDS}")
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + EXTRA_KINDS + MLA_KINDS + ROPE_BIAS_KINDS}")
 
 
 def _rope_bias_config(kind: str):
@@ -186,17 +219,22 @@ def _reinit_(model, seed: int) -> None:
                 p.copy_(0.15 * noise)
             else:
                 p.copy_(0.1 * noise)
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: shifts which experts are chosen
+                b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
 
 
 def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | None = None):
     """Build the tiny model ``kind``, save it into ``out_dir`` (in shards of at most
     ``max_shard_size`` with an index, when given) and return the model (eval mode)."""
-    from transformers import (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM,
+    from transformers import (DeepseekV3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM,
                               Qwen3ForCausalLM, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     config = build_config(kind)
-    if kind in QWEN3_5_KINDS:
+    if kind in MLA_KINDS:
+        cls = DeepseekV3ForCausalLM
+    elif kind in QWEN3_5_KINDS:
         cls = Qwen3_5MoeForCausalLM if kind.startswith("qwen3_5_moe") else Qwen3_5ForCausalLM
     elif kind.startswith("llama"):
         cls = LlamaForCausalLM
@@ -269,6 +307,49 @@ def write_multimodal_layout(out_dir: str, seed: int = 0) -> dict:
     return config
 
 
+def write_kimi_layout(text_dir: str, out_dir: str, seed: int = 0, tie_flag: bool | None = False) -> dict:
+    """Writes the DeepSeek-V3 text model of ``text_dir`` into ``out_dir`` the way the Kimi-K2.5 /
+    K2.6 hub checkpoints are laid out: a ``KimiK25ForConditionalGeneration`` config whose text
+    fields sit under ``text_config`` (model_type ``kimi_k2``), the text weights under
+    ``language_model.model.`` and ``language_model.lm_head.weight``, small random
+    ``vision_tower.`` / ``mm_projector.`` tensors and a multi-token-prediction layer after the
+    last decoder layer, which a loader must skip. ``tie_flag`` is the top-level
+    tie_word_embeddings (None: absent, which transformers reads as true); text_config gets
+    the opposite value so a reader that looks there is caught. A tied layout has no
+    ``language_model.lm_head.weight`` (transformers ties by the flag only when the checkpoint
+    does not hold a different head). Returns the config."""
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(text_dir, "config.json")) as f:
+        text = json.load(f)
+    tensors = load_file(os.path.join(text_dir, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name == "lm_head.weight" and tie_flag is not False:
+            continue
+        out["language_model." + name] = t  # model.* -> language_model.model.*, lm_head -> language_model.lm_head
+    g = torch.Generator().manual_seed(seed + 99)
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    out["vision_tower.tiny_stand_in.weight"] = torch.randn(16, 3, 4, 4, generator=g)
+    out["mm_projector.tiny_stand_in.weight"] = torch.randn(hidden, 16, generator=g)
+    out[f"language_model.model.layers.{layers}.input_layernorm.weight"] = torch.randn(hidden, generator=g)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    text_config = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version")}
+    text_config["model_type"] = "kimi_k2"
+    text_config["tie_word_embeddings"] = not bool(tie_flag)
+    config = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+              "text_config": text_config,
+              "vision_config": {"model_type": "kimi_k25_vision", "patch_size": 4, "num_attention_heads": 2,
+                                "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32},
+              "projection_hidden_size": 16, "dtype": text.get("dtype", "float32")}
+    if tie_flag is not None:
+        config["tie_word_embeddings"] = tie_flag
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
 def checkpoint_layout(out_dir: str) -> str:
     """'per_expert', 'fused' or 'dense' depending on how the experts were written."""
     from safetensors import safe_open
@@ -311,7 +392,7 @@ def write_fused_experts(src: str, dst) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + ROPE_BIAS_KINDS + ("all",))
+    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + MLA_KINDS + ROPE_BIAS_KINDS + ("all",))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -69,6 +69,12 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 QWEN3_5_LINEAR_ATTN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 QWEN3_5_SPLIT_QKV = ("in_proj_q", "in_proj_k", "in_proj_v")
 QWEN3_5_MLP_EXTRA = ("shared_expert_gate",)
+# DeepSeek-V3 (multi-head latent attention): the attention targets Tinker trains are the
+# down-projections q_a_proj and kv_a_proj_with_mqa and o_proj (q_proj when the model has no
+# q LoRA rank); q_b_proj and kv_b_proj train only in full fine-tuning. MLP_PROJ matches the
+# dense MLPs and the shared experts (mlp.shared_experts.*); the router (mlp.gate, with its
+# e_score_correction_bias buffer) is never targeted.
+MLA_ATTN_PROJ = ("q_proj", "q_a_proj", "kv_a_proj_with_mqa", "o_proj")
 
 # Defaults of the loss_fn_config keys (Tinker semantics).
 LOSS_CONFIG_DEFAULTS = {
@@ -105,7 +111,7 @@ def load_hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(model_dir)
     kwargs = dict(dtype=dtype, attn_implementation="eager" if dtype == torch.float32 else "sdpa")
-    if "moe" in getattr(cfg, "model_type", ""):  # qwen3_moe, qwen3_5_moe_text
+    if "moe" in getattr(cfg, "model_type", "") or _is_mla(cfg):  # qwen3_moe, qwen3_5_moe_text, deepseek_v3
         kwargs["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.eval()  # dropout is 0 anyway; eval keeps it explicit
@@ -122,6 +128,10 @@ def model_dims(model) -> dict:
         moe_inter=getattr(c, "moe_intermediate_size", 0) or 0,
         tied=bool(getattr(c, "tie_word_embeddings", False)),
     )
+
+
+def _is_mla(config) -> bool:
+    return getattr(config, "model_type", "") == "deepseek_v3"
 
 
 def _is_qwen3_5(model) -> bool:
@@ -278,7 +288,9 @@ def lora_target_config(model, lora: dict, experts: bool = True):
     targets: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    if lora.get("train_attn", True):
+    if lora.get("train_attn", True) and _is_mla(model.config):
+        targets += list(MLA_ATTN_PROJ)
+    elif lora.get("train_attn", True):
         targets += list(ATTN_PROJ)
         if qwen3_5:
             targets += list(QWEN3_5_LINEAR_ATTN_PROJ)
@@ -609,6 +621,24 @@ def _zero_expert_adapter(model, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _sigmoid_routing_margin(router, logits: torch.Tensor) -> float:
+    """DeepSeek-V3's router: the smaller of the gap between the topk_group-th and the next
+    group score and the gap between the k-th and (k+1)-th bias-corrected score of the kept
+    groups."""
+    choice = logits.sigmoid() + router.e_score_correction_bias.float()
+    n, g, k = choice.shape[0], router.num_group, router.top_k
+    grouped = choice.view(n, g, -1)
+    margin = math.inf
+    if router.topk_group < g:
+        groups = grouped.topk(2, dim=-1).values.sum(-1).sort(dim=-1, descending=True)
+        kept = groups.indices[:, :router.topk_group]
+        margin = float((groups.values[:, router.topk_group - 1] - groups.values[:, router.topk_group]).min())
+        mask = torch.zeros(n, g, dtype=torch.bool).scatter_(1, kept, True)
+        grouped = grouped.masked_fill(~mask[:, :, None], -math.inf)
+    p = grouped.reshape(n, -1).sort(dim=-1, descending=True).values
+    return min(margin, float((p[:, k - 1] - p[:, k]).min()))
+
+
 def min_routing_margin(model, data: list[dict]) -> float:
     """Smallest gap between the k-th and (k+1)-th router probability over all tokens of
     all MoE layers (inf for dense models).  Tests use it to make sure the C++ runtime
@@ -621,6 +651,9 @@ def min_routing_margin(model, data: list[dict]) -> float:
 
         def hook(mod, args, out):
             logits = out[0].detach().float()
+            if hasattr(mod, "e_score_correction_bias"):
+                margins.append(_sigmoid_routing_margin(mod, logits))
+                return
             p = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values
             k = mod.top_k
             margins.append(float((p[:, k - 1] - p[:, k]).min()))

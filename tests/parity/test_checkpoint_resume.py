@@ -1,8 +1,9 @@
 """save_state / load_state of Qwen3.5 runs (Gated DeltaNet + gated attention layers; dense and
-MoE): a run that saves midway, loads in a fresh process and takes the remaining steps ends
+MoE) and DeepSeek-V3 runs (latent attention, sigmoid-routed experts): a run that saves midway, loads in a fresh process and takes the remaining steps ends
 bit for bit where the straight run ends (parameters, Adam moments through the steps after
 loading, logprobs), with LoRA and with full fine-tuning (where in_proj_qkv and conv1d are
-trained whole), in float32 and bfloat16."""
+trained whole; DeepSeek-V3's q_b_proj and kv_b_proj, which LoRA leaves alone), in float32
+and bfloat16."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe", "deepseek_v3", "deepseek_v3_grouped"])
 def test_resume_from_a_checkpoint_is_bit_exact(kind, mode, dtype, tiny_models, harness, tmp_path):
     model_dir = tiny_models[kind]
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
@@ -46,7 +47,11 @@ def test_resume_from_a_checkpoint_is_bit_exact(kind, mode, dtype, tiny_models, h
     resumed = harness(model_dir, {"lora": lora, "dtype": dtype, "ops": [{"op": "load_state", "dir": ckpt}]
                                   + after + [{"op": "dump", "prefix": "end"}]})
     assert resumed.meta["op0.step"] == "2"
-    if mode == "full":
+    if mode == "full" and kind.startswith("deepseek"):
+        names = set(resumed.params("end"))
+        assert any(n.endswith("self_attn.kv_b_proj.weight") for n in names), sorted(names)[:8]
+        assert not any(n.endswith("e_score_correction_bias") for n in names)
+    elif mode == "full":
         names = set(resumed.params("end"))
         assert any(n.endswith("linear_attn.in_proj_qkv.weight") for n in names), sorted(names)[:8]
         assert any(n.endswith("linear_attn.conv1d.weight") for n in names), sorted(names)[:8]

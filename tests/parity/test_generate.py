@@ -81,6 +81,9 @@ def test_bad_sampling_requests_are_refused(bad, tiny_models, harness):
 # Qwen3.5 / Qwen3.5-MoE (Gated DeltaNet + gated attention): prompts shorter than, longer than
 # one and longer than two 64-token chunks of the delta rule, decoded together.
 HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
+# DeepSeek-V3 (latent attention; transformers caches the latent, lathe each head's keys and
+# values) with the same requests.
+DECODE_KINDS = HYBRID_KINDS + ("deepseek_v3", "deepseek_v3_grouped")
 
 
 def _hybrid_requests(vocab: int) -> list[dict]:
@@ -121,7 +124,7 @@ def _assert_bitwise_same(a: dict, b: dict, what: str):
             assert torch.equal(a[key], b[key]), what
 
 
-@pytest.mark.parametrize("kind", HYBRID_KINDS)
+@pytest.mark.parametrize("kind", DECODE_KINDS)
 def test_hybrid_greedy_batch_equals_transformers_generate(kind, tiny_models, harness):
     """Several requests decoded together (prompts within and beyond one and two delta-rule
     chunks): greedy tokens equal transformers' generate, the logprobs, prompt logprobs and
@@ -159,7 +162,7 @@ def test_hybrid_greedy_batch_equals_transformers_generate(kind, tiny_models, har
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", HYBRID_KINDS)
+@pytest.mark.parametrize("kind", DECODE_KINDS)
 def test_hybrid_decoding_is_batch_invariant(kind, dtype, tiny_models, harness):
     """After a LoRA step, each request decoded beside the others gets bitwise the tokens,
     logprobs and prompt logprobs it gets alone, and in another company."""

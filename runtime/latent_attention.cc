@@ -1,0 +1,143 @@
+// LatentAttention: loading its cut and its forward over packed, cached or
+// context-parallel sequences.
+#include "runtime/latent_attention.h"
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "parallel/context_parallel.h"
+#include "runtime/attention.h"
+#include "core/status.h"
+
+namespace lathe::runtime {
+
+absl::StatusOr<std::unique_ptr<LatentAttention>> LatentAttention::Load(ParamLoader& loader, const std::string& prefix,
+                                                                       int64_t hidden, int64_t heads,
+                                                                       const LatentAttentionConfig& c,
+                                                                       const ModelShard& shard) {
+  const int tp = shard.tp.size(), tr = shard.tp.rank();
+  if (heads % tp != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(heads, " attention heads cannot be cut over tp ", tp));
+  }
+  std::unique_ptr<LatentAttention> a(new LatentAttention());
+  a->config_ = c;
+  const int64_t hl = heads / tp, qk = c.qk_head_dim(), kv = c.qk_nope_head_dim + c.v_head_dim;
+  a->heads_ = hl;
+  // Held whole, used on every rank's heads: partial gradients.
+  const TpCut whole = TpCut::Whole(GradSync::kTpPartial);
+  const std::string p = prefix + ".";
+  // transformers builds these two norms with its default eps, not rms_norm_eps.
+  a->q_a_norm_.eps = a->kv_a_norm_.eps = 1e-6;
+  if (c.q_lora_rank > 0) {
+    LATHE_ASSIGN_OR_RETURN(a->q_a_, loader.Linear(p + "q_a_proj", c.q_lora_rank, hidden, whole, LoraGroup::kAttn));
+    LATHE_ASSIGN_OR_RETURN(a->q_a_norm_.weight, loader.Tensor(p + "q_a_layernorm.weight", {c.q_lora_rank}, whole));
+    LATHE_ASSIGN_OR_RETURN(a->q_b_, loader.Linear(p + "q_b_proj", heads * qk, c.q_lora_rank,
+                                                  TpCut::Rows(tr * hl * qk, hl * qk), LoraGroup::kNone));
+  } else {
+    LATHE_ASSIGN_OR_RETURN(a->q_, loader.Linear(p + "q_proj", heads * qk, hidden, TpCut::Rows(tr * hl * qk, hl * qk),
+                                                LoraGroup::kAttn));
+  }
+  LATHE_ASSIGN_OR_RETURN(a->kv_a_, loader.Linear(p + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim,
+                                                 hidden, whole, LoraGroup::kAttn));
+  LATHE_ASSIGN_OR_RETURN(a->kv_a_norm_.weight, loader.Tensor(p + "kv_a_layernorm.weight", {c.kv_lora_rank}, whole));
+  LATHE_ASSIGN_OR_RETURN(a->kv_b_, loader.Linear(p + "kv_b_proj", heads * kv, c.kv_lora_rank,
+                                                 TpCut::Rows(tr * hl * kv, hl * kv), LoraGroup::kNone));
+  LATHE_ASSIGN_OR_RETURN(a->o_, loader.Linear(p + "o_proj", hidden, heads * c.v_head_dim,
+                                              TpCut::Cols(tr * hl * c.v_head_dim, hl * c.v_head_dim),
+                                              LoraGroup::kAttn));
+  return a;
+}
+
+void LatentAttention::Visit(const TensorVisitor& fn) {
+  for (LoraLinear* l : {&q_a_, &q_b_, &q_, &kv_a_, &kv_b_, &o_}) VisitLinear(*l, fn);
+  fn(q_a_norm_.weight);
+  fn(kv_a_norm_.weight);
+}
+
+at::Tensor LatentAttention::Rope(const at::Tensor& x, const RopeTables& rope) const {
+  if (!config_.rope_interleave) return ApplyRope(x, rope);
+  // Pairs (x0, x1), (x2, x3), ... rotate together: as halves [x0 x2 ... | x1
+  // x3 ...], the order transformers' interleaved rotation leaves them in.
+  const int64_t r = x.size(-1);
+  return ApplyRope(x.unflatten(-1, {r / 2, 2}).transpose(-1, -2).flatten(-2), rope);
+}
+
+at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
+                                   const LayerContext& ctx, size_t layer) const {
+  const LatentAttentionConfig& c = config_;
+  const int64_t nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim, rank = c.kv_lora_rank;
+  // kv_b_proj per head: [key nope rows | value rows] over the latent.
+  at::Tensor kv_b = kv_b_.weight.view({heads_, nope + dv, rank});
+  at::Tensor w_key = kv_b.narrow(1, 0, nope), w_value = kv_b.narrow(1, nope, dv);
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (size_t i = 0; i < ctx.lengths.size(); ++i) {
+    const int64_t n = ctx.lengths[i];
+    SequenceState& state = (*ctx.states)[i];
+    if (state.layers.size() <= layer) state.layers.resize(layer + 1);
+    std::vector<at::Tensor>& slot = state.layers[layer];
+    // Fresh copies: the products below then see the same operands (layout
+    // and alignment) whatever the sequence's place in the batch.
+    at::Tensor ln = latent.narrow(0, offset, n).clone(), rn = k_rope.narrow(0, offset, n).clone();
+    const int64_t past = slot.empty() ? 0 : slot[0].size(0);
+    at::Tensor all_latent = past > 0 ? at::cat({slot[0], ln}, 0) : ln;  // [past + n, rank]
+    at::Tensor all_rope = past > 0 ? at::cat({slot[1], rn}, 0) : rn;    // [past + n, r]
+    slot = {all_latent, all_rope};
+    at::Tensor qn = q.narrow(1, offset, n).clone(at::MemoryFormat::Contiguous);  // [h, n, qk]
+    // q·k = (q_nope·W_key)·latent + q_rope·k_rope: the key weights absorbed
+    // into the query, so no key or value is ever expanded per head.
+    at::Tensor q_latent = at::bmm(qn.narrow(2, 0, nope), w_key);  // [h, n, rank]
+    at::Tensor scores = at::matmul(q_latent, all_latent.t()) + at::matmul(qn.narrow(2, nope, r), all_rope.t());
+    // New token j sees the past and the new tokens up to itself.
+    at::Tensor mask = at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+    scores = scores.mul(c.softmax_scale).masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
+    at::Tensor weights = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+    // Σ p·v = W_value·(Σ p·latent): the value weights applied after the sum.
+    at::Tensor o_latent = at::matmul(weights, all_latent);     // [h, n, rank]
+    parts.push_back(at::bmm(o_latent, w_value.transpose(1, 2)));  // [h, n, dv]
+    offset += n;
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+}
+
+at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx, size_t layer) const {
+  const LatentAttentionConfig& c = config_;
+  const int64_t t = x.size(0), nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim;
+  at::Tensor in = ctx.enter ? ctx.enter(x) : x;
+  // q_proj is column-parallel with a replicated adapter A: GroupedForward
+  // enters the adapter's rank-sized input too, so A's gradient is complete.
+  at::Tensor q = c.q_lora_rank > 0 ? q_b_.Forward(q_a_norm_(q_a_.Forward(in)))
+                                   : GroupedForward(x, q_.weight, {&q_}, ctx.enter)[0];
+  q = q.reshape({t, heads_, nope + r}).transpose(0, 1);  // [h, T, qk]
+  at::Tensor compressed = kv_a_.Forward(in);
+  at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
+  if (ctx.states != nullptr && t > 0) {
+    at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
+    at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
+    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, ctx, layer);
+    return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
+  }
+  at::Tensor kv = kv_b_.Forward(latent).reshape({t, heads_, nope + dv}).transpose(0, 1);
+  at::Tensor v = kv.narrow(2, nope, dv);
+  if (t == 0 && ctx.cp == nullptr) {
+    // No tokens (a rank without data this round): keep the graph shape.
+    at::Tensor o = (q.sum() + kv.sum() + compressed.sum()).expand({0, heads_ * dv});
+    return RowParallelForward(o, o_, ctx.reduce);
+  }
+  at::Tensor k_rope = compressed.narrow(1, c.kv_lora_rank, r).unsqueeze(0);  // [1, T, r]
+  at::Tensor q_rope = q.narrow(2, nope, r);
+  if (t > 0) k_rope = Rope(k_rope, ctx.rope), q_rope = Rope(q_rope, ctx.rope);
+  q = at::cat({q.narrow(2, 0, nope), q_rope}, 2);
+  at::Tensor k = at::cat({kv.narrow(2, 0, nope), k_rope.expand({heads_, t, r})}, 2);
+  at::Tensor o;
+  if (ctx.cp != nullptr) {
+    o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
+  } else {
+    o = PackedAttention(q, k, v, ctx.lengths, c.softmax_scale, /*gqa=*/false);
+  }
+  return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
+}
+
+}  // namespace lathe::runtime
