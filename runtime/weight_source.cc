@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/status.h"
@@ -31,22 +34,131 @@ absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view, Slice slice, a
 }
 
 absl::StatusOr<WeightSource> WeightSource::Open(const std::string& dir, at::ScalarType type) {
+  LATHE_ASSIGN_OR_RETURN(QuantizationConfig quant, LoadQuantizationConfig(dir));
   LATHE_ASSIGN_OR_RETURN(auto ckpt, SafetensorsCheckpoint::Open(dir));
-  return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)), type);
+  return WeightSource(std::shared_ptr<SafetensorsCheckpoint>(std::move(ckpt)), type, std::move(quant));
+}
+
+namespace {
+
+absl::Status ShapeMismatch(const std::string& name, const std::vector<int64_t>& has,
+                           const std::vector<int64_t>& want) {
+  return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has shape [", absl::StrJoin(has, ", "),
+                                                 "], expected [", absl::StrJoin(want, ", "), "]"));
+}
+
+// The region of a [rows, cols] or [lead, rows, cols] weight that `slice` cuts,
+// and the shape of that cut.
+Region RegionOf(const std::vector<int64_t>& shape, Slice slice, std::vector<int64_t>* cut) {
+  const size_t nd = shape.size();
+  Region r;
+  r.lead = nd == 3 ? shape[0] : 1;
+  r.rows = shape[nd - 2];
+  r.cols = shape[nd - 1];
+  *cut = shape;
+  if (slice.dim < 0) return r;
+  (*cut)[slice.dim] = slice.size;
+  const int axis = slice.dim + (nd == 2 ? 1 : 0);  // 0 lead, 1 rows, 2 cols
+  int64_t* begin[] = {&r.lead_begin, &r.row_begin, &r.col_begin};
+  int64_t* size[] = {&r.lead, &r.rows, &r.cols};
+  *begin[axis] = slice.begin;
+  *size[axis] = slice.size;
+  return r;
+}
+
+const char* MethodName(QuantMethod m) {
+  return m == QuantMethod::kFp8Block ? "\"fp8\"" : "\"compressed-tensors\" pack-quantized";
+}
+
+}  // namespace
+
+absl::Status WeightSource::CheckQuantized(const std::string& name, const std::string& module,
+                                          QuantMethod method) const {
+  if (quant_.method != method) {
+    return absl::DataLossError(absl::StrCat(
+        "tensor '", name, "' is stored quantized as ", MethodName(method), " but config.json's quantization_config ",
+        quant_.method == QuantMethod::kNone ? "is absent" : absl::StrCat("says ", MethodName(quant_.method))));
+  }
+  if (quant_.NotConverted(module)) {
+    return absl::DataLossError(absl::StrCat("tensor '", name, "' is stored quantized but quantization_config lists ",
+                                            "its module '", module, "' as not converted"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<at::Tensor> WeightSource::Take(const std::string& name, std::vector<int64_t> shape,
                                               Slice slice) const {
+  const bool weight = absl::EndsWith(name, ".weight");
+  const std::string module = weight ? name.substr(0, name.size() - 7) : name;
   if (!ckpt_->Contains(name)) {
+    if (weight && ckpt_->Contains(module + ".weight_packed")) return TakePacked(name, module, shape, slice);
     return absl::DataLossError(absl::StrCat("checkpoint lacks tensor '", name, "'"));
   }
   LATHE_ASSIGN_OR_RETURN(TensorView view, ckpt_->Get(name));
-  if (view.shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has shape [",
-                                                   absl::StrJoin(view.shape, ", "), "], expected [",
-                                                   absl::StrJoin(shape, ", "), "]"));
+  if (view.shape != shape) return ShapeMismatch(name, view.shape, shape);
+  const std::string scale = weight ? module + ".weight_scale_inv" : name + "_scale_inv";
+  if (!absl::StartsWith(view.dtype, "F8_") && !ckpt_->Contains(scale)) return TensorFromView(view, slice, type_);
+  LATHE_RETURN_IF_ERROR(CheckQuantized(name, module, QuantMethod::kFp8Block));
+  return TakeFp8(view, scale, slice);
+}
+
+absl::StatusOr<at::Tensor> WeightSource::TakeFp8(const TensorView& weight, const std::string& scale_name,
+                                                 Slice slice) const {
+  if (!ckpt_->Contains(scale_name)) {
+    return absl::DataLossError(absl::StrCat("tensor '", weight.name, "' is ", weight.dtype, " but its scale '",
+                                            scale_name, "' is missing"));
   }
-  return TensorFromView(view, slice, type_);
+  if (weight.shape.size() != 2 && weight.shape.size() != 3) {
+    return absl::DataLossError(absl::StrCat("tensor '", weight.name, "' is block-FP8 but not 2-D or 3-D"));
+  }
+  LATHE_ASSIGN_OR_RETURN(TensorView scale, ckpt_->Get(scale_name));
+  std::vector<int64_t> cut;
+  const Region region = RegionOf(weight.shape, slice, &cut);
+  at::Tensor out = at::empty(cut, at::kFloat);
+  LATHE_RETURN_IF_ERROR(DequantizeFp8Block(weight, scale, quant_.block_rows, quant_.block_cols, region,
+                                           out.data_ptr<float>()));
+  return type_ == at::kFloat ? out : out.to(type_);
+}
+
+absl::StatusOr<at::Tensor> WeightSource::TakePacked(const std::string& name, const std::string& module,
+                                                    const std::vector<int64_t>& shape, Slice slice) const {
+  const std::string packed_name = module + ".weight_packed";
+  LATHE_RETURN_IF_ERROR(CheckQuantized(packed_name, module, QuantMethod::kPackQuantized));
+  for (const char* part : {".weight_scale", ".weight_shape"}) {
+    if (!ckpt_->Contains(module + part)) {
+      return absl::DataLossError(absl::StrCat("tensor '", packed_name, "' has no '", module, part, "'"));
+    }
+  }
+  if (ckpt_->Contains(module + ".weight_zero_point")) {
+    return absl::DataLossError(absl::StrCat("tensor '", packed_name, "' has a zero point; only symmetric ",
+                                            "pack-quantized weights are supported"));
+  }
+  LATHE_ASSIGN_OR_RETURN(TensorView stored_shape, ckpt_->Get(module + ".weight_shape"));
+  std::vector<int64_t> full;
+  if ((stored_shape.dtype != "I64" && stored_shape.dtype != "I32") || stored_shape.shape.size() != 1) {
+    return absl::DataLossError(absl::StrCat("tensor '", stored_shape.name, "' must be a 1-D I32 or I64 shape"));
+  }
+  for (int64_t i = 0; i < stored_shape.shape[0]; ++i) {
+    if (stored_shape.dtype == "I64") {
+      int64_t d;
+      std::memcpy(&d, stored_shape.data + 8 * i, 8);
+      full.push_back(d);
+    } else {
+      int32_t d;
+      std::memcpy(&d, stored_shape.data + 4 * i, 4);
+      full.push_back(d);
+    }
+  }
+  if (full != shape) return ShapeMismatch(name, full, shape);
+  LATHE_ASSIGN_OR_RETURN(TensorView packed, ckpt_->Get(packed_name));
+  LATHE_ASSIGN_OR_RETURN(TensorView scale, ckpt_->Get(module + ".weight_scale"));
+  std::vector<int64_t> cut;
+  if (shape.size() != 2) return absl::DataLossError(absl::StrCat("tensor '", packed_name, "' is not a 2-D weight"));
+  const Region region = RegionOf(shape, slice, &cut);
+  at::Tensor out = at::empty(cut, at::kFloat);
+  LATHE_RETURN_IF_ERROR(
+      DequantizePacked(packed, scale, shape, quant_.bits, quant_.group_size, region, out.data_ptr<float>()));
+  return type_ == at::kFloat ? out : out.to(type_);
 }
 
 absl::StatusOr<WeightSource::Experts> WeightSource::TakeExperts(const std::string& mlp,

@@ -1,0 +1,158 @@
+"""Quantized base checkpoints, dequantized on load: block FP8 (GLM-5.2-FP8, DeepSeek-V3) and
+compressed-tensors pack-quantized INT4 (Kimi-K2 experts).
+
+The tiny Qwen3 / Qwen3-MoE models are quantized by quantize_checkpoint.py exactly as the formats
+define; lathe_harness runs the quantized folder, transformers the exact dequantized weights
+(computed in Python, float32). Under bfloat16 lathe must give the same bits on the quantized
+folder as on the dequantized one (one rounding of the exact value to bf16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import make_tiny_models
+import quantize_checkpoint as Q
+import reference as R
+
+REL_TOL = 1e-5  # logprobs, relative to the largest reference logprob magnitude
+
+
+def fwd(data):
+    return {"op": "forward", "loss_fn": "cross_entropy", "loss_fn_config": {}, "data": data}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant_bases")
+    dirs = {}
+    for kind in ("qwen3", "qwen3_moe"):
+        dirs[kind] = str(root / kind)
+        make_tiny_models.make_model(kind, dirs[kind], seed=3)
+    return dirs
+
+
+def assert_matches_dequantized(harness, quant_dir: str, deq_dir: str, seed: int) -> None:
+    ref = R.Reference(deq_dir)
+    data = R.pick_batch(ref, seed, min_margin=1e-3, lengths=(7, 13))
+    want = ref.run(data, backward=False)
+    res = harness(quant_dir, {"lora": None, "ops": [fwd(data)]})
+    scale = max(float(w.abs().max()) for w in want["logprobs"])
+    worst = max(float((res.logprobs(0, j) - w).abs().max()) for j, w in enumerate(want["logprobs"]))
+    assert worst <= REL_TOL * scale, f"logprobs off transformers on the dequantized weights by {worst:.3g}"
+    bf16_q = harness(quant_dir, {"lora": None, "dtype": "bfloat16", "ops": [fwd(data)]})
+    bf16_d = harness(deq_dir, {"lora": None, "dtype": "bfloat16", "ops": [fwd(data)]})
+    for j in range(len(data)):
+        assert torch.equal(bf16_q.logprobs(0, j), bf16_d.logprobs(0, j)), f"bf16 datum {j} differs"
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("block", [(32, 48), None], ids=["block32x48", "default128"])
+def test_fp8_block_matches_dequantized_reference(kind, block, bases, harness, tmp_path):
+    """Partial edge blocks both ways: 32 x 48 blocks cut 64 and 96 columns unevenly, and the
+    default 128 x 128 blocks are all partial on these tiny matrices."""
+    q, d = str(tmp_path / "fp8"), str(tmp_path / "deq")
+    done = Q.write_fp8(bases[kind], q, block, dequantized_dir=d)
+    assert any(".experts." in n for n in done) == (kind == "qwen3_moe") and any("self_attn" in n for n in done)
+    assert_matches_dequantized(harness, q, d, seed=11)
+
+
+def test_fp8_dequantization_is_the_one_transformers_applies(bases, tmp_path):
+    """transformers loads the FP8 folder itself (on CPU it dequantizes on load) into the
+    same weights as the reference dequantization (blocks that divide the weights: its
+    dequantizer does not take partial blocks)."""
+    from transformers import AutoModelForCausalLM
+
+    q, d = str(tmp_path / "fp8"), str(tmp_path / "deq")
+    done = Q.write_fp8(bases["qwen3_moe"], q, (16, 32), dequantized_dir=d)
+    model = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32)
+    state = {k: v for k, v in model.state_dict().items()}
+    deq = load_file(os.path.join(d, "model.safetensors"))
+    checked = 0
+    for name in done:
+        if ".experts." in name:
+            continue  # fused in memory by transformers
+        assert torch.equal(state[name].float(), deq[name]), name
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+def test_int4_pack_quantized_matches_dequantized_reference(kind, bases, harness, tmp_path):
+    q, d = str(tmp_path / "int4"), str(tmp_path / "deq")
+    done = Q.write_int4(bases[kind], q, 32, dequantized_dir=d)
+    assert done and all((".experts." in n) == (kind == "qwen3_moe") for n in done)
+    names = load_file(os.path.join(q, "model.safetensors")).keys()
+    assert not any(n in names for n in done), "quantized modules must be stored packed only"
+    assert_matches_dequantized(harness, q, d, seed=12)
+
+
+def _edit(dir_: str, config=None, tensors=None) -> None:
+    if config is not None:
+        path = os.path.join(dir_, "config.json")
+        c = json.load(open(path))
+        config(c)
+        json.dump(c, open(path, "w"))
+    if tensors is not None:
+        path = os.path.join(dir_, "model.safetensors")
+        t = load_file(path)
+        tensors(t)
+        save_file(t, path)
+
+
+def _refused(harness, dir_: str, *needles: str) -> None:
+    res = harness(dir_, {"lora": None, "ops": []}, expect_rc=None)
+    assert res.rc != 0, "a broken quantized checkpoint was loaded"
+    for n in needles:
+        assert n in res.stderr, f"{n!r} not in:\n{res.stderr[-2000:]}"
+
+
+FP8_NAME = "model.layers.1.mlp.down_proj"
+INT4_NAME = "model.layers.0.mlp.experts.3.up_proj"
+
+
+@pytest.mark.parametrize("case", ["missing_scale", "bad_scale_shape", "no_config", "unknown_method",
+                                  "not_converted", "scale_on_bf16", "int4_missing_scale", "int4_zero_point",
+                                  "int4_bad_group", "int4_format"])
+def test_broken_quantized_checkpoints_are_refused_by_name(case, bases, harness, tmp_path):
+    d = str(tmp_path / case)
+    if case.startswith("int4"):
+        Q.write_int4(bases["qwen3_moe"], d, 32)
+    else:
+        Q.write_fp8(bases["qwen3"], d, (32, 48))
+    if case == "missing_scale":
+        _edit(d, tensors=lambda t: t.pop(FP8_NAME + ".weight_scale_inv"))
+        _refused(harness, d, FP8_NAME + ".weight", "scale", "missing")
+    elif case == "bad_scale_shape":
+        _edit(d, tensors=lambda t: t.update({FP8_NAME + ".weight_scale_inv": torch.ones(2, 3)}))
+        _refused(harness, d, FP8_NAME + ".weight", "[2, 3]", "[2, 2]")
+    elif case == "no_config":
+        _edit(d, config=lambda c: c.pop("quantization_config"))
+        _refused(harness, d, ".weight'", "quantization_config", "absent")
+    elif case == "unknown_method":
+        _edit(d, config=lambda c: c["quantization_config"].update(quant_method="gptq"))
+        _refused(harness, d, "quantization_config.quant_method", "gptq")
+    elif case == "not_converted":
+        _edit(d, config=lambda c: c["quantization_config"].update(modules_to_not_convert=["down_proj"]))
+        _refused(harness, d, "down_proj.weight'", "not converted")
+    elif case == "scale_on_bf16":
+        _edit(d, tensors=lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1, 1)}))
+        _refused(harness, d, "model.norm.weight")
+    elif case == "int4_missing_scale":
+        _edit(d, tensors=lambda t: t.pop(INT4_NAME + ".weight_scale"))
+        _refused(harness, d, INT4_NAME + ".weight_packed", "weight_scale")
+    elif case == "int4_zero_point":
+        _edit(d, tensors=lambda t: t.update({INT4_NAME + ".weight_zero_point": torch.zeros(4, 2, dtype=torch.int32)}))
+        _refused(harness, d, INT4_NAME, "zero point")
+    elif case == "int4_bad_group":
+        _edit(d, config=lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(group_size=16))
+        _refused(harness, d, ".weight_packed", "groups of 16")
+    elif case == "int4_format":
+        _edit(d, config=lambda c: c["quantization_config"].update(format="float-quantized"))
+        _refused(harness, d, "quantization_config.format", "float-quantized")
