@@ -1,6 +1,7 @@
 // quantization_config parsing and the block-FP8 / pack-quantized dequantizers.
 #include "core/quantization.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -204,36 +205,42 @@ absl::Status Defect(const std::string& tensor, const std::string& what) {
 
 std::string ShapeText(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
 
-// Reads element i of a floating-point scale tensor.
+// Reads element i of a floating-point scale tensor (the dtype decided once,
+// not per element).
 class ScaleReader {
  public:
   static absl::StatusOr<ScaleReader> For(const TensorView& v) {
-    if (v.dtype != "F32" && v.dtype != "BF16" && v.dtype != "F16" && v.dtype != "F8_E8M0") {
+    const Kind kind = v.dtype == "F32" ? kF32 : v.dtype == "BF16" ? kBf16 : v.dtype == "F16" ? kF16
+                      : v.dtype == "F8_E8M0" ? kE8m0 : kNone;
+    if (kind == kNone) {
       return Defect(v.name, absl::StrCat("scale dtype ", v.dtype, "; expected F32, BF16, F16 or F8_E8M0"));
     }
-    return ScaleReader(v);
+    return ScaleReader(v.data, kind);
   }
   float operator()(int64_t i) const {
-    const uint8_t* p = view_.data;
-    if (view_.dtype == "F8_E8M0") return p[i] == 0xff ? std::nanf("") : std::ldexp(1.0f, int{p[i]} - 127);
-    if (view_.dtype == "F32") {
-      float f;
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
+    switch (kind_) {
+      case kE8m0:
+        return data_[i] == 0xff ? std::nanf("") : std::ldexp(1.0f, int{data_[i]} - 127);
+      case kF32: {
+        float f;
+        std::memcpy(&f, data_ + 4 * i, 4);
+        return f;
+      }
+      default: {
+        uint16_t h;
+        std::memcpy(&h, data_ + 2 * i, 2);
+        if (kind_ == kF16) return HalfToFloat(h);
+        const uint32_t bits = uint32_t{h} << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+      }
     }
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    if (view_.dtype == "BF16") {
-      const uint32_t bits = uint32_t{h} << 16;
-      float f;
-      std::memcpy(&f, &bits, 4);
-      return f;
-    }
-    return HalfToFloat(h);
   }
 
  private:
-  explicit ScaleReader(const TensorView& v) : view_(v) {}
+  enum Kind { kNone, kF32, kBf16, kF16, kE8m0 };
+  ScaleReader(const uint8_t* data, Kind kind) : data_(data), kind_(kind) {}
   static float HalfToFloat(uint16_t h) {
     const int sign = h >> 15, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
     float v = exp == 0      ? std::ldexp(static_cast<float>(man), -24)
@@ -241,7 +248,8 @@ class ScaleReader {
                             : std::ldexp(static_cast<float>(1024 + man), exp - 25);
     return sign ? -v : v;
   }
-  TensorView view_;
+  const uint8_t* data_;
+  Kind kind_;
 };
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -270,8 +278,11 @@ absl::Status DequantizeFp8Block(const TensorView& weight, const TensorView& scal
     for (int64_t r = region.row_begin; r < region.row_begin + region.rows; ++r) {
       const uint8_t* q = weight.data + (l * rows + r) * cols;
       const int64_t srow = (l * srows + r / block_rows) * scols;
-      for (int64_t c = region.col_begin; c < region.col_begin + region.cols; ++c) {
-        *out++ = lut[q[c]] * scale(srow + c / block_cols);
+      const int64_t end = region.col_begin + region.cols;
+      for (int64_t c = region.col_begin; c < end;) {
+        const float s = scale(srow + c / block_cols);
+        const int64_t block_end = std::min(end, (c / block_cols + 1) * block_cols);
+        for (; c < block_end; ++c) *out++ = lut[q[c]] * s;
       }
     }
   }
@@ -305,11 +316,16 @@ absl::Status DequantizePacked(const TensorView& packed, const TensorView& scale_
   const int offset = 1 << (bits - 1);
   for (int64_t r = region.row_begin; r < region.row_begin + region.rows; ++r) {
     const uint8_t* row = packed.data + r * want_packed[1] * 4;
-    for (int64_t c = region.col_begin; c < region.col_begin + region.cols; ++c) {
-      uint32_t word;
-      std::memcpy(&word, row + (c / per_word) * 4, 4);  // little-endian words, as safetensors stores them
-      const int q = static_cast<int>((word >> (bits * (c % per_word))) & mask) - offset;
-      *out++ = static_cast<float>(q) * scale(r * groups + c / group);
+    const int64_t end = region.col_begin + region.cols;
+    for (int64_t c = region.col_begin; c < end;) {
+      const float s = scale(r * groups + c / group);
+      const int64_t group_end = std::min(end, (c / group + 1) * group);
+      for (; c < group_end; ++c) {
+        uint32_t word;
+        std::memcpy(&word, row + (c / per_word) * 4, 4);  // little-endian words, as safetensors stores them
+        const int q = static_cast<int>((word >> (bits * (c % per_word))) & mask) - offset;
+        *out++ = static_cast<float>(q) * s;
+      }
     }
   }
   return absl::OkStatus();

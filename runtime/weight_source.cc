@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -66,6 +67,36 @@ Region RegionOf(const std::vector<int64_t>& shape, Slice slice, std::vector<int6
   return r;
 }
 
+// Dequantizes `region` (`dequantize(region, out)`) into a new tensor of shape
+// `cut` and dtype `type`. Other dtypes than fp32 go through an fp32 buffer of
+// at most 1 Mi elements, rounded chunk by chunk, so that a bf16 run never
+// holds an fp32 copy of a whole weight.
+template <typename Fn>
+absl::StatusOr<at::Tensor> Dequantized(const std::vector<int64_t>& cut, const Region& region, at::ScalarType type,
+                                       Fn dequantize) {
+  at::Tensor out = at::empty(cut, type);
+  if (type == at::kFloat) {
+    LATHE_RETURN_IF_ERROR(dequantize(region, out.data_ptr<float>()));
+    return out;
+  }
+  constexpr int64_t kChunk = int64_t{1} << 20;
+  const int64_t rows_per = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, region.cols));
+  std::vector<float> buffer(std::min(rows_per, region.rows) * region.cols);
+  at::Tensor flat = out.view({-1});
+  int64_t done = 0;
+  for (int64_t l = 0; l < region.lead; ++l) {
+    for (int64_t r = 0; r < region.rows; r += rows_per) {
+      Region part = region;
+      part.lead_begin = region.lead_begin + l, part.lead = 1;
+      part.row_begin = region.row_begin + r, part.rows = std::min(rows_per, region.rows - r);
+      LATHE_RETURN_IF_ERROR(dequantize(part, buffer.data()));
+      flat.narrow(0, done, part.numel()).copy_(at::from_blob(buffer.data(), {part.numel()}, at::kFloat));
+      done += part.numel();
+    }
+  }
+  return out;
+}
+
 const char* MethodName(QuantMethod m) {
   return m == QuantMethod::kFp8Block ? "\"fp8\"" : "\"compressed-tensors\" pack-quantized";
 }
@@ -114,10 +145,9 @@ absl::StatusOr<at::Tensor> WeightSource::TakeFp8(const TensorView& weight, const
   LATHE_ASSIGN_OR_RETURN(TensorView scale, ckpt_->Get(scale_name));
   std::vector<int64_t> cut;
   const Region region = RegionOf(weight.shape, slice, &cut);
-  at::Tensor out = at::empty(cut, at::kFloat);
-  LATHE_RETURN_IF_ERROR(DequantizeFp8Block(weight, scale, quant_.block_rows, quant_.block_cols, region,
-                                           out.data_ptr<float>()));
-  return type_ == at::kFloat ? out : out.to(type_);
+  return Dequantized(cut, region, type_, [&](const Region& part, float* out) {
+    return DequantizeFp8Block(weight, scale, quant_.block_rows, quant_.block_cols, part, out);
+  });
 }
 
 absl::StatusOr<at::Tensor> WeightSource::TakePacked(const std::string& name, const std::string& module,
@@ -155,10 +185,9 @@ absl::StatusOr<at::Tensor> WeightSource::TakePacked(const std::string& name, con
   std::vector<int64_t> cut;
   if (shape.size() != 2) return absl::DataLossError(absl::StrCat("tensor '", packed_name, "' is not a 2-D weight"));
   const Region region = RegionOf(shape, slice, &cut);
-  at::Tensor out = at::empty(cut, at::kFloat);
-  LATHE_RETURN_IF_ERROR(
-      DequantizePacked(packed, scale, shape, quant_.bits, quant_.group_size, region, out.data_ptr<float>()));
-  return type_ == at::kFloat ? out : out.to(type_);
+  return Dequantized(cut, region, type_, [&](const Region& part, float* out) {
+    return DequantizePacked(packed, scale, shape, quant_.bits, quant_.group_size, part, out);
+  });
 }
 
 absl::StatusOr<WeightSource::Experts> WeightSource::TakeExperts(const std::string& mlp,

@@ -34,7 +34,7 @@ def bases(tmp_path_factory):
     dirs = {}
     for kind in ("qwen3", "qwen3_moe"):
         dirs[kind] = str(root / kind)
-        make_tiny_models.make_model(kind, dirs[kind], seed=3)
+        make_tiny_models.make_model(kind, dirs[kind], seed=0)
     return dirs
 
 
@@ -156,3 +156,38 @@ def test_broken_quantized_checkpoints_are_refused_by_name(case, bases, harness, 
     elif case == "int4_format":
         _edit(d, config=lambda c: c["quantization_config"].update(format="float-quantized"))
         _refused(harness, d, "quantization_config.format", "float-quantized")
+
+
+# Sharded: each rank dequantizes only its cut (blocks and groups cut by the boundary), and the
+# run must match the single process on the whole weights at the harness's tolerances.
+SHARDED = [
+    ("fp8", "qwen3", ["--tp", "2"]),
+    ("fp8", "qwen3_moe", ["--tp", "2", "--ep", "2"]),
+    ("int4", "qwen3", ["--tp", "2"]),
+    ("int4", "qwen3_moe", ["--tp", "2"]),
+    ("int4", "qwen3_moe", ["--tp", "2", "--ep", "2"]),
+]
+
+
+@pytest.mark.parametrize("fmt,kind,flags", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'_'.join(c[2][::2])}")
+                                            for c in SHARDED])
+def test_sharded_quantized_load_matches_one_process(fmt, kind, flags, bases, tmp_path):
+    build = os.environ.get("LATHE_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
+    exe = os.path.join(build, "tests", "parallel", "parallel_parity_mpi")
+    if not os.path.exists(exe):
+        pytest.skip(f"parallel_parity_mpi not built (looked for {exe}; set LATHE_BUILD_DIR)")
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun is not on PATH")
+    d = str(tmp_path / fmt)
+    if fmt == "fp8":
+        Q.write_fp8(bases[kind], d, (32, 48))
+    else:
+        Q.write_int4(bases[kind], d, 32)
+    ranks = 1
+    for f, v in zip(flags[::2], flags[1::2]):
+        ranks *= int(v) if f in ("--tp", "--ep") else 1
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), exe, "--model", d, *flags]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    assert " 0 failures" in run.stdout, run.stdout[-4000:]

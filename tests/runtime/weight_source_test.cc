@@ -137,6 +137,32 @@ TEST(WeightSourceTest, QuantizedSlicesEqualTheWholeWeightsSlices) {
   }
 }
 
+// A weight over the 1 Mi-element chunk a bf16 run dequantizes through: the
+// chunks join into the fp32 values rounded once.
+TEST(WeightSourceTest, LargeQuantizedWeightRoundsChunkByChunkToTheSameBf16) {
+  const std::string dir = ::testing::TempDir() + "/weight_source_fp8_large";
+  std::filesystem::create_directories(dir);
+  at::Tensor q = at::randint(0, 0x7f, {1030, 1100}, at::kByte);
+  at::Tensor scale = at::rand({9, 9}, at::kFloat) + 0.1;
+  std::vector<TensorToWrite> tensors = {
+      {"big.weight", "F8_E4M3", {1030, 1100}, q.data_ptr(), 1030 * 1100},
+      {"big.weight_scale_inv", "F32", {9, 9}, scale.data_ptr(), 9 * 9 * 4},
+  };
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors).ok());
+  WriteConfig(dir, R"({"quant_method": "fp8"})");
+  auto fp32 = WeightSource::Open(dir);
+  auto bf16 = WeightSource::Open(dir, at::kBFloat16);
+  ASSERT_TRUE(fp32.ok() && bf16.ok());
+  auto whole = fp32->Take("big.weight", {1030, 1100});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  for (const Slice cut : {Slice{}, Slice{0, 100, 930}, Slice{1, 64, 1000}}) {
+    auto half = bf16->Take("big.weight", {1030, 1100}, cut);
+    ASSERT_TRUE(half.ok()) << half.status();
+    at::Tensor want = cut.dim < 0 ? *whole : whole->narrow(cut.dim, cut.begin, cut.size);
+    EXPECT_TRUE(at::equal(*half, want.to(at::kBFloat16).contiguous()));
+  }
+}
+
 TEST(WeightSourceTest, PackedInt4SlicesEqualTheWholeWeightsSlices) {
   const std::string dir = ::testing::TempDir() + "/weight_source_int4";
   std::filesystem::create_directories(dir);
