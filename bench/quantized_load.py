@@ -4,8 +4,8 @@
 Writes one random Qwen3 model (bf16 safetensors), quantizes it to block FP8 (128 x 128) and to
 compressed-tensors pack-quantized INT4 (the MLP projections, group 32) with
 tests/parity/quantize_checkpoint.py, then times lathe_harness loading each (a request with no
-ops: config, mapping, every weight read, dequantized and converted) and reads the process's
-peak resident set. Prints one JSON line per (checkpoint, dtype), best of --repeat runs.
+ops: config, mapping, every weight read, dequantized and converted), with its CPU time (less
+sensitive than wall time to other load on the machine), and reads the process's peak resident set. Prints one JSON line per (checkpoint, dtype), best of --repeat runs.
 
     .venv/bin/python bench/quantized_load.py --build_dir build [--cache /tmp/lathe_quant_bench]
 """
@@ -44,8 +44,8 @@ def write_models(cache: str) -> dict[str, str]:
     return dirs
 
 
-def load_once(exe: str, model: str, dtype: str, work: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one harness process that only loads `model`."""
+def load_once(exe: str, model: str, dtype: str, work: str) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS MiB) of one harness process that only loads `model`."""
     req = os.path.join(work, "req.json")
     with open(req, "w") as f:
         json.dump({"lora": None, "dtype": dtype, "ops": []}, f)
@@ -56,7 +56,7 @@ def load_once(exe: str, model: str, dtype: str, work: str) -> tuple[float, float
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {pid.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -74,7 +74,8 @@ def main() -> None:
                 size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
                 print(json.dumps({"checkpoint": kind, "dtype": dtype, "file_mib": round(size / 2**20, 1),
                                   "load_s": round(min(r[0] for r in runs), 3),
-                                  "peak_rss_mib": round(min(r[1] for r in runs), 1)}), flush=True)
+                                  "cpu_s": round(min(r[1] for r in runs), 3),
+                                  "peak_rss_mib": round(min(r[2] for r in runs), 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,33 @@ def test_sharded_quantized_load_matches_one_process(fmt, kind, flags, bases, tmp
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     assert " 0 failures" in run.stdout, run.stdout[-4000:]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_merged_export_of_a_quantized_base(fmt, bases, harness, tmp_path):
+    """An adapter on quantized modules cannot be merged without re-quantizing: refused, naming
+    the tensor, with no merged model written. An adapter on full-precision modules only
+    (attention, left unquantized by modules_to_not_convert and the int4 ignore list)
+    merges, and the quantized tensors are copied as they are."""
+    d = str(tmp_path / fmt)
+    if fmt == "fp8":
+        Q.write_fp8(bases["qwen3"], d, (32, 48), not_convert=[r".*self_attn"])
+    else:
+        Q.write_int4(bases["qwen3"], d, 32)
+    lora_all = dict(rank=2, alpha=4, seed=0, train_attn=True, train_mlp=True, train_unembed=False)
+    out = str(tmp_path / "all")
+    res = harness(d, {"lora": lora_all, "ops": [{"op": "export_peft", "dir": out, "merged": True}]}, expect_rc=None)
+    assert res.rc != 0 and "mlp." in res.stderr and "proj" in res.stderr, res.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "merged", "model.safetensors"))
+    lora_attn = dict(lora_all, train_mlp=False)
+    out = str(tmp_path / "attn")
+    harness(d, {"lora": lora_attn, "ops": [{"op": "export_peft", "dir": out, "merged": True}]})
+    base = load_file(os.path.join(d, "model.safetensors"))
+    merged = load_file(os.path.join(out, "merged", "model.safetensors"))
+    assert merged.keys() == base.keys()
+    quantized = [k for k in base if base[k].dtype in (torch.float8_e4m3fn, torch.int32) or "_scale" in k]
+    assert quantized
+    for k in quantized:
+        assert merged[k].dtype == base[k].dtype and torch.equal(merged[k].view(torch.uint8), base[k].view(torch.uint8)), k
+    assert json.load(open(os.path.join(out, "merged", "config.json")))["quantization_config"]["quant_method"] in (
+        "fp8", "compressed-tensors")
