@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,28 @@ def test_int4_pack_quantized_matches_dequantized_reference(kind, bases, harness,
     names = load_file(os.path.join(q, "model.safetensors")).keys()
     assert not any(n in names for n in done), "quantized modules must be stored packed only"
     assert_matches_dequantized(harness, q, d, seed=12)
+
+
+def test_int4_dequantization_is_the_one_compressed_tensors_applies(bases, tmp_path):
+    """transformers with compressed-tensors decompresses the INT4 folder (dense MLP linears:
+    it does not quantize transformers' fused expert modules) into the bf16 rounding of the
+    reference dequantization: compressed-tensors multiplies in the scale's dtype, bf16, where
+    lathe keeps the exact product (fp32 runs) or rounds it once (bf16 runs, identical)."""
+    pytest.importorskip("compressed_tensors", reason="requirements-dev.txt installs compressed-tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    q, d = str(tmp_path / "int4"), str(tmp_path / "deq")
+    done = Q.write_int4(bases["qwen3"], q, 32, dequantized_dir=d)
+    with warnings.catch_warnings():
+        # "the model you're loading already has a quantization_config": only dequantize is taken from ours
+        warnings.filterwarnings("ignore", message=r".*already has a `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    state = model.state_dict()
+    deq = load_file(os.path.join(d, "model.safetensors"))
+    for name in done:
+        assert torch.equal(state[name], deq[name].to(torch.bfloat16).float()), name
+        assert not torch.equal(state[name], deq[name]), f"{name}: the bf16 products should round somewhere"
 
 
 def _edit(dir_: str, config=None, tensors=None) -> None:
