@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <limits>
+#include <optional>
 #include <regex>
 
 #include "absl/strings/match.h"
@@ -114,38 +115,68 @@ absl::Status ReadCompressedTensors(const json& q, QuantizationConfig& c) {
   return absl::OkStatus();
 }
 
-// transformers' should_convert_module: `pattern` as a regex from the start
-// of `name`, ending at a module boundary, or as a plain suffix.
-bool MatchesFp8Pattern(const std::string& name, const std::string& pattern) {
-  if (absl::EndsWith(name, pattern)) return true;
-  std::regex re;
+}  // namespace
+
+// One entry per not_converted pattern: its regex (fp8: every pattern;
+// compressed-tensors: the "re:" ones), or none.
+struct QuantizationConfig::Patterns {
+  std::vector<std::optional<std::regex>> regex;
+};
+
+namespace {
+
+// The regex a pattern is matched by; InvalidArgument when it does not compile.
+absl::StatusOr<std::optional<std::regex>> Compile(const std::string& pattern, QuantMethod method) {
+  const bool fp8 = method == QuantMethod::kFp8Block;
+  if (!fp8 && !absl::StartsWith(pattern, "re:")) return std::optional<std::regex>();
   try {
-    re = std::regex(pattern);
-  } catch (const std::regex_error&) {
-    return false;  // Python would raise; a pattern std::regex rejects matches only as a suffix
+    return std::optional<std::regex>(std::regex(fp8 ? pattern : pattern.substr(3)));
+  } catch (const std::regex_error& e) {
+    return FieldError(kField + (fp8 ? "modules_to_not_convert" : "ignore"),
+                      absl::StrCat("holds '", pattern, "', not a regex lathe can read (", e.what(), ")"));
   }
+}
+
+// transformers' should_convert_module: the pattern as a regex from the start
+// of `name`, ending at a module boundary, or as a plain suffix.
+bool MatchesFp8Pattern(const std::string& name, const std::string& pattern, const std::optional<std::regex>& re) {
+  if (absl::EndsWith(name, pattern)) return true;
+  if (!re) return false;
   for (size_t end = 0; end <= name.size(); ++end) {
     const bool boundary = end == name.size() || name[end] == '.' || (end > 0 && name[end - 1] == '.');
-    if (boundary && std::regex_match(name.begin(), name.begin() + end, re)) return true;
+    if (boundary && std::regex_match(name.begin(), name.begin() + end, *re)) return true;
   }
   return false;
 }
 
-bool MatchesIgnore(const std::string& name, const std::string& target) {
+// compressed-tensors' match_name: "re:" regexes from the start, else the exact name.
+bool MatchesIgnore(const std::string& name, const std::string& target, const std::optional<std::regex>& re) {
   if (!absl::StartsWith(target, "re:")) return name == target;
-  try {
-    std::regex re(target.substr(3));
-    return std::regex_search(name, re, std::regex_constants::match_continuous);
-  } catch (const std::regex_error&) {
-    return false;
+  return re && std::regex_search(name, *re, std::regex_constants::match_continuous);
+}
+
+absl::Status CompilePatterns(QuantizationConfig& c) {
+  auto patterns = std::make_shared<QuantizationConfig::Patterns>();
+  for (const std::string& p : c.not_converted) {
+    LATHE_ASSIGN_OR_RETURN(std::optional<std::regex> re, Compile(p, c.method));
+    patterns->regex.push_back(std::move(re));
   }
+  c.patterns = std::move(patterns);
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 bool QuantizationConfig::NotConverted(const std::string& module) const {
-  for (const std::string& p : not_converted) {
-    if (method == QuantMethod::kFp8Block ? MatchesFp8Pattern(module, p) : MatchesIgnore(module, p)) return true;
+  for (size_t i = 0; i < not_converted.size(); ++i) {
+    const std::string& p = not_converted[i];
+    std::optional<std::regex> compiled;
+    if (patterns == nullptr) {
+      absl::StatusOr<std::optional<std::regex>> re = Compile(p, method);
+      if (re.ok()) compiled = *std::move(re);
+    }
+    const std::optional<std::regex>& re = patterns != nullptr ? patterns->regex[i] : compiled;
+    if (method == QuantMethod::kFp8Block ? MatchesFp8Pattern(module, p, re) : MatchesIgnore(module, p, re)) return true;
   }
   return false;
 }
@@ -165,6 +196,7 @@ absl::StatusOr<QuantizationConfig> ParseQuantizationConfig(const std::string& js
                       absl::StrCat("is ", method == q.end() ? "absent" : method->dump(),
                                    "; lathe reads \"fp8\" (block FP8) and \"compressed-tensors\" (pack-quantized)"));
   }
+  LATHE_RETURN_IF_ERROR(CompilePatterns(c));
   return c;
 }
 

@@ -5,6 +5,7 @@
 #define LATHE_CORE_QUANTIZATION_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ struct QuantizationConfig {
   // Modules stored unquantized: modules_to_not_convert (fp8) or ignore
   // (compressed-tensors), spelt as the quantizer that wrote them matches.
   std::vector<std::string> not_converted;
+  // not_converted's regexes, compiled once by ParseQuantizationConfig (null:
+  // compiled on each NotConverted call).
+  struct Patterns;
+  std::shared_ptr<const Patterns> patterns;
 
   // Whether the quantizer left module `module` ("model.layers.0.mlp.down_proj")
   // in full precision: fp8 as transformers' should_convert_module matches
@@ -48,7 +53,8 @@ struct QuantizationConfig {
 // Reads config.json's `quantization_config` object (text of the object, as
 // nlohmann parses it). InvalidArgument naming the field for a quant_method or
 // format lathe does not read (anything but "fp8" e4m3 and compressed-tensors
-// "pack-quantized" symmetric int of 2, 4 or 8 bits), or a malformed field.
+// "pack-quantized" symmetric int of 2, 4 or 8 bits), or a malformed field
+// (a module pattern that is not a valid regex included).
 absl::StatusOr<QuantizationConfig> ParseQuantizationConfig(const std::string& json_text);
 
 // The `quantization_config` of <dir>/config.json: kNone when the file or the

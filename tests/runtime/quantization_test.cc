@@ -177,6 +177,10 @@ TEST(QuantizationConfigTest, ReadsFp8AndCompressedTensors) {
   EXPECT_FALSE(ct->NotConverted("language_model.lm_head"));  // exact names only
   EXPECT_TRUE(ct->NotConverted("model.layers.2.self_attn.q_proj"));
   EXPECT_FALSE(ct->NotConverted("model.layers.2.mlp.experts.0.up_proj"));
+  QuantizationConfig uncompiled = *ct;  // as a caller may build one: patterns compiled per call
+  uncompiled.patterns = nullptr;
+  EXPECT_TRUE(uncompiled.NotConverted("model.layers.2.self_attn.q_proj"));
+  EXPECT_FALSE(uncompiled.NotConverted("model.layers.2.mlp.experts.0.up_proj"));
 }
 
 TEST(QuantizationConfigTest, RefusesWhatItCannotReadNamingTheField) {
@@ -197,6 +201,11 @@ TEST(QuantizationConfigTest, RefusesWhatItCannotReadNamingTheField) {
       {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
           {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}}}})",
        "weights.type"},
+      {R"({"quant_method": "fp8", "modules_to_not_convert": ["layers.(1"]})",
+       "quantization_config.modules_to_not_convert"},
+      {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
+          {"num_bits": 4, "type": "int", "strategy": "channel"}}}, "ignore": ["re:[a-"]})",
+       "quantization_config.ignore"},
   };
   for (const auto& [text, field] : cases) {
     auto c = ParseQuantizationConfig(text);
