@@ -11,6 +11,7 @@
 #include "absl/strings/strip.h"
 #include "core/config_json.h"
 #include "core/deepseek_v3_config.h"
+#include "core/quantization.h"
 #include "core/qwen3_5_config.h"
 #include "core/status.h"
 
@@ -394,6 +395,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   }
   ModelConfig c;
   LATHE_RETURN_IF_ERROR(ReadArchitecture(j, c));
+  // Refused here so that a run fails before loading anything; the weight
+  // reader (runtime/weight_source.h) reads it again where it dequantizes.
+  auto quant = j.find("quantization_config");  // top level, wrappers included
+  if (quant != j.end() && !quant->is_null()) LATHE_RETURN_IF_ERROR(ParseQuantizationConfig(quant->dump()).status());
   const bool qwen3_5 = IsQwen3_5(c.architecture);
   // The multimodal wrappers keep the text model's fields under text_config;
   // tie_word_embeddings stays at the top (transformers ties lm_head by the

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/quantization.h"
 #include "core/safetensors.h"
 
 namespace lathe::runtime {
@@ -49,13 +50,24 @@ class TensorSource {
                                               int64_t hidden, int64_t first = 0, int64_t count = -1) const = 0;
 };
 
+// Quantized checkpoints (config.json `quantization_config`, core/quantization.h)
+// are dequantized as they are read: the model asks for "X.weight" and gets
+// the exact dequantized values, rounded once to the run's dtype, whether the
+// file holds X.weight as F8_E4M3 with X.weight_scale_inv (block FP8) or
+// X.weight_packed / X.weight_scale / X.weight_shape (pack-quantized INT).
+// The file says which tensors are quantized; the scale tensors are never
+// served as weights.
 class WeightSource : public TensorSource {
  public:
   // Tensors are returned as `type` (kFloat or kBFloat16), converted from
-  // whatever dtype the files hold.
+  // whatever dtype the files hold. Reads <dir>/config.json's
+  // quantization_config (InvalidArgument for one lathe does not read).
   static absl::StatusOr<WeightSource> Open(const std::string& dir, at::ScalarType type = at::kFloat);
 
-  // Reads only the slice's bytes from the mapping.
+  // Reads only the slice's bytes from the mapping (for a quantized weight,
+  // dequantizes only the slice). DataLoss naming the tensor for quantized data
+  // without a matching quantization_config, for a module the config lists as
+  // not converted, a missing or misshapen scale, or an unsupported dtype.
   absl::StatusOr<at::Tensor> Take(const std::string& name, std::vector<int64_t> shape,
                                   Slice slice = {}) const override;
   absl::StatusOr<at::Tensor> TakeFloat32(const std::string& name, std::vector<int64_t> shape,
@@ -65,12 +77,21 @@ class WeightSource : public TensorSource {
                                       int64_t first = 0, int64_t count = -1) const override;
 
  private:
-  WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt, at::ScalarType type)
-      : ckpt_(std::move(ckpt)), type_(type) {}
+  WeightSource(std::shared_ptr<SafetensorsCheckpoint> ckpt, at::ScalarType type, QuantizationConfig quant)
+      : ckpt_(std::move(ckpt)), type_(type), quant_(std::move(quant)) {}
+  // Take and TakeFloat32: the tensor as `type`.
   absl::StatusOr<at::Tensor> TakeAs(const std::string& name, const std::vector<int64_t>& shape, Slice slice,
                                     at::ScalarType type) const;
+  absl::StatusOr<at::Tensor> TakeFp8(const TensorView& weight, const std::string& scale_name, Slice slice,
+                                     at::ScalarType type) const;
+  absl::StatusOr<at::Tensor> TakePacked(const std::string& name, const std::string& module,
+                                        const std::vector<int64_t>& shape, Slice slice, at::ScalarType type) const;
+  // OK when `name` (of module `module`) may be stored as `method` says.
+  absl::Status CheckQuantized(const std::string& name, const std::string& module, QuantMethod method) const;
+
   std::shared_ptr<SafetensorsCheckpoint> ckpt_;
   at::ScalarType type_;
+  QuantizationConfig quant_;
 };
 
 // A copy of `slice` of a safetensors view as `type` (fp32 by default).

@@ -77,6 +77,8 @@ TEST(ModelConfigTest, RefusesWhatItCannotCompute) {
   ExpectRefused(base + R"("rope_scaling":{"type":"longrope","factor":4.0}})", "rope_scaling.type");
   ExpectRefused(base + R"("rope_parameters":{"rope_type":"llama3"}})", "rope_parameters.factor");
   ExpectRefused(base + R"("hidden_act":"gelu"})", "hidden_act");
+  ExpectRefused(base + R"("quantization_config":{"quant_method":"awq","bits":4}})",
+                "quantization_config.quant_method");
   ExpectRefused(base + R"("num_key_value_heads":3})", "num_key_value_heads");
   ExpectRefused(base + R"("mlp_bias":true})", "mlp_bias");
   ExpectRefused(base + R"("layer_types":["full_attention","chunked_attention"]})", "layer_types");
