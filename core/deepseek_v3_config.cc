@@ -97,19 +97,6 @@ absl::Status RefuseOtherRouting(const json& j) {
   return absl::OkStatus();
 }
 
-// DeepSeek-V3's and Kimi-K2's hub checkpoints are quantized (FP8 blocks,
-// INT4 experts); lathe reads plain float weights only.
-absl::Status RefuseQuantized(const json& j) {
-  auto q = j.find("quantization_config");
-  if (q == j.end() || q->is_null()) return absl::OkStatus();
-  std::string method = "unknown method";
-  if (q->is_object() && q->contains("quant_method") && (*q)["quant_method"].is_string()) {
-    method = (*q)["quant_method"].get<std::string>();
-  }
-  return FieldError("quantization_config", absl::StrCat("is set (", method, "); quantized checkpoints are not "
-                                                        "supported, only float weights (dequantize them first)"));
-}
-
 absl::Status ReadRouter(const json& j, ModelConfig& c) {
   LATHE_RETURN_IF_ERROR(RefuseOtherRouting(j));
   SigmoidRouterConfig& r = c.sigmoid_router;
@@ -163,7 +150,6 @@ absl::Status ReadDeepseekV3(const json& j, ModelConfig& c) {
   if (c.num_hidden_layers < 1 || c.num_hidden_layers > kMaxDim) {
     return FieldError("num_hidden_layers", absl::StrCat("must be between 1 and ", kMaxDim));
   }
-  LATHE_RETURN_IF_ERROR(RefuseQuantized(j));
   LATHE_RETURN_IF_ERROR(ReadLatentAttention(j, c));
   LATHE_RETURN_IF_ERROR(ReadRouter(j, c));
   LATHE_RETURN_IF_ERROR(ReadDenseLayers(j, c));
