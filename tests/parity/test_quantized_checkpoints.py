@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import warnings
 
 import pytest
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import make_tiny_models
 import quantize_checkpoint as Q
 import reference as R
+import sharded_parity
 
 REL_TOL = 1e-5  # logprobs, relative to the largest reference logprob magnitude
 
@@ -195,12 +194,6 @@ SHARDED = [
 @pytest.mark.parametrize("fmt,kind,flags", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'_'.join(c[2][::2])}")
                                             for c in SHARDED])
 def test_sharded_quantized_load_matches_one_process(fmt, kind, flags, bases, tmp_path):
-    build = os.environ.get("LATHE_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
-    exe = os.path.join(build, "tests", "parallel", "parallel_parity_mpi")
-    if not os.path.exists(exe):
-        pytest.skip(f"parallel_parity_mpi not built (looked for {exe}; set LATHE_BUILD_DIR)")
-    if shutil.which("mpirun") is None:
-        pytest.fail("mpirun is not on PATH")
     d = str(tmp_path / fmt)
     if fmt == "fp8":
         Q.write_fp8(bases[kind], d, (32, 48))
@@ -209,11 +202,7 @@ def test_sharded_quantized_load_matches_one_process(fmt, kind, flags, bases, tmp
     ranks = 1
     for f, v in zip(flags[::2], flags[1::2]):
         ranks *= int(v) if f in ("--tp", "--ep") else 1
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), exe, "--model", d, *flags]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    assert " 0 failures" in run.stdout, run.stdout[-4000:]
+    sharded_parity.run(d, ranks, flags)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])

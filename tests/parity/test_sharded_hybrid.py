@@ -11,16 +11,14 @@ With cp the harness adds a 1,536-token sequence packed with short ones.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import warnings
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import make_tiny_models  # noqa: E402
+import sharded_parity  # noqa: E402
 
 # (kind, name, ranks, flags)
 LAYOUTS = [
@@ -48,41 +46,17 @@ LAYOUTS = [
 # models, from which the bf16 tolerances were derived: the larger ratio, rounded up.
 TOL_SCALE = {"fp32": 5, "bf16": 10}
 CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in LAYOUTS]
-TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
 def hybrid_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    dirs = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for kind in make_tiny_models.HYBRID_KINDS:
-            dirs[kind] = str(root / kind)
-            make_tiny_models.make_model(kind, dirs[kind], seed=0)
-    return dirs
-
-
-def _binary() -> str:
-    build = os.environ.get("LATHE_BUILD_DIR", "/work/main/build")
-    exe = os.path.join(build, "tests", "parallel", "parallel_parity_mpi")
-    if not os.path.exists(exe):
-        pytest.skip(f"parallel_parity_mpi not built (looked for {exe}; set LATHE_BUILD_DIR)")
-    if shutil.which("mpirun") is None:
-        pytest.fail("mpirun is not on PATH")
-    return exe
+    return sharded_parity.make_models(tmp_path_factory.mktemp("hybrid"), make_tiny_models.HYBRID_KINDS)
 
 
 @pytest.mark.parametrize("kind,name,ranks,flags", CASES)
 def test_sharded_matches_one_process(hybrid_models, kind, name, ranks, flags):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
     scale = TOL_SCALE["bf16" if "--bf16" in flags else "fp32"]
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), _binary(), "--model", hybrid_models[kind], *flags,
-           "--tol_scale", str(scale)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    assert " 0 failures" in run.stdout, run.stdout[-4000:]
-    print(name, run.stdout.strip().splitlines()[-1])
+    print(name, sharded_parity.run(hybrid_models[kind], ranks, flags, scale))
 
 
 @pytest.mark.parametrize("kind", make_tiny_models.HYBRID_KINDS)
@@ -90,19 +64,5 @@ def test_sharded_matches_one_process(hybrid_models, kind, name, ranks, flags):
 def test_repacked_single_process_is_within_the_hybrid_tolerance(hybrid_models, kind, micro_batch_tokens):
     """The noise floor TOL_SCALE["fp32"] is derived from: one process against itself, only
     the micro-batch packing changed (the long-sequence steps included)."""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", "1", _binary(), "--model", hybrid_models[kind],
-           "--control", str(micro_batch_tokens), "--tol_scale", str(TOL_SCALE["fp32"])]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert run.returncode == 0 and " 0 failures" in run.stdout, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    print(kind, micro_batch_tokens, run.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("ranks,flag,value", [(1, "--tol_scale", "0.5"), (1, "--tol_scale", "x"),
-                                              (1, "--tol_scale", ""), (1, "--control", "0"), (2, "--control", "8")])
-def test_bad_harness_flags_are_refused(hybrid_models, ranks, flag, value):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), _binary(), "--model", hybrid_models["qwen3_5"], flag, value]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert run.returncode != 0 and f"{flag} '{value}'" in run.stderr, run.stderr[-2000:]
-    assert "failures" not in run.stdout
+    last = sharded_parity.run(hybrid_models[kind], 1, ["--control", str(micro_batch_tokens)], TOL_SCALE["fp32"])
+    print(kind, micro_batch_tokens, last)

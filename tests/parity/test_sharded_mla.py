@@ -10,16 +10,14 @@ clipped Adam steps, at the harness's fp32 tolerances times TOL_SCALE.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import warnings
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import make_tiny_models  # noqa: E402
+import sharded_parity  # noqa: E402
 
 # (kind, name, ranks, flags)
 LAYOUTS = [
@@ -39,37 +37,13 @@ LAYOUTS = [
 # loss (the harness's tolerance: 1e-5); 2 is the smallest integer scale above that floor.
 TOL_SCALE = {"deepseek_v3": 1, "deepseek_v3_grouped": 2}
 CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in LAYOUTS]
-TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
 def mla_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mla")
-    dirs = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for kind in make_tiny_models.MLA_KINDS:
-            dirs[kind] = str(root / kind)
-            make_tiny_models.make_model(kind, dirs[kind], seed=0)
-    return dirs
-
-
-def _binary() -> str:
-    build = os.environ.get("LATHE_BUILD_DIR", "/work/main/build")
-    exe = os.path.join(build, "tests", "parallel", "parallel_parity_mpi")
-    if not os.path.exists(exe):
-        pytest.skip(f"parallel_parity_mpi not built (looked for {exe}; set LATHE_BUILD_DIR)")
-    if shutil.which("mpirun") is None:
-        pytest.fail("mpirun is not on PATH")
-    return exe
+    return sharded_parity.make_models(tmp_path_factory.mktemp("mla"), make_tiny_models.MLA_KINDS)
 
 
 @pytest.mark.parametrize("kind,name,ranks,flags", CASES)
 def test_sharded_matches_one_process(mla_models, kind, name, ranks, flags):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), _binary(), "--model", mla_models[kind], *flags,
-           "--tol_scale", str(TOL_SCALE[kind])]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    assert " 0 failures" in run.stdout, run.stdout[-4000:]
-    print(name, run.stdout.strip().splitlines()[-1])
+    print(name, sharded_parity.run(mla_models[kind], ranks, flags, TOL_SCALE[kind]))
