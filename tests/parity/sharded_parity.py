@@ -36,14 +36,18 @@ def make_models(root, kinds) -> dict[str, str]:
     return dirs
 
 
+def run_raw(model_dir: str, ranks: int, flags) -> subprocess.CompletedProcess:
+    """The harness on ``ranks`` ranks with ``flags``, whatever its outcome."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), binary(), "--model", model_dir, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+
+
 def run(model_dir: str, ranks: int, flags, tol_scale: float | None = None) -> str:
     """Runs the harness on ``ranks`` ranks and returns its last line; fails the test on a
     non-zero exit or any failed comparison."""
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), binary(), "--model", model_dir, *flags]
-    if tol_scale is not None:
-        cmd += ["--tol_scale", str(tol_scale)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    flags = list(flags) + (["--tol_scale", str(tol_scale)] if tol_scale is not None else [])
+    proc = run_raw(model_dir, ranks, flags)
+    assert proc.returncode == 0, f"{' '.join(proc.args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert " 0 failures" in proc.stdout, proc.stdout[-4000:]
     return proc.stdout.strip().splitlines()[-1]

@@ -66,3 +66,11 @@ def test_repacked_single_process_is_within_the_hybrid_tolerance(hybrid_models, k
     the micro-batch packing changed (the long-sequence steps included)."""
     last = sharded_parity.run(hybrid_models[kind], 1, ["--control", str(micro_batch_tokens)], TOL_SCALE["fp32"])
     print(kind, micro_batch_tokens, last)
+
+
+@pytest.mark.parametrize("ranks,flag,value", [(1, "--tol_scale", "0.5"), (1, "--tol_scale", "x"),
+                                              (1, "--tol_scale", ""), (1, "--control", "0"), (2, "--control", "8")])
+def test_bad_harness_flags_are_refused(hybrid_models, ranks, flag, value):
+    run = sharded_parity.run_raw(hybrid_models["qwen3_5"], ranks, [flag, value])
+    assert run.returncode != 0 and f"{flag} '{value}'" in run.stderr, run.stderr[-2000:]
+    assert "failures" not in run.stdout
