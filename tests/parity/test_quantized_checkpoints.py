@@ -202,7 +202,8 @@ def test_sharded_quantized_load_matches_one_process(fmt, kind, flags, bases, tmp
     ranks = 1
     for f, v in zip(flags[::2], flags[1::2]):
         ranks *= int(v) if f in ("--tp", "--ep") else 1
-    sharded_parity.run(d, ranks, flags)
+    last = sharded_parity.run(d, ranks, flags)
+    assert last.startswith("PASS: 0 failures"), last
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])

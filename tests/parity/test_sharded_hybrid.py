@@ -56,7 +56,9 @@ def hybrid_models(tmp_path_factory):
 @pytest.mark.parametrize("kind,name,ranks,flags", CASES)
 def test_sharded_matches_one_process(hybrid_models, kind, name, ranks, flags):
     scale = TOL_SCALE["bf16" if "--bf16" in flags else "fp32"]
-    print(name, sharded_parity.run(hybrid_models[kind], ranks, flags, scale))
+    last = sharded_parity.run(hybrid_models[kind], ranks, flags, scale)
+    assert last.startswith("PASS: 0 failures"), last
+    print(name, last)
 
 
 @pytest.mark.parametrize("kind", make_tiny_models.HYBRID_KINDS)
@@ -65,6 +67,7 @@ def test_repacked_single_process_is_within_the_hybrid_tolerance(hybrid_models, k
     """The noise floor TOL_SCALE["fp32"] is derived from: one process against itself, only
     the micro-batch packing changed (the long-sequence steps included)."""
     last = sharded_parity.run(hybrid_models[kind], 1, ["--control", str(micro_batch_tokens)], TOL_SCALE["fp32"])
+    assert last.startswith("PASS: 0 failures"), last
     print(kind, micro_batch_tokens, last)
 
 
