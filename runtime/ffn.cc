@@ -48,20 +48,25 @@ at::Tensor SwiGluMlp::Forward(const at::Tensor& m, const LayerContext& ctx, MoeS
   return RowParallelForward(at::silu(g) * u, down_, ctx.reduce);
 }
 
+absl::Status LoadRouterAndExperts(ParamLoader& loader, const std::string& prefix, int64_t experts, int64_t hidden,
+                                  int64_t inter, const ModelShard& shard, at::Tensor* router, ExpertBank* bank) {
+  const int ep = shard.ep.size();
+  if (experts % ep != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(experts, " experts cannot be cut over ep ", ep));
+  }
+  LATHE_ASSIGN_OR_RETURN(*router, loader.Tensor(prefix + ".gate.weight", {experts, hidden},
+                                                TpCut::Whole(GradSync::kTpPartial)));
+  const int64_t local = experts / ep;
+  LATHE_ASSIGN_OR_RETURN(*bank, loader.Experts(prefix, experts, shard.ep.rank() * local, local, inter, hidden));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<RoutedExperts>> RoutedExperts::Load(ParamLoader& loader, const std::string& prefix,
                                                                    const RouterShape& s, const ModelShard& shard) {
-  const int ep = shard.ep.size();
-  if (s.experts % ep != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(s.experts, " experts cannot be cut over ep ", ep));
-  }
   std::unique_ptr<RoutedExperts> f(new RoutedExperts());
   f->shape_ = s;
-  // Each tp rank routes its own part of the tokens: a partial gradient.
-  LATHE_ASSIGN_OR_RETURN(f->router_, loader.Tensor(prefix + ".gate.weight", {s.experts, s.hidden},
-                                                   TpCut::Whole(GradSync::kTpPartial)));
-  const int64_t local = s.experts / ep;
-  LATHE_ASSIGN_OR_RETURN(f->experts_, loader.Experts(prefix, s.experts, shard.ep.rank() * local, local, s.inter,
-                                                     s.hidden));
+  LATHE_RETURN_IF_ERROR(
+      LoadRouterAndExperts(loader, prefix, s.experts, s.hidden, s.inter, shard, &f->router_, &f->experts_));
   if (s.shared_inter > 0) {
     LATHE_ASSIGN_OR_RETURN(f->shared_, SwiGluMlp::Load(loader, prefix + ".shared_expert", s.hidden, s.shared_inter,
                                                        shard));

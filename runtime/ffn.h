@@ -39,6 +39,12 @@ struct RouterShape {
 // Softmax top-k routing over every expert, every token to its k experts;
 // with a shared expert (Qwen3.5-MoE) every token also goes through it,
 // scaled by the sigmoid of its gate (shared_expert_gate, one output).
+// The router `prefix`.gate.weight [experts, hidden] (each tp rank routes its own
+// tokens: a partial gradient) and this ep rank's experts of width `inter`, as every
+// routed MoE block loads them; InvalidArgument when ep does not divide the experts.
+absl::Status LoadRouterAndExperts(ParamLoader& loader, const std::string& prefix, int64_t experts, int64_t hidden,
+                                  int64_t inter, const ModelShard& shard, at::Tensor* router, ExpertBank* bank);
+
 class RoutedExperts final : public Ffn {
  public:
   // Loads the router `prefix`.gate and the experts of this ep rank.

@@ -50,19 +50,11 @@ absl::StatusOr<std::unique_ptr<SigmoidRoutedExperts>> SigmoidRoutedExperts::Load
                                                                                   const std::string& prefix,
                                                                                   const SigmoidRouterShape& s,
                                                                                   const ModelShard& shard) {
-  const int ep = shard.ep.size();
-  if (s.experts % ep != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(s.experts, " experts cannot be cut over ep ", ep));
-  }
   std::unique_ptr<SigmoidRoutedExperts> f(new SigmoidRoutedExperts());
   f->shape_ = s;
-  // Each tp rank routes its own part of the tokens: a partial gradient.
-  LATHE_ASSIGN_OR_RETURN(f->router_, loader.Tensor(prefix + ".gate.weight", {s.experts, s.hidden},
-                                                   TpCut::Whole(GradSync::kTpPartial)));
+  LATHE_RETURN_IF_ERROR(
+      LoadRouterAndExperts(loader, prefix, s.experts, s.hidden, s.inter, shard, &f->router_, &f->experts_));
   LATHE_ASSIGN_OR_RETURN(f->bias_, loader.Frozen(prefix + ".gate.e_score_correction_bias", {s.experts}));
-  const int64_t local = s.experts / ep;
-  LATHE_ASSIGN_OR_RETURN(f->experts_, loader.Experts(prefix, s.experts, shard.ep.rank() * local, local, s.inter,
-                                                     s.hidden));
   if (s.shared_inter > 0) {
     LATHE_ASSIGN_OR_RETURN(f->shared_, SwiGluMlp::Load(loader, prefix + ".shared_experts", s.hidden, s.shared_inter,
                                                        shard));
