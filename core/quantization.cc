@@ -70,6 +70,16 @@ absl::Status ReadGroup(const std::string& name, const json& g, QuantizationConfi
   }
   auto w = g.find("weights");
   if (w == g.end() || !w->is_object()) return FieldError(field + ".weights", "must be an object");
+  // Typed before they are read: a value of another JSON type is refused by field.
+  for (const char* key : {"type", "strategy"}) {
+    if (w->contains(key) && !(*w)[key].is_string()) return FieldError(field + ".weights." + key, "must be a string");
+  }
+  if (w->contains("symmetric") && !(*w)["symmetric"].is_boolean()) {
+    return FieldError(field + ".weights.symmetric", "must be true or false");
+  }
+  if (w->contains("num_bits") && !(*w)["num_bits"].is_number_integer()) {
+    return FieldError(field + ".weights.num_bits", "must be 2, 4 or 8");
+  }
   if (w->value("type", std::string("int")) != "int") return FieldError(field + ".weights.type", "must be \"int\"");
   if (!w->value("symmetric", true)) {
     return FieldError(field + ".weights.symmetric", "is false; only symmetric quantization is supported");

@@ -201,6 +201,19 @@ TEST(QuantizationConfigTest, RefusesWhatItCannotReadNamingTheField) {
       {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
           {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}}}})",
        "weights.type"},
+      // Values of the wrong JSON type are refused, not thrown.
+      {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
+          {"num_bits": "4", "type": "int", "strategy": "group", "group_size": 32}}}})",
+       "weights.num_bits"},
+      {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
+          {"num_bits": 4, "type": "int", "symmetric": "yes", "strategy": "group", "group_size": 32}}}})",
+       "weights.symmetric"},
+      {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
+          {"num_bits": 4, "type": null, "strategy": "group", "group_size": 32}}}})",
+       "weights.type"},
+      {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
+          {"num_bits": 4, "type": "int", "strategy": 7}}}})",
+       "weights.strategy"},
       {R"({"quant_method": "fp8", "modules_to_not_convert": ["layers.(1"]})",
        "quantization_config.modules_to_not_convert"},
       {R"({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights":
