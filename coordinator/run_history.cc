@@ -80,6 +80,15 @@ absl::StatusOr<std::vector<nlohmann::json>> RunHistory::Read(const std::string& 
     nlohmann::json j = nlohmann::json::parse(text.begin() + pos, text.begin() + end, nullptr, /*allow_exceptions=*/false);
     pos = end + 1;
     if (j.is_discarded() || !j.is_object()) continue;
+    // A line whose fields have other JSON types than this file writes is not one of its lines.
+    auto typed = [&j](const char* key, bool (nlohmann::json::*is)() const noexcept) {
+      auto it = j.find(key);
+      return it == j.end() || ((*it).*is)();
+    };
+    if (!typed("op_id", &nlohmann::json::is_string) || !typed("type", &nlohmann::json::is_string) ||
+        !typed("metrics", &nlohmann::json::is_object)) {
+      continue;
+    }
     const std::string op_id = j.value("op_id", "");
     if (auto it = index.find(op_id); !op_id.empty() && it != index.end() && it->second >= dropped) {
       lines[it->second - dropped] = std::move(j);

@@ -36,6 +36,8 @@ TEST(RunHistoryTest, SkipsTornLinesAndKeepsTheLastOfAnOpId) {
   ASSERT_TRUE(history.Append("r", {{"op_id", "r/2"}, {"v", 2}}).ok());
   { std::ofstream(history.PathOf("r"), std::ios::app) << "{\"op_id\": \"r/3\", \"v\""; }  // cut by a crash
   { std::ofstream(history.PathOf("r"), std::ios::app) << "\n"; }
+  // Lines of other field types (a hand-edited file) are skipped, not read.
+  { std::ofstream(history.PathOf("r"), std::ios::app) << "{\"op_id\": 7}\n{\"type\": []}\n{\"metrics\": 1}\n"; }
   ASSERT_TRUE(history.Append("r", {{"op_id", "r/1"}, {"v", 10}}).ok());  // written again after a restart
   auto lines = history.Read("r");
   ASSERT_TRUE(lines.ok()) << lines.status();
