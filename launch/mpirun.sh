@@ -10,10 +10,11 @@
 # commands and exits. LATHE_REPLICA_JOBS=1 starts each replica as an mpirun
 # job of its own (dp_worker --replica_index; replica i on hostfile lines
 # i*node_count …) and starts a replica whose job failed again (up to
-# LATHE_MAX_RESTARTS times, after LATHE_RESTART_DELAY_S): the others serve
-# on meanwhile and the restarted one rejoins.
+# LATHE_MAX_RESTARTS times, after LATHE_RESTART_DELAY_S, doubling): the
+# others serve on meanwhile and the restarted one rejoins.
 set -euo pipefail
 source "$(dirname "$0")/plan_env.sh"
+source "$(dirname "$0")/replica_supervisor.sh"
 : "${LATHE_MODEL_DIR:?set LATHE_MODEL_DIR to the model folder (same path on every host)}"
 hostfile=${LATHE_HOSTFILE:-}
 port=${LATHE_PORT:-7777}
@@ -120,24 +121,14 @@ if [ -n "$hostfile" ]; then
     printf '%s\n' "${lines[@]:$((i * LATHE_PLAN_NODE_COUNT)):$LATHE_PLAN_NODE_COUNT}" >"$logs/hosts-$i"
   done
 fi
-# One supervisor per replica: a job that fails is started again; it ends
-# with a clean exit (the coordinator stopped it) or once stopping.
+# One supervisor per replica (launch/replica_supervisor.sh): a job that fails
+# is started again; it ends with a clean exit (the coordinator stopped it) or
+# once stopping.
 supervise() {
-  local i=$1 restarts=0 rc
+  local i=$1
   mapfile -t cmd < <(replica_cmd "$i")
-  while :; do
-    "${cmd[@]//@PORT@/$port}" >>"$logs/replica-$i.log" 2>&1 && return 0
-    rc=$?
-    [ -e "$logs/stopping" ] && return "$rc"
-    if [ "$restarts" -ge "${LATHE_MAX_RESTARTS:-3}" ]; then
-      echo "[mpirun] replica $i exited $rc; not restarted (LATHE_MAX_RESTARTS=${LATHE_MAX_RESTARTS:-3})"
-      return "$rc"
-    fi
-    restarts=$((restarts + 1))
-    echo "[mpirun] replica $i exited $rc; restart $restarts in ${LATHE_RESTART_DELAY_S:-5} s"
-    sleep "${LATHE_RESTART_DELAY_S:-5}"
-    [ -e "$logs/stopping" ] && return "$rc"
-  done
+  lathe_supervise_replica mpirun "$i" "$logs/replica-$i.log" "$logs/stopping" "$coordinator_pid" \
+    "${cmd[@]//@PORT@/$port}"
 }
 for i in $(seq 0 $((LATHE_PLAN_REPLICAS - 1))); do
   supervise "$i" &

@@ -150,6 +150,32 @@ def test_slurm_batch_script_prints_srun_with_pmix_and_nccl(tmp_path):
     assert "--nodes=2 --ntasks-per-node=8 --gpus-per-node=8" in sub.stdout and "--partition gpu" in sub.stdout
 
 
+def test_slurm_replica_steps_are_printed_one_per_replica():
+    env = dict(LATHE_DRY_RUN="1", LATHE_REPLICA_JOBS="1", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2",
+               LATHE_MODEL_DIR="/m/q30", LATHE_HOME=ROOT, SLURM_JOB_ID="42", SLURMD_NODENAME="gpu07",
+               SLURM_JOB_NODELIST="gpu07,gpu08", LATHE_GLOO_HOSTNAME="10.0.0.9", LATHE_SRUN_ARGS="--gpus-per-task=1")
+    r = run(["bash", "launch/slurm.sbatch"], **env)
+    assert r.returncode == 0, r.stderr
+    assert "workers:" not in r.stdout, r.stdout
+    for i, node in enumerate(("gpu07", "gpu08")):
+        [line] = [l for l in r.stdout.splitlines() if l.startswith(f"replica {i}: ")]
+        args = shlex.split(line.split(": ", 1)[1])
+        assert args[:3] == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1"], args
+        for flag in (f"--job-name=lathe-replica-{i}", "--nodes=1", f"--nodelist={node}", "--ntasks=8",
+                     "--ntasks-per-node=8", "--gpus-per-task=1"):
+            assert flag in args, (flag, args)
+        assert args[args.index("--replica_index") + 1] == str(i)
+        assert args[args.index("--gloo_hostname") + 1] == "10.0.0.9"
+        assert args[args.index("--coordinator") + 1] == "gpu07:20042"  # the batch host
+    few = run(["bash", "launch/slurm.sbatch"], **dict(env, SLURM_JOB_NODELIST="gpu07"))
+    assert few.returncode == 2 and "the allocation has 1 (gpu07), the plan 2" in few.stderr, few.stderr
+    sub = run(["bash", "launch/slurm_submit.sh"], LATHE_DRY_RUN="1", LATHE_REPLICA_JOBS="1",
+              LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2")
+    assert "--nodes=2 " in sub.stdout and "--no-kill" in sub.stdout, sub.stdout
+    one = run(["bash", "launch/slurm_submit.sh"], LATHE_DRY_RUN="1", LATHE_MODEL="Qwen/Qwen3-30B-A3B")
+    assert "--no-kill" not in one.stdout, one.stdout
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
@@ -174,6 +200,22 @@ def test_srun_command_line_runs_under_mpirun(tiny_model):
     places = sorted(l for l in p.stdout.splitlines() if l.startswith("place "))
     assert len(places) == 4
     assert "rank=3 world_size=4 replica=1" in "\n".join(places) and "ep=2" in places[0]
+
+
+def test_slurm_replica_step_command_lines_run_under_mpirun(tiny_model):
+    model, _ = tiny_model
+    r = run(["bash", "launch/slurm.sbatch"], LATHE_DRY_RUN="1", LATHE_REPLICA_JOBS="1", LATHE_MODEL="tiny",
+            LATHE_REPLICAS="2", LATHE_LAYOUT_FLAGS="--devices_per_node 2 --tp 2", LATHE_MODEL_DIR=model,
+            LATHE_HOME=ROOT, SLURM_JOB_NODELIST="n0,n1")
+    assert r.returncode == 0, r.stderr
+    for i in (0, 1):
+        srun = shlex.split(r.stdout.split(f"replica {i}: ")[1].splitlines()[0])
+        worker = next(k for k, a in enumerate(srun) if a.endswith("dp_worker"))
+        ntasks = int(next(a for a in srun if a.startswith("--ntasks=")).split("=")[1])
+        p = run(["mpirun", "--oversubscribe", "-np", str(ntasks)] + srun[worker:] + ["--dry_run"], timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        places = sorted(l for l in p.stdout.splitlines() if l.startswith("place "))
+        assert len(places) == 2 and all(f"world_size=2 replica={i} " in p and "tp=2" in p for p in places), places
 
 
 def test_a_task_mpi_started_alone_is_refused(tiny_model):
