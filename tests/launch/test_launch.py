@@ -1,13 +1,18 @@
-"""launch/: the Kubernetes manifests render to valid YAML with the fields a
-deployment needs; the mpirun and slurm scripts print the commands of the
-plan; mpirun.sh serves a real training run on the tiny model over TLS; srun's
-command line runs under mpirun; a task that MPI started alone is refused."""
+"""launch/: the Kubernetes manifests render to YAML that validates against
+the Kubernetes schemas (kubernetes-validate) with the fields a deployment
+needs, and the pods' commands of lws-replicas run here; the mpirun and slurm
+scripts print the commands of the plan; mpirun.sh serves a real training run
+on the tiny model over TLS; srun's command line runs under mpirun; a task
+that MPI started alone is refused. No Kubernetes cluster is used."""
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import time
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -43,6 +48,87 @@ def render(kind, **env):
     r = run(["bash", "launch/k8s/render.sh", kind], **env)
     assert r.returncode == 0, r.stderr
     return list(yaml.safe_load_all(r.stdout))
+
+
+def validate(docs):
+    """Every object against the Kubernetes schemas, unknown fields refused; the pod templates
+    of the MPIJob and LeaderWorkerSet (custom resources, no schema here) as PodTemplates."""
+    def check(obj):
+        try:
+            kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise AssertionError(f"{obj['kind']} {obj['metadata']['name']}: {e.message} at {list(e.path)}")
+
+    for d in docs:
+        if d["kind"] == "MPIJob":
+            templates = {k: v["template"] for k, v in d["spec"]["mpiReplicaSpecs"].items()}
+        elif d["kind"] == "LeaderWorkerSet":
+            templates = {k: v for k, v in d["spec"]["leaderWorkerTemplate"].items() if k.endswith("Template")}
+        else:
+            check(d)
+            continue
+        assert templates
+        for name, template in templates.items():
+            check({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{d['metadata']['name']}-{name}"},
+                   "template": template})
+
+
+@pytest.mark.parametrize("kind", ["mpijob", "lws", "lws-replicas"])
+def test_manifests_validate_against_the_kubernetes_schemas(kind):
+    for insecure in ("0", "1"):
+        validate(render(kind, LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="2", LATHE_INSECURE_LISTEN=insecure))
+    bad = render(kind, LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_PORT="grpc")  # the check can fail
+    with pytest.raises(AssertionError, match="is not of type 'integer'"):
+        validate(bad)
+
+
+def test_lws_replicas_is_a_group_per_replica_and_a_coordinator_deployment():
+    docs = render("lws-replicas", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_REPLICAS="3", LATHE_NAME="q30",
+                  LATHE_WORKER_TOKEN_SECRET="tok")
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "LeaderWorkerSet"]
+    deployment, svc, lws = docs
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    coordinator = pod["spec"]["containers"][0]
+    args = shlex.split(coordinator["args"][0])
+    assert args[:4] == ["exec", "lathe_coordinator", "--listen", "0.0.0.0:7777"], args
+    assert args[args.index("--replicas") + 1] == "3" and "--tls_cert" in args, args
+    assert service_for(docs, pod["metadata"]["labels"])["metadata"]["name"] == "q30-coordinator"
+    # One group per replica, each one MPI job on its replica's node_count pods.
+    assert lws["spec"]["replicas"] == 3
+    tmpl = lws["spec"]["leaderWorkerTemplate"]
+    assert tmpl["size"] == 1 and tmpl["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in leader["env"]}
+    assert env["REPLICA_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"
+    # The worker token: one Secret for the coordinator and every group, never made in a pod.
+    for c in (coordinator, leader):
+        token = {e["name"]: e for e in c["env"]}["LATHE_WORKER_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "worker-token"}
+    script = leader["args"][0]
+    assert "od -An" not in script and "lathe_coordinator" not in script, script
+    mpirun = shlex.split(script[script.index("exec mpirun"):])
+    assert mpirun[mpirun.index("-np") + 1] == "8"
+    assert mpirun[mpirun.index("--replicas") + 1] == "3"
+    assert mpirun[mpirun.index("--replica_index") + 1] == "$REPLICA_INDEX"
+    # The coordinator's Service is the replicas' address and their rendezvous store's.
+    assert mpirun[mpirun.index("--coordinator") + 1] == "q30-coordinator:7777"
+    assert "-x" in mpirun and "LATHE_WORKER_TOKEN" in mpirun
+    assert mpirun[mpirun.index("--tls_ca") + 1] == "/etc/lathe/tls/ca.crt"
+    # Replicas of two nodes: the leader waits for its own group's worker, by its stable name.
+    two = render("lws-replicas", LATHE_MODEL="Qwen/Qwen3.5-122B-A10B", LATHE_REPLICAS="2", LATHE_NAME="q122")
+    tmpl = two[2]["spec"]["leaderWorkerTemplate"]
+    assert two[2]["spec"]["replicas"] == 2 and tmpl["size"] == 2
+    script = tmpl["leaderTemplate"]["spec"]["containers"][0]["args"][0]
+    assert "seq 1 1" in script and "until ssh $ssh_opts q122-$REPLICA_INDEX-$i.q122 true" in script, script
+    assert "-np 16" in script, script
+    runs = render("lws-replicas", LATHE_MODEL="Qwen/Qwen3-30B-A3B", LATHE_MAX_RUNS="4")
+    assert "--max_runs" not in docs[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--checkpoint_root /checkpoints --max_runs 4" in runs[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--max_runs 4 --replica_index" in runs[2]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"][
+        "containers"][0]["args"][0]
 
 
 def service_for(docs, labels):
@@ -362,3 +448,94 @@ def test_mpirun_script_restarts_a_failed_replica_job(tiny_model, tmp_path):
             raise
     assert "[mpirun] replica 1 exited" in out and "restart 1 in 1 s" in out, out
     assert launcher.returncode == 0, out
+
+
+def _pod_pids(replica_index, address):
+    """The live dp_worker ranks of replica `replica_index` that dial `address`."""
+    out = []
+    for pid in _dp_worker_pids(replica_index):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if address.encode() in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_lws_replica_pods_run_here_and_a_recreated_group_rejoins(tiny_model, tmp_path):
+    """The containers' commands of lws-replicas, run here as Kubernetes would run them: the
+    coordinator pod's, then each group leader's with its REPLICA_INDEX. A mount namespace gives
+    them an /etc/hosts that resolves the coordinator's Service name here; the checkpoint volume's
+    mount path is a folder here. A rank killed ends its leader's container with an error (what
+    makes LWS recreate the group); the leader's command run again rejoins."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (a mount namespace for the pods' /etc/hosts)")
+    model, data = tiny_model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    docs = render("lws-replicas", LATHE_MODEL="tiny", LATHE_REPLICAS="2", LATHE_LAYOUT_FLAGS="--devices_per_node 1",
+                  LATHE_MODEL_DIR=model, LATHE_NAME="lt", LATHE_PORT=str(port), LATHE_INSECURE_LISTEN="1",
+                  LATHE_MAX_RUNS="2")
+    coordinator_script = docs[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    leader_script = docs[2]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["args"][0]
+    hosts = tmp_path / "hosts"
+    with open("/etc/hosts") as f:
+        hosts.write_text(f.read() + "\n127.0.0.1 lt-coordinator\n")
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    key = tmp_path / "key"
+    key.write_text("k-lws\n")
+    path = os.pathsep.join([os.path.join(BUILD, "coordinator"), os.path.join(BUILD, "dp_worker"), ENV["PATH"]])
+    secrets = dict(LATHE_API_KEYS="k-lws", LATHE_WORKER_TOKEN="t" * 32)
+    procs = []
+
+    def pod(name, script, **env):
+        script = script.replace("/checkpoints", str(checkpoints))
+        log = open(tmp_path / f"{name}.log", "ab")
+        p = subprocess.Popen(["unshare", "--mount", "bash", "-c", f'mount --bind {hosts} /etc/hosts && exec bash -c "$0"',
+                              script], cwd=tmp_path, env=dict(ENV, PATH=path, LD_LIBRARY_PATH=os.environ.get(
+                                  "LD_LIBRARY_PATH", ""), **env), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    def leader(g):
+        folder = tmp_path / f"group-{g}"
+        folder.mkdir(exist_ok=True)
+        return pod(f"leader-{g}", leader_script, REPLICA_INDEX=str(g), TMPDIR=str(folder), NCCL_DEBUG="WARN",
+                   NCCL_SOCKET_IFNAME="lo", LATHE_WORKER_TOKEN=secrets["LATHE_WORKER_TOKEN"])
+
+    coordinator_log = tmp_path / "coordinator.log"
+    address = f"127.0.0.1:{port}"
+    cli = [CLI, "train", "--address", address, "--api_key_file", str(key), "--data", data, "--batch_size", "4",
+           "--learning_rate", "5e-3"]
+    try:
+        pod("coordinator", coordinator_script, **secrets)
+        leaders = [leader(0), leader(1)]
+        first = run(cli + ["--wait_s", "90", "--steps", "2"], timeout=240)
+        assert first.returncode == 0, first.stdout + first.stderr + coordinator_log.read_text()
+        assert "lathe train: loss" in first.stdout, first.stdout
+        [pid] = _pod_pids(1, f"lt-coordinator:{port}")
+        os.kill(pid, signal.SIGKILL)
+        assert leaders[1].wait(timeout=30) != 0  # the leader container fails: LWS recreates the group
+        assert leaders[0].poll() is None
+        _wait_for(coordinator_log, "replica 1 left", 30, procs[0])
+        leaders[1] = leader(1)
+        _wait_for(coordinator_log, "replica 1 registered again", 60, procs[0])
+        second = run(cli + ["--steps", "2"], timeout=240)
+        assert second.returncode == 0, second.stdout + second.stderr + coordinator_log.read_text()
+        _wait_for(coordinator_log, "replica(s) joined with the state of every run", 10, procs[0])
+        assert len(_pod_pids(0, f"lt-coordinator:{port}")) == 1 and len(_pod_pids(1, f"lt-coordinator:{port}")) == 1
+        group1 = (tmp_path / "leader-1.log").read_text()
+        assert "replica=1" in group1 and "replica=0" not in group1, group1
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
