@@ -8,6 +8,7 @@ job step of its own, and a step whose rank is killed is started again and
 its replica rejoins. Skipped, with the reason, where slurm cannot be
 started here (packages missing, not root, daemons not coming up)."""
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -98,15 +99,21 @@ def stop_daemons(d, env, slurmds):
                 pass
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+class SlurmUnavailable(Exception):
+    """Why a private slurm cannot run here."""
+
+
+@contextlib.contextmanager
+def private_slurm(d):
+    """munged, slurmctld and the two slurmd on the config written into folder `d`; yields the
+    environment that reaches them (SLURM_CONF). Raises SlurmUnavailable with the reason where
+    they cannot start. Also used by bench/slurm_replica_steps.py."""
     missing = [b for b in DAEMONS if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"slurm not installed ({', '.join(missing)} missing; apt-get install slurmd slurmctld "
-                    "slurm-client munge)")
+        raise SlurmUnavailable(f"slurm not installed ({', '.join(missing)} missing; apt-get install slurmd "
+                               "slurmctld slurm-client munge)")
     if os.geteuid() != 0:
-        pytest.skip("a private slurmd needs root")
-    d = tmp_path_factory.mktemp("slurm")
+        raise SlurmUnavailable("a private slurmd needs root")
     write_config(d)
     (d / "munge.key").write_bytes(os.urandom(1024))
     os.chmod(d / "munge.key", 0o600)
@@ -119,8 +126,9 @@ def slurm(tmp_path_factory):
             ["slurmctld", "-f", str(d / "slurm.conf"), "-i"])]
         failed = [r for r in started if r.returncode != 0]
         if failed:
-            pytest.skip(f"slurm daemons did not start: {failed[0].args[0]}: {failed[0].stderr.strip()[-300:]}")
-        # In the foreground (-D), each a child of this test, which stops them.
+            raise SlurmUnavailable(f"slurm daemons did not start: {failed[0].args[0]}: "
+                                   f"{failed[0].stderr.strip()[-300:]}")
+        # In the foreground (-D), each a child of this process, which stops them.
         for node in (socket.gethostname(), SECOND_NODE):
             slurmds.append(subprocess.Popen(["slurmd", "-D", "-f", str(d / "slurm.conf"), "-N", node], env=env,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -133,12 +141,22 @@ def slurm(tmp_path_factory):
                 break
             if time.time() > deadline:
                 log = (d / "log" / "slurmctld.log").read_text()[-500:] if (d / "log" / "slurmctld.log").exists() else ""
-                pytest.skip(f"the slurm node did not become idle ({state.stdout.strip() or state.stderr.strip()}): "
-                            f"{log}")
+                raise SlurmUnavailable(f"the slurm nodes did not become idle "
+                                       f"({state.stdout.strip() or state.stderr.strip()}): {log}")
             time.sleep(0.5)
-        yield d, env
+        yield env
     finally:
         stop_daemons(d, env, slurmds)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    try:
+        with private_slurm(d) as env:
+            yield d, env
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
 
 
 def job_state(env, job):
