@@ -12,8 +12,10 @@ Needs root and Debian's slurmd, slurmctld, slurm-client and munge.
   .venv/bin/python bench/slurm_replica_steps.py [--lora_rank 8] [--restart_delay_s 1]
 """
 import argparse
+import atexit
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +48,7 @@ def main():
     ap.add_argument("--restart_delay_s", type=int, default=1)
     args = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="lathe_bench_slurm_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     (work / "slurm").mkdir()
     build = os.environ["LATHE_BUILD_DIR"]
     model, data = str(work / "tiny"), str(work / "data.jsonl")
