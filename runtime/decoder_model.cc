@@ -220,6 +220,22 @@ at::Tensor DecoderModel::HiddenLogprobs(const at::Tensor& hidden, const at::Tens
   return at::cat(parts, 0);
 }
 
+DecoderModel::HeadLoss DecoderModel::HiddenLoss(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk,
+                                                const RowsLossFn& loss) const {
+  std::vector<at::Tensor> logprobs, elementwise;
+  at::Tensor total = ChunkedBackwardNow(
+      [&](const at::Tensor& h, int64_t begin) {
+        const int64_t n = h.size(0);
+        at::Tensor lp = Logprobs(Logits(h), targets.narrow(0, begin, n));
+        at::Tensor el = loss(lp, begin, n);
+        logprobs.push_back(lp.detach());
+        elementwise.push_back(el.detach());
+        return el.sum();
+      },
+      hidden, chunk, {lm_head_.weight, lm_head_.lora_a, lm_head_.lora_b});
+  return {at::cat(logprobs), at::cat(elementwise), total};
+}
+
 absl::Status DecoderModel::SetTrainable(const std::map<std::string, at::Tensor>& values) {
   std::map<std::string, at::Tensor> slots;
   for (const TrainableParam& p : trainable_) {

@@ -92,6 +92,21 @@ class DecoderModel {
   // chunk (see Recomputed). T <= chunk: exactly Logprobs(Logits(hidden), ...).
   // REQUIRES: chunk > 0.
   at::Tensor HiddenLogprobs(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk) const;
+  // Per-token losses of the rows [begin, begin + n) from their logprobs
+  // (which it may differentiate), shaped like them.
+  using RowsLossFn = std::function<at::Tensor(const at::Tensor& logprobs, int64_t begin, int64_t n)>;
+  struct HeadLoss {
+    at::Tensor logprobs;     // [T] (detached)
+    at::Tensor elementwise;  // [T], loss(logprobs) (detached)
+    at::Tensor loss;         // the sum of `elementwise`, differentiable in hidden and the head
+  };
+  // HiddenLogprobs over 1-D targets, `chunk` rows at a time, followed by a
+  // per-token loss, with each chunk's backward through the head run within
+  // this call (ChunkedBackwardNow): as memory-frugal as HiddenLogprobs
+  // without computing the logits a second time in the backward.
+  // REQUIRES: chunk > 0; targets [T]; loss treats every row on its own.
+  HeadLoss HiddenLoss(const at::Tensor& hidden, const at::Tensor& targets, int64_t chunk,
+                      const RowsLossFn& loss) const;
   const ModelShard& shard() const { return shard_; }
   // Where every tensor of the model lives; inputs go there (OnDevice).
   at::Device device() const { return shard_.device; }

@@ -67,6 +67,8 @@ at::Tensor TargetLogprobs(const at::Tensor& logits, const at::Tensor& targets, c
   return lp.masked_fill(ignored, 0.0);
 }
 
+bool PerTokenLoss(const std::string& loss_fn) { return loss_fn != "gspo"; }
+
 at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& lp,
                            const std::map<std::string, at::Tensor>& inputs,
                            const std::map<std::string, double>& config) {

@@ -33,6 +33,11 @@ at::Tensor ElementwiseLoss(const std::string& loss_fn, const at::Tensor& logprob
                            const std::map<std::string, at::Tensor>& inputs,
                            const std::map<std::string, double>& config);
 
+// Whether each token's ElementwiseLoss depends on its own row of the inputs
+// only, so that any rows' losses may be computed apart (all but gspo, whose
+// ratio is a mean over the datum).
+bool PerTokenLoss(const std::string& loss_fn);
+
 }  // namespace lathe::runtime
 
 #endif  // LATHE_RUNTIME_LOSSES_H_

@@ -25,6 +25,24 @@ using TensorFn = std::function<at::Tensor(const at::Tensor&)>;
 // With grad mode off: fn(x), nothing kept.
 at::Tensor Recomputed(const TensorFn& fn, const at::Tensor& x, const std::vector<at::Tensor>& params);
 
+// A scalar function of x's rows [begin, begin + n): fn(rows, begin).
+using RowsLossFn = std::function<at::Tensor(const at::Tensor& rows, int64_t begin)>;
+
+// Returns the sum over x's chunks of `chunk` rows of fn(chunk rows, begin),
+// a scalar, with each chunk's backward run here, right after its forward:
+// the gradients of x's rows and of the tensors of `params` that require
+// grad are kept (the params' summed in fp32), every intermediate tensor of
+// fn is freed, and the result's backward hands them on scaled by its
+// incoming gradient. Saves the second forward Recomputed runs, for
+// functions that end in their loss (a head and its per-token losses).
+//
+// REQUIRES: chunk > 0; fn returns a scalar and reads no trainable tensor
+// outside `params` and x; fn's collectives run inside this call (every
+// member of a group calls it with the same chunking). With grad mode off,
+// or nothing requiring grad: the plain sum, nothing kept.
+at::Tensor ChunkedBackwardNow(const RowsLossFn& fn, const at::Tensor& x, int64_t chunk,
+                              const std::vector<at::Tensor>& params);
+
 }  // namespace lathe::runtime
 
 #endif  // LATHE_RUNTIME_RECOMPUTE_H_

@@ -208,6 +208,19 @@ void ReturnGradients(std::vector<TrainableParam>& params, std::vector<at::Tensor
 
 namespace {
 
+// Whether the datums' loss inputs can be packed into one row per token: the
+// same keys in every datum, each 1-D with a row per target.
+bool SameInputs(const std::vector<std::map<std::string, at::Tensor>>& inputs) {
+  for (const auto& in : inputs) {
+    if (in.size() != inputs.front().size()) return false;
+    const int64_t n = in.at("target_tokens").size(0);
+    for (const auto& [key, t] : in) {
+      if (!inputs.front().count(key) || t.dim() != 1 || t.size(0) != n) return false;
+    }
+  }
+  return !inputs.empty();
+}
+
 // The rows of one round this rank runs: all of them, or under context
 // parallelism its split of each sequence (parallel/context_parallel.h).
 class RowsOfRound {
@@ -344,14 +357,37 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
         // One logprob op over the packed rows when every target is 1-D (one
         // [T, V] gradient buffer per chunk rather than one per datum).
         const int64_t chunk = LogprobChunkTokens();
-        at::Tensor packed_lp;
+        at::Tensor packed_lp, packed_loss;
         if (flat) {
           at::Tensor all = targets.empty() ? at::empty({0}, at::dtype(at::kLong).device(model.device()))
                                            : at::cat(targets);
-          packed_lp = rows.Gather(model.HiddenLogprobs(hidden, rows.Select(all), chunk), 0, packed_tokens);
+          // A loss of each token on its own lets the head's backward run
+          // chunk by chunk right after its forward (no second logits GEMM).
+          std::map<std::string, at::Tensor> packed_in;
+          if (backward && PerTokenLoss(spec.name) && SameInputs(inputs)) {
+            for (const auto& [key, t] : inputs.front()) {
+              std::vector<at::Tensor> parts;
+              for (const auto& in : inputs) parts.push_back(in.at(key));
+              packed_in[key] = rows.Select(at::cat(parts));
+            }
+          }
+          if (!packed_in.empty()) {
+            DecoderModel::HeadLoss head = model.HiddenLoss(
+                hidden, packed_in.at("target_tokens"), chunk, [&](const at::Tensor& lp, int64_t b, int64_t n) {
+                  std::map<std::string, at::Tensor> part;
+                  for (const auto& [key, t] : packed_in) part[key] = t.narrow(0, b, n);
+                  return ElementwiseLoss(spec.name, lp, part, loss_config);
+                });
+            packed_lp = rows.Gather(head.logprobs, 0, packed_tokens);
+            packed_loss = rows.Gather(head.elementwise, 0, packed_tokens);
+            total = head.loss;
+          } else {
+            packed_lp = rows.Gather(model.HiddenLogprobs(hidden, rows.Select(all), chunk), 0, packed_tokens);
+          }
         }
         int64_t offset = 0;
         std::vector<at::Tensor> losses;
+        at::Tensor summed;  // the datums' losses added in order (the reported loss)
         for (int j = begin; j < end; ++j) {
           const auto& in = inputs[j - begin];
           const int64_t n = my_lengths[j];
@@ -359,17 +395,19 @@ absl::StatusOr<lathe::v1::ForwardBackwardOutput> Trainer::Run(
                                : rows.Gather(model.HiddenLogprobs(rows.Rows(hidden, offset, n),
                                                                   rows.Select(in.at("target_tokens"), offset), chunk),
                                              offset, n);
-          at::Tensor elementwise = ElementwiseLoss(spec.name, lp, in, loss_config);
+          at::Tensor elementwise =
+              packed_loss.defined() ? packed_loss.narrow(0, offset, n) : ElementwiseLoss(spec.name, lp, in, loss_config);
           losses.push_back(elementwise.sum());
-          total = total.defined() ? total + losses.back() : losses.back();
+          summed = summed.defined() ? summed + losses.back() : losses.back();
           loss_tokens += in.at("target_tokens").ne(kIgnoreTarget).sum().item<double>();
           auto* record = out.add_loss_fn_outputs()->mutable_tensors();
           (*record)["logprobs"] = TensorToWire(lp.detach());
           (*record)["elementwise_loss"] = TensorToWire(elementwise.detach());
           offset += my_lengths[j];
         }
+        if (!total.defined()) total = summed;
         if (!total.defined()) total = packed_lp.sum();  // an empty round
-        round_loss = total.item<double>();
+        round_loss = (summed.defined() ? summed : total).item<double>();
         if (!std::isfinite(round_loss)) {
           for (size_t k = 0; k < losses.size(); ++k) {
             const double v = losses[k].item<double>();
