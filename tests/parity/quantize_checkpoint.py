@@ -3,7 +3,7 @@
 
 Usage:
     python tests/parity/quantize_checkpoint.py fp8 IN_DIR OUT_DIR [--block R C]
-    python tests/parity/quantize_checkpoint.py int4 IN_DIR OUT_DIR [--group 32]
+    python tests/parity/quantize_checkpoint.py int4 IN_DIR OUT_DIR [--group 32] [--placement top|text|both]
 
 fp8: block FP8 as DeepSeek-V3 / GLM-5.2-FP8 store it: every linear weight (2-D ``*.weight`` but
 the embedding, lm_head, the MoE router and norms) becomes float8_e4m3fn with a float32
@@ -14,7 +14,10 @@ int4: compressed-tensors "pack-quantized" as Kimi-K2 stores its experts: symmetr
 bf16 scale per group of ``group`` input columns, the values offset by 8 and packed eight to an
 int32 (value i of a word in bits 4i..4i+3), ``weight_packed`` / ``weight_scale`` /
 ``weight_shape``. Only the MoE experts are quantized when the model has any (Kimi's layout),
-every MLP projection otherwise; the config's ``ignore`` list names the rest.
+every MLP projection otherwise; the config's ``ignore`` list names the rest. On a Kimi-K2.5 /
+K2.6 wrapper folder (make_tiny_models.write_kimi_layout) ``ignore`` spells the wrapper's names
+(``language_model.lm_head``, the vision tower and projector), and ``--placement text`` puts the
+config under ``text_config`` as the hub's Kimi checkpoints have it (``both``: in both places).
 
 Both write the exact dequantized model (float32) too, with ``dequantized_dir``, for the
 reference: W = fp8 · scale_inv, or W = q · scale (q the signed value), in float32.
