@@ -422,3 +422,14 @@ def test_hostile_kimi_wrapper_quantization_is_refused_by_name(case, kimi, harnes
         _edit(d, config=lambda c: c["text_config"]["quantization_config"]["ignore"]
               .append(KIMI_EXPERT[len("language_model."):]))
         _refused(harness, d, KIMI_EXPERT, "not converted")
+
+
+@pytest.mark.parametrize("flags", [["--tp", "2"], ["--tp", "2", "--ep", "2"]], ids=["tp", "tp_ep"])
+def test_sharded_kimi_wrapper_int4_matches_one_process(flags, kimi):
+    """The INT4 wrapper sharded: each rank dequantizes its cut of the packed experts (groups of
+    32 cut by tp's column split of down_proj) and the run matches the single process."""
+    ranks = 1
+    for f, v in zip(flags[::2], flags[1::2]):
+        ranks *= int(v)
+    last = sharded_parity.run(kimi["int4"], ranks, flags)
+    assert last.startswith("PASS: 0 failures"), last
