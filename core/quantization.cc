@@ -427,7 +427,8 @@ absl::Status DequantizePacked(const TensorView& packed, const TensorView& scale_
       (group_size > 0 && cols / groups != group_size) || (group_size == 0 && groups != 1)) {
     return Defect(packed.name, absl::StrCat("scale '", scale_view.name, "' has shape ", ShapeText(scale_view.shape),
                                             ", which does not match weight_shape ", ShapeText(shape),
-                                            group_size > 0 ? absl::StrCat(" in groups of ", group_size)
+                                            group_size > 0 ? absl::StrCat(" in groups of ", group_size,
+                                                                          " (quantization_config group_size)")
                                                            : std::string(" per output channel")));
   }
   LATHE_ASSIGN_OR_RETURN(ScaleReader scale, ScaleReader::For(scale_view));

@@ -398,7 +398,7 @@ def test_hostile_kimi_wrapper_quantization_is_refused_by_name(case, kimi, harnes
     text_field = "text_config.quantization_config"
     if case == "bad_group":
         _edit(d, config=lambda c: _set_weights(c, group_size=16))
-        _refused(harness, d, ".weight_packed", "groups of 16")
+        _refused(harness, d, ".mlp.experts.", ".weight_packed", "groups of 16", "group_size")
     elif case == "shape_mismatch":
         _edit(d, tensors=lambda t: t.update({KIMI_EXPERT + ".weight_shape": torch.tensor([32, 32])}))
         _refused(harness, d, KIMI_EXPERT, "[32, 32]")

@@ -256,7 +256,8 @@ TEST(CheckpointQuantizationTest, ReadsTheWrappersTextConfigTopLevelOrBoth) {
     EXPECT_TRUE(c->NotConverted("language_model.model.layers.0.self_attn.q_a_proj"));
     EXPECT_FALSE(c->NotConverted("language_model.model.layers.1.mlp.experts.0.up_proj"));
   }
-  auto relative = ReadCheckpointQuantization(KimiConfig("", Int4(32, R"(["lm_head", "model.layers.1.mlp.experts.0.up_proj"])")));
+  auto relative =
+      ReadCheckpointQuantization(KimiConfig("", Int4(32, R"(["lm_head", "model.layers.1.mlp.experts.0.up_proj"])")));
   ASSERT_TRUE(relative.ok()) << relative.status();
   EXPECT_TRUE(relative->NotConverted("language_model.lm_head"));
   EXPECT_TRUE(relative->NotConverted("language_model.model.layers.1.mlp.experts.0.up_proj"));
@@ -266,7 +267,8 @@ TEST(CheckpointQuantizationTest, ReadsTheWrappersTextConfigTopLevelOrBoth) {
   ASSERT_TRUE(none.ok());
   EXPECT_EQ(none->method, QuantMethod::kNone);
   // A text model's own config has no prefix to leave out.
-  auto plain = ReadCheckpointQuantization(absl::StrCat(R"({"architectures": ["DeepseekV3ForCausalLM"], )", Int4(32), "}"));
+  auto plain =
+      ReadCheckpointQuantization(absl::StrCat(R"({"architectures": ["DeepseekV3ForCausalLM"], )", Int4(32), "}"));
   ASSERT_TRUE(plain.ok());
   EXPECT_EQ(plain->text_prefix, "");
 }
