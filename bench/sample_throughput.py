@@ -9,7 +9,7 @@ to the last answer. transformers: generate on the same prompts as one batch
 side is bench/generate_bench instead (the same requests given to
 runtime::GenerateBatch at once, no service).
 
-  .venv/bin/python bench/sample_throughput.py [--model dense|moe2] [--threads 2] [--max-tokens 64]
+  .venv/bin/python bench/sample_throughput.py [--model dense|moe2|kimi|...] [--threads 2] [--max-tokens 64]
       [--concurrency 1,16] [--layout replicas=1] [--in-process] [--greedy]
 
 With --greedy both sides decode greedily (lathe temperature 0, transformers
@@ -84,7 +84,8 @@ def in_process_tokens_per_s(args, model, requests):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["dense", "moe2", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe"], default="dense")
+    ap.add_argument("--model", choices=["dense", "moe2", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe", "kimi"],
+                    default="dense")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)

@@ -6,7 +6,7 @@ same work in both: LoRA rank 32 on attention, MLP/experts and lm_head,
 cross_entropy summed over target tokens, AdamW. Prints tokens/s of each and
 the ratio. Both run in this process's thread budget (--threads).
 
-  .venv/bin/python bench/train_throughput.py [--threads 2] [--model dense|moe|both]
+  .venv/bin/python bench/train_throughput.py [--threads 2] [--model dense|moe|both|kimi|...]
 """
 import argparse
 import json
@@ -53,6 +53,22 @@ SHAPES["qwen3_5_moe"] = dict(arch="qwen3_5_moe", vocab_size=248320, hidden_size=
                              shared_expert_intermediate_size=512, tie_word_embeddings=False,
                              rms_norm_eps=1e-6, rope_parameters=_QWEN3_5_ROPE)
 
+# Kimi-K2.6 / K2.7-Code's text model (DeepSeek-V3 architecture) at its real widths: hidden
+# 7168, 64 heads, MLA q_lora 1536 / kv_lora 512, nope 128 + rope 64, v 128, dense MLP 18432,
+# expert MLP 2048, top-8 routing in one group with one shared expert, yarn x64 rope. Reduced
+# to fit two cores and 24 GiB: 2 of its 61 layers (the dense first layer and one MoE layer),
+# 16 of its 384 routed experts, and a vocabulary of 32,768 instead of 163,840 (1.8 B
+# parameters, 7.3 GB in fp32).
+_KIMI_ROPE = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 64.0, "original_max_position_embeddings": 4096,
+              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+SHAPES["kimi"] = dict(arch="deepseek_v3", vocab_size=32768, hidden_size=7168, intermediate_size=18432,
+                      moe_intermediate_size=2048, num_hidden_layers=2, first_k_dense_replace=1,
+                      num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+                      qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16,
+                      num_experts_per_tok=8, n_group=1, topk_group=1, n_shared_experts=1, norm_topk_prob=True,
+                      routed_scaling_factor=2.827, rope_interleave=True, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, rope_parameters=_KIMI_ROPE)
+
 
 def add_path_args(ap):
     """--build-dir and --cache (bench models), as every benchmark takes them."""
@@ -82,6 +98,11 @@ def make_model(kind, out_dir):
         config = config_cls(**shape, max_position_embeddings=8192, use_cache=False, bos_token_id=None,
                             eos_token_id=None, pad_token_id=None)
         model = model_cls(config)
+    elif arch == "deepseek_v3":
+        config = transformers.DeepseekV3Config(**shape, max_position_embeddings=8192, use_cache=False,
+                                               bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                               attention_bias=False, output_router_logits=False)
+        model = transformers.DeepseekV3ForCausalLM(config)
     elif arch == "qwen3":
         config = Qwen3Config(**shape, rope_theta=1e6, max_position_embeddings=4096)
         model = Qwen3ForCausalLM(config)
@@ -107,6 +128,14 @@ def peft_lora(model, rank):
     if model_type in ("qwen3_moe", "qwen3_5_moe_text"):
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
         extra["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if model_type == "deepseek_v3":
+        # lathe's MLA targets (q_a_proj, kv_a_proj_with_mqa, o_proj; not the up-projections
+        # q_b_proj / kv_b_proj), the dense and shared MLPs, lm_head, and the routed experts, whose
+        # fused gate_up takes rank 2r: lathe's two rank-r adapters on gate and up.
+        targets = ["q_a_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+        extra["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        extra["rank_pattern"] = {r".*\.gate_up_proj": 2 * rank}
+        extra["alpha_pattern"] = {r".*\.gate_up_proj": 2 * 32}
     if model_type.startswith("qwen3_5"):
         # Gated DeltaNet projections; lathe trains in_proj_qkv as three rank-r adapters
         # (q, k, v rows), which is one rank-3r LoRA on the fused projection.
@@ -136,10 +165,11 @@ def padded_batch(batch):
     return ids, mask, labels
 
 
-def hf_step_fn(model_dir, batch, rank):
-    """transformers + peft doing one forward_backward + optim_step."""
+def hf_step_fn(model_dir, batch, rank, dtype="float32"):
+    """transformers + peft doing one forward_backward + optim_step (bfloat16: the model in
+    bf16, peft's adapters in fp32 as its autocast_adapter_dtype keeps them)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     peft_model, opt = peft_lora(model, rank)
     ids, mask, labels = padded_batch(batch)
 
@@ -154,8 +184,8 @@ def hf_step_fn(model_dir, batch, rank):
     return step
 
 
-def time_hf(model_dir, batch, rank, warmup, steps):
-    step = hf_step_fn(model_dir, batch, rank)
+def time_hf(model_dir, batch, rank, warmup, steps, dtype="float32"):
+    step = hf_step_fn(model_dir, batch, rank, dtype)
     first = None
     for _ in range(warmup):
         first = step()
@@ -167,14 +197,14 @@ def time_hf(model_dir, batch, rank, warmup, steps):
     return tokens / seconds, first
 
 
-def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads):
+def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads, dtype="float32"):
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for s in batch:
             f.write(json.dumps({"tokens": s}) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([os.path.join(build_dir, "bench", "train_bench"), f"--model={model_dir}",
                           f"--data={f.name}", f"--lora_rank={rank}", f"--warmup={warmup}",
-                          f"--steps={steps}"], env=env, check=True, capture_output=True, text=True)
+                          f"--steps={steps}", f"--dtype={dtype}"], env=env, check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["tokens_per_s"], result["first_loss"]
 
@@ -182,13 +212,16 @@ def time_lathe(model_dir, batch, rank, warmup, steps, build_dir, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", choices=["dense", "moe", "moe2", "both", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe"],
+    ap.add_argument("--model", choices=["dense", "moe", "moe2", "both", "qwen3_5", "qwen3_5_8l", "qwen3_5_moe",
+                                        "kimi"],
                     default="both")
     ap.add_argument("--lengths", default="64,96,128,160,192,224,256,288",
                     help="datum lengths of the batch (tokens)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both sides' compute precision")
     add_path_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,11 +231,11 @@ def main():
         model_dir = cached_model(args.cache, kind)
         batch = make_batch(lengths, SHAPES[kind]["vocab_size"])
         lathe_tps, lathe_loss = time_lathe(model_dir, batch, args.rank, args.warmup, args.steps,
-                                           args.build_dir, args.threads)
-        hf_tps, hf_loss = time_hf(model_dir, batch, args.rank, args.warmup, args.steps)
+                                           args.build_dir, args.threads, args.dtype)
+        hf_tps, hf_loss = time_hf(model_dir, batch, args.rank, args.warmup, args.steps, args.dtype)
         print(f"{kind}: lathe {lathe_tps:.1f} tokens/s, transformers+peft {hf_tps:.1f} tokens/s, "
               f"ratio {lathe_tps / hf_tps:.2f}x  (first-step loss {lathe_loss:.3f} vs {hf_loss:.3f}; "
-              f"threads {args.threads}, lengths {args.lengths})", flush=True)
+              f"threads {args.threads}, lengths {args.lengths}, {args.dtype})", flush=True)
 
 
 if __name__ == "__main__":

@@ -397,8 +397,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   LATHE_RETURN_IF_ERROR(ReadArchitecture(j, c));
   // Refused here so that a run fails before loading anything; the weight
   // reader (runtime/weight_source.h) reads it again where it dequantizes.
-  auto quant = j.find("quantization_config");  // top level, wrappers included
-  if (quant != j.end() && !quant->is_null()) LATHE_RETURN_IF_ERROR(ParseQuantizationConfig(quant->dump()).status());
+  // At the top level or under a wrapper's text_config.
+  LATHE_RETURN_IF_ERROR(ReadCheckpointQuantization(json_text).status());
   const bool qwen3_5 = IsQwen3_5(c.architecture);
   // The multimodal wrappers keep the text model's fields under text_config;
   // tie_word_embeddings stays at the top (transformers ties lm_head by the
@@ -416,10 +416,6 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     // true: a wrapper config without it has lm_head tied to the embedding.
     auto text = j.find("text_config");
     if (text == j.end() || !text->is_object()) return FieldError("text_config", "must be an object");
-    if (auto q = j.find("quantization_config"); q != j.end() && !q->is_null()) {
-      return FieldError("quantization_config", "is set; quantized checkpoints (Kimi-K2's INT4 experts) are not "
-                                               "supported, only float weights (dequantize them first)");
-    }
     LATHE_RETURN_IF_ERROR(ReadText(*text, false, c));
     LATHE_ASSIGN_OR_RETURN(c.tie_word_embeddings, Bool(j, "tie_word_embeddings", true));
     if (c.dtype == "float32" && !text->contains("dtype") && !text->contains("torch_dtype")) ReadDtype(j, c);

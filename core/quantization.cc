@@ -178,6 +178,11 @@ absl::Status CompilePatterns(QuantizationConfig& c) {
 }  // namespace
 
 bool QuantizationConfig::NotConverted(const std::string& module) const {
+  if (!text_prefix.empty() && absl::StartsWith(module, text_prefix)) {
+    QuantizationConfig bare = *this;
+    bare.text_prefix.clear();
+    if (bare.NotConverted(module.substr(text_prefix.size()))) return true;
+  }
   for (size_t i = 0; i < not_converted.size(); ++i) {
     const std::string& p = not_converted[i];
     std::optional<std::regex> compiled;
@@ -210,16 +215,89 @@ absl::StatusOr<QuantizationConfig> ParseQuantizationConfig(const std::string& js
   return c;
 }
 
+namespace {
+
+// ParseQuantizationConfig of the object `q` found at `where` ("quantization_config"
+// or "text_config.quantization_config"), its errors naming the field there.
+absl::StatusOr<QuantizationConfig> ParseAt(const json& q, const std::string& where) {
+  absl::StatusOr<QuantizationConfig> c = ParseQuantizationConfig(q.dump());
+  if (c.ok() || where == "quantization_config") return c;
+  std::string message(c.status().message());
+  const std::string from = "field 'quantization_config";
+  if (size_t at = message.find(from); at != std::string::npos) {
+    message.replace(at, from.size(), "field '" + where);
+  }
+  return absl::Status(c.status().code(), message);
+}
+
+std::string BlockText(const QuantizationConfig& c) { return absl::StrCat("[", c.block_rows, ", ", c.block_cols, "]"); }
+std::string ListText(const std::vector<std::string>& v) { return absl::StrCat("[", absl::StrJoin(v, ", "), "]"); }
+
+// InvalidArgument naming the first field where `text` (text_config's) says
+// otherwise than `top`.
+absl::Status Agree(const QuantizationConfig& top, const QuantizationConfig& text) {
+  auto differ = [](const std::string& field, const std::string& a, const std::string& b) {
+    return FieldError("text_config.quantization_config." + field,
+                      absl::StrCat("is ", b, " but quantization_config.", field, " is ", a,
+                                   "; a checkpoint has one quantization"));
+  };
+  auto name = [](QuantMethod m) { return std::string(m == QuantMethod::kFp8Block ? "fp8" : "compressed-tensors"); };
+  if (top.method != text.method) return differ("quant_method", name(top.method), name(text.method));
+  if (top.method == QuantMethod::kFp8Block) {
+    if (top.block_rows != text.block_rows || top.block_cols != text.block_cols) {
+      return differ("weight_block_size", BlockText(top), BlockText(text));
+    }
+    if (top.not_converted != text.not_converted) {
+      return differ("modules_to_not_convert", ListText(top.not_converted), ListText(text.not_converted));
+    }
+    return absl::OkStatus();
+  }
+  if (top.bits != text.bits) return differ("weights.num_bits", absl::StrCat(top.bits), absl::StrCat(text.bits));
+  if (top.group_size != text.group_size) {
+    return differ("weights.group_size", absl::StrCat(top.group_size), absl::StrCat(text.group_size));
+  }
+  if (top.not_converted != text.not_converted) {
+    return differ("ignore", ListText(top.not_converted), ListText(text.not_converted));
+  }
+  return absl::OkStatus();
+}
+
+bool IsKimiWrapper(const json& j) {
+  auto arch = j.find("architectures");
+  if (arch == j.end() || !arch->is_array()) return false;
+  for (const json& a : *arch) {
+    if (a == "KimiK25ForConditionalGeneration" || a == "Kimi_K25ForConditionalGeneration") return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<QuantizationConfig> ReadCheckpointQuantization(const std::string& config_text) {
+  json j = json::parse(config_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return QuantizationConfig{};
+  std::optional<QuantizationConfig> top, text;
+  if (auto q = j.find("quantization_config"); q != j.end() && !q->is_null()) {
+    LATHE_ASSIGN_OR_RETURN(top, ParseAt(*q, "quantization_config"));
+  }
+  if (auto t = j.find("text_config"); t != j.end() && t->is_object()) {
+    if (auto q = t->find("quantization_config"); q != t->end() && !q->is_null()) {
+      LATHE_ASSIGN_OR_RETURN(text, ParseAt(*q, "text_config.quantization_config"));
+    }
+  }
+  if (top && text) LATHE_RETURN_IF_ERROR(Agree(*top, *text));
+  QuantizationConfig c = top ? *std::move(top) : text ? *std::move(text) : QuantizationConfig{};
+  if (c.method != QuantMethod::kNone && IsKimiWrapper(j)) c.text_prefix = "language_model.";
+  return c;
+}
+
 absl::StatusOr<QuantizationConfig> LoadQuantizationConfig(const std::string& dir) {
   const std::string path = dir + "/config.json";
   std::ifstream in(path);
   if (!in) return QuantizationConfig{};
   std::stringstream text;
   text << in.rdbuf();
-  json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  auto q = j.is_object() ? j.find("quantization_config") : j.end();
-  if (!j.is_object() || q == j.end() || q->is_null()) return QuantizationConfig{};
-  absl::StatusOr<QuantizationConfig> c = ParseQuantizationConfig(q->dump());
+  absl::StatusOr<QuantizationConfig> c = ReadCheckpointQuantization(text.str());
   if (!c.ok()) return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
   return c;
 }
@@ -349,7 +427,8 @@ absl::Status DequantizePacked(const TensorView& packed, const TensorView& scale_
       (group_size > 0 && cols / groups != group_size) || (group_size == 0 && groups != 1)) {
     return Defect(packed.name, absl::StrCat("scale '", scale_view.name, "' has shape ", ShapeText(scale_view.shape),
                                             ", which does not match weight_shape ", ShapeText(shape),
-                                            group_size > 0 ? absl::StrCat(" in groups of ", group_size)
+                                            group_size > 0 ? absl::StrCat(" in groups of ", group_size,
+                                                                          " (quantization_config group_size)")
                                                            : std::string(" per output channel")));
   }
   LATHE_ASSIGN_OR_RETURN(ScaleReader scale, ScaleReader::For(scale_view));

@@ -37,6 +37,11 @@ struct QuantizationConfig {
   // Modules stored unquantized: modules_to_not_convert (fp8) or ignore
   // (compressed-tensors), spelt as the quantizer that wrote them matches.
   std::vector<std::string> not_converted;
+  // The checkpoint prefix of a multimodal wrapper's text model
+  // ("language_model." for Kimi-K2.5 / K2.6), which not_converted entries may
+  // leave out: a quantizer run on the text model names "model.layers.0.mlp",
+  // the wrapper's file "language_model.model.layers.0.mlp". Empty otherwise.
+  std::string text_prefix;
   // not_converted's regexes, compiled once by ParseQuantizationConfig (null:
   // compiled on each NotConverted call).
   struct Patterns;
@@ -46,7 +51,8 @@ struct QuantizationConfig {
   // in full precision: fp8 as transformers' should_convert_module matches
   // (a prefix up to a module boundary, a regex with the same boundary, or a
   // suffix); compressed-tensors as its match_name ("re:" regexes from the
-  // start, otherwise the exact name).
+  // start, otherwise the exact name). Under a text_prefix, the name without
+  // it matches too.
   bool NotConverted(const std::string& module) const;
 };
 
@@ -57,8 +63,18 @@ struct QuantizationConfig {
 // (a module pattern that is not a valid regex included).
 absl::StatusOr<QuantizationConfig> ParseQuantizationConfig(const std::string& json_text);
 
-// The `quantization_config` of <dir>/config.json: kNone when the file or the
-// field is absent (or null); ParseQuantizationConfig's errors, naming the path.
+// The quantization of a whole config.json (its text): `quantization_config`
+// at the top level, or under `text_config` (where the Kimi-K2.5 / K2.6
+// wrapper keeps it), or both when they agree; kNone when neither is set (or
+// both are null). ParseQuantizationConfig's errors, the field under
+// text_config named as such; InvalidArgument naming the field where the two
+// disagree (quant_method, num_bits, group_size, weight_block_size, ignore /
+// modules_to_not_convert). A Kimi wrapper's config gets text_prefix
+// "language_model.".
+absl::StatusOr<QuantizationConfig> ReadCheckpointQuantization(const std::string& config_text);
+
+// ReadCheckpointQuantization of <dir>/config.json: kNone when the file is
+// absent; its errors, naming the path.
 absl::StatusOr<QuantizationConfig> LoadQuantizationConfig(const std::string& dir);
 
 // A 2-D region of a weight: rows [row_begin, row_begin + rows), cols

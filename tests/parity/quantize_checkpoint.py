@@ -3,7 +3,7 @@
 
 Usage:
     python tests/parity/quantize_checkpoint.py fp8 IN_DIR OUT_DIR [--block R C]
-    python tests/parity/quantize_checkpoint.py int4 IN_DIR OUT_DIR [--group 32]
+    python tests/parity/quantize_checkpoint.py int4 IN_DIR OUT_DIR [--group 32] [--placement top|text|both]
 
 fp8: block FP8 as DeepSeek-V3 / GLM-5.2-FP8 store it: every linear weight (2-D ``*.weight`` but
 the embedding, lm_head, the MoE router and norms) becomes float8_e4m3fn with a float32
@@ -14,7 +14,10 @@ int4: compressed-tensors "pack-quantized" as Kimi-K2 stores its experts: symmetr
 bf16 scale per group of ``group`` input columns, the values offset by 8 and packed eight to an
 int32 (value i of a word in bits 4i..4i+3), ``weight_packed`` / ``weight_scale`` /
 ``weight_shape``. Only the MoE experts are quantized when the model has any (Kimi's layout),
-every MLP projection otherwise; the config's ``ignore`` list names the rest.
+every MLP projection otherwise; the config's ``ignore`` list names the rest. On a Kimi-K2.5 /
+K2.6 wrapper folder (make_tiny_models.write_kimi_layout) ``ignore`` spells the wrapper's names
+(``language_model.lm_head``, the vision tower and projector), and ``--placement text`` puts the
+config under ``text_config`` as the hub's Kimi checkpoints have it (``both``: in both places).
 
 Both write the exact dequantized model (float32) too, with ``dequantized_dir``, for the
 reference: W = fp8 · scale_inv, or W = q · scale (q the signed value), in float32.
@@ -90,7 +93,9 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Te
     return q.float() * scale.float().repeat_interleave(group, 1)
 
 
-def _write(out_dir: str, in_dir: str, tensors: dict, quant_config: dict | None) -> None:
+def _write(out_dir: str, in_dir: str, tensors: dict, quant_config: dict | None, placement: str = "top") -> None:
+    """``placement``: where config.json gets ``quantization_config``: "top" (the top level),
+    "text" (under ``text_config``, where the Kimi-K2.5 / K2.6 wrapper keeps it) or "both"."""
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(in_dir):
         if f.endswith(".json") and f != "model.safetensors.index.json":
@@ -98,8 +103,13 @@ def _write(out_dir: str, in_dir: str, tensors: dict, quant_config: dict | None) 
     with open(os.path.join(out_dir, "config.json")) as f:
         config = json.load(f)
     config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].pop("quantization_config", None)
     if quant_config is not None:
-        config["quantization_config"] = quant_config
+        if placement in ("top", "both"):
+            config["quantization_config"] = quant_config
+        if placement in ("text", "both"):
+            config["text_config"]["quantization_config"] = json.loads(json.dumps(quant_config))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -132,9 +142,20 @@ def write_fp8(in_dir: str, out_dir: str, block: tuple[int, int] | None = (128, 1
     return done
 
 
-def write_int4(in_dir: str, out_dir: str, group: int = 32, dequantized_dir: str | None = None) -> list[str]:
+def _is_kimi_wrapper(in_dir: str) -> bool:
+    with open(os.path.join(in_dir, "config.json")) as f:
+        return "KimiK25ForConditionalGeneration" in json.load(f).get("architectures", [])
+
+
+def write_int4(in_dir: str, out_dir: str, group: int = 32, dequantized_dir: str | None = None,
+               placement: str = "top") -> list[str]:
+    """On a Kimi-K2.5 / K2.6 wrapper folder (make_tiny_models.write_kimi_layout) the experts
+    under ``language_model.model.`` are quantized, and ``ignore`` spells the modules as the
+    wrapper's checkpoint does, the vision tower and projector included; ``placement`` says
+    where the config goes (see _write)."""
     src = load_file(os.path.join(in_dir, "model.safetensors"))
     moe = any(".experts." in n for n in src)
+    kimi = _is_kimi_wrapper(in_dir)
     out, deq, done = {}, {}, []
     for name, t in src.items():
         module = name[: -len(".weight")]
@@ -148,9 +169,11 @@ def write_int4(in_dir: str, out_dir: str, group: int = 32, dequantized_dir: str 
             done.append(name)
         else:
             out[name] = deq[name] = t
-    ignore = ["lm_head", r"re:.*self_attn.*", r"re:.*mlp\.gate$"]
+    ignore = ["language_model.lm_head" if kimi else "lm_head", r"re:.*self_attn.*", r"re:.*mlp\.gate$"]
     if moe:
         ignore.append(r"re:.*mlp\.(gate|up|down)_proj$")
+    if kimi:
+        ignore += [r"re:.*shared_experts.*", r"re:vision_tower.*", r"re:mm_projector.*"]
     qc = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {
@@ -159,7 +182,7 @@ def write_int4(in_dir: str, out_dir: str, group: int = 32, dequantized_dir: str 
                         "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax"}}},
         "ignore": ignore, "kv_cache_scheme": None,
     }
-    _write(out_dir, in_dir, out, qc)
+    _write(out_dir, in_dir, out, qc, placement)
     if dequantized_dir:
         _write(dequantized_dir, in_dir, deq, None)
     return done
@@ -173,11 +196,13 @@ def main() -> None:
     p.add_argument("--block", type=int, nargs=2, default=[128, 128])
     p.add_argument("--group", type=int, default=32)
     p.add_argument("--dequantized", help="also write the exact dequantized model here")
+    p.add_argument("--placement", choices=["top", "text", "both"], default="top",
+                   help="int4: where quantization_config goes (text: under text_config, as Kimi-K2.5 has it)")
     a = p.parse_args()
     if a.format == "fp8":
         write_fp8(a.in_dir, a.out_dir, tuple(a.block), a.dequantized)
     else:
-        write_int4(a.in_dir, a.out_dir, a.group, a.dequantized)
+        write_int4(a.in_dir, a.out_dir, a.group, a.dequantized, a.placement)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,202 @@ def test_merged_export_of_a_quantized_base(fmt, bases, harness, tmp_path):
         assert merged[k].dtype == base[k].dtype and torch.equal(merged[k].view(torch.uint8), base[k].view(torch.uint8)), k
     assert json.load(open(os.path.join(out, "merged", "config.json")))["quantization_config"]["quant_method"] in (
         "fp8", "compressed-tensors")
+
+
+# --------------------------------------------------------------------------------------
+# The Kimi-K2.5 / K2.6 wrapper with its INT4 experts
+# --------------------------------------------------------------------------------------
+
+KIMI_LORA = dict(rank=4, alpha=8, seed=0, train_attn=True, train_mlp=True, train_unembed=True)
+KIMI_EXPERT = "language_model.model.layers.1.mlp.experts.3.up_proj"
+
+
+@pytest.fixture(scope="module")
+def kimi(bases, tmp_path_factory):
+    """The tiny DeepSeek-V3 text model in the Kimi wrapper's hub layout (vision tower, MTP
+    layer, untied head) and the same text model with the wrapper's INT4 expert rounding
+    applied, as a plain DeepseekV3ForCausalLM folder (the gradient reference)."""
+    root = tmp_path_factory.mktemp("kimi")
+    wrapper = str(root / "wrapper")
+    make_tiny_models.write_kimi_layout(bases["deepseek_v3"], wrapper, tie_flag=False)
+    q, d = str(root / "int4"), str(root / "deq")
+    done = Q.write_int4(wrapper, q, 32, dequantized_dir=d, placement="text")
+    assert done and all(n.startswith("language_model.model.layers.") and ".mlp.experts." in n for n in done)
+    text = str(root / "deq_text")
+    os.makedirs(text)
+    with open(os.path.join(bases["deepseek_v3"], "config.json")) as f:
+        config = json.load(f)
+    json.dump(config, open(os.path.join(text, "config.json"), "w"))
+    mtp = f"language_model.model.layers.{config['num_hidden_layers']}."
+    deq = load_file(os.path.join(d, "model.safetensors"))
+    save_file({k[len("language_model."):]: v for k, v in deq.items()
+               if k.startswith("language_model.") and not k.startswith(mtp)},
+              os.path.join(text, "model.safetensors"), metadata={"format": "pt"})
+    return {"wrapper": wrapper, "int4": q, "deq": d, "deq_text": text, "done": done}
+
+
+def _load_kimi(path: str):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+
+
+def _kimi_logprobs(model, datum) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([datum["tokens"]])).logits[0].float()
+    lp, _ = R.gather_logprobs(logits, torch.tensor(datum["loss_fn_inputs"]["target_tokens"]))
+    return lp
+
+
+@pytest.mark.parametrize("placement", ["text", "top", "both"])
+def test_kimi_wrapper_int4_matches_transformers_on_the_dequantized_wrapper(placement, kimi, harness, tmp_path):
+    """quantization_config under text_config (where the hub's Kimi-K2.5 / K2.6 keep it), at the
+    top level, or in both places: the wrapper's packed experts are dequantized on load and
+    lathe's logprobs are Kimi_K25ForConditionalGeneration's on the dequantized weights; under
+    bf16 the quantized folder gives the dequantized folder's bits."""
+    q = str(tmp_path / "int4")
+    Q.write_int4(kimi["wrapper"], q, 32, placement=placement)
+    config = json.load(open(os.path.join(q, "config.json")))
+    assert ("quantization_config" in config) == (placement != "text")
+    assert ("quantization_config" in config["text_config"]) == (placement != "top")
+    names = load_file(os.path.join(q, "model.safetensors")).keys()
+    assert not any(n in names for n in kimi["done"]), "quantized experts must be stored packed only"
+    hf = _load_kimi(kimi["deq"])
+    data = R.random_batch(5, 157, lengths=(7, 12))
+    res = harness(q, {"lora": None, "ops": [fwd(data)]})
+    for j, datum in enumerate(data):
+        worst = float((res.logprobs(0, j) - _kimi_logprobs(hf, datum)).abs().max())
+        assert worst <= 1e-4, f"datum {j}: logprobs off transformers by {worst:.3g}"
+    bf16_q = harness(q, {"lora": None, "dtype": "bfloat16", "ops": [fwd(data)]})
+    bf16_d = harness(kimi["deq"], {"lora": None, "dtype": "bfloat16", "ops": [fwd(data)]})
+    for j in range(len(data)):
+        assert torch.equal(bf16_q.logprobs(0, j), bf16_d.logprobs(0, j)), f"bf16 datum {j} differs"
+
+
+def test_kimi_wrapper_int4_lora_grads_match_peft(kimi, harness, tmp_path):
+    """LoRA on every linear (the quantized experts included) of the INT4 wrapper: lathe's
+    gradients are peft's on the dequantized text model (fp32, 1e-4 relative per tensor)."""
+    ad = R.random_adapter(kimi["deq_text"], KIMI_LORA, seed=7)
+    # lathe names the wrapper's parameters as its checkpoint does (language_model.*)
+    path = R.save_adapter({"language_model." + k: v for k, v in ad.items()}, str(tmp_path / "adapter.safetensors"))
+    ref = R.Reference(kimi["deq_text"], lora=KIMI_LORA, adapter=ad)
+    data = R.pick_batch(ref, 17, lengths=(6, 13, 9), ignore_positions=(3,))
+    want = ref.run(data)
+    g_ref = ref.grads()
+    assert any(".mlp.experts." in k and float(g.norm()) > 0 for k, g in g_ref.items())
+    res = harness(kimi["int4"], {"lora": KIMI_LORA, "adapter": path,
+                                 "ops": [{"op": "forward_backward", "loss_fn": "cross_entropy",
+                                          "loss_fn_config": {}, "data": data}, {"op": "dump", "prefix": "g"}]})
+    for j, w in enumerate(want["logprobs"]):
+        assert float((res.logprobs(0, j) - w).abs().max()) <= 1e-4, j
+    grads = {k[len("language_model."):]: v for k, v in res.grads("g").items()}
+    assert len(grads) == len(res.grads("g"))
+    R.assert_tensors_rel_close(grads, g_ref, 1e-4, "INT4 Kimi wrapper: LoRA grads")
+
+
+def test_kimi_wrapper_int4_lora_training_exports_what_peft_loads(kimi, harness, tmp_path):
+    """Two LoRA steps on the INT4 wrapper, then export: the adapter names the wrapper's modules
+    (model.language_model.*, lm_head), and peft loads it onto Kimi_K25ForConditionalGeneration
+    of the dequantized wrapper to give lathe's logprobs. The merged export is refused (the
+    adapter covers quantized experts), naming an expert, with nothing written."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    ops = []
+    for seed in (0, 1):
+        ops += [{"op": "forward_backward", "loss_fn": "cross_entropy", "data": R.random_batch(seed, 157)},
+                {"op": "optim_step", "adam": {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}}]
+    probes = [R.random_batch(60 + i, 157, lengths=(7, 13)) for i in range(4)]
+    first = len(ops)
+    ops += [fwd(p) for p in probes]
+    out = str(tmp_path / "export")
+    ops.append({"op": "export_peft", "dir": out})
+    res = harness(kimi["int4"], {"lora": KIMI_LORA, "ops": ops})
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any(".mlp.experts." in n for n in names)
+    assert all(n.startswith(("base_model.model.model.language_model.", "base_model.model.lm_head.")) for n in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(_load_kimi(kimi["deq"]), out).eval()
+    base = _load_kimi(kimi["deq"])
+    view = _TextView(base.model.language_model)
+    usable = [i for i, p in enumerate(probes) if R.min_routing_margin(view, p) >= 1e-4]
+    assert usable
+    i = usable[0]
+    moved = max(float((res.logprobs(first + i, j) - _kimi_logprobs(base, d)).abs().max())
+                for j, d in enumerate(probes[i]))
+    assert moved > 1e-2, "the adapter barely changes the logprobs: the comparison proves nothing"
+    for j, d in enumerate(probes[i]):
+        assert float((res.logprobs(first + i, j) - _kimi_logprobs(peft_model, d)).abs().max()) <= 1e-4, j
+    merged = str(tmp_path / "merged")
+    bad = harness(kimi["int4"], {"lora": KIMI_LORA, "ops": [{"op": "export_peft", "dir": merged, "merged": True}]},
+                  expect_rc=None)
+    assert bad.rc != 0 and ".mlp.experts." in bad.stderr, bad.stderr[-2000:]
+    assert not os.path.exists(os.path.join(merged, "merged", "model.safetensors"))
+
+
+class _TextView(torch.nn.Module):
+    """The wrapper's text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.model = text
+        self.config = text.config
+
+    def forward(self, input_ids, **kw):
+        return self.model(input_ids=input_ids, **kw)
+
+
+def _set_weights(c, **fields):
+    for where in (c, c.get("text_config", {})):
+        if "quantization_config" in where:
+            where["quantization_config"]["config_groups"]["group_0"]["weights"].update(fields)
+
+
+@pytest.mark.parametrize("case", ["bad_group", "shape_mismatch", "bits3", "missing_scale", "contradiction",
+                                  "contradicting_ignore", "ignored_by_wrapper_name", "ignored_by_text_name"])
+def test_hostile_kimi_wrapper_quantization_is_refused_by_name(case, kimi, harness, tmp_path):
+    d = str(tmp_path / case)
+    Q.write_int4(kimi["wrapper"], d, 32, placement="both" if case.startswith("contradict") else "text")
+    text_field = "text_config.quantization_config"
+    if case == "bad_group":
+        _edit(d, config=lambda c: _set_weights(c, group_size=16))
+        _refused(harness, d, ".mlp.experts.", ".weight_packed", "groups of 16", "group_size")
+    elif case == "shape_mismatch":
+        _edit(d, tensors=lambda t: t.update({KIMI_EXPERT + ".weight_shape": torch.tensor([32, 32])}))
+        _refused(harness, d, KIMI_EXPERT, "[32, 32]")
+    elif case == "bits3":
+        _edit(d, config=lambda c: _set_weights(c, num_bits=3))
+        _refused(harness, d, text_field + ".config_groups.group_0.weights.num_bits", "2, 4 or 8")
+    elif case == "missing_scale":
+        _edit(d, tensors=lambda t: t.pop(KIMI_EXPERT + ".weight_scale"))
+        _refused(harness, d, KIMI_EXPERT + ".weight_packed", "weight_scale")
+    elif case == "contradiction":
+        _edit(d, config=lambda c: c["text_config"]["quantization_config"]["config_groups"]["group_0"]["weights"]
+              .update(group_size=64))
+        _refused(harness, d, text_field + ".weights.group_size", "64", "32")
+    elif case == "contradicting_ignore":
+        _edit(d, config=lambda c: c["quantization_config"]["ignore"].pop())
+        _refused(harness, d, text_field + ".ignore")
+    elif case == "ignored_by_wrapper_name":
+        _edit(d, config=lambda c: c["text_config"]["quantization_config"]["ignore"].append(KIMI_EXPERT))
+        _refused(harness, d, KIMI_EXPERT, "not converted")
+    elif case == "ignored_by_text_name":
+        _edit(d, config=lambda c: c["text_config"]["quantization_config"]["ignore"]
+              .append(KIMI_EXPERT[len("language_model."):]))
+        _refused(harness, d, KIMI_EXPERT, "not converted")
+
+
+@pytest.mark.parametrize("flags", [["--tp", "2"], ["--tp", "2", "--ep", "2"]], ids=["tp", "tp_ep"])
+def test_sharded_kimi_wrapper_int4_matches_one_process(flags, kimi):
+    """The INT4 wrapper sharded: each rank dequantizes its cut of the packed experts (groups of
+    32 cut by tp's column split of down_proj) and the run matches the single process."""
+    ranks = 1
+    for f, v in zip(flags[::2], flags[1::2]):
+        ranks *= int(v)
+    last = sharded_parity.run(kimi["int4"], ranks, flags)
+    assert last.startswith("PASS: 0 failures"), last

@@ -7,6 +7,11 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
 
 namespace lathe::runtime {
 namespace {
@@ -222,6 +227,65 @@ TEST(QuantizationConfigTest, RefusesWhatItCannotReadNamingTheField) {
   };
   for (const auto& [text, field] : cases) {
     auto c = ParseQuantizationConfig(text);
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status();
+  }
+}
+
+std::string KimiConfig(const std::string& top, const std::string& text) {
+  return absl::StrCat(R"({"architectures": ["KimiK25ForConditionalGeneration"], )", top.empty() ? "" : top + ", ",
+                      R"("text_config": {"model_type": "kimi_k2")", text.empty() ? "" : ", " + text, "}}");
+}
+
+std::string Int4(int64_t group, const std::string& ignore = R"(["language_model.lm_head", "re:.*self_attn.*"])") {
+  return absl::StrCat(R"("quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int", "symmetric": true,
+        "strategy": "group", "group_size": )", group, R"(}}}, "ignore": )", ignore, "}");
+}
+
+TEST(CheckpointQuantizationTest, ReadsTheWrappersTextConfigTopLevelOrBoth) {
+  for (const auto& [top, text] : std::vector<std::pair<std::string, std::string>>{
+           {"", Int4(32)}, {Int4(32), ""}, {Int4(32), Int4(32)}}) {
+    auto c = ReadCheckpointQuantization(KimiConfig(top, text));
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(c->method, QuantMethod::kPackQuantized);
+    EXPECT_EQ(c->group_size, 32);
+    EXPECT_EQ(c->text_prefix, "language_model.");
+    // ignore entries match the wrapper's names, and the text model's names under it
+    EXPECT_TRUE(c->NotConverted("language_model.lm_head"));
+    EXPECT_TRUE(c->NotConverted("language_model.model.layers.0.self_attn.q_a_proj"));
+    EXPECT_FALSE(c->NotConverted("language_model.model.layers.1.mlp.experts.0.up_proj"));
+  }
+  auto relative =
+      ReadCheckpointQuantization(KimiConfig("", Int4(32, R"(["lm_head", "model.layers.1.mlp.experts.0.up_proj"])")));
+  ASSERT_TRUE(relative.ok()) << relative.status();
+  EXPECT_TRUE(relative->NotConverted("language_model.lm_head"));
+  EXPECT_TRUE(relative->NotConverted("language_model.model.layers.1.mlp.experts.0.up_proj"));
+  EXPECT_FALSE(relative->NotConverted("language_model.model.layers.1.mlp.experts.1.up_proj"));
+  EXPECT_FALSE(relative->NotConverted("vision_tower.lm_head"));
+  auto none = ReadCheckpointQuantization(KimiConfig("", ""));
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->method, QuantMethod::kNone);
+  // A text model's own config has no prefix to leave out.
+  auto plain =
+      ReadCheckpointQuantization(absl::StrCat(R"({"architectures": ["DeepseekV3ForCausalLM"], )", Int4(32), "}"));
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->text_prefix, "");
+}
+
+TEST(CheckpointQuantizationTest, RefusesContradictionsAndBadTextConfigFieldsByName) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {KimiConfig(Int4(32), Int4(64)), "text_config.quantization_config.weights.group_size"},
+      {KimiConfig(Int4(32), Int4(32, R"(["lm_head"])")), "text_config.quantization_config.ignore"},
+      {KimiConfig(Int4(32), R"("quantization_config": {"quant_method": "fp8"})"),
+       "text_config.quantization_config.quant_method"},
+      {KimiConfig("", R"("quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"g": {"weights": {"num_bits": 3, "type": "int", "strategy": "channel"}}}})"),
+       "text_config.quantization_config.config_groups.g.weights.num_bits"},
+      {KimiConfig("", R"("quantization_config": "int4")"), "text_config.quantization_config'"},
+  };
+  for (const auto& [text, field] : cases) {
+    auto c = ReadCheckpointQuantization(text);
     EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << text;
     EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status();
   }
