@@ -10,7 +10,7 @@ length:
 * the plain path: no chunks, no recompute (what lathe did before), only at
   the lengths that fit this machine (--plain-lengths);
 * `lathe plan`'s estimate for the same model and length (a one-row preset
-  table with the model's facts), against the measured peak less the process
+  table with the model's config), against the measured peak less the process
   baseline (libtorch, MKL and the runtime's code with a model of no size).
 
 The model has Qwen3's vocabulary and layout at reduced width (random weights
@@ -120,7 +120,7 @@ def plan_estimate(build_dir, tokens):
     """lathe plan's total (bytes) for the bench model at `tokens`, LoRA rank 32, one device."""
     row = {"base_model": MODEL_NAME, "architecture": "Qwen3ForCausalLM", "node_count": 1, "devices_per_node": 1,
            "tp": 1, "ep": 1, "max_seq_len": tokens, "verified": True,
-           "facts": {k: v for k, v in SHAPE.items()}}
+           "config": {k: v for k, v in SHAPE.items()}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"presets": [row]}, f)
     out = subprocess.run([os.path.join(build_dir, "client", "lathe"), "plan", f"--model={MODEL_NAME}",
