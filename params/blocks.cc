@@ -16,6 +16,12 @@ TensorRow Row(std::string role, std::string name, std::vector<int64_t> shape, Cu
   return r;
 }
 
+// `table` with `prefix` before each role.
+ParamTable Prefixed(const std::string& prefix, ParamTable table) {
+  for (TensorRow& r : table.tensors) r.role = prefix + r.role;
+  return table;
+}
+
 }  // namespace
 
 ParamTable DescribeNorm(const std::string& role, const std::string& name, int64_t width) {
@@ -34,16 +40,16 @@ ParamTable DescribeLinear(const std::string& role, const std::string& module, in
   return t;
 }
 
-ParamTable DescribeGqa(const ModelConfig& c, const std::string& prefix) {
+ParamTable DescribeGqa(const std::string& prefix, const GqaDims& g) {
   const std::string p = prefix + ".";
-  const int64_t d = c.head_dim, h = c.hidden_size;
-  const int64_t q_rows = c.num_attention_heads * (c.attn_output_gate ? 2 * d : d);
-  const int64_t kv = c.num_key_value_heads * d, q_dim = c.num_attention_heads * d;
+  const int64_t d = g.head_dim, h = g.hidden;
+  const int64_t q_rows = g.heads * (g.output_gate ? 2 * d : d);
+  const int64_t kv = g.kv_heads * d, q_dim = g.heads * d;
   ParamTable t = DescribeLinear("q_proj", p + "q_proj", q_rows, h, Cut::kRows, Group::kAttn);
   t.Append(DescribeLinear("k_proj", p + "k_proj", kv, h, Cut::kKvRows, Group::kAttn, d));
   t.Append(DescribeLinear("v_proj", p + "v_proj", kv, h, Cut::kKvRows, Group::kAttn, d));
   t.Append(DescribeLinear("o_proj", p + "o_proj", h, q_dim, Cut::kCols, Group::kAttn));
-  if (c.qkv_bias) {
+  if (g.qkv_bias) {
     t.tensors.push_back(Row("q_proj.bias", p + "q_proj.bias", {q_rows}, Cut::kRows));
     for (const char* proj : {"k_proj", "v_proj"}) {
       TensorRow b = Row(std::string(proj) + ".bias", p + proj + ".bias", {kv}, Cut::kKvRows);
@@ -51,18 +57,17 @@ ParamTable DescribeGqa(const ModelConfig& c, const std::string& prefix) {
       t.tensors.push_back(std::move(b));
     }
   }
-  if (c.o_bias) t.tensors.push_back(Row("o_proj.bias", p + "o_proj.bias", {h}));
-  if (c.qk_norm) {
+  if (g.o_bias) t.tensors.push_back(Row("o_proj.bias", p + "o_proj.bias", {h}));
+  if (g.qk_norm) {
     t.tensors.push_back(Row("q_norm", p + "q_norm.weight", {d}));
     t.tensors.push_back(Row("k_norm", p + "k_norm.weight", {d}));
   }
   return t;
 }
 
-ParamTable DescribeLatentAttention(const ModelConfig& c, const std::string& prefix) {
-  const runtime::LatentAttentionConfig& a = c.latent_attention;
+ParamTable DescribeLatentAttention(const std::string& prefix, int64_t h, int64_t heads,
+                                   const runtime::LatentAttentionConfig& a) {
   const std::string p = prefix + ".";
-  const int64_t h = c.hidden_size, heads = c.num_attention_heads;
   ParamTable t;
   // q_b and kv_b read the latents: never adapted (as peft's default targets).
   if (a.q_lora_rank > 0) {
@@ -82,16 +87,16 @@ ParamTable DescribeLatentAttention(const ModelConfig& c, const std::string& pref
   return t;
 }
 
-ParamTable DescribeGatedDeltaNet(const ModelConfig& c, const std::string& prefix) {
-  const runtime::LinearAttentionConfig& la = c.linear_attention;
+ParamTable DescribeGatedDeltaNet(const std::string& prefix, int64_t h, const runtime::LinearAttentionConfig& la) {
   const std::string p = prefix + ".";
-  const int64_t h = c.hidden_size, kd = la.key_dim(), vd = la.value_dim(), conv = la.conv_dim();
+  const int64_t kd = la.key_dim(), vd = la.value_dim(), conv = la.conv_dim();
   ParamTable t;
   // One fused tensor, adapted as three linears; trained whole in full fine-tuning.
   TensorRow qkv = Row("in_proj_qkv", p + "in_proj_qkv.weight", {conv, h}, Cut::kPartRows);
   TensorRow conv1d = Row("conv1d", p + "conv1d.weight", {conv, 1, la.conv_kernel_size}, Cut::kPartRows);
   for (TensorRow* r : {&qkv, &conv1d}) {
     r->parts = {kd, kd, vd};
+    r->part_modules = {p + "in_proj_q", p + "in_proj_k", p + "in_proj_v"};
     r->whole_in_full_finetune = true;
     t.tensors.push_back(*r);
   }
@@ -128,24 +133,25 @@ ParamTable DescribeRouterAndExperts(const std::string& prefix, int64_t experts, 
   return t;
 }
 
-ParamTable DescribeRoutedExperts(const ModelConfig& c, const std::string& prefix) {
-  const int64_t h = c.hidden_size;
-  ParamTable t = DescribeRouterAndExperts(prefix, c.num_experts, h, c.moe_intermediate_size);
-  if (c.shared_expert.intermediate_size > 0) {
-    t.Append(DescribeSwiGlu(prefix + ".shared_expert", h, c.shared_expert.intermediate_size));
-    t.Append(DescribeLinear("shared_expert_gate", prefix + ".shared_expert_gate", 1, h, Cut::kWhole, Group::kMlp));
+ParamTable DescribeRoutedExperts(const std::string& prefix, int64_t hidden, int64_t experts, int64_t inter,
+                                 int64_t shared_inter) {
+  ParamTable t = DescribeRouterAndExperts(prefix, experts, hidden, inter);
+  if (shared_inter > 0) {
+    t.Append(Prefixed("shared_expert.", DescribeSwiGlu(prefix + ".shared_expert", hidden, shared_inter)));
+    t.Append(DescribeLinear("shared_expert_gate", prefix + ".shared_expert_gate", 1, hidden, Cut::kWhole,
+                            Group::kMlp));
   }
   return t;
 }
 
-ParamTable DescribeSigmoidExperts(const ModelConfig& c, const std::string& prefix) {
-  const int64_t h = c.hidden_size;
-  ParamTable t = DescribeRouterAndExperts(prefix, c.num_experts, h, c.moe_intermediate_size);
-  TensorRow bias = Row("gate.e_score_correction_bias", prefix + ".gate.e_score_correction_bias", {c.num_experts});
+ParamTable DescribeSigmoidExperts(const std::string& prefix, int64_t hidden, int64_t experts, int64_t inter,
+                                  int64_t shared_inter) {
+  ParamTable t = DescribeRouterAndExperts(prefix, experts, hidden, inter);
+  TensorRow bias = Row("gate.e_score_correction_bias", prefix + ".gate.e_score_correction_bias", {experts});
   bias.storage = Storage::kFrozenFp32;
   t.tensors.push_back(std::move(bias));
-  if (c.shared_expert.intermediate_size > 0) {
-    t.Append(DescribeSwiGlu(prefix + ".shared_experts", h, c.shared_expert.intermediate_size));
+  if (shared_inter > 0) {
+    t.Append(Prefixed("shared_experts.", DescribeSwiGlu(prefix + ".shared_experts", hidden, shared_inter)));
   }
   return t;
 }

@@ -40,6 +40,7 @@ struct TensorRow {
   Cut cut = Cut::kWhole;
   int64_t unit = 1;                // kKvRows: rows per head
   std::vector<int64_t> parts;      // kPartRows: the blocks' row counts (sum = shape[0])
+  std::vector<std::string> part_modules;  // kPartRows: each block's adapter module (AdapterRow::module)
   bool whole_in_full_finetune = false;  // held whole when trained in full (the fused in_proj_qkv)
   Storage storage = Storage::kWeight;
 

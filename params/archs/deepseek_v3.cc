@@ -7,8 +7,14 @@ namespace lathe::params {
 
 ParamTable DescribeDeepseekV3Layers(const runtime::ModelConfig& c, const std::string& prefix) {
   return DescribePreNormLayers(
-      c, prefix, [&](int64_t, const std::string& p) { return DescribeLatentAttention(c, p + "self_attn"); },
-      [&](const std::string& mlp) { return DescribeSigmoidExperts(c, mlp); });
+      c, prefix,
+      [&](int64_t, const std::string& p) {
+        return DescribeLatentAttention(p + "self_attn", c.hidden_size, c.num_attention_heads, c.latent_attention);
+      },
+      [&](const std::string& mlp) {
+        return DescribeSigmoidExperts(mlp, c.hidden_size, c.num_experts, c.moe_intermediate_size,
+                                      c.shared_expert.intermediate_size);
+      });
 }
 
 }  // namespace lathe::params

@@ -16,7 +16,9 @@ ParamTable DescribePreNormLayers(const runtime::ModelConfig& c, const std::strin
     if (!c.IsMoeLayer(i)) {
       t.Append(DescribeSwiGlu(p + "mlp", c.hidden_size, c.intermediate_size));
     } else {
-      t.Append(routed ? routed(p + "mlp") : DescribeRoutedExperts(c, p + "mlp"));
+      t.Append(routed ? routed(p + "mlp")
+                      : DescribeRoutedExperts(p + "mlp", c.hidden_size, c.num_experts, c.moe_intermediate_size,
+                                              c.shared_expert.intermediate_size));
     }
   }
   return t;

@@ -6,8 +6,11 @@
 namespace lathe::params {
 
 ParamTable DescribeQwen35Layers(const runtime::ModelConfig& c, const std::string& prefix) {
+  const GqaDims attention{c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                          c.qk_norm,     c.attn_output_gate,    false,                 false};
   return DescribePreNormLayers(c, prefix, [&](int64_t i, const std::string& p) {
-    return c.IsLinearAttentionLayer(i) ? DescribeGatedDeltaNet(c, p + "linear_attn") : DescribeGqa(c, p + "self_attn");
+    return c.IsLinearAttentionLayer(i) ? DescribeGatedDeltaNet(p + "linear_attn", c.hidden_size, c.linear_attention)
+                                       : DescribeGqa(p + "self_attn", attention);
   });
 }
 

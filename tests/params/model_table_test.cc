@@ -62,7 +62,7 @@ TEST(ModelTableTest, CutsPerRank) {
   EXPECT_EQ(CutRange(Cut::kVocab, 10, 1, {4, 1}), (std::pair<int64_t, int64_t>{2, 3}));
   EXPECT_EQ(CutRange(Cut::kExperts, 8, 1, {1, 0, 4, 3}), (std::pair<int64_t, int64_t>{6, 2}));
   // The fused in_proj_qkv: q, k, v blocks each cut; whole under full fine-tuning.
-  TensorRow qkv{"in_proj_qkv", "x", {64, 8}, Cut::kPartRows, 1, {16, 16, 32}, true};
+  TensorRow qkv{"in_proj_qkv", "x", {64, 8}, Cut::kPartRows, 1, {16, 16, 32}, {"q", "k", "v"}, true};
   RankPart part = PartOf(qkv, {2, 1});
   EXPECT_EQ(part.dim, 0);
   EXPECT_EQ(part.ranges, (std::vector<std::pair<int64_t, int64_t>>{{8, 8}, {24, 8}, {48, 16}}));
