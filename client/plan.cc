@@ -66,6 +66,8 @@ int PrintMemory(const MemoryEstimate& m, const PlanOptions& o, const parallel::M
                                                   {"activations", m.activations},
                                                   {"gathered K/V", m.gathered_kv},
                                                   {"total", m.total()}};
+  std::printf("  (base weights as the runtime holds them: a quantized checkpoint's FP8 or INT4 weights are "
+              "dequantized to %s on load)\n", DtypeName(o.dtype));
   for (const auto& [name, bytes] : terms) std::printf("  %-16s %9.2f GiB\n", name, bytes / kGiB);
   const bool h100 = PrintDevice(m, kH100.name, kH100.gib);
   PrintDevice(m, kH200.name, kH200.gib);

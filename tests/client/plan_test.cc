@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "absl/strings/str_format.h"
@@ -404,6 +406,33 @@ TEST(PlanTest, ExitCodeThreeWhenTheTargetDeviceIsTooSmall) {
   EXPECT_EQ(Plan(table, "Qwen/Qwen3-8B", Dtype::kBfloat16, -1), 1);
   // No estimate (no description of its architecture): planned, exit 0.
   EXPECT_EQ(Plan(table, "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", Dtype::kBfloat16, 0), 0);
+}
+
+// --config: a model outside the table planned from its own config.json; a
+// path that cannot be read is refused by name.
+TEST(PlanTest, ConfigFlagPlansFromAConfigJson) {
+  const std::string dir = testing::TempDir() + "/plan_config_model";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << Dense().dump();
+  PlanOptions o;
+  o.layout.model = "my-model";
+  o.layout.devices_per_node = 2;
+  o.layout.tp = 2;
+  o.layout.max_seq_len = 100;
+  o.lora_rank = 8;
+  o.dtype = Dtype::kFloat32;
+  for (const std::string& path : {dir, dir + "/config.json"}) {
+    o.config_path = path;
+    testing::internal::CaptureStdout();
+    EXPECT_EQ(PlanCommand({}, o), 0) << path;
+    const std::string out = testing::internal::GetCapturedStdout();
+    auto m = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 8, Dtype::kFloat32);
+    EXPECT_NE(out.find(absl::StrFormat("  %-16s %9.2f GiB", "total", m->total() / (1 << 30))), std::string::npos) << out;
+  }
+  o.config_path = dir + "/missing.json";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(PlanCommand({}, o), 1);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("missing.json"), std::string::npos);
 }
 
 TEST(PlanTest, ListShowsEachPresetsEstimateAndVerdicts) {

@@ -167,6 +167,35 @@ TEST(PresetTableTest, RefusesHybridRowsWhoseLinearHeadsDoNotSplit) {
   EXPECT_FALSE(ParsePresets(gate).ok());
 }
 
+// A row of an architecture lathe does not describe: `estimate_as` names the
+// one whose table stands in; without it the row has no estimate.
+TEST(PresetTableTest, EstimateAsReadsTheConfigAsTheStandIn) {
+  const std::string row = R"({"presets": [{"base_model": "Org/G", "architecture": "Glm4MoeForCausalLM",
+    %AS% "node_count": 1, "devices_per_node": 8, "tp": 8, "ep": 8, "max_seq_len": 4096, "verified": %V%,
+    "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+               "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000, "num_experts": 8,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 32}}]})";
+  auto make = [&](const std::string& as, const std::string& verified) {
+    std::string s = row;
+    s.replace(s.find("%AS%"), 4, as);
+    s.replace(s.find("%V%"), 3, verified);
+    return ParsePresets(s);
+  };
+  auto stand_in = make(R"("estimate_as": "Qwen3MoeForCausalLM",)", "false");
+  ASSERT_TRUE(stand_in.ok()) << stand_in.status();
+  ASSERT_TRUE((*stand_in)[0].config.has_value());
+  EXPECT_EQ((*stand_in)[0].config->architecture, "Qwen3MoeForCausalLM");
+  EXPECT_EQ((*stand_in)[0].architecture, "Glm4MoeForCausalLM");
+  EXPECT_EQ((*stand_in)[0].dims.num_experts, 8);
+  auto none = make("", "false");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE((*none)[0].config.has_value());
+  EXPECT_NE((*none)[0].config_error.find("Glm4MoeForCausalLM"), std::string::npos);
+  EXPECT_EQ((*none)[0].dims.num_experts, 8);  // the layout is still checked
+  EXPECT_FALSE(make(R"("estimate_as": "Qwen3MoeForCausalLM",)", "true").ok()) << "a verified row runs its own";
+  EXPECT_FALSE(make(R"("estimate_as": "NoSuchForCausalLM",)", "false").ok());
+}
+
 TEST(PresetTableTest, LookupByFullIdOrLastPartIgnoringCase) {
   std::vector<Preset> table = Shipped();
   ASSERT_NE(FindPreset(table, "qwen/qwen3-8b"), nullptr);
