@@ -168,13 +168,15 @@ double GatheredKvWidth(const Facts& f, int tp) {
 // latent_attention.cc, prefill path): the norm's input and output; q_a's
 // output and its norm's (when q is low-rank), q_b's (or q_proj's); kv_a's
 // output [latent | rope key] and the latent's norm; kv_b's per-head [key |
-// value]; the roped q and key parts; q and the expanded key as attention
-// reads them, [heads, qk] each; the attention output (o's input).
+// value]; the roped q and key parts; q, the expanded key, the values padded
+// to qk (for the fused kernel) and the padded output as attention keeps
+// them, [heads, qk] each; o's input (the output without its padding).
 double LatentElements(const Facts& f, int tp) {
   const LatentWidths w = LatentWidthsOf(f, tp);
   const double h = f.hidden_size;
+  const double padded = std::max(w.qk, w.v);
   return 2 * h + 2 * w.q_rank + w.heads * w.qk + (w.kv_rank + w.rope) + w.kv_rank + w.heads * (w.nope + w.v) +
-         w.heads * w.rope + w.rope + 2 * w.heads * w.qk + w.heads * w.v;
+         w.heads * w.rope + w.rope + 2 * w.heads * w.qk + 2 * w.heads * padded + w.heads * w.v;
 }
 
 // Width of the RoPE tables (cos and sin each): head_dim, or latent

@@ -129,7 +129,13 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   if (ctx.cp != nullptr) {
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
   } else {
-    o = PackedAttention(q, k, v, ctx.lengths, c.softmax_scale, /*gqa=*/false);
+    // SDPA's fused (flash) kernel needs the values as wide as q and k; without
+    // it the T x T scores are materialised. Zero columns appended to the
+    // values give zero output columns, dropped again: the same attention.
+    const int64_t pad = (nope + r) - dv;
+    o = PackedAttention(q, k, pad > 0 ? at::constant_pad_nd(v, {0, pad}) : v, ctx.lengths, c.softmax_scale,
+                        /*gqa=*/false);
+    if (pad > 0) o = o.narrow(2, 0, dv);
   }
   return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
 }

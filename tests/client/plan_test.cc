@@ -379,9 +379,10 @@ TEST(PlanTest, LatentAttentionActivationsByHand) {
   auto m = EstimateMemory(Config(c), Shape(2, 1), 10, 8, Dtype::kFloat32);
   ASSERT_TRUE(m.ok()) << m.status();
   // 2 heads per rank, qk 24, v 16: norm 2*64; q_a and its norm 2*24; q_b 2*24; kv_a 16+8 and the latent
-  // norm 16; kv_b 2*(16+16); roped q and key parts 2*8 + 8; q and the expanded key 2*2*24; output 2*16:
-  // 128 + 48 + 48 + 24 + 16 + 64 + 24 + 96 + 32 = 480; the dense MLP 2*64 + 4*64 = 384; final norm 64.
-  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 10 * (480 + 384 + 64) + 2.25 * 4.0 * 10 * 50);
+  // norm 16; kv_b 2*(16+16); roped q and key parts 2*8 + 8; q, the expanded key, the values padded to 24
+  // and the padded output 4*2*24; o's input 2*16:
+  // 128 + 48 + 48 + 24 + 16 + 64 + 24 + 192 + 32 = 576; the dense MLP 2*64 + 4*64 = 384; final norm 64.
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 10 * (576 + 384 + 64) + 2.25 * 4.0 * 10 * 50);
   // cp 2: the gathered K and V are the expanded heads (2 x (24 + 16) per token on this rank).
   auto cp = EstimateMemory(Config(c), WithCp(2, 2), 8192, 8, Dtype::kFloat32);
   ASSERT_TRUE(cp.ok());
