@@ -73,12 +73,12 @@ struct PlanOptions {
 // stderr for a layout the model or the mesh refuses; 3 when the estimate
 // does not fit the target device (within 90% of it): device_memory_gib when
 // given, else the H100 (80 GB). Unverified presets are planned, marked as
-// such; a model without complete facts gets no estimate (exit 0).
+// such; a model without a config lathe describes gets no estimate (exit 0).
 int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 // Prints the preset table with each row's estimate per device (at its own
-// layout and max_seq_len, options' lora_rank and dtype; "-" where its facts
-// allow none) and whether it fits an H100 and an H200; returns 0.
+// layout and max_seq_len, options' lora_rank and dtype; "-" where its config
+// allows none) and whether it fits an H100 and an H200; returns 0.
 int ListPresetsCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 }  // namespace lathe::client
