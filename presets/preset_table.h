@@ -39,8 +39,8 @@ struct Preset {
   // The row's `config`, config.json's own fields (a wrapper's text fields
   // under text_config), as runtime::ParseModelConfig reads them with
   // `architectures` set to the row's architecture (or estimate_as). Absent
-  // when they do not parse (too few known): no estimate, `config_error`
-  // says why.
+  // in a declared row whose fields are too few or whose architecture lathe
+  // does not read: no estimate, `config_error` says why.
   std::optional<runtime::ModelConfig> config;
   std::string config_error;
   // What the layout check uses: from `config`, else from the raw fields.
@@ -49,8 +49,10 @@ struct Preset {
 
 // Parses the table. InvalidArgument naming the row and field for malformed
 // JSON, a missing or ill-typed field, a duplicate name, a layout its own
-// config refuses (parallel::ValidateMesh), a verified row whose config does
-// not parse (naming the field), or an estimate_as without a config.
+// config refuses (parallel::ValidateMesh), a config that gives
+// `architectures`, or one that does not parse (naming the field) in a
+// verified row, in a row with estimate_as, or for a reason other than a
+// missing field or an architecture lathe does not read.
 absl::StatusOr<std::vector<Preset>> ParsePresets(const std::string& json_text);
 
 // Reads and parses `path`. NotFound when it cannot be read; errors of
