@@ -10,7 +10,7 @@ length:
 * the plain path: no chunks, no recompute (what lathe did before), only at
   the lengths that fit this machine (--plain-lengths);
 * `lathe plan`'s estimate for the same model and length (a one-row preset
-  table with the model's facts), against the measured peak less the process
+  table with the model's config), against the measured peak less the process
   baseline (libtorch, MKL and the runtime's code with a model of no size).
 
 The model has Qwen3's vocabulary and layout at reduced width (random weights
@@ -20,6 +20,7 @@ in a fresh Python process at those lengths, and the whole processes' peaks
 are compared.
 
   .venv/bin/python bench/memory_peak.py [--threads 2] [--lengths 2048,8192,16384,32768] [--dtype float32|bfloat16]
+      [--arch qwen3|deepseek_v3]
       [--plain-lengths 2048,4096,8192] [--hf-lengths 2048,4096]
 """
 import argparse
@@ -42,10 +43,34 @@ GiB = 1024.0 * MiB
 SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_attention_heads=8,
              num_key_value_heads=4, head_dim=32, num_hidden_layers=4, tie_word_embeddings=False)
 MODEL_NAME = "bench/Qwen3-memory"
+ARCH = ["Qwen3ForCausalLM"]  # --arch (set from the command line)
+
+# --arch deepseek_v3: DeepSeek-V3's latent attention and sigmoid-routed experts at
+# bench width, with a small vocabulary so that the layers' activations, which
+# lathe plan's latent-attention terms count, dominate the peak.
+DEEPSEEK_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                      num_attention_heads=8, num_key_value_heads=8, q_lora_rank=96, kv_lora_rank=64,
+                      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                      num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+                      num_hidden_layers=4, tie_word_embeddings=False)
 
 
 def cached_model(cache):
-    return cached_qwen3(cache, "qwen3-memory", SHAPE)
+    if ARCH[0] == "Qwen3ForCausalLM":
+        return cached_qwen3(cache, "qwen3-memory", SHAPE)
+    path = os.path.join(cache, "deepseek-v3-memory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import torch
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        print(f"[bench] writing the model to {path}", flush=True)
+        torch.manual_seed(0)
+        config = DeepseekV3Config(**DEEPSEEK_SHAPE, rope_theta=1e4, max_position_embeddings=131072)
+        DeepseekV3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def shape():
+    return SHAPE if ARCH[0] == "Qwen3ForCausalLM" else DEEPSEEK_SHAPE
 
 
 DTYPE = ["float32"]  # --dtype of train_bench and lathe plan (set from the command line)
@@ -118,9 +143,9 @@ def run_hf(model_dir, tokens, threads):
 
 def plan_estimate(build_dir, tokens):
     """lathe plan's total (bytes) for the bench model at `tokens`, LoRA rank 32, one device."""
-    row = {"base_model": MODEL_NAME, "architecture": "Qwen3ForCausalLM", "node_count": 1, "devices_per_node": 1,
+    row = {"base_model": MODEL_NAME, "architecture": ARCH[0], "node_count": 1, "devices_per_node": 1,
            "tp": 1, "ep": 1, "max_seq_len": tokens, "verified": True,
-           "facts": {k: v for k, v in SHAPE.items()}}
+           "config": {k: v for k, v in shape().items()}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"presets": [row]}, f)
     out = subprocess.run([os.path.join(build_dir, "client", "lathe"), "plan", f"--model={MODEL_NAME}",
@@ -148,8 +173,11 @@ def main():
     ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-models"))
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="lathe's compute precision, for its runs and lathe plan's estimate")
+    ap.add_argument("--arch", choices=["qwen3", "deepseek_v3"], default="qwen3",
+                    help="the bench model: Qwen3 at reduced width, or DeepSeek-V3 (latent attention) at bench width")
     args = ap.parse_args()
     DTYPE[0] = args.dtype
+    ARCH[0] = "Qwen3ForCausalLM" if args.arch == "qwen3" else "DeepseekV3ForCausalLM"
     model = cached_model(args.cache)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     plain_lengths = {int(x) for x in args.plain_lengths.split(",") if x}
@@ -181,7 +209,7 @@ def main():
             measured = lathe_peak - base
             row += [f"{est / MiB:>6.0f} MiB", f"{measured / MiB:>6.0f} MiB", f"{est / measured:>8.2f}"]
         print(" ".join(row), flush=True)
-    print(f"(threads {args.threads}; model {SHAPE}; LoRA rank 32; {args.dtype}; one datum per step)")
+    print(f"(threads {args.threads}; model {ARCH[0]} {shape()}; LoRA rank 32; {args.dtype}; one datum per step)")
     hf_lengths = [int(x) for x in args.hf_lengths.split(",") if x]
     if hf_lengths:
         hf_base, _ = run_hf(model, 0, args.threads)

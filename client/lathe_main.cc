@@ -45,6 +45,8 @@ ABSL_FLAG(double, device_memory_gib, 0,
           "(0: exit 3 when it exceeds 90% of the H100's 80 GiB)");
 ABSL_FLAG(std::string, format, "table", "plan: table, or env (shell assignments used by launch/)");
 ABSL_FLAG(bool, list, false, "plan: list the preset table instead");
+ABSL_FLAG(std::string, config, "",
+          "plan: a config.json (or a model folder) whose model the estimate counts; empty: the preset's config");
 ABSL_FLAG(std::string, presets, "", "plan: preset table; empty: $LATHE_PRESETS, installed or source-tree");
 ABSL_FLAG(double, min_loss_drop, 0.0, "train: exit 1 unless the last loss is below the first by this fraction");
 
@@ -70,6 +72,7 @@ int Plan() {
   o.lora_rank = absl::GetFlag(FLAGS_lora_rank);
   o.device_memory_gib = absl::GetFlag(FLAGS_device_memory_gib);
   o.format = absl::GetFlag(FLAGS_format);
+  o.config_path = absl::GetFlag(FLAGS_config);
   if (absl::GetFlag(FLAGS_list)) return lathe::client::ListPresetsCommand(*table, o);
   return lathe::client::PlanCommand(*table, o);
 }

@@ -3,6 +3,10 @@
 #include "client/plan.h"
 
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -14,10 +18,10 @@ namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-void PrintRanks(const parallel::MeshShape& shape, const presets::ModelFacts& facts) {
+void PrintRanks(const parallel::MeshShape& shape, int64_t num_experts) {
   std::printf("%6s %8s %10s %11s %8s %8s %8s  %s\n", "rank", "replica", "node_rank", "local_rank", "tp_rank",
-              "cp_rank", "ep_rank", facts.is_moe() ? "experts" : "");
-  const int64_t per_rank = facts.is_moe() ? facts.num_experts / shape.ep : 0;
+              "cp_rank", "ep_rank", num_experts > 0 ? "experts" : "");
+  const int64_t per_rank = num_experts / shape.ep;
   for (int rank = 0; rank < shape.world_size(); ++rank) {
     parallel::RankPlace p = parallel::PlaceOf(shape, rank);
     std::string experts;
@@ -62,11 +66,26 @@ int PrintMemory(const MemoryEstimate& m, const PlanOptions& o, const parallel::M
                                                   {"activations", m.activations},
                                                   {"gathered K/V", m.gathered_kv},
                                                   {"total", m.total()}};
+  std::printf("  (base weights as the runtime holds them: a quantized checkpoint's FP8 or INT4 weights are "
+              "dequantized to %s on load)\n", DtypeName(o.dtype));
   for (const auto& [name, bytes] : terms) std::printf("  %-16s %9.2f GiB\n", name, bytes / kGiB);
   const bool h100 = PrintDevice(m, kH100.name, kH100.gib);
   PrintDevice(m, kH200.name, kH200.gib);
   if (o.device_memory_gib <= 0) return h100 ? 0 : 3;
   return PrintDevice(m, absl::StrFormat("%g GiB device", o.device_memory_gib), o.device_memory_gib) ? 0 : 3;
+}
+
+// A config.json, or the one in a model folder.
+absl::StatusOr<runtime::ModelConfig> LoadConfig(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return runtime::LoadModelConfig(path);
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--config: cannot read ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  absl::StatusOr<runtime::ModelConfig> c = runtime::ParseModelConfig(text.str());
+  if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": ", c.status().message()));
+  return c;
 }
 
 }  // namespace
@@ -80,10 +99,22 @@ int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& o)
   if (s.devices_per_node <= 0) {
     return fail(absl::InvalidArgumentError("give --devices_per_node for a model without a preset"));
   }
-  presets::ModelFacts facts = l->preset ? l->preset->facts : presets::ModelFacts();
-  parallel::ModelDims dims = facts.Dims();
-  // Without a preset nothing is known of the model: check the mesh alone.
-  if (!l->preset) dims.num_experts = s.ep;
+  // The model's config: --config, else the preset's (whose absence is explained).
+  std::optional<runtime::ModelConfig> config;
+  std::string no_config = "no preset and no --config";
+  parallel::ModelDims dims;
+  if (!o.config_path.empty()) {
+    absl::StatusOr<runtime::ModelConfig> c = LoadConfig(o.config_path);
+    if (!c.ok()) return fail(c.status());
+    config = *std::move(c);
+    dims = presets::DimsOf(*config);
+  } else if (l->preset) {
+    config = l->preset->config;
+    no_config = l->preset->config_error;
+    dims = l->preset->dims;
+  } else {
+    dims.num_experts = s.ep;  // nothing is known of the model: check the mesh alone
+  }
   if (absl::Status v = parallel::ValidateMesh(s, s.world_size(), dims); !v.ok()) return fail(v);
   if (o.format == "env") return PrintEnv(*l, o.layout.model), 0;
   std::printf("plan: %s (%s)\n", o.layout.model.c_str(),
@@ -93,8 +124,15 @@ int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& o)
               "max_seq_len %lld\n",
               s.replicas, s.node_count, s.devices_per_node, s.world_size(), s.replicas * s.node_count, s.tp, s.cp,
               s.ep, static_cast<long long>(l->max_seq_len));
-  PrintRanks(s, facts);
-  absl::StatusOr<MemoryEstimate> m = EstimateMemory(facts, s, l->max_seq_len, o.lora_rank, o.dtype);
+  PrintRanks(s, config ? config->num_experts : 0);
+  if (!config) {
+    std::printf("memory per device: no estimate: %s\n", no_config.c_str());
+    return 0;
+  }
+  if (l->preset && !l->preset->estimate_as.empty() && o.config_path.empty()) {
+    std::printf("parameters counted as %s's (see the preset's note)\n", l->preset->estimate_as.c_str());
+  }
+  absl::StatusOr<MemoryEstimate> m = EstimateMemory(*config, s, l->max_seq_len, o.lora_rank, o.dtype);
   if (!m.ok()) {
     std::printf("memory per device: no estimate: %s\n", std::string(m.status().message()).c_str());
     return 0;
@@ -107,7 +145,8 @@ int ListPresetsCommand(const std::vector<presets::Preset>& table, const PlanOpti
               "seq_len", "verified", "GiB/dev", "H100", "H200");
   for (const presets::Preset& p : table) {
     const parallel::MeshShape shape{1, p.node_count, p.devices_per_node, p.tp, p.ep, p.cp};
-    absl::StatusOr<MemoryEstimate> m = EstimateMemory(p.facts, shape, p.max_seq_len, o.lora_rank, o.dtype);
+    absl::StatusOr<MemoryEstimate> m = absl::FailedPreconditionError(p.config_error);
+    if (p.config) m = EstimateMemory(*p.config, shape, p.max_seq_len, o.lora_rank, o.dtype);
     auto verdict = [&](double gib) { return !m.ok() ? "-" : Fits(*m, gib) ? "fits" : "no"; };
     std::string total = m.ok() ? absl::StrFormat("%.1f", m->total() / kGiB) : "-";
     std::printf("%-46s %5d %7d %3d %3d %3d %7lld %8s %9s %5s %5s\n", p.base_model.c_str(), p.node_count,

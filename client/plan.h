@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/model_config.h"
 #include "parallel/mesh.h"
 #include "presets/layout.h"
 #include "presets/preset_table.h"
@@ -33,11 +34,12 @@ struct MemoryEstimate {
   double total() const { return weights + trainable_state + activations + gathered_kv; }
 };
 
-// Per-device estimate for `facts` cut by `shape` (tp, ep, cp) at
-// `max_seq_len` tokens; lora_rank 0 = full fine-tuning. FailedPrecondition
-// naming what is missing when the facts are incomplete; InvalidArgument for
-// a non-positive max_seq_len.
-absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& facts, const parallel::MeshShape& shape,
+// Per-device estimate for the model of `config` cut by `shape` (tp, ep, cp)
+// at `max_seq_len` tokens; lora_rank 0 = full fine-tuning. Its parameters
+// are those of the architecture's parameter table (params/), counted at the
+// widest rank. FailedPrecondition when the architecture has no description;
+// InvalidArgument for a non-positive max_seq_len.
+absl::StatusOr<MemoryEstimate> EstimateMemory(const runtime::ModelConfig& config, const parallel::MeshShape& shape,
                                               int64_t max_seq_len, int lora_rank, Dtype dtype);
 
 // The share of a device the estimate may fill: what it leaves out (the
@@ -62,18 +64,21 @@ struct PlanOptions {
   Dtype dtype = Dtype::kBfloat16;
   double device_memory_gib = 0;  // 0: none besides the H100 and H200
   std::string format = "table";  // "table" or "env" (shell assignments for the launch scripts)
+  // A config.json (or a model folder holding one) the estimate and the
+  // layout check read instead of the preset's config; empty: the preset's.
+  std::string config_path;
 };
 
 // Prints the plan to stdout; returns the exit code: 0; 1 with the reason on
 // stderr for a layout the model or the mesh refuses; 3 when the estimate
 // does not fit the target device (within 90% of it): device_memory_gib when
 // given, else the H100 (80 GB). Unverified presets are planned, marked as
-// such; a model without complete facts gets no estimate (exit 0).
+// such; a model without a config lathe describes gets no estimate (exit 0).
 int PlanCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 // Prints the preset table with each row's estimate per device (at its own
-// layout and max_seq_len, options' lora_rank and dtype; "-" where its facts
-// allow none) and whether it fits an H100 and an H200; returns 0.
+// layout and max_seq_len, options' lora_rank and dtype; "-" where its config
+// allows none) and whether it fits an H100 and an H200; returns 0.
 int ListPresetsCommand(const std::vector<presets::Preset>& table, const PlanOptions& options);
 
 }  // namespace lathe::client

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/plan.h"
+#include "params/model_table.h"
 
 namespace lathe::client {
 namespace {
@@ -62,19 +63,72 @@ constexpr double kChunkBuffers = 2.25;
 // states' gradient, [T, hidden] each.
 constexpr double kHiddenBuffers = 3.0;
 
-// Parameters of one device's shard of the base model, and LoRA parameters
-// of its shard at rank r (attention and MLP, experts included).
+// The widths the activation formulas use, read off the config.
+struct Facts {
+  int64_t hidden_size = 0, num_hidden_layers = 0, num_attention_heads = 0, num_key_value_heads = 0, head_dim = 0;
+  int64_t intermediate_size = 0, vocab_size = 0;
+  int64_t num_experts = 0, num_experts_per_tok = 0, moe_intermediate_size = 0;
+  int64_t shared_experts = 0;  // ungated shared experts, moe_intermediate_size wide each
+  int64_t shared_expert_intermediate_size = 0;  // one sigmoid-gated shared expert this wide
+  int64_t dense_layers = 0, moe_layers = 0, linear_layers = 0;
+  int64_t linear_num_key_heads = 0, linear_num_value_heads = 0, linear_key_head_dim = 0, linear_value_head_dim = 0;
+  bool attn_output_gate = false;
+  runtime::LatentAttentionConfig latent;  // enabled(): latent attention (DeepSeek-V3's MLA)
+  int64_t rope_dim = 0;  // width of the RoPE tables
+
+  int64_t linear_attention_layers() const { return linear_layers; }
+  int64_t full_attention_layers() const { return num_hidden_layers - linear_layers; }
+};
+
+Facts FactsOf(const runtime::ModelConfig& c) {
+  Facts f;
+  f.hidden_size = c.hidden_size, f.num_hidden_layers = c.num_hidden_layers;
+  f.num_attention_heads = c.num_attention_heads, f.num_key_value_heads = c.num_key_value_heads;
+  f.head_dim = c.head_dim, f.intermediate_size = c.intermediate_size, f.vocab_size = c.vocab_size;
+  f.num_experts = c.num_experts, f.num_experts_per_tok = c.num_experts_per_tok;
+  f.moe_intermediate_size = c.moe_intermediate_size;
+  if (c.num_experts > 0 && c.shared_expert.intermediate_size > 0) {
+    if (c.shared_expert.sigmoid_gate) {
+      f.shared_expert_intermediate_size = c.shared_expert.intermediate_size;
+    } else {
+      f.shared_experts = c.shared_expert.intermediate_size / std::max<int64_t>(c.moe_intermediate_size, 1);
+    }
+  }
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    (c.IsMoeLayer(i) ? f.moe_layers : f.dense_layers) += 1;
+    f.linear_layers += c.IsLinearAttentionLayer(i) ? 1 : 0;
+  }
+  f.linear_num_key_heads = c.linear_attention.num_key_heads;
+  f.linear_num_value_heads = c.linear_attention.num_value_heads;
+  f.linear_key_head_dim = c.linear_attention.key_head_dim;
+  f.linear_value_head_dim = c.linear_attention.value_head_dim;
+  f.attn_output_gate = c.attn_output_gate;
+  f.latent = c.latent_attention;
+  f.rope_dim = c.rotary.rotary_dim > 0 ? c.rotary.rotary_dim : c.head_dim;
+  return f;
+}
+
+// Parameters of one device's shard of the base model (`frozen_fp32`: the
+// fp32 buffers beside them), and LoRA parameters of its shard at rank r:
+// the description's rows (params/) at the widest rank of each group.
 struct ShardParams {
   double base = 0;
+  double frozen_fp32 = 0;
   double lora = 0;
 };
+
+ShardParams Shard(const params::ParamTable& table, int tp, int ep, int r, bool full_finetune) {
+  const params::RankPlace widest{tp, tp - 1, ep, ep - 1, full_finetune};
+  const params::RankCount n = params::CountRank(table, widest, r);
+  return {n.weights, n.frozen_fp32, n.adapters};
+}
 
 // Per-rank widths of a Gated DeltaNet layer (its heads split over tp).
 struct LinearWidths {
   double key_heads, value_heads, key_dim, value_dim, conv_dim;
 };
 
-LinearWidths LinearWidthsOf(const presets::ModelFacts& f, int tp) {
+LinearWidths LinearWidthsOf(const Facts& f, int tp) {
   LinearWidths w;
   w.key_heads = double(f.linear_num_key_heads) / tp;
   w.value_heads = double(f.linear_num_value_heads) / tp;
@@ -84,70 +138,50 @@ LinearWidths LinearWidthsOf(const presets::ModelFacts& f, int tp) {
   return w;
 }
 
-// The linear-attention layers' parameters (exactly those of transformers'
-// Qwen3_5GatedDeltaNet: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, the
-// depthwise conv1d, A_log, dt_bias, the gated norm, out_proj) and the two
-// layer norms; their adapters as lathe trains them: in_proj_qkv as three
-// (in_proj_q/k/v), in_proj_z/a/b column-parallel, out_proj row-parallel.
-void AddLinearAttention(const presets::ModelFacts& f, int tp, int r, ShardParams& s) {
-  const int64_t layers = f.linear_attention_layers();
-  if (layers == 0) return;
-  const double h = f.hidden_size;
-  const LinearWidths w = LinearWidthsOf(f, tp);
-  const double projections = h * (w.conv_dim + w.value_dim + 2 * w.value_heads) + w.value_dim * h;
-  const double small = w.conv_dim * f.linear_conv_kernel_dim + 2 * w.value_heads + f.linear_value_head_dim + 2 * h;
-  s.base += layers * (projections + small);
-  const double adapters = 2 * (h + w.key_dim) + (h + w.value_dim) + (h + w.value_dim) + 2 * (h + w.value_heads) +
-                          (w.value_dim + h);
-  s.lora += layers * double(r) * adapters;
-}
-
-ShardParams Shard(const presets::ModelFacts& f, int tp, int ep, int r) {
-  const int64_t h = f.hidden_size;
-  const int64_t q = f.num_attention_heads * f.head_dim / tp;          // q / o width on this rank
-  const int64_t kv = CeilDiv(f.num_key_value_heads, tp) * f.head_dim;  // KV replicated when fewer heads than tp
-  const int64_t dense_layers = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
-  const int64_t moe_layers = f.num_hidden_layers - dense_layers;
-  ShardParams s;
-  const int64_t vocab = CeilDiv(f.vocab_size, tp);
-  s.base += double(vocab) * h * (f.tie_word_embeddings ? 1 : 2);
-  // lm_head's adapter (train_unembed, on the embedding when tied): A whole, B cut by vocabulary.
-  s.lora += double(r) * (h + vocab);
-  // Attention: q, k, v column-parallel (A replicated, B cut), o row-parallel (A cut, B replicated).
-  // A gated q_proj (attn_output_gate) is twice as wide: per head [q | gate].
-  const double q_out = f.attn_output_gate ? 2.0 * q : double(q);
-  const int64_t attention_layers = f.full_attention_layers();
-  if (f.is_hybrid()) {
-    // Counted exactly: the two layer norms, and q_norm / k_norm of head_dim each; the final norm.
-    s.base += attention_layers * (h * q_out + 2.0 * h * kv + double(q) * h + 2.0 * h + 2.0 * f.head_dim) + h;
-  } else {
-    s.base += attention_layers * (2.0 * h * q + 2.0 * h * kv + 4.0 * h);
-  }
-  s.lora += attention_layers * double(r) * ((h + q_out) + 2 * (h + kv) + (q + h));
-  AddLinearAttention(f, tp, r, s);
-  const int64_t inter = f.intermediate_size / tp;
-  s.base += dense_layers * 3.0 * h * inter;
-  s.lora += dense_layers * double(r) * 3 * (h + inter);
-  if (moe_layers > 0) {
-    const double experts = double(f.num_experts) / ep;
-    const int64_t shared = f.shared_experts * f.moe_intermediate_size / tp;
-    s.base += moe_layers * (experts * 3.0 * h * f.moe_intermediate_size + double(h) * f.num_experts + 3.0 * h * shared);
-    s.lora += moe_layers * double(r) * (experts * 3 * (h + f.moe_intermediate_size) + 3 * (h + shared));
-    if (f.shared_expert_intermediate_size > 0) {
-      // The gated shared expert: a SwiGLU cut over tp, and its gate (h -> 1, replicated).
-      const int64_t gated = f.shared_expert_intermediate_size / tp;
-      s.base += moe_layers * (3.0 * h * gated + double(h));
-      s.lora += moe_layers * double(r) * (3 * (h + gated) + (h + 1));
-    }
-  }
-  return s;
-}
-
 // Per-rank attention widths: q (and o) and k (or v).
-double QWidth(const presets::ModelFacts& f, int tp) { return double(f.num_attention_heads) * f.head_dim / tp; }
-double KvWidth(const presets::ModelFacts& f, int tp) {
+double QWidth(const Facts& f, int tp) { return double(f.num_attention_heads) * f.head_dim / tp; }
+double KvWidth(const Facts& f, int tp) {
   return double(CeilDiv(f.num_key_value_heads, tp)) * f.head_dim;
 }
+
+// Latent attention's per-rank widths: its heads split over tp, each
+// qk_head_dim wide for q and the expanded key, v_head_dim for the values.
+struct LatentWidths {
+  double heads, qk, v, nope, rope, q_rank, kv_rank;
+};
+LatentWidths LatentWidthsOf(const Facts& f, int tp) {
+  const runtime::LatentAttentionConfig& a = f.latent;
+  return {double(f.num_attention_heads) / tp, double(a.qk_head_dim()), double(a.v_head_dim),
+          double(a.qk_nope_head_dim), double(a.qk_rope_head_dim), double(a.q_lora_rank), double(a.kv_lora_rank)};
+}
+
+// The widths of the K and V an attention layer all-gathers under cp, per
+// token: GQA's KV heads, or latent attention's expanded per-head keys and
+// values.
+double GatheredKvWidth(const Facts& f, int tp) {
+  if (!f.latent.enabled()) return 2 * KvWidth(f, tp);
+  const LatentWidths w = LatentWidthsOf(f, tp);
+  return w.heads * (w.qk + w.v);
+}
+
+// Elements per token latent attention keeps for backward (runtime/
+// latent_attention.cc, prefill path): the norm's input and output; q_a's
+// output and its norm's (when q is low-rank), q_b's (or q_proj's); kv_a's
+// output [latent | rope key] and the latent's norm; kv_b's per-head [key |
+// value]; the roped q and key parts; q, the expanded key, the values padded
+// to qk (for the fused kernel) and the padded output as attention keeps
+// them, [heads, qk] each; o's input (the output without its padding).
+double LatentElements(const Facts& f, int tp) {
+  const LatentWidths w = LatentWidthsOf(f, tp);
+  const double h = f.hidden_size;
+  const double padded = std::max(w.qk, w.v);
+  return 2 * h + 2 * w.q_rank + w.heads * w.qk + (w.kv_rank + w.rope) + w.kv_rank + w.heads * (w.nope + w.v) +
+         w.heads * w.rope + w.rope + 2 * w.heads * w.qk + 2 * w.heads * padded + w.heads * w.v;
+}
+
+// Width of the RoPE tables (cos and sin each): head_dim, or latent
+// attention's rope part.
+double RopeWidth(const Facts& f) { return f.latent.enabled() ? double(f.rope_dim) : double(f.head_dim); }
 
 // The layers of each kind: token mixer (softmax or linear attention) and MLP
 // (dense or MoE) vary independently.
@@ -155,24 +189,24 @@ struct LayerCounts {
   int64_t attention, linear, dense, moe;
 };
 
-LayerCounts CountLayers(const presets::ModelFacts& f) {
-  const int64_t dense = f.is_moe() ? f.first_dense_layers : f.num_hidden_layers;
-  return {f.full_attention_layers(), f.linear_attention_layers(), dense, f.num_hidden_layers - dense};
+LayerCounts CountLayers(const Facts& f) {
+  return {f.full_attention_layers(), f.linear_attention_layers(), f.dense_layers, f.moe_layers};
 }
 
 // Elements per token a Gated DeltaNet core keeps for backward: the qkv
 // projection, the conv's output and its SiLU, z, a and b, the gated norm's
 // output (out_proj's input). Under cp the core runs on the whole sequence on
 // every cp rank, so these count the sequence's tokens, not the rank's.
-double LinearCoreElements(const presets::ModelFacts& f, int tp) {
+double LinearCoreElements(const Facts& f, int tp) {
   const LinearWidths w = LinearWidthsOf(f, tp);
   return 3 * w.conv_dim + 2 * w.value_dim + 2 * w.value_heads;
 }
 
 // Elements per token a token mixer keeps for backward (its norm included).
-double MixerElements(const presets::ModelFacts& f, int tp, bool linear) {
+double MixerElements(const Facts& f, int tp, bool linear) {
   const double h = f.hidden_size;
   if (linear) return 2 * h + LinearCoreElements(f, tp);  // norm in/out, the core
+  if (f.latent.enabled()) return LatentElements(f, tp);
   const double q = QWidth(f, tp);
   const double kv = KvWidth(f, tp);
   // Norm in/out, q k v before and after norm+rope, attention output; no T x T scores.
@@ -181,7 +215,7 @@ double MixerElements(const presets::ModelFacts& f, int tp, bool linear) {
 }
 
 // Elements per token an MLP keeps for backward (its norm included).
-double MlpElements(const presets::ModelFacts& f, int tp, bool moe) {
+double MlpElements(const Facts& f, int tp, bool moe) {
   const double h = f.hidden_size;
   // Norm in/out, gate, up, act(gate), act(gate)*up.
   if (!moe) return 2 * h + 4.0 * f.intermediate_size / tp;
@@ -203,7 +237,7 @@ double MlpElements(const presets::ModelFacts& f, int tp, bool moe) {
 // (bench/gdn_activations.py; BENCHMARKS.md, "Gated DeltaNet activations").
 // Not multiplied by the autograd factor: it is what autograd keeps.
 constexpr double kDeltaRuleChunk = 64;
-double RecurrenceElements(const presets::ModelFacts& f, int tp) {
+double RecurrenceElements(const Facts& f, int tp) {
   const LinearWidths w = LinearWidthsOf(f, tp);
   const double dk = f.linear_key_head_dim;
   return 11 * w.value_heads * dk + 6 * w.value_dim + 5 * w.value_heads * kDeltaRuleChunk +
@@ -212,7 +246,7 @@ double RecurrenceElements(const presets::ModelFacts& f, int tp) {
 
 // Elements per token kept for backward: every layer's inputs and
 // intermediates (no activation checkpointing), the last norm.
-double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
+double ActivationElementsPerToken(const Facts& f, int tp) {
   const LayerCounts n = CountLayers(f);
   return n.attention * MixerElements(f, tp, false) + n.linear * MixerElements(f, tp, true) +
          n.dense * MlpElements(f, tp, false) + n.moe * MlpElements(f, tp, true) + f.hidden_size;
@@ -224,8 +258,14 @@ double ActivationElementsPerToken(const presets::ModelFacts& f, int tp) {
 // adapters' fp32 inputs — the q/k/v (or in_proj) input and o's (out_proj's)
 // — that many times: 1 kept for the backward, 2 in a layer's backward (the
 // input and its gradient; measured on CPU: bench/memory_peak.py --dtype bfloat16).
-double MixerFp32(const presets::ModelFacts& f, int tp, bool linear, int adapter_copies) {
+double MixerFp32(const Facts& f, int tp, bool linear, int adapter_copies) {
   const double h = f.hidden_size;
+  if (!linear && f.latent.enabled()) {
+    // The q_a and latent norms' upcast inputs; the adapters read the hidden
+    // state (q_a or q_proj, kv_a) and o's input.
+    const LatentWidths w = LatentWidthsOf(f, tp);
+    return h + w.q_rank + w.kv_rank + adapter_copies * (h + w.heads * w.v);
+  }
   const double out_input = linear ? LinearWidthsOf(f, tp).value_dim : QWidth(f, tp);
   const double norms = linear ? h + out_input : h + QWidth(f, tp) + KvWidth(f, tp);
   return norms + adapter_copies * (h + out_input);
@@ -234,7 +274,7 @@ double MixerFp32(const presets::ModelFacts& f, int tp, bool linear, int adapter_
 // The same for an MLP: its norm's upcast input, in a MoE layer the router's
 // logits and probabilities (2 x experts, 1/tp of the tokens per rank), and
 // the adapters' inputs (experts: k routed copies, 1/tp of the tokens; and down's).
-double MlpFp32(const presets::ModelFacts& f, int tp, bool moe, int adapter_copies) {
+double MlpFp32(const Facts& f, int tp, bool moe, int adapter_copies) {
   const double h = f.hidden_size;
   double mlp = h + double(f.intermediate_size) / tp;
   if (moe) {
@@ -247,7 +287,7 @@ double MlpFp32(const presets::ModelFacts& f, int tp, bool moe, int adapter_copie
 
 // The same for every layer, plus what is held once: the RoPE tables (cos and
 // sin, head_dim each) and the final norm's upcast input.
-double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters) {
+double Fp32ElementsPerToken(const Facts& f, int tp, bool adapters) {
   const LayerCounts n = CountLayers(f);
   const int kept = adapters ? 1 : 0;
   // One layer's backward at a time adds its adapter inputs' gradients.
@@ -259,7 +299,7 @@ double Fp32ElementsPerToken(const presets::ModelFacts& f, int tp, bool adapters)
   }
   return n.attention * MixerFp32(f, tp, false, kept) + n.linear * MixerFp32(f, tp, true, kept) +
          n.dense * MlpFp32(f, tp, false, kept) + n.moe * MlpFp32(f, tp, true, kept) + backward +
-         2.0 * f.head_dim + f.hidden_size;
+         2.0 * RopeWidth(f) + f.hidden_size;
 }
 
 // Elements per token of the widest single layer (what a recomputed layer's
@@ -273,7 +313,7 @@ struct LayerWidth {
 
 // `whole`: the GDN core's tokens per rank token (cp under context
 // parallelism, where the core runs on the whole sequence; else 1).
-LayerWidth WidestLayer(const presets::ModelFacts& f, int tp, bool adapters, double whole) {
+LayerWidth WidestLayer(const Facts& f, int tp, bool adapters, double whole) {
   const LayerCounts n = CountLayers(f);
   const int copies = adapters ? 2 : 0;
   LayerWidth widest;
@@ -303,7 +343,7 @@ bool Recomputes(int64_t rank_tokens) { return rank_tokens > kRecomputeAutoTokens
 // as the runtime keeps them with its default chunking and recompute.
 // `sequence`: the whole sequence's tokens, which the Gated DeltaNet cores
 // run on (more than `tokens` under cp).
-double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, int64_t sequence, const Bytes& b) {
+double ActivationBytes(const Facts& f, int tp, int64_t tokens, int64_t sequence, const Bytes& b) {
   const double t = double(tokens);
   const double whole = double(std::max(sequence, tokens));
   const double linear_layers = double(f.linear_attention_layers());
@@ -323,7 +363,7 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, int
   // Recompute: each layer's input stays (and the RoPE tables); one layer's
   // activations and gradients live at a time, or one logprob chunk's buffers.
   const LayerWidth widest = WidestLayer(f, tp, b.adapter_inputs, t > 0 ? whole / t : 1.0);
-  const double tables = b.fp32_extras ? kFp32Bytes * t * 2.0 * f.head_dim : 0;
+  const double tables = b.fp32_extras ? kFp32Bytes * t * 2.0 * RopeWidth(f) : 0;
   const double kept = b.activation * t * h * (f.num_hidden_layers + kHiddenBuffers) + tables;
   const double layer = kAutogradFactor * b.activation * t * widest.elements +
                        (b.fp32_extras ? kFp32Bytes * t * widest.fp32 : 0) + kFp32Bytes * t * widest.recurrence;
@@ -334,10 +374,10 @@ double ActivationBytes(const presets::ModelFacts& f, int tp, int64_t tokens, int
 // (T x kv each, at this rank's KV width); its backward holds their gradients
 // as long. With recompute one layer's live at a time; without, every layer's
 // stay to the backward.
-double GatheredKvBytes(const presets::ModelFacts& f, int tp, int cp, int64_t sequence, int64_t rank_tokens,
+double GatheredKvBytes(const Facts& f, int tp, int cp, int64_t sequence, int64_t rank_tokens,
                        const Bytes& b) {
   if (cp <= 1) return 0;
-  const double one_layer = 2.0 * b.activation * double(sequence) * KvWidth(f, tp);
+  const double one_layer = b.activation * double(sequence) * GatheredKvWidth(f, tp);
   const double layers_kept = Recomputes(rank_tokens) ? 1 : double(f.full_attention_layers());
   return (layers_kept + 1) * one_layer;
 }
@@ -352,21 +392,20 @@ absl::StatusOr<Dtype> ParseDtype(std::string_view name) {
 
 const char* DtypeName(Dtype dtype) { return dtype == Dtype::kFloat32 ? "float32" : "bfloat16"; }
 
-absl::StatusOr<MemoryEstimate> EstimateMemory(const presets::ModelFacts& f, const parallel::MeshShape& shape,
+absl::StatusOr<MemoryEstimate> EstimateMemory(const runtime::ModelConfig& config, const parallel::MeshShape& shape,
                                               int64_t max_seq_len, int lora_rank, Dtype dtype) {
-  if (!f.Complete()) {
-    return absl::FailedPreconditionError(
-        "the preset's facts are incomplete (hidden, layers, heads, KV heads, head_dim, vocabulary, MLP widths)");
-  }
   if (max_seq_len <= 0) return absl::InvalidArgumentError("max_seq_len must be positive");
+  absl::StatusOr<params::ParamTable> table = params::DescribeModel(config);
+  if (!table.ok()) return absl::FailedPreconditionError(table.status().message());
+  const Facts f = FactsOf(config);
   Bytes b = BytesOf(dtype);
   b.adapter_inputs = b.fp32_extras && lora_rank > 0;
   const int cp = std::max(shape.cp, 1);
   // Each cp rank holds its own ceil(T / cp) tokens of the sequence.
   const int64_t rank_tokens = CeilDiv(max_seq_len, cp);
-  ShardParams p = Shard(f, shape.tp, shape.ep, lora_rank);
+  const ShardParams p = Shard(*table, shape.tp, shape.ep, lora_rank, lora_rank == 0);
   MemoryEstimate m;
-  m.weights = b.weight * p.base;
+  m.weights = b.weight * p.base + kFp32Bytes * p.frozen_fp32;
   m.trainable_state = lora_rank > 0 ? b.lora_state * p.lora : b.full_state * p.base;
   m.activations = ActivationBytes(f, shape.tp, rank_tokens, cp > 1 ? max_seq_len : rank_tokens, b);
   m.gathered_kv = GatheredKvBytes(f, shape.tp, cp, rank_tokens * cp, rank_tokens, b);

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "core/status.h"
@@ -32,55 +33,53 @@ absl::StatusOr<int64_t> Int(const json& row, const char* field, bool required, i
   return it->get<int64_t>();
 }
 
-absl::StatusOr<ModelFacts> ParseFacts(const json& f) {
-  if (!f.is_object()) return absl::InvalidArgumentError("'facts' must be an object");
-  ModelFacts m;
-  struct Field {
-    const char* name;
-    int64_t* out;
-  };
-  const Field fields[] = {{"hidden_size", &m.hidden_size},
-                          {"num_hidden_layers", &m.num_hidden_layers},
-                          {"num_attention_heads", &m.num_attention_heads},
-                          {"num_key_value_heads", &m.num_key_value_heads},
-                          {"head_dim", &m.head_dim},
-                          {"intermediate_size", &m.intermediate_size},
-                          {"vocab_size", &m.vocab_size},
-                          {"num_experts", &m.num_experts},
-                          {"num_experts_per_tok", &m.num_experts_per_tok},
-                          {"moe_intermediate_size", &m.moe_intermediate_size},
-                          {"shared_experts", &m.shared_experts},
-                          {"first_dense_layers", &m.first_dense_layers},
-                          {"linear_num_key_heads", &m.linear_num_key_heads},
-                          {"linear_num_value_heads", &m.linear_num_value_heads},
-                          {"linear_key_head_dim", &m.linear_key_head_dim},
-                          {"linear_value_head_dim", &m.linear_value_head_dim},
-                          {"linear_conv_kernel_dim", &m.linear_conv_kernel_dim},
-                          {"full_attention_interval", &m.full_attention_interval},
-                          {"shared_expert_intermediate_size", &m.shared_expert_intermediate_size}};
-  for (const Field& field : fields) {
-    auto v = Int(f, field.name, false, 0);
-    if (!v.ok()) return v.status();
-    *field.out = *v;
-  }
-  for (auto [name, out] : {std::pair{"tie_word_embeddings", &m.tie_word_embeddings},
-                            {"attn_output_gate", &m.attn_output_gate}}) {
-    if (auto it = f.find(name); it != f.end()) {
-      if (!it->is_boolean()) {
-        return absl::InvalidArgumentError(absl::StrCat("field '", name, "' must be true or false"));
-      }
-      *out = it->get<bool>();
+// The raw dims of a config that does not parse: what the fields say,
+// a wrapper's under text_config.
+parallel::ModelDims RawDims(const json& config) {
+  const json& j = config.contains("text_config") && config["text_config"].is_object() ? config["text_config"] : config;
+  auto get = [&](std::initializer_list<const char*> keys) -> int64_t {
+    for (const char* k : keys) {
+      if (auto it = j.find(k); it != j.end() && it->is_number_integer()) return it->get<int64_t>();
     }
+    return 0;
+  };
+  parallel::ModelDims d;
+  d.num_attention_heads = get({"num_attention_heads"});
+  d.num_key_value_heads = get({"num_key_value_heads", "num_attention_heads"});
+  d.num_experts = get({"num_experts", "n_routed_experts", "num_local_experts"});
+  d.intermediate_size = get({"intermediate_size"});
+  d.linear_num_key_heads = get({"linear_num_key_heads"});
+  d.linear_num_value_heads = get({"linear_num_value_heads"});
+  d.shared_expert_intermediate_size = get({"shared_expert_intermediate_size"});
+  return d;
+}
+
+// Reads the row's config (its `architectures` the row's, or estimate_as's).
+absl::Status ParseConfig(const json& row, Preset& p) {
+  auto it = row.find("config");
+  if (it == row.end()) return absl::InvalidArgumentError("missing field 'config'");
+  if (!it->is_object()) return absl::InvalidArgumentError("'config' must be an object (config.json's fields)");
+  if (it->contains("architectures")) {
+    return absl::InvalidArgumentError("'config' must not give 'architectures' (the row's 'architecture' is used)");
   }
-  if (m.linear_num_key_heads > 0 && m.linear_num_value_heads % m.linear_num_key_heads != 0) {
-    return absl::InvalidArgumentError("'linear_num_value_heads' must be a multiple of 'linear_num_key_heads'");
+  json config = *it;
+  config["architectures"] = json::array({p.estimate_as.empty() ? p.architecture : p.estimate_as});
+  absl::StatusOr<runtime::ModelConfig> parsed = runtime::ParseModelConfig(config.dump());
+  if (parsed.ok()) {
+    p.config = *std::move(parsed);
+    p.dims = DimsOf(*p.config);
+    return absl::OkStatus();
   }
-  for (auto it = f.begin(); it != f.end(); ++it) {
-    bool known = it.key() == "tie_word_embeddings" || it.key() == "attn_output_gate";
-    for (const Field& field : fields) known = known || it.key() == field.name;
-    if (!known) return absl::InvalidArgumentError(absl::StrCat("unknown fact '", it.key(), "'"));
+  // A declared row may give too few fields, or name an architecture lathe
+  // does not read: it gets no estimate. A field it gives must be right.
+  const std::string why(parsed.status().message());
+  const bool too_few = absl::StrContains(why, "' is required") || absl::StrContains(why, "field 'architectures'");
+  if (p.verified || !p.estimate_as.empty() || !too_few) {
+    return absl::InvalidArgumentError(absl::StrCat("'config': ", why));
   }
-  return m;
+  p.config_error = std::string(parsed.status().message());
+  p.dims = RawDims(config);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> String(const json& row, const char* field, bool required) {
@@ -116,14 +115,13 @@ absl::StatusOr<Preset> ParseRow(const json& row) {
     return absl::InvalidArgumentError("field 'verified' must be true or false");
   }
   p.verified = verified->get<bool>();
-  auto facts = row.find("facts");
-  if (facts == row.end()) return absl::InvalidArgumentError("missing field 'facts'");
-  LATHE_ASSIGN_OR_RETURN(p.facts, ParseFacts(*facts));
-  if (p.verified && !p.facts.Complete()) {
-    return absl::InvalidArgumentError("a verified preset needs every fact of its architecture");
+  LATHE_ASSIGN_OR_RETURN(p.estimate_as, String(row, "estimate_as", false));
+  if (p.verified && !p.estimate_as.empty()) {
+    return absl::InvalidArgumentError("a verified preset runs its own architecture: no 'estimate_as'");
   }
+  LATHE_RETURN_IF_ERROR(ParseConfig(row, p));
   parallel::MeshShape shape{1, p.node_count, p.devices_per_node, p.tp, p.ep, p.cp};
-  LATHE_RETURN_IF_ERROR(parallel::ValidateMesh(shape, shape.world_size(), p.facts.Dims()));
+  LATHE_RETURN_IF_ERROR(parallel::ValidateMesh(shape, shape.world_size(), p.dims));
   return p;
 }
 
@@ -140,32 +138,18 @@ std::string ExecutableDir() {
 
 }  // namespace
 
-bool ModelFacts::Complete() const {
-  bool attention = hidden_size > 0 && num_hidden_layers > 0 && num_attention_heads > 0 && num_key_value_heads > 0 &&
-                   head_dim > 0 && vocab_size > 0;
-  bool mlp = is_moe() ? (num_experts_per_tok > 0 && moe_intermediate_size > 0 &&
-                         (first_dense_layers == 0 || intermediate_size > 0))
-                      : intermediate_size > 0;
-  bool linear = !is_hybrid() || (linear_num_key_heads > 0 && linear_key_head_dim > 0 && linear_value_head_dim > 0 &&
-                                  linear_conv_kernel_dim > 0 && full_attention_interval > 0);
-  return attention && mlp && linear;
-}
-
-int64_t ModelFacts::linear_attention_layers() const {
-  if (!is_hybrid() || full_attention_interval <= 0) return 0;
-  return num_hidden_layers - num_hidden_layers / full_attention_interval;
-}
-
-parallel::ModelDims ModelFacts::Dims() const {
+parallel::ModelDims DimsOf(const runtime::ModelConfig& c) {
   parallel::ModelDims d;
-  d.num_attention_heads = num_attention_heads;
-  d.num_key_value_heads = num_key_value_heads;
-  d.num_experts = num_experts;
+  d.num_attention_heads = c.num_attention_heads;
+  d.num_key_value_heads = c.num_key_value_heads;
+  d.num_experts = c.num_experts;
   // The dense MLP is split over tp only where the model has one.
-  d.intermediate_size = (!is_moe() || first_dense_layers > 0) ? intermediate_size : 0;
-  d.linear_num_key_heads = linear_num_key_heads;
-  d.linear_num_value_heads = linear_num_value_heads;
-  d.shared_expert_intermediate_size = shared_expert_intermediate_size;
+  d.intermediate_size = c.HasDenseMlp() ? c.intermediate_size : 0;
+  if (c.IsHybrid()) {
+    d.linear_num_key_heads = c.linear_attention.num_key_heads;
+    d.linear_num_value_heads = c.linear_attention.num_value_heads;
+  }
+  d.shared_expert_intermediate_size = c.num_experts > 0 ? c.shared_expert.intermediate_size : 0;
   return d;
 }
 

@@ -7,8 +7,9 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "parallel/context_parallel.h"
 #include "core/status.h"
+#include "params/blocks.h"
+#include "parallel/context_parallel.h"
 
 namespace lathe::runtime {
 
@@ -64,43 +65,35 @@ at::Tensor CachedAttention(const at::Tensor& q, const at::Tensor& k, const at::T
 
 absl::StatusOr<std::unique_ptr<GqaAttention>> GqaAttention::Load(ParamLoader& loader, const std::string& prefix,
                                                                  const AttentionShape& s, const ModelShard& shard) {
-  const int tp = shard.tp.size(), tr = shard.tp.rank();
+  const int tp = shard.tp.size();
   if (s.heads % tp != 0 || (s.kv_heads % tp != 0 && tp % s.kv_heads != 0)) {
     return absl::InvalidArgumentError(absl::StrCat(s.heads, " attention heads and ", s.kv_heads,
                                                    " key/value heads cannot be cut over tp ", tp));
   }
   std::unique_ptr<GqaAttention> a(new GqaAttention());
   a->shape_ = s;
-  const int64_t d = s.head_dim, h = s.hidden;
   a->heads_ = s.heads / tp;
-  const bool kv_shared = s.kv_heads < tp;  // fewer KV heads than ranks: each rank holds one
-  a->kv_heads_ = kv_shared ? 1 : s.kv_heads / tp;
-  const int64_t kv_begin = kv_shared ? tr / (tp / s.kv_heads) : tr * a->kv_heads_;
-  const int64_t qd = s.output_gate ? 2 * d : d;  // q_proj rows per head
-  const int64_t q_dim = s.heads * d, kv_dim = s.kv_heads * d;
-  const TpCut q_rows = TpCut::Rows(tr * a->heads_ * qd, a->heads_ * qd);
-  const TpCut kv_rows = TpCut::Rows(kv_begin * d, a->kv_heads_ * d, kv_shared);
-  const TpCut o_cols = TpCut::Cols(tr * a->heads_ * d, a->heads_ * d);
-  const std::string p = prefix + ".";
-  LATHE_ASSIGN_OR_RETURN(a->q_, loader.Linear(p + "q_proj", s.heads * qd, h, q_rows, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(a->k_, loader.Linear(p + "k_proj", kv_dim, h, kv_rows, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(a->v_, loader.Linear(p + "v_proj", kv_dim, h, kv_rows, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(a->o_, loader.Linear(p + "o_proj", h, q_dim, o_cols, LoraGroup::kAttn));
+  a->kv_heads_ = s.kv_heads < tp ? 1 : s.kv_heads / tp;  // fewer KV heads than ranks: each rank holds one
+  const params::GqaDims dims{s.hidden, s.heads, s.kv_heads, s.head_dim, s.qk_norm, s.output_gate, s.qkv_bias, s.o_bias};
+  DescribedLoader rows(loader, params::DescribeGqa(prefix, dims), shard);
+  LATHE_ASSIGN_OR_RETURN(a->q_, rows.Linear("q_proj"));
+  LATHE_ASSIGN_OR_RETURN(a->k_, rows.Linear("k_proj"));
+  LATHE_ASSIGN_OR_RETURN(a->v_, rows.Linear("v_proj"));
+  LATHE_ASSIGN_OR_RETURN(a->o_, rows.Linear("o_proj"));
   if (s.qkv_bias) {
-    LATHE_ASSIGN_OR_RETURN(a->q_.bias, loader.Tensor(p + "q_proj.bias", {s.heads * qd}, q_rows));
-    LATHE_ASSIGN_OR_RETURN(a->k_.bias, loader.Tensor(p + "k_proj.bias", {kv_dim}, kv_rows));
-    LATHE_ASSIGN_OR_RETURN(a->v_.bias, loader.Tensor(p + "v_proj.bias", {kv_dim}, kv_rows));
+    LATHE_ASSIGN_OR_RETURN(a->q_.bias, rows.Tensor("q_proj.bias"));
+    LATHE_ASSIGN_OR_RETURN(a->k_.bias, rows.Tensor("k_proj.bias"));
+    LATHE_ASSIGN_OR_RETURN(a->v_.bias, rows.Tensor("v_proj.bias"));
   }
   if (s.o_bias) {
-    LATHE_ASSIGN_OR_RETURN(a->o_.bias, loader.Tensor(p + "o_proj.bias", {h}, TpCut::Whole()));
+    LATHE_ASSIGN_OR_RETURN(a->o_.bias, rows.Tensor("o_proj.bias"));
   }
   if (s.qk_norm) {
     // Applied per head, each tp rank to its own heads: a partial gradient.
-    const TpCut partial = TpCut::Whole(GradSync::kTpPartial);
     a->q_norm_.eps = a->k_norm_.eps = s.eps;
     a->q_norm_.offset = a->k_norm_.offset = s.norm_offset;
-    LATHE_ASSIGN_OR_RETURN(a->q_norm_.weight, loader.Tensor(p + "q_norm.weight", {d}, partial));
-    LATHE_ASSIGN_OR_RETURN(a->k_norm_.weight, loader.Tensor(p + "k_norm.weight", {d}, partial));
+    LATHE_ASSIGN_OR_RETURN(a->q_norm_.weight, rows.Tensor("q_norm", GradSync::kTpPartial));
+    LATHE_ASSIGN_OR_RETURN(a->k_norm_.weight, rows.Tensor("k_norm", GradSync::kTpPartial));
   }
   if (!loader.full_finetune()) {
     a->qkv_.parts = {&a->q_, &a->k_, &a->v_};

@@ -10,6 +10,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "params/model_table.h"
 #include "parallel/context_parallel.h"
 #include "runtime/archs/registry.h"
 #include "runtime/param_loader.h"
@@ -56,18 +57,18 @@ absl::Status DecoderModel::Build(const TensorSource& w) {
   const TpCut vocab = TpCut::Rows(vocab_begin_, parallel::PartBegin(c.vocab_size, tp, tr + 1) - vocab_begin_);
   const std::string& prefix = c.checkpoint.weight_prefix;
   ParamLoader loader(w, lora_, &trainable_);
-  LATHE_ASSIGN_OR_RETURN(embed_, loader.Tensor(prefix + "embed_tokens.weight", {c.vocab_size, h}, vocab));
+  DescribedLoader embedding(loader, params::DescribeEmbedding(c), shard_);
+  LATHE_ASSIGN_OR_RETURN(embed_, embedding.Tensor("embed_tokens"));
   LATHE_ASSIGN_OR_RETURN(blocks_, arch->load_layers(c, loader, prefix, shard_));
   final_norm_.eps = c.rms_norm_eps;
   final_norm_.offset = c.norm_style == NormStyle::kOnePlusWeight;
-  LATHE_ASSIGN_OR_RETURN(final_norm_.weight, loader.Tensor(prefix + "norm.weight", {h}));
+  DescribedLoader head(loader, params::DescribeHead(c), shard_);
+  LATHE_ASSIGN_OR_RETURN(final_norm_.weight, head.Tensor("norm"));
   if (c.tie_word_embeddings) {
     lm_head_.weight = embed_;
     loader.AttachLora(lm_head_, "lm_head", c.vocab_size, h, vocab, LoraGroup::kUnembed);
   } else {
-    std::string head = c.checkpoint.lm_head;
-    if (absl::EndsWith(head, ".weight")) head.resize(head.size() - 7);
-    LATHE_ASSIGN_OR_RETURN(lm_head_, loader.Linear(head, c.vocab_size, h, vocab, LoraGroup::kUnembed));
+    LATHE_ASSIGN_OR_RETURN(lm_head_, head.Linear("lm_head"));
   }
   return absl::OkStatus();
 }

@@ -4,8 +4,9 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
-#include "parallel/expert_parallel.h"
 #include "core/status.h"
+#include "params/blocks.h"
+#include "parallel/expert_parallel.h"
 
 namespace lathe::runtime {
 
@@ -16,14 +17,10 @@ absl::StatusOr<std::unique_ptr<SwiGluMlp>> SwiGluMlp::Load(ParamLoader& loader, 
     return absl::InvalidArgumentError(absl::StrCat("MLP width ", inter, " cannot be cut over tp ", tp));
   }
   std::unique_ptr<SwiGluMlp> f(new SwiGluMlp());
-  const int64_t local = inter / tp, begin = shard.tp.rank() * local;
-  const std::string p = prefix + ".";
-  LATHE_ASSIGN_OR_RETURN(f->gate_, loader.Linear(p + "gate_proj", inter, hidden, TpCut::Rows(begin, local),
-                                                 LoraGroup::kMlp));
-  LATHE_ASSIGN_OR_RETURN(f->up_, loader.Linear(p + "up_proj", inter, hidden, TpCut::Rows(begin, local),
-                                               LoraGroup::kMlp));
-  LATHE_ASSIGN_OR_RETURN(f->down_, loader.Linear(p + "down_proj", hidden, inter, TpCut::Cols(begin, local),
-                                                 LoraGroup::kMlp));
+  DescribedLoader rows(loader, params::DescribeSwiGlu(prefix, hidden, inter), shard);
+  LATHE_ASSIGN_OR_RETURN(f->gate_, rows.Linear("gate_proj"));
+  LATHE_ASSIGN_OR_RETURN(f->up_, rows.Linear("up_proj"));
+  LATHE_ASSIGN_OR_RETURN(f->down_, rows.Linear("down_proj"));
   if (!loader.full_finetune()) {
     f->gate_up_.parts = {&f->gate_, &f->up_};
     f->gate_up_.Fuse();
@@ -48,30 +45,34 @@ at::Tensor SwiGluMlp::Forward(const at::Tensor& m, const LayerContext& ctx, MoeS
   return RowParallelForward(at::silu(g) * u, down_, ctx.reduce);
 }
 
-absl::Status LoadRouterAndExperts(ParamLoader& loader, const std::string& prefix, int64_t experts, int64_t hidden,
-                                  int64_t inter, const ModelShard& shard, at::Tensor* router, ExpertBank* bank) {
+absl::Status LoadRouterAndExperts(DescribedLoader& rows, int64_t experts, const ModelShard& shard, at::Tensor* router,
+                                  ExpertBank* bank) {
   const int ep = shard.ep.size();
   if (experts % ep != 0) {
     return absl::InvalidArgumentError(absl::StrCat(experts, " experts cannot be cut over ep ", ep));
   }
-  LATHE_ASSIGN_OR_RETURN(*router, loader.Tensor(prefix + ".gate.weight", {experts, hidden},
-                                                TpCut::Whole(GradSync::kTpPartial)));
-  const int64_t local = experts / ep;
-  LATHE_ASSIGN_OR_RETURN(*bank, loader.Experts(prefix, experts, shard.ep.rank() * local, local, inter, hidden));
+  LATHE_ASSIGN_OR_RETURN(*router, rows.Tensor("gate", GradSync::kTpPartial));
+  LATHE_ASSIGN_OR_RETURN(*bank, rows.Experts());
   return absl::OkStatus();
+}
+
+absl::Status LoadRouterAndExperts(ParamLoader& loader, const std::string& prefix, int64_t experts, int64_t hidden,
+                                  int64_t inter, const ModelShard& shard, at::Tensor* router, ExpertBank* bank) {
+  DescribedLoader rows(loader, params::DescribeRouterAndExperts(prefix, experts, hidden, inter), shard);
+  return LoadRouterAndExperts(rows, experts, shard, router, bank);
 }
 
 absl::StatusOr<std::unique_ptr<RoutedExperts>> RoutedExperts::Load(ParamLoader& loader, const std::string& prefix,
                                                                    const RouterShape& s, const ModelShard& shard) {
   std::unique_ptr<RoutedExperts> f(new RoutedExperts());
   f->shape_ = s;
-  LATHE_RETURN_IF_ERROR(
-      LoadRouterAndExperts(loader, prefix, s.experts, s.hidden, s.inter, shard, &f->router_, &f->experts_));
+  DescribedLoader rows(loader, params::DescribeRoutedExperts(prefix, s.hidden, s.experts, s.inter, s.shared_inter),
+                       shard);
+  LATHE_RETURN_IF_ERROR(LoadRouterAndExperts(rows, s.experts, shard, &f->router_, &f->experts_));
   if (s.shared_inter > 0) {
     LATHE_ASSIGN_OR_RETURN(f->shared_, SwiGluMlp::Load(loader, prefix + ".shared_expert", s.hidden, s.shared_inter,
                                                        shard));
-    LATHE_ASSIGN_OR_RETURN(f->shared_gate_, loader.Linear(prefix + ".shared_expert_gate", 1, s.hidden, TpCut::Whole(),
-                                                          LoraGroup::kMlp));
+    LATHE_ASSIGN_OR_RETURN(f->shared_gate_, rows.Linear("shared_expert_gate"));
   }
   return f;
 }

@@ -44,6 +44,10 @@ struct RouterShape {
 // routed MoE block loads them; InvalidArgument when ep does not divide the experts.
 absl::Status LoadRouterAndExperts(ParamLoader& loader, const std::string& prefix, int64_t experts, int64_t hidden,
                                   int64_t inter, const ModelShard& shard, at::Tensor* router, ExpertBank* bank);
+// The same from a block's description holding the rows "gate" and
+// "experts.*" (params::DescribeRouterAndExperts).
+absl::Status LoadRouterAndExperts(DescribedLoader& rows, int64_t experts, const ModelShard& shard, at::Tensor* router,
+                                  ExpertBank* bank);
 
 class RoutedExperts final : public Ffn {
  public:

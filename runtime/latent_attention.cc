@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "params/blocks.h"
 #include "parallel/context_parallel.h"
 #include "runtime/attention.h"
 #include "core/status.h"
@@ -17,36 +18,29 @@ absl::StatusOr<std::unique_ptr<LatentAttention>> LatentAttention::Load(ParamLoad
                                                                        int64_t hidden, int64_t heads,
                                                                        const LatentAttentionConfig& c,
                                                                        const ModelShard& shard) {
-  const int tp = shard.tp.size(), tr = shard.tp.rank();
+  const int tp = shard.tp.size();
   if (heads % tp != 0) {
     return absl::InvalidArgumentError(absl::StrCat(heads, " attention heads cannot be cut over tp ", tp));
   }
   std::unique_ptr<LatentAttention> a(new LatentAttention());
   a->config_ = c;
-  const int64_t hl = heads / tp, qk = c.qk_head_dim(), kv = c.qk_nope_head_dim + c.v_head_dim;
-  a->heads_ = hl;
+  a->heads_ = heads / tp;
   // Held whole, used on every rank's heads: partial gradients.
-  const TpCut whole = TpCut::Whole(GradSync::kTpPartial);
-  const std::string p = prefix + ".";
+  const GradSync partial = GradSync::kTpPartial;
+  DescribedLoader rows(loader, params::DescribeLatentAttention(prefix, hidden, heads, c), shard);
   // transformers builds these two norms with its default eps, not rms_norm_eps.
   a->q_a_norm_.eps = a->kv_a_norm_.eps = 1e-6;
   if (c.q_lora_rank > 0) {
-    LATHE_ASSIGN_OR_RETURN(a->q_a_, loader.Linear(p + "q_a_proj", c.q_lora_rank, hidden, whole, LoraGroup::kAttn));
-    LATHE_ASSIGN_OR_RETURN(a->q_a_norm_.weight, loader.Tensor(p + "q_a_layernorm.weight", {c.q_lora_rank}, whole));
-    LATHE_ASSIGN_OR_RETURN(a->q_b_, loader.Linear(p + "q_b_proj", heads * qk, c.q_lora_rank,
-                                                  TpCut::Rows(tr * hl * qk, hl * qk), LoraGroup::kNone));
+    LATHE_ASSIGN_OR_RETURN(a->q_a_, rows.Linear("q_a_proj", partial));
+    LATHE_ASSIGN_OR_RETURN(a->q_a_norm_.weight, rows.Tensor("q_a_layernorm", partial));
+    LATHE_ASSIGN_OR_RETURN(a->q_b_, rows.Linear("q_b_proj"));
   } else {
-    LATHE_ASSIGN_OR_RETURN(a->q_, loader.Linear(p + "q_proj", heads * qk, hidden, TpCut::Rows(tr * hl * qk, hl * qk),
-                                                LoraGroup::kAttn));
+    LATHE_ASSIGN_OR_RETURN(a->q_, rows.Linear("q_proj"));
   }
-  LATHE_ASSIGN_OR_RETURN(a->kv_a_, loader.Linear(p + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim,
-                                                 hidden, whole, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(a->kv_a_norm_.weight, loader.Tensor(p + "kv_a_layernorm.weight", {c.kv_lora_rank}, whole));
-  LATHE_ASSIGN_OR_RETURN(a->kv_b_, loader.Linear(p + "kv_b_proj", heads * kv, c.kv_lora_rank,
-                                                 TpCut::Rows(tr * hl * kv, hl * kv), LoraGroup::kNone));
-  LATHE_ASSIGN_OR_RETURN(a->o_, loader.Linear(p + "o_proj", hidden, heads * c.v_head_dim,
-                                              TpCut::Cols(tr * hl * c.v_head_dim, hl * c.v_head_dim),
-                                              LoraGroup::kAttn));
+  LATHE_ASSIGN_OR_RETURN(a->kv_a_, rows.Linear("kv_a_proj_with_mqa", partial));
+  LATHE_ASSIGN_OR_RETURN(a->kv_a_norm_.weight, rows.Tensor("kv_a_layernorm", partial));
+  LATHE_ASSIGN_OR_RETURN(a->kv_b_, rows.Linear("kv_b_proj"));
+  LATHE_ASSIGN_OR_RETURN(a->o_, rows.Linear("o_proj"));
   return a;
 }
 
@@ -135,7 +129,13 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   if (ctx.cp != nullptr) {
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
   } else {
-    o = PackedAttention(q, k, v, ctx.lengths, c.softmax_scale, /*gqa=*/false);
+    // SDPA's fused (flash) kernel needs the values as wide as q and k; without
+    // it the T x T scores are materialised. Zero columns appended to the
+    // values give zero output columns, dropped again: the same attention.
+    const int64_t pad = (nope + r) - dv;
+    o = PackedAttention(q, k, pad > 0 ? at::constant_pad_nd(v, {0, pad}) : v, ctx.lengths, c.softmax_scale,
+                        /*gqa=*/false);
+    if (pad > 0) o = o.narrow(2, 0, dv);
   }
   return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
 }

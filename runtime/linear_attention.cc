@@ -4,8 +4,9 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
-#include "parallel/context_parallel.h"
 #include "core/status.h"
+#include "params/blocks.h"
+#include "parallel/context_parallel.h"
 
 namespace lathe::runtime {
 
@@ -27,44 +28,35 @@ absl::StatusOr<std::unique_ptr<GatedDeltaNetMixer>> GatedDeltaNetMixer::Load(Par
   d.head_v_dim = c.value_head_dim;
   d.conv_kernel = c.conv_kernel_size;
   d.norm_eps = eps;
-  const int64_t kd = c.key_dim(), vd = c.value_dim(), conv = c.conv_dim(), h = hidden;
+  const int64_t kd = c.key_dim();
   const int64_t hk = d.num_k_heads, hv = d.num_v_heads, dk = c.key_head_dim, dv = c.value_head_dim;
   m->q_begin_ = tr * hk * dk;
   m->k_begin_ = kd + tr * hk * dk;
   m->v_begin_ = 2 * kd + tr * hv * dv;
-  const TpCut key_rows = TpCut::Rows(tr * hk * dk, hk * dk), value_rows = TpCut::Rows(tr * hv * dv, hv * dv);
-  const TpCut head_rows = TpCut::Rows(tr * hv, hv);
   // Whole on every rank, each using its own channels or heads.
-  const TpCut partial = TpCut::Whole(GradSync::kTpPartial);
-  const std::string p = prefix + ".";
+  const GradSync partial = GradSync::kTpPartial;
+  DescribedLoader rows(loader, params::DescribeGatedDeltaNet(prefix, hidden, c), shard);
   if (loader.full_finetune()) {
-    LATHE_ASSIGN_OR_RETURN(m->qkv_whole_, loader.Tensor(p + "in_proj_qkv.weight", {conv, h}, partial));
-    LATHE_ASSIGN_OR_RETURN(m->conv_whole_, loader.Tensor(p + "conv1d.weight", {conv, 1, d.conv_kernel}, partial));
+    LATHE_ASSIGN_OR_RETURN(m->qkv_whole_, rows.Tensor("in_proj_qkv", partial));
+    LATHE_ASSIGN_OR_RETURN(m->conv_whole_, rows.Tensor("conv1d", partial));
   } else {
-    const std::string fused = p + "in_proj_qkv";
-    LATHE_ASSIGN_OR_RETURN(m->q_, loader.LinearPart(fused, conv, h, 0, p + "in_proj_q", kd, key_rows,
-                                                    LoraGroup::kAttn));
-    LATHE_ASSIGN_OR_RETURN(m->k_, loader.LinearPart(fused, conv, h, kd, p + "in_proj_k", kd, key_rows,
-                                                    LoraGroup::kAttn));
-    LATHE_ASSIGN_OR_RETURN(m->v_, loader.LinearPart(fused, conv, h, 2 * kd, p + "in_proj_v", vd, value_rows,
-                                                    LoraGroup::kAttn));
+    LATHE_ASSIGN_OR_RETURN(m->q_, rows.LinearPart("in_proj_qkv", 0));
+    LATHE_ASSIGN_OR_RETURN(m->k_, rows.LinearPart("in_proj_qkv", 1));
+    LATHE_ASSIGN_OR_RETURN(m->v_, rows.LinearPart("in_proj_qkv", 2));
     std::vector<at::Tensor> channels;
-    for (auto [begin, size] : {std::pair{m->q_begin_, hk * dk}, {m->k_begin_, hk * dk}, {m->v_begin_, hv * dv}}) {
-      LATHE_ASSIGN_OR_RETURN(at::Tensor part, loader.Tensor(p + "conv1d.weight", {conv, 1, d.conv_kernel},
-                                                            TpCut::Rows(begin, size)));
-      channels.push_back(part);
+    for (int part = 0; part < 3; ++part) {
+      LATHE_ASSIGN_OR_RETURN(at::Tensor channel, rows.TensorPart("conv1d", part));
+      channels.push_back(channel);
     }
     m->weights_.conv_weight = at::cat(channels, 0);
   }
-  LATHE_ASSIGN_OR_RETURN(m->z_, loader.Linear(p + "in_proj_z", vd, h, value_rows, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(m->b_, loader.Linear(p + "in_proj_b", c.num_value_heads, h, head_rows, LoraGroup::kAttn));
-  LATHE_ASSIGN_OR_RETURN(m->a_, loader.Linear(p + "in_proj_a", c.num_value_heads, h, head_rows, LoraGroup::kAttn));
-  const TpCut heads{0, tr * hv, hv, GradSync::kTpSharded};
-  LATHE_ASSIGN_OR_RETURN(m->weights_.dt_bias, loader.Tensor(p + "dt_bias", {c.num_value_heads}, heads));
-  LATHE_ASSIGN_OR_RETURN(m->weights_.a_log, loader.Tensor(p + "A_log", {c.num_value_heads}, heads));
-  LATHE_ASSIGN_OR_RETURN(m->weights_.norm_weight, loader.Tensor(p + "norm.weight", {dv}, partial));
-  LATHE_ASSIGN_OR_RETURN(m->out_, loader.Linear(p + "out_proj", h, vd, TpCut::Cols(tr * hv * dv, hv * dv),
-                                                LoraGroup::kAttn));
+  LATHE_ASSIGN_OR_RETURN(m->z_, rows.Linear("in_proj_z"));
+  LATHE_ASSIGN_OR_RETURN(m->b_, rows.Linear("in_proj_b"));
+  LATHE_ASSIGN_OR_RETURN(m->a_, rows.Linear("in_proj_a"));
+  LATHE_ASSIGN_OR_RETURN(m->weights_.dt_bias, rows.Tensor("dt_bias"));
+  LATHE_ASSIGN_OR_RETURN(m->weights_.a_log, rows.Tensor("A_log"));
+  LATHE_ASSIGN_OR_RETURN(m->weights_.norm_weight, rows.Tensor("norm", partial));
+  LATHE_ASSIGN_OR_RETURN(m->out_, rows.Linear("out_proj"));
   if (!loader.full_finetune()) {
     m->in_.parts = {&m->q_, &m->k_, &m->v_, &m->z_, &m->b_, &m->a_};
     m->in_.Fuse();

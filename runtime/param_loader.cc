@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
 #include "runtime/weight_source.h"
@@ -168,6 +169,93 @@ absl::StatusOr<ExpertBank> ParamLoader::Experts(const std::string& mlp, int64_t 
   add(bank.up_a, bank.up_b, "up_proj", hidden, inter);
   add(bank.down_a, bank.down_b, "down_proj", inter, hidden);
   return bank;
+}
+
+namespace {
+
+std::string ModuleOf(const std::string& weight) {
+  return absl::EndsWith(weight, ".weight") ? weight.substr(0, weight.size() - 7) : weight;
+}
+
+LoraGroup LoraGroupOf(params::Group g) {
+  switch (g) {
+    case params::Group::kAttn: return LoraGroup::kAttn;
+    case params::Group::kMlp: return LoraGroup::kMlp;
+    case params::Group::kUnembed: return LoraGroup::kUnembed;
+    case params::Group::kNone: return LoraGroup::kNone;
+  }
+  return LoraGroup::kNone;
+}
+
+}  // namespace
+
+DescribedLoader::DescribedLoader(ParamLoader& loader, params::ParamTable rows, const ModelShard& shard)
+    : loader_(loader), rows_(std::move(rows)) {
+  place_ = {shard.tp.size(), shard.tp.rank(), shard.ep.size(), shard.ep.rank(), loader.full_finetune()};
+}
+
+absl::StatusOr<const params::TensorRow*> DescribedLoader::Row(const std::string& role) const {
+  const params::TensorRow* row = rows_.Find(role);
+  if (row == nullptr) return absl::InternalError(absl::StrCat("the block's description has no '", role, "'"));
+  return row;
+}
+
+TpCut DescribedLoader::CutOf(const params::TensorRow& row, GradSync whole) const {
+  const params::RankPart part = params::PartOf(row, place_);
+  if (part.dim < 0) return TpCut::Whole(whole);
+  const auto [begin, size] = part.ranges.front();
+  if (part.dim == 1) return TpCut::Cols(begin, size);
+  const bool shared = row.cut == params::Cut::kKvRows && row.shape[0] / row.unit < place_.tp;
+  return TpCut::Rows(begin, size, shared);
+}
+
+LoraGroup DescribedLoader::GroupOf(const std::string& module) const {
+  for (const params::AdapterRow& a : rows_.adapters) {
+    if (a.module == module) return LoraGroupOf(a.group);
+  }
+  return LoraGroup::kNone;
+}
+
+absl::StatusOr<at::Tensor> DescribedLoader::Tensor(const std::string& role, GradSync whole) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  return loader_.Tensor(row->name, row->shape, CutOf(*row, whole));
+}
+
+absl::StatusOr<at::Tensor> DescribedLoader::TensorPart(const std::string& role, int part) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  const params::RankPart p = params::PartOf(*row, place_);
+  const auto [begin, size] = p.ranges.at(part);
+  return loader_.Tensor(row->name, row->shape, TpCut::Rows(begin, size));
+}
+
+absl::StatusOr<at::Tensor> DescribedLoader::Frozen(const std::string& role) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  return loader_.Frozen(row->name, row->shape, CutOf(*row));
+}
+
+absl::StatusOr<LoraLinear> DescribedLoader::Linear(const std::string& role, GradSync whole) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  const std::string module = ModuleOf(row->name);
+  return loader_.Linear(module, row->shape[0], row->shape[1], CutOf(*row, whole), GroupOf(module));
+}
+
+absl::StatusOr<LoraLinear> DescribedLoader::LinearPart(const std::string& role, int part) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  int64_t offset = 0;
+  for (int i = 0; i < part; ++i) offset += row->parts.at(i);
+  const int64_t out = row->parts.at(part);
+  const auto [begin, size] = params::CutRange(params::Cut::kRows, out, 1, place_);
+  const std::string& module = row->part_modules.at(part);
+  return loader_.LinearPart(ModuleOf(row->name), row->shape[0], row->shape[1], offset, module, out,
+                            TpCut::Rows(begin, size), GroupOf(module));
+}
+
+absl::StatusOr<ExpertBank> DescribedLoader::Experts() {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* gate, Row("experts.gate_proj"));
+  const int64_t total = gate->shape[0], inter = gate->shape[1], hidden = gate->shape[2];
+  const auto [begin, count] = params::CutRange(params::Cut::kExperts, total, 1, place_);
+  const std::string mlp = gate->name.substr(0, gate->name.find(".experts.{e}."));
+  return loader_.Experts(mlp, total, begin, count, inter, hidden);
 }
 
 }  // namespace lathe::runtime

@@ -16,8 +16,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "tensor/layers.h"
 #include "core/lora_settings.h"
+#include "params/param_table.h"
+#include "runtime/model_shard.h"
+#include "tensor/layers.h"
 #include "tensor/trainable_param.h"
 
 namespace lathe::runtime {
@@ -120,6 +122,42 @@ class ParamLoader {
   LoraSettings lora_;
   std::vector<TrainableParam>* trainable_;
   at::Generator gen_;
+};
+
+// A block's tensors loaded by role from its description (params/blocks.h):
+// the Hugging Face name, full shape, cut kind and LoRA group come from the
+// rows; this rank's [begin, size) from its place in `shard`. Roles the
+// description lacks are Internal errors (the block and its description
+// disagree).
+class DescribedLoader {
+ public:
+  DescribedLoader(ParamLoader& loader, params::ParamTable rows, const ModelShard& shard);
+
+  // This rank's place (tp, ep, full fine-tuning) and the cut of `row` there;
+  // `whole`: how the gradient of a tensor every rank holds whole completes.
+  params::RankPlace place() const { return place_; }
+  TpCut CutOf(const params::TensorRow& row, GradSync whole = GradSync::kReplicated) const;
+  absl::StatusOr<const params::TensorRow*> Row(const std::string& role) const;
+
+  absl::StatusOr<at::Tensor> Tensor(const std::string& role, GradSync whole = GradSync::kReplicated);
+  // Block `part` of a kPartRows tensor, this rank's rows of it.
+  absl::StatusOr<at::Tensor> TensorPart(const std::string& role, int part);
+  absl::StatusOr<at::Tensor> Frozen(const std::string& role);
+  absl::StatusOr<LoraLinear> Linear(const std::string& role, GradSync whole = GradSync::kReplicated);
+  // Block `part` of the kPartRows linear `role` as its own layer, with the
+  // part's adapter (LoRA runs only).
+  absl::StatusOr<LoraLinear> LinearPart(const std::string& role, int part);
+  // The expert bank (roles experts.gate_proj / up_proj / down_proj) of this
+  // ep rank.
+  absl::StatusOr<ExpertBank> Experts();
+
+ private:
+  // The adapter group of the linear whose weight is `row`; kNone without one.
+  LoraGroup GroupOf(const std::string& module) const;
+
+  ParamLoader& loader_;
+  params::ParamTable rows_;
+  params::RankPlace place_;
 };
 
 }  // namespace lathe::runtime

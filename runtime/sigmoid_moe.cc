@@ -6,8 +6,9 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "parallel/expert_parallel.h"
 #include "core/status.h"
+#include "params/blocks.h"
+#include "parallel/expert_parallel.h"
 
 namespace lathe::runtime {
 namespace {
@@ -52,9 +53,10 @@ absl::StatusOr<std::unique_ptr<SigmoidRoutedExperts>> SigmoidRoutedExperts::Load
                                                                                   const ModelShard& shard) {
   std::unique_ptr<SigmoidRoutedExperts> f(new SigmoidRoutedExperts());
   f->shape_ = s;
-  LATHE_RETURN_IF_ERROR(
-      LoadRouterAndExperts(loader, prefix, s.experts, s.hidden, s.inter, shard, &f->router_, &f->experts_));
-  LATHE_ASSIGN_OR_RETURN(f->bias_, loader.Frozen(prefix + ".gate.e_score_correction_bias", {s.experts}));
+  DescribedLoader rows(loader, params::DescribeSigmoidExperts(prefix, s.hidden, s.experts, s.inter, s.shared_inter),
+                       shard);
+  LATHE_RETURN_IF_ERROR(LoadRouterAndExperts(rows, s.experts, shard, &f->router_, &f->experts_));
+  LATHE_ASSIGN_OR_RETURN(f->bias_, rows.Frozen("gate.e_score_correction_bias"));
   if (s.shared_inter > 0) {
     LATHE_ASSIGN_OR_RETURN(f->shared_, SwiGluMlp::Load(loader, prefix + ".shared_experts", s.hidden, s.shared_inter,
                                                        shard));

@@ -1,5 +1,6 @@
 // LoadPreNormLayers: the layer loop the architecture files share.
 #include "absl/strings/str_cat.h"
+#include "params/blocks.h"
 #include "runtime/archs/registry.h"
 #include "runtime/ffn.h"
 #include "core/status.h"
@@ -19,9 +20,12 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadPreNormLayers(const Mode
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = absl::StrCat(prefix, "layers.", i, ".");
     Norm input{at::Tensor(), c.rms_norm_eps, offset}, post{at::Tensor(), c.rms_norm_eps, offset};
-    LATHE_ASSIGN_OR_RETURN(input.weight, loader.Tensor(p + "input_layernorm.weight", {h}));
+    params::ParamTable norm_rows = params::DescribeNorm("input_layernorm", p + "input_layernorm.weight", h);
+    norm_rows.Append(params::DescribeNorm("post_attention_layernorm", p + "post_attention_layernorm.weight", h));
+    DescribedLoader norms(loader, std::move(norm_rows), shard);
+    LATHE_ASSIGN_OR_RETURN(input.weight, norms.Tensor("input_layernorm"));
     LATHE_ASSIGN_OR_RETURN(std::unique_ptr<Mixer> mixer, load_mixer(i, p));
-    LATHE_ASSIGN_OR_RETURN(post.weight, loader.Tensor(p + "post_attention_layernorm.weight", {h}));
+    LATHE_ASSIGN_OR_RETURN(post.weight, norms.Tensor("post_attention_layernorm"));
     std::unique_ptr<Ffn> ffn;
     if (c.IsMoeLayer(i) && load_routed) {
       LATHE_ASSIGN_OR_RETURN(ffn, load_routed(p + "mlp"));

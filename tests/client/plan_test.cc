@@ -5,36 +5,42 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "absl/strings/str_format.h"
-
+#include "nlohmann/json.hpp"
 #include "presets/preset_table.h"
 
 namespace lathe::client {
 namespace {
 
-presets::ModelFacts Dense() {
-  presets::ModelFacts f;
-  f.hidden_size = 64;
-  f.num_hidden_layers = 2;
-  f.num_attention_heads = 4;
-  f.num_key_value_heads = 2;
-  f.head_dim = 16;
-  f.intermediate_size = 128;
-  f.vocab_size = 1000;
-  return f;
+using nlohmann::json;
+
+// The model of config.json fields `j`, as `lathe plan --config` reads it.
+runtime::ModelConfig Config(const json& j) {
+  auto c = runtime::ParseModelConfig(j.dump());
+  EXPECT_TRUE(c.ok()) << c.status() << "\n" << j.dump();
+  return c.ok() ? *c : runtime::ModelConfig();
+}
+
+// A Llama-style dense model (no q/k norms, no biases).
+json Dense() {
+  return {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 64}, {"num_hidden_layers", 2},
+          {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 16}, {"intermediate_size", 128},
+          {"vocab_size", 1000}};
 }
 
 parallel::MeshShape Shape(int tp, int ep) { return {1, 1, 4, tp, ep}; }
 
 TEST(PlanTest, DenseModelOverTp2ByHand) {
-  auto m = EstimateMemory(Dense(), Shape(2, 1), 100, 8, Dtype::kFloat32);
+  auto m = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 8, Dtype::kFloat32);
   ASSERT_TRUE(m.ok()) << m.status();
   // Per rank: q/o 32 wide, one KV head (16), MLP 64, vocabulary 500.
-  // embed + lm_head 2*500*64 = 64000; attention 2*(2*64*32 + 2*64*16 + 4*64) = 12800; MLP 2*3*64*64 = 24576.
-  // fp32, as the runtime holds them.
-  EXPECT_DOUBLE_EQ(m->weights, 4.0 * (64000 + 12800 + 24576));
+  // embed + lm_head 2*500*64 = 64000; attention and the two norms 2*(2*64*32 + 2*64*16 + 2*64) + the final
+  // norm 64 = 12608; MLP 2*3*64*64 = 24576. fp32, as the runtime holds them.
+  EXPECT_DOUBLE_EQ(m->weights, 4.0 * (64000 + 12608 + 24576));
   // LoRA r=8: attention 2*8*((64+32) + 2*(64+16) + (32+64)) = 5632; MLP 2*8*3*(64+64) = 6144;
   // lm_head 8*(64+500) = 4512; value, gradient, m and v: 16 B each.
   EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144 + 4512));
@@ -46,7 +52,7 @@ TEST(PlanTest, DenseModelOverTp2ByHand) {
 }
 
 TEST(PlanTest, LongSequencesAreRecomputedLayerByLayerByHand) {
-  auto m = EstimateMemory(Dense(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  auto m = EstimateMemory(Config(Dense()), Shape(2, 1), 4096, 8, Dtype::kFloat32);
   ASSERT_TRUE(m.ok()) << m.status();
   // Over 2048 tokens the runtime recomputes each layer: kept are the 2 layer inputs and
   // 3 more [T, 64] buffers; then one layer's backward (1.7 x 672 elements per token) or
@@ -54,26 +60,26 @@ TEST(PlanTest, LongSequencesAreRecomputedLayerByLayerByHand) {
   EXPECT_DOUBLE_EQ(m->activations, 4.0 * 4096 * 64 * (2 + 3) + std::max(1.7 * 4.0 * 4096 * 672,
                                                                           2.25 * 4.0 * 4096 * 500));
   // Linear in T from there: doubling the tokens doubles the activations.
-  auto twice = EstimateMemory(Dense(), Shape(2, 1), 8192, 8, Dtype::kFloat32);
+  auto twice = EstimateMemory(Config(Dense()), Shape(2, 1), 8192, 8, Dtype::kFloat32);
   EXPECT_DOUBLE_EQ(twice->activations, 2 * m->activations);
 }
 
 TEST(PlanTest, FullFineTuningKeepsGradientAndMomentsBesideTheFp32Weights) {
-  auto full = EstimateMemory(Dense(), Shape(2, 1), 100, 0, Dtype::kFloat32);
+  auto full = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 0, Dtype::kFloat32);
   ASSERT_TRUE(full.ok());
   // 4 B weight (trained in place) + 4 B gradient + 8 B Adam m and v = 16 B per parameter.
   EXPECT_DOUBLE_EQ(full->weights + full->trainable_state, 4 * full->weights);
 }
 
 TEST(PlanTest, TiedEmbeddingsAndKvReplicationPastTheKvHeads) {
-  presets::ModelFacts f = Dense();
-  auto untied = EstimateMemory(f, Shape(4, 1), 10, 8, Dtype::kFloat32);
-  f.tie_word_embeddings = true;
-  auto tied = EstimateMemory(f, Shape(4, 1), 10, 8, Dtype::kFloat32);
+  json f = Dense();
+  auto untied = EstimateMemory(Config(f), Shape(4, 1), 10, 8, Dtype::kFloat32);
+  f["tie_word_embeddings"] = true;
+  auto tied = EstimateMemory(Config(f), Shape(4, 1), 10, 8, Dtype::kFloat32);
   ASSERT_TRUE(untied.ok() && tied.ok());
   EXPECT_DOUBLE_EQ(untied->weights - tied->weights, 4.0 * 250 * 64);
   // tp 4 > 2 KV heads: each rank still holds a whole KV head (16 wide), as at tp 2.
-  auto tp2 = EstimateMemory(Dense(), Shape(2, 1), 10, 8, Dtype::kFloat32);
+  auto tp2 = EstimateMemory(Config(Dense()), Shape(2, 1), 10, 8, Dtype::kFloat32);
   // So going from tp 2 to tp 4 halves q, o, the MLP and the vocabulary slice, not k and v.
   const double q_tp4 = 4.0 * 2 * (2 * 64 * 16);
   const double q_tp2 = 4.0 * 2 * (2 * 64 * 32);
@@ -82,29 +88,32 @@ TEST(PlanTest, TiedEmbeddingsAndKvReplicationPastTheKvHeads) {
 }
 
 TEST(PlanTest, ExpertsSplitOverEp) {
-  presets::ModelFacts f = Dense();
-  f.num_experts = 8;
-  f.num_experts_per_tok = 2;
-  f.moe_intermediate_size = 32;
-  auto ep1 = EstimateMemory(f, Shape(1, 1), 10, 0, Dtype::kFloat32);
-  auto ep4 = EstimateMemory(f, Shape(1, 4), 10, 0, Dtype::kFloat32);
+  json f = Dense();
+  f["architectures"] = {"Qwen3MoeForCausalLM"};
+  f["num_experts"] = 8;
+  f["num_experts_per_tok"] = 2;
+  f["moe_intermediate_size"] = 32;
+  auto ep1 = EstimateMemory(Config(f), Shape(1, 1), 10, 0, Dtype::kFloat32);
+  auto ep4 = EstimateMemory(Config(f), Shape(1, 4), 10, 0, Dtype::kFloat32);
   ASSERT_TRUE(ep1.ok() && ep4.ok());
   // Expert weights 2 layers * 8 experts * 3*64*32 fp32; ep 4 keeps a quarter.
   const double experts = 4.0 * 2 * 8 * 3 * 64 * 32;
   EXPECT_DOUBLE_EQ(ep1->weights - ep4->weights, experts * 3 / 4);
 }
 
-TEST(PlanTest, IncompleteFactsGiveNoEstimate) {
-  presets::ModelFacts f = Dense();
-  f.head_dim = 0;
-  EXPECT_EQ(EstimateMemory(f, Shape(1, 1), 10, 8, Dtype::kFloat32).status().code(), absl::StatusCode::kFailedPrecondition);
+TEST(PlanTest, AnArchitectureWithoutDescriptionGetsNoEstimate) {
+  runtime::ModelConfig c = Config(Dense());
+  c.architecture = "Glm4MoeForCausalLM";
+  auto m = EstimateMemory(c, Shape(1, 1), 10, 8, Dtype::kFloat32);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(m.status().message().find("Glm4MoeForCausalLM"), std::string::npos) << m.status();
 }
 
 TEST(PlanTest, Bfloat16HalvesWeightsAndActivationsAndKeepsFp32StateNormsAndLogprobsByHand) {
-  auto m = EstimateMemory(Dense(), Shape(2, 1), 100, 8, Dtype::kBfloat16);
+  auto m = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 8, Dtype::kBfloat16);
   ASSERT_TRUE(m.ok()) << m.status();
   // The same shard as DenseModelOverTp2ByHand, 2 B per base weight.
-  EXPECT_DOUBLE_EQ(m->weights, 2.0 * (64000 + 12800 + 24576));
+  EXPECT_DOUBLE_EQ(m->weights, 2.0 * (64000 + 12608 + 24576));
   // LoRA's adapter, gradient and Adam moments stay fp32: 16 B per adapter parameter.
   EXPECT_DOUBLE_EQ(m->trainable_state, 16.0 * (5632 + 6144 + 4512));
   // 1.7 x 2 B x the 1408 elements per token; fp32 per token: each layer's norms' inputs
@@ -116,7 +125,7 @@ TEST(PlanTest, Bfloat16HalvesWeightsAndActivationsAndKeepsFp32StateNormsAndLogpr
   EXPECT_DOUBLE_EQ(m->gathered_kv, 0);
   // Recomputed: bf16 layer inputs and 3 more [T, 64] buffers, the fp32 RoPE tables, then
   // one layer's backward (bf16 elements and its 176 + 2 x 224 fp32 ones) or the fp32 chunk.
-  auto long_seq = EstimateMemory(Dense(), Shape(2, 1), 4096, 8, Dtype::kBfloat16);
+  auto long_seq = EstimateMemory(Config(Dense()), Shape(2, 1), 4096, 8, Dtype::kBfloat16);
   ASSERT_TRUE(long_seq.ok());
   EXPECT_DOUBLE_EQ(long_seq->activations,
                    2.0 * 4096 * 64 * (2 + 3) + 4.0 * 4096 * 32 +
@@ -124,7 +133,7 @@ TEST(PlanTest, Bfloat16HalvesWeightsAndActivationsAndKeepsFp32StateNormsAndLogpr
 }
 
 TEST(PlanTest, Bfloat16FullFineTuningKeepsAnFp32MasterGradientAndMoments) {
-  auto full = EstimateMemory(Dense(), Shape(2, 1), 100, 0, Dtype::kBfloat16);
+  auto full = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 0, Dtype::kBfloat16);
   ASSERT_TRUE(full.ok());
   // bf16 working copy (2 B) + fp32 master, gradient, m and v (16 B) = 18 B per parameter.
   EXPECT_DOUBLE_EQ(full->trainable_state, 8 * full->weights);
@@ -134,8 +143,8 @@ parallel::MeshShape WithCp(int tp, int cp) { return {1, 1, 8, tp, 1, cp}; }
 
 TEST(PlanTest, ContextParallelRanksHoldTheirShareOfTokensAndTheGatheredKvByHand) {
   // 8192 tokens over cp 2: each rank's activations are those of 4096 tokens (recomputed).
-  auto cp2 = EstimateMemory(Dense(), WithCp(2, 2), 8192, 8, Dtype::kFloat32);
-  auto half = EstimateMemory(Dense(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  auto cp2 = EstimateMemory(Config(Dense()), WithCp(2, 2), 8192, 8, Dtype::kFloat32);
+  auto half = EstimateMemory(Config(Dense()), Shape(2, 1), 4096, 8, Dtype::kFloat32);
   ASSERT_TRUE(cp2.ok() && half.ok());
   EXPECT_DOUBLE_EQ(cp2->activations, half->activations);
   EXPECT_DOUBLE_EQ(cp2->weights, half->weights);
@@ -145,14 +154,14 @@ TEST(PlanTest, ContextParallelRanksHoldTheirShareOfTokensAndTheGatheredKvByHand)
   EXPECT_DOUBLE_EQ(cp2->total(), cp2->weights + cp2->trainable_state + cp2->activations + cp2->gathered_kv);
   // 2048 tokens over cp 2 (1024 per rank: no recompute): every layer's gathered K/V stay to
   // the backward, and one layer's gradients come on top: (2 + 1) layers' worth, in bf16.
-  auto kept = EstimateMemory(Dense(), WithCp(2, 2), 2048, 8, Dtype::kBfloat16);
-  auto own = EstimateMemory(Dense(), Shape(2, 1), 1024, 8, Dtype::kBfloat16);
+  auto kept = EstimateMemory(Config(Dense()), WithCp(2, 2), 2048, 8, Dtype::kBfloat16);
+  auto own = EstimateMemory(Config(Dense()), Shape(2, 1), 1024, 8, Dtype::kBfloat16);
   ASSERT_TRUE(kept.ok() && own.ok());
   EXPECT_DOUBLE_EQ(kept->activations, own->activations);
   EXPECT_DOUBLE_EQ(kept->gathered_kv, 3 * (2 * 2.0 * 2048 * 16));
   // A length cp does not divide: each rank holds ceil(T / cp) tokens.
-  auto odd = EstimateMemory(Dense(), WithCp(2, 2), 4097, 8, Dtype::kFloat32);
-  auto ceil = EstimateMemory(Dense(), Shape(2, 1), 2049, 8, Dtype::kFloat32);
+  auto odd = EstimateMemory(Config(Dense()), WithCp(2, 2), 4097, 8, Dtype::kFloat32);
+  auto ceil = EstimateMemory(Config(Dense()), Shape(2, 1), 2049, 8, Dtype::kFloat32);
   EXPECT_DOUBLE_EQ(odd->activations, ceil->activations);
 }
 
@@ -176,34 +185,24 @@ parallel::MeshShape ShapeOf(const presets::Preset& p) {
 
 // The headline: Qwen3-8B at 131,072 tokens, LoRA rank 32, on 80 GB devices in bf16.
 // A Qwen3.5-style hybrid: 3 of every 4 layers Gated DeltaNet, gated attention.
-presets::ModelFacts Qwen3_5(int64_t h, int64_t layers, int64_t heads, int64_t kv, int64_t inter,
-                            int64_t linear_k, int64_t linear_v, bool tied) {
-  presets::ModelFacts f;
-  f.hidden_size = h;
-  f.num_hidden_layers = layers;
-  f.num_attention_heads = heads;
-  f.num_key_value_heads = kv;
-  f.head_dim = 256;
-  f.intermediate_size = inter;
-  f.vocab_size = 248320;
-  f.tie_word_embeddings = tied;
-  f.linear_num_key_heads = linear_k;
-  f.linear_num_value_heads = linear_v;
-  f.linear_key_head_dim = 128;
-  f.linear_value_head_dim = 128;
-  f.linear_conv_kernel_dim = 4;
-  f.full_attention_interval = 4;
-  f.attn_output_gate = true;
-  return f;
+json Qwen3_5(int64_t h, int64_t layers, int64_t heads, int64_t kv, int64_t inter, int64_t linear_k,
+             int64_t linear_v, bool tied) {
+  return {{"architectures", {"Qwen3_5ForCausalLM"}}, {"hidden_size", h}, {"num_hidden_layers", layers},
+          {"num_attention_heads", heads}, {"num_key_value_heads", kv}, {"head_dim", 256},
+          {"intermediate_size", inter}, {"vocab_size", 248320}, {"tie_word_embeddings", tied},
+          {"linear_num_key_heads", linear_k}, {"linear_num_value_heads", linear_v}, {"linear_key_head_dim", 128},
+          {"linear_value_head_dim", 128}, {"linear_conv_kernel_dim", 4}, {"full_attention_interval", 4}};
 }
 
-presets::ModelFacts Qwen3_5Moe(int64_t h, int64_t layers, int64_t heads, int64_t linear_v, int64_t experts,
-                               int64_t k, int64_t width) {
-  presets::ModelFacts f = Qwen3_5(h, layers, heads, 2, 0, 16, linear_v, false);
-  f.num_experts = experts;
-  f.num_experts_per_tok = k;
-  f.moe_intermediate_size = width;
-  f.shared_expert_intermediate_size = width;
+json Qwen3_5Moe(int64_t h, int64_t layers, int64_t heads, int64_t linear_v, int64_t experts, int64_t k,
+                int64_t width) {
+  json f = Qwen3_5(h, layers, heads, 2, 0, 16, linear_v, false);
+  f["architectures"] = {"Qwen3_5MoeForCausalLM"};
+  f.erase("intermediate_size");
+  f["num_experts"] = experts;
+  f["num_experts_per_tok"] = k;
+  f["moe_intermediate_size"] = width;
+  f["shared_expert_intermediate_size"] = width;
   return f;
 }
 
@@ -213,7 +212,7 @@ presets::ModelFacts Qwen3_5Moe(int64_t h, int64_t layers, int64_t heads, int64_t
 TEST(PlanTest, Qwen3_5ParametersAreTransformersCount) {
   struct Case {
     const char* name;
-    presets::ModelFacts facts;
+    json config;
     double parameters;
   };
   const Case cases[] = {
@@ -223,29 +222,29 @@ TEST(PlanTest, Qwen3_5ParametersAreTransformersCount) {
       {"397B-A17B", Qwen3_5Moe(4096, 60, 32, 64, 512, 10, 1024), 396346350336},
   };
   for (const Case& c : cases) {
-    auto m = EstimateMemory(c.facts, {1, 1, 1, 1, 1}, 16, 0, Dtype::kBfloat16);
+    auto m = EstimateMemory(Config(c.config), {1, 1, 1, 1, 1}, 16, 0, Dtype::kBfloat16);
     ASSERT_TRUE(m.ok()) << c.name << ": " << m.status();
     EXPECT_DOUBLE_EQ(m->weights / 2, c.parameters) << c.name;
   }
 }
 
-presets::ModelFacts TinyQwen3_5() {
-  presets::ModelFacts f = Dense();
-  f.head_dim = 32;
-  f.vocab_size = 128;
-  f.num_hidden_layers = 4;
-  f.linear_num_key_heads = 2;
-  f.linear_num_value_heads = 4;
-  f.linear_key_head_dim = 16;
-  f.linear_value_head_dim = 16;
-  f.linear_conv_kernel_dim = 4;
-  f.full_attention_interval = 4;
-  f.attn_output_gate = true;
+json TinyQwen3_5() {
+  json f = Dense();
+  f["architectures"] = {"Qwen3_5ForCausalLM"};
+  f["head_dim"] = 32;
+  f["vocab_size"] = 128;
+  f["num_hidden_layers"] = 4;
+  f["linear_num_key_heads"] = 2;
+  f["linear_num_value_heads"] = 4;
+  f["linear_key_head_dim"] = 16;
+  f["linear_value_head_dim"] = 16;
+  f["linear_conv_kernel_dim"] = 4;
+  f["full_attention_interval"] = 4;
   return f;
 }
 
 TEST(PlanTest, Qwen3_5LinearAttentionLayersOverTp2ByHand) {
-  auto m = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 100, 8, Dtype::kFloat32);
+  auto m = EstimateMemory(Config(TinyQwen3_5()), Shape(2, 1), 100, 8, Dtype::kFloat32);
   ASSERT_TRUE(m.ok()) << m.status();
   // Per rank: q 64 (q_proj 128 with the gate), one KV head (32), MLP 64, vocabulary 64;
   // linear attention: 1 key head (16), 2 value heads (32), conv channels 64.
@@ -262,7 +261,7 @@ TEST(PlanTest, Qwen3_5LinearAttentionLayersOverTp2ByHand) {
   // The delta rule's fp32 elements per linear layer: 11*2*16 + 6*32 + 5*2*64 + 2*16*16/64 = 1192.
   EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 100 * 3404 + 4.0 * 100 * 3 * 1192 + 2.25 * 4.0 * 100 * 64);
   // Recomputed (4096 tokens): the linear layer (388 + 384 elements, 1192 fp32) is the widest.
-  auto long_run = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  auto long_run = EstimateMemory(Config(TinyQwen3_5()), Shape(2, 1), 4096, 8, Dtype::kFloat32);
   ASSERT_TRUE(long_run.ok());
   EXPECT_DOUBLE_EQ(long_run->activations,
                    4.0 * 4096 * 64 * (4 + 3) + std::max(1.7 * 4.0 * 4096 * (388 + 384) + 4.0 * 4096 * 1192,
@@ -274,36 +273,38 @@ TEST(PlanTest, Qwen3_5LinearAttentionLayersOverTp2ByHand) {
 // delta rule's fp32 ones count the sequence's tokens, the rest the rank's.
 TEST(PlanTest, Qwen3_5LinearAttentionCoresCountTheWholeSequenceUnderCp) {
   parallel::MeshShape cp2{1, 1, 4, 2, 1, 2};  // tp 2 x cp 2
-  auto m = EstimateMemory(TinyQwen3_5(), cp2, 200, 8, Dtype::kFloat32);
+  auto m = EstimateMemory(Config(TinyQwen3_5()), cp2, 200, 8, Dtype::kFloat32);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * (100 * 3404 + 100 * 3 * 260) + 4.0 * 200 * 3 * 1192 +
                                        2.25 * 4.0 * 100 * 64);
   // Recomputed (4,096 tokens per rank of 8,192): the linear layer (388 + 384 elements and the other
   // half sequence's 260, twice the 1192 fp32) is the widest.
-  auto long_run = EstimateMemory(TinyQwen3_5(), cp2, 8192, 8, Dtype::kFloat32);
+  auto long_run = EstimateMemory(Config(TinyQwen3_5()), cp2, 8192, 8, Dtype::kFloat32);
   ASSERT_TRUE(long_run.ok());
   EXPECT_DOUBLE_EQ(long_run->activations,
                    4.0 * 4096 * 64 * (4 + 3) + std::max(1.7 * 4.0 * 4096 * (388 + 384 + 260) + 4.0 * 8192 * 1192,
                                                         2.25 * 4.0 * 4096 * 64));
   // Without cp the same rank tokens need less: the cores see only them.
-  auto no_cp = EstimateMemory(TinyQwen3_5(), Shape(2, 1), 4096, 8, Dtype::kFloat32);
+  auto no_cp = EstimateMemory(Config(TinyQwen3_5()), Shape(2, 1), 4096, 8, Dtype::kFloat32);
   ASSERT_TRUE(no_cp.ok());
   EXPECT_LT(no_cp->activations, long_run->activations);
 }
 
-TEST(PlanTest, Qwen3_5SharedExpertAndGateByHand) {
-  presets::ModelFacts moe = TinyQwen3_5();
-  moe.intermediate_size = 0;
-  moe.num_experts = 8;
-  moe.num_experts_per_tok = 2;
-  moe.moe_intermediate_size = 32;
-  auto without = EstimateMemory(moe, Shape(2, 2), 100, 8, Dtype::kFloat32);
-  moe.shared_expert_intermediate_size = 48;
-  auto with = EstimateMemory(moe, Shape(2, 2), 100, 8, Dtype::kFloat32);
-  ASSERT_TRUE(without.ok() && with.ok());
-  // Per layer: the shared SwiGLU 3*64*24 on each tp rank and its gate 64 (h -> 1).
-  EXPECT_DOUBLE_EQ(with->weights - without->weights, 4.0 * 4 * (3 * 64 * 24 + 64));
-  EXPECT_DOUBLE_EQ(with->trainable_state - without->trainable_state, 16.0 * 4 * 8 * (3 * (64 + 24) + (64 + 1)));
+TEST(PlanTest, Qwen3_5SharedExpertByHand) {
+  json moe = TinyQwen3_5();
+  moe["architectures"] = {"Qwen3_5MoeForCausalLM"};
+  moe.erase("intermediate_size");
+  moe["num_experts"] = 8;
+  moe["num_experts_per_tok"] = 2;
+  moe["moe_intermediate_size"] = 32;
+  moe["shared_expert_intermediate_size"] = 24;
+  auto narrow = EstimateMemory(Config(moe), Shape(2, 2), 100, 8, Dtype::kFloat32);
+  moe["shared_expert_intermediate_size"] = 48;
+  auto wide = EstimateMemory(Config(moe), Shape(2, 2), 100, 8, Dtype::kFloat32);
+  ASSERT_TRUE(narrow.ok() && wide.ok());
+  // Per layer the shared SwiGLU grows from 3*64*12 to 3*64*24 on each tp rank (its gate, h -> 1, stays).
+  EXPECT_DOUBLE_EQ(wide->weights - narrow->weights, 4.0 * 4 * 3 * 64 * 12);
+  EXPECT_DOUBLE_EQ(wide->trainable_state - narrow->trainable_state, 16.0 * 4 * 8 * 3 * 12);
 }
 
 TEST(PlanTest, Qwen3_8BAt131072TokensFitsAnH100InBfloat16WithItsLayout) {
@@ -312,7 +313,7 @@ TEST(PlanTest, Qwen3_8BAt131072TokensFitsAnH100InBfloat16WithItsLayout) {
   ASSERT_NE(p, nullptr);
   EXPECT_TRUE(p->verified);
   EXPECT_EQ(p->max_seq_len, 131072);
-  auto bf16 = EstimateMemory(p->facts, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
+  auto bf16 = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
   ASSERT_TRUE(bf16.ok()) << bf16.status();
   EXPECT_TRUE(Fits(*bf16, kH100.gib)) << bf16->total() / (1 << 30) << " GiB";
   EXPECT_TRUE(Fits(*bf16, kH200.gib));
@@ -320,31 +321,72 @@ TEST(PlanTest, Qwen3_8BAt131072TokensFitsAnH100InBfloat16WithItsLayout) {
   EXPECT_EQ(p->cp, 2);
   parallel::MeshShape no_cp = ShapeOf(*p);
   no_cp.cp = 1;
-  auto whole = EstimateMemory(p->facts, no_cp, p->max_seq_len, 32, Dtype::kBfloat16);
+  auto whole = EstimateMemory(*p->config, no_cp, p->max_seq_len, 32, Dtype::kBfloat16);
   ASSERT_TRUE(whole.ok());
   EXPECT_FALSE(Fits(*whole, kH100.gib)) << whole->total() / (1 << 30) << " GiB";
   // float32 (CPU ranks) takes more.
-  auto fp32 = EstimateMemory(p->facts, ShapeOf(*p), p->max_seq_len, 32, Dtype::kFloat32);
+  auto fp32 = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kFloat32);
   ASSERT_TRUE(fp32.ok());
   EXPECT_GT(fp32->total(), bf16->total() * 1.3);
 }
 
-// Every row whose facts allow an estimate, declared ones included, is sized for
+// Every row whose config allows an estimate, declared ones included, is sized for
 // LoRA rank 32 at its max_seq_len on an H100 in bf16.
 TEST(PlanTest, EveryPresetFitsAnH100WithLoraAtItsMaxSeqLenInBfloat16) {
   int estimated = 0;
   for (const presets::Preset& p : Shipped()) {
-    if (!p.facts.Complete()) {
+    if (!p.config) {
       EXPECT_FALSE(p.verified) << p.base_model;
       EXPECT_NE(p.note.find("no estimate"), std::string::npos) << p.base_model << ": say why in the note";
       continue;
     }
-    auto m = EstimateMemory(p.facts, ShapeOf(p), p.max_seq_len, 32, Dtype::kBfloat16);
+    auto m = EstimateMemory(*p.config, ShapeOf(p), p.max_seq_len, 32, Dtype::kBfloat16);
     ASSERT_TRUE(m.ok()) << p.base_model;
     EXPECT_TRUE(Fits(*m, kH100.gib)) << p.base_model << " needs " << m->total() / (1 << 30) << " GiB";
     ++estimated;
   }
   EXPECT_GE(estimated, 20);
+}
+
+// Kimi-K2.6 / K2.7-Code: the smallest node group of 8-GPU nodes (tp 8, one ep
+// rank and one cp rank per device) that fits an H100 at 131,072 tokens.
+TEST(PlanTest, KimiPresetsTakeTheSmallestNodeGroupThatFits) {
+  std::vector<presets::Preset> table = Shipped();
+  for (const char* name : {"moonshotai/Kimi-K2.6", "moonshotai/Kimi-K2.7-Code"}) {
+    const presets::Preset* p = presets::FindPreset(table, name);
+    ASSERT_NE(p, nullptr);
+    ASSERT_TRUE(p->config.has_value()) << p->config_error;
+    auto m = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_TRUE(Fits(*m, kH100.gib)) << m->total() / (1 << 30) << " GiB";
+    // 1,026.4B parameters, of which each device holds 6 of the 384 experts in 60 layers in bf16.
+    EXPECT_GT(m->weights, 2.0 * 6 * 60 * 3 * 7168 * 2048);
+    parallel::MeshShape smaller{1, p->node_count - 2, 8, 8, (p->node_count - 2) * 8, p->node_count - 2};
+    auto six = EstimateMemory(*p->config, smaller, p->max_seq_len, 32, Dtype::kBfloat16);
+    ASSERT_TRUE(six.ok());
+    EXPECT_FALSE(Fits(*six, kH100.gib)) << six->total() / (1 << 30) << " GiB";
+  }
+}
+
+// Latent attention's activations (runtime/latent_attention.cc): per token at
+// tp 2 on a small DeepSeek-V3 layer, worked out by hand.
+TEST(PlanTest, LatentAttentionActivationsByHand) {
+  json c = {{"architectures", {"DeepseekV3ForCausalLM"}}, {"hidden_size", 64}, {"intermediate_size", 128},
+            {"moe_intermediate_size", 32}, {"num_hidden_layers", 1}, {"first_k_dense_replace", 1},
+            {"num_attention_heads", 4}, {"num_key_value_heads", 4}, {"q_lora_rank", 24}, {"kv_lora_rank", 16},
+            {"qk_nope_head_dim", 16}, {"qk_rope_head_dim", 8}, {"v_head_dim", 16}, {"n_routed_experts", 8},
+            {"num_experts_per_tok", 2}, {"n_group", 1}, {"topk_group", 1}, {"vocab_size", 100}};
+  auto m = EstimateMemory(Config(c), Shape(2, 1), 10, 8, Dtype::kFloat32);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // 2 heads per rank, qk 24, v 16: norm 2*64; q_a and its norm 2*24; q_b 2*24; kv_a 16+8 and the latent
+  // norm 16; kv_b 2*(16+16); roped q and key parts 2*8 + 8; q, the expanded key, the values padded to 24
+  // and the padded output 4*2*24; o's input 2*16:
+  // 128 + 48 + 48 + 24 + 16 + 64 + 24 + 192 + 32 = 576; the dense MLP 2*64 + 4*64 = 384; final norm 64.
+  EXPECT_DOUBLE_EQ(m->activations, 1.7 * 4.0 * 10 * (576 + 384 + 64) + 2.25 * 4.0 * 10 * 50);
+  // cp 2: the gathered K and V are the expanded heads (2 x (24 + 16) per token on this rank).
+  auto cp = EstimateMemory(Config(c), WithCp(2, 2), 8192, 8, Dtype::kFloat32);
+  ASSERT_TRUE(cp.ok());
+  EXPECT_DOUBLE_EQ(cp->gathered_kv, 2 * (4.0 * 8192 * 2 * (24 + 16)));
 }
 
 int Plan(const std::vector<presets::Preset>& table, const std::string& model, Dtype dtype, double device_gib) {
@@ -363,8 +405,35 @@ TEST(PlanTest, ExitCodeThreeWhenTheTargetDeviceIsTooSmall) {
   EXPECT_EQ(Plan(table, "Qwen/Qwen3-8B", Dtype::kFloat32, 141), 0);
   EXPECT_EQ(Plan(table, "Qwen/Qwen3-8B", Dtype::kBfloat16, 40), 3);
   EXPECT_EQ(Plan(table, "Qwen/Qwen3-8B", Dtype::kBfloat16, -1), 1);
-  // No estimate (incomplete facts): planned, exit 0.
+  // No estimate (no description of its architecture): planned, exit 0.
   EXPECT_EQ(Plan(table, "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", Dtype::kBfloat16, 0), 0);
+}
+
+// --config: a model outside the table planned from its own config.json; a
+// path that cannot be read is refused by name.
+TEST(PlanTest, ConfigFlagPlansFromAConfigJson) {
+  const std::string dir = testing::TempDir() + "/plan_config_model";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << Dense().dump();
+  PlanOptions o;
+  o.layout.model = "my-model";
+  o.layout.devices_per_node = 2;
+  o.layout.tp = 2;
+  o.layout.max_seq_len = 100;
+  o.lora_rank = 8;
+  o.dtype = Dtype::kFloat32;
+  for (const std::string& path : {dir, dir + "/config.json"}) {
+    o.config_path = path;
+    testing::internal::CaptureStdout();
+    EXPECT_EQ(PlanCommand({}, o), 0) << path;
+    const std::string out = testing::internal::GetCapturedStdout();
+    auto m = EstimateMemory(Config(Dense()), Shape(2, 1), 100, 8, Dtype::kFloat32);
+    EXPECT_NE(out.find(absl::StrFormat("  %-16s %9.2f GiB", "total", m->total() / (1 << 30))), std::string::npos) << out;
+  }
+  o.config_path = dir + "/missing.json";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(PlanCommand({}, o), 1);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("missing.json"), std::string::npos);
 }
 
 TEST(PlanTest, ListShowsEachPresetsEstimateAndVerdicts) {
@@ -378,11 +447,11 @@ TEST(PlanTest, ListShowsEachPresetsEstimateAndVerdicts) {
     return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at) - at);
   };
   const presets::Preset* p = presets::FindPreset(table, "Qwen/Qwen3-8B");
-  auto m = EstimateMemory(p->facts, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
+  auto m = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
   std::string q8 = line_of("Qwen/Qwen3-8B");
   EXPECT_NE(q8.find(absl::StrFormat(" %.1f ", m->total() / (1 << 30))), std::string::npos) << q8;
   EXPECT_NE(q8.find("fits  fits"), std::string::npos) << q8;
-  // No estimate without complete facts.
+  // No estimate without a described architecture.
   std::string nemotron = line_of("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16");
   EXPECT_NE(nemotron.find("-     -     -"), std::string::npos) << nemotron;
   // float32 (CPU ranks): Qwen3-30B-A3B-Instruct at 131,072 tokens no longer fits the H100.

@@ -1,4 +1,4 @@
-// The shipped preset table parses and every row's layout fits its facts;
+// The shipped preset table parses and every row's layout fits its config;
 // malformed rows are refused with their name; lookup and layout resolution.
 #include "presets/preset_table.h"
 
@@ -21,7 +21,7 @@ TEST(PresetTableTest, ShippedTableHasTheVerifiedQwen3FamilyAndDeclaredMoeModels)
     const Preset* p = FindPreset(table, name);
     ASSERT_NE(p, nullptr) << name;
     EXPECT_TRUE(p->verified) << name;
-    EXPECT_TRUE(p->facts.Complete()) << name;
+    EXPECT_TRUE(p->config.has_value()) << name;
     EXPECT_TRUE(p->architecture == "Qwen3ForCausalLM" || p->architecture == "Qwen3MoeForCausalLM") << name;
   }
   int declared = 0;
@@ -29,8 +29,8 @@ TEST(PresetTableTest, ShippedTableHasTheVerifiedQwen3FamilyAndDeclaredMoeModels)
   EXPECT_GE(declared, 5);
   const Preset* moe = FindPreset(table, "Qwen3-30B-A3B");
   ASSERT_NE(moe, nullptr);
-  EXPECT_EQ(moe->facts.num_experts, 128);
-  EXPECT_EQ(moe->facts.num_experts % moe->ep, 0);
+  EXPECT_EQ(moe->config->num_experts, 128);
+  EXPECT_EQ(moe->config->num_experts % moe->ep, 0);
   EXPECT_EQ(moe->devices_per_node % moe->tp, 0);
 }
 
@@ -63,11 +63,11 @@ TEST(PresetTableTest, ShippedTableHasEverySupportedModelAtItsLength) {
     ASSERT_NE(p, nullptr) << name;
     EXPECT_EQ(p->base_model, name);
     EXPECT_EQ(p->max_seq_len, max_seq_len) << name;
-    // Qwen3 dense and MoE and the Qwen3.5 / Qwen3.6 hybrids whose facts are
-    // complete run today; the others are declared, with a note on what the
+    // Qwen3 dense and MoE and the Qwen3.5 / Qwen3.6 hybrids whose config
+    // parses run today; the others are declared, with a note on what the
     // estimate leaves out.
     const bool qwen3 = p->architecture == "Qwen3ForCausalLM" || p->architecture == "Qwen3MoeForCausalLM";
-    const bool hybrid = p->architecture.rfind("Qwen3_5", 0) == 0 && p->facts.Complete();
+    const bool hybrid = p->architecture.rfind("Qwen3_5", 0) == 0 && p->config.has_value();
     EXPECT_EQ(p->verified, qwen3 || hybrid) << name;
     if (!qwen3) {
       EXPECT_FALSE(p->note.empty()) << name;
@@ -80,38 +80,67 @@ TEST(PresetTableTest, ShippedTableHasEverySupportedModelAtItsLength) {
 
 // The Qwen3.5 / Qwen3.6 rows carry their linear-attention layers, output gate
 // and shared expert, so the layout check and the estimate see them.
-TEST(PresetTableTest, Qwen3_5RowsCarryTheirHybridFacts) {
+TEST(PresetTableTest, Qwen3_5RowsCarryTheirHybridConfig) {
   std::vector<Preset> table = Shipped();
   int rows = 0;
   for (const Preset& p : table) {
     if (p.architecture.rfind("Qwen3_5", 0) != 0) continue;
     ++rows;
-    EXPECT_TRUE(p.facts.attn_output_gate) << p.base_model;
-    EXPECT_EQ(p.facts.full_attention_interval, 4) << p.base_model;
-    EXPECT_EQ(p.facts.linear_key_head_dim, 128) << p.base_model;
-    EXPECT_EQ(p.facts.linear_conv_kernel_dim, 4) << p.base_model;
-    EXPECT_EQ(p.facts.vocab_size, 248320) << p.base_model;
-    if (p.base_model == "Qwen/Qwen3.5-4B") continue;  // linear heads not in our sources: no estimate
-    EXPECT_TRUE(p.facts.Complete()) << p.base_model;
-    EXPECT_TRUE(p.facts.is_hybrid()) << p.base_model;
-    EXPECT_EQ(p.facts.linear_num_key_heads, 16) << p.base_model;
-    EXPECT_EQ(p.facts.linear_attention_layers(), p.facts.num_hidden_layers * 3 / 4) << p.base_model;
-    EXPECT_EQ(p.facts.linear_num_value_heads % p.tp, 0) << p.base_model;
-    if (p.facts.is_moe()) {
-      EXPECT_EQ(p.facts.shared_expert_intermediate_size, p.facts.moe_intermediate_size) << p.base_model;
-      EXPECT_EQ(p.facts.shared_experts, 0) << p.base_model;  // the gated one is counted apart
+    if (p.base_model == "Qwen/Qwen3.5-4B") {  // MLP width not in our sources: no estimate
+      EXPECT_FALSE(p.config.has_value());
+      EXPECT_NE(p.config_error.find("intermediate_size"), std::string::npos) << p.config_error;
+      continue;
+    }
+    ASSERT_TRUE(p.config.has_value()) << p.base_model;
+    const runtime::ModelConfig& c = *p.config;
+    EXPECT_TRUE(c.attn_output_gate) << p.base_model;
+    EXPECT_EQ(c.linear_attention.key_head_dim, 128) << p.base_model;
+    EXPECT_EQ(c.linear_attention.conv_kernel_size, 4) << p.base_model;
+    EXPECT_EQ(c.vocab_size, 248320) << p.base_model;
+    EXPECT_TRUE(c.IsHybrid()) << p.base_model;
+    EXPECT_EQ(c.linear_attention.num_key_heads, 16) << p.base_model;
+    int64_t linear = 0;
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) linear += c.IsLinearAttentionLayer(i) ? 1 : 0;
+    EXPECT_EQ(linear, c.num_hidden_layers * 3 / 4) << p.base_model;
+    EXPECT_EQ(c.linear_attention.num_value_heads % p.tp, 0) << p.base_model;
+    if (c.num_experts > 0) {
+      EXPECT_EQ(c.shared_expert.intermediate_size, c.moe_intermediate_size) << p.base_model;
+      EXPECT_TRUE(c.shared_expert.sigmoid_gate) << p.base_model;
     }
   }
   EXPECT_EQ(rows, 10);
   const Preset* big = FindPreset(table, "Qwen/Qwen3.5-27B");
   ASSERT_NE(big, nullptr);
-  EXPECT_EQ(big->facts.linear_num_value_heads, 48);
-  EXPECT_EQ(big->facts.Dims().linear_num_value_heads, 48);
+  EXPECT_EQ(big->config->linear_attention.num_value_heads, 48);
+  EXPECT_EQ(big->dims.linear_num_value_heads, 48);
+}
+
+// The Kimi rows read the real config (DeepSeek-V3 text model in the K2.5
+// wrapper): latent attention, 384 experts, one dense layer, untied head.
+TEST(PresetTableTest, KimiRowsCarryTheirRealConfig) {
+  std::vector<Preset> table = Shipped();
+  for (const char* name : {"moonshotai/Kimi-K2.6", "moonshotai/Kimi-K2.7-Code"}) {
+    const Preset* p = FindPreset(table, name);
+    ASSERT_NE(p, nullptr) << name;
+    ASSERT_TRUE(p->config.has_value()) << name << ": " << p->config_error;
+    EXPECT_TRUE(p->estimate_as.empty()) << name;
+    const runtime::ModelConfig& c = *p->config;
+    EXPECT_EQ(c.architecture, "KimiK25ForConditionalGeneration");
+    EXPECT_EQ(c.latent_attention.q_lora_rank, 1536);
+    EXPECT_EQ(c.latent_attention.kv_lora_rank, 512);
+    EXPECT_EQ(c.num_experts, 384);
+    EXPECT_FALSE(c.IsMoeLayer(0));
+    EXPECT_TRUE(c.IsMoeLayer(1));
+    EXPECT_FALSE(c.tie_word_embeddings);
+    EXPECT_EQ(c.checkpoint.weight_prefix, "language_model.model.");
+    EXPECT_EQ(p->max_seq_len, 131072);
+    EXPECT_EQ(c.num_experts / p->ep, 6);
+  }
 }
 
 const char* kHybridRow = R"({"presets": [{"base_model": "Org/H", "architecture": "Qwen3_5ForCausalLM",
   "node_count": 1, "devices_per_node": 8, "tp": 8, "ep": 1, "max_seq_len": 4096, "verified": false,
-  "facts": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+  "config": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
             "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000, "attn_output_gate": true,
             "linear_num_key_heads": %K%, "linear_num_value_heads": 8, "linear_key_head_dim": 16,
             "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 4}}]})";
@@ -125,17 +154,46 @@ std::string HybridRow(const std::string& key_heads) {
 TEST(PresetTableTest, RefusesHybridRowsWhoseLinearHeadsDoNotSplit) {
   auto ok = ParsePresets(HybridRow("8"));
   ASSERT_TRUE(ok.ok()) << ok.status();
-  EXPECT_TRUE((*ok)[0].facts.Complete());
+  EXPECT_TRUE((*ok)[0].config.has_value());
   auto tp = ParsePresets(HybridRow("4"));  // 4 key heads over tp 8
   ASSERT_FALSE(tp.ok());
   EXPECT_NE(tp.status().message().find("linear-attention key heads 4 are not divisible by tp 8"), std::string::npos)
       << tp.status();
   auto ratio = ParsePresets(HybridRow("3"));
   ASSERT_FALSE(ratio.ok());
-  EXPECT_NE(ratio.status().message().find("multiple of 'linear_num_key_heads'"), std::string::npos) << ratio.status();
+  EXPECT_NE(ratio.status().message().find("multiple of linear_num_key_heads"), std::string::npos) << ratio.status();
   std::string gate = HybridRow("8");
   gate.replace(gate.find("\"attn_output_gate\": true"), 24, "\"attn_output_gate\": 1");
   EXPECT_FALSE(ParsePresets(gate).ok());
+}
+
+// A row of an architecture lathe does not describe: `estimate_as` names the
+// one whose table stands in; without it the row has no estimate.
+TEST(PresetTableTest, EstimateAsReadsTheConfigAsTheStandIn) {
+  const std::string row = R"({"presets": [{"base_model": "Org/G", "architecture": "Glm4MoeForCausalLM",
+    %AS% "node_count": 1, "devices_per_node": 8, "tp": 8, "ep": 8, "max_seq_len": 4096, "verified": %V%,
+    "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+               "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000, "num_experts": 8,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 32}}]})";
+  auto make = [&](const std::string& as, const std::string& verified) {
+    std::string s = row;
+    s.replace(s.find("%AS%"), 4, as);
+    s.replace(s.find("%V%"), 3, verified);
+    return ParsePresets(s);
+  };
+  auto stand_in = make(R"("estimate_as": "Qwen3MoeForCausalLM",)", "false");
+  ASSERT_TRUE(stand_in.ok()) << stand_in.status();
+  ASSERT_TRUE((*stand_in)[0].config.has_value());
+  EXPECT_EQ((*stand_in)[0].config->architecture, "Qwen3MoeForCausalLM");
+  EXPECT_EQ((*stand_in)[0].architecture, "Glm4MoeForCausalLM");
+  EXPECT_EQ((*stand_in)[0].dims.num_experts, 8);
+  auto none = make("", "false");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE((*none)[0].config.has_value());
+  EXPECT_NE((*none)[0].config_error.find("Glm4MoeForCausalLM"), std::string::npos);
+  EXPECT_EQ((*none)[0].dims.num_experts, 8);  // the layout is still checked
+  EXPECT_FALSE(make(R"("estimate_as": "Qwen3MoeForCausalLM",)", "true").ok()) << "a verified row runs its own";
+  EXPECT_FALSE(make(R"("estimate_as": "NoSuchForCausalLM",)", "false").ok());
 }
 
 TEST(PresetTableTest, LookupByFullIdOrLastPartIgnoringCase) {
@@ -148,7 +206,7 @@ TEST(PresetTableTest, LookupByFullIdOrLastPartIgnoringCase) {
 
 const char* kRow = R"({"presets": [{"base_model": "Org/M", "architecture": "Qwen3ForCausalLM", "node_count": 1,
   "devices_per_node": 4, "tp": %TP%, "ep": 1, "max_seq_len": 4096, "verified": true,
-  "facts": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+  "config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
             "head_dim": 16, "intermediate_size": 128, "vocab_size": 1000}}]})";
 
 std::string Row(const std::string& tp) {
@@ -176,7 +234,12 @@ TEST(PresetTableTest, RefusesRowsWithTheirName) {
   EXPECT_NE(dup.status().message().find("twice"), std::string::npos);
   std::string incomplete = Row("2");
   incomplete.replace(incomplete.find("\"vocab_size\": 1000"), 18, "\"vocab_size\": 0");
-  EXPECT_FALSE(ParsePresets(incomplete).ok()) << "a verified row needs every fact";
+  auto refused = ParsePresets(incomplete);
+  ASSERT_FALSE(refused.ok()) << "a verified row needs a config that parses";
+  EXPECT_NE(refused.status().message().find("'config'"), std::string::npos) << refused.status();
+  std::string named = Row("2");
+  named.replace(named.find("\"config\": {"), 11, "\"config\": {\"architectures\": [\"X\"], ");
+  EXPECT_FALSE(ParsePresets(named).ok()) << "the row's architecture is the config's";
   EXPECT_EQ(LoadPresets("/nonexistent/models.json").status().code(), absl::StatusCode::kNotFound);
 }
 
