@@ -45,7 +45,10 @@ LAYOUTS = [
 # magnitude, so their relative rounding is larger: one process against itself with only
 # its packing changed (`parallel_parity_mpi --control 8`) already differs by 1.2e-5 in
 # loss (the harness's tolerance: 1e-5); 2 is the smallest integer scale above that floor.
-TOL_SCALE = {"deepseek_v3": 1, "deepseek_v3_grouped": 2, "glm_moe_dsa": 1}
+# glm_moe_dsa's step-2 LoRA loss (0.063) cancels likewise: the control run differs by
+# 1.7e-5 in loss and the sharded layouts by up to 3.1e-5, with logprobs within 4.3e-6; 4 is
+# the smallest integer scale above that.
+TOL_SCALE = {"deepseek_v3": 1, "deepseek_v3_grouped": 2, "glm_moe_dsa": 4}
 CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in LAYOUTS]
 
 
