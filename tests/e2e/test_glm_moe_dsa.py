@@ -69,8 +69,8 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
 
     root = str(tmp_path / "ckpt")
     args = ["--checkpoint_root", root]
-    d = make_deployment("glm", model_dir=glm_model, replicas=1, ranks=4, tp=2, ep=2, worker_args=args,
-                        coordinator_args=args).start()
+    d = make_deployment("glm", model_dir=glm_model, replicas=1, ranks=4, tp=2, ep=2, max_runs=2,
+                        worker_args=args, coordinator_args=args).start()
     lora = dict(rank=8, seed=4)
     batches = _batches(3)
     run = Run(d.stub, **lora)
