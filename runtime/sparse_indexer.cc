@@ -46,8 +46,11 @@ absl::StatusOr<SparseIndexer> SparseIndexer::Load(ParamLoader& loader, const std
   LATHE_ASSIGN_OR_RETURN(at::Tensor norm_b, loader.Frozen(p + "k_norm.bias", {s.head_dim}));
   x.k_norm_weight_ = norm_w.to(x.wk_.scalar_type());
   x.k_norm_bias_ = norm_b.to(x.wk_.scalar_type());
-  // transformers keeps weights_proj in fp32 and feeds it fp32 activations.
-  LATHE_ASSIGN_OR_RETURN(x.weights_proj_, loader.Frozen(p + "weights_proj.weight", {s.heads, s.hidden}));
+  // In the model's dtype: transformers' keep-in-fp32 list (indexer.weights_proj)
+  // applies to float16 loads only, so under bf16 it computes this in bf16 too.
+  LATHE_ASSIGN_OR_RETURN(LoraLinear weights_proj,
+                         loader.FrozenLinear(p + "weights_proj", s.heads, s.hidden, TpCut::Whole()));
+  x.weights_proj_ = weights_proj.weight;
   return x;
 }
 
@@ -105,7 +108,7 @@ std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Ten
       if (!q.defined()) {
         q = at::matmul(q_resid.detach(), wq_b_.t()).view({t, s.heads, d}).transpose(0, 1);  // [H, T, D]
         q = at::cat({Rope(q.narrow(2, 0, r), ctx.rope), q.narrow(2, r, d - r)}, 2);
-        w = at::matmul(in.to(at::kFloat), weights_proj_.t()).mul(1.0 / std::sqrt(static_cast<double>(s.heads)));
+        w = at::matmul(in, weights_proj_.t()).to(at::kFloat).mul(1.0 / std::sqrt(static_cast<double>(s.heads)));
       }
       masks[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, past);
     }

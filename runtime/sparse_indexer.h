@@ -3,9 +3,10 @@
 // output (wq_b), one key per token (LayerNorm with bias of wk(x)),
 // interleaved RoPE on the first qk_rope_head_dim dims of both, and the score
 // of key j for query i Σ_h w_h(i)·relu(q_h(i)·k(j)/√index_head_dim), where
-// w(i) = weights_proj(x_i)/√index_n_heads (weights_proj in fp32); each query
+// w(i) = weights_proj(x_i)/√index_n_heads; each query
 // keeps the index_topk best of the keys it may see (all of them when there
-// are no more than index_topk). Scores in fp32.
+// are no more than index_topk). Projections in the model's dtype, scores in
+// fp32, as transformers computes them.
 //
 // The indexer is computed without autograd and its tensors are never
 // trained (transformers runs it under no_grad, so no gradient reaches them
@@ -69,7 +70,7 @@ class SparseIndexer {
 
   SparseIndexerShape shape_;
   at::Tensor wq_b_, wk_, k_norm_weight_, k_norm_bias_;
-  at::Tensor weights_proj_;  // fp32
+  at::Tensor weights_proj_;
 };
 
 }  // namespace lathe::runtime

@@ -661,7 +661,7 @@ def _indexer_margin(indexer, args) -> float:
     q = torch.cat([q_rot, q[..., r:]], -1)
     k = torch.cat([k_rot, k[..., r:]], -1)[:, :, 0]
     scores = torch.relu(torch.einsum("bshd,btd->bsht", q, k) * d ** -0.5)
-    w = indexer.weights_proj(x.float()).float() * h ** -0.5
+    w = indexer.weights_proj(x.to(indexer.weights_proj.weight.dtype)).float() * h ** -0.5
     index = torch.einsum("bsh,bsht->bst", w, scores)
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     index = index.masked_fill(~causal, -math.inf)[:, top:]  # the queries that see more than top keys
