@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -11,6 +12,12 @@
 #include "core/status.h"
 
 namespace lathe::runtime {
+namespace {
+
+// Index scores computed at once, in fp32 values (256 MiB).
+constexpr int64_t kScoreBudget = int64_t{1} << 26;
+
+}  // namespace
 
 at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& masks,
@@ -68,14 +75,23 @@ at::Tensor SparseIndexer::Rope(const at::Tensor& x, const RopeTables& rope) cons
 at::Tensor SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t past) const {
   const int64_t n = q.size(1), m = k.size(0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
-  at::Tensor scores = at::relu(at::matmul(q.to(at::kFloat), k.to(at::kFloat).t()).mul(scale));  // [H, n, m]
-  // Σ_h w_h(i)·score_h(i, j): per query, its head weights times its scores.
-  at::Tensor index = at::bmm(w.unsqueeze(1), scores.transpose(0, 1)).squeeze(1);  // [n, m]
+  at::Tensor keys = k.to(at::kFloat).t();
   at::Tensor causal = at::ones({n, m}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
-  index = index.masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
-  at::Tensor top = std::get<1>(index.topk(shape_.topk, -1));
+  // A block of queries at a time: all heads' scores at once would be
+  // heads·n·m fp32 values (32·8192² = 8.6 GB at GLM-5.2's width).
+  const int64_t rows = std::max<int64_t>(1, kScoreBudget / (shape_.heads * m));
+  std::vector<at::Tensor> tops;
+  for (int64_t begin = 0; begin < n; begin += rows) {
+    const int64_t b = std::min(rows, n - begin);
+    at::Tensor scores = at::relu(at::matmul(q.narrow(1, begin, b).to(at::kFloat), keys).mul(scale));  // [H, b, m]
+    // Σ_h w_h(i)·score_h(i, j): per query, its head weights times its scores.
+    at::Tensor index = at::bmm(w.narrow(0, begin, b).unsqueeze(1), scores.transpose(0, 1)).squeeze(1);  // [b, m]
+    index = index.masked_fill(causal.narrow(0, begin, b).logical_not(), -std::numeric_limits<double>::infinity());
+    tops.push_back(std::get<1>(index.topk(shape_.topk, -1)));
+  }
   // A query with at most topk earlier keys keeps them all: masked keys score
   // -inf and fall below every visible one.
+  at::Tensor top = tops.size() == 1 ? tops[0] : at::cat(tops, 0);
   return at::zeros_like(causal).scatter(1, top, true).logical_and(causal);
 }
 
