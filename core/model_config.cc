@@ -11,6 +11,7 @@
 #include "absl/strings/strip.h"
 #include "core/config_json.h"
 #include "core/deepseek_v3_config.h"
+#include "core/glm_moe_dsa_config.h"
 #include "core/quantization.h"
 #include "core/qwen3_5_config.h"
 #include "core/status.h"
@@ -263,7 +264,8 @@ absl::Status ReadArchitecture(const json& j, ModelConfig& c) {
                                      "Qwen3_5MoeForConditionalGeneration",
                                      "DeepseekV3ForCausalLM",
                                      "KimiK25ForConditionalGeneration",
-                                     "Kimi_K25ForConditionalGeneration"};
+                                     "Kimi_K25ForConditionalGeneration",
+                                     "GlmMoeDsaForCausalLM"};
   auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->size() != 1 || !(*arch)[0].is_string()) {
     return FieldError("architectures", "must be a list of one architecture name");
@@ -331,6 +333,7 @@ absl::Status ReadMoe(const json& j, ModelConfig& c) {
   c.num_experts = experts;
   if (IsQwen3_5(c.architecture)) return absl::OkStatus();  // ReadQwen3_5
   if (IsDeepseekV3(c.architecture)) return absl::OkStatus();  // ReadDeepseekV3 (n_routed_experts)
+  if (IsGlmMoeDsa(c.architecture)) return absl::OkStatus();   // ReadGlmMoeDsa
   if (c.architecture != "Qwen3MoeForCausalLM") {
     if (experts > 0) return FieldError("num_experts", absl::StrCat("is set but ", c.architecture, " is dense"));
     return absl::OkStatus();
@@ -361,6 +364,7 @@ absl::Status ReadText(const json& j, bool qwen3_5, ModelConfig& c) {
   LATHE_RETURN_IF_ERROR(ReadMoe(j, c));
   if (qwen3_5) LATHE_RETURN_IF_ERROR(ReadQwen3_5(j, c));
   if (IsDeepseekV3(c.architecture)) LATHE_RETURN_IF_ERROR(ReadDeepseekV3(j, c));
+  if (IsGlmMoeDsa(c.architecture)) LATHE_RETURN_IF_ERROR(ReadGlmMoeDsa(j, c));
   return absl::OkStatus();
 }
 

@@ -92,6 +92,23 @@ struct SigmoidRouterConfig {
   double routed_scaling_factor = 1.0;
 };
 
+// DeepSeek sparse attention's indexer (GLM-5's DSA, transformers'
+// GlmMoeDsaIndexer): per query it scores every earlier key of its sequence
+// with index_n_heads heads of index_head_dim (RoPE on the first
+// qk_rope_head_dim dims) and the latent attention attends only to the
+// index_topk best. Layers whose indexer_types entry is "shared" have no
+// indexer and reuse the selection of the previous "full" layer.
+struct SparseIndexerConfig {
+  int64_t index_topk = 0;  // 0: no indexer (plain latent attention)
+  int64_t index_head_dim = 0;
+  int64_t index_n_heads = 0;
+  // Per layer, the layer whose indexer selects its keys: itself ("full") or
+  // the previous full layer ("shared").
+  std::vector<int64_t> selection_layer;
+
+  bool enabled() const { return index_topk > 0; }
+};
+
 // Where the text model's tensors sit in the checkpoint.
 struct CheckpointLayout {
   std::string weight_prefix = "model.";  // before "embed_tokens", "layers.N", "norm"
@@ -159,6 +176,8 @@ struct ModelConfig {
   // DeepSeek-V3 (defaults elsewhere: GQA, softmax routing).
   LatentAttentionConfig latent_attention;
   SigmoidRouterConfig sigmoid_router;
+  // GLM-5 (GlmMoeDsaForCausalLM): DeepSeek-V3's layers with the indexer.
+  SparseIndexerConfig sparse_indexer;
 
   // True when decoder layer `layer` uses the sparse MoE block.
   bool IsMoeLayer(int64_t layer) const;

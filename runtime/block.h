@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -54,6 +55,10 @@ struct LayerContext {
   std::shared_ptr<const parallel::SequenceSplit> cp;
   // The model's groups; outlives every forward.
   const ModelShard* shard = nullptr;
+  // Sparse attention: the keys each indexer layer selected in this forward
+  // (per sequence), by layer, for the layers that reuse them (shared, so a
+  // recomputed layer finds them).
+  std::shared_ptr<std::map<size_t, std::vector<at::Tensor>>> selections;
 };
 
 // The sequence mixer of one layer: x [T, H] (already normed) -> [T, H], the

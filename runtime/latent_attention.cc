@@ -48,6 +48,30 @@ void LatentAttention::Visit(const TensorVisitor& fn) {
   for (LoraLinear* l : {&q_a_, &q_b_, &q_, &kv_a_, &kv_b_, &o_}) VisitLinear(*l, fn);
   fn(q_a_norm_.weight);
   fn(kv_a_norm_.weight);
+  if (indexer_ != nullptr) indexer_->Visit(fn);
+}
+
+absl::Status LatentAttention::SelectKeys(ParamLoader& loader, const std::string& indexer_prefix,
+                                         const SparseIndexerShape& shape, int64_t layer, int64_t selection_layer) {
+  LATHE_CHECK(config_.q_lora_rank > 0 && selection_layer <= layer);
+  selection_layer_ = selection_layer;
+  if (selection_layer != layer) return absl::OkStatus();
+  LATHE_ASSIGN_OR_RETURN(SparseIndexer indexer, SparseIndexer::Load(loader, indexer_prefix, shape));
+  indexer_ = std::make_unique<SparseIndexer>(std::move(indexer));
+  return absl::OkStatus();
+}
+
+std::vector<at::Tensor> LatentAttention::Selection(const at::Tensor& x, const at::Tensor& q_resid,
+                                                   const LayerContext& ctx, size_t layer) const {
+  LATHE_CHECK(ctx.selections != nullptr);
+  if (indexer_ != nullptr) {
+    std::vector<at::Tensor> masks = indexer_->Select(x, q_resid, ctx, layer);
+    (*ctx.selections)[layer] = masks;
+    return masks;
+  }
+  auto it = ctx.selections->find(static_cast<size_t>(selection_layer_));
+  LATHE_CHECK(it != ctx.selections->end());
+  return it->second;
 }
 
 at::Tensor LatentAttention::Rope(const at::Tensor& x, const RopeTables& rope) const {
@@ -59,7 +83,8 @@ at::Tensor LatentAttention::Rope(const at::Tensor& x, const RopeTables& rope) co
 }
 
 at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
-                                   const LayerContext& ctx, size_t layer) const {
+                                   const std::vector<at::Tensor>& masks, const LayerContext& ctx,
+                                   size_t layer) const {
   const LatentAttentionConfig& c = config_;
   const int64_t nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim, rank = c.kv_lora_rank;
   // kv_b_proj per head: [key nope rows | value rows] over the latent.
@@ -75,17 +100,22 @@ at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent
     // Fresh copies: the products below then see the same operands (layout
     // and alignment) whatever the sequence's place in the batch.
     at::Tensor ln = latent.narrow(0, offset, n).clone(), rn = k_rope.narrow(0, offset, n).clone();
-    const int64_t past = slot.empty() ? 0 : slot[0].size(0);
+    // Slots 0 and 1; a sparse attention's indexer keeps its keys in slot 2.
+    if (slot.size() < 2) slot.resize(2);
+    const int64_t past = slot[0].defined() ? slot[0].size(0) : 0;
     at::Tensor all_latent = past > 0 ? at::cat({slot[0], ln}, 0) : ln;  // [past + n, rank]
     at::Tensor all_rope = past > 0 ? at::cat({slot[1], rn}, 0) : rn;    // [past + n, r]
-    slot = {all_latent, all_rope};
+    slot[0] = all_latent;
+    slot[1] = all_rope;
     at::Tensor qn = q.narrow(1, offset, n).clone(at::MemoryFormat::Contiguous);  // [h, n, qk]
     // q·k = (q_nope·W_key)·latent + q_rope·k_rope: the key weights absorbed
     // into the query, so no key or value is ever expanded per head.
     at::Tensor q_latent = at::bmm(qn.narrow(2, 0, nope), w_key);  // [h, n, rank]
     at::Tensor scores = at::matmul(q_latent, all_latent.t()) + at::matmul(qn.narrow(2, nope, r), all_rope.t());
     // New token j sees the past and the new tokens up to itself.
-    at::Tensor mask = at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+    at::Tensor mask = i < masks.size() && masks[i].defined()
+                          ? masks[i]
+                          : at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
     scores = scores.mul(c.softmax_scale).masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
     at::Tensor weights = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
     // Σ p·v = W_value·(Σ p·latent): the value weights applied after the sum.
@@ -102,15 +132,17 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor in = ctx.enter ? ctx.enter(x) : x;
   // q_proj is column-parallel with a replicated adapter A: GroupedForward
   // enters the adapter's rank-sized input too, so A's gradient is complete.
-  at::Tensor q = c.q_lora_rank > 0 ? q_b_.Forward(q_a_norm_(q_a_.Forward(in)))
-                                   : GroupedForward(x, q_.weight, {&q_}, ctx.enter)[0];
+  at::Tensor q_resid = c.q_lora_rank > 0 ? q_a_norm_(q_a_.Forward(in)) : at::Tensor();
+  at::Tensor q = c.q_lora_rank > 0 ? q_b_.Forward(q_resid) : GroupedForward(x, q_.weight, {&q_}, ctx.enter)[0];
   q = q.reshape({t, heads_, nope + r}).transpose(0, 1);  // [h, T, qk]
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
+  std::vector<at::Tensor> masks;
+  if (selection_layer_ >= 0 && t > 0) masks = Selection(x, q_resid, ctx, layer);
   if (ctx.states != nullptr && t > 0) {
     at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
     at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
-    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, ctx, layer);
+    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, masks, ctx, layer);
     return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
   }
   at::Tensor kv = kv_b_.Forward(latent).reshape({t, heads_, nope + dv}).transpose(0, 1);
@@ -128,6 +160,8 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor o;
   if (ctx.cp != nullptr) {
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
+  } else if (!masks.empty()) {
+    o = SelectedAttention(q, k, v, ctx.lengths, masks, c.softmax_scale);
   } else {
     // SDPA's fused (flash) kernel needs the values as wide as q and k; without
     // it the T x T scores are materialised. Zero columns appended to the

@@ -15,6 +15,9 @@
 // LoRA (attention group): q_a_proj, kv_a_proj_with_mqa, o_proj, and q_proj
 // when there is no q_lora_rank; q_b_proj and kv_b_proj train only in full
 // fine-tuning.
+//
+// GLM-5's sparse attention (SelectKeys): each query attends only to the
+// keys a SparseIndexer selects, this layer's own or an earlier layer's.
 #ifndef LATHE_RUNTIME_LATENT_ATTENTION_H_
 #define LATHE_RUNTIME_LATENT_ATTENTION_H_
 
@@ -24,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/block.h"
+#include "runtime/sparse_indexer.h"
 #include "core/model_config.h"
 
 namespace lathe::runtime {
@@ -47,12 +51,24 @@ class LatentAttention final : public Mixer {
   at::Tensor Forward(const at::Tensor& x, const LayerContext& ctx, size_t layer) const override;
   void Visit(const TensorVisitor& fn) override;
 
+  // Makes the attention of layer `layer` sparse: its queries see only the
+  // keys the indexer of layer `selection_layer` selects; when that is
+  // `layer` the indexer `indexer_prefix` is loaded (frozen) into this layer,
+  // and its selection is left in LayerContext::selections for the layers
+  // after it. REQUIRES: q_lora_rank > 0; selection_layer ≤ layer.
+  absl::Status SelectKeys(ParamLoader& loader, const std::string& indexer_prefix, const SparseIndexerShape& shape,
+                          int64_t layer, int64_t selection_layer);
+
  private:
   LatentAttention() = default;
   // Attention of the new tokens (q [h, T, qk] after RoPE) of each sequence
-  // of ctx over its cached and new latents -> [h, T, v_head_dim].
+  // of ctx over its cached and new latents -> [h, T, v_head_dim]; masks[i]
+  // (when given and defined) the keys sequence i's new tokens see.
   at::Tensor Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
-                    const LayerContext& ctx, size_t layer) const;
+                    const std::vector<at::Tensor>& masks, const LayerContext& ctx, size_t layer) const;
+  // The sparse attention's selection for this forward (see SelectKeys).
+  std::vector<at::Tensor> Selection(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
+                                    size_t layer) const;
   // RoPE on the rope dims x [..., T, qk_rope_head_dim].
   at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;
 
@@ -60,6 +76,8 @@ class LatentAttention final : public Mixer {
   int64_t heads_ = 0;  // this rank's
   LoraLinear q_a_, q_b_, q_, kv_a_, kv_b_, o_;
   Norm q_a_norm_, kv_a_norm_;
+  std::unique_ptr<SparseIndexer> indexer_;
+  int64_t selection_layer_ = -1;  // -1: dense attention
 };
 
 }  // namespace lathe::runtime

@@ -59,6 +59,16 @@ nlohmann::json ConfigJson(const TinyModelSpec& s) {
     j["n_shared_experts"] = 1;
     j["first_k_dense_replace"] = 1;
     j["routed_scaling_factor"] = 2.5;
+    if (s.sparse_attention) {
+      j["architectures"] = {"GlmMoeDsaForCausalLM"};
+      j["model_type"] = "glm_moe_dsa";
+      j["index_topk"] = 8;
+      j["index_head_dim"] = 16;
+      j["index_n_heads"] = 16;
+      nlohmann::json types = nlohmann::json::array();
+      for (int64_t i = 0; i < s.num_layers; ++i) types.push_back(i % 2 == 0 ? "full" : "shared");
+      j["indexer_types"] = types;
+    }
     return j;
   }
   if (s.moe) {

@@ -29,6 +29,10 @@ struct TinyModelSpec {
   // 16, nope = head_dim, rope 8, values head_dim wide, interleaved RoPE) and
   // the first layer dense, the rest sigmoid-routed with one shared expert.
   bool latent_attention = false;
+  // With latent_attention, GlmMoeDsaForCausalLM instead: the same layers with
+  // GLM-5's sparse attention (index_topk 8, 16 indexer heads of 16; even
+  // layers run their own indexer, odd ones share the previous layer's).
+  bool sparse_attention = false;
   uint64_t seed = 0;
 };
 

@@ -19,6 +19,7 @@ constexpr Architecture kArchitectures[] = {
     {"DeepseekV3ForCausalLM", LoadDeepseekV3Layers},
     {"KimiK25ForConditionalGeneration", LoadDeepseekV3Layers},
     {"Kimi_K25ForConditionalGeneration", LoadDeepseekV3Layers},
+    {"GlmMoeDsaForCausalLM", LoadGlmMoeDsaLayers},
 };
 
 }  // namespace

@@ -45,6 +45,10 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadDeepseekV3Layers(const M
                                                                          ParamLoader& loader,
                                                                          const std::string& prefix,
                                                                          const ModelShard& shard);
+absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadGlmMoeDsaLayers(const ModelConfig& config,
+                                                                        ParamLoader& loader,
+                                                                        const std::string& prefix,
+                                                                        const ModelShard& shard);
 
 // Shared by the architecture files: layers of the pre-norm Block, each
 // with the mixer `mixer` loads for layer i from its prefix

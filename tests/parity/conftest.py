@@ -1,6 +1,6 @@
 """Fixtures for the lathe <-> transformers/peft parity suite.
 
-* ``tiny_models``: the tiny checkpoints of make_tiny_models.py (KINDS, HYBRID_KINDS, MLA_KINDS), built
+* ``tiny_models``: the tiny checkpoints of make_tiny_models.py (KINDS, HYBRID_KINDS, MLA_KINDS, DSA_KINDS), built
   once per session.
 * ``harness``: runs ``lathe_harness`` on a request and returns a ``HarnessResult``.
 
@@ -116,7 +116,8 @@ def _run_harness(model_dir: str, request: dict, workdir: str, expect_rc: int | N
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
-    for kind in make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS + make_tiny_models.MLA_KINDS:
+    for kind in (make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS + make_tiny_models.MLA_KINDS
+                 + make_tiny_models.DSA_KINDS):
         out = str(root / kind)
         make_tiny_models.make_model(kind, out, seed=0)
         dirs[kind] = out

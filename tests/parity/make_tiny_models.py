@@ -52,6 +52,12 @@ HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
 # deepseek_v3_grouped like DeepSeek-V3 itself with q_proj instead of the q LoRA (4 groups
 # of which 2 are kept, halves RoPE, two shared experts, no renormalisation, tied).
 MLA_KINDS = ("deepseek_v3", "deepseek_v3_grouped")
+# GLM-5 (GlmMoeDsaForCausalLM): the latent attention of deepseek_v3 made sparse by the
+# DeepSeek sparse-attention indexer. index_topk 8: sequences of up to 8 tokens attend to
+# every earlier key (plain latent attention), longer ones to the indexer's 8 best; layer 1
+# shares layer 0's selection (indexer_types full, shared, full). 16 indexer heads keep the
+# relu'd index scores free of ties.
+DSA_KINDS = ("glm_moe_dsa",)
 ROPE_BIAS_KINDS = ("llama3_rope", "llama_yarn", "llama_linear_bias", "qwen2", "qwen2_tied")
 
 # Shared architecture knobs.  Vocab sizes differ per model (and are not powers of two)
@@ -130,9 +136,26 @@ def _deepseek_v3_config(kind: str):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
 
 
+def _glm_moe_dsa_config():
+    from transformers import GlmMoeDsaConfig
+
+    return GlmMoeDsaConfig(
+        vocab_size=167, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        index_topk=8, index_head_dim=16, index_n_heads=16, indexer_types=["full", "shared", "full"],
+        rms_norm_eps=1e-5, max_position_embeddings=128, hidden_act="silu", attention_bias=False,
+        attention_dropout=0.0, use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        output_router_logits=False, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
 def build_config(kind: str):
     from transformers import Qwen3Config, Qwen3MoeConfig
 
+    if kind in DSA_KINDS:
+        return _glm_moe_dsa_config()
     if kind in QWEN3_5_KINDS:
         return _qwen3_5_config(kind)
     if kind in MLA_KINDS:
@@ -220,20 +243,22 @@ def _reinit_(model, seed: int) -> None:
             else:
                 p.copy_(0.1 * noise)
         for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
-            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: shifts which experts are chosen
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3, GLM-5: shifts which experts are chosen
                 b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float32))
 
 
 def make_model(kind: str, out_dir: str, seed: int = 0, max_shard_size: str | None = None):
     """Build the tiny model ``kind``, save it into ``out_dir`` (in shards of at most
     ``max_shard_size`` with an index, when given) and return the model (eval mode)."""
-    from transformers import (DeepseekV3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM,
+    from transformers import (DeepseekV3ForCausalLM, GlmMoeDsaForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM,
                               Qwen3ForCausalLM, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     config = build_config(kind)
     if kind in MLA_KINDS:
         cls = DeepseekV3ForCausalLM
+    elif kind in DSA_KINDS:
+        cls = GlmMoeDsaForCausalLM
     elif kind in QWEN3_5_KINDS:
         cls = Qwen3_5MoeForCausalLM if kind.startswith("qwen3_5_moe") else Qwen3_5ForCausalLM
     elif kind.startswith("llama"):
@@ -392,7 +417,8 @@ def write_fused_experts(src: str, dst) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + MLA_KINDS + ROPE_BIAS_KINDS + ("all",))
+    ap.add_argument("kind", choices=KINDS + EXTRA_KINDS + QWEN3_5_KINDS + MLA_KINDS + DSA_KINDS + ROPE_BIAS_KINDS
+                    + ("all",))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -131,7 +131,8 @@ def model_dims(model) -> dict:
 
 
 def _is_mla(config) -> bool:
-    return getattr(config, "model_type", "") == "deepseek_v3"
+    """DeepSeek-V3 and GLM-5 (glm_moe_dsa): latent attention, sigmoid-routed experts."""
+    return getattr(config, "model_type", "") in ("deepseek_v3", "glm_moe_dsa")
 
 
 def _is_qwen3_5(model) -> bool:
@@ -188,9 +189,13 @@ class _View:
 
 
 def _full_views(model) -> dict[str, _View]:
-    """Full fine-tuning: every parameter under its HF checkpoint name, experts split."""
+    """Full fine-tuning: every parameter under its HF checkpoint name, experts split. GLM-5's
+    sparse-attention indexers (self_attn.indexer.*) are left out: transformers computes them
+    under no_grad, so they never get a gradient and torch's AdamW never steps them."""
     views: dict[str, _View] = {}
     for name, p in model.named_parameters():  # tied lm_head is deduplicated by torch
+        if ".self_attn.indexer." in name:
+            continue
         m = re.match(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
         if not m:
             views[name] = _View(p, lambda t: t)
@@ -639,13 +644,44 @@ def _sigmoid_routing_margin(router, logits: torch.Tensor) -> float:
     return min(margin, float((p[:, k - 1] - p[:, k]).min()))
 
 
+def _indexer_margin(indexer, args) -> float:
+    """GLM-5's sparse-attention indexer on (hidden_states, q_resid, (cos, sin), ...): the
+    smallest gap between the index_topk-th and the next index score among the keys a query
+    may see, over the queries that see more than index_topk keys (inf when none does)."""
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+
+    x, q_resid, (cos, sin) = args[0], args[1], args[2]
+    b, s, _ = x.shape
+    h, d, r, top = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim, indexer.index_topk
+    if s <= top:
+        return math.inf
+    q = indexer.wq_b(q_resid).view(b, s, h, d).float()
+    k = indexer.k_norm(indexer.wk(x)).unsqueeze(2).float()
+    q_rot, k_rot = apply_rotary_pos_emb_interleave(q[..., :r], k[..., :r], cos.float(), sin.float(), unsqueeze_dim=2)
+    q = torch.cat([q_rot, q[..., r:]], -1)
+    k = torch.cat([k_rot, k[..., r:]], -1)[:, :, 0]
+    scores = torch.relu(torch.einsum("bshd,btd->bsht", q, k) * d ** -0.5)
+    w = indexer.weights_proj(x.to(indexer.weights_proj.weight.dtype)).float() * h ** -0.5
+    index = torch.einsum("bsh,bsht->bst", w, scores)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    index = index.masked_fill(~causal, -math.inf)[:, top:]  # the queries that see more than top keys
+    v = index.sort(dim=-1, descending=True).values
+    return float((v[..., top - 1] - v[..., top]).min())
+
+
 def min_routing_margin(model, data: list[dict]) -> float:
     """Smallest gap between the k-th and (k+1)-th router probability over all tokens of
-    all MoE layers (inf for dense models).  Tests use it to make sure the C++ runtime
-    cannot legitimately pick different experts because of rounding."""
+    all MoE layers (inf for dense models), and between the index_topk-th and next index
+    score of GLM-5's indexers.  Tests use it to make sure the C++ runtime cannot
+    legitimately pick different experts or keys because of rounding."""
     margins: list[float] = []
     hooks = []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.model.layers:
+        indexer = getattr(getattr(layer, "self_attn", None), "indexer", None)
+        if indexer is not None:
+            hooks.append(indexer.register_forward_hook(
+                lambda mod, args, out: margins.append(_indexer_margin(mod, args))))
     for li in _moe_layers(base):
         router = base.model.layers[li].mlp.gate
 

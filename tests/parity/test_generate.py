@@ -82,8 +82,9 @@ def test_bad_sampling_requests_are_refused(bad, tiny_models, harness):
 # one and longer than two 64-token chunks of the delta rule, decoded together.
 HYBRID_KINDS = ("qwen3_5", "qwen3_5_moe")
 # DeepSeek-V3 (latent attention; transformers caches the latent, lathe each head's keys and
-# values) with the same requests.
-DECODE_KINDS = HYBRID_KINDS + ("deepseek_v3", "deepseek_v3_grouped")
+# values) with the same requests, and GLM-5 (the same with the sparse-attention indexer,
+# whose keys both cache: prompts shorter and longer than its index_topk of 8, decoded past it).
+DECODE_KINDS = HYBRID_KINDS + ("deepseek_v3", "deepseek_v3_grouped", "glm_moe_dsa")
 
 
 def _hybrid_requests(vocab: int) -> list[dict]:

@@ -24,7 +24,7 @@ LORA = {"rank": 4, "alpha": 8.0, "seed": 3}
 ADAM = {"learning_rate": 2e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
 ATOL = 1e-4
 KINDS = ("qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_sparse", "qwen3_moe_sparse_tied", "qwen3_5", "qwen3_5_moe",
-         "qwen2", "qwen2_tied", "llama3_rope") + make_tiny_models.MLA_KINDS
+         "qwen2", "qwen2_tied", "llama3_rope") + make_tiny_models.MLA_KINDS + make_tiny_models.DSA_KINDS
 
 
 @pytest.fixture(scope="module")

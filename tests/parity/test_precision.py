@@ -18,7 +18,8 @@ import torch
 import make_tiny_models
 import reference as R
 
-KINDS = make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS + make_tiny_models.MLA_KINDS
+KINDS = (make_tiny_models.KINDS + make_tiny_models.HYBRID_KINDS + make_tiny_models.MLA_KINDS
+         + make_tiny_models.DSA_KINDS)
 LORA = dict(rank=4, alpha=8, seed=0, train_attn=True, train_mlp=True, train_unembed=True)
 KIND_SEED = {k: 100 * i for i, k in enumerate(KINDS)}
 ADAM = dict(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)

@@ -32,7 +32,7 @@ def fwd(data):
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_bases")
     dirs = {}
-    for kind in ("qwen3", "qwen3_moe", "deepseek_v3"):
+    for kind in ("qwen3", "qwen3_moe", "deepseek_v3", "glm_moe_dsa"):
         dirs[kind] = str(root / kind)
         make_tiny_models.make_model(kind, dirs[kind], seed=0)
     return dirs
@@ -52,7 +52,7 @@ def assert_matches_dequantized(harness, quant_dir: str, deq_dir: str, seed: int)
         assert torch.equal(bf16_q.logprobs(0, j), bf16_d.logprobs(0, j)), f"bf16 datum {j} differs"
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3", "glm_moe_dsa"])
 @pytest.mark.parametrize("block", [(32, 48), None], ids=["block32x48", "default128"])
 def test_fp8_block_matches_dequantized_reference(kind, block, bases, harness, tmp_path):
     """Partial edge blocks both ways: 32 x 48 blocks cut 64 and 96 columns unevenly, and the

@@ -1,0 +1,61 @@
+// GLM-5 (GlmMoeDsaForCausalLM): DeepSeek-V3's layers (latent attention,
+// dense first layers, sigmoid-routed experts with shared experts) whose
+// attention is sparse: each query sees only the index_topk earlier keys an
+// indexer selects, in "full" layers their own indexer's choice, in "shared"
+// layers that of the previous full layer.
+#include "absl/strings/str_cat.h"
+#include "runtime/archs/registry.h"
+#include "runtime/latent_attention.h"
+#include "runtime/sigmoid_moe.h"
+#include "core/status.h"
+
+namespace lathe::runtime {
+namespace {
+
+SigmoidRouterShape RouterOf(const ModelConfig& c) {
+  SigmoidRouterShape router;
+  router.hidden = c.hidden_size;
+  router.experts = c.num_experts;
+  router.top_k = c.num_experts_per_tok;
+  router.inter = c.moe_intermediate_size;
+  router.norm_topk_prob = c.norm_topk_prob;
+  router.n_group = c.sigmoid_router.n_group;
+  router.topk_group = c.sigmoid_router.topk_group;
+  router.routed_scaling_factor = c.sigmoid_router.routed_scaling_factor;
+  router.shared_inter = c.shared_expert.intermediate_size;
+  return router;
+}
+
+SparseIndexerShape IndexerOf(const ModelConfig& c) {
+  const SparseIndexerConfig& x = c.sparse_indexer;
+  return {c.hidden_size, c.latent_attention.q_lora_rank, x.index_n_heads, x.index_head_dim,
+          c.latent_attention.qk_rope_head_dim, x.index_topk};
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadGlmMoeDsaLayers(const ModelConfig& c, ParamLoader& loader,
+                                                                        const std::string& prefix,
+                                                                        const ModelShard& shard) {
+  if (shard.cp.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrCat("cp ", shard.cp.size(), ": ", c.architecture,
+                                                   "'s sparse attention does not run under context parallelism"));
+  }
+  const SigmoidRouterShape router = RouterOf(c);
+  const SparseIndexerShape indexer = IndexerOf(c);
+  return LoadPreNormLayers(
+      c, loader, prefix, shard,
+      [&](int64_t layer, const std::string& p) -> absl::StatusOr<std::unique_ptr<Mixer>> {
+        LATHE_ASSIGN_OR_RETURN(std::unique_ptr<LatentAttention> a,
+                               LatentAttention::Load(loader, p + "self_attn", c.hidden_size, c.num_attention_heads,
+                                                     c.latent_attention, shard));
+        LATHE_RETURN_IF_ERROR(a->SelectKeys(loader, p + "self_attn.indexer", indexer, layer,
+                                            c.sparse_indexer.selection_layer.at(layer)));
+        return std::unique_ptr<Mixer>(std::move(a));
+      },
+      [&](const std::string& mlp) -> absl::StatusOr<std::unique_ptr<Ffn>> {
+        return SigmoidRoutedExperts::Load(loader, mlp, router, shard);
+      });
+}
+
+}  // namespace lathe::runtime

@@ -1,0 +1,136 @@
+// SparseIndexer: loading it and choosing each query's keys.
+#include "runtime/sparse_indexer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "core/status.h"
+
+namespace lathe::runtime {
+namespace {
+
+// Index scores computed at once, in fp32 values (256 MiB).
+constexpr int64_t kScoreBudget = int64_t{1} << 26;
+
+}  // namespace
+
+at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& masks,
+                             double scale) {
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t n = lengths[i];
+    const bool all = i >= masks.size() || !masks[i].defined();
+    parts.push_back(at::scaled_dot_product_attention(
+                        q.narrow(1, offset, n).unsqueeze(0), k.narrow(1, offset, n).unsqueeze(0),
+                        v.narrow(1, offset, n).unsqueeze(0), all ? std::optional<at::Tensor>() : masks[i], 0.0,
+                        /*is_causal=*/all, scale)
+                        .squeeze(0));
+    offset += n;
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+}
+
+absl::StatusOr<SparseIndexer> SparseIndexer::Load(ParamLoader& loader, const std::string& prefix,
+                                                  const SparseIndexerShape& s) {
+  SparseIndexer x;
+  x.shape_ = s;
+  const std::string p = prefix + ".";
+  // Frozen and whole: FrozenLinear attaches no adapter and registers nothing.
+  LATHE_ASSIGN_OR_RETURN(LoraLinear wq_b, loader.FrozenLinear(p + "wq_b", s.heads * s.head_dim, s.q_lora_rank,
+                                                              TpCut::Whole()));
+  LATHE_ASSIGN_OR_RETURN(LoraLinear wk, loader.FrozenLinear(p + "wk", s.head_dim, s.hidden, TpCut::Whole()));
+  x.wq_b_ = wq_b.weight;
+  x.wk_ = wk.weight;
+  // The LayerNorm runs in the model's dtype (its fp32 read is exact).
+  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_w, loader.Frozen(p + "k_norm.weight", {s.head_dim}));
+  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_b, loader.Frozen(p + "k_norm.bias", {s.head_dim}));
+  x.k_norm_weight_ = norm_w.to(x.wk_.scalar_type());
+  x.k_norm_bias_ = norm_b.to(x.wk_.scalar_type());
+  // In the model's dtype: transformers' keep-in-fp32 list (indexer.weights_proj)
+  // applies to float16 loads only, so under bf16 it computes this in bf16 too.
+  LATHE_ASSIGN_OR_RETURN(LoraLinear weights_proj,
+                         loader.FrozenLinear(p + "weights_proj", s.heads, s.hidden, TpCut::Whole()));
+  x.weights_proj_ = weights_proj.weight;
+  return x;
+}
+
+void SparseIndexer::Visit(const TensorVisitor& fn) {
+  for (at::Tensor* t : {&wq_b_, &wk_, &k_norm_weight_, &k_norm_bias_, &weights_proj_}) fn(*t);
+}
+
+at::Tensor SparseIndexer::Rope(const at::Tensor& x, const RopeTables& rope) const {
+  // Interleaved pairs, rotated as halves [x0 x2 ... | x1 x3 ...]: the order
+  // transformers' interleaved rotation leaves them in (q and k alike).
+  const int64_t r = x.size(-1);
+  return ApplyRope(x.unflatten(-1, {r / 2, 2}).transpose(-1, -2).flatten(-2), rope);
+}
+
+at::Tensor SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t past) const {
+  const int64_t n = q.size(1), m = k.size(0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
+  at::Tensor keys = k.to(at::kFloat).t();
+  at::Tensor causal = at::ones({n, m}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+  // A block of queries at a time: all heads' scores at once would be
+  // heads·n·m fp32 values (32·8192² = 8.6 GB at GLM-5.2's width).
+  const int64_t rows = std::max<int64_t>(1, kScoreBudget / (shape_.heads * m));
+  std::vector<at::Tensor> tops;
+  for (int64_t begin = 0; begin < n; begin += rows) {
+    const int64_t b = std::min(rows, n - begin);
+    at::Tensor scores = at::relu(at::matmul(q.narrow(1, begin, b).to(at::kFloat), keys).mul(scale));  // [H, b, m]
+    // Σ_h w_h(i)·score_h(i, j): per query, its head weights times its scores.
+    at::Tensor index = at::bmm(w.narrow(0, begin, b).unsqueeze(1), scores.transpose(0, 1)).squeeze(1);  // [b, m]
+    index = index.masked_fill(causal.narrow(0, begin, b).logical_not(), -std::numeric_limits<double>::infinity());
+    tops.push_back(std::get<1>(index.topk(shape_.topk, -1)));
+  }
+  // A query with at most topk earlier keys keeps them all: masked keys score
+  // -inf and fall below every visible one.
+  at::Tensor top = tops.size() == 1 ? tops[0] : at::cat(tops, 0);
+  return at::zeros_like(causal).scatter(1, top, true).logical_and(causal);
+}
+
+std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
+                                              size_t layer) const {
+  at::NoGradGuard no_grad;
+  const SparseIndexerShape& s = shape_;
+  const int64_t t = x.size(0), r = s.rope_dim, d = s.head_dim;
+  std::vector<at::Tensor> masks(ctx.lengths.size());
+  if (t == 0) return masks;
+  at::Tensor in = x.detach();
+  at::Tensor k = at::layer_norm(at::matmul(in, wk_.t()), {d}, k_norm_weight_, k_norm_bias_, 1e-6);  // [T, D]
+  k = at::cat({Rope(k.narrow(1, 0, r), ctx.rope), k.narrow(1, r, d - r)}, 1);
+  at::Tensor q, w;  // computed once some sequence has more keys than topk
+  int64_t offset = 0;
+  for (size_t i = 0; i < ctx.lengths.size(); ++i) {
+    const int64_t n = ctx.lengths[i];
+    at::Tensor keys = k.narrow(0, offset, n);
+    int64_t past = 0;
+    if (ctx.states != nullptr) {
+      SequenceState& state = (*ctx.states)[i];
+      if (state.layers.size() <= layer) state.layers.resize(layer + 1);
+      std::vector<at::Tensor>& slot = state.layers[layer];
+      if (slot.size() < 3) slot.resize(3);
+      past = slot[2].defined() ? slot[2].size(0) : 0;
+      keys = past > 0 ? at::cat({slot[2], keys}, 0) : keys.clone();
+      slot[2] = keys;
+    }
+    if (n > 0 && past + n > s.topk) {
+      if (!q.defined()) {
+        q = at::matmul(q_resid.detach(), wq_b_.t()).view({t, s.heads, d}).transpose(0, 1);  // [H, T, D]
+        q = at::cat({Rope(q.narrow(2, 0, r), ctx.rope), q.narrow(2, r, d - r)}, 2);
+        w = at::matmul(in, weights_proj_.t()).to(at::kFloat).mul(1.0 / std::sqrt(static_cast<double>(s.heads)));
+      }
+      masks[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, past);
+    }
+    offset += n;
+  }
+  return masks;
+}
+
+}  // namespace lathe::runtime

@@ -1,0 +1,78 @@
+// DeepSeek sparse attention's indexer as transformers 5.23's GlmMoeDsaIndexer
+// computes it: per query, index_n_heads query heads from the q LoRA's normed
+// output (wq_b), one key per token (LayerNorm with bias of wk(x)),
+// interleaved RoPE on the first qk_rope_head_dim dims of both, and the score
+// of key j for query i Σ_h w_h(i)·relu(q_h(i)·k(j)/√index_head_dim), where
+// w(i) = weights_proj(x_i)/√index_n_heads; each query
+// keeps the index_topk best of the keys it may see (all of them when there
+// are no more than index_topk). Projections in the model's dtype, scores in
+// fp32, as transformers computes them.
+//
+// The indexer is computed without autograd and its tensors are never
+// trained (transformers runs it under no_grad, so no gradient reaches them
+// or, through it, q_a_proj) and carry no adapter. Under tensor parallelism
+// every rank holds it whole and computes the same selection on all tokens.
+#ifndef LATHE_RUNTIME_SPARSE_INDEXER_H_
+#define LATHE_RUNTIME_SPARSE_INDEXER_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/block.h"
+
+namespace lathe::runtime {
+
+struct SparseIndexerShape {
+  int64_t hidden = 0;
+  int64_t q_lora_rank = 0;
+  int64_t heads = 0;     // index_n_heads
+  int64_t head_dim = 0;  // index_head_dim
+  int64_t rope_dim = 0;  // qk_rope_head_dim: the rotated leading dims
+  int64_t topk = 0;      // index_topk
+};
+
+// Causal attention of packed sequences, as PackedAttention with as many key
+// as query heads (q, k [h, T, D], v [h, T, Dv] -> [h, T, Dv]), in which the
+// queries of sequence i see only the keys masks[i] [n, n] selects
+// (undefined: every earlier key).
+at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& masks,
+                             double scale);
+
+class SparseIndexer {
+ public:
+  // Loads `prefix` ("model.layers.3.self_attn.indexer"): wq_b, wk, k_norm
+  // (weight and bias) and weights_proj, whole and frozen.
+  static absl::StatusOr<SparseIndexer> Load(ParamLoader& loader, const std::string& prefix,
+                                            const SparseIndexerShape& shape);
+
+  // The keys each token of ctx's packed sequences attends to, from the
+  // layer's normed input x [T, hidden] and the q LoRA's normed output
+  // q_resid [T, q_lora_rank]: per sequence of n tokens (and `past` cached
+  // ones when decoding) a bool mask [n, past + n], true where the query
+  // attends (a causal key among its top-k); undefined when n + past ≤ topk
+  // (every earlier key is selected: plain causal attention). Decoding
+  // (ctx.states) appends the tokens' index keys to slot 2 of the sequence's
+  // state for `layer`. No autograd.
+  std::vector<at::Tensor> Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
+                                 size_t layer) const;
+  void Visit(const TensorVisitor& fn);
+
+ private:
+  at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;
+  // The selection mask of queries q [H, n, D] with weights w [n, H] over
+  // keys k [past + n, D]; undefined when every causal key is kept.
+  at::Tensor Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t past) const;
+
+  SparseIndexerShape shape_;
+  at::Tensor wq_b_, wk_, k_norm_weight_, k_norm_bias_;
+  at::Tensor weights_proj_;
+};
+
+}  // namespace lathe::runtime
+
+#endif  // LATHE_RUNTIME_SPARSE_INDEXER_H_
