@@ -65,6 +65,7 @@ int PrintMemory(const MemoryEstimate& m, const PlanOptions& o, const parallel::M
                                                   {"trainable state", m.trainable_state},
                                                   {"activations", m.activations},
                                                   {"gathered K/V", m.gathered_kv},
+                                                  {"key selection", m.key_selection},
                                                   {"total", m.total()}};
   std::printf("  (base weights as the runtime holds them: a quantized checkpoint's FP8 or INT4 weights are "
               "dequantized to %s on load)\n", DtypeName(o.dtype));

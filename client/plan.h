@@ -31,7 +31,8 @@ struct MemoryEstimate {
   double trainable_state = 0;  // LoRA: fp32 adapter, gradient, Adam m, v; full: see docs/launching.md
   double activations = 0;      // one sequence's T/cp tokens on this rank, chunked logprobs, recompute as the runtime runs it
   double gathered_kv = 0;      // cp > 1: the whole sequence's K and V (and their gradients) of attention layers
-  double total() const { return weights + trainable_state + activations + gathered_kv; }
+  double key_selection = 0;    // sparse attention: the indexers' key masks and the attention's mask bias
+  double total() const { return weights + trainable_state + activations + gathered_kv + key_selection; }
 };
 
 // Per-device estimate for the model of `config` cut by `shape` (tp, ep, cp)

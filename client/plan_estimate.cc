@@ -75,6 +75,8 @@ struct Facts {
   bool attn_output_gate = false;
   runtime::LatentAttentionConfig latent;  // enabled(): latent attention (DeepSeek-V3's MLA)
   int64_t rope_dim = 0;  // width of the RoPE tables
+  int64_t index_topk = 0;     // > 0: sparse attention (GLM-5's indexer)
+  int64_t indexer_layers = 0;  // layers that run their own indexer
 
   int64_t linear_attention_layers() const { return linear_layers; }
   int64_t full_attention_layers() const { return num_hidden_layers - linear_layers; }
@@ -105,6 +107,10 @@ Facts FactsOf(const runtime::ModelConfig& c) {
   f.attn_output_gate = c.attn_output_gate;
   f.latent = c.latent_attention;
   f.rope_dim = c.rotary.rotary_dim > 0 ? c.rotary.rotary_dim : c.head_dim;
+  f.index_topk = c.sparse_indexer.index_topk;
+  for (size_t i = 0; i < c.sparse_indexer.selection_layer.size(); ++i) {
+    f.indexer_layers += c.sparse_indexer.selection_layer[i] == int64_t(i) ? 1 : 0;
+  }
   return f;
 }
 
@@ -113,6 +119,7 @@ Facts FactsOf(const runtime::ModelConfig& c) {
 // the description's rows (params/) at the widest rank of each group.
 struct ShardParams {
   double base = 0;
+  double frozen = 0;  // never trained, in the dtype (a sparse-attention indexer)
   double frozen_fp32 = 0;
   double lora = 0;
 };
@@ -120,7 +127,7 @@ struct ShardParams {
 ShardParams Shard(const params::ParamTable& table, int tp, int ep, int r, bool full_finetune) {
   const params::RankPlace widest{tp, tp - 1, ep, ep - 1, full_finetune};
   const params::RankCount n = params::CountRank(table, widest, r);
-  return {n.weights, n.frozen_fp32, n.adapters};
+  return {n.weights, n.frozen, n.frozen_fp32, n.adapters};
 }
 
 // Per-rank widths of a Gated DeltaNet layer (its heads split over tp).
@@ -382,6 +389,21 @@ double GatheredKvBytes(const Facts& f, int tp, int cp, int64_t sequence, int64_t
   return (layers_kept + 1) * one_layer;
 }
 
+// Sparse attention (runtime/sparse_indexer.h) on a sequence longer than
+// index_topk: each indexer layer's selection, a bool [rank tokens, sequence]
+// mask, stays for the whole step (the layers sharing it, and their recompute,
+// read it); each attention call turns its mask into an additive bias in the
+// activation dtype, which the call keeps for its backward (one layer's at a
+// time with recompute, every attention layer's without). The scores are
+// computed in blocks of 2^26 fp32 values (256 MiB) without autograd.
+double KeySelectionBytes(const Facts& f, int64_t sequence, int64_t rank_tokens, const Bytes& b) {
+  if (f.index_topk <= 0 || sequence <= f.index_topk) return 0;
+  const double mask = double(rank_tokens) * double(sequence);
+  const double biases = Recomputes(rank_tokens) ? 1 : double(f.full_attention_layers());
+  constexpr double kScoreBlockBytes = double(int64_t{1} << 26) * kFp32Bytes;
+  return double(f.indexer_layers) * mask + biases * b.activation * mask + kScoreBlockBytes;
+}
+
 }  // namespace
 
 absl::StatusOr<Dtype> ParseDtype(std::string_view name) {
@@ -405,10 +427,11 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const runtime::ModelConfig& config
   const int64_t rank_tokens = CeilDiv(max_seq_len, cp);
   const ShardParams p = Shard(*table, shape.tp, shape.ep, lora_rank, lora_rank == 0);
   MemoryEstimate m;
-  m.weights = b.weight * p.base + kFp32Bytes * p.frozen_fp32;
+  m.weights = b.weight * (p.base + p.frozen) + kFp32Bytes * p.frozen_fp32;
   m.trainable_state = lora_rank > 0 ? b.lora_state * p.lora : b.full_state * p.base;
   m.activations = ActivationBytes(f, shape.tp, rank_tokens, cp > 1 ? max_seq_len : rank_tokens, b);
   m.gathered_kv = GatheredKvBytes(f, shape.tp, cp, rank_tokens * cp, rank_tokens, b);
+  m.key_selection = KeySelectionBytes(f, rank_tokens * cp, rank_tokens, b);
   return m;
 }
 

@@ -113,6 +113,19 @@ ParamTable DescribeGatedDeltaNet(const std::string& prefix, int64_t h, const run
   return t;
 }
 
+ParamTable DescribeSparseIndexer(const std::string& prefix, int64_t hidden, int64_t q_lora_rank, int64_t heads,
+                                 int64_t head_dim) {
+  const std::string p = prefix + ".";
+  ParamTable t;
+  t.tensors.push_back(Row("wq_b", p + "wq_b.weight", {heads * head_dim, q_lora_rank}));
+  t.tensors.push_back(Row("wk", p + "wk.weight", {head_dim, hidden}));
+  t.tensors.push_back(Row("k_norm.weight", p + "k_norm.weight", {head_dim}));
+  t.tensors.push_back(Row("k_norm.bias", p + "k_norm.bias", {head_dim}));
+  t.tensors.push_back(Row("weights_proj", p + "weights_proj.weight", {heads, hidden}));
+  for (TensorRow& r : t.tensors) r.storage = Storage::kFrozen;
+  return t;
+}
+
 ParamTable DescribeSwiGlu(const std::string& prefix, int64_t hidden, int64_t inter) {
   const std::string p = prefix + ".";
   ParamTable t = DescribeLinear("gate_proj", p + "gate_proj", inter, hidden, Cut::kRows, Group::kMlp);

@@ -40,6 +40,13 @@ ParamTable DescribeLatentAttention(const std::string& prefix, int64_t hidden, in
 ParamTable DescribeGatedDeltaNet(const std::string& prefix, int64_t hidden,
                                  const runtime::LinearAttentionConfig& config);
 
+// DeepSeek sparse attention's indexer (runtime/sparse_indexer.h) under
+// `prefix` ("model.layers.3.self_attn.indexer"): wq_b, wk, the k_norm
+// LayerNorm's weight and bias and weights_proj, whole on every rank and
+// never trained (kFrozen, no adapter).
+ParamTable DescribeSparseIndexer(const std::string& prefix, int64_t hidden, int64_t q_lora_rank, int64_t heads,
+                                 int64_t head_dim);
+
 // A SwiGLU MLP of width `inter` (runtime/ffn.h).
 ParamTable DescribeSwiGlu(const std::string& prefix, int64_t hidden, int64_t inter);
 

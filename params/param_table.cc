@@ -101,7 +101,10 @@ int64_t RankAdapterNumel(const AdapterRow& a, int64_t r, const RankPlace& p) {
 RankCount CountRank(const ParamTable& table, const RankPlace& place, int64_t lora_rank, TrainGroups groups) {
   RankCount c;
   for (const TensorRow& t : table.tensors) {
-    (t.storage == Storage::kFrozenFp32 ? c.frozen_fp32 : c.weights) += double(RankNumel(t, place));
+    double& sum = t.storage == Storage::kFrozenFp32 ? c.frozen_fp32
+                  : t.storage == Storage::kFrozen   ? c.frozen
+                                                    : c.weights;
+    sum += double(RankNumel(t, place));
   }
   if (lora_rank <= 0) return c;
   for (const AdapterRow& a : table.adapters) {

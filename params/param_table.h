@@ -31,6 +31,7 @@ enum class Group { kNone, kAttn, kMlp, kUnembed };
 enum class Storage {
   kWeight,  // the run's dtype; trained in full fine-tuning
   kFrozenFp32,  // fp32 whatever the dtype, never trained (a router's correction bias)
+  kFrozen,      // the run's dtype, never trained, not even in full fine-tuning (a sparse-attention indexer)
 };
 
 struct TensorRow {
@@ -97,10 +98,12 @@ std::pair<int64_t, int64_t> CutRange(Cut cut, int64_t extent, int64_t unit, cons
 // layer's weight (a rows-cut layer: A whole, B cut; cols-cut: A cut, B whole).
 int64_t RankAdapterNumel(const AdapterRow& row, int64_t r, const RankPlace& place);
 
-// Sums over the table at `place`: base parameters (weights, and fp32 frozen
-// buffers apart), and adapter parameters at rank r in the groups that train.
+// Sums over the table at `place`: base parameters (trainable weights, and
+// frozen ones in the run's dtype and in fp32 apart), and adapter parameters
+// at rank r in the groups that train.
 struct RankCount {
   double weights = 0;
+  double frozen = 0;
   double frozen_fp32 = 0;
   double adapters = 0;
 };

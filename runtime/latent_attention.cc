@@ -52,11 +52,12 @@ void LatentAttention::Visit(const TensorVisitor& fn) {
 }
 
 absl::Status LatentAttention::SelectKeys(ParamLoader& loader, const std::string& indexer_prefix,
-                                         const SparseIndexerShape& shape, int64_t layer, int64_t selection_layer) {
+                                         const SparseIndexerShape& shape, int64_t layer, int64_t selection_layer,
+                                         const ModelShard& shard) {
   LATHE_CHECK(config_.q_lora_rank > 0 && selection_layer <= layer);
   selection_layer_ = selection_layer;
   if (selection_layer != layer) return absl::OkStatus();
-  LATHE_ASSIGN_OR_RETURN(SparseIndexer indexer, SparseIndexer::Load(loader, indexer_prefix, shape));
+  LATHE_ASSIGN_OR_RETURN(SparseIndexer indexer, SparseIndexer::Load(loader, indexer_prefix, shape, shard));
   indexer_ = std::make_unique<SparseIndexer>(std::move(indexer));
   return absl::OkStatus();
 }

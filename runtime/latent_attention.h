@@ -57,7 +57,7 @@ class LatentAttention final : public Mixer {
   // and its selection is left in LayerContext::selections for the layers
   // after it. REQUIRES: q_lora_rank > 0; selection_layer ≤ layer.
   absl::Status SelectKeys(ParamLoader& loader, const std::string& indexer_prefix, const SparseIndexerShape& shape,
-                          int64_t layer, int64_t selection_layer);
+                          int64_t layer, int64_t selection_layer, const ModelShard& shard);
 
  private:
   LatentAttention() = default;

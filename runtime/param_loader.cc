@@ -233,6 +233,14 @@ absl::StatusOr<at::Tensor> DescribedLoader::Frozen(const std::string& role) {
   return loader_.Frozen(row->name, row->shape, CutOf(*row));
 }
 
+absl::StatusOr<at::Tensor> DescribedLoader::FrozenWeight(const std::string& role) {
+  LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
+  LATHE_CHECK(row->storage == params::Storage::kFrozen && row->shape.size() == 2);
+  LATHE_ASSIGN_OR_RETURN(LoraLinear l, loader_.FrozenLinear(ModuleOf(row->name), row->shape[0], row->shape[1],
+                                                            CutOf(*row)));
+  return l.weight;
+}
+
 absl::StatusOr<LoraLinear> DescribedLoader::Linear(const std::string& role, GradSync whole) {
   LATHE_ASSIGN_OR_RETURN(const params::TensorRow* row, Row(role));
   const std::string module = ModuleOf(row->name);

@@ -143,6 +143,8 @@ class DescribedLoader {
   // Block `part` of a kPartRows tensor, this rank's rows of it.
   absl::StatusOr<at::Tensor> TensorPart(const std::string& role, int part);
   absl::StatusOr<at::Tensor> Frozen(const std::string& role);
+  // The weight of the kFrozen row `role` in the run's dtype, never trained.
+  absl::StatusOr<at::Tensor> FrozenWeight(const std::string& role);
   absl::StatusOr<LoraLinear> Linear(const std::string& role, GradSync whole = GradSync::kReplicated);
   // Block `part` of the kPartRows linear `role` as its own layer, with the
   // part's adapter (LoRA runs only).

@@ -10,6 +10,8 @@
 #include <optional>
 
 #include "core/status.h"
+#include "params/blocks.h"
+#include "runtime/param_loader.h"
 
 namespace lathe::runtime {
 namespace {
@@ -38,26 +40,22 @@ at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 absl::StatusOr<SparseIndexer> SparseIndexer::Load(ParamLoader& loader, const std::string& prefix,
-                                                  const SparseIndexerShape& s) {
+                                                  const SparseIndexerShape& s, const ModelShard& shard) {
   SparseIndexer x;
   x.shape_ = s;
-  const std::string p = prefix + ".";
-  // Frozen and whole: FrozenLinear attaches no adapter and registers nothing.
-  LATHE_ASSIGN_OR_RETURN(LoraLinear wq_b, loader.FrozenLinear(p + "wq_b", s.heads * s.head_dim, s.q_lora_rank,
-                                                              TpCut::Whole()));
-  LATHE_ASSIGN_OR_RETURN(LoraLinear wk, loader.FrozenLinear(p + "wk", s.head_dim, s.hidden, TpCut::Whole()));
-  x.wq_b_ = wq_b.weight;
-  x.wk_ = wk.weight;
+  // Frozen and whole: nothing attaches an adapter or registers a tensor.
+  DescribedLoader rows(loader, params::DescribeSparseIndexer(prefix, s.hidden, s.q_lora_rank, s.heads, s.head_dim),
+                       shard);
+  LATHE_ASSIGN_OR_RETURN(x.wq_b_, rows.FrozenWeight("wq_b"));
+  LATHE_ASSIGN_OR_RETURN(x.wk_, rows.FrozenWeight("wk"));
   // The LayerNorm runs in the model's dtype (its fp32 read is exact).
-  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_w, loader.Frozen(p + "k_norm.weight", {s.head_dim}));
-  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_b, loader.Frozen(p + "k_norm.bias", {s.head_dim}));
+  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_w, rows.Frozen("k_norm.weight"));
+  LATHE_ASSIGN_OR_RETURN(at::Tensor norm_b, rows.Frozen("k_norm.bias"));
   x.k_norm_weight_ = norm_w.to(x.wk_.scalar_type());
   x.k_norm_bias_ = norm_b.to(x.wk_.scalar_type());
   // In the model's dtype: transformers' keep-in-fp32 list (indexer.weights_proj)
   // applies to float16 loads only, so under bf16 it computes this in bf16 too.
-  LATHE_ASSIGN_OR_RETURN(LoraLinear weights_proj,
-                         loader.FrozenLinear(p + "weights_proj", s.heads, s.hidden, TpCut::Whole()));
-  x.weights_proj_ = weights_proj.weight;
+  LATHE_ASSIGN_OR_RETURN(x.weights_proj_, rows.FrozenWeight("weights_proj"));
   return x;
 }
 

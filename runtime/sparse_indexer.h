@@ -45,10 +45,11 @@ at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at:
 
 class SparseIndexer {
  public:
-  // Loads `prefix` ("model.layers.3.self_attn.indexer"): wq_b, wk, k_norm
-  // (weight and bias) and weights_proj, whole and frozen.
+  // Loads `prefix` ("model.layers.3.self_attn.indexer") as
+  // params::DescribeSparseIndexer describes it: wq_b, wk, k_norm (weight and
+  // bias) and weights_proj, whole and frozen.
   static absl::StatusOr<SparseIndexer> Load(ParamLoader& loader, const std::string& prefix,
-                                            const SparseIndexerShape& shape);
+                                            const SparseIndexerShape& shape, const ModelShard& shard);
 
   // The keys each token of ctx's packed sequences attends to, from the
   // layer's normed input x [T, hidden] and the q LoRA's normed output

@@ -25,6 +25,7 @@ constexpr Description kDescriptions[] = {
     {"DeepseekV3ForCausalLM", DescribeDeepseekV3Layers},
     {"KimiK25ForConditionalGeneration", DescribeDeepseekV3Layers},
     {"Kimi_K25ForConditionalGeneration", DescribeDeepseekV3Layers},
+    {"GlmMoeDsaForCausalLM", DescribeGlmMoeDsaLayers},
 };
 
 }  // namespace

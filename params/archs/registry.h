@@ -14,6 +14,7 @@ namespace lathe::params {
 ParamTable DescribeLlamaFamilyLayers(const runtime::ModelConfig& config, const std::string& prefix);
 ParamTable DescribeQwen35Layers(const runtime::ModelConfig& config, const std::string& prefix);
 ParamTable DescribeDeepseekV3Layers(const runtime::ModelConfig& config, const std::string& prefix);
+ParamTable DescribeGlmMoeDsaLayers(const runtime::ModelConfig& config, const std::string& prefix);
 
 // The layer loop the descriptions share (runtime/archs' LoadPreNormLayers):
 // input_layernorm, the mixer `mixer` gives for layer i under its prefix

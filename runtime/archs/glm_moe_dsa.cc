@@ -50,7 +50,7 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadGlmMoeDsaLayers(const Mo
                                LatentAttention::Load(loader, p + "self_attn", c.hidden_size, c.num_attention_heads,
                                                      c.latent_attention, shard));
         LATHE_RETURN_IF_ERROR(a->SelectKeys(loader, p + "self_attn.indexer", indexer, layer,
-                                            c.sparse_indexer.selection_layer.at(layer)));
+                                            c.sparse_indexer.selection_layer.at(layer), shard));
         return std::unique_ptr<Mixer>(std::move(a));
       },
       [&](const std::string& mlp) -> absl::StatusOr<std::unique_ptr<Ffn>> {

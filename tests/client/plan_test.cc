@@ -368,6 +368,33 @@ TEST(PlanTest, KimiPresetsTakeTheSmallestNodeGroupThatFits) {
   }
 }
 
+// GLM-5.2 at 65,536 tokens: each of the 21 indexer layers' bool masks of the
+// rank's 8,192 tokens against the whole sequence stay for the step, beside
+// one layer's bf16 mask bias (recompute is on) and the 256 MiB score block;
+// at cp 4 the masks alone double and the row no longer fits an H100.
+TEST(PlanTest, Glm52KeySelectionIsCounted) {
+  std::vector<presets::Preset> table = Shipped();
+  const presets::Preset* p = presets::FindPreset(table, "zai-org/GLM-5.2-FP8");
+  ASSERT_NE(p, nullptr);
+  ASSERT_TRUE(p->config.has_value()) << p->config_error;
+  ASSERT_EQ(p->cp, 8);
+  auto m = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const double rows = 8192.0, keys = 65536.0;
+  EXPECT_DOUBLE_EQ(m->key_selection, 21 * rows * keys + 2 * rows * keys + 4.0 * (1 << 26));
+  EXPECT_TRUE(Fits(*m, kH100.gib)) << m->total() / (1 << 30) << " GiB";
+  parallel::MeshShape cp4 = ShapeOf(*p);
+  cp4.cp = 4;
+  auto four = EstimateMemory(*p->config, cp4, p->max_seq_len, 32, Dtype::kBfloat16);
+  ASSERT_TRUE(four.ok());
+  EXPECT_DOUBLE_EQ(four->key_selection, 2 * m->key_selection - 4.0 * (1 << 26));
+  EXPECT_FALSE(Fits(*four, kH100.gib)) << four->total() / (1 << 30) << " GiB";
+  // A sequence no longer than index_topk attends densely: nothing is selected.
+  auto short_seq = EstimateMemory(*p->config, ShapeOf(*p), 2048, 32, Dtype::kBfloat16);
+  ASSERT_TRUE(short_seq.ok());
+  EXPECT_EQ(short_seq->key_selection, 0);
+}
+
 // Latent attention's activations (runtime/latent_attention.cc): per token at
 // tp 2 on a small DeepSeek-V3 layer, worked out by hand.
 TEST(PlanTest, LatentAttentionActivationsByHand) {

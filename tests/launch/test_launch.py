@@ -208,7 +208,7 @@ def test_model_outside_the_presets_needs_a_layout():
 
 
 def test_unverified_preset_renders_for_planning():
-    docs = render("mpijob", LATHE_MODEL="deepseek-ai/DeepSeek-V3.1")
+    docs = render("mpijob", LATHE_MODEL="deepseek-ai/DeepSeek-V4-Flash")
     assert docs[0]["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] > 1
 
 

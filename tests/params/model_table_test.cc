@@ -54,6 +54,41 @@ TEST(ModelTableTest, DeepseekV3ParametersAreTransformersCount) {
   EXPECT_DOUBLE_EQ(n.frozen_fp32, 58.0 * 256);
 }
 
+// GLM-5.2 (transformers 5.23, meta device): 743.4B parameters, of which the
+// 21 "full" layers' indexers (never trained) hold 196.8M; 75 MoE layers'
+// correction biases are fp32 buffers.
+TEST(ModelTableTest, Glm52ParametersAreTransformersCount) {
+  const json config = {{"architectures", {"GlmMoeDsaForCausalLM"}},
+                       {"hidden_size", 6144},
+                       {"intermediate_size", 12288},
+                       {"moe_intermediate_size", 2048},
+                       {"num_hidden_layers", 78},
+                       {"num_attention_heads", 64},
+                       {"num_key_value_heads", 64},
+                       {"q_lora_rank", 2048},
+                       {"kv_lora_rank", 512},
+                       {"qk_nope_head_dim", 192},
+                       {"qk_rope_head_dim", 64},
+                       {"v_head_dim", 256},
+                       {"n_routed_experts", 256},
+                       {"num_experts_per_tok", 8},
+                       {"n_shared_experts", 1},
+                       {"n_group", 1},
+                       {"topk_group", 1},
+                       {"first_k_dense_replace", 3},
+                       {"index_topk", 2048},
+                       {"index_head_dim", 128},
+                       {"index_n_heads", 32},
+                       {"index_topk_freq", 4},
+                       {"index_skip_topk_offset", 3},
+                       {"vocab_size", 154880},
+                       {"tie_word_embeddings", false}};
+  const RankCount n = Whole(config);
+  EXPECT_DOUBLE_EQ(n.weights + n.frozen, 743377000704.0);
+  EXPECT_DOUBLE_EQ(n.frozen, 196809984.0);
+  EXPECT_DOUBLE_EQ(n.frozen_fp32, 75.0 * 256);
+}
+
 TEST(ModelTableTest, CutsPerRank) {
   // Two KV heads of 16 over tp 4: each pair of ranks shares one head.
   EXPECT_EQ(CutRange(Cut::kKvRows, 32, 16, {4, 3}), (std::pair<int64_t, int64_t>{16, 16}));
@@ -76,10 +111,10 @@ TEST(ModelTableTest, CutsPerRank) {
 
 TEST(ModelTableTest, UndescribedArchitectureIsNamed) {
   runtime::ModelConfig c;
-  c.architecture = "GlmMoeDsaForCausalLM";
+  c.architecture = "NemotronHForCausalLM";
   auto table = DescribeModel(c);
   ASSERT_EQ(table.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(table.status().message().find("GlmMoeDsaForCausalLM"), std::string::npos);
+  EXPECT_NE(table.status().message().find("NemotronHForCausalLM"), std::string::npos);
 }
 
 }  // namespace

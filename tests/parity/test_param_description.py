@@ -16,7 +16,7 @@ import pytest
 import make_tiny_models
 
 KINDS = (make_tiny_models.KINDS + make_tiny_models.EXTRA_KINDS + make_tiny_models.QWEN3_5_KINDS
-         + make_tiny_models.MLA_KINDS + make_tiny_models.ROPE_BIAS_KINDS)
+         + make_tiny_models.MLA_KINDS + make_tiny_models.DSA_KINDS + make_tiny_models.ROPE_BIAS_KINDS)
 
 
 def binary() -> str:
