@@ -102,6 +102,7 @@ def _generate(model):
 
 @pytest.mark.parametrize("tp,ep", [(2, 2)])
 def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment, base, tmp_path, tp, ep):
+    import torch
     from peft import PeftModel
     from safetensors import safe_open
 
@@ -126,6 +127,9 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
         assert merged.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], merged
         assert ".mlp.experts." in merged.error.message and "quantized" in merged.error.message, merged.error.message
         assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
+    probe = np.random.default_rng(5).integers(0, 157, size=17)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(probe[:-1].astype(np.int32),
+                                                      probe[1:].astype(np.int64))])).forward_backward)[0]
     saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
     sample = run.ok(sample=pb.SampleOp(
         prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
@@ -149,5 +153,9 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
     want = _generate(model)
     with model.disable_adapter():
         plain = _generate(model)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([probe[:-1].tolist()])).logits[0].float()
+    peft_lp = torch.log_softmax(logits, -1)[torch.arange(len(probe) - 1), torch.tensor(probe[1:])].numpy()
+    np.testing.assert_allclose(lathe_lp, peft_lp, atol=1e-4, rtol=0)
     assert got == want
     assert plain != want, "the adapter should change the greedy continuation (train it harder)"

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
+import service_client as sc
 from checkpoint_run import Run
 from service_client import Retrieve, batch, datum, pb, types
 
@@ -107,6 +108,9 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
         assert "F8_E4M3" in merged.error.message and "quantized" in merged.error.message, merged.error.message
         assert any(n in merged.error.message for n in quantized), merged.error.message
         assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
+    probe = np.random.default_rng(5).integers(0, 167, size=21)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(probe[:-1].astype(np.int32),
+                                                      probe[1:].astype(np.int64))])).forward_backward)[0]
     saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
     sample = run.ok(sample=pb.SampleOp(
         prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
@@ -125,5 +129,9 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
     want = _generate(model)
     with model.disable_adapter():
         plain = _generate(model)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([probe[:-1].tolist()])).logits[0].float()
+    peft_lp = torch.log_softmax(logits, -1)[torch.arange(len(probe) - 1), torch.tensor(probe[1:])].numpy()
+    np.testing.assert_allclose(lathe_lp, peft_lp, atol=1e-4, rtol=0)
     assert got == want
     assert plain != want, "the adapter should change the greedy continuation (train it harder)"
