@@ -9,7 +9,9 @@ refused, naming an expert, with nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import struct
 import sys
 import warnings
@@ -47,19 +49,24 @@ def deepseek_model(tmp_path_factory) -> str:
     return out
 
 
-@pytest.fixture(scope="module", params=["plain", "kimi_int4"])
-def base(request, deepseek_model, tmp_path_factory) -> Base:
-    """``kimi_int4``: the tiny model in the Kimi wrapper's hub layout (vision tower, MTP layer,
-    untied head) with its routed experts INT4 pack-quantized, group 32, the config under
-    text_config as the hub has it."""
-    if request.param == "plain":
-        return Base(deepseek_model, deepseek_model, False, [])
+@pytest.fixture(scope="module")
+def kimi_int4(deepseek_model, tmp_path_factory) -> Base:
+    """The tiny model in the Kimi wrapper's hub layout (vision tower, MTP layer, untied head)
+    with its routed experts INT4 pack-quantized, group 32, the config under text_config as the
+    hub has it."""
     root = tmp_path_factory.mktemp("kimi")
     wrapper, q, d = str(root / "wrapper"), str(root / "int4"), str(root / "deq")
     make_tiny_models.write_kimi_layout(deepseek_model, wrapper, tie_flag=False)
     done = Q.write_int4(wrapper, q, 32, dequantized_dir=d, placement="text")
     assert done and all(".mlp.experts." in n for n in done)
     return Base(q, d, True, done)
+
+
+@pytest.fixture(scope="module", params=["plain", "kimi_int4"])
+def base(request, deepseek_model) -> Base:
+    if request.param == "plain":
+        return Base(deepseek_model, deepseek_model, False, [])
+    return request.getfixturevalue("kimi_int4")
 
 
 def _batches(count):
@@ -80,15 +87,29 @@ def _prompt():
     return m
 
 
-def _load(base: Base):
+def _load(base: Base, folder: str | None = None):
+    """transformers' model of ``folder`` (default: the base's reference folder)."""
     import torch
     import transformers
 
     cls = transformers.Kimi_K25ForConditionalGeneration if base.kimi else transformers.AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Kimi wrapper's tiny vision tower is not in the checkpoint
-        return cls.from_pretrained(base.reference, dtype=torch.float32, attn_implementation="eager",
+        return cls.from_pretrained(folder or base.reference, dtype=torch.float32, attn_implementation="eager",
                                    experts_implementation="eager")
+
+
+def _random_datum(seed: int, n: int):
+    seq = np.random.default_rng(seed).integers(0, 157, size=n + 1)
+    return seq[:-1].astype(np.int32), seq[1:].astype(np.int64)
+
+
+def _logprobs(model, tokens, targets) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens.tolist()])).logits[0].float()
+    return torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy()
 
 
 def _generate(model):
@@ -102,7 +123,6 @@ def _generate(model):
 
 @pytest.mark.parametrize("tp,ep", [(2, 2)])
 def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment, base, tmp_path, tp, ep):
-    import torch
     from peft import PeftModel
     from safetensors import safe_open
 
@@ -127,9 +147,8 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
         assert merged.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], merged
         assert ".mlp.experts." in merged.error.message and "quantized" in merged.error.message, merged.error.message
         assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
-    probe = np.random.default_rng(5).integers(0, 157, size=17)
-    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(probe[:-1].astype(np.int32),
-                                                      probe[1:].astype(np.int64))])).forward_backward)[0]
+    probe = _random_datum(5, 16)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
     saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
     sample = run.ok(sample=pb.SampleOp(
         prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
@@ -153,9 +172,47 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
     want = _generate(model)
     with model.disable_adapter():
         plain = _generate(model)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([probe[:-1].tolist()])).logits[0].float()
-    peft_lp = torch.log_softmax(logits, -1)[torch.arange(len(probe) - 1), torch.tensor(probe[1:])].numpy()
-    np.testing.assert_allclose(lathe_lp, peft_lp, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lathe_lp, _logprobs(model, *probe), atol=1e-4, rtol=0)
     assert got == want
     assert plain != want, "the adapter should change the greedy continuation (train it harder)"
+
+
+def test_merged_export_of_the_int4_wrapper_keeps_its_experts_packed(make_deployment, kimi_int4, tmp_path):
+    """An adapter on the full-precision modules only (attention, head) merges into the INT4
+    wrapper: the packed experts, their scales and quantization_config are copied as they are,
+    and the merged folder, its experts dequantized exactly, is the run's model in transformers."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = str(tmp_path / "ckpt")
+    args = ["--checkpoint_root", root]
+    d = make_deployment("kimi_merged", model_dir=kimi_int4.served, replicas=1, ranks=4, tp=2, ep=2,
+                        worker_args=args, coordinator_args=args).start()
+    run = Run(d.stub, rank=8, seed=4, train_mlp=False)
+    run.steps(_batches(2), lr=3e-2)
+    probe = _random_datum(5, 16)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
+    run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
+
+    merged_dir = os.path.join(root, run.id, "sampler_weights", "m", "merged")
+    merged = load_file(os.path.join(merged_dir, "model.safetensors"))
+    stored = load_file(os.path.join(kimi_int4.served, "model.safetensors"))
+    assert merged.keys() == stored.keys()
+    packed = [k for k in stored if k.endswith(("_packed", "_scale", "_shape"))]
+    assert len(packed) == 3 * len(kimi_int4.quantized)
+    for k in packed:
+        assert merged[k].dtype == stored[k].dtype and torch.equal(merged[k], stored[k]), k
+    attn = "language_model.model.layers.1.self_attn.q_a_proj.weight"
+    assert not torch.equal(merged[attn], stored[attn]), "the adapter should be merged into the attention"
+    with open(os.path.join(merged_dir, "config.json")) as f:
+        assert json.load(f)["text_config"]["quantization_config"]["format"] == "pack-quantized"
+
+    # transformers reads no INT4 wrapper: the merged tensors with the experts' exact dequantization
+    deq = load_file(os.path.join(kimi_int4.reference, "model.safetensors"))
+    plain = {k: v for k, v in merged.items() if k not in packed}
+    plain.update({k: deq[k] for k in kimi_int4.quantized})
+    folder = str(tmp_path / "merged_deq")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(kimi_int4.reference, "config.json"), folder)
+    save_file(plain, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_allclose(lathe_lp, _logprobs(_load(kimi_int4, folder).eval(), *probe), atol=1e-4, rtol=0)
