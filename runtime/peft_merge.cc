@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -57,6 +58,10 @@ absl::StatusOr<at::ScalarType> TorchType(const TensorView& v) {
   if (v.dtype == "F32") return at::kFloat;
   if (v.dtype == "BF16") return at::kBFloat16;
   if (v.dtype == "F16") return at::kHalf;
+  if (absl::StartsWith(v.dtype, "F8")) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot merge into ", v.name, ": the base stores it quantized (",
+                                                      v.dtype, "); merging would need re-quantizing"));
+  }
   return absl::FailedPreconditionError(absl::StrCat("cannot merge into ", v.name, ", a ", v.dtype, " tensor"));
 }
 
@@ -213,6 +218,11 @@ absl::StatusOr<Merges> Resolve(const std::map<std::string, LoraPair>& pairs, con
     if (it == base.holder.end()) {
       LATHE_ASSIGN_OR_RETURN(auto fused, FusedExpert(source, ab, base));
       if (!fused.has_value()) {
+        if (const std::string packed = source + "_packed"; base.holder.count(packed)) {
+          return absl::FailedPreconditionError(absl::StrCat("cannot merge into ", source,
+                                                            ": the base stores it quantized (", packed,
+                                                            ", pack-quantized); merging would need re-quantizing"));
+        }
         return absl::FailedPreconditionError(
             absl::StrCat("the base model in ", dir, " has no tensor ", source, " to merge into"));
       }

@@ -26,8 +26,9 @@ namespace lathe::runtime {
 // and keeps that layout. The embedding is model.embed_tokens.weight or, in the
 // multimodal layout, model.language_model.embed_tokens.weight.
 // FailedPrecondition naming the tensor when the base holds no weight to merge
-// into, holds it in another shape or in a dtype other than F32/BF16/F16;
-// checked before anything is written. I/O and
+// into, holds it in another shape or in a dtype other than F32/BF16/F16 (a
+// quantized weight, F8 or "X.weight_packed", is refused as such: merging would
+// need re-quantizing); checked before anything is written. I/O and
 // format errors as they happen, with `out` partly written (the caller owns
 // its removal). libtorch may throw c10::Error.
 //

@@ -169,9 +169,10 @@ def good_datum(n=5, **inputs) -> types.Datum:
     return datum(tokens, targets, **inputs)
 
 
-def create_run(stub, rank: int = 8, seed: int = 3) -> str:
-    """A LoRA run, initialised."""
-    created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=rank, seed=seed)), timeout=RPC_TIMEOUT_S)
+def create_run(stub, rank: int = 8, seed: int = 3, **lora) -> str:
+    """A LoRA run, initialised (``lora``: LoraConfig's other fields, e.g. train_mlp=False)."""
+    created = stub.CreateRun(pb.CreateRunRequest(lora=types.LoraConfig(rank=rank, seed=seed, **lora)),
+                             timeout=RPC_TIMEOUT_S)
     info = result(stub, created.init_op_id).init
     assert info.run_id == created.run_id and info.lora.rank == rank
     return created.run_id

@@ -1,26 +1,43 @@
 """A DeepSeek-V3 model (latent attention, sigmoid-routed experts) through the service with
-tensor and expert parallelism: LoRA training steps, then greedy sampling with the trained
-adapter (each rank decoding its heads from the latent cache) equals peft + transformers'
-``generate`` on the exported sampler weights."""
+tensor and expert parallelism, as a plain DeepseekV3ForCausalLM folder and as the Kimi-K2.5 /
+K2.6 wrapper with INT4 pack-quantized experts (dequantized on load): LoRA training steps, a
+checkpoint whose resumed run repeats the straight run's next loss exactly, and greedy
+sampling with the trained adapter (each rank decoding its heads from the latent cache) that
+equals peft + transformers' ``generate`` on the exported sampler weights (on the exact
+dequantization of the INT4 wrapper). The merged export of an adapter on the INT4 experts is
+refused, naming an expert, with nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import struct
 import sys
 import warnings
+from typing import NamedTuple
 
+import grpc
 import numpy as np
 import pytest
 
 import service_client as sc
-from service_client import Retrieve, adam, batch, datum, pb, types
+from checkpoint_run import Run
+from service_client import Retrieve, batch, datum, pb, types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity"))
 
 import make_tiny_models  # noqa: E402
+import quantize_checkpoint as Q  # noqa: E402
 
 PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
+
+
+class Base(NamedTuple):
+    served: str      # the folder the deployment loads
+    reference: str   # the folder transformers loads (the exact dequantization of a quantized one)
+    kimi: bool       # Kimi_K25ForConditionalGeneration, not AutoModelForCausalLM
+    quantized: list  # names of the quantized weights (empty: a plain base)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +49,36 @@ def deepseek_model(tmp_path_factory) -> str:
     return out
 
 
-def _ok(stub, run_id, seq, **kw):
-    r = sc.wait(stub, sc.submit(stub, run_id, seq, **kw), timeout=120)
-    assert r.state == Retrieve.DONE, r
-    return r.result
+@pytest.fixture(scope="module")
+def kimi_int4(deepseek_model, tmp_path_factory) -> Base:
+    """The tiny model in the Kimi wrapper's hub layout (vision tower, MTP layer, untied head)
+    with its routed experts INT4 pack-quantized, group 32, the config under text_config as the
+    hub has it."""
+    root = tmp_path_factory.mktemp("kimi")
+    wrapper, q, d = str(root / "wrapper"), str(root / "int4"), str(root / "deq")
+    make_tiny_models.write_kimi_layout(deepseek_model, wrapper, tie_flag=False)
+    done = Q.write_int4(wrapper, q, 32, dequantized_dir=d, placement="text")
+    assert done and all(".mlp.experts." in n for n in done)
+    return Base(q, d, True, done)
+
+
+@pytest.fixture(scope="module", params=["plain", "kimi_int4"])
+def base(request, deepseek_model) -> Base:
+    if request.param == "plain":
+        return Base(deepseek_model, deepseek_model, False, [])
+    return request.getfixturevalue("kimi_int4")
+
+
+def _batches(count):
+    rng = np.random.default_rng(9)
+    out = []
+    for _ in range(count):
+        data = []
+        for n in (14, 9):
+            tokens = rng.integers(0, 157, size=n + 1)
+            data.append(datum(tokens[:-1].astype(np.int32), tokens[1:].astype(np.int64)))
+        out.append(batch(data))
+    return out
 
 
 def _prompt():
@@ -44,47 +87,132 @@ def _prompt():
     return m
 
 
-@pytest.mark.parametrize("tp,ep", [(2, 2)])
-def test_trained_adapter_greedy_equals_peft_generate(make_deployment, deepseek_model, tmp_path, tp, ep):
+def _load(base: Base, folder: str | None = None):
+    """transformers' model of ``folder`` (default: the base's reference folder)."""
     import torch
+    import transformers
+
+    cls = transformers.Kimi_K25ForConditionalGeneration if base.kimi else transformers.AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Kimi wrapper's tiny vision tower is not in the checkpoint
+        return cls.from_pretrained(folder or base.reference, dtype=torch.float32, attn_implementation="eager",
+                                   experts_implementation="eager")
+
+
+def _random_datum(seed: int, n: int):
+    seq = np.random.default_rng(seed).integers(0, 157, size=n + 1)
+    return seq[:-1].astype(np.int32), seq[1:].astype(np.int64)
+
+
+def _logprobs(model, tokens, targets) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens.tolist()])).logits[0].float()
+    return torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy()
+
+
+def _generate(model):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(PROMPT):].tolist()
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 2)])
+def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment, base, tmp_path, tp, ep):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
 
     root = str(tmp_path / "ckpt")
     args = ["--checkpoint_root", root]
-    d = make_deployment("deepseek", model_dir=deepseek_model, replicas=1, ranks=4, tp=tp, ep=ep,
+    d = make_deployment("deepseek", model_dir=base.served, replicas=1, ranks=4, tp=tp, ep=ep, max_runs=2,
                         worker_args=args, coordinator_args=args).start()
-    run_id = sc.create_run(d.stub, rank=8, seed=4)
-    rng = np.random.default_rng(9)
-    seq = 0
-    for _ in range(2):
-        data = []
-        for n in (14, 9):
-            seq_tokens = rng.integers(0, 157, size=n + 1)
-            data.append(datum(seq_tokens[:-1].astype(np.int32), seq_tokens[1:].astype(np.int64)))
-        seq += 1
-        _ok(d.stub, run_id, seq, forward_backward=batch(data))
-        seq += 1
-        _ok(d.stub, run_id, seq, optim_step=adam(learning_rate=3e-2))
-    seq += 1
-    saved = _ok(d.stub, run_id, seq, save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
-    seq += 1
-    sample = _ok(d.stub, run_id, seq, sample=pb.SampleOp(
+    lora = dict(rank=8, seed=4)
+    batches = _batches(3)
+    run = Run(d.stub, **lora)
+    losses = run.steps(batches[:2], lr=3e-2)
+    mid = run.save("mid")
+    losses += run.steps(batches[2:], lr=3e-2)
+    resumed = Run(d.stub, **lora)
+    assert resumed.ok(load_state_with_optimizer=pb.LoadStateOp(path=mid)).load_state.step == 2
+    assert resumed.steps(batches[2:], lr=3e-2) == losses[2:], "the resumed run's step differs"
+
+    folder = os.path.join(root, run.id, "sampler_weights")
+    if base.quantized:
+        merged = run.op(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
+        assert merged.state == Retrieve.FAILED, merged
+        assert merged.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], merged
+        assert ".mlp.experts." in merged.error.message and "quantized" in merged.error.message, merged.error.message
+        assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
+    probe = _random_datum(5, 16)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
+    saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
+    sample = run.ok(sample=pb.SampleOp(
         prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
         params=pb.SamplingParams(max_tokens=12, temperature=0.0))).sample
     b = sample.sequences[0].tokens
     got = list(struct.unpack(f"<{len(b) // 4}i", b))
 
+    adapter = os.path.join(folder, "g")
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any(".mlp.experts." in n for n in names), "the adapter should cover the routed experts"
+    if base.kimi:
+        assert all(n.startswith(("base_model.model.model.language_model.", "base_model.model.lm_head."))
+                   for n in names), names[:4]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(deepseek_model, dtype=torch.float32, attn_implementation="eager",
-                                                    experts_implementation="eager")
-        model = PeftModel.from_pretrained(base, os.path.join(root, run_id, "sampler_weights", "g")).eval()
-    with torch.no_grad():
-        want = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
-        with model.disable_adapter():
-            plain = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                                   do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
+        model = PeftModel.from_pretrained(_load(base), adapter).eval()
+        check = model.load_adapter(adapter, adapter_name="check")
+    assert not check.missing_keys and not check.unexpected_keys, check
+    model.delete_adapter("check")
+    want = _generate(model)
+    with model.disable_adapter():
+        plain = _generate(model)
+    np.testing.assert_allclose(lathe_lp, _logprobs(model, *probe), atol=1e-4, rtol=0)
     assert got == want
     assert plain != want, "the adapter should change the greedy continuation (train it harder)"
+
+
+def test_merged_export_of_the_int4_wrapper_keeps_its_experts_packed(make_deployment, kimi_int4, tmp_path):
+    """An adapter on the full-precision modules only (attention, head) merges into the INT4
+    wrapper: the packed experts, their scales and quantization_config are copied as they are,
+    and the merged folder, its experts dequantized exactly, is the run's model in transformers."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = str(tmp_path / "ckpt")
+    args = ["--checkpoint_root", root]
+    d = make_deployment("kimi_merged", model_dir=kimi_int4.served, replicas=1, ranks=4, tp=2, ep=2,
+                        worker_args=args, coordinator_args=args).start()
+    run = Run(d.stub, rank=8, seed=4, train_mlp=False)
+    run.steps(_batches(2), lr=3e-2)
+    probe = _random_datum(5, 16)
+    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
+    run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
+
+    merged_dir = os.path.join(root, run.id, "sampler_weights", "m", "merged")
+    merged = load_file(os.path.join(merged_dir, "model.safetensors"))
+    stored = load_file(os.path.join(kimi_int4.served, "model.safetensors"))
+    assert merged.keys() == stored.keys()
+    packed = [k for k in stored if k.endswith(("_packed", "_scale", "_shape"))]
+    assert len(packed) == 3 * len(kimi_int4.quantized)
+    for k in packed:
+        assert merged[k].dtype == stored[k].dtype and torch.equal(merged[k], stored[k]), k
+    attn = "language_model.model.layers.1.self_attn.q_a_proj.weight"
+    assert not torch.equal(merged[attn], stored[attn]), "the adapter should be merged into the attention"
+    with open(os.path.join(merged_dir, "config.json")) as f:
+        assert json.load(f)["text_config"]["quantization_config"]["format"] == "pack-quantized"
+
+    # transformers reads no INT4 wrapper: the merged tensors with the experts' exact dequantization
+    deq = load_file(os.path.join(kimi_int4.reference, "model.safetensors"))
+    plain = {k: v for k, v in merged.items() if k not in packed}
+    plain.update({k: deq[k] for k in kimi_int4.quantized})
+    folder = str(tmp_path / "merged_deq")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(kimi_int4.reference, "config.json"), folder)
+    save_file(plain, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_allclose(lathe_lp, _logprobs(_load(kimi_int4, folder).eval(), *probe), atol=1e-4, rtol=0)

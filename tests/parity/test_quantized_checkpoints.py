@@ -220,7 +220,8 @@ def test_merged_export_of_a_quantized_base(fmt, bases, harness, tmp_path):
     lora_all = dict(rank=2, alpha=4, seed=0, train_attn=True, train_mlp=True, train_unembed=False)
     out = str(tmp_path / "all")
     res = harness(d, {"lora": lora_all, "ops": [{"op": "export_peft", "dir": out, "merged": True}]}, expect_rc=None)
-    assert res.rc != 0 and "mlp." in res.stderr and "proj" in res.stderr, res.stderr[-2000:]
+    assert res.rc != 0 and "mlp." in res.stderr and "proj" in res.stderr and "quantized" in res.stderr, \
+        res.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "merged", "model.safetensors"))
     lora_attn = dict(lora_all, train_mlp=False)
     out = str(tmp_path / "attn")
@@ -368,7 +369,7 @@ def test_kimi_wrapper_int4_lora_training_exports_what_peft_loads(kimi, harness, 
     merged = str(tmp_path / "merged")
     bad = harness(kimi["int4"], {"lora": KIMI_LORA, "ops": [{"op": "export_peft", "dir": merged, "merged": True}]},
                   expect_rc=None)
-    assert bad.rc != 0 and ".mlp.experts." in bad.stderr, bad.stderr[-2000:]
+    assert bad.rc != 0 and ".mlp.experts." in bad.stderr and "quantized" in bad.stderr, bad.stderr[-2000:]
     assert not os.path.exists(os.path.join(merged, "merged", "model.safetensors"))
 
 
