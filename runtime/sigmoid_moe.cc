@@ -11,6 +11,20 @@
 #include "parallel/expert_parallel.h"
 
 namespace lathe::runtime {
+
+SigmoidRouterShape SigmoidRouterOf(const ModelConfig& c) {
+  SigmoidRouterShape router;
+  router.hidden = c.hidden_size;
+  router.experts = c.num_experts;
+  router.top_k = c.num_experts_per_tok;
+  router.inter = c.moe_intermediate_size;
+  router.norm_topk_prob = c.norm_topk_prob;
+  router.n_group = c.sigmoid_router.n_group;
+  router.topk_group = c.sigmoid_router.topk_group;
+  router.routed_scaling_factor = c.sigmoid_router.routed_scaling_factor;
+  router.shared_inter = c.shared_expert.intermediate_size;
+  return router;
+}
 namespace {
 
 // at::sigmoid computes the last (n mod twice the vector width) elements of a

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "core/model_config.h"
 #include "runtime/block.h"
 #include "runtime/ffn.h"
 
@@ -25,6 +26,9 @@ struct SigmoidRouterShape {
   double routed_scaling_factor = 1.0;
   int64_t shared_inter = 0;  // width of the shared experts together (0: none)
 };
+
+// The routing config `c` gives its MoE layers (DeepSeek-V3, Kimi, GLM-5).
+SigmoidRouterShape SigmoidRouterOf(const ModelConfig& c);
 
 // The routing of x [T, H]: scores = sigmoid(x·routerᵀ) in fp32; the groups
 // (experts / n_group consecutive experts each) ranked by the sum of their two

@@ -10,16 +10,7 @@ namespace lathe::runtime {
 absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadDeepseekV3Layers(const ModelConfig& c, ParamLoader& loader,
                                                                          const std::string& prefix,
                                                                          const ModelShard& shard) {
-  SigmoidRouterShape router;
-  router.hidden = c.hidden_size;
-  router.experts = c.num_experts;
-  router.top_k = c.num_experts_per_tok;
-  router.inter = c.moe_intermediate_size;
-  router.norm_topk_prob = c.norm_topk_prob;
-  router.n_group = c.sigmoid_router.n_group;
-  router.topk_group = c.sigmoid_router.topk_group;
-  router.routed_scaling_factor = c.sigmoid_router.routed_scaling_factor;
-  router.shared_inter = c.shared_expert.intermediate_size;
+  const SigmoidRouterShape router = SigmoidRouterOf(c);
   return LoadPreNormLayers(
       c, loader, prefix, shard,
       [&](int64_t, const std::string& p) -> absl::StatusOr<std::unique_ptr<Mixer>> {

@@ -12,20 +12,6 @@
 namespace lathe::runtime {
 namespace {
 
-SigmoidRouterShape RouterOf(const ModelConfig& c) {
-  SigmoidRouterShape router;
-  router.hidden = c.hidden_size;
-  router.experts = c.num_experts;
-  router.top_k = c.num_experts_per_tok;
-  router.inter = c.moe_intermediate_size;
-  router.norm_topk_prob = c.norm_topk_prob;
-  router.n_group = c.sigmoid_router.n_group;
-  router.topk_group = c.sigmoid_router.topk_group;
-  router.routed_scaling_factor = c.sigmoid_router.routed_scaling_factor;
-  router.shared_inter = c.shared_expert.intermediate_size;
-  return router;
-}
-
 SparseIndexerShape IndexerOf(const ModelConfig& c) {
   const SparseIndexerConfig& x = c.sparse_indexer;
   return {c.hidden_size, c.latent_attention.q_lora_rank, x.index_n_heads, x.index_head_dim,
@@ -41,7 +27,7 @@ absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadGlmMoeDsaLayers(const Mo
     return absl::InvalidArgumentError(absl::StrCat("cp ", shard.cp.size(), ": ", c.architecture,
                                                    "'s sparse attention does not run under context parallelism"));
   }
-  const SigmoidRouterShape router = RouterOf(c);
+  const SigmoidRouterShape router = SigmoidRouterOf(c);
   const SparseIndexerShape indexer = IndexerOf(c);
   return LoadPreNormLayers(
       c, loader, prefix, shard,

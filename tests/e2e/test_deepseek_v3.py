@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import sys
 import warnings
 from typing import NamedTuple
 
-import grpc
 import numpy as np
 import pytest
 
+import latent_service as L
 import service_client as sc
 from checkpoint_run import Run
-from service_client import Retrieve, batch, datum, pb, types
+from service_client import batch, datum, pb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity"))
 
@@ -31,6 +30,7 @@ import make_tiny_models  # noqa: E402
 import quantize_checkpoint as Q  # noqa: E402
 
 PROMPT = [5, 17, 3, 42, 8, 99, 23, 61]
+VOCAB = 157
 
 
 class Base(NamedTuple):
@@ -69,24 +69,6 @@ def base(request, deepseek_model) -> Base:
     return request.getfixturevalue("kimi_int4")
 
 
-def _batches(count):
-    rng = np.random.default_rng(9)
-    out = []
-    for _ in range(count):
-        data = []
-        for n in (14, 9):
-            tokens = rng.integers(0, 157, size=n + 1)
-            data.append(datum(tokens[:-1].astype(np.int32), tokens[1:].astype(np.int64)))
-        out.append(batch(data))
-    return out
-
-
-def _prompt():
-    m = types.ModelInput()
-    m.chunks.add().encoded_text.tokens = struct.pack(f"<{len(PROMPT)}i", *PROMPT)
-    return m
-
-
 def _load(base: Base, folder: str | None = None):
     """transformers' model of ``folder`` (default: the base's reference folder)."""
     import torch
@@ -99,82 +81,25 @@ def _load(base: Base, folder: str | None = None):
                                    experts_implementation="eager")
 
 
-def _random_datum(seed: int, n: int):
-    seq = np.random.default_rng(seed).integers(0, 157, size=n + 1)
-    return seq[:-1].astype(np.int32), seq[1:].astype(np.int64)
-
-
-def _logprobs(model, tokens, targets) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens.tolist()])).logits[0].float()
-    return torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].numpy()
-
-
-def _generate(model):
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(PROMPT):].tolist()
-
-
 @pytest.mark.parametrize("tp,ep", [(2, 2)])
 def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment, base, tmp_path, tp, ep):
-    from peft import PeftModel
-    from safetensors import safe_open
-
     root = str(tmp_path / "ckpt")
     args = ["--checkpoint_root", root]
     d = make_deployment("deepseek", model_dir=base.served, replicas=1, ranks=4, tp=tp, ep=ep, max_runs=2,
                         worker_args=args, coordinator_args=args).start()
-    lora = dict(rank=8, seed=4)
-    batches = _batches(3)
-    run = Run(d.stub, **lora)
-    losses = run.steps(batches[:2], lr=3e-2)
-    mid = run.save("mid")
-    losses += run.steps(batches[2:], lr=3e-2)
-    resumed = Run(d.stub, **lora)
-    assert resumed.ok(load_state_with_optimizer=pb.LoadStateOp(path=mid)).load_state.step == 2
-    assert resumed.steps(batches[2:], lr=3e-2) == losses[2:], "the resumed run's step differs"
 
-    folder = os.path.join(root, run.id, "sampler_weights")
-    if base.quantized:
-        merged = run.op(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
-        assert merged.state == Retrieve.FAILED, merged
-        assert merged.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], merged
-        assert ".mlp.experts." in merged.error.message and "quantized" in merged.error.message, merged.error.message
-        assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
-    probe = _random_datum(5, 16)
-    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
-    saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
-    sample = run.ok(sample=pb.SampleOp(
-        prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
-        params=pb.SamplingParams(max_tokens=12, temperature=0.0))).sample
-    b = sample.sequences[0].tokens
-    got = list(struct.unpack(f"<{len(b) // 4}i", b))
+    def refusal(message):  # names an INT4 expert
+        assert ".mlp.experts." in message, message
 
-    adapter = os.path.join(folder, "g")
-    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
-        names = list(f.keys())
-    assert any(".mlp.experts." in n for n in names), "the adapter should cover the routed experts"
-    if base.kimi:
-        assert all(n.startswith(("base_model.model.model.language_model.", "base_model.model.lm_head."))
-                   for n in names), names[:4]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(_load(base), adapter).eval()
-        check = model.load_adapter(adapter, adapter_name="check")
-    assert not check.missing_keys and not check.unexpected_keys, check
-    model.delete_adapter("check")
-    want = _generate(model)
-    with model.disable_adapter():
-        plain = _generate(model)
-    np.testing.assert_allclose(lathe_lp, _logprobs(model, *probe), atol=1e-4, rtol=0)
-    assert got == want
-    assert plain != want, "the adapter should change the greedy continuation (train it harder)"
+    def names(adapter):
+        assert any(".mlp.experts." in n for n in adapter), "the adapter should cover the routed experts"
+        if base.kimi:
+            assert all(n.startswith(("base_model.model.model.language_model.", "base_model.model.lm_head."))
+                       for n in adapter), adapter[:4]
+
+    L.check_against_peft(d, root, L.random_batches(3, (14, 9), VOCAB), L.random_datum(5, 16, VOCAB), PROMPT,
+                         lambda: _load(base), adapter_names=names,
+                         merge_refusal=refusal if base.quantized else None)
 
 
 def test_merged_export_of_the_int4_wrapper_keeps_its_experts_packed(make_deployment, kimi_int4, tmp_path):
@@ -189,8 +114,8 @@ def test_merged_export_of_the_int4_wrapper_keeps_its_experts_packed(make_deploym
     d = make_deployment("kimi_merged", model_dir=kimi_int4.served, replicas=1, ranks=4, tp=2, ep=2,
                         worker_args=args, coordinator_args=args).start()
     run = Run(d.stub, rank=8, seed=4, train_mlp=False)
-    run.steps(_batches(2), lr=3e-2)
-    probe = _random_datum(5, 16)
+    run.steps(L.random_batches(2, (14, 9), VOCAB), lr=3e-2)
+    probe = L.random_datum(5, 16, VOCAB)
     lathe_lp = sc.logprobs(run.ok(forward=batch([datum(*probe)])).forward_backward)[0]
     run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
 
@@ -215,4 +140,4 @@ def test_merged_export_of_the_int4_wrapper_keeps_its_experts_packed(make_deploym
     os.makedirs(folder)
     shutil.copy(os.path.join(kimi_int4.reference, "config.json"), folder)
     save_file(plain, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    np.testing.assert_allclose(lathe_lp, _logprobs(_load(kimi_int4, folder).eval(), *probe), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lathe_lp, L.logprobs(_load(kimi_int4, folder).eval(), *probe), atol=1e-4, rtol=0)

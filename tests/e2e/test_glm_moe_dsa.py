@@ -12,17 +12,12 @@ nothing written."""
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import warnings
 
-import grpc
-import numpy as np
 import pytest
 
-import service_client as sc
-from checkpoint_run import Run
-from service_client import Retrieve, batch, datum, pb, types
+import latent_service as L
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity"))
 
@@ -30,6 +25,7 @@ import make_tiny_models  # noqa: E402
 import quantize_checkpoint as Q  # noqa: E402
 
 PROMPT = [5, 17, 3, 42, 8, 99, 23, 61, 7, 130]
+VOCAB = 167
 
 
 @pytest.fixture(scope="module")
@@ -53,36 +49,8 @@ def base(request, glm_model, tmp_path_factory) -> tuple[str, str, list]:
     return q, d, done
 
 
-def _batches(count):
-    rng = np.random.default_rng(9)
-    out = []
-    for _ in range(count):
-        data = []
-        for n in (14, 9, 21):
-            tokens = rng.integers(0, 167, size=n + 1)
-            data.append(datum(tokens[:-1].astype(np.int32), tokens[1:].astype(np.int64)))
-        out.append(batch(data))
-    return out
-
-
-def _prompt():
-    m = types.ModelInput()
-    m.chunks.add().encoded_text.tokens = struct.pack(f"<{len(PROMPT)}i", *PROMPT)
-    return m
-
-
-def _generate(model, **kw):
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
-    return out[0, len(PROMPT):].tolist()
-
-
 def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment, base, tmp_path):
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     served, reference, quantized = base
@@ -90,48 +58,13 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
     args = ["--checkpoint_root", root]
     d = make_deployment("glm", model_dir=served, replicas=1, ranks=4, tp=2, ep=2, max_runs=2,
                         worker_args=args, coordinator_args=args).start()
-    lora = dict(rank=8, seed=4)
-    batches = _batches(3)
-    run = Run(d.stub, **lora)
-    losses = run.steps(batches[:2], lr=3e-2)
-    mid = run.save("mid")
-    losses += run.steps(batches[2:], lr=3e-2)
-    resumed = Run(d.stub, **lora)
-    assert resumed.ok(load_state_with_optimizer=pb.LoadStateOp(path=mid)).load_state.step == 2
-    assert resumed.steps(batches[2:], lr=3e-2) == losses[2:], "the resumed run's step differs"
 
-    folder = os.path.join(root, run.id, "sampler_weights")
-    if quantized:
-        merged = run.op(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="m", merged=True))
-        assert merged.state == Retrieve.FAILED, merged
-        assert merged.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], merged
-        assert "F8_E4M3" in merged.error.message and "quantized" in merged.error.message, merged.error.message
-        assert any(n in merged.error.message for n in quantized), merged.error.message
-        assert not os.path.exists(os.path.join(folder, "m")), "a refused merged export left files"
-    probe = np.random.default_rng(5).integers(0, 167, size=21)
-    lathe_lp = sc.logprobs(run.ok(forward=batch([datum(probe[:-1].astype(np.int32),
-                                                      probe[1:].astype(np.int64))])).forward_backward)[0]
-    saved = run.ok(save_weights_for_sampler=pb.SaveWeightsForSamplerOp(name="g"))
-    sample = run.ok(sample=pb.SampleOp(
-        prompt=_prompt(), num_samples=1, policy_version=saved.save_weights_for_sampler.policy_version,
-        params=pb.SamplingParams(max_tokens=12, temperature=0.0))).sample
-    b = sample.sequences[0].tokens
-    got = list(struct.unpack(f"<{len(b) // 4}i", b))
+    def load():
+        return AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32, attn_implementation="eager",
+                                                    experts_implementation="eager")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32, attn_implementation="eager",
-                                                  experts_implementation="eager")
-        model = PeftModel.from_pretrained(hf, os.path.join(folder, "g")).eval()
-        check = model.load_adapter(os.path.join(folder, "g"), adapter_name="check")
-    assert not check.missing_keys and not check.unexpected_keys, check
-    model.delete_adapter("check")
-    want = _generate(model)
-    with model.disable_adapter():
-        plain = _generate(model)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([probe[:-1].tolist()])).logits[0].float()
-    peft_lp = torch.log_softmax(logits, -1)[torch.arange(len(probe) - 1), torch.tensor(probe[1:])].numpy()
-    np.testing.assert_allclose(lathe_lp, peft_lp, atol=1e-4, rtol=0)
-    assert got == want
-    assert plain != want, "the adapter should change the greedy continuation (train it harder)"
+    def refusal(message):  # names one of the FP8 weights
+        assert "F8_E4M3" in message and any(n in message for n in quantized), message
+
+    L.check_against_peft(d, root, L.random_batches(3, (14, 9, 21), VOCAB), L.random_datum(5, 20, VOCAB), PROMPT,
+                         load, merge_refusal=refusal if quantized else None)
