@@ -27,11 +27,11 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import make_tiny_models  # noqa: E402
+from model_views import TextView, model_config_binary, read_config  # noqa: E402
 
 # Kimi-K2's text config (seed-architectures.md, section 2.2) and DeepSeek-V3's dimensions.
 KIMI_K2 = dict(
@@ -54,21 +54,6 @@ DEEPSEEK_V3 = dict(
     rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     tie_word_embeddings=False, hidden_act="silu")
-
-
-def _binary() -> str:
-    build = os.environ.get("LATHE_BUILD_DIR", "/work/main/build")
-    exe = os.path.join(build, "tests", "lathe_model_config")
-    if not os.path.exists(exe):
-        pytest.skip(f"lathe_model_config not built (looked for {exe}; set LATHE_BUILD_DIR)")
-    return exe
-
-
-def _read(config: dict, tmp_path) -> subprocess.CompletedProcess:
-    d = tmp_path / "model"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config))
-    return subprocess.run([_binary(), str(d)], capture_output=True, text=True, timeout=60)
 
 
 def _transformers_view(config: dict) -> dict:
@@ -102,7 +87,7 @@ def test_config_is_read_as_transformers_reads_it(name, tmp_path):
         warnings.simplefilter("ignore")
         config = _configs()[name]
         want = _transformers_view(config)
-    run = _read(config, tmp_path)
+    run = read_config(config, tmp_path)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     a, r = got["latent_attention"], got["sigmoid_router"]
@@ -137,13 +122,13 @@ def test_config_is_read_as_transformers_reads_it(name, tmp_path):
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config.quant_method"),
 ])
 def test_unsupported_config_is_refused_by_field(change, field, tmp_path):
-    run = _read(dict(DEEPSEEK_V3, **change), tmp_path)
+    run = read_config(dict(DEEPSEEK_V3, **change), tmp_path)
     assert run.returncode == 1, run.stdout
     assert f"'{field}'" in run.stderr, run.stderr
 
 
 def test_q_proj_without_a_q_lora_rank(tmp_path):
-    run = _read(dict(DEEPSEEK_V3, q_lora_rank=None), tmp_path)
+    run = read_config(dict(DEEPSEEK_V3, q_lora_rank=None), tmp_path)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["latent_attention"]["q_lora_rank"] == 0
 
@@ -199,7 +184,7 @@ def test_kimi_wrapper_runs_its_text_model(tie_flag, tiny_models, harness, tmp_pa
     text_dir = tiny_models["deepseek_v3"]
     out = str(tmp_path / "kimi")
     make_tiny_models.write_kimi_layout(text_dir, out, tie_flag=tie_flag)
-    run = subprocess.run([_binary(), out], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([model_config_binary(), out], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     assert got["tie_word_embeddings"] is (tie_flag is None)
@@ -327,7 +312,7 @@ def test_kimi_wrapper_export_loads_on_the_conditional_generation_model(tiny_mode
         return worst
 
     # A probe whose routing has a margin, so rounding cannot legitimately pick other experts.
-    view = _TextView(merged.model.language_model)
+    view = TextView(merged.model.language_model)
     usable = [i for i, p in enumerate(probes) if R.min_routing_margin(view, p) >= 1e-4]
     assert usable
     i = usable[0]
@@ -336,13 +321,3 @@ def test_kimi_wrapper_export_loads_on_the_conditional_generation_model(tiny_mode
     assert diff(merged, probes[i], i) <= 1e-4
 
 
-class _TextView(torch.nn.Module):
-    """The text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
-
-    def __init__(self, text):
-        super().__init__()
-        self.model = text
-        self.config = text.config
-
-    def forward(self, input_ids, **kw):
-        return self.model(input_ids=input_ids, **kw)

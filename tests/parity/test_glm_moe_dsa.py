@@ -23,13 +23,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import warnings
 
 import pytest
 import torch
 
 import reference as R
+from model_views import read_config
 
 GLM_5_2 = dict(
     architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa", vocab_size=154880, hidden_size=6144,
@@ -45,20 +45,6 @@ GLM_MINIMAL = dict(architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_d
                    hidden_size=6144, intermediate_size=12288, num_hidden_layers=78, num_attention_heads=64,
                    rope_parameters={"rope_type": "default", "rope_theta": 8e6})
 FWD_ATOL = 1e-4
-
-
-def _binary() -> str:
-    exe = os.path.join(os.environ.get("LATHE_BUILD_DIR", "/work/main/build"), "tests", "lathe_model_config")
-    if not os.path.exists(exe):
-        pytest.skip(f"lathe_model_config not built (looked for {exe}; set LATHE_BUILD_DIR)")
-    return exe
-
-
-def _read(config: dict, tmp_path) -> subprocess.CompletedProcess:
-    d = tmp_path / "model"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config))
-    return subprocess.run([_binary(), str(d)], capture_output=True, text=True, timeout=60)
 
 
 def _transformers_view(config: dict) -> dict:
@@ -93,7 +79,7 @@ def test_config_is_read_as_transformers_reads_it(name, tiny_models, tmp_path):
                               mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse", "sparse"]),
               "tiny": _tiny_config(tiny_models) if name == "tiny" else None}[name]
     want = _transformers_view(config)
-    run = _read(config, tmp_path)
+    run = read_config(config, tmp_path)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     a = got["latent_attention"]
@@ -126,7 +112,7 @@ def test_config_is_read_as_transformers_reads_it(name, tiny_models, tmp_path):
     ({"num_key_value_heads": 8}, "num_key_value_heads"),
 ])
 def test_unsupported_config_is_refused_by_field(change, field, tmp_path):
-    run = _read(dict(GLM_5_2, **change), tmp_path)
+    run = read_config(dict(GLM_5_2, **change), tmp_path)
     assert run.returncode == 1, run.stdout
     assert f"'{field}'" in run.stderr, run.stderr
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 import make_tiny_models
+from model_views import TextView
 from reference import load_hf_model, min_routing_margin, random_batch
 
 LORA = {"rank": 4, "alpha": 8.0, "seed": 3}
@@ -219,7 +220,7 @@ def test_multimodal_export_loads_on_the_conditional_generation_model(multimodal_
 
     def margin(model, data):
         text = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return min_routing_margin(_TextView(text.model.language_model), data)
+        return min_routing_margin(TextView(text.model.language_model), data)
 
     base = load(multimodal_moe)
     with warnings.catch_warnings():
@@ -237,13 +238,3 @@ def test_multimodal_export_loads_on_the_conditional_generation_model(multimodal_
     assert merged_diff <= ATOL, f"the merged model is off lathe by {merged_diff}"
 
 
-class _TextView(torch.nn.Module):
-    """The text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
-
-    def __init__(self, text):
-        super().__init__()
-        self.model = text
-        self.config = text.config
-
-    def forward(self, input_ids, **kw):
-        return self.model(input_ids=input_ids, **kw)

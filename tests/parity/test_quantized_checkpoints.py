@@ -20,6 +20,7 @@ import make_tiny_models
 import quantize_checkpoint as Q
 import reference as R
 import sharded_parity
+from model_views import TextView
 
 REL_TOL = 1e-5  # logprobs, relative to the largest reference logprob magnitude
 
@@ -357,7 +358,7 @@ def test_kimi_wrapper_int4_lora_training_exports_what_peft_loads(kimi, harness, 
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(_load_kimi(kimi["deq"]), out).eval()
     base = _load_kimi(kimi["deq"])
-    view = _TextView(base.model.language_model)
+    view = TextView(base.model.language_model)
     usable = [i for i, p in enumerate(probes) if R.min_routing_margin(view, p) >= 1e-4]
     assert usable
     i = usable[0]
@@ -373,16 +374,6 @@ def test_kimi_wrapper_int4_lora_training_exports_what_peft_loads(kimi, harness, 
     assert not os.path.exists(os.path.join(merged, "merged", "model.safetensors"))
 
 
-class _TextView(torch.nn.Module):
-    """The wrapper's text tower seen as a causal LM's ``.model`` (what min_routing_margin walks)."""
-
-    def __init__(self, text):
-        super().__init__()
-        self.model = text
-        self.config = text.config
-
-    def forward(self, input_ids, **kw):
-        return self.model(input_ids=input_ids, **kw)
 
 
 def _set_weights(c, **fields):
