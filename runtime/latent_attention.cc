@@ -13,6 +13,28 @@
 #include "core/status.h"
 
 namespace lathe::runtime {
+namespace {
+
+// The sparse attention's selection per chunk of a context-parallel split:
+// masks[i] ([this member's rows of sequence i, n]) cut to chunk c's rows
+// and the keys up to its end; undefined where sequence i attends causally.
+std::vector<at::Tensor> ChunkMasks(const std::vector<at::Tensor>& masks, const std::vector<int64_t>& lengths,
+                                   const parallel::SequenceSplit& split) {
+  std::vector<at::Tensor> out;
+  if (masks.empty()) return out;
+  size_t i = 0;
+  int64_t offset = 0;
+  for (const parallel::SequenceSplit::Chunk& c : split.chunks) {
+    while (offset < c.seq_offset || lengths[i] == 0) offset += lengths[i++];
+    const at::Tensor& mask = masks[i];
+    out.push_back(mask.defined() ? mask.narrow(0, c.local - split.LocalBegin(c.seq_offset), c.length)
+                                       .narrow(1, 0, c.begin + c.length)
+                                 : at::Tensor());
+  }
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<LatentAttention>> LatentAttention::Load(ParamLoader& loader, const std::string& prefix,
                                                                        int64_t hidden, int64_t heads,
@@ -139,7 +161,8 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
   std::vector<at::Tensor> masks;
-  if (selection_layer_ >= 0 && t > 0) masks = Selection(x, q_resid, ctx, layer);
+  // Under cp a member without rows still takes part in the indexer's gather.
+  if (selection_layer_ >= 0 && (t > 0 || ctx.cp != nullptr)) masks = Selection(x, q_resid, ctx, layer);
   if (ctx.states != nullptr && t > 0) {
     at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
     at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
@@ -160,7 +183,8 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor k = at::cat({kv.narrow(2, 0, nope), k_rope.expand({heads_, t, r})}, 2);
   at::Tensor o;
   if (ctx.cp != nullptr) {
-    o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
+    o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp,
+                                           ChunkMasks(masks, ctx.lengths, *ctx.cp));
   } else if (!masks.empty()) {
     o = SelectedAttention(q, k, v, ctx.lengths, masks, c.softmax_scale);
   } else {
