@@ -7,7 +7,8 @@ straight run's next loss exactly, and greedy sampling past index_topk with the t
 adapter (each rank decoding its heads from the latent and indexer caches) that equals peft +
 transformers' ``generate`` on the exported sampler weights (on the exact dequantization of
 the FP8 base). The merged export of an adapter on FP8 weights is refused, naming one, with
-nothing written."""
+nothing written. LoRA steps with each document split over two ranks (context parallelism)
+give one rank's losses."""
 
 from __future__ import annotations
 
@@ -135,3 +136,18 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
     np.testing.assert_allclose(lathe_lp, peft_lp, atol=1e-4, rtol=0)
     assert got == want
     assert plain != want, "the adapter should change the greedy continuation (train it harder)"
+
+
+def test_context_parallel_training_matches_one_rank(make_deployment, glm_model):
+    """dp_worker --cp 2 splits each document over two ranks (with ep 2 over them): the indexer
+    selects each rank's queries' keys among the gathered keys of the whole document, so the
+    LoRA steps' losses equal one rank's."""
+    batches = _batches(3)
+    losses = {}
+    for name, cp, layout in (("glm_cp1", 1, dict(ranks=1, ep=1)), ("glm_cp2", 2, dict(ranks=2, ep=2))):
+        d = make_deployment(name, model_dir=glm_model, replicas=1, max_runs=1, worker_args=["--cp", str(cp)],
+                            **layout).start()
+        losses[name] = Run(d.stub, rank=8, seed=4).steps(batches, lr=3e-2)
+        d.close()
+    want, got = losses["glm_cp1"], losses["glm_cp2"]
+    assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want)), (got, want)
