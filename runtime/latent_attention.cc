@@ -13,28 +13,6 @@
 #include "core/status.h"
 
 namespace lathe::runtime {
-namespace {
-
-// The sparse attention's selection per chunk of a context-parallel split:
-// masks[i] ([this member's rows of sequence i, n]) cut to chunk c's rows
-// and the keys up to its end; undefined where sequence i attends causally.
-std::vector<at::Tensor> ChunkMasks(const std::vector<at::Tensor>& masks, const std::vector<int64_t>& lengths,
-                                   const parallel::SequenceSplit& split) {
-  std::vector<at::Tensor> out;
-  if (masks.empty()) return out;
-  size_t i = 0;
-  int64_t offset = 0;
-  for (const parallel::SequenceSplit::Chunk& c : split.chunks) {
-    while (offset < c.seq_offset || lengths[i] == 0) offset += lengths[i++];
-    const at::Tensor& mask = masks[i];
-    out.push_back(mask.defined() ? mask.narrow(0, c.local - split.LocalBegin(c.seq_offset), c.length)
-                                       .narrow(1, 0, c.begin + c.length)
-                                 : at::Tensor());
-  }
-  return out;
-}
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<LatentAttention>> LatentAttention::Load(ParamLoader& loader, const std::string& prefix,
                                                                        int64_t hidden, int64_t heads,
@@ -184,7 +162,7 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor o;
   if (ctx.cp != nullptr) {
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp,
-                                           ChunkMasks(masks, ctx.lengths, *ctx.cp));
+                                           masks);
   } else if (!masks.empty()) {
     o = SelectedAttention(q, k, v, ctx.lengths, masks, c.softmax_scale);
   } else {

@@ -153,7 +153,7 @@ std::vector<at::Tensor> SparseIndexer::SelectSplit(const at::Tensor& x, const at
   LATHE_CHECK(ctx.states == nullptr);
   const parallel::SequenceSplit& split = *ctx.cp;
   const std::vector<int64_t>& lengths = ctx.lengths;
-  std::vector<at::Tensor> masks(lengths.size());
+  std::vector<at::Tensor> masks(split.chunks.size());
   // Every member sees the same lengths, so all skip the gather together.
   if (std::none_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n > shape_.topk; })) return masks;
   const int64_t t = x.size(0);
@@ -164,21 +164,23 @@ std::vector<at::Tensor> SparseIndexer::SelectSplit(const at::Tensor& x, const at
   at::Tensor positions =
       at::tensor(split.positions, at::TensorOptions().dtype(at::kLong)).to(x.device());  // of each local row
   at::Tensor q, w;
+  size_t i = 0;
   int64_t offset = 0;
-  for (size_t i = 0; i < lengths.size(); ++i) {
-    const int64_t n = lengths[i];
-    if (n > shape_.topk) {
-      // This member's rows of the sequence are contiguous (ascending global rows).
-      const int64_t begin = split.LocalBegin(offset), rows = split.LocalBegin(offset + n) - begin;
-      if (rows == 0) {
-        masks[i] = at::zeros({0, n}, at::TensorOptions().dtype(at::kBool).device(x.device()));
-      } else {
-        if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
-        masks[i] = Choose(q.narrow(1, begin, rows), w.narrow(0, begin, rows), all.narrow(0, offset, n),
-                          positions.narrow(0, begin, rows));
-      }
+  for (size_t j = 0; j < split.chunks.size(); ++j) {
+    const parallel::SequenceSplit::Chunk& c = split.chunks[j];
+    while (offset < c.seq_offset || lengths[i] == 0) offset += lengths[i++];  // c's sequence
+    if (lengths[i] <= shape_.topk) continue;
+    if (c.begin + c.length <= shape_.topk) {
+      // Every causal key is kept, but as a mask: the sequence's chunks then
+      // all run the masked SDPA the whole sequence runs without cp.
+      const at::TensorOptions flags = at::TensorOptions().dtype(at::kBool).device(x.device());
+      masks[j] = at::ones({c.length, c.begin + c.length}, flags).tril(c.begin);
+      continue;
     }
-    offset += n;
+    if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
+    // Keys past the chunk's last query are never causal: left out.
+    masks[j] = Choose(q.narrow(1, c.local, c.length), w.narrow(0, c.local, c.length),
+                      all.narrow(0, c.seq_offset, c.begin + c.length), positions.narrow(0, c.local, c.length));
   }
   return masks;
 }

@@ -63,11 +63,13 @@ class SparseIndexer {
   // (ctx.states) appends the tokens' index keys to slot 2 of the sequence's
   // state for `layer`. No autograd.
   //
-  // Context parallelism (ctx.cp; x and q_resid this member's rows): mask i
-  // is [this member's rows of sequence i, n], its rows at their positions
-  // in the sequence; the index keys are all-gathered over the cp group when
-  // some sequence is longer than topk. Collective over the cp group, also
-  // for a member without rows. REQUIRES: no ctx.states.
+  // Context parallelism (ctx.cp; x and q_resid this member's rows): one
+  // mask per chunk of ctx.cp->chunks, [L, b + L] for the chunk's queries at
+  // positions [b, b + L) over its sequence's keys up to its end; undefined
+  // where the sequence has at most topk tokens. The index keys are
+  // all-gathered over the cp group when some sequence is longer than topk.
+  // Collective over the cp group, also for a member without rows.
+  // REQUIRES: no ctx.states.
   std::vector<at::Tensor> Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
                                  size_t layer) const;
   void Visit(const TensorVisitor& fn);
