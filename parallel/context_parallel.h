@@ -67,8 +67,14 @@ at::Tensor GatherSequenceRows(const at::Tensor& x, const SequenceSplit& split, c
 // log-sum-exp (the backward gives each part the merged output and
 // log-sum-exp, which yields exactly its share of the gradient), so no mask is
 // built; elsewhere one SDPA with an [L, b + L] mask.
+//
+// `masks` (sparse attention), when given, has one entry per split.chunks:
+// defined, a bool [L, b + L] of the keys chunk [b, b + L)'s queries see
+// (true: attend; each row sees at least one key), attended with one SDPA;
+// undefined, the causal attention above.
 at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const SequenceSplit& split, double scale, bool gqa, const Group& g);
+                                    const SequenceSplit& split, double scale, bool gqa, const Group& g,
+                                    const std::vector<at::Tensor>& masks = {});
 
 }  // namespace lathe::parallel
 

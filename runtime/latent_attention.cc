@@ -139,7 +139,8 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
   std::vector<at::Tensor> masks;
-  if (selection_layer_ >= 0 && t > 0) masks = Selection(x, q_resid, ctx, layer);
+  // Under cp a member without rows still takes part in the indexer's gather.
+  if (selection_layer_ >= 0 && (t > 0 || ctx.cp != nullptr)) masks = Selection(x, q_resid, ctx, layer);
   if (ctx.states != nullptr && t > 0) {
     at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
     at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
@@ -160,7 +161,8 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor k = at::cat({kv.narrow(2, 0, nope), k_rope.expand({heads_, t, r})}, 2);
   at::Tensor o;
   if (ctx.cp != nullptr) {
-    o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp);
+    o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp,
+                                           masks);
   } else if (!masks.empty()) {
     o = SelectedAttention(q, k, v, ctx.lengths, masks, c.softmax_scale);
   } else {

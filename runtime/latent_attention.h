@@ -17,7 +17,9 @@
 // fine-tuning.
 //
 // GLM-5's sparse attention (SelectKeys): each query attends only to the
-// keys a SparseIndexer selects, this layer's own or an earlier layer's.
+// keys a SparseIndexer selects, this layer's own or an earlier layer's;
+// under context parallelism each member selects for its own rows and
+// attends over the all-gathered keys and values with that selection.
 #ifndef LATHE_RUNTIME_LATENT_ATTENTION_H_
 #define LATHE_RUNTIME_LATENT_ATTENTION_H_
 

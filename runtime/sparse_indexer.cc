@@ -8,8 +8,10 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include "core/status.h"
+#include "parallel/context_parallel.h"
 #include "params/blocks.h"
 #include "runtime/param_loader.h"
 
@@ -70,39 +72,57 @@ at::Tensor SparseIndexer::Rope(const at::Tensor& x, const RopeTables& rope) cons
   return ApplyRope(x.unflatten(-1, {r / 2, 2}).transpose(-1, -2).flatten(-2), rope);
 }
 
-at::Tensor SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t past) const {
+at::Tensor SparseIndexer::Keys(const at::Tensor& x, const RopeTables& rope) const {
+  const int64_t r = shape_.rope_dim, d = shape_.head_dim;
+  at::Tensor k = at::layer_norm(at::matmul(x, wk_.t()), {d}, k_norm_weight_, k_norm_bias_, 1e-6);  // [T, D]
+  return at::cat({Rope(k.narrow(1, 0, r), rope), k.narrow(1, r, d - r)}, 1);
+}
+
+std::pair<at::Tensor, at::Tensor> SparseIndexer::Queries(const at::Tensor& x, const at::Tensor& q_resid,
+                                                         const RopeTables& rope) const {
+  const SparseIndexerShape& s = shape_;
+  const int64_t t = x.size(0), r = s.rope_dim, d = s.head_dim;
+  at::Tensor q = at::matmul(q_resid, wq_b_.t()).view({t, s.heads, d}).transpose(0, 1);  // [H, T, D]
+  q = at::cat({Rope(q.narrow(2, 0, r), rope), q.narrow(2, r, d - r)}, 2);
+  at::Tensor w = at::matmul(x, weights_proj_.t()).to(at::kFloat).mul(1.0 / std::sqrt(static_cast<double>(s.heads)));
+  return {q, w};
+}
+
+at::Tensor SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k,
+                                 const at::Tensor& positions) const {
   const int64_t n = q.size(1), m = k.size(0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
   at::Tensor keys = k.to(at::kFloat).t();
-  at::Tensor causal = at::ones({n, m}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+  at::Tensor key_positions = at::arange(m, positions.options()).unsqueeze(0);  // [1, m]
   // A block of queries at a time: all heads' scores at once would be
   // heads·n·m fp32 values (32·8192² = 8.6 GB at GLM-5.2's width).
   const int64_t rows = std::max<int64_t>(1, kScoreBudget / (shape_.heads * m));
-  std::vector<at::Tensor> tops;
+  std::vector<at::Tensor> masks;
   for (int64_t begin = 0; begin < n; begin += rows) {
     const int64_t b = std::min(rows, n - begin);
+    at::Tensor causal = key_positions.le(positions.narrow(0, begin, b).unsqueeze(1));  // [b, m]
     at::Tensor scores = at::relu(at::matmul(q.narrow(1, begin, b).to(at::kFloat), keys).mul(scale));  // [H, b, m]
     // Σ_h w_h(i)·score_h(i, j): per query, its head weights times its scores.
     at::Tensor index = at::bmm(w.narrow(0, begin, b).unsqueeze(1), scores.transpose(0, 1)).squeeze(1);  // [b, m]
-    index = index.masked_fill(causal.narrow(0, begin, b).logical_not(), -std::numeric_limits<double>::infinity());
-    tops.push_back(std::get<1>(index.topk(shape_.topk, -1)));
+    index = index.masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
+    // A query with at most topk earlier keys keeps them all: masked keys
+    // score -inf and fall below every visible one.
+    at::Tensor top = std::get<1>(index.topk(shape_.topk, -1));
+    masks.push_back(at::zeros_like(causal).scatter(1, top, true).logical_and(causal));
   }
-  // A query with at most topk earlier keys keeps them all: masked keys score
-  // -inf and fall below every visible one.
-  at::Tensor top = tops.size() == 1 ? tops[0] : at::cat(tops, 0);
-  return at::zeros_like(causal).scatter(1, top, true).logical_and(causal);
+  return masks.size() == 1 ? masks[0] : at::cat(masks, 0);
 }
 
 std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
                                               size_t layer) const {
   at::NoGradGuard no_grad;
+  if (ctx.cp != nullptr) return SelectSplit(x, q_resid, ctx);
   const SparseIndexerShape& s = shape_;
-  const int64_t t = x.size(0), r = s.rope_dim, d = s.head_dim;
+  const int64_t t = x.size(0);
   std::vector<at::Tensor> masks(ctx.lengths.size());
   if (t == 0) return masks;
   at::Tensor in = x.detach();
-  at::Tensor k = at::layer_norm(at::matmul(in, wk_.t()), {d}, k_norm_weight_, k_norm_bias_, 1e-6);  // [T, D]
-  k = at::cat({Rope(k.narrow(1, 0, r), ctx.rope), k.narrow(1, r, d - r)}, 1);
+  at::Tensor k = Keys(in, ctx.rope);
   at::Tensor q, w;  // computed once some sequence has more keys than topk
   int64_t offset = 0;
   for (size_t i = 0; i < ctx.lengths.size(); ++i) {
@@ -119,14 +139,48 @@ std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Ten
       slot[2] = keys;
     }
     if (n > 0 && past + n > s.topk) {
-      if (!q.defined()) {
-        q = at::matmul(q_resid.detach(), wq_b_.t()).view({t, s.heads, d}).transpose(0, 1);  // [H, T, D]
-        q = at::cat({Rope(q.narrow(2, 0, r), ctx.rope), q.narrow(2, r, d - r)}, 2);
-        w = at::matmul(in, weights_proj_.t()).to(at::kFloat).mul(1.0 / std::sqrt(static_cast<double>(s.heads)));
-      }
-      masks[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, past);
+      if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
+      at::Tensor positions = at::arange(past, past + n, at::TensorOptions().dtype(at::kLong).device(x.device()));
+      masks[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, positions);
     }
     offset += n;
+  }
+  return masks;
+}
+
+std::vector<at::Tensor> SparseIndexer::SelectSplit(const at::Tensor& x, const at::Tensor& q_resid,
+                                                   const LayerContext& ctx) const {
+  LATHE_CHECK(ctx.states == nullptr);
+  const parallel::SequenceSplit& split = *ctx.cp;
+  const std::vector<int64_t>& lengths = ctx.lengths;
+  std::vector<at::Tensor> masks(split.chunks.size());
+  // Every member sees the same lengths, so all skip the gather together.
+  if (std::none_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n > shape_.topk; })) return masks;
+  const int64_t t = x.size(0);
+  at::Tensor in = x.detach();
+  // Without rows there are no RoPE tables either; the gather still runs.
+  at::Tensor k = t > 0 ? Keys(in, ctx.rope) : at::empty({0, shape_.head_dim}, wk_.options());
+  at::Tensor all = parallel::GatherSequenceRows(k, split, ctx.shard->cp, /*sum_grads=*/false);  // [T_all, D]
+  at::Tensor positions =
+      at::tensor(split.positions, at::TensorOptions().dtype(at::kLong)).to(x.device());  // of each local row
+  at::Tensor q, w;
+  size_t i = 0;
+  int64_t offset = 0;
+  for (size_t j = 0; j < split.chunks.size(); ++j) {
+    const parallel::SequenceSplit::Chunk& c = split.chunks[j];
+    while (offset < c.seq_offset || lengths[i] == 0) offset += lengths[i++];  // c's sequence
+    if (lengths[i] <= shape_.topk) continue;
+    if (c.begin + c.length <= shape_.topk) {
+      // Every causal key is kept, but as a mask: the sequence's chunks then
+      // all run the masked SDPA the whole sequence runs without cp.
+      const at::TensorOptions flags = at::TensorOptions().dtype(at::kBool).device(x.device());
+      masks[j] = at::ones({c.length, c.begin + c.length}, flags).tril(c.begin);
+      continue;
+    }
+    if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
+    // Keys past the chunk's last query are never causal: left out.
+    masks[j] = Choose(q.narrow(1, c.local, c.length), w.narrow(0, c.local, c.length),
+                      all.narrow(0, c.seq_offset, c.begin + c.length), positions.narrow(0, c.local, c.length));
   }
   return masks;
 }

@@ -12,6 +12,8 @@
 // trained (transformers runs it under no_grad, so no gradient reaches them
 // or, through it, q_a_proj) and carry no adapter. Under tensor parallelism
 // every rank holds it whole and computes the same selection on all tokens.
+// Under context parallelism the members all-gather the index keys of their
+// rows and each selects for its own queries among its sequences' keys.
 #ifndef LATHE_RUNTIME_SPARSE_INDEXER_H_
 #define LATHE_RUNTIME_SPARSE_INDEXER_H_
 
@@ -19,6 +21,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -59,15 +62,31 @@ class SparseIndexer {
   // (every earlier key is selected: plain causal attention). Decoding
   // (ctx.states) appends the tokens' index keys to slot 2 of the sequence's
   // state for `layer`. No autograd.
+  //
+  // Context parallelism (ctx.cp; x and q_resid this member's rows): one
+  // mask per chunk of ctx.cp->chunks, [L, b + L] for the chunk's queries at
+  // positions [b, b + L) over its sequence's keys up to its end; undefined
+  // where the sequence has at most topk tokens. The index keys are
+  // all-gathered over the cp group when some sequence is longer than topk.
+  // Collective over the cp group, also for a member without rows.
+  // REQUIRES: no ctx.states.
   std::vector<at::Tensor> Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
                                  size_t layer) const;
   void Visit(const TensorVisitor& fn);
 
  private:
   at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;
-  // The selection mask of queries q [H, n, D] with weights w [n, H] over
-  // keys k [past + n, D]; undefined when every causal key is kept.
-  at::Tensor Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t past) const;
+  // The index keys [T, D] (after RoPE) and the queries [H, T, D] with their
+  // head weights [T, H] of x's tokens.
+  at::Tensor Keys(const at::Tensor& x, const RopeTables& rope) const;
+  std::pair<at::Tensor, at::Tensor> Queries(const at::Tensor& x, const at::Tensor& q_resid,
+                                            const RopeTables& rope) const;
+  // The selection mask [n, m] of queries q [H, n, D] at `positions` [n]
+  // (long) in their sequence, with weights w [n, H], over the sequence's
+  // keys k [m, D]: query i sees a key j <= positions[i] among its top-k.
+  at::Tensor Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, const at::Tensor& positions) const;
+  // Select under context parallelism.
+  std::vector<at::Tensor> SelectSplit(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx) const;
 
   SparseIndexerShape shape_;
   at::Tensor wq_b_, wk_, k_norm_weight_, k_norm_bias_;

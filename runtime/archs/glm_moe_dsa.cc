@@ -2,8 +2,7 @@
 // dense first layers, sigmoid-routed experts with shared experts) whose
 // attention is sparse: each query sees only the index_topk earlier keys an
 // indexer selects, in "full" layers their own indexer's choice, in "shared"
-// layers that of the previous full layer.
-#include "absl/strings/str_cat.h"
+// layers that of the previous full layer. Runs under tp, ep and cp.
 #include "runtime/archs/registry.h"
 #include "runtime/latent_attention.h"
 #include "runtime/sigmoid_moe.h"
@@ -23,10 +22,6 @@ SparseIndexerShape IndexerOf(const ModelConfig& c) {
 absl::StatusOr<std::vector<std::unique_ptr<Block>>> LoadGlmMoeDsaLayers(const ModelConfig& c, ParamLoader& loader,
                                                                         const std::string& prefix,
                                                                         const ModelShard& shard) {
-  if (shard.cp.size() > 1) {
-    return absl::InvalidArgumentError(absl::StrCat("cp ", shard.cp.size(), ": ", c.architecture,
-                                                   "'s sparse attention does not run under context parallelism"));
-  }
   const SigmoidRouterShape router = SigmoidRouterOf(c);
   const SparseIndexerShape indexer = IndexerOf(c);
   return LoadPreNormLayers(

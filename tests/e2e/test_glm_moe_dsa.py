@@ -7,7 +7,8 @@ straight run's next loss exactly, and greedy sampling past index_topk with the t
 adapter (each rank decoding its heads from the latent and indexer caches) that equals peft +
 transformers' ``generate`` on the exported sampler weights (on the exact dequantization of
 the FP8 base). The merged export of an adapter on FP8 weights is refused, naming one, with
-nothing written."""
+nothing written. LoRA steps with each document split over two ranks (context parallelism)
+give one rank's losses."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import warnings
 import pytest
 
 import latent_service as L
+from checkpoint_run import Run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity"))
 
@@ -68,3 +70,18 @@ def test_train_checkpoint_resume_and_greedy_equal_peft_generate(make_deployment,
 
     L.check_against_peft(d, root, L.random_batches(3, (14, 9, 21), VOCAB), L.random_datum(5, 20, VOCAB), PROMPT,
                          load, merge_refusal=refusal if quantized else None)
+
+
+def test_context_parallel_training_matches_one_rank(make_deployment, glm_model):
+    """dp_worker --cp 2 splits each document over two ranks (with ep 2 over them): the indexer
+    selects each rank's queries' keys among the gathered keys of the whole document, so the
+    LoRA steps' losses equal one rank's."""
+    batches = L.random_batches(3, (14, 9, 21), VOCAB)
+    losses = {}
+    for name, cp, layout in (("glm_cp1", 1, dict(ranks=1, ep=1)), ("glm_cp2", 2, dict(ranks=2, ep=2))):
+        d = make_deployment(name, model_dir=glm_model, replicas=1, max_runs=1, worker_args=["--cp", str(cp)],
+                            **layout).start()
+        losses[name] = Run(d.stub, rank=8, seed=4).steps(batches, lr=3e-2)
+        d.close()
+    want, got = losses["glm_cp1"], losses["glm_cp2"]
+    assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want)), (got, want)

@@ -1,10 +1,13 @@
 // The split of packed sequences over a cp group: balanced causal work (chunk
 // i and 2·cp−1−i), every row on exactly one member, short sequences leaving
-// members empty, and the per-sequence restriction used to gather outputs.
+// members empty, the per-sequence restriction used to gather outputs, and
+// the attention of a sparse selection given per chunk.
 #include "parallel/context_parallel.h"
 
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <vector>
 
 namespace lathe::parallel {
@@ -58,6 +61,44 @@ TEST(SplitSequencesTest, RestrictRenumbersOneSequence) {
   EXPECT_EQ(second.own(), (std::vector<int64_t>{2, 3, 4, 5}));
   EXPECT_EQ(second.rows[0], (std::vector<int64_t>{0, 1, 6, 7}));
   EXPECT_EQ(s.LocalBegin(5), 2);  // member 1 holds rows 1 and 2 of the first sequence
+}
+
+TEST(ContextParallelAttentionTest, ChunkMasksSelectTheKeysEachQuerySees) {
+  // One member (no communicator): each sequence's two chunks, the later one
+  // over its prefix. The first sequence attends to a random selection of
+  // earlier keys given per chunk; the second, without masks, causally.
+  at::manual_seed(5);
+  const std::vector<int64_t> lengths = {11, 3};
+  const SequenceSplit split = SplitSequences(lengths, 1, 0);
+  ASSERT_EQ(split.chunks.size(), 4u);
+  const double scale = 0.3;
+  at::Tensor q = at::randn({2, 14, 8}).requires_grad_(), k = at::randn({2, 14, 8}).requires_grad_();
+  at::Tensor v = at::randn({2, 14, 8}).requires_grad_(), w = at::randn({2, 14, 8});
+  at::Tensor selected = at::rand({11, 11}).lt(0.4).tril().logical_or(at::eye(11, at::kBool));
+  std::vector<at::Tensor> masks;
+  for (const SequenceSplit::Chunk& c : split.chunks) {
+    masks.push_back(c.seq_offset == 0 ? selected.narrow(0, c.begin, c.length).narrow(1, 0, c.begin + c.length)
+                                      : at::Tensor());
+  }
+  at::Tensor o = ContextParallelAttention(q, k, v, split, scale, /*gqa=*/false, Group{}, masks);
+  auto grads_of = [&](const at::Tensor& out) {
+    for (at::Tensor* t : {&q, &k, &v}) t->mutable_grad() = at::Tensor();
+    (out * w).sum().backward();
+    return std::vector<at::Tensor>{q.grad(), k.grad(), v.grad()};
+  };
+  const std::vector<at::Tensor> grads = grads_of(o);
+
+  auto part = [](const at::Tensor& t, int64_t b, int64_t n) { return t.narrow(1, b, n).unsqueeze(0); };
+  at::Tensor first = at::scaled_dot_product_attention(part(q, 0, 11), part(k, 0, 11), part(v, 0, 11), selected, 0.0,
+                                                      false, scale);
+  at::Tensor second = at::scaled_dot_product_attention(part(q, 11, 3), part(k, 11, 3), part(v, 11, 3),
+                                                       std::nullopt, 0.0, true, scale);
+  at::Tensor expected = at::cat({first, second}, 2).squeeze(0);
+  const std::vector<at::Tensor> expected_grads = grads_of(expected);
+  EXPECT_TRUE(at::allclose(o, expected, 1e-5, 1e-6));
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(grads[i], expected_grads[i], 1e-5, 1e-6)) << i;
+  // A selection that differs from causal changes the result.
+  EXPECT_FALSE(at::allclose(o, ContextParallelAttention(q, k, v, split, scale, false, Group{}), 1e-3, 1e-3));
 }
 
 }  // namespace
