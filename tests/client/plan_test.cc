@@ -368,27 +368,29 @@ TEST(PlanTest, KimiPresetsTakeTheSmallestNodeGroupThatFits) {
   }
 }
 
-// GLM-5.2 at 65,536 tokens: each of the 21 indexer layers' bool masks of the
-// rank's 8,192 tokens against the whole sequence stay for the step, beside
-// one layer's bf16 mask bias (recompute is on) and the 256 MiB score block;
-// at cp 4 the masks alone double and the row no longer fits an H100.
+// GLM-5.2 at 65,536 tokens under cp: each of the 21 indexer layers' bool
+// masks of the rank's two chunks (of T/2cp queries each, seeing the keys up
+// to their ends: (2cp+1)/2cp of the sequence together) stay for the step,
+// beside one layer's bf16 mask bias (recompute is on) and the 256 MiB score
+// block; at cp 2 the row does not fit an H100.
 TEST(PlanTest, Glm52KeySelectionIsCounted) {
   std::vector<presets::Preset> table = Shipped();
   const presets::Preset* p = presets::FindPreset(table, "zai-org/GLM-5.2-FP8");
   ASSERT_NE(p, nullptr);
   ASSERT_TRUE(p->config.has_value()) << p->config_error;
-  ASSERT_EQ(p->cp, 8);
+  ASSERT_EQ(p->cp, 4);
   auto m = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
   ASSERT_TRUE(m.ok()) << m.status();
-  const double rows = 8192.0, keys = 65536.0;
-  EXPECT_DOUBLE_EQ(m->key_selection, 21 * rows * keys + 2 * rows * keys + 4.0 * (1 << 26));
+  // Per layer: 2 chunks of 8,192 queries seeing 9/8 of the sequence's keys together.
+  const double mask = 8192.0 * 65536.0 * 9 / 8;
+  EXPECT_DOUBLE_EQ(m->key_selection, 21 * mask + 2 * mask + 4.0 * (1 << 26));
   EXPECT_TRUE(Fits(*m, kH100.gib)) << m->total() / (1 << 30) << " GiB";
-  parallel::MeshShape cp4 = ShapeOf(*p);
-  cp4.cp = 4;
-  auto four = EstimateMemory(*p->config, cp4, p->max_seq_len, 32, Dtype::kBfloat16);
-  ASSERT_TRUE(four.ok());
-  EXPECT_DOUBLE_EQ(four->key_selection, 2 * m->key_selection - 4.0 * (1 << 26));
-  EXPECT_FALSE(Fits(*four, kH100.gib)) << four->total() / (1 << 30) << " GiB";
+  parallel::MeshShape cp2 = ShapeOf(*p);
+  cp2.cp = 2;
+  auto two = EstimateMemory(*p->config, cp2, p->max_seq_len, 32, Dtype::kBfloat16);
+  ASSERT_TRUE(two.ok());
+  EXPECT_DOUBLE_EQ(two->key_selection, 23 * (16384.0 * 65536.0 * 5 / 4) + 4.0 * (1 << 26));
+  EXPECT_FALSE(Fits(*two, kH100.gib)) << two->total() / (1 << 30) << " GiB";
   // A sequence no longer than index_topk attends densely: nothing is selected.
   auto short_seq = EstimateMemory(*p->config, ShapeOf(*p), 2048, 32, Dtype::kBfloat16);
   ASSERT_TRUE(short_seq.ok());

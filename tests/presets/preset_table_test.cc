@@ -63,13 +63,14 @@ TEST(PresetTableTest, ShippedTableHasEverySupportedModelAtItsLength) {
     ASSERT_NE(p, nullptr) << name;
     EXPECT_EQ(p->base_model, name);
     EXPECT_EQ(p->max_seq_len, max_seq_len) << name;
-    // Qwen3 dense and MoE, the Qwen3.5 / Qwen3.6 hybrids and the Kimi
-    // wrapper (DeepSeek-V3's architecture) run today; the others are declared, with a note on what the
+    // Qwen3 dense and MoE, the Qwen3.5 / Qwen3.6 hybrids, the Kimi wrapper
+    // (DeepSeek-V3's architecture) and GLM-5 run today; the others are declared, with a note on what the
     // estimate leaves out.
     const bool qwen3 = p->architecture == "Qwen3ForCausalLM" || p->architecture == "Qwen3MoeForCausalLM";
     const bool hybrid = p->architecture.rfind("Qwen3_5", 0) == 0;
-    const bool kimi = p->architecture == "KimiK25ForConditionalGeneration";
-    EXPECT_EQ(p->verified, qwen3 || hybrid || kimi) << name;
+    const bool mla = p->architecture == "KimiK25ForConditionalGeneration" ||
+                     p->architecture == "GlmMoeDsaForCausalLM";
+    EXPECT_EQ(p->verified, qwen3 || hybrid || mla) << name;
     EXPECT_TRUE(!p->verified || p->config.has_value()) << name;
     if (!qwen3) {
       EXPECT_FALSE(p->note.empty()) << name;
