@@ -116,7 +116,13 @@ KeySelection SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, con
   // A block of queries at a time: all heads' scores at once would be
   // heads·n·m fp32 values (32·8192² = 8.6 GB at GLM-5.2's width).
   const int64_t rows = std::max<int64_t>(1, kScoreBudget / (shape_.heads * m));
-  std::vector<at::Tensor> tops;
+  // Allocated before the blocks' transients, so the kept indices do not end
+  // up above them in the heap.
+  KeySelection s;
+  s.top = at::empty({n, shape_.topk}, at::TensorOptions().dtype(at::kInt).device(q.device()));
+  s.first = first;
+  s.queries = n;
+  s.masked = true;
   for (int64_t begin = 0; begin < n; begin += rows) {
     const int64_t b = std::min(rows, n - begin);
     at::Tensor positions = at::arange(first + begin, first + begin + b, longs);
@@ -127,13 +133,8 @@ KeySelection SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, con
     index = index.masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
     // A query with at most topk earlier keys keeps them all: masked keys
     // score -inf and fall below every visible one (and KeyMask drops them).
-    tops.push_back(std::get<1>(index.topk(shape_.topk, -1)).to(at::kInt));
+    s.top.narrow(0, begin, b).copy_(std::get<1>(index.topk(shape_.topk, -1)));
   }
-  KeySelection s;
-  s.top = tops.size() == 1 ? tops[0] : at::cat(tops, 0);
-  s.first = first;
-  s.queries = n;
-  s.masked = true;
   return s;
 }
 
