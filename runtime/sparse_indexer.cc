@@ -138,8 +138,8 @@ KeySelection SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, con
   return s;
 }
 
-std::vector<KeySelection> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
-                                              size_t layer) const {
+std::vector<KeySelection> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid,
+                                                const LayerContext& ctx, size_t layer) const {
   at::NoGradGuard no_grad;
   if (ctx.cp != nullptr) return SelectSplit(x, q_resid, ctx);
   const SparseIndexerShape& s = shape_;
@@ -173,7 +173,7 @@ std::vector<KeySelection> SparseIndexer::Select(const at::Tensor& x, const at::T
 }
 
 std::vector<KeySelection> SparseIndexer::SelectSplit(const at::Tensor& x, const at::Tensor& q_resid,
-                                                   const LayerContext& ctx) const {
+                                                     const LayerContext& ctx) const {
   LATHE_CHECK(ctx.states == nullptr);
   const parallel::SequenceSplit& split = *ctx.cp;
   const std::vector<int64_t>& lengths = ctx.lengths;
