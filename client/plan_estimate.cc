@@ -390,23 +390,27 @@ double GatheredKvBytes(const Facts& f, int tp, int cp, int64_t sequence, int64_t
 }
 
 // Sparse attention (runtime/sparse_indexer.h) on a sequence longer than
-// index_topk: each indexer layer's selection, bool masks of the rank's
-// queries against the keys they may see, stays for the whole step (the
-// layers sharing it, and their recompute, read it); each attention call
-// turns its mask into an additive bias in the activation dtype, which the
-// call keeps for its backward (one layer's at a time with recompute, every
-// attention layer's without). Without cp the mask is [T, T]; under cp a
-// rank's two chunks i and 2cp-1-i of T/2cp queries each see the keys up to
-// their ends, (i+1) and (2cp-i) chunks: T/2cp · T · (2cp+1)/2cp elements
-// on every rank. The scores are computed in blocks of 2^26 fp32 values
-// (256 MiB) without autograd.
+// index_topk: each indexer layer's selection, the int32 positions of every
+// query's index_topk keys (the rank's queries: an upper bound, a cp chunk
+// ending within the first index_topk positions keeps none), stays for the
+// whole step (the layers sharing it, and their recompute, read it). Each
+// attention call builds one sequence's or cp chunk's bool mask from it
+// (counted as one layer's masks), which SDPA turns into an additive bias in
+// the activation dtype and keeps for its backward (one layer's at a time
+// with recompute, every attention layer's without). Without cp the mask is
+// [T, T]; under cp a rank's two chunks i and 2cp-1-i of T/2cp queries each
+// see the keys up to their ends, (i+1) and (2cp-i) chunks: T/2cp · T ·
+// (2cp+1)/2cp elements on every rank. The scores are computed in blocks of
+// 2^26 fp32 values (256 MiB) without autograd.
 double KeySelectionBytes(const Facts& f, int cp, int64_t sequence, int64_t rank_tokens, const Bytes& b) {
   if (f.index_topk <= 0 || sequence <= f.index_topk) return 0;
+  constexpr double kIndexBytes = 4;  // int32
+  const double indices = double(f.indexer_layers) * double(rank_tokens) * double(f.index_topk) * kIndexBytes;
   const double keys_seen = cp > 1 ? double(2 * cp + 1) / double(4 * cp) : 1.0;
   const double mask = double(rank_tokens) * double(sequence) * keys_seen;
   const double biases = Recomputes(rank_tokens) ? 1 : double(f.full_attention_layers());
   constexpr double kScoreBlockBytes = double(int64_t{1} << 26) * kFp32Bytes;
-  return double(f.indexer_layers) * mask + biases * b.activation * mask + kScoreBlockBytes;
+  return indices + mask + biases * b.activation * mask + kScoreBlockBytes;
 }
 
 }  // namespace

@@ -210,6 +210,13 @@ at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, co
                                     const std::vector<at::Tensor>& masks) {
   TORCH_CHECK(masks.empty() || masks.size() == split.chunks.size(), "context-parallel attention given ",
               masks.size(), " masks for ", split.chunks.size(), " chunks");
+  return ContextParallelAttention(q, k, v, split, scale, gqa, g,
+                                  [&masks](size_t i) { return i < masks.size() ? masks[i] : at::Tensor(); });
+}
+
+at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const SequenceSplit& split, double scale, bool gqa, const Group& g,
+                                    const std::function<at::Tensor(size_t)>& mask_of) {
   // One gather for keys and values: rows [t, 2, nKV, D].
   at::Tensor kv = GatherSequenceRows(at::stack({k.transpose(0, 1), v.transpose(0, 1)}, 1), split, g, true);
   at::Tensor k_all = kv.select(1, 0).transpose(0, 1), v_all = kv.select(1, 1).transpose(0, 1);
@@ -221,10 +228,11 @@ at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, co
   for (size_t i = 0; i < split.chunks.size(); ++i) {
     const SequenceSplit::Chunk& c = split.chunks[i];
     at::Tensor qc = q.narrow(1, c.local, c.length).unsqueeze(0);
-    if (i < masks.size() && masks[i].defined()) {
+    at::Tensor mask = mask_of(i);
+    if (mask.defined()) {
       at::Tensor kc = k_all.narrow(1, c.seq_offset, c.begin + c.length).unsqueeze(0);
       at::Tensor vc = v_all.narrow(1, c.seq_offset, c.begin + c.length).unsqueeze(0);
-      parts.push_back(at::scaled_dot_product_attention(qc, kc, vc, masks[i], 0.0, false, scale, gqa).squeeze(0));
+      parts.push_back(at::scaled_dot_product_attention(qc, kc, vc, mask, 0.0, false, scale, gqa).squeeze(0));
     } else {
       parts.push_back(ChunkAttention(qc, k_all, v_all, c, scale, gqa).squeeze(0));
     }

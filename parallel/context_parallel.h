@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "parallel/model_parallel.h"
@@ -75,6 +76,13 @@ at::Tensor GatherSequenceRows(const at::Tensor& x, const SequenceSplit& split, c
 at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const SequenceSplit& split, double scale, bool gqa, const Group& g,
                                     const std::vector<at::Tensor>& masks = {});
+
+// As above with chunk i's mask given by mask_of(i) (undefined: causal), called
+// just before the chunk's attention: one chunk's mask exists at a time (an
+// SDPA under autograd keeps its additive form for the backward).
+at::Tensor ContextParallelAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const SequenceSplit& split, double scale, bool gqa, const Group& g,
+                                    const std::function<at::Tensor(size_t)>& mask_of);
 
 }  // namespace lathe::parallel
 

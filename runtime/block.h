@@ -40,6 +40,22 @@ struct SequenceState {
   std::vector<std::vector<at::Tensor>> layers;
 };
 
+// Sparse attention's choice of keys for the queries of one sequence (or, under
+// context parallelism, one chunk of it) at positions [first, first + n):
+// kept compact for the whole step, turned into a mask only by the attention
+// that reads it (runtime/sparse_indexer.h KeyMask).
+struct KeySelection {
+  // int32 [n, topk]: the positions in the sequence of each query's top-k
+  // index scores (those past the query are not attended); undefined: every
+  // earlier key.
+  at::Tensor top;
+  int64_t first = 0;
+  int64_t queries = 0;  // n
+  // Whether the attention takes a mask: when top is defined, and for every
+  // earlier key as a mask (a cp chunk of a sequence that others select in).
+  bool masked = false;
+};
+
 // What every layer of one forward shares.
 struct LayerContext {
   // The packed sequences (rows of the input, in order).
@@ -56,9 +72,9 @@ struct LayerContext {
   // The model's groups; outlives every forward.
   const ModelShard* shard = nullptr;
   // Sparse attention: the keys each indexer layer selected in this forward
-  // (per sequence), by layer, for the layers that reuse them (shared, so a
-  // recomputed layer finds them).
-  std::shared_ptr<std::map<size_t, std::vector<at::Tensor>>> selections;
+  // (per sequence, or per cp chunk), by layer, for the layers that reuse
+  // them (shared, so a recomputed layer finds them).
+  std::shared_ptr<std::map<size_t, std::vector<KeySelection>>> selections;
 };
 
 // The sequence mixer of one layer: x [T, H] (already normed) -> [T, H], the

@@ -113,7 +113,7 @@ at::Tensor DecoderModel::Hidden(const at::Tensor& tokens, const std::vector<int6
   ctx.lengths = lengths;
   ctx.states = states;
   ctx.shard = &shard_;
-  ctx.selections = std::make_shared<std::map<size_t, std::vector<at::Tensor>>>();
+  ctx.selections = std::make_shared<std::map<size_t, std::vector<KeySelection>>>();
   if (tp.active()) {
     ctx.enter = [&tp](const at::Tensor& x) { return parallel::CopyToGroup(x, tp); };
     ctx.reduce = [&tp](const at::Tensor& x) { return parallel::ReduceFromGroup(x, tp); };

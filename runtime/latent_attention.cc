@@ -62,13 +62,13 @@ absl::Status LatentAttention::SelectKeys(ParamLoader& loader, const std::string&
   return absl::OkStatus();
 }
 
-std::vector<at::Tensor> LatentAttention::Selection(const at::Tensor& x, const at::Tensor& q_resid,
+std::vector<KeySelection> LatentAttention::Selection(const at::Tensor& x, const at::Tensor& q_resid,
                                                    const LayerContext& ctx, size_t layer) const {
   LATHE_CHECK(ctx.selections != nullptr);
   if (indexer_ != nullptr) {
-    std::vector<at::Tensor> masks = indexer_->Select(x, q_resid, ctx, layer);
-    (*ctx.selections)[layer] = masks;
-    return masks;
+    std::vector<KeySelection> chosen = indexer_->Select(x, q_resid, ctx, layer);
+    (*ctx.selections)[layer] = chosen;
+    return chosen;
   }
   auto it = ctx.selections->find(static_cast<size_t>(selection_layer_));
   LATHE_CHECK(it != ctx.selections->end());
@@ -84,7 +84,7 @@ at::Tensor LatentAttention::Rope(const at::Tensor& x, const RopeTables& rope) co
 }
 
 at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
-                                   const std::vector<at::Tensor>& masks, const LayerContext& ctx,
+                                   const std::vector<KeySelection>& selections, const LayerContext& ctx,
                                    size_t layer) const {
   const LatentAttentionConfig& c = config_;
   const int64_t nope = c.qk_nope_head_dim, r = c.qk_rope_head_dim, dv = c.v_head_dim, rank = c.kv_lora_rank;
@@ -114,9 +114,10 @@ at::Tensor LatentAttention::Decode(const at::Tensor& q, const at::Tensor& latent
     at::Tensor q_latent = at::bmm(qn.narrow(2, 0, nope), w_key);  // [h, n, rank]
     at::Tensor scores = at::matmul(q_latent, all_latent.t()) + at::matmul(qn.narrow(2, nope, r), all_rope.t());
     // New token j sees the past and the new tokens up to itself.
-    at::Tensor mask = i < masks.size() && masks[i].defined()
-                          ? masks[i]
-                          : at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+    at::Tensor mask = i < selections.size() ? KeyMask(selections[i], q.device()) : at::Tensor();
+    if (!mask.defined()) {
+      mask = at::ones({n, past + n}, at::TensorOptions().dtype(at::kBool).device(q.device())).tril(past);
+    }
     scores = scores.mul(c.softmax_scale).masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());
     at::Tensor weights = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
     // Σ p·v = W_value·(Σ p·latent): the value weights applied after the sum.
@@ -138,13 +139,13 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   q = q.reshape({t, heads_, nope + r}).transpose(0, 1);  // [h, T, qk]
   at::Tensor compressed = kv_a_.Forward(in);
   at::Tensor latent = kv_a_norm_(compressed.narrow(1, 0, c.kv_lora_rank));
-  std::vector<at::Tensor> masks;
+  std::vector<KeySelection> selections;
   // Under cp a member without rows still takes part in the indexer's gather.
-  if (selection_layer_ >= 0 && (t > 0 || ctx.cp != nullptr)) masks = Selection(x, q_resid, ctx, layer);
+  if (selection_layer_ >= 0 && (t > 0 || ctx.cp != nullptr)) selections = Selection(x, q_resid, ctx, layer);
   if (ctx.states != nullptr && t > 0) {
     at::Tensor q_rope = Rope(q.narrow(2, nope, r), ctx.rope);
     at::Tensor k_rope = Rope(compressed.narrow(1, c.kv_lora_rank, r), ctx.rope);  // [T, r]
-    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, masks, ctx, layer);
+    at::Tensor o = Decode(at::cat({q.narrow(2, 0, nope), q_rope}, 2), latent, k_rope, selections, ctx, layer);
     return RowParallelForward(o.transpose(0, 1).reshape({t, heads_ * dv}), o_, ctx.reduce);
   }
   at::Tensor kv = kv_b_.Forward(latent).reshape({t, heads_, nope + dv}).transpose(0, 1);
@@ -161,10 +162,15 @@ at::Tensor LatentAttention::Forward(const at::Tensor& x, const LayerContext& ctx
   at::Tensor k = at::cat({kv.narrow(2, 0, nope), k_rope.expand({heads_, t, r})}, 2);
   at::Tensor o;
   if (ctx.cp != nullptr) {
+    // Each chunk's mask is built from its selection just before its attention.
+    const at::Device device = q.device();
     o = parallel::ContextParallelAttention(q, k, v, *ctx.cp, c.softmax_scale, /*gqa=*/false, ctx.shard->cp,
-                                           masks);
-  } else if (!masks.empty()) {
-    o = SelectedAttention(q, k, v, ctx.lengths, masks, c.softmax_scale);
+                                           [&selections, device](size_t i) {
+                                             return i < selections.size() ? KeyMask(selections[i], device)
+                                                                          : at::Tensor();
+                                           });
+  } else if (!selections.empty()) {
+    o = SelectedAttention(q, k, v, ctx.lengths, selections, c.softmax_scale);
   } else {
     // SDPA's fused (flash) kernel needs the values as wide as q and k; without
     // it the T x T scores are materialised. Zero columns appended to the

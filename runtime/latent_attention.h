@@ -64,12 +64,13 @@ class LatentAttention final : public Mixer {
  private:
   LatentAttention() = default;
   // Attention of the new tokens (q [h, T, qk] after RoPE) of each sequence
-  // of ctx over its cached and new latents -> [h, T, v_head_dim]; masks[i]
-  // (when given and defined) the keys sequence i's new tokens see.
+  // of ctx over its cached and new latents -> [h, T, v_head_dim];
+  // selections[i] (when given and masked) the keys sequence i's new tokens
+  // see.
   at::Tensor Decode(const at::Tensor& q, const at::Tensor& latent, const at::Tensor& k_rope,
-                    const std::vector<at::Tensor>& masks, const LayerContext& ctx, size_t layer) const;
+                    const std::vector<KeySelection>& selections, const LayerContext& ctx, size_t layer) const;
   // The sparse attention's selection for this forward (see SelectKeys).
-  std::vector<at::Tensor> Selection(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
+  std::vector<KeySelection> Selection(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
                                     size_t layer) const;
   // RoPE on the rope dims x [..., T, qk_rope_head_dim].
   at::Tensor Rope(const at::Tensor& x, const RopeTables& rope) const;

@@ -20,20 +20,38 @@ namespace {
 
 // Index scores computed at once, in fp32 values (256 MiB).
 constexpr int64_t kScoreBudget = int64_t{1} << 26;
+// Key indices widened to long at once when a mask is built (32 MiB).
+constexpr int64_t kIndexBlock = int64_t{1} << 22;
 
 }  // namespace
 
+at::Tensor KeyMask(const KeySelection& s, const at::Device& device) {
+  if (!s.masked) return at::Tensor();
+  const int64_t n = s.queries, m = s.first + n;
+  // Query i sees keys j <= first + i: the lower triangle from diagonal first.
+  if (!s.top.defined()) return at::ones({n, m}, at::TensorOptions().dtype(at::kBool).device(device)).tril(s.first);
+  at::Tensor mask = at::zeros({n, m}, at::TensorOptions().dtype(at::kBool).device(device));
+  // The long indices scatter needs, a block of queries at a time.
+  const int64_t rows = std::max<int64_t>(1, kIndexBlock / std::max<int64_t>(1, s.top.size(1)));
+  for (int64_t begin = 0; begin < n; begin += rows) {
+    const int64_t b = std::min(rows, n - begin);
+    mask.narrow(0, begin, b).scatter_(1, s.top.narrow(0, begin, b).to(at::kLong), true);
+  }
+  return mask.tril_(s.first);
+}
+
 at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& masks,
+                             const std::vector<int64_t>& lengths, const std::vector<KeySelection>& selections,
                              double scale) {
   std::vector<at::Tensor> parts;
   int64_t offset = 0;
   for (size_t i = 0; i < lengths.size(); ++i) {
     const int64_t n = lengths[i];
-    const bool all = i >= masks.size() || !masks[i].defined();
+    const at::Tensor mask = i < selections.size() ? KeyMask(selections[i], q.device()) : at::Tensor();
+    const bool all = !mask.defined();
     parts.push_back(at::scaled_dot_product_attention(
                         q.narrow(1, offset, n).unsqueeze(0), k.narrow(1, offset, n).unsqueeze(0),
-                        v.narrow(1, offset, n).unsqueeze(0), all ? std::optional<at::Tensor>() : masks[i], 0.0,
+                        v.narrow(1, offset, n).unsqueeze(0), all ? std::optional<at::Tensor>() : mask, 0.0,
                         /*is_causal=*/all, scale)
                         .squeeze(0));
     offset += n;
@@ -88,39 +106,46 @@ std::pair<at::Tensor, at::Tensor> SparseIndexer::Queries(const at::Tensor& x, co
   return {q, w};
 }
 
-at::Tensor SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k,
-                                 const at::Tensor& positions) const {
+KeySelection SparseIndexer::Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k,
+                                   int64_t first) const {
   const int64_t n = q.size(1), m = k.size(0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
   at::Tensor keys = k.to(at::kFloat).t();
-  at::Tensor key_positions = at::arange(m, positions.options()).unsqueeze(0);  // [1, m]
+  const at::TensorOptions longs = at::TensorOptions().dtype(at::kLong).device(q.device());
+  at::Tensor key_positions = at::arange(m, longs).unsqueeze(0);  // [1, m]
   // A block of queries at a time: all heads' scores at once would be
   // heads·n·m fp32 values (32·8192² = 8.6 GB at GLM-5.2's width).
   const int64_t rows = std::max<int64_t>(1, kScoreBudget / (shape_.heads * m));
-  std::vector<at::Tensor> masks;
+  // Allocated before the blocks' transients, so the kept indices do not end
+  // up above them in the heap.
+  KeySelection s;
+  s.top = at::empty({n, shape_.topk}, at::TensorOptions().dtype(at::kInt).device(q.device()));
+  s.first = first;
+  s.queries = n;
+  s.masked = true;
   for (int64_t begin = 0; begin < n; begin += rows) {
     const int64_t b = std::min(rows, n - begin);
-    at::Tensor causal = key_positions.le(positions.narrow(0, begin, b).unsqueeze(1));  // [b, m]
+    at::Tensor positions = at::arange(first + begin, first + begin + b, longs);
+    at::Tensor causal = key_positions.le(positions.unsqueeze(1));  // [b, m]
     at::Tensor scores = at::relu(at::matmul(q.narrow(1, begin, b).to(at::kFloat), keys).mul(scale));  // [H, b, m]
     // Σ_h w_h(i)·score_h(i, j): per query, its head weights times its scores.
     at::Tensor index = at::bmm(w.narrow(0, begin, b).unsqueeze(1), scores.transpose(0, 1)).squeeze(1);  // [b, m]
     index = index.masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
     // A query with at most topk earlier keys keeps them all: masked keys
-    // score -inf and fall below every visible one.
-    at::Tensor top = std::get<1>(index.topk(shape_.topk, -1));
-    masks.push_back(at::zeros_like(causal).scatter(1, top, true).logical_and(causal));
+    // score -inf and fall below every visible one (and KeyMask drops them).
+    s.top.narrow(0, begin, b).copy_(std::get<1>(index.topk(shape_.topk, -1)));
   }
-  return masks.size() == 1 ? masks[0] : at::cat(masks, 0);
+  return s;
 }
 
-std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
-                                              size_t layer) const {
+std::vector<KeySelection> SparseIndexer::Select(const at::Tensor& x, const at::Tensor& q_resid,
+                                                const LayerContext& ctx, size_t layer) const {
   at::NoGradGuard no_grad;
   if (ctx.cp != nullptr) return SelectSplit(x, q_resid, ctx);
   const SparseIndexerShape& s = shape_;
   const int64_t t = x.size(0);
-  std::vector<at::Tensor> masks(ctx.lengths.size());
-  if (t == 0) return masks;
+  std::vector<KeySelection> chosen(ctx.lengths.size());
+  if (t == 0) return chosen;
   at::Tensor in = x.detach();
   at::Tensor k = Keys(in, ctx.rope);
   at::Tensor q, w;  // computed once some sequence has more keys than topk
@@ -140,29 +165,26 @@ std::vector<at::Tensor> SparseIndexer::Select(const at::Tensor& x, const at::Ten
     }
     if (n > 0 && past + n > s.topk) {
       if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
-      at::Tensor positions = at::arange(past, past + n, at::TensorOptions().dtype(at::kLong).device(x.device()));
-      masks[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, positions);
+      chosen[i] = Choose(q.narrow(1, offset, n), w.narrow(0, offset, n), keys, past);
     }
     offset += n;
   }
-  return masks;
+  return chosen;
 }
 
-std::vector<at::Tensor> SparseIndexer::SelectSplit(const at::Tensor& x, const at::Tensor& q_resid,
-                                                   const LayerContext& ctx) const {
+std::vector<KeySelection> SparseIndexer::SelectSplit(const at::Tensor& x, const at::Tensor& q_resid,
+                                                     const LayerContext& ctx) const {
   LATHE_CHECK(ctx.states == nullptr);
   const parallel::SequenceSplit& split = *ctx.cp;
   const std::vector<int64_t>& lengths = ctx.lengths;
-  std::vector<at::Tensor> masks(split.chunks.size());
+  std::vector<KeySelection> chosen(split.chunks.size());
   // Every member sees the same lengths, so all skip the gather together.
-  if (std::none_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n > shape_.topk; })) return masks;
+  if (std::none_of(lengths.begin(), lengths.end(), [&](int64_t n) { return n > shape_.topk; })) return chosen;
   const int64_t t = x.size(0);
   at::Tensor in = x.detach();
   // Without rows there are no RoPE tables either; the gather still runs.
   at::Tensor k = t > 0 ? Keys(in, ctx.rope) : at::empty({0, shape_.head_dim}, wk_.options());
   at::Tensor all = parallel::GatherSequenceRows(k, split, ctx.shard->cp, /*sum_grads=*/false);  // [T_all, D]
-  at::Tensor positions =
-      at::tensor(split.positions, at::TensorOptions().dtype(at::kLong)).to(x.device());  // of each local row
   at::Tensor q, w;
   size_t i = 0;
   int64_t offset = 0;
@@ -173,16 +195,17 @@ std::vector<at::Tensor> SparseIndexer::SelectSplit(const at::Tensor& x, const at
     if (c.begin + c.length <= shape_.topk) {
       // Every causal key is kept, but as a mask: the sequence's chunks then
       // all run the masked SDPA the whole sequence runs without cp.
-      const at::TensorOptions flags = at::TensorOptions().dtype(at::kBool).device(x.device());
-      masks[j] = at::ones({c.length, c.begin + c.length}, flags).tril(c.begin);
+      chosen[j].first = c.begin;
+      chosen[j].queries = c.length;
+      chosen[j].masked = true;
       continue;
     }
     if (!q.defined()) std::tie(q, w) = Queries(in, q_resid.detach(), ctx.rope);
     // Keys past the chunk's last query are never causal: left out.
-    masks[j] = Choose(q.narrow(1, c.local, c.length), w.narrow(0, c.local, c.length),
-                      all.narrow(0, c.seq_offset, c.begin + c.length), positions.narrow(0, c.local, c.length));
+    chosen[j] = Choose(q.narrow(1, c.local, c.length), w.narrow(0, c.local, c.length),
+                      all.narrow(0, c.seq_offset, c.begin + c.length), c.begin);
   }
-  return masks;
+  return chosen;
 }
 
 }  // namespace lathe::runtime

@@ -38,12 +38,19 @@ struct SparseIndexerShape {
   int64_t topk = 0;      // index_topk
 };
 
+// The bool mask [n, first + n] selection s stands for, on `device`: true
+// where query i (at position first + i) attends key j, a key j ≤ first + i
+// among its top-k (every such key when s.top is undefined); undefined when
+// !s.masked. Built a block of queries at a time.
+at::Tensor KeyMask(const KeySelection& s, const at::Device& device);
+
 // Causal attention of packed sequences, as PackedAttention with as many key
 // as query heads (q, k [h, T, D], v [h, T, Dv] -> [h, T, Dv]), in which the
-// queries of sequence i see only the keys masks[i] [n, n] selects
-// (undefined: every earlier key).
+// queries of sequence i see only the keys selections[i] selects (none
+// given, or not masked: every earlier key). Each sequence's mask is built
+// just before its attention, so one exists at a time.
 at::Tensor SelectedAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& masks,
+                             const std::vector<int64_t>& lengths, const std::vector<KeySelection>& selections,
                              double scale);
 
 class SparseIndexer {
@@ -57,20 +64,20 @@ class SparseIndexer {
   // The keys each token of ctx's packed sequences attends to, from the
   // layer's normed input x [T, hidden] and the q LoRA's normed output
   // q_resid [T, q_lora_rank]: per sequence of n tokens (and `past` cached
-  // ones when decoding) a bool mask [n, past + n], true where the query
-  // attends (a causal key among its top-k); undefined when n + past ≤ topk
+  // ones when decoding) the top-k keys of each query (first = past), whose
+  // mask (KeyMask) is [n, past + n]; not masked when n + past ≤ topk
   // (every earlier key is selected: plain causal attention). Decoding
   // (ctx.states) appends the tokens' index keys to slot 2 of the sequence's
   // state for `layer`. No autograd.
   //
   // Context parallelism (ctx.cp; x and q_resid this member's rows): one
-  // mask per chunk of ctx.cp->chunks, [L, b + L] for the chunk's queries at
-  // positions [b, b + L) over its sequence's keys up to its end; undefined
-  // where the sequence has at most topk tokens. The index keys are
+  // selection per chunk of ctx.cp->chunks, first = b for the chunk's queries
+  // at positions [b, b + L) (mask [L, b + L] over its sequence's keys up to
+  // its end); not masked where the sequence has at most topk tokens. The index keys are
   // all-gathered over the cp group when some sequence is longer than topk.
   // Collective over the cp group, also for a member without rows.
   // REQUIRES: no ctx.states.
-  std::vector<at::Tensor> Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
+  std::vector<KeySelection> Select(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx,
                                  size_t layer) const;
   void Visit(const TensorVisitor& fn);
 
@@ -81,12 +88,13 @@ class SparseIndexer {
   at::Tensor Keys(const at::Tensor& x, const RopeTables& rope) const;
   std::pair<at::Tensor, at::Tensor> Queries(const at::Tensor& x, const at::Tensor& q_resid,
                                             const RopeTables& rope) const;
-  // The selection mask [n, m] of queries q [H, n, D] at `positions` [n]
-  // (long) in their sequence, with weights w [n, H], over the sequence's
-  // keys k [m, D]: query i sees a key j <= positions[i] among its top-k.
-  at::Tensor Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, const at::Tensor& positions) const;
+  // The selection of queries q [H, n, D] at positions [first, first + n) in
+  // their sequence, with weights w [n, H], over the sequence's keys k [m, D]
+  // (m = first + n > topk): query i's top-k index scores among the keys
+  // j <= first + i.
+  KeySelection Choose(const at::Tensor& q, const at::Tensor& w, const at::Tensor& k, int64_t first) const;
   // Select under context parallelism.
-  std::vector<at::Tensor> SelectSplit(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx) const;
+  std::vector<KeySelection> SelectSplit(const at::Tensor& x, const at::Tensor& q_resid, const LayerContext& ctx) const;
 
   SparseIndexerShape shape_;
   at::Tensor wq_b_, wk_, k_norm_weight_, k_norm_bias_;

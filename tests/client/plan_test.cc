@@ -381,15 +381,19 @@ TEST(PlanTest, Glm52KeySelectionIsCounted) {
   ASSERT_EQ(p->cp, 4);
   auto m = EstimateMemory(*p->config, ShapeOf(*p), p->max_seq_len, 32, Dtype::kBfloat16);
   ASSERT_TRUE(m.ok()) << m.status();
-  // Per layer: 2 chunks of 8,192 queries seeing 9/8 of the sequence's keys together.
+  // Kept: 21 indexer layers' int32 top-2,048 keys of the rank's 16,384
+  // queries. One layer at a time: the masks of 2 chunks of 8,192 queries
+  // seeing 9/8 of the sequence's keys together, and their bf16 biases.
+  const double indices = 21 * 16384.0 * 2048 * 4;
   const double mask = 8192.0 * 65536.0 * 9 / 8;
-  EXPECT_DOUBLE_EQ(m->key_selection, 21 * mask + 2 * mask + 4.0 * (1 << 26));
+  EXPECT_DOUBLE_EQ(m->key_selection, indices + mask + 2 * mask + 4.0 * (1 << 26));
   EXPECT_TRUE(Fits(*m, kH100.gib)) << m->total() / (1 << 30) << " GiB";
   parallel::MeshShape cp2 = ShapeOf(*p);
   cp2.cp = 2;
   auto two = EstimateMemory(*p->config, cp2, p->max_seq_len, 32, Dtype::kBfloat16);
   ASSERT_TRUE(two.ok());
-  EXPECT_DOUBLE_EQ(two->key_selection, 23 * (16384.0 * 65536.0 * 5 / 4) + 4.0 * (1 << 26));
+  EXPECT_DOUBLE_EQ(two->key_selection,
+                   21 * 32768.0 * 2048 * 4 + 3 * (16384.0 * 65536.0 * 5 / 4) + 4.0 * (1 << 26));
   EXPECT_FALSE(Fits(*two, kH100.gib)) << two->total() / (1 << 30) << " GiB";
   // A sequence no longer than index_topk attends densely: nothing is selected.
   auto short_seq = EstimateMemory(*p->config, ShapeOf(*p), 2048, 32, Dtype::kBfloat16);

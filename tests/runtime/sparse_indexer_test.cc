@@ -83,5 +83,29 @@ TEST(SparseIndexerTest, LongSequencesAttendToFewerKeys) {
   EXPECT_GT((a.narrow(0, 8, 8) - b.narrow(0, 8, 8)).abs().max().item<double>(), 1e-3 * scale);
 }
 
+TEST(SparseIndexerTest, MaskIsBuiltFromTheKeptIndices) {
+  // Queries at positions 2, 3, 4 of their sequence keep their top-3 keys;
+  // the first query's top includes keys past it (scored -inf: fewer than
+  // top-k earlier keys), which its mask leaves out.
+  KeySelection s;
+  s.first = 2;
+  s.queries = 3;
+  s.masked = true;
+  s.top = at::tensor({2, 0, 4, 3, 1, 0, 4, 2, 1}, at::TensorOptions().dtype(at::kInt)).view({3, 3});
+  at::Tensor mask = KeyMask(s, at::kCPU);
+  at::Tensor expected = at::tensor({1, 0, 1, 0, 0,  //
+                                    1, 1, 0, 1, 0,  //
+                                    0, 1, 1, 0, 1})
+                            .view({3, 5})
+                            .to(at::kBool);
+  EXPECT_TRUE(at::equal(mask, expected)) << mask;
+  // Every earlier key, as a mask (a cp chunk whose sequence others select in).
+  s.top = at::Tensor();
+  EXPECT_TRUE(at::equal(KeyMask(s, at::kCPU), at::ones({3, 5}, at::kBool).tril(2)));
+  // Not masked: plain causal attention, no mask.
+  s.masked = false;
+  EXPECT_FALSE(KeyMask(s, at::kCPU).defined());
+}
+
 }  // namespace
 }  // namespace lathe::runtime
