@@ -101,7 +101,12 @@ absl::StatusOr<std::vector<bool>> IndexerTypes(const json& j, int64_t layers) {
   }
   LATHE_ASSIGN_OR_RETURN(int64_t freq, Int(j, "index_topk_freq", 1));
   LATHE_ASSIGN_OR_RETURN(const int64_t offset, Int(j, "index_skip_topk_offset", 2));
-  freq = std::max<int64_t>(freq, 1);
+  // transformers reads any offset; beyond ±kMaxDim i - offset + 1 could overflow here.
+  if (offset < -kMaxDim || offset > kMaxDim) {
+    return FieldError("index_skip_topk_offset", absl::StrCat("must be between ", -kMaxDim, " and ", kMaxDim,
+                                                             " (is ", offset, ")"));
+  }
+  freq = std::max<int64_t>(freq, 1);  // as transformers clamps it
   for (int64_t i = 0; i < layers; ++i) full.push_back(std::max<int64_t>(i - offset + 1, 0) % freq == 0);
   return full;
 }

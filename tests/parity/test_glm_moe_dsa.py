@@ -107,6 +107,7 @@ def test_config_is_read_as_transformers_reads_it(name, tiny_models, tmp_path):
     ({"index_head_dim": 32}, "index_head_dim"),
     ({"index_topk": 0}, "index_topk"),
     ({"index_n_heads": -1}, "index_n_heads"),
+    ({"index_skip_topk_offset": -(2 ** 63)}, "index_skip_topk_offset"),
     ({"mlp_layer_types": ["dense"] * 3}, "mlp_layer_types"),
     ({"attention_bias": True}, "attention_bias"),
     ({"num_key_value_heads": 8}, "num_key_value_heads"),
